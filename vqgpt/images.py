@@ -1,0 +1,90 @@
+"""Image helpers shared by both stages: reading any file as RGB, tensors <-> PIL, grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: alpha composited over white, palette expanded, 16-bit scaled to 8."""
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)  # animated GIF / multi-page TIFF: first frame
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        img = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Open an image file as RGB (fully decoded, so a truncated file fails here, not later)."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1]."""
+    arr = np.asarray(to_rgb(img), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def tensor_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) or (3, H, W) in [-1, 1] -> uint8 in [0, 255], same shape."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def tensor_to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> PIL RGB."""
+    return Image.fromarray(tensor_to_uint8(image).permute(1, 2, 0).numpy())
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> Image.Image:
+    """(B, 3, H, W) in [-1, 1] -> one PIL grid image, ``nrow`` images per row."""
+    grid = make_grid(images.detach().float().clamp(-1, 1).cpu(), nrow=max(1, nrow), padding=padding,
+                     normalize=True, value_range=(-1, 1), pad_value=1.0)
+    return Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8,
+              row_labels: Sequence[str] | None = None) -> Path:
+    """Save a grid PNG of (B, 3, H, W) images in [-1, 1], optionally labelling each row on the left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = image_grid(images, nrow=nrow)
+    if row_labels:
+        width = 8 + 7 * max(len(s) for s in row_labels)
+        canvas = Image.new("RGB", (grid.width + width, grid.height), (255, 255, 255))
+        canvas.paste(grid, (width, 0))
+        draw = ImageDraw.Draw(canvas)
+        step = grid.height / max(1, len(row_labels))
+        for i, label in enumerate(row_labels):
+            draw.text((4, int(step * i + step / 2 - 5)), str(label), fill=(0, 0, 0))
+        grid = canvas
+    grid.save(path)
+    return path
+
+
+def side_by_side(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """Interleave two (B, 3, H, W) batches as pairs (orig, recon) for a comparison grid: (2B, 3, H, W)."""
+    if originals.shape != reconstructions.shape:
+        raise ValueError(f"shape mismatch: {tuple(originals.shape)} vs {tuple(reconstructions.shape)}")
+    return torch.stack([originals, reconstructions], dim=1).flatten(0, 1)
