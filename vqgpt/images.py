@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torchvision.utils import make_grid
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -38,7 +38,8 @@ def open_rgb(path: str | Path) -> Image.Image:
     """Open an image file as RGB (fully decoded, so a truncated file fails here, not later)."""
     with Image.open(path) as img:
         img.load()
-        return to_rgb(img)
+        # Phone photos store their rotation in EXIF: apply it so images are upright.
+        return to_rgb(ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img)
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

@@ -1,0 +1,266 @@
+"""Image sources: folder scanning (odd modes, corrupt files), built-in sets, splits, determinism."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqgpt.config import ConfigError, from_dict
+from vqgpt.data import (PHOTO_NAMES, DataConfig, ImageTooSmallError, UnreadableImageWarning, build_dataset,
+                        eval_images, iterate_images)
+
+R = 16
+
+
+def _save(path, img: Image.Image, **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **kwargs)
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """Uniform-colour images in many modes; expected RGB value (0..255) per relative path."""
+    root = tmp_path / "imgs"
+    expected = {}
+    _save(root / "cats" / "gray.png", Image.new("L", (40, 24), 0)); expected["cats/gray.png"] = (0, 0, 0)
+    rgba = Image.new("RGBA", (20, 30), (255, 0, 0, 0))  # fully transparent -> white background
+    _save(root / "cats" / "rgba.png", rgba); expected["cats/rgba.png"] = (255, 255, 255)
+    pal = Image.new("P", (24, 24), 1)
+    pal.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    _save(root / "cats" / "palette.PNG", pal); expected["cats/palette.PNG"] = (0, 0, 255)
+    deep = Image.fromarray(np.full((18, 22), 65535, dtype=np.uint16))  # 16-bit grayscale
+    assert deep.mode.startswith("I")
+    _save(root / "dogs" / "nested" / "deep16.png", deep); expected["dogs/nested/deep16.png"] = (255, 255, 255)
+    frames = [Image.new("RGB", (30, 20), (0, 255, 0)), Image.new("RGB", (30, 20), (255, 0, 0))]
+    _save(root / "dogs" / "anim.gif", frames[0], save_all=True, append_images=frames[1:])
+    expected["dogs/anim.gif"] = (0, 255, 0)  # first frame
+    _save(root / "dogs" / "photo.jpeg", Image.new("RGB", (50, 40), (255, 255, 0)), quality=100)
+    expected["dogs/photo.jpeg"] = (255, 255, 0)
+    _save(root / "top.bmp", Image.new("RGB", (16, 16), (0, 255, 255))); expected["top.bmp"] = (0, 255, 255)
+    _save(root / "x.tif", Image.new("RGB", (17, 33), (255, 0, 255))); expected["x.tif"] = (255, 0, 255)
+    _save(root / "dogs" / "w.webp", Image.new("RGB", (20, 20), (255, 255, 255)), lossless=True)
+    expected["dogs/w.webp"] = (255, 255, 255)
+    (root / "notes.txt").write_text("not an image")
+    _save(root / ".hidden" / "ignored.png", Image.new("RGB", (20, 20)))
+    return root, expected
+
+
+def test_folder_mixed_modes(mixed_folder):
+    root, expected = mixed_folder
+    ds = build_dataset(DataConfig(source=str(root), resolution=R), "eval")
+    assert ds.classes == ["cats", "default", "dogs"] and ds.num_classes == 3
+    assert [ds.name(i) for i in range(len(ds))] == sorted(expected)
+    assert ds.skipped == []
+    for i in range(len(ds)):
+        image, label = ds[i]
+        name = ds.name(i)
+        assert image.shape == (3, R, R) and image.dtype == torch.float32
+        assert image.min() >= -1 and image.max() <= 1
+        want = torch.tensor(expected[name], dtype=torch.float32) / 127.5 - 1
+        assert torch.allclose(image.mean(dim=(1, 2)), want, atol=0.03), name
+        top = name.split("/")[0] if "/" in name else "default"
+        assert ds.classes[label] == top
+
+
+def test_corrupt_files_are_skipped_and_named(tmp_path):
+    root = tmp_path / "imgs"
+    for i in range(3):
+        _save(root / f"ok{i}.png", Image.new("RGB", (20, 20), (10 * i, 0, 0)))
+    (root / "noise.jpg").write_bytes(np.random.default_rng(0).bytes(500))
+    good = root / "ok0.png"
+    data = good.read_bytes()
+    (root / "trunc.png").write_bytes(data[: len(data) // 2])
+    with pytest.warns(UnreadableImageWarning) as record:
+        ds = build_dataset(DataConfig(source=str(root), resolution=R))
+    messages = [str(w.message) for w in record]
+    assert any("noise.jpg" in m for m in messages) and any("trunc.png" in m for m in messages)
+    assert any(f"skipped 2 unreadable files in {root}" in m for m in messages)
+    assert sorted(os.path.basename(p) for p in ds.skipped) == ["noise.jpg", "trunc.png"]
+    assert len(ds) == 3
+    for i in range(len(ds)):
+        assert ds[i][0].shape == (3, R, R)
+
+
+def test_decode_failure_in_getitem_substitutes_next(tmp_path):
+    root = tmp_path / "imgs"
+    _save(root / "a" / "0.png", Image.new("RGB", (20, 20), (255, 0, 0)))
+    _save(root / "b" / "1.jpg", Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    _save(root / "c" / "2.png", Image.new("RGB", (20, 20), (0, 0, 255)))
+    data = (root / "b" / "1.jpg").read_bytes()
+    (root / "b" / "1.jpg").write_bytes(data[: len(data) // 2])  # header fine, body truncated: passes the scan
+    ds = build_dataset(DataConfig(source=str(root), resolution=R), "eval")
+    assert len(ds) == 3
+    with pytest.warns(UnreadableImageWarning, match="1.jpg"):
+        image, label = ds[1]
+    assert ds.classes[label] == "c"  # deterministic substitute: the next file, with its own label
+    assert torch.allclose(image, ds[2][0])
+
+
+def test_bad_sources_give_clear_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=str(empty)):
+        build_dataset(DataConfig(source=str(empty)))
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        build_dataset(DataConfig(source=str(missing)))
+    with pytest.raises(ValueError, match="builtin:mnist, builtin:photos, builtin:textures"):
+        build_dataset(DataConfig(source="builtin:cifar"))
+    with pytest.raises(ValueError, match="split"):
+        build_dataset(DataConfig(), "test")
+
+
+def test_config_is_strict():
+    cfg = from_dict(DataConfig, {"source": "builtin:photos", "resolution": 64})
+    assert cfg.resolution == 64 and cfg.hflip is True
+    with pytest.raises(ConfigError, match="colour"):
+        from_dict(DataConfig, {"colour": 1})
+    with pytest.raises(ConfigError, match="resolution"):
+        from_dict(DataConfig, {"resolution": 0})
+
+
+def test_small_file_without_resize_is_an_error(tmp_path):
+    root = tmp_path / "imgs"
+    _save(root / "big.png", Image.new("RGB", (40, 40)))
+    _save(root / "small.png", Image.new("RGB", (20, 12)))
+    with pytest.raises(ImageTooSmallError, match=r"small\.png is 20x12"):
+        build_dataset(DataConfig(source=str(root), resolution=R, resize=False))
+    assert len(build_dataset(DataConfig(source=str(root), resolution=R, resize=True))) == 2
+
+
+def test_folder_crops_are_seeded_and_eval_is_center(tmp_path):
+    root = tmp_path / "imgs"
+    ramp = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (48, 1, 3))  # brightness grows left -> right
+    _save(root / "ramp.png", Image.fromarray(ramp))
+    cfg = DataConfig(source=str(root), resolution=R, resize=False)
+    train = build_dataset(cfg, "train")
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        return torch.stack([train[0][0] for _ in range(8)])
+
+    assert torch.equal(draw(0), draw(0))
+    assert not torch.equal(draw(0), draw(1))
+    flipped = draw(0)[:, 0, 0, :]  # rows of the first channel: decreasing ones were flipped
+    assert ((flipped[:, 1:] - flipped[:, :-1]) < 0).any() and ((flipped[:, 1:] - flipped[:, :-1]) > 0).any()
+    center = build_dataset(cfg, "eval")[0][0]
+    want = torch.from_numpy(ramp[16:32, 24:40]).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.equal(center, want)
+    no_aug = build_dataset(DataConfig(source=str(root), resolution=R, resize=False, random_crop=False, hflip=False))
+    assert torch.equal(no_aug[0][0], want)
+
+
+def test_mnist_splits_and_shapes():
+    train = build_dataset(DataConfig(source="builtin:mnist"), "train")
+    test = build_dataset(DataConfig(source="builtin:mnist"), "eval")
+    assert (len(train), len(test)) == (4500, 500)
+    assert train.classes == [str(d) for d in range(10)] and test.num_classes == 10
+    assert np.bincount(train.labels).tolist() == [450] * 10
+    assert np.bincount(test.labels).tolist() == [50] * 10
+    assert not set(train.rows.tolist()) & set(test.rows.tolist())
+    image, label = test[123]
+    assert image.shape == (3, 32, 32) and isinstance(label, int)
+    assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
+    assert (image[:, :2] == -1).all() and (image[:, :, -2:] == -1).all()  # padding 28 -> 32 is black
+    assert image.max() > 0.5  # there is a digit
+    torch.manual_seed(0)
+    a = train[7][0]
+    torch.manual_seed(1)
+    assert torch.equal(a, train[7][0])  # digits are never flipped, even with hflip=True
+    big = build_dataset(DataConfig(source="builtin:mnist", resolution=48), "eval")[0][0]
+    assert big.shape == (3, 48, 48)
+    crop = build_dataset(DataConfig(source="builtin:mnist", resolution=28, resize=False), "eval")
+    assert torch.equal(crop[0][0], test[0][0][:, 2:30, 2:30])
+    with pytest.raises(ValueError, match="resize"):
+        build_dataset(DataConfig(source="builtin:mnist", resolution=40, resize=False))
+
+
+def test_photos_split_is_disjoint_and_eval_deterministic():
+    cfg = DataConfig(source="builtin:photos", resolution=R, crops_per_epoch=40)
+    train, test = build_dataset(cfg, "train"), build_dataset(cfg, "eval")
+    assert train.classes == test.classes == list(PHOTO_NAMES)
+    train_names = {c.name for c in train.canvases}
+    test_names = {c.name for c in test.canvases}
+    assert test_names and not train_names & test_names and train_names | test_names == set(PHOTO_NAMES)
+    assert len(train) == 40
+    train_labels = {train[i][1] for i in range(len(train))}
+    assert train_labels == {PHOTO_NAMES.index(n) for n in train_names}
+    assert len(test) >= 10
+    again = build_dataset(cfg, "eval")
+    torch.manual_seed(3)
+    first = [test[i] for i in range(len(test))]
+    torch.manual_seed(4)
+    second = [again[i] for i in range(len(again))]
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(first, second))
+    assert [test.name(i) for i in range(len(test))] == [again.name(i) for i in range(len(again))]
+    assert len({test.name(i) for i in range(len(test))}) == len(test)
+    for image, label in first:
+        assert image.shape == (3, R, R) and image.min() >= -1 and image.max() <= 1
+        assert PHOTO_NAMES[label] in test_names
+    # train crops vary with the seed; with random_crop=False they are seeded by index instead
+    torch.manual_seed(0)
+    a = train[0][0]
+    torch.manual_seed(1)
+    assert not torch.equal(a, train[0][0])
+    fixed = build_dataset(DataConfig(source="builtin:photos", resolution=R, random_crop=False, hflip=False), "train")
+    torch.manual_seed(0)
+    b = fixed[5][0]
+    torch.manual_seed(1)
+    assert torch.equal(b, fixed[5][0]) and not torch.equal(b, fixed[16][0])
+
+
+def test_photo_crops_reproducible_in_seeded_dataloader_workers():
+    ds = build_dataset(DataConfig(source="builtin:photos", resolution=R, crops_per_epoch=16), "train")
+
+    def epoch(seed):
+        loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, num_workers=2,
+                                             generator=torch.Generator().manual_seed(seed))
+        return torch.cat([images for images, _ in loader])
+
+    first = epoch(0)
+    assert torch.equal(first, epoch(0))
+    assert not torch.equal(first, epoch(1))
+
+
+def test_textures_hold_out_the_right_strip():
+    cfg = DataConfig(source="builtin:textures", resolution=R, crops_per_epoch=30)
+    train, test = build_dataset(cfg, "train"), build_dataset(cfg, "eval")
+    assert train.classes == test.classes == ["brick", "grass", "gravel"]
+    for a, b in zip(train.canvases, test.canvases):
+        assert a.name == b.name
+        width = a.image.shape[-1] + b.image.shape[-1]
+        assert b.image.shape[-1] >= width // 5  # at least 20% held out
+        # the two parts tile the texture side by side: no pixel is in both
+        full = torch.cat([a.image, b.image], dim=-1)
+        assert full.shape[-1] == width == 512
+    assert sorted({train[i][1] for i in range(len(train))}) == [0, 1, 2]
+    assert sorted({test[i][1] for i in range(len(test))}) == [0, 1, 2]
+    again = build_dataset(cfg, "eval")
+    assert all(torch.equal(test[i][0], again[i][0]) for i in range(len(test)))
+    # with resize off an eval crop is an exact copy of the held-out strip
+    exact = build_dataset(DataConfig(source="builtin:textures", resolution=R, resize=False), "eval")
+    name = exact.name(0)
+    k, top, left, side = exact.eval_crops[0]
+    strip = exact.canvases[k].image[:, top:top + side, left:left + side].float() / 127.5 - 1
+    assert side == R and torch.equal(exact[0][0], strip) and name.startswith("brick")
+    with pytest.raises(ValueError, match="at most 256"):
+        build_dataset(DataConfig(source="builtin:textures", resolution=300))
+
+
+def test_iterate_images_folder_and_builtin(mixed_folder):
+    root, expected = mixed_folder
+    batches = list(iterate_images(str(root), R, batch_size=4))
+    assert [b.images.shape[0] for b in batches] == [4, 4, 1]
+    assert sum((b.names for b in batches), []) == sorted(expected)
+    assert batches[0].images.shape[1:] == (3, R, R) and batches[0].labels.dtype == torch.int64
+    ds = eval_images("builtin:mnist", 32)
+    first = next(iterate_images("builtin:mnist", 32, batch_size=5, limit=5))
+    assert torch.equal(first.images, torch.stack([ds[i][0] for i in range(5)]))
+    assert first.names == [ds.name(i) for i in range(5)]
+
