@@ -1,0 +1,186 @@
+"""VQModel: convolutional VQGAN-style tokenizer, images (B, 3, H, W) <-> code grids (B, h, w).
+
+State-dict keys follow taming-transformers' VQModel (``encoder.*``, ``decoder.*``, ``quant_conv``,
+``post_quant_conv``, ``quantize.embedding.weight``). LlamaGen's VQ-16 is represented exactly by
+``channel_mult=[1,1,2,2,4]``, ``attn_resolutions=[resolution // 16]`` (attention only at the
+lowest level), ``quantizer.codebook_dim=8``, ``quantizer.l2_norm=true`` after renaming its keys
+(``conv_blocks.k.res`` -> ``down.k.block``; decoder ``conv_blocks.k`` -> ``up.{L-1-k}``;
+``mid.0/1/2`` -> ``mid.block_1/attn_1/block_2``; drop ``quantize.codebook_used``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from stage1_vq.modules import Decoder, Encoder
+from stage1_vq.quantizers import FSQ, QuantizerConfig, QuantizerOutput, VectorQuantizer, build_quantizer
+from vqgpt.checkpoint import load_export, save_export
+from vqgpt.config import opt
+
+EXPORT_KIND = "vq_tokenizer"
+
+
+@dataclass
+class VQModelConfig:
+    """Architecture of the convolutional VQ tokenizer."""
+
+    in_channels: int = opt(3, "image channels fed to the encoder")
+    out_channels: int = opt(3, "image channels produced by the decoder")
+    channels: int = opt(128, "base width of the encoder/decoder (multiplied by channel_mult per level)")
+    channel_mult: list[int] = opt([1, 1, 2, 2, 4], "width multiplier per level; len-1 stride-2 steps "
+                                                   "give the downsampling factor 2**(len-1)")
+    num_res_blocks: int = opt(2, "residual blocks per encoder level (the decoder has one more)")
+    attn_resolutions: list[int] = opt([16], "feature-map sizes (counted from `resolution`) that get "
+                                            "self-attention after each residual block")
+    resolution: int = opt(256, "nominal image size used to place attention; any multiple of the "
+                               "downsampling factor can be encoded")
+    z_channels: int = opt(256, "channels of the encoder output / decoder input")
+    dropout: float = opt(0.0, "dropout inside residual blocks")
+    norm_groups: int = opt(32, "GroupNorm groups; every level width must be divisible by it")
+    quantizer: QuantizerConfig = opt(QuantizerConfig, "how latents become codes")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.quantizer, dict):  # built by hand rather than by the config loader
+            self.quantizer = QuantizerConfig(**self.quantizer)
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise ValueError(f"channel_mult must be a non-empty list of positive integers, got {self.channel_mult}")
+        if self.num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        if self.channels < 1 or self.z_channels < 1:
+            raise ValueError(f"channels and z_channels must be positive, got {self.channels}, {self.z_channels}")
+        widths = sorted({self.channels * m for m in self.channel_mult} | {self.channels})
+        bad = [w for w in widths if w % self.norm_groups]
+        if bad:
+            raise ValueError(f"channels={self.channels} with channel_mult={self.channel_mult} gives widths {bad} "
+                             f"not divisible by norm_groups={self.norm_groups}")
+        if self.resolution % self.downsample_factor:
+            raise ValueError(f"resolution {self.resolution} must be a multiple of the downsampling factor "
+                             f"{self.downsample_factor}")
+        sizes = self.feature_sizes()
+        unused = [r for r in self.attn_resolutions if r not in sizes]
+        if unused:
+            raise ValueError(f"attn_resolutions {unused} match no feature-map size; with resolution "
+                             f"{self.resolution} the sizes are {sizes}")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def feature_sizes(self) -> list[int]:
+        """Feature-map sizes per level, counted from `resolution` (largest first)."""
+        return [self.resolution // 2**level for level in range(len(self.channel_mult))]
+
+
+class VQOutput(NamedTuple):
+    """reconstruction (B, 3, H, W); quantizer: the quantizer's output (z_q, indices, loss, stats)."""
+
+    reconstruction: torch.Tensor
+    quantizer: QuantizerOutput
+
+
+class VQModel(nn.Module):
+    """Encoder -> quant_conv -> quantize -> post_quant_conv -> decoder; images in [-1, 1]."""
+
+    def __init__(self, config: VQModelConfig):
+        super().__init__()
+        self.config = config
+        latent_dim = config.quantizer.latent_dim(config.z_channels)
+        arch = dict(channels=config.channels, channel_mult=config.channel_mult, num_res_blocks=config.num_res_blocks,
+                    attn_resolutions=config.attn_resolutions, resolution=config.resolution,
+                    z_channels=config.z_channels, dropout=config.dropout, norm_groups=config.norm_groups)
+        self.encoder = Encoder(in_channels=config.in_channels, **arch)
+        self.decoder = Decoder(out_channels=config.out_channels, **arch)
+        self.quant_conv = nn.Conv2d(config.z_channels, latent_dim, kernel_size=1)
+        # Calling `model.quantize(z)` runs the quantizer: it is the submodule (taming's key name).
+        self.quantize: VectorQuantizer | FSQ = build_quantizer(config.quantizer, latent_dim)
+        self.post_quant_conv = nn.Conv2d(latent_dim, config.z_channels, kernel_size=1)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantize.codebook_size
+
+    @property
+    def codebook_dim(self) -> int:
+        return self.quantize.codebook_dim
+
+    @property
+    def last_layer_weight(self) -> torch.Tensor:
+        """Weight of the decoder's final conv, for the adaptive GAN weight."""
+        return self.decoder.conv_out.weight
+
+    def grid_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Code-grid size (h, w) of an image of size height x width; ValueError if f does not divide it."""
+        f = self.downsample_factor
+        if height % f or width % f or height < f or width < f:
+            def near(n: int) -> str:
+                lo, hi = max(f, n // f * f), max(f, -(-n // f) * f)
+                return str(lo) if lo == hi else f"{lo} or {hi}"
+            raise ValueError(f"image size {height}x{width} is not divisible by the downsampling factor {f}: "
+                             f"height and width must be positive multiples of {f} (nearest valid: "
+                             f"height {near(height)}, width {near(width)})")
+        return height // f, width // f
+
+    # ------------------------------------------------------------------ pieces
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C_in, H, W) -> pre-quantization latents z (B, D, H/f, W/f) (after quant_conv)."""
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got shape {tuple(images.shape)}")
+        self.grid_shape(images.shape[-2], images.shape[-1])
+        return self.quant_conv(self.encoder(images))
+
+    def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Quantized latents (B, D, h, w) -> images (B, C_out, h*f, w*f)."""
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices (B, h, w) -> quantized latents z_q (B, D, h, w)."""
+        if indices.ndim != 3 or indices.dtype.is_floating_point:
+            raise ValueError(f"expected integer indices (B, h, w), got {indices.dtype} of shape {tuple(indices.shape)}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
+            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got range "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
+        return self.quantize.codes_from_indices(indices.long())
+
+    # ------------------------------------------------------------------ public API
+
+    def forward(self, images: torch.Tensor) -> VQOutput:
+        """Images (B, 3, H, W) in [-1, 1] -> VQOutput(reconstruction (B, 3, H, W), quantizer output)."""
+        z = self.encode_latents(images)  # (B, D, h, w)
+        quantized = self.quantize(z)
+        return VQOutput(self.decode_latents(quantized.z_q), quantized)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> code indices (B, H/f, W/f) int64; changes no state."""
+        return self.quantize.lookup(self.encode_latents(images))
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, h, w) -> images (B, 3, h*f, w*f), roughly in [-1, 1]."""
+        return self.decode_latents(self.codes_from_indices(indices))
+
+    # ------------------------------------------------------------------ export
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json + model.safetensors (kind 'vq_tokenizer') into ``directory``."""
+        return save_export(directory, EXPORT_KIND, self.config, self)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "VQModel":
+        """Load an export written by ``save_pretrained`` (strict), in eval mode on ``map_location``."""
+        config, state, _ = load_export(directory, EXPORT_KIND, VQModelConfig)
+        model = cls(config)
+        model.load_state_dict(state, strict=True)
+        return model.to(map_location).eval()
