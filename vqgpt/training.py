@@ -94,8 +94,16 @@ def make_optimizer(params, cfg: TrainConfig, lr: float | None = None) -> torch.o
     return torch.optim.AdamW(groups, lr=lr if lr is not None else cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, peak: float | None = None) -> float:
+    """Set the LR of every param group for optimizer step ``step``; returns it.
+
+    Computed from the step alone (no scheduler state), so resume is exact and the schedule does
+    not depend on the number of processes (accelerate's prepared schedulers step once per process).
+    """
+    lr = (peak if peak is not None else cfg.lr) * lr_factor(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 @dataclass

@@ -1,0 +1,98 @@
+"""Reconstruction of held-out images by a tokenizer, with PSNR / SSIM / LPIPS / codebook figures."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from stage1_vq.model import VQModel
+from vqgpt.data import DataConfig, build_dataset
+from vqgpt.images import save_grid, side_by_side, tensor_to_pil
+from vqgpt.metrics import bits_per_image, code_histogram, codebook_stats, psnr, ssim
+
+
+def load_lpips(kind: str, device: torch.device) -> torch.nn.Module | None:
+    """'vgg' (standard weights; downloads), 'random' (random backbone, for tests), 'none', or a local weights path."""
+    if kind == "none":
+        return None
+    from stage1_vq.losses import LossConfig, build_perceptual
+
+    cfg = LossConfig()
+    if kind == "random":
+        cfg = replace(cfg, perceptual="lpips-random")
+    elif kind != "vgg":
+        cfg = replace(cfg, perceptual="lpips-vgg", perceptual_weights_path=kind)
+    try:
+        net = build_perceptual(cfg)
+    except Exception as exc:  # offline machines cannot fetch the VGG weights: report, don't crash
+        warnings.warn(f"LPIPS unavailable ({type(exc).__name__}: {exc}); reporting lpips as null. "
+                      "Pass --lpips PATH to local weights, or --lpips none.")
+        return None
+    return net.to(device).eval() if net is not None else None
+
+
+@torch.inference_mode()
+def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_images: int | None = None,
+                resolution: int | None = None, batch_size: int = 32, lpips: str = "vgg",
+                save_images: bool = True, device: str | None = None, progress: bool = True) -> dict:
+    """Reconstruct the evaluation images of ``images``; write PNGs + grid + metrics.json; return the metrics."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = VQModel.from_pretrained(tokenizer_dir).to(device).eval()
+    resolution = resolution or model.config.resolution
+    dataset = build_dataset(DataConfig(source=images, resolution=resolution, random_crop=False, hflip=False), "eval")
+    if num_images is not None:
+        dataset = Subset(dataset, range(min(num_images, len(dataset))))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    perceptual = load_lpips(lpips, device)
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+
+    psnrs, ssims, lpipss = [], [], []
+    counts = torch.zeros(model.codebook_size, dtype=torch.long)
+    grid_pairs = []
+    index = 0
+    grid_shape = None
+    for batch, _labels in tqdm(loader, desc="reconstruct", disable=not progress):
+        batch = batch.to(device)
+        codes = model.encode(batch)                                      # (B, h, w)
+        recon = model.decode(codes).clamp(-1, 1)                         # (B, 3, H, W)
+        grid_shape = tuple(codes.shape[1:])
+        counts += code_histogram(codes, model.codebook_size)
+        psnrs.append(psnr(batch, recon).cpu())
+        ssims.append(ssim(batch, recon).cpu())
+        if perceptual is not None:
+            lpipss.append(perceptual(batch, recon).flatten().float().cpu())
+        if len(grid_pairs) < 16:
+            grid_pairs.append((batch[: 16 - len(grid_pairs)].cpu(), recon[: 16 - len(grid_pairs)].cpu()))
+        if save_images:
+            for img in recon.cpu():
+                tensor_to_pil(img).save(out / "images" / f"{index:05d}.png")
+                index += 1
+    if grid_shape is None:
+        raise ValueError(f"no images to reconstruct in {images}")
+    originals = torch.cat([a for a, _ in grid_pairs])[:16]
+    recons = torch.cat([b for _, b in grid_pairs])[:16]
+    save_grid(side_by_side(originals, recons), out / "grid.png", nrow=8)
+    stats = codebook_stats(counts)
+    metrics = {
+        "tokenizer": str(tokenizer_dir),
+        "images": images,
+        "num_images": int(sum(len(p) for p in psnrs)),
+        "resolution": resolution,
+        "grid": list(grid_shape),
+        "codebook_size": model.codebook_size,
+        "psnr": float(torch.cat(psnrs).mean()),
+        "ssim": float(torch.cat(ssims).mean()),
+        "lpips": float(torch.cat(lpipss).mean()) if lpipss else None,
+        "codebook_usage": stats["usage"],
+        "perplexity": stats["perplexity"],
+        "bits_per_image": bits_per_image(grid_shape, model.codebook_size),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
