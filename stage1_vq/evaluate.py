@@ -6,6 +6,7 @@ import json
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -40,8 +41,12 @@ def load_lpips(kind: str, device: torch.device) -> torch.nn.Module | None:
 @torch.inference_mode()
 def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_images: int | None = None,
                 resolution: int | None = None, batch_size: int = 32, lpips: str = "vgg",
-                save_images: bool = True, device: str | None = None, progress: bool = True) -> dict:
-    """Reconstruct the evaluation images of ``images``; write PNGs + grid + metrics.json; return the metrics."""
+                save_images: bool = True, device: str | None = None, progress: bool = True,
+                on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> dict:
+    """Reconstruct the evaluation images of ``images``; write PNGs + grid + metrics.json; return the metrics.
+
+    ``on_batch(originals, reconstructions)``, both (B, 3, H, W) in [-1, 1], sees every batch (e.g. rFID features).
+    """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = VQModel.from_pretrained(tokenizer_dir).to(device).eval()
     resolution = resolution or model.config.resolution
@@ -63,6 +68,8 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
         codes = model.encode(batch)                                      # (B, h, w)
         recon = model.decode(codes).clamp(-1, 1)                         # (B, 3, H, W)
         grid_shape = tuple(codes.shape[1:])
+        if on_batch is not None:
+            on_batch(batch, recon)
         counts += code_histogram(codes, model.codebook_size)
         psnrs.append(psnr(batch, recon).cpu())
         ssims.append(ssim(batch, recon).cpu())

@@ -33,6 +33,8 @@ def opt(default: Any, help: str) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is not None:
+        return str(tp).replace("typing.", "").replace("NoneType", "None")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -220,3 +222,15 @@ def config_reference(cls: type, prefix: str = "") -> list[tuple[str, str, Any, s
             default = None
         rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))
     return rows
+
+
+def reference_markdown(sections: dict[str, type]) -> str:
+    """A markdown table of every key (with type, default and help) of each named config class."""
+    out = []
+    for title, cls in sections.items():
+        out += [f"### {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, tp, default, help_text in config_reference(cls):
+            shown = json.dumps(default) if not isinstance(default, str) else f"`{default}`"
+            out.append(f"| `{key}` | {tp.replace(' | ', ' or ')} | {shown} | {help_text.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)

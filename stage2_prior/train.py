@@ -1,0 +1,199 @@
+"""Stage-2 training: one readable loop that fits a GPT prior to token shards with Accelerate.
+
+The prior never runs the tokenizer: it reads the integer grids written by `vqgpt encode`. Sample
+grids are decoded to pixels only through a ``decode`` callable handed in by the caller (the top
+floor), so this package stays independent of stage 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from stage2_prior.model import GPT, GPTConfig
+from stage2_prior.sampling import generate
+from vqgpt.checkpoint import read_trainer_state, resolve_resume, save_checkpoint
+from vqgpt.config import ConfigError, opt
+from vqgpt.images import save_grid
+from vqgpt.tokens import TokenDataset
+from vqgpt.training import (
+    GracefulInterrupt,
+    MetricsLog,
+    NonFiniteLoss,
+    StreamPosition,
+    TrainConfig,
+    all_finite,
+    batch_stream,
+    make_accelerator,
+    make_optimizer,
+    prepare_run_dir,
+    set_lr,
+    unwrap,
+)
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]  # (B, h, w) codes -> (B, 3, H, W) images in [-1, 1]
+
+
+@dataclass
+class PriorRunConfig:
+    """Everything `vqgpt train-prior` needs. Vocabulary, grid and classes come from the shards."""
+
+    model: GPTConfig = opt(GPTConfig, "the prior's architecture (codebook_size / grid_size / num_classes are taken from the shards)")
+    train: TrainConfig = opt(TrainConfig, "optimisation and bookkeeping")
+    tokens: str = opt("", "token shard folder written by `vqgpt encode` (the --tokens flag sets it)")
+    conditional: bool = opt(True, "condition on the shards' class labels when they have more than one class")
+    sample_cfg_scale: float = opt(1.5, "classifier-free guidance scale of the periodic sample grids")
+    sample_temperature: float = opt(1.0, "temperature of the periodic sample grids")
+
+
+def model_config_for(cfg: PriorRunConfig, data: TokenDataset) -> GPTConfig:
+    """The model config with vocabulary, grid and class count taken from the shards' metadata."""
+    num_classes = data.num_classes if (cfg.conditional and data.num_classes > 1) else 0
+    return dataclasses.replace(cfg.model, codebook_size=data.codebook_size,
+                               grid_size=list(data.grid_size), num_classes=num_classes)
+
+
+def sample_snapshot(model: GPT, decode: Decoder, path: Path, cfg: PriorRunConfig, seed: int = 0) -> Path:
+    """Write a grid of samples: one row per class (up to 10) for conditional priors, else 4x8."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n_cls = model.config.num_classes
+    if n_cls > 0:
+        rows = min(n_cls, 10)
+        labels = torch.arange(rows).repeat_interleave(8)
+    else:
+        rows, labels = 4, None
+    was_training = model.training
+    model.eval()
+    codes = generate(model, rows * 8, class_labels=labels, temperature=cfg.sample_temperature,
+                     cfg_scale=cfg.sample_cfg_scale if n_cls > 0 else 1.0, generator=gen)
+    model.train(was_training)
+    with torch.no_grad():
+        images = decode(codes).float().cpu()
+    return save_grid(images, path, nrow=8, row_labels=[str(i) for i in range(rows)] if n_cls > 0 else None)
+
+
+def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
+                decode: Decoder | None = None, tokenizer_fingerprint: str | None = None) -> Path:
+    """Train a prior on ``cfg.tokens`` into RUN=``out``; returns RUN/export."""
+    tc = cfg.train
+    if not cfg.tokens:
+        raise ConfigError("tokens: no token shard folder given (use --tokens DIR)")
+    data = TokenDataset(cfg.tokens)
+    if tokenizer_fingerprint is not None:
+        from vqgpt.tokens import check_tokenizer_match
+
+        check_tokenizer_match(data.meta, tokenizer_fingerprint)
+    model_cfg = model_config_for(cfg, data)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    accelerator = make_accelerator(tc, out)
+    run_dir = prepare_run_dir(out, cfg, accelerator)
+    is_main = accelerator.is_main_process
+
+    loader = DataLoader(data, batch_size=tc.batch_size, shuffle=True, drop_last=True,
+                        num_workers=tc.num_workers, persistent_workers=tc.num_workers > 0)
+    if len(loader) == 0:
+        raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the {len(data)} grids in {cfg.tokens}")
+    model = GPT(model_cfg)
+    optimizer = make_optimizer(model.parameters(), tc)
+    ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema_decay > 0 else None
+    if tc.compile:
+        model = torch.compile(model)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    step, position = 0, StreamPosition()
+    ckpt = resolve_resume(run_dir, resume)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        state = read_trainer_state(ckpt)
+        step, position = state["step"], StreamPosition(state["epoch"], state["batch"])
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+
+    log = MetricsLog(run_dir, accelerator)
+    bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc="prior", dynamic_ncols=True)
+    batches = batch_stream(accelerator, loader, position)
+    # Class dropout (labels -> null class at model.class_dropout, for guidance) happens inside the
+    # model in train mode, drawn from torch's RNG, which save_state/load_state restore.
+    conditional = model_cfg.num_classes > 0
+    tokens_per_step = tc.batch_size * tc.grad_accum * accelerator.num_processes * data.grid_size[0] * data.grid_size[1]
+
+    def checkpoint() -> None:
+        save_checkpoint(accelerator, run_dir, step, tc.keep_checkpoints,
+                        extra={"epoch": position.epoch, "batch": position.batch})
+
+    def snapshot() -> None:
+        if is_main and decode is not None:
+            net = ema.module if ema is not None else unwrap(accelerator, model)
+            sample_snapshot(net, decode, run_dir / "samples" / f"step-{step:08d}.png", cfg)
+
+    model.train()
+    t_last = time.perf_counter()
+    with GracefulInterrupt() as interrupt:
+        while step < tc.steps:
+            lr = set_lr(optimizer, step, tc)
+            for _ in range(tc.grad_accum):
+                grids, labels = next(batches)
+                tokens = grids.flatten(1)                                   # (B, T)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        logits = model(tokens, labels if conditional else None)  # (B, T, V)
+                        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+                    finite = all_finite(accelerator, loss)
+                    if finite:
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and tc.grad_clip > 0:
+                            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not finite:
+                    if tc.on_nonfinite == "stop":
+                        last = resolve_resume(run_dir, "auto")
+                        raise NonFiniteLoss(f"non-finite prior loss at step {step}; stopping. "
+                                            f"Last good checkpoint: {last or 'none yet'}")
+                    accelerator.print(f"warning: non-finite loss at step {step}, micro-batch skipped")
+            step += 1
+            if ema is not None:
+                ema.update(unwrap(accelerator, model), step=step)
+            if step % tc.log_every == 0 or step == tc.steps:
+                now = time.perf_counter()
+                tok_s = tokens_per_step * tc.log_every / max(now - t_last, 1e-9)
+                t_last = now
+                mean_loss = accelerator.reduce(loss.detach(), "mean")
+                log.write({"step": step, "lr": lr, "loss": mean_loss, "tokens_per_s": tok_s})
+                bar.set_postfix(loss=f"{float(mean_loss):.4f}", tok_s=f"{tok_s:,.0f}")
+            bar.update(1)
+            if tc.sample_every and step % tc.sample_every == 0:
+                snapshot()
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
+                checkpoint()
+            stop = torch.tensor([float(interrupt.requested)], device=accelerator.device)
+            if accelerator.reduce(stop, "sum").item() > 0:
+                checkpoint()
+                bar.close()
+                accelerator.print(f"interrupted: checkpoint written at step {step}; continue with --resume auto")
+                accelerator.end_training()
+                raise KeyboardInterrupt
+    bar.close()
+    checkpoint()
+    snapshot()
+
+    export_dir = run_dir / "export"
+    if is_main:
+        final = ema.module if ema is not None else unwrap(accelerator, model)
+        final.save_pretrained(export_dir, extra={"tokenizer_fingerprint": data.meta.get("tokenizer_fingerprint"),
+                                                 "classes": data.meta.get("classes", [])})
+        accelerator.print(f"prior exported to {export_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return export_dir

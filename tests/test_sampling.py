@@ -1,0 +1,196 @@
+"""Samplers: filtering, reproducibility, KV cache vs recomputation, classifier-free guidance, overfitting."""
+
+import math
+
+import pytest
+import torch
+
+from stage2_prior import GPT, GPTConfig, generate, sample_logits, top_k_filter, top_p_filter
+from stage2_prior.highres import generate_highres
+from stage2_prior.sampling import cfg_scales
+
+
+def tiny_gpt(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    kwargs = dict(codebook_size=16, grid_size=[3, 4], num_classes=3)
+    kwargs.update(overrides)
+    model = GPT(GPTConfig.from_preset("tiny", **kwargs)).eval()
+    torch.nn.init.normal_(model.output.weight, std=0.5)
+    return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from threads, and on a busy machine thread barriers cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def seeded(seed: int = 1) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    kept = torch.isfinite(top_k_filter(logits, 2))
+    assert kept.tolist() == [[False, True, False, True, False], [True, True, False, False, False]]
+    torch.testing.assert_close(top_k_filter(logits, 2)[kept], logits[kept])
+    assert torch.equal(top_k_filter(logits, 5), logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    keep = lambda p: torch.isfinite(top_p_filter(logits, p)).tolist()[0]  # noqa: E731
+    assert keep(0.4) == [False, True, False, False]  # 0.5 alone reaches 0.4
+    assert keep(0.7) == [False, True, False, True]  # 0.5 + 0.3
+    assert keep(0.9) == [False, True, True, True]  # 0.5 + 0.3 + 0.15
+    assert keep(0.99) == [True, True, True, True]
+    assert keep(1.0) == [True, True, True, True]
+    assert keep(1e-6) == [False, True, False, False]  # the most likely token always stays
+
+
+def test_sample_logits_respects_filters_and_distribution():
+    logits = torch.tensor([0.1, 0.2, 0.3, 0.4]).log().expand(20000, 4)
+    g = seeded()
+    draws = sample_logits(logits, 1.0, generator=g)
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    torch.testing.assert_close(freq, logits[0].exp(), atol=0.015, rtol=0)
+    assert set(sample_logits(logits, 1.0, top_k=2, generator=g).tolist()) == {2, 3}
+    assert set(sample_logits(logits, 1.0, top_p=0.6, generator=g).tolist()) == {2, 3}  # 0.4 + 0.3
+    assert torch.all(sample_logits(logits, 0.0) == 3)
+    assert torch.all(sample_logits(logits, 1.0, top_k=1, generator=g) == 3)
+
+
+def test_seeded_generation_is_reproducible():
+    model = tiny_gpt()
+    a = generate(model, 4, class_labels=[0, 1, 2, 0], generator=seeded(3))
+    b = generate(model, 4, class_labels=[0, 1, 2, 0], generator=seeded(3))
+    c = generate(model, 4, class_labels=[0, 1, 2, 0], generator=seeded(4))
+    assert a.shape == (4, 3, 4) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(temperature=0.0),
+    dict(temperature=1.0),
+    dict(temperature=0.8, top_k=5, top_p=0.9),
+    dict(temperature=1.0, cfg_scale=3.0),
+    dict(temperature=1.0, cfg_scale=2.0, cfg_schedule="linear"),
+])
+def test_cached_and_uncached_sampling_agree(knobs):
+    model = tiny_gpt()
+    cached = generate(model, 3, class_labels=[2, 0, 1], use_cache=True, generator=seeded(), **knobs)
+    full = generate(model, 3, class_labels=[2, 0, 1], use_cache=False, generator=seeded(), **knobs)
+    assert torch.equal(cached, full)
+
+
+def test_unconditional_prior_samples():
+    model = tiny_gpt(num_classes=0)
+    cached = generate(model, 2, generator=seeded())
+    assert torch.equal(cached, generate(model, 2, use_cache=False, generator=seeded()))
+    assert cached.shape == (2, 3, 4) and 0 <= cached.min() and cached.max() < 16
+    with pytest.raises(ValueError, match="unconditional"):
+        generate(model, 2, class_labels=1)
+    with pytest.raises(ValueError, match="unconditional"):
+        generate(model, 2, cfg_scale=2.0)
+
+
+def _reference_greedy(model: GPT, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    """Independent greedy loop on model.forward, CFG combined by hand."""
+    B, T = labels.numel(), model.seq_len
+    seq = torch.zeros(B, T, dtype=torch.long)
+    null = torch.full_like(labels, model.null_class)
+    with torch.no_grad():
+        for t in range(T):
+            cond = model(seq[:, : t + 1], labels)[:, -1]
+            logits = cond if scale == 1.0 else model(seq[:, : t + 1], null)[:, -1] * (1 - scale) + cond * scale
+            seq[:, t] = logits.argmax(-1)
+    return seq.view(B, *model.grid_size)
+
+
+def test_cfg_scale_one_is_the_conditional_model_without_a_null_batch():
+    model = tiny_gpt()
+    labels = torch.tensor([0, 1, 2])
+    batches = []
+    hook = model.tok_embeddings.register_forward_hook(lambda m, a, out: batches.append(out.shape[0]))
+    out = generate(model, 3, class_labels=labels, temperature=0.0, cfg_scale=1.0)
+    hook.remove()
+    assert set(batches) == {3}  # the null half never runs
+    assert torch.equal(out, _reference_greedy(model, labels, 1.0))
+
+
+def test_cfg_combines_conditional_and_null_logits():
+    model = tiny_gpt()
+    labels = torch.tensor([0, 1, 2])
+    batches = []
+    hook = model.tok_embeddings.register_forward_hook(lambda m, a, out: batches.append(out.shape[0]))
+    out = generate(model, 3, class_labels=labels, temperature=0.0, cfg_scale=4.0)
+    hook.remove()
+    assert set(batches) == {6}  # conditional and null rows in one forward
+    assert torch.equal(out, _reference_greedy(model, labels, 4.0))
+    assert not torch.equal(out, _reference_greedy(model, labels, 1.0))
+
+
+def test_class_conditioning_changes_samples():
+    model = tiny_gpt()
+    grids = [generate(model, 1, class_labels=k, temperature=0.0) for k in range(3)]
+    assert not torch.equal(grids[0], grids[1]) or not torch.equal(grids[1], grids[2])
+
+
+def test_cfg_schedule_and_argument_errors():
+    assert cfg_scales(3.0, "constant", 4) == [3.0] * 4
+    assert cfg_scales(3.0, "linear", 4) == [1.5, 2.0, 2.5, 3.0]
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        generate(model, 1, class_labels=0, cfg_scale=2.0, cfg_schedule="cosine")
+    with pytest.raises(ValueError, match=r"class_labels must be in \[0, 3\)"):
+        generate(model, 1, class_labels=3)
+    with pytest.raises(ValueError, match="class-conditional"):
+        generate(model, 1)
+    with pytest.raises(ValueError, match="4 entries"):
+        generate(model, 4, class_labels=[0, 1])
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, 1, class_labels=0, top_p=1.5)
+    with pytest.raises(ValueError, match="null class"):
+        generate(tiny_gpt(class_dropout=0.0), 1, class_labels=0, cfg_scale=2.0)
+
+
+def test_generate_keeps_train_mode_and_dispatches_large_grids():
+    model = tiny_gpt().train()
+    big = generate(model, 2, class_labels=1, grid_size=(5, 6), generator=seeded())
+    assert model.training
+    model.eval()
+    assert big.shape == (2, 5, 6)
+    assert torch.equal(big, generate_highres(model, 2, 5, 6, class_labels=1, generator=seeded()))
+
+
+def test_tiny_prior_overfits_and_reproduces_its_grids():
+    torch.manual_seed(0)
+    V, grids = 16, torch.randint(0, 16, (4, 4, 4))
+    grids[:, 0, 0] = torch.tensor([0, 1, 2, 3])  # distinct first tokens: the unconditional prior picks one
+    data = grids.flatten(1)
+    for num_classes in (4, 0):
+        torch.manual_seed(1)
+        model = GPT(GPTConfig.from_preset("tiny", codebook_size=V, grid_size=[4, 4], num_classes=num_classes,
+                                          class_dropout=0.0, dim=64, n_head=4))
+        labels = torch.arange(4) if num_classes else None
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(300):
+            loss = torch.nn.functional.cross_entropy(model(data, labels).flatten(0, 1), data.flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        floor = 0.0 if num_classes else math.log(4) / 16  # unconditional: the first token is a 4-way choice
+        assert loss.item() < floor + 0.05
+        model.eval()
+        if num_classes:
+            assert torch.equal(generate(model, 4, class_labels=labels, temperature=0.0), grids)
+            assert torch.equal(generate(model, 4, class_labels=labels, temperature=0.3, generator=seeded()), grids)
+        else:
+            samples = generate(model, 8, temperature=0.5, generator=seeded())
+            for s in samples:
+                assert any(torch.equal(s, g) for g in grids)
+            assert len({s[0, 0].item() for s in samples}) > 1  # not one memorised grid only

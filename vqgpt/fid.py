@@ -1,0 +1,330 @@
+"""FID, Inception Score and precision/recall on features of a fixed network, plus reusable reference stats.
+
+The standard network is the FID Inception-v3 (the TF 2015-12-05 graph, ported to PyTorch by
+torch-fidelity); the metric formulas are torch-fidelity's too, so figures computed here with those
+weights are comparable to published ones (given the same reference set, resolution and sample
+count: FID is biased upward for fewer samples; papers use 50k). Where the weights cannot be had (no internet, no local
+copy), ``FeatureExtractor.random()`` gives a random-weight conv network: its FID still falls to 0
+for identical sets and grows with degradation, but its figures are NOT comparable to any published
+FID / IS and should only be compared with each other (the network's name is stored with every set
+of statistics to keep them apart).
+
+Reference statistics are an ``.npz`` holding ``mu`` (D,) and ``sigma`` (D, D) like the usual FID
+stats files, plus the feature network's name, the image source, and a subset of the raw features
+for precision/recall.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+INCEPTION_NAME = "inception-v3-fid-2015-12-05"
+INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth (torch-fidelity)",
+                   "pt_inception-2015-12-05-6726825d.pth (pytorch-fid)")
+UNKNOWN_NETWORK = "unknown"
+PR_NEIGHBORHOOD = 3          # k of the k-NN manifolds (Kynkäänniemi et al. 2019)
+PR_MAX_FEATURES = 10_000     # features kept for precision/recall: its cost grows as N^2
+
+
+class FeatureNetworkUnavailable(RuntimeError):
+    """The FID feature network could not be loaded (no download possible, no local weights)."""
+
+
+class Features(NamedTuple):
+    pool: torch.Tensor    # (N, D) features for FID and precision/recall
+    logits: torch.Tensor  # (N, K) class logits for the Inception Score
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> the same images rounded to 8 bits, still in [-1, 1] (as saved to PNG)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+class _FidelityInception(nn.Module):
+    """torch-fidelity's Inception-v3 on [-1, 1] float images; it wants uint8 and resizes to 299 itself."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W) uint8
+        (pool,) = self.network(x)                                          # (B, 2048)
+        return pool
+
+
+class _RandomConvNet(nn.Module):
+    """Random-weight conv features, average-pooled at three scales: (B, 3, H, W) -> (B, 112)."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64)) -> None:
+        super().__init__()
+        stages, in_ch = [], 3
+        for i, width in enumerate(widths):
+            conv = nn.Conv2d(in_ch, width, 3, stride=1 if i == 0 else 2, padding=1)
+            # He init keeps activations O(1) through the stack, so FID figures are not vanishingly small
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            stages.append(nn.Sequential(conv, nn.ReLU()))
+            in_ch = width
+        self.stages = nn.ModuleList(stages)
+        self.dim = sum(widths)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = []
+        x = images
+        for stage in self.stages:
+            x = stage(x)                          # (B, C_i, H / 2^i, W / 2^i)
+            pooled.append(x.mean(dim=(2, 3)))     # (B, C_i)
+        return torch.cat(pooled, dim=1)           # (B, sum C_i)
+
+
+class FeatureExtractor(nn.Module):
+    """Images (B, 3, H, W) in [-1, 1] -> Features(pool (B, D), logits (B, K)); ``name`` identifies the network.
+
+    ``backbone`` maps [-1, 1] images to pooled features, ``head`` maps those to class logits (for IS).
+    Images are rounded to 8 bits first, so features of a tensor equal those of its saved PNG.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, name: str) -> None:
+        super().__init__()
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.head = head.eval().requires_grad_(False)
+        self.name = name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        # a fixed measuring instrument: batch-norm statistics must never switch to batch mode
+        return super().train(False)
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> Features:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        x = quantize(images.to(self.device))      # (B, 3, H, W)
+        pool = self.backbone(x).float()           # (B, D)
+        return Features(pool, self.head(pool).float())  # (B, D), (B, K)
+
+    @classmethod
+    def inception(cls, weights_path: str | Path | None = None) -> "FeatureExtractor":
+        """The standard FID Inception-v3: from a local weights file, else downloaded to the torch hub cache."""
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        if weights_path is not None:
+            _check_inception_weights(Path(weights_path))
+        try:
+            network = FeatureExtractorInceptionV3(INCEPTION_NAME, ["2048"], feature_extractor_weights_path=
+                                                  None if weights_path is None else str(weights_path))
+        except OSError as exc:  # URLError is an OSError: no internet
+            raise FeatureNetworkUnavailable(
+                f"could not download the FID Inception-v3 weights ({exc}). Offline, pass a local copy of "
+                f"{' or '.join(INCEPTION_FILES)} (--fid-weights PATH), put torch-fidelity's file into "
+                f"{torch.hub.get_dir()}/checkpoints/, or use --fid-weights random (figures then are "
+                "not comparable to published FID)") from exc
+        # logits_unbiased (torch-fidelity's and torchmetrics' IS input) = pool @ fc.weight.T, no bias
+        head = nn.Linear(2048, network.fc.out_features, bias=False)
+        head.weight = network.fc.weight
+        return cls(_FidelityInception(network), head, INCEPTION_NAME)
+
+    @classmethod
+    def random(cls, seed: int = 0, num_logits: int = 10) -> "FeatureExtractor":
+        """A random-weight conv network (offline stand-in): figures NOT comparable to published FID / IS."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone = _RandomConvNet()
+            head = nn.Linear(backbone.dim, num_logits)
+        return cls(backbone, head, f"random-conv-seed{seed}")
+
+
+def _check_inception_weights(path: Path) -> None:
+    """Open a weights file safely (weights_only) and check it is an Inception-v3 FID state dict."""
+    if not path.is_file():
+        raise FileNotFoundError(f"FID weights file not found: {path} (expected {' or '.join(INCEPTION_FILES)})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a loadable PyTorch weights file ({type(exc).__name__}: {exc})") from exc
+    needed = ("Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.conv.weight", "fc.weight")
+    missing = [k for k in needed if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path}: not FID Inception-v3 weights (missing {missing}); expected {' or '.join(INCEPTION_FILES)}")
+    if tuple(state["fc.weight"].shape) != (1008, 2048):
+        raise ValueError(f"{path}: fc.weight has shape {tuple(state['fc.weight'].shape)}, expected (1008, 2048): "
+                         "this is torchvision's ImageNet Inception, not the FID network")
+
+
+def load_feature_extractor(spec: str | None = None, device: str | torch.device = "cpu") -> FeatureExtractor:
+    """``None``/"inception": standard FID network (downloads); "random"/"random:SEED": random stand-in; else a weights path."""
+    if spec is None or spec == "inception":
+        extractor = FeatureExtractor.inception()
+    elif spec == "random" or spec.startswith("random:"):
+        seed_text = spec.partition(":")[2] or "0"
+        if not seed_text.isdigit():
+            raise ValueError(f"--fid-weights {spec!r}: expected 'random' or 'random:SEED' with an integer seed")
+        extractor = FeatureExtractor.random(int(seed_text))
+    else:
+        extractor = FeatureExtractor.inception(spec)
+    return extractor.to(device)
+
+
+def extract_features(extractor: FeatureExtractor, batches: Iterable[torch.Tensor], progress: bool = False,
+                     desc: str = "features", total: int | None = None) -> Features:
+    """Features of every image in an iterable of (B, 3, H, W) batches in [-1, 1], concatenated on the CPU."""
+    pools, logits = [], []
+    for images in tqdm(batches, desc=desc, disable=not progress, total=total):
+        out = extractor(images)
+        pools.append(out.pool.cpu())
+        logits.append(out.logits.cpu())
+    if not pools:
+        raise ValueError("no images to extract features from")
+    return Features(torch.cat(pools), torch.cat(logits))
+
+
+# ----------------------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class FeatureStats:
+    """Gaussian statistics of a feature set (what FID compares) and a subset of the features (precision/recall)."""
+
+    mu: np.ndarray                    # (D,) float64
+    sigma: np.ndarray                 # (D, D) float64
+    num_images: int
+    feature_network: str              # FeatureExtractor.name, or "unknown" for foreign stats files
+    features: np.ndarray | None = None  # (n <= PR_MAX_FEATURES, D) float32, or None
+    source: str = ""
+    split: str = ""
+    resolution: int = 0
+
+
+def compute_stats(pool: torch.Tensor, feature_network: str, keep_features: int = PR_MAX_FEATURES, seed: int = 0,
+                  source: str = "", split: str = "", resolution: int = 0) -> FeatureStats:
+    """Mean (D,) and covariance (D, D) of features (N, D); keeps a seeded random subset of ``keep_features`` rows."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    if pool.ndim != 2 or pool.shape[0] < 2:
+        raise ValueError(f"need features of shape (N >= 2, D), got {tuple(pool.shape)}")
+    stats = fid_features_to_statistics(pool.detach().double().cpu())
+    return FeatureStats(np.asarray(stats["mu"], np.float64), np.asarray(stats["sigma"], np.float64), int(pool.shape[0]),
+                        feature_network, _subset(pool, keep_features, seed).numpy() if keep_features > 0 else None,
+                        source, split, int(resolution))
+
+
+def _subset(pool: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """At most ``count`` rows of (N, D), a fixed random choice, as float32 on the CPU."""
+    pool = pool.detach().float().cpu()
+    if pool.shape[0] <= count:
+        return pool
+    rows = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
+    return pool[rows.sort().values]
+
+
+def save_stats(stats: FeatureStats, path: str | Path) -> Path:
+    """Write statistics as ``.npz`` (mu, sigma, features, and metadata; no pickled objects)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"reference statistics must be saved as .npz, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"mu": stats.mu, "sigma": stats.sigma, "num_images": np.int64(stats.num_images),
+              "feature_network": np.str_(stats.feature_network), "source": np.str_(stats.source),
+              "split": np.str_(stats.split), "resolution": np.int64(stats.resolution)}
+    if stats.features is not None:
+        arrays["features"] = stats.features.astype(np.float32)
+    with open(path, "wb") as f:  # a file object: np.savez would otherwise append another ".npz"
+        np.savez(f, **arrays)
+    return path
+
+
+def load_stats(path: str | Path) -> FeatureStats:
+    """Read statistics written by ``save_stats``, or any ``.npz`` with ``mu`` and ``sigma`` (network 'unknown')."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+    with data:
+        missing = [k for k in ("mu", "sigma") if k not in data.files]
+        if missing:
+            raise ValueError(f"{path}: not FID statistics: missing {missing} (found {sorted(data.files)})")
+        mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ValueError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
+        text = lambda key, default: str(data[key]) if key in data.files else default  # noqa: E731
+        number = lambda key: int(data[key]) if key in data.files else 0  # noqa: E731
+        features = np.asarray(data["features"], np.float32) if "features" in data.files else None
+        return FeatureStats(mu, sigma, number("num_images"), text("feature_network", UNKNOWN_NETWORK), features,
+                            text("source", ""), text("split", ""), number("resolution"))
+
+
+def check_same_network(a: FeatureStats, b: FeatureStats) -> None:
+    """Raise if two sets of statistics come from different feature networks (their FID would be meaningless)."""
+    if a.mu.shape != b.mu.shape:
+        raise ValueError(f"feature dimensions differ: {a.mu.shape[0]} ({a.feature_network}) "
+                         f"vs {b.mu.shape[0]} ({b.feature_network})")
+    if UNKNOWN_NETWORK not in (a.feature_network, b.feature_network) and a.feature_network != b.feature_network:
+        raise ValueError(f"statistics from different feature networks: {a.feature_network!r} vs {b.feature_network!r}; "
+                         "recompute the reference with the same --fid-weights")
+
+
+# ----------------------------------------------------------------------------------------- metrics
+
+
+class InceptionScore(NamedTuple):
+    mean: float
+    std: float
+
+
+class PrecisionRecall(NamedTuple):
+    precision: float  # share of generated samples inside the real k-NN manifold (fidelity)
+    recall: float     # share of real samples inside the generated k-NN manifold (coverage)
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """FID between two sets of statistics (Heusel et al. 2017), as torch-fidelity computes it."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    check_same_network(a, b)
+    if min(a.num_images, b.num_images) and min(a.num_images, b.num_images) < a.mu.shape[0]:
+        warnings.warn(f"FID from {min(a.num_images, b.num_images)} images with {a.mu.shape[0]}-d features: the covariance "
+                      "is rank-deficient and the figure is biased upward; published FID uses 10k-50k images", stacklevel=2)
+    value = fid_statistics_to_metric({"mu": a.mu, "sigma": a.sigma}, {"mu": b.mu, "sigma": b.sigma}, verbose=False)
+    return max(0.0, float(next(iter(value.values()))))  # tiny negatives are round-off of an exact 0
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10) -> InceptionScore:
+    """IS = exp E[KL(p(y|x) || p(y))] from logits (N, K), mean and std over ``splits`` chunks (torch-fidelity)."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    if logits.ndim != 2 or logits.shape[0] < 1:
+        raise ValueError(f"expected logits of shape (N, K), got {tuple(logits.shape)}")
+    splits = max(1, min(splits, logits.shape[0]))
+    out = isc_features_to_metric(logits.detach().cpu(), splits=splits, shuffle=True, rng_seed=2020)
+    return InceptionScore(out["inception_score_mean"], out["inception_score_std"])
+
+
+def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray,
+                     k: int = PR_NEIGHBORHOOD, max_features: int = PR_MAX_FEATURES, seed: int = 0) -> PrecisionRecall:
+    """Improved precision/recall (Kynkäänniemi et al. 2019) of features (N, D) vs (M, D): k-NN manifolds, torch-fidelity."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    real_t, fake_t = (_subset(torch.as_tensor(x), max_features, seed) for x in (real, fake))
+    for name, t in (("real", real_t), ("generated", fake_t)):
+        if t.ndim != 2 or t.shape[0] <= k:
+            raise ValueError(f"precision/recall with k={k} needs more than {k} {name} feature rows, got shape {tuple(t.shape)}")
+    if real_t.shape[1] != fake_t.shape[1]:
+        raise ValueError(f"feature dimensions differ: real {real_t.shape[1]} vs generated {fake_t.shape[1]}")
+    # torch-fidelity's convention: features_1 = generated, features_2 = real; the "part" variant bounds memory
+    out = prc_features_to_metric(fake_t, real_t, prc_neighborhood=k, prc_batch_size=4096, save_cpu_ram=True, verbose=False)
+    return PrecisionRecall(float(out["precision"]), float(out["recall"]))

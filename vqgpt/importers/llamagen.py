@@ -1,0 +1,275 @@
+"""LlamaGen VQ tokenizers and class-to-image GPT priors -> vqgpt exports.
+
+Facts matched (FoundationVision/LlamaGen):
+- ``tokenizer/tokenizer_image/vq_model.py``: the VQGAN math of taming under other names. Encoder
+  ``conv_blocks[i].{res[j], attn[j], downsample}`` (level i, highest resolution first), ``mid`` =
+  ModuleList [ResnetBlock, AttnBlock, ResnetBlock]; decoder ``conv_blocks`` built lowest resolution
+  first (``conv_blocks[k]`` is level L-1-k, ``upsample`` on all but the last); attention only at the
+  lowest-resolution level; GroupNorm(32, eps 1e-6); ``ch`` = 128. Quantizer: codes and latents
+  l2-normalised before the lookup (``codebook_l2_norm``), codebook (16384, 8) for VQ-16; the
+  ``codebook_used`` buffer (65536,) is training-time usage bookkeeping.
+- ``autoregressive/models/gpt.py``: ``cls_embedding.embedding_table`` has num_classes + 1 rows when
+  class_dropout_prob > 0 (row num_classes = the null class), ``tok_embeddings``, ``layers.N.
+  {attention.wqkv, attention.wo, feed_forward.w1/w2/w3, attention_norm, ffn_norm}``, ``norm``,
+  ``output``; ``freqs_cis`` is a plain attribute (not in the state dict; dropped after a check if
+  present); 2D RoPE with cls_token_num zero rows first. Presets: GPT-B (12 layers, 12 heads, 768),
+  GPT-L (24, 16, 1024), GPT-XL (36, 20, 1280), GPT-XXL (48, 24, 1536), GPT-XXXL (48, 40, 2560),
+  GPT-3B (24, 32, 3200); vocab 16384, block_size = (image_size / 16)**2, cls_token_num 1.
+- Checkpoints: ``{"model", "optimizer", "steps", "args"}`` (+ "ema"). Their VQ demo prefers "ema"
+  then "model"; their GPT sampler reads "model", "module" (DeepSpeed), "state_dict", or a bare dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from stage1_vq.model import EXPORT_KIND as VQ_KIND
+from stage1_vq.model import VQModel, VQModelConfig
+from stage1_vq.quantizers import QuantizerConfig
+from stage2_prior.model import EXPORT_KIND as GPT_KIND
+from stage2_prior.model import GPT, PRESETS, GPTConfig, rope_table_2d
+from vqgpt.checkpoint import read_export_meta, save_export
+from vqgpt.config import ConfigError, from_dict
+from vqgpt.importers import Drop, ImportResult, build_from_state, remap_state_dict, strip_wrapper_prefix, target_shapes
+from vqgpt.importers.safe_load import find_state_dict, load_checkpoint
+
+VQ_PRESETS = {"VQ-16": [1, 1, 2, 2, 4], "VQ-8": [1, 2, 2, 4]}
+# LlamaGen class-conditional sizes (n_layer, n_head, dim); GPT-B..XXL equal stage2_prior.PRESETS.
+GPT_PRESETS = {
+    "GPT-B": (12, 12, 768), "GPT-L": (24, 16, 1024), "GPT-XL": (36, 20, 1280), "GPT-XXL": (48, 24, 1536),
+    "GPT-XXXL": (48, 40, 2560), "GPT-3B": (24, 32, 3200),
+}
+VQ_WEIGHTS_ORDER = ("ema", "model", "state_dict")  # LlamaGen's vq_demo.py
+GPT_WEIGHTS_ORDER = ("model", "module", "state_dict")  # LlamaGen's sample_c2i.py (then a bare dict)
+# LlamaGen train_c2i.py defaults, used for fine-tuning when the checkpoint carries no `args`.
+GPT_TRAIN_DEFAULTS = {"dropout_p": 0.1, "token_dropout_p": 0.1, "drop_path_rate": 0.0}
+
+_CODEBOOK_USED_DROP = Drop("quantize.codebook_used", "training-time code-usage bookkeeping")
+_FREQS_DROP = Drop("freqs_cis", "2D RoPE table; recomputed from the config (checked equal)")
+
+
+def _training_args(checkpoint: Any) -> dict[str, Any]:
+    """The training script's arguments stored under 'args' (an argparse.Namespace), or {}."""
+    args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
+    return dict(vars(args)) if isinstance(args, argparse.Namespace) else {}
+
+
+def _indices(state: Mapping[str, Any], pattern: str) -> list[int]:
+    found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+    return sorted(found)
+
+
+def _shape(state: Mapping[str, torch.Tensor], key: str, path: Any, what: str) -> tuple[int, ...]:
+    if key not in state:
+        raise ValueError(f"{path}: not a LlamaGen {what} state dict: key '{key}' is missing "
+                         f"(found e.g. {sorted(state)[:8]})")
+    return tuple(state[key].shape)
+
+
+# ----------------------------------------------------------------------------- VQ tokenizer
+
+
+def llamagen_vq_config(state: Mapping[str, torch.Tensor], image_size: int = 256, l2_norm: bool = True,
+                       beta: float = 0.25, dropout: float = 0.0, preset: str | None = None,
+                       path: Any = "checkpoint") -> VQModelConfig:
+    """VQModelConfig of a LlamaGen VQ state dict: widths, depth and codebook read from its shapes,
+    checked against ``preset`` ('VQ-16' / 'VQ-8') when given; attention at the lowest level only."""
+    channels, in_channels = _shape(state, "encoder.conv_in.weight", path, "VQ")[:2]
+    levels = _indices(state, r"encoder\.conv_blocks\.(\d+)\.")
+    if not levels or levels != list(range(len(levels))):
+        raise ValueError(f"{path}: not a LlamaGen VQ state dict: encoder.conv_blocks levels {levels}")
+    mult = [_shape(state, f"encoder.conv_blocks.{i}.res.0.conv1.weight", path, "VQ")[0] // channels for i in levels]
+    if preset is not None:
+        if preset not in VQ_PRESETS:
+            raise ConfigError(f"unknown LlamaGen VQ preset '{preset}' (known: {', '.join(VQ_PRESETS)})")
+        if mult != VQ_PRESETS[preset]:
+            raise ConfigError(f"{path}: the checkpoint has channel multipliers {mult}, but {preset} has "
+                              f"{VQ_PRESETS[preset]}")
+    codebook_size, codebook_dim = _shape(state, "quantize.embedding.weight", path, "VQ")
+    f = 2 ** (len(levels) - 1)
+    if image_size % f:
+        raise ConfigError(f"image_size {image_size} is not a multiple of the downsampling factor {f}")
+    return VQModelConfig(
+        in_channels=in_channels, out_channels=_shape(state, "decoder.conv_out.weight", path, "VQ")[0],
+        channels=channels, channel_mult=mult,
+        num_res_blocks=len(_indices(state, r"encoder\.conv_blocks\.0\.res\.(\d+)\.")),
+        attn_resolutions=[image_size // f], resolution=image_size,
+        z_channels=_shape(state, "encoder.conv_out.weight", path, "VQ")[0], dropout=dropout, norm_groups=32,
+        quantizer=QuantizerConfig(kind="vq", codebook_size=codebook_size, codebook_dim=codebook_dim,
+                                  l2_norm=l2_norm, beta=beta))
+
+
+_MID = {"0": "block_1", "1": "attn_1", "2": "block_2"}
+
+
+def llamagen_vq_key(key: str, num_levels: int) -> str | Drop:
+    """LlamaGen VQ key -> vqgpt key: conv_blocks/res -> down|up/block, decoder levels reversed, mid.0/1/2 named."""
+    if key == "quantize.codebook_used":
+        return _CODEBOOK_USED_DROP
+    m = re.fullmatch(r"(encoder|decoder)\.mid\.(\d+)\.(.+)", key)
+    if m:
+        return f"{m[1]}.mid.{_MID.get(m[2], m[2])}.{m[3]}"
+    m = re.fullmatch(r"encoder\.conv_blocks\.(\d+)\.(res|attn|downsample)\.(.+)", key)
+    if m:
+        return f"encoder.down.{m[1]}.{'block' if m[2] == 'res' else m[2]}.{m[3]}"
+    m = re.fullmatch(r"decoder\.conv_blocks\.(\d+)\.(res|attn|upsample)\.(.+)", key)
+    if m:  # built lowest resolution first: list position k is level L-1-k
+        return f"decoder.up.{num_levels - 1 - int(m[1])}.{'block' if m[2] == 'res' else m[2]}.{m[3]}"
+    return key
+
+
+def import_llamagen_vq(checkpoint: str | Path, out: str | Path, preset: str | None = None,
+                       image_size: int | None = None, l2_norm: bool | None = None,
+                       weights: str | None = None) -> ImportResult:
+    """Convert a LlamaGen VQ checkpoint (e.g. vq_ds16_c2i.pt) into a tokenizer export at ``out``.
+
+    Options left as None come from the checkpoint's training ``args`` when present, else LlamaGen's
+    defaults (image_size 256, l2-normalised codebook, beta 0.25).
+    """
+    ckpt = load_checkpoint(checkpoint)
+    args = _training_args(ckpt)
+    source, entry = find_state_dict(ckpt, VQ_WEIGHTS_ORDER, checkpoint, weights)
+    source = strip_wrapper_prefix(source)
+    if preset is None and args.get("vq_model") in VQ_PRESETS:
+        preset = args["vq_model"]
+    config = llamagen_vq_config(
+        source, image_size=int(image_size if image_size is not None else args.get("image_size", 256)),
+        l2_norm=bool(args.get("codebook_l2_norm", True) if l2_norm is None else l2_norm),
+        beta=float(args.get("commit_loss_beta", 0.25)), dropout=float(args.get("dropout_p", 0.0)),
+        preset=preset, path=checkpoint)
+    levels = len(config.channel_mult)
+    state, dropped = remap_state_dict(source, lambda k: llamagen_vq_key(k, levels), target_shapes(VQModel, config),
+                                      f"{checkpoint} (LlamaGen VQ) -> vqgpt VQModel")
+    model = build_from_state(VQModel, config, state)
+    extra = {"imported_from": {"format": "LlamaGen VQ", "preset": preset, "checkpoint": Path(checkpoint).name,
+                               "weights": entry, "dropped": dropped}}
+    save_export(out, VQ_KIND, config, model, extra)
+    return ImportResult(Path(out), entry, len(state), dropped)
+
+
+# ----------------------------------------------------------------------------- class-to-image GPT
+
+
+def _preset_config(preset: str, **fields: Any) -> GPTConfig:
+    if preset in PRESETS:
+        return GPTConfig.from_preset(preset, **fields)
+    if preset in GPT_PRESETS:
+        n_layer, n_head, dim = GPT_PRESETS[preset]
+        return GPTConfig(n_layer=n_layer, n_head=n_head, dim=dim, **fields)
+    raise ConfigError(f"unknown GPT preset '{preset}' (known: {', '.join(dict.fromkeys([*GPT_PRESETS, *PRESETS]))})")
+
+
+def llamagen_gpt_config(state: Mapping[str, torch.Tensor], preset: str, grid_size: int, num_classes: int = 1000,
+                        train_args: Mapping[str, Any] | None = None, path: Any = "checkpoint") -> GPTConfig:
+    """GPTConfig of a LlamaGen c2i state dict: architecture from ``preset``, checked against the shapes;
+    vocabulary and the null class row read from them; training dropouts from ``train_args`` or defaults."""
+    vocab, dim = _shape(state, "tok_embeddings.weight", path, "GPT")
+    rows = _shape(state, "cls_embedding.embedding_table.weight", path, "GPT")[0]
+    n_layer = len(_indices(state, r"layers\.(\d+)\."))
+    if rows == num_classes + 1:
+        class_dropout = 0.1  # LlamaGen's class_dropout_prob: the extra row is the null class
+    elif rows == num_classes:
+        class_dropout = 0.0
+    else:
+        raise ConfigError(f"{path}: the class table has {rows} rows, which fits neither num_classes={num_classes} "
+                          f"nor num_classes + 1 (null class); pass the right num_classes")
+    args = {**GPT_TRAIN_DEFAULTS, **(train_args or {})}
+    drop_path = float(args["drop_path_rate"])
+    config = _preset_config(
+        preset, codebook_size=vocab, grid_size=[grid_size, grid_size], num_classes=num_classes,
+        class_dropout=class_dropout, token_dropout=float(args["token_dropout_p"]),
+        dropout=0.0 if drop_path > 0 else float(args["dropout_p"]), drop_path=drop_path)  # as train_c2i.py
+    if (config.n_layer, config.dim) != (n_layer, dim):
+        guess = [name for name, (nl, _, d) in GPT_PRESETS.items() if (nl, d) == (n_layer, dim)]
+        hint = f" (it looks like {guess[0]})" if guess else ""
+        raise ConfigError(f"{path}: the checkpoint has {n_layer} layers of width {dim}, but preset {preset} has "
+                          f"{config.n_layer} of width {config.dim}{hint}")
+    return config
+
+
+def _check_freqs_cis(freqs: torch.Tensor, config: GPTConfig, path: Any) -> None:
+    """A stored LlamaGen freqs_cis (1 + h*w, head_dim/2, [cos, sin]) must equal our 2D RoPE table."""
+    ours = rope_table_2d(tuple(config.grid_size), config.head_dim, config.rope_base)
+    ours = torch.view_as_real(ours) if ours.is_complex() else ours  # (1 + h*w, head_dim/2, 2) either way
+    if tuple(freqs.shape) != tuple(ours.shape):
+        cells = freqs.shape[0] - 1 if freqs.ndim == 3 else -1
+        side = math.isqrt(cells) if cells > 0 else 0
+        hint = (f" (it is for a {side}x{side} grid: pass the image size it was trained at)"
+                if side * side == cells else "")
+        raise ConfigError(f"{path}: freqs_cis has shape {tuple(freqs.shape)}, expected {tuple(ours.shape)} for grid "
+                          f"{config.grid_size} and head size {config.head_dim}{hint}")
+    if not torch.allclose(freqs.float(), ours, atol=1e-5):
+        raise ConfigError(f"{path}: the stored freqs_cis differs from LlamaGen's 2D RoPE for grid {config.grid_size} "
+                          f"(max diff {(freqs.float() - ours).abs().max():.3g}); this is not a c2i LlamaGen prior")
+
+
+def llamagen_gpt_key(key: str) -> str | Drop:
+    """LlamaGen GPT key -> vqgpt key: only the class table is renamed."""
+    if key == "cls_embedding.embedding_table.weight":
+        return "class_embedding.weight"
+    if key == "freqs_cis":
+        return _FREQS_DROP
+    return key
+
+
+def import_llamagen_gpt(checkpoint: str | Path, tokenizer: str | Path, out: str | Path, preset: str = "GPT-B",
+                        image_size: int | None = None, num_classes: int | None = None,
+                        class_names: list[str] | None = None, weights: str | None = None) -> ImportResult:
+    """Convert a LlamaGen c2i GPT (e.g. c2i_B_256.pt) into a pipeline folder ``out`` = tokenizer/ + prior/.
+
+    ``tokenizer`` is the vqgpt export of the VQ it was trained on (e.g. from ``import_llamagen_vq``);
+    its downsampling factor turns ``image_size`` (default: the checkpoint's args, else 256) into the grid.
+    """
+    from vqgpt.encode import tokenizer_fingerprint
+
+    ckpt = load_checkpoint(checkpoint)
+    args = _training_args(ckpt)
+    source, entry = find_state_dict(ckpt, GPT_WEIGHTS_ORDER, checkpoint, weights)
+    source = strip_wrapper_prefix(source)
+    text = [k for k in source if k.startswith(("cls_embedding.cap_proj.", "cls_embedding.uncond_embedding"))]
+    if text or args.get("gpt_type", "c2i") != "c2i":
+        raise ConfigError(f"{checkpoint}: a text-to-image LlamaGen prior ({text[0] if text else 'gpt_type t2i'}); "
+                          "only class-to-image (c2i) priors can be imported")
+    if int(args.get("cls_token_num", 1)) != 1:
+        raise ConfigError(f"{checkpoint}: cls_token_num={args['cls_token_num']}; vqgpt priors have one prefix slot")
+
+    tok_config = from_dict(VQModelConfig, read_export_meta(tokenizer, VQ_KIND)["config"])
+    f = tok_config.downsample_factor
+    image_size = int(image_size if image_size is not None else args.get("image_size", 256))
+    if "downsample_size" in args and int(args["downsample_size"]) != f:
+        raise ConfigError(f"{checkpoint} was trained on codes of a /{args['downsample_size']} tokenizer, "
+                          f"but {tokenizer} downsamples by {f}")
+    if image_size % f:
+        raise ConfigError(f"image_size {image_size} is not a multiple of the tokenizer's downsampling factor {f}")
+    num_classes = int(num_classes if num_classes is not None else args.get("num_classes", 1000))
+    config = llamagen_gpt_config(source, preset, image_size // f, num_classes, args, checkpoint)
+    if config.codebook_size != tok_config.quantizer.codebook_size:
+        raise ConfigError(f"{checkpoint} predicts {config.codebook_size} codes, but tokenizer {tokenizer} has "
+                          f"codebook_size={tok_config.quantizer.codebook_size}")
+    if class_names is not None and len(class_names) != num_classes:
+        raise ConfigError(f"got {len(class_names)} class names for {num_classes} classes")
+    if "freqs_cis" in source:
+        _check_freqs_cis(source["freqs_cis"], config, checkpoint)
+
+    state, dropped = remap_state_dict(source, llamagen_gpt_key, target_shapes(GPT, config),
+                                      f"{checkpoint} (LlamaGen {preset}) -> vqgpt GPT")
+    model = build_from_state(GPT, config, state)
+    out = Path(out)
+    tokenizer_out = out / "tokenizer"
+    if Path(tokenizer).resolve() != tokenizer_out.resolve():
+        shutil.copytree(tokenizer, tokenizer_out, dirs_exist_ok=True)
+    extra: dict[str, Any] = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_out),
+                             "imported_from": {"format": "LlamaGen c2i GPT", "preset": preset,
+                                               "checkpoint": Path(checkpoint).name, "weights": entry,
+                                               "dropped": dropped}}
+    if class_names is not None:
+        extra["classes"] = list(class_names)
+    save_export(out / "prior", GPT_KIND, config, model, extra)
+    return ImportResult(out, entry, len(state), dropped)
