@@ -132,6 +132,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_complete(args: argparse.Namespace) -> int:
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    from vqgpt.images import open_rgb, pil_to_tensor
+
+    pipe = _load_pipeline(args)
+    label = pipe.class_index(args.class_label) if args.class_label is not None else None
+    height, width = pipe.trained_pixels()
+    # The image is fitted to the prior's trained size: shorter side resized, then center-cropped.
+    image = pil_to_tensor(open_rgb(args.image))
+    image = TF.center_crop(TF.resize(image, min(height, width), antialias=True), [height, width])
+    if args.keep_rows is None and not (args.extend_right or args.extend_down):
+        raise SystemExit("error: give --keep-rows N and/or --extend-right N / --extend-down N")
+    images = pipe.complete(image, args.num, keep_rows=args.keep_rows, extend_right=args.extend_right,
+                           extend_down=args.extend_down, class_labels=label, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale, seed=args.seed)
+    # first the input (padded to the output size with white), then the completions
+    original = torch.ones_like(images[:1])
+    original[..., : image.shape[1], : image.shape[2]] = image
+    _save_outputs(torch.cat([original, images.cpu()]), args, nrow=min(8, args.num + 1))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vqgpt.demo import run_demo
 
@@ -326,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config-reference", help="print every config key with its type, default and meaning")
     p.set_defaults(func=cmd_config_reference)
+
+    p = sub.add_parser("complete", help="complete an image from its first code rows, or extend it right / down")
+    _add_pipeline_args(p)
+    p.add_argument("--image", required=True, help="input image (fitted to the prior's trained size)")
+    p.add_argument("--keep-rows", type=int, default=None, help="code rows of the image to keep (default: all)")
+    p.add_argument("--extend-right", type=int, default=0, help="code columns to add on the right")
+    p.add_argument("--extend-down", type=int, default=0, help="code rows to add below")
+    p.add_argument("--num", type=int, default=4)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_complete)
 
     p = sub.add_parser("demo", help="the whole workflow on built-in MNIST digits, on a CPU")
     p.add_argument("--out", default="runs/demo", help="output folder")

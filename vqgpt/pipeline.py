@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from stage1_vq.model import VQModel
+from stage2_prior.highres import complete
 from stage2_prior.model import GPT
 from stage2_prior.sampling import generate
 from vqgpt.checkpoint import read_export_meta
@@ -61,13 +62,21 @@ class VQGPTPipeline:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``tokenizer/`` and ``prior/`` into ``directory`` (copies the source exports when known)."""
+        from vqgpt.encode import tokenizer_fingerprint
+
         directory = Path(directory)
-        for part, src, model in (("tokenizer", self.tokenizer_dir, self.tokenizer), ("prior", self.prior_dir, self.prior)):
-            dst = directory / part
-            if src is not None and src.resolve() != dst.resolve():
-                shutil.copytree(src, dst, dirs_exist_ok=True)
-            elif src is None:
-                model.save_pretrained(dst)
+        tok_dst, prior_dst = directory / "tokenizer", directory / "prior"
+        if self.tokenizer_dir is not None:
+            if self.tokenizer_dir.resolve() != tok_dst.resolve():
+                shutil.copytree(self.tokenizer_dir, tok_dst, dirs_exist_ok=True)
+        else:
+            self.tokenizer.save_pretrained(tok_dst)
+        if self.prior_dir is not None:
+            if self.prior_dir.resolve() != prior_dst.resolve():
+                shutil.copytree(self.prior_dir, prior_dst, dirs_exist_ok=True)
+        else:
+            self.prior.save_pretrained(prior_dst, extra={"classes": self.classes,
+                                                         "tokenizer_fingerprint": tokenizer_fingerprint(tok_dst)})
         return directory
 
     def to(self, device: str | torch.device) -> "VQGPTPipeline":
@@ -120,22 +129,67 @@ class VQGPTPipeline:
                  seed: int | None = None) -> torch.Tensor:
         """Sample images (num_samples, 3, H, W) in [-1, 1]; larger H, W use sliding-window sampling."""
         grid = self.grid_for_pixels(height, width)
-        labels = _labels_tensor(class_labels, num_samples)
+        labels = self.labels_tensor(class_labels, num_samples)
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         codes = generate(self.prior, num_samples, class_labels=labels, grid_size=grid, temperature=temperature,
                          top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, generator=gen)
         return self.tokenizer.decode(codes.to(self.device)).clamp(-1, 1)
 
+    def trained_pixels(self) -> tuple[int, int]:
+        """Pixel size (H, W) of the prior's training grid."""
+        h, w = self.prior.config.grid_size
+        return h * self.downsample_factor, w * self.downsample_factor
 
-def _labels_tensor(class_labels, num_samples: int) -> torch.Tensor | None:
-    if class_labels is None:
-        return None
-    labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
-    if labels.numel() == 1:
-        labels = labels.expand(num_samples).clone()
-    if labels.numel() != num_samples:
-        raise ValueError(f"got {labels.numel()} class labels for {num_samples} samples")
-    return labels
+    @torch.inference_mode()
+    def complete(self, image: torch.Tensor, num_samples: int, keep_rows: int | None = None,
+                 extend_right: int = 0, extend_down: int = 0,
+                 class_labels: int | list[int] | torch.Tensor | None = None, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
+                 seed: int | None = None) -> torch.Tensor:
+        """Complete or extend one image (3, H, W) in [-1, 1] -> (num_samples, 3, H', W').
+
+        The image is encoded; its first ``keep_rows`` code rows (all rows when None) are kept
+        unchanged, ``extend_right`` / ``extend_down`` code columns / rows are added, and every other
+        cell is sampled in raster order with sliding windows where the canvas exceeds the trained grid.
+        """
+        if image.dim() != 3:
+            raise ValueError(f"expected one image (3, H, W), got shape {tuple(image.shape)}")
+        self.tokenizer.grid_shape(image.shape[1], image.shape[2])  # clear error for sizes that are not a multiple of f
+        codes = self.tokenizer.encode(image[None].to(self.device))[0]  # (h, w)
+        h, w = codes.shape
+        gh, gw = self.prior.config.grid_size
+        if h < gh or w < gw:
+            raise ValueError(f"the image gives a {h}x{w} code grid, smaller than the prior's {gh}x{gw}: "
+                             f"use an image of at least {gh * self.downsample_factor}x{gw * self.downsample_factor} pixels")
+        if keep_rows is not None and not 0 <= keep_rows <= h:
+            raise ValueError(f"keep_rows must be between 0 and {h} (the image's code rows), got {keep_rows}")
+        if extend_right < 0 or extend_down < 0:
+            raise ValueError("extend_right / extend_down must be >= 0")
+        H, W = h + extend_down, w + extend_right
+        canvas = torch.full((num_samples, H, W), -1, dtype=torch.long, device=self.device)
+        canvas[:, :h, :w] = codes
+        known = torch.zeros(H, W, dtype=torch.bool, device=self.device)
+        known[: (h if keep_rows is None else keep_rows), :w] = True
+        labels = self.labels_tensor(class_labels, num_samples)
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        out = complete(self.prior, canvas, known_mask=known, class_labels=labels, temperature=temperature,
+                       top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, generator=gen)
+        return self.tokenizer.decode(out).clamp(-1, 1)
+
+    def labels_tensor(self, class_labels, num_samples: int) -> torch.Tensor | None:
+        """Class labels (index, name, or a list / tensor of them) -> LongTensor (num_samples,) or None."""
+        if class_labels is None:
+            return None
+        if isinstance(class_labels, (str, int)):
+            class_labels = [class_labels]
+        if not isinstance(class_labels, torch.Tensor):
+            class_labels = [self.class_index(x) for x in class_labels]
+        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+        if labels.numel() == 1:
+            labels = labels.expand(num_samples).clone()
+        if labels.numel() != num_samples:
+            raise ValueError(f"got {labels.numel()} class labels for {num_samples} samples")
+        return labels
 
 
 def check_compatible(tokenizer: VQModel, prior: GPT) -> None:

@@ -1,0 +1,110 @@
+"""The join of the stages: pipeline folders, compatibility checks, sample / complete through the CLI."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from stage1_vq.model import VQModel
+from stage2_prior.model import GPT, GPTConfig
+from vqgpt.cli import main
+from vqgpt.config import ConfigError, load_config
+from vqgpt.pipeline import VQGPTPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_tokenizer() -> VQModel:
+    from stage1_vq.train import TokenizerRunConfig
+
+    torch.manual_seed(0)
+    return VQModel(load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml").model).eval()
+
+
+def tiny_prior(codebook_size: int, num_classes: int = 3) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(codebook_size=codebook_size, grid_size=[4, 4], num_classes=num_classes,
+                    n_layer=1, n_head=2, dim=32, multiple_of=16)
+    return GPT(cfg).eval()
+
+
+@pytest.fixture()
+def pipe_dir(tmp_path):
+    tok = tiny_tokenizer()
+    pipe = VQGPTPipeline(tok, tiny_prior(tok.codebook_size), classes=["a", "b", "c"])
+    pipe.save_pretrained(tmp_path / "pipe")
+    return tmp_path / "pipe"
+
+
+def test_vocabulary_mismatch_is_a_clear_error():
+    tok = tiny_tokenizer()
+    with pytest.raises(ConfigError, match=r"codebook_size=256.*codebook_size=100"):
+        VQGPTPipeline(tok, tiny_prior(100))
+
+
+def test_prior_from_another_tokenizer_is_refused(tmp_path, pipe_dir):
+    other = tiny_tokenizer()
+    with torch.no_grad():
+        other.decoder.conv_out.weight.add_(1.0)
+    other.save_pretrained(tmp_path / "other_tok")
+    # a prior export that records the fingerprint of the pipeline's own tokenizer
+    from vqgpt.encode import tokenizer_fingerprint
+
+    prior = GPT.from_pretrained(pipe_dir / "prior")
+    prior.save_pretrained(tmp_path / "prior", extra={"tokenizer_fingerprint": tokenizer_fingerprint(pipe_dir / "tokenizer")})
+    VQGPTPipeline.from_parts(pipe_dir / "tokenizer", tmp_path / "prior")  # the right pair loads
+    with pytest.raises(ConfigError, match="trained on codes of tokenizer"):
+        VQGPTPipeline.from_parts(tmp_path / "other_tok", tmp_path / "prior")
+
+
+def test_generate_sizes_and_bad_pixel_sizes(pipe_dir):
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    images = pipe.generate(2, class_labels=1, seed=0)
+    assert images.shape == (2, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    wide = pipe.generate(1, class_labels="b", height=16, width=32, seed=0)
+    assert wide.shape == (1, 3, 16, 32)
+    with pytest.raises(ValueError, match=r"width=30 is not a multiple .* 4: use 28 or 32"):
+        pipe.generate(1, class_labels=0, height=16, width=30)
+    with pytest.raises(ValueError, match="out of range"):
+        pipe.class_index(7)
+
+
+def test_same_seed_same_images(pipe_dir):
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    a = pipe.generate(2, class_labels=[0, 2], cfg_scale=2.0, seed=3)
+    b = pipe.generate(2, class_labels=[0, 2], cfg_scale=2.0, seed=3)
+    torch.testing.assert_close(a, b)
+
+
+def test_complete_keeps_the_known_rows(pipe_dir, monkeypatch):
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    image = torch.rand(3, 16, 16) * 2 - 1
+    codes = pipe.tokenizer.encode(image[None])[0]
+    captured = {}
+    decode = pipe.tokenizer.decode
+
+    def spy(indices):
+        captured["codes"] = indices.clone()
+        return decode(indices)
+
+    monkeypatch.setattr(pipe.tokenizer, "decode", spy)
+    out = pipe.complete(image, 3, keep_rows=2, extend_right=2, class_labels=0, seed=0)
+    assert out.shape == (3, 3, 16, 24)
+    kept = captured["codes"][:, :2, :4]
+    assert torch.equal(kept, codes[:2].expand_as(kept))
+
+
+def test_cli_sample_and_complete(pipe_dir, tmp_path):
+    assert main(["sample", "--pipeline", str(pipe_dir), "--num", "2", "--class-label", "c", "--width", "32",
+                 "--out", str(tmp_path / "s.png"), "--save-each"]) == 0
+    assert Image.open(tmp_path / "s.png").size[0] > 32
+    assert len(list((tmp_path / "s").glob("*.png"))) == 2
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "in.png")
+    assert main(["complete", "--pipeline", str(pipe_dir), "--image", str(tmp_path / "in.png"), "--keep-rows", "2",
+                 "--num", "2", "--class-label", "0", "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").is_file()
+    # a bad pixel size is reported, not a traceback
+    assert main(["sample", "--pipeline", str(pipe_dir), "--num", "1", "--height", "18",
+                 "--out", str(tmp_path / "x.png")]) == 2
