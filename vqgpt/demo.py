@@ -32,18 +32,18 @@ def demo_tokenizer_config(quick: bool = False) -> TokenizerRunConfig:
     """The demo's stage-1 config (equal to configs/tokenizer/cpu_demo.yaml, or its --quick variant)."""
     cfg = TokenizerRunConfig(
         model=VQModelConfig(
-            channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], resolution=32,
+            channels=16, channel_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], resolution=32,
             z_channels=32, norm_groups=8,
             quantizer=QuantizerConfig(kind="vq", codebook_size=256, ema=True, kmeans_init=True,
                                       restart_threshold=0.1),
         ),
         loss=LossConfig(reconstruction="l1", perceptual="none", perceptual_weight=0.0, gan_weight=0.0),
         data=DataConfig(source="builtin:mnist", resolution=32, hflip=False),
-        train=TrainConfig(steps=1500, batch_size=32, lr=2e-3, beta1=0.5, beta2=0.9, warmup_steps=50,
-                          mixed_precision="no", log_every=25, sample_every=500, checkpoint_every=500),
+        train=TrainConfig(steps=1200, batch_size=32, lr=2e-3, beta1=0.5, beta2=0.9, warmup_steps=50,
+                          mixed_precision="bf16", log_every=25, sample_every=400, checkpoint_every=400),
     )
     if quick:
-        cfg = replace(cfg, train=replace(cfg.train, steps=250, sample_every=0, checkpoint_every=0))
+        cfg = replace(cfg, train=replace(cfg.train, steps=200, sample_every=0, checkpoint_every=0))
     return cfg
 
 
@@ -52,7 +52,7 @@ def demo_prior_config(quick: bool = False) -> PriorRunConfig:
     cfg = PriorRunConfig(
         model=GPTConfig(n_layer=4, n_head=4, dim=128, multiple_of=64, class_dropout=0.1, dropout=0.1),
         train=TrainConfig(steps=2000, batch_size=64, lr=1e-3, warmup_steps=100, weight_decay=0.05, beta2=0.95,
-                          mixed_precision="no", log_every=25, sample_every=1000, checkpoint_every=1000),
+                          mixed_precision="bf16", log_every=25, sample_every=1000, checkpoint_every=1000),
         sample_cfg_scale=2.0,
     )
     if quick:
@@ -125,7 +125,7 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
     t = time.perf_counter()
     from vqgpt.classifier import class_accuracy, load_or_train_mnist_classifier
 
-    classifier, heldout = load_or_train_mnist_classifier(out / "classifier.safetensors")
+    classifier, heldout = load_or_train_mnist_classifier()  # cached under ~/.cache/vqgpt (or $VQGPT_CACHE)
     accuracy = class_accuracy(classifier, images, labels)
     lap("classifier", t)
 
