@@ -6,18 +6,19 @@ checkpoints/step-*/ (resume state) and export/ (the tokenizer: config.json + mod
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from stage1_vq.losses import LossConfig, build_discriminator, build_perceptual, discriminator_loss, generator_loss
 from stage1_vq.model import VQModel, VQModelConfig
 from vqgpt.checkpoint import read_trainer_state, resolve_resume, save_checkpoint
-from vqgpt.config import opt
+from vqgpt.config import ConfigError, opt
 from vqgpt.data import DataConfig, build_dataset
 from vqgpt.images import save_grid, side_by_side
 from vqgpt.metrics import psnr
@@ -25,14 +26,23 @@ from vqgpt.training import (
     GracefulInterrupt,
     MetricsLog,
     NonFiniteLoss,
+    StepMetrics,
     StreamPosition,
     TrainConfig,
     all_finite,
     batch_stream,
+    check_replicas,
+    clip_gradients,
+    finish_run,
     make_accelerator,
+    make_dataloader,
     make_optimizer,
+    nonfinite_message,
     prepare_run_dir,
+    set_grad_checkpointing,
     set_lr,
+    stream_position_from,
+    stream_state,
     unwrap,
 )
 
@@ -58,22 +68,32 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
     """Train a tokenizer into RUN=``out``; returns RUN/export. ``resume``: None, 'auto' or a checkpoint path."""
     tc = cfg.train
     accelerator = make_accelerator(tc, out)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError("the tokenizer trains with DDP (configs/accelerate/multi_gpu.yaml); FSDP is for large priors")
     run_dir = prepare_run_dir(out, cfg, accelerator)
     is_main = accelerator.is_main_process
 
     # ---- data
     dataset = build_dataset(cfg.data, "train")
-    loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True,
-                        num_workers=tc.num_workers, persistent_workers=tc.num_workers > 0)
+    loader = make_dataloader(dataset, tc)
+    if len(loader) < accelerator.num_processes:
+        raise ConfigError(f"train.batch_size={tc.batch_size} x {accelerator.num_processes} processes is larger "
+                          f"than the {len(dataset)} training images of {cfg.data.source}")
     snapshot = _snapshot_images(cfg)
 
     # ---- models, losses, optimisers
     model = VQModel(cfg.model)
+    set_grad_checkpointing(model, tc.grad_checkpointing)
     use_gan = cfg.loss.gan_weight > 0
     disc = build_discriminator(cfg.loss) if use_gan else None
+    if use_gan and cfg.loss.disc_norm == "batch" and accelerator.num_processes > 1:
+        if accelerator.device.type == "cpu":
+            warnings.warn("loss.disc_norm=batch with several CPU processes: BatchNorm statistics stay per process "
+                          "(SyncBatchNorm needs GPUs); loss.disc_norm=group avoids the question", stacklevel=2)
+        else:  # batch statistics over the global batch, as one process would compute them
+            disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
     perceptual = build_perceptual(cfg.loss)
     opt_g = make_optimizer(model.parameters(), tc)
-    ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema_decay > 0 else None
     if tc.compile:
         model = torch.compile(model)
     if use_gan:
@@ -86,8 +106,10 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         model, opt_g, loader = accelerator.prepare(model, opt_g, loader)
     if perceptual is not None:
         perceptual = perceptual.to(accelerator.device).eval().requires_grad_(False)
+    # The EMA copies the prepared model, whose weights and codebook DDP has broadcast from rank 0:
+    # every rank's EMA is equal from the start (the init before prepare is rank-local: seed + rank).
+    ema = ModelEmaV3(unwrap(accelerator, model), decay=tc.ema_decay) if tc.ema_decay > 0 else None
     if ema is not None:
-        ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
     # ---- resume
@@ -96,16 +118,21 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = read_trainer_state(ckpt)
-        step, position = state["step"], StreamPosition(state["epoch"], state["batch"])
+        step, position = state["step"], stream_position_from(state, accelerator, tc.batch_size)
         accelerator.print(f"resumed from {ckpt} at step {step}")
 
     log = MetricsLog(run_dir, accelerator)
     bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc="tokenizer", dynamic_ncols=True)
     batches = batch_stream(accelerator, loader, position)
 
+    def replicas() -> dict[str, torch.nn.Module | None]:
+        return {"model": unwrap(accelerator, model), "disc": unwrap(accelerator, disc) if use_gan else None,
+                "ema": ema.module if ema is not None else None}
+
     def checkpoint() -> None:
+        check_replicas(accelerator, replicas())
         save_checkpoint(accelerator, run_dir, step, tc.keep_checkpoints,
-                        extra={"epoch": position.epoch, "batch": position.batch})
+                        extra=stream_state(position, accelerator, tc.batch_size))
 
     def snapshot_grid() -> None:
         if is_main:
@@ -118,16 +145,19 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
             save_grid(side_by_side(snapshot, recon), run_dir / "samples" / f"step-{step:08d}.png", nrow=8)
 
     model.train()
+    skipped = 0
     with GracefulInterrupt() as interrupt:
         while step < tc.steps:
             gan_on = use_gan and step >= cfg.loss.disc_start
+            log_now = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
             lr = set_lr(opt_g, step, tc)
             if use_gan:
                 set_lr(opt_d, step, tc, peak=tc.lr * cfg.disc_lr_ratio)
+            metrics = StepMetrics()
             # One optimizer step = grad_accum micro-batches through both models together.
             for _ in range(tc.grad_accum):
                 images, _labels = next(batches)
-                with accelerator.accumulate(*( [model, disc] if use_gan else [model] )):
+                with accelerator.accumulate(*([model, disc] if use_gan else [model])):
                     # -- generator / tokenizer
                     with accelerator.autocast():
                         out = model(images)                      # reconstruction (B,3,H,W)
@@ -137,12 +167,14 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                             logits_fake = disc_frozen(out.reconstruction)
                         g = generator_loss(images, out.reconstruction, out.quantizer.loss, logits_fake,
                                            perceptual, cfg.loss, step, unwrap(accelerator, model).last_layer_weight)
+                    # Every rank takes the same decision, so DDP's collectives stay matched.
                     finite = all_finite(accelerator, g.total)
                     if finite:
                         accelerator.backward(g.total)
-                        if accelerator.sync_gradients and tc.grad_clip > 0:
-                            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                        opt_g.step()
+                        if accelerator.sync_gradients:
+                            finite = clip_gradients(accelerator, model.parameters(), tc)
+                        if finite:
+                            opt_g.step()
                     opt_g.zero_grad(set_to_none=True)
                     # -- discriminator
                     d_loss = torch.zeros((), device=accelerator.device)
@@ -151,49 +183,47 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                         if gan_on and finite:
                             with accelerator.autocast():
                                 d_loss = discriminator_loss(disc(images), disc(out.reconstruction.detach()), cfg.loss)
-                            accelerator.backward(d_loss)
-                            if accelerator.sync_gradients and tc.grad_clip > 0:
-                                accelerator.clip_grad_norm_(disc.parameters(), tc.grad_clip)
-                            opt_d.step()
+                            d_finite = all_finite(accelerator, d_loss)
+                            if d_finite:
+                                accelerator.backward(d_loss)
+                                if accelerator.sync_gradients:
+                                    d_finite = clip_gradients(accelerator, disc.parameters(), tc)
+                                if d_finite:
+                                    opt_d.step()
+                            finite = finite and d_finite
                         opt_d.zero_grad(set_to_none=True)
-                if not finite:
-                    if tc.on_nonfinite == "stop":
-                        last = resolve_resume(run_dir, "auto")
-                        raise NonFiniteLoss(f"non-finite tokenizer loss at step {step}; stopping. "
-                                            f"Last good checkpoint: {last or 'none yet'}")
-                    accelerator.print(f"warning: non-finite loss at step {step}, micro-batch skipped")
+                if finite:
+                    metrics.add(loss=g.total, rec_loss=g.reconstruction, perceptual=g.perceptual, gan=g.gan,
+                                gan_weight=g.gan_weight, quant_loss=g.quantizer, disc_loss=d_loss)
+                    if log_now:
+                        stats = out.quantizer.stats  # usage from all ranks' codes (all-reduced)
+                        metrics.add(psnr=psnr(images, out.reconstruction).mean(), usage=stats["usage"],
+                                    perplexity=stats["perplexity"])
+                elif tc.on_nonfinite == "stop":
+                    raise NonFiniteLoss(nonfinite_message("tokenizer loss or gradient norm", step + 1, run_dir))
+                else:
+                    skipped += 1
+                    accelerator.print(f"warning: non-finite loss or gradient norm in step {step + 1}; update skipped")
             step += 1
             if ema is not None:
                 ema.update(unwrap(accelerator, model), step=step)
 
-            if step % tc.log_every == 0 or step == tc.steps:
-                stats = out.quantizer.stats
-                record = {
-                    "step": step, "lr": lr,
-                    "loss": accelerator.reduce(g.total.detach(), "mean"),
-                    "rec_loss": accelerator.reduce(g.reconstruction.detach(), "mean"),
-                    "perceptual": accelerator.reduce(g.perceptual.detach(), "mean"),
-                    "gan": accelerator.reduce(g.gan.detach(), "mean"),
-                    "gan_weight": g.gan_weight.detach(),
-                    "quant_loss": accelerator.reduce(g.quantizer.detach(), "mean"),
-                    "disc_loss": accelerator.reduce(d_loss.detach(), "mean"),
-                    "psnr": accelerator.reduce(psnr(images, out.reconstruction).mean(), "mean"),
-                    "usage": stats["usage"].detach(), "perplexity": stats["perplexity"].detach(),
-                }
+            if log_now:
+                record = {"step": step, "lr": lr, **metrics.mean(accelerator), "skipped": skipped}
                 log.write(record)
-                bar.set_postfix(loss=f"{float(record['loss']):.4f}", psnr=f"{float(record['psnr']):.2f}",
-                                usage=f"{float(record['usage']):.0%}")
+                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                                psnr=f"{record.get('psnr', float('nan')):.2f}",
+                                usage=f"{record.get('usage', float('nan')):.0%}")
             bar.update(1)
             if tc.sample_every and step % tc.sample_every == 0:
                 snapshot_grid()
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
                 checkpoint()
-            stop = torch.tensor([float(interrupt.requested)], device=accelerator.device)
-            if accelerator.reduce(stop, "sum").item() > 0:
+            if interrupt.any_process(accelerator):
                 checkpoint()
                 bar.close()
                 accelerator.print(f"interrupted: checkpoint written at step {step}; continue with --resume auto")
-                accelerator.end_training()
+                finish_run(accelerator)
                 raise KeyboardInterrupt
     bar.close()
     checkpoint()
@@ -204,6 +234,5 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         final = ema.module if ema is not None else unwrap(accelerator, model)
         final.save_pretrained(export_dir)
         accelerator.print(f"tokenizer exported to {export_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_run(accelerator)
     return export_dir

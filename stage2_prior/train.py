@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from stage2_prior.model import GPT, GPTConfig
@@ -29,14 +29,24 @@ from vqgpt.training import (
     GracefulInterrupt,
     MetricsLog,
     NonFiniteLoss,
+    StepMetrics,
     StreamPosition,
     TrainConfig,
     all_finite,
     batch_stream,
+    check_replicas,
+    clip_gradients,
+    finish_run,
+    full_state_dict,
     make_accelerator,
+    make_dataloader,
     make_optimizer,
+    nonfinite_message,
     prepare_run_dir,
+    set_grad_checkpointing,
     set_lr,
+    stream_position_from,
+    stream_state,
     unwrap,
 )
 
@@ -81,6 +91,11 @@ def sample_snapshot(model: GPT, decode: Decoder, path: Path, cfg: PriorRunConfig
     return save_grid(images, path, nrow=8, row_labels=[str(i) for i in range(rows)] if n_cls > 0 else None)
 
 
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, T, V) against the tokens (B, T) they predict, in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+
+
 def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
                 decode: Decoder | None = None, tokenizer_fingerprint: str | None = None) -> Path:
     """Train a prior on ``cfg.tokens`` into RUN=``out``; returns RUN/export."""
@@ -95,21 +110,26 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
     model_cfg = model_config_for(cfg, data)
     cfg = dataclasses.replace(cfg, model=model_cfg)
     accelerator = make_accelerator(tc, out)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and tc.ema_decay > 0:
+        raise ConfigError("train.ema_decay: EMA weights are not supported with FSDP; set train.ema_decay=0")
     run_dir = prepare_run_dir(out, cfg, accelerator)
     is_main = accelerator.is_main_process
 
-    loader = DataLoader(data, batch_size=tc.batch_size, shuffle=True, drop_last=True,
-                        num_workers=tc.num_workers, persistent_workers=tc.num_workers > 0)
-    if len(loader) == 0:
-        raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the {len(data)} grids in {cfg.tokens}")
+    loader = make_dataloader(data, tc)
+    if len(loader) < accelerator.num_processes:
+        raise ConfigError(f"train.batch_size={tc.batch_size} x {accelerator.num_processes} processes is larger "
+                          f"than the {len(data)} grids in {cfg.tokens}")
     model = GPT(model_cfg)
+    set_grad_checkpointing(model, tc.grad_checkpointing)
     optimizer = make_optimizer(model.parameters(), tc)
-    ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema_decay > 0 else None
     if tc.compile:
         model = torch.compile(model)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # The EMA copies the prepared model, whose weights DDP has broadcast from rank 0: every rank's
+    # EMA is equal from the start (the init before prepare is rank-local: seed + rank).
+    ema = ModelEmaV3(unwrap(accelerator, model), decay=tc.ema_decay) if tc.ema_decay > 0 else None
     if ema is not None:
-        ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
     step, position = 0, StreamPosition()
@@ -117,7 +137,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = read_trainer_state(ckpt)
-        step, position = state["step"], StreamPosition(state["epoch"], state["batch"])
+        step, position = state["step"], stream_position_from(state, accelerator, tc.batch_size)
         accelerator.print(f"resumed from {ckpt} at step {step}")
 
     log = MetricsLog(run_dir, accelerator)
@@ -129,71 +149,79 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
     tokens_per_step = tc.batch_size * tc.grad_accum * accelerator.num_processes * data.grid_size[0] * data.grid_size[1]
 
     def checkpoint() -> None:
+        check_replicas(accelerator, {"model": unwrap(accelerator, model), "ema": ema.module if ema else None})
         save_checkpoint(accelerator, run_dir, step, tc.keep_checkpoints,
-                        extra={"epoch": position.epoch, "batch": position.batch})
+                        extra=stream_state(position, accelerator, tc.batch_size))
 
     def snapshot() -> None:
-        if is_main and decode is not None:
+        # Under FSDP only all processes together hold the weights; sample from the export instead.
+        if is_main and decode is not None and not fsdp:
             net = ema.module if ema is not None else unwrap(accelerator, model)
             sample_snapshot(net, decode, run_dir / "samples" / f"step-{step:08d}.png", cfg)
 
     model.train()
-    t_last = time.perf_counter()
+    t_last, step_last, skipped = time.perf_counter(), step, 0
     with GracefulInterrupt() as interrupt:
         while step < tc.steps:
             lr = set_lr(optimizer, step, tc)
+            metrics = StepMetrics()
             for _ in range(tc.grad_accum):
                 grids, labels = next(batches)
                 tokens = grids.flatten(1)                                   # (B, T)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         logits = model(tokens, labels if conditional else None)  # (B, T, V)
-                        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+                        loss = next_token_loss(logits, tokens)
+                    # Every rank takes the same decision, so DDP's collectives stay matched.
                     finite = all_finite(accelerator, loss)
                     if finite:
                         accelerator.backward(loss)
-                        if accelerator.sync_gradients and tc.grad_clip > 0:
-                            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                        optimizer.step()
+                        if accelerator.sync_gradients:
+                            finite = clip_gradients(accelerator, model.parameters(), tc)
+                        if finite:
+                            optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                if not finite:
-                    if tc.on_nonfinite == "stop":
-                        last = resolve_resume(run_dir, "auto")
-                        raise NonFiniteLoss(f"non-finite prior loss at step {step}; stopping. "
-                                            f"Last good checkpoint: {last or 'none yet'}")
-                    accelerator.print(f"warning: non-finite loss at step {step}, micro-batch skipped")
+                if finite:
+                    metrics.add(loss=loss)
+                elif tc.on_nonfinite == "stop":
+                    raise NonFiniteLoss(nonfinite_message("prior loss or gradient norm", step + 1, run_dir))
+                else:
+                    skipped += 1
+                    accelerator.print(f"warning: non-finite loss or gradient norm in step {step + 1}; update skipped")
             step += 1
             if ema is not None:
                 ema.update(unwrap(accelerator, model), step=step)
             if step % tc.log_every == 0 or step == tc.steps:
                 now = time.perf_counter()
-                tok_s = tokens_per_step * tc.log_every / max(now - t_last, 1e-9)
-                t_last = now
-                mean_loss = accelerator.reduce(loss.detach(), "mean")
-                log.write({"step": step, "lr": lr, "loss": mean_loss, "tokens_per_s": tok_s})
-                bar.set_postfix(loss=f"{float(mean_loss):.4f}", tok_s=f"{tok_s:,.0f}")
+                tok_s = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                means = metrics.mean(accelerator)
+                log.write({"step": step, "lr": lr, **means, "tokens_per_s": tok_s, "skipped": skipped})
+                bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", tok_s=f"{tok_s:,.0f}")
             bar.update(1)
             if tc.sample_every and step % tc.sample_every == 0:
                 snapshot()
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
                 checkpoint()
-            stop = torch.tensor([float(interrupt.requested)], device=accelerator.device)
-            if accelerator.reduce(stop, "sum").item() > 0:
+            if interrupt.any_process(accelerator):
                 checkpoint()
                 bar.close()
                 accelerator.print(f"interrupted: checkpoint written at step {step}; continue with --resume auto")
-                accelerator.end_training()
+                finish_run(accelerator)
                 raise KeyboardInterrupt
     bar.close()
     checkpoint()
     snapshot()
 
     export_dir = run_dir / "export"
+    final = ema.module if ema is not None else unwrap(accelerator, model)
+    if fsdp:  # gather the shards (every process takes part) into a plain model
+        state = full_state_dict(final)
+        final = GPT(model_cfg)
+        final.load_state_dict(state)
     if is_main:
-        final = ema.module if ema is not None else unwrap(accelerator, model)
         final.save_pretrained(export_dir, extra={"tokenizer_fingerprint": data.meta.get("tokenizer_fingerprint"),
                                                  "classes": data.meta.get("classes", [])})
         accelerator.print(f"prior exported to {export_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_run(accelerator)
     return export_dir

@@ -115,27 +115,68 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
+def _fsync(path: Path) -> None:
+    """Flush one file or folder entry to disk (best effort: some filesystems refuse folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root``, so a rename never publishes data that is
+    still only in the page cache (a power loss would leave empty files behind a COMPLETE marker)."""
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        _fsync(path)
+    _fsync(root)
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that no crash mid-way leaves a folder that still looks complete."""
+    trash = path.with_name(f".del-{path.name}")
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)  # atomic: from here on --resume auto no longer sees it
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int = 3,
-                    extra: dict[str, Any] | None = None) -> Path | None:
-    """Atomically write ``accelerator.save_state`` to RUN/checkpoints/step-N; keep the last ``keep``."""
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Atomically write ``accelerator.save_state`` to RUN/checkpoints/step-N; keep the last ``keep`` (0 = all).
+
+    Every process writes its part (model and optimizer on the main process or in shards, RNG
+    states per rank) into a hidden temporary folder; the main process then adds
+    ``trainer_state.json`` and the COMPLETE marker, flushes the files and renames the folder.
+    A crash at any point leaves either the previous checkpoints or the new one, never a partial
+    folder that ``--resume auto`` would pick. For several machines RUN must be on a shared filesystem.
+    """
     root = checkpoint_dir(run_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for debris in list(root.glob(".tmp-*")) + list(root.glob(".del-*")):  # left by an earlier crash
+            shutil.rmtree(debris, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}) + "\n")
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
+        _fsync_tree(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            _remove_checkpoint(final)
         os.replace(tmp, final)
-        for _, old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync(root)
+        if keep > 0:
+            for _, old in list_checkpoints(run_dir)[:-keep]:
+                _remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
 

@@ -1,24 +1,41 @@
 """Pieces both training loops share: the optimisation config, Accelerator set-up, LR schedule,
-an endless resumable batch stream, JSONL metrics, graceful interrupts and non-finite checks.
+a resumable batch stream with per-sample seeded augmentation, step metrics reduced across
+processes, graceful interrupts, non-finite checks and a check that DDP replicas agree.
 
 The loops themselves live in ``stage1_vq/train.py`` and ``stage2_prior/train.py``, each one
 readable function from top to bottom.
+
+Distributed contract (DDP through ``accelerate launch``):
+- ``train.batch_size`` is per process; the global batch is batch_size x grad_accum x processes.
+  Micro-batch i of the seeded global order goes to rank i % processes, so a 2-process run with
+  batch_size B sees, step by step, exactly the images a 1-process run with batch_size 2B sees.
+- Every process is seeded with seed + rank (dropout, class dropout, restarts differ per rank);
+  the sample order depends on ``seed`` alone, and each sample's augmentation on
+  (seed, epoch, index) alone, so neither depends on the process count, timing or a resume.
+- Metrics are means over all processes and micro-batches of the step; only the main process
+  writes files (checkpoint shards and RNG states excepted: every rank saves its own).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
+import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin, set_seed
+from torch.utils.data import DataLoader, Dataset
 
+from vqgpt.checkpoint import resolve_resume
 from vqgpt.config import ConfigError, opt, save_config
 
 
@@ -27,7 +44,8 @@ class TrainConfig:
     """Optimisation and bookkeeping settings shared by both stages."""
 
     steps: int = opt(1000, "optimizer steps to train for")
-    batch_size: int = opt(32, "images (or token grids) per process per micro-batch")
+    batch_size: int = opt(32, "images (or token grids) per process per micro-batch; "
+                              "global batch = batch_size x grad_accum x processes")
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
     lr: float = opt(1e-4, "peak learning rate")
     min_lr_ratio: float = opt(0.1, "final LR as a fraction of the peak (cosine schedule)")
@@ -37,15 +55,20 @@ class TrainConfig:
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
-    mixed_precision: str = opt("no", "no | bf16 | fp16 (fp16 uses loss scaling; bf16 is ~4x faster on AMX CPUs)")
+    mixed_precision: str = opt("no", "no | bf16 | fp16 (fp16 uses loss scaling and needs a GPU; "
+                                     "bf16 is ~4x faster on AMX CPUs)")
+    grad_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, "
+                                          "~30% more compute; priors only)")
     ema_decay: float = opt(0.0, "EMA of the weights, exported instead of the raw weights (0 = off)")
-    seed: int = opt(0, "random seed (each process adds its rank for data augmentation)")
+    seed: int = opt(0, "random seed: sample order and augmentation use it as is, model-side randomness "
+                       "(dropout, ...) uses seed + process rank")
     num_workers: int = opt(0, "DataLoader worker processes")
     log_every: int = opt(10, "write a metrics line every N steps")
     sample_every: int = opt(0, "write an image grid every N steps (0 = only at the end)")
     checkpoint_every: int = opt(500, "write a resume checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
-    on_nonfinite: str = opt("stop", "stop | skip: what a NaN/inf loss does")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep (0 = all)")
+    on_nonfinite: str = opt("stop", "stop | skip: what a NaN/inf loss or gradient norm does "
+                                    "(stop keeps the last good checkpoint; skip drops that step's update)")
     compile: bool = opt(False, "torch.compile the model")
     cpu: bool = opt(False, "force CPU even when a GPU is present")
 
@@ -56,22 +79,56 @@ class TrainConfig:
             raise ConfigError(f"train.lr_schedule: expected cosine | constant, got {self.lr_schedule!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.on_nonfinite: expected stop | skip, got {self.on_nonfinite!r}")
-        for name in ("steps", "batch_size", "grad_accum"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "keep_checkpoints", "sample_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
+
+
+def _no_accelerator_device() -> bool:
+    """True on a machine without GPUs (or other torch accelerators)."""
+    api = getattr(torch, "accelerator", None)
+    if api is not None and hasattr(api, "is_available"):
+        return not api.is_available()
+    return not torch.cuda.is_available()
 
 
 def make_accelerator(cfg: TrainConfig, run_dir: str | Path) -> Accelerator:
-    """An Accelerator for this run; seeds every process (plus its rank, for data augmentation)."""
+    """An Accelerator for this run; seeds every process with ``seed + rank``.
+
+    Under ``accelerate launch`` on a machine without GPUs the processes join one gloo group on the
+    CPU (the launcher resets ACCELERATE_USE_CPU, and accelerate would otherwise run N unrelated
+    single processes); a launch whose process count Accelerate does not see is an error.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # accelerate keeps device and precision in a process-wide singleton that refuses a change:
+    # start each run afresh so one Python process can train with different settings (notebooks,
+    # tests, `vqgpt demo`). A live process group is kept; one closed by an earlier run's
+    # end_training() is opened again.
+    group_alive = torch.distributed.is_available() and torch.distributed.is_initialized()
+    AcceleratorState._reset_state(reset_partial_state=not group_alive)
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum,
+        # Sync exactly every grad_accum micro-batches: the stream is endless, so an epoch end must
+        # not force an early optimizer step (accelerate's default) and shift the step boundaries.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False),
         project_dir=str(run_dir),
-        cpu=cfg.cpu,
-        # Seeded shuffling that depends only on (seed, epoch): exact resume and no overlap across ranks.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        cpu=cfg.cpu or (launched > 1 and _no_accelerator_device()),
+        # The shuffle depends on (seed, epoch) only -- not on the rank-specific torch seed below --
+        # so every rank draws the same global order and takes its own disjoint slice of it.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
+    if accelerator.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but Accelerate runs "
+                           f"{accelerator.num_processes} ({accelerator.distributed_type}): the processes would train "
+                           f"independently; check the accelerate launch flags and devices")
     set_seed(cfg.seed, device_specific=True)
+    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        warnings.warn("train.mixed_precision=fp16 needs a GPU; on the CPU accelerate runs in fp32 "
+                      "(use bf16 on CPUs)", stacklevel=2)
     return accelerator
 
 
@@ -106,6 +163,60 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, peak: 
     return lr
 
 
+def set_grad_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Switch the model's ``grad_checkpointing`` attribute on; a clear error if it has none."""
+    if not enabled:
+        return
+    if not hasattr(model, "grad_checkpointing"):
+        raise ConfigError(f"train.grad_checkpointing: {type(model).__name__} has no gradient checkpointing "
+                          f"option (only the prior supports it)")
+    model.grad_checkpointing = True
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that item i of epoch e draws its random augmentation from a torch RNG
+    seeded with (seed, e, i), leaving the global RNG untouched.
+
+    This makes augmentation independent of when a sample is fetched (accelerate prefetches one
+    batch ahead), of the worker and process count, and of a resume: exact resume then only needs
+    the model-side RNG states that ``save_state`` stores. Covers datasets that draw from torch's
+    RNG (all of vqgpt's); Python's ``random`` and NumPy are not reseeded.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        # An odd-multiplier mix keeps (seed, epoch, index) -> seed collision-free for realistic sizes.
+        mixed = (self.seed * 0x9E3779B1 + self.epoch * 0x85EBCA77 + index) & 0x7FFF_FFFF_FFFF_FFFF
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(mixed)
+            return self.dataset[index]
+
+
+def make_dataloader(dataset: Dataset, cfg: TrainConfig) -> DataLoader:
+    """Shuffled, drop-last loader of ``cfg.batch_size`` items with seeded per-sample augmentation.
+
+    Its own generator keeps the DataLoader from drawing a worker base seed from the global RNG at
+    each epoch (and at a resume), which would shift every later random draw of the model.
+    """
+    return DataLoader(SeededSamples(dataset, cfg.seed), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                      num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed),
+                      # Workers must be re-created each epoch so they see the dataset's new epoch.
+                      persistent_workers=False)
+
+
 @dataclass
 class StreamPosition:
     """Where the endless batch stream stands: epoch and micro-batches consumed in it."""
@@ -119,12 +230,65 @@ def batch_stream(accelerator: Accelerator, dataloader, position: StreamPosition)
     while True:
         if hasattr(dataloader, "set_epoch"):
             dataloader.set_epoch(position.epoch)
+        if hasattr(dataloader.dataset, "set_epoch"):
+            dataloader.dataset.set_epoch(position.epoch)
         loader = accelerator.skip_first_batches(dataloader, position.batch) if position.batch else dataloader
+        yielded = False
         for batch in loader:
+            yielded = True
             position.batch += 1
             yield batch
+        if not yielded and position.batch == 0:
+            raise ValueError(f"the data loader yields no batch per process: {len(dataloader.dataset)} items are "
+                             f"fewer than train.batch_size x {accelerator.num_processes} processes")
         position.epoch += 1
         position.batch = 0
+
+
+def stream_state(position: StreamPosition, accelerator: Accelerator, batch_size: int) -> dict[str, int]:
+    """The stream position as stored in a checkpoint, with what is needed to map it to another
+    process count or batch size on resume."""
+    return {"epoch": position.epoch, "batch": position.batch, "processes": accelerator.num_processes,
+            "batch_size": batch_size}
+
+
+def stream_position_from(state: dict[str, Any], accelerator: Accelerator, batch_size: int) -> StreamPosition:
+    """The position to resume at: the same samples consumed, even if processes or batch size changed."""
+    processes = int(state.get("processes", accelerator.num_processes))
+    old_batch_size = int(state.get("batch_size", batch_size))
+    samples = int(state["batch"]) * processes * old_batch_size  # consumed in this epoch by all ranks
+    per_batch = batch_size * accelerator.num_processes
+    if samples % per_batch:
+        warnings.warn(f"resuming with {accelerator.num_processes} processes x batch {batch_size} instead of "
+                      f"{processes} x {old_batch_size}: the epoch position is rounded down "
+                      f"({samples % per_batch} samples are seen again)", stacklevel=2)
+    return StreamPosition(int(state["epoch"]), samples // per_batch)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class StepMetrics:
+    """Sums scalar metrics over one step's micro-batches; ``mean`` averages them over micro-batches
+    and processes with a single all-reduce."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, **values: torch.Tensor | float) -> None:
+        for key, value in values.items():
+            value = torch.as_tensor(value).detach().float().reshape(())
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def mean(self, accelerator: Accelerator) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        local = torch.stack([self.sums[k].to(accelerator.device) / self.counts[k] for k in keys])
+        reduced = accelerator.reduce(local, reduction="mean").tolist()
+        return dict(zip(keys, reduced))
 
 
 class MetricsLog:
@@ -141,6 +305,9 @@ class MetricsLog:
         clean["time"] = round(time.time(), 3)
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
+
+
+# ----------------------------------------------------------------------------- faults
 
 
 class GracefulInterrupt:
@@ -167,15 +334,109 @@ class GracefulInterrupt:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def any_process(self, accelerator: Accelerator) -> bool:
+        """True when any process was interrupted (one reduction, so all ranks stop at the same step)."""
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
 
 class NonFiniteLoss(RuntimeError):
-    """A NaN or inf loss stopped the run."""
+    """A NaN or inf loss (or gradient norm) stopped the run."""
 
 
 def all_finite(accelerator: Accelerator, *values: torch.Tensor) -> bool:
     """True when every value is finite on every process (one reduction, so all ranks agree)."""
     flag = torch.tensor([float(all(torch.isfinite(v.detach()).all() for v in values))], device=accelerator.device)
     return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
+
+
+def clip_gradients(accelerator: Accelerator, parameters, cfg: TrainConfig) -> bool:
+    """Clip the (synchronised) gradient norm to ``cfg.grad_clip``; False when that norm is not finite.
+
+    Under fp16 the loss scaler owns overflow handling (it skips such steps and lowers the scale),
+    so a non-finite norm there is not an error.
+    """
+    if cfg.grad_clip <= 0:
+        return True
+    norm = accelerator.clip_grad_norm_(parameters, cfg.grad_clip)
+    if accelerator.scaler is not None or norm is None:
+        return True
+    return bool(torch.isfinite(torch.as_tensor(norm)).all())
+
+
+def nonfinite_message(what: str, step: int, run_dir: str | Path) -> str:
+    """The error text of a non-finite loss: names the step, the last good checkpoint and the way out."""
+    last = resolve_resume(run_dir, "auto")
+    where = f"the last good checkpoint {last} is intact (--resume auto continues from it)" if last else \
+        "no checkpoint was written yet"
+    return (f"non-finite {what} at step {step}; stopping: {where}. Lower train.lr, raise train.warmup_steps or "
+            f"set train.on_nonfinite=skip to drop such steps")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """Three float64 numbers that change when any element of ``tensor`` changes."""
+    t = tensor.detach().double().flatten()
+    weights = 1.0 + torch.arange(t.numel(), device=t.device, dtype=torch.float64).remainder(13)
+    return torch.stack([t.sum(), (t * t).sum(), (t * weights).sum()])
+
+
+def check_replicas(accelerator: Accelerator, modules: dict[str, torch.nn.Module | None]) -> None:
+    """Raise RuntimeError naming the first tensor (parameter or buffer) that differs between processes.
+
+    DDP keeps replicas equal only if every rank applies the same update; anything rank-local that
+    writes into the weights (an EMA built before the broadcast, a codebook update that is not
+    all-reduced) would make them drift silently. Bitwise equality is expected and checked.
+    """
+    if accelerator.num_processes == 1 or accelerator.distributed_type == DistributedType.FSDP:
+        return  # FSDP ranks hold different shards by design
+    names, prints = [], []
+    for prefix, module in modules.items():
+        if module is None:
+            continue
+        for name, tensor in list(module.state_dict(keep_vars=False).items()):
+            if torch.is_tensor(tensor) and tensor.numel():
+                names.append(f"{prefix}.{name}")
+                prints.append(_fingerprint(tensor).to(accelerator.device))
+    local = torch.stack(prints)                                        # (N, 3)
+    everyone = accelerator.gather(local[None]).view(accelerator.num_processes, *local.shape)  # (P, N, 3)
+    differs = (everyone != everyone[:1]).flatten(2).any(-1).any(0)    # (N,)
+    if bool(differs.any()):
+        bad = [names[i] for i in differs.nonzero().flatten().tolist()]
+        raise RuntimeError(f"processes hold different weights for {len(bad)} tensors, e.g. {bad[:5]}: "
+                           f"a rank-local update is not synchronised")
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU state dict with sharded (FSDP2 DTensor) entries gathered; call it on every process."""
+    state = {}
+    for key, value in module.state_dict().items():
+        if hasattr(value, "full_tensor"):
+            value = value.full_tensor()
+        state[key] = value.detach().cpu()
+    return state
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def finish_run(accelerator: Accelerator) -> None:
+    """End a run: close the trackers, keep the process group for a later run in this process.
+
+    ``accelerator.end_training()`` would also destroy the process group, and a second trainer
+    called in the same launched script (tokenizer, then prior) would then find none; it is
+    destroyed once at interpreter exit instead.
+    """
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.wait_for_everyone()
+    if not getattr(finish_run, "_registered", False):
+        atexit.register(_destroy_process_group)
+        finish_run._registered = True  # type: ignore[attr-defined]
 
 
 def prepare_run_dir(run_dir: str | Path, config: Any, accelerator: Accelerator) -> Path:
@@ -189,5 +450,6 @@ def prepare_run_dir(run_dir: str | Path, config: Any, accelerator: Accelerator) 
 
 
 def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DDP / FSDP / torch.compile wrappers."""
-    return accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    """The plain module under DDP / FSDP / torch.compile wrappers (its mixed-precision forward kept)."""
+    # keep_fp32_wrapper=False would strip the autocast wrapper off the live model's forward.
+    return accelerator.unwrap_model(model, keep_fp32_wrapper=True, keep_torch_compile=False)

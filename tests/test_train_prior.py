@@ -1,0 +1,126 @@
+"""Stage 2 training: learns synthetic token grids, exports, resumes exactly (EMA on, grad_accum > 1,
+across an epoch boundary, with class dropout and dropout drawing from the RNG), mixed precision."""
+
+import json
+import os
+import signal
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import stage2_prior.train as prior_train
+from dist_check import make_token_shards, recording
+from stage2_prior.model import GPT
+from stage2_prior.train import PriorRunConfig, train_prior
+from vqgpt.checkpoint import list_checkpoints, read_trainer_state
+from vqgpt.config import ConfigError, load_config
+from vqgpt.training import set_grad_checkpointing
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def prior_config(tokens: Path, *overrides: str) -> PriorRunConfig:
+    return load_config(PriorRunConfig, ROOT / "configs/prior/tiny.yaml",
+                       ["train.log_every=1", "train.warmup_steps=2", "train.batch_size=8", *overrides, f"tokens={tokens}"])
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    return make_token_shards(tmp_path_factory.mktemp("prior") / "tokens")  # 64 grids 4x4, 4 classes
+
+
+def test_short_run_learns_the_grids_and_exports(tokens, tmp_path):
+    export = train_prior(prior_config(tokens, "train.steps=40", "train.checkpoint_every=20"), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 40
+    assert rows[-1]["loss"] < 0.6 * rows[0]["loss"], (rows[0]["loss"], rows[-1]["loss"])
+    model = GPT.from_pretrained(export)
+    assert model.config.codebook_size == 32 and list(model.config.grid_size) == [4, 4]
+    assert model.config.num_classes == 4  # taken from the shards
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [20, 40]
+
+
+def interrupt_at(micro_batch: int):
+    """A loss wrapper that sends this process SIGTERM during call ``micro_batch`` (0-based)."""
+    calls = [0]
+    inner = prior_train.next_token_loss
+
+    def wrapped(logits, tokens):
+        if calls[0] == micro_batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls[0] += 1
+        return inner(logits, tokens)
+    return wrapped
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tokens, tmp_path, monkeypatch):
+    """EMA on, grad_accum=3, class dropout and dropout on (RNG), interrupted mid-epoch."""
+    # 64 grids / batch 8 = 8 micro-batches per epoch, not a multiple of grad_accum=3: steps straddle
+    # epoch ends (30 micro-batches = 3.75 epochs).
+    common = ["train.steps=10", "train.grad_accum=3", "train.ema_decay=0.8", "model.class_dropout=0.25",
+              "model.dropout=0.1", "train.checkpoint_every=0", "train.keep_checkpoints=5"]
+    full = train_prior(prior_config(tokens, *common), tmp_path / "full")
+
+    part = tmp_path / "part"
+    # SIGTERM during step 6 (micro-batch 17): the run finishes that step, checkpoints and stops.
+    monkeypatch.setattr(prior_train, "next_token_loss", interrupt_at(17))
+    with pytest.raises(KeyboardInterrupt):
+        train_prior(prior_config(tokens, *common), part)
+    (step, ckpt), = list_checkpoints(part)
+    assert step == 6
+    assert read_trainer_state(ckpt) == {"step": 6, "epoch": 2, "batch": 2, "processes": 1, "batch_size": 8}
+    assert not (part / "export").exists()
+    monkeypatch.undo()
+    resumed = train_prior(prior_config(tokens, *common), part, resume="auto")
+
+    a, b = GPT.from_pretrained(full).state_dict(), GPT.from_pretrained(resumed).state_dict()  # EMA weights
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the raw weights and the optimizer too: the final checkpoints hold the same model
+    from safetensors.torch import load_file
+
+    raw_full = load_file(str(list_checkpoints(tmp_path / "full")[-1][1] / "model.safetensors"))
+    raw_part = load_file(str(list_checkpoints(part)[-1][1] / "model.safetensors"))
+    for key in raw_full:
+        assert torch.equal(raw_full[key], raw_part[key]), key
+    # exactly one optimizer update per step, also across epoch ends (no early sync at an epoch end)
+    for run in (tmp_path / "full", part):
+        optimizer = torch.load(list_checkpoints(run)[-1][1] / "optimizer.bin", weights_only=True)
+        assert {int(s["step"]) for s in optimizer["state"].values()} == {10}
+    # and the logged losses of the resumed steps are the uninterrupted run's
+    assert [r["loss"] for r in read_metrics(tmp_path / "full")][6:] == [r["loss"] for r in read_metrics(part)][6:]
+
+
+def test_bf16_and_fp16_runs(tokens, tmp_path):
+    """bf16 autocast trains (fast on AMX CPUs); fp16 falls back to fp32 on a CPU with a warning."""
+    train_prior(prior_config(tokens, "train.steps=4", "train.mixed_precision=bf16"), tmp_path / "bf16")
+    rows = read_metrics(tmp_path / "bf16")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_prior(prior_config(tokens, "train.steps=2", "train.mixed_precision=fp16"), tmp_path / "fp16")
+    assert any("fp16 needs a GPU" in str(w.message) for w in caught)
+    assert (tmp_path / "fp16/export/model.safetensors").is_file()
+
+
+def test_grad_checkpointing_option(tokens, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="train.grad_checkpointing: Linear"):
+        set_grad_checkpointing(torch.nn.Linear(2, 2), True)
+    from stage2_prior.model import GPTConfig
+
+    if not hasattr(GPT(GPTConfig(n_layer=1, n_head=1, dim=32, codebook_size=8, grid_size=[2, 2])), "grad_checkpointing"):
+        pytest.skip("GPT has no grad_checkpointing attribute yet (stage2_prior/model.py)")
+    plain = train_prior(prior_config(tokens, "train.steps=3"), tmp_path / "plain")
+    built = []
+    monkeypatch.setattr(prior_train, "GPT", recording(GPT, built))
+    ckpt = train_prior(prior_config(tokens, "train.steps=3", "train.grad_checkpointing=true"), tmp_path / "ckpt")
+    assert built[0].grad_checkpointing is True
+    a, b = GPT.from_pretrained(plain).state_dict(), GPT.from_pretrained(ckpt).state_dict()
+    for key in a:  # recomputation changes memory, not results
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
