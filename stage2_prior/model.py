@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
@@ -268,6 +269,8 @@ class GPT(nn.Module):
         # Null class row (CFG) only for conditional priors trained with class dropout.
         conditional_with_null = config.num_classes > 0 and config.class_dropout > 0
         self.null_class: int | None = config.num_classes if conditional_with_null else None
+        # Recompute each block's activations in backward instead of storing them (large priors).
+        self.grad_checkpointing = False
         prefix_rows = 1 if config.num_classes == 0 else config.num_classes + (self.null_class is not None)
         self.class_embedding = nn.Embedding(prefix_rows, config.dim)
         self.tok_embeddings = nn.Embedding(config.codebook_size, config.dim)
@@ -329,8 +332,13 @@ class GPT(nn.Module):
         x = torch.cat([self.prefix_embedding(class_labels, B), self.tok_embeddings(tokens[:, :-1])], dim=1)  # (B, T, C)
         x = self.tok_dropout(x)
         rope = self.rope_table(x.device)[:T]
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, rope, None, 0, None)
+            if checkpointing:
+                # non-reentrant checkpointing is the mode that works under DDP
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, None, 0, None, use_reentrant=False)
+            else:
+                x = layer(x, rope, None, 0, None)
         return self.output(self.norm(x)).float()  # (B, T, V)
 
     # ------------------------------------------------------------------ KV-cache inference

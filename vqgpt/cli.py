@@ -376,9 +376,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from vqgpt.config import ConfigError
+    from vqgpt.training import NonFiniteLoss
 
     try:
         return int(args.func(args) or 0)
+    except NonFiniteLoss as exc:
+        if os.environ.get("VQGPT_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         if os.environ.get("VQGPT_DEBUG"):
             raise
