@@ -12,12 +12,11 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType
-from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from stage1_vq.losses import LossConfig, build_discriminator, build_perceptual, discriminator_loss, generator_loss
 from stage1_vq.model import VQModel, VQModelConfig
-from vqgpt.checkpoint import read_trainer_state, resolve_resume, save_checkpoint
+from vqgpt.checkpoint import save_checkpoint
 from vqgpt.config import ConfigError, opt
 from vqgpt.data import DataConfig, build_dataset
 from vqgpt.images import save_grid, side_by_side
@@ -27,21 +26,21 @@ from vqgpt.training import (
     MetricsLog,
     NonFiniteLoss,
     StepMetrics,
-    StreamPosition,
     TrainConfig,
     all_finite,
     batch_stream,
     check_replicas,
     clip_gradients,
     finish_run,
+    load_resume,
     make_accelerator,
     make_dataloader,
+    make_ema,
     make_optimizer,
     nonfinite_message,
     prepare_run_dir,
     set_grad_checkpointing,
     set_lr,
-    stream_position_from,
     stream_state,
     unwrap,
 )
@@ -106,20 +105,10 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         model, opt_g, loader = accelerator.prepare(model, opt_g, loader)
     if perceptual is not None:
         perceptual = perceptual.to(accelerator.device).eval().requires_grad_(False)
-    # The EMA copies the prepared model, whose weights and codebook DDP has broadcast from rank 0:
-    # every rank's EMA is equal from the start (the init before prepare is rank-local: seed + rank).
-    ema = ModelEmaV3(unwrap(accelerator, model), decay=tc.ema_decay) if tc.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    ema = make_ema(accelerator, model, tc.ema_decay)
 
     # ---- resume
-    step, position = 0, StreamPosition()
-    ckpt = resolve_resume(run_dir, resume)
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        state = read_trainer_state(ckpt)
-        step, position = state["step"], stream_position_from(state, accelerator, tc.batch_size)
-        accelerator.print(f"resumed from {ckpt} at step {step}")
+    step, position = load_resume(accelerator, run_dir, resume, tc.batch_size)
 
     log = MetricsLog(run_dir, accelerator)
     bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc="tokenizer", dynamic_ncols=True)

@@ -16,12 +16,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
-from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from stage2_prior.model import GPT, GPTConfig
 from stage2_prior.sampling import generate
-from vqgpt.checkpoint import read_trainer_state, resolve_resume, save_checkpoint
+from vqgpt.checkpoint import save_checkpoint
 from vqgpt.config import ConfigError, opt
 from vqgpt.images import save_grid
 from vqgpt.tokens import TokenDataset
@@ -30,22 +29,22 @@ from vqgpt.training import (
     MetricsLog,
     NonFiniteLoss,
     StepMetrics,
-    StreamPosition,
     TrainConfig,
     all_finite,
     batch_stream,
     check_replicas,
     clip_gradients,
     finish_run,
+    load_resume,
     full_state_dict,
     make_accelerator,
     make_dataloader,
+    make_ema,
     make_optimizer,
     nonfinite_message,
     prepare_run_dir,
     set_grad_checkpointing,
     set_lr,
-    stream_position_from,
     stream_state,
     unwrap,
 )
@@ -126,19 +125,9 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
     if tc.compile:
         model = torch.compile(model)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    # The EMA copies the prepared model, whose weights DDP has broadcast from rank 0: every rank's
-    # EMA is equal from the start (the init before prepare is rank-local: seed + rank).
-    ema = ModelEmaV3(unwrap(accelerator, model), decay=tc.ema_decay) if tc.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    ema = make_ema(accelerator, model, tc.ema_decay)
 
-    step, position = 0, StreamPosition()
-    ckpt = resolve_resume(run_dir, resume)
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        state = read_trainer_state(ckpt)
-        step, position = state["step"], stream_position_from(state, accelerator, tc.batch_size)
-        accelerator.print(f"resumed from {ckpt} at step {step}")
+    step, position = load_resume(accelerator, run_dir, resume, tc.batch_size)
 
     log = MetricsLog(run_dir, accelerator)
     bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc="prior", dynamic_ncols=True)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import stage1_vq.train as tokenizer_train  # noqa: E402
 import stage2_prior.train as prior_train  # noqa: E402
+import vqgpt.training as training  # noqa: E402
 from stage1_vq.losses import build_discriminator  # noqa: E402
 from stage1_vq.model import VQModel  # noqa: E402
 from timm.utils import ModelEmaV3  # noqa: E402
@@ -120,7 +121,7 @@ def main() -> None:
         found = {"model": [], "disc": [], "ema": []}
         tokenizer_train.VQModel = recording(VQModel, found["model"])
         tokenizer_train.build_discriminator = recording(build_discriminator, found["disc"])
-        tokenizer_train.ModelEmaV3 = recording(ModelEmaV3, found["ema"])
+        training.ModelEmaV3 = recording(ModelEmaV3, found["ema"])
         cfg = load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", overrides)
         train_tokenizer(cfg, out / name)
         dump(out / "states" / f"{name}-rank{report(name)}.pt", found)
@@ -133,7 +134,7 @@ def main() -> None:
     if args.tokens:
         found = {"model": [], "ema": []}
         prior_train.GPT = recording(prior_train.GPT, found["model"])
-        prior_train.ModelEmaV3 = recording(prior_train.ModelEmaV3, found["ema"])
+        training.ModelEmaV3 = recording(ModelEmaV3, found["ema"])
         if args.prior_nan_micro_batch is not None:
             prior_train.next_token_loss = nan_at(prior_train.next_token_loss, args.prior_nan_micro_batch,
                                                  args.nan_rank)

@@ -9,14 +9,6 @@ from stage2_prior import GPT, GPTConfig, generate
 from stage2_prior.highres import complete, extend, generate_highres, window_origin
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from threads, and on a busy machine thread barriers cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)

@@ -23,13 +23,6 @@ from stage1_vq import (
 from vqgpt.config import ConfigError, from_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def lpips_random():

@@ -10,14 +10,6 @@ from stage2_prior.model import PRESETS, apply_rope, rope_multipliers, rope_table
 from vqgpt.config import ConfigError, from_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from threads, and on a busy machine thread barriers cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
     """A tiny prior with a random (not zero) output head, so that logits depend on the input."""

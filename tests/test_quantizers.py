@@ -11,13 +11,6 @@ import torch.multiprocessing as mp
 from stage1_vq.quantizers import FSQ, QuantizerConfig, VectorQuantizer, build_quantizer, rotation_trick
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def as_latents(points: torch.Tensor) -> torch.Tensor:
     """(N, D) points -> latents (1, D, 1, N)."""

@@ -19,14 +19,6 @@ def tiny_gpt(seed: int = 0, **overrides) -> GPT:
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from threads, and on a busy machine thread barriers cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def seeded(seed: int = 1) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

@@ -13,14 +13,6 @@ from stage1_vq.modules import AttnBlock
 from vqgpt.config import ConfigError, from_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second OpenMP thread only adds waiting, badly so on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_config(channel_mult=(1, 2), attn=(16,), **quantizer) -> VQModelConfig:
     quantizer.setdefault("codebook_size", 64)

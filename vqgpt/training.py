@@ -33,9 +33,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin, set_seed
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset
 
-from vqgpt.checkpoint import resolve_resume
+from vqgpt.checkpoint import read_trainer_state, resolve_resume
 from vqgpt.config import ConfigError, opt, save_config
 
 
@@ -453,3 +454,28 @@ def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under DDP / FSDP / torch.compile wrappers (its mixed-precision forward kept)."""
     # keep_fp32_wrapper=False would strip the autocast wrapper off the live model's forward.
     return accelerator.unwrap_model(model, keep_fp32_wrapper=True, keep_torch_compile=False)
+
+
+def make_ema(accelerator: Accelerator, model: torch.nn.Module, decay: float):
+    """EMA of the prepared model's weights (registered for checkpointing), or None when decay is 0.
+
+    Made after ``prepare``: DDP has broadcast rank 0's weights (and buffers such as a codebook) by
+    then, so every rank's EMA starts equal even though the init before prepare is rank-local.
+    """
+    if decay <= 0:
+        return None
+    ema = ModelEmaV3(unwrap(accelerator, model), decay=decay)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+def load_resume(accelerator: Accelerator, run_dir: str | Path, resume: str | None,
+                batch_size: int) -> tuple[int, StreamPosition]:
+    """Restore ``accelerator.load_state`` from the checkpoint ``resume`` names; (step, stream position)."""
+    ckpt = resolve_resume(run_dir, resume)
+    if ckpt is None:
+        return 0, StreamPosition()
+    accelerator.load_state(str(ckpt))
+    state = read_trainer_state(ckpt)
+    accelerator.print(f"resumed from {ckpt} at step {state['step']}")
+    return state["step"], stream_position_from(state, accelerator, batch_size)
