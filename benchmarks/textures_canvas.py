@@ -36,15 +36,19 @@ def main() -> None:
     parser.add_argument("--out", default="runs/textures")
     parser.add_argument("--tokenizer-steps", type=int, default=800)
     parser.add_argument("--prior-steps", type=int, default=1500)
+    parser.add_argument("--quantizer", choices=["fsq", "vq"], default="fsq")
     args = parser.parse_args()
     out = Path(args.out)
+    # FSQ by default: on these low-contrast textures an EMA codebook collapsed towards the mean grey in
+    # a short CPU run (flat reconstructions); FSQ has no codebook to collapse.
+    quantizer = (QuantizerConfig(kind="fsq", fsq_levels=[8, 5, 5, 5]) if args.quantizer == "fsq" else
+                 QuantizerConfig(kind="vq", codebook_size=512, ema=True, kmeans_init=True, restart_threshold=0.1))
 
     data = DataConfig(source="builtin:textures", resolution=64, crops_per_epoch=4000)
     tok_cfg = TokenizerRunConfig(
         model=VQModelConfig(channels=16, channel_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[8],
                             resolution=64, z_channels=32, norm_groups=8,
-                            quantizer=QuantizerConfig(kind="vq", codebook_size=512, ema=True, kmeans_init=True,
-                                                      restart_threshold=0.1)),
+                            quantizer=quantizer),
         loss=LossConfig(reconstruction="l1", perceptual="none", perceptual_weight=0.0, gan_weight=0.0),
         data=data,
         train=TrainConfig(steps=args.tokenizer_steps, batch_size=16, lr=2e-3, beta1=0.5, beta2=0.9, warmup_steps=50,
