@@ -5,8 +5,8 @@
                                                            # builtin:photos, report held-out PSNR/SSIM/usage
 
 Quality variants (1024 codes, 64x64 crops, f=8 -> 8x8 grid, same architecture and budget):
-plain VQ (codebook dim = z_channels, no tricks), l2-normalised 8-dim VQ (LlamaGen), and FSQ
-[8,5,5,5] (1000 codes). Each run writes to runs/bench_tokenizer/<variant>/ and prints one row.
+plain VQ (codebook dim = z_channels, no tricks), l2-normalised 8-dim VQ (LlamaGen), FSQ
+[8,5,5,5] (1000 codes), and VQ with EMA updates, k-means init and dead-code restart. Each run writes to runs/bench_tokenizer/<variant>/ and prints one row.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ VARIANTS = {
     "plain-vq": QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=None),
     "l2-lowdim-vq": QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=8, l2_norm=True),
     "fsq": QuantizerConfig(kind="fsq", fsq_levels=[8, 5, 5, 5]),
+    # EMA codebook + k-means init + dead-code restart (vector-quantize-pytorch's recipe)
+    "ema-restart-vq": QuantizerConfig(kind="vq", codebook_size=1024, ema=True, kmeans_init=True,
+                                      restart_threshold=0.1),
 }
 
 
@@ -60,10 +63,11 @@ def speed(batch: int = 16, steps: int = 5) -> None:
     print(f"bf16 / fp32 = {results['bf16'] / results['fp32']:.2f}x")
 
 
-def quality(minutes: float, out: Path) -> None:
+def quality(minutes: float, out: Path, variants: list[str]) -> None:
     """Train each variant for ``minutes`` of wall time on builtin:photos; held-out reconstruction figures."""
     rows = []
-    for name, quantizer in VARIANTS.items():
+    for name in variants:
+        quantizer = VARIANTS[name]
         # a step budget from a short timing run, so each variant gets the same wall time
         cfg = TokenizerRunConfig(
             model=VQModelConfig(**ARCH, quantizer=quantizer),
@@ -89,10 +93,11 @@ def quality(minutes: float, out: Path) -> None:
         print(f"{name:>14}: {steps} steps in {train_s:.0f} s | held-out PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, "
               f"usage {r['codebook_usage']:.1%} of {r['codebook_size']} codes (perplexity {r['perplexity']:.0f})",
               flush=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     base = rows[0]
     for r in rows[1:]:
-        print(f"{r['variant']} vs plain-vq: PSNR {r['psnr'] - base['psnr']:+.2f} dB, "
+        print(f"{r['variant']} vs {base['variant']}: PSNR {r['psnr'] - base['psnr']:+.2f} dB, "
               f"usage {r['codebook_usage']:.0%} vs {base['codebook_usage']:.0%}")
 
 
@@ -102,6 +107,8 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true")
     parser.add_argument("--minutes", type=float, default=10.0, help="wall time per quality variant")
     parser.add_argument("--out", default="runs/bench_tokenizer")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, first is the baseline (default: {','.join(VARIANTS)})")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -111,7 +118,10 @@ def main() -> None:
     if args.speed:
         speed()
     if args.quality:
-        quality(args.minutes, Path(args.out))
+        unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+        if unknown:
+            parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+        quality(args.minutes, Path(args.out), args.variants.split(","))
 
 
 if __name__ == "__main__":

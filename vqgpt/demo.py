@@ -173,7 +173,10 @@ def _write_report(out: Path, m: dict, highres: Path | None) -> None:
         "",
     ]
     if highres is not None:
-        lines += ["## Wider than trained (sliding-window sampling)", "", f"![wide]({highres.name})", ""]
+        lines += ["## Wider than trained (sliding-window sampling)", "", f"![wide]({highres.name})", "",
+                  "Twice the trained width for digits 0, 3, 5, 8. A digit is not a stationary image, so the extra "
+                  "width shows strokes running on rather than a wider digit; stationary images such as textures "
+                  "are where larger canvases make sense (`python benchmarks/textures_canvas.py`).", ""]
     lines += ["## Time (seconds)", "", "| stage | s |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in m["seconds"].items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
