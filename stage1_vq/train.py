@@ -41,6 +41,7 @@ from vqgpt.training import (
     prepare_run_dir,
     set_grad_checkpointing,
     set_lr,
+    stop_after_interrupt,
     stream_state,
     unwrap,
 )
@@ -209,11 +210,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
                 checkpoint()
             if interrupt.any_process(accelerator):
-                checkpoint()
-                bar.close()
-                accelerator.print(f"interrupted: checkpoint written at step {step}; continue with --resume auto")
-                finish_run(accelerator)
-                raise KeyboardInterrupt
+                stop_after_interrupt(accelerator, step, checkpoint, bar)
     bar.close()
     checkpoint()
     snapshot_grid()

@@ -5,22 +5,10 @@ import itertools
 import pytest
 import torch
 
-from stage2_prior import GPT, GPTConfig, generate
+from prior_helpers import seeded, tiny_gpt
+from stage2_prior import generate
 from stage2_prior.highres import complete, extend, generate_highres, window_origin
 
-
-
-def tiny_gpt(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    kwargs = dict(codebook_size=16, grid_size=[3, 4], num_classes=3)
-    kwargs.update(overrides)
-    model = GPT(GPTConfig.from_preset("tiny", **kwargs)).eval()
-    torch.nn.init.normal_(model.output.weight, std=0.5)
-    return model
-
-
-def seeded(seed: int = 1) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.mark.parametrize("canvas,window,stride", [((7, 9), (3, 4), (1, 1)), ((8, 8), (4, 4), (2, 2)),

@@ -1,6 +1,5 @@
 """The join of the stages: pipeline folders, compatibility checks, sample / complete through the CLI."""
 
-import dataclasses
 from pathlib import Path
 
 import pytest

@@ -5,20 +5,14 @@ import math
 import pytest
 import torch
 
+from prior_helpers import tiny_gpt as shared_tiny_gpt
 from stage2_prior import GPT, GPTConfig, count_parameters
 from stage2_prior.model import PRESETS, apply_rope, rope_multipliers, rope_table_2d
 from vqgpt.config import ConfigError, from_dict
 
 
-
-def tiny_gpt(seed: int = 0, **overrides) -> GPT:
-    """A tiny prior with a random (not zero) output head, so that logits depend on the input."""
-    torch.manual_seed(seed)
-    kwargs = dict(codebook_size=16, grid_size=[4, 5], num_classes=3)
-    kwargs.update(overrides)
-    model = GPT(GPTConfig.from_preset("tiny", **kwargs)).eval()
-    torch.nn.init.normal_(model.output.weight, std=0.5)
-    return model
+def tiny_gpt(seed: int = 0, **overrides):
+    return shared_tiny_gpt(seed, **{"grid_size": [4, 5], **overrides})
 
 
 def test_logits_are_causal():

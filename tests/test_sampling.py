@@ -5,23 +5,10 @@ import math
 import pytest
 import torch
 
+from prior_helpers import seeded, tiny_gpt
 from stage2_prior import GPT, GPTConfig, generate, sample_logits, top_k_filter, top_p_filter
 from stage2_prior.highres import generate_highres
 from stage2_prior.sampling import cfg_scales
-
-
-def tiny_gpt(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    kwargs = dict(codebook_size=16, grid_size=[3, 4], num_classes=3)
-    kwargs.update(overrides)
-    model = GPT(GPTConfig.from_preset("tiny", **kwargs)).eval()
-    torch.nn.init.normal_(model.output.weight, std=0.5)
-    return model
-
-
-
-def seeded(seed: int = 1) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def test_top_k_keeps_exactly_the_k_largest():

@@ -341,6 +341,15 @@ class GracefulInterrupt:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
+def stop_after_interrupt(accelerator: Accelerator, step: int, checkpoint, bar) -> None:
+    """Write a checkpoint through ``checkpoint()``, close the run and raise KeyboardInterrupt."""
+    checkpoint()
+    bar.close()
+    accelerator.print(f"interrupted: checkpoint written at step {step}; continue with --resume auto")
+    finish_run(accelerator)
+    raise KeyboardInterrupt
+
+
 class NonFiniteLoss(RuntimeError):
     """A NaN or inf loss (or gradient norm) stopped the run."""
 
