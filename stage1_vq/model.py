@@ -1,4 +1,7 @@
-"""VQModel: convolutional VQGAN-style tokenizer, images (B, 3, H, W) <-> code grids (B, h, w).
+"""VQModel: VQGAN-style tokenizer, images (B, 3, H, W) <-> code grids (B, h, w).
+
+``architecture: conv`` (default) is the convolutional VQGAN encoder/decoder; ``architecture: vit``
+swaps in ViT-VQGAN-style transformer ones (``stage1_vq/vit.py``); the quantizer is the same.
 
 State-dict keys follow taming-transformers' VQModel (``encoder.*``, ``decoder.*``, ``quant_conv``,
 ``post_quant_conv``, ``quantize.embedding.weight``). LlamaGen's VQ-16 is represented exactly by
@@ -18,41 +21,71 @@ import torch
 import torch.nn as nn
 
 from stage1_vq.modules import Decoder, Encoder
+from stage1_vq.vit import ViTDecoder, ViTEncoder
 from stage1_vq.quantizers import FSQ, QuantizerConfig, QuantizerOutput, VectorQuantizer, build_quantizer
 from vqgpt.checkpoint import load_export, save_export
 from vqgpt.config import opt
 
 EXPORT_KIND = "vq_tokenizer"
+ARCHITECTURES = ("conv", "vit")
 
 
 @dataclass
 class VQModelConfig:
-    """Architecture of the convolutional VQ tokenizer."""
+    """Architecture of the VQ tokenizer."""
 
+    architecture: str = opt("conv", "'conv' (VQGAN ResNet encoder/decoder) or 'vit' (ViT-VQGAN: patches, "
+                                    "transformer blocks; uses patch_size and the vit_* keys, not the conv ones)")
     in_channels: int = opt(3, "image channels fed to the encoder")
     out_channels: int = opt(3, "image channels produced by the decoder")
-    channels: int = opt(128, "base width of the encoder/decoder (multiplied by channel_mult per level)")
-    channel_mult: list[int] = opt([1, 1, 2, 2, 4], "width multiplier per level; len-1 stride-2 steps "
+    channels: int = opt(128, "conv: base width of the encoder/decoder (multiplied by channel_mult per level)")
+    channel_mult: list[int] = opt([1, 1, 2, 2, 4], "conv: width multiplier per level; len-1 stride-2 steps "
                                                    "give the downsampling factor 2**(len-1)")
-    num_res_blocks: int = opt(2, "residual blocks per encoder level (the decoder has one more)")
-    attn_resolutions: list[int] = opt([16], "feature-map sizes (counted from `resolution`) that get "
+    num_res_blocks: int = opt(2, "conv: residual blocks per encoder level (the decoder has one more)")
+    attn_resolutions: list[int] = opt([16], "conv: feature-map sizes (counted from `resolution`) that get "
                                             "self-attention after each residual block")
-    resolution: int = opt(256, "nominal image size used to place attention; any multiple of the "
+    resolution: int = opt(256, "nominal image size (conv: places attention; vit: sets the learned positions); any multiple of the "
                                "downsampling factor can be encoded")
     z_channels: int = opt(256, "channels of the encoder output / decoder input")
-    dropout: float = opt(0.0, "dropout inside residual blocks")
-    norm_groups: int = opt(32, "GroupNorm groups; every level width must be divisible by it")
+    dropout: float = opt(0.0, "conv: dropout inside residual blocks")
+    norm_groups: int = opt(32, "conv: GroupNorm groups; every level width must be divisible by it")
+    patch_size: int = opt(8, "vit: pixels per patch side, the downsampling factor")
+    vit_dim: int = opt(512, "vit: transformer width")
+    vit_depth: int = opt(8, "vit: transformer blocks in the encoder and in the decoder")
+    vit_heads: int = opt(8, "vit: attention heads")
+    vit_mlp_ratio: float = opt(4.0, "vit: MLP hidden width / vit_dim")
     quantizer: QuantizerConfig = opt(QuantizerConfig, "how latents become codes")
 
     def __post_init__(self) -> None:
         if isinstance(self.quantizer, dict):  # built by hand rather than by the config loader
             self.quantizer = QuantizerConfig(**self.quantizer)
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.z_channels < 1:
+            raise ValueError(f"z_channels must be positive, got {self.z_channels}")
+        if self.architecture == "vit":
+            self._check_vit()
+        else:
+            self._check_conv()
+
+    def _check_vit(self) -> None:
+        if self.patch_size < 1 or self.vit_dim < 1 or self.vit_depth < 1 or self.vit_heads < 1:
+            raise ValueError(f"patch_size, vit_dim, vit_depth and vit_heads must be positive, got {self.patch_size}, "
+                             f"{self.vit_dim}, {self.vit_depth}, {self.vit_heads}")
+        if self.vit_dim % self.vit_heads:
+            raise ValueError(f"vit_dim={self.vit_dim} must be divisible by vit_heads={self.vit_heads}")
+        if self.vit_mlp_ratio <= 0:
+            raise ValueError(f"vit_mlp_ratio must be positive, got {self.vit_mlp_ratio}")
+        if self.resolution % self.patch_size:
+            raise ValueError(f"resolution {self.resolution} must be a multiple of patch_size {self.patch_size}")
+
+    def _check_conv(self) -> None:
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
             raise ValueError(f"channel_mult must be a non-empty list of positive integers, got {self.channel_mult}")
         if self.num_res_blocks < 1:
             raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
-        if self.channels < 1 or self.z_channels < 1:
-            raise ValueError(f"channels and z_channels must be positive, got {self.channels}, {self.z_channels}")
+        if self.channels < 1:
+            raise ValueError(f"channels must be positive, got {self.channels}")
         widths = sorted({self.channels * m for m in self.channel_mult} | {self.channels})
         bad = [w for w in widths if w % self.norm_groups]
         if bad:
@@ -69,6 +102,8 @@ class VQModelConfig:
 
     @property
     def downsample_factor(self) -> int:
+        if self.architecture == "vit":
+            return self.patch_size
         return 2 ** (len(self.channel_mult) - 1)
 
     def feature_sizes(self) -> list[int]:
@@ -90,11 +125,21 @@ class VQModel(nn.Module):
         super().__init__()
         self.config = config
         latent_dim = config.quantizer.latent_dim(config.z_channels)
-        arch = dict(channels=config.channels, channel_mult=config.channel_mult, num_res_blocks=config.num_res_blocks,
-                    attn_resolutions=config.attn_resolutions, resolution=config.resolution,
-                    z_channels=config.z_channels, dropout=config.dropout, norm_groups=config.norm_groups)
-        self.encoder = Encoder(in_channels=config.in_channels, **arch)
-        self.decoder = Decoder(out_channels=config.out_channels, **arch)
+        self.encoder: Encoder | ViTEncoder
+        self.decoder: Decoder | ViTDecoder
+        if config.architecture == "vit":
+            arch = dict(patch_size=config.patch_size, dim=config.vit_dim, depth=config.vit_depth,
+                        heads=config.vit_heads, mlp_ratio=config.vit_mlp_ratio, z_channels=config.z_channels,
+                        grid=config.resolution // config.patch_size)
+            self.encoder = ViTEncoder(in_channels=config.in_channels, **arch)
+            self.decoder = ViTDecoder(out_channels=config.out_channels, **arch)
+        else:
+            arch = dict(channels=config.channels, channel_mult=config.channel_mult,
+                        num_res_blocks=config.num_res_blocks, attn_resolutions=config.attn_resolutions,
+                        resolution=config.resolution, z_channels=config.z_channels, dropout=config.dropout,
+                        norm_groups=config.norm_groups)
+            self.encoder = Encoder(in_channels=config.in_channels, **arch)
+            self.decoder = Decoder(out_channels=config.out_channels, **arch)
         self.quant_conv = nn.Conv2d(config.z_channels, latent_dim, kernel_size=1)
         # Calling `model.quantize(z)` runs the quantizer: it is the submodule (taming's key name).
         self.quantize: VectorQuantizer | FSQ = build_quantizer(config.quantizer, latent_dim)
@@ -116,7 +161,9 @@ class VQModel(nn.Module):
 
     @property
     def last_layer_weight(self) -> torch.Tensor:
-        """Weight of the decoder's final conv, for the adaptive GAN weight."""
+        """Weight of the decoder's final layer, for the adaptive GAN weight."""
+        if isinstance(self.decoder, ViTDecoder):
+            return self.decoder.to_pixels.weight
         return self.decoder.conv_out.weight
 
     def grid_shape(self, height: int, width: int) -> tuple[int, int]:
