@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vq_reference import attn_block, conv, group_norm, rel_err, res_block, swish
 from stage1_vq.model import VQModel, VQModelConfig
 from stage2_prior.model import GPT, PRESETS, GPTConfig
 from vqgpt.checkpoint import load_export, read_export_meta
@@ -119,51 +120,24 @@ def random_state(shapes: dict[str, tuple], seed: int) -> dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------- LlamaGen's forward, re-implemented
 
 
-def _gn(x, sd, p):
-    return F.group_norm(x, 32, sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
-
-
-def _conv(x, sd, p, stride=1, padding=1):
-    return F.conv2d(x, sd[p + ".weight"], sd[p + ".bias"], stride=stride, padding=padding)
-
-
-def _swish(x):
-    return x * torch.sigmoid(x)
-
-
-def _res(x, sd, p):
-    h = _conv(_swish(_gn(x, sd, p + ".norm1")), sd, p + ".conv1")
-    h = _conv(_swish(_gn(h, sd, p + ".norm2")), sd, p + ".conv2")
-    return (_conv(x, sd, p + ".nin_shortcut", padding=0) if p + ".nin_shortcut.weight" in sd else x) + h
-
-
-def _attn(x, sd, p):
-    hn = _gn(x, sd, p + ".norm")
-    q, k, v = (_conv(hn, sd, f"{p}.{n}", padding=0) for n in ("q", "k", "v"))
-    b, c, h, w = q.shape
-    weights = torch.bmm(q.reshape(b, c, h * w).permute(0, 2, 1), k.reshape(b, c, h * w)) * int(c) ** -0.5
-    out = torch.bmm(v.reshape(b, c, h * w), F.softmax(weights, dim=2).permute(0, 2, 1)).reshape(b, c, h, w)
-    return x + _conv(out, sd, p + ".proj_out", padding=0)
-
-
 def _mid(h, sd, p):
-    return _res(_attn(_res(h, sd, p + ".0"), sd, p + ".1"), sd, p + ".2")
+    return res_block(attn_block(res_block(h, sd, p + ".0"), sd, p + ".1"), sd, p + ".2")
 
 
 def ref_vq_encode(sd, x):
     """LlamaGen: Encoder (conv_blocks in order) -> quant_conv -> l2-normalised nearest code."""
     levels = len(MULT)
-    h = _conv(x, sd, "encoder.conv_in")
+    h = conv(x, sd, "encoder.conv_in")
     for i in range(levels):
         for j in range(NRB):
-            h = _res(h, sd, f"encoder.conv_blocks.{i}.res.{j}")
+            h = res_block(h, sd, f"encoder.conv_blocks.{i}.res.{j}")
             if f"encoder.conv_blocks.{i}.attn.{j}.norm.weight" in sd:
-                h = _attn(h, sd, f"encoder.conv_blocks.{i}.attn.{j}")
+                h = attn_block(h, sd, f"encoder.conv_blocks.{i}.attn.{j}")
         if i != levels - 1:
             p = f"encoder.conv_blocks.{i}.downsample.conv"
             h = F.conv2d(F.pad(h, (0, 1, 0, 1)), sd[p + ".weight"], sd[p + ".bias"], stride=2)
-    h = _conv(_swish(_gn(_mid(h, sd, "encoder.mid"), sd, "encoder.norm_out")), sd, "encoder.conv_out")
-    z = _conv(h, sd, "quant_conv", padding=0).permute(0, 2, 3, 1)
+    h = conv(swish(group_norm(_mid(h, sd, "encoder.mid"), sd, "encoder.norm_out")), sd, "encoder.conv_out")
+    z = conv(h, sd, "quant_conv", padding=0).permute(0, 2, 3, 1)
     zf = F.normalize(z.reshape(-1, DIM), p=2, dim=-1)
     e = F.normalize(sd["quantize.embedding.weight"], p=2, dim=-1)
     d = zf.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * torch.einsum("bd,dn->bn", zf, e.t())
@@ -174,15 +148,15 @@ def ref_vq_decode(sd, indices):
     """LlamaGen: get_codebook_entry (normalised codes) -> post_quant_conv -> Decoder (conv_blocks in list order)."""
     levels = len(MULT)
     zq = F.normalize(sd["quantize.embedding.weight"], p=2, dim=-1)[indices].permute(0, 3, 1, 2)
-    h = _mid(_conv(_conv(zq, sd, "post_quant_conv", padding=0), sd, "decoder.conv_in"), sd, "decoder.mid")
+    h = _mid(conv(conv(zq, sd, "post_quant_conv", padding=0), sd, "decoder.conv_in"), sd, "decoder.mid")
     for k in range(levels):
         for j in range(NRB + 1):
-            h = _res(h, sd, f"decoder.conv_blocks.{k}.res.{j}")
+            h = res_block(h, sd, f"decoder.conv_blocks.{k}.res.{j}")
             if f"decoder.conv_blocks.{k}.attn.{j}.norm.weight" in sd:
-                h = _attn(h, sd, f"decoder.conv_blocks.{k}.attn.{j}")
+                h = attn_block(h, sd, f"decoder.conv_blocks.{k}.attn.{j}")
         if k != levels - 1:
-            h = _conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), sd, f"decoder.conv_blocks.{k}.upsample.conv")
-    return _conv(_swish(_gn(h, sd, "decoder.norm_out")), sd, "decoder.conv_out")
+            h = conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), sd, f"decoder.conv_blocks.{k}.upsample.conv")
+    return conv(swish(group_norm(h, sd, "decoder.norm_out")), sd, "decoder.conv_out")
 
 
 def llamagen_freqs_cis_2d(grid: int, head_dim: int, base: float = 10000.0, cls_token_num: int = 1) -> torch.Tensor:
@@ -226,10 +200,6 @@ def ref_gpt_logits(sd, tokens, labels, grid, n_head=GPT_HEADS, n_layer=GPT_LAYER
         ffn = (F.silu(x @ sd[p + "feed_forward.w1.weight"].t()) * (x @ sd[p + "feed_forward.w3.weight"].t()))
         h = h + ffn @ sd[p + "feed_forward.w2.weight"].t()
     return _rms(h, sd["norm.weight"]) @ sd["output.weight"].t()
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -301,7 +271,7 @@ def test_vq_matches_llamagen_math(vq):
         ref_idx = ref_vq_encode(ema_sd, images)
         assert ref_idx.shape == (2, 4, 4) and len(ref_idx.unique()) > 3
         assert torch.equal(model.encode(images), ref_idx)
-        assert _rel_err(model.decode(ref_idx), ref_vq_decode(ema_sd, ref_idx)) < 1e-4
+        assert rel_err(model.decode(ref_idx), ref_vq_decode(ema_sd, ref_idx)) < 1e-4
 
 
 def test_vq_explicit_weights_and_preset_check(vq, tmp_path):
@@ -362,7 +332,7 @@ def test_gpt_pipeline_round_trip_and_logits_match_llamagen(gpt):
     labels = torch.tensor([3, CLASSES])  # CLASSES = the null class (classifier-free guidance)
     with torch.no_grad():
         ref = ref_gpt_logits(sd, tokens, labels, grid=4)
-        assert _rel_err(prior(tokens, labels), ref) < 1e-4
+        assert rel_err(prior(tokens, labels), ref) < 1e-4
     pipeline = VQGPTPipeline.from_pretrained(pipe)  # a normal pipeline folder: loads, checks, samples
     assert pipeline.generate(1, class_labels=3, seed=0).shape == (1, 3, IMAGE, IMAGE)
 

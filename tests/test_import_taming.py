@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from vq_reference import attn_block, conv, group_norm, rel_err, res_block, swish
 from stage1_vq.model import VQModel, VQModelConfig
 from vqgpt.checkpoint import load_export, read_export_meta
 from vqgpt.config import ConfigError
@@ -144,49 +145,19 @@ def save_lightning_ckpt(path, state_dict):
 # ----------------------------------------------------------------------------- taming's forward, re-implemented
 
 
-def _gn(x, sd, p):
-    return F.group_norm(x, 32, sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
-
-
-def _conv(x, sd, p, stride=1, padding=1):
-    return F.conv2d(x, sd[p + ".weight"], sd[p + ".bias"], stride=stride, padding=padding)
-
-
-def _swish(x):
-    return x * torch.sigmoid(x)
-
-
-def _res(x, sd, p):
-    h = _conv(_swish(_gn(x, sd, p + ".norm1")), sd, p + ".conv1")
-    h = _conv(_swish(_gn(h, sd, p + ".norm2")), sd, p + ".conv2")
-    if p + ".nin_shortcut.weight" in sd:
-        x = _conv(x, sd, p + ".nin_shortcut", padding=0)
-    return x + h
-
-
-def _attn(x, sd, p):
-    hn = _gn(x, sd, p + ".norm")
-    q, k, v = (_conv(hn, sd, f"{p}.{n}", padding=0) for n in ("q", "k", "v"))
-    b, c, h, w = q.shape
-    weights = torch.bmm(q.reshape(b, c, h * w).permute(0, 2, 1), k.reshape(b, c, h * w)) * int(c) ** -0.5
-    weights = F.softmax(weights, dim=2)
-    out = torch.bmm(v.reshape(b, c, h * w), weights.permute(0, 2, 1)).reshape(b, c, h, w)
-    return x + _conv(out, sd, p + ".proj_out", padding=0)
-
-
 def ref_encode(sd, x, levels, nrb):
     """taming: Encoder -> quant_conv -> VectorQuantizer2 argmin of ||z||^2 + ||e||^2 - 2 z.e."""
-    h = _conv(x, sd, "encoder.conv_in")
+    h = conv(x, sd, "encoder.conv_in")
     for i in range(levels):
         for j in range(nrb):
-            h = _res(h, sd, f"encoder.down.{i}.block.{j}")
+            h = res_block(h, sd, f"encoder.down.{i}.block.{j}")
             if f"encoder.down.{i}.attn.{j}.norm.weight" in sd:
-                h = _attn(h, sd, f"encoder.down.{i}.attn.{j}")
+                h = attn_block(h, sd, f"encoder.down.{i}.attn.{j}")
         if i != levels - 1:
             p = f"encoder.down.{i}.downsample.conv"
             h = F.conv2d(F.pad(h, (0, 1, 0, 1)), sd[p + ".weight"], sd[p + ".bias"], stride=2)
-    h = _res(_attn(_res(h, sd, "encoder.mid.block_1"), sd, "encoder.mid.attn_1"), sd, "encoder.mid.block_2")
-    z = _conv(_conv(_swish(_gn(h, sd, "encoder.norm_out")), sd, "encoder.conv_out"), sd, "quant_conv", padding=0)
+    h = res_block(attn_block(res_block(h, sd, "encoder.mid.block_1"), sd, "encoder.mid.attn_1"), sd, "encoder.mid.block_2")
+    z = conv(conv(swish(group_norm(h, sd, "encoder.norm_out")), sd, "encoder.conv_out"), sd, "quant_conv", padding=0)
     zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     e = sd["quantize.embedding.weight"]
     d = zf.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * zf @ e.t()
@@ -196,20 +167,16 @@ def ref_encode(sd, x, levels, nrb):
 def ref_decode(sd, indices, levels, nrb):
     """taming: embedding lookup -> post_quant_conv -> Decoder (up[i] from the top level down)."""
     zq = sd["quantize.embedding.weight"][indices].permute(0, 3, 1, 2)
-    h = _conv(_conv(zq, sd, "post_quant_conv", padding=0), sd, "decoder.conv_in")
-    h = _res(_attn(_res(h, sd, "decoder.mid.block_1"), sd, "decoder.mid.attn_1"), sd, "decoder.mid.block_2")
+    h = conv(conv(zq, sd, "post_quant_conv", padding=0), sd, "decoder.conv_in")
+    h = res_block(attn_block(res_block(h, sd, "decoder.mid.block_1"), sd, "decoder.mid.attn_1"), sd, "decoder.mid.block_2")
     for i in reversed(range(levels)):
         for j in range(nrb + 1):
-            h = _res(h, sd, f"decoder.up.{i}.block.{j}")
+            h = res_block(h, sd, f"decoder.up.{i}.block.{j}")
             if f"decoder.up.{i}.attn.{j}.norm.weight" in sd:
-                h = _attn(h, sd, f"decoder.up.{i}.attn.{j}")
+                h = attn_block(h, sd, f"decoder.up.{i}.attn.{j}")
         if i != 0:
-            h = _conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), sd, f"decoder.up.{i}.upsample.conv")
-    return _conv(_swish(_gn(h, sd, "decoder.norm_out")), sd, "decoder.conv_out")
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+            h = conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), sd, f"decoder.up.{i}.upsample.conv")
+    return conv(swish(group_norm(h, sd, "decoder.norm_out")), sd, "decoder.conv_out")
 
 
 # ----------------------------------------------------------------------------- tests
@@ -248,9 +215,9 @@ def test_import_round_trip_and_matches_taming_math(taming_ckpt, tmp_path):
         ours_idx = model.encode(images)
         assert ref_idx.shape == (2, 4, 4) and len(ref_idx.unique()) > 3
         assert torch.equal(ours_idx, ref_idx)
-        assert _rel_err(model.decode(ref_idx), ref_decode(sd, ref_idx, levels, nrb)) < 1e-4
+        assert rel_err(model.decode(ref_idx), ref_decode(sd, ref_idx, levels, nrb)) < 1e-4
         # The full forward (encode -> z_q -> decode) reconstructs like taming too.
-        assert _rel_err(model(images).reconstruction, ref_decode(sd, ref_idx, levels, nrb)) < 1e-4
+        assert rel_err(model(images).reconstruction, ref_decode(sd, ref_idx, levels, nrb)) < 1e-4
 
 
 def test_ema_variant_keeps_ema_state(tmp_path):
