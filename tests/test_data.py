@@ -215,6 +215,23 @@ def test_photos_split_is_disjoint_and_eval_deterministic():
     assert torch.equal(b, fixed[5][0]) and not torch.equal(b, fixed[16][0])
 
 
+
+def test_seeded_crops_come_from_the_split_and_repeat():
+    test = build_dataset(DataConfig(source="builtin:photos", resolution=R), "eval")
+    torch.manual_seed(0)
+    a = [test.seeded_crop(i) for i in range(6)]
+    torch.manual_seed(1)
+    b = [test.seeded_crop(i) for i in range(6)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len({x.sum().item() for x in a}) == 6  # different places
+    assert all(x.shape == (3, R, R) for x in a)
+    # only held-out photos: a crop equals a patch of an eval canvas (resize off: exact copy)
+    exact = build_dataset(DataConfig(source="builtin:photos", resolution=R, resize=False), "eval")
+    crop = exact.seeded_crop(3)
+    k, top, left, side = exact._crop_box(3, torch.Generator().manual_seed(3))
+    assert side == R and exact.canvases[k].name in {c.name for c in test.canvases}
+    assert torch.equal(crop, exact.canvases[k].image[:, top:top + R, left:left + R].float() / 127.5 - 1)
+
 def test_photo_crops_reproducible_in_seeded_dataloader_workers():
     ds = build_dataset(DataConfig(source="builtin:photos", resolution=R, crops_per_epoch=16), "train")
 

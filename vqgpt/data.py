@@ -415,7 +415,14 @@ class CropDataset(ImageDataset):
 
     def _train_crop(self, index: int) -> tuple[int, int, int, int]:
         # random_crop=False: seed each item by its index, so the train split is deterministic
-        gen = None if self.random else torch.Generator().manual_seed(index)
+        return self._crop_box(index, None if self.random else torch.Generator().manual_seed(index))
+
+    def seeded_crop(self, index: int) -> torch.Tensor:
+        """A crop (3, R, R) drawn like a training crop (random place and scale) from this split's
+        images, seeded by ``index``: e.g. many held-out crops for codebook statistics."""
+        return self._crop(*self._crop_box(index, torch.Generator().manual_seed(index)))
+
+    def _crop_box(self, index: int, gen: torch.Generator | None) -> tuple[int, int, int, int]:
         k = index % len(self.canvases)
         canvas = self.canvases[k]
         lo, hi = self.train_fractions
