@@ -42,14 +42,14 @@ def timed(fn, repeats: int) -> float:
 
 
 def matmul_ceiling(model: GPT, batch: int, repeats: int = 5) -> float:
-    """Steps/s of the decode step's matrix products alone (F.linear over every weight at this batch):
-    what the BLAS reaches on this machine, for comparison with the bandwidth bound."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {w.shape[1]: torch.randn(batch, 1, w.shape[1], dtype=w.dtype) for w in weights}
+    """Steps/s of the decode step's matrix products alone (every linear layer of the model at this
+    batch, as the sampler calls them): what the BLAS reaches here, beside the bandwidth bound."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(batch, 1, m.in_features, dtype=m.weight.dtype) for m in layers}
 
     def chain() -> None:
-        for w in weights:
-            torch.nn.functional.linear(inputs[w.shape[1]], w)
+        for layer in layers:
+            layer(inputs[layer.in_features])
 
     with torch.inference_mode():
         chain()

@@ -7,7 +7,7 @@ import torch
 
 from prior_helpers import tiny_gpt as shared_tiny_gpt
 from stage2_prior import GPT, GPTConfig, count_parameters
-from stage2_prior.model import PRESETS, apply_rope, rope_multipliers, rope_table_2d
+from stage2_prior.model import PRESETS, Linear, apply_rope, rope_multipliers, rope_table_2d
 from vqgpt.config import ConfigError, from_dict
 
 
@@ -250,3 +250,26 @@ def test_bf16_weights_keep_fp32_rope_and_cache_matches():
     model.setup_cache(2)
     cached = torch.cat([model.forward_cached(tokens[:, :3], 0, labels), model.forward_cached(tokens[:, 3:5], 4)], 1)
     torch.testing.assert_close(cached, full, rtol=0.05, atol=0.05)
+
+
+def test_few_row_linear_path_matches_f_linear(monkeypatch):
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=False)
+    inputs = {shape: torch.randn(shape) for shape in [(1, 1, 24), (2, 1, 24), (5, 1, 24), (2, 2, 24), (7, 24)]}
+    expected = {shape: torch.nn.functional.linear(x, layer.weight) for shape, x in inputs.items()}
+
+    def no_linear(*args):
+        raise AssertionError("F.linear called on the few-row path")
+
+    for shape, x in inputs.items():
+        few = math.prod(shape[:-1]) <= Linear.max_rows
+        with monkeypatch.context() as m, torch.inference_mode():
+            if few:  # the weight-major product must be the one that runs
+                m.setattr(torch.nn.functional, "linear", no_linear)
+            y = layer(x)
+        assert y.shape == (*shape[:-1], 40)
+        torch.testing.assert_close(y, expected[shape], rtol=1e-5, atol=1e-6)
+    # with gradients (training) the usual product runs, so autograd sees nn.Linear
+    y = layer(inputs[(1, 1, 24)])
+    assert y.grad_fn is not None and torch.equal(y.detach(), expected[(1, 1, 24)])
+
