@@ -5,10 +5,11 @@
                                   # train each variant for the same wall time on builtin:photos (two at a
                                   # time, one core each), report held-out PSNR / SSIM / codebook usage
 
-Quality variants (64x64 crops, f=8 -> 8x8 grid, same architecture, optimiser and wall time):
+Quality variants (64x64 crops, f=8 -> 8x8 grid, same optimiser and wall time; conv unless named vit):
 plain VQ (1024 codes, codebook dim = z_channels, no tricks); l2-normalised 8-dim VQ (LlamaGen);
-the same plus k-means init and dead-code restart; FSQ [8,5,5,5] (1000 codes); and a full-dim VQ
-with EMA updates, k-means init and restart (vector-quantize-pytorch's recipe).
+the same plus k-means init and dead-code restart; FSQ [8,5,5,5] (1000 codes); a full-dim VQ
+with EMA updates, k-means init and restart (vector-quantize-pytorch's recipe); and the l2 + restart
+quantizer on the ViT encoder/decoder (ViT-VQGAN style, 8x8 patches).
 
 Codebook usage is counted twice: over the fixed held-out grid of crops that `vqgpt reconstruct`
 uses (71 crops, 4,544 tokens: too few to hit 1024 codes unless the code distribution is flat), and
@@ -43,19 +44,23 @@ ARCH = dict(channels=32, channel_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resol
 # outputs. With 1024 tokens per batch a code averages 1 hit per step; decay 0.9 notices a dead code
 # within ~30 steps (0.99 would need ~300, longer than a short run).
 RESTART = dict(kmeans_init=True, restart_threshold=0.05, ema_decay=0.9)
-VARIANTS = {
-    "plain-vq": QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=None),
-    "l2-lowdim-vq": QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=8, l2_norm=True),
-    "l2-lowdim-restart-vq": QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=8, l2_norm=True, **RESTART),
-    "fsq": QuantizerConfig(kind="fsq", fsq_levels=[8, 5, 5, 5]),
-    "ema-restart-vq": QuantizerConfig(kind="vq", codebook_size=1024, ema=True, **RESTART),
+# The ViT variant: 8x8 patches -> the same 8x8 grid, 4 blocks of width 128 in encoder and decoder.
+VIT_ARCH = dict(architecture="vit", patch_size=8, vit_dim=128, vit_depth=4, vit_heads=4, resolution=64, z_channels=64)
+L2_RESTART = QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=8, l2_norm=True, **RESTART)
+VARIANTS = {  # name -> (architecture, quantizer)
+    "plain-vq": (ARCH, QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=None)),
+    "l2-lowdim-vq": (ARCH, QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=8, l2_norm=True)),
+    "l2-lowdim-restart-vq": (ARCH, L2_RESTART),
+    "fsq": (ARCH, QuantizerConfig(kind="fsq", fsq_levels=[8, 5, 5, 5])),
+    "ema-restart-vq": (ARCH, QuantizerConfig(kind="vq", codebook_size=1024, ema=True, **RESTART)),
+    "vit-l2-restart-vq": (VIT_ARCH, L2_RESTART),
 }
 USAGE_CROPS = 1024
 
 
 def speed(batch: int = 16, steps: int = 5) -> None:
     """Images/s of forward + backward + AdamW for the benchmark architecture, fp32 vs bf16 autocast."""
-    model = VQModel(VQModelConfig(**ARCH, quantizer=VARIANTS["l2-lowdim-vq"])).train()
+    model = VQModel(VQModelConfig(**ARCH, quantizer=VARIANTS["l2-lowdim-vq"][1])).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(batch, 3, 64, 64) * 2 - 1
     results = {}
@@ -92,7 +97,7 @@ def heldout_usage(export: Path, crops: int = USAGE_CROPS) -> dict[str, float]:
 def run_variant(name: str, minutes: float, out: Path) -> dict:
     """Train one variant for ``minutes`` of wall time on builtin:photos; its held-out figures."""
     cfg = TokenizerRunConfig(
-        model=VQModelConfig(**ARCH, quantizer=VARIANTS[name]),
+        model=VQModelConfig(**VARIANTS[name][0], quantizer=VARIANTS[name][1]),
         loss=LossConfig(reconstruction="l1", perceptual="none", perceptual_weight=0.0, gan_weight=0.0),
         data=DataConfig(source="builtin:photos", resolution=64),
         train=TrainConfig(steps=10**9, batch_size=16, lr=1e-3, warmup_steps=100, mixed_precision="bf16",
