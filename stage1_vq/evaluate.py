@@ -98,6 +98,7 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
         "ssim": float(torch.cat(ssims).mean()),
         "lpips": float(torch.cat(lpipss).mean()) if lpipss else None,
         "codebook_usage": stats["usage"],
+        "num_tokens": int(counts.sum()),  # usage counts codes hit among these: few tokens undercount it
         "perplexity": stats["perplexity"],
         "bits_per_image": bits_per_image(grid_shape, model.codebook_size),
     }

@@ -25,7 +25,7 @@ from vqgpt.pipeline import VQGPTPipeline
 
 # The JSON schemas, pinned: changing a key is a breaking change for users' scripts.
 EXPECTED_TOKENIZER_KEYS = ("tokenizer", "images", "num_images", "resolution", "grid", "codebook_size", "psnr", "ssim",
-                           "lpips", "rfid", "codebook_usage", "perplexity", "bits_per_image", "fid_features")
+                           "lpips", "rfid", "codebook_usage", "num_tokens", "perplexity", "bits_per_image", "fid_features")
 EXPECTED_PRIOR_KEYS = ("pipeline", "reference", "num_samples", "num_reference", "resolution", "cfg_scale",
                        "temperature", "top_k", "top_p", "seed", "fid", "inception_score", "inception_score_std",
                        "precision", "recall", "class_accuracy", "classifier_heldout_accuracy", "fid_features")

@@ -36,6 +36,7 @@ def test_short_run_lowers_reconstruction_loss_and_exports(tmp_path):
     assert codes.shape == (2, 8, 8)
     metrics = reconstruct(export, "builtin:mnist", tmp_path / "recon", num_images=64, lpips="none", progress=False)
     assert metrics["num_images"] == 64 and metrics["psnr"] > 12
+    assert metrics["num_tokens"] == 64 * 8 * 8
     assert (tmp_path / "recon/grid.png").is_file()
 
 

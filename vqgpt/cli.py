@@ -38,8 +38,12 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         lp = "n/a" if metrics["lpips"] is None else f"{metrics['lpips']:.4f}"
         print(f"{metrics['num_images']} images at {metrics['resolution']}px -> grid {metrics['grid']}\n"
               f"PSNR {metrics['psnr']:.2f} dB | SSIM {metrics['ssim']:.4f} | LPIPS {lp} | "
-              f"codebook usage {metrics['codebook_usage']:.1%} (perplexity {metrics['perplexity']:.1f}) | "
-              f"{metrics['bits_per_image']:.0f} bits/image\nwrote {args.out}/grid.png, images/, metrics.json")
+              f"{metrics['bits_per_image']:.0f} bits/image\n"
+              f"codebook usage {metrics['codebook_usage']:.1%} of {metrics['codebook_size']} codes over "
+              f"{metrics['num_tokens']:,} tokens (perplexity {metrics['perplexity']:.1f})"
+              + (" - under 10 tokens per code, so usage undercounts: pass more images"
+                 if metrics["num_tokens"] < 10 * metrics["codebook_size"] else "")
+              + f"\nwrote {args.out}/grid.png, images/, metrics.json")
     return 0
 
 

@@ -61,7 +61,8 @@ class TokenizerReport(_Report):
     ssim: float
     lpips: float | None          # None when no LPIPS network could be loaded
     rfid: float | None           # FID(originals, reconstructions); None without a feature network
-    codebook_usage: float
+    codebook_usage: float        # share of codes hit among num_tokens: undercounts when tokens are few
+    num_tokens: int
     perplexity: float
     bits_per_image: float
     fid_features: str | None     # feature network behind rfid
