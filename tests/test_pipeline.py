@@ -95,7 +95,7 @@ def test_complete_keeps_the_known_rows(pipe_dir, monkeypatch):
     assert torch.equal(kept, codes[:2].expand_as(kept))
 
 
-def test_cli_sample_and_complete(pipe_dir, tmp_path):
+def test_cli_sample_and_complete(pipe_dir, tmp_path, monkeypatch):
     assert main(["sample", "--pipeline", str(pipe_dir), "--num", "2", "--class-label", "c", "--width", "32",
                  "--out", str(tmp_path / "s.png"), "--save-each"]) == 0
     assert Image.open(tmp_path / "s.png").size[0] > 32
@@ -104,6 +104,20 @@ def test_cli_sample_and_complete(pipe_dir, tmp_path):
     assert main(["complete", "--pipeline", str(pipe_dir), "--image", str(tmp_path / "in.png"), "--keep-rows", "2",
                  "--num", "2", "--class-label", "0", "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").is_file()
+    # bfloat16 prior weights: the prior samples in bf16, the tokenizer decodes in fp32
+    seen = {}
+    original = VQGPTPipeline.generate
+
+    def spy(self, *args, **kwargs):
+        seen["prior"] = self.prior.tok_embeddings.weight.dtype
+        seen["tokenizer"] = next(self.tokenizer.parameters()).dtype
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VQGPTPipeline, "generate", spy)
+    assert main(["sample", "--pipeline", str(pipe_dir), "--num", "2", "--class-label", "c", "--prior-dtype", "bfloat16",
+                 "--cfg-scale", "2.0", "--out", str(tmp_path / "bf16.png")]) == 0
+    assert seen == {"prior": torch.bfloat16, "tokenizer": torch.float32}
+    assert (tmp_path / "bf16.png").is_file()
     # a bad pixel size is reported, not a traceback
     assert main(["sample", "--pipeline", str(pipe_dir), "--num", "1", "--height", "18",
                  "--out", str(tmp_path / "x.png")]) == 2

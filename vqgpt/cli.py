@@ -86,10 +86,16 @@ def _load_pipeline(args: argparse.Namespace):
     from vqgpt.pipeline import VQGPTPipeline
 
     if args.pipeline:
-        return VQGPTPipeline.from_pretrained(args.pipeline)
-    if args.tokenizer and args.prior:
-        return VQGPTPipeline.from_parts(args.tokenizer, args.prior)
-    raise SystemExit("error: give --pipeline DIR, or both --tokenizer DIR and --prior DIR")
+        pipe = VQGPTPipeline.from_pretrained(args.pipeline)
+    elif args.tokenizer and args.prior:
+        pipe = VQGPTPipeline.from_parts(args.tokenizer, args.prior)
+    else:
+        raise SystemExit("error: give --pipeline DIR, or both --tokenizer DIR and --prior DIR")
+    if getattr(args, "prior_dtype", "float32") != "float32":
+        import torch
+
+        pipe.prior.to(getattr(torch, args.prior_dtype))
+    return pipe
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -105,6 +111,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prior-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="prior weights while sampling: bfloat16 reads half the bytes per token (faster at batch 8 "
+                        "and up on CPUs with bf16 units, and on GPUs); the tokenizer stays float32")
     p.add_argument("--out", required=True, help="output PNG (a grid)")
     p.add_argument("--save-each", action="store_true", help="also write each image beside the grid")
 
