@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from stage1_vq.modules import Decoder, Encoder
-from stage1_vq.vit import ViTDecoder, ViTEncoder
 from stage1_vq.quantizers import FSQ, QuantizerConfig, QuantizerOutput, VectorQuantizer, build_quantizer
+from stage1_vq.vit import ViTDecoder, ViTEncoder
 from vqgpt.checkpoint import load_export, save_export
 from vqgpt.config import opt
 
@@ -44,8 +44,8 @@ class VQModelConfig:
     num_res_blocks: int = opt(2, "conv: residual blocks per encoder level (the decoder has one more)")
     attn_resolutions: list[int] = opt([16], "conv: feature-map sizes (counted from `resolution`) that get "
                                             "self-attention after each residual block")
-    resolution: int = opt(256, "nominal image size (conv: places attention; vit: sets the learned positions); any multiple of the "
-                               "downsampling factor can be encoded")
+    resolution: int = opt(256, "nominal image size (conv: places attention; vit: sets the learned positions); "
+                               "any multiple of the downsampling factor can be encoded")
     z_channels: int = opt(256, "channels of the encoder output / decoder input")
     dropout: float = opt(0.0, "conv: dropout inside residual blocks")
     norm_groups: int = opt(32, "conv: GroupNorm groups; every level width must be divisible by it")

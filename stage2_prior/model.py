@@ -153,10 +153,10 @@ def apply_rope(x: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
 class Linear(nn.Linear):
     """nn.Linear with a faster product for a few rows at CPU inference (KV-cache decoding).
 
-    x86 BLAS computes x @ W^T with 1-5 rows at 20-40% of memory bandwidth (one row: one thread),
-    but the same product as W @ x^T with 2-5 columns on all threads at 50-90%
-    (benchmarks/sampling.py prints both); one row is padded to two. Training, autocast and other
-    devices take the usual path, and the state dict is nn.Linear's.
+    On the development CPU (MKL, 2 threads) x @ W^T with 1-5 rows ran at 20-40% of memory
+    bandwidth (one row: on one thread), the same product as W @ x^T with 2-5 columns at 50-90%;
+    one row is padded to two. benchmarks/sampling.py measures the sampler built on it. Training,
+    autocast, other dtypes and devices take the usual path; the state dict is nn.Linear's.
     """
 
     max_rows = 5
