@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, init_weights_vit_timm
 
 
 def _position_embedding(pos_embed: nn.Parameter, grid: int, h: int, w: int) -> torch.Tensor:
@@ -24,13 +24,6 @@ def _position_embedding(pos_embed: nn.Parameter, grid: int, h: int, w: int) -> t
 
 def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.Sequential:
     return nn.Sequential(*[Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)])
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 class ViTEncoder(nn.Module):
@@ -46,7 +39,7 @@ class ViTEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.proj_out = nn.Linear(dim, z_channels)
         trunc_normal_(self.pos_embed, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_weights_vit_timm)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images)  # (B, dim, h, w)
@@ -70,7 +63,7 @@ class ViTDecoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.to_pixels = nn.Linear(dim, out_channels * patch_size * patch_size)
         trunc_normal_(self.pos_embed, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_weights_vit_timm)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         b, _, h, w = z.shape
