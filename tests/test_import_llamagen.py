@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vq_reference import attn_block, conv, group_norm, rel_err, res_block, swish
+from vq_reference import StateShapes, attn_block, conv, group_norm, rel_err, res_block, swish
 from stage1_vq.model import VQModel, VQModelConfig
 from stage2_prior.model import GPT, PRESETS, GPTConfig
 from vqgpt.checkpoint import load_export, read_export_meta
@@ -30,24 +30,8 @@ GPT_LAYERS, GPT_HEADS, GPT_DIM, GPT_MULTIPLE_OF, CLASSES = 2, 2, 32, 32, 10  # =
 
 def llamagen_vq_shapes() -> dict[str, tuple]:
     """Key -> shape of LlamaGen's VQModel, following vq_model.py's Encoder/Decoder loops."""
-    s: dict[str, tuple] = {}
-
-    def conv(p, cin, cout, k):
-        s[p + ".weight"], s[p + ".bias"] = (cout, cin, k, k), (cout,)
-
-    def norm(p, c):
-        s[p + ".weight"], s[p + ".bias"] = (c,), (c,)
-
-    def res(p, cin, cout):
-        norm(p + ".norm1", cin), conv(p + ".conv1", cin, cout, 3)
-        norm(p + ".norm2", cout), conv(p + ".conv2", cout, cout, 3)
-        if cin != cout:
-            conv(p + ".nin_shortcut", cin, cout, 1)
-
-    def attn(p, c):
-        norm(p + ".norm", c)
-        for n in ("q", "k", "v", "proj_out"):
-            conv(f"{p}.{n}", c, c, 1)
+    s = StateShapes()
+    conv, norm, res, attn = s.conv, s.norm, s.res, s.attn
 
     levels = len(MULT)
     conv("encoder.conv_in", 3, CH, 3)

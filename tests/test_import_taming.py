@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from vq_reference import attn_block, conv, group_norm, rel_err, res_block, swish
+from vq_reference import StateShapes, attn_block, conv, group_norm, rel_err, res_block, swish
 from stage1_vq.model import VQModel, VQModelConfig
 from vqgpt.checkpoint import load_export, read_export_meta
 from vqgpt.config import ConfigError
@@ -33,24 +33,8 @@ LOSS_KEYS = {"loss.discriminator.main.0.weight": (64, 3, 4, 4), "loss.discrimina
 
 def taming_shapes(dd: dict, n_embed: int, embed_dim: int, ema: bool = False) -> dict[str, tuple]:
     """Key -> shape of taming's VQModel state dict, following taming's Encoder/Decoder construction loops."""
-    s: dict[str, tuple] = {}
-
-    def conv(p, cin, cout, k):
-        s[p + ".weight"], s[p + ".bias"] = (cout, cin, k, k), (cout,)
-
-    def norm(p, c):
-        s[p + ".weight"], s[p + ".bias"] = (c,), (c,)
-
-    def res(p, cin, cout):
-        norm(p + ".norm1", cin), conv(p + ".conv1", cin, cout, 3)
-        norm(p + ".norm2", cout), conv(p + ".conv2", cout, cout, 3)
-        if cin != cout:
-            conv(p + ".nin_shortcut", cin, cout, 1)
-
-    def attn(p, c):
-        norm(p + ".norm", c)
-        for n in ("q", "k", "v", "proj_out"):
-            conv(f"{p}.{n}", c, c, 1)
+    s = StateShapes()
+    conv, norm, res, attn = s.conv, s.norm, s.res, s.attn
 
     ch, mult, nrb, z = dd["ch"], dd["ch_mult"], dd["num_res_blocks"], dd["z_channels"]
     levels, cur = len(mult), dd["resolution"]

@@ -1,5 +1,5 @@
-"""The VQGAN block math (taming-transformers, and LlamaGen under other key prefixes), re-implemented
-from state dicts with plain torch functions, so import tests compare our modules with it."""
+"""The VQGAN blocks (taming-transformers, and LlamaGen under other key prefixes) re-implemented for
+import tests: their state-dict shapes, and their math from state dicts with plain torch functions."""
 
 from __future__ import annotations
 
@@ -37,3 +37,24 @@ def attn_block(x, sd, p):
 def rel_err(a, b):
     """Largest absolute difference relative to the largest magnitude of the reference b."""
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+class StateShapes(dict):
+    """Key -> shape of a VQGAN-family state dict, filled block by block (conv, GroupNorm, ResNet, attention)."""
+
+    def conv(self, p, cin, cout, k):
+        self[p + ".weight"], self[p + ".bias"] = (cout, cin, k, k), (cout,)
+
+    def norm(self, p, c):
+        self[p + ".weight"], self[p + ".bias"] = (c,), (c,)
+
+    def res(self, p, cin, cout):
+        self.norm(p + ".norm1", cin), self.conv(p + ".conv1", cin, cout, 3)
+        self.norm(p + ".norm2", cout), self.conv(p + ".conv2", cout, cout, 3)
+        if cin != cout:
+            self.conv(p + ".nin_shortcut", cin, cout, 1)
+
+    def attn(self, p, c):
+        self.norm(p + ".norm", c)
+        for n in ("q", "k", "v", "proj_out"):
+            self.conv(f"{p}.{n}", c, c, 1)
