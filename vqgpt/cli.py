@@ -104,13 +104,17 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior", help="prior export folder (with --tokenizer)")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--class-label", default=None, help="class index or name (conditional priors)")
+def _add_sampling_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--class-label", default=None, help="class index or name (conditional priors)")
+    _add_sampling_knobs(p)
     p.add_argument("--prior-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="prior weights while sampling: bfloat16 reads half the bytes per token (faster at batch 8 "
                         "and up on CPUs with bf16 units, and on GPUs); the tokenizer stays float32")
@@ -312,11 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, help="image source or a stats .npz from `vqgpt fid-stats`")
     p.add_argument("--num", type=int, default=50000)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    _add_sampling_knobs(p)
     p.add_argument("--fid-weights", default=None, help=fid_help)
     p.add_argument("--split", default="train", choices=["train", "eval"], help="split of an image-source reference")
     p.add_argument("--classifier", default=None, help="MNIST classifier file (default: cached / trained once)")
