@@ -90,25 +90,28 @@ def _reference_greedy(model: GPT, labels: torch.Tensor, scale: float) -> torch.T
     return seq.view(B, *model.grid_size)
 
 
+def _greedy_with_model_batches(model, labels, cfg_scale):
+    """Greedy samples, and the set of batch sizes the model ran with."""
+    batches = []
+    hook = model.tok_embeddings.register_forward_hook(lambda m, a, out: batches.append(out.shape[0]))
+    out = generate(model, len(labels), class_labels=labels, temperature=0.0, cfg_scale=cfg_scale)
+    hook.remove()
+    return out, set(batches)
+
+
 def test_cfg_scale_one_is_the_conditional_model_without_a_null_batch():
     model = tiny_gpt()
     labels = torch.tensor([0, 1, 2])
-    batches = []
-    hook = model.tok_embeddings.register_forward_hook(lambda m, a, out: batches.append(out.shape[0]))
-    out = generate(model, 3, class_labels=labels, temperature=0.0, cfg_scale=1.0)
-    hook.remove()
-    assert set(batches) == {3}  # the null half never runs
+    out, batches = _greedy_with_model_batches(model, labels, 1.0)
+    assert batches == {3}  # the null half never runs
     assert torch.equal(out, _reference_greedy(model, labels, 1.0))
 
 
 def test_cfg_combines_conditional_and_null_logits():
     model = tiny_gpt()
     labels = torch.tensor([0, 1, 2])
-    batches = []
-    hook = model.tok_embeddings.register_forward_hook(lambda m, a, out: batches.append(out.shape[0]))
-    out = generate(model, 3, class_labels=labels, temperature=0.0, cfg_scale=4.0)
-    hook.remove()
-    assert set(batches) == {6}  # conditional and null rows in one forward
+    out, batches = _greedy_with_model_batches(model, labels, 4.0)
+    assert batches == {6}  # conditional and null rows in one forward
     assert torch.equal(out, _reference_greedy(model, labels, 4.0))
     assert not torch.equal(out, _reference_greedy(model, labels, 1.0))
 
