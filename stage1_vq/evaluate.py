@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from stage1_vq.model import VQModel
-from vqgpt.data import DataConfig, build_dataset
+from vqgpt.data import DataConfig, build_dataset, readable_batches
 from vqgpt.images import save_grid, side_by_side, tensor_to_pil
 from vqgpt.metrics import bits_per_image, code_histogram, codebook_stats, psnr, ssim
 
@@ -30,7 +30,11 @@ def load_lpips(kind: str, device: torch.device) -> torch.nn.Module | None:
     elif kind != "vgg":
         cfg = replace(cfg, perceptual="lpips-vgg", perceptual_weights_path=kind)
     try:
-        net = build_perceptual(cfg)
+        # A fixed seed: the 'random' backbone is the same network in every run (its figures compare
+        # across runs, like --fid-weights random), and the caller's RNG stream is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = build_perceptual(cfg)
     except Exception as exc:  # offline machines cannot fetch the VGG weights: report, don't crash
         warnings.warn(f"LPIPS unavailable ({type(exc).__name__}: {exc}); reporting lpips as null. "
                       "Pass --lpips PATH to local weights, or --lpips none.")
@@ -53,7 +57,7 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
     dataset = build_dataset(DataConfig(source=images, resolution=resolution, random_crop=False, hflip=False), "eval")
     if num_images is not None:
         dataset = Subset(dataset, range(min(num_images, len(dataset))))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    batches = readable_batches(dataset, batch_size)  # a file that fails to decode is left out, not replaced
     perceptual = load_lpips(lpips, device)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -63,7 +67,8 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
     grid_pairs = []
     index = 0
     grid_shape = None
-    for batch, _labels in tqdm(loader, desc="reconstruct", disable=not progress):
+    for batch, _labels in tqdm(batches, desc="reconstruct", total=-(-len(dataset) // batch_size),
+                               disable=not progress):
         batch = batch.to(device)
         codes = model.encode(batch)                                      # (B, h, w)
         recon = model.decode(codes).clamp(-1, 1)                         # (B, 3, H, W)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from vqgpt.config import opt
 
 QUANTIZER_KINDS = ("vq", "fsq")
+DEFAULT_VQ_CODEBOOK_SIZE = 1024
 
 
 @dataclass
@@ -27,7 +28,8 @@ class QuantizerConfig:
     """How latents become discrete codes."""
 
     kind: str = opt("vq", "quantizer: 'vq' (learned codebook) or 'fsq' (finite scalar quantization)")
-    codebook_size: int = opt(1024, "number of codes; for kind 'fsq' it is derived and set to prod(fsq_levels)")
+    codebook_size: int | None = opt(None, "number of codes; null = 1024 for 'vq', prod(fsq_levels) for 'fsq' "
+                                          "(a value set for 'fsq' must equal that product)")
     codebook_dim: int | None = opt(None, "channels of the code vectors (quant_conv maps z_channels to it); "
                                          "null = z_channels for 'vq', len(fsq_levels) for 'fsq'")
     l2_norm: bool = opt(False, "vq: l2-normalise latents and codes before the lookup (ViT-VQGAN / LlamaGen)")
@@ -61,8 +63,15 @@ class QuantizerConfig:
             bad = [name for name, on in vq_only.items() if on]
             if bad:
                 raise ValueError(f"{', '.join(bad)} only apply to quantizer kind 'vq', not 'fsq'")
-            self.codebook_size = math.prod(self.fsq_levels)
+            # Derived from the levels; a value the user wrote must agree rather than be replaced.
+            size = math.prod(self.fsq_levels)
+            if self.codebook_size is not None and self.codebook_size != size:
+                raise ValueError(f"codebook_size {self.codebook_size} disagrees with fsq_levels {self.fsq_levels}, "
+                                 f"which give {size} codes; leave codebook_size out (or set it to {size})")
+            self.codebook_size = size
         else:
+            if self.codebook_size is None:
+                self.codebook_size = DEFAULT_VQ_CODEBOOK_SIZE
             if self.codebook_size < 2:
                 raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
             if not 0.0 < self.ema_decay < 1.0:

@@ -18,7 +18,7 @@ from stage1_vq.losses import LossConfig, build_discriminator, build_perceptual, 
 from stage1_vq.model import VQModel, VQModelConfig
 from vqgpt.checkpoint import save_checkpoint
 from vqgpt.config import ConfigError, opt
-from vqgpt.data import DataConfig, build_dataset
+from vqgpt.data import DataConfig, Unreadable, build_dataset
 from vqgpt.images import save_grid, side_by_side
 from vqgpt.metrics import psnr
 from vqgpt.training import (
@@ -38,7 +38,7 @@ from vqgpt.training import (
     make_ema,
     make_optimizer,
     nonfinite_message,
-    prepare_run_dir,
+    open_run_dir,
     set_grad_checkpointing,
     set_lr,
     stop_after_interrupt,
@@ -61,164 +61,176 @@ class TokenizerRunConfig:
 def _snapshot_images(cfg: TokenizerRunConfig, n: int = 8) -> torch.Tensor:
     """A fixed batch of held-out images for the periodic reconstruction grids, (n, 3, R, R)."""
     dataset = build_dataset(cfg.data, "eval")
-    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+    readable = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if not isinstance(item, Unreadable):
+            readable.append(item[0])
+        if len(readable) == n:
+            break
+    return torch.stack(readable)
 
 
-def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None = None) -> Path:
-    """Train a tokenizer into RUN=``out``; returns RUN/export. ``resume``: None, 'auto' or a checkpoint path."""
+def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None = None,
+                    overwrite: bool = False) -> Path:
+    """Train a tokenizer into RUN=``out``; returns RUN/export. ``resume``: None, 'auto' or a checkpoint path;
+    ``overwrite``: replace what RUN holds (without it, or ``resume``, a RUN holding a run is an error)."""
     tc = cfg.train
     accelerator = make_accelerator(tc, out)
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ConfigError("the tokenizer trains with DDP (configs/accelerate/multi_gpu.yaml); FSDP is for large priors")
-    run_dir = prepare_run_dir(out, cfg, accelerator)
-    is_main = accelerator.is_main_process
+    with open_run_dir(out, cfg, accelerator, resume, overwrite) as run:
+        run_dir = run.path
+        is_main = accelerator.is_main_process
 
-    # ---- data
-    dataset = build_dataset(cfg.data, "train")
-    loader = make_dataloader(dataset, tc)
-    if len(loader) < accelerator.num_processes:
-        raise ConfigError(f"train.batch_size={tc.batch_size} x {accelerator.num_processes} processes is larger "
-                          f"than the {len(dataset)} training images of {cfg.data.source}")
-    snapshot = _snapshot_images(cfg)
+        # ---- data
+        dataset = build_dataset(cfg.data, "train")
+        loader = make_dataloader(dataset, tc)
+        if len(loader) < accelerator.num_processes:
+            raise ConfigError(f"train.batch_size={tc.batch_size} x {accelerator.num_processes} processes is larger "
+                              f"than the {len(dataset)} training images of {cfg.data.source}")
+        snapshot = _snapshot_images(cfg)
 
-    # ---- models, losses, optimisers
-    model = VQModel(cfg.model)
-    set_grad_checkpointing(model, tc.grad_checkpointing)
-    use_gan = cfg.loss.gan_weight > 0
-    disc = build_discriminator(cfg.loss) if use_gan else None
-    if use_gan and cfg.loss.disc_norm == "batch" and accelerator.num_processes > 1:
-        if accelerator.device.type == "cpu":
-            warnings.warn("loss.disc_norm=batch with several CPU processes: BatchNorm statistics stay per process "
-                          "(SyncBatchNorm needs GPUs); loss.disc_norm=group avoids the question", stacklevel=2)
-        else:  # batch statistics over the global batch, as one process would compute them
-            disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
-    perceptual = build_perceptual(cfg.loss)
-    opt_g = make_optimizer(model.parameters(), tc)
-    if tc.compile:
-        model = torch.compile(model)
-    if use_gan:
-        opt_d = make_optimizer(disc.parameters(), tc, lr=tc.lr * cfg.disc_lr_ratio)
-        model, disc, opt_g, opt_d, loader = accelerator.prepare(model, disc, opt_g, opt_d, loader)
-        # The generator's GAN term goes through the bare discriminator with frozen weights, so
-        # it neither writes discriminator gradients nor engages DDP's reducer for that pass.
-        disc_frozen = unwrap(accelerator, disc)
-    else:
-        model, opt_g, loader = accelerator.prepare(model, opt_g, loader)
-    if perceptual is not None:
-        perceptual = perceptual.to(accelerator.device).eval().requires_grad_(False)
-    ema = make_ema(accelerator, model, tc.ema_decay)
+        # ---- models, losses, optimisers
+        model = VQModel(cfg.model)
+        set_grad_checkpointing(model, tc.grad_checkpointing)
+        use_gan = cfg.loss.gan_weight > 0
+        disc = build_discriminator(cfg.loss) if use_gan else None
+        if use_gan and cfg.loss.disc_norm == "batch" and accelerator.num_processes > 1:
+            if accelerator.device.type == "cpu":
+                warnings.warn("loss.disc_norm=batch with several CPU processes: BatchNorm statistics stay per process "
+                              "(SyncBatchNorm needs GPUs); loss.disc_norm=group avoids the question", stacklevel=2)
+            else:  # batch statistics over the global batch, as one process would compute them
+                disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+        perceptual = build_perceptual(cfg.loss)
+        opt_g = make_optimizer(model.parameters(), tc)
+        if tc.compile:
+            model = torch.compile(model)
+        if use_gan:
+            opt_d = make_optimizer(disc.parameters(), tc, lr=tc.lr * cfg.disc_lr_ratio)
+            model, disc, opt_g, opt_d, loader = accelerator.prepare(model, disc, opt_g, opt_d, loader)
+            # The generator's GAN term goes through the bare discriminator with frozen weights, so
+            # it neither writes discriminator gradients nor engages DDP's reducer for that pass.
+            disc_frozen = unwrap(accelerator, disc)
+        else:
+            model, opt_g, loader = accelerator.prepare(model, opt_g, loader)
+        if perceptual is not None:
+            perceptual = perceptual.to(accelerator.device).eval().requires_grad_(False)
+        ema = make_ema(accelerator, model, tc.ema_decay)
 
-    # ---- resume
-    step, position = load_resume(accelerator, run_dir, resume, tc.batch_size)
+        # ---- resume
+        step, position = load_resume(accelerator, run.checkpoint, tc.batch_size)
 
-    log = MetricsLog(run_dir, accelerator)
-    bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc="tokenizer", dynamic_ncols=True)
-    batches = batch_stream(accelerator, loader, position)
+        log = MetricsLog(run_dir, accelerator)
+        bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc="tokenizer", dynamic_ncols=True)
+        batches = batch_stream(accelerator, loader, position)
 
-    def replicas() -> dict[str, torch.nn.Module | None]:
-        return {"model": unwrap(accelerator, model), "disc": unwrap(accelerator, disc) if use_gan else None,
-                "ema": ema.module if ema is not None else None}
+        def replicas() -> dict[str, torch.nn.Module | None]:
+            return {"model": unwrap(accelerator, model), "disc": unwrap(accelerator, disc) if use_gan else None,
+                    "ema": ema.module if ema is not None else None}
 
-    def checkpoint() -> None:
-        check_replicas(accelerator, replicas())
-        save_checkpoint(accelerator, run_dir, step, tc.keep_checkpoints,
-                        extra=stream_state(position, accelerator, tc.batch_size))
+        def checkpoint() -> None:
+            check_replicas(accelerator, replicas())
+            save_checkpoint(accelerator, run_dir, step, tc.keep_checkpoints,
+                            extra=stream_state(position, accelerator, tc.batch_size))
 
-    def snapshot_grid() -> None:
-        if is_main:
-            net = ema.module if ema is not None else unwrap(accelerator, model)
-            was_training = net.training
-            net.eval()
-            with torch.no_grad(), accelerator.autocast():
-                recon = net(snapshot.to(accelerator.device)).reconstruction.float().cpu()
-            net.train(was_training)
-            save_grid(side_by_side(snapshot, recon), run_dir / "samples" / f"step-{step:08d}.png", nrow=8)
+        def snapshot_grid() -> None:
+            if is_main:
+                net = ema.module if ema is not None else unwrap(accelerator, model)
+                was_training = net.training
+                net.eval()
+                with torch.no_grad(), accelerator.autocast():
+                    recon = net(snapshot.to(accelerator.device)).reconstruction.float().cpu()
+                net.train(was_training)
+                save_grid(side_by_side(snapshot, recon), run_dir / "samples" / f"step-{step:08d}.png", nrow=8)
 
-    model.train()
-    skipped = 0
-    with GracefulInterrupt() as interrupt:
-        while step < tc.steps:
-            gan_on = use_gan and step >= cfg.loss.disc_start
-            log_now = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
-            lr = set_lr(opt_g, step, tc)
-            if use_gan:
-                set_lr(opt_d, step, tc, peak=tc.lr * cfg.disc_lr_ratio)
-            metrics = StepMetrics()
-            # One optimizer step = grad_accum micro-batches through both models together.
-            for _ in range(tc.grad_accum):
-                images, _labels = next(batches)
-                with accelerator.accumulate(*([model, disc] if use_gan else [model])):
-                    # -- generator / tokenizer
-                    with accelerator.autocast():
-                        out = model(images)                      # reconstruction (B,3,H,W)
-                        logits_fake = None
-                        if gan_on:
-                            disc_frozen.requires_grad_(False)
-                            logits_fake = disc_frozen(out.reconstruction)
-                        g = generator_loss(images, out.reconstruction, out.quantizer.loss, logits_fake,
-                                           perceptual, cfg.loss, step, unwrap(accelerator, model).last_layer_weight)
-                    # Every rank takes the same decision, so DDP's collectives stay matched.
-                    finite = all_finite(accelerator, g.total)
-                    if finite:
-                        accelerator.backward(g.total)
-                        if accelerator.sync_gradients:
-                            finite = clip_gradients(accelerator, model.parameters(), tc)
+        model.train()
+        skipped = 0
+        with GracefulInterrupt() as interrupt:
+            while step < tc.steps:
+                gan_on = use_gan and step >= cfg.loss.disc_start
+                log_now = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
+                lr = set_lr(opt_g, step, tc)
+                if use_gan:
+                    set_lr(opt_d, step, tc, peak=tc.lr * cfg.disc_lr_ratio)
+                metrics = StepMetrics()
+                # One optimizer step = grad_accum micro-batches through both models together.
+                for _ in range(tc.grad_accum):
+                    images, _labels = next(batches)
+                    with accelerator.accumulate(*([model, disc] if use_gan else [model])):
+                        # -- generator / tokenizer
+                        with accelerator.autocast():
+                            out = model(images)                      # reconstruction (B,3,H,W)
+                            logits_fake = None
+                            if gan_on:
+                                disc_frozen.requires_grad_(False)
+                                logits_fake = disc_frozen(out.reconstruction)
+                            g = generator_loss(images, out.reconstruction, out.quantizer.loss, logits_fake,
+                                               perceptual, cfg.loss, step, unwrap(accelerator, model).last_layer_weight)
+                        # Every rank takes the same decision, so DDP's collectives stay matched.
+                        finite = all_finite(accelerator, g.total)
                         if finite:
-                            opt_g.step()
-                    opt_g.zero_grad(set_to_none=True)
-                    # -- discriminator
-                    d_loss = torch.zeros((), device=accelerator.device)
-                    if use_gan:
-                        disc_frozen.requires_grad_(True)
-                        if gan_on and finite:
-                            with accelerator.autocast():
-                                d_loss = discriminator_loss(disc(images), disc(out.reconstruction.detach()), cfg.loss)
-                            d_finite = all_finite(accelerator, d_loss)
-                            if d_finite:
-                                accelerator.backward(d_loss)
-                                if accelerator.sync_gradients:
-                                    d_finite = clip_gradients(accelerator, disc.parameters(), tc)
+                            accelerator.backward(g.total)
+                            if accelerator.sync_gradients:
+                                finite = clip_gradients(accelerator, model.parameters(), tc)
+                            if finite:
+                                opt_g.step()
+                        opt_g.zero_grad(set_to_none=True)
+                        # -- discriminator
+                        d_loss = torch.zeros((), device=accelerator.device)
+                        if use_gan:
+                            disc_frozen.requires_grad_(True)
+                            if gan_on and finite:
+                                with accelerator.autocast():
+                                    d_loss = discriminator_loss(disc(images), disc(out.reconstruction.detach()),
+                                                                cfg.loss)
+                                d_finite = all_finite(accelerator, d_loss)
                                 if d_finite:
-                                    opt_d.step()
-                            finite = finite and d_finite
-                        opt_d.zero_grad(set_to_none=True)
-                if finite:
-                    metrics.add(loss=g.total, rec_loss=g.reconstruction, perceptual=g.perceptual, gan=g.gan,
-                                gan_weight=g.gan_weight, quant_loss=g.quantizer, disc_loss=d_loss)
-                    if log_now:
-                        stats = out.quantizer.stats  # usage from all ranks' codes (all-reduced)
-                        metrics.add(psnr=psnr(images, out.reconstruction).mean(), usage=stats["usage"],
-                                    perplexity=stats["perplexity"])
-                elif tc.on_nonfinite == "stop":
-                    raise NonFiniteLoss(nonfinite_message("tokenizer loss or gradient norm", step + 1, run_dir))
-                else:
-                    skipped += 1
-                    accelerator.print(f"warning: non-finite loss or gradient norm in step {step + 1}; update skipped")
-            step += 1
-            if ema is not None:
-                ema.update(unwrap(accelerator, model), step=step)
+                                    accelerator.backward(d_loss)
+                                    if accelerator.sync_gradients:
+                                        d_finite = clip_gradients(accelerator, disc.parameters(), tc)
+                                    if d_finite:
+                                        opt_d.step()
+                                finite = finite and d_finite
+                            opt_d.zero_grad(set_to_none=True)
+                    if finite:
+                        metrics.add(loss=g.total, rec_loss=g.reconstruction, perceptual=g.perceptual, gan=g.gan,
+                                    gan_weight=g.gan_weight, quant_loss=g.quantizer, disc_loss=d_loss)
+                        if log_now:
+                            stats = out.quantizer.stats  # usage from all ranks' codes (all-reduced)
+                            metrics.add(psnr=psnr(images, out.reconstruction).mean(), usage=stats["usage"],
+                                        perplexity=stats["perplexity"])
+                    elif tc.on_nonfinite == "stop":
+                        raise NonFiniteLoss(nonfinite_message("tokenizer loss or gradient norm", step + 1, run_dir))
+                    else:
+                        skipped += 1
+                        accelerator.print(f"warning: non-finite loss or gradient norm in step {step + 1}; "
+                                          f"update skipped")
+                step += 1
+                if ema is not None:
+                    ema.update(unwrap(accelerator, model), step=step)
 
-            if log_now:
-                record = {"step": step, "lr": lr, **metrics.mean(accelerator), "skipped": skipped}
-                log.write(record)
-                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
-                                psnr=f"{record.get('psnr', float('nan')):.2f}",
-                                usage=f"{record.get('usage', float('nan')):.0%}")
-            bar.update(1)
-            if tc.sample_every and step % tc.sample_every == 0:
-                snapshot_grid()
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
-                checkpoint()
-            if interrupt.any_process(accelerator):
-                stop_after_interrupt(accelerator, step, checkpoint, bar)
-    bar.close()
-    checkpoint()
-    snapshot_grid()
+                if log_now:
+                    record = {"step": step, "lr": lr, **metrics.mean(accelerator), "skipped": skipped}
+                    log.write(record)
+                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                                    psnr=f"{record.get('psnr', float('nan')):.2f}",
+                                    usage=f"{record.get('usage', float('nan')):.0%}")
+                bar.update(1)
+                if tc.sample_every and step % tc.sample_every == 0:
+                    snapshot_grid()
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
+                    checkpoint()
+                if interrupt.any_process(accelerator):
+                    stop_after_interrupt(accelerator, step, checkpoint, bar)
+        bar.close()
+        checkpoint()
+        snapshot_grid()
 
-    export_dir = run_dir / "export"
-    if is_main:
-        final = ema.module if ema is not None else unwrap(accelerator, model)
-        final.save_pretrained(export_dir)
-        accelerator.print(f"tokenizer exported to {export_dir}")
-    finish_run(accelerator)
-    return export_dir
+        export_dir = run_dir / "export"
+        if is_main:
+            final = ema.module if ema is not None else unwrap(accelerator, model)
+            final.save_pretrained(export_dir)
+            accelerator.print(f"tokenizer exported to {export_dir}")
+        finish_run(accelerator)
+        return export_dir

@@ -51,9 +51,14 @@ def find_multiple(n: int, k: int) -> int:
 
 @dataclass
 class GPTConfig:
-    codebook_size: int = opt(1024, "vocabulary: number of codes of the tokenizer")
-    grid_size: list[int] = opt([16, 16], "(h, w) code grid the prior is trained on")
-    num_classes: int = opt(0, "number of classes; 0 = unconditional (a learned start embedding is the prefix)")
+    # Unset (null) = taken from the token shards by train-prior; a value set that disagrees with them is an error.
+    codebook_size: int | None = opt(None, "vocabulary: number of codes of the tokenizer; null = the token shards' "
+                                          "(a model needs it set)")
+    grid_size: list[int] | None = opt(None, "(h, w) code grid the prior is trained on; null = the token shards' "
+                                            "(a model needs it set)")
+    num_classes: int | None = opt(None, "number of classes; 0 = unconditional (a learned start embedding is the "
+                                        "prefix); null = the token shards' class count when `conditional` and "
+                                        "above 1, else 0 (a model needs it set)")
     class_dropout: float = opt(0.1, "training probability of replacing a label by the null class (for CFG); "
                                     ">0 adds the null row")
     n_layer: int = opt(12, "transformer blocks")
@@ -74,13 +79,14 @@ class GPTConfig:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"{key}: {why}, got {getattr(self, key)!r}")
 
-        if len(self.grid_size) != 2 or min(self.grid_size) < 1:
-            raise bad("grid_size", "expected two positive integers (h, w)")
-        self.grid_size = [int(s) for s in self.grid_size]
+        if self.grid_size is not None:
+            if len(self.grid_size) != 2 or min(self.grid_size) < 1:
+                raise bad("grid_size", "expected two positive integers (h, w)")
+            self.grid_size = [int(s) for s in self.grid_size]
         for key in ("codebook_size", "n_layer", "n_head", "dim", "multiple_of"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise bad(key, "must be positive")
-        if self.num_classes < 0:
+        if self.num_classes is not None and self.num_classes < 0:
             raise bad("num_classes", "must be >= 0")
         for key in ("class_dropout", "dropout", "attn_dropout", "token_dropout", "drop_path"):
             if not 0.0 <= getattr(self, key) < 1.0:
@@ -91,6 +97,13 @@ class GPTConfig:
             raise bad("dim", f"head size dim/n_head={self.head_dim} must be divisible by 4 for 2D RoPE")
         if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
             raise bad("n_kv_head", f"must divide n_head={self.n_head}")
+
+    def require_data_fields(self, keys: tuple[str, ...] = ("codebook_size", "grid_size", "num_classes")) -> None:
+        """Raise unless ``keys`` are set (train-prior takes them from the token shards)."""
+        unset = [key for key in keys if getattr(self, key) is None]
+        if unset:
+            raise ConfigError(f"{', '.join(unset)}: not set; a GPT needs them (train-prior takes them from the "
+                              "token shards)")
 
     @property
     def head_dim(self) -> int:
@@ -285,6 +298,7 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        config.require_data_fields()
         self.config = config
         self.grid_size = tuple(config.grid_size)
         self.seq_len = config.seq_len
@@ -448,6 +462,7 @@ def count_parameters(model_or_config: GPT | GPTConfig, exclude_embeddings: bool 
     """Number of parameters; ``exclude_embeddings`` drops token/class embeddings (not the output head)."""
     if isinstance(model_or_config, GPTConfig):
         c = model_or_config
+        c.require_data_fields(("codebook_size", "num_classes"))  # the grid adds no parameters
         kv = c.n_kv_head or c.n_head
         per_layer = c.dim * (c.n_head + 2 * kv) * c.head_dim + c.dim * c.dim + 3 * c.dim * c.ffn_hidden_dim + 2 * c.dim
         if c.qk_norm:

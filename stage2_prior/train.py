@@ -42,7 +42,7 @@ from vqgpt.training import (
     make_ema,
     make_optimizer,
     nonfinite_message,
-    prepare_run_dir,
+    open_run_dir,
     set_grad_checkpointing,
     set_lr,
     stop_after_interrupt,
@@ -66,10 +66,30 @@ class PriorRunConfig:
 
 
 def model_config_for(cfg: PriorRunConfig, data: TokenDataset) -> GPTConfig:
-    """The model config with vocabulary, grid and class count taken from the shards' metadata."""
+    """The model config with vocabulary, grid and class count from the shards' metadata: unset ones are
+    filled (and said so on stderr), a set one that disagrees is an error naming both values."""
+    import os
+    import sys
+
     num_classes = data.num_classes if (cfg.conditional and data.num_classes > 1) else 0
-    return dataclasses.replace(cfg.model, codebook_size=data.codebook_size,
-                               grid_size=list(data.grid_size), num_classes=num_classes)
+    shards = {"codebook_size": data.codebook_size, "grid_size": list(data.grid_size), "num_classes": num_classes}
+    filled = {}
+    for key, value in shards.items():
+        ours = getattr(cfg.model, key)
+        if ours is None:
+            filled[key] = value
+        elif ours != value:
+            why = ""
+            if key == "num_classes":
+                why = (" (conditional is false)" if not cfg.conditional else
+                       f" (they hold {data.num_classes} class)" if data.num_classes <= 1 else
+                       "; for an unconditional prior set conditional: false" if ours == 0 else "")
+            raise ConfigError(f"model.{key}: the config sets {ours}, but the token shards in {cfg.tokens} give "
+                              f"{value}{why}; leave model.{key} out to take the shards' value")
+    if filled and os.environ.get("RANK", "0") == "0":  # once, not once per process
+        print(f"prior: {', '.join(f'model.{k}={v}' for k, v in filled.items())} from the token shards in {cfg.tokens}",
+              file=sys.stderr)
+    return dataclasses.replace(cfg.model, **filled)
 
 
 def sample_snapshot(model: GPT, decode: Decoder, path: Path, cfg: PriorRunConfig, seed: int = 0) -> Path:
@@ -97,8 +117,11 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
-                decode: Decoder | None = None, tokenizer_fingerprint: str | None = None) -> Path:
-    """Train a prior on ``cfg.tokens`` into RUN=``out``; returns RUN/export."""
+                decode: Decoder | None = None, tokenizer_fingerprint: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Train a prior on ``cfg.tokens`` into RUN=``out``; returns RUN/export. ``resume``: None, 'auto' or a
+    checkpoint path; ``overwrite``: replace what RUN holds (without it, or ``resume``, a RUN holding a run
+    is an error)."""
     tc = cfg.train
     if not cfg.tokens:
         raise ConfigError("tokens: no token shard folder given (use --tokens DIR)")
@@ -113,101 +136,104 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp and tc.ema_decay > 0:
         raise ConfigError("train.ema_decay: EMA weights are not supported with FSDP; set train.ema_decay=0")
-    run_dir = prepare_run_dir(out, cfg, accelerator)
-    is_main = accelerator.is_main_process
+    with open_run_dir(out, cfg, accelerator, resume, overwrite) as run:
+        run_dir = run.path
+        is_main = accelerator.is_main_process
 
-    loader = make_dataloader(data, tc)
-    if len(loader) < accelerator.num_processes:
-        raise ConfigError(f"train.batch_size={tc.batch_size} x {accelerator.num_processes} processes is larger "
-                          f"than the {len(data)} grids in {cfg.tokens}")
-    model = GPT(model_cfg)
-    set_grad_checkpointing(model, tc.grad_checkpointing)
-    optimizer = make_optimizer(model.parameters(), tc)
-    if tc.compile:
-        model = torch.compile(model)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    ema = make_ema(accelerator, model, tc.ema_decay)
+        loader = make_dataloader(data, tc)
+        if len(loader) < accelerator.num_processes:
+            raise ConfigError(f"train.batch_size={tc.batch_size} x {accelerator.num_processes} processes is larger "
+                              f"than the {len(data)} grids in {cfg.tokens}")
+        model = GPT(model_cfg)
+        set_grad_checkpointing(model, tc.grad_checkpointing)
+        optimizer = make_optimizer(model.parameters(), tc)
+        if tc.compile:
+            model = torch.compile(model)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        ema = make_ema(accelerator, model, tc.ema_decay)
 
-    step, position = load_resume(accelerator, run_dir, resume, tc.batch_size)
+        step, position = load_resume(accelerator, run.checkpoint, tc.batch_size)
 
-    log = MetricsLog(run_dir, accelerator)
-    bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc="prior", dynamic_ncols=True)
-    batches = batch_stream(accelerator, loader, position)
-    # Class dropout (labels -> null class at model.class_dropout, for guidance) happens inside the
-    # model in train mode, drawn from torch's RNG, which save_state/load_state restore.
-    conditional = model_cfg.num_classes > 0
-    tokens_per_step = tc.batch_size * tc.grad_accum * accelerator.num_processes * data.grid_size[0] * data.grid_size[1]
+        log = MetricsLog(run_dir, accelerator)
+        bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc="prior", dynamic_ncols=True)
+        batches = batch_stream(accelerator, loader, position)
+        # Class dropout (labels -> null class at model.class_dropout, for guidance) happens inside the
+        # model in train mode, drawn from torch's RNG, which save_state/load_state restore.
+        conditional = model_cfg.num_classes > 0
+        tokens_per_step = (tc.batch_size * tc.grad_accum * accelerator.num_processes
+                           * data.grid_size[0] * data.grid_size[1])
 
-    def checkpoint() -> None:
-        check_replicas(accelerator, {"model": unwrap(accelerator, model), "ema": ema.module if ema else None})
-        save_checkpoint(accelerator, run_dir, step, tc.keep_checkpoints,
-                        extra=stream_state(position, accelerator, tc.batch_size))
+        def checkpoint() -> None:
+            check_replicas(accelerator, {"model": unwrap(accelerator, model), "ema": ema.module if ema else None})
+            save_checkpoint(accelerator, run_dir, step, tc.keep_checkpoints,
+                            extra=stream_state(position, accelerator, tc.batch_size))
 
-    def snapshot() -> None:
-        # Under FSDP only all processes together hold the weights; sample from the export instead.
-        if is_main and decode is not None and not fsdp:
-            net = ema.module if ema is not None else unwrap(accelerator, model)
-            sample_snapshot(net, decode, run_dir / "samples" / f"step-{step:08d}.png", cfg)
+        def snapshot() -> None:
+            # Under FSDP only all processes together hold the weights; sample from the export instead.
+            if is_main and decode is not None and not fsdp:
+                net = ema.module if ema is not None else unwrap(accelerator, model)
+                sample_snapshot(net, decode, run_dir / "samples" / f"step-{step:08d}.png", cfg)
 
-    model.train()
-    t_last, step_last, skipped = time.perf_counter(), step, 0
-    with GracefulInterrupt() as interrupt:
-        while step < tc.steps:
-            lr = set_lr(optimizer, step, tc)
-            metrics = StepMetrics()
-            for _ in range(tc.grad_accum):
-                grids, labels = next(batches)
-                tokens = grids.flatten(1)                                   # (B, T)
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        logits = model(tokens, labels if conditional else None)  # (B, T, V)
-                        loss = next_token_loss(logits, tokens)
-                    # Every rank takes the same decision, so DDP's collectives stay matched.
-                    finite = all_finite(accelerator, loss)
-                    if finite:
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:
-                            finite = clip_gradients(accelerator, model.parameters(), tc)
+        model.train()
+        t_last, step_last, skipped = time.perf_counter(), step, 0
+        with GracefulInterrupt() as interrupt:
+            while step < tc.steps:
+                lr = set_lr(optimizer, step, tc)
+                metrics = StepMetrics()
+                for _ in range(tc.grad_accum):
+                    grids, labels = next(batches)
+                    tokens = grids.flatten(1)                                   # (B, T)
+                    with accelerator.accumulate(model):
+                        with accelerator.autocast():
+                            logits = model(tokens, labels if conditional else None)  # (B, T, V)
+                            loss = next_token_loss(logits, tokens)
+                        # Every rank takes the same decision, so DDP's collectives stay matched.
+                        finite = all_finite(accelerator, loss)
                         if finite:
-                            optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if finite:
-                    metrics.add(loss=loss)
-                elif tc.on_nonfinite == "stop":
-                    raise NonFiniteLoss(nonfinite_message("prior loss or gradient norm", step + 1, run_dir))
-                else:
-                    skipped += 1
-                    accelerator.print(f"warning: non-finite loss or gradient norm in step {step + 1}; update skipped")
-            step += 1
-            if ema is not None:
-                ema.update(unwrap(accelerator, model), step=step)
-            if step % tc.log_every == 0 or step == tc.steps:
-                now = time.perf_counter()
-                tok_s = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
-                t_last, step_last = now, step
-                means = metrics.mean(accelerator)
-                log.write({"step": step, "lr": lr, **means, "tokens_per_s": tok_s, "skipped": skipped})
-                bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", tok_s=f"{tok_s:,.0f}")
-            bar.update(1)
-            if tc.sample_every and step % tc.sample_every == 0:
-                snapshot()
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
-                checkpoint()
-            if interrupt.any_process(accelerator):
-                stop_after_interrupt(accelerator, step, checkpoint, bar)
-    bar.close()
-    checkpoint()
-    snapshot()
+                            accelerator.backward(loss)
+                            if accelerator.sync_gradients:
+                                finite = clip_gradients(accelerator, model.parameters(), tc)
+                            if finite:
+                                optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    if finite:
+                        metrics.add(loss=loss)
+                    elif tc.on_nonfinite == "stop":
+                        raise NonFiniteLoss(nonfinite_message("prior loss or gradient norm", step + 1, run_dir))
+                    else:
+                        skipped += 1
+                        accelerator.print(f"warning: non-finite loss or gradient norm in step {step + 1}; "
+                                          f"update skipped")
+                step += 1
+                if ema is not None:
+                    ema.update(unwrap(accelerator, model), step=step)
+                if step % tc.log_every == 0 or step == tc.steps:
+                    now = time.perf_counter()
+                    tok_s = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
+                    t_last, step_last = now, step
+                    means = metrics.mean(accelerator)
+                    log.write({"step": step, "lr": lr, **means, "tokens_per_s": tok_s, "skipped": skipped})
+                    bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", tok_s=f"{tok_s:,.0f}")
+                bar.update(1)
+                if tc.sample_every and step % tc.sample_every == 0:
+                    snapshot()
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
+                    checkpoint()
+                if interrupt.any_process(accelerator):
+                    stop_after_interrupt(accelerator, step, checkpoint, bar)
+        bar.close()
+        checkpoint()
+        snapshot()
 
-    export_dir = run_dir / "export"
-    final = ema.module if ema is not None else unwrap(accelerator, model)
-    if fsdp:  # gather the shards (every process takes part) into a plain model
-        state = full_state_dict(final)
-        final = GPT(model_cfg)
-        final.load_state_dict(state)
-    if is_main:
-        final.save_pretrained(export_dir, extra={"tokenizer_fingerprint": data.meta.get("tokenizer_fingerprint"),
-                                                 "classes": data.meta.get("classes", [])})
-        accelerator.print(f"prior exported to {export_dir}")
-    finish_run(accelerator)
-    return export_dir
+        export_dir = run_dir / "export"
+        final = ema.module if ema is not None else unwrap(accelerator, model)
+        if fsdp:  # gather the shards (every process takes part) into a plain model
+            state = full_state_dict(final)
+            final = GPT(model_cfg)
+            final.load_state_dict(state)
+        if is_main:
+            final.save_pretrained(export_dir, extra={"tokenizer_fingerprint": data.meta.get("tokenizer_fingerprint"),
+                                                     "classes": data.meta.get("classes", [])})
+            accelerator.print(f"prior exported to {export_dir}")
+        finish_run(accelerator)
+        return export_dir

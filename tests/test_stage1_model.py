@@ -15,7 +15,8 @@ from vqgpt.config import ConfigError, from_dict
 
 
 def tiny_config(channel_mult=(1, 2), attn=(16,), **quantizer) -> VQModelConfig:
-    quantizer.setdefault("codebook_size", 64)
+    if quantizer.get("kind", "vq") == "vq":  # FSQ's size is the product of its levels
+        quantizer.setdefault("codebook_size", 64)
     return VQModelConfig(channels=32, channel_mult=list(channel_mult), num_res_blocks=1, attn_resolutions=list(attn),
                          resolution=32, z_channels=32, quantizer=QuantizerConfig(**quantizer))
 

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def vit_config(patch_size: int = 8, **quantizer) -> VQModelConfig:
-    quantizer.setdefault("codebook_size", 64)
+    if quantizer.get("kind", "vq") == "vq":  # FSQ's size is the product of its levels
+        quantizer.setdefault("codebook_size", 64)
     return VQModelConfig(architecture="vit", patch_size=patch_size, vit_dim=32, vit_depth=2, vit_heads=4,
                          resolution=32, z_channels=16, quantizer=QuantizerConfig(**quantizer))
 

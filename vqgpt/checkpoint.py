@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vqgpt.config import ConfigError, from_dict, to_dict
@@ -26,6 +27,14 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_PREFIX = "step-"
 COMPLETE_MARKER = "COMPLETE"
+
+# Config fields that exports written before they existed lack; each default is what those older
+# exports meant (38751fb added the ViT option: older tokenizers are all conv, and the vit_* fields
+# are unused by a conv model). Every other field must be present in config.json: a silent default
+# for, say, z_channels would only surface later as a weight size-mismatch traceback.
+EXPORT_FIELDS_WITH_DEFAULTS: dict[str, tuple[str, ...]] = {
+    "vq_tokenizer": ("architecture", "patch_size", "vit_dim", "vit_depth", "vit_heads", "vit_mlp_ratio"),
+}
 
 
 def save_export(directory: str | Path, kind: str, config: Any, model: torch.nn.Module,
@@ -55,32 +64,57 @@ def save_export(directory: str | Path, kind: str, config: Any, model: torch.nn.M
 
 
 def read_export_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
-    """Read ``config.json`` of an export, checking its kind; errors name the folder."""
+    """Read ``config.json`` of an export, checking its kind and layout; errors name the file."""
     directory = Path(directory)
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a vqgpt export: {CONFIG_NAME} is missing")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: invalid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path}: expected a JSON object with 'kind' and 'config', found {type(meta).__name__}")
     if kind is not None and meta.get("kind") != kind:
         raise ConfigError(f"{path}: expected an export of kind '{kind}', found '{meta.get('kind')}'")
+    if not isinstance(meta.get("config"), dict):
+        raise ConfigError(f"{path}: the 'config' section is missing or not an object; re-export the model")
+    if not isinstance(meta.get("extra", {}), dict):
+        raise ConfigError(f"{path}: the 'extra' section is not an object")
     return meta
 
 
+def read_export_config(directory: str | Path, kind: str, config_cls: type[T]) -> T:
+    """The config of an export, loaded strictly: every field must be in ``config.json`` (no silent defaults)."""
+    return _strict_config(read_export_meta(directory, kind), Path(directory) / CONFIG_NAME, kind, config_cls)
+
+
+def _strict_config(meta: dict[str, Any], path: Path, kind: str, config_cls: type[T]) -> T:
+    try:
+        return from_dict(config_cls, meta["config"], require_all=True,
+                         optional=EXPORT_FIELDS_WITH_DEFAULTS.get(kind, ()))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` file; a missing, truncated or garbled file is one error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent}: {path.name} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{path}: not a readable safetensors file ({exc}); "
+                          f"it may be truncated or damaged: copy or export it again") from None
+
+
 def load_export(directory: str | Path, kind: str, config_cls: type[T]) -> tuple[T, dict[str, torch.Tensor], dict]:
-    """Return (config, state_dict, extra) of an export; load the weights with strict=True."""
+    """Return (config, state_dict, extra) of an export; the caller loads the weights with strict=True."""
     directory = Path(directory)
     meta = read_export_meta(directory, kind)
-    try:
-        config = from_dict(config_cls, meta["config"])
-    except ConfigError as exc:
-        raise ConfigError(f"{directory / CONFIG_NAME}: {exc}") from None
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{directory}: {WEIGHTS_NAME} is missing")
-    return config, load_file(str(weights)), meta.get("extra", {})
+    config = _strict_config(meta, directory / CONFIG_NAME, kind, config_cls)
+    return config, load_weights(directory / WEIGHTS_NAME), meta.get("extra", {})
 
 
 # ----------------------------------------------------------------------------- resume checkpoints
@@ -184,3 +218,145 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int = 3,
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     """The small JSON (step, ...) stored beside an accelerate state."""
     return json.loads((Path(path) / "trainer_state.json").read_text())
+
+
+class CheckpointError(ValueError):
+    """A file of a resume checkpoint is damaged, unexpected or unsafe to load; the message names it."""
+
+
+def _state_safe_globals() -> list[Any]:
+    """What accelerate's pickled state files may refer to beyond tensors and plain containers: the
+    numpy RNG state (an array, its dtype) and the ``codecs.encode`` its bytes are pickled through."""
+    import codecs
+
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]
+    if hasattr(np, "dtypes"):
+        allowed.append(np.dtypes.UInt32DType)
+    return allowed
+
+
+def _torch_reason(message: str) -> str:
+    """The specific line of torch's weights_only refusal, without its generic advice."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    specific = [line for line in lines if re.search(r"GLOBAL|Unsupported|unrecognized|Can only", line)]
+    return (specific or lines or ["no detail"])[0].replace("WeightsUnpickler error: ", "")
+
+
+def _refuse(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {why}; nothing from it was run. Resume from another checkpoint "
+                           f"(--resume PATH) or start the run over (--overwrite)")
+
+
+def _check_pickle(path: Path, data: bytes | None = None) -> None:
+    """Unpickle a state file (or bytes of one) with torch's weights_only loader: code never runs."""
+    import io
+    import zipfile
+
+    source: Any = io.BytesIO(data) if data is not None else path
+    mmap = data is None and zipfile.is_zipfile(path)  # map the tensors, do not read them
+    try:
+        with torch.serialization.safe_globals(_state_safe_globals()):
+            torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # refused globals, damaged zips and truncated pickles fail in many ways
+        raise _refuse(path, f"not a safe PyTorch state file ({_torch_reason(str(exc))})") from None
+
+
+# What torch.distributed.checkpoint (FSDP's sharded state) pickles into its `.metadata` file.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+      ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+
+def _check_sharded_state(folder: Path) -> None:
+    """Check a torch.distributed.checkpoint folder (FSDP's sharded model or optimizer state).
+
+    DCP reads `.metadata` with plain ``pickle`` and each non-tensor entry with
+    ``torch.load(weights_only=False)``: the metadata is read here through an allowlist of DCP's own
+    classes, and every non-tensor entry through the weights_only loader. Tensor entries DCP itself
+    reads with weights_only=True.
+    """
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    class MetadataUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+            if (module, name) not in _DCP_METADATA_GLOBALS and not is_dtype:
+                raise pickle.UnpicklingError(f"refers to {module}.{name}")
+            return super().find_class(module, name)
+
+    meta_path = folder / ".metadata"
+    try:
+        with meta_path.open("rb") as f:
+            metadata = MetadataUnpickler(f).load()
+        storage, entries = metadata.storage_data, metadata.state_dict_metadata
+    except Exception as exc:
+        raise _refuse(meta_path, f"not a safe sharded-state index ({exc})") from None
+    for index, info in storage.items():
+        if not isinstance(entries.get(index.fqn), BytesStorageMetadata):
+            continue
+        data_path = folder / info.relative_path
+        if info.transform_descriptors or data_path.parent != folder or not data_path.is_file():
+            raise _refuse(data_path, f"entry '{index.fqn}' cannot be checked (missing or encoded data)")
+        with data_path.open("rb") as f:
+            f.seek(info.offset)
+            blob = f.read(info.length)
+        try:
+            _check_pickle(data_path, blob)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc} (entry '{index.fqn}')") from None
+
+
+def check_checkpoint(path: str | Path) -> int:
+    """Check every file of a resume checkpoint before anything loads it; returns its step.
+
+    ``accelerator.load_state`` unpickles some files with ``weights_only=False`` (the EMA weights in
+    ``custom_checkpoint_*.pkl``; FSDP's sharded state): a forged folder could run code. Each file is
+    read here by a loader that cannot run code (JSON, safetensors, torch's weights_only unpickler with
+    the numpy RNG types added); once it passes, the bytes refer to nothing else, so accelerate's load
+    of the same bytes cannot do more. An unknown file is refused too. Raises CheckpointError naming the file.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    state_path = path / "trainer_state.json"
+    try:
+        state = json.loads(state_path.read_bytes())
+        step = state["step"]
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError("'step' is not an integer")
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_path} is missing: {path} is not a complete vqgpt checkpoint") from None
+    except Exception as exc:
+        raise _refuse(state_path, f"not a trainer state (JSON with an integer 'step'): {exc}") from None
+    for item in sorted(path.iterdir()):
+        if item.name == "trainer_state.json":
+            continue
+        if item.is_dir():
+            if not (item / ".metadata").is_file():
+                raise _refuse(item, "unexpected folder in a resume checkpoint")
+            for part in item.iterdir():
+                if part.name != ".metadata" and part.suffix != ".distcp":
+                    raise _refuse(part, "unexpected file in a sharded state folder")
+            _check_sharded_state(item)
+        elif item.name == COMPLETE_MARKER:
+            if item.read_bytes().strip() != str(step).encode():
+                raise _refuse(item, f"the marker does not hold the checkpoint's step {step}")
+        elif item.suffix == ".safetensors":
+            try:
+                with safe_open(str(item), framework="pt") as f:
+                    f.keys()
+            except Exception as exc:
+                raise _refuse(item, f"not a readable safetensors file ({exc})") from None
+        elif item.suffix in (".bin", ".pkl", ".pt", ".pth"):
+            _check_pickle(item)
+        else:
+            raise _refuse(item, "unexpected file in a resume checkpoint")
+    return step

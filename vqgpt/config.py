@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -106,10 +107,35 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, strictly: unknown keys and wrong types raise."""
+def missing_keys(cls: type, data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields of ``cls`` (nested sections included) that ``data`` does not set."""
+    missing = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name not in data:
+            missing.append(key)
+        elif dataclasses.is_dataclass(hints[f.name]) and isinstance(data[f.name], Mapping):
+            missing.extend(missing_keys(hints[f.name], data[f.name], key))
+    return missing
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "", require_all: bool = False,
+              optional: typing.Collection[str] = ()) -> T:
+    """Build dataclass ``cls`` from a mapping, strictly: unknown keys and wrong types raise.
+
+    ``require_all``: every field (by dotted name, nested sections included) must be present, except
+    those named in ``optional``; used for saved files, where a silent default would hide damage.
+    YAML configs leave it off: there, a missing key means "the default".
+    """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {data!r}")
+    if require_all:
+        absent = [k for k in missing_keys(cls, data, prefix) if k not in optional]
+        if absent:
+            raise ConfigError(f"missing required key{'s' if len(absent) > 1 else ''} {', '.join(absent)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -188,9 +214,23 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
+        # Name where the bad key came from: an override (--set KEY=VALUE) or the file.
+        culprit = _override_named_in(str(exc), overrides or [])
+        if culprit is not None:
+            raise ConfigError(f"--set {culprit}: {exc}") from None
         if path is not None:
             raise ConfigError(f"{path}: {exc}") from None
         raise
+
+
+def _override_named_in(message: str, overrides: list[str]) -> str | None:
+    """The last override whose dotted key (or a key inside it) the error message names, else None."""
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        # the key as a whole dotted name: 'train.lr', train.lr: ..., or a sub-key train.lr.x / list item train.lr[0]
+        if key and re.search(rf"(?:^|['\s]){re.escape(key)}(?:$|['.:\[])", message):
+            return item
+    return None
 
 
 def save_config(obj: Any, path: str | Path) -> None:

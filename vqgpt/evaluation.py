@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from vqgpt.classifier import MNIST_SOURCE, NUM_DIGITS, load_or_train_mnist_classifier, predict
-from vqgpt.data import DataConfig, build_dataset
+from vqgpt.data import DataConfig, build_dataset, readable_batches
 from vqgpt.fid import (
     PR_MAX_FEATURES,
     PR_NEIGHBORHOOD,
@@ -186,9 +186,9 @@ def reference_stats(extractor: FeatureExtractor, source: str, resolution: int, s
     dataset = build_dataset(DataConfig(source=source, resolution=resolution, random_crop=False, hflip=False), split)
     if num_images is not None:
         dataset = Subset(dataset, range(min(num_images, len(dataset))))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    features = extract_features(extractor, (images for images, _ in loader), progress=progress,
-                                desc=f"reference features ({source})", total=len(loader))
+    batches = readable_batches(dataset, batch_size)  # a file that fails to decode is left out, not replaced
+    features = extract_features(extractor, (images for images, _ in batches), progress=progress,
+                                desc=f"reference features ({source})", total=-(-len(dataset) // batch_size))
     return compute_stats(features.pool, extractor.name, keep_features=keep_features, source=source, split=split,
                          resolution=resolution)
 

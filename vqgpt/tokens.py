@@ -4,7 +4,10 @@ A token folder holds ``tokens-00000.npy`` (uint16 when codebook_size <= 65536, e
 (N, h, w)), ``labels-00000.npy`` (int64, shape (N,)), ... and ``meta.json``. Every shard and
 ``meta.json`` is written atomically (temporary file + rename) and meta.json is rewritten after each
 shard, so an interrupted encode leaves a consistent folder that ``TokenShardWriter.resume``
-continues: ``writer.count`` items are stored and the caller skips them.
+continues: ``writer.count`` grids are stored, and the caller skips its first ``writer.items_done``
+source items (they differ when the caller skipped unreadable items or stores two grids per item).
+``source-files.json``, written by `vqgpt encode`, lists the image files encoded (path, size,
+modification time), so that a re-run can say what changed.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import torch
 from torch.utils.data import Dataset
 
 META_FILE = "meta.json"
+SOURCE_FILE = "source-files.json"
 FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = 10_000
 # meta keys owned by the writer; the caller's meta dict supplies everything else
-_WRITER_KEYS = ("format_version", "grid_size", "codebook_size", "dtype", "count", "shards", "complete")
+_WRITER_KEYS = ("format_version", "grid_size", "codebook_size", "dtype", "count", "shards", "complete",
+                "items_done", "unreadable")
 
 
 class TokenShardError(ValueError):
@@ -81,6 +86,24 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as JSON atomically (temporary file + rename)."""
+    _atomic_write_bytes(Path(path), lambda f: f.write((json.dumps(data) + "\n").encode()))
+
+
+def clear_token_folder(directory: str | Path) -> None:
+    """Delete the token shards in ``directory`` (meta.json first, so no half-deleted folder looks valid);
+    other files are left alone."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    (directory / META_FILE).unlink(missing_ok=True)
+    for pattern in ("tokens-*.npy", "labels-*.npy", "*.tmp", SOURCE_FILE):
+        for path in directory.glob(pattern):
+            if path.is_file():
+                path.unlink()
+
+
 def _check_caller_meta(meta: dict[str, Any]) -> None:
     clash = sorted(set(meta) & set(_WRITER_KEYS))
     if clash:
@@ -111,13 +134,17 @@ class TokenShardWriter:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.meta = {**meta, "format_version": FORMAT_VERSION, "grid_size": self.grid_size,
                          "codebook_size": self.codebook_size, "dtype": self.dtype.name, "count": 0,
-                         "shards": [], "complete": False}
+                         "items_done": 0, "unreadable": [], "shards": [], "complete": False}
             _write_meta(self.out_dir, self.meta)
         else:
             self.meta = _existing
+            self.meta.setdefault("items_done", self.meta["count"])  # folders written before items were tracked
+            self.meta.setdefault("unreadable", [])
         self._tokens: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
+        self._items: list[np.ndarray] = []
         self._buffered = 0
+        self._next_item = int(self.meta["items_done"])
         self.closed = False
 
     @classmethod
@@ -134,7 +161,8 @@ class TokenShardWriter:
         for key, value in expected.items():
             if key not in stored or stored[key] != json.loads(json.dumps(value)):
                 raise TokenShardError(f"cannot resume {out_dir / META_FILE}: {key} is {stored.get(key)!r} there "
-                                      f"but {value!r} now; encode into a new folder")
+                                      f"but {value!r} now; encode into a new folder, or delete the old shards "
+                                      f"(`vqgpt encode --overwrite`)")
         return cls(out_dir, grid_size, codebook_size, meta, shard_size, _existing=stored)
 
     @property
@@ -142,8 +170,29 @@ class TokenShardWriter:
         """Items stored in finished shards (buffered items are not counted until their shard is written)."""
         return int(self.meta["count"])
 
-    def add(self, indices: torch.Tensor, labels: torch.Tensor) -> None:
-        """Buffer codes (B, h, w) in [0, codebook_size) and labels (B,); flushes full shards."""
+    @property
+    def items_done(self) -> int:
+        """Source items handled (stored or skipped) up to the last finished shard: where a resume starts."""
+        return int(self.meta["items_done"])
+
+    @property
+    def unreadable(self) -> list[str]:
+        """Names noted with ``note_unreadable`` (kept in meta.json with the next shard)."""
+        return list(self.meta["unreadable"])
+
+    def note_unreadable(self, names: Sequence[str]) -> None:
+        """Record source items that could not be read (once each; a resume may meet them again)."""
+        known = set(self.meta["unreadable"])
+        self.meta["unreadable"] += [n for n in dict.fromkeys(names) if n not in known]
+
+    def add(self, indices: torch.Tensor, labels: torch.Tensor,
+            items: torch.Tensor | Sequence[int] | None = None) -> None:
+        """Buffer codes (B, h, w) in [0, codebook_size) and labels (B,); flushes full shards.
+
+        ``items`` (B,): the source item each grid comes from, non-decreasing (several grids of one
+        item, e.g. an image and its mirror image, share it; skipped items leave gaps). Default: one
+        item per grid, numbered on from the last.
+        """
         if self.closed:
             raise RuntimeError(f"TokenShardWriter for {self.out_dir} is closed")
         indices = torch.as_tensor(indices).detach().cpu()
@@ -156,16 +205,36 @@ class TokenShardWriter:
             raise ValueError("indices and labels must be integer tensors")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
             raise ValueError(f"indices must lie in [0, {self.codebook_size}), got [{int(indices.min())}, {int(indices.max())}]")
+        n = indices.shape[0]
+        if items is None:
+            item_array = np.arange(self._next_item, self._next_item + n, dtype=np.int64)
+        else:
+            item_array = np.asarray(torch.as_tensor(items).cpu(), dtype=np.int64).reshape(-1)
+            if item_array.shape != (n,):
+                raise ValueError(f"items must be ({n},), got {tuple(item_array.shape)}")
+            if n and (item_array[0] < self._next_item - 1 or (np.diff(item_array) < 0).any()):
+                raise ValueError(f"items must be non-decreasing and continue from {self._next_item}, "
+                                 f"got {item_array.tolist()[:8]}")
+        if n:
+            self._next_item = int(item_array[-1]) + 1
         self._tokens.append(indices.numpy().astype(self.dtype))
         self._labels.append(labels.numpy().astype(np.int64))
-        self._buffered += indices.shape[0]
+        self._items.append(item_array)
+        self._buffered += n
         while self._buffered >= self.shard_size:
             self._flush(self.shard_size)
 
     def _flush(self, n: int) -> None:
         tokens = np.concatenate(self._tokens)
         labels = np.concatenate(self._labels)
-        self._tokens, self._labels = [tokens[n:]], [labels[n:]]
+        items = np.concatenate(self._items)
+        # never split one item's grids across a shard boundary: a resume restarts at an item, and
+        # would store the grids before the boundary twice
+        cut = n
+        while 0 < cut < len(items) and items[cut - 1] == items[cut]:
+            cut -= 1
+        n = cut or n
+        self._tokens, self._labels, self._items = [tokens[n:]], [labels[n:]], [items[n:]]
         self._buffered -= n
         shard = len(self.meta["shards"])
         names = {"tokens": f"tokens-{shard:05d}.npy", "labels": f"labels-{shard:05d}.npy"}
@@ -174,15 +243,20 @@ class TokenShardWriter:
         # meta last: a crash before this line leaves the shard unlisted, and resume overwrites it
         self.meta["shards"].append({**names, "count": n})
         self.meta["count"] += n
+        self.meta["items_done"] = int(items[n - 1]) + 1
         self.meta["complete"] = False
         _write_meta(self.out_dir, self.meta)
 
-    def close(self) -> None:
-        """Write the last (partial) shard and mark the folder complete."""
+    def close(self, items_done: int | None = None) -> None:
+        """Write the last (partial) shard and mark the folder complete.
+
+        ``items_done``: the number of source items handled in all (default: one past the last item
+        stored), so that skipped items at the end count too."""
         if self.closed:
             return
         if self._buffered:
             self._flush(self._buffered)
+        self.meta["items_done"] = max(self.items_done, self._next_item, items_done or 0)
         self.meta["complete"] = True
         _write_meta(self.out_dir, self.meta)
         self.closed = True
