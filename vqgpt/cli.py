@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import shutil
 import sys
+import tempfile
+import warnings
 from pathlib import Path
+from typing import Callable, Iterator
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -15,7 +21,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--out", required=True, help="run folder (config, metrics, samples, checkpoints, export/)")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
-                   help="continue from the newest complete checkpoint ('auto') or a checkpoint folder")
+                   help="continue the run in --out from its newest complete checkpoint ('auto'; starts afresh "
+                        "when there is none yet) or from a checkpoint folder; only the keys listed in the README "
+                        "(train.steps, logging, ...) may differ from the run's config")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run --out already holds: its checkpoints, metrics, samples and export are "
+                        "deleted before training starts (without --resume or --overwrite, a run folder that "
+                        "holds a run is an error)")
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
@@ -23,17 +35,116 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from vqgpt.config import load_config
 
     cfg = load_config(TokenizerRunConfig, args.config, args.overrides)
-    train_tokenizer(cfg, args.out, resume=args.resume)
+    train_tokenizer(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     return 0
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (argparse names the flag in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number in [low, high] (or (low, high] with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > low if low_open else value >= low) or not value <= high:
+            bounds = (f"> {low:g}" if low_open else f">= {low:g}") + (f" and <= {high:g}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+def _emit_json(args: argparse.Namespace, document: dict) -> None:
+    """Hand the command's one JSON document to main(), which prints it on the real stdout."""
+    args.json_document = document
+
+
+def _check_image_file(path_text: str, flag: str) -> Path:
+    """Decode one image file with Pillow alone (no torch); a folder, empty or damaged file is one clear error."""
+    from PIL import Image
+
+    path = Path(path_text)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder: give one image file")
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{flag} {path} is an empty file (0 bytes): give an image file")
+    try:
+        with Image.open(path) as img:
+            img.load()  # the whole file: a truncated one fails here
+    except Exception as exc:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError, ...)
+        raise ValueError(f"{flag} {path} cannot be read as an image ({type(exc).__name__}: {exc})") from None
+    return path
+
+
+@contextlib.contextmanager
+def _image_source(source: str, flag: str) -> Iterator[str]:
+    """A folder or builtin:* as is; one image file as a temporary one-image folder (a link to it)."""
+    path = Path(source)
+    if not path.is_file():
+        yield source
+        return
+    from vqgpt.images import IMAGE_EXTENSIONS
+
+    _check_image_file(source, flag)  # a damaged file is reported under the user's path, not the temporary one
+    with tempfile.TemporaryDirectory(prefix="vqgpt-image-") as tmp:
+        # the folder scan lists known extensions only; Pillow reads the file by its content
+        link = Path(tmp) / (path.name if path.suffix.lower() in IMAGE_EXTENSIONS else path.name + ".png")
+        try:
+            link.symlink_to(path.resolve())
+        except OSError:  # no symlinks here (e.g. Windows without the privilege)
+            shutil.copy2(path, link)
+        yield tmp
+
+
+def _image_out_extensions() -> list[str]:
+    """File extensions of the image formats Pillow can write here, PNG first."""
+    from PIL import Image
+
+    registered = Image.registered_extensions()
+    return [e for e in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff") if registered.get(e) in Image.SAVE]
+
+
+def _check_image_out(path_text: str) -> None:
+    """Refuse an --out that is no writable image file name before any work is done."""
+    accepted = _image_out_extensions()
+    path = Path(path_text)
+    if path.suffix.lower() not in accepted:
+        what = "has no file extension" if not path.suffix else f"has the extension {path.suffix}, not an image format"
+        raise ValueError(f"--out {path_text} {what}: end it with one of {', '.join(accepted)} "
+                         f"(e.g. {path.with_suffix('.png') if path.name else 'samples.png'})")
+    if path.is_dir():
+        raise ValueError(f"--out {path_text} is a folder: give an image file name such as {path / 'samples.png'}")
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from stage1_vq.evaluate import reconstruct
 
-    metrics = reconstruct(args.tokenizer, args.images, args.out, num_images=args.num, resolution=args.resolution,
-                          batch_size=args.batch_size, lpips=args.lpips, progress=not args.json)
+    with _image_source(args.images, "--images") as source:
+        metrics = reconstruct(args.tokenizer, source, args.out, num_images=args.num, resolution=args.resolution,
+                              batch_size=args.batch_size, lpips=args.lpips, progress=not args.json)
+    if source != args.images:  # one image file: report the user's path, not the temporary folder
+        metrics["images"] = args.images
+        (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if args.json:
-        print(json.dumps(metrics))
+        _emit_json(args, metrics)
     else:
         lp = "n/a" if metrics["lpips"] is None else f"{metrics['lpips']:.4f}"
         print(f"{metrics['num_images']} images at {metrics['resolution']}px -> grid {metrics['grid']}\n"
@@ -48,13 +159,15 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from vqgpt.checkpoint import read_export_meta
+    from stage1_vq.model import EXPORT_KIND, VQModelConfig
+    from vqgpt.checkpoint import read_export_config
     from vqgpt.data import DataConfig
     from vqgpt.encode import encode_dataset
 
-    resolution = args.resolution or read_export_meta(args.tokenizer, "vq_tokenizer")["config"]["resolution"]
+    resolution = args.resolution or read_export_config(args.tokenizer, EXPORT_KIND, VQModelConfig).resolution
     data = DataConfig(source=args.data, resolution=resolution)
-    out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, flip=args.flip, split=args.split)
+    out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, flip=args.flip, split=args.split,
+                         overwrite=args.overwrite)
     print(f"token shards written to {out}")
     return 0
 
@@ -72,7 +185,8 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
         tokenizer = VQModel.from_pretrained(args.tokenizer).eval()
         fingerprint = tokenizer_fingerprint(args.tokenizer)
         decode = tokenizer.decode
-    export = train_prior(cfg, args.out, resume=args.resume, decode=decode, tokenizer_fingerprint=fingerprint)
+    export = train_prior(cfg, args.out, resume=args.resume, decode=decode, tokenizer_fingerprint=fingerprint,
+                         overwrite=args.overwrite)
     if args.tokenizer:
         from vqgpt.pipeline import VQGPTPipeline
 
@@ -82,15 +196,25 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_pipeline_args(args: argparse.Namespace) -> None:
+    """Exactly one of --pipeline or --tokenizer with --prior (checked before anything is loaded)."""
+    if args.pipeline and (args.tokenizer or args.prior):
+        extra = " and ".join(flag for flag, value in (("--tokenizer", args.tokenizer), ("--prior", args.prior))
+                             if value)
+        raise ValueError(f"give --pipeline DIR or --tokenizer DIR with --prior DIR, not both: --pipeline "
+                         f"{args.pipeline} already holds a tokenizer and a prior, so {extra} would be ignored")
+    if not args.pipeline and not (args.tokenizer and args.prior):
+        raise ValueError("give --pipeline DIR, or both --tokenizer DIR and --prior DIR")
+
+
 def _load_pipeline(args: argparse.Namespace):
+    _check_pipeline_args(args)
     from vqgpt.pipeline import VQGPTPipeline
 
     if args.pipeline:
         pipe = VQGPTPipeline.from_pretrained(args.pipeline)
-    elif args.tokenizer and args.prior:
-        pipe = VQGPTPipeline.from_parts(args.tokenizer, args.prior)
     else:
-        raise SystemExit("error: give --pipeline DIR, or both --tokenizer DIR and --prior DIR")
+        pipe = VQGPTPipeline.from_parts(args.tokenizer, args.prior)
     if getattr(args, "prior_dtype", "float32") != "float32":
         import torch
 
@@ -98,28 +222,55 @@ def _load_pipeline(args: argparse.Namespace):
     return pipe
 
 
+def _class_label(pipe, args: argparse.Namespace) -> int | None:
+    """--class-label -> a class index; errors name the flag (a conditional prior needs one)."""
+    n = pipe.prior.config.num_classes
+    if args.class_label is None:
+        if n:
+            names = ", ".join(pipe.classes[:10]) + (", ..." if len(pipe.classes) > 10 else "")
+            raise ValueError(f"this prior is class-conditional ({n} classes{': ' + names if names else ''}): "
+                             "pass --class-label NAME or --class-label index:N")
+        return None
+    if not n:
+        raise ValueError(f"this prior is unconditional: drop --class-label {args.class_label}")
+    try:
+        return pipe.class_index(args.class_label)
+    except ValueError as exc:
+        raise ValueError(f"--class-label {args.class_label}: {exc}") from None
+
+
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pipeline", help="pipeline folder (tokenizer/ + prior/)")
-    p.add_argument("--tokenizer", help="tokenizer export folder (with --prior)")
-    p.add_argument("--prior", help="prior export folder (with --tokenizer)")
+    p.add_argument("--pipeline", help="pipeline folder (tokenizer/ + prior/); or give --tokenizer and --prior")
+    p.add_argument("--tokenizer", help="tokenizer export folder (with --prior, instead of --pipeline)")
+    p.add_argument("--prior", help="prior export folder (with --tokenizer, instead of --pipeline)")
 
 
 def _add_sampling_knobs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scale", type=_float_in(0.0), default=1.0,
+                   help="classifier-free guidance scale, >= 0 (1 = off; larger follows the class more closely)")
+    p.add_argument("--temperature", type=_float_in(0.0), default=1.0,
+                   help="softmax temperature, >= 0 (1 = the model's distribution, lower = safer, 0 = greedy)")
+    p.add_argument("--top-k", type=_int_at_least(1), default=None,
+                   help="sample among the k most likely codes only (default: all)")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=None,
+                   help="nucleus sampling: the smallest set of codes whose probability reaches p, 0 < p <= 1 "
+                        "(default: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--class-label", default=None, help="class index or name (conditional priors)")
+    p.add_argument("--class-label", default=None, metavar="NAME|index:N",
+                   help="class of a conditional prior: its name (the sub-folder name, e.g. cats or 3), or its index "
+                        "written index:N (a bare number that is no class name is an index only when no class name "
+                        "is a number)")
     _add_sampling_knobs(p)
     p.add_argument("--prior-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="prior weights while sampling: bfloat16 reads half the bytes per token (faster at batch 8 "
                         "and up on CPUs with bf16 units, and on GPUs); the tokenizer stays float32")
-    p.add_argument("--out", required=True, help="output PNG (a grid)")
-    p.add_argument("--save-each", action="store_true", help="also write each image beside the grid")
+    p.add_argument("--out", required=True,
+                   help="output image file: a grid of the images (.png; also .jpg, .jpeg, .webp, .bmp, .tif, .tiff)")
+    p.add_argument("--save-each", action="store_true",
+                   help="also write each image as PNG into a folder beside the grid (--out without its extension)")
 
 
 def _save_outputs(images, args: argparse.Namespace, nrow: int) -> None:
@@ -136,10 +287,13 @@ def _save_outputs(images, args: argparse.Namespace, nrow: int) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    # flag mistakes are reported before torch is even imported
+    _check_image_out(args.out)
+    _check_pipeline_args(args)
     import torch
 
     pipe = _load_pipeline(args)
-    label = pipe.class_index(args.class_label) if args.class_label is not None else None
+    label = _class_label(pipe, args)
     if torch.cuda.is_available():
         pipe.to("cuda")
     images = pipe.generate(args.num, class_labels=label, height=args.height, width=args.width,
@@ -150,19 +304,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
+    # flag and file mistakes are reported before torch is even imported
+    if args.keep_rows is None and not (args.extend_right or args.extend_down):
+        raise ValueError("give --keep-rows N and/or --extend-right N / --extend-down N")
+    _check_image_out(args.out)
+    _check_pipeline_args(args)
+    _check_image_file(args.image, "--image")
     import torch
     from torchvision.transforms.v2 import functional as TF
 
     from vqgpt.images import open_rgb, pil_to_tensor
 
+    image = pil_to_tensor(open_rgb(args.image))
     pipe = _load_pipeline(args)
-    label = pipe.class_index(args.class_label) if args.class_label is not None else None
+    label = _class_label(pipe, args)
     height, width = pipe.trained_pixels()
     # The image is fitted to the prior's trained size: shorter side resized, then center-cropped.
-    image = pil_to_tensor(open_rgb(args.image))
     image = TF.center_crop(TF.resize(image, min(height, width), antialias=True), [height, width])
-    if args.keep_rows is None and not (args.extend_right or args.extend_down):
-        raise SystemExit("error: give --keep-rows N and/or --extend-right N / --extend-down N")
     images = pipe.complete(image, args.num, keep_rows=args.keep_rows, extend_right=args.extend_right,
                            extend_down=args.extend_down, class_labels=label, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale, seed=args.seed)
@@ -192,17 +350,20 @@ def cmd_import(args: argparse.Namespace) -> int:
         names = None
         if args.classes:
             names = [line.strip() for line in Path(args.classes).read_text().splitlines() if line.strip()]
+        from vqgpt.importers.llamagen import parse_model_overrides
+
         result = importers.import_llamagen_gpt(args.checkpoint, args.tokenizer, args.out, preset=args.preset,
                                                image_size=args.image_size, num_classes=args.num_classes,
-                                               class_names=names, weights=args.weights)
+                                               class_names=names, weights=args.weights,
+                                               model=parse_model_overrides(args.overrides))
     print(f"wrote {result.out} from '{result.weights}' ({result.num_tensors} tensors; dropped: {result.dropped})")
     return 0
 
 
-def _print_report(report, as_json: bool) -> None:
+def _print_report(report, args: argparse.Namespace) -> None:
     data = report.to_dict()
-    if as_json:
-        print(json.dumps(data))
+    if getattr(args, "json", False):
+        _emit_json(args, data)
     else:
         for key, value in data.items():
             print(f"{key:>24}: {value:.4f}" if isinstance(value, float) else f"{key:>24}: {value}")
@@ -214,7 +375,7 @@ def cmd_eval_tokenizer(args: argparse.Namespace) -> int:
     report = eval_tokenizer(args.tokenizer, args.images, fid_weights=args.fid_weights, lpips=args.lpips,
                             num_images=args.num, batch_size=args.batch_size, out=args.out, device=args.device,
                             progress=not args.json)
-    _print_report(report, args.json)
+    _print_report(report, args)
     return 0
 
 
@@ -225,7 +386,7 @@ def cmd_eval_prior(args: argparse.Namespace) -> int:
                         cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed, fid_weights=args.fid_weights, reference_split=args.split,
                         classifier_path=args.classifier, device=args.device, progress=not args.json)
-    _print_report(report, args.json)
+    _print_report(report, args)
     return 0
 
 
@@ -234,7 +395,7 @@ def cmd_fid_stats(args: argparse.Namespace) -> int:
 
     report = fid_stats(args.images, args.out, fid_weights=args.fid_weights, resolution=args.resolution,
                        split=args.split, num_images=args.num, batch_size=args.batch_size, device=args.device)
-    _print_report(report, False)
+    _print_report(report, args)
     return 0
 
 
@@ -263,13 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconstruct", help="reconstruct images; PSNR / SSIM / LPIPS / codebook usage")
     p.add_argument("--tokenizer", required=True, help="tokenizer export folder")
-    p.add_argument("--images", required=True, help="image folder or builtin:mnist|photos|textures (eval split)")
+    p.add_argument("--images", required=True,
+                   help="image folder, one image file, or builtin:mnist|photos|textures (eval split)")
     p.add_argument("--out", required=True, help="output folder (images/, grid.png, metrics.json)")
-    p.add_argument("--num", type=int, default=None, help="at most this many images")
-    p.add_argument("--resolution", type=int, default=None, help="pixels (default: the tokenizer's training size)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num", type=_int_at_least(1), default=None, help="at most this many images (default: all)")
+    p.add_argument("--resolution", type=_int_at_least(1), default=None,
+                   help="pixels (default: the tokenizer's training size)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per forward pass")
     p.add_argument("--lpips", default="vgg", help="vgg (standard; needs its weights), a local weights path, random, or none")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="print the metrics as one JSON object on stdout (everything else goes to stderr)")
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("encode", help="encode a dataset into token shards for stage 2")
@@ -277,9 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder or builtin:mnist|photos|textures")
     p.add_argument("--out", required=True, help="token shard folder")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: the tokenizer's training size)")
-    p.add_argument("--split", default="train", choices=["train", "eval"])
+    p.add_argument("--split", default="train", choices=["train", "eval"], help="split of the image source to encode")
     p.add_argument("--flip", action="store_true", help="also encode mirrored images (augmentation)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per forward pass")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the token shards already in --out and encode from scratch (without it, a re-run "
+                        "continues an unfinished encode of the same images, tokenizer and options and refuses any other)")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("train-prior", help="stage 2: train a GPT prior on token shards; RUN/export/ is the prior")
@@ -291,72 +458,86 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample images from a pipeline (larger sizes use sliding windows)")
     _add_pipeline_args(p)
-    p.add_argument("--num", type=int, default=16)
-    p.add_argument("--height", type=int, default=None, help="pixels (default: trained size)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default: trained size)")
+    p.add_argument("--num", type=_int_at_least(1), default=16, help="number of images")
+    p.add_argument("--height", type=_int_at_least(1), default=None,
+                   help="pixels, a multiple of the tokenizer's downsampling factor (default: trained size)")
+    p.add_argument("--width", type=_int_at_least(1), default=None,
+                   help="pixels, a multiple of the tokenizer's downsampling factor (default: trained size)")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_sample)
 
     fid_help = ("FID network: a local Inception .pth (torch-fidelity / pytorch-fid weights), default downloads it; "
                 "random[:SEED] gives figures comparable only with each other")
+    device_help = "torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)"
+    json_help = "print the report as one JSON object on stdout (everything else goes to stderr)"
     p = sub.add_parser("eval-tokenizer", help="PSNR, SSIM, LPIPS, rFID, codebook usage and perplexity")
-    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--tokenizer", required=True, help="tokenizer export folder")
     p.add_argument("--images", required=True, help="image folder or builtin:* (eval split)")
     p.add_argument("--fid-weights", default=None, help=fid_help + "; none skips rFID")
     p.add_argument("--lpips", default="vgg", help="vgg, a local weights path, random, or none")
-    p.add_argument("--num", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num", type=_int_at_least(1), default=None, help="at most this many images (default: all)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per forward pass")
     p.add_argument("--out", default=None, help="also keep reconstructions, grid and metrics.json here")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default=None, help=device_help)
+    p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_eval_tokenizer)
 
     p = sub.add_parser("eval-prior", help="FID, IS, precision, recall of samples (+ class accuracy on MNIST)")
-    p.add_argument("--pipeline", required=True)
+    p.add_argument("--pipeline", required=True, help="pipeline folder (tokenizer/ + prior/)")
     p.add_argument("--reference", required=True, help="image source or a stats .npz from `vqgpt fid-stats`")
-    p.add_argument("--num", type=int, default=50000)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num", type=_int_at_least(1), default=50000,
+                   help="samples to draw (published FID uses 50000; at least 2)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="samples drawn at once")
     _add_sampling_knobs(p)
     p.add_argument("--fid-weights", default=None, help=fid_help)
     p.add_argument("--split", default="train", choices=["train", "eval"], help="split of an image-source reference")
     p.add_argument("--classifier", default=None, help="MNIST classifier file (default: cached / trained once)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default=None, help=device_help)
+    p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_eval_prior)
 
     p = sub.add_parser("fid-stats", help="reference statistics (mu, sigma, features) of an image source, once")
-    p.add_argument("--images", required=True)
+    p.add_argument("--images", required=True, help="image folder or builtin:mnist|photos|textures")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--fid-weights", default=None, help=fid_help)
-    p.add_argument("--resolution", type=int, default=32, help="must match the tokenizer's image size")
-    p.add_argument("--split", default="train", choices=["train", "eval"])
-    p.add_argument("--num", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None)
+    p.add_argument("--resolution", type=_int_at_least(1), default=32, help="must match the tokenizer's image size")
+    p.add_argument("--split", default="train", choices=["train", "eval"], help="split of the image source")
+    p.add_argument("--num", type=_int_at_least(1), default=None, help="at most this many images (default: all)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per forward pass")
+    p.add_argument("--device", default=None, help=device_help)
     p.set_defaults(func=cmd_fid_stats)
 
     p = sub.add_parser("import", help="convert taming-transformers / LlamaGen checkpoints into vqgpt exports")
     isub = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
     q = isub.add_parser("taming", help="a taming VQGAN (last.ckpt + its model.yaml) -> a tokenizer export")
-    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--checkpoint", required=True,
+                   help="taming checkpoint (last.ckpt, or a .safetensors of its weights)")
     q.add_argument("--config", required=True, help="the checkpoint's model YAML")
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", required=True, help="tokenizer export folder to write")
     q.add_argument("--weights", default=None, help="entry of the checkpoint holding the weights (default: state_dict)")
     q.set_defaults(func=cmd_import)
     q = isub.add_parser("llamagen-vq", help="a LlamaGen VQ tokenizer (.pt) -> a tokenizer export")
-    q.add_argument("--checkpoint", required=True)
-    q.add_argument("--out", required=True)
+    q.add_argument("--checkpoint", required=True, help="LlamaGen VQ checkpoint, e.g. vq_ds16_c2i.pt")
+    q.add_argument("--out", required=True, help="tokenizer export folder to write")
     q.add_argument("--preset", default=None, help="VQ-16 or VQ-8 (a cross-check; shapes are read from the weights)")
-    q.add_argument("--image-size", type=int, default=None)
+    q.add_argument("--image-size", type=_int_at_least(1), default=None,
+                   help="training image size in pixels (default: the checkpoint's args, else 256)")
     q.add_argument("--weights", default=None, help="ema or model (default: ema when present)")
     q.set_defaults(func=cmd_import)
     q = isub.add_parser("llamagen-gpt", help="a LlamaGen class-to-image GPT (.pt) + an imported tokenizer -> a pipeline")
-    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--checkpoint", required=True, help="LlamaGen class-to-image GPT checkpoint, e.g. c2i_B_256.pt")
     q.add_argument("--tokenizer", required=True, help="the imported LlamaGen tokenizer export")
     q.add_argument("--out", required=True, help="pipeline folder (tokenizer/ + prior/)")
-    q.add_argument("--preset", default="GPT-B", help="GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-XXXL, GPT-3B")
-    q.add_argument("--image-size", type=int, default=None)
-    q.add_argument("--num-classes", type=int, default=None)
+    q.add_argument("--preset", default=None,
+                   help="GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-XXXL, GPT-3B (default: the one the checkpoint records "
+                        "in args.gpt_model); depth, width, vocabulary and classes are read from the weights")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="architecture of a non-preset model, e.g. --set model.n_head=16 (repeatable; checked "
+                        "against the weights)")
+    q.add_argument("--image-size", type=_int_at_least(1), default=None,
+                   help="image size in pixels the GPT was trained for (default: the checkpoint's args, else 256)")
+    q.add_argument("--num-classes", type=int, default=None,
+                   help="default: the checkpoint's args.num_classes, else the class table's rows minus the null row")
     q.add_argument("--classes", default=None, help="text file with one class name per line")
     q.add_argument("--weights", default=None, help="model or ema")
     q.set_defaults(func=cmd_import)
@@ -367,10 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("complete", help="complete an image from its first code rows, or extend it right / down")
     _add_pipeline_args(p)
     p.add_argument("--image", required=True, help="input image (fitted to the prior's trained size)")
-    p.add_argument("--keep-rows", type=int, default=None, help="code rows of the image to keep (default: all)")
-    p.add_argument("--extend-right", type=int, default=0, help="code columns to add on the right")
-    p.add_argument("--extend-down", type=int, default=0, help="code rows to add below")
-    p.add_argument("--num", type=int, default=4)
+    p.add_argument("--keep-rows", type=_int_at_least(0), default=None,
+                   help="code rows of the image to keep (default: all)")
+    p.add_argument("--extend-right", type=_int_at_least(0), default=0, help="code columns to add on the right")
+    p.add_argument("--extend-down", type=_int_at_least(0), default=0, help="code rows to add below")
+    p.add_argument("--num", type=_int_at_least(1), default=4, help="number of completions")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_complete)
 
@@ -381,6 +563,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send whatever is written to stdout meanwhile (print, or C code writing to fd 1) to stderr."""
+    for stream in (sys.stdout, sys.__stdout__):
+        if stream is not None:
+            stream.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no fd 1 / fd 2 (e.g. an embedded interpreter): Python-level redirection still holds
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for stream in (sys.stdout, sys.__stdout__):
+            if stream is not None:
+                stream.flush()  # while fd 1 still points at stderr
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _run_json(args: argparse.Namespace) -> int:
+    """Run a --json command: its one JSON document goes to stdout, everything else (libraries too) to stderr."""
+    with _stdout_to_stderr():
+        code = int(args.func(args) or 0)
+    document = getattr(args, "json_document", None)
+    if document is not None:
+        print(json.dumps(document), flush=True)
+    return code
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -388,23 +607,37 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    from vqgpt.config import ConfigError
-    from vqgpt.training import NonFiniteLoss
-
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = _format_warning  # a user reads "warning: ...", not a source line
     try:
-        return int(args.func(args) or 0)
-    except NonFiniteLoss as exc:
-        if os.environ.get("VQGPT_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
+        return _run(args)
+    finally:
+        warnings.formatwarning = format_warning
+
+
+def _exit_code(exc: Exception) -> int | None:
+    """3 for a non-finite loss, 2 for a user error (ConfigError is a ValueError), None for a bug."""
+    # vqgpt.training imports torch and timm (seconds): look it up only if the command imported it,
+    # so that flag mistakes are reported at once.
+    training = sys.modules.get("vqgpt.training")
+    if training is not None and isinstance(exc, training.NonFiniteLoss):
         return 3
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        if os.environ.get("VQGPT_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
+    if isinstance(exc, (FileNotFoundError, ValueError)):
         return 2
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return _run_json(args) if getattr(args, "json", False) else int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        code = _exit_code(exc)
+        if code is None or os.environ.get("VQGPT_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

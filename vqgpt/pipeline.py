@@ -5,8 +5,11 @@ A pipeline folder is ``tokenizer/`` (a VQModel export) + ``prior/`` (a GPT expor
 
 from __future__ import annotations
 
+import operator
 import shutil
+import warnings
 from pathlib import Path
+from typing import Sequence, Union
 
 import torch
 
@@ -16,6 +19,14 @@ from stage2_prior.model import GPT
 from stage2_prior.sampling import generate
 from vqgpt.checkpoint import read_export_meta
 from vqgpt.config import ConfigError
+
+INDEX_PREFIX = "index:"  # "index:2" is always class index 2, whatever the class names are
+# an index or a name (see VQGPTPipeline.class_index), one for all samples or one per sample
+ClassLabels = Union[int, str, Sequence[Union[int, str]], torch.Tensor, None]
+
+
+def _is_int(text: str) -> bool:
+    return text.lstrip("-").isdigit()
 
 
 class VQGPTPipeline:
@@ -32,8 +43,12 @@ class VQGPTPipeline:
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_parts(cls, tokenizer_dir: str | Path, prior_dir: str | Path, check_fingerprint: bool = True,
-                   map_location: str = "cpu") -> "VQGPTPipeline":
-        """Load a tokenizer export and a prior export; refuse a prior trained on another tokenizer's codes."""
+                   map_location: str = "cpu", warn_unverified: bool = True) -> "VQGPTPipeline":
+        """Load a tokenizer export and a prior export; refuse a prior trained on another tokenizer's codes.
+
+        A prior that records no tokenizer fingerprint (made outside vqgpt) loads with a warning
+        (``warn_unverified``); a pipeline folder loads it silently: it was paired when it was written.
+        """
         from vqgpt.encode import tokenizer_fingerprint
 
         tokenizer = VQModel.from_pretrained(tokenizer_dir, map_location=map_location)
@@ -46,6 +61,11 @@ class VQGPTPipeline:
                 raise ConfigError(
                     f"the prior in {prior_dir} was trained on codes of tokenizer {expected}, "
                     f"but {tokenizer_dir} is tokenizer {actual}: re-encode and retrain, or pair it with the right tokenizer")
+        elif check_fingerprint and warn_unverified:
+            # Only the vocabulary size can be checked: codes of another tokenizer would decode to noise.
+            warnings.warn(f"the prior in {prior_dir} records no tokenizer fingerprint, so it cannot be verified "
+                          f"that it was trained on codes of {tokenizer_dir}; if its samples look like noise, "
+                          "pair it with the tokenizer whose codes it was trained on", stacklevel=2)
         pipe = cls(tokenizer, prior, classes=extra.get("classes"))
         pipe.tokenizer_dir, pipe.prior_dir = Path(tokenizer_dir), Path(prior_dir)
         return pipe
@@ -58,7 +78,8 @@ class VQGPTPipeline:
             if not (directory / part).is_dir():
                 raise FileNotFoundError(f"{directory} is not a pipeline folder: {part}/ is missing "
                                         "(a pipeline folder holds tokenizer/ and prior/ exports)")
-        return cls.from_parts(directory / "tokenizer", directory / "prior", map_location=map_location)
+        return cls.from_parts(directory / "tokenizer", directory / "prior", map_location=map_location,
+                              warn_unverified=False)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``tokenizer/`` and ``prior/`` into ``directory`` (copies the source exports when known)."""
@@ -110,24 +131,51 @@ class VQGPTPipeline:
         return height // f, width // f
 
     def class_index(self, label: int | str) -> int:
-        """A class given by index or by name -> its index."""
-        if isinstance(label, str) and not label.lstrip("-").isdigit():
-            if label not in self.classes:
-                raise ValueError(f"unknown class {label!r}; known classes: {self.classes}")
-            return self.classes.index(label)
-        index = int(label)
+        """A class given by name or index -> its index.
+
+        A Python int is an index. A string is a class name when it is one; ``"index:N"`` is always
+        index N; a bare integer string that is no class name is read as an index only when no class
+        name is itself an integer (with folders ``1, 10, 11, 2, ...`` it would be ambiguous).
+        """
+        n = self.prior.config.num_classes
+        if not n:
+            raise ValueError(f"this prior is unconditional: it takes no class label (got {label!r})")
+        if isinstance(label, str):
+            if label in self.classes:
+                return self.classes.index(label)
+            if label.startswith(INDEX_PREFIX):
+                digits = label[len(INDEX_PREFIX):]
+                if not _is_int(digits):
+                    raise ValueError(f"class label {label!r}: write an index as {INDEX_PREFIX}N, e.g. {INDEX_PREFIX}0")
+                return self._check_index(int(digits))
+            if not _is_int(label):
+                raise ValueError(f"unknown class {label!r}; known classes: {self._known()}")
+            numeric = [c for c in self.classes if _is_int(c)]
+            if numeric:
+                raise ValueError(f"class {label!r} is not one of this prior's classes {self._known()}; class names "
+                                 f"here are numbers, so write an index as {INDEX_PREFIX}N (e.g. {INDEX_PREFIX}{label})")
+            return self._check_index(int(label))
+        if isinstance(label, bool) or not hasattr(label, "__index__"):  # ints, numpy ints, 0-d int tensors
+            raise ValueError(f"a class label is an int index or a str name, got {label!r}")
+        return self._check_index(operator.index(label))
+
+    def _check_index(self, index: int) -> int:
         n = self.prior.config.num_classes
         if not 0 <= index < n:
-            raise ValueError(f"class label {index} out of range: this prior has {n} classes" if n else
-                             "this prior is unconditional: it takes no class label")
+            raise ValueError(f"class index {index} out of range: this prior has {n} classes (0..{n - 1})")
         return index
 
+    def _known(self) -> str:
+        shown = ", ".join(self.classes[:20]) + (", ..." if len(self.classes) > 20 else "")
+        return f"[{shown}]" if self.classes else f"none named; indices 0..{self.prior.config.num_classes - 1}"
+
     @torch.inference_mode()
-    def generate(self, num_samples: int, class_labels: int | list[int] | torch.Tensor | None = None,
+    def generate(self, num_samples: int, class_labels: ClassLabels = None,
                  height: int | None = None, width: int | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
                  seed: int | None = None) -> torch.Tensor:
         """Sample images (num_samples, 3, H, W) in [-1, 1]; larger H, W use sliding-window sampling."""
+        _check_counts(num_samples, cfg_scale)
         grid = self.grid_for_pixels(height, width)
         labels = self.labels_tensor(class_labels, num_samples)
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
@@ -143,7 +191,7 @@ class VQGPTPipeline:
     @torch.inference_mode()
     def complete(self, image: torch.Tensor, num_samples: int, keep_rows: int | None = None,
                  extend_right: int = 0, extend_down: int = 0,
-                 class_labels: int | list[int] | torch.Tensor | None = None, temperature: float = 1.0,
+                 class_labels: ClassLabels = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
                  seed: int | None = None) -> torch.Tensor:
         """Complete or extend one image (3, H, W) in [-1, 1] -> (num_samples, 3, H', W').
@@ -152,6 +200,7 @@ class VQGPTPipeline:
         unchanged, ``extend_right`` / ``extend_down`` code columns / rows are added, and every other
         cell is sampled in raster order with sliding windows where the canvas exceeds the trained grid.
         """
+        _check_counts(num_samples, cfg_scale)
         if image.dim() != 3:
             raise ValueError(f"expected one image (3, H, W), got shape {tuple(image.shape)}")
         self.tokenizer.grid_shape(image.shape[1], image.shape[2])  # clear error for sizes that are not a multiple of f
@@ -176,20 +225,28 @@ class VQGPTPipeline:
                        top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, generator=gen)
         return self.tokenizer.decode(out).clamp(-1, 1)
 
-    def labels_tensor(self, class_labels, num_samples: int) -> torch.Tensor | None:
+    def labels_tensor(self, class_labels: ClassLabels, num_samples: int) -> torch.Tensor | None:
         """Class labels (index, name, or a list / tensor of them) -> LongTensor (num_samples,) or None."""
         if class_labels is None:
             return None
-        if isinstance(class_labels, (str, int)):
-            class_labels = [class_labels]
-        if not isinstance(class_labels, torch.Tensor):
-            class_labels = [self.class_index(x) for x in class_labels]
-        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+        if isinstance(class_labels, torch.Tensor):
+            labels = class_labels.to(torch.long).flatten()
+        elif isinstance(class_labels, str) or hasattr(class_labels, "__index__"):  # one label for every sample
+            labels = torch.tensor([self.class_index(class_labels)])
+        else:
+            labels = torch.tensor([self.class_index(x) for x in class_labels], dtype=torch.long)
         if labels.numel() == 1:
             labels = labels.expand(num_samples).clone()
         if labels.numel() != num_samples:
             raise ValueError(f"got {labels.numel()} class labels for {num_samples} samples")
         return labels
+
+
+def _check_counts(num_samples: int, cfg_scale: float) -> None:
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance, 0 = unconditional), got {cfg_scale}")
 
 
 def check_compatible(tokenizer: VQModel, prior: GPT) -> None:

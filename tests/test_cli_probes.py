@@ -1,0 +1,241 @@
+"""Clumsy-user probes replayed through the CLI (`python -m vqgpt`, subprocesses): each ends in one
+clear line on stderr naming the culprit, and leaves every file the user had as it was.
+
+Flag and file mistakes are reported before torch is imported (well under a second each); the few
+probes that must load models are grouped into single runs.
+"""
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vqgpt.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMERIC_CLASSES = [str(i) for i in range(1, 13)]  # folders 1..12: sorted as text 1, 10, 11, 12, 2, ...
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory) -> Path:
+    """A user's folder: a tokenizer, pipelines (one with classes 1..12), a prior without a fingerprint, images."""
+    from test_pipeline import tiny_prior, tiny_tokenizer
+
+    from vqgpt.data import DataConfig, build_dataset
+    from vqgpt.pipeline import VQGPTPipeline
+
+    root = tmp_path_factory.mktemp("user")
+    for name in NUMERIC_CLASSES:
+        (root / "digits" / name).mkdir(parents=True)
+        Image.new("RGB", (16, 16), (10 * int(name), 0, 0)).save(root / "digits" / name / "a.png")
+    classes = build_dataset(DataConfig(source=str(root / "digits"), resolution=16), "eval").classes
+    tok = tiny_tokenizer()
+    tok.save_pretrained(root / "tok")
+    VQGPTPipeline(tok, tiny_prior(tok.codebook_size, num_classes=len(classes)), classes=classes).save_pretrained(
+        root / "pipe")
+    tiny_prior(tok.codebook_size, num_classes=3).save_pretrained(root / "stranger_prior")  # no fingerprint, no names
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(root / "photo.png")
+    (root / "empty.png").write_bytes(b"")
+    noise = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    Image.fromarray(noise).save(root / "whole.png")
+    data = (root / "whole.png").read_bytes()
+    (root / "truncated.png").write_bytes(data[: len(data) // 2])
+    (root / "whole.png").unlink()
+    (root / "album").mkdir()
+    return root
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under root -> hash of its bytes."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def vqgpt(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "vqgpt", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def assert_refused(proc: subprocess.CompletedProcess, *culprits: str) -> str:
+    """Exit code 2, no traceback, and stderr's last line names every culprit; returns that line."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    for culprit in culprits:
+        assert culprit in last, last
+    return last
+
+
+def probe_argv(user: Path, name: str) -> tuple[list[str], tuple[str, ...]]:
+    """Probes refused before any model is loaded: (argv, what the error line must name)."""
+    pipe, out = str(user / "pipe"), str(user / "out.png")
+    sample = ["sample", "--pipeline", pipe, "--class-label", "2"]
+    complete = ["complete", "--pipeline", pipe, "--class-label", "2", "--keep-rows", "1"]
+    return {
+        "sample --num -3": ([*sample, "--num", "-3", "--out", out], ("--num", "-3")),
+        "complete --num -3": ([*complete, "--image", str(user / "photo.png"), "--num", "-3", "--out", out],
+                              ("--num", "-3")),
+        "complete --image empty": ([*complete, "--image", str(user / "empty.png"), "--out", out],
+                                   ("--image", "empty.png", "empty")),
+        "complete --image truncated": ([*complete, "--image", str(user / "truncated.png"), "--out", out],
+                                       ("--image", "truncated.png")),
+        "complete --image folder": ([*complete, "--image", str(user / "album"), "--out", out],
+                                    ("--image", "album", "folder")),
+        "sample --cfg-scale -1": ([*sample, "--cfg-scale", "-1", "--out", out], ("--cfg-scale", "-1")),
+        "sample --out no extension": ([*sample, "--out", str(user / "grid")], ("--out", "grid", ".png", ".jpg")),
+        "sample --out .txt": ([*sample, "--out", str(user / "grid.txt")], ("--out", ".txt", ".png", ".jpg")),
+        "sample --pipeline --prior": ([*sample, "--prior", str(user / "stranger_prior"), "--out", out],
+                                      ("--pipeline", "--prior", "not both")),
+        "complete --pipeline --tokenizer": ([*complete, "--tokenizer", str(user / "tok"), "--image",
+                                             str(user / "photo.png"), "--out", out], ("--pipeline", "--tokenizer")),
+    }[name]
+
+
+FAST_PROBES = ["sample --num -3", "complete --num -3", "complete --image empty", "complete --image truncated",
+               "complete --image folder", "sample --cfg-scale -1", "sample --out no extension", "sample --out .txt",
+               "sample --pipeline --prior", "complete --pipeline --tokenizer"]
+
+
+@pytest.mark.parametrize("name", FAST_PROBES)
+def test_flag_and_file_mistakes_are_one_clear_line(user, name):
+    argv, culprits = probe_argv(user, name)
+    before = snapshot(user)
+    assert_refused(vqgpt(*argv), *culprits)
+    assert snapshot(user) == before  # nothing changed, nothing written (no out.png, no grid/)
+
+
+def test_missing_class_label_names_the_flag_and_a_stranger_prior_is_warned(user):
+    before = snapshot(user)
+    proc = vqgpt("sample", "--tokenizer", str(user / "tok"), "--prior", str(user / "stranger_prior"), "--num", "1",
+                 "--out", str(user / "out.png"))
+    assert_refused(proc, "class-conditional", "--class-label")
+    warning = next(line for line in proc.stderr.splitlines() if line.startswith("warning:"))
+    assert "stranger_prior" in warning and "fingerprint" in warning
+    assert snapshot(user) == before
+
+
+def test_set_unknown_key_is_blamed_on_the_set_flag(user, tmp_path):
+    before = snapshot(user)
+    proc = vqgpt("train-prior", "--config", str(ROOT / "configs/prior/tiny.yaml"), "--tokens", str(user / "codes"),
+                 "--out", str(tmp_path / "run"), "--set", "train.bogus=1")
+    last = assert_refused(proc, "--set train.bogus=1", "train.bogus")
+    assert "tiny.yaml" not in last
+    assert not (tmp_path / "run").exists() and snapshot(user) == before
+
+
+def test_reconstruct_accepts_one_image_file(user, tmp_path):
+    import json
+
+    before = snapshot(user)
+    proc = vqgpt("reconstruct", "--tokenizer", str(user / "tok"), "--images", str(user / "photo.png"), "--out",
+                 str(tmp_path / "rec"), "--lpips", "none", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(proc.stdout)
+    assert metrics["num_images"] == 1 and metrics["images"] == str(user / "photo.png")
+    assert json.loads((tmp_path / "rec" / "metrics.json").read_text())["images"] == str(user / "photo.png")
+    assert [p.name for p in (tmp_path / "rec" / "images").iterdir()] == ["00000.png"]
+    assert snapshot(user) == before
+
+
+def test_numeric_class_names_through_the_cli(user, tmp_path):
+    before = snapshot(user)
+    # "13" is no class name and the names are numbers: an index must be written index:N
+    proc = vqgpt("sample", "--pipeline", str(user / "pipe"), "--num", "1", "--class-label", "13", "--out",
+                 str(tmp_path / "s.png"))
+    assert_refused(proc, "--class-label 13", "index:")
+    assert not (tmp_path / "s.png").exists() and snapshot(user) == before
+
+
+def test_numeric_class_names_pick_the_named_class(user, tmp_path, monkeypatch):
+    from vqgpt.pipeline import VQGPTPipeline
+
+    pipe = VQGPTPipeline.from_pretrained(user / "pipe")
+    assert pipe.classes[:5] == ["1", "10", "11", "12", "2"]  # text order, as the folder scan gives
+    assert pipe.class_index("2") == 4 and pipe.class_index("12") == 3  # a name wins over the same index
+    assert pipe.class_index("index:2") == 2 and pipe.class_index(2) == 2  # explicit indices
+    with pytest.raises(ValueError, match="index:0"):
+        pipe.class_index("0")  # no class is named 0, and names are numbers: ambiguous
+    with pytest.raises(ValueError, match="out of range"):
+        pipe.class_index("index:12")
+    seen = []
+    original = VQGPTPipeline.generate
+
+    def spy(self, num, class_labels=None, **kwargs):
+        seen.append(class_labels)
+        return original(self, num, class_labels=class_labels, **kwargs)
+
+    monkeypatch.setattr(VQGPTPipeline, "generate", spy)
+    for label in ("2", "index:2", "10"):
+        assert main(["sample", "--pipeline", str(user / "pipe"), "--num", "1", "--class-label", label,
+                     "--out", str(tmp_path / "s.png")]) == 0
+    assert seen == [4, 2, 1]
+    # generate / complete read string labels by the same rule
+    codes = pipe.labels_tensor(["2", "index:2", 7], 3)
+    assert codes.tolist() == [4, 2, 7]
+
+
+def test_mnist_digit_names_stay_their_indices(user):
+    from vqgpt.data import DataConfig, build_dataset
+    from vqgpt.pipeline import VQGPTPipeline
+
+    names = build_dataset(DataConfig(source="builtin:mnist", resolution=32), "eval").classes
+    pipe = VQGPTPipeline.from_pretrained(user / "pipe")
+    pipe.classes = names  # names are looked up before any range check
+    assert [pipe.class_index(str(d)) for d in range(10)] == list(range(10))  # --class-label 3 is digit 3
+    letters = VQGPTPipeline.from_pretrained(user / "pipe")
+    letters.classes = [chr(ord("a") + i) for i in range(12)]
+    assert letters.class_index("3") == 3  # names are not numbers: a bare number is an index
+
+
+def test_every_flag_has_a_help_text():
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, prefix: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{prefix} {name}")
+            elif not isinstance(action, argparse._HelpAction) and not (action.help or "").strip():
+                missing.append(f"{prefix} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "vqgpt")
+    assert not missing, f"flags without help: {missing}"
+
+
+def test_config_errors_name_their_source(tmp_path):
+    from stage2_prior.train import PriorRunConfig
+    from vqgpt.config import ConfigError, load_config
+
+    config = ROOT / "configs/prior/tiny.yaml"
+    with pytest.raises(ConfigError, match=r"^--set train\.lr=fast: train\.lr: expected a number"):
+        load_config(PriorRunConfig, config, ["train.batch_size=4", "train.lr=fast"])
+    bad_file = tmp_path / "bad.yaml"
+    bad_file.write_text(config.read_text() + "\nextra_section: 1\n")
+    with pytest.raises(ConfigError, match=r"^\S*bad\.yaml: unknown config key 'extra_section'"):
+        load_config(PriorRunConfig, bad_file, ["train.batch_size=4"])
+
+
+def test_exit_codes(monkeypatch, capsys):
+    from vqgpt import cli
+    from vqgpt.training import NonFiniteLoss
+
+    def raises(exc):
+        def command(args):
+            raise exc
+        return command
+
+    monkeypatch.setattr(cli, "cmd_config_reference", raises(NonFiniteLoss("loss is nan at step 3")))
+    assert main(["config-reference"]) == 3
+    monkeypatch.setattr(cli, "cmd_config_reference", raises(ValueError("bad value")))
+    assert main(["config-reference"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: bad value"
+    monkeypatch.setattr(cli, "cmd_config_reference", raises(KeyError("a bug")))
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        main(["config-reference"])
