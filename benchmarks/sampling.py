@@ -1,6 +1,6 @@
 """Sampling speed of the GPT prior: KV cache vs full recomputation, against the memory-bandwidth bound.
 
-Reference shape (DESIGN.md "Performance targets"): GPT-B width (12 layers, 768, 12 heads), 1024 codes,
+Reference shape (docs/architecture.md, "Tests and benchmarks"): GPT-B width (12 layers, 768, 12 heads), 1024 codes,
 a 16x16 grid. A decode step must read every weight once, so steps/s <= bandwidth / weight bytes;
 each figure is printed next to that bound. The bandwidth is measured here by summing a large tensor.
 

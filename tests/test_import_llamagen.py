@@ -15,6 +15,7 @@ from vq_reference import StateShapes, attn_block, conv, group_norm, rel_err, res
 from stage1_vq.model import VQModel, VQModelConfig
 from stage2_prior.model import GPT, PRESETS, GPTConfig
 from vqgpt.checkpoint import load_export, read_export_meta
+from vqgpt.cli import main
 from vqgpt.config import ConfigError
 from vqgpt.encode import tokenizer_fingerprint
 from vqgpt.importers import KeyMismatchError
@@ -67,18 +68,21 @@ def llamagen_vq_shapes() -> dict[str, tuple]:
     return s
 
 
-def llamagen_gpt_shapes(vocab=CODES, classes=CLASSES, layers=GPT_LAYERS) -> dict[str, tuple]:
-    """Key -> shape of LlamaGen's c2i Transformer (class_dropout_prob > 0: one extra null-class row)."""
-    hidden = int(2 * 4 * GPT_DIM / 3)
-    hidden = hidden + (-hidden) % GPT_MULTIPLE_OF  # find_multiple
-    s = {"cls_embedding.embedding_table.weight": (classes + 1, GPT_DIM), "tok_embeddings.weight": (vocab, GPT_DIM)}
+def llamagen_gpt_shapes(vocab=CODES, classes=CLASSES, layers=GPT_LAYERS, dim=GPT_DIM, multiple_of=GPT_MULTIPLE_OF,
+                        kv_dim=None) -> dict[str, tuple]:
+    """Key -> shape of LlamaGen's c2i Transformer (class_dropout_prob > 0: one extra null-class row);
+    kv_dim = n_kv_head * head_dim (default dim: as many key/value heads as heads)."""
+    hidden = int(2 * 4 * dim / 3)
+    hidden = hidden + (-hidden) % multiple_of  # find_multiple
+    qkv = dim + 2 * (kv_dim or dim)
+    s = {"cls_embedding.embedding_table.weight": (classes + 1, dim), "tok_embeddings.weight": (vocab, dim)}
     for i in range(layers):
         p = f"layers.{i}."
-        s.update({p + "attention.wqkv.weight": (3 * GPT_DIM, GPT_DIM), p + "attention.wo.weight": (GPT_DIM, GPT_DIM),
-                  p + "feed_forward.w1.weight": (hidden, GPT_DIM), p + "feed_forward.w3.weight": (hidden, GPT_DIM),
-                  p + "feed_forward.w2.weight": (GPT_DIM, hidden), p + "attention_norm.weight": (GPT_DIM,),
-                  p + "ffn_norm.weight": (GPT_DIM,)})
-    s.update({"norm.weight": (GPT_DIM,), "output.weight": (vocab, GPT_DIM)})
+        s.update({p + "attention.wqkv.weight": (qkv, dim), p + "attention.wo.weight": (dim, dim),
+                  p + "feed_forward.w1.weight": (hidden, dim), p + "feed_forward.w3.weight": (hidden, dim),
+                  p + "feed_forward.w2.weight": (dim, hidden), p + "attention_norm.weight": (dim,),
+                  p + "ffn_norm.weight": (dim,)})
+    s.update({"norm.weight": (dim,), "output.weight": (vocab, dim)})
     return s
 
 
@@ -353,7 +357,7 @@ def test_gpt_wrapper_prefix_and_bare_dict(gpt, tmp_path):
 def test_gpt_refusals_name_the_problem(gpt, tmp_path):
     tmp, sd, _ = gpt
     ckpt = tmp / "c2i.pt"
-    with pytest.raises(ConfigError, match=r"2 layers of width 32, but preset GPT-B has 12 of width 768"):
+    with pytest.raises(ConfigError, match=r"model.dim = 768 \(preset GPT-B\), but the weights have 32"):
         import_llamagen_gpt(ckpt, tmp / "tok", tmp_path / "p", preset="GPT-B")
     with pytest.raises(ConfigError, match="class table has 11 rows"):
         import_llamagen_gpt(ckpt, tmp / "tok", tmp_path / "p", preset="tiny", num_classes=1000)
@@ -376,3 +380,98 @@ def test_gpt_refusals_name_the_problem(gpt, tmp_path):
                             num_classes=CLASSES, image_size=IMAGE)
     assert info.value.missing == ["layers.1.feed_forward.w3.weight"]
     assert info.value.unmapped == ["layers.1.attention.bias"]
+
+
+# ----------------------------------------------------------------------------- architecture: recorded, given, read
+
+
+def c2i_args(**overrides) -> argparse.Namespace:
+    """train_c2i.py's saved args for the small test model (gpt_model left to the caller)."""
+    args = dict(gpt_type="c2i", cls_token_num=1, image_size=IMAGE, downsample_size=4, num_classes=CLASSES,
+                dropout_p=0.1, token_dropout_p=0.1, drop_path_rate=0.0, vocab_size=CODES)
+    return argparse.Namespace(**{**args, **overrides})
+
+
+def prior_logits_match(pipe, sd, n_head, n_layer) -> bool:
+    prior = GPT.from_pretrained(pipe / "prior")
+    torch.manual_seed(0)
+    tokens, labels = torch.randint(0, CODES, (2, 16)), torch.tensor([1, 7])
+    with torch.no_grad():
+        return rel_err(prior(tokens, labels), ref_gpt_logits(sd, tokens, labels, 4, n_head, n_layer)) < 1e-4
+
+
+def test_gpt_preset_recorded_in_the_checkpoint_is_used(vq, tmp_path, monkeypatch):
+    # A LlamaGen preset of 4 heads (LlamaGen's own table, shrunk): the heads can only come from args.gpt_model.
+    monkeypatch.setitem(GPT_PRESETS, "GPT-tiny4", (GPT_LAYERS, 4, GPT_DIM))
+    tmp = vq[0]
+    sd = random_state(llamagen_gpt_shapes(), 5)
+    torch.save({"model": sd, "args": c2i_args(gpt_model="GPT-tiny4")}, tmp_path / "c2i.pt")
+    import_llamagen_gpt(tmp_path / "c2i.pt", tmp / "tok", tmp_path / "pipe")
+    config, _, extra = load_export(tmp_path / "pipe" / "prior", "gpt_prior", GPTConfig)
+    assert (config.n_layer, config.n_head, config.dim, config.multiple_of) == (GPT_LAYERS, 4, GPT_DIM, GPT_MULTIPLE_OF)
+    assert extra["imported_from"]["preset"] == "GPT-tiny4"
+    assert prior_logits_match(tmp_path / "pipe", sd, n_head=4, n_layer=GPT_LAYERS)
+    assert not prior_logits_match(tmp_path / "pipe", sd, n_head=2, n_layer=GPT_LAYERS)  # the heads matter
+    with pytest.raises(ConfigError, match="preset tiny was given, but the checkpoint records gpt_model=GPT-tiny4"):
+        import_llamagen_gpt(tmp_path / "c2i.pt", tmp / "tok", tmp_path / "p2", preset="tiny")
+    with pytest.raises(ConfigError, match=r"model.n_head = 2 was given, but preset GPT-tiny4 \(the checkpoint's "
+                                          r"args.gpt_model\) has 4"):
+        import_llamagen_gpt(tmp_path / "c2i.pt", tmp / "tok", tmp_path / "p2", model={"n_head": 2})
+    torch.save({"model": sd, "args": c2i_args(gpt_model="GPT-tiny4", vocab_size=64)}, tmp_path / "v.pt")
+    with pytest.raises(ConfigError, match=r"model.codebook_size = 64 \(the checkpoint's args.vocab_size\), "
+                                          r"but the weights have 40"):
+        import_llamagen_gpt(tmp_path / "v.pt", tmp / "tok", tmp_path / "p2")
+
+
+def test_gpt_custom_architecture_through_the_cli(vq, tmp_path, capsys):
+    # Not a preset: 3 layers of width 48 with 4 heads, no training args (a bare released checkpoint).
+    tmp = vq[0]
+    sd = random_state(llamagen_gpt_shapes(layers=3, dim=48, multiple_of=128), 6)
+    torch.save({"model": sd}, tmp_path / "custom.pt")
+    base = ["import", "llamagen-gpt", "--checkpoint", str(tmp_path / "custom.pt"), "--tokenizer", str(tmp / "tok"),
+            "--image-size", str(IMAGE)]
+
+    def fails(*extra: str) -> str:
+        assert main([*base, "--out", str(tmp_path / "bad"), *extra]) == 2
+        return capsys.readouterr().err
+
+    assert "model.n_head: the weights do not fix the number of attention heads" in fails()
+    assert main([*base, "--out", str(tmp_path / "pipe"), "--set", "model.n_head=4"]) == 0
+    config, _, extra = load_export(tmp_path / "pipe" / "prior", "gpt_prior", GPTConfig)
+    # Width, depth, vocabulary, classes (rows minus the null row) and the FFN width: read from the weights.
+    assert (config.n_layer, config.dim, config.n_head, config.n_kv_head) == (3, 48, 4, None)
+    assert (config.codebook_size, config.num_classes, config.class_dropout) == (CODES, CLASSES, 0.1)
+    assert config.ffn_hidden_dim == 128 and extra["imported_from"]["set"] == {"n_head": 4}
+    assert prior_logits_match(tmp_path / "pipe", sd, n_head=4, n_layer=3)
+
+    heads = ("--set", "model.n_head=4")
+    assert "model.n_layer = 4 (given), but the weights have 3" in fails(*heads, "--set", "model.n_layer=4")
+    assert "model.dim = 64 (given), but the weights have 48" in fails(*heads, "--set", "model.dim=64")
+    assert "model.dim = 768 (preset GPT-B), but the weights have 48" in fails("--preset", "GPT-B")
+    assert "model.n_head = 5 (given) does not divide the width 48" in fails("--set", "model.n_head=5")
+    err = fails(*heads, "--set", "model.multiple_of=256")
+    assert "model.multiple_of / model.ffn_dim_multiplier" in err and "feed-forward width of 128" in err
+    assert "expected model.KEY=VALUE" in fails("--set", "model.heads=4")
+    assert "set by num_classes (--num-classes)" in fails("--set", "model.num_classes=3")
+    assert "model.n_head: expected an integer" in fails("--set", "model.n_head=four")
+
+
+def test_gpt_key_value_heads_and_rope_head_size_come_from_the_weights(vq, tmp_path):
+    tmp = vq[0]
+    gqa = random_state(llamagen_gpt_shapes(kv_dim=GPT_DIM // 4), 7)  # 4 heads of 8, one key/value head
+    torch.save({"model": gqa, "args": c2i_args()}, tmp_path / "gqa.pt")
+    import_llamagen_gpt(tmp_path / "gqa.pt", tmp / "tok", tmp_path / "pipe", model={"n_head": 4, "multiple_of": 32})
+    config, _, _ = load_export(tmp_path / "pipe" / "prior", "gpt_prior", GPTConfig)
+    assert (config.n_head, config.n_kv_head) == (4, 1)
+    with pytest.raises(ConfigError, match=r"model.n_kv_head = 2 \(given\), but the weights have 1"):
+        import_llamagen_gpt(tmp_path / "gqa.pt", tmp / "tok", tmp_path / "p2", model={"n_head": 4, "n_kv_head": 2})
+
+    # A stored RoPE table fixes the head size: 2 heads of 16 here, with no preset or --set at all.
+    sd = random_state(llamagen_gpt_shapes(), 8)
+    torch.save({"model": {**sd, "freqs_cis": llamagen_freqs_cis_2d(4, GPT_DIM // 2)}}, tmp_path / "rope.pt")
+    import_llamagen_gpt(tmp_path / "rope.pt", tmp / "tok", tmp_path / "pipe3", image_size=IMAGE)
+    assert GPT.from_pretrained(tmp_path / "pipe3" / "prior").config.n_head == 2
+    assert prior_logits_match(tmp_path / "pipe3", sd, n_head=2, n_layer=GPT_LAYERS)
+    with pytest.raises(ConfigError, match=r"model.n_head = 4 \(given\), head size 8, but the stored freqs_cis is "
+                                          r"for head size 16 \(n_head = 2\)"):
+        import_llamagen_gpt(tmp_path / "rope.pt", tmp / "tok", tmp_path / "p4", image_size=IMAGE, model={"n_head": 4})

@@ -14,14 +14,19 @@ Facts matched (FoundationVision/LlamaGen):
   ``output``; ``freqs_cis`` is a plain attribute (not in the state dict; dropped after a check if
   present); 2D RoPE with cls_token_num zero rows first. Presets: GPT-B (12 layers, 12 heads, 768),
   GPT-L (24, 16, 1024), GPT-XL (36, 20, 1280), GPT-XXL (48, 24, 1536), GPT-XXXL (48, 40, 2560),
-  GPT-3B (24, 32, 3200); vocab 16384, block_size = (image_size / 16)**2, cls_token_num 1.
-- Checkpoints: ``{"model", "optimizer", "steps", "args"}`` (+ "ema"). Their VQ demo prefers "ema"
-  then "model"; their GPT sampler reads "model", "module" (DeepSpeed), "state_dict", or a bare dict.
+  GPT-3B (24, 32, 3200); vocab 16384, block_size = (image_size / 16)**2, cls_token_num 1. ModelArgs
+  defaults: multiple_of 256, ffn_dim_multiplier None, n_kv_head None (wqkv has (n_head + 2 * n_kv_head)
+  * head_dim rows), class_dropout_prob 0.1.
+- Checkpoints: ``{"model", "optimizer", "steps", "args"}`` (+ "ema"); train_c2i.py's ``args`` holds
+  the preset name (``gpt_model``), vocab_size, image_size, downsample_size, num_classes, dropouts.
+  Their VQ demo prefers "ema" then "model"; their GPT sampler reads "model", "module" (DeepSpeed),
+  "state_dict", or a bare dict.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import shutil
@@ -34,9 +39,9 @@ from stage1_vq.model import EXPORT_KIND as VQ_KIND
 from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.quantizers import QuantizerConfig
 from stage2_prior.model import EXPORT_KIND as GPT_KIND
-from stage2_prior.model import GPT, PRESETS, GPTConfig, rope_table_2d
+from stage2_prior.model import GPT, PRESETS, GPTConfig, find_multiple, rope_table_2d
 from vqgpt.checkpoint import read_export_meta, save_export
-from vqgpt.config import ConfigError, from_dict
+from vqgpt.config import ConfigError, from_dict, parse_override
 from vqgpt.importers import Drop, ImportResult, build_from_state, remap_state_dict, strip_wrapper_prefix, target_shapes
 from vqgpt.importers.safe_load import find_state_dict, load_checkpoint
 
@@ -157,22 +162,154 @@ def import_llamagen_vq(checkpoint: str | Path, out: str | Path, preset: str | No
 # ----------------------------------------------------------------------------- class-to-image GPT
 
 
-def _preset_config(preset: str, **fields: Any) -> GPTConfig:
-    if preset in PRESETS:
-        return GPTConfig.from_preset(preset, **fields)
-    if preset in GPT_PRESETS:
-        n_layer, n_head, dim = GPT_PRESETS[preset]
-        return GPTConfig(n_layer=n_layer, n_head=n_head, dim=dim, **fields)
-    raise ConfigError(f"unknown GPT preset '{preset}' (known: {', '.join(dict.fromkeys([*GPT_PRESETS, *PRESETS]))})")
+# What LlamaGen's ModelArgs use when a preset leaves them open.
+LLAMAGEN_FFN_DEFAULTS: dict[str, Any] = {"multiple_of": 256, "ffn_dim_multiplier": None}
+# Fields that other options set; --set may not.
+_SET_ELSEWHERE = {"grid_size": "image_size (--image-size)", "num_classes": "num_classes (--num-classes)"}
+_INT_FIELDS = ("codebook_size", "n_layer", "n_head", "n_kv_head", "dim", "multiple_of")
 
 
-def llamagen_gpt_config(state: Mapping[str, torch.Tensor], preset: str, grid_size: int, num_classes: int = 1000,
+def preset_architecture(name: str) -> dict[str, Any]:
+    """The GPTConfig fields a preset fixes: LlamaGen's GPT_PRESETS first, then stage2_prior.PRESETS."""
+    if name in GPT_PRESETS:
+        n_layer, n_head, dim = GPT_PRESETS[name]
+        return {"n_layer": n_layer, "n_head": n_head, "dim": dim}
+    if name in PRESETS:
+        return dict(PRESETS[name])
+    raise ConfigError(f"unknown GPT preset '{name}' (known: {', '.join(dict.fromkeys([*GPT_PRESETS, *PRESETS]))})")
+
+
+def parse_model_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``['model.n_head=16', ...]`` (the CLI's --set) -> {'n_head': 16}; values are parsed as YAML."""
+    valid = sorted(f.name for f in dataclasses.fields(GPTConfig))
+    model: dict[str, Any] = {}
+    for item in items or []:
+        path, value = parse_override(item)
+        if len(path) != 2 or path[0] != "model" or path[1] not in valid:
+            raise ConfigError(f"--set {item}: expected model.KEY=VALUE with KEY one of {', '.join(valid)}")
+        model[path[1]] = value
+    return model
+
+
+Given = dict[str, tuple[Any, str]]  # field -> (value, where it came from), for the error messages
+
+
+def _given_architecture(preset: str | None, model: Mapping[str, Any] | None, train_args: Mapping[str, Any],
+                        path: Any) -> Given:
+    """The fields fixed by the preset (given, else recorded in args.gpt_model), args.vocab_size and ``model``."""
+    recorded = train_args.get("gpt_model")
+    known = {*GPT_PRESETS, *PRESETS}
+    if preset is not None and recorded in known and preset != recorded:
+        raise ConfigError(f"{path}: preset {preset} was given, but the checkpoint records gpt_model={recorded} "
+                          "in its training args; leave the preset out to use the recorded one")
+    name = preset if preset is not None else (recorded if recorded in known else None)
+    given: Given = {}
+    if name is not None:
+        origin = f"preset {name}" + (" (the checkpoint's args.gpt_model)" if preset is None else "")
+        given.update({k: (v, origin) for k, v in preset_architecture(name).items()})
+    if "vocab_size" in train_args:
+        given["codebook_size"] = (int(train_args["vocab_size"]), "the checkpoint's args.vocab_size")
+    for key, value in (model or {}).items():
+        if key in _SET_ELSEWHERE:
+            raise ConfigError(f"model.{key} is set by {_SET_ELSEWHERE[key]}, not by --set")
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if key in _INT_FIELDS and not is_int and not (key == "n_kv_head" and value is None):
+            raise ConfigError(f"model.{key}: expected an integer, got {value!r}")
+        if key in given and given[key][0] != value:
+            raise ConfigError(f"model.{key} = {value} was given, but {given[key][1]} has {given[key][0]}")
+        given[key] = (value, "given")
+    return given
+
+
+def _heads(state: Mapping[str, torch.Tensor], given: Given, dim: int, n_layer: int, recorded: Any,
+           path: Any) -> tuple[int, int | None]:
+    """(n_head, n_kv_head): heads given or from a stored RoPE table (wqkv is (3 * dim, dim) however the
+    width is split), key/value heads from the rows of wqkv."""
+    freqs = state.get("freqs_cis")
+    rope_head_dim = 2 * freqs.shape[1] if isinstance(freqs, torch.Tensor) and freqs.ndim == 3 else None
+    if "n_head" in given:
+        n_head, origin = given["n_head"]
+        if n_head < 1 or dim % n_head:
+            raise ConfigError(f"{path}: model.n_head = {n_head} ({origin}) does not divide the width {dim} "
+                              "of the weights")
+        if rope_head_dim is not None and dim // n_head != rope_head_dim:
+            raise ConfigError(f"{path}: model.n_head = {n_head} ({origin}), head size {dim // n_head}, but the "
+                              f"stored freqs_cis is for head size {rope_head_dim} (n_head = {dim // rope_head_dim})")
+    elif rope_head_dim is not None and dim % rope_head_dim == 0:
+        n_head = dim // rope_head_dim
+    else:
+        note = f"records gpt_model={recorded!r}, which vqgpt does not know" if recorded else "records no gpt_model"
+        matches = [n for n, (nl, _, d) in GPT_PRESETS.items() if (nl, d) == (n_layer, dim)]
+        hint = f" (its {n_layer} layers of width {dim} match preset {matches[0]})" if matches else ""
+        raise ConfigError(f"{path}: model.n_head: the weights do not fix the number of attention heads and the "
+                          f"checkpoint {note}; pass a preset{hint} or --set model.n_head=N")
+    head_dim = dim // n_head
+    qkv_rows = _shape(state, "layers.0.attention.wqkv.weight", path, "GPT")[0]
+    if qkv_rows <= dim or (qkv_rows - dim) % (2 * head_dim):
+        raise ConfigError(f"{path}: layers.0.attention.wqkv.weight has {qkv_rows} rows, which fits no number of "
+                          f"key/value heads for width {dim} and n_head={n_head}")
+    n_kv = (qkv_rows - dim) // (2 * head_dim)
+    if "n_kv_head" in given and (given["n_kv_head"][0] or n_head) != n_kv:
+        raise ConfigError(f"{path}: model.n_kv_head = {given['n_kv_head'][0]} ({given['n_kv_head'][1]}), "
+                          f"but the weights have {n_kv} (rows of layers.0.attention.wqkv.weight)")
+    return n_head, (None if n_kv == n_head else n_kv)
+
+
+def _ffn(state: Mapping[str, torch.Tensor], given: Given, dim: int, n_head: int, path: Any) -> dict[str, Any]:
+    """multiple_of / ffn_dim_multiplier that give the weights' feed-forward width (they only round towards it)."""
+    hidden = _shape(state, "layers.0.feed_forward.w1.weight", path, "GPT")[0]
+    ffn = {k: given[k][0] if k in given else v for k, v in LLAMAGEN_FFN_DEFAULTS.items()}
+    width = GPTConfig(dim=dim, n_head=n_head, **ffn).ffn_hidden_dim
+    if width == hidden:
+        return ffn
+    base = int(2 * 4 * dim / 3)
+    fits = [2 ** i for i in range(hidden.bit_length(), -1, -1) if find_multiple(base, 2 ** i) == hidden]
+    if any(k in given for k in LLAMAGEN_FFN_DEFAULTS) or not fits:
+        origins = ", ".join(given[k][1] for k in LLAMAGEN_FFN_DEFAULTS if k in given) or "LlamaGen's defaults"
+        raise ConfigError(f"{path}: model.multiple_of / model.ffn_dim_multiplier: the weights have a feed-forward "
+                          f"width of {hidden} (layers.0.feed_forward.w1.weight), but width {dim} with "
+                          f"multiple_of={ffn['multiple_of']}, ffn_dim_multiplier={ffn['ffn_dim_multiplier']} "
+                          f"({origins}) gives {width}; set them to match")
+    # Nothing given: the largest power of two that rounds int(8 * dim / 3) up to the weights' width.
+    return {**ffn, "multiple_of": fits[0]}
+
+
+def llamagen_gpt_config(state: Mapping[str, torch.Tensor], grid_size: int, num_classes: int | None = None,
+                        preset: str | None = None, model: Mapping[str, Any] | None = None,
                         train_args: Mapping[str, Any] | None = None, path: Any = "checkpoint") -> GPTConfig:
-    """GPTConfig of a LlamaGen c2i state dict: architecture from ``preset``, checked against the shapes;
-    vocabulary and the null class row read from them; training dropouts from ``train_args`` or defaults."""
+    """GPTConfig of a LlamaGen c2i state dict.
+
+    Read from the weights: vocabulary, width, depth, key/value heads, feed-forward width, class rows
+    (``num_classes`` None: all rows but the null class). Given: ``preset`` (else the checkpoint's
+    recorded ``args.gpt_model``) and ``model`` (GPTConfig fields, e.g. {'n_head': 16}) for what the
+    weights leave open, chiefly the number of heads. A given or recorded value that the weights
+    contradict is an error naming the field.
+    """
+    train_args = dict(train_args or {})
+    given = _given_architecture(preset, model, train_args, path)
+
+    def from_weights(key: str, value: int, where: str) -> int:
+        if key in given and given[key][0] != value:
+            raise ConfigError(f"{path}: model.{key} = {given[key][0]} ({given[key][1]}), "
+                              f"but the weights have {value} ({where})")
+        return value
+
     vocab, dim = _shape(state, "tok_embeddings.weight", path, "GPT")
+    layers = _indices(state, r"layers\.(\d+)\.")
+    if not layers or layers != list(range(len(layers))):
+        raise ValueError(f"{path}: not a LlamaGen GPT state dict: transformer layers {layers}")
+    resolved: dict[str, Any] = {
+        "codebook_size": from_weights("codebook_size", vocab, "rows of tok_embeddings.weight"),
+        "dim": from_weights("dim", dim, "width of tok_embeddings.weight"),
+        "n_layer": from_weights("n_layer", len(layers), f"layers.0 to layers.{layers[-1]}"),
+    }
+    resolved["n_head"], resolved["n_kv_head"] = _heads(state, given, dim, len(layers), train_args.get("gpt_model"),
+                                                       path)
+    resolved.update(_ffn(state, given, dim, resolved["n_head"], path))
+
     rows = _shape(state, "cls_embedding.embedding_table.weight", path, "GPT")[0]
-    n_layer = len(_indices(state, r"layers\.(\d+)\."))
+    if num_classes is None:
+        num_classes = rows - 1  # LlamaGen's c2i default class_dropout_prob = 0.1: the last row is the null class
     if rows == num_classes + 1:
         class_dropout = 0.1  # LlamaGen's class_dropout_prob: the extra row is the null class
     elif rows == num_classes:
@@ -180,18 +317,16 @@ def llamagen_gpt_config(state: Mapping[str, torch.Tensor], preset: str, grid_siz
     else:
         raise ConfigError(f"{path}: the class table has {rows} rows, which fits neither num_classes={num_classes} "
                           f"nor num_classes + 1 (null class); pass the right num_classes")
-    args = {**GPT_TRAIN_DEFAULTS, **(train_args or {})}
+
+    args = {**GPT_TRAIN_DEFAULTS, **train_args}
     drop_path = float(args["drop_path_rate"])
-    config = _preset_config(
-        preset, codebook_size=vocab, grid_size=[grid_size, grid_size], num_classes=num_classes,
-        class_dropout=class_dropout, token_dropout=float(args["token_dropout_p"]),
-        dropout=0.0 if drop_path > 0 else float(args["dropout_p"]), drop_path=drop_path)  # as train_c2i.py
-    if (config.n_layer, config.dim) != (n_layer, dim):
-        guess = [name for name, (nl, _, d) in GPT_PRESETS.items() if (nl, d) == (n_layer, dim)]
-        hint = f" (it looks like {guess[0]})" if guess else ""
-        raise ConfigError(f"{path}: the checkpoint has {n_layer} layers of width {dim}, but preset {preset} has "
-                          f"{config.n_layer} of width {config.dim}{hint}")
-    return config
+    fields = {k: v for k, (v, _) in given.items()}
+    fields.update(resolved, grid_size=[grid_size, grid_size], num_classes=num_classes)
+    fields.setdefault("class_dropout", class_dropout)
+    fields.setdefault("token_dropout", float(args["token_dropout_p"]))
+    fields.setdefault("dropout", 0.0 if drop_path > 0 else float(args["dropout_p"]))  # as train_c2i.py
+    fields.setdefault("drop_path", drop_path)
+    return from_dict(GPTConfig, fields, prefix="model")
 
 
 def _check_freqs_cis(freqs: torch.Tensor, config: GPTConfig, path: Any) -> None:
@@ -219,13 +354,17 @@ def llamagen_gpt_key(key: str) -> str | Drop:
     return key
 
 
-def import_llamagen_gpt(checkpoint: str | Path, tokenizer: str | Path, out: str | Path, preset: str = "GPT-B",
+def import_llamagen_gpt(checkpoint: str | Path, tokenizer: str | Path, out: str | Path, preset: str | None = None,
                         image_size: int | None = None, num_classes: int | None = None,
-                        class_names: list[str] | None = None, weights: str | None = None) -> ImportResult:
+                        class_names: list[str] | None = None, weights: str | None = None,
+                        model: Mapping[str, Any] | None = None) -> ImportResult:
     """Convert a LlamaGen c2i GPT (e.g. c2i_B_256.pt) into a pipeline folder ``out`` = tokenizer/ + prior/.
 
     ``tokenizer`` is the vqgpt export of the VQ it was trained on (e.g. from ``import_llamagen_vq``);
     its downsampling factor turns ``image_size`` (default: the checkpoint's args, else 256) into the grid.
+    The architecture is read from the weights where they fix it; the rest (the number of heads) comes
+    from ``preset`` (default: the checkpoint's recorded ``args.gpt_model``) or ``model`` (GPTConfig
+    fields such as {'n_head': 16}); see ``llamagen_gpt_config``.
     """
     from vqgpt.encode import tokenizer_fingerprint
 
@@ -248,8 +387,11 @@ def import_llamagen_gpt(checkpoint: str | Path, tokenizer: str | Path, out: str 
                           f"but {tokenizer} downsamples by {f}")
     if image_size % f:
         raise ConfigError(f"image_size {image_size} is not a multiple of the tokenizer's downsampling factor {f}")
-    num_classes = int(num_classes if num_classes is not None else args.get("num_classes", 1000))
-    config = llamagen_gpt_config(source, preset, image_size // f, num_classes, args, checkpoint)
+    if num_classes is None and "num_classes" in args:
+        num_classes = int(args["num_classes"])
+    config = llamagen_gpt_config(source, image_size // f, num_classes, preset=preset, model=model, train_args=args,
+                                 path=checkpoint)
+    num_classes = config.num_classes
     if config.codebook_size != tok_config.quantizer.codebook_size:
         raise ConfigError(f"{checkpoint} predicts {config.codebook_size} codes, but tokenizer {tokenizer} has "
                           f"codebook_size={tok_config.quantizer.codebook_size}")
@@ -259,17 +401,18 @@ def import_llamagen_gpt(checkpoint: str | Path, tokenizer: str | Path, out: str 
         _check_freqs_cis(source["freqs_cis"], config, checkpoint)
 
     state, dropped = remap_state_dict(source, llamagen_gpt_key, target_shapes(GPT, config),
-                                      f"{checkpoint} (LlamaGen {preset}) -> vqgpt GPT")
-    model = build_from_state(GPT, config, state)
+                                      f"{checkpoint} (LlamaGen GPT) -> vqgpt GPT")
+    prior = build_from_state(GPT, config, state)
     out = Path(out)
     tokenizer_out = out / "tokenizer"
     if Path(tokenizer).resolve() != tokenizer_out.resolve():
         shutil.copytree(tokenizer, tokenizer_out, dirs_exist_ok=True)
     extra: dict[str, Any] = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_out),
-                             "imported_from": {"format": "LlamaGen c2i GPT", "preset": preset,
+                             "imported_from": {"format": "LlamaGen c2i GPT",
+                                               "preset": preset or args.get("gpt_model"), "set": dict(model or {}),
                                                "checkpoint": Path(checkpoint).name, "weights": entry,
                                                "dropped": dropped}}
     if class_names is not None:
         extra["classes"] = list(class_names)
-    save_export(out / "prior", GPT_KIND, config, model, extra)
+    save_export(out / "prior", GPT_KIND, config, prior, extra)
     return ImportResult(out, entry, len(state), dropped)
