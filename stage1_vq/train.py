@@ -71,6 +71,23 @@ def _snapshot_images(cfg: TokenizerRunConfig, n: int = 8) -> torch.Tensor:
     return torch.stack(readable)
 
 
+class UsageWindow:
+    """The quantizer's recent-usage bookkeeping as resume state: it lives in non-persistent buffers
+    (kept out of exports), so without this a resumed run would log a too-low codebook usage until
+    the window refills."""
+
+    def __init__(self, quantizer: torch.nn.Module) -> None:
+        self.quantizer = quantizer
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"last_hit_step": self.quantizer.last_hit_step.cpu().clone(),
+                "usage_step": self.quantizer.usage_step.cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.quantizer.last_hit_step.copy_(state["last_hit_step"])
+        self.quantizer.usage_step.copy_(state["usage_step"])
+
+
 def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None = None,
                     overwrite: bool = False) -> Path:
     """Train a tokenizer into RUN=``out``; returns RUN/export. ``resume``: None, 'auto' or a checkpoint path;
@@ -117,6 +134,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         if perceptual is not None:
             perceptual = perceptual.to(accelerator.device).eval().requires_grad_(False)
         ema = make_ema(accelerator, model, tc.ema_decay)
+        accelerator.register_for_checkpointing(UsageWindow(unwrap(accelerator, model).quantize))
 
         # ---- resume
         step, position = load_resume(accelerator, run.checkpoint, tc.batch_size)

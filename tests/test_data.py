@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,8 +13,8 @@ import torch
 from PIL import Image
 
 from vqgpt.config import ConfigError, from_dict
-from vqgpt.data import (PHOTO_NAMES, DataConfig, ImageTooSmallError, UnreadableImageWarning, build_dataset,
-                        eval_images, iterate_images)
+from vqgpt.data import (PHOTO_NAMES, TEXTURE_EVAL_FRACTIONS, TEXTURE_EVAL_WIDTH, DataConfig, ImageTooSmallError,
+                        UnreadableImageWarning, build_dataset, eval_images, iterate_images)
 
 R = 16
 
@@ -87,19 +88,17 @@ def test_corrupt_files_are_skipped_and_named(tmp_path):
         assert ds[i][0].shape == (3, R, R)
 
 
-def test_decode_failure_in_getitem_substitutes_next(tmp_path):
+def test_truncated_jpeg_is_skipped_at_the_scan(tmp_path):
     root = tmp_path / "imgs"
     _save(root / "a" / "0.png", Image.new("RGB", (20, 20), (255, 0, 0)))
     _save(root / "b" / "1.jpg", Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
     _save(root / "c" / "2.png", Image.new("RGB", (20, 20), (0, 0, 255)))
     data = (root / "b" / "1.jpg").read_bytes()
-    (root / "b" / "1.jpg").write_bytes(data[: len(data) // 2])  # header fine, body truncated: passes the scan
-    ds = build_dataset(DataConfig(source=str(root), resolution=R), "eval")
-    assert len(ds) == 3
+    (root / "b" / "1.jpg").write_bytes(data[: len(data) // 2])  # header fine, body truncated: PIL's verify() passes it
     with pytest.warns(UnreadableImageWarning, match="1.jpg"):
-        image, label = ds[1]
-    assert ds.classes[label] == "c"  # deterministic substitute: the next file, with its own label
-    assert torch.allclose(image, ds[2][0])
+        ds = build_dataset(DataConfig(source=str(root), resolution=R), "eval")
+    assert [ds.name(i) for i in range(len(ds))] == ["a/0.png", "c/2.png"]
+    assert [os.path.basename(p) for p in ds.skipped] == ["1.jpg"]
 
 
 def test_bad_sources_give_clear_errors(tmp_path):
@@ -249,13 +248,18 @@ def test_textures_hold_out_the_right_strip():
     cfg = DataConfig(source="builtin:textures", resolution=R, crops_per_epoch=30)
     train, test = build_dataset(cfg, "train"), build_dataset(cfg, "eval")
     assert train.classes == test.classes == ["brick", "grass", "gravel"]
+    import skimage.data
+
     for a, b in zip(train.canvases, test.canvases):
         assert a.name == b.name
-        width = a.image.shape[-1] + b.image.shape[-1]
-        assert b.image.shape[-1] >= width // 5  # at least 20% held out
-        # the two parts tile the texture side by side: no pixel is in both
-        full = torch.cat([a.image, b.image], dim=-1)
-        assert full.shape[-1] == width == 512
+        # the two parts tile the texture as skimage ships it, side by side: every pixel in exactly one
+        original = torch.from_numpy(getattr(skimage.data, a.name)()).expand(3, -1, -1)  # grey (H, W) -> (3, H, W)
+        assert torch.equal(torch.cat([a.image, b.image], dim=-1), original), a.name
+        # the right-most quarter (at least) is held out, and it fits the largest eval crop
+        width, height = original.shape[-1], original.shape[-2]
+        assert b.image.shape[-1] >= math.ceil(TEXTURE_EVAL_WIDTH * width)
+        assert b.image.shape[-1] >= round(max(TEXTURE_EVAL_FRACTIONS) * min(width, height))
+        assert a.image.shape[-1] >= b.image.shape[-1]  # most of the texture is left to train on
     assert sorted({train[i][1] for i in range(len(train))}) == [0, 1, 2]
     assert sorted({test[i][1] for i in range(len(test))}) == [0, 1, 2]
     again = build_dataset(cfg, "eval")

@@ -2,14 +2,25 @@
 
 import json
 import math
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
+from baselines import eval_images, label_ignoring_accuracy, mean_image_scores
 
+import vqgpt.evaluation as evaluation
 from stage1_vq import QuantizerConfig, VQModel, VQModelConfig
+from stage1_vq.evaluate import load_lpips
 from stage2_prior import GPT, GPTConfig
-from vqgpt.classifier import DEFAULT_STEPS, MnistClassifier, TrainedClassifier, save_classifier
+from vqgpt.classifier import (
+    DEFAULT_STEPS,
+    MnistClassifier,
+    TrainedClassifier,
+    load_classifier,
+    predict,
+    save_classifier,
+)
 from vqgpt.evaluation import (
     PRIOR_KEYS,
     STATS_KEYS,
@@ -19,7 +30,14 @@ from vqgpt.evaluation import (
     fid_stats,
     sample_class_accuracy,
 )
-from vqgpt.fid import load_stats
+from vqgpt.fid import (
+    compute_stats,
+    frechet_distance,
+    inception_score,
+    load_feature_extractor,
+    load_stats,
+    precision_recall,
+)
 from vqgpt.metrics import psnr, ssim
 from vqgpt.pipeline import VQGPTPipeline
 
@@ -47,6 +65,21 @@ def test_psnr_and_ssim_on_known_pairs():
     assert torch.allclose(ssim(images, images), torch.ones(3), atol=1e-6)
     assert (ssim(images, -images) < 0.1).all()
     assert (ssim(images, shifted) < 1).all() and (ssim(images, shifted) > ssim(images, -images)).all()
+
+
+def test_random_lpips_is_one_fixed_network():
+    """`--lpips random` gives the same figure in every run and leaves the caller's RNG alone."""
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.rand(2, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+    torch.manual_seed(5)
+    first = load_lpips("random", torch.device("cpu"))
+    drawn = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), drawn)  # building the network drew nothing from the global RNG
+    torch.manual_seed(6)
+    second = load_lpips("random", torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(first(x, y), second(x, y), rtol=0, atol=0)
 
 
 def tiny_tokenizer() -> VQModel:
@@ -86,11 +119,29 @@ def test_eval_tokenizer_reports_every_metric(tokenizer_dir, tmp_path):
     assert tuple(data) == TOKENIZER_KEYS
     assert data["num_images"] == 24 and data["grid"] == [4, 4] and data["codebook_size"] == 64
     assert data["fid_features"] == "random-conv-seed0"
-    # an untrained tokenizer reconstructs badly: a clearly positive rFID
-    assert data["rfid"] > 0.01 and math.isfinite(data["rfid"])
-    for key in ("psnr", "ssim", "lpips", "codebook_usage", "perplexity"):
-        assert isinstance(data[key], float) and math.isfinite(data[key]), key
-    assert 0 < data["codebook_usage"] <= 1 and 1 <= data["perplexity"] <= 64
+    assert data["num_tokens"] == 24 * 4 * 4 and data["bits_per_image"] == 16 * 6
+
+    # every figure equals the same metric computed directly on the same 24 held-out digits
+    images = eval_images("builtin:mnist", 32, 24)
+    model = VQModel.from_pretrained(tokenizer_dir)
+    with torch.no_grad():
+        codes = model.encode(images)
+        recon = model.decode(codes).clamp(-1, 1)
+        lpips_net = load_lpips("random", torch.device("cpu"))
+        lpips_value = float(lpips_net(images, recon).mean())
+    assert data["psnr"] == pytest.approx(float(psnr(images, recon).mean()), rel=1e-5)
+    assert data["ssim"] == pytest.approx(float(ssim(images, recon).mean()), rel=1e-5)
+    assert data["lpips"] == pytest.approx(lpips_value, rel=1e-4)
+    counts = torch.bincount(codes.flatten(), minlength=64).double()
+    assert data["codebook_usage"] == pytest.approx(float((counts > 0).double().mean()))
+    p = counts[counts > 0] / counts.sum()
+    assert data["perplexity"] == pytest.approx(math.exp(float(-(p * p.log()).sum())), rel=1e-9)
+    extractor = load_feature_extractor("random")
+    rfid = frechet_distance(compute_stats(extractor(images).pool, extractor.name, keep_features=0),
+                            compute_stats(extractor(recon).pool, extractor.name, keep_features=0))
+    assert data["rfid"] == pytest.approx(rfid, rel=1e-4)
+    # an untrained tokenizer: its reconstructions are worse than outputting the mean digit every time
+    assert data["psnr"] < mean_image_scores(images).psnr
     assert len(list((tmp_path / "out" / "images").iterdir())) == 24
     skipped = eval_tokenizer(tokenizer_dir, "builtin:mnist", fid_weights="none", lpips="none", num_images=8,
                              device="cpu", progress=False)
@@ -118,16 +169,123 @@ def test_eval_prior_end_to_end(pipeline_dir, classifier_path, tmp_path):
     data = json.loads(json.dumps(report.to_dict()))
     assert tuple(data) == PRIOR_KEYS
     assert data["num_samples"] == 20 and data["num_reference"] == 500 and data["resolution"] == 32
-    assert data["fid"] > 0.01 and data["inception_score"] >= 1.0
-    assert 0 <= data["precision"] <= 1 and 0 <= data["recall"] <= 1
-    assert data["class_accuracy"] is not None and 0 <= data["class_accuracy"] <= 1
     assert data["classifier_heldout_accuracy"] == 0.25
+
+    # the figures equal a direct computation on the same samples: labels 0..9 twice, seed + batch index
+    pipe = VQGPTPipeline.from_pretrained(pipeline_dir)
+    labels = torch.arange(20) % 10
+    samples = torch.cat([pipe.generate(10, class_labels=labels[i * 10:(i + 1) * 10], seed=3 + i) for i in range(2)])
+    extractor = load_feature_extractor("random")
+    reference = extractor(eval_images("builtin:mnist", 32)).pool
+    fake = extractor(samples)
+    assert data["fid"] == pytest.approx(frechet_distance(compute_stats(reference, extractor.name),
+                                                         compute_stats(fake.pool, extractor.name)), rel=1e-4)
+    score = inception_score(fake.logits)
+    assert (data["inception_score"], data["inception_score_std"]) == pytest.approx((score.mean, score.std), rel=1e-4)
+    pr = precision_recall(reference, fake.pool)
+    assert (data["precision"], data["recall"]) == pytest.approx((pr.precision, pr.recall))
+    classifier = load_classifier(classifier_path).model
+    assert data["class_accuracy"] == pytest.approx(float((predict(classifier, samples) == labels).double().mean()))
+
     # the same reference as a stats file gives the same figures (same seeds, same samples)
     fid_stats("builtin:mnist", tmp_path / "ref.npz", fid_weights="random", split="eval", device="cpu", progress=False)
     from_file = eval_prior(pipeline_dir, str(tmp_path / "ref.npz"), **common)
     assert from_file.fid == pytest.approx(report.fid, rel=1e-5)
     assert (from_file.precision, from_file.recall, from_file.class_accuracy) == \
         (report.precision, report.recall, report.class_accuracy)
+
+
+# ----------------------------------------------------------------------------- known answers with stand-ins
+
+# The class names of a 10-class prior in an order other than 0..9: class index i is digit CLASS_DIGITS[i].
+CLASS_DIGITS = [3, 1, 4, 0, 5, 9, 2, 6, 8, 7]
+
+
+class DigitOracle(torch.nn.Module):
+    """A 'classifier' that knows the digit of every builtin:mnist eval image (and nothing else)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # predict() asks for a parameter's device
+        self.images = eval_images("builtin:mnist", 32).flatten(1)              # (500, 3*32*32)
+        self.digits = torch.arange(10).repeat_interleave(50)                     # eval split: 50 per digit, in order
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        match = (images.flatten(1)[:, None] == self.images[None]).all(-1)     # (B, 500)
+        assert bool(match.any(1).all()), "the oracle only knows the eval digits"
+        return torch.nn.functional.one_hot(self.digits[match.float().argmax(1)], 10).float()  # (B, 10) logits
+
+
+def stand_in_generator(digit_of: Callable[[int, int], int]):
+    """A VQGPTPipeline.generate stand-in that returns real eval digits: sample n (counted over all
+    calls) asked for class index c is the next unused eval image of digit ``digit_of(c, n)``."""
+    used = [0] * 10
+    calls = [0]
+
+    def generate(self, num_samples, class_labels=None, **kwargs):
+        images = eval_images("builtin:mnist", 32)
+        out = []
+        for label in torch.as_tensor(class_labels).tolist():
+            digit = digit_of(label, calls[0])
+            out.append(images[digit * 50 + used[digit] % 50])
+            used[digit] += 1
+            calls[0] += 1
+        return torch.stack(out)
+    return generate
+
+
+@pytest.fixture(scope="module")
+def shuffled_pipeline_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shuffled")
+    tiny_tokenizer().save_pretrained(root / "tokenizer")
+    prior = GPT(GPTConfig(codebook_size=64, grid_size=[4, 4], num_classes=10, n_layer=1, n_head=2, dim=32,
+                          multiple_of=32))
+    prior.save_pretrained(root / "prior", extra={"classes": [str(d) for d in CLASS_DIGITS]})
+    return root
+
+
+@pytest.mark.parametrize("kind", ["faithful", "wrong digit", "label-ignoring", "only zeros"])
+def test_eval_prior_known_answers(shuffled_pipeline_dir, monkeypatch, kind):
+    """Samples that are the reference digits themselves: FID 0, precision = recall = 1; the class
+    accuracy is 1 when each sample is the digit asked for, 0 when it is another digit, and what a
+    label-ignoring prior scores (here exactly 1/10) when labels are ignored. Samples that are only
+    the reference's zeros: precise (every sample is a real digit) but with a low recall."""
+    digit_of = {"faithful": lambda label, n: CLASS_DIGITS[label],
+                "wrong digit": lambda label, n: (CLASS_DIGITS[label] + 1) % 10,
+                "label-ignoring": lambda label, n: n // 50,       # the eval digits in their stored order
+                "only zeros": lambda label, n: 0}[kind]
+    monkeypatch.setattr(VQGPTPipeline, "generate", stand_in_generator(digit_of))
+    monkeypatch.setattr(evaluation, "load_or_train_mnist_classifier", lambda *a, **k: (DigitOracle(), 0.99))
+    report = eval_prior(shuffled_pipeline_dir, "builtin:mnist", num_samples=500, batch_size=100, fid_weights="random",
+                        reference_split="eval", device="cpu", progress=False)
+    assert report.classifier_heldout_accuracy == 0.99
+    asked = torch.tensor(CLASS_DIGITS)[torch.arange(500) % 10]
+    if kind == "only zeros":
+        # FID far from the ~0 of the identical set below; every sample is a real digit, few digits are covered
+        assert report.fid > 0.1 and report.precision == 1.0 and report.recall < 0.5, report
+        assert report.class_accuracy == pytest.approx(0.1)  # the zeros asked for
+        return
+    # the other three draw each eval digit exactly once: the sample set is the reference set
+    assert report.fid == pytest.approx(0.0, abs=1e-6)
+    assert report.precision == 1.0 and report.recall == 1.0
+    expected = {"faithful": 1.0, "wrong digit": 0.0,
+                "label-ignoring": float((asked == torch.arange(500) // 50).double().mean())}[kind]
+    assert report.class_accuracy == pytest.approx(expected)
+    if kind == "label-ignoring":
+        assert report.class_accuracy == pytest.approx(label_ignoring_accuracy(10))  # balanced labels: exactly 1/10
+
+
+def test_sample_class_accuracy_known_answers(shuffled_pipeline_dir, monkeypatch):
+    monkeypatch.setattr(evaluation, "load_or_train_mnist_classifier", lambda *a, **k: (DigitOracle(), 0.99))
+    pipe = VQGPTPipeline.from_pretrained(shuffled_pipeline_dir)
+    monkeypatch.setattr(VQGPTPipeline, "generate", stand_in_generator(lambda label, n: CLASS_DIGITS[label]))
+    right = sample_class_accuracy(pipe, num_per_class=3, batch_size=7)
+    assert right.class_accuracy == 1.0 and right.per_class == [1.0] * 10 and right.num_samples == 30
+    # per_class is indexed by digit: digit 4 (class index 2) always drawn as a 9, the rest right
+    monkeypatch.setattr(VQGPTPipeline, "generate",
+                        stand_in_generator(lambda label, n: 9 if CLASS_DIGITS[label] == 4 else CLASS_DIGITS[label]))
+    one_wrong = sample_class_accuracy(pipe, num_per_class=3, batch_size=7)
+    assert one_wrong.per_class == [1.0] * 4 + [0.0] + [1.0] * 5 and one_wrong.class_accuracy == pytest.approx(0.9)
 
 
 def test_eval_prior_refuses_a_reference_of_another_network_before_sampling(pipeline_dir, tmp_path, monkeypatch):

@@ -1,13 +1,18 @@
+import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
     ci_lines = [l.strip() for l in (ROOT / ".ci/run").read_text().splitlines()]
-    command = next(l for l in ci_lines if l.startswith("python3 -m venv"))
-    assert "pytest" in command
-    assert command in (ROOT / "README.md").read_text(), "README's test command and .ci/run differ"
+    readme_test_command = readme_line("pytest")
+    assert readme_test_command in ci_lines, "README's test command is not a line of .ci/run"
+    # and it is the first thing CI runs after setting up: nothing installs or runs before it
+    first = next(l for l in ci_lines if l and not l.startswith(("#", "set ", "cd ", "export ", "rm -rf .venv")))
+    assert first == readme_test_command, first
 
 
 def test_readme_config_reference_is_current():
@@ -18,6 +23,126 @@ def test_readme_config_reference_is_current():
     assert section == config_reference_text(), "README config reference is stale: run `vqgpt config-reference`"
 
 
+def readme_line(word: str) -> str:
+    """The README's one-line ``python3 -m venv ...`` command that contains ``word``."""
+    found = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith("python3 -m venv") and word in line]
+    assert len(found) == 1, f"expected one README command line with {word!r}, found {found}"
+    return found[0]
+
+
+def readme_command(word: str) -> list[str]:
+    """The steps (split at ``&&``) of the README command line that contains ``word``."""
+    return [step.strip() for step in readme_line(word).split("&&")]
+
+
 def test_readme_demo_command_installs_and_runs_the_demo():
-    readme = (ROOT / "README.md").read_text()
-    assert "pip install -q -e . && vqgpt demo --out runs/demo" in readme
+    """Each piece of the README's demo command exists: the tested command's pinned install, an install
+    of this project, the `vqgpt` script that install puts beside Python, and its `demo --out` subcommand."""
+    import importlib.metadata
+    import shlex
+    import subprocess
+    import sys
+    import sysconfig
+
+    from vqgpt.cli import build_parser, cmd_demo, main
+
+    demo, tested = readme_command("vqgpt demo"), readme_command("pytest")
+    # the same fresh venv and the same pinned torch / torchvision as the command CI runs
+    assert demo[:3] == tested[:3]
+    assert re.fullmatch(r"pip install -q torch==\S+ torchvision==\S+", demo[2]), demo[2]
+    assert demo[3] == "pip install -q -e ." and tested[3] == 'pip install -q -e ".[test]"'
+    # that install declares the `vqgpt` script as vqgpt.cli:main ...
+    scripts = re.search(r"^\[project\.scripts\]\n((?:[^\[\n].*\n)*)", (ROOT / "pyproject.toml").read_text(), re.M)
+    assert scripts and 'vqgpt = "vqgpt.cli:main"' in scripts.group(1).splitlines()
+    (entry,) = [e for e in importlib.metadata.distribution("vqgpt").entry_points if e.name == "vqgpt"]
+    assert entry.group == "console_scripts" and entry.load() is main
+    # ... and the demo step is a `vqgpt demo` call that the parser routes to the demo
+    program, *argv = shlex.split(demo[4])
+    assert program == "vqgpt" and len(demo) == 5
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"the README's `{demo[4]}` does not parse")
+    assert args.func is cmd_demo and args.out == "runs/demo" and not args.quick
+    # the installed script runs and knows the subcommand
+    script = Path(sysconfig.get_path("scripts")) / "vqgpt"
+    assert script.is_file(), f"{script}: no `vqgpt` script beside {sys.executable} (pip install -e . installs it)"
+    shown = subprocess.run([str(script), "demo", "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "--out" in shown.stdout and "--quick" in shown.stdout, shown.stderr[-2000:]
+
+
+# Top-level folders of the checkout that are not part of the project (environments, build and run outputs).
+NOT_PROJECT = {".git", ".venv", "venv", "build", "dist", "runs", "outputs", ".pytest_cache", "__pycache__"}
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+TOP_LEVEL_DOC = re.compile(r"(?<![\w/.-])([A-Z][A-Z0-9_]*\.md)\b")  # README.md, DESIGN.md, CONTRIBUTING.md, ...
+
+
+def _project_dirs() -> list[str]:
+    return sorted(p.name for p in ROOT.iterdir()
+                  if p.is_dir() and p.name not in NOT_PROJECT and not p.name.endswith(".egg-info"))
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings."""
+    headings = re.findall(r"^#+\s+(.+?)\s*$", markdown, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def cited_paths(path: Path) -> list[tuple[str, Path, str]]:
+    """(as written, resolved path, anchor) for each repository file that ``path`` links or names."""
+    text = path.read_text()
+    found = []
+    if path.suffix == ".md":
+        for target in LINK.findall(text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a URL, or an anchor in the same file
+            file, _, anchor = target.partition("#")
+            found.append((target, (path.parent / file).resolve(), anchor))
+        text = LINK.sub(lambda m: m.group(0).split("](")[0] + "]", text)  # targets done: keep the link text
+    # Paths written out in text or code spans: anything under a project folder, and top-level notes.
+    repo_path = re.compile(r"(?<![\w/.-])((?:%s)/[\w./-]*)" % "|".join(re.escape(d) for d in _project_dirs()))
+    for written in repo_path.findall(text):
+        written = written.rstrip(".")
+        # A folder ("configs/accelerate/") or a file, not prose such as "tests/offline smoke runs".
+        if written.endswith("/") or "." in written.rsplit("/", 1)[-1]:
+            found.append((written, ROOT / written, ""))
+    for written in TOP_LEVEL_DOC.findall(text):
+        found.append((written, ROOT / written, ""))
+    return found
+
+
+def citing_files() -> list[Path]:
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    code = [p for d in ("vqgpt", "stage1_vq", "stage2_prior", "benchmarks", "configs")
+            for p in sorted((ROOT / d).rglob("*")) if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts]
+    return [*docs, *code]
+
+
+def missing_citations(path: Path) -> list[str]:
+    """What ``path`` links or names that does not exist (or a heading anchor its target lacks)."""
+    missing = []
+    for written, target, anchor in cited_paths(path):
+        if not target.exists():
+            missing.append(written)
+        elif anchor and target.suffix == ".md" and anchor not in _anchors(target.read_text()):
+            missing.append(f"{written} (no such heading)")
+    return missing
+
+
+def test_every_file_the_readme_docs_and_code_cite_exists():
+    files = citing_files()
+    assert ROOT / "docs" / "architecture.md" in files
+    missing = [f"{path.relative_to(ROOT)}: {written}" for path in files for written in missing_citations(path)]
+    assert not missing, "cited but not in the repository:\n" + "\n".join(missing)
+
+
+def test_citation_check_finds_links_paths_notes_and_anchors(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A real heading\n")
+    note = tmp_path / "note.md"
+    note.write_text("See [the notes](DESIGN.md), `configs/prior/tiny.yaml`, `configs/prior/nope.yaml`,\n"
+                    "[a](docs/a.md#a-real-heading), [a](docs/a.md#nope), [web](https://example.com) and [up](#top).\n"
+                    "Also NOTES.md.\n")
+    assert missing_citations(note) == ["DESIGN.md", "docs/a.md#nope (no such heading)", "configs/prior/nope.yaml",
+                                       "NOTES.md"]

@@ -12,7 +12,7 @@ import torch
 
 import stage2_prior.train as prior_train
 from dist_check import make_token_shards, recording
-from stage2_prior.model import GPT
+from stage2_prior.model import GPT, TransformerBlock
 from stage2_prior.train import PriorRunConfig, train_prior
 from vqgpt.checkpoint import list_checkpoints, read_trainer_state
 from vqgpt.config import ConfigError, load_config
@@ -112,15 +112,30 @@ def test_bf16_and_fp16_runs(tokens, tmp_path):
 def test_grad_checkpointing_option(tokens, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="train.grad_checkpointing: Linear"):
         set_grad_checkpointing(torch.nn.Linear(2, 2), True)
-    from stage2_prior.model import GPTConfig
+    # forward calls of each block in training mode with gradients on (the recomputation in the
+    # backward pass included: it calls forward directly, without the module's hooks)
+    calls: dict[torch.nn.Module, int] = {}
+    forward = TransformerBlock.forward
 
-    if not hasattr(GPT(GPTConfig(n_layer=1, n_head=1, dim=32, codebook_size=8, grid_size=[2, 2])), "grad_checkpointing"):
-        pytest.skip("GPT has no grad_checkpointing attribute yet (stage2_prior/model.py)")
-    plain = train_prior(prior_config(tokens, "train.steps=3"), tmp_path / "plain")
-    built = []
-    monkeypatch.setattr(prior_train, "GPT", recording(GPT, built))
-    ckpt = train_prior(prior_config(tokens, "train.steps=3", "train.grad_checkpointing=true"), tmp_path / "ckpt")
-    assert built[0].grad_checkpointing is True
-    a, b = GPT.from_pretrained(plain).state_dict(), GPT.from_pretrained(ckpt).state_dict()
+    def counting(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            calls[self] = calls.get(self, 0) + 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(TransformerBlock, "forward", counting)
+    runs = {}
+    for name, checkpointing in (("plain", False), ("ckpt", True)):
+        built = []
+        monkeypatch.setattr(prior_train, "GPT", recording(GPT, built))
+        cfg = prior_config(tokens, "train.steps=3", f"train.grad_checkpointing={str(checkpointing).lower()}")
+        calls.clear()
+        runs[name] = train_prior(cfg, tmp_path / name)
+        model, = built
+        assert model.grad_checkpointing is checkpointing
+        # checkpointing runs each block's forward again in the backward pass: twice per micro-batch
+        micro_batches = cfg.train.steps * cfg.train.grad_accum
+        assert [calls.get(layer, 0) for layer in model.layers] == \
+            [micro_batches * (2 if checkpointing else 1)] * len(model.layers), name
+    a, b = GPT.from_pretrained(runs["plain"]).state_dict(), GPT.from_pretrained(runs["ckpt"]).state_dict()
     for key in a:  # recomputation changes memory, not results
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
