@@ -45,9 +45,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from stage2_prior.draw import (cfg_scales, check_sampling_args, eval_mode, guided_labels, next_token,
+                               resolve_class_labels)
 from stage2_prior.model import GPT, KVCache
-from stage2_prior.sampling import (cfg_scales, check_sampling_args, eval_mode, guided_labels, next_token,
-                                   resolve_class_labels)
 
 
 def window_origin(i: int, j: int, canvas: tuple[int, int], window: tuple[int, int],

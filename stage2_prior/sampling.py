@@ -1,8 +1,7 @@
-"""Sampling code grids from a GPT prior: temperature, top-k / top-p, classifier-free guidance.
+"""The plain sampler ``generate``: code grids of the prior's trained size, with or without a KV cache.
 
-Every sampler draws its randomness the same way, one (B, V) exponential draw per grid position in
-raster order (the "exponential race": argmax(p / E) ~ Categorical(p), no host sync), so the cached,
-uncached and sliding-window samplers give the same tokens from the same ``torch.Generator``.
+Token-level pieces (filters, guidance, the exponential-race draw) live in ``stage2_prior.draw``;
+larger canvases go to the sliding-window sampler in ``stage2_prior.highres``.
 """
 
 from __future__ import annotations
@@ -12,124 +11,14 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from stage2_prior.draw import (CFG_SCHEDULES, cfg_scales, check_sampling_args, eval_mode, guided_labels, next_token,
+                               resolve_class_labels, sample_logits, top_k_filter, top_p_filter)
+from stage2_prior.highres import generate_highres
 from stage2_prior.model import GPT
 
-CFG_SCHEDULES = ("constant", "linear")
-
-
-def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Logits (B, V) with all but the top_k largest per row set to -inf (ties with the k-th are kept)."""
-    if top_k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Logits (B, V) keeping the smallest most-likely set whose probability reaches top_p (nucleus); rest -inf."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    # A token is dropped when the tokens ranked above it already reach top_p; the first always stays.
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop_sorted = mass_before >= top_p
-    drop_sorted[..., 0] = False
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row of logits (B, V) -> (B,) long; temperature 0 means greedy (argmax)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature if temperature != 1.0 else logits
-    if top_k:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    # exponential_ may return exactly 0; 0/0 would be NaN and win the argmax.
-    return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-
-
-def cfg_scales(cfg_scale: float, schedule: str, num_positions: int) -> list[float]:
-    """Guidance scale per raster position: 'constant', or 'linear' rising from ~1 to cfg_scale."""
-    if schedule == "constant":
-        return [cfg_scale] * num_positions
-    if schedule == "linear":
-        return [1.0 + (cfg_scale - 1.0) * (t + 1) / num_positions for t in range(num_positions)]
-    raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
-
-
-def check_sampling_args(model: GPT, temperature: float, top_k: int | None, top_p: float | None,
-                        cfg_scale: float, cfg_schedule: str) -> bool:
-    """Validate the sampling knobs; returns whether guidance (a doubled, null-class batch) is needed."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-    if cfg_scale == 1.0:
-        return False
-    if not model.conditional:
-        raise ValueError(f"cfg_scale={cfg_scale} needs a class-conditional prior; this one is unconditional")
-    if model.null_class is None:
-        raise ValueError(f"cfg_scale={cfg_scale} needs a null class: the prior was built with class_dropout=0")
-    return True
-
-
-def resolve_class_labels(model: GPT, class_labels: int | Sequence[int] | torch.Tensor | None,
-                         num_samples: int, device: torch.device) -> torch.Tensor | None:
-    """int / sequence / tensor -> LongTensor (num_samples,) on device, range-checked; None for unconditional."""
-    if not model.conditional:
-        if class_labels is not None:
-            raise ValueError("class_labels given, but this prior is unconditional (num_classes=0)")
-        return None
-    if class_labels is None:
-        raise ValueError(f"this prior is class-conditional ({model.num_classes} classes): pass class_labels")
-    labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-    if labels.numel() == 1:
-        labels = labels.expand(num_samples)
-    if labels.shape != (num_samples,):
-        raise ValueError(f"class_labels must be an int or have {num_samples} entries, got {labels.numel()}")
-    if labels.min() < 0 or labels.max() >= model.num_classes:
-        raise ValueError(f"class_labels must be in [0, {model.num_classes}), got {labels.tolist()}")
-    return labels.to(device)
-
-
-def guided_labels(model: GPT, labels: torch.Tensor | None, guided: bool) -> torch.Tensor | None:
-    """Labels of the model batch: [labels, null, ...] (2B,) when guided, else labels."""
-    if not guided:
-        return labels
-    return torch.cat([labels, torch.full_like(labels, model.null_class)])
-
-
-def next_token(logits: torch.Tensor, guided: bool, scale: float, temperature: float, top_k: int | None,
-               top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
-    """Logits (B or 2B, V) of one position -> tokens (B,); guided rows are [cond; uncond]."""
-    if guided:
-        cond, uncond = logits.chunk(2)
-        logits = uncond + scale * (cond - uncond)
-    return sample_logits(logits, temperature, top_k, top_p, generator)
-
-
-class eval_mode:
-    """Context manager: model.eval() inside, previous train/eval mode restored after."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was_training)
+# The token-level names were defined here before stage2_prior.draw existed; they stay importable from here.
+__all__ = ["CFG_SCHEDULES", "cfg_scales", "check_sampling_args", "eval_mode", "generate", "guided_labels",
+           "next_token", "resolve_class_labels", "sample_logits", "top_k_filter", "top_p_filter"]
 
 
 @torch.inference_mode()
@@ -142,8 +31,6 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
     with sliding windows (``stage2_prior.highres.generate_highres``)."""
     h, w = model.grid_size
     if grid_size is not None and tuple(grid_size) != (h, w):
-        from stage2_prior.highres import generate_highres
-
         height, width = grid_size
         return generate_highres(model, num_samples, height, width, class_labels=class_labels,
                                 temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,

@@ -8,6 +8,8 @@ floor), so this package stays independent of stage 1.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from stage2_prior.sampling import generate
 from vqgpt.checkpoint import save_checkpoint
 from vqgpt.config import ConfigError, opt
 from vqgpt.images import save_grid
-from vqgpt.tokens import TokenDataset
+from vqgpt.tokens import TokenDataset, check_tokenizer_match
 from vqgpt.training import (
     GracefulInterrupt,
     MetricsLog,
@@ -68,9 +70,6 @@ class PriorRunConfig:
 def model_config_for(cfg: PriorRunConfig, data: TokenDataset) -> GPTConfig:
     """The model config with vocabulary, grid and class count from the shards' metadata: unset ones are
     filled (and said so on stderr), a set one that disagrees is an error naming both values."""
-    import os
-    import sys
-
     num_classes = data.num_classes if (cfg.conditional and data.num_classes > 1) else 0
     shards = {"codebook_size": data.codebook_size, "grid_size": list(data.grid_size), "num_classes": num_classes}
     filled = {}
@@ -127,8 +126,6 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
         raise ConfigError("tokens: no token shard folder given (use --tokens DIR)")
     data = TokenDataset(cfg.tokens)
     if tokenizer_fingerprint is not None:
-        from vqgpt.tokens import check_tokenizer_match
-
         check_tokenizer_match(data.meta, tokenizer_fingerprint)
     model_cfg = model_config_for(cfg, data)
     cfg = dataclasses.replace(cfg, model=model_cfg)

@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 
 from stage1_vq.evaluate import reconstruct
+from stage1_vq.losses import LossConfig
+from stage1_vq.model import VQModel, VQModelConfig
+from stage1_vq.quantizers import QuantizerConfig
 from stage1_vq.train import TokenizerRunConfig, train_tokenizer
 from stage2_prior.model import GPTConfig
 from stage2_prior.train import PriorRunConfig, train_prior
-from stage1_vq.losses import LossConfig
-from stage1_vq.model import VQModelConfig
-from stage1_vq.quantizers import QuantizerConfig
+from vqgpt.classifier import class_accuracy, load_or_train_mnist_classifier
 from vqgpt.data import DataConfig
-from vqgpt.encode import encode_dataset
+from vqgpt.encode import encode_dataset, tokenizer_fingerprint
 from vqgpt.images import save_grid
 from vqgpt.pipeline import VQGPTPipeline
 from vqgpt.training import TrainConfig
@@ -92,9 +93,6 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
 
     _say("4/6 training a class-conditional prior (10% class dropout for guidance)")
     t = time.perf_counter()
-    from vqgpt.encode import tokenizer_fingerprint
-    from stage1_vq.model import VQModel
-
     tokenizer = VQModel.from_pretrained(tokenizer_dir).eval()
     prior_cfg = replace(demo_prior_config(quick), tokens=str(tokens_dir))
     prior_dir = train_prior(prior_cfg, out / "prior_run", resume="auto", decode=tokenizer.decode,
@@ -123,8 +121,6 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
 
     _say("6/6 checking the samples with a digit classifier trained on real MNIST")
     t = time.perf_counter()
-    from vqgpt.classifier import class_accuracy, load_or_train_mnist_classifier
-
     classifier, heldout = load_or_train_mnist_classifier()  # cached under ~/.cache/vqgpt (or $VQGPT_CACHE)
     accuracy = class_accuracy(classifier, images, labels)
     lap("classifier", t)

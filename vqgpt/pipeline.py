@@ -19,6 +19,7 @@ from stage2_prior.model import GPT
 from stage2_prior.sampling import generate
 from vqgpt.checkpoint import read_export_meta
 from vqgpt.config import ConfigError
+from vqgpt.encode import tokenizer_fingerprint
 
 INDEX_PREFIX = "index:"  # "index:2" is always class index 2, whatever the class names are
 # an index or a name (see VQGPTPipeline.class_index), one for all samples or one per sample
@@ -49,8 +50,6 @@ class VQGPTPipeline:
         A prior that records no tokenizer fingerprint (made outside vqgpt) loads with a warning
         (``warn_unverified``); a pipeline folder loads it silently: it was paired when it was written.
         """
-        from vqgpt.encode import tokenizer_fingerprint
-
         tokenizer = VQModel.from_pretrained(tokenizer_dir, map_location=map_location)
         prior = GPT.from_pretrained(prior_dir, device=map_location)
         extra = read_export_meta(prior_dir).get("extra", {})
@@ -83,8 +82,6 @@ class VQGPTPipeline:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``tokenizer/`` and ``prior/`` into ``directory`` (copies the source exports when known)."""
-        from vqgpt.encode import tokenizer_fingerprint
-
         directory = Path(directory)
         tok_dst, prior_dst = directory / "tokenizer", directory / "prior"
         if self.tokenizer_dir is not None:
