@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from stage2_prior import GPT, GPTConfig
+from stage2_prior import GPT, GPTConfig, SamplingConfig
 from stage2_prior.highres import generate_highres
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     settings = [("cached, stride (1, 1) (taming)", dict(window_stride=1)),
                 (f"cached, stride (1, {grid // 4})", dict(window_stride=(1, grid // 4))),
                 (f"cached, stride ({grid // 4}, {grid // 4})", dict(window_stride=grid // 4)),
-                ("cached, stride (1, 1), CFG 4.0", dict(window_stride=1, cfg_scale=4.0)),
+                ("cached, stride (1, 1), CFG 4.0", dict(window_stride=1, sampling=SamplingConfig(cfg_scale=4.0))),
                 ("cached, stride (1, 1), bf16 weights", dict(window_stride=1, dtype=torch.bfloat16))]
     for name, knobs in settings:
         seconds, out = run(**knobs)

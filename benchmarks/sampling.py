@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from stage2_prior import GPT, GPTConfig, count_parameters, generate
+from stage2_prior import GPT, GPTConfig, SamplingConfig, count_parameters, generate
 
 
 def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
@@ -90,8 +90,9 @@ def main() -> None:
         def run(batch: int, cfg: bool) -> float:
             if (batch, cfg) not in seconds:
                 labels = torch.arange(batch) % 10
-                seconds[batch, cfg] = timed(lambda: generate(model, batch, class_labels=labels,
-                                                             cfg_scale=4.0 if cfg else 1.0), repeats)
+                sampling = SamplingConfig(cfg_scale=4.0 if cfg else 1.0)
+                seconds[batch, cfg] = timed(lambda: generate(model, batch, class_labels=labels, sampling=sampling),
+                                            repeats)
             return seconds[batch, cfg]
 
         for batch in batches:

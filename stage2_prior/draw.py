@@ -9,13 +9,42 @@ it imports none of them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from stage2_prior.model import GPT
+from stage2_prior.model import GPT, UNCONDITIONAL, needs_class_label
 
 CFG_SCHEDULES = ("constant", "linear")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How each token is drawn: temperature, top-k / top-p filters and classifier-free guidance.
+
+    Validated once here; the randomness (a ``torch.Generator`` or a seed) travels beside it, since a
+    generator is state and evaluation varies the seed per batch.
+    """
+
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_k: int | None = None  # sample among the k most likely tokens only
+    top_p: float | None = None  # nucleus: the smallest set whose probability reaches top_p
+    cfg_scale: float = 1.0  # classifier-free guidance; 1 = off, 0 = unconditional
+    cfg_schedule: str = "constant"  # guidance per raster position: one of CFG_SCHEDULES
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance, 0 = unconditional), got {self.cfg_scale}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
 
 
 def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -65,43 +94,45 @@ def cfg_scales(cfg_scale: float, schedule: str, num_positions: int) -> list[floa
     raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
 
 
-def check_sampling_args(model: GPT, temperature: float, top_k: int | None, top_p: float | None,
-                        cfg_scale: float, cfg_schedule: str) -> bool:
-    """Validate the sampling knobs; returns whether guidance (a doubled, null-class batch) is needed."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-    if cfg_scale == 1.0:
+def check_sampling_args(model: GPT, sampling: SamplingConfig) -> bool:
+    """Whether this model can follow ``sampling``; returns whether guidance (a doubled, null-class batch) is needed."""
+    if sampling.cfg_scale == 1.0:
         return False
     if not model.conditional:
-        raise ValueError(f"cfg_scale={cfg_scale} needs a class-conditional prior; this one is unconditional")
+        raise ValueError(f"cfg_scale={sampling.cfg_scale} needs a class-conditional prior; this one is unconditional "
+                         "(num_classes=0): use cfg_scale=1")
     if model.null_class is None:
-        raise ValueError(f"cfg_scale={cfg_scale} needs a null class: the prior was built with class_dropout=0")
+        raise ValueError(f"cfg_scale={sampling.cfg_scale} needs a null class: the prior was built with class_dropout=0")
     return True
 
 
 def resolve_class_labels(model: GPT, class_labels: int | Sequence[int] | torch.Tensor | None,
-                         num_samples: int, device: torch.device) -> torch.Tensor | None:
-    """int / sequence / tensor -> LongTensor (num_samples,) on device, range-checked; None for unconditional."""
+                         num_samples: int, device: torch.device | None = None) -> torch.Tensor | None:
+    """int / sequence / tensor of class indices -> LongTensor (num_samples,), range- and shape-checked.
+
+    The one place a class label is validated; None for an unconditional prior. Class names are the
+    pipeline's business (``VQGPTPipeline.class_index``).
+    """
     if not model.conditional:
         if class_labels is not None:
-            raise ValueError("class_labels given, but this prior is unconditional (num_classes=0)")
+            raise ValueError(UNCONDITIONAL)
         return None
     if class_labels is None:
-        raise ValueError(f"this prior is class-conditional ({model.num_classes} classes): pass class_labels")
-    labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        raise ValueError(needs_class_label(model.num_classes))
+    labels = torch.as_tensor(class_labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"class_labels must be integer class indices, got {labels.dtype}")
+    labels = labels.to(torch.long).reshape(-1)
     if labels.numel() == 1:
-        labels = labels.expand(num_samples)
+        labels = labels.repeat(num_samples)  # a copy: callers may edit it
     if labels.shape != (num_samples,):
         raise ValueError(f"class_labels must be an int or have {num_samples} entries, got {labels.numel()}")
-    if labels.min() < 0 or labels.max() >= model.num_classes:
-        raise ValueError(f"class_labels must be in [0, {model.num_classes}), got {labels.tolist()}")
-    return labels.to(device)
+    n = model.num_classes
+    if labels.min() < 0 or labels.max() >= n:
+        bad = labels[(labels < 0) | (labels >= n)].unique().tolist()
+        raise ValueError(f"class label {', '.join(map(str, bad))} out of range: this prior has {n} classes, "
+                         f"so class_labels must be in [0, {n})")
+    return labels.to(device) if device is not None else labels
 
 
 def guided_labels(model: GPT, labels: torch.Tensor | None, guided: bool) -> torch.Tensor | None:
@@ -111,13 +142,13 @@ def guided_labels(model: GPT, labels: torch.Tensor | None, guided: bool) -> torc
     return torch.cat([labels, torch.full_like(labels, model.null_class)])
 
 
-def next_token(logits: torch.Tensor, guided: bool, scale: float, temperature: float, top_k: int | None,
-               top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+def next_token(logits: torch.Tensor, guided: bool, scale: float, sampling: SamplingConfig,
+               generator: torch.Generator | None) -> torch.Tensor:
     """Logits (B or 2B, V) of one position -> tokens (B,); guided rows are [cond; uncond]."""
     if guided:
         cond, uncond = logits.chunk(2)
         logits = uncond + scale * (cond - uncond)
-    return sample_logits(logits, temperature, top_k, top_p, generator)
+    return sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
 
 
 class eval_mode:

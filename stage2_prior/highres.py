@@ -45,8 +45,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from stage2_prior.draw import (cfg_scales, check_sampling_args, eval_mode, guided_labels, next_token,
-                               resolve_class_labels)
+from stage2_prior.draw import (SamplingConfig, cfg_scales, check_sampling_args, eval_mode, guided_labels,
+                               next_token, resolve_class_labels)
 from stage2_prior.model import GPT, KVCache
 
 
@@ -75,15 +75,13 @@ def _check_stride(window_stride: int | Sequence[int], h: int, w: int) -> tuple[i
 
 @torch.inference_mode()
 def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None = None, keep_rows: int | None = None,
-             class_labels: int | Sequence[int] | torch.Tensor | None = None, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
-             cfg_schedule: str = "constant", use_cache: bool = True, window_stride: int | Sequence[int] = 1,
-             max_window_caches: int | None = None, generator: torch.Generator | None = None,
-             progress: bool = False) -> torch.Tensor:
+             class_labels: int | Sequence[int] | torch.Tensor | None = None, sampling: SamplingConfig | None = None,
+             use_cache: bool = True, window_stride: int | Sequence[int] = 1, max_window_caches: int | None = None,
+             generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
     """Sample the unknown cells of tokens (B, H, W) in raster order -> (B, H, W); known cells are kept.
 
     Known cells: ``known_mask`` (B, H, W) or (H, W) bool, or the top ``keep_rows`` rows. Values at
-    unknown cells are ignored (may be -1). Sampling knobs as in ``generate``; ``window_stride``
+    unknown cells are ignored (may be -1). ``sampling`` as in ``generate``; ``window_stride``
     (rows, cols) and ``max_window_caches`` as in the module docstring.
     """
     if tokens.dim() != 3:
@@ -112,9 +110,10 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
     stride = _check_stride(window_stride, h, w)
     if max_window_caches is not None and max_window_caches < 0:
         raise ValueError(f"max_window_caches must be >= 0 or None, got {max_window_caches}")
-    guided = check_sampling_args(model, temperature, top_k, top_p, cfg_scale, cfg_schedule)
+    sampling = sampling or SamplingConfig()
+    guided = check_sampling_args(model, sampling)
     labels = guided_labels(model, resolve_class_labels(model, class_labels, B, device), guided)
-    scales = cfg_scales(cfg_scale, cfg_schedule, H * W)
+    scales = cfg_scales(sampling.cfg_scale, sampling.cfg_schedule, H * W)
     batch = 2 * B if guided else B
     canvas = torch.where(known_mask, tokens, 0)  # (B, H, W)
     todo = (~known_mask.flatten(1).all(0)).nonzero().flatten().tolist()  # cells some sample still needs
@@ -190,7 +189,7 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
                     fed = canvas[:, r0: r0 + h, c0: c0 + w].reshape(B, h * w)[:, : p + 1]  # cell p is not read
                     fed = torch.cat([fed, fed]) if guided else fed
                     logits = model(fed, labels)[:, -1]
-                tok = next_token(logits, guided, scales[i * W + j], temperature, top_k, top_p, generator)  # (B,)
+                tok = next_token(logits, guided, scales[i * W + j], sampling, generator)  # (B,)
                 if any_known:
                     tok = torch.where(known_mask[:, i, j], canvas[:, i, j], tok)
                 canvas[:, i, j] = tok
@@ -199,9 +198,8 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
 
 
 def generate_highres(model: GPT, num_samples: int, height: int, width: int,
-                     class_labels: int | Sequence[int] | torch.Tensor | None = None, temperature: float = 1.0,
-                     top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
-                     cfg_schedule: str = "constant", use_cache: bool = True,
+                     class_labels: int | Sequence[int] | torch.Tensor | None = None,
+                     sampling: SamplingConfig | None = None, use_cache: bool = True,
                      window_stride: int | Sequence[int] = 1, max_window_caches: int | None = None,
                      generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
     """Sample (num_samples, height, width) code grids with sliding windows of the training grid size."""
@@ -209,14 +207,15 @@ def generate_highres(model: GPT, num_samples: int, height: int, width: int,
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     device = model.tok_embeddings.weight.device
     empty = torch.zeros(num_samples, height, width, dtype=torch.long, device=device)
-    return complete(model, empty, keep_rows=0, class_labels=class_labels, temperature=temperature, top_k=top_k,
-                    top_p=top_p, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, use_cache=use_cache,
+    return complete(model, empty, keep_rows=0, class_labels=class_labels, sampling=sampling, use_cache=use_cache,
                     window_stride=window_stride, max_window_caches=max_window_caches, generator=generator,
                     progress=progress)
 
 
-def extend(model: GPT, tokens: torch.Tensor, height: int, width: int, **sampling: object) -> torch.Tensor:
-    """Grow grids tokens (B, h', w') to the right/down to (B, height, width); the originals stay top-left."""
+def extend(model: GPT, tokens: torch.Tensor, height: int, width: int, **options: object) -> torch.Tensor:
+    """Grow grids tokens (B, h', w') to the right/down to (B, height, width); the originals stay top-left.
+
+    ``options``: ``complete``'s keyword arguments (class_labels, sampling, generator, ...)."""
     B, h0, w0 = tokens.shape
     if height < h0 or width < w0:
         raise ValueError(f"cannot extend a {h0}x{w0} grid to a smaller {height}x{width}")
@@ -224,4 +223,4 @@ def extend(model: GPT, tokens: torch.Tensor, height: int, width: int, **sampling
     canvas[:, :h0, :w0] = tokens
     known = torch.zeros(height, width, dtype=torch.bool)
     known[:h0, :w0] = True
-    return complete(model, canvas, known_mask=known, **sampling)  # type: ignore[arg-type]
+    return complete(model, canvas, known_mask=known, **options)  # type: ignore[arg-type]

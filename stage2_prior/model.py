@@ -31,6 +31,14 @@ from vqgpt.checkpoint import load_export, save_export
 from vqgpt.config import ConfigError, opt
 
 EXPORT_KIND = "gpt_prior"
+# One wording for each class-label mistake, wherever it is caught (model, samplers, pipeline, CLI).
+UNCONDITIONAL = "this prior is unconditional (num_classes=0): it takes no class label"
+
+
+def needs_class_label(num_classes: int) -> str:
+    """The error text for a class-conditional prior given no class label."""
+    return f"this prior is class-conditional ({num_classes} classes): give a class label"
+
 
 # Architecture presets; LlamaGen's c2i sizes for GPT-B..XXL. Parameter counts (count_parameters)
 # with LlamaGen's vocabulary 16384 and 1000 classes + null: GPT-B 110.9M, GPT-L 342.9M,
@@ -348,7 +356,7 @@ class GPT(nn.Module):
         """Class (or start) embedding (B, 1, dim); training replaces labels by the null class at class_dropout."""
         if self.conditional:
             if class_labels is None:
-                raise ValueError(f"this prior is class-conditional ({self.num_classes} classes): pass class_labels")
+                raise ValueError(needs_class_label(self.num_classes))
             if class_labels.shape != (batch_size,):
                 raise ValueError(f"class_labels must have shape ({batch_size},), got {tuple(class_labels.shape)}")
             if self.training and self.null_class is not None:
@@ -356,7 +364,7 @@ class GPT(nn.Module):
                 class_labels = torch.where(drop, self.null_class, class_labels)
             return self.class_embedding(class_labels)[:, None]
         if class_labels is not None:
-            raise ValueError("this prior is unconditional (num_classes=0): class_labels must be None")
+            raise ValueError(UNCONDITIONAL)
         return self.class_embedding.weight[None].expand(batch_size, 1, -1)
 
     def forward(self, tokens: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,38 +11,36 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from stage2_prior.draw import (CFG_SCHEDULES, cfg_scales, check_sampling_args, eval_mode, guided_labels, next_token,
-                               resolve_class_labels, sample_logits, top_k_filter, top_p_filter)
+from stage2_prior.draw import (CFG_SCHEDULES, SamplingConfig, cfg_scales, check_sampling_args, eval_mode,
+                               guided_labels, next_token, resolve_class_labels, sample_logits, top_k_filter,
+                               top_p_filter)
 from stage2_prior.highres import generate_highres
 from stage2_prior.model import GPT
 
 # The token-level names were defined here before stage2_prior.draw existed; they stay importable from here.
-__all__ = ["CFG_SCHEDULES", "cfg_scales", "check_sampling_args", "eval_mode", "generate", "guided_labels",
-           "next_token", "resolve_class_labels", "sample_logits", "top_k_filter", "top_p_filter"]
+__all__ = ["CFG_SCHEDULES", "SamplingConfig", "cfg_scales", "check_sampling_args", "eval_mode", "generate",
+           "guided_labels", "next_token", "resolve_class_labels", "sample_logits", "top_k_filter", "top_p_filter"]
 
 
 @torch.inference_mode()
 def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | torch.Tensor | None = None,
-             grid_size: Sequence[int] | None = None, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
-             use_cache: bool = True, generator: torch.Generator | None = None,
-             progress: bool = False) -> torch.Tensor:
+             grid_size: Sequence[int] | None = None, sampling: SamplingConfig | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
     """Sample code grids -> LongTensor (num_samples, h, w); a grid larger than the trained one is sampled
-    with sliding windows (``stage2_prior.highres.generate_highres``)."""
+    with sliding windows (``stage2_prior.highres.generate_highres``). ``sampling``: default SamplingConfig()."""
+    sampling = sampling or SamplingConfig()
     h, w = model.grid_size
     if grid_size is not None and tuple(grid_size) != (h, w):
         height, width = grid_size
-        return generate_highres(model, num_samples, height, width, class_labels=class_labels,
-                                temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                                cfg_schedule=cfg_schedule, use_cache=use_cache, generator=generator,
-                                progress=progress)
+        return generate_highres(model, num_samples, height, width, class_labels=class_labels, sampling=sampling,
+                                use_cache=use_cache, generator=generator, progress=progress)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    guided = check_sampling_args(model, temperature, top_k, top_p, cfg_scale, cfg_schedule)
+    guided = check_sampling_args(model, sampling)
     device = model.tok_embeddings.weight.device
     labels = guided_labels(model, resolve_class_labels(model, class_labels, num_samples, device), guided)
     T = h * w
-    scales = cfg_scales(cfg_scale, cfg_schedule, T)
+    scales = cfg_scales(sampling.cfg_scale, sampling.cfg_schedule, T)
     batch = 2 * num_samples if guided else num_samples
     out = torch.empty(num_samples, T, dtype=torch.long, device=device)
     with eval_mode(model):
@@ -53,7 +51,7 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
             seq = torch.zeros(batch, T, dtype=torch.long, device=device)  # the token at t is never read for t
             logits = model(seq[:, :1], labels)
         for t in tqdm(range(T), disable=not progress, desc="sampling"):
-            tok = next_token(logits[:, -1], guided, scales[t], temperature, top_k, top_p, generator)  # (B,)
+            tok = next_token(logits[:, -1], guided, scales[t], sampling, generator)  # (B,)
             out[:, t] = tok
             if t == T - 1:
                 break

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
+from stage2_prior.draw import SamplingConfig
 from stage2_prior.model import GPT, GPTConfig
 from stage2_prior.sampling import generate
 from vqgpt.checkpoint import save_checkpoint
@@ -102,8 +103,9 @@ def sample_snapshot(model: GPT, decode: Decoder, path: Path, cfg: PriorRunConfig
         rows, labels = 4, None
     was_training = model.training
     model.eval()
-    codes = generate(model, rows * 8, class_labels=labels, temperature=cfg.sample_temperature,
-                     cfg_scale=cfg.sample_cfg_scale if n_cls > 0 else 1.0, generator=gen)
+    sampling = SamplingConfig(temperature=cfg.sample_temperature,
+                              cfg_scale=cfg.sample_cfg_scale if n_cls > 0 else 1.0)
+    codes = generate(model, rows * 8, class_labels=labels, sampling=sampling, generator=gen)
     model.train(was_training)
     with torch.no_grad():
         images = decode(codes).float().cpu()

@@ -181,6 +181,50 @@ def test_numeric_class_names_pick_the_named_class(user, tmp_path, monkeypatch):
     assert codes.tolist() == [4, 2, 7]
 
 
+def test_sampling_flags_travel_as_one_sampling_config(user, tmp_path, monkeypatch):
+    from stage2_prior.draw import CFG_SCHEDULES, SamplingConfig
+    from vqgpt.cli import CFG_SCHEDULE_CHOICES
+    from vqgpt.pipeline import VQGPTPipeline
+
+    assert CFG_SCHEDULE_CHOICES == CFG_SCHEDULES
+    seen = []
+    original = VQGPTPipeline.generate
+
+    def spy(self, num, sampling=None, **kwargs):
+        seen.append(sampling)
+        return original(self, num, sampling=sampling, **kwargs)
+
+    monkeypatch.setattr(VQGPTPipeline, "generate", spy)
+    assert main(["sample", "--pipeline", str(user / "pipe"), "--num", "1", "--class-label", "2", "--temperature",
+                 "0.5", "--top-k", "3", "--top-p", "0.9", "--cfg-schedule", "linear",
+                 "--out", str(tmp_path / "s.png")]) == 0
+    assert seen == [SamplingConfig(temperature=0.5, top_k=3, top_p=0.9, cfg_schedule="linear")]
+    for command in ("sample", "complete", "eval-prior"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--cfg-schedule", "cosine"])
+
+
+def test_an_unconditional_prior_refuses_a_class_label_in_one_wording(user, tmp_path, capsys):
+    from test_pipeline import tiny_prior
+
+    from stage2_prior.model import UNCONDITIONAL
+    from vqgpt.pipeline import VQGPTPipeline
+
+    pipe = VQGPTPipeline.from_pretrained(user / "pipe")
+    pipe = VQGPTPipeline(pipe.tokenizer, tiny_prior(pipe.tokenizer.codebook_size, num_classes=0))
+    for label in (0, "cats", "index:0", [0]):
+        with pytest.raises(ValueError) as err:
+            pipe.labels_tensor(label, 1) if isinstance(label, list) else pipe.class_index(label)
+        assert str(err.value) == UNCONDITIONAL
+    pipe.save_pretrained(tmp_path / "uncond")
+    assert main(["sample", "--pipeline", str(tmp_path / "uncond"), "--num", "1", "--out",
+                 str(tmp_path / "s.png")]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--pipeline", str(tmp_path / "uncond"), "--num", "1", "--class-label", "cats",
+                 "--out", str(tmp_path / "t.png")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --class-label cats: {UNCONDITIONAL}"
+
+
 def test_mnist_digit_names_stay_their_indices(user):
     from vqgpt.data import DataConfig, build_dataset
     from vqgpt.pipeline import VQGPTPipeline

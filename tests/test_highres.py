@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prior_helpers import seeded, tiny_gpt
-from stage2_prior import generate
+from stage2_prior import SamplingConfig, generate
 from stage2_prior.highres import complete, extend, generate_highres, window_origin
 
 
@@ -35,8 +35,9 @@ def test_window_placement(canvas, window, stride):
 def test_training_size_equals_plain_generation(num_classes, cfg_scale):
     model = tiny_gpt(num_classes=num_classes)
     labels = [0, 2] if num_classes else None
-    plain = generate(model, 2, class_labels=labels, cfg_scale=cfg_scale, generator=seeded())
-    windowed = generate_highres(model, 2, 3, 4, class_labels=labels, cfg_scale=cfg_scale, generator=seeded())
+    sampling = SamplingConfig(cfg_scale=cfg_scale)
+    plain = generate(model, 2, class_labels=labels, sampling=sampling, generator=seeded())
+    windowed = generate_highres(model, 2, 3, 4, class_labels=labels, sampling=sampling, generator=seeded())
     assert torch.equal(plain, windowed)
 
 
@@ -49,10 +50,10 @@ def test_output_sizes_and_range(height, width):
 
 
 @pytest.mark.parametrize("knobs", [
-    dict(cfg_scale=2.0),
-    dict(temperature=0.0, window_stride=2),
-    dict(window_stride=(2, 3), max_window_caches=1, top_k=4),
-    dict(max_window_caches=0, cfg_scale=1.5, cfg_schedule="linear"),
+    dict(sampling=SamplingConfig(cfg_scale=2.0)),
+    dict(sampling=SamplingConfig(temperature=0.0), window_stride=2),
+    dict(window_stride=(2, 3), max_window_caches=1, sampling=SamplingConfig(top_k=4)),
+    dict(max_window_caches=0, sampling=SamplingConfig(cfg_scale=1.5, cfg_schedule="linear")),
 ])
 def test_cached_windows_equal_one_forward_per_token(knobs):
     model = tiny_gpt()
@@ -66,7 +67,8 @@ def test_completion_keeps_known_tokens():
     torch.manual_seed(5)
     tokens = torch.randint(0, 16, (3, 6, 7))
     known = torch.rand(3, 6, 7) < 0.4  # a different mask per sample
-    out = complete(model, tokens, known_mask=known, class_labels=[0, 1, 2], cfg_scale=2.0, generator=seeded())
+    out = complete(model, tokens, known_mask=known, class_labels=[0, 1, 2], sampling=SamplingConfig(cfg_scale=2.0),
+                   generator=seeded())
     assert torch.equal(out[known], tokens[known])
     assert not torch.equal(out[~known], tokens[~known])
     kept = complete(model, tokens, keep_rows=2, class_labels=1, generator=seeded())
@@ -106,7 +108,7 @@ def test_generated_cells_ignore_the_future_in_highres():
     # the final canvas with everything after the target scrambled.
     model = tiny_gpt()
     H, W, (h, w) = 5, 7, model.grid_size
-    out = generate_highres(model, 1, H, W, class_labels=2, temperature=0.0)
+    out = generate_highres(model, 1, H, W, class_labels=2, sampling=SamplingConfig(temperature=0.0))
     torch.manual_seed(0)
     for i, j in [(0, 0), (2, 5), (4, 6), (3, 1)]:
         canvas = out.clone().flatten(1)

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from stage1_vq.model import VQModel
+from stage2_prior import SamplingConfig
 from stage2_prior.model import GPT, GPTConfig
 from stage2_prior.sampling import generate
 from vqgpt.cli import main
@@ -76,8 +77,8 @@ def test_generate_sizes_and_bad_pixel_sizes(pipe_dir):
 
 def test_same_seed_same_images(pipe_dir):
     pipe = VQGPTPipeline.from_pretrained(pipe_dir)
-    a = pipe.generate(2, class_labels=[0, 2], cfg_scale=2.0, seed=3)
-    b = pipe.generate(2, class_labels=[0, 2], cfg_scale=2.0, seed=3)
+    a = pipe.generate(2, class_labels=[0, 2], sampling=SamplingConfig(cfg_scale=2.0), seed=3)
+    b = pipe.generate(2, class_labels=[0, 2], sampling=SamplingConfig(cfg_scale=2.0), seed=3)
     torch.testing.assert_close(a, b)
 
 
@@ -125,3 +126,37 @@ def test_cli_sample_and_complete(pipe_dir, tmp_path, monkeypatch):
     # a bad pixel size is reported, not a traceback
     assert main(["sample", "--pipeline", str(pipe_dir), "--num", "1", "--height", "18",
                  "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_train_prior_with_tokenizer_writes_a_verified_pipeline(tmp_path):
+    from stage2_prior.train import PriorRunConfig
+    from vqgpt.checkpoint import export_fingerprint, read_export_meta
+    from vqgpt.encode import tokenizer_fingerprint
+    from vqgpt.tokens import TokenShardError, TokenShardWriter
+    from vqgpt.workflow import train_prior_with_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    fingerprint = export_fingerprint(tmp_path / "tok")
+    assert tokenizer_fingerprint(tmp_path / "tok") == fingerprint  # the old name stays importable
+    grids = torch.randint(0, tok.codebook_size, (8, 8, 8), generator=torch.Generator().manual_seed(0))
+    meta = {"tokenizer_fingerprint": fingerprint, "source": "test", "num_classes": 2, "classes": ["a", "b"]}
+    with TokenShardWriter(tmp_path / "codes", [8, 8], tok.codebook_size, meta) as writer:
+        writer.add(grids, torch.arange(8) % 2)
+    cfg = load_config(PriorRunConfig, ROOT / "configs/prior/tiny.yaml",
+                      ["train.steps=2", "train.batch_size=4", "train.checkpoint_every=0", f"tokens={tmp_path / 'codes'}"])
+
+    pipeline = train_prior_with_tokenizer(cfg, tmp_path / "run", tmp_path / "tok")
+    assert pipeline == tmp_path / "run" / "pipeline"
+    assert read_export_meta(pipeline / "prior")["extra"]["tokenizer_fingerprint"] == fingerprint
+    assert list((tmp_path / "run" / "samples").glob("*.png"))  # the sample grid was decoded by the tokenizer
+    pipe = VQGPTPipeline.from_pretrained(pipeline)
+    assert pipe.classes == ["a", "b"] and pipe.prior.config.codebook_size == tok.codebook_size
+
+    other = tiny_tokenizer()
+    with torch.no_grad():
+        other.decoder.conv_out.weight.add_(1.0)
+    other.save_pretrained(tmp_path / "other_tok")
+    with pytest.raises(TokenShardError, match="tokenizer"):  # shards made by another tokenizer
+        train_prior_with_tokenizer(cfg, tmp_path / "run2", tmp_path / "other_tok")
+    assert not (tmp_path / "run2" / "pipeline").exists()

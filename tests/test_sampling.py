@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from prior_helpers import seeded, tiny_gpt
-from stage2_prior import GPT, GPTConfig, generate, sample_logits, top_k_filter, top_p_filter
+from stage2_prior import GPT, GPTConfig, SamplingConfig, generate, sample_logits, top_k_filter, top_p_filter
 from stage2_prior.highres import generate_highres
 from stage2_prior.sampling import cfg_scales
+
+GREEDY = SamplingConfig(temperature=0.0)
 
 
 def test_top_k_keeps_exactly_the_k_largest():
@@ -61,8 +63,10 @@ def test_seeded_generation_is_reproducible():
 ])
 def test_cached_and_uncached_sampling_agree(knobs):
     model = tiny_gpt()
-    cached = generate(model, 3, class_labels=[2, 0, 1], use_cache=True, generator=seeded(), **knobs)
-    full = generate(model, 3, class_labels=[2, 0, 1], use_cache=False, generator=seeded(), **knobs)
+    cached = generate(model, 3, class_labels=[2, 0, 1], sampling=SamplingConfig(**knobs), use_cache=True,
+                      generator=seeded())
+    full = generate(model, 3, class_labels=[2, 0, 1], sampling=SamplingConfig(**knobs), use_cache=False,
+                    generator=seeded())
     assert torch.equal(cached, full)
 
 
@@ -74,7 +78,7 @@ def test_unconditional_prior_samples():
     with pytest.raises(ValueError, match="unconditional"):
         generate(model, 2, class_labels=1)
     with pytest.raises(ValueError, match="unconditional"):
-        generate(model, 2, cfg_scale=2.0)
+        generate(model, 2, sampling=SamplingConfig(cfg_scale=2.0))
 
 
 def _reference_greedy(model: GPT, labels: torch.Tensor, scale: float) -> torch.Tensor:
@@ -94,7 +98,8 @@ def _greedy_with_model_batches(model, labels, cfg_scale):
     """Greedy samples, and the set of batch sizes the model ran with."""
     batches = []
     hook = model.tok_embeddings.register_forward_hook(lambda m, a, out: batches.append(out.shape[0]))
-    out = generate(model, len(labels), class_labels=labels, temperature=0.0, cfg_scale=cfg_scale)
+    greedy = SamplingConfig(temperature=0.0, cfg_scale=cfg_scale)
+    out = generate(model, len(labels), class_labels=labels, sampling=greedy)
     hook.remove()
     return out, set(batches)
 
@@ -118,7 +123,7 @@ def test_cfg_combines_conditional_and_null_logits():
 
 def test_class_conditioning_changes_samples():
     model = tiny_gpt()
-    grids = [generate(model, 1, class_labels=k, temperature=0.0) for k in range(3)]
+    grids = [generate(model, 1, class_labels=k, sampling=GREEDY) for k in range(3)]
     assert not torch.equal(grids[0], grids[1]) or not torch.equal(grids[1], grids[2])
 
 
@@ -127,7 +132,7 @@ def test_cfg_schedule_and_argument_errors():
     assert cfg_scales(3.0, "linear", 4) == [1.5, 2.0, 2.5, 3.0]
     model = tiny_gpt()
     with pytest.raises(ValueError, match="cfg_schedule"):
-        generate(model, 1, class_labels=0, cfg_scale=2.0, cfg_schedule="cosine")
+        SamplingConfig(cfg_scale=2.0, cfg_schedule="cosine")
     with pytest.raises(ValueError, match=r"class_labels must be in \[0, 3\)"):
         generate(model, 1, class_labels=3)
     with pytest.raises(ValueError, match="class-conditional"):
@@ -135,9 +140,9 @@ def test_cfg_schedule_and_argument_errors():
     with pytest.raises(ValueError, match="4 entries"):
         generate(model, 4, class_labels=[0, 1])
     with pytest.raises(ValueError, match="top_p"):
-        generate(model, 1, class_labels=0, top_p=1.5)
+        SamplingConfig(top_p=1.5)
     with pytest.raises(ValueError, match="null class"):
-        generate(tiny_gpt(class_dropout=0.0), 1, class_labels=0, cfg_scale=2.0)
+        generate(tiny_gpt(class_dropout=0.0), 1, class_labels=0, sampling=SamplingConfig(cfg_scale=2.0))
 
 
 def test_generate_keeps_train_mode_and_dispatches_large_grids():
@@ -169,10 +174,52 @@ def test_tiny_prior_overfits_and_reproduces_its_grids():
         assert loss.item() < floor + 0.05
         model.eval()
         if num_classes:
-            assert torch.equal(generate(model, 4, class_labels=labels, temperature=0.0), grids)
-            assert torch.equal(generate(model, 4, class_labels=labels, temperature=0.3, generator=seeded()), grids)
+            assert torch.equal(generate(model, 4, class_labels=labels, sampling=GREEDY), grids)
+            assert torch.equal(generate(model, 4, class_labels=labels, sampling=SamplingConfig(temperature=0.3),
+                                              generator=seeded()), grids)
         else:
-            samples = generate(model, 8, temperature=0.5, generator=seeded())
+            samples = generate(model, 8, sampling=SamplingConfig(temperature=0.5), generator=seeded())
             for s in samples:
                 assert any(torch.equal(s, g) for g in grids)
             assert len({s[0, 0].item() for s in samples}) > 1  # not one memorised grid only
+
+
+@pytest.mark.parametrize("bad,field", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=2.5), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(cfg_scale=-1.0), "cfg_scale"),
+    (dict(cfg_schedule="cosine"), "cfg_schedule"),
+])
+def test_sampling_config_is_checked_when_built_and_names_the_field(bad, field):
+    with pytest.raises(ValueError, match=rf"^{field} must be"):
+        SamplingConfig(**bad)
+
+
+def test_default_sampling_config_is_the_plain_draw():
+    model = tiny_gpt()
+    default = generate(model, 2, class_labels=[0, 1], generator=seeded())
+    explicit = SamplingConfig(temperature=1.0, top_k=None, top_p=None, cfg_scale=1.0, cfg_schedule="constant")
+    assert torch.equal(default, generate(model, 2, class_labels=[0, 1], sampling=explicit, generator=seeded()))
+    linear = SamplingConfig(cfg_scale=3.0, cfg_schedule="linear")  # the schedule reaches the sampler
+    constant = SamplingConfig(cfg_scale=3.0)
+    assert not torch.equal(generate(model, 4, class_labels=[0, 1, 2, 0], sampling=linear, generator=seeded()),
+                           generate(model, 4, class_labels=[0, 1, 2, 0], sampling=constant, generator=seeded()))
+
+
+def test_a_class_label_mistake_reads_the_same_from_the_model_and_the_samplers():
+    from stage2_prior.highres import complete
+    from stage2_prior.model import UNCONDITIONAL, needs_class_label
+
+    uncond, cond = tiny_gpt(num_classes=0), tiny_gpt()
+    tokens = torch.zeros(1, 12, dtype=torch.long)
+    for call in (lambda: uncond(tokens, torch.tensor([0])), lambda: generate(uncond, 1, class_labels=0),
+                 lambda: complete(uncond, torch.zeros(1, 3, 4, dtype=torch.long), keep_rows=1, class_labels=0)):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == UNCONDITIONAL
+    for call in (lambda: cond(tokens), lambda: generate(cond, 1), lambda: generate_highres(cond, 1, 3, 5)):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == needs_class_label(3)

@@ -17,6 +17,7 @@ _LAZY = {
     "GPT": ("stage2_prior", "GPT"),
     "GPTConfig": ("stage2_prior", "GPTConfig"),
     "generate": ("stage2_prior", "generate"),
+    "SamplingConfig": ("stage2_prior", "SamplingConfig"),
     "VQGPTPipeline": ("vqgpt.pipeline", "VQGPTPipeline"),
 }
 

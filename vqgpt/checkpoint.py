@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vqgpt.config import ConfigError, from_dict, to_dict
+from vqgpt.tokens import fingerprint_file
 
 T = TypeVar("T")
 
@@ -115,6 +116,11 @@ def load_export(directory: str | Path, kind: str, config_cls: type[T]) -> tuple[
     meta = read_export_meta(directory, kind)
     config = _strict_config(meta, directory / CONFIG_NAME, kind, config_cls)
     return config, load_weights(directory / WEIGHTS_NAME), meta.get("extra", {})
+
+
+def export_fingerprint(directory: str | Path) -> str:
+    """Identity of an export: a hash of its weights file (token shards and priors record their tokenizer's)."""
+    return fingerprint_file(Path(directory) / WEIGHTS_NAME)
 
 
 # ----------------------------------------------------------------------------- resume checkpoints

@@ -14,6 +14,9 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
+# stage2_prior.draw.CFG_SCHEDULES, spelled out so that parsing flags imports no torch (a test keeps them equal)
+CFG_SCHEDULE_CHOICES = ("constant", "linear")
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
@@ -177,22 +180,14 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
     from vqgpt.config import load_config
 
     cfg = load_config(PriorRunConfig, args.config, [*args.overrides, f"tokens={args.tokens}"])
-    decode = fingerprint = None
-    if args.tokenizer:
-        from stage1_vq.model import VQModel
-        from vqgpt.encode import tokenizer_fingerprint
+    if not args.tokenizer:
+        train_prior(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+        return 0
+    from vqgpt.workflow import train_prior_with_tokenizer
 
-        tokenizer = VQModel.from_pretrained(args.tokenizer).eval()
-        fingerprint = tokenizer_fingerprint(args.tokenizer)
-        decode = tokenizer.decode
-    export = train_prior(cfg, args.out, resume=args.resume, decode=decode, tokenizer_fingerprint=fingerprint,
-                         overwrite=args.overwrite)
-    if args.tokenizer:
-        from vqgpt.pipeline import VQGPTPipeline
-
-        pipe = VQGPTPipeline.from_parts(args.tokenizer, export)
-        pipe.save_pretrained(Path(args.out) / "pipeline")
-        print(f"pipeline (tokenizer + prior) written to {Path(args.out) / 'pipeline'}")
+    pipeline_dir = train_prior_with_tokenizer(cfg, args.out, args.tokenizer, resume=args.resume,
+                                              overwrite=args.overwrite)
+    print(f"pipeline (tokenizer + prior) written to {pipeline_dir}")
     return 0
 
 
@@ -223,20 +218,18 @@ def _load_pipeline(args: argparse.Namespace):
 
 
 def _class_label(pipe, args: argparse.Namespace) -> int | None:
-    """--class-label -> a class index; errors name the flag (a conditional prior needs one)."""
-    n = pipe.prior.config.num_classes
-    if args.class_label is None:
-        if n:
-            names = ", ".join(pipe.classes[:10]) + (", ..." if len(pipe.classes) > 10 else "")
-            raise ValueError(f"this prior is class-conditional ({n} classes{': ' + names if names else ''}): "
-                             "pass --class-label NAME or --class-label index:N")
-        return None
-    if not n:
-        raise ValueError(f"this prior is unconditional: drop --class-label {args.class_label}")
+    """--class-label -> a class index; the pipeline's error, prefixed with the flag (a conditional prior needs one)."""
     try:
+        if args.class_label is None:
+            pipe.labels_tensor(None, 1)  # refuses a class-conditional prior
+            return None
         return pipe.class_index(args.class_label)
     except ValueError as exc:
-        raise ValueError(f"--class-label {args.class_label}: {exc}") from None
+        if args.class_label is not None:
+            raise ValueError(f"--class-label {args.class_label}: {exc}") from None
+        names = ", ".join(pipe.classes[:10]) + (", ..." if len(pipe.classes) > 10 else "")
+        raise ValueError(f"--class-label: {exc}: pass --class-label NAME or --class-label index:N"
+                         + (f" (classes: {names})" if names else "")) from None
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -255,7 +248,17 @@ def _add_sampling_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=None,
                    help="nucleus sampling: the smallest set of codes whose probability reaches p, 0 < p <= 1 "
                         "(default: off)")
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULE_CHOICES, default="constant",
+                   help="guidance scale along the raster order: constant, or linear rising from 1 to --cfg-scale")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
+
+
+def _sampling(args: argparse.Namespace):
+    """The sampling flags -> a SamplingConfig."""
+    from stage2_prior.draw import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -297,8 +300,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         pipe.to("cuda")
     images = pipe.generate(args.num, class_labels=label, height=args.height, width=args.width,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           cfg_scale=args.cfg_scale, seed=args.seed)
+                           sampling=_sampling(args), seed=args.seed)
     _save_outputs(images.cpu(), args, nrow=min(8, args.num))
     return 0
 
@@ -322,8 +324,8 @@ def cmd_complete(args: argparse.Namespace) -> int:
     # The image is fitted to the prior's trained size: shorter side resized, then center-cropped.
     image = TF.center_crop(TF.resize(image, min(height, width), antialias=True), [height, width])
     images = pipe.complete(image, args.num, keep_rows=args.keep_rows, extend_right=args.extend_right,
-                           extend_down=args.extend_down, class_labels=label, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale, seed=args.seed)
+                           extend_down=args.extend_down, class_labels=label, sampling=_sampling(args),
+                           seed=args.seed)
     # first the input (padded to the output size with white), then the completions
     original = torch.ones_like(images[:1])
     original[..., : image.shape[1], : image.shape[2]] = image
@@ -383,9 +385,9 @@ def cmd_eval_prior(args: argparse.Namespace) -> int:
     from vqgpt.evaluation import eval_prior
 
     report = eval_prior(args.pipeline, args.reference, num_samples=args.num, batch_size=args.batch_size,
-                        cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed, fid_weights=args.fid_weights, reference_split=args.split,
-                        classifier_path=args.classifier, device=args.device, progress=not args.json)
+                        sampling=_sampling(args), seed=args.seed, fid_weights=args.fid_weights,
+                        reference_split=args.split, classifier_path=args.classifier, device=args.device,
+                        progress=not args.json)
     _print_report(report, args)
     return 0
 

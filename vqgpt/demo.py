@@ -16,17 +16,19 @@ import torch
 
 from stage1_vq.evaluate import reconstruct
 from stage1_vq.losses import LossConfig
-from stage1_vq.model import VQModel, VQModelConfig
+from stage1_vq.model import VQModelConfig
 from stage1_vq.quantizers import QuantizerConfig
 from stage1_vq.train import TokenizerRunConfig, train_tokenizer
+from stage2_prior import SamplingConfig
 from stage2_prior.model import GPTConfig
-from stage2_prior.train import PriorRunConfig, train_prior
+from stage2_prior.train import PriorRunConfig
 from vqgpt.classifier import class_accuracy, load_or_train_mnist_classifier
 from vqgpt.data import DataConfig
-from vqgpt.encode import encode_dataset, tokenizer_fingerprint
+from vqgpt.encode import encode_dataset
 from vqgpt.images import save_grid
 from vqgpt.pipeline import VQGPTPipeline
 from vqgpt.training import TrainConfig
+from vqgpt.workflow import train_prior_with_tokenizer
 
 
 def demo_tokenizer_config(quick: bool = False) -> TokenizerRunConfig:
@@ -93,19 +95,18 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
 
     _say("4/6 training a class-conditional prior (10% class dropout for guidance)")
     t = time.perf_counter()
-    tokenizer = VQModel.from_pretrained(tokenizer_dir).eval()
     prior_cfg = replace(demo_prior_config(quick), tokens=str(tokens_dir))
-    prior_dir = train_prior(prior_cfg, out / "prior_run", resume="auto", decode=tokenizer.decode,
-                            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_dir))
-    pipe = VQGPTPipeline.from_parts(tokenizer_dir, prior_dir)
-    pipe.save_pretrained(out / "pipeline")
+    pipeline_dir = train_prior_with_tokenizer(prior_cfg, out / "prior_run", tokenizer_dir, resume="auto",
+                                              pipeline_dir=out / "pipeline")
+    pipe = VQGPTPipeline.from_pretrained(pipeline_dir)
     lap("prior", t)
 
     _say("5/6 sampling one row per digit")
     t = time.perf_counter()
     cfg_scale = prior_cfg.sample_cfg_scale
     labels = torch.arange(10).repeat_interleave(samples_per_class)
-    images = pipe.generate(len(labels), class_labels=labels, cfg_scale=cfg_scale, seed=seed)
+    sampling = SamplingConfig(cfg_scale=cfg_scale)
+    images = pipe.generate(len(labels), class_labels=labels, sampling=sampling, seed=seed)
     show = images.view(10, samples_per_class, *images.shape[1:])[:, :10].flatten(0, 1)
     save_grid(show, out / "samples.png", nrow=10, row_labels=[str(i) for i in range(10)])
     highres_path = None
@@ -113,7 +114,7 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
         f = pipe.downsample_factor
         h, w = pipe.prior.config.grid_size
         wide = pipe.generate(4, class_labels=torch.tensor([0, 3, 5, 8]), height=h * f, width=2 * w * f,
-                             cfg_scale=cfg_scale, seed=seed)
+                             sampling=sampling, seed=seed)
         highres_path = save_grid(wide, out / "samples_wide.png", nrow=1)
     except NotImplementedError:
         pass

@@ -20,19 +20,17 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from stage1_vq.model import VQModel
-from vqgpt.checkpoint import WEIGHTS_NAME
+from vqgpt.checkpoint import export_fingerprint
 from vqgpt.data import DataConfig, build_dataset, collate_images, source_identity
 from vqgpt.tokens import (DEFAULT_SHARD_SIZE, META_FILE, SOURCE_FILE, TokenShardError, TokenShardWriter,
-                          clear_token_folder, fingerprint_file, read_meta, write_json)
+                          clear_token_folder, read_meta, write_json)
 
 # meta.json keys that must match for a re-run to continue the shards in a folder
 IDENTITY_KEYS = ("tokenizer_fingerprint", "source", "split", "resolution", "resize", "crops_per_epoch",
                  "flip_augmented", "source_identity")
 
-
-def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
-    """Identity of a tokenizer export: a hash of its weights file."""
-    return fingerprint_file(Path(tokenizer_dir) / WEIGHTS_NAME)
+# The fingerprint lives beside the export format it hashes (vqgpt.checkpoint); this name stays importable.
+tokenizer_fingerprint = export_fingerprint
 
 
 def _check_out_dir(out: Path) -> None:
@@ -117,7 +115,7 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
         identity["num_files"] = len(files)
         identity["digest"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
     wanted = {
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir),
+        "tokenizer_fingerprint": export_fingerprint(tokenizer_dir),
         "source": identity.get("root", data.source),
         "split": split,
         "resolution": data.resolution,

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
+from stage2_prior.draw import SamplingConfig
 from vqgpt.classifier import MNIST_SOURCE, NUM_DIGITS, load_or_train_mnist_classifier, predict
 from vqgpt.data import DataConfig, build_dataset, readable_batches
 from vqgpt.fid import (
@@ -208,8 +209,8 @@ def fid_stats(images: str, out: str | Path, fid_weights: str | None = None, reso
 
 
 def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_000, batch_size: int = 64,
-               cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-               seed: int = 0, fid_weights: str | None = None, reference_split: str = "train",
+               sampling: SamplingConfig | None = None, seed: int = 0, fid_weights: str | None = None,
+               reference_split: str = "train",
                classifier_path: str | Path | None = None, device: str | None = None,
                progress: bool = True) -> PriorReport:
     """FID / IS / precision / recall of ``num_samples`` samples vs ``reference`` (an image source or a stats .npz).
@@ -217,8 +218,11 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
     A conditional prior is sampled with class labels 0, 1, ..., K-1, 0, 1, ... (balanced). For
     builtin:mnist references and a 10-class prior, also the class accuracy of the samples.
     Everything that can fail (weights, reference, classifier) is loaded before sampling starts.
+    Batch i is drawn with seed ``seed + i``.
     """
     from vqgpt.pipeline import VQGPTPipeline
+
+    sampling = sampling or SamplingConfig()
 
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 for FID, got {num_samples}")
@@ -243,8 +247,8 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
     starts = range(0, num_samples, batch_size)
     for i, start in enumerate(tqdm(starts, desc="sampling", disable=not progress)):
         batch_labels = labels[start:start + batch_size] if labels is not None else None
-        images = pipe.generate(min(batch_size, num_samples - start), class_labels=batch_labels, temperature=temperature,
-                               top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, seed=seed + i)  # (B, 3, H, W)
+        images = pipe.generate(min(batch_size, num_samples - start), class_labels=batch_labels, sampling=sampling,
+                               seed=seed + i)  # (B, 3, H, W)
         out = extractor(images)
         pools.append(out.pool.cpu())
         logits.append(out.logits.cpu())
@@ -262,7 +266,8 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
         pr = precision_recall(ref.features, pool)
     return PriorReport(
         pipeline=str(pipeline_dir), reference=str(reference), num_samples=num_samples, num_reference=ref.num_images,
-        resolution=height, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        resolution=height, cfg_scale=sampling.cfg_scale, temperature=sampling.temperature, top_k=sampling.top_k,
+        top_p=sampling.top_p, seed=seed,
         fid=fid, inception_score=score.mean, inception_score_std=score.std,
         precision=pr.precision if pr else None, recall=pr.recall if pr else None,
         class_accuracy=float(torch.cat(correct).double().mean()) if correct else None,
@@ -297,10 +302,11 @@ def _digit_of_class(classes: list[str], num_classes: int) -> torch.Tensor | None
     return torch.tensor([int(n) for n in names])
 
 
-def sample_class_accuracy(pipeline: Any, num_per_class: int = 10, cfg_scale: float = 1.0, temperature: float = 1.0,
-                          top_k: int | None = None, top_p: float | None = None, seed: int = 0, batch_size: int = 100,
-                          classifier_path: str | Path | None = None, progress: bool = False) -> ClassAccuracyReport:
+def sample_class_accuracy(pipeline: Any, num_per_class: int = 10, sampling: SamplingConfig | None = None,
+                          seed: int = 0, batch_size: int = 100, classifier_path: str | Path | None = None,
+                          progress: bool = False) -> ClassAccuracyReport:
     """Sample ``num_per_class`` images of each digit from a 10-class MNIST pipeline and score them with the classifier."""
+    sampling = sampling or SamplingConfig()
     digits = _digit_of_class(pipeline.classes, pipeline.prior.config.num_classes)
     if digits is None:
         raise ValueError(f"class accuracy needs a prior with the 10 MNIST digit classes, got "
@@ -313,9 +319,8 @@ def sample_class_accuracy(pipeline: Any, num_per_class: int = 10, cfg_scale: flo
     correct = []
     for i, start in enumerate(range(0, len(labels), batch_size)):
         batch_labels = labels[start:start + batch_size]
-        images = pipeline.generate(len(batch_labels), class_labels=batch_labels, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, cfg_scale=cfg_scale, seed=seed + i)
+        images = pipeline.generate(len(batch_labels), class_labels=batch_labels, sampling=sampling, seed=seed + i)
         correct.append(predict(classifier, images) == digits[batch_labels])
     hits, asked = torch.cat(correct).double(), digits[labels]
     per_class = [float(hits[asked == d].mean()) for d in range(NUM_DIGITS)]
-    return ClassAccuracyReport(float(hits.mean()), per_class, len(labels), cfg_scale, heldout)
+    return ClassAccuracyReport(float(hits.mean()), per_class, len(labels), sampling.cfg_scale, heldout)

@@ -5,7 +5,6 @@ A pipeline folder is ``tokenizer/`` (a VQModel export) + ``prior/`` (a GPT expor
 
 from __future__ import annotations
 
-import operator
 import shutil
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Sequence, Union
 import torch
 
 from stage1_vq.model import VQModel
+from stage2_prior.draw import SamplingConfig, resolve_class_labels
 from stage2_prior.highres import complete
 from stage2_prior.model import GPT
 from stage2_prior.sampling import generate
@@ -128,56 +128,49 @@ class VQGPTPipeline:
         return height // f, width // f
 
     def class_index(self, label: int | str) -> int:
-        """A class given by name or index -> its index.
+        """A class given by name or index -> its index (range-checked by ``resolve_class_labels``).
 
         A Python int is an index. A string is a class name when it is one; ``"index:N"`` is always
         index N; a bare integer string that is no class name is read as an index only when no class
         name is itself an integer (with folders ``1, 10, 11, 2, ...`` it would be ambiguous).
         """
-        n = self.prior.config.num_classes
-        if not n:
-            raise ValueError(f"this prior is unconditional: it takes no class label (got {label!r})")
-        if isinstance(label, str):
-            if label in self.classes:
-                return self.classes.index(label)
-            if label.startswith(INDEX_PREFIX):
-                digits = label[len(INDEX_PREFIX):]
-                if not _is_int(digits):
-                    raise ValueError(f"class label {label!r}: write an index as {INDEX_PREFIX}N, e.g. {INDEX_PREFIX}0")
-                return self._check_index(int(digits))
-            if not _is_int(label):
-                raise ValueError(f"unknown class {label!r}; known classes: {self._known()}")
-            numeric = [c for c in self.classes if _is_int(c)]
-            if numeric:
-                raise ValueError(f"class {label!r} is not one of this prior's classes {self._known()}; class names "
-                                 f"here are numbers, so write an index as {INDEX_PREFIX}N (e.g. {INDEX_PREFIX}{label})")
-            return self._check_index(int(label))
-        if isinstance(label, bool) or not hasattr(label, "__index__"):  # ints, numpy ints, 0-d int tensors
+        if isinstance(label, str) and self.prior.conditional:
+            index = self._name_to_index(label)
+        elif isinstance(label, bool) or not (isinstance(label, str) or hasattr(label, "__index__")):
             raise ValueError(f"a class label is an int index or a str name, got {label!r}")
-        return self._check_index(operator.index(label))
+        else:
+            index = label  # ints, numpy ints, 0-d int tensors; an unconditional prior refuses any label below
+        return int(resolve_class_labels(self.prior, index, 1)[0])  # type: ignore[index, arg-type]
 
-    def _check_index(self, index: int) -> int:
-        n = self.prior.config.num_classes
-        if not 0 <= index < n:
-            raise ValueError(f"class index {index} out of range: this prior has {n} classes (0..{n - 1})")
-        return index
+    def _name_to_index(self, label: str) -> int:
+        if label in self.classes:
+            return self.classes.index(label)
+        if label.startswith(INDEX_PREFIX):
+            digits = label[len(INDEX_PREFIX):]
+            if not _is_int(digits):
+                raise ValueError(f"class label {label!r}: write an index as {INDEX_PREFIX}N, e.g. {INDEX_PREFIX}0")
+            return int(digits)
+        if not _is_int(label):
+            raise ValueError(f"unknown class {label!r}; known classes: {self._known()}")
+        if any(_is_int(c) for c in self.classes):
+            raise ValueError(f"class {label!r} is not one of this prior's classes {self._known()}; class names "
+                             f"here are numbers, so write an index as {INDEX_PREFIX}N (e.g. {INDEX_PREFIX}{label})")
+        return int(label)
 
     def _known(self) -> str:
         shown = ", ".join(self.classes[:20]) + (", ..." if len(self.classes) > 20 else "")
         return f"[{shown}]" if self.classes else f"none named; indices 0..{self.prior.config.num_classes - 1}"
 
     @torch.inference_mode()
-    def generate(self, num_samples: int, class_labels: ClassLabels = None,
-                 height: int | None = None, width: int | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
+    def generate(self, num_samples: int, class_labels: ClassLabels = None, height: int | None = None,
+                 width: int | None = None, sampling: SamplingConfig | None = None,
                  seed: int | None = None) -> torch.Tensor:
         """Sample images (num_samples, 3, H, W) in [-1, 1]; larger H, W use sliding-window sampling."""
-        _check_counts(num_samples, cfg_scale)
+        _check_count(num_samples)
         grid = self.grid_for_pixels(height, width)
         labels = self.labels_tensor(class_labels, num_samples)
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        codes = generate(self.prior, num_samples, class_labels=labels, grid_size=grid, temperature=temperature,
-                         top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, generator=gen)
+        codes = generate(self.prior, num_samples, class_labels=labels, grid_size=grid, sampling=sampling,
+                         generator=_generator(seed))
         return self.tokenizer.decode(codes.to(self.device)).clamp(-1, 1)
 
     def trained_pixels(self) -> tuple[int, int]:
@@ -188,8 +181,7 @@ class VQGPTPipeline:
     @torch.inference_mode()
     def complete(self, image: torch.Tensor, num_samples: int, keep_rows: int | None = None,
                  extend_right: int = 0, extend_down: int = 0,
-                 class_labels: ClassLabels = None, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, cfg_scale: float = 1.0,
+                 class_labels: ClassLabels = None, sampling: SamplingConfig | None = None,
                  seed: int | None = None) -> torch.Tensor:
         """Complete or extend one image (3, H, W) in [-1, 1] -> (num_samples, 3, H', W').
 
@@ -197,7 +189,7 @@ class VQGPTPipeline:
         unchanged, ``extend_right`` / ``extend_down`` code columns / rows are added, and every other
         cell is sampled in raster order with sliding windows where the canvas exceeds the trained grid.
         """
-        _check_counts(num_samples, cfg_scale)
+        _check_count(num_samples)
         if image.dim() != 3:
             raise ValueError(f"expected one image (3, H, W), got shape {tuple(image.shape)}")
         self.tokenizer.grid_shape(image.shape[1], image.shape[2])  # clear error for sizes that are not a multiple of f
@@ -217,33 +209,29 @@ class VQGPTPipeline:
         known = torch.zeros(H, W, dtype=torch.bool, device=self.device)
         known[: (h if keep_rows is None else keep_rows), :w] = True
         labels = self.labels_tensor(class_labels, num_samples)
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        out = complete(self.prior, canvas, known_mask=known, class_labels=labels, temperature=temperature,
-                       top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, generator=gen)
+        out = complete(self.prior, canvas, known_mask=known, class_labels=labels, sampling=sampling,
+                       generator=_generator(seed))
         return self.tokenizer.decode(out).clamp(-1, 1)
 
     def labels_tensor(self, class_labels: ClassLabels, num_samples: int) -> torch.Tensor | None:
-        """Class labels (index, name, or a list / tensor of them) -> LongTensor (num_samples,) or None."""
-        if class_labels is None:
-            return None
-        if isinstance(class_labels, torch.Tensor):
-            labels = class_labels.to(torch.long).flatten()
-        elif isinstance(class_labels, str) or hasattr(class_labels, "__index__"):  # one label for every sample
-            labels = torch.tensor([self.class_index(class_labels)])
-        else:
-            labels = torch.tensor([self.class_index(x) for x in class_labels], dtype=torch.long)
-        if labels.numel() == 1:
-            labels = labels.expand(num_samples).clone()
-        if labels.numel() != num_samples:
-            raise ValueError(f"got {labels.numel()} class labels for {num_samples} samples")
-        return labels
+        """Class labels (index, name, or a list / tensor of them) -> LongTensor (num_samples,) or None.
+
+        Names become indices here; range and shape are checked by ``resolve_class_labels``.
+        """
+        if isinstance(class_labels, str) or (isinstance(class_labels, (list, tuple))
+                                             and any(isinstance(x, str) for x in class_labels)):
+            one = isinstance(class_labels, str)
+            class_labels = [self.class_index(x) for x in ([class_labels] if one else class_labels)]
+        return resolve_class_labels(self.prior, class_labels, num_samples)  # type: ignore[arg-type]
 
 
-def _check_counts(num_samples: int, cfg_scale: float) -> None:
+def _check_count(num_samples: int) -> None:
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance, 0 = unconditional), got {cfg_scale}")
+
+
+def _generator(seed: int | None) -> torch.Generator | None:
+    return torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
 
 
 def check_compatible(tokenizer: VQModel, prior: GPT) -> None:

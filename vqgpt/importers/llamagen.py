@@ -40,7 +40,7 @@ from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.quantizers import QuantizerConfig
 from stage2_prior.model import EXPORT_KIND as GPT_KIND
 from stage2_prior.model import GPT, PRESETS, GPTConfig, find_multiple, rope_table_2d
-from vqgpt.checkpoint import read_export_meta, save_export
+from vqgpt.checkpoint import export_fingerprint, read_export_meta, save_export
 from vqgpt.config import ConfigError, from_dict, parse_override
 from vqgpt.importers import Drop, ImportResult, build_from_state, remap_state_dict, strip_wrapper_prefix, target_shapes
 from vqgpt.importers.safe_load import find_state_dict, load_checkpoint
@@ -366,8 +366,6 @@ def import_llamagen_gpt(checkpoint: str | Path, tokenizer: str | Path, out: str 
     from ``preset`` (default: the checkpoint's recorded ``args.gpt_model``) or ``model`` (GPTConfig
     fields such as {'n_head': 16}); see ``llamagen_gpt_config``.
     """
-    from vqgpt.encode import tokenizer_fingerprint
-
     ckpt = load_checkpoint(checkpoint)
     args = _training_args(ckpt)
     source, entry = find_state_dict(ckpt, GPT_WEIGHTS_ORDER, checkpoint, weights)
@@ -407,7 +405,7 @@ def import_llamagen_gpt(checkpoint: str | Path, tokenizer: str | Path, out: str 
     tokenizer_out = out / "tokenizer"
     if Path(tokenizer).resolve() != tokenizer_out.resolve():
         shutil.copytree(tokenizer, tokenizer_out, dirs_exist_ok=True)
-    extra: dict[str, Any] = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_out),
+    extra: dict[str, Any] = {"tokenizer_fingerprint": export_fingerprint(tokenizer_out),
                              "imported_from": {"format": "LlamaGen c2i GPT",
                                                "preset": preset or args.get("gpt_model"), "set": dict(model or {}),
                                                "checkpoint": Path(checkpoint).name, "weights": entry,
