@@ -27,7 +27,7 @@ from vqgpt.data import DataConfig
 from vqgpt.encode import encode_dataset
 from vqgpt.images import save_grid
 from vqgpt.pipeline import VQGPTPipeline
-from vqgpt.training import TrainConfig
+from vqgpt.training import TrainConfig, cpu_has_fast_bf16
 from vqgpt.workflow import train_prior_with_tokenizer
 
 
@@ -80,6 +80,12 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
     _say("1/6 training the tokenizer on builtin:mnist (real digits)")
     t = time.perf_counter()
     tok_cfg = demo_tokenizer_config(quick)
+    prior_cfg = demo_prior_config(quick)
+    if not torch.cuda.is_available() and not cpu_has_fast_bf16():
+        # The demo is tuned for CPUs with bf16 units; elsewhere emulated bf16 is ~10x slower than fp32.
+        _say("this CPU has no fast bf16 units: training in float32")
+        tok_cfg = replace(tok_cfg, train=replace(tok_cfg.train, mixed_precision="no"))
+        prior_cfg = replace(prior_cfg, train=replace(prior_cfg.train, mixed_precision="no"))
     tokenizer_dir = train_tokenizer(tok_cfg, out / "tokenizer_run", resume="auto")
     lap("tokenizer", t)
 
@@ -95,7 +101,7 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
 
     _say("4/6 training a class-conditional prior (10% class dropout for guidance)")
     t = time.perf_counter()
-    prior_cfg = replace(demo_prior_config(quick), tokens=str(tokens_dir))
+    prior_cfg = replace(prior_cfg, tokens=str(tokens_dir))
     pipeline_dir = train_prior_with_tokenizer(prior_cfg, out / "prior_run", tokenizer_dir, resume="auto",
                                               pipeline_dir=out / "pipeline")
     pipe = VQGPTPipeline.from_pretrained(pipeline_dir)

@@ -20,6 +20,7 @@ Distributed contract (DDP through ``accelerate launch``):
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import math
 import os
@@ -140,8 +141,30 @@ def make_accelerator(cfg: TrainConfig, run_dir: str | Path) -> Accelerator:
     set_seed(cfg.seed, device_specific=True)
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         warnings.warn("train.mixed_precision=fp16 needs a GPU; on the CPU accelerate runs in fp32 "
-                      "(use bf16 on CPUs)", stacklevel=2)
+                      "(use bf16 on CPUs with bf16 units)", stacklevel=2)
+    if cfg.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_fast_bf16():
+        warnings.warn("train.mixed_precision=bf16 on this CPU is slower than fp32 (it has no bf16 matrix units, "
+                      "e.g. AMX or AVX512-BF16): set train.mixed_precision=no", stacklevel=2)
     return accelerator
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16() -> bool:
+    """True when a bf16 matrix product beats fp32 on this CPU (AMX / AVX512-BF16 units), measured once.
+
+    Without such units PyTorch emulates bf16 matmuls, tens of times slower than fp32, so bf16 autocast
+    is a speed-up on some CPUs and a disaster on others; a 20 ms measurement tells which.
+    """
+    a = torch.randn(256, 256)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        x @ x  # warm-up (kernel selection, packing)
+        start = time.perf_counter()
+        for _ in range(3):
+            x @ x
+        seconds[dtype] = time.perf_counter() - start
+    return seconds[torch.bfloat16] < seconds[torch.float32]
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -502,7 +525,8 @@ LOCK_NAME = ".lock"
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.on_nonfinite", "train.num_workers", "train.batch_size", "train.grad_accum", "train.grad_checkpointing",
-    "train.compile", "train.cpu", "data.num_workers", "sample_cfg_scale", "sample_temperature",
+    "train.compile", "train.cpu", "train.mixed_precision", "data.num_workers", "sample_cfg_scale",
+    "sample_temperature",
 )
 
 # What a run leaves behind before its first checkpoint: `--resume auto` may start such a folder afresh.
