@@ -28,8 +28,8 @@ def test_quick_demo_writes_every_output(tmp_path, monkeypatch):
     assert 0.05 < r["codebook_usage"] <= 1
     assert m["classifier_heldout_accuracy"] > 0.95
     # conditional samples: well above the 10% of a prior that ignores the label asked for (the quick
-    # demo's 300-step prior reaches ~32% here; the full demo ~94%)
+    # demo's 600-step prior reaches ~75% here, the full demo ~94%)
     assert m["samples"]["num"] == 500
-    assert m["samples"]["class_accuracy"] >= 2.5 * label_ignoring_accuracy(10), m["samples"]
+    assert m["samples"]["class_accuracy"] >= 5 * label_ignoring_accuracy(10), m["samples"]
     report = (out / "report.md").read_text()
     assert "samples.png" in report and f"{r['psnr']:.2f}" in report

@@ -59,7 +59,7 @@ def demo_prior_config(quick: bool = False) -> PriorRunConfig:
         sample_cfg_scale=2.0,
     )
     if quick:
-        cfg = replace(cfg, train=replace(cfg.train, steps=300, sample_every=0, checkpoint_every=0))
+        cfg = replace(cfg, train=replace(cfg.train, steps=600, sample_every=0, checkpoint_every=0))
     return cfg
 
 
