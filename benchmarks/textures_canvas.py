@@ -24,10 +24,10 @@ from stage1_vq.train import TokenizerRunConfig, train_tokenizer
 from stage2_prior.highres import generate_highres
 from stage2_prior.model import GPTConfig
 from stage2_prior.train import PriorRunConfig, train_prior
-from vqgpt.data import DataConfig
-from vqgpt.encode import encode_dataset, tokenizer_fingerprint
-from vqgpt.images import save_grid
-from vqgpt.pipeline import VQGPTPipeline
+from vqgpt.ground.data import DataConfig
+from vqgpt.workflow.encode import encode_dataset, tokenizer_fingerprint
+from vqgpt.ground.images import save_grid
+from vqgpt.workflow.pipeline import VQGPTPipeline
 from vqgpt.training import TrainConfig
 
 

@@ -34,8 +34,8 @@ from stage1_vq.losses import LossConfig
 from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.quantizers import QuantizerConfig
 from stage1_vq.train import TokenizerRunConfig, train_tokenizer
-from vqgpt.data import DataConfig, build_dataset
-from vqgpt.metrics import code_histogram, codebook_stats
+from vqgpt.ground.data import DataConfig, build_dataset
+from vqgpt.ground.metrics import code_histogram, codebook_stats
 from vqgpt.training import TrainConfig
 
 ARCH = dict(channels=32, channel_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[8], resolution=64,

@@ -13,9 +13,9 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from stage1_vq.model import VQModel
-from vqgpt.data import DataConfig, build_dataset, readable_batches
-from vqgpt.images import save_grid, side_by_side, tensor_to_pil
-from vqgpt.metrics import bits_per_image, code_histogram, codebook_stats, psnr, ssim
+from vqgpt.ground.data import DataConfig, build_dataset, readable_batches
+from vqgpt.ground.images import save_grid, side_by_side, tensor_to_pil
+from vqgpt.ground.metrics import bits_per_image, code_histogram, codebook_stats, psnr, ssim
 
 
 def load_lpips(kind: str, device: torch.device) -> torch.nn.Module | None:

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stage1_vq.discriminator import DISC_NORMS, PatchDiscriminator
-from vqgpt.config import opt
+from vqgpt.ground.config import opt
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 PERCEPTUAL_KINDS = ("lpips-vgg", "lpips-random", "stlpips", "none")

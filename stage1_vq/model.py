@@ -23,8 +23,8 @@ import torch.nn as nn
 from stage1_vq.modules import Decoder, Encoder
 from stage1_vq.quantizers import FSQ, QuantizerConfig, QuantizerOutput, VectorQuantizer, build_quantizer
 from stage1_vq.vit import ViTDecoder, ViTEncoder
-from vqgpt.checkpoint import load_export, save_export
-from vqgpt.config import opt
+from vqgpt.ground.checkpoint import load_export, save_export
+from vqgpt.ground.config import opt
 
 EXPORT_KIND = "vq_tokenizer"
 ARCHITECTURES = ("conv", "vit")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vqgpt.config import opt
+from vqgpt.ground.config import opt
 
 QUANTIZER_KINDS = ("vq", "fsq")
 DEFAULT_VQ_CODEBOOK_SIZE = 1024

@@ -16,32 +16,31 @@ from tqdm.auto import tqdm
 
 from stage1_vq.losses import LossConfig, build_discriminator, build_perceptual, discriminator_loss, generator_loss
 from stage1_vq.model import VQModel, VQModelConfig
-from vqgpt.checkpoint import save_checkpoint
-from vqgpt.config import ConfigError, opt
-from vqgpt.data import DataConfig, Unreadable, build_dataset
-from vqgpt.images import save_grid, side_by_side
-from vqgpt.metrics import psnr
+from vqgpt.ground.checkpoint import save_checkpoint
+from vqgpt.ground.config import ConfigError, opt
+from vqgpt.ground.data import DataConfig, Unreadable, build_dataset
+from vqgpt.ground.images import save_grid, side_by_side
+from vqgpt.ground.metrics import psnr
 from vqgpt.training import (
     GracefulInterrupt,
     MetricsLog,
-    NonFiniteLoss,
     StepMetrics,
     TrainConfig,
-    all_finite,
+    after_step,
     batch_stream,
     check_replicas,
-    clip_gradients,
+    dropped_update,
     finish_run,
+    is_log_step,
     load_resume,
     make_accelerator,
     make_dataloader,
     make_ema,
     make_optimizer,
-    nonfinite_message,
     open_run_dir,
+    optimizer_step,
     set_grad_checkpointing,
     set_lr,
-    stop_after_interrupt,
     stream_state,
     unwrap,
 )
@@ -167,7 +166,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         with GracefulInterrupt() as interrupt:
             while step < tc.steps:
                 gan_on = use_gan and step >= cfg.loss.disc_start
-                log_now = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
+                log_now = is_log_step(step + 1, tc)
                 lr = set_lr(opt_g, step, tc)
                 if use_gan:
                     set_lr(opt_d, step, tc, peak=tc.lr * cfg.disc_lr_ratio)
@@ -185,16 +184,8 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                                 logits_fake = disc_frozen(out.reconstruction)
                             g = generator_loss(images, out.reconstruction, out.quantizer.loss, logits_fake,
                                                perceptual, cfg.loss, step, unwrap(accelerator, model).last_layer_weight)
-                        # Every rank takes the same decision, so DDP's collectives stay matched.
-                        finite = all_finite(accelerator, g.total)
-                        if finite:
-                            accelerator.backward(g.total)
-                            if accelerator.sync_gradients:
-                                finite = clip_gradients(accelerator, model.parameters(), tc)
-                            if finite:
-                                opt_g.step()
-                        opt_g.zero_grad(set_to_none=True)
-                        # -- discriminator
+                        finite = optimizer_step(accelerator, g.total, opt_g, model, tc)
+                        # -- discriminator, on the same images and only after a good generator update
                         d_loss = torch.zeros((), device=accelerator.device)
                         if use_gan:
                             disc_frozen.requires_grad_(True)
@@ -202,15 +193,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                                 with accelerator.autocast():
                                     d_loss = discriminator_loss(disc(images), disc(out.reconstruction.detach()),
                                                                 cfg.loss)
-                                d_finite = all_finite(accelerator, d_loss)
-                                if d_finite:
-                                    accelerator.backward(d_loss)
-                                    if accelerator.sync_gradients:
-                                        d_finite = clip_gradients(accelerator, disc.parameters(), tc)
-                                    if d_finite:
-                                        opt_d.step()
-                                finite = finite and d_finite
-                            opt_d.zero_grad(set_to_none=True)
+                                finite = optimizer_step(accelerator, d_loss, opt_d, disc, tc)
                     if finite:
                         metrics.add(loss=g.total, rec_loss=g.reconstruction, perceptual=g.perceptual, gan=g.gan,
                                     gan_weight=g.gan_weight, quant_loss=g.quantizer, disc_loss=d_loss)
@@ -218,29 +201,18 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                             stats = out.quantizer.stats  # usage from all ranks' codes (all-reduced)
                             metrics.add(psnr=psnr(images, out.reconstruction).mean(), usage=stats["usage"],
                                         perplexity=stats["perplexity"])
-                    elif tc.on_nonfinite == "stop":
-                        raise NonFiniteLoss(nonfinite_message("tokenizer loss or gradient norm", step + 1, run_dir))
                     else:
-                        skipped += 1
-                        accelerator.print(f"warning: non-finite loss or gradient norm in step {step + 1}; "
-                                          f"update skipped")
+                        skipped += dropped_update(accelerator, tc, "tokenizer loss or gradient norm", step + 1, run_dir)
                 step += 1
                 if ema is not None:
                     ema.update(unwrap(accelerator, model), step=step)
-
                 if log_now:
                     record = {"step": step, "lr": lr, **metrics.mean(accelerator), "skipped": skipped}
                     log.write(record)
                     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
                                     psnr=f"{record.get('psnr', float('nan')):.2f}",
                                     usage=f"{record.get('usage', float('nan')):.0%}")
-                bar.update(1)
-                if tc.sample_every and step % tc.sample_every == 0:
-                    snapshot_grid()
-                if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
-                    checkpoint()
-                if interrupt.any_process(accelerator):
-                    stop_after_interrupt(accelerator, step, checkpoint, bar)
+                after_step(accelerator, tc, step, bar, interrupt, checkpoint, snapshot_grid)
         bar.close()
         checkpoint()
         snapshot_grid()

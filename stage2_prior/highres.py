@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 
 from stage2_prior.draw import (SamplingConfig, cfg_scales, check_sampling_args, eval_mode, guided_labels,
                                next_token, resolve_class_labels)
-from stage2_prior.model import GPT, KVCache
+from stage2_prior.layers import KVCache
+from stage2_prior.model import GPT
 
 
 def window_origin(i: int, j: int, canvas: tuple[int, int], window: tuple[int, int],
@@ -121,13 +122,12 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
     for pos in todo:
         rows.setdefault(pos // W, []).append(pos % W)
     any_known = bool(known_mask.any())
-    dtype = model.tok_embeddings.weight.dtype
     capacity = max_window_caches if max_window_caches is not None else W
     pool: dict[int, _WindowCache] = {}  # window column c0 -> its cache
     scratch = _WindowCache()  # shared by window columns beyond the capacity
 
     def new_cache(batch_size: int) -> KVCache:
-        return model.new_cache(batch_size, 1 + h * w, dtype, device)
+        return model.new_cache(batch_size, 1 + h * w)
 
     def window_cache(r0: int, c0: int) -> _WindowCache:
         entry = pool.get(c0)

@@ -45,7 +45,7 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
     out = torch.empty(num_samples, T, dtype=torch.long, device=device)
     with eval_mode(model):
         if use_cache:
-            cache = model.new_cache(batch, 1 + T, model.tok_embeddings.weight.dtype, device)
+            cache = model.new_cache(batch, 1 + T)
             logits = model.forward_cached(None, 0, labels, cache=cache)  # (batch, 1, V) predicts token 0
         else:
             seq = torch.zeros(batch, T, dtype=torch.long, device=device)  # the token at t is never read for t

@@ -23,32 +23,31 @@ from tqdm.auto import tqdm
 from stage2_prior.draw import SamplingConfig
 from stage2_prior.model import GPT, GPTConfig
 from stage2_prior.sampling import generate
-from vqgpt.checkpoint import save_checkpoint
-from vqgpt.config import ConfigError, opt
-from vqgpt.images import save_grid
-from vqgpt.tokens import TokenDataset, check_tokenizer_match
+from vqgpt.ground.checkpoint import save_checkpoint
+from vqgpt.ground.config import ConfigError, opt
+from vqgpt.ground.images import save_grid
+from vqgpt.ground.tokens import TokenDataset, check_tokenizer_match
 from vqgpt.training import (
     GracefulInterrupt,
     MetricsLog,
-    NonFiniteLoss,
     StepMetrics,
     TrainConfig,
-    all_finite,
+    after_step,
     batch_stream,
     check_replicas,
-    clip_gradients,
+    dropped_update,
     finish_run,
-    load_resume,
     full_state_dict,
+    is_log_step,
+    load_resume,
     make_accelerator,
     make_dataloader,
     make_ema,
     make_optimizer,
-    nonfinite_message,
     open_run_dir,
+    optimizer_step,
     set_grad_checkpointing,
     set_lr,
-    stop_after_interrupt,
     stream_state,
     unwrap,
 )
@@ -186,40 +185,22 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
                         with accelerator.autocast():
                             logits = model(tokens, labels if conditional else None)  # (B, T, V)
                             loss = next_token_loss(logits, tokens)
-                        # Every rank takes the same decision, so DDP's collectives stay matched.
-                        finite = all_finite(accelerator, loss)
-                        if finite:
-                            accelerator.backward(loss)
-                            if accelerator.sync_gradients:
-                                finite = clip_gradients(accelerator, model.parameters(), tc)
-                            if finite:
-                                optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                        finite = optimizer_step(accelerator, loss, optimizer, model, tc)
                     if finite:
                         metrics.add(loss=loss)
-                    elif tc.on_nonfinite == "stop":
-                        raise NonFiniteLoss(nonfinite_message("prior loss or gradient norm", step + 1, run_dir))
                     else:
-                        skipped += 1
-                        accelerator.print(f"warning: non-finite loss or gradient norm in step {step + 1}; "
-                                          f"update skipped")
+                        skipped += dropped_update(accelerator, tc, "prior loss or gradient norm", step + 1, run_dir)
                 step += 1
                 if ema is not None:
                     ema.update(unwrap(accelerator, model), step=step)
-                if step % tc.log_every == 0 or step == tc.steps:
+                if is_log_step(step, tc):
                     now = time.perf_counter()
                     tok_s = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
                     t_last, step_last = now, step
                     means = metrics.mean(accelerator)
                     log.write({"step": step, "lr": lr, **means, "tokens_per_s": tok_s, "skipped": skipped})
                     bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", tok_s=f"{tok_s:,.0f}")
-                bar.update(1)
-                if tc.sample_every and step % tc.sample_every == 0:
-                    snapshot()
-                if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
-                    checkpoint()
-                if interrupt.any_process(accelerator):
-                    stop_after_interrupt(accelerator, step, checkpoint, bar)
+                after_step(accelerator, tc, step, bar, interrupt, checkpoint, snapshot)
         bar.close()
         checkpoint()
         snapshot()

@@ -5,8 +5,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Subset
 
-from vqgpt.data import DataConfig, build_dataset
-from vqgpt.metrics import psnr, ssim
+from vqgpt.ground.data import DataConfig, build_dataset
+from vqgpt.ground.metrics import psnr, ssim
 
 
 class Scores(NamedTuple):

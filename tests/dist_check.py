@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import stage1_vq.train as tokenizer_train  # noqa: E402
 import stage2_prior.train as prior_train  # noqa: E402
-import vqgpt.training as training  # noqa: E402
+import vqgpt.training.replicas as replicas  # noqa: E402
 from stage1_vq.losses import build_discriminator  # noqa: E402
 from stage1_vq.model import VQModel  # noqa: E402
 from timm.utils import ModelEmaV3  # noqa: E402
 from stage1_vq.train import TokenizerRunConfig, train_tokenizer  # noqa: E402
 from stage2_prior.train import PriorRunConfig, train_prior  # noqa: E402
-from vqgpt.config import load_config  # noqa: E402
+from vqgpt.ground.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_token_shards(out: str | Path, n: int = 64, grid: tuple[int, int] = (4, 4), codebook_size: int = 32,
                       num_classes: int = 4, seed: int = 0) -> Path:
     """Learnable synthetic token grids (a class-dependent ramp, 20% of the codes random) as shards."""
-    from vqgpt.tokens import TokenShardWriter
+    from vqgpt.ground.tokens import TokenShardWriter
 
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % num_classes
@@ -121,7 +121,7 @@ def main() -> None:
         found = {"model": [], "disc": [], "ema": []}
         tokenizer_train.VQModel = recording(VQModel, found["model"])
         tokenizer_train.build_discriminator = recording(build_discriminator, found["disc"])
-        training.ModelEmaV3 = recording(ModelEmaV3, found["ema"])
+        replicas.ModelEmaV3 = recording(ModelEmaV3, found["ema"])
         cfg = load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", overrides)
         train_tokenizer(cfg, out / name)
         dump(out / "states" / f"{name}-rank{report(name)}.pt", found)
@@ -134,7 +134,7 @@ def main() -> None:
     if args.tokens:
         found = {"model": [], "ema": []}
         prior_train.GPT = recording(prior_train.GPT, found["model"])
-        training.ModelEmaV3 = recording(ModelEmaV3, found["ema"])
+        replicas.ModelEmaV3 = recording(ModelEmaV3, found["ema"])
         if args.prior_nan_micro_batch is not None:
             prior_train.next_token_loss = nan_at(prior_train.next_token_loss, args.prior_nan_micro_batch,
                                                  args.nan_rank)

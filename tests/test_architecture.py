@@ -13,12 +13,18 @@ PACKAGES = ("vqgpt", "stage1_vq", "stage2_prior")
 
 # One import per contract that breaks it (module file -> line appended); never executed, only parsed.
 VIOLATIONS = {
-    "vqgpt/images.py": "import stage1_vq.model",  # a ground module importing a stage
-    "stage1_vq/losses.py": "import vqgpt.pipeline",  # a stage importing the workflow
-    "stage2_prior/model.py": "import stage1_vq.model",  # one stage importing the other
-    "vqgpt/evaluation.py": "import vqgpt.cli",  # something other than __main__ importing the CLI
+    "vqgpt/training/loop.py": "import stage1_vq.model",  # the training floor importing a stage
+    "vqgpt/workflow/evaluation.py": "import vqgpt.cli",  # something other than __main__ importing the CLI
     "stage2_prior/draw.py": "import stage2_prior.highres",  # the token-level module importing a loop
     "stage1_vq/modules.py": "import stage1_vq.model",  # a cycle inside a stage (model imports modules)
+}
+# Each of these alone breaks the layers contract: a floor importing a higher one, or a stage the other.
+LAYER_VIOLATIONS = {
+    "vqgpt/ground/images.py": "import vqgpt.training.loop",
+    "vqgpt/training/optim.py": "import vqgpt.workflow.pipeline",
+    "stage1_vq/losses.py": "import vqgpt.workflow.pipeline",
+    "stage2_prior/model.py": "import stage1_vq.model",
+    "vqgpt/workflow/chain.py": "import vqgpt.cli.demo",
 }
 
 
@@ -58,3 +64,17 @@ def test_each_contract_catches_a_forbidden_import(tmp_path):
     assert len(names) == len(VIOLATIONS)
     for name in names:
         assert re.search(rf"^{re.escape(name)} BROKEN$", result.stdout, re.M), f"{name!r} kept:\n{result.stdout}"
+
+
+def test_the_layers_contract_catches_each_upward_import(tmp_path):
+    names = contract_names()
+    layers = next(n for n in names if n.startswith("imports point down the floors"))
+    for i, (path, line) in enumerate(LAYER_VIOLATIONS.items()):
+        copy = tmp_path / str(i)
+        for package in PACKAGES:
+            shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+        with open(copy / path, "a") as f:
+            f.write(f"\n{line}  # deliberate violation\n")
+        result = lint_imports(copy)
+        assert re.search(rf"^{re.escape(layers)} BROKEN$", result.stdout, re.M), f"{path}: {line} kept:\n{result.stdout}"

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import vqgpt.classifier as clf
-from vqgpt.classifier import (
+import vqgpt.workflow.classifier as clf
+from vqgpt.workflow.classifier import (
     MnistClassifier,
     TrainedClassifier,
     class_accuracy,
@@ -23,7 +23,7 @@ def test_classifier_reaches_97_percent_on_held_out_digits():
     model, accuracy = train_mnist_classifier(seed=0)
     assert accuracy >= 0.97, f"held-out accuracy {accuracy:.3f}"
     # the reported figure is the accuracy on builtin:mnist's eval split
-    from vqgpt.data import DataConfig, build_dataset
+    from vqgpt.ground.data import DataConfig, build_dataset
 
     dataset = build_dataset(DataConfig(source="builtin:mnist", resolution=32, random_crop=False, hflip=False), "eval")
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])

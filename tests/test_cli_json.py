@@ -29,13 +29,13 @@ exec(compile("def _verbose_init(self, *args, **kwargs):\n"
              "    kwargs['verbose'] = True\n"
              "    _init(self, *args, **kwargs)\n", lpips.lpips.__file__, "exec"), _ns)
 lpips.LPIPS.__init__ = _ns["_verbose_init"]
-import vqgpt.fid
-_load = vqgpt.fid.load_feature_extractor
+import vqgpt.ground.fid
+_load = vqgpt.ground.fid.load_feature_extractor
 def _noisy_load(*args, **kwargs):
     print("Downloading: https://example.invalid/pt_inception-2015-12-05.pth")
     os.write(1, b"C code writing to fd 1\n")
     return _load(*args, **kwargs)
-vqgpt.fid.load_feature_extractor = _noisy_load
+vqgpt.ground.fid.load_feature_extractor = _noisy_load
 from vqgpt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -45,7 +45,7 @@ sys.exit(main(sys.argv[1:]))
 def exports(tmp_path_factory):
     from test_pipeline import tiny_prior, tiny_tokenizer
 
-    from vqgpt.pipeline import VQGPTPipeline
+    from vqgpt.workflow.pipeline import VQGPTPipeline
 
     root = tmp_path_factory.mktemp("json")
     tok = tiny_tokenizer()

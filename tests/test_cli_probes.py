@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vqgpt.cli import build_parser, main
+from vqgpt.cli.commands import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMERIC_CLASSES = [str(i) for i in range(1, 13)]  # folders 1..12: sorted as text 1, 10, 11, 12, 2, ...
@@ -27,8 +27,8 @@ def user(tmp_path_factory) -> Path:
     """A user's folder: a tokenizer, pipelines (one with classes 1..12), a prior without a fingerprint, images."""
     from test_pipeline import tiny_prior, tiny_tokenizer
 
-    from vqgpt.data import DataConfig, build_dataset
-    from vqgpt.pipeline import VQGPTPipeline
+    from vqgpt.ground.data import DataConfig, build_dataset
+    from vqgpt.workflow.pipeline import VQGPTPipeline
 
     root = tmp_path_factory.mktemp("user")
     for name in NUMERIC_CLASSES:
@@ -154,7 +154,7 @@ def test_numeric_class_names_through_the_cli(user, tmp_path):
 
 
 def test_numeric_class_names_pick_the_named_class(user, tmp_path, monkeypatch):
-    from vqgpt.pipeline import VQGPTPipeline
+    from vqgpt.workflow.pipeline import VQGPTPipeline
 
     pipe = VQGPTPipeline.from_pretrained(user / "pipe")
     assert pipe.classes[:5] == ["1", "10", "11", "12", "2"]  # text order, as the folder scan gives
@@ -183,8 +183,8 @@ def test_numeric_class_names_pick_the_named_class(user, tmp_path, monkeypatch):
 
 def test_sampling_flags_travel_as_one_sampling_config(user, tmp_path, monkeypatch):
     from stage2_prior.draw import CFG_SCHEDULES, SamplingConfig
-    from vqgpt.cli import CFG_SCHEDULE_CHOICES
-    from vqgpt.pipeline import VQGPTPipeline
+    from vqgpt.cli.commands import CFG_SCHEDULE_CHOICES
+    from vqgpt.workflow.pipeline import VQGPTPipeline
 
     assert CFG_SCHEDULE_CHOICES == CFG_SCHEDULES
     seen = []
@@ -208,7 +208,7 @@ def test_an_unconditional_prior_refuses_a_class_label_in_one_wording(user, tmp_p
     from test_pipeline import tiny_prior
 
     from stage2_prior.model import UNCONDITIONAL
-    from vqgpt.pipeline import VQGPTPipeline
+    from vqgpt.workflow.pipeline import VQGPTPipeline
 
     pipe = VQGPTPipeline.from_pretrained(user / "pipe")
     pipe = VQGPTPipeline(pipe.tokenizer, tiny_prior(pipe.tokenizer.codebook_size, num_classes=0))
@@ -226,8 +226,8 @@ def test_an_unconditional_prior_refuses_a_class_label_in_one_wording(user, tmp_p
 
 
 def test_mnist_digit_names_stay_their_indices(user):
-    from vqgpt.data import DataConfig, build_dataset
-    from vqgpt.pipeline import VQGPTPipeline
+    from vqgpt.ground.data import DataConfig, build_dataset
+    from vqgpt.workflow.pipeline import VQGPTPipeline
 
     names = build_dataset(DataConfig(source="builtin:mnist", resolution=32), "eval").classes
     pipe = VQGPTPipeline.from_pretrained(user / "pipe")
@@ -255,7 +255,7 @@ def test_every_flag_has_a_help_text():
 
 def test_config_errors_name_their_source(tmp_path):
     from stage2_prior.train import PriorRunConfig
-    from vqgpt.config import ConfigError, load_config
+    from vqgpt.ground.config import ConfigError, load_config
 
     config = ROOT / "configs/prior/tiny.yaml"
     with pytest.raises(ConfigError, match=r"^--set train\.lr=fast: train\.lr: expected a number"):
@@ -267,7 +267,7 @@ def test_config_errors_name_their_source(tmp_path):
 
 
 def test_exit_codes(monkeypatch, capsys):
-    from vqgpt import cli
+    from vqgpt.cli import commands as cli
     from vqgpt.training import NonFiniteLoss
 
     def raises(exc):

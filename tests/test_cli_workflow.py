@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vqgpt.data import _load_mnist
-from vqgpt.metrics import psnr
+from vqgpt.ground.data import _load_mnist
+from vqgpt.ground.metrics import psnr
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +133,7 @@ def test_readme_workflow_through_the_cli(work):
 def test_bf16_completion_keeps_the_known_codes(work):
     """`--prior-dtype bfloat16` casts the prior only; the kept code rows come back unchanged."""
     from stage2_prior.highres import complete
-    from vqgpt.pipeline import VQGPTPipeline
+    from vqgpt.workflow.pipeline import VQGPTPipeline
 
     pipe_dir = work / "prior" / "pipeline"
     if not pipe_dir.is_dir():

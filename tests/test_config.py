@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from vqgpt.config import ConfigError, apply_overrides, config_reference, from_dict, load_config, opt, save_config
+from vqgpt.ground.config import ConfigError, apply_overrides, config_reference, from_dict, load_config, opt, save_config
 from vqgpt.training import TrainConfig, lr_factor
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vqgpt.config import ConfigError, from_dict
-from vqgpt.data import (PHOTO_NAMES, TEXTURE_EVAL_FRACTIONS, TEXTURE_EVAL_WIDTH, DataConfig, ImageTooSmallError,
+from vqgpt.ground.config import ConfigError, from_dict
+from vqgpt.ground.data import (PHOTO_NAMES, TEXTURE_EVAL_FRACTIONS, TEXTURE_EVAL_WIDTH, DataConfig, ImageTooSmallError,
                         UnreadableImageWarning, build_dataset, eval_images, iterate_images)
 
 R = 16

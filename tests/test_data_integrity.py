@@ -14,13 +14,13 @@ from PIL import Image
 
 from stage1_vq import QuantizerConfig, VQModel, VQModelConfig
 from stage2_prior import GPT, GPTConfig
-from vqgpt.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from vqgpt.ground.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from vqgpt.cli import main
-from vqgpt.config import ConfigError, load_config
-from vqgpt.data import (DataConfig, FolderImageDataset, Unreadable, UnreadableImageWarning, build_dataset,
+from vqgpt.ground.config import ConfigError, load_config
+from vqgpt.ground.data import (DataConfig, FolderImageDataset, Unreadable, UnreadableImageWarning, build_dataset,
                         collate_images, iterate_images)
-from vqgpt.encode import encode_dataset
-from vqgpt.tokens import TokenDataset, TokenShardError, TokenShardWriter, read_meta
+from vqgpt.workflow.encode import encode_dataset
+from vqgpt.ground.tokens import TokenDataset, TokenShardError, TokenShardWriter, read_meta
 from vqgpt.training import TrainConfig, make_dataloader
 
 R = 16
@@ -315,8 +315,8 @@ def test_encode_stores_codes_only_for_readable_images_and_resumes_by_item(tokeni
 
 def test_reconstruct_and_reference_stats_count_each_readable_image_once(tokenizer_dir, tmp_path, monkeypatch):
     from stage1_vq.evaluate import reconstruct
-    from vqgpt.evaluation import fid_stats
-    from vqgpt.metrics import psnr
+    from vqgpt.workflow.evaluation import fid_stats
+    from vqgpt.ground.metrics import psnr
 
     source = _folder(tmp_path / "imgs", n=4)
     _fail_to_decode(monkeypatch, "03.jpg")

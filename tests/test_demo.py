@@ -7,7 +7,7 @@ import pytest
 from baselines import eval_images, label_ignoring_accuracy, mean_image_scores
 
 from vqgpt.cli import main
-from vqgpt.demo import demo_tokenizer_config
+from vqgpt.cli.demo import demo_tokenizer_config
 
 
 @pytest.mark.slow

@@ -6,13 +6,13 @@ import pytest
 
 from stage1_vq.train import TokenizerRunConfig
 from stage2_prior.train import PriorRunConfig
-from vqgpt.config import load_config, to_dict
+from vqgpt.ground.config import load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_configs_equal_the_yaml_files():
-    from vqgpt.demo import demo_prior_config, demo_tokenizer_config
+    from vqgpt.cli.demo import demo_prior_config, demo_tokenizer_config
 
     assert to_dict(load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/cpu_demo.yaml")) == to_dict(demo_tokenizer_config())
     assert to_dict(load_config(PriorRunConfig, ROOT / "configs/prior/cpu_demo.yaml")) == to_dict(demo_prior_config())

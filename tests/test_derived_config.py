@@ -14,8 +14,8 @@ from stage1_vq.train import TokenizerRunConfig
 from stage2_prior.model import GPT, GPTConfig
 from stage2_prior.train import PriorRunConfig, model_config_for
 from vqgpt.cli import main
-from vqgpt.config import ConfigError, from_dict, load_config
-from vqgpt.tokens import TokenDataset
+from vqgpt.ground.config import ConfigError, from_dict, load_config
+from vqgpt.ground.tokens import TokenDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from stage1_vq.model import VQModel
 from stage1_vq.train import TokenizerRunConfig, train_tokenizer
 from stage2_prior.model import GPT
 from stage2_prior.train import PriorRunConfig, train_prior
-from vqgpt.config import load_config
+from vqgpt.ground.config import load_config
 from vqgpt.training import TrainConfig, make_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,11 +132,11 @@ def test_two_processes_keep_replicas_identical_and_match_one_process(tmp_path, m
 
 def test_a_launch_that_accelerate_does_not_see_is_an_error(tmp_path, monkeypatch):
     """`accelerate launch --multi_gpu` that ends up as N independent single processes must not train."""
-    import vqgpt.training as training
+    import vqgpt.training.config as training_config
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # launched as 2 processes ...
     monkeypatch.delenv("LOCAL_RANK", raising=False)  # ... but accelerate finds no distributed set-up
-    monkeypatch.setattr(training, "_no_accelerator_device", lambda: False)  # as on a machine with a GPU driver issue
+    monkeypatch.setattr(training_config, "_no_accelerator_device", lambda: False)  # as on a machine with a GPU driver issue
     with pytest.raises(RuntimeError, match="launched as 2 processes .* Accelerate runs 1"):
         make_accelerator(TrainConfig(), tmp_path)
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from baselines import eval_images, label_ignoring_accuracy, mean_image_scores
 
-import vqgpt.evaluation as evaluation
+import vqgpt.workflow.evaluation as evaluation
 from stage1_vq import QuantizerConfig, VQModel, VQModelConfig
 from stage1_vq.evaluate import load_lpips
 from stage2_prior import GPT, GPTConfig
-from vqgpt.classifier import (
+from vqgpt.workflow.classifier import (
     DEFAULT_STEPS,
     MnistClassifier,
     TrainedClassifier,
@@ -21,7 +21,7 @@ from vqgpt.classifier import (
     predict,
     save_classifier,
 )
-from vqgpt.evaluation import (
+from vqgpt.workflow.evaluation import (
     PRIOR_KEYS,
     STATS_KEYS,
     TOKENIZER_KEYS,
@@ -30,7 +30,7 @@ from vqgpt.evaluation import (
     fid_stats,
     sample_class_accuracy,
 )
-from vqgpt.fid import (
+from vqgpt.ground.fid import (
     compute_stats,
     frechet_distance,
     inception_score,
@@ -38,8 +38,8 @@ from vqgpt.fid import (
     load_stats,
     precision_recall,
 )
-from vqgpt.metrics import psnr, ssim
-from vqgpt.pipeline import VQGPTPipeline
+from vqgpt.ground.metrics import psnr, ssim
+from vqgpt.workflow.pipeline import VQGPTPipeline
 
 # The JSON schemas, pinned: changing a key is a breaking change for users' scripts.
 EXPECTED_TOKENIZER_KEYS = ("tokenizer", "images", "num_images", "resolution", "grid", "codebook_size", "psnr", "ssim",

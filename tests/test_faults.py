@@ -20,8 +20,8 @@ from dist_check import make_token_shards, nan_at
 from stage1_vq.train import TokenizerRunConfig, train_tokenizer
 from stage2_prior.model import GPT
 from stage2_prior.train import PriorRunConfig, train_prior
-from vqgpt.checkpoint import COMPLETE_MARKER, list_checkpoints, resolve_resume, save_checkpoint
-from vqgpt.config import load_config
+from vqgpt.ground.checkpoint import COMPLETE_MARKER, list_checkpoints, resolve_resume, save_checkpoint
+from vqgpt.ground.config import load_config
 from vqgpt.training import NonFiniteLoss, StreamPosition, TrainConfig, batch_stream, make_accelerator, make_dataloader
 
 ROOT = Path(__file__).resolve().parents[1]

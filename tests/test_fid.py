@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqgpt.fid import (
+from vqgpt.ground.fid import (
     INCEPTION_NAME,
     FeatureExtractor,
     FeatureStats,

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from vq_reference import StateShapes, attn_block, conv, group_norm, rel_err, res_block, swish
 from stage1_vq.model import VQModel, VQModelConfig
 from stage2_prior.model import GPT, PRESETS, GPTConfig
-from vqgpt.checkpoint import load_export, read_export_meta
+from vqgpt.ground.checkpoint import load_export, read_export_meta
 from vqgpt.cli import main
-from vqgpt.config import ConfigError
-from vqgpt.encode import tokenizer_fingerprint
-from vqgpt.importers import KeyMismatchError
-from vqgpt.importers.llamagen import GPT_PRESETS, import_llamagen_gpt, import_llamagen_vq
-from vqgpt.pipeline import VQGPTPipeline
+from vqgpt.ground.config import ConfigError
+from vqgpt.workflow.encode import tokenizer_fingerprint
+from vqgpt.workflow.importers import KeyMismatchError
+from vqgpt.workflow.importers.llamagen import GPT_PRESETS, import_llamagen_gpt, import_llamagen_vq
+from vqgpt.workflow.pipeline import VQGPTPipeline
 
 CH, MULT, NRB, Z, CODES, DIM, IMAGE = 32, [1, 2, 2], 1, 8, 40, 4, 16  # f = 4 -> 4x4 grid
 GPT_LAYERS, GPT_HEADS, GPT_DIM, GPT_MULTIPLE_OF, CLASSES = 2, 2, 32, 32, 10  # = stage2_prior preset 'tiny'

@@ -15,10 +15,10 @@ import yaml
 
 from vq_reference import StateShapes, attn_block, conv, group_norm, rel_err, res_block, swish
 from stage1_vq.model import VQModel, VQModelConfig
-from vqgpt.checkpoint import load_export, read_export_meta
-from vqgpt.config import ConfigError
-from vqgpt.importers import KeyMismatchError
-from vqgpt.importers.taming import import_taming
+from vqgpt.ground.checkpoint import load_export, read_export_meta
+from vqgpt.ground.config import ConfigError
+from vqgpt.workflow.importers import KeyMismatchError
+from vqgpt.workflow.importers.taming import import_taming
 
 DDCONFIG = dict(double_z=False, z_channels=8, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1, 2],
                 num_res_blocks=1, attn_resolutions=[8, 3], dropout=0.0)  # 3 matches no level: ignored, as in taming

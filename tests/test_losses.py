@@ -20,7 +20,7 @@ from stage1_vq import (
     discriminator_loss,
     generator_loss,
 )
-from vqgpt.config import ConfigError, from_dict
+from vqgpt.ground.config import ConfigError, from_dict
 
 
 

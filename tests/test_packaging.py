@@ -33,7 +33,7 @@ def test_wheel_contains_every_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     in_wheel = {name.rsplit("/", 1)[0].replace("/", ".") for name in names if name.endswith("/__init__.py")}
     expected = source_packages()
-    assert {"vqgpt", "vqgpt.importers", "stage1_vq", "stage2_prior"} <= expected
+    assert {"vqgpt", "vqgpt.workflow.importers", "stage1_vq", "stage2_prior"} <= expected
     assert expected - in_wheel == set(), "packages missing from the wheel"
     # Every module file of those packages, not just the __init__.py.
     modules = {str(p.relative_to(ROOT)).replace("\\", "/") for top in TOP_PACKAGES for p in (ROOT / top).rglob("*.py")

@@ -11,8 +11,8 @@ from stage2_prior import SamplingConfig
 from stage2_prior.model import GPT, GPTConfig
 from stage2_prior.sampling import generate
 from vqgpt.cli import main
-from vqgpt.config import ConfigError, load_config
-from vqgpt.pipeline import VQGPTPipeline
+from vqgpt.ground.config import ConfigError, load_config
+from vqgpt.workflow.pipeline import VQGPTPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_prior_from_another_tokenizer_is_refused(tmp_path, pipe_dir):
         other.decoder.conv_out.weight.add_(1.0)
     other.save_pretrained(tmp_path / "other_tok")
     # a prior export that records the fingerprint of the pipeline's own tokenizer
-    from vqgpt.encode import tokenizer_fingerprint
+    from vqgpt.workflow.encode import tokenizer_fingerprint
 
     prior = GPT.from_pretrained(pipe_dir / "prior")
     prior.save_pretrained(tmp_path / "prior", extra={"tokenizer_fingerprint": tokenizer_fingerprint(pipe_dir / "tokenizer")})
@@ -130,10 +130,10 @@ def test_cli_sample_and_complete(pipe_dir, tmp_path, monkeypatch):
 
 def test_train_prior_with_tokenizer_writes_a_verified_pipeline(tmp_path):
     from stage2_prior.train import PriorRunConfig
-    from vqgpt.checkpoint import export_fingerprint, read_export_meta
-    from vqgpt.encode import tokenizer_fingerprint
-    from vqgpt.tokens import TokenShardError, TokenShardWriter
-    from vqgpt.workflow import train_prior_with_tokenizer
+    from vqgpt.ground.checkpoint import export_fingerprint, read_export_meta
+    from vqgpt.workflow.encode import tokenizer_fingerprint
+    from vqgpt.ground.tokens import TokenShardError, TokenShardWriter
+    from vqgpt.workflow.chain import train_prior_with_tokenizer
 
     tok = tiny_tokenizer()
     tok.save_pretrained(tmp_path / "tok")

@@ -7,8 +7,9 @@ import torch
 
 from prior_helpers import tiny_gpt as shared_tiny_gpt
 from stage2_prior import GPT, GPTConfig, count_parameters
-from stage2_prior.model import PRESETS, Linear, apply_rope, rope_multipliers, rope_table_2d
-from vqgpt.config import ConfigError, from_dict
+from stage2_prior.config import PRESETS
+from stage2_prior.layers import Linear, apply_rope, rope_multipliers, rope_table_2d
+from vqgpt.ground.config import ConfigError, from_dict
 
 
 def tiny_gpt(seed: int = 0, **overrides):
@@ -41,23 +42,24 @@ def test_kv_cache_equals_full_recomputation(overrides):
     tokens = torch.randint(0, 16, (B, 20))
     labels = None if model.config.num_classes == 0 else torch.tensor([0, 1, 2])
     full = model(tokens, labels)  # (B, 20, V); logits[:, t] predicts token t
-    model.setup_cache(B)
+    cache, other = model.new_cache(B), model.new_cache(B)
     # prefix + 4 tokens, one step, a chunk after the cache, then single steps to the end
-    parts = [model.forward_cached(tokens[:, :4], 0, labels), model.forward_cached(tokens[:, 4:5], 5),
-             model.forward_cached(tokens[:, 5:12], 6)]
-    parts += [model.forward_cached(tokens[:, t - 1: t], t) for t in range(13, 20)]
+    parts = [model.forward_cached(tokens[:, :4], 0, labels, cache=cache)]
+    # a second cache filled in between with other tokens: the model itself holds no cache state
+    model.forward_cached(tokens.flip(1)[:, :10], 0, labels, cache=other)
+    parts += [model.forward_cached(tokens[:, 4:5], 5, cache=cache),
+              model.forward_cached(tokens[:, 5:12], 6, cache=cache)]
+    parts += [model.forward_cached(tokens[:, t - 1: t], t, cache=cache) for t in range(13, 20)]
     cached = torch.cat(parts, dim=1)
     assert cached.shape == full.shape
     torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
-    model.clear_cache()
-    assert model.kv_cache is None
 
 
 def test_forward_cached_last_only_and_positions():
     model = tiny_gpt()
     tokens = torch.randint(0, 16, (2, 8))
     labels = torch.tensor([1, 2])
-    cache = model.new_cache(2, None, torch.float32, "cpu")
+    cache = model.new_cache(2)
     default = model.forward_cached(tokens, 0, labels, cache=cache)
     cells = torch.tensor([[t // 5, t % 5] for t in range(8)])  # the default raster cells, given explicitly
     explicit = model.forward_cached(tokens, 0, labels, positions=cells, cache=cache)
@@ -76,15 +78,18 @@ def test_forward_cached_last_only_and_positions():
 
 def test_forward_cached_errors():
     model = tiny_gpt()
-    with pytest.raises(RuntimeError, match="setup_cache"):
+    with pytest.raises(TypeError, match="cache"):  # the model keeps no cache of its own
         model.forward_cached(None, 0, torch.tensor([0]))
-    model.setup_cache(1, max_len=4)
+    cache = model.new_cache(1, max_len=4)
     with pytest.raises(ValueError, match="cache length"):
-        model.forward_cached(torch.zeros(1, 4, dtype=torch.long), 0, torch.tensor([0]))
+        model.forward_cached(torch.zeros(1, 4, dtype=torch.long), 0, torch.tensor([0]), cache=cache)
     with pytest.raises(ValueError, match="cache batch"):
-        model.forward_cached(torch.zeros(2, 1, dtype=torch.long), 1)
+        model.forward_cached(torch.zeros(2, 1, dtype=torch.long), 1, cache=cache)
     with pytest.raises(ValueError, match="start_pos=0"):
-        model.forward_cached(torch.zeros(1, 1, dtype=torch.long), 1, torch.tensor([0]))
+        model.forward_cached(torch.zeros(1, 1, dtype=torch.long), 1, torch.tensor([0]), cache=cache)
+    uncond = tiny_gpt(num_classes=0)  # the prefix takes the cache's batch: the tokens' batch must match it
+    with pytest.raises(ValueError, match="cache batch 1"):
+        uncond.forward_cached(torch.zeros(2, 3, dtype=torch.long), 0, cache=uncond.new_cache(1))
 
 
 def test_class_labels_condition_and_errors():
@@ -247,8 +252,10 @@ def test_bf16_weights_keep_fp32_rope_and_cache_matches():
     labels = torch.tensor([0, 1])
     full = model(tokens, labels)
     assert full.dtype == torch.float32 and model.rope_table(torch.device("cpu")).dtype == torch.float32
-    model.setup_cache(2)
-    cached = torch.cat([model.forward_cached(tokens[:, :3], 0, labels), model.forward_cached(tokens[:, 3:5], 4)], 1)
+    cache = model.new_cache(2)
+    assert cache.keys[0].dtype == torch.bfloat16  # the cache takes the weights' dtype by default
+    cached = torch.cat([model.forward_cached(tokens[:, :3], 0, labels, cache=cache),
+                        model.forward_cached(tokens[:, 3:5], 4, cache=cache)], 1)
     torch.testing.assert_close(cached, full, rtol=0.05, atol=0.05)
 
 

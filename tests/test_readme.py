@@ -16,7 +16,7 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 
 def test_readme_config_reference_is_current():
-    from vqgpt.cli import config_reference_text
+    from vqgpt.cli.commands import config_reference_text
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("<!-- config-reference:start -->\n", 1)[1].split("<!-- config-reference:end -->", 1)[0]
@@ -45,7 +45,7 @@ def test_readme_demo_command_installs_and_runs_the_demo():
     import sys
     import sysconfig
 
-    from vqgpt.cli import build_parser, cmd_demo, main
+    from vqgpt.cli.commands import build_parser, cmd_demo, main
 
     demo, tested = readme_command("vqgpt demo"), readme_command("pytest")
     # the same fresh venv and the same pinned torch / torchvision as the command CI runs

@@ -20,9 +20,9 @@ from dist_check import make_token_shards
 from stage1_vq.train import TokenizerRunConfig, train_tokenizer
 from stage2_prior.model import GPT
 from stage2_prior.train import PriorRunConfig, train_prior
-from vqgpt.checkpoint import CheckpointError, check_checkpoint, list_checkpoints
+from vqgpt.ground.checkpoint import CheckpointError, check_checkpoint, list_checkpoints
 from vqgpt.cli import main
-from vqgpt.config import ConfigError, load_config
+from vqgpt.ground.config import ConfigError, load_config
 from vqgpt.training import RESUMABLE_KEYS, RunFolderError, truncate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

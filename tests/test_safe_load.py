@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from vqgpt.importers import strip_wrapper_prefix
-from vqgpt.importers.safe_load import (ALLOWED_GLOBALS, InertObject, UnsafeCheckpointError, find_state_dict,
+from vqgpt.workflow.importers import strip_wrapper_prefix
+from vqgpt.workflow.importers.safe_load import (ALLOWED_GLOBALS, InertObject, UnsafeCheckpointError, find_state_dict,
                                        load_checkpoint)
 
 

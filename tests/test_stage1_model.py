@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from stage1_vq import QuantizerConfig, VQModel, VQModelConfig
 from stage1_vq.modules import AttnBlock
-from vqgpt.config import ConfigError, from_dict
+from vqgpt.ground.config import ConfigError, from_dict
 
 
 

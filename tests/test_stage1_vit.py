@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from stage1_vq import QuantizerConfig, VQModel, VQModelConfig
 from stage1_vq.train import TokenizerRunConfig, train_tokenizer
-from vqgpt.config import load_config
+from vqgpt.ground.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vqgpt.tokens import (TokenDataset, TokenShardError, TokenShardWriter, check_tokenizer_match,
+from vqgpt.ground.tokens import (TokenDataset, TokenShardError, TokenShardWriter, check_tokenizer_match,
                           fingerprint_file, read_meta)
 
 GRID = (3, 4)

@@ -12,10 +12,11 @@ import torch
 
 import stage2_prior.train as prior_train
 from dist_check import make_token_shards, recording
-from stage2_prior.model import GPT, TransformerBlock
+from stage2_prior.layers import TransformerBlock
+from stage2_prior.model import GPT
 from stage2_prior.train import PriorRunConfig, train_prior
-from vqgpt.checkpoint import list_checkpoints, read_trainer_state
-from vqgpt.config import ConfigError, load_config
+from vqgpt.ground.checkpoint import list_checkpoints, read_trainer_state
+from vqgpt.ground.config import ConfigError, load_config
 from vqgpt.training import set_grad_checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ from stage1_vq.evaluate import reconstruct
 from stage1_vq.model import VQModel
 from stage1_vq.quantizers import VectorQuantizer
 from stage1_vq.train import TokenizerRunConfig, train_tokenizer
-from vqgpt.checkpoint import list_checkpoints, read_trainer_state
-from vqgpt.config import load_config
+from vqgpt.ground.checkpoint import list_checkpoints, read_trainer_state
+from vqgpt.ground.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ _LAZY = {
     "GPTConfig": ("stage2_prior", "GPTConfig"),
     "generate": ("stage2_prior", "generate"),
     "SamplingConfig": ("stage2_prior", "SamplingConfig"),
-    "VQGPTPipeline": ("vqgpt.pipeline", "VQGPTPipeline"),
+    "VQGPTPipeline": ("vqgpt.workflow.pipeline", "VQGPTPipeline"),
 }
 
 __all__ = ["__version__", *_LAZY]

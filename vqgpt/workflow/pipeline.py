@@ -17,9 +17,9 @@ from stage2_prior.draw import SamplingConfig, resolve_class_labels
 from stage2_prior.highres import complete
 from stage2_prior.model import GPT
 from stage2_prior.sampling import generate
-from vqgpt.checkpoint import read_export_meta
-from vqgpt.config import ConfigError
-from vqgpt.encode import tokenizer_fingerprint
+from vqgpt.ground.checkpoint import read_export_meta
+from vqgpt.ground.config import ConfigError
+from vqgpt.workflow.encode import tokenizer_fingerprint
 
 INDEX_PREFIX = "index:"  # "index:2" is always class index 2, whatever the class names are
 # an index or a name (see VQGPTPipeline.class_index), one for all samples or one per sample

@@ -38,12 +38,14 @@ import torch
 from stage1_vq.model import EXPORT_KIND as VQ_KIND
 from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.quantizers import QuantizerConfig
+from stage2_prior.config import PRESETS, GPTConfig, find_multiple
+from stage2_prior.layers import rope_table_2d
 from stage2_prior.model import EXPORT_KIND as GPT_KIND
-from stage2_prior.model import GPT, PRESETS, GPTConfig, find_multiple, rope_table_2d
-from vqgpt.checkpoint import export_fingerprint, read_export_meta, save_export
-from vqgpt.config import ConfigError, from_dict, parse_override
-from vqgpt.importers import Drop, ImportResult, build_from_state, remap_state_dict, strip_wrapper_prefix, target_shapes
-from vqgpt.importers.safe_load import find_state_dict, load_checkpoint
+from stage2_prior.model import GPT
+from vqgpt.ground.checkpoint import export_fingerprint, read_export_meta, save_export
+from vqgpt.ground.config import ConfigError, from_dict, parse_override
+from vqgpt.workflow.importers import Drop, ImportResult, build_from_state, remap_state_dict, strip_wrapper_prefix, target_shapes
+from vqgpt.workflow.importers.safe_load import find_state_dict, load_checkpoint
 
 VQ_PRESETS = {"VQ-16": [1, 1, 2, 2, 4], "VQ-8": [1, 2, 2, 4]}
 # LlamaGen class-conditional sizes (n_layer, n_head, dim); GPT-B..XXL equal stage2_prior.PRESETS.

@@ -66,7 +66,7 @@ class TrainedClassifier(NamedTuple):
 
 def _mnist_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """builtin:mnist images (N, 1, 32, 32) in [-1, 1] and labels (N,) of one split."""
-    from vqgpt.data import DataConfig, build_dataset
+    from vqgpt.ground.data import DataConfig, build_dataset
 
     dataset = build_dataset(DataConfig(source=MNIST_SOURCE, resolution=INPUT_SIZE, random_crop=False, hflip=False), split)
     images = torch.stack([dataset[i][0][:1] for i in range(len(dataset))])

@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vqgpt.config import ConfigError, from_dict, to_dict
-from vqgpt.tokens import fingerprint_file
+from vqgpt.ground.config import ConfigError, from_dict, to_dict
+from vqgpt.ground.tokens import fingerprint_file
 
 T = TypeVar("T")
 

@@ -22,9 +22,9 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from stage2_prior.draw import SamplingConfig
-from vqgpt.classifier import MNIST_SOURCE, NUM_DIGITS, load_or_train_mnist_classifier, predict
-from vqgpt.data import DataConfig, build_dataset, readable_batches
-from vqgpt.fid import (
+from vqgpt.workflow.classifier import MNIST_SOURCE, NUM_DIGITS, load_or_train_mnist_classifier, predict
+from vqgpt.ground.data import DataConfig, build_dataset, readable_batches
+from vqgpt.ground.fid import (
     PR_MAX_FEATURES,
     PR_NEIGHBORHOOD,
     UNKNOWN_NETWORK,
@@ -220,7 +220,7 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
     Everything that can fail (weights, reference, classifier) is loaded before sampling starts.
     Batch i is drawn with seed ``seed + i``.
     """
-    from vqgpt.pipeline import VQGPTPipeline
+    from vqgpt.workflow.pipeline import VQGPTPipeline
 
     sampling = sampling or SamplingConfig()
 

@@ -24,12 +24,12 @@ import torch
 import torch.nn as nn
 
 _LAZY = {
-    "import_taming": "vqgpt.importers.taming",
-    "taming_config": "vqgpt.importers.taming",
-    "import_llamagen_vq": "vqgpt.importers.llamagen",
-    "import_llamagen_gpt": "vqgpt.importers.llamagen",
-    "load_checkpoint": "vqgpt.importers.safe_load",
-    "UnsafeCheckpointError": "vqgpt.importers.safe_load",
+    "import_taming": "vqgpt.workflow.importers.taming",
+    "taming_config": "vqgpt.workflow.importers.taming",
+    "import_llamagen_vq": "vqgpt.workflow.importers.llamagen",
+    "import_llamagen_gpt": "vqgpt.workflow.importers.llamagen",
+    "load_checkpoint": "vqgpt.workflow.importers.safe_load",
+    "UnsafeCheckpointError": "vqgpt.workflow.importers.safe_load",
 }
 
 __all__ = ["Drop", "ImportResult", "KeyMismatchError", "build_from_state", "remap_state_dict",
@@ -42,7 +42,7 @@ MAX_LISTED_KEYS = 40
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'vqgpt.importers' has no attribute {name!r}")
+    raise AttributeError(f"module 'vqgpt.workflow.importers' has no attribute {name!r}")
 
 
 @dataclass(frozen=True)

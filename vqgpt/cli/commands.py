@@ -35,7 +35,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from stage1_vq.train import TokenizerRunConfig, train_tokenizer
-    from vqgpt.config import load_config
+    from vqgpt.ground.config import load_config
 
     cfg = load_config(TokenizerRunConfig, args.config, args.overrides)
     train_tokenizer(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
@@ -104,7 +104,7 @@ def _image_source(source: str, flag: str) -> Iterator[str]:
     if not path.is_file():
         yield source
         return
-    from vqgpt.images import IMAGE_EXTENSIONS
+    from vqgpt.ground.images import IMAGE_EXTENSIONS
 
     _check_image_file(source, flag)  # a damaged file is reported under the user's path, not the temporary one
     with tempfile.TemporaryDirectory(prefix="vqgpt-image-") as tmp:
@@ -163,9 +163,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from stage1_vq.model import EXPORT_KIND, VQModelConfig
-    from vqgpt.checkpoint import read_export_config
-    from vqgpt.data import DataConfig
-    from vqgpt.encode import encode_dataset
+    from vqgpt.ground.checkpoint import read_export_config
+    from vqgpt.ground.data import DataConfig
+    from vqgpt.workflow.encode import encode_dataset
 
     resolution = args.resolution or read_export_config(args.tokenizer, EXPORT_KIND, VQModelConfig).resolution
     data = DataConfig(source=args.data, resolution=resolution)
@@ -177,13 +177,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_train_prior(args: argparse.Namespace) -> int:
     from stage2_prior.train import PriorRunConfig, train_prior
-    from vqgpt.config import load_config
+    from vqgpt.ground.config import load_config
 
     cfg = load_config(PriorRunConfig, args.config, [*args.overrides, f"tokens={args.tokens}"])
     if not args.tokenizer:
         train_prior(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
         return 0
-    from vqgpt.workflow import train_prior_with_tokenizer
+    from vqgpt.workflow.chain import train_prior_with_tokenizer
 
     pipeline_dir = train_prior_with_tokenizer(cfg, args.out, args.tokenizer, resume=args.resume,
                                               overwrite=args.overwrite)
@@ -204,7 +204,7 @@ def _check_pipeline_args(args: argparse.Namespace) -> None:
 
 def _load_pipeline(args: argparse.Namespace):
     _check_pipeline_args(args)
-    from vqgpt.pipeline import VQGPTPipeline
+    from vqgpt.workflow.pipeline import VQGPTPipeline
 
     if args.pipeline:
         pipe = VQGPTPipeline.from_pretrained(args.pipeline)
@@ -277,7 +277,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _save_outputs(images, args: argparse.Namespace, nrow: int) -> None:
-    from vqgpt.images import save_grid, tensor_to_pil
+    from vqgpt.ground.images import save_grid, tensor_to_pil
 
     out = Path(args.out)
     save_grid(images, out, nrow=nrow)
@@ -315,7 +315,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
     import torch
     from torchvision.transforms.v2 import functional as TF
 
-    from vqgpt.images import open_rgb, pil_to_tensor
+    from vqgpt.ground.images import open_rgb, pil_to_tensor
 
     image = pil_to_tensor(open_rgb(args.image))
     pipe = _load_pipeline(args)
@@ -334,14 +334,14 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vqgpt.demo import run_demo
+    from vqgpt.cli.demo import run_demo
 
     run_demo(args.out, quick=args.quick)
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from vqgpt import importers
+    from vqgpt.workflow import importers
 
     if args.source == "taming":
         result = importers.import_taming(args.checkpoint, args.config, args.out, weights=args.weights)
@@ -352,7 +352,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         names = None
         if args.classes:
             names = [line.strip() for line in Path(args.classes).read_text().splitlines() if line.strip()]
-        from vqgpt.importers.llamagen import parse_model_overrides
+        from vqgpt.workflow.importers.llamagen import parse_model_overrides
 
         result = importers.import_llamagen_gpt(args.checkpoint, args.tokenizer, args.out, preset=args.preset,
                                                image_size=args.image_size, num_classes=args.num_classes,
@@ -372,7 +372,7 @@ def _print_report(report, args: argparse.Namespace) -> None:
 
 
 def cmd_eval_tokenizer(args: argparse.Namespace) -> int:
-    from vqgpt.evaluation import eval_tokenizer
+    from vqgpt.workflow.evaluation import eval_tokenizer
 
     report = eval_tokenizer(args.tokenizer, args.images, fid_weights=args.fid_weights, lpips=args.lpips,
                             num_images=args.num, batch_size=args.batch_size, out=args.out, device=args.device,
@@ -382,7 +382,7 @@ def cmd_eval_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_prior(args: argparse.Namespace) -> int:
-    from vqgpt.evaluation import eval_prior
+    from vqgpt.workflow.evaluation import eval_prior
 
     report = eval_prior(args.pipeline, args.reference, num_samples=args.num, batch_size=args.batch_size,
                         sampling=_sampling(args), seed=args.seed, fid_weights=args.fid_weights,
@@ -393,7 +393,7 @@ def cmd_eval_prior(args: argparse.Namespace) -> int:
 
 
 def cmd_fid_stats(args: argparse.Namespace) -> int:
-    from vqgpt.evaluation import fid_stats
+    from vqgpt.workflow.evaluation import fid_stats
 
     report = fid_stats(args.images, args.out, fid_weights=args.fid_weights, resolution=args.resolution,
                        split=args.split, num_images=args.num, batch_size=args.batch_size, device=args.device)
@@ -405,7 +405,7 @@ def config_reference_text() -> str:
     """The README's config reference, generated from the config dataclasses."""
     from stage1_vq.train import TokenizerRunConfig
     from stage2_prior.train import PriorRunConfig
-    from vqgpt.config import reference_markdown
+    from vqgpt.ground.config import reference_markdown
 
     return reference_markdown({"Tokenizer (`vqgpt train-tokenizer --config`)": TokenizerRunConfig,
                                "Prior (`vqgpt train-prior --config`)": PriorRunConfig})

@@ -46,8 +46,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from vqgpt.config import opt
-from vqgpt.images import IMAGE_EXTENSIONS, open_rgb, pil_to_tensor
+from vqgpt.ground.config import opt
+from vqgpt.ground.images import IMAGE_EXTENSIONS, open_rgb, pil_to_tensor
 
 BUILTIN_SOURCES = ("builtin:mnist", "builtin:photos", "builtin:textures")
 SPLITS = ("train", "eval")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from stage1_vq.model import VQModel
 from stage2_prior.train import PriorRunConfig, train_prior
-from vqgpt.checkpoint import export_fingerprint
-from vqgpt.pipeline import VQGPTPipeline
+from vqgpt.ground.checkpoint import export_fingerprint
+from vqgpt.workflow.pipeline import VQGPTPipeline
 
 
 def train_prior_with_tokenizer(cfg: PriorRunConfig, out: str | Path, tokenizer_dir: str | Path,

@@ -20,16 +20,16 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from stage1_vq.model import VQModel
-from vqgpt.checkpoint import export_fingerprint
-from vqgpt.data import DataConfig, build_dataset, collate_images, source_identity
-from vqgpt.tokens import (DEFAULT_SHARD_SIZE, META_FILE, SOURCE_FILE, TokenShardError, TokenShardWriter,
+from vqgpt.ground.checkpoint import export_fingerprint
+from vqgpt.ground.data import DataConfig, build_dataset, collate_images, source_identity
+from vqgpt.ground.tokens import (DEFAULT_SHARD_SIZE, META_FILE, SOURCE_FILE, TokenShardError, TokenShardWriter,
                           clear_token_folder, read_meta, write_json)
 
 # meta.json keys that must match for a re-run to continue the shards in a folder
 IDENTITY_KEYS = ("tokenizer_fingerprint", "source", "split", "resolution", "resize", "crops_per_epoch",
                  "flip_augmented", "source_identity")
 
-# The fingerprint lives beside the export format it hashes (vqgpt.checkpoint); this name stays importable.
+# The fingerprint lives beside the export format it hashes (vqgpt.ground.checkpoint); this name stays importable.
 tokenizer_fingerprint = export_fingerprint
 
 

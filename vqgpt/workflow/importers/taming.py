@@ -23,10 +23,10 @@ import yaml
 
 from stage1_vq.model import EXPORT_KIND, VQModel, VQModelConfig
 from stage1_vq.quantizers import QuantizerConfig
-from vqgpt.checkpoint import save_export
-from vqgpt.config import ConfigError
-from vqgpt.importers import Drop, ImportResult, build_from_state, remap_state_dict, strip_wrapper_prefix, target_shapes
-from vqgpt.importers.safe_load import find_state_dict, load_checkpoint
+from vqgpt.ground.checkpoint import save_export
+from vqgpt.ground.config import ConfigError
+from vqgpt.workflow.importers import Drop, ImportResult, build_from_state, remap_state_dict, strip_wrapper_prefix, target_shapes
+from vqgpt.workflow.importers.safe_load import find_state_dict, load_checkpoint
 
 SUPPORTED_TARGETS = {  # target -> EMA codebook
     "taming.models.vqgan.VQModel": False,

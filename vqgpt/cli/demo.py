@@ -22,13 +22,13 @@ from stage1_vq.train import TokenizerRunConfig, train_tokenizer
 from stage2_prior import SamplingConfig
 from stage2_prior.model import GPTConfig
 from stage2_prior.train import PriorRunConfig
-from vqgpt.classifier import class_accuracy, load_or_train_mnist_classifier
-from vqgpt.data import DataConfig
-from vqgpt.encode import encode_dataset
-from vqgpt.images import save_grid
-from vqgpt.pipeline import VQGPTPipeline
+from vqgpt.workflow.classifier import class_accuracy, load_or_train_mnist_classifier
+from vqgpt.ground.data import DataConfig
+from vqgpt.workflow.encode import encode_dataset
+from vqgpt.ground.images import save_grid
+from vqgpt.workflow.pipeline import VQGPTPipeline
 from vqgpt.training import TrainConfig, cpu_has_fast_bf16
-from vqgpt.workflow import train_prior_with_tokenizer
+from vqgpt.workflow.chain import train_prior_with_tokenizer
 
 
 def demo_tokenizer_config(quick: bool = False) -> TokenizerRunConfig:

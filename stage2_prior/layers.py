@@ -1,0 +1,180 @@
+"""Building blocks of the stage-2 GPT prior (LlamaGen's math and parameter names).
+
+- 2D RoPE on interleaved pairs of each head: the first head_dim/4 pairs rotate with the row, the
+  last head_dim/4 with the column, frequencies base^(-4k/head_dim); the prefix slot's rotation is
+  all zeros (cos = sin = 0), exactly as in LlamaGen, so the prefix query/key are zero vectors;
+- pre-norm blocks with RMSNorm (fp32 statistics), fused ``wqkv`` (GQA via ``n_kv_head``), SwiGLU
+  FFN ``w2(silu(w1 x) * w3 x)`` with hidden size ``find_multiple(int(8 dim / 3) [* mult], multiple_of)``;
+- a static KV cache (``KVCache``) that ``GPT.forward_cached`` writes slot by slot.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
+
+from stage2_prior.config import GPTConfig
+
+
+def rope_table_2d(grid_size: tuple[int, int], head_dim: int, base: float) -> torch.Tensor:
+    """(cos, sin) table (1 + h*w, head_dim // 2, 2): slot 0 = prefix (zeros), slot 1 + r*w + c = cell (r, c)."""
+    h, w = grid_size
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))  # (head_dim // 4,)
+    rows = torch.outer(torch.arange(h).float(), freqs)  # (h, head_dim // 4)
+    cols = torch.outer(torch.arange(w).float(), freqs)  # (w, head_dim // 4)
+    angles = torch.cat([rows[:, None].expand(h, w, -1), cols[None].expand(h, w, -1)], dim=-1).flatten(0, 1)
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1)  # (h*w, head_dim // 2, 2)
+    return torch.cat([torch.zeros(1, half, 2), table])
+
+
+def rope_multipliers(table: torch.Tensor) -> torch.Tensor:
+    """(cos, sin) table (L, D/2, 2) -> per-element multipliers (L, 2, D): [c0 c0 c1 c1 ..], [-s0 s0 -s1 s1 ..]."""
+    cos, sin = table.unbind(-1)
+    return torch.stack([cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)], dim=1)
+
+
+def apply_rope(x: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, n, heads, D) by multipliers (n, 2, D), in fp32.
+
+    (x0, x1) -> (x0 c - x1 s, x1 c + x0 s), written as x * [c c] + swap(x) * [-s s]: three kernels
+    per call instead of seven (decode steps are overhead-bound), and real arithmetic because inductor
+    does not generate code for complex ops.
+    """
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) pairs
+    cos, sin = multipliers[:, None].unbind(2)  # (n, 1, D) each
+    return torch.addcmul(xf * cos, swapped, sin).type_as(x)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with a faster product for a few rows at CPU inference (KV-cache decoding).
+
+    On the development CPU (MKL, 2 threads) x @ W^T with 1-5 rows ran at 20-40% of memory
+    bandwidth (one row: on one thread), the same product as W @ x^T with 2-5 columns at 50-90%;
+    one row is padded to two. benchmarks/sampling.py measures the sampler built on it. Training,
+    autocast, other dtypes and devices take the usual path; the state dict is nn.Linear's.
+    """
+
+    max_rows = 5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if (rows > self.max_rows or x.device.type != "cpu" or x.dtype != torch.float32 or self.bias is not None
+                or self.weight.dtype != torch.float32 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, x.shape[-1])
+        if rows == 1:
+            flat = flat.repeat(2, 1)
+        out = (self.weight @ flat.t()).t()[:rows].contiguous()  # (rows, out_features)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class RMSNorm(nn.Module):
+    """LlamaGen's RMSNorm: statistics in fp32, cast back, then the weight (timm's RmsNorm does not upcast)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op, same math
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, each (B, n_kv_head, max_len, head_dim).
+
+    Slots are written before they are read (attention reads slots < start_pos + n only), so the
+    storage is left uninitialised.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+        self.batch_size, _, self.max_len, _ = keys[0].shape
+
+    @classmethod
+    def allocate(cls, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        return cls([torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)],
+                   [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)])
+
+    def select(self, start: int, stop: int) -> "KVCache":
+        """The cache of batch rows [start, stop), sharing storage with this one."""
+        return KVCache([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values])
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.n_kv_head = config.n_kv_head or config.n_head
+        self.wqkv = Linear(config.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.wo = Linear(config.dim, config.dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.attn_dropout = config.attn_dropout
+        self.resid_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None,
+                start_pos: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        B, n, _ = x.shape
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.wqkv(x)  # (B, n, (H + 2K) * D)
+        if self.q_norm is None:  # rotate q and k in one op
+            qk = apply_rope(qkv[..., : (H + K) * D].view(B, n, H + K, D), rope)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        else:
+            q = apply_rope(self.q_norm(qkv[..., : H * D].view(B, n, H, D)), rope)
+            k = apply_rope(self.k_norm(qkv[..., H * D: (H + K) * D].view(B, n, K, D)), rope)
+        v = qkv[..., (H + K) * D:].view(B, n, K, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, n, D)
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:, :, start_pos: start_pos + n] = k
+            v_cache[:, :, start_pos: start_pos + n] = v
+            k, v = k_cache[:, :, : start_pos + n], v_cache[:, :, : start_pos + n]
+        if K != H:
+            k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+        # Causal: plain is_causal when the queries start the sequence; a mask when a chunk follows a
+        # cache; nothing for a single query (it may see every cached slot).
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and start_pos == 0 and n > 1,
+            dropout_p=self.attn_dropout if self.training else 0.0)  # (B, H, n, D)
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, H * D)))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU with LlamaGen's names w1 (gate), w3 (up), w2 (down); timm's SwiGLU names them fc1_g/fc1_x/fc2."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = config.ffn_hidden_dim
+        self.w1 = Linear(config.dim, hidden, bias=False)
+        self.w3 = Linear(config.dim, hidden, bias=False)
+        self.w2 = Linear(hidden, config.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: GPTConfig, drop_path: float):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None,
+                start_pos: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.drop_path(self.attention(self.attention_norm(x), rope, cache, start_pos, attn_mask))
+        return x + self.drop_path(self.feed_forward(self.ffn_norm(x)))
+

@@ -1,0 +1,132 @@
+"""The optimisation config both stages share, and the Accelerator it sets up (devices, precision, seeds)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+
+from vqgpt.ground.config import ConfigError, opt
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings shared by both stages."""
+
+    steps: int = opt(1000, "optimizer steps to train for")
+    batch_size: int = opt(32, "images (or token grids) per process per micro-batch; "
+                              "global batch = batch_size x grad_accum x processes")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    lr: float = opt(1e-4, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "final LR as a fraction of the peak (cosine schedule)")
+    warmup_steps: int = opt(100, "linear warmup steps")
+    lr_schedule: str = opt("cosine", "cosine | constant (after warmup)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    mixed_precision: str = opt("no", "no | bf16 | fp16 (fp16 uses loss scaling and needs a GPU; "
+                                     "bf16 is ~4x faster on AMX CPUs)")
+    grad_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, "
+                                          "~30% more compute; priors only)")
+    ema_decay: float = opt(0.0, "EMA of the weights, exported instead of the raw weights (0 = off)")
+    seed: int = opt(0, "random seed: sample order and augmentation use it as is, model-side randomness "
+                       "(dropout, ...) uses seed + process rank")
+    num_workers: int = opt(0, "DataLoader worker processes")
+    log_every: int = opt(10, "write a metrics line every N steps")
+    sample_every: int = opt(0, "write an image grid every N steps (0 = only at the end)")
+    checkpoint_every: int = opt(500, "write a resume checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep (0 = all)")
+    on_nonfinite: str = opt("stop", "stop | skip: what a NaN/inf loss or gradient norm does "
+                                    "(stop keeps the last good checkpoint; skip drops that step's update)")
+    compile: bool = opt(False, "torch.compile the model")
+    cpu: bool = opt(False, "force CPU even when a GPU is present")
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision: expected no | bf16 | fp16, got {self.mixed_precision!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"train.lr_schedule: expected cosine | constant, got {self.lr_schedule!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train.on_nonfinite: expected stop | skip, got {self.on_nonfinite!r}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "keep_checkpoints", "sample_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
+
+
+def _no_accelerator_device() -> bool:
+    """True on a machine without GPUs (or other torch accelerators)."""
+    api = getattr(torch, "accelerator", None)
+    if api is not None and hasattr(api, "is_available"):
+        return not api.is_available()
+    return not torch.cuda.is_available()
+
+
+def make_accelerator(cfg: TrainConfig, run_dir: str | Path) -> Accelerator:
+    """An Accelerator for this run; seeds every process with ``seed + rank``.
+
+    Under ``accelerate launch`` on a machine without GPUs the processes join one gloo group on the
+    CPU (the launcher resets ACCELERATE_USE_CPU, and accelerate would otherwise run N unrelated
+    single processes); a launch whose process count Accelerate does not see is an error.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # accelerate keeps device and precision in a process-wide singleton that refuses a change:
+    # start each run afresh so one Python process can train with different settings (notebooks,
+    # tests, `vqgpt demo`). A live process group is kept; one closed by an earlier run's
+    # end_training() is opened again.
+    group_alive = torch.distributed.is_available() and torch.distributed.is_initialized()
+    AcceleratorState._reset_state(reset_partial_state=not group_alive)
+    GradientState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        # Sync exactly every grad_accum micro-batches: the stream is endless, so an epoch end must
+        # not force an early optimizer step (accelerate's default) and shift the step boundaries.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False),
+        project_dir=str(run_dir),
+        cpu=cfg.cpu or (launched > 1 and _no_accelerator_device()),
+        # The shuffle depends on (seed, epoch) only -- not on the rank-specific torch seed below --
+        # so every rank draws the same global order and takes its own disjoint slice of it.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+    )
+    if accelerator.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but Accelerate runs "
+                           f"{accelerator.num_processes} ({accelerator.distributed_type}): the processes would train "
+                           f"independently; check the accelerate launch flags and devices")
+    set_seed(cfg.seed, device_specific=True)
+    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        warnings.warn("train.mixed_precision=fp16 needs a GPU; on the CPU accelerate runs in fp32 "
+                      "(use bf16 on CPUs with bf16 units)", stacklevel=2)
+    if cfg.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_fast_bf16():
+        warnings.warn("train.mixed_precision=bf16 on this CPU is slower than fp32 (it has no bf16 matrix units, "
+                      "e.g. AMX or AVX512-BF16): set train.mixed_precision=no", stacklevel=2)
+    return accelerator
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16() -> bool:
+    """True when a bf16 matrix product beats fp32 on this CPU (AMX / AVX512-BF16 units), measured once.
+
+    Without such units PyTorch emulates bf16 matmuls, tens of times slower than fp32, so bf16 autocast
+    is a speed-up on some CPUs and a disaster on others; a 20 ms measurement tells which.
+    """
+    a = torch.randn(256, 256)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        x @ x  # warm-up (kernel selection, packing)
+        start = time.perf_counter()
+        for _ in range(3):
+            x @ x
+        seconds[dtype] = time.perf_counter() - start
+    return seconds[torch.bfloat16] < seconds[torch.float32]

@@ -1,0 +1,116 @@
+"""One optimizer step: the LR schedule, AdamW, the finite check, backward, clipping, and what a
+non-finite loss does."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from vqgpt.ground.checkpoint import resolve_resume
+from vqgpt.ground.config import ConfigError
+from vqgpt.training.config import TrainConfig
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak LR at ``step``: linear warmup, then cosine down to ``min_lr_ratio``."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on matrices only (norms, biases and embeddings-1d exempt)."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr if lr is not None else cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, peak: float | None = None) -> float:
+    """Set the LR of every param group for optimizer step ``step``; returns it.
+
+    Computed from the step alone (no scheduler state), so resume is exact and the schedule does
+    not depend on the number of processes (accelerate's prepared schedulers step once per process).
+    """
+    lr = (peak if peak is not None else cfg.lr) * lr_factor(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def set_grad_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Switch the model's ``grad_checkpointing`` attribute on; a clear error if it has none."""
+    if not enabled:
+        return
+    if not hasattr(model, "grad_checkpointing"):
+        raise ConfigError(f"train.grad_checkpointing: {type(model).__name__} has no gradient checkpointing "
+                          f"option (only the prior supports it)")
+    model.grad_checkpointing = True
+
+
+def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   model: torch.nn.Module, cfg: TrainConfig) -> bool:
+    """Backward, clip and step one optimizer when ``loss`` is finite on every process, then zero its
+    gradients; False when the update was dropped (a non-finite loss or gradient norm).
+
+    Every rank takes the same decision, so DDP's collectives stay matched. Under gradient
+    accumulation the prepared optimizer steps, and the norm is clipped, on the syncing micro-batch only.
+    """
+    finite = all_finite(accelerator, loss)
+    if finite:
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            finite = clip_gradients(accelerator, model.parameters(), cfg)
+        if finite:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+def dropped_update(accelerator: Accelerator, cfg: TrainConfig, what: str, step: int, run_dir: str | Path) -> int:
+    """What a dropped update of step ``step`` does: raise NonFiniteLoss (``on_nonfinite: stop``) or say
+    so and return 1 for the run's count of skipped updates (``skip``)."""
+    if cfg.on_nonfinite == "stop":
+        raise NonFiniteLoss(nonfinite_message(what, step, run_dir))
+    accelerator.print(f"warning: non-finite loss or gradient norm in step {step}; update skipped")
+    return 1
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN or inf loss (or gradient norm) stopped the run."""
+
+
+def all_finite(accelerator: Accelerator, *values: torch.Tensor) -> bool:
+    """True when every value is finite on every process (one reduction, so all ranks agree)."""
+    flag = torch.tensor([float(all(torch.isfinite(v.detach()).all() for v in values))], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
+
+
+def clip_gradients(accelerator: Accelerator, parameters, cfg: TrainConfig) -> bool:
+    """Clip the (synchronised) gradient norm to ``cfg.grad_clip``; False when that norm is not finite.
+
+    Under fp16 the loss scaler owns overflow handling (it skips such steps and lowers the scale),
+    so a non-finite norm there is not an error.
+    """
+    if cfg.grad_clip <= 0:
+        return True
+    norm = accelerator.clip_grad_norm_(parameters, cfg.grad_clip)
+    if accelerator.scaler is not None or norm is None:
+        return True
+    return bool(torch.isfinite(torch.as_tensor(norm)).all())
+
+
+def nonfinite_message(what: str, step: int, run_dir: str | Path) -> str:
+    """The error text of a non-finite loss: names the step, the last good checkpoint and the way out."""
+    last = resolve_resume(run_dir, "auto")
+    where = f"the last good checkpoint {last} is intact (--resume auto continues from it)" if last else \
+        "no checkpoint was written yet"
+    return (f"non-finite {what} at step {step}; stopping: {where}. Lower train.lr, raise train.warmup_steps or "
+            f"set train.on_nonfinite=skip to drop such steps")

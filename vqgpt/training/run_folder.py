@@ -1,0 +1,221 @@
+"""The run folder's guard: one run per folder (an OS lock), no silent replacement, and a resume that
+must match the run it continues."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from vqgpt.ground.checkpoint import check_checkpoint, list_checkpoints, resolve_resume
+from vqgpt.ground.config import ConfigError, from_dict, read_yaml, save_config, to_dict
+
+
+LOCK_NAME = ".lock"
+
+# Config keys a resume may change: the run's length (the cosine schedule stretches to the new
+# train.steps), bookkeeping, and how a step is laid out on the hardware (the stream position is
+# mapped to a new batch size or process count). Any other change (architecture, data, losses,
+# optimiser, seed) would continue a different run from this one's state. The README lists these.
+RESUMABLE_KEYS = (
+    "train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.on_nonfinite", "train.num_workers", "train.batch_size", "train.grad_accum", "train.grad_checkpointing",
+    "train.compile", "train.cpu", "train.mixed_precision", "data.num_workers", "sample_cfg_scale",
+    "sample_temperature",
+)
+
+# What a run leaves behind before its first checkpoint: `--resume auto` may start such a folder afresh.
+_UNSTARTED_RUN = {"config.yaml", "metrics.jsonl", "samples", "checkpoints"}
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used as asked (in use, holds another run, later checkpoints)."""
+
+
+class RunLock:
+    """An exclusive OS lock (flock) on RUN/.lock, held for a run's life; the OS drops it if the process dies.
+
+    The file keeps the holder's PID and host so that a second run can say who holds the folder.
+    It is never deleted: deleting a lock file lets two processes lock two different files.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): run without the guard rather than not at all
+            warnings.warn(f"{self.path}: no file locking on this platform; do not start two runs in one folder",
+                          stacklevel=2)
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunFolderError(f"{self.path.parent} is in use by {holder} (it holds {self.path}): wait for that "
+                                 f"run to end or stop it, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def _listing(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_config_unchanged(config: Any, run_config: Path) -> None:
+    """Raise ConfigError listing every key (old -> new) outside RESUMABLE_KEYS where ``config``
+    differs from the run's resolved config file ``run_config``."""
+    try:
+        old = _flat(to_dict(from_dict(type(config), read_yaml(run_config))))
+    except ConfigError as exc:
+        raise ConfigError(f"{run_config}: cannot compare it with the requested config: {exc}") from None
+    new = _flat(to_dict(config))
+    changed = [(key, old.get(key, "(absent)"), new.get(key, "(absent)")) for key in sorted(old.keys() | new.keys())
+               if key not in RESUMABLE_KEYS and old.get(key) != new.get(key)]
+    if changed:
+        diff = "; ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in changed)
+        raise ConfigError(f"--resume: the requested config changes {diff} (run config {run_config}); a resumed "
+                          f"run keeps these: drop the change, or start a new run with --overwrite or another "
+                          f"--out (only {', '.join(RESUMABLE_KEYS)} may change on resume)")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines of RUN/metrics.jsonl logged after ``step`` (and a line cut short by a kill), so
+    that each step resumed from ``step`` appears once. Rewritten atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep != lines:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bool) -> Path | None:
+    """Main process, lock held: check RUN may be used as asked, then write config.yaml; the checkpoint to resume."""
+    held = sorted(p.name for p in run_dir.iterdir() if p.name not in (LOCK_NAME, "config.yaml"))
+    checkpoint, step = None, 0
+    if not resume:
+        if held and not overwrite:
+            raise RunFolderError(f"{run_dir} already holds a run ({_listing(held)}): pass --resume auto to continue "
+                                 f"it, --overwrite to replace it, or choose another --out")
+        # Checkpoints first: a crash part-way must not leave old state that --resume auto would pick.
+        for name in sorted(held, key=lambda n: n != "checkpoints"):
+            _remove(run_dir / name)
+    else:
+        checkpoint = resolve_resume(run_dir, resume)
+        if checkpoint is None:
+            foreign = [name for name in held if name not in _UNSTARTED_RUN]
+            if foreign:
+                raise RunFolderError(f"--resume auto: {run_dir} holds {_listing(foreign)} but no complete checkpoint "
+                                     f"to resume from: pass --overwrite to start over, or choose another --out")
+        else:
+            step = check_checkpoint(checkpoint)
+            for reference in (checkpoint.parent.parent / "config.yaml", run_dir / "config.yaml"):
+                if reference.is_file():
+                    check_config_unchanged(config, reference)
+                    break
+            later = [path.name for s, path in list_checkpoints(run_dir) if s > step]
+            if later:
+                raise RunFolderError(f"--resume {checkpoint}: {run_dir / 'checkpoints'} also holds later checkpoints "
+                                     f"({_listing(later)}) that the resumed run would mix with its own: remove them, "
+                                     f"or resume into another --out")
+    save_config(config, run_dir / "config.yaml")
+    if resume:
+        truncate_metrics(run_dir / "metrics.jsonl", step)
+    return checkpoint
+
+
+@dataclass
+class RunFolder:
+    """A run folder opened for training: its path and the checkpoint to resume from (None: a fresh start)."""
+
+    path: Path
+    checkpoint: Path | None
+
+
+@contextmanager
+def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume: str | None = None,
+                 overwrite: bool = False) -> Iterator[RunFolder]:
+    """Lock RUN for the run's life and check it may be used as asked before writing anything in it.
+
+    Without ``resume`` RUN must hold no run (``overwrite`` removes what it holds, first); with it the
+    checkpoint's files are checked (no code runs) and the requested config is compared with the
+    run's; then RUN/config.yaml is written and metrics after the resumed step are dropped. Only the
+    main process locks and checks (all processes of one launch share the lock); its verdict is
+    broadcast, so every process raises the same error instead of waiting in a collective.
+    """
+    if resume and overwrite:
+        raise RunFolderError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
+                             "--overwrite replaces it")
+    run_dir = Path(out)
+    lock = RunLock(run_dir)
+    checkpoint, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            if run_dir.exists() and not run_dir.is_dir():
+                raise RunFolderError(f"--out {run_dir} is a file, not a run folder")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            checkpoint = _claim_run_dir(run_dir, config, resume, overwrite)
+        except Exception as exc:
+            lock.release()
+            failure = exc
+        except BaseException:  # Ctrl-C: a notebook's process lives on and must not keep the folder
+            lock.release()
+            raise
+    verdict = broadcast_object_list([None if failure is None else (type(failure), str(failure)), checkpoint])
+    if failure is not None:
+        raise failure
+    if verdict[0] is not None:
+        kind, message = verdict[0]
+        raise (kind if issubclass(kind, ValueError) else RuntimeError)(f"main process: {message}")
+    try:
+        yield RunFolder(run_dir, verdict[1])
+    finally:
+        lock.release()
