@@ -1,66 +1,122 @@
-"""Tokenizer benchmarks: training images/s (fp32 vs bf16) and a same-budget quantizer comparison.
+"""Tokenizer benchmarks: training images/s (fp32 vs bf16) and a same-budget leaderboard of quantizers.
 
-    python benchmarks/tokenizer.py --speed                 # images/s of training steps, fp32 and bf16
-    python benchmarks/tokenizer.py --quality --minutes 10 --jobs 2 --threads 1
-                                  # train each variant for the same wall time on builtin:photos (two at a
-                                  # time, one core each), report held-out PSNR / SSIM / codebook usage
+    python benchmarks/tokenizer.py --speed                  # images/s of training steps, fp32 and bf16
+    python benchmarks/tokenizer.py --quality --steps 1000 --jobs 2 --threads 1
+                                   # every variant trained for the same steps on builtin:photos (two at a
+                                   # time, one core each); held-out PSNR / SSIM / LPIPS / usage / perplexity
+    python benchmarks/tokenizer.py --quality --quick --jobs 2 --threads 1
+                                   # small: 32x32 crops, a smaller network, 60 steps, the main rows
+    python benchmarks/tokenizer.py --quality --minutes 10   # same wall time instead of same steps
 
-Quality variants (64x64 crops, f=8 -> 8x8 grid, same optimiser and wall time; conv unless named vit):
-plain VQ (1024 codes, codebook dim = z_channels, no tricks); l2-normalised 8-dim VQ (LlamaGen);
-the same plus k-means init and dead-code restart; FSQ [8,5,5,5] (1000 codes); a full-dim VQ
-with EMA updates, k-means init and restart (vector-quantize-pytorch's recipe); and the l2 + restart
-quantizer on the ViT encoder/decoder (ViT-VQGAN style, 8x8 patches).
+Rows (64x64 crops, f=8 -> 8x8 grid; --quick: 32x32 crops, f=4 -> 8x8; same optimiser, steps, batches
+and data for every row; conv unless named vit). vqgpt's quantizers: plain VQ (1024 codes, codebook dim
+= z_channels); l2-normalised 8-dim VQ (LlamaGen); the same plus k-means init and dead-code restart;
+a full-dim EMA + k-means + restart VQ; the l2 8-dim VQ with EMA + k-means + restart (the recipe of the
+peer's README, in vqgpt); SimVQ; the l2 8-dim VQ with LlamaGen's entropy penalty; FSQ
+[8,5,5,5] (1000 codes); LFQ at 2^10 and 2^14 codes; residual VQ, 2 depths of 1024 codes (two codes per
+position: twice the bits of the others); the l2 + restart VQ on the ViT encoder/decoder. Peer rows
+("vqp-*") train the same encoder/decoder around vector-quantize-pytorch's ``VectorQuantize`` (its
+README's recipe: cosine similarity in an 8-dim projected codebook, k-means init, dead-code threshold;
+and a full-dim euclidean one), ``FSQ`` and ``LFQ`` (2^10, 2^14), wrapped in benchmarks/peer_quantizers.py
+(``pip install vector-quantize-pytorch``; a benchmark-only dependency).
 
-Codebook usage is counted twice: over the fixed held-out grid of crops that `vqgpt reconstruct`
-uses (71 crops, 4,544 tokens: too few to hit 1024 codes unless the code distribution is flat), and
-over 1,024 seeded random crops of the same held-out photos (65,536 tokens). Each run writes to
-OUT/<variant>/ and OUT/<variant>.json; the table and OUT/summary.json gather them.
+Codebook usage is counted twice: over the fixed held-out grid of crops that `vqgpt reconstruct` uses
+(71 crops at 64x64: too few tokens to hit 1024 codes unless the code distribution is flat), and over
+1,024 seeded random crops of the same held-out photos (65,536 tokens). LPIPS is ST-LPIPS (the trained
+shift-tolerant VGG that installs offline with stlpips-pytorch) unless ``--lpips vgg``. images/s: training
+images per second of wall time (forward, losses, backward, AdamW), same cores for every row. Each
+run writes to OUT/<variant>/ and OUT/<variant>.json; the table and OUT/summary.json gather them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from stage1_vq.evaluate import reconstruct
-from stage1_vq.losses import LossConfig
+from stage1_vq.evaluate import load_lpips, reconstruct
+from stage1_vq.losses import LossConfig, build_perceptual
 from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.quantizers import QuantizerConfig
 from stage1_vq.train import TokenizerRunConfig, train_tokenizer
 from vqgpt.ground.data import DataConfig, build_dataset
 from vqgpt.ground.metrics import code_histogram, codebook_stats
 from vqgpt.training import TrainConfig
+from vqgpt.training.config import cpu_has_fast_bf16
 
 ARCH = dict(channels=32, channel_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[8], resolution=64,
             z_channels=64, norm_groups=16)
+# The ViT variant: 8x8 patches -> the same 8x8 grid, 4 blocks of width 128 in encoder and decoder.
+VIT_ARCH = dict(architecture="vit", patch_size=8, vit_dim=128, vit_depth=4, vit_heads=4, resolution=64, z_channels=64)
+# --quick: 32x32 crops, f=4 -> the same 8x8 grid (64 tokens per image), about 8x less compute per image.
+QUICK_ARCH = dict(channels=16, channel_mult=[1, 2, 4], num_res_blocks=1, attn_resolutions=[], resolution=32,
+                  z_channels=32, norm_groups=8)
+QUICK_VIT_ARCH = dict(architecture="vit", patch_size=4, vit_dim=64, vit_depth=2, vit_heads=2, resolution=32,
+                      z_channels=32)
 # Dead-code restart: a code whose EMA hits per step fall below 0.05 is re-seeded from current encoder
 # outputs. With 1024 tokens per batch a code averages 1 hit per step; decay 0.9 notices a dead code
 # within ~30 steps (0.99 would need ~300, longer than a short run).
 RESTART = dict(kmeans_init=True, restart_threshold=0.05, ema_decay=0.9)
-# The ViT variant: 8x8 patches -> the same 8x8 grid, 4 blocks of width 128 in encoder and decoder.
-VIT_ARCH = dict(architecture="vit", patch_size=8, vit_dim=128, vit_depth=4, vit_heads=4, resolution=64, z_channels=64)
-L2_RESTART = QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=8, l2_norm=True, **RESTART)
-VARIANTS = {  # name -> (architecture, quantizer)
-    "plain-vq": (ARCH, QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=None)),
-    "l2-lowdim-vq": (ARCH, QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=8, l2_norm=True)),
-    "l2-lowdim-restart-vq": (ARCH, L2_RESTART),
-    "fsq": (ARCH, QuantizerConfig(kind="fsq", fsq_levels=[8, 5, 5, 5])),
-    "ema-restart-vq": (ARCH, QuantizerConfig(kind="vq", codebook_size=1024, ema=True, **RESTART)),
-    "vit-l2-restart-vq": (VIT_ARCH, L2_RESTART),
+L2_LOWDIM = dict(kind="vq", codebook_size=1024, codebook_dim=8, l2_norm=True)
+
+
+class Variant(NamedTuple):
+    """One leaderboard row: the encoder/decoder ('conv' or 'vit'), the quantizer config (for a peer row
+    it sets the latent width), and the vector-quantize-pytorch quantizer used instead (peer_quantizers.PEERS)."""
+
+    arch: str
+    quantizer: QuantizerConfig
+    peer: str | None = None
+
+
+VARIANTS = {
+    "plain-vq": Variant("conv", QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=None)),
+    "l2-lowdim-vq": Variant("conv", QuantizerConfig(**L2_LOWDIM)),
+    "l2-lowdim-restart-vq": Variant("conv", QuantizerConfig(**L2_LOWDIM, **RESTART)),
+    "ema-restart-vq": Variant("conv", QuantizerConfig(kind="vq", codebook_size=1024, ema=True, **RESTART)),
+    "l2-lowdim-ema-restart-vq": Variant("conv", QuantizerConfig(**L2_LOWDIM, ema=True, **RESTART)),
+    "simvq": Variant("conv", QuantizerConfig(kind="vq", codebook_size=1024, simvq=True)),
+    "l2-lowdim-entropy-vq": Variant("conv", QuantizerConfig(**L2_LOWDIM, entropy_weight=0.1)),
+    "fsq": Variant("conv", QuantizerConfig(kind="fsq", fsq_levels=[8, 5, 5, 5])),
+    "lfq-2^10": Variant("conv", QuantizerConfig(kind="lfq", lfq_dim=10)),
+    "lfq-2^14": Variant("conv", QuantizerConfig(kind="lfq", lfq_dim=14)),
+    "rvq-2x1024": Variant("conv", QuantizerConfig(kind="rvq", rvq_depth=2, codebook_size=1024, codebook_dim=8,
+                                                  **RESTART)),
+    "vit-l2-restart-vq": Variant("vit", QuantizerConfig(**L2_LOWDIM, **RESTART)),
+    "vqp-vq-cos8": Variant("conv", QuantizerConfig(kind="vq", codebook_size=1024), peer="vq-cos8"),
+    "vqp-vq-cos8-dead2": Variant("conv", QuantizerConfig(kind="vq", codebook_size=1024), peer="vq-cos8-dead2"),
+    "vqp-vq-kmeans-dead": Variant("conv", QuantizerConfig(kind="vq", codebook_size=1024), peer="vq-kmeans-dead"),
+    "vqp-fsq": Variant("conv", QuantizerConfig(kind="fsq", fsq_levels=[8, 5, 5, 5]), peer="fsq"),
+    "vqp-lfq-2^10": Variant("conv", QuantizerConfig(kind="lfq", lfq_dim=10), peer="lfq-10"),
+    "vqp-lfq-2^14": Variant("conv", QuantizerConfig(kind="lfq", lfq_dim=14), peer="lfq-14"),
 }
+LEARNED_1024 = ("plain-vq", "l2-lowdim-vq", "l2-lowdim-restart-vq", "ema-restart-vq", "l2-lowdim-ema-restart-vq",
+                "simvq", "l2-lowdim-entropy-vq", "vit-l2-restart-vq")  # vqgpt's learned codebooks of 1024 codes, one code per position
+# --quick's default rows: each new kind, the learned codebook that follows vector-quantize-pytorch's
+# recipe, and one peer row per peer class (vqgpt's FSQ computes what vqp-fsq does, to the digit).
+QUICK_VARIANTS = ("l2-lowdim-ema-restart-vq", "simvq", "l2-lowdim-entropy-vq", "lfq-2^10", "lfq-2^14", "rvq-2x1024",
+                  "vqp-vq-cos8", "vqp-fsq", "vqp-lfq-2^10", "vqp-lfq-2^14")
 USAGE_CROPS = 1024
+
+
+def architecture(variant: Variant, quick: bool) -> dict:
+    """The encoder/decoder keys of ``variant`` at the full or --quick size."""
+    if variant.arch == "vit":
+        return QUICK_VIT_ARCH if quick else VIT_ARCH
+    return QUICK_ARCH if quick else ARCH
 
 
 def speed(batch: int = 16, steps: int = 5) -> None:
     """Images/s of forward + backward + AdamW for the benchmark architecture, fp32 vs bf16 autocast."""
-    model = VQModel(VQModelConfig(**ARCH, quantizer=VARIANTS["l2-lowdim-vq"][1])).train()
+    model = VQModel(VQModelConfig(**ARCH, quantizer=VARIANTS["l2-lowdim-vq"].quantizer)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(batch, 3, 64, 64) * 2 - 1
     results = {}
@@ -82,9 +138,8 @@ def speed(batch: int = 16, steps: int = 5) -> None:
     print(f"bf16 / fp32 = {results['bf16'] / results['fp32']:.2f}x")
 
 
-def heldout_usage(export: Path, crops: int = USAGE_CROPS) -> dict[str, float]:
+def heldout_usage(model: VQModel, crops: int = USAGE_CROPS) -> dict[str, float]:
     """Codebook usage / perplexity over ``crops`` seeded random crops of the held-out photos."""
-    model = VQModel.from_pretrained(export).eval()
     heldout = build_dataset(DataConfig(source="builtin:photos", resolution=model.config.resolution), "eval")
     counts = torch.zeros(model.codebook_size, dtype=torch.long)
     with torch.inference_mode():
@@ -94,48 +149,127 @@ def heldout_usage(export: Path, crops: int = USAGE_CROPS) -> dict[str, float]:
     return codebook_stats(counts)
 
 
-def run_variant(name: str, minutes: float, out: Path) -> dict:
-    """Train one variant for ``minutes`` of wall time on builtin:photos; its held-out figures."""
+def perceptual_metric(kind: str) -> tuple[str, torch.nn.Module | None]:
+    """(column name, network) of the LPIPS figure: 'stlpips' (ST-LPIPS), 'vgg' (LPIPS-VGG, downloads), 'none'."""
+    if kind == "none":
+        return "LPIPS", None
+    if kind == "stlpips":
+        try:
+            return "ST-LPIPS", build_perceptual(LossConfig(perceptual="stlpips", perceptual_weight=1.0)).eval()
+        except ImportError:
+            return "ST-LPIPS", None
+    return "LPIPS", load_lpips(kind, torch.device("cpu"))
+
+
+def run_variant(name: str, out: Path, steps: int | None, minutes: float | None, quick: bool, lpips: str) -> dict:
+    """Train one variant on builtin:photos for ``steps`` (or ``minutes`` of wall time); its held-out figures."""
+    variant = VARIANTS[name]
+    arch = architecture(variant, quick)
+    bf16 = torch.cuda.is_available() or cpu_has_fast_bf16()  # bf16 autocast is slower than fp32 without bf16 units
     cfg = TokenizerRunConfig(
-        model=VQModelConfig(**VARIANTS[name][0], quantizer=VARIANTS[name][1]),
+        model=VQModelConfig(**arch, quantizer=variant.quantizer),
         loss=LossConfig(reconstruction="l1", perceptual="none", perceptual_weight=0.0, gan_weight=0.0),
-        data=DataConfig(source="builtin:photos", resolution=64),
-        train=TrainConfig(steps=10**9, batch_size=16, lr=1e-3, warmup_steps=100, mixed_precision="bf16",
-                          log_every=50, checkpoint_every=0, sample_every=0),
+        data=DataConfig(source="builtin:photos", resolution=arch["resolution"]),
+        train=TrainConfig(steps=steps or 10**9, batch_size=16, lr=1e-3, warmup_steps=20 if quick else 100,
+                          mixed_precision="bf16" if bf16 else "no", log_every=25 if quick else 50,
+                          checkpoint_every=0, sample_every=0),
     )
-    # a step budget from a short timing run, so each variant gets the same wall time
-    probe = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=20, log_every=10))
-    t = time.perf_counter()
-    train_tokenizer(probe, out / f"{name}-probe")
-    per_step = (time.perf_counter() - t) / 20
-    steps = max(50, int(minutes * 60 / per_step))
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
-    t = time.perf_counter()
-    export = train_tokenizer(cfg, out / name)
-    train_s = time.perf_counter() - t
-    m = reconstruct(export, "builtin:photos", out / f"{name}-recon", lpips="none", progress=False)
-    many = heldout_usage(export)
-    row = {"variant": name, "steps": steps, "train_s": round(train_s), "threads": torch.get_num_threads(),
-           "psnr": m["psnr"], "ssim": m["ssim"], "codebook_size": m["codebook_size"],
-           "grid_crops": m["num_images"], "grid_usage": m["codebook_usage"], "grid_perplexity": m["perplexity"],
-           "random_crops": USAGE_CROPS, "usage": many["usage"], "perplexity": many["perplexity"]}
+    peer = contextlib.nullcontext()
+    if variant.peer is not None:
+        from peer_quantizers import use_peer  # benchmarks/ is on sys.path when this script runs
+
+        peer = use_peer(variant.peer)
+    with peer:
+        if minutes is not None:  # a step budget from a short timing run, so each variant gets the same wall time
+            probe = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=20, log_every=10))
+            t = time.perf_counter()
+            train_tokenizer(probe, out / f"{name}-probe", overwrite=True)
+            steps = max(50, int(minutes * 60 / ((time.perf_counter() - t) / 20)))
+        assert steps is not None
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+        t = time.perf_counter()
+        export = train_tokenizer(cfg, out / name, overwrite=True)
+        train_s = time.perf_counter() - t
+        lpips_name, lpips_net = perceptual_metric(lpips)
+        distances: list[torch.Tensor] = []
+
+        def add_lpips(originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
+            if lpips_net is not None:
+                distances.append(lpips_net(originals, reconstructions).flatten().float())
+
+        m = reconstruct(export, "builtin:photos", out / f"{name}-recon", lpips="none", progress=False,
+                        save_images=False, device="cpu", on_batch=add_lpips)
+        model = VQModel.from_pretrained(export).eval()
+        many = heldout_usage(model)
+    row = {"variant": name, "peer": variant.peer is not None, "steps": steps, "train_s": round(train_s),
+           "images_per_s": steps * cfg.train.batch_size / train_s, "threads": torch.get_num_threads(),
+           "resolution": arch["resolution"], "psnr": m["psnr"], "ssim": m["ssim"],
+           "lpips": float(torch.cat(distances).mean()) if distances else None, "lpips_kind": lpips_name,
+           "codebook_size": m["codebook_size"], "codes_per_position": model.codes_per_position,
+           "codes": (f"{model.codes_per_position}x{variant.quantizer.codebook_size}" if model.codes_per_position > 1
+                     else str(m["codebook_size"])),
+           "bits_per_image": m["bits_per_image"], "grid_crops": m["num_images"], "grid_usage": m["codebook_usage"],
+           "grid_perplexity": m["perplexity"], "random_crops": USAGE_CROPS, "usage": many["usage"],
+           "perplexity": many["perplexity"], "psnr_by_depth": m.get("psnr_by_depth")}
     (out / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
     return row
 
 
-def quality(minutes: float, out: Path, variants: list[str], jobs: int, threads: int | None) -> None:
-    """Run the variants (``jobs`` processes at a time), then print one table against the first."""
+def goals(rows: list[dict]) -> list[str]:
+    """The issue's two goals, checked on the rows present."""
+    by_name = {r["variant"]: r for r in rows}
+    lines = []
+    ours = [by_name[n] for n in LEARNED_1024 if n in by_name]
+    peers = [r for r in rows if r["peer"] and r["codebook_size"] == 1024]
+    if ours and peers:
+        full = [r for r in ours if r["usage"] >= 0.97]
+        best = max(full or ours, key=lambda r: r["psnr"])
+        peer = max(peers, key=lambda r: r["psnr"])
+        met = best["usage"] >= 0.97 and best["psnr"] >= peer["psnr"]
+        lines.append(f"goal 1 {'MET' if met else 'NOT MET'}: vqgpt's best learned 1024-code row "
+                     f"{'with usage >= 97%' if full else '(none reaches 97% usage)'} is {best['variant']}: usage "
+                     f"{best['usage']:.1%}, {best['psnr']:.2f} dB; vector-quantize-pytorch's best 1024-code row is "
+                     f"{peer['variant']}: {peer['psnr']:.2f} dB (usage {peer['usage']:.1%})")
+    if "lfq-2^14" in by_name:
+        usage = by_name["lfq-2^14"]["usage"]
+        lines.append(f"goal 2 {'MET' if usage >= 0.90 else 'NOT MET'}: lfq-2^14 uses {usage:.1%} of its 16384 codes "
+                     f"over {USAGE_CROPS} held-out crops ({USAGE_CROPS * 64} tokens; goal >= 90%)")
+    return lines
+
+
+def print_table(rows: list[dict]) -> None:
+    """The rows side by side, and the goals."""
+    lp = next((r["lpips_kind"] for r in rows), "LPIPS")
+    print(f"\nheld-out builtin:photos, {rows[0]['resolution']}x{rows[0]['resolution']} crops -> 8x8 positions, "
+          f"{rows[0]['steps']} steps of batch 16 each; usage over {rows[0]['grid_crops']} grid crops and over "
+          f"{USAGE_CROPS} random crops of the held-out photos; vqp = vector-quantize-pytorch")
+    print(f"{'variant':>24} {'codes':>7} {'bits':>5} {'PSNR':>9} {'SSIM':>6} {lp:>8} {'usage (grid)':>13} "
+          f"{'usage (random)':>15} {'perplexity':>11} {'img/s':>6}")
+    for r in rows:
+        bits = r["bits_per_image"] / 64
+        lpips = "n/a" if r["lpips"] is None else f"{r['lpips']:.4f}"
+        print(f"{r['variant']:>24} {r['codes']:>7} {bits:>5.1f} {r['psnr']:>6.2f} dB {r['ssim']:>6.3f} {lpips:>8} "
+              f"{r['grid_usage']:>13.1%} {r['usage']:>15.1%} {r['perplexity']:>11.0f} {r['images_per_s']:>6.1f}")
+    print("bits: per position (log2 of the codes; residual VQ: summed over its codes)")
+    for line in goals(rows):
+        print(line)
+
+
+def quality(out: Path, variants: list[str], jobs: int, threads: int | None, steps: int | None,
+            minutes: float | None, quick: bool, lpips: str) -> None:
+    """Run the variants (``jobs`` processes at a time), then print one table."""
     out.mkdir(parents=True, exist_ok=True)
     if jobs <= 1:
-        rows = [run_variant(name, minutes, out) for name in variants]
+        rows = [run_variant(name, out, steps, minutes, quick, lpips) for name in variants]
     else:
-        # one process per variant, so that each gets its own cores and the same wall time
+        # one process per variant, so that each gets its own cores and the same conditions
+        budget = ["--steps", str(steps)] if minutes is None else ["--minutes", str(minutes)]
         waiting, running = list(variants), []
         while waiting or running:
             while waiting and len(running) < jobs:
                 name = waiting.pop(0)
-                cmd = [sys.executable, __file__, "--run-variant", name, "--minutes", str(minutes),
-                       "--out", str(out)] + (["--threads", str(threads)] if threads else [])
+                cmd = [sys.executable, __file__, "--run-variant", name, *budget, "--out", str(out), "--lpips", lpips,
+                       *(["--quick"] if quick else []), *(["--threads", str(threads)] if threads else [])]
                 log = open(out / f"{name}.log", "w")
                 running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
                 print(f"started {name} (log: {out / f'{name}.log'})", flush=True)
@@ -147,46 +281,50 @@ def quality(minutes: float, out: Path, variants: list[str], jobs: int, threads: 
                     raise SystemExit(f"variant {item[0]} failed (exit {item[1].returncode}); see {out / f'{item[0]}.log'}")
         rows = [json.loads((out / f"{name}.json").read_text()) for name in variants]
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\nheld-out builtin:photos, 64x64 -> 8x8 codes, {minutes:g} min of training each; usage over "
-          f"{rows[0]['grid_crops']} grid crops and over {USAGE_CROPS} random crops of the held-out photos")
-    print(f"{'variant':>22} {'steps':>6} {'PSNR':>9} {'SSIM':>6} {'codes':>6} {'usage (grid)':>13} "
-          f"{'usage (random)':>15} {'perplexity':>11}")
-    for r in rows:
-        print(f"{r['variant']:>22} {r['steps']:>6} {r['psnr']:>6.2f} dB {r['ssim']:>6.3f} {r['codebook_size']:>6} "
-              f"{r['grid_usage']:>13.1%} {r['usage']:>15.1%} {r['perplexity']:>11.0f}")
-    base = rows[0]
-    for r in rows[1:]:
-        print(f"{r['variant']} vs {base['variant']}: PSNR {r['psnr'] - base['psnr']:+.2f} dB, "
-              f"usage {r['usage']:.0%} vs {base['usage']:.0%}")
+    print_table(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--quality", action="store_true")
-    parser.add_argument("--minutes", type=float, default=10.0, help="wall time per quality variant")
+    parser.add_argument("--quick", action="store_true", help="32x32 crops, a smaller network, 60 steps per row "
+                        "(unless --steps / --minutes say otherwise), the QUICK_VARIANTS rows: a few minutes with "
+                        "--jobs 2 --threads 1 on 2 cores")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per row (default 1000; --quick 60)")
+    parser.add_argument("--minutes", type=float, default=None, help="same wall time per row instead of same steps")
+    parser.add_argument("--lpips", default="stlpips", help="stlpips (default, works offline), vgg, a weights path, "
+                        "or none")
     parser.add_argument("--out", default="runs/bench_tokenizer")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated, first is the baseline (default: {','.join(VARIANTS)})")
+    parser.add_argument("--variants", default=None, help=f"comma-separated (default: all of {','.join(VARIANTS)}; "
+                        f"--quick: {','.join(QUICK_VARIANTS)}); vqp-* rows need `pip install vector-quantize-pytorch`")
     parser.add_argument("--jobs", type=int, default=1, help="quality variants trained at the same time, "
                         "each in its own process (use with --threads so that jobs x threads <= cores)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--table", action="store_true", help="print the table of OUT/summary.json and exit")
     parser.add_argument("--run-variant", help=argparse.SUPPRESS)  # one variant, in a process that --jobs started
     args = parser.parse_args()
+    if args.steps is not None and args.minutes is not None:
+        parser.error("give --steps or --minutes, not both")
+    steps = None if args.minutes is not None else (args.steps or (60 if args.quick else 1000))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.table:
+        print_table(json.loads((Path(args.out) / "summary.json").read_text()))
+        return
     if args.run_variant:
-        run_variant(args.run_variant, args.minutes, Path(args.out))
+        run_variant(args.run_variant, Path(args.out), steps, args.minutes, args.quick, args.lpips)
         return
     if not (args.speed or args.quality):
         args.speed = True
     if args.speed:
         speed()
     if args.quality:
-        unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+        variants = args.variants.split(",") if args.variants else list(QUICK_VARIANTS if args.quick else VARIANTS)
+        unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-        quality(args.minutes, Path(args.out), args.variants.split(","), args.jobs, args.threads)
+        quality(Path(args.out), variants, args.jobs, args.threads, steps, args.minutes, args.quick, args.lpips)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,18 @@ from stage1_vq.losses import (
     generator_loss,
 )
 from stage1_vq.model import VQModel, VQModelConfig, VQOutput
-from stage1_vq.quantizers import FSQ, QuantizerConfig, QuantizerOutput, VectorQuantizer, build_quantizer
+from stage1_vq.quantizers import FSQ, LFQ, QuantizerConfig, QuantizerOutput, ResidualVQ, VectorQuantizer, build_quantizer
 
 __all__ = [
     "FSQ",
     "GeneratorLoss",
+    "LFQ",
     "LossConfig",
     "PatchDiscriminator",
     "PerceptualLoss",
     "QuantizerConfig",
     "QuantizerOutput",
+    "ResidualVQ",
     "VQModel",
     "VQModelConfig",
     "VQOutput",

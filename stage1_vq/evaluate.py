@@ -63,6 +63,8 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     psnrs, ssims, lpipss = [], [], []
+    # residual VQ: PSNR of the reconstruction from the first d of the D codes per position, d < D
+    coarse: dict[int, list[torch.Tensor]] = {d: [] for d in range(1, model.codes_per_position)}
     counts = torch.zeros(model.codebook_size, dtype=torch.long)
     grid_pairs = []
     index = 0
@@ -77,6 +79,9 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
             on_batch(batch, recon)
         counts += code_histogram(codes, model.codebook_size)
         psnrs.append(psnr(batch, recon).cpu())
+        for d in coarse:
+            partial = model.decode_latents(model.quantize.codes_from_indices(codes, depths=d)).clamp(-1, 1)
+            coarse[d].append(psnr(batch, partial).cpu())
         ssims.append(ssim(batch, recon).cpu())
         if perceptual is not None:
             lpipss.append(perceptual(batch, recon).flatten().float().cpu())
@@ -105,7 +110,10 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
         "codebook_usage": stats["usage"],
         "num_tokens": int(counts.sum()),  # usage counts codes hit among these: few tokens undercount it
         "perplexity": stats["perplexity"],
-        "bits_per_image": bits_per_image(grid_shape, model.codebook_size),
+        # log2 of the codes one grid cell can hold: residual VQ's cells hold one depth's codebook_size each
+        "bits_per_image": bits_per_image(grid_shape, model.config.quantizer.codebook_size),
     }
+    if coarse:
+        metrics["psnr_by_depth"] = [float(torch.cat(coarse[d]).mean()) for d in coarse] + [metrics["psnr"]]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from stage1_vq.modules import Decoder, Encoder
-from stage1_vq.quantizers import FSQ, QuantizerConfig, QuantizerOutput, VectorQuantizer, build_quantizer
+from stage1_vq.quantizers import Quantizer, QuantizerConfig, QuantizerOutput, build_quantizer
 from stage1_vq.vit import ViTDecoder, ViTEncoder
-from vqgpt.ground.checkpoint import load_export, save_export
+from vqgpt.ground.checkpoint import load_export, push_to_hub, resolve_model_dir, save_export
 from vqgpt.ground.config import opt
 
 EXPORT_KIND = "vq_tokenizer"
@@ -142,7 +142,7 @@ class VQModel(nn.Module):
             self.decoder = Decoder(out_channels=config.out_channels, **arch)
         self.quant_conv = nn.Conv2d(config.z_channels, latent_dim, kernel_size=1)
         # Calling `model.quantize(z)` runs the quantizer: it is the submodule (taming's key name).
-        self.quantize: VectorQuantizer | FSQ = build_quantizer(config.quantizer, latent_dim)
+        self.quantize: Quantizer = build_quantizer(config.quantizer, latent_dim)
         self.post_quant_conv = nn.Conv2d(latent_dim, config.z_channels, kernel_size=1)
 
     # ------------------------------------------------------------------ properties
@@ -160,6 +160,11 @@ class VQModel(nn.Module):
         return self.quantize.codebook_dim
 
     @property
+    def codes_per_position(self) -> int:
+        """Codes per latent position, side by side in a row of the code grid (rvq: its depth D; else 1)."""
+        return self.quantize.codes_per_position
+
+    @property
     def last_layer_weight(self) -> torch.Tensor:
         """Weight of the decoder's final layer, for the adaptive GAN weight."""
         if isinstance(self.decoder, ViTDecoder):
@@ -167,7 +172,8 @@ class VQModel(nn.Module):
         return self.decoder.conv_out.weight
 
     def grid_shape(self, height: int, width: int) -> tuple[int, int]:
-        """Code-grid size (h, w) of an image of size height x width; ValueError if f does not divide it."""
+        """Code-grid size (H/f, W/f * codes_per_position) of an image of size height x width; ValueError if f
+        does not divide it."""
         f = self.downsample_factor
         if height % f or width % f or height < f or width < f:
             def near(n: int) -> str:
@@ -176,7 +182,14 @@ class VQModel(nn.Module):
             raise ValueError(f"image size {height}x{width} is not divisible by the downsampling factor {f}: "
                              f"height and width must be positive multiples of {f} (nearest valid: "
                              f"height {near(height)}, width {near(width)})")
-        return height // f, width // f
+        return height // f, width // f * self.codes_per_position
+
+    def image_shape(self, rows: int, columns: int) -> tuple[int, int]:
+        """Pixel size (H, W) that a code grid of rows x columns decodes to (the inverse of ``grid_shape``)."""
+        if columns % self.codes_per_position:
+            raise ValueError(f"a code grid of this tokenizer has {self.codes_per_position} codes per position side "
+                             f"by side, so its width must be a multiple of {self.codes_per_position}, got {columns}")
+        return rows * self.downsample_factor, columns // self.codes_per_position * self.downsample_factor
 
     # ------------------------------------------------------------------ pieces
 
@@ -192,7 +205,7 @@ class VQModel(nn.Module):
         return self.decoder(self.post_quant_conv(z_q))
 
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices (B, h, w) -> quantized latents z_q (B, D, h, w)."""
+        """Indices (B, h, w * codes_per_position) -> quantized latents z_q (B, D, h, w)."""
         if indices.ndim != 3 or indices.dtype.is_floating_point:
             raise ValueError(f"expected integer indices (B, h, w), got {indices.dtype} of shape {tuple(indices.shape)}")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
@@ -210,12 +223,13 @@ class VQModel(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> code indices (B, H/f, W/f) int64; changes no state."""
+        """Images (B, 3, H, W) in [-1, 1] -> code indices (B, H/f, W/f * codes_per_position) int64; changes
+        no state. Residual VQ puts a position's D codes side by side in its row (stage1_vq/quantizers/rvq.py)."""
         return self.quantize.lookup(self.encode_latents(images))
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, h, w) -> images (B, 3, h*f, w*f), roughly in [-1, 1]."""
+        """Code indices (B, h, w * codes_per_position) -> images (B, 3, h*f, w*f), roughly in [-1, 1]."""
         return self.decode_latents(self.codes_from_indices(indices))
 
     # ------------------------------------------------------------------ export
@@ -225,9 +239,16 @@ class VQModel(nn.Module):
         return save_export(directory, EXPORT_KIND, self.config, self)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "VQModel":
-        """Load an export written by ``save_pretrained`` (strict), in eval mode on ``map_location``."""
+    def from_pretrained(cls, name_or_path: str | Path, map_location: str | torch.device = "cpu", *,
+                        revision: str | None = None, subfolder: str | None = None) -> "VQModel":
+        """Load an export (a folder, or a Hub id ``owner/name`` at ``revision``) strictly, in eval mode."""
+        directory = resolve_model_dir(name_or_path, revision=revision, subfolder=subfolder)
         config, state, _ = load_export(directory, EXPORT_KIND, VQModelConfig)
         model = cls(config)
         model.load_state_dict(state, strict=True)
         return model.to(map_location).eval()
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str | None = None) -> str:
+        """Upload this tokenizer's export as Hub repository ``repo_id`` (created when missing); returns the commit URL."""
+        return push_to_hub(self.save_pretrained, repo_id, private=private, token=token, commit_message=commit_message)

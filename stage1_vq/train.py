@@ -33,6 +33,7 @@ from vqgpt.training import (
     finish_run,
     is_log_step,
     load_resume,
+    log_images,
     make_accelerator,
     make_dataloader,
     make_ema,
@@ -41,6 +42,7 @@ from vqgpt.training import (
     optimizer_step,
     set_grad_checkpointing,
     set_lr,
+    start_trackers,
     stream_state,
     unwrap,
 )
@@ -67,6 +69,8 @@ def _snapshot_images(cfg: TokenizerRunConfig, n: int = 8) -> torch.Tensor:
             readable.append(item[0])
         if len(readable) == n:
             break
+    if not readable:
+        raise ValueError(f"no image of {cfg.data.source} could be read (see the warnings naming each file)")
     return torch.stack(readable)
 
 
@@ -137,6 +141,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
 
         # ---- resume
         step, position = load_resume(accelerator, run.checkpoint, tc.batch_size)
+        start_trackers(accelerator, cfg, run_dir, step)
 
         log = MetricsLog(run_dir, accelerator)
         bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc="tokenizer", dynamic_ncols=True)
@@ -159,10 +164,11 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                 with torch.no_grad(), accelerator.autocast():
                     recon = net(snapshot.to(accelerator.device)).reconstruction.float().cpu()
                 net.train(was_training)
-                save_grid(side_by_side(snapshot, recon), run_dir / "samples" / f"step-{step:08d}.png", nrow=8)
+                grid = save_grid(side_by_side(snapshot, recon), run_dir / "samples" / f"step-{step:08d}.png", nrow=8)
+                log_images(accelerator, "reconstructions", grid, step)
 
         model.train()
-        skipped = 0
+        skipped = unreadable = 0  # dropped updates; items left out because their file failed to decode
         with GracefulInterrupt() as interrupt:
             while step < tc.steps:
                 gan_on = use_gan and step >= cfg.loss.disc_start
@@ -174,6 +180,17 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                 # One optimizer step = grad_accum micro-batches through both models together.
                 for _ in range(tc.grad_accum):
                     images, _labels = next(batches)
+                    # Undecodable files are left out of their (full-size: drop_last) batch. One sum gives
+                    # every rank the count and says whether some rank got no image at all: then every rank
+                    # drops this micro-batch like a non-finite one, so none waits in a collective alone.
+                    lost, empty = accelerator.reduce(torch.tensor([tc.batch_size - len(images), float(len(images) == 0)],
+                                                                  device=accelerator.device), reduction="sum").tolist()
+                    unreadable += int(lost)
+                    if empty:
+                        with accelerator.accumulate(*([model, disc] if use_gan else [model])):
+                            for optimizer in [opt_g, opt_d] if use_gan else [opt_g]:
+                                optimizer.zero_grad(set_to_none=True)  # acts on the syncing micro-batch only
+                        continue
                     with accelerator.accumulate(*([model, disc] if use_gan else [model])):
                         # -- generator / tokenizer
                         with accelerator.autocast():
@@ -207,7 +224,8 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                 if ema is not None:
                     ema.update(unwrap(accelerator, model), step=step)
                 if log_now:
-                    record = {"step": step, "lr": lr, **metrics.mean(accelerator), "skipped": skipped}
+                    record = {"step": step, "lr": lr, **metrics.mean(accelerator), "skipped": skipped,
+                              "unreadable": unreadable}
                     log.write(record)
                     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
                                     psnr=f"{record.get('psnr', float('nan')):.2f}",

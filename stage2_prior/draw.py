@@ -10,13 +10,17 @@ it imports none of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 
 from stage2_prior.model import GPT, UNCONDITIONAL, needs_class_label
 
 CFG_SCHEDULES = ("constant", "linear")
+# The randomness of a draw: one generator for the whole batch (None: torch's global one), or one
+# generator per row, so that each sample's tokens depend on its own generator only, not on the
+# batch it is drawn in (``vqgpt.workflow.sample_many`` draws 50,000 samples that way on many processes).
+Randomness = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 @dataclass(frozen=True)
@@ -69,9 +73,23 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def exponential_noise(like: torch.Tensor, generator: Randomness) -> torch.Tensor:
+    """Exp(1) noise shaped like ``like`` (B, V): from one generator, or row b from ``generator[b]`` alone."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.empty_like(like).exponential_(generator=generator)
+    if len(generator) != like.shape[0]:
+        raise ValueError(f"one generator per sample: got {len(generator)} generators for {like.shape[0]} samples")
+    rows = [torch.empty(like.shape[1:], dtype=like.dtype, device=like.device).exponential_(generator=g)
+            for g in generator]
+    return torch.stack(rows)
+
+
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row of logits (B, V) -> (B,) long; temperature 0 means greedy (argmax)."""
+                  top_p: float | None = None, generator: Randomness = None) -> torch.Tensor:
+    """Draw one token per row of logits (B, V) -> (B,) long; temperature 0 means greedy (argmax).
+
+    ``generator``: one ``torch.Generator`` for the batch, or a sequence of B, one per row.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature if temperature != 1.0 else logits
@@ -80,7 +98,7 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     if top_p is not None and top_p < 1.0:
         logits = top_p_filter(logits, top_p)
     probs = logits.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_(generator=generator)
+    noise = exponential_noise(probs, generator)
     # exponential_ may return exactly 0; 0/0 would be NaN and win the argmax.
     return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
 
@@ -143,7 +161,7 @@ def guided_labels(model: GPT, labels: torch.Tensor | None, guided: bool) -> torc
 
 
 def next_token(logits: torch.Tensor, guided: bool, scale: float, sampling: SamplingConfig,
-               generator: torch.Generator | None) -> torch.Tensor:
+               generator: Randomness) -> torch.Tensor:
     """Logits (B or 2B, V) of one position -> tokens (B,); guided rows are [cond; uncond]."""
     if guided:
         cond, uncond = logits.chunk(2)

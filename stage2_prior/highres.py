@@ -45,8 +45,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from stage2_prior.draw import (SamplingConfig, cfg_scales, check_sampling_args, eval_mode, guided_labels,
-                               next_token, resolve_class_labels)
+from stage2_prior.draw import (Randomness, SamplingConfig, cfg_scales, check_sampling_args, eval_mode,
+                               guided_labels, next_token, resolve_class_labels)
 from stage2_prior.layers import KVCache
 from stage2_prior.model import GPT
 
@@ -78,12 +78,13 @@ def _check_stride(window_stride: int | Sequence[int], h: int, w: int) -> tuple[i
 def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None = None, keep_rows: int | None = None,
              class_labels: int | Sequence[int] | torch.Tensor | None = None, sampling: SamplingConfig | None = None,
              use_cache: bool = True, window_stride: int | Sequence[int] = 1, max_window_caches: int | None = None,
-             generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+             generator: Randomness = None, progress: bool = False) -> torch.Tensor:
     """Sample the unknown cells of tokens (B, H, W) in raster order -> (B, H, W); known cells are kept.
 
     Known cells: ``known_mask`` (B, H, W) or (H, W) bool, or the top ``keep_rows`` rows. Values at
     unknown cells are ignored (may be -1). ``sampling`` as in ``generate``; ``window_stride``
-    (rows, cols) and ``max_window_caches`` as in the module docstring.
+    (rows, cols) and ``max_window_caches`` as in the module docstring. ``generator``: one for the batch,
+    or one per row (``stage2_prior.draw.Randomness``).
     """
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be (B, H, W), got shape {tuple(tokens.shape)}")
@@ -201,7 +202,7 @@ def generate_highres(model: GPT, num_samples: int, height: int, width: int,
                      class_labels: int | Sequence[int] | torch.Tensor | None = None,
                      sampling: SamplingConfig | None = None, use_cache: bool = True,
                      window_stride: int | Sequence[int] = 1, max_window_caches: int | None = None,
-                     generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+                     generator: Randomness = None, progress: bool = False) -> torch.Tensor:
     """Sample (num_samples, height, width) code grids with sliding windows of the training grid size."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")

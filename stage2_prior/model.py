@@ -23,7 +23,7 @@ from torch import nn
 
 from stage2_prior.config import PRESETS, GPTConfig  # noqa: F401 - PRESETS stays importable from here
 from stage2_prior.layers import KVCache, Linear, RMSNorm, TransformerBlock, rope_multipliers, rope_table_2d
-from vqgpt.ground.checkpoint import load_export, save_export
+from vqgpt.ground.checkpoint import load_export, push_to_hub, resolve_model_dir, save_export
 
 EXPORT_KIND = "gpt_prior"
 # One wording for each class-label mistake, wherever it is caught (model, samplers, pipeline, CLI).
@@ -178,8 +178,10 @@ class GPT(nn.Module):
         return save_export(directory, EXPORT_KIND, self.config, self, extra)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> "GPT":
-        """Load an export written by ``save_pretrained`` (strict: every key must match)."""
+    def from_pretrained(cls, name_or_path: str | Path, device: torch.device | str = "cpu", *,
+                        revision: str | None = None, subfolder: str | None = None) -> "GPT":
+        """Load an export (a folder, or a Hub id ``owner/name`` at ``revision``); every key must match."""
+        directory = resolve_model_dir(name_or_path, revision=revision, subfolder=subfolder)
         config, state, _ = load_export(directory, EXPORT_KIND, GPTConfig)
         model = cls(config)
         try:
@@ -187,6 +189,12 @@ class GPT(nn.Module):
         except RuntimeError as exc:
             raise RuntimeError(f"{directory}: weights do not match the config: {exc}") from None
         return model.to(device).eval()
+
+    def push_to_hub(self, repo_id: str, *, extra: dict[str, Any] | None = None, private: bool | None = None,
+                    token: str | None = None, commit_message: str | None = None) -> str:
+        """Upload this prior's export (with ``extra``) as Hub repository ``repo_id``; returns the commit URL."""
+        return push_to_hub(lambda folder: self.save_pretrained(folder, extra=extra), repo_id, private=private,
+                           token=token, commit_message=commit_message)
 
 
 def count_parameters(model_or_config: GPT | GPTConfig, exclude_embeddings: bool = False) -> int:

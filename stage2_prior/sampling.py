@@ -25,15 +25,29 @@ __all__ = ["CFG_SCHEDULES", "SamplingConfig", "cfg_scales", "check_sampling_args
 @torch.inference_mode()
 def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | torch.Tensor | None = None,
              grid_size: Sequence[int] | None = None, sampling: SamplingConfig | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+             generator: torch.Generator | None = None, progress: bool = False,
+             window_stride: int | Sequence[int] = 1,
+             generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """Sample code grids -> LongTensor (num_samples, h, w); a grid larger than the trained one is sampled
-    with sliding windows (``stage2_prior.highres.generate_highres``). ``sampling``: default SamplingConfig()."""
+    with sliding windows (``stage2_prior.highres.generate_highres``, moving ``window_stride`` (rows, columns)
+    at a time: a residual-VQ tokenizer's D codes per position want (1, D)). ``sampling``: default SamplingConfig().
+
+    ``generators``: one per sample, instead of ``generator``: sample b's noise then comes from
+    ``generators[b]`` alone, so its tokens do not depend on the other samples of the batch."""
     sampling = sampling or SamplingConfig()
+    if generators is not None:
+        if generator is not None:
+            raise ValueError("give generator (one for the batch) or generators (one per sample), not both")
+        if len(generators) != num_samples:
+            raise ValueError(f"generators must hold one generator per sample: got {len(generators)} "
+                             f"for num_samples={num_samples}")
+    noise = generator if generators is None else list(generators)
     h, w = model.grid_size
     if grid_size is not None and tuple(grid_size) != (h, w):
         height, width = grid_size
         return generate_highres(model, num_samples, height, width, class_labels=class_labels, sampling=sampling,
-                                use_cache=use_cache, generator=generator, progress=progress)
+                                use_cache=use_cache, window_stride=window_stride, generator=noise,
+                                progress=progress)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     guided = check_sampling_args(model, sampling)
@@ -51,7 +65,7 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
             seq = torch.zeros(batch, T, dtype=torch.long, device=device)  # the token at t is never read for t
             logits = model(seq[:, :1], labels)
         for t in tqdm(range(T), disable=not progress, desc="sampling"):
-            tok = next_token(logits[:, -1], guided, scales[t], sampling, generator)  # (B,)
+            tok = next_token(logits[:, -1], guided, scales[t], sampling, noise)  # (B,)
             out[:, t] = tok
             if t == T - 1:
                 break

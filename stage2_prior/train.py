@@ -40,6 +40,7 @@ from vqgpt.training import (
     full_state_dict,
     is_log_step,
     load_resume,
+    log_images,
     make_accelerator,
     make_dataloader,
     make_ema,
@@ -48,6 +49,7 @@ from vqgpt.training import (
     optimizer_step,
     set_grad_checkpointing,
     set_lr,
+    start_trackers,
     stream_state,
     unwrap,
 )
@@ -151,6 +153,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
         ema = make_ema(accelerator, model, tc.ema_decay)
 
         step, position = load_resume(accelerator, run.checkpoint, tc.batch_size)
+        start_trackers(accelerator, cfg, run_dir, step)
 
         log = MetricsLog(run_dir, accelerator)
         bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc="prior", dynamic_ncols=True)
@@ -170,7 +173,8 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
             # Under FSDP only all processes together hold the weights; sample from the export instead.
             if is_main and decode is not None and not fsdp:
                 net = ema.module if ema is not None else unwrap(accelerator, model)
-                sample_snapshot(net, decode, run_dir / "samples" / f"step-{step:08d}.png", cfg)
+                grid = sample_snapshot(net, decode, run_dir / "samples" / f"step-{step:08d}.png", cfg)
+                log_images(accelerator, "samples", grid, step)
 
         model.train()
         t_last, step_last, skipped = time.perf_counter(), step, 0

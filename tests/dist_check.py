@@ -33,6 +33,15 @@ from stage2_prior.train import PriorRunConfig, train_prior  # noqa: E402
 from vqgpt.ground.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# --also-kinds: further tokenizers, one per quantizer kind / option whose state or losses cross ranks
+# (the main run covers the EMA codebook with restarts, --also-kmeans the k-means init).
+KIND_RUNS = {
+    "tokenizer_lfq": ["model.quantizer.kind=lfq", "model.quantizer.lfq_dim=6", "model.quantizer.codebook_size=null"],
+    "tokenizer_simvq": ["model.quantizer.simvq=true", "model.quantizer.entropy_weight=0.1"],
+    "tokenizer_rvq": ["model.quantizer.kind=rvq", "model.quantizer.rvq_depth=2", "model.quantizer.ema=true"],
+}
+PLAIN_CODEBOOK = ["model.quantizer.ema=false", "model.quantizer.kmeans_init=false",
+                  "model.quantizer.restart_threshold=0", "train.steps=3"]
 
 
 def make_token_shards(out: str | Path, n: int = 64, grid: tuple[int, int] = (4, 4), codebook_size: int = 32,
@@ -100,6 +109,8 @@ def main() -> None:
     p.add_argument("--prior-set", action="append", default=[])
     p.add_argument("--also-kmeans", action="store_true",
                    help="train a second tokenizer with k-means init (its replicas are compared, not its losses)")
+    p.add_argument("--also-kinds", action="store_true",
+                   help=f"train 3 steps of a tokenizer per entry of KIND_RUNS ({', '.join(KIND_RUNS)})")
     p.add_argument("--expect-processes", type=int, default=None)
     p.add_argument("--prior-nan-micro-batch", type=int, default=None, help="inject a NaN prior loss at this call")
     p.add_argument("--nan-rank", type=int, default=0)
@@ -130,6 +141,9 @@ def main() -> None:
         tokenizer_run("tokenizer", args.tokenizer_set)
         if args.also_kmeans:
             tokenizer_run("tokenizer_kmeans", [*args.tokenizer_set, "model.quantizer.kmeans_init=true"])
+        if args.also_kinds:
+            for name, overrides in KIND_RUNS.items():
+                tokenizer_run(name, [*args.tokenizer_set, *PLAIN_CODEBOOK, *overrides])
 
     if args.tokens:
         found = {"model": [], "ema": []}

@@ -87,10 +87,10 @@ def test_readme_workflow_through_the_cli(work):
     assert ev["num_images"] == len(held_out) and abs(ev["psnr"] - rec["psnr"]) < 1e-3
     assert ev["rfid"] is not None and ev["rfid"] >= 0 and 0 < ev["ssim"] <= 1
 
-    # 3. codes, with mirrored copies
-    vqgpt("encode", "--tokenizer", tok, "--data", work / "digits", "--out", work / "codes", "--flip")
+    # 3. codes, with each image's mirror image as a second view
+    vqgpt("encode", "--tokenizer", tok, "--data", work / "digits", "--out", work / "codes", "--augment", "flip")
     meta = json.loads((work / "codes" / "meta.json").read_text())
-    assert meta["count"] == 2 * len(train) and meta["classes"] == ["12", "3", "7"]
+    assert meta["count"] == len(train) and meta["views"] == 2 and meta["classes"] == ["12", "3", "7"]
 
     # 4. prior, with the pipeline written beside it
     prior_run = work / "prior"

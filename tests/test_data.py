@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from vqgpt.ground.config import ConfigError, from_dict
 from vqgpt.ground.data import (PHOTO_NAMES, TEXTURE_EVAL_FRACTIONS, TEXTURE_EVAL_WIDTH, DataConfig, ImageTooSmallError,
-                        UnreadableImageWarning, build_dataset, eval_images, iterate_images)
+                        Unreadable, UnreadableImageWarning, build_dataset, eval_images, iterate_images)
 
 R = 16
 
@@ -69,7 +70,7 @@ def test_folder_mixed_modes(mixed_folder):
         assert ds.classes[label] == top
 
 
-def test_corrupt_files_are_skipped_and_named(tmp_path):
+def test_corrupt_files_are_skipped_and_named_when_read(tmp_path):
     root = tmp_path / "imgs"
     for i in range(3):
         _save(root / f"ok{i}.png", Image.new("RGB", (20, 20), (10 * i, 0, 0)))
@@ -77,28 +78,34 @@ def test_corrupt_files_are_skipped_and_named(tmp_path):
     good = root / "ok0.png"
     data = good.read_bytes()
     (root / "trunc.png").write_bytes(data[: len(data) // 2])
-    with pytest.warns(UnreadableImageWarning) as record:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the start opens no image, so it cannot warn about one
         ds = build_dataset(DataConfig(source=str(root), resolution=R))
+    assert len(ds) == 5 and ds.skipped == []
+    with pytest.warns(UnreadableImageWarning) as record:
+        items = {ds.name(i): ds[i] for i in range(len(ds))}
     messages = [str(w.message) for w in record]
-    assert any("noise.jpg" in m for m in messages) and any("trunc.png" in m for m in messages)
-    assert any(f"skipped 2 unreadable files in {root}" in m for m in messages)
-    assert sorted(os.path.basename(p) for p in ds.skipped) == ["noise.jpg", "trunc.png"]
-    assert len(ds) == 3
-    for i in range(len(ds)):
-        assert ds[i][0].shape == (3, R, R)
+    assert len(messages) == 2 and any("noise.jpg" in m for m in messages) and any("trunc.png" in m for m in messages)
+    assert sorted(name for name, item in items.items() if isinstance(item, Unreadable)) == ["noise.jpg", "trunc.png"]
+    for name in ("ok0.png", "ok1.png", "ok2.png"):
+        assert items[name][0].shape == (3, R, R)
 
 
-def test_truncated_jpeg_is_skipped_at_the_scan(tmp_path):
+def test_truncated_jpeg_is_skipped_at_first_read(tmp_path):
     root = tmp_path / "imgs"
     _save(root / "a" / "0.png", Image.new("RGB", (20, 20), (255, 0, 0)))
     _save(root / "b" / "1.jpg", Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
     _save(root / "c" / "2.png", Image.new("RGB", (20, 20), (0, 0, 255)))
     data = (root / "b" / "1.jpg").read_bytes()
     (root / "b" / "1.jpg").write_bytes(data[: len(data) // 2])  # header fine, body truncated: PIL's verify() passes it
+    ds = build_dataset(DataConfig(source=str(root), resolution=R), "eval")
+    assert [ds.name(i) for i in range(len(ds))] == ["a/0.png", "b/1.jpg", "c/2.png"]
     with pytest.warns(UnreadableImageWarning, match="1.jpg"):
-        ds = build_dataset(DataConfig(source=str(root), resolution=R), "eval")
-    assert [ds.name(i) for i in range(len(ds))] == ["a/0.png", "c/2.png"]
-    assert [os.path.basename(p) for p in ds.skipped] == ["1.jpg"]
+        assert isinstance(ds[1], Unreadable)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named once per process, not at every read
+        assert isinstance(ds[1], Unreadable)
+    assert [name for batch in iterate_images(str(root), R) for name in batch.names] == ["a/0.png", "c/2.png"]
 
 
 def test_bad_sources_give_clear_errors(tmp_path):
@@ -128,8 +135,10 @@ def test_small_file_without_resize_is_an_error(tmp_path):
     root = tmp_path / "imgs"
     _save(root / "big.png", Image.new("RGB", (40, 40)))
     _save(root / "small.png", Image.new("RGB", (20, 12)))
-    with pytest.raises(ImageTooSmallError, match=r"small\.png is 20x12"):
-        build_dataset(DataConfig(source=str(root), resolution=R, resize=False))
+    crop_only = build_dataset(DataConfig(source=str(root), resolution=R, resize=False))  # no image opened yet
+    assert crop_only[0][0].shape == (3, R, R)
+    with pytest.raises(ImageTooSmallError, match=r"small\.png is 20x12.*data\.resize"):
+        crop_only[1]  # found when first read
     assert len(build_dataset(DataConfig(source=str(root), resolution=R, resize=True))) == 2
 
 

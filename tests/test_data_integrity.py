@@ -116,7 +116,7 @@ def test_encode_refuses_another_tokenizer_or_option(tokenizer_dir, tmp_path):
     other = _tokenizer(seed=1).save_pretrained(tmp_path / "other")
     with pytest.raises(TokenShardError, match="the tokenizer changed .*--overwrite"):
         _encode(other, source, out)
-    with pytest.raises(TokenShardError, match="flip_augmented is False there but True now"):
+    with pytest.raises(TokenShardError, match="augment is 'none' there but 'flip' now"):
         _encode(tokenizer_dir, source, out, flip=True)
     with pytest.raises(TokenShardError, match="split is 'train' there but 'eval' now"):
         _encode(tokenizer_dir, source, out, split="eval")
@@ -273,7 +273,7 @@ def test_undecodable_image_is_dropped_from_its_batch_not_replaced(tmp_path, monk
 
 def test_encode_stores_codes_only_for_readable_images_and_resumes_by_item(tokenizer_dir, tmp_path, monkeypatch):
     source = _folder(tmp_path / "imgs", n=8)
-    _truncate(source / "b" / "06.jpg")  # caught by the scan
+    _truncate(source / "b" / "06.jpg")  # truncated on disk: found when first read (the start opens no image)
     _fail_to_decode(monkeypatch, "03.jpg")  # fails at load time
     model = VQModel.from_pretrained(tokenizer_dir)
     ds = build_dataset(DataConfig(source=str(source), resolution=R, random_crop=False, hflip=False))
@@ -284,12 +284,13 @@ def test_encode_stores_codes_only_for_readable_images_and_resumes_by_item(tokeni
     out = tmp_path / "codes"
     _encode(tokenizer_dir, source, out, flip=True, shard_size=3)
     codes, labels = _codes(out)
-    assert len(ds) == 7 and len(readable) == 6 and len(codes) == 12  # 6 readable images, each with its mirror
+    assert len(ds) == 8 and len(readable) == 6 and len(codes) == 12  # 6 readable images, each with its mirror
     assert torch.equal(codes[0::2], expected) and torch.equal(codes[1::2], flipped)
     assert torch.equal(labels[0::2], torch.tensor([ds.labels[i] for i in readable]))
     meta = read_meta(out)
-    assert meta["unreadable"] == ["a/03.jpg"] and meta["skipped_at_scan"] == ["b/06.jpg"]
-    assert meta["items_done"] == 7 and all(s["count"] % 2 == 0 for s in meta["shards"])  # pairs never split
+    assert meta["unreadable"] == ["a/03.jpg", "b/06.jpg"] and meta["skipped_at_scan"] == []
+    # one row per image holding both views: a pair is never split across shards
+    assert meta["items_done"] == 8 and meta["views"] == 2 and [s["count"] for s in meta["shards"]] == [3, 3]
 
     # interrupted after the first batch of 4 items (one of them unreadable), then resumed
     calls = {"n": 0}
@@ -307,7 +308,8 @@ def test_encode_stores_codes_only_for_readable_images_and_resumes_by_item(tokeni
         _encode(tokenizer_dir, source, part, flip=True, shard_size=2)
     monkeypatch.setattr(VQModel, "encode", original)
     stopped = read_meta(part)
-    assert not stopped["complete"] and stopped["items_done"] == 4 and stopped["count"] == 6
+    # the first batch's 3 readable images: a shard of 2 written, the third still buffered when it stopped
+    assert not stopped["complete"] and stopped["items_done"] == 3 and stopped["count"] == 2
     _encode(tokenizer_dir, source, part, flip=True, shard_size=2)
     resumed, resumed_labels = _codes(part)
     assert torch.equal(resumed, codes) and torch.equal(resumed_labels, labels)

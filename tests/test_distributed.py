@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_check import make_token_shards, nan_at
+from dist_check import KIND_RUNS, PLAIN_CODEBOOK, make_token_shards, nan_at
 from stage1_vq.model import VQModel
 from stage1_vq.train import TokenizerRunConfig, train_tokenizer
 from stage2_prior.model import GPT
@@ -74,7 +74,7 @@ def test_two_processes_keep_replicas_identical_and_match_one_process(tmp_path, m
     tokens = make_token_shards(tmp_path / "tokens")
     out = tmp_path / "two"
     cmd = [*launch_command(2), str(DIST_CHECK), "--out", str(out), "--tokens", str(tokens), "--expect-processes", "2",
-           "--also-kmeans", "--prior-nan-micro-batch", str(NAN_MICRO_BATCH), "--nan-rank", "1"]
+           "--also-kmeans", "--also-kinds", "--prior-nan-micro-batch", str(NAN_MICRO_BATCH), "--nan-rank", "1"]
     for item in [*TOKENIZER_SET, f"train.batch_size={BATCH}"]:
         cmd += ["--tokenizer-set", item]
     for item in [*PRIOR_SET, f"train.batch_size={BATCH}"]:
@@ -83,13 +83,14 @@ def test_two_processes_keep_replicas_identical_and_match_one_process(tmp_path, m
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     # Two ranks of one gloo group, not two independent single processes.
-    for stage in ("tokenizer", "tokenizer_kmeans", "prior"):
+    stages = ("tokenizer", "tokenizer_kmeans", *KIND_RUNS, "prior")
+    for stage in stages:
         for rank in (0, 1):
             assert f"rank {rank} of 2 (MULTI_CPU, backend gloo): {stage} done" in log, log[-4000:]
     assert "replica check caught" in log and "MISSED" not in log, log[-4000:]
 
-    # Every rank holds bitwise the same weights, codebook state, discriminator and EMA.
-    for stage in ("tokenizer", "tokenizer_kmeans", "prior"):
+    # Every rank holds bitwise the same weights, codebook state, discriminator and EMA, for every quantizer kind.
+    for stage in stages:
         rank0 = torch.load(out / "states" / f"{stage}-rank0.pt")
         rank1 = torch.load(out / "states" / f"{stage}-rank1.pt")
         assert set(rank0) == ({"model", "ema"} if stage == "prior" else {"model", "disc", "ema"})
@@ -118,6 +119,14 @@ def test_two_processes_keep_replicas_identical_and_match_one_process(tmp_path, m
     assert_curves_match(two_prior, one_prior, ["loss"], rtol=2e-3)
     assert one_prior[-1]["skipped"] == 1
     assert two_tok[-1]["disc_loss"] > 0  # the GAN trained in both
+    # The other quantizer kinds: their losses hold batch means over all ranks (LFQ's codebook entropy,
+    # the entropy penalty) and usage counts all-reduced, so they too match one process.
+    for name, overrides in KIND_RUNS.items():
+        train_tokenizer(load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml",
+                                    [*TOKENIZER_SET, *PLAIN_CODEBOOK, *overrides, f"train.batch_size={2 * BATCH}"]),
+                        one / name)
+        assert_curves_match(read_metrics(out / name), read_metrics(one / name),
+                            ["loss", "rec_loss", "quant_loss", "usage", "perplexity"], rtol=2e-3)
 
     for stage, cls in (("tokenizer", VQModel), ("prior", GPT)):
         two_ema = torch.load(out / "states" / f"{stage}-rank0.pt")["ema"]

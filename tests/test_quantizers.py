@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from stage1_vq.quantizers import FSQ, QuantizerConfig, VectorQuantizer, build_quantizer, rotation_trick
+from stage1_vq.quantizers import (FSQ, QuantizerConfig, VectorQuantizer, all_reduce_sum_, build_quantizer,
+                                  rotation_trick)
 
 
 
@@ -193,41 +194,95 @@ def test_plain_codebook_state_dict_is_only_the_embedding():
 # ----------------------------------------------------------------------------- two processes (gloo)
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, options: dict) -> None:
+# Every kind, with each option whose state or statistics cross ranks. All but "all" are deterministic,
+# so two ranks must equal one process that sees both ranks' batches.
+DDP_CASES = {
+    "ema": dict(ema=True),
+    "all": dict(ema=True, restart_threshold=0.6, kmeans_init=True),  # rank-local random draws, synced
+    "entropy": dict(entropy_weight=0.5, entropy_temperature=1.0),
+    "simvq": dict(simvq=True, entropy_weight=0.5, entropy_temperature=1.0),
+    "fsq": dict(kind="fsq", fsq_levels=[4, 4]),
+    "lfq": dict(kind="lfq", lfq_dim=4, lfq_temperature=1.0, lfq_sample_entropy_weight=0.5),
+    "rvq": dict(kind="rvq", rvq_depth=2, ema=True),
+    "rvq-shared": dict(kind="rvq", rvq_depth=2, rvq_shared_codebook=True, entropy_weight=0.5, entropy_temperature=1.0),
+}
+
+
+def _make_quantizer(options: dict) -> torch.nn.Module:
+    torch.manual_seed(0)  # identical initial codebook on both ranks
+    vq = options.get("kind", "vq") in ("vq", "rvq")
+    cfg = QuantizerConfig(**({"codebook_size": 16, "ema_decay": 0.5} if vq else {}), **options)
+    return build_quantizer(cfg, cfg.latent_dim(2)).train()
+
+
+def _rank_batch(rank: int, step: int, dim: int = 2) -> torch.Tensor:
+    if dim != 2:
+        return torch.randn(1, dim, 4, 4, generator=torch.Generator().manual_seed(10 * step + rank)) + 0.3 * rank
+    centers = CORNERS[:2] if rank == 0 else CORNERS[2:]
+    return as_latents(clusters(centers, per_cluster=8, seed=10 * step + rank))
+
+
+def _train_steps(q: torch.nn.Module, batches, world: int = 1) -> list[dict]:
+    """Three steps of (loss + z_q term).backward(), gradients averaged over ranks as DDP does, SGD."""
+    params = [p for p in q.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.5) if params else None
+    records = []
+    for z in batches:
+        z = z.clone().requires_grad_(True)
+        out = q(z)
+        (out.loss + (out.z_q * z.detach()).mean()).backward()
+        for p in params:
+            if p.grad is not None and world > 1:
+                all_reduce_sum_(p.grad).div_(world)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad()
+        records.append({"loss": out.loss.detach(), "z_grad": z.grad, **{k: v.clone() for k, v in out.stats.items()}})
+    return records
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)  # identical initial codebook on both ranks
-        q = VectorQuantizer(16, 2, ema_decay=0.5, **options).train()
-        torch.manual_seed(100 + rank)  # different restart samples on each rank: sync must hide it
-        for step in range(3):
-            q(_rank_batch(rank, step))
-        torch.save({k: v.clone() for k, v in q.state_dict().items()}, f"{out_dir}/rank{rank}.pt")
+        for name, options in DDP_CASES.items():
+            q = _make_quantizer(options)
+            torch.manual_seed(100 + rank)  # different restart samples on each rank: sync must hide it
+            records = _train_steps(q, [_rank_batch(rank, step, q.codebook_dim) for step in range(3)], world)
+            state = {k: v.clone() for k, v in q.state_dict().items()}
+            torch.save({"state": state, "records": records}, f"{out_dir}/{name}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _rank_batch(rank: int, step: int) -> torch.Tensor:
-    centers = CORNERS[:2] if rank == 0 else CORNERS[2:]
-    return as_latents(clusters(centers, per_cluster=8, seed=10 * step + rank))
-
-
 def test_quantizer_state_agrees_across_two_processes(tmp_path):
-    sync_all = dict(ema=True, restart_threshold=0.6, kmeans_init=True)
-    for name, options in {"ema": dict(ema=True), "all": sync_all}.items():
-        out = tmp_path / name
-        out.mkdir()
-        mp.spawn(_ddp_worker, args=(2, str(tmp_path / f"{name}.init"), str(out), options), nprocs=2, join=True)
-        r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
-        for key in r0:
-            assert torch.equal(r0[key], r1[key]), f"{name}: {key} differs between ranks"
-        if name == "ema":
-            # pure EMA is deterministic: two ranks equal one process seeing both ranks' data
-            torch.manual_seed(0)
-            single = VectorQuantizer(16, 2, ema_decay=0.5, **options).train()
-            for step in range(3):
-                single(torch.cat([_rank_batch(0, step), _rank_batch(1, step)], dim=0))
-            for key, value in single.state_dict().items():
-                torch.testing.assert_close(r0[key], value, msg=f"{key} differs from the single-process run")
+    """Every kind: replicas agree; the deterministic ones equal one process on both ranks' data, in state,
+    loss (the mean of the ranks'), global statistics and input gradients (the all-reduced batch means of
+    the entropy terms pass each rank the gradient of its own latents, which DDP's averaging then scales)."""
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for name, options in DDP_CASES.items():
+        r0, r1 = torch.load(tmp_path / f"{name}-rank0.pt"), torch.load(tmp_path / f"{name}-rank1.pt")
+        for key in r0["state"]:
+            assert torch.equal(r0["state"][key], r1["state"][key]), f"{name}: {key} differs between ranks"
+        global_stats = {"usage", "perplexity", "restarted", "codebook_entropy",
+                        *(f"{s}_d{d}" for s in ("usage", "perplexity") for d in range(4))}  # rvq: per depth
+        for a, b in zip(r0["records"], r1["records"]):
+            for key in global_stats & set(a):
+                assert torch.equal(a[key], b[key]), f"{name}: stat {key} differs between ranks"
+        if name == "all":
+            continue
+        single_q = _make_quantizer(options)
+        dim = single_q.codebook_dim
+        single = _train_steps(single_q, [torch.cat([_rank_batch(0, s, dim), _rank_batch(1, s, dim)], dim=0)
+                                         for s in range(3)])
+        for key, value in single_q.state_dict().items():
+            torch.testing.assert_close(r0["state"][key], value, msg=f"{name}: {key} differs from one process")
+        for step, (a, b, one) in enumerate(zip(r0["records"], r1["records"], single)):
+            torch.testing.assert_close((a["loss"] + b["loss"]) / 2, one["loss"], msg=f"{name} step {step}: loss")
+            for key in global_stats & set(one):
+                torch.testing.assert_close(a[key], one[key], msg=f"{name} step {step}: {key}")
+            # each rank's loss is a mean over half the data: its input gradient is twice the single one
+            both = torch.cat([a["z_grad"], b["z_grad"]], dim=0) / 2
+            torch.testing.assert_close(both, one["z_grad"], msg=f"{name} step {step}: input gradients")

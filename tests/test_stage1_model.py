@@ -177,7 +177,7 @@ def test_bad_config_values_give_clear_errors():
     with pytest.raises(ConfigError, match="'foo'"):
         from_dict(VQModelConfig, {"quantizer": {"kind": "foo"}})
     with pytest.raises(ValueError, match="kind"):
-        QuantizerConfig(kind="lfq")
+        QuantizerConfig(kind="not-a-kind")
     with pytest.raises(ValueError, match="ema.*only apply"):
         QuantizerConfig(kind="fsq", ema=True)
     with pytest.raises(ValueError, match="attn_resolutions"):
@@ -199,3 +199,26 @@ def test_decode_rejects_out_of_range_indices():
         model.decode(torch.full((1, 16, 16), 64))
     with pytest.raises(ValueError, match="integer"):
         model.decode(torch.zeros(1, 16, 16))
+
+
+def test_an_export_written_before_the_newer_quantizer_keys_still_loads(tmp_path):
+    # Exports written before SimVQ / the entropy penalty / LFQ / residual VQ lack those keys; they
+    # meant "off" (or an unused kind's setting), so they load, and give the same reconstruction.
+    torch.manual_seed(0)
+    model = VQModel(tiny_config(l2_norm=True)).eval()
+    model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    newer = ("simvq", "entropy_weight", "entropy_temperature", "lfq_dim", "lfq_temperature",
+             "lfq_sample_entropy_weight", "lfq_codebook_entropy_weight", "rvq_depth", "rvq_shared_codebook")
+    for key in newer:
+        del meta["config"]["quantizer"][key]
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    loaded = VQModel.from_pretrained(tmp_path)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded(images).reconstruction, model(images).reconstruction)
+    # ... while a key that always existed is still required
+    del meta["config"]["quantizer"]["beta"]
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="quantizer.beta"):
+        VQModel.from_pretrained(tmp_path)

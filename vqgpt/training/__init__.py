@@ -3,7 +3,8 @@
 - ``config``: ``TrainConfig`` and the Accelerator it sets up (devices, precision, per-rank seeds);
 - ``optim``: LR schedule, AdamW, and ``optimizer_step`` (finite check -> backward -> clip -> step -> zero);
 - ``stream``: the endless, resumable batch stream with per-sample seeded augmentation;
-- ``loop``: step metrics reduced across processes, the metrics log, interrupts, ``after_step``;
+- ``loop``: step metrics reduced across processes, the metrics log and the trackers (``train.log_with``),
+  interrupts, ``after_step``;
 - ``replicas``: the DDP replica check, FSDP gathering, unwrapping, the EMA, ending a run;
 - ``run_folder``: the run folder's guard (one run per folder, no silent replacement, a resume that
   must match the run).
@@ -22,8 +23,17 @@ Distributed contract (DDP through ``accelerate launch``):
   writes files (checkpoint shards and RNG states excepted: every rank saves its own).
 """
 
-from vqgpt.training.config import TrainConfig, cpu_has_fast_bf16, make_accelerator
-from vqgpt.training.loop import GracefulInterrupt, MetricsLog, StepMetrics, after_step, is_log_step, stop_after_interrupt
+from vqgpt.training.config import TRACKING_DIR, TrainConfig, cpu_has_fast_bf16, make_accelerator, tracker_names
+from vqgpt.training.loop import (
+    GracefulInterrupt,
+    MetricsLog,
+    StepMetrics,
+    after_step,
+    is_log_step,
+    log_images,
+    start_trackers,
+    stop_after_interrupt,
+)
 from vqgpt.training.optim import (
     NonFiniteLoss,
     all_finite,
@@ -58,11 +68,12 @@ from vqgpt.training.stream import (
 )
 
 __all__ = [
-    "LOCK_NAME", "RESUMABLE_KEYS", "GracefulInterrupt", "MetricsLog", "NonFiniteLoss", "RunFolder", "RunFolderError",
+    "LOCK_NAME", "RESUMABLE_KEYS", "TRACKING_DIR", "GracefulInterrupt", "MetricsLog", "NonFiniteLoss", "RunFolder", "RunFolderError",
     "RunLock", "SeededSamples", "StepMetrics", "StreamPosition", "TrainConfig", "after_step", "all_finite",
     "batch_stream", "check_config_unchanged", "check_replicas", "clip_gradients", "cpu_has_fast_bf16",
-    "dropped_update", "finish_run", "full_state_dict", "is_log_step", "load_resume", "lr_factor", "make_accelerator",
+    "dropped_update", "finish_run", "full_state_dict", "is_log_step", "load_resume", "log_images", "lr_factor",
+    "make_accelerator",
     "make_dataloader", "make_ema", "make_optimizer", "nonfinite_message", "open_run_dir", "optimizer_step",
-    "set_grad_checkpointing", "set_lr", "stop_after_interrupt", "stream_position_from", "stream_state",
-    "truncate_metrics", "unwrap",
+    "set_grad_checkpointing", "set_lr", "start_trackers", "stop_after_interrupt", "stream_position_from", "stream_state",
+    "tracker_names", "truncate_metrics", "unwrap",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import time
 import warnings
@@ -12,9 +13,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 
 from vqgpt.ground.config import ConfigError, opt
+
+# Tracker files (tensorboard event files, wandb's offline run) live in this sub-folder of the run folder.
+TRACKING_DIR = "tracking"
+# What each train.log_with value starts; every tracker's Python package has the tracker's name.
+_LOG_WITH = {"none": (), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb")}
 
 
 @dataclass
@@ -48,7 +54,15 @@ class TrainConfig:
     on_nonfinite: str = opt("stop", "stop | skip: what a NaN/inf loss or gradient norm does "
                                     "(stop keeps the last good checkpoint; skip drops that step's update)")
     compile: bool = opt(False, "torch.compile the model")
+    optimizer_impl: str = opt("auto", "AdamW kernel: auto (fused where torch has it for the device, else foreach) | "
+                                      "fused | foreach | for-loop (torch's per-parameter loop)")
     cpu: bool = opt(False, "force CPU even when a GPU is present")
+    log_with: str = opt("none", "experiment trackers fed through Accelerate: none | tensorboard | wandb | all (both); "
+                                "they get every metrics.jsonl line and the sample grids. TensorBoard event files go "
+                                "to RUN/tracking/<project_name>/, wandb's files to RUN/tracking/wandb/ (or $WANDB_DIR); "
+                                "needs pip install \"vqgpt[tracking]\"")
+    project_name: str = opt("vqgpt", "tracker project: the wandb project, and the TensorBoard folder "
+                                     "RUN/tracking/<project_name>/")
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -57,6 +71,13 @@ class TrainConfig:
             raise ConfigError(f"train.lr_schedule: expected cosine | constant, got {self.lr_schedule!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.on_nonfinite: expected stop | skip, got {self.on_nonfinite!r}")
+        if self.optimizer_impl not in ("auto", "fused", "foreach", "for-loop"):
+            raise ConfigError(f"train.optimizer_impl: expected auto | fused | foreach | for-loop, "
+                              f"got {self.optimizer_impl!r}")
+        if self.log_with not in _LOG_WITH:
+            raise ConfigError(f"train.log_with: expected {' | '.join(_LOG_WITH)}, got {self.log_with!r}")
+        if not self.project_name or any(c in self.project_name for c in "/\\") or self.project_name in (".", ".."):
+            raise ConfigError(f"train.project_name: expected a plain name (it names a folder), got {self.project_name!r}")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
@@ -73,13 +94,28 @@ def _no_accelerator_device() -> bool:
     return not torch.cuda.is_available()
 
 
+def tracker_names(cfg: TrainConfig) -> list[str]:
+    """The trackers ``train.log_with`` starts; ConfigError when one's package is not installed."""
+    names = list(_LOG_WITH[cfg.log_with])
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        # Accelerate would silently drop a tracker whose package is missing: say so before training.
+        raise ConfigError(f"train.log_with={cfg.log_with}: the {' and '.join(missing)} package is not installed: "
+                          f"pip install \"vqgpt[tracking]\" (or set train.log_with=none)")
+    return names
+
+
 def make_accelerator(cfg: TrainConfig, run_dir: str | Path) -> Accelerator:
     """An Accelerator for this run; seeds every process with ``seed + rank``.
+
+    The trackers of ``train.log_with`` are set up (their files under RUN/tracking/) but not started:
+    ``start_trackers`` does that once the run folder is claimed.
 
     Under ``accelerate launch`` on a machine without GPUs the processes join one gloo group on the
     CPU (the launcher resets ACCELERATE_USE_CPU, and accelerate would otherwise run N unrelated
     single processes); a launch whose process count Accelerate does not see is an error.
     """
+    trackers = tracker_names(cfg)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # accelerate keeps device and precision in a process-wide singleton that refuses a change:
     # start each run afresh so one Python process can train with different settings (notebooks,
@@ -93,7 +129,8 @@ def make_accelerator(cfg: TrainConfig, run_dir: str | Path) -> Accelerator:
         # Sync exactly every grad_accum micro-batches: the stream is endless, so an epoch end must
         # not force an early optimizer step (accelerate's default) and shift the step boundaries.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False),
-        project_dir=str(run_dir),
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / TRACKING_DIR)),
+        log_with=trackers or None,
         cpu=cfg.cpu or (launched > 1 and _no_accelerator_device()),
         # The shuffle depends on (seed, epoch) only -- not on the rank-specific torch seed below --
         # so every rank draws the same global order and takes its own disjoint slice of it.

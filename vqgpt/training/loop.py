@@ -1,19 +1,25 @@
-"""The bookkeeping around each optimizer step: metrics reduced across processes, the metrics log,
-graceful interrupts, and the tail every step ends with."""
+"""The bookkeeping around each optimizer step: metrics reduced across processes, the metrics log and
+the experiment trackers fed from it, graceful interrupts, and the tail every step ends with."""
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from PIL import Image
 
-from vqgpt.training.config import TrainConfig
+from vqgpt.ground.config import to_dict
+from vqgpt.training.config import TRACKING_DIR, TrainConfig
 from vqgpt.training.replicas import finish_run
+from vqgpt.training.run_folder import _flat
 
 
 class StepMetrics:
@@ -40,10 +46,12 @@ class StepMetrics:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to RUN/metrics.jsonl (main process only)."""
+    """Appends one JSON object per line to RUN/metrics.jsonl and sends its numbers to the trackers at
+    its ``step`` (main process only)."""
 
     def __init__(self, run_dir: str | Path, accelerator: Accelerator) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
 
     def write(self, record: dict[str, Any]) -> None:
@@ -53,6 +61,53 @@ class MetricsLog:
         clean["time"] = round(time.time(), 3)
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
+        if self.accelerator.trackers:
+            scalars = {k: v for k, v in clean.items() if k not in ("step", "time") and isinstance(v, (int, float))}
+            self.accelerator.log(scalars, step=clean.get("step"))
+
+
+def start_trackers(accelerator: Accelerator, config: Any, run_dir: str | Path, step: int) -> None:
+    """Start the trackers of ``train.log_with`` (main process) with the flat resolved run ``config``.
+
+    Called once the run folder is claimed, ``step`` being the steps already done. A resumed run writes
+    to the same TensorBoard folder, and events an earlier session logged after ``step`` are purged
+    (so a step re-run after a resume shows once); wandb continues the same run (its id is kept in
+    RUN/tracking/wandb-run-id), and keeps the first value of a re-run step.
+    """
+    if not accelerator.is_main_process or not accelerator.log_with:
+        return
+    tracking = Path(run_dir) / TRACKING_DIR
+    tracking.mkdir(parents=True, exist_ok=True)
+    init_kwargs: dict[str, dict[str, Any]] = {"tensorboard": {"purge_step": step + 1}}
+    if "wandb" in (str(t) for t in accelerator.log_with):
+        id_file = tracking / "wandb-run-id"
+        if step == 0 or not id_file.is_file():
+            id_file.write_text(secrets.token_hex(6) + "\n")
+        # finish_previous: a run that died of an exception in this process (a notebook) must not take
+        # this run's logs (wandb's default outside notebooks returns the still-open previous run).
+        init_kwargs["wandb"] = {"id": id_file.read_text().strip(), "resume": "allow", "name": Path(run_dir).name,
+                                "reinit": "finish_previous"}
+        if "WANDB_DIR" not in os.environ:  # the user's choice wins; otherwise keep the run's files together
+            init_kwargs["wandb"]["dir"] = str(tracking)
+    # TensorBoard's hparams take only numbers, strings and booleans: lists and None go as JSON text.
+    flat = {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+            for key, value in _flat(to_dict(config)).items()}
+    accelerator.init_trackers(config.train.project_name, config=flat, init_kwargs=init_kwargs)
+
+
+def log_images(accelerator: Accelerator, name: str, image: str | Path, step: int) -> None:
+    """Send the image file ``image`` (a sample or reconstruction grid) to the trackers as ``name`` at ``step``."""
+    if not accelerator.trackers:  # no trackers, or not the main process
+        return
+    pixels = np.asarray(Image.open(image).convert("RGB"))  # (H, W, 3) uint8
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, pixels, global_step=step, dataformats="HWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Image(pixels)}, step=step)
 
 
 class GracefulInterrupt:

@@ -30,7 +30,32 @@ def make_optimizer(params, cfg: TrainConfig, lr: float | None = None) -> torch.o
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr if lr is not None else cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW(groups, lr=lr if lr is not None else cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             **adamw_kernel(params, cfg.optimizer_impl))
+
+
+def adamw_kernel(params: list[torch.Tensor], impl: str) -> dict[str, bool]:
+    """AdamW's ``fused`` / ``foreach`` keywords for ``train.optimizer_impl`` (auto: fused where torch
+    supports every parameter's device and dtype, else foreach).
+
+    torch itself picks the per-parameter loop for CPU tensors; the fused kernel does the whole update
+    in one pass per tensor list and is the fastest measured (benchmarks/train_speed.py).
+    """
+    if impl == "auto":
+        impl = "fused" if params and _fused_supported(params) else "foreach"
+    if impl == "fused":
+        return {"fused": True}
+    return {"foreach": impl == "foreach"}
+
+
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    """True when torch's fused AdamW takes every parameter (floating point, on a supported device)."""
+    try:  # a private helper; torch < 2.4 has no fused CPU kernel and may lack it: fall back to foreach
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        devices = _get_fused_kernels_supported_devices()
+    except ImportError:
+        return False
+    return all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, peak: float | None = None) -> float:

@@ -18,6 +18,7 @@ from accelerate.utils import broadcast_object_list
 
 from vqgpt.ground.checkpoint import check_checkpoint, list_checkpoints, resolve_resume
 from vqgpt.ground.config import ConfigError, from_dict, read_yaml, save_config, to_dict
+from vqgpt.training.config import TRACKING_DIR
 
 
 LOCK_NAME = ".lock"
@@ -29,12 +30,12 @@ LOCK_NAME = ".lock"
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.on_nonfinite", "train.num_workers", "train.batch_size", "train.grad_accum", "train.grad_checkpointing",
-    "train.compile", "train.cpu", "train.mixed_precision", "data.num_workers", "sample_cfg_scale",
-    "sample_temperature",
+    "train.compile", "train.cpu", "train.mixed_precision", "train.log_with", "train.project_name", "data.num_workers",
+    "sample_cfg_scale", "sample_temperature",
 )
 
 # What a run leaves behind before its first checkpoint: `--resume auto` may start such a folder afresh.
-_UNSTARTED_RUN = {"config.yaml", "metrics.jsonl", "samples", "checkpoints"}
+_UNSTARTED_RUN = {"config.yaml", "metrics.jsonl", "samples", "checkpoints", TRACKING_DIR}
 
 
 class RunFolderError(ValueError):

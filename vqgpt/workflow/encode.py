@@ -5,6 +5,25 @@ the source's identity (for a folder, each image file's path, size and modificati
 list is kept in ``source-files.json``). A re-run into the same folder resumes an unfinished encode,
 or does nothing for a finished one, only when all of these are unchanged; otherwise it stops and
 says what changed, so that codes of deleted images are never kept nor new images missed.
+
+Augmentation (``augment``) stores several *views* of each image in its row of the shards (tokens
+(N, V, h, w)); the prior then trains on one view per draw (``TokenDataset``):
+
+- ``none``: the center crop (1 view).
+- ``flip``: the center crop and its mirror image (2 views).
+- ``ten-crop``: LlamaGen's code extraction: the image is center-cropped at ``crop_range`` (1.1)
+  times the resolution, and the views are its 4 corner crops and center crop at the resolution,
+  then the same 5 crops of its mirror image (10 views, named in meta.json's ``view_names``).
+
+Many processes (``accelerate launch --num_processes N -m vqgpt encode ...``): the dataset's
+batches of ``batch_size`` images, [0, B), [B, 2B), ..., are split into N contiguous runs, one per
+process, in rank order. Each process writes its own part (``tokens-r000-00000.npy``, ...,
+``progress-r000.json``: see vqgpt.ground.tokens) and, once all are done, rank 0 writes meta.json
+listing the shards of rank 0, then rank 1, ...: the rows are in dataset order, the order of a
+1-process encode. Every image goes through the tokenizer in the same batch whatever the process
+count (and after a resume), so its codes do not depend on either. A killed encode resumes on the
+same number of processes (each from its own progress file); another number is refused with a
+message naming the one to use.
 """
 
 from __future__ import annotations
@@ -12,22 +31,31 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from torch.utils.data import DataLoader, Subset
+from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from stage1_vq.model import VQModel
 from vqgpt.ground.checkpoint import export_fingerprint
 from vqgpt.ground.data import DataConfig, build_dataset, collate_images, source_identity
 from vqgpt.ground.tokens import (DEFAULT_SHARD_SIZE, META_FILE, SOURCE_FILE, TokenShardError, TokenShardWriter,
-                          clear_token_folder, read_meta, write_json)
+                                 clear_token_folder, merge_parts, read_meta, write_json)
+
+AUGMENTS = ("none", "flip", "ten-crop")
+# LlamaGen's extract_codes_c2i default: the ten crops are taken from a center crop 1.1x the resolution
+TEN_CROP_RANGE = 1.1
+_CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
 
 # meta.json keys that must match for a re-run to continue the shards in a folder
 IDENTITY_KEYS = ("tokenizer_fingerprint", "source", "split", "resolution", "resize", "crops_per_epoch",
-                 "flip_augmented", "source_identity")
+                 "augment", "crop_range", "source_identity")
 
 # The fingerprint lives beside the export format it hashes (vqgpt.ground.checkpoint); this name stays importable.
 tokenizer_fingerprint = export_fingerprint
@@ -72,10 +100,12 @@ def _identity_differences(out: Path, stored: dict[str, Any], wanted: dict[str, A
     if stored.get("tokenizer_fingerprint") != wanted["tokenizer_fingerprint"]:
         diffs.append(f"the tokenizer changed (fingerprint {stored.get('tokenizer_fingerprint')} there, "
                      f"{wanted['tokenizer_fingerprint']} now)")
+    if "augment" not in stored:  # written before --augment: flip_augmented stored mirror images as extra rows
+        stored = {**stored, "augment": "flip (as extra rows, older vqgpt)" if stored.get("flip_augmented") else "none"}
     for key in IDENTITY_KEYS:
-        if key in ("tokenizer_fingerprint", "source_identity") or stored.get(key) == wanted[key]:
+        if key in ("tokenizer_fingerprint", "source_identity") or stored.get(key) == wanted.get(key):
             continue
-        diffs.append(f"{key} is {stored.get(key)!r} there but {wanted[key]!r} now")
+        diffs.append(f"{key} is {stored.get(key)!r} there but {wanted.get(key)!r} now")
     old, new = stored["source_identity"], wanted["source_identity"]
     if old != new and stored.get("source") == wanted["source"]:  # another source is reported above
         change = ""
@@ -92,24 +122,93 @@ def _identity_differences(out: Path, stored: dict[str, Any], wanted: dict[str, A
     return diffs
 
 
+def view_names(augment: str) -> list[str]:
+    """Names of the views ``augment`` stores per image, in storage order."""
+    if augment == "none":
+        return ["image"]
+    if augment == "flip":
+        return ["image", "flipped"]
+    if augment == "ten-crop":
+        # torchvision's ten_crop: the five crops of the image, then the five of its mirror image
+        return [*_CORNERS, *(f"flipped {c}" for c in _CORNERS)]
+    raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+
+
+def ten_crop_size(resolution: int, crop_range: float = TEN_CROP_RANGE) -> int:
+    """Side of the center crop the ten crops of ``resolution`` pixels are taken from."""
+    size = int(resolution * crop_range)
+    if size < resolution:
+        raise ValueError(f"--crop-range must be >= 1 (the ten crops lie inside the center crop), got {crop_range}")
+    return size
+
+
+def make_views(images: torch.Tensor, augment: str, resolution: int) -> list[torch.Tensor]:
+    """The views of a batch, each (B, 3, R, R): ``images`` (B, 3, S, S) are center crops at the
+    resolution (none, flip) or at ``ten_crop_size`` (ten-crop)."""
+    if augment == "none":
+        return [images]
+    if augment == "flip":
+        return [images, torch.flip(images, dims=[3])]
+    if augment == "ten-crop":
+        return [crop.contiguous() for crop in TF.ten_crop(images, [resolution, resolution])]
+    raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+
+
+def _process_state() -> PartialState:
+    """This process's rank among those ``accelerate launch`` started (one when run plainly)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # As in training: on a machine without GPUs the launched processes join one gloo group on the
+    # CPU; without cpu=True accelerate would run N unrelated single processes.
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (launched > 1 and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
+    if state.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but Accelerate runs {state.num_processes}: "
+                           f"the processes would each encode everything; check the accelerate launch flags")
+    return state
+
+
+def process_slice(total: int, batch_size: int, processes: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of the items process ``rank`` encodes: a contiguous run of whole batches."""
+    batches = -(-total // batch_size)
+    first, last = rank * batches // processes, (rank + 1) * batches // processes
+    return min(first * batch_size, total), min(last * batch_size, total)
+
+
+def part_name(rank: int) -> str:
+    """File-name tag of the shards process ``rank`` writes (``tokens-r000-00000.npy``)."""
+    return f"r{rank:03d}"
+
+
 def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path, batch_size: int = 64,
                    flip: bool = False, split: str = "train", device: str | None = None,
-                   progress: bool = True, overwrite: bool = False, shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
-    """Encode every readable image of ``data`` (and its mirror image with ``flip``) into shards under ``out``.
+                   progress: bool = True, overwrite: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
+                   augment: str = "none", crop_range: float = TEN_CROP_RANGE) -> Path:
+    """Encode every readable image of ``data`` into shards under ``out``, with the views ``augment``
+    names (none | flip | ten-crop; ``flip=True`` is the older spelling of ``augment="flip"``).
 
     Deterministic: images are center-cropped, never randomly augmented, so an interrupted encode
     resumes where it stopped and gives the same shards. A re-run into ``out`` continues (or, when
     finished, leaves alone) shards of the same source, tokenizer and options, and refuses any other;
     ``overwrite`` deletes the old shards first. A file that fails to decode is skipped (and listed
-    under ``unreadable`` in meta.json), never replaced by another image.
+    under ``unreadable`` in meta.json), never replaced by another image. Under ``accelerate launch``
+    each process encodes its own run of batches (see the module docstring).
     """
+    if flip and augment not in ("none", "flip"):
+        raise ValueError(f"flip=True asks for augment 'flip', but augment is {augment!r}: give one of them")
+    augment = "flip" if flip else augment
+    names = view_names(augment)
     out = Path(out)
     _check_out_dir(out)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    state = _process_state()
+    processes, rank, is_main = state.num_processes, state.process_index, state.is_main_process
+    progress = progress and is_main
+    device = torch.device(device) if device else state.device
     model = VQModel.from_pretrained(tokenizer_dir).to(device).eval()
     data = dataclasses.replace(data, random_crop=False, hflip=False)
+    # ten-crop: the images are loaded as center crops larger than the resolution, then cropped ten ways
+    load_size = ten_crop_size(data.resolution, crop_range) if augment == "ten-crop" else data.resolution
 
-    identity = source_identity(data.source)
+    identity = source_identity(data.source, data.index_dir)
     files = identity.pop("files", None)
     if files is not None:  # meta.json keeps a digest; the list itself goes to source-files.json
         identity["num_files"] = len(files)
@@ -121,13 +220,14 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
         "resolution": data.resolution,
         "resize": data.resize,
         "crops_per_epoch": data.crops_per_epoch,
-        "flip_augmented": flip,
+        "augment": augment,
+        **({"crop_range": crop_range} if augment == "ten-crop" else {}),
+        "view_names": names,
         "source_identity": identity,
     }
 
-    if overwrite:
-        clear_token_folder(out)
-    elif (out / META_FILE).exists():
+    # Every process reads the folder and comes to the same decision before rank 0 changes anything.
+    if not overwrite and (out / META_FILE).exists():
         try:
             stored = read_meta(out)
         except TokenShardError as exc:
@@ -139,47 +239,74 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
         if stored.get("complete"):
             if progress:
                 print(f"{out}: already holds the finished encode of {data.source} by this tokenizer with these "
-                      f"options ({stored['count']} grids); nothing to do")
+                      f"options ({stored['count']} images); nothing to do")
             return out
+        started = int(stored.get("processes", 1))
+        if started != processes:
+            # each process's progress is tied to its run of batches; another split would mix them up
+            raise TokenShardError(
+                f"cannot continue the token shards in {out}: the unfinished encode was started on "
+                f"{started} process{'' if started == 1 else 'es'} and this run has {processes}; resume it on {started} "
+                f"({'a plain `vqgpt encode`' if started == 1 else f'accelerate launch --num_processes {started}'}"
+                f" with the same flags), or pass --overwrite to encode again")
+    state.wait_for_everyone()
+    if overwrite and is_main:
+        clear_token_folder(out)
 
-    dataset = build_dataset(data, split)
-    h = w = data.resolution // model.downsample_factor
+    dataset = build_dataset(dataclasses.replace(data, resolution=load_size), split)
+    h, w = model.grid_shape(data.resolution, data.resolution)
     meta = {**wanted, "classes": list(dataset.classes), "num_classes": len(dataset.classes),
             "skipped_at_scan": [_relative(p, data.source) for p in dataset.skipped]}
-    if not (out / META_FILE).exists() and files is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / SOURCE_FILE, files)
-    writer = TokenShardWriter.resume(out, grid_size=(h, w), codebook_size=model.codebook_size, meta=meta,
-                                     shard_size=shard_size)
-    done = writer.items_done
     total = len(dataset)
-    if done and progress:
-        print(f"{out}: resuming an unfinished encode at image {done} of {total}")
-    loader = DataLoader(Subset(dataset, range(done, total)), batch_size=batch_size, shuffle=False,
+    parts = [part_name(r) for r in range(processes)] if processes > 1 else [""]
+    if processes > 1:
+        meta["processes"] = processes
+    if is_main and not (out / META_FILE).exists():
+        out.mkdir(parents=True, exist_ok=True)
+        if files is not None:
+            write_json(out / SOURCE_FILE, files)
+        if processes > 1:  # an unfinished meta.json, so that a re-run checks identity and process count
+            merge_parts(out, parts, (h, w), model.codebook_size, meta, views=len(names))
+    state.wait_for_everyone()
+
+    start, stop = process_slice(total, batch_size, processes, rank)
+    part_meta = {**meta, "rank": rank, "start": start, "stop": stop} if processes > 1 else meta
+    writer = TokenShardWriter.resume(out, grid_size=(h, w), codebook_size=model.codebook_size, meta=part_meta,
+                                     shard_size=shard_size, views=len(names), part=parts[rank])
+    first = start + writer.items_done
+    if first > start and progress:
+        print(f"{out}: resuming an unfinished encode at image {first} of {total}")
+    # Restart at the batch holding `first`: batches stay [kB, (k+1)B) of the whole dataset, so every
+    # image meets the same batch-mates (same kernels, same codes) whatever the resume point or
+    # process count; the few images already stored are encoded again and dropped.
+    aligned = first - first % batch_size if first < stop else stop
+    loader = DataLoader(Subset(dataset, range(aligned, stop)), batch_size=batch_size, shuffle=False,
                         num_workers=data.num_workers, collate_fn=collate_images)
-    bar = tqdm(total=total, initial=done, desc="encode", unit="img", disable=not progress)
-    start = done
+    bar = tqdm(total=stop - start, initial=first - start, unit="img", disable=not progress,
+               desc="encode" if processes == 1 else f"encode (rank 0 of {processes})")
+    position = aligned
     with torch.inference_mode():
         for batch in loader:
             writer.note_unreadable([_relative(p, data.source) for p in batch.unreadable])
-            if len(batch.labels):
+            items = position + batch.kept                                     # (B',) dataset index of each image
+            keep = items >= first
+            if keep.any():
                 images = batch.images.to(device)
-                items = start + batch.kept                                    # (B',) source item of each grid
-                codes = model.encode(images)                                  # (B', h, w)
-                labels = batch.labels
-                if flip:
-                    codes_flip = model.encode(torch.flip(images, dims=[3]))
-                    # interleave (orig, mirrored) per image: both grids belong to one item
-                    codes = torch.stack([codes, codes_flip], 1).flatten(0, 1)
-                    labels = labels.repeat_interleave(2)
-                    items = items.repeat_interleave(2)
-                writer.add(codes.cpu(), labels, items=items)
-            start += batch.size
-            bar.update(batch.size)
-    writer.close(items_done=total)
+                views = [model.encode(view) for view in make_views(images, augment, data.resolution)]
+                codes = views[0] if len(views) == 1 else torch.stack(views, 1)  # (B', h, w) or (B', V, h, w)
+                writer.add(codes[keep.to(codes.device)].cpu(), batch.labels[keep], items=items[keep] - start)
+            bar.update(max(0, min(position + batch.size, stop) - max(position, first)))
+            position += batch.size
+    writer.close(items_done=stop - start)
     bar.close()
-    if writer.unreadable and progress:
-        print(f"skipped {_plural(len(writer.unreadable), 'image')} that failed to decode "
+    unreadable = writer.unreadable
+    if processes > 1:
+        state.wait_for_everyone()
+        if is_main:
+            unreadable = merge_parts(out, parts, (h, w), model.codebook_size, meta, views=len(names))["unreadable"]
+        state.wait_for_everyone()  # every process returns with the folder finished
+    if unreadable and progress:
+        print(f"skipped {_plural(len(unreadable), 'image')} that failed to decode "
               f"(listed under 'unreadable' in {out / META_FILE})")
     return out
 

@@ -230,7 +230,7 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
     dev = _device(device)
     pipe = VQGPTPipeline.from_pretrained(pipeline_dir).to(dev)
     extractor = load_feature_extractor(fid_weights, dev)
-    height, width = (n * pipe.downsample_factor for n in pipe.prior.config.grid_size)
+    height, width = pipe.tokenizer.image_shape(*pipe.prior.config.grid_size)  # rvq: D codes per position in a row
     if height != width:
         warnings.warn(f"samples are {height}x{width}; reference images are square crops at {height}", stacklevel=2)
 

@@ -17,7 +17,7 @@ from stage2_prior.draw import SamplingConfig, resolve_class_labels
 from stage2_prior.highres import complete
 from stage2_prior.model import GPT
 from stage2_prior.sampling import generate
-from vqgpt.ground.checkpoint import read_export_meta
+from vqgpt.ground.checkpoint import push_to_hub, read_export_meta, resolve_model_dir
 from vqgpt.ground.config import ConfigError
 from vqgpt.workflow.encode import tokenizer_fingerprint
 
@@ -70,12 +70,13 @@ class VQGPTPipeline:
         return pipe
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "VQGPTPipeline":
-        """Load a pipeline folder (``tokenizer/`` + ``prior/``)."""
-        directory = Path(directory)
+    def from_pretrained(cls, name_or_path: str | Path, map_location: str = "cpu", *,
+                        revision: str | None = None) -> "VQGPTPipeline":
+        """Load a pipeline folder (``tokenizer/`` + ``prior/``), or a Hub id ``owner/name`` holding one."""
+        directory = resolve_model_dir(name_or_path, revision=revision)
         for part in ("tokenizer", "prior"):
             if not (directory / part).is_dir():
-                raise FileNotFoundError(f"{directory} is not a pipeline folder: {part}/ is missing "
+                raise FileNotFoundError(f"{name_or_path} is not a pipeline folder: {part}/ is missing "
                                         "(a pipeline folder holds tokenizer/ and prior/ exports)")
         return cls.from_parts(directory / "tokenizer", directory / "prior", map_location=map_location,
                               warn_unverified=False)
@@ -97,6 +98,11 @@ class VQGPTPipeline:
                                                          "tokenizer_fingerprint": tokenizer_fingerprint(tok_dst)})
         return directory
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str | None = None) -> str:
+        """Upload this pipeline folder as Hub repository ``repo_id`` (created when missing); returns the commit URL."""
+        return push_to_hub(self.save_pretrained, repo_id, private=private, token=token, commit_message=commit_message)
+
     def to(self, device: str | torch.device) -> "VQGPTPipeline":
         self.tokenizer.to(device)
         self.prior.to(device)
@@ -111,13 +117,24 @@ class VQGPTPipeline:
         return self.tokenizer.downsample_factor
 
     # ------------------------------------------------------------------ generation
+    @property
+    def codes_per_position(self) -> int:
+        """Codes per latent position, side by side in a code row (residual VQ: its depth D; else 1)."""
+        return self.tokenizer.codes_per_position
+
+    def _window_stride(self) -> tuple[int, int]:
+        # Sliding windows move a whole position (its D codes) at a time, so a window never starts
+        # mid-position (the prior only saw positions start at multiples of D).
+        return 1, self.codes_per_position
+
     def grid_for_pixels(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Pixel size -> code grid (h, w); sizes must be multiples of the downsampling factor."""
-        f = self.downsample_factor
+        f, d = self.downsample_factor, self.codes_per_position
         h0, w0 = self.prior.config.grid_size
-        height = height or h0 * f
-        width = width or w0 * f
-        for name, value, trained in (("height", height, h0), ("width", width, w0)):
+        trained_h, trained_w = self.trained_pixels()
+        height = height or trained_h
+        width = width or trained_w
+        for name, value, trained in (("height", height, h0), ("width", width, w0 // d)):
             if value % f != 0:
                 lo, hi = (value // f) * f, (value // f + 1) * f
                 raise ValueError(f"{name}={value} is not a multiple of the tokenizer's downsampling factor {f}: "
@@ -125,7 +142,7 @@ class VQGPTPipeline:
             if value // f < trained:
                 raise ValueError(f"{name}={value} is smaller than the prior's trained size {trained * f} "
                                  f"({trained} codes x {f} pixels)")
-        return height // f, width // f
+        return self.tokenizer.grid_shape(height, width)
 
     def class_index(self, label: int | str) -> int:
         """A class given by name or index -> its index (range-checked by ``resolve_class_labels``).
@@ -164,29 +181,32 @@ class VQGPTPipeline:
     @torch.inference_mode()
     def generate(self, num_samples: int, class_labels: ClassLabels = None, height: int | None = None,
                  width: int | None = None, sampling: SamplingConfig | None = None,
-                 seed: int | None = None) -> torch.Tensor:
-        """Sample images (num_samples, 3, H, W) in [-1, 1]; larger H, W use sliding-window sampling."""
+                 seed: int | None = None, progress: bool = False) -> torch.Tensor:
+        """Sample images (num_samples, 3, H, W) in [-1, 1]; larger H, W use sliding-window sampling.
+
+        ``progress`` shows a tqdm bar over the codes drawn.
+        """
         _check_count(num_samples)
         grid = self.grid_for_pixels(height, width)
         labels = self.labels_tensor(class_labels, num_samples)
         codes = generate(self.prior, num_samples, class_labels=labels, grid_size=grid, sampling=sampling,
-                         generator=_generator(seed))
+                         generator=_generator(seed), progress=progress, window_stride=self._window_stride())
         return self.tokenizer.decode(codes.to(self.device)).clamp(-1, 1)
 
     def trained_pixels(self) -> tuple[int, int]:
         """Pixel size (H, W) of the prior's training grid."""
-        h, w = self.prior.config.grid_size
-        return h * self.downsample_factor, w * self.downsample_factor
+        return self.tokenizer.image_shape(*self.prior.config.grid_size)
 
     @torch.inference_mode()
     def complete(self, image: torch.Tensor, num_samples: int, keep_rows: int | None = None,
                  extend_right: int = 0, extend_down: int = 0,
                  class_labels: ClassLabels = None, sampling: SamplingConfig | None = None,
-                 seed: int | None = None) -> torch.Tensor:
+                 seed: int | None = None, progress: bool = False) -> torch.Tensor:
         """Complete or extend one image (3, H, W) in [-1, 1] -> (num_samples, 3, H', W').
 
         The image is encoded; its first ``keep_rows`` code rows (all rows when None) are kept
-        unchanged, ``extend_right`` / ``extend_down`` code columns / rows are added, and every other
+        unchanged, ``extend_right`` / ``extend_down`` code columns / rows are added (a column being one
+        position: its D codes for residual VQ), and every other
         cell is sampled in raster order with sliding windows where the canvas exceeds the trained grid.
         """
         _check_count(num_samples)
@@ -197,20 +217,21 @@ class VQGPTPipeline:
         h, w = codes.shape
         gh, gw = self.prior.config.grid_size
         if h < gh or w < gw:
+            th, tw = self.trained_pixels()
             raise ValueError(f"the image gives a {h}x{w} code grid, smaller than the prior's {gh}x{gw}: "
-                             f"use an image of at least {gh * self.downsample_factor}x{gw * self.downsample_factor} pixels")
+                             f"use an image of at least {th}x{tw} pixels")
         if keep_rows is not None and not 0 <= keep_rows <= h:
             raise ValueError(f"keep_rows must be between 0 and {h} (the image's code rows), got {keep_rows}")
         if extend_right < 0 or extend_down < 0:
             raise ValueError("extend_right / extend_down must be >= 0")
-        H, W = h + extend_down, w + extend_right
+        H, W = h + extend_down, w + extend_right * self.codes_per_position
         canvas = torch.full((num_samples, H, W), -1, dtype=torch.long, device=self.device)
         canvas[:, :h, :w] = codes
         known = torch.zeros(H, W, dtype=torch.bool, device=self.device)
         known[: (h if keep_rows is None else keep_rows), :w] = True
         labels = self.labels_tensor(class_labels, num_samples)
         out = complete(self.prior, canvas, known_mask=known, class_labels=labels, sampling=sampling,
-                       generator=_generator(seed))
+                       generator=_generator(seed), progress=progress, window_stride=self._window_stride())
         return self.tokenizer.decode(out).clamp(-1, 1)
 
     def labels_tensor(self, class_labels: ClassLabels, num_samples: int) -> torch.Tensor | None:

@@ -1,0 +1,271 @@
+"""Training-step throughput of both stages, and the levers that could speed it up, each measured on/off.
+
+    python benchmarks/train_speed.py [--quick] [--threads N] [--dtypes fp32,bf16] [--no-compile]
+
+A step is the project's real one: model forward + loss under autocast, then ``optimizer_step``
+(finite check, backward, gradient clipping, AdamW step, zero_grad) from vqgpt.training.optim.
+Tokenizer: the conv VQGAN with ch 64 (about 13M parameters), 64 px, batch 16, L1 + quantizer loss
+(``generator_loss`` without LPIPS or GAN, so the step times the tokenizer itself). Prior: a GPT of the
+given shape over 256 tokens (16x16 grid), batch 8, next-token cross-entropy. Figures are the median
+of rounds of timed steps after warm-up steps, as images/s or tokens/s, and the share of the matmul
+peak (1024^3 fp32 / bf16 matmul GFLOP/s, measured in the same run) reached by the model FLOPs.
+
+Levers: AdamW for-loop (what torch picks for CPU tensors by default) vs foreach vs fused;
+torch.compile of the model (graph breaks listed with torch._dynamo.explain); channels-last vs
+contiguous input/weights for the tokenizer, applied from outside with ``model.to(memory_format=...)``;
+SDPA for the prior (confirmed by finding F.scaled_dot_product_attention in the traced step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from stage1_vq.losses import LossConfig, generator_loss
+from stage1_vq.model import VQModel, VQModelConfig
+from stage1_vq.quantizers import QuantizerConfig
+from stage2_prior.model import GPT, GPTConfig, count_parameters
+from vqgpt.training import TrainConfig
+from vqgpt.training.config import cpu_has_fast_bf16
+from vqgpt.training.optim import make_optimizer, optimizer_step
+
+TOKENIZER_ARCH = dict(channels=64, channel_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[8],
+                      resolution=64, z_channels=64, norm_groups=32)
+QUANTIZER = QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=8, l2_norm=True)
+# GPT-B is 12 layers x 768; a step of it takes tens of seconds on two shared cores (minutes in bf16
+# without bf16 units), so the default is a 6 x 512 model and --quick a 4 x 384 one (same token count).
+PRIOR_SHAPE = dict(n_layer=6, n_head=8, dim=512)
+QUICK_PRIOR_SHAPE = dict(n_layer=4, n_head=6, dim=384)
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """Measured GFLOP/s of an n^3 matmul in ``dtype`` (best of ``repeats``)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def median_rate(step: Callable[[], None], items: int, warmup: int, steps: int, rounds: int) -> float:
+    """Median over ``rounds`` of items/s of ``steps`` calls of ``step`` (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        step()
+    rates = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        rates.append(items * steps / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def tokenizer_step(accelerator: Accelerator, impl: str, bf16: bool, channels_last: bool,
+                   compiled: bool, batch: int) -> tuple[Callable[[], None], torch.nn.Module]:
+    """One tokenizer training step with the given levers; returns (step, eager model)."""
+    torch.manual_seed(0)
+    model = VQModel(VQModelConfig(**TOKENIZER_ARCH, quantizer=QUANTIZER)).train()
+    x = torch.rand(batch, 3, 64, 64) * 2 - 1
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    tc = TrainConfig(lr=1e-4, optimizer_impl=impl)
+    opt = make_optimizer(model.parameters(), tc)
+    run = torch.compile(model) if compiled else model
+    loss_cfg = LossConfig(perceptual_weight=0.0)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = run(x)
+            g = generator_loss(x, out.reconstruction, out.quantizer.loss, None, None, loss_cfg, 0,
+                               model.last_layer_weight)
+        optimizer_step(accelerator, g.total, opt, model, tc)
+    return step, model
+
+
+def prior_step(accelerator: Accelerator, shape: dict, impl: str, bf16: bool, compiled: bool,
+               batch: int) -> tuple[Callable[[], None], GPT, GPTConfig]:
+    """One prior training step with the given levers; returns (step, eager model, config)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(codebook_size=1024, grid_size=[16, 16], num_classes=10, **shape)
+    model = GPT(cfg).train()
+    tokens = torch.randint(0, cfg.codebook_size, (batch, cfg.seq_len))
+    labels = torch.randint(0, cfg.num_classes, (batch,))
+    tc = TrainConfig(lr=1e-4, optimizer_impl=impl)
+    opt = make_optimizer(model.parameters(), tc)
+    run = torch.compile(model) if compiled else model
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = run(tokens, labels)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+        optimizer_step(accelerator, loss, opt, model, tc)
+    return step, model, cfg
+
+
+def graph_breaks(model: torch.nn.Module, *inputs) -> list[str]:
+    """The reasons torch._dynamo gives for breaking the forward graph of ``model`` (empty: one graph)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(*inputs)
+    return [str(b.reason).splitlines()[0] for b in explained.break_reasons] or []
+
+
+def uses_sdpa(model: GPT, cfg: GPTConfig) -> bool:
+    """True when the prior's forward calls F.scaled_dot_product_attention (found by intercepting it)."""
+    called = []
+    original = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        called.append(True)
+        return original(*args, **kwargs)
+    F.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, cfg.seq_len, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    finally:
+        F.scaled_dot_product_attention = original
+    return bool(called)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller prior, tokenizer batch 4, one step per round, "
+                                                             "no tokenizer compile (~5 min on 2 cores)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    warmup, steps, rounds = (1, 1, 3) if args.quick else (2, 5, 3)
+    shape = QUICK_PRIOR_SHAPE if args.quick else PRIOR_SHAPE
+    accelerator = Accelerator(cpu=True)
+    peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fast bf16 units: {cpu_has_fast_bf16()}; "
+          f"matmul 1024^3: fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s")
+    if not cpu_has_fast_bf16() and "bf16" in dtypes:
+        print("note: this CPU has no bf16 matrix units; bf16 rows are honest here but not representative")
+
+    # -- tokenizer
+    # --quick: batch 4 (a batch-16 step takes ~20 s on two loaded cores); per-image rates stay comparable.
+    tok_batch = 4 if args.quick else 16
+    _, tok_model = tokenizer_step(accelerator, "for-loop", False, False, False, tok_batch)
+    n_tok = sum(p.numel() for p in tok_model.parameters())
+    # Training FLOPs per image ~ 3x the forward's multiply-adds x 2, counted from the conv/linear shapes.
+    macs = _forward_macs(tok_model, torch.rand(1, 3, 64, 64))
+    tok_flops = 6 * macs
+    print(f"\ntokenizer: {n_tok / 1e6:.1f}M parameters, 64x64, batch {tok_batch}, "
+          f"{tok_flops / 1e9:.2f} GFLOP per training image")
+    rows: list[tuple[str, str, str, float, float]] = []
+
+    def record(stage: str, dtype: str, lever: str, rate: float, flops_per_item: float) -> None:
+        share = rate * flops_per_item / (peak[dtype] * 1e9)
+        rows.append((stage, dtype, lever, rate, share))
+        unit = "images/s" if stage == "tokenizer" else "tokens/s"
+        print(f"  {stage:9s} {dtype:4s} {lever:32s} {rate:9.1f} {unit}  {100 * share:5.1f}% of matmul peak", flush=True)
+
+    slow_bf16 = not cpu_has_fast_bf16()
+    for dtype in dtypes:
+        bf16 = dtype == "bf16"
+        # bf16 without bf16 units is ~50x slower per matmul: a smaller batch, one step, one round.
+        b, (w, s, r) = (2, (1, 1, 1)) if (bf16 and slow_bf16) else (tok_batch, (warmup, steps, rounds))
+        tag = f", batch {b}" if b != tok_batch else ""
+        impls = ("for-loop", "fused") if args.quick or (bf16 and slow_bf16) else ("for-loop", "foreach", "fused")
+        for impl in impls:
+            step, _ = tokenizer_step(accelerator, impl, bf16, False, False, b)
+            record("tokenizer", dtype, f"AdamW {impl}, contiguous{tag}", median_rate(step, b, w, s, r), tok_flops)
+        step, _ = tokenizer_step(accelerator, "fused", bf16, True, False, b)
+        record("tokenizer", dtype, f"AdamW fused, channels-last{tag}", median_rate(step, b, w, s, r), tok_flops)
+        # Compiling the 13M tokenizer takes minutes on two cores: not in --quick.
+        if not args.no_compile and not args.quick and not (bf16 and slow_bf16):
+            step, _ = tokenizer_step(accelerator, "fused", bf16, False, True, b)
+            t = time.perf_counter()
+            step()
+            print(f"  (tokenizer compile + first step: {time.perf_counter() - t:.0f} s)")
+            record("tokenizer", dtype, "AdamW fused, contiguous, compiled", median_rate(step, b, w, s, r), tok_flops)
+
+    # -- prior
+    prior_batch = 8
+    _, prior_model, cfg = prior_step(accelerator, shape, "for-loop", False, False, prior_batch)
+    n_params = count_parameters(prior_model, exclude_embeddings=True)
+    prior_flops = 6 * n_params + 12 * cfg.n_layer * cfg.dim * cfg.seq_len
+    print(f"\nprior: {cfg.n_layer} layers x {cfg.dim}, {count_parameters(cfg) / 1e6:.1f}M parameters, "
+          f"{cfg.seq_len} tokens, batch {prior_batch}; SDPA in forward: {uses_sdpa(prior_model, cfg)}")
+    for dtype in dtypes:
+        bf16 = dtype == "bf16"
+        b, (w, s, r) = (1, (1, 1, 1)) if (bf16 and slow_bf16) else (prior_batch, (warmup, steps, rounds))
+        tag = f", batch {b}" if b != prior_batch else ""
+        for impl in ("for-loop", "foreach", "fused"):
+            step, _, _ = prior_step(accelerator, shape, impl, bf16, False, b)
+            record("prior", dtype, f"AdamW {impl}{tag}", median_rate(step, b * cfg.seq_len, w, s, r), prior_flops)
+        if not args.no_compile and not (bf16 and slow_bf16):
+            step, _, _ = prior_step(accelerator, shape, "fused", bf16, True, b)
+            t = time.perf_counter()
+            step()
+            print(f"  (prior compile + first step: {time.perf_counter() - t:.0f} s)")
+            record("prior", dtype, "AdamW fused, compiled", median_rate(step, b * cfg.seq_len, w, s, r), prior_flops)
+
+    print("\nAdamW step alone (ms, median of 10, fp32 parameters with gradients set):")
+    for name, model in (("tokenizer", tok_model), ("prior", prior_model)):
+        times = {impl: adamw_ms(model, impl) for impl in ("for-loop", "foreach", "fused")}
+        print(f"  {name:9s} " + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items()))
+
+    if not args.no_compile:
+        print("\ngraph breaks (torch._dynamo.explain of the forward):")
+        print(f"  tokenizer: {graph_breaks(tok_model, torch.rand(2, 3, 64, 64) * 2 - 1) or 'none'}")
+        print(f"  prior:     {graph_breaks(prior_model, torch.zeros(2, cfg.seq_len, dtype=torch.long), torch.zeros(2, dtype=torch.long)) or 'none'}")
+
+    print("\n| stage | dtype | lever | throughput | x first row | % matmul peak |\n|---|---|---|---|---|---|")
+    base = {}
+    for stage, dtype, lever, rate, share in rows:
+        base.setdefault((stage, dtype), rate)
+        unit = "img/s" if stage == "tokenizer" else "tok/s"
+        print(f"| {stage} | {dtype} | {lever} | {rate:.1f} {unit} | {rate / base[(stage, dtype)]:.2f}x | {100 * share:.1f}% |")
+
+
+def adamw_ms(model: torch.nn.Module, impl: str, repeats: int = 10) -> float:
+    """Median milliseconds of one AdamW step (``make_optimizer`` with ``impl``) over ``model``'s parameters."""
+    params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = make_optimizer(params, TrainConfig(lr=1e-4, weight_decay=0.01, optimizer_impl=impl))
+    opt.step()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        opt.step()
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def _forward_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds of the conv and linear layers in one forward of ``x`` (hooks on the output shapes)."""
+    total = 0
+
+    def hook(module: torch.nn.Module, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            total += output.numel() * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, torch.nn.Linear):
+            total += output.numel() * module.in_features
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return total
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The quantizer's config: which kind turns latents into codes, and its options."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from vqgpt.ground.config import opt
+
+QUANTIZER_KINDS = ("vq", "fsq", "lfq", "rvq")
+LEARNED_KINDS = ("vq", "rvq")  # the kinds with learned codebooks, which take the vq options
+DEFAULT_VQ_CODEBOOK_SIZE = 1024
+MAX_LFQ_DIM = 18
+
+
+@dataclass
+class QuantizerConfig:
+    """How latents become discrete codes."""
+
+    kind: str = opt("vq", "quantizer: 'vq' (learned codebook), 'fsq' (finite scalar quantization), 'lfq' "
+                          "(lookup-free quantization, MAGVIT-2: the signs of lfq_dim channels) or 'rvq' (residual "
+                          "VQ: rvq_depth learned codebooks in a row, each quantizing what the ones before left)")
+    codebook_size: int | None = opt(None, "number of codes; null = 1024 for 'vq' and 'rvq' (per depth), "
+                                          "prod(fsq_levels) for 'fsq', 2**lfq_dim for 'lfq' (a value set for 'fsq' "
+                                          "or 'lfq' must equal that)")
+    codebook_dim: int | None = opt(None, "channels of the code vectors (quant_conv maps z_channels to it); null = "
+                                         "z_channels for 'vq' and 'rvq', len(fsq_levels) for 'fsq', lfq_dim for 'lfq'")
+    l2_norm: bool = opt(False, "vq: l2-normalise latents and codes before the lookup (ViT-VQGAN / LlamaGen)")
+    beta: float = opt(0.25, "vq, lfq: weight of the commitment loss ||z - sg(q)||^2")
+    ema: bool = opt(False, "vq: update the codebook by exponential moving averages instead of a codebook loss")
+    ema_decay: float = opt(0.99, "vq: decay of the EMA codebook and of the per-code usage counts")
+    restart_threshold: float = opt(0.0, "vq: re-seed a code from current encoder outputs when its EMA hit count "
+                                        "per step (summed over ranks) falls below this; 0 = off")
+    kmeans_init: bool = opt(False, "vq: initialise the codebook by k-means on the first training batch")
+    kmeans_iters: int = opt(10, "vq: Lloyd iterations of the k-means init")
+    rotation_trick: bool = opt(False, "vq: pass gradients with the rotation trick (Fifty et al. 2024) "
+                                      "instead of the straight-through estimator")
+    simvq: bool = opt(False, "vq: SimVQ (Zhu et al. 2024): the codebook is a frozen random buffer C and the "
+                             "lookup uses W(C), W a learned linear map trained by the codebook loss; keeps more "
+                             "codes in use at large codebook_size. Not with ema, kmeans_init or restart_threshold")
+    entropy_weight: float = opt(0.0, "vq: weight of LlamaGen's entropy penalty (its entropy_loss_ratio): mean "
+                                     "per-sample entropy of softmax(-||z - c||^2 / entropy_temperature) minus the "
+                                     "entropy of its batch mean (over all ranks), so that usage spreads; 0 = off. "
+                                     "Costs a (tokens x codebook_size) matrix per step")
+    entropy_temperature: float = opt(0.01, "vq: temperature of the entropy penalty's softmax")
+    fsq_levels: list[int] = opt([8, 8, 8, 5, 5, 5], "fsq: number of levels per channel")
+    lfq_dim: int = opt(10, f"lfq: bits per code d (1..{MAX_LFQ_DIM}); codebook_size = 2**d, codebook_dim = d. "
+                           "The prior's vocabulary is 2**d: its token embedding and (untied) output head hold "
+                           "2 * 2**d * dim weights (d=18, dim 768: 403M, 1.6 GB in fp32, four times that with "
+                           "their gradients and AdamW's two moments) and its fp32 logits 4 * 2**d bytes per token "
+                           "(1 MiB at d=18)")
+    lfq_temperature: float = opt(0.01, "lfq: temperature of the softmax over the 2**d codes, "
+                                       "softmax(-||z - c||^2 / T), that the entropy losses use")
+    lfq_sample_entropy_weight: float = opt(0.1, "lfq: weight of the mean per-sample entropy (minimised: each "
+                                                "latent commits to one code)")
+    lfq_codebook_entropy_weight: float = opt(0.1, "lfq: weight of the codebook entropy, the entropy of the "
+                                                  "batch-mean code distribution over all ranks (maximised: "
+                                                  "codes used evenly); computed exactly at every lfq_dim")
+    rvq_depth: int = opt(4, "rvq: codes per latent position D; each depth has the vq options (l2_norm only the "
+                            "first: the residuals after it are not unit vectors). Codes for stage 2 are an (h, w*D) "
+                            "grid, a position's D codes side by side in its row (depth 0 first), so the prior reads "
+                            "position by position, depth by depth: its sequences are D times longer (attention "
+                            "D^2 times the cost), and larger canvases are best sampled with windows moving D "
+                            "columns at a time")
+    rvq_shared_codebook: bool = opt(False, "rvq: one codebook for every depth (prior vocabulary codebook_size) "
+                                           "instead of one per depth (vocabulary rvq_depth * codebook_size, depth d's "
+                                           "codes numbered from d * codebook_size). Not with l2_norm")
+    usage_window: int = opt(100, "training steps over which the 'usage' statistic counts a code as used")
+
+    def __post_init__(self) -> None:
+        if self.kind not in QUANTIZER_KINDS:
+            raise ValueError(f"quantizer kind must be one of {list(QUANTIZER_KINDS)}, got {self.kind!r}")
+        if self.usage_window < 1:
+            raise ValueError(f"usage_window must be >= 1, got {self.usage_window}")
+        if self.codebook_dim is not None and self.codebook_dim < 1:
+            raise ValueError(f"codebook_dim must be >= 1 or null, got {self.codebook_dim}")
+        if self.kind in LEARNED_KINDS:
+            self._check_vq()
+            return
+        vq_only = {"l2_norm": self.l2_norm, "ema": self.ema, "kmeans_init": self.kmeans_init,
+                   "rotation_trick": self.rotation_trick, "restart_threshold": self.restart_threshold > 0,
+                   "simvq": self.simvq, "entropy_weight": self.entropy_weight != 0}
+        bad = [name for name, on in vq_only.items() if on]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} only apply to quantizer kinds 'vq' and 'rvq', not {self.kind!r}")
+        if self.rvq_shared_codebook:
+            raise ValueError(f"rvq_shared_codebook only applies to quantizer kind 'rvq', not {self.kind!r}")
+        if self.kind == "fsq":
+            if not self.fsq_levels or any(level < 2 for level in self.fsq_levels):
+                raise ValueError(f"fsq_levels must be a non-empty list of integers >= 2, got {self.fsq_levels}")
+            dim, size, source = len(self.fsq_levels), math.prod(self.fsq_levels), f"fsq_levels {self.fsq_levels}"
+        else:
+            if not 1 <= self.lfq_dim <= MAX_LFQ_DIM:
+                raise ValueError(f"lfq_dim must be in 1..{MAX_LFQ_DIM} (2**lfq_dim codes), got {self.lfq_dim}")
+            if self.lfq_temperature <= 0:
+                raise ValueError(f"lfq_temperature must be > 0, got {self.lfq_temperature}")
+            if self.lfq_sample_entropy_weight < 0 or self.lfq_codebook_entropy_weight < 0:
+                raise ValueError(f"lfq_sample_entropy_weight and lfq_codebook_entropy_weight must be >= 0, got "
+                                 f"{self.lfq_sample_entropy_weight}, {self.lfq_codebook_entropy_weight}")
+            dim, size, source = self.lfq_dim, 2 ** self.lfq_dim, f"lfq_dim {self.lfq_dim}"
+        if self.codebook_dim is not None and self.codebook_dim != dim:
+            name = "len(fsq_levels)" if self.kind == "fsq" else "lfq_dim"
+            raise ValueError(f"codebook_dim ({self.codebook_dim}) must equal {name} ({dim}) for kind {self.kind!r}")
+        # Derived from the levels / bits; a value the user wrote must agree rather than be replaced.
+        if self.codebook_size is not None and self.codebook_size != size:
+            raise ValueError(f"codebook_size {self.codebook_size} disagrees with {source}, "
+                             f"which give{'s' if self.kind == 'lfq' else ''} {size} codes; "
+                             f"leave codebook_size out (or set it to {size})")
+        self.codebook_size = size
+
+    def _check_vq(self) -> None:
+        if self.codebook_size is None:
+            self.codebook_size = DEFAULT_VQ_CODEBOOK_SIZE
+        if self.codebook_size < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.kmeans_iters < 1:
+            raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
+        if self.restart_threshold < 0:
+            raise ValueError(f"restart_threshold must be >= 0, got {self.restart_threshold}")
+        if self.entropy_weight < 0 or self.entropy_temperature <= 0:
+            raise ValueError(f"entropy_weight must be >= 0 and entropy_temperature > 0, got "
+                             f"{self.entropy_weight}, {self.entropy_temperature}")
+        if self.kind == "rvq":
+            if self.rvq_depth < 1:
+                raise ValueError(f"rvq_depth must be >= 1, got {self.rvq_depth}")
+            if self.rvq_shared_codebook and self.l2_norm:
+                raise ValueError("rvq_shared_codebook with l2_norm: the shared codes would be unit vectors, but the "
+                                 "residuals after the first depth are not; use one codebook per depth "
+                                 "(rvq_shared_codebook: false) or l2_norm: false")
+        elif self.rvq_shared_codebook:
+            raise ValueError(f"rvq_shared_codebook only applies to quantizer kind 'rvq', not {self.kind!r}")
+        if self.simvq:
+            # These write code vectors directly, but SimVQ's code vectors are W(C) with C frozen.
+            clash = [name for name, on in {"ema": self.ema, "kmeans_init": self.kmeans_init,
+                                           "restart_threshold": self.restart_threshold > 0}.items() if on]
+            if clash:
+                raise ValueError(f"simvq learns only the linear map over a frozen codebook; turn off "
+                                 f"{', '.join(clash)} (they write code vectors directly)")
+
+    def latent_dim(self, z_channels: int) -> int:
+        """Channels the quantizer works in (the output width of quant_conv)."""
+        if self.codebook_dim is not None:
+            return self.codebook_dim
+        return {"fsq": len(self.fsq_levels), "lfq": self.lfq_dim}.get(self.kind, z_channels)

@@ -1,0 +1,217 @@
+"""The learned codebook: nearest-code lookup with EMA, restarts, k-means init, SimVQ, LlamaGen's entropy penalty."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stage1_vq.quantizers.common import (BaseQuantizer, QuantizerOutput, all_gather_cat, all_reduce_sum_, broadcast_,
+                                         entropy, mean_over_ranks, nearest_code, rotation_trick)
+
+class VQLoss(NamedTuple):
+    """A learned codebook's loss (total) and its parts, scalars."""
+
+    total: torch.Tensor
+    commitment: torch.Tensor
+    codebook_loss: torch.Tensor
+    entropy_penalty: torch.Tensor
+
+
+class VectorQuantizer(BaseQuantizer):
+    """Learned codebook (``embedding.weight`` (K, D)) with nearest-neighbour lookup.
+
+    Loss: ||sg(z) - q||^2 (codebook, skipped with EMA) + beta * ||z - sg(q)||^2 (commitment)
+    [+ entropy_weight * LlamaGen's entropy penalty]. Options: l2-normalised lookup, EMA codebook,
+    dead-code restart, k-means init, rotation trick, SimVQ.
+
+    SimVQ (``simvq=True``): the codebook is a frozen random buffer ``base_codebook`` C (K, D) and
+    the code vectors are ``codebook_map(C)`` (a learned Linear D -> D). The codebook loss moves the
+    map, and the map moves every code at once, so codes the encoder never picks still follow the
+    latents instead of being stranded.
+    """
+
+    def __init__(self, codebook_size: int, codebook_dim: int, beta: float = 0.25, l2_norm: bool = False,
+                 ema: bool = False, ema_decay: float = 0.99, restart_threshold: float = 0.0,
+                 kmeans_init: bool = False, kmeans_iters: int = 10, rotation_trick: bool = False,
+                 usage_window: int = 100, ema_eps: float = 1e-5, simvq: bool = False,
+                 entropy_weight: float = 0.0, entropy_temperature: float = 0.01):
+        super().__init__()
+        if simvq and (ema or kmeans_init or restart_threshold > 0):
+            raise ValueError("simvq does not combine with ema, kmeans_init or restart_threshold")
+        self.codebook_size = codebook_size
+        self.codebook_dim = codebook_dim
+        self.beta = beta
+        self.l2_norm = l2_norm
+        self.ema = ema
+        self.ema_decay = ema_decay
+        self.ema_eps = ema_eps
+        self.restart_threshold = restart_threshold
+        self.kmeans_init = kmeans_init
+        self.kmeans_iters = kmeans_iters
+        self.use_rotation_trick = rotation_trick
+        self.simvq = simvq
+        self.entropy_weight = entropy_weight
+        self.entropy_temperature = entropy_temperature
+
+        self._init_usage(usage_window)
+        if simvq:
+            # Frozen, yet part of the export: the codes are a function of these random vectors.
+            self.register_buffer("base_codebook", torch.randn(codebook_size, codebook_dim) * codebook_dim ** -0.5)
+            self.codebook_map = nn.Linear(codebook_dim, codebook_dim)
+            return
+        self.embedding = nn.Embedding(codebook_size, codebook_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)  # taming/LlamaGen init
+        if l2_norm:
+            self.embedding.weight.data = F.normalize(self.embedding.weight.data, dim=-1)
+        if ema:
+            self.embedding.weight.requires_grad_(False)  # moved by EMA, never by the optimizer
+        # Persistent training state (resume must restore it), registered only when used so that a
+        # plain codebook's state_dict is just `embedding.weight`, as in taming checkpoints.
+        if ema or restart_threshold > 0:
+            self.register_buffer("cluster_size", torch.ones(codebook_size))  # EMA hits per step
+        if ema:
+            self.register_buffer("embed_sum", self.embedding.weight.detach().clone())  # EMA sum of members
+        if kmeans_init:
+            self.register_buffer("initialized", torch.tensor(False))
+
+    def codebook(self) -> torch.Tensor:
+        """The code vectors as used in the lookup (K, D): W(C) for SimVQ, l2-normalised when l2_norm is on."""
+        if self.simvq:
+            weight = F.linear(self.base_codebook.float(), self.codebook_map.weight.float(),
+                              self.codebook_map.bias.float())
+        else:
+            weight = self.embedding.weight.float()
+        return F.normalize(weight, dim=-1) if self.l2_norm else weight
+
+    def _flatten(self, z: torch.Tensor) -> torch.Tensor:
+        flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.codebook_dim)  # (B*h*w, D)
+        return F.normalize(flat, dim=-1) if self.l2_norm else flat
+
+    @torch.no_grad()
+    def lookup(self, z: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, h, w) of latents z (B, D, h, w), without touching any training state."""
+        self._check_latents(z)
+        b, _, h, w = z.shape
+        return nearest_code(self._flatten(z), self.codebook()).view(b, h, w)
+
+    def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices (B, h, w) -> quantized latents (B, D, h, w) (equal to forward's z_q values)."""
+        return F.embedding(indices, self.codebook()).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        self._check_latents(z)
+        b, _, h, w = z.shape
+        # The lookup runs in fp32 even under autocast: bf16 distances pick wrong codes.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = self._flatten(z)  # (N, D)
+            if self.training and self.kmeans_init and not bool(self.initialized):
+                self._kmeans_init(flat.detach())
+            codebook = self.codebook()  # (K, D)
+            indices = nearest_code(flat.detach(), codebook.detach())  # (N,)
+            quantized = F.embedding(indices, codebook)  # (N, D); gradients reach the codebook
+            counts = torch.bincount(indices, minlength=self.codebook_size).float()  # (K,)
+            restarted = torch.zeros((), device=z.device)
+            if self.training:
+                all_reduce_sum_(counts)  # global histogram: EMA state must agree across ranks
+                restarted = self._update_codebook(flat.detach(), indices, counts)
+
+            loss, commitment, codebook_loss, penalty = self.loss_terms(flat, quantized, codebook)
+            if self.use_rotation_trick:
+                out = rotation_trick(flat, quantized.detach())
+            else:
+                out = flat + (quantized - flat).detach()  # straight-through estimator
+            z_q = out.view(b, h, w, self.codebook_dim).permute(0, 3, 1, 2)  # (B, D, h, w)
+            stats = self._usage_stats(counts)
+            stats.update(commitment=commitment.detach(), codebook_loss=codebook_loss.detach(), restarted=restarted,
+                         entropy_penalty=penalty.detach())
+        return QuantizerOutput(z_q, indices.view(b, h, w), loss, stats)
+
+    def loss_terms(self, flat: torch.Tensor, quantized: torch.Tensor, codebook: torch.Tensor) -> VQLoss:
+        """Loss and its parts for latents (N, D) quantized to ``quantized`` (N, D, carrying the codebook's gradient)."""
+        commitment = F.mse_loss(flat, quantized.detach())
+        codebook_loss = torch.zeros((), device=flat.device) if self.ema else F.mse_loss(quantized, flat.detach())
+        loss = codebook_loss + self.beta * commitment
+        penalty = torch.zeros((), device=flat.device)
+        if self.entropy_weight > 0:
+            penalty = self.entropy_penalty(flat, codebook)
+            loss = loss + self.entropy_weight * penalty
+        return VQLoss(loss, commitment, codebook_loss, penalty)
+
+    def entropy_penalty(self, flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """LlamaGen's entropy penalty of latents (N, D) against code vectors (K, D), a scalar.
+
+        p(k | z) = softmax(-||z - c_k||^2 / T): mean per-sample entropy of p (low when each latent
+        is close to one code) minus the entropy of p's mean over the batch, over all ranks in
+        training (high when the codes are used evenly). Gradients reach latents and codes.
+        """
+        distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)  # (N, K)
+        log_probs = torch.log_softmax(-distances / self.entropy_temperature, dim=-1)
+        probs = log_probs.exp()
+        sample_entropy = -(probs * log_probs).sum(-1).mean()
+        mean_probs = mean_over_ranks(probs.sum(0), len(flat)) if self.training else probs.mean(0)  # (K,)
+        return sample_entropy - entropy(mean_probs)
+
+    @torch.no_grad()
+    def _update_codebook(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """EMA codebook / usage-count update and dead-code restart; returns the number restarted."""
+        decay = self.ema_decay
+        if self.ema:
+            sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)
+            all_reduce_sum_(sums)
+            self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+            self.embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
+            # Laplace smoothing keeps rarely used codes from dividing by ~0.
+            total = self.cluster_size.sum()
+            smoothed = (self.cluster_size + self.ema_eps) / (total + self.codebook_size * self.ema_eps) * total
+            self.embedding.weight.data.copy_(self.embed_sum / smoothed.unsqueeze(1))
+        elif self.restart_threshold > 0:
+            self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+        if self.restart_threshold > 0:
+            return self._restart_dead_codes(flat)
+        return torch.zeros((), device=flat.device)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: torch.Tensor) -> torch.Tensor:
+        """Re-seed codes whose EMA hit count is below the threshold with current encoder outputs."""
+        dead = self.cluster_size < self.restart_threshold  # identical on all ranks (synced counts)
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return torch.zeros((), device=flat.device)
+        local = flat[torch.randint(len(flat), (num_dead,), device=flat.device)]
+        candidates = all_gather_cat(local)  # (world * num_dead, D), same on every rank
+        choice = broadcast_(torch.randperm(len(candidates), device=flat.device)[:num_dead])
+        new_codes = candidates[choice]
+        dead_idx = dead.nonzero().squeeze(1)
+        self.embedding.weight.data[dead_idx] = new_codes.to(self.embedding.weight.dtype)
+        # A revived code starts at the threshold: it is re-seeded again if it stays unused.
+        self.cluster_size[dead_idx] = self.restart_threshold
+        if self.ema:
+            self.embed_sum[dead_idx] = new_codes * self.restart_threshold
+        return torch.tensor(float(num_dead), device=flat.device)
+
+    @torch.no_grad()
+    def _kmeans_init(self, flat: torch.Tensor) -> None:
+        """Lloyd's k-means over all ranks' latents (N, D); seeds from rank 0, sums all-reduced."""
+        k = self.codebook_size
+        n = len(flat)
+        seeds = torch.randperm(n, device=flat.device)[:k] if n >= k else torch.randint(n, (k,), device=flat.device)
+        centroids = broadcast_(flat[seeds].clone())
+        counts = torch.zeros(k, device=flat.device)
+        for _ in range(self.kmeans_iters):
+            assign = nearest_code(flat, centroids)
+            sums = all_reduce_sum_(torch.zeros_like(centroids).index_add_(0, assign, flat))
+            counts = all_reduce_sum_(torch.bincount(assign, minlength=k).float())
+            means = sums / counts.clamp_min(1.0).unsqueeze(1)
+            if self.l2_norm:
+                means = F.normalize(means, dim=-1)
+            centroids = torch.where((counts > 0).unsqueeze(1), means, centroids)  # empty clusters stay
+        self.embedding.weight.data.copy_(centroids)
+        if self.ema:
+            self.cluster_size.copy_(counts.clamp_min(1.0))
+            self.embed_sum.copy_(centroids * self.cluster_size.unsqueeze(1))
+        elif self.restart_threshold > 0:
+            self.cluster_size.copy_(counts)
+        self.initialized.fill_(True)

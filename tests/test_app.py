@@ -1,0 +1,251 @@
+"""`vqgpt app`: the page's handlers as plain functions, and the running page queried with gradio_client."""
+
+import socket
+import sys
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_pipeline import tiny_prior, tiny_tokenizer
+
+from vqgpt.cli import main
+from vqgpt.cli.app import AppHandlers, code_colors, code_grid_picture, is_loopback
+from vqgpt.ground.images import pil_to_tensor
+from vqgpt.ground.metrics import psnr
+from vqgpt.workflow.pipeline import VQGPTPipeline
+
+
+@pytest.fixture()
+def pipe_dir(tmp_path):
+    tok = tiny_tokenizer()
+    pipe = VQGPTPipeline(tok, tiny_prior(tok.codebook_size), classes=["a", "b", "c"])
+    pipe.save_pretrained(tmp_path / "pipe")
+    return tmp_path / "pipe"
+
+
+@pytest.fixture()
+def handlers(pipe_dir):
+    return AppHandlers(VQGPTPipeline.from_pretrained(pipe_dir))
+
+
+@pytest.fixture()
+def files(tmp_path):
+    """A 16x16 image (the prior's trained size), an 18x18 one (not a multiple of 4) and a text file."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+    Image.new("RGB", (18, 18), (30, 160, 90)).save(tmp_path / "odd.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def _tensors(gallery):
+    return torch.stack([pil_to_tensor(image) for image, _caption in gallery])
+
+
+def test_sample_is_the_pipelines_sampling(handlers):
+    calls = []
+    gallery, summary = handlers.sample("b", 3, cfg_scale=2.0, cfg_schedule="linear", temperature=0.9, top_k=50,
+                                       top_p=0.95, seed=7, progress=lambda *a, **k: calls.append(k))
+    assert [caption for _, caption in gallery] == ["sample 1", "sample 2", "sample 3"]
+    from stage2_prior.draw import SamplingConfig
+
+    expected = handlers.pipe.generate(3, class_labels="b", seed=7, sampling=SamplingConfig(
+        temperature=0.9, top_k=50, top_p=0.95, cfg_scale=2.0, cfg_schedule="linear"))
+    assert torch.allclose(_tensors(gallery), expected, atol=1 / 127)  # PNG rounding only
+    assert "3 images of class b" in summary and "seed 7" in summary
+    assert calls and calls[0]["desc"] == "sampling"  # the page's progress bar was started
+    # larger than trained: sliding windows, said in the summary
+    wide, summary = handlers.sample("a", 1, seed=0, height=16, width=32)
+    assert wide[0][0].size == (32, 16) and "sliding windows" in summary
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(class_name="zebra"), r"unknown class 'zebra'; known classes: \[a, b, c\]"),
+    (dict(class_name=""), "choose a class: a, b, c"),
+    (dict(height=18), "height=18 is not a multiple of the tokenizer's downsampling factor 4: use 16 or 20"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(num=0), "number of images must be a whole number >= 1"),
+])
+def test_sample_bad_input_is_one_clear_message(handlers, args, message):
+    with pytest.raises(ValueError, match=message):
+        handlers.sample(**{"class_name": "a", "num": 1, **args})
+
+
+def test_complete_shows_the_original_beside_the_completions(handlers, files):
+    gallery, summary = handlers.complete(str(files / "image.png"), keep_rows=2, extend_right=1, num=2,
+                                         class_name="c", seed=3)
+    assert [caption for _, caption in gallery] == ["original", "completion 1", "completion 2"]
+    assert all(image.size == (20, 16) for image, _ in gallery)  # one code column (4 px) added
+    image = pil_to_tensor(Image.open(files / "image.png"))
+    expected = handlers.pipe.complete(image, 2, keep_rows=2, extend_right=1, class_labels="c", seed=3)
+    assert torch.allclose(_tensors(gallery[1:]), expected, atol=1 / 127)
+    original = _tensors(gallery[:1])[0]
+    assert torch.allclose(original[:, :, :16], image, atol=1 / 127) and torch.all(original[:, :, 16:] == 1)
+    assert "first 2 of 4 code rows kept, 1 code column added" in summary
+    with pytest.raises(ValueError, match="nothing to sample"):
+        handlers.complete(str(files / "image.png"), keep_rows=4, num=1, class_name="a")
+
+
+def test_uploads_that_are_no_image_or_of_a_bad_size_are_refused(handlers, files):
+    for call in (lambda p: handlers.complete(p, keep_rows=1, class_name="a"), handlers.reconstruct):
+        with pytest.raises(ValueError, match=r"notes.txt cannot be read as an image .*upload a PNG"):
+            call(str(files / "notes.txt"))
+    with pytest.raises(ValueError, match="upload an image first"):
+        handlers.reconstruct(None)
+    with pytest.raises(ValueError, match=r"odd.png: image size 18x18 is not divisible .* 4.*'fit to the trained"):
+        handlers.reconstruct(str(files / "odd.png"), fit=False)
+    # fitted to the tokenizer's training size, the same file is fine
+    original, *_ = handlers.reconstruct(str(files / "odd.png"), fit=True)
+    assert original.size == (32, 32)
+
+
+def test_reconstruct_reports_psnr_codes_and_usage(handlers, files):
+    original, recon, codes_picture, usage, summary = handlers.reconstruct(str(files / "image.png"), fit=False)
+    tok = handlers.pipe.tokenizer
+    image = pil_to_tensor(Image.open(files / "image.png"))
+    codes = tok.encode(image[None])[0]
+    expected = tok.decode(codes[None]).clamp(-1, 1)
+    assert torch.allclose(pil_to_tensor(recon)[None], expected, atol=1 / 127)
+    assert f"PSNR {float(psnr(image[None], expected)[0]):.2f} dB" in summary
+    assert f"{len(codes.unique())} distinct codes of {tok.codebook_size}" in summary
+    assert codes_picture.size == code_grid_picture(codes).size == (256, 256)
+    # the code picture: one colour per cell, the colour of that cell's code index
+    cell = 256 // codes.shape[0]
+    pixels = np.asarray(codes_picture)
+    colors = code_colors(codes.numpy())
+    for i in range(codes.shape[0]):
+        for j in range(codes.shape[1]):
+            assert (pixels[i * cell + cell - 1, j * cell + cell - 1] == colors[i, j]).all()
+    # the usage picture has one bar per code used (a tiny codebook: one column per code index)
+    used_columns = (np.asarray(usage)[-1] != 255).any(axis=1)
+    bar = usage.width // tok.codebook_size
+    assert set(np.flatnonzero(used_columns) // bar) == set(codes.unique().tolist())
+
+
+def test_code_colors_tell_codes_apart():
+    colors = code_colors(np.arange(64))
+    assert (np.abs(np.diff(colors.astype(int), axis=0)).sum(axis=1) > 60).all()  # neighbours differ clearly
+    assert (code_colors(np.array([5, 5])) == colors[5]).all()
+
+
+def test_one_model_call_at_a_time(handlers):
+    active, peak = [0], [0]
+    generate = handlers.pipe.generate
+
+    def slow_generate(*args, **kwargs):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    handlers.pipe.generate = slow_generate
+    threads = [threading.Thread(target=handlers.sample, args=("a", 1)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 1
+
+
+def test_page_queues_every_model_call_behind_one(handlers):
+    demo = handlers_app(handlers)
+    events = [fn for fn in demo.fns.values() if fn.api_name in ("sample", "complete", "reconstruct")]
+    assert len(events) == 3
+    assert {fn.concurrency_limit for fn in events} == {1} and len({fn.concurrency_id for fn in events}) == 1
+
+
+def handlers_app(handlers):
+    from vqgpt.cli.app import build_app
+
+    return build_app(handlers)
+
+
+def test_page_errors_are_messages_not_tracebacks():
+    gr = pytest.importorskip("gradio")
+    from vqgpt.cli.app import page_errors
+
+    with pytest.raises(gr.Error) as caught:
+        with page_errors(gr):
+            raise ValueError("unknown class 'x'")
+    assert caught.value.message == "unknown class 'x'"
+    with pytest.raises(gr.Error) as caught:
+        with page_errors(gr):
+            raise RuntimeError("boom")
+    assert caught.value.message.startswith("internal error (RuntimeError: boom)")
+
+
+def test_loopback_hosts():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.20")
+
+
+def test_cli_app_without_gradio_names_the_extra(pipe_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
+    assert main(["app", "--pipeline", str(pipe_dir)]) == 2
+    assert 'pip install "vqgpt[app]"' in capsys.readouterr().err
+
+
+def test_cli_app_warns_when_not_on_loopback(pipe_dir, monkeypatch):
+    gr = pytest.importorskip("gradio")
+    served = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: served.update(kwargs))
+    with pytest.warns(UserWarning, match="--host 0.0.0.0 is not a loopback address"):
+        assert main(["app", "--pipeline", str(pipe_dir), "--host", "0.0.0.0", "--port", "7999"]) == 0
+    assert served["server_name"] == "0.0.0.0" and served["server_port"] == 7999
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning on loopback
+        assert main(["app", "--pipeline", str(pipe_dir)]) == 0
+    assert served["server_name"] == "127.0.0.1"
+
+
+def test_cli_app_on_a_taken_port_is_one_error(pipe_dir, capsys):
+    pytest.importorskip("gradio")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["app", "--pipeline", str(pipe_dir), "--port", str(port)]) == 2
+    assert f"error: cannot serve on 127.0.0.1:{port}: Cannot find empty port" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_running_page_answers_and_survives_bad_input(pipe_dir, files, tmp_path, monkeypatch):
+    pytest.importorskip("gradio")
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from vqgpt.cli.app import launch
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    port = _free_port()
+    demo = launch(str(pipe_dir), port=port, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        summary, gallery = client.predict("b", 2, 1.0, "constant", 1.0, 0, 1.0, 5, 16, 16, api_name="/sample")
+        assert summary.startswith("2 images of class b") and len(gallery) == 2
+        assert Image.open(gallery[0]["image"]).size == (16, 16)
+        with pytest.raises(AppError, match="notes.txt cannot be read as an image"):
+            client.predict(handle_file(str(files / "notes.txt")), True, api_name="/reconstruct")
+        with pytest.raises(AppError, match="unknown class 'zebra'"):
+            client.predict("zebra", 1, 1.0, "constant", 1.0, 0, 1.0, 0, 16, 16, api_name="/sample")
+        # the server still serves
+        summary, original, recon, codes, usage = client.predict(handle_file(str(files / "image.png")), True,
+                                                                api_name="/reconstruct")
+        assert summary.startswith("PSNR") and Image.open(recon).size == (32, 32)
+        summary, gallery = client.predict(handle_file(str(files / "image.png")), 2, 0, 0, 2, True, "a", 1.0,
+                                          "constant", 1.0, 0, 1.0, 0, api_name="/complete")
+        assert [item["caption"] for item in gallery] == ["original", "completion 1", "completion 2"]
+    finally:
+        demo.close()

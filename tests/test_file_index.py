@@ -1,0 +1,362 @@
+"""The folder source's file index: built once, read by later starts (no image opened, no folder walked),
+rebuilt when the folder changes or the index file is damaged; unreadable images found when first read."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+from PIL import Image
+
+import vqgpt.ground.file_index as file_index
+from vqgpt.cli import main
+from vqgpt.ground.config import from_dict, load_config
+from vqgpt.ground.data import DataConfig, Unreadable, UnreadableImageWarning, build_dataset, source_identity
+from vqgpt.ground.file_index import default_index_dir, folder_index, index_path, load_index
+
+ROOT = Path(__file__).resolve().parents[1]
+R = 16
+
+
+def _image(path: Path, seed: int, side: int = R + 4) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(path)
+
+
+def _settle(root: Path, age_s: float = 60.0) -> None:
+    """Date every directory under ``root`` ``age_s`` back: a folder nobody is writing to (a directory
+    changed within file_index.RACY_NS of the scan is not trusted, and is scanned again)."""
+    then = time.time_ns() - int(age_s * 1e9)
+    for dirpath, _, _ in os.walk(root):
+        os.utime(dirpath, ns=(then, then))
+
+
+def _folder(root: Path, n: int = 6) -> Path:
+    for i in range(n):
+        _image(root / ("cats" if i % 2 else "dogs") / f"{i:02d}.png", i)
+    _image(root / "top.png", 99)
+    _settle(root)
+    return root
+
+
+def _cfg(root: Path, **kwargs) -> DataConfig:
+    return DataConfig(source=str(root), resolution=R, **kwargs)
+
+
+class _Touches:
+    """Counts the files opened and the directories listed under ``root`` while installed."""
+
+    def __init__(self, monkeypatch, root: Path) -> None:
+        self.root = str(root.resolve())
+        self.opened: list[str] = []
+        self.listed: list[str] = []
+        real_open, real_image_open, real_scandir = builtins.open, PIL.Image.open, os.scandir
+
+        def under(path) -> bool:
+            return isinstance(path, (str, os.PathLike)) and os.path.realpath(path).startswith(self.root)
+
+        def open_(file, *args, **kwargs):
+            if under(file):
+                self.opened.append(str(file))
+            return real_open(file, *args, **kwargs)
+
+        def image_open(fp, *args, **kwargs):
+            if under(fp):
+                self.opened.append(str(fp))
+            return real_image_open(fp, *args, **kwargs)
+
+        def scandir(path="."):
+            if under(path):
+                self.listed.append(str(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(builtins, "open", open_)
+        monkeypatch.setattr(PIL.Image, "open", image_open)
+        monkeypatch.setattr(os, "scandir", scandir)
+
+
+# ------------------------------------------------------------------------------------------ reuse
+
+
+def test_second_start_reads_the_index_and_opens_no_image(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "imgs")
+    first = build_dataset(_cfg(root))
+    assert first.index_file == index_path(root) and first.index_file.is_file()
+    assert first.index_file.parent == default_index_dir()  # $VQGPT_CACHE/index (tests/conftest.py sets it)
+
+    touches = _Touches(monkeypatch, root)
+    second = build_dataset(_cfg(root))
+    eval_split = build_dataset(_cfg(root), "eval")
+    assert touches.opened == [] and touches.listed == []  # no image opened, no folder walked
+    names = [second.name(i) for i in range(len(second))]
+    assert names == [first.name(i) for i in range(len(first))] == [eval_split.name(i) for i in range(len(second))]
+    assert names == ["cats/01.png", "cats/03.png", "cats/05.png", "dogs/00.png", "dogs/02.png", "dogs/04.png",
+                     "top.png"]
+    assert second.classes == ["cats", "default", "dogs"] and second.labels == [0, 0, 0, 2, 2, 2, 1]
+    image, label = second[0]  # reading an item opens its file, and only then
+    assert image.shape == (3, R, R) and label == 0 and set(touches.opened) == {str(root / "cats" / "01.png")}
+
+
+def test_first_start_opens_no_image_either(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "imgs")
+    touches = _Touches(monkeypatch, root)
+    ds = build_dataset(_cfg(root))
+    assert len(ds) == 7 and touches.opened == []  # only listed (and stat'ed)
+    assert touches.listed
+
+
+# ------------------------------------------------------------------------------------- invalidation
+
+
+def test_index_is_rebuilt_when_a_file_is_added_removed_or_renamed(tmp_path):
+    root = _folder(tmp_path / "imgs")
+    names = lambda ds: [ds.name(i) for i in range(len(ds))]  # noqa: E731
+    assert len(build_dataset(_cfg(root))) == 7
+
+    _image(root / "cats" / "new.png", 100)
+    assert "cats/new.png" in names(build_dataset(_cfg(root)))
+    _settle(root)
+
+    (root / "dogs" / "02.png").unlink()
+    after_removal = names(build_dataset(_cfg(root)))
+    assert "dogs/02.png" not in after_removal and len(after_removal) == 7
+    _settle(root)
+
+    (root / "dogs" / "04.png").rename(root / "dogs" / "04b.png")
+    _image(root / "birds" / "0.png", 101)  # a new class folder
+    ds = build_dataset(_cfg(root))
+    assert "dogs/04b.png" in names(ds) and "dogs/04.png" not in names(ds) and "birds" in ds.classes
+
+
+def test_a_folder_changed_just_before_the_scan_is_scanned_again(tmp_path, monkeypatch):
+    """A directory changed within RACY_NS of the scan may change again in the same clock tick unseen:
+    such an index is not trusted at the next start."""
+    root = _folder(tmp_path / "imgs")
+    build_dataset(_cfg(root))
+    _image(root / "cats" / "fresh.png", 7)  # now: within the racy window of the next scan
+    build_dataset(_cfg(root))
+    scans = []
+    real_scan = file_index.scan_folder
+    monkeypatch.setattr(file_index, "scan_folder", lambda r: scans.append(r) or real_scan(r))
+    build_dataset(_cfg(root))
+    assert len(scans) == 1  # not trusted yet
+    _settle(root)
+    build_dataset(_cfg(root))
+    build_dataset(_cfg(root))
+    assert len(scans) == 2  # scanned once more, then trusted
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other-format", "other-folder"])
+def test_a_damaged_or_foreign_index_is_rebuilt_not_a_crash(tmp_path, damage):
+    root = _folder(tmp_path / "imgs")
+    path = build_dataset(_cfg(root)).index_file
+    good = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(300))
+    elif damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    else:
+        other = _folder(tmp_path / "other", n=2)
+        index = file_index.scan_folder(other if damage == "other-folder" else root)
+        file_index.save_index(index, path)
+        if damage == "other-format":  # e.g. written by an older vqgpt
+            with np.load(path) as data:
+                arrays = dict(data)
+            arrays["format"] = np.int64(file_index.INDEX_FORMAT - 1)
+            with open(path, "wb") as f:
+                np.savez(f, **arrays)
+    assert load_index(path, root) is None
+    ds = build_dataset(_cfg(root))
+    assert len(ds) == 7 and ds.name(0) == "cats/01.png"
+    assert load_index(path, root) is not None  # written again, whole
+
+
+def test_index_is_written_atomically(tmp_path, monkeypatch):
+    """A write that dies half-way leaves the previous index whole (processes read it meanwhile)."""
+    root = _folder(tmp_path / "imgs")
+    path = build_dataset(_cfg(root, index_dir=str(tmp_path / "idx"))).index_file
+    before = path.read_bytes()
+    real = np.savez_compressed
+
+    def dies(file, **arrays):
+        real(file, **arrays)
+        file.truncate(100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(file_index.np, "savez_compressed", dies)
+    with pytest.raises(OSError, match="disk full"):
+        file_index.save_index(file_index.scan_folder(root), path)
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_index_dir_key_and_an_unwritable_cache(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "imgs")
+    chosen = tmp_path / "my-index"
+    ds = build_dataset(_cfg(root, index_dir=str(chosen)))
+    assert ds.index_file.parent == chosen and ds.index_file.is_file()
+    assert from_dict(DataConfig, {"source": str(root), "index_dir": str(chosen)}).index_dir == str(chosen)
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the index folder should be")
+    with pytest.warns(UserWarning, match="could not write the file index .*data.index_dir"):
+        ds = build_dataset(_cfg(root, index_dir=str(blocked)))
+    assert len(ds) == 7 and ds.index_file is None  # used from memory
+
+    monkeypatch.delenv("VQGPT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_index_dir() == tmp_path / "xdg" / "vqgpt" / "index"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_index_dir() == tmp_path / "home" / ".cache" / "vqgpt" / "index"
+
+
+def test_source_identity_uses_the_index_listing(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "imgs")
+    build_dataset(_cfg(root))
+    touches = _Touches(monkeypatch, root)
+    identity = source_identity(str(root))
+    assert touches.listed == [] and touches.opened == []  # stat'ed, not listed again, not opened
+    assert [f[0] for f in identity["files"]] == ["cats/01.png", "cats/03.png", "cats/05.png", "dogs/00.png",
+                                                 "dogs/02.png", "dogs/04.png", "top.png"]
+    assert identity["files"][0][1] == (root / "cats" / "01.png").stat().st_size
+
+
+# ------------------------------------------------------------------ unreadable images, found when read
+
+
+def test_unreadable_image_is_skipped_when_first_read_and_named_once(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "imgs", n=4)
+    (root / "cats" / "bad.png").write_bytes(b"not a png at all")
+    _settle(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = build_dataset(_cfg(root))  # nothing opened: nothing to warn about
+    bad = [ds.name(i) for i in range(len(ds))].index("cats/bad.png")
+    with pytest.warns(UnreadableImageWarning, match=r"cats/bad\.png") as record:
+        items = [ds[i] for i in range(len(ds))] + [ds[bad]]
+    assert len(record) == 1  # named once
+    assert [i for i, item in enumerate(items) if isinstance(item, Unreadable)] == [bad, len(ds)]
+
+
+def _tokenizer_cfg(root: Path, *overrides: str):
+    from stage1_vq.train import TokenizerRunConfig
+
+    return load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml",
+                       [f"data.source={root}", "data.resolution=16", "data.hflip=false", "model.resolution=16",
+                        "model.channel_mult=[1,2]", "model.attn_resolutions=[]", "train.log_every=1",
+                        "train.warmup_steps=1", "train.checkpoint_every=0", *overrides])
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_counts_unreadable_items_and_survives_a_batch_of_nothing_but(tmp_path):
+    """batch_size=1: the batch holding the bad file is empty; the step is dropped, not a crash, and
+    the run counts each time the file was left out."""
+    from stage1_vq.train import train_tokenizer
+
+    root = tmp_path / "imgs"
+    for i in range(3):
+        _image(root / "a" / f"{i}.png", i)
+    (root / "a" / "9-bad.png").write_bytes(b"\x89PNG broken")
+    with pytest.warns(UnreadableImageWarning, match="9-bad.png"):
+        train_tokenizer(_tokenizer_cfg(root, "train.batch_size=1", "train.steps=8"), tmp_path / "run")
+    rows = _metrics(tmp_path / "run")
+    assert [r["unreadable"] for r in rows][-1] == 2  # 8 steps = 2 epochs of 4 files: left out twice
+    assert sorted({r["unreadable"] for r in rows}) == [0, 1, 2] and all(r["skipped"] == 0 for r in rows)
+    assert sum("loss" not in r for r in rows) == 2  # the two empty micro-batches trained nothing
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def _launch(num_processes: int) -> list[str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(sys.executable).parent / "accelerate"
+    head = [str(script), "launch"] if script.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+    return [*head, "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+
+
+@pytest.mark.slow
+def test_two_ranks_go_on_when_one_rank_gets_only_unreadable_files(tmp_path):
+    """One rank's batch holds nothing readable while the other's is fine: both drop that micro-batch
+    (no rank waits alone in a collective), the run ends and counts every left-out item."""
+    root = tmp_path / "imgs"
+    for i in range(6):
+        _image(root / ("a" if i % 2 else "b") / f"{i}.png", i)
+    for name in ("x1.png", "x2.png"):
+        (root / "a" / name).write_bytes(b"broken")
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from accelerate import PartialState\n"
+        "from stage1_vq.train import TokenizerRunConfig, train_tokenizer\n"
+        "from vqgpt.ground.config import load_config\n"
+        "torch.set_num_threads(1)\n"
+        f"cfg = load_config(TokenizerRunConfig, {str(ROOT / 'configs/tokenizer/tiny.yaml')!r}, sys.argv[2:])\n"
+        "train_tokenizer(cfg, sys.argv[1])\n"
+        "state = PartialState()\n"
+        "print(f'rank {state.process_index} of {state.num_processes} done', flush=True)\n")
+    overrides = [f"data.source={root}", "data.resolution=16", "data.hflip=false", "model.resolution=16",
+                 "model.channel_mult=[1,2]", "model.attn_resolutions=[]", "train.log_every=1", "train.warmup_steps=1",
+                 "train.checkpoint_every=0", "train.batch_size=1", "train.steps=12"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([*_launch(2), str(script), str(tmp_path / "run"), *overrides], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "rank 0 of 2 done" in log and "rank 1 of 2 done" in log, log[-4000:]
+    rows = _metrics(tmp_path / "run")
+    # 12 steps x 2 ranks x 1 image = 3 epochs of 8 files: each broken file left out 3 times
+    assert rows[-1]["unreadable"] == 6 and all(r["skipped"] == 0 for r in rows)
+    assert any("loss" not in r for r in rows)  # some step had a rank with nothing readable
+
+
+# ------------------------------------------------------------------------------------ vqgpt index
+
+
+def test_vqgpt_index_builds_reuses_and_rebuilds(tmp_path, capsys):
+    root = _folder(tmp_path / "imgs")
+    where = tmp_path / "idx"
+    assert main(["index", str(root), "--index-dir", str(where)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[:3] == [f"cats     {3:>10}", f"default  {1:>10}", f"dogs     {3:>10}"]
+    assert "total: 7 files in 3 classes" in out and f"index: {index_path(root, where)} (built in" in out
+
+    assert main(["index", str(root), "--index-dir", str(where), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "reused" and report["total"] == 7 and report["index"] == str(index_path(root, where))
+    assert report["classes"] == {"cats": 3, "default": 1, "dogs": 3}
+
+    _image(root / "dogs" / "new.png", 50)
+    assert main(["index", str(root), "--index-dir", str(where), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "rebuilt" and report["classes"]["dogs"] == 4
+    # the dataset finds the index `vqgpt index` wrote
+    assert build_dataset(_cfg(root, index_dir=str(where))).index_file == index_path(root, where)
+
+
+def test_vqgpt_index_errors_name_the_source(tmp_path, capsys):
+    assert main(["index", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: image folder not found: {tmp_path / 'nope'}"
+    assert main(["index", "builtin:mnist"]) == 2
+    assert "not 'builtin:mnist'" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["index", str(tmp_path / "empty")]) == 2
+    assert "no image files found in" in capsys.readouterr().err
+    assert folder_index(tmp_path / "empty").paths == []

@@ -1,0 +1,141 @@
+"""Many samples (`vqgpt sample --out FOLDER/ --npz F.npz`): per-sample generators, any process count,
+resume, the ADM npz layout, class-balanced labels."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vqgpt.workflow.sample_many as sample_many_module
+from stage2_prior import SamplingConfig
+from stage2_prior.sampling import generate
+from test_distributed import launch_command, subprocess_env
+from test_encode_parallel import FakeRank
+from test_pipeline import tiny_prior, tiny_tokenizer
+from vqgpt.workflow.pipeline import VQGPTPipeline
+from vqgpt.workflow.sample_many import class_balanced_labels, png_name, sample_many, sample_seed
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM, BATCH = 8, 3  # three batches: [0, 3), [3, 6), [6, 8)
+CFG = SamplingConfig(cfg_scale=2.0, top_k=50)
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    tok = tiny_tokenizer()
+    pipe = VQGPTPipeline(tok, tiny_prior(tok.codebook_size), classes=["a", "b", "c"])
+    return pipe.save_pretrained(tmp_path_factory.mktemp("pipe") / "pipe")
+
+
+def _generators(indices, seed=0):
+    return [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
+
+
+def _run(pipe_dir, **kwargs):
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    return sample_many(pipe, NUM, class_labels=torch.arange(NUM) % 3, sampling=CFG, seed=5, batch_size=BATCH,
+                       device="cpu", progress=False, **kwargs)
+
+
+def _pngs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def test_a_samples_tokens_do_not_depend_on_its_batch():
+    prior = tiny_prior(256)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    whole = generate(prior, 5, class_labels=labels, sampling=CFG, generators=_generators(range(5)))
+    alone = torch.cat([generate(prior, 1, class_labels=labels[i:i + 1], sampling=CFG, generators=_generators([i]))
+                       for i in range(5)])
+    split = torch.cat([generate(prior, 2, class_labels=labels[:2], sampling=CFG, generators=_generators([0, 1])),
+                       generate(prior, 3, class_labels=labels[2:], sampling=CFG, generators=_generators([2, 3, 4]))])
+    assert torch.equal(whole, alone) and torch.equal(whole, split)
+    assert len({tuple(g.flatten().tolist()) for g in whole}) == 5  # distinct seeds give distinct samples
+    # one batch generator stays as it was: the same generator, the same tokens as before
+    one = generate(prior, 5, class_labels=labels, sampling=CFG, generator=torch.Generator().manual_seed(0))
+    again = generate(prior, 5, class_labels=labels, sampling=CFG, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(one, again)
+    with pytest.raises(ValueError, match="one generator per sample"):
+        generate(prior, 5, class_labels=labels, generators=_generators(range(4)))
+
+
+def test_ranks_together_draw_what_one_process_draws(pipe_dir, tmp_path, monkeypatch):
+    _run(pipe_dir, out=tmp_path / "one")
+    for rank in (0, 1):  # two ranks, run one after the other in this process
+        monkeypatch.setattr(sample_many_module, "_process_state", lambda r=rank: FakeRank(r, 2))
+        report = _run(pipe_dir, out=tmp_path / "two")
+    one, two = _pngs(tmp_path / "one"), _pngs(tmp_path / "two")
+    assert list(one) == [png_name(i) for i in range(NUM)] and one == two
+    assert report.processes == 2
+
+
+def test_resume_draws_only_unfinished_batches_and_gives_the_same_set(pipe_dir, tmp_path, monkeypatch):
+    first = _run(pipe_dir, out=tmp_path / "s")
+    assert (first.drawn, first.skipped) == (NUM, 0)
+    before = _pngs(tmp_path / "s")
+    (tmp_path / "s" / png_name(4)).unlink()  # batch [3, 6) is unfinished
+    kept = {i: (tmp_path / "s" / png_name(i)).stat().st_mtime_ns for i in range(NUM) if i != 4}
+    drawn = []
+    real = sample_many_module.generate
+    monkeypatch.setattr(sample_many_module, "generate",
+                        lambda prior, n, **kw: drawn.append(n) or real(prior, n, **kw))
+    second = _run(pipe_dir, out=tmp_path / "s")
+    assert drawn == [3] and (second.drawn, second.skipped) == (3, 5)
+    assert _pngs(tmp_path / "s") == before  # the same final set, bitwise
+    assert all((tmp_path / "s" / png_name(i)).stat().st_mtime_ns == t for i, t in kept.items())  # untouched
+    drawn.clear()
+    assert _run(pipe_dir, out=tmp_path / "s").drawn == 0 and drawn == []  # finished: nothing drawn
+    with pytest.raises(ValueError, match="other settings.*seed: 5 then, 6 now"):
+        sample_many(VQGPTPipeline.from_pretrained(pipe_dir), NUM, out=tmp_path / "s",
+                    class_labels=torch.arange(NUM) % 3, sampling=CFG, seed=6, batch_size=BATCH, device="cpu")
+
+
+def test_npz_is_in_the_adm_layout(pipe_dir, tmp_path):
+    report = _run(pipe_dir, out=tmp_path / "s", npz=tmp_path / "samples.npz")
+    with np.load(tmp_path / "samples.npz") as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (NUM, 16, 16, 3)
+    assert labels.tolist() == [i % 3 for i in range(NUM)]
+    from PIL import Image
+
+    for i in range(NUM):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "s" / png_name(i))), images[i])
+    # npz only: the PNGs live in a scratch folder, removed afterwards; the same arrays
+    _run(pipe_dir, npz=tmp_path / "only.npz")
+    with np.load(tmp_path / "only.npz") as f:
+        assert np.array_equal(f["arr_0"], images)
+    assert not (tmp_path / "only.npz.parts").exists() and report.npz == tmp_path / "samples.npz"
+
+
+def test_per_class_labels_are_balanced():
+    labels = class_balanced_labels(3, 2)
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.bincount(class_balanced_labels(1000, 50)).tolist() == [50] * 1000
+    with pytest.raises(ValueError, match="--num 7 disagrees with --per-class 2.*--num 6"):
+        class_balanced_labels(3, 2, num=7)
+    with pytest.raises(ValueError, match="class-conditional"):
+        class_balanced_labels(0, 2)
+
+
+@pytest.mark.slow
+def test_two_processes_write_bitwise_what_one_process_writes(pipe_dir, tmp_path):
+    outputs = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        cmd = ["-m", "vqgpt", "sample", "--pipeline", str(pipe_dir), "--per-class", "3", "--cfg-scale", "2.0",
+               "--out", f"{out}/", "--npz", str(tmp_path / f"p{n}.npz"), "--batch-size", "2", "--seed", "3"]
+        head = launch_command(2) if n == 2 else [sys.executable]
+        done = subprocess.run([*head, *cmd], env=subprocess_env(), capture_output=True, text=True, timeout=600,
+                              cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("drew 9 samples") == 1, done.stdout  # said once, by rank 0
+        assert f"on {n} process" in done.stdout
+        outputs[n] = (_pngs(out), (tmp_path / f"p{n}.npz").read_bytes())
+    assert len(outputs[1][0]) == 9 and outputs[2] == outputs[1]
+    with np.load(tmp_path / "p2.npz") as f:
+        assert f["arr_0"].shape == (9, 16, 16, 3) and f["arr_1"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]

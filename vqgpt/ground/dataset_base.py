@@ -1,0 +1,214 @@
+"""What every image source shares: ``DataConfig``, the ``ImageDataset`` base class, the
+``Unreadable`` stand-in for an item that fails to decode, and the base of sources whose items are
+encoded image bytes (tar-shard members, Hugging Face dataset rows).
+
+The sources themselves live in ``data`` (folders, built-ins, and the dispatch on ``source``),
+``tar_shards`` and ``hf_source``; this module sits below them all.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from vqgpt.ground.config import opt
+from vqgpt.ground.file_index import ROOT_CLASS
+from vqgpt.ground.images import open_rgb, pil_to_tensor
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are cropped."""
+
+    source: str = opt("builtin:mnist", "a folder of images (class = sub-folder); wds:SHARDS, tar shards (a brace "
+                      "pattern such as /data/train-{000000..000127}.tar, or a folder of .tar files); hf:DATASET, a "
+                      "Hugging Face dataset (a save_to_disk folder, or a hub id when online); or builtin:mnist | "
+                      "builtin:photos | builtin:textures")
+    resolution: int = opt(32, "output images are resolution x resolution")
+    resize: bool = opt(True, "resize the shorter side to `resolution` before cropping (False: crop only; an image smaller than the crop is an error)")
+    random_crop: bool = opt(True, "train split: random crop (False: center crop; for photos/textures: crops seeded by index)")
+    hflip: bool = opt(True, "random horizontal flip, train split only (never for mnist)")
+    crops_per_epoch: int = opt(5000, "builtin:photos / textures: number of random crops in one (virtual) train epoch")
+    num_workers: int = opt(0, "DataLoader worker processes")
+    index_dir: str = opt("", "folder and wds: sources: where their file / shard indexes are cached (empty: $VQGPT_CACHE/index, else $XDG_CACHE_HOME/vqgpt/index, else ~/.cache/vqgpt/index)")
+    hf_image_column: str = opt("", "hf: source: the image column (empty: the first column of Image type, else one "
+                                "named image or img)")
+    hf_label_column: str = opt("", "hf: source: the class column (empty: the first ClassLabel column, else one named "
+                                "label or labels, else one class; none: one class)")
+    hf_split: str = opt("train", "hf: source: the split to train on; the eval split is validation, else test, else "
+                        "this one (center crops, no flip)")
+
+    def __post_init__(self) -> None:
+        if self.resolution < 1:
+            raise ValueError(f"resolution must be >= 1, got {self.resolution}")
+        if self.crops_per_epoch < 1:
+            raise ValueError(f"crops_per_epoch must be >= 1, got {self.crops_per_epoch}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+
+class UnreadableImageWarning(UserWarning):
+    """An image file could not be read and was skipped."""
+
+
+class ImageTooSmallError(ValueError):
+    """An image is smaller than the crop and resizing is off."""
+
+
+class Unreadable(NamedTuple):
+    """Returned by a dataset in place of an item whose file failed to decode; the collate functions drop it."""
+
+    path: str
+    reason: str
+
+
+class ImageDataset(Dataset):
+    """Base class: items are (image (3,R,R) float32 in [-1,1], label int).
+
+    A folder's file that fails to decode at load time (it passed the scan, or changed since) is
+    returned as ``Unreadable``: load batches with ``collate_images`` / ``drop_unreadable``.
+    """
+
+    source: str
+    split: str
+    resolution: int
+    classes: list[str]
+    skipped: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def name(self, index: int) -> str:
+        """A stable, file-name-safe name for item ``index`` (for reconstruction outputs)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(source={self.source!r}, split={self.split!r}, "
+                f"len={len(self)}, resolution={self.resolution}, classes={self.num_classes})")
+
+
+def _check_index(index: int, length: int) -> int:
+    if index < 0:
+        index += length
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for a dataset of {length} items")
+    return index
+
+
+# Pillow's format name -> the file extension (webdataset key) its bytes are stored under.
+FORMAT_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif",
+                     "TIFF": "tiff"}
+
+
+def image_transform(cfg: DataConfig, split: str) -> Callable:
+    """The folder source's crop pipeline on a PIL image: resize the shorter side (``cfg.resize``),
+    random crop and flip for the train split, center crop for eval."""
+    train = split == "train"
+    steps: list[Callable] = []
+    if cfg.resize:
+        steps.append(v2.Resize(cfg.resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True))
+    steps.append(v2.RandomCrop(cfg.resolution) if train and cfg.random_crop else v2.CenterCrop(cfg.resolution))
+    if train and cfg.hflip:
+        steps.append(v2.RandomHorizontalFlip(0.5))
+    return v2.Compose(steps)
+
+
+def class_table(values: list[int | str | None], where: Callable[[int], str],
+                names: dict[int, str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Class names and one label per item from raw class values.
+
+    Integers are their own class index (classes "0".."max", or the text ``names`` gives an index);
+    text classes are numbered in sorted order; no class at all is the one class ``"default"``.
+    Mixing integers, text and missing classes is an error naming one item of each kind.
+    """
+    kinds: dict[str, int] = {}
+    for i, value in enumerate(values):
+        kinds.setdefault("none" if value is None else "int" if isinstance(value, int) else "text", i)
+    if len(kinds) > 1:
+        shown = "; ".join(f"{where(i)} has {'no class' if k == 'none' else k + ' class ' + repr(values[i])}"
+                          for k, i in kinds.items())
+        raise ValueError(f"classes must be all integers, all names, or all absent: {shown}")
+    if not values or "none" in kinds:
+        return [ROOT_CLASS], np.zeros(len(values), dtype=np.int64)
+    if "int" in kinds:
+        labels = np.asarray(values, dtype=np.int64)
+        if labels.min() < 0:
+            first = int(np.flatnonzero(labels < 0)[0])
+            raise ValueError(f"{where(first)} has the negative class {values[first]} (a missing label?): "
+                             f"classes are indices 0, 1, ...")
+        names = names or {}
+        return [names.get(k, str(k)) for k in range(int(labels.max()) + 1)], labels
+    classes = sorted(set(values))  # type: ignore[arg-type]
+    index = {name: k for k, name in enumerate(classes)}
+    return classes, np.asarray([index[v] for v in values], dtype=np.int64)
+
+
+class EncodedImageDataset(ImageDataset):
+    """Items decoded from image bytes: subclasses give ``_bytes(i)``, ``_where(i)`` and ``labels``.
+
+    An item that fails to decode is returned as ``Unreadable`` (named by ``_where``, warned once per
+    process); the loaders leave it out of its batch, as for a folder's file.
+    """
+
+    labels: np.ndarray  # (N,) int64
+
+    def __init__(self, cfg: DataConfig, split: str) -> None:
+        self.source, self.split, self.resolution = cfg.source, split, cfg.resolution
+        self.resize = cfg.resize
+        self.transform = image_transform(cfg, split)
+        self.skipped = []  # nothing is probed up front: a bad item is found when it is first read
+        self._warned: set[int] = set()
+
+    def _bytes(self, index: int) -> bytes:
+        """The encoded image of item ``index``."""
+        raise NotImplementedError
+
+    def _where(self, index: int) -> str:
+        """Where item ``index`` is stored, for messages."""
+        raise NotImplementedError
+
+    def encoded(self, index: int) -> tuple[bytes, str] | Unreadable:
+        """The stored bytes of item ``index`` and the extension of their format (``vqgpt shard`` copies
+        them as they are), or ``Unreadable`` when Pillow does not recognise them."""
+        index = _check_index(index, len(self))
+        data = self._bytes(index)
+        try:
+            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                return data, FORMAT_EXTENSIONS[img.format or ""]
+        except Exception as exc:  # not an image, or a format not kept in shards
+            return Unreadable(self._where(index), f"{type(exc).__name__}: {exc}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | Unreadable:
+        index = _check_index(index, len(self))
+        try:
+            img = open_rgb(io.BytesIO(self._bytes(index)))  # type: ignore[arg-type]  # Pillow reads file objects
+            if not self.resize and min(img.size) < self.resolution:
+                raise ImageTooSmallError(f"image {self._where(index)} is {img.size[0]}x{img.size[1]}, smaller than the "
+                                         f"{self.resolution}x{self.resolution} crop (data.resize=false); enable "
+                                         f"data.resize or lower data.resolution")
+            return pil_to_tensor(self.transform(img)), int(self.labels[index])
+        except ImageTooSmallError:
+            raise
+        except Exception as exc:  # any decoding failure: PIL raises many types
+            if index not in self._warned:
+                self._warned.add(index)
+                warnings.warn(f"skipping unreadable image {self._where(index)}: {exc}", UnreadableImageWarning,
+                              stacklevel=2)
+            return Unreadable(self._where(index), str(exc))

@@ -1,0 +1,235 @@
+"""A folder's file index, built once: the image files under a root (relative paths, the class of
+each, size and modification time), stored as one compressed ``.npz`` in a cache folder.
+
+Walking a folder of a million images and opening each one takes minutes, in every process and at
+every start. The index is written by the first start and read by every later one (and by every
+rank). It is trusted while no directory under the root has changed: adding, removing or renaming
+a file changes its directory's modification time, so checking the few directories' times is
+enough (no image is opened). A file rewritten in place under the same name is not noticed (its
+directory does not change); that is the price of a cheap check, and a file that no longer decodes
+is skipped when it is read.
+
+Racy changes: a directory modified within ``RACY_NS`` of the scan that recorded it may have
+changed in the same clock tick after it was listed, so such an index is not trusted and is rebuilt
+at the next start (like git's "racily clean" entries).
+
+Where: ``$VQGPT_CACHE/index/``, else ``$XDG_CACHE_HOME/vqgpt/index/``, else ``~/.cache/vqgpt/index/``,
+or the folder given as ``data.index_dir``; the file is named by a hash of the resolved root.
+It is written to a temporary file and renamed, so that processes building it at once never read
+half a file; a missing, damaged or older-format index is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vqgpt.ground.images import IMAGE_EXTENSIONS
+
+INDEX_FORMAT = 1  # bump when the listing rules or the stored arrays change: older files are rebuilt
+ROOT_CLASS = "default"  # the class of images directly in the root
+RACY_NS = 2_000_000_000  # directory times this close to the scan are not trusted (coarse file-system clocks)
+_SEP = "\0"  # joins names in one byte array; the one character no file name can hold
+
+
+@dataclass
+class FileIndex:
+    """The image files under ``root``, sorted by relative path, and what is needed to tell when it is stale."""
+
+    root: Path  # resolved
+    paths: list[str]  # (N,) relative posix paths, sorted
+    labels: np.ndarray  # (N,) int32: position of each file's class in ``classes``
+    classes: list[str]  # sorted first-level sub-folder names (ROOT_CLASS for files in the root)
+    sizes: np.ndarray  # (N,) int64 bytes; -1 for a link that points nowhere
+    mtimes: np.ndarray  # (N,) int64 ns
+    dirs: list[str]  # every directory scanned, relative ("" is the root)
+    dir_mtimes: np.ndarray  # (D,) int64 ns, taken before each directory was listed
+    scan_ns: int  # wall time when the scan started
+    path: Path | None = None  # where it is stored (None: it could not be written)
+    reused: bool = False  # read from ``path`` (False: scanned by this call)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def class_counts(self) -> dict[str, int]:
+        """Number of files per class, in class order."""
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        return {name: int(n) for name, n in zip(self.classes, counts)}
+
+
+def default_index_dir() -> Path:
+    """``$VQGPT_CACHE/index``, else ``$XDG_CACHE_HOME/vqgpt/index``, else ``~/.cache/vqgpt/index``."""
+    if os.environ.get("VQGPT_CACHE"):
+        cache = Path(os.environ["VQGPT_CACHE"])
+    elif os.environ.get("XDG_CACHE_HOME"):
+        cache = Path(os.environ["XDG_CACHE_HOME"]) / "vqgpt"
+    else:
+        cache = Path.home() / ".cache" / "vqgpt"
+    return cache.expanduser() / "index"
+
+
+def index_path(root: str | Path, index_dir: str | Path | None = None) -> Path:
+    """The index file of folder ``root``: named by its last component and a hash of its resolved path."""
+    resolved = Path(root).expanduser().resolve()
+    digest = hashlib.sha256(os.fsencode(str(resolved))).hexdigest()[:16]
+    folder = Path(index_dir).expanduser() if index_dir else default_index_dir()
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in resolved.name)[:40] or "root"
+    return folder / f"{safe}-{digest}.npz"
+
+
+def _scan_dir(full: str, rel: str) -> tuple[int, list[tuple[str, int, int]], list[tuple[str, str]]]:
+    """One directory: (its mtime, [(relative file path, size, mtime)], [(full, relative) sub-directory])."""
+    mtime = os.stat(full).st_mtime_ns  # before listing: a change made after the listing shows as a newer time
+    files, subdirs = [], []
+    prefix = f"{rel}/" if rel else ""
+    with os.scandir(full) as entries:
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):  # hidden files and folders are ignored
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows links
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append((entry.path, prefix + name))
+            elif name.lower().endswith(IMAGE_EXTENSIONS):
+                try:
+                    stat = entry.stat()
+                    files.append((prefix + name, stat.st_size, stat.st_mtime_ns))
+                except OSError:  # a link that points nowhere: listed, so that it fails (and is named) when read
+                    files.append((prefix + name, -1, 0))
+    return mtime, files, subdirs
+
+
+def scan_folder(root: str | Path) -> FileIndex:
+    """Walk ``root`` (links to folders followed once, hidden entries skipped) without opening any file."""
+    root = Path(root).expanduser().resolve()
+    scan_ns = time.time_ns()
+    files: list[tuple[str, int, int]] = []
+    dirs: list[str] = []
+    dir_mtimes: list[int] = []
+    seen: set[str] = set()
+    level = [(str(root), "")]
+    # Directory by directory, a level at a time, in threads: stat() releases the GIL, which pays off
+    # on network file systems where each call waits for the server.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        while level:
+            unique = []
+            for full, rel in level:
+                real = os.path.realpath(full)
+                if real not in seen:  # a link cycle, or a second link to the same folder
+                    seen.add(real)
+                    unique.append((full, rel))
+            level = []
+            for (_, rel), (mtime, found, subdirs) in zip(unique, pool.map(lambda d: _scan_dir(*d), unique)):
+                dirs.append(rel)
+                dir_mtimes.append(mtime)
+                files += found
+                level += subdirs
+    files.sort(key=lambda f: f[0])
+    paths = [f[0] for f in files]
+    class_of = [p.split("/", 1)[0] if "/" in p else ROOT_CLASS for p in paths]
+    classes = sorted(set(class_of))
+    number = {c: i for i, c in enumerate(classes)}
+    return FileIndex(root=root, paths=paths, labels=np.array([number[c] for c in class_of], dtype=np.int32),
+                     classes=classes, sizes=np.array([f[1] for f in files], dtype=np.int64),
+                     mtimes=np.array([f[2] for f in files], dtype=np.int64), dirs=dirs,
+                     dir_mtimes=np.array(dir_mtimes, dtype=np.int64), scan_ns=scan_ns)
+
+
+def _join(names: list[str]) -> np.ndarray:
+    return np.frombuffer(_SEP.join(names).encode("utf-8", "surrogateescape"), dtype=np.uint8)
+
+
+def _split(blob: np.ndarray, count: int | None = None) -> list[str]:
+    text = blob.tobytes().decode("utf-8", "surrogateescape")
+    names = text.split(_SEP) if text or count == 1 else []
+    if count is not None and len(names) != count:
+        raise ValueError(f"expected {count} names, found {len(names)}")
+    return names
+
+
+def save_index(index: FileIndex, path: str | Path) -> None:
+    """Write ``index`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, format=np.int64(INDEX_FORMAT), root=_join([str(index.root)]),
+                                paths=_join(index.paths), labels=index.labels, classes=_join(index.classes),
+                                sizes=index.sizes, mtimes=index.mtimes, dirs=_join(index.dirs),
+                                dir_mtimes=index.dir_mtimes, scan_ns=np.int64(index.scan_ns))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_index(path: str | Path, root: str | Path) -> FileIndex | None:
+    """The index stored at ``path`` for folder ``root``, or None when it is missing, damaged, of another
+    format or of another folder (whether it is still fresh is ``is_fresh``'s question)."""
+    path, root = Path(path), Path(root).expanduser().resolve()
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if int(data["format"]) != INDEX_FORMAT or _split(data["root"], 1)[0] != str(root):
+                return None
+            labels, sizes, mtimes = data["labels"], data["sizes"], data["mtimes"]
+            count, dir_mtimes = len(labels), data["dir_mtimes"]
+            index = FileIndex(root=root, paths=_split(data["paths"], count), labels=labels,
+                              classes=_split(data["classes"]), sizes=sizes, mtimes=mtimes,
+                              dirs=_split(data["dirs"], len(dir_mtimes)), dir_mtimes=dir_mtimes,
+                              scan_ns=int(data["scan_ns"]), path=path, reused=True)
+    except Exception:  # missing, damaged or foreign (zip, key, dtype or decoding errors): scan afresh
+        return None
+    consistent = len(sizes) == len(mtimes) == count and labels.dtype == np.int32 and (
+        not count or (int(labels.min()) >= 0 and int(labels.max()) < len(index.classes)))
+    return index if consistent else None
+
+
+def is_fresh(index: FileIndex) -> bool:
+    """True when no directory under the root changed since ``index`` was scanned (one stat per directory)."""
+    if len(index.dir_mtimes) and int(index.dir_mtimes.max()) >= index.scan_ns - RACY_NS:
+        return False  # a directory changed right around the scan: it may have changed again unseen
+    for rel, mtime in zip(index.dirs, index.dir_mtimes.tolist()):
+        try:
+            if os.stat(index.root / rel if rel else index.root).st_mtime_ns != mtime:
+                return False
+        except OSError:  # removed or no longer readable
+            return False
+    return True
+
+
+def folder_index(root: str | Path, index_dir: str | Path | None = None, refresh: bool = False) -> FileIndex:
+    """The index of folder ``root``: read from the cache when still fresh, else scanned and stored there.
+
+    ``index_dir``: where index files live (None or "": ``default_index_dir()``); ``refresh``: scan even
+    when a fresh index exists. An index that cannot be written is used from memory with a warning.
+    """
+    root_path = Path(root).expanduser()
+    if not root_path.exists():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if not root_path.is_dir():
+        raise ValueError(f"image source is not a folder: {root} (give the folder that holds the images)")
+    path = index_path(root_path, index_dir)
+    if not refresh:
+        index = load_index(path, root_path)
+        if index is not None and is_fresh(index):
+            return index
+    index = scan_folder(root_path)
+    try:
+        save_index(index, path)
+        index.path = path
+    except OSError as exc:
+        warnings.warn(f"could not write the file index {path} ({exc}); set data.index_dir (or $VQGPT_CACHE) "
+                      f"to a writable folder, or every start scans {root_path} again", stacklevel=2)
+    return index

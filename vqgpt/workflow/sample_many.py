@@ -1,0 +1,197 @@
+"""Many samples on many processes (``accelerate launch -m vqgpt sample --out FOLDER/ [--npz F.npz]``).
+
+Sample i is drawn from its own generator, seeded from (run seed, i), with its own class label, so
+its codes depend on neither the batch it is drawn in nor the process count. The indices are cut
+into batches of ``batch_size`` consecutive indices, [0, B), [B, 2B), ..., and batch c goes to
+process c % N: every sample is always drawn and decoded in the same batch, so the images are
+bitwise the same on any number of processes. Each sample becomes ``FOLDER/{i:06d}.png``, written
+atomically; those files are the progress record: a re-run skips every batch whose files all exist,
+draws a batch with a missing file again whole (the same batch, so the same pixels) and writes only
+the missing files. ``sampling.json`` in the folder records the settings, and a re-run with other
+settings is refused. When all processes are done, rank 0 reads the folder into one ``.npz`` in the
+layout of the ADM evaluator: uint8 (N, H, W, 3) under ``arr_0`` and, for a class-conditional
+prior, the int64 labels (N,) under ``arr_1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from PIL import Image
+from tqdm.auto import tqdm
+
+from stage2_prior.draw import SamplingConfig
+from stage2_prior.sampling import generate
+from vqgpt.ground.images import tensor_to_uint8
+from vqgpt.workflow.pipeline import ClassLabels, VQGPTPipeline
+
+SETTINGS_FILE = "sampling.json"
+IMAGES_KEY, LABELS_KEY = "arr_0", "arr_1"  # the ADM evaluator's names (np.savez's positional names)
+
+
+@dataclasses.dataclass(frozen=True)
+class ManySamples:
+    """What ``sample_many`` did: ``drawn`` + ``skipped`` == ``num`` (counted over all processes)."""
+
+    num: int
+    drawn: int  # samples whose batch was drawn by this run
+    skipped: int  # samples whose batch was finished already
+    processes: int
+    folder: Path | None  # the PNG folder (None when only an npz was asked for: its scratch folder is removed)
+    npz: Path | None
+
+
+def class_balanced_labels(num_classes: int, per_class: int, num: int | None = None) -> torch.Tensor:
+    """Labels (num_classes * per_class,): class 0 ``per_class`` times, then class 1, ...; ``num`` must agree."""
+    if num_classes < 1:
+        raise ValueError("--per-class needs a class-conditional prior; this one is unconditional (num_classes=0)")
+    if per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {per_class}")
+    total = num_classes * per_class
+    if num is not None and num != total:
+        raise ValueError(f"--num {num} disagrees with --per-class {per_class}: the prior has {num_classes} classes, "
+                         f"so that is {total} samples; give --num {total} or leave --num out")
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a run seeded with ``seed`` (a hash, the same on every process)."""
+    digest = hashlib.blake2b(f"vqgpt-sample:{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _process_state() -> PartialState:
+    """This process's rank among those ``accelerate launch`` started (one when run plainly)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # As in vqgpt.workflow.encode: without GPUs the launched processes join one gloo group on the CPU.
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (launched > 1 and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
+    if state.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but Accelerate runs {state.num_processes}: "
+                           f"each would draw every sample; check the accelerate launch flags")
+    return state
+
+
+def png_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def _settings(num: int, seed: int, batch_size: int, labels: torch.Tensor | None, sampling: SamplingConfig,
+              grid: tuple[int, int], prior_dtype: torch.dtype) -> dict:
+    label_bytes = b"" if labels is None else labels.cpu().numpy().astype("<i8").tobytes()
+    return {"num": num, "seed": seed, "batch_size": batch_size, "grid": list(grid),
+            "labels_sha256": hashlib.sha256(label_bytes).hexdigest(), "conditional": labels is not None,
+            "sampling": dataclasses.asdict(sampling), "prior_dtype": str(prior_dtype).removeprefix("torch.")}
+
+
+def _check_settings(folder: Path, settings: dict) -> None:
+    path = folder / SETTINGS_FILE
+    if not path.exists():
+        if any(folder.glob("*.png")):
+            raise ValueError(f"{folder} holds PNG files but no {SETTINGS_FILE}: they are not samples of this run; "
+                             "give an empty or new folder")
+        return
+    old = json.loads(path.read_text())
+    changed = [f"{key}: {old.get(key)} then, {value} now" for key, value in settings.items() if old.get(key) != value]
+    if changed:
+        raise ValueError(f"{folder} holds samples drawn with other settings ({'; '.join(changed)}): resume with the "
+                         f"same settings, or give a new folder")
+
+
+def _write_png(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: a killed run leaves no half PNG
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_npz(folder: Path, num: int, labels: torch.Tensor | None, path: Path) -> None:
+    """The PNGs 0..num-1 of ``folder`` -> ``path`` (uint8 (N, H, W, 3) under arr_0, labels under arr_1).
+
+    Streamed image by image into the zip (as ``np.savez`` lays it out), so memory stays one image.
+    """
+    first = np.asarray(Image.open(folder / png_name(0)).convert("RGB"))
+    shape = (num, *first.shape)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for i in range(num):
+                image = first if i == 0 else np.asarray(Image.open(folder / png_name(i)).convert("RGB"))
+                if image.shape != first.shape:
+                    raise ValueError(f"{folder / png_name(i)} is {image.shape}, not {first.shape} as sample 0")
+                f.write(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+        if labels is not None:
+            with archive.open(f"{LABELS_KEY}.npy", "w") as f:
+                np.lib.format.write_array(f, labels.cpu().numpy().astype(np.int64))
+    os.replace(tmp, path)
+
+
+@torch.inference_mode()
+def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, npz: str | Path | None = None,
+                class_labels: ClassLabels = None, sampling: SamplingConfig | None = None, seed: int = 0,
+                height: int | None = None, width: int | None = None, batch_size: int = 32,
+                device: str | torch.device | None = None, progress: bool = True) -> ManySamples:
+    """Draw ``num`` samples into ``out/{i:06d}.png`` and/or one ``npz``, split over the launched processes.
+
+    ``class_labels``: one label for all, or one per sample (see ``class_balanced_labels``). A re-run
+    into the same folder continues an interrupted one (see the module docstring). With ``npz`` only,
+    the PNGs go to a scratch folder ``NPZ.parts/`` beside it, removed once the npz is written.
+    """
+    if out is None and npz is None:
+        raise ValueError("give an output folder (out) and/or an npz file (npz)")
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
+    npz = Path(npz) if npz is not None else None
+    if npz is not None and npz.suffix != ".npz":
+        raise ValueError(f"--npz {npz} must end with .npz")
+    folder = Path(out) if out is not None else npz.with_name(npz.name + ".parts")  # type: ignore[union-attr]
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file, not a folder: give a folder for one PNG per sample")
+    sampling = sampling or SamplingConfig()
+    state = _process_state()
+    processes, rank = state.num_processes, state.process_index
+    pipe.to(torch.device(device) if device is not None else state.device)
+    grid = pipe.grid_for_pixels(height, width)
+    labels = pipe.labels_tensor(class_labels, num)
+    settings = _settings(num, seed, batch_size, labels, sampling, grid, next(pipe.prior.parameters()).dtype)
+    if folder.is_dir():
+        _check_settings(folder, settings)
+    # Every process reads what is finished before any writes, so all agree on the counts.
+    done = {p.name for p in folder.glob("*.png")} if folder.is_dir() else set()
+    batches = [range(start, min(start + batch_size, num)) for start in range(0, num, batch_size)]
+    todo = [c for c, batch in enumerate(batches) if any(png_name(i) not in done for i in batch)]
+    drawn = sum(len(batches[c]) for c in todo)
+    state.wait_for_everyone()
+    folder.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        if not (folder / SETTINGS_FILE).exists():
+            (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    state.wait_for_everyone()
+    mine = [c for c in todo if c % processes == rank]
+    for c in tqdm(mine, disable=not (progress and state.is_main_process), desc="sampling batches"):
+        index = list(batches[c])
+        generators = [torch.Generator(device=pipe.device).manual_seed(sample_seed(seed, i)) for i in index]
+        codes = generate(pipe.prior, len(index), class_labels=None if labels is None else labels[index],
+                         grid_size=grid, sampling=sampling, generators=generators)
+        images = tensor_to_uint8(pipe.tokenizer.decode(codes.to(pipe.device)).clamp(-1, 1))  # (B, 3, H, W)
+        for i, image in zip(index, images):
+            if png_name(i) not in done:  # a finished file is never rewritten
+                _write_png(image.permute(1, 2, 0).numpy(), folder / png_name(i))
+    state.wait_for_everyone()
+    if npz is not None and state.is_main_process:
+        write_npz(folder, num, labels, npz)
+        if out is None:
+            shutil.rmtree(folder)
+    state.wait_for_everyone()
+    return ManySamples(num=num, drawn=drawn, skipped=num - drawn, processes=processes,
+                       folder=None if out is None else folder, npz=npz)
