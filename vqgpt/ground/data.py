@@ -40,7 +40,7 @@ import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ from torchvision.transforms.v2 import functional as TF
 # The config, the base class and the Unreadable item live below every source (tar_shards and hf_source
 # subclass them, and are dispatched to from here); they are re-exported as part of this module.
 from vqgpt.ground.dataset_base import (DataConfig, ImageDataset, ImageTooSmallError, Unreadable,
-                                       UnreadableImageWarning, _check_index)
+                                       UnreadableImageWarning, _check_index, image_transform)
 from vqgpt.ground.file_index import ROOT_CLASS  # noqa: F401  (re-exported: the class of images in a root)
 from vqgpt.ground.file_index import folder_index
 from vqgpt.ground.images import IMAGE_EXTENSIONS, open_rgb, pil_to_tensor
@@ -190,14 +190,7 @@ class FolderImageDataset(ImageDataset):
         self.classes = list(index.classes)
         self.labels: list[int] = index.labels.tolist()
 
-        train = split == "train"
-        steps: list[Callable] = []
-        if cfg.resize:
-            steps.append(v2.Resize(cfg.resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True))
-        steps.append(v2.RandomCrop(cfg.resolution) if train and cfg.random_crop else v2.CenterCrop(cfg.resolution))
-        if train and cfg.hflip:
-            steps.append(v2.RandomHorizontalFlip(0.5))
-        self.transform = v2.Compose(steps)
+        self.transform = image_transform(cfg, split)
         self.resize = cfg.resize
         self._warned: set[int] = set()
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from accelerate.utils import (DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration,
+                               parse_flag_from_env, set_seed)
 
 from vqgpt.ground.config import ConfigError, opt
 
@@ -103,6 +104,22 @@ def tracker_names(cfg: TrainConfig) -> list[str]:
         raise ConfigError(f"train.log_with={cfg.log_with}: the {' and '.join(missing)} package is not installed: "
                           f"pip install \"vqgpt[tracking]\" (or set train.log_with=none)")
     return names
+
+
+def launched_process_state(consequence: str) -> PartialState:
+    """This process's rank among those ``accelerate launch`` started (one when run plainly), for work
+    that needs ranks and barriers but no Accelerator (encoding, sampling).
+
+    As in training, on a machine without GPUs the launched processes join one gloo group on the CPU;
+    a launch whose process count accelerate does not see is an error ending with ``consequence``.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (launched > 1 and _no_accelerator_device())
+    state = PartialState(cpu=cpu)
+    if state.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but Accelerate runs {state.num_processes}: "
+                           f"{consequence}; check the accelerate launch flags")
+    return state
 
 
 def make_accelerator(cfg: TrainConfig, run_dir: str | Path) -> Accelerator:

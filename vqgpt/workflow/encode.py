@@ -31,13 +31,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
@@ -47,6 +45,7 @@ from vqgpt.ground.checkpoint import export_fingerprint
 from vqgpt.ground.data import DataConfig, build_dataset, collate_images, source_identity
 from vqgpt.ground.tokens import (DEFAULT_SHARD_SIZE, META_FILE, SOURCE_FILE, TokenShardError, TokenShardWriter,
                                  clear_token_folder, merge_parts, read_meta, write_json)
+from vqgpt.training.config import launched_process_state
 
 AUGMENTS = ("none", "flip", "ten-crop")
 # LlamaGen's extract_codes_c2i default: the ten crops are taken from a center crop 1.1x the resolution
@@ -156,15 +155,7 @@ def make_views(images: torch.Tensor, augment: str, resolution: int) -> list[torc
 
 def _process_state() -> PartialState:
     """This process's rank among those ``accelerate launch`` started (one when run plainly)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    # As in training: on a machine without GPUs the launched processes join one gloo group on the
-    # CPU; without cpu=True accelerate would run N unrelated single processes.
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (launched > 1 and not torch.cuda.is_available())
-    state = PartialState(cpu=cpu)
-    if state.num_processes != launched:
-        raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but Accelerate runs {state.num_processes}: "
-                           f"the processes would each encode everything; check the accelerate launch flags")
-    return state
+    return launched_process_state("the processes would each encode everything")
 
 
 def process_slice(total: int, batch_size: int, processes: int, rank: int) -> tuple[int, int]:

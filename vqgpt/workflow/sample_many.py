@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 from PIL import Image
 from tqdm.auto import tqdm
 
 from stage2_prior.draw import SamplingConfig
 from stage2_prior.sampling import generate
 from vqgpt.ground.images import tensor_to_uint8
+from vqgpt.training.config import launched_process_state
 from vqgpt.workflow.pipeline import ClassLabels, VQGPTPipeline
 
 SETTINGS_FILE = "sampling.json"
@@ -72,14 +72,7 @@ def sample_seed(seed: int, index: int) -> int:
 
 def _process_state() -> PartialState:
     """This process's rank among those ``accelerate launch`` started (one when run plainly)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    # As in vqgpt.workflow.encode: without GPUs the launched processes join one gloo group on the CPU.
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (launched > 1 and not torch.cuda.is_available())
-    state = PartialState(cpu=cpu)
-    if state.num_processes != launched:
-        raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but Accelerate runs {state.num_processes}: "
-                           f"each would draw every sample; check the accelerate launch flags")
-    return state
+    return launched_process_state("each would draw every sample")
 
 
 def png_name(index: int) -> str:
