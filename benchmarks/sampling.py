@@ -1,11 +1,22 @@
-"""Sampling speed of the GPT prior: KV cache vs full recomputation, against the memory-bandwidth bound.
+"""Sampling speed of the GPT prior (KV cache vs full recomputation) against the read and compute bound.
 
 Reference shape (docs/architecture.md, "Tests and benchmarks"): GPT-B width (12 layers, 768, 12 heads), 1024 codes,
-a 16x16 grid. A decode step must read every weight once, so steps/s <= bandwidth / weight bytes;
-each figure is printed next to that bound. The bandwidth is measured here by summing a large tensor.
+a 16x16 grid. The bound a figure is printed against is the slower of two, both measured in the same run:
+- reads: a decode step reads every weight once plus the KV cache written so far (on average over a
+  run, half of the T positions' keys and values, for every layer and every row of the model batch),
+  at the read bandwidth measured by summing a large tensor;
+- compute: 2 x (non-embedding parameters) x (model batch) FLOPs per step at the 1024^3 fp32 matmul
+  rate (this CPU has no faster bf16 or int8 units, so no dtype gets a higher compute ceiling).
+At batch 1 the reads bind; with guidance or larger batches the compute bound can take over.
 
     python benchmarks/sampling.py --quick        # batch 1 and 8, a minute or two on 2 cores
     python benchmarks/sampling.py                # batch 1, 8, 16; fp32 and bf16; CFG on and off
+    python benchmarks/sampling.py --quick --compile   # also the compiled decode step (fp32, int8)
+    python benchmarks/sampling.py --decode-only --compile --threads 1   # only the cfg-off rows of each
+
+Rows: fp32 and bf16 weights; weight-only int8 (``--prior-dtype int8``: int8 linear weights with
+per-channel scales, the rest fp32); with ``--compile``, the same sampler with its one-token step
+under torch.compile (``generate(..., compile=True)``; compile time is excluded, printed apart).
 
 Figures on a shared machine are noisy; compare ratios measured in one run.
 """
@@ -13,11 +24,13 @@ Figures on a shared machine are noisy; compare ratios measured in one run.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
 
 from stage2_prior import GPT, GPTConfig, SamplingConfig, count_parameters, generate
+from stage2_prior.quantize import Int8Linear, set_prior_dtype
 
 
 def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
@@ -32,6 +45,41 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return x.numel() * 4 / best
 
 
+def matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of an n^3 fp32 matmul (best of ``repeats``): the compute ceiling of the bound."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / timed(lambda: a @ b, repeats)
+
+
+def kv_cache_bytes(config: GPTConfig, model_batch: int, element_bytes: int) -> float:
+    """Average KV-cache bytes a decode step reads over a run of T tokens: keys and values of T/2 positions."""
+    heads = config.n_kv_head or config.n_head
+    return 2 * config.n_layer * model_batch * heads * config.head_dim * (config.seq_len / 2) * element_bytes
+
+
+class Bound:
+    """Steps/s bound of a decode step of a model reading ``weight_bytes`` per step, with its KV cache in
+    ``cache_bytes`` per element; see the module docstring."""
+
+    def __init__(self, config: GPTConfig, read_params: int, weight_bytes: float, cache_bytes: int,
+                 bandwidth: float, flops: float) -> None:
+        self.config, self.read_params, self.weight_bytes, self.cache_bytes = config, read_params, weight_bytes, cache_bytes
+        self.bandwidth, self.flops = bandwidth, flops
+
+    def steps(self, model_batch: int) -> tuple[float, str]:
+        """(bound in steps/s, which one binds) at this model batch (twice the samples with guidance)."""
+        reads = (self.weight_bytes + kv_cache_bytes(self.config, model_batch, self.cache_bytes)) / self.bandwidth
+        compute = 2 * self.read_params * model_batch / self.flops
+        return (1 / reads, "reads") if reads >= compute else (1 / compute, "compute")
+
+    def describe(self, model_batch: int) -> str:
+        steps, kind = self.steps(model_batch)
+        kv = kv_cache_bytes(self.config, model_batch, self.cache_bytes)
+        return (f"bound at model batch {model_batch}: {steps:.1f} steps/s ({kind}: {self.weight_bytes / 1e6:.0f} MB "
+                f"weights + {kv / 1e6:.0f} MB KV cache per step; compute {2 * self.read_params * model_batch / 1e9:.2f} "
+                f"GFLOP per step)")
+
+
 def timed(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -44,8 +92,9 @@ def timed(fn, repeats: int) -> float:
 def matmul_ceiling(model: GPT, batch: int, repeats: int = 5) -> float:
     """Steps/s of the decode step's matrix products alone (every linear layer of the model at this
     batch, as the sampler calls them): what the BLAS reaches here, beside the bandwidth bound."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {m.in_features: torch.randn(batch, 1, m.in_features, dtype=m.weight.dtype) for m in layers}
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+    inputs = {m.in_features: torch.randn(batch, 1, m.in_features, dtype=getattr(m, "weight", model.norm.weight).dtype)
+              for m in layers}
 
     def chain() -> None:
         for layer in layers:
@@ -62,6 +111,13 @@ def main() -> None:
                         help="batch 1 and 8; full recomputation at batch 1 only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=str, default=None, help="comma-separated batch sizes")
+    parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the weight-only int8 rows")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only cached sampling without CFG, one row per weight kind and batch (fp32, bf16, "
+                             "int8, and compiled with --compile): no CFG, full-recompute or matmul-ceiling rows")
+    parser.add_argument("--compile", action="store_true",
+                        help="add rows with the decode step under torch.compile (fp32 and int8; CFG off; "
+                             "each batch size compiles once, a minute or more on a CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 8] if args.quick else [1, 8, 16])
@@ -75,15 +131,16 @@ def main() -> None:
     # A decode step reads every weight except the embedding tables (one row each).
     read_params = count_parameters(model, exclude_embeddings=True)
     bandwidth = measure_bandwidth(256 if args.quick else 512)
+    flops = matmul_flops()
     print(f"threads={args.threads}  params={count_parameters(model) / 1e6:.1f}M (read per step "
           f"{read_params / 1e6:.1f}M)  measured read bandwidth={bandwidth / 1e9:.1f} GB/s  "
-          f"grid 16x16 = {tokens} tokens")
+          f"fp32 matmul {flops / 1e9:.1f} GFLOP/s  grid 16x16 = {tokens} tokens")
 
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in () if args.decode_only else (torch.float32, torch.bfloat16):
         model.to(dtype)
-        bound = bandwidth / (read_params * torch.finfo(dtype).bits / 8)  # steps/s
-        print(f"\n== weights {str(dtype).replace('torch.', '')}: bandwidth bound {bound:.1f} steps/s "
-              f"({read_params * torch.finfo(dtype).bits / 8 / 1e6:.0f} MB per step)")
+        element = torch.finfo(dtype).bits // 8
+        bound = Bound(config, read_params, read_params * element, element, bandwidth, flops)
+        print(f"\n== weights {str(dtype).replace('torch.', '')}: {bound.describe(1)}")
         generate(model, 1, class_labels=0)  # warm-up
         seconds: dict[tuple[int, bool], float] = {}
 
@@ -98,11 +155,13 @@ def main() -> None:
         for batch in batches:
             for cfg in (False, True):
                 steps = tokens / run(batch, cfg)
-                ceiling = matmul_ceiling(model, batch * (1 + cfg))
-                print(f"cached  batch {batch:3d} cfg {'on ' if cfg else 'off'} (model batch {batch * (1 + cfg):3d}): "
-                      f"{steps:7.1f} steps/s = {steps * batch:8.1f} tokens/s   {steps / bound:6.1%} of bound   "
-                      f"(matmuls alone: {ceiling:6.1f} steps/s = {ceiling / bound:6.1%} of bound; "
-                      f"sampler reaches {steps / ceiling:6.1%} of it)")
+                model_batch = batch * (1 + cfg)
+                ceiling = matmul_ceiling(model, model_batch)
+                limit, kind = bound.steps(model_batch)
+                print(f"cached  batch {batch:3d} cfg {'on ' if cfg else 'off'} (model batch {model_batch:3d}): "
+                      f"{steps:7.1f} steps/s = {steps * batch:8.1f} tokens/s   {steps / limit:6.1%} of bound "
+                      f"({limit:.1f}, {kind})   (matmuls alone: {ceiling:6.1f} steps/s = {ceiling / limit:6.1%} of "
+                      f"bound; sampler reaches {steps / ceiling:6.1%} of it)")
         for batch in batches[:1] if args.quick else batches:
             ratio = run(batch, True) / run(2 * batch, False)
             print(f"CFG at batch {batch}: time / time of batch {2 * batch} without CFG = {ratio:.2f} (target <= 1)")
@@ -112,6 +171,52 @@ def main() -> None:
                 full = timed(lambda: generate(model, batch, class_labels=labels, use_cache=False), 1)
                 print(f"full recompute batch {batch:3d}: {tokens / full:7.1f} steps/s   "
                       f"cached/full speed-up {full / run(batch, False):.1f}x")
+
+    model.to(torch.float32)
+    extra_rows(model, args, batches, repeats, bandwidth, flops, read_params)
+
+
+def int8_read_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step of a weight-only int8 prior reads: int8 weights, their scales, the other
+    non-embedding weights (norms) at their dtype."""
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    total = sum(m.weight_int8.numel() + m.scales.numel() * m.scales.element_size() for m in int8)
+    embeddings = {id(model.tok_embeddings.weight), id(model.class_embedding.weight)}
+    return total + sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embeddings)
+
+
+def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats: int, bandwidth: float,
+               flops: float, read_params: int) -> None:
+    """Rows for weight-only int8 and (with --compile) the compiled decode step, CFG off."""
+    tokens = model.config.seq_len
+    kinds = [("float32", model, False), ("bfloat16", copy.deepcopy(model).to(torch.bfloat16), False)] \
+        if args.decode_only else []
+    if args.int8:
+        kinds.append(("int8", set_prior_dtype(copy.deepcopy(model), "int8"), False))
+    if args.compile:
+        int8 = [prior for name, prior, _ in kinds if name == "int8"]
+        kinds.append(("float32", model, True))
+        if int8:
+            kinds.append(("int8", int8[0], True))
+    for name, prior, compiled in kinds:
+        read = int8_read_bytes(prior) if name == "int8" else read_params * torch.finfo(getattr(torch, name)).bits // 8
+        bound = Bound(model.config, read_params, read, prior.tok_embeddings.weight.element_size(), bandwidth, flops)
+        print(f"\n== weights {name}{', compiled decode step' if compiled else ''}: {bound.describe(1)}")
+        for batch in batches:
+            labels = torch.arange(batch) % 10
+            t0 = time.perf_counter()
+            generate(prior, batch, class_labels=labels, compile=compiled)  # warm-up (and compile)
+            if compiled:
+                print(f"  (first call at batch {batch}, compile included: {time.perf_counter() - t0:.1f} s)")
+            steps = tokens / timed(lambda: generate(prior, batch, class_labels=labels, compile=compiled), repeats)
+            limit, kind = bound.steps(batch)
+            line = (f"cached  batch {batch:3d} cfg off (model batch {batch:3d}): {steps:7.1f} steps/s = "
+                    f"{steps * batch:8.1f} tokens/s   {steps / limit:6.1%} of bound ({limit:.1f}, {kind})")
+            if not args.decode_only:
+                ceiling = matmul_ceiling(prior, batch)
+                line += f"   (matmuls alone: {ceiling:6.1f} steps/s = {ceiling / limit:6.1%} of bound)"
+            print(line, flush=True)
+
 
 if __name__ == "__main__":
     main()

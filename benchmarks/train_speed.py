@@ -11,8 +11,9 @@ of rounds of timed steps after warm-up steps, as images/s or tokens/s, and the s
 peak (1024^3 fp32 / bf16 matmul GFLOP/s, measured in the same run) reached by the model FLOPs.
 
 Levers: AdamW for-loop (what torch picks for CPU tensors by default) vs foreach vs fused;
-torch.compile of the model (graph breaks listed with torch._dynamo.explain); channels-last vs
-contiguous input/weights for the tokenizer, applied from outside with ``model.to(memory_format=...)``;
+torch.compile of the model (graph breaks listed with torch._dynamo.explain); for the tokenizer, the
+default layout (NCHW input and weights; the decoder channels-last, as ``stage1_vq.modules.conv_memory_format``
+chooses) vs everything channels-last, applied from outside with ``model.to(memory_format=...)``;
 SDPA for the prior (confirmed by finding F.scaled_dot_product_attention in the traced step).
 """
 
@@ -184,7 +185,7 @@ def main() -> None:
         impls = ("for-loop", "fused") if args.quick or (bf16 and slow_bf16) else ("for-loop", "foreach", "fused")
         for impl in impls:
             step, _ = tokenizer_step(accelerator, impl, bf16, False, False, b)
-            record("tokenizer", dtype, f"AdamW {impl}, contiguous{tag}", median_rate(step, b, w, s, r), tok_flops)
+            record("tokenizer", dtype, f"AdamW {impl}, default layout{tag}", median_rate(step, b, w, s, r), tok_flops)
         step, _ = tokenizer_step(accelerator, "fused", bf16, True, False, b)
         record("tokenizer", dtype, f"AdamW fused, channels-last{tag}", median_rate(step, b, w, s, r), tok_flops)
         # Compiling the 13M tokenizer takes minutes on two cores: not in --quick.
@@ -193,7 +194,7 @@ def main() -> None:
             t = time.perf_counter()
             step()
             print(f"  (tokenizer compile + first step: {time.perf_counter() - t:.0f} s)")
-            record("tokenizer", dtype, "AdamW fused, contiguous, compiled", median_rate(step, b, w, s, r), tok_flops)
+            record("tokenizer", dtype, "AdamW fused, default layout, compiled", median_rate(step, b, w, s, r), tok_flops)
 
     # -- prior
     prior_batch = 8

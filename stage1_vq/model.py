@@ -2,6 +2,8 @@
 
 ``architecture: conv`` (default) is the convolutional VQGAN encoder/decoder; ``architecture: vit``
 swaps in ViT-VQGAN-style transformer ones (``stage1_vq/vit.py``); the quantizer is the same.
+``architecture: pixels`` (Image GPT's pixel tokens, ``stage1_vq/palette.py``) has neither: each pixel
+is one token, the index of its nearest colour in a fitted palette of ``quantizer.codebook_size`` colours.
 
 State-dict keys follow taming-transformers' VQModel (``encoder.*``, ``decoder.*``, ``quant_conv``,
 ``post_quant_conv``, ``quantize.embedding.weight``). LlamaGen's VQ-16 is represented exactly by
@@ -20,22 +22,29 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from stage1_vq.modules import Decoder, Encoder
+from stage1_vq.modules import Decoder, Encoder, conv_memory_format
+from stage1_vq.palette import PaletteQuantizer
 from stage1_vq.quantizers import Quantizer, QuantizerConfig, QuantizerOutput, build_quantizer
 from stage1_vq.vit import ViTDecoder, ViTEncoder
 from vqgpt.ground.checkpoint import load_export, push_to_hub, resolve_model_dir, save_export
 from vqgpt.ground.config import opt
 
 EXPORT_KIND = "vq_tokenizer"
-ARCHITECTURES = ("conv", "vit")
+ARCHITECTURES = ("conv", "vit", "pixels")
+# Quantizer options that learn or reshape a codebook: a fitted palette takes none of them.
+_LEARNED_OPTIONS = ("l2_norm", "ema", "kmeans_init", "rotation_trick", "simvq")
 
 
 @dataclass
 class VQModelConfig:
     """Architecture of the VQ tokenizer."""
 
-    architecture: str = opt("conv", "'conv' (VQGAN ResNet encoder/decoder) or 'vit' (ViT-VQGAN: patches, "
-                                    "transformer blocks; uses patch_size and the vit_* keys, not the conv ones)")
+    architecture: str = opt("conv", "'conv' (VQGAN ResNet encoder/decoder), 'vit' (ViT-VQGAN: patches, "
+                                    "transformer blocks; uses patch_size and the vit_* keys, not the conv ones) or "
+                                    "'pixels' (Image GPT: no encoder/decoder, one token per pixel, the nearest of "
+                                    "quantizer.codebook_size palette colours fitted by k-means (the palette section); "
+                                    "quantizer.kind stays 'vq' without its learning options; uses only in_channels, "
+                                    "resolution and quantizer.codebook_size)")
     in_channels: int = opt(3, "image channels fed to the encoder")
     out_channels: int = opt(3, "image channels produced by the decoder")
     channels: int = opt(128, "conv: base width of the encoder/decoder (multiplied by channel_mult per level)")
@@ -65,8 +74,27 @@ class VQModelConfig:
             raise ValueError(f"z_channels must be positive, got {self.z_channels}")
         if self.architecture == "vit":
             self._check_vit()
+        elif self.architecture == "pixels":
+            self._check_pixels()
         else:
             self._check_conv()
+
+    def _check_pixels(self) -> None:
+        q = self.quantizer
+        if self.in_channels != self.out_channels:
+            raise ValueError(f"architecture 'pixels' decodes the pixels it encodes: out_channels ({self.out_channels}) "
+                             f"must equal in_channels ({self.in_channels})")
+        if q.kind != "vq":
+            raise ValueError(f"architecture 'pixels' quantizes with a fitted colour palette: quantizer.kind must be "
+                             f"'vq' (the palette's size is quantizer.codebook_size), got {q.kind!r}")
+        learned = [name for name in _LEARNED_OPTIONS if getattr(q, name)]
+        learned += [name for name in ("restart_threshold", "entropy_weight") if getattr(q, name) != 0]
+        if learned:
+            raise ValueError(f"architecture 'pixels': the palette is fitted by k-means, not trained; remove "
+                             f"quantizer.{', quantizer.'.join(learned)}")
+        if q.codebook_dim not in (None, self.in_channels):
+            raise ValueError(f"architecture 'pixels': quantizer.codebook_dim must be null or in_channels "
+                             f"({self.in_channels}), the colours' channels; got {q.codebook_dim}")
 
     def _check_vit(self) -> None:
         if self.patch_size < 1 or self.vit_dim < 1 or self.vit_depth < 1 or self.vit_heads < 1:
@@ -102,6 +130,8 @@ class VQModelConfig:
 
     @property
     def downsample_factor(self) -> int:
+        if self.architecture == "pixels":
+            return 1
         if self.architecture == "vit":
             return self.patch_size
         return 2 ** (len(self.channel_mult) - 1)
@@ -119,11 +149,19 @@ class VQOutput(NamedTuple):
 
 
 class VQModel(nn.Module):
-    """Encoder -> quant_conv -> quantize -> post_quant_conv -> decoder; images in [-1, 1]."""
+    """Encoder -> quant_conv -> quantize -> post_quant_conv -> decoder; images in [-1, 1].
+
+    ``architecture: pixels`` keeps only ``quantize``, a frozen colour palette (``PaletteQuantizer``).
+    """
 
     def __init__(self, config: VQModelConfig):
         super().__init__()
         self.config = config
+        if config.architecture == "pixels":
+            # Calling `model.quantize(z)` runs the quantizer, as for the other architectures.
+            self.quantize: Quantizer | PaletteQuantizer = PaletteQuantizer(
+                config.quantizer.codebook_size, config.in_channels, usage_window=config.quantizer.usage_window)
+            return
         latent_dim = config.quantizer.latent_dim(config.z_channels)
         self.encoder: Encoder | ViTEncoder
         self.decoder: Decoder | ViTDecoder
@@ -142,7 +180,7 @@ class VQModel(nn.Module):
             self.decoder = Decoder(out_channels=config.out_channels, **arch)
         self.quant_conv = nn.Conv2d(config.z_channels, latent_dim, kernel_size=1)
         # Calling `model.quantize(z)` runs the quantizer: it is the submodule (taming's key name).
-        self.quantize: Quantizer = build_quantizer(config.quantizer, latent_dim)
+        self.quantize = build_quantizer(config.quantizer, latent_dim)
         self.post_quant_conv = nn.Conv2d(latent_dim, config.z_channels, kernel_size=1)
 
     # ------------------------------------------------------------------ properties
@@ -167,6 +205,8 @@ class VQModel(nn.Module):
     @property
     def last_layer_weight(self) -> torch.Tensor:
         """Weight of the decoder's final layer, for the adaptive GAN weight."""
+        if self.config.architecture == "pixels":
+            raise ValueError("architecture 'pixels' has no decoder to train: its palette is fitted by k-means")
         if isinstance(self.decoder, ViTDecoder):
             return self.decoder.to_pixels.weight
         return self.decoder.conv_out.weight
@@ -198,10 +238,16 @@ class VQModel(nn.Module):
         if images.ndim != 4 or images.shape[1] != self.config.in_channels:
             raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got shape {tuple(images.shape)}")
         self.grid_shape(images.shape[-2], images.shape[-1])
+        if self.config.architecture == "pixels":
+            return images  # the latent of a pixel token is the pixel itself (f = 1)
         return self.quant_conv(self.encoder(images))
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantized latents (B, D, h, w) -> images (B, C_out, h*f, w*f)."""
+        if self.config.architecture == "pixels":
+            return z_q.clamp(-1, 1)  # palette colours are the pixels
+        if isinstance(self.decoder, Decoder):  # conv: the layout chosen (conv_memory_format), not by accident
+            z_q = z_q.contiguous(memory_format=conv_memory_format(z_q.device.type))
         return self.decoder(self.post_quant_conv(z_q))
 
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:

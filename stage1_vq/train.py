@@ -2,6 +2,8 @@
 
 RUN/ receives config.yaml, metrics.jsonl, samples/step-*.png (original | reconstruction),
 checkpoints/step-*/ (resume state) and export/ (the tokenizer: config.json + model.safetensors).
+``model.architecture: pixels`` has nothing to train by gradients: its colour palette is fitted by
+k-means instead (``fit_palette_run``), into the same run folder files.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, broadcast
 from tqdm.auto import tqdm
 
 from stage1_vq.losses import LossConfig, build_discriminator, build_perceptual, discriminator_loss, generator_loss
 from stage1_vq.model import VQModel, VQModelConfig
+from stage1_vq.palette import PaletteConfig, fit_palette
 from vqgpt.ground.checkpoint import save_checkpoint
 from vqgpt.ground.config import ConfigError, opt
 from vqgpt.ground.data import DataConfig, Unreadable, build_dataset
@@ -24,7 +28,9 @@ from vqgpt.ground.metrics import psnr
 from vqgpt.training import (
     GracefulInterrupt,
     MetricsLog,
+    RunFolder,
     StepMetrics,
+    StreamPosition,
     TrainConfig,
     after_step,
     batch_stream,
@@ -56,6 +62,9 @@ class TokenizerRunConfig:
     loss: LossConfig = opt(LossConfig, "reconstruction, perceptual, GAN and quantizer losses")
     data: DataConfig = opt(DataConfig, "training images")
     train: TrainConfig = opt(TrainConfig, "optimisation and bookkeeping")
+    palette: PaletteConfig = opt(PaletteConfig, "model.architecture 'pixels' only: the k-means fit of its colour "
+                                                "palette, which replaces gradient training (of train.* it uses seed, "
+                                                "batch_size and keep_checkpoints)")
     disc_lr_ratio: float = opt(1.0, "discriminator LR as a multiple of train.lr")
 
 
@@ -100,6 +109,8 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ConfigError("the tokenizer trains with DDP (configs/accelerate/multi_gpu.yaml); FSDP is for large priors")
     with open_run_dir(out, cfg, accelerator, resume, overwrite) as run:
+        if cfg.model.architecture == "pixels":
+            return fit_palette_run(cfg, accelerator, run)
         run_dir = run.path
         is_main = accelerator.is_main_process
 
@@ -215,9 +226,9 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                         metrics.add(loss=g.total, rec_loss=g.reconstruction, perceptual=g.perceptual, gan=g.gan,
                                     gan_weight=g.gan_weight, quant_loss=g.quantizer, disc_loss=d_loss)
                         if log_now:
-                            stats = out.quantizer.stats  # usage from all ranks' codes (all-reduced)
-                            metrics.add(psnr=psnr(images, out.reconstruction).mean(), usage=stats["usage"],
-                                        perplexity=stats["perplexity"])
+                            # every quantizer statistic: usage and perplexity (from all ranks' codes), and
+                            # the kind's own (per-depth usage/error of rvq, the entropies of lfq, restarts)
+                            metrics.add(psnr=psnr(images, out.reconstruction).mean(), **out.quantizer.stats)
                     else:
                         skipped += dropped_update(accelerator, tc, "tokenizer loss or gradient norm", step + 1, run_dir)
                 step += 1
@@ -242,3 +253,44 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
             accelerator.print(f"tokenizer exported to {export_dir}")
         finish_run(accelerator)
         return export_dir
+
+
+def fit_palette_run(cfg: TokenizerRunConfig, accelerator: Accelerator, run: RunFolder) -> Path:
+    """``architecture: pixels``: fit the palette by k-means into RUN (metrics.jsonl: the distortion after the
+    init, step 1, and each Lloyd iteration; then held-out PSNR / usage), checkpoint it once (so ``--resume
+    auto`` finds a finished run, and re-exports it) and export it; returns RUN/export."""
+    run_dir, tc = run.path, cfg.train
+    model = VQModel(cfg.model).to(accelerator.device).eval()
+    accelerator.register_for_checkpointing(model)  # the palette is the whole state
+    step, _ = load_resume(accelerator, run.checkpoint, tc.batch_size)
+    start_trackers(accelerator, cfg, run_dir, step)
+    done = cfg.palette.iterations + 1
+    if step < done:
+        log = MetricsLog(run_dir, accelerator)
+
+        def log_distortion(iteration: int, distortion: float) -> None:
+            if iteration + 1 < done:  # the last one goes with the held-out figures below
+                log.write({"step": iteration + 1, "distortion": distortion})
+
+        if accelerator.is_main_process:  # one process fits; the others get its palette
+            fit = fit_palette(cfg.data, model.codebook_size, cfg.palette, seed=tc.seed, batch_size=tc.batch_size,
+                              on_iteration=log_distortion)
+            model.quantize.palette.copy_(fit.palette)
+        model.quantize.palette.copy_(broadcast(model.quantize.palette.contiguous(), from_process=0))
+        if accelerator.is_main_process:
+            snapshot = _snapshot_images(cfg).to(accelerator.device)
+            out = model(snapshot)
+            log.write({"step": done, "distortion": fit.distortion[-1],
+                       "psnr": psnr(snapshot, out.reconstruction).mean(), **out.quantizer.stats,
+                       "sample_pixels": fit.num_pixels,
+                       "sample_usage": float((fit.counts > 0).float().mean())})
+            save_grid(side_by_side(snapshot.cpu(), out.reconstruction.cpu()),
+                      run_dir / "samples" / f"step-{done:08d}.png", nrow=8)
+        save_checkpoint(accelerator, run_dir, done, tc.keep_checkpoints,
+                        extra=stream_state(StreamPosition(), accelerator, tc.batch_size))
+    export_dir = run_dir / "export"
+    if accelerator.is_main_process:
+        model.save_pretrained(export_dir)
+        accelerator.print(f"tokenizer (a palette of {model.codebook_size} colours) exported to {export_dir}")
+    finish_run(accelerator)
+    return export_dir

@@ -45,6 +45,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from stage2_prior.decode import decode_step
 from stage2_prior.draw import (Randomness, SamplingConfig, cfg_scales, check_sampling_args, eval_mode,
                                guided_labels, next_token, resolve_class_labels)
 from stage2_prior.layers import KVCache
@@ -78,13 +79,15 @@ def _check_stride(window_stride: int | Sequence[int], h: int, w: int) -> tuple[i
 def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None = None, keep_rows: int | None = None,
              class_labels: int | Sequence[int] | torch.Tensor | None = None, sampling: SamplingConfig | None = None,
              use_cache: bool = True, window_stride: int | Sequence[int] = 1, max_window_caches: int | None = None,
-             generator: Randomness = None, progress: bool = False) -> torch.Tensor:
+             generator: Randomness = None, progress: bool = False, compile: bool = False) -> torch.Tensor:
     """Sample the unknown cells of tokens (B, H, W) in raster order -> (B, H, W); known cells are kept.
 
     Known cells: ``known_mask`` (B, H, W) or (H, W) bool, or the top ``keep_rows`` rows. Values at
     unknown cells are ignored (may be -1). ``sampling`` as in ``generate``; ``window_stride``
     (rows, cols) and ``max_window_caches`` as in the module docstring. ``generator``: one for the batch,
-    or one per row (``stage2_prior.draw.Randomness``).
+    or one per row (``stage2_prior.draw.Randomness``). ``compile``: feed single cells through the
+    compiled decode step (``stage2_prior.decode``); chunks (prefills) stay eager. On a GPU the step's
+    caches here belong to the windows, so it runs compiled without a CUDA graph.
     """
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be (B, H, W), got shape {tuple(tokens.shape)}")
@@ -113,8 +116,11 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
     if max_window_caches is not None and max_window_caches < 0:
         raise ValueError(f"max_window_caches must be >= 0 or None, got {max_window_caches}")
     sampling = sampling or SamplingConfig()
+    if compile and not use_cache:
+        raise ValueError("compile=True compiles the KV-cache decode step: it needs use_cache=True")
     guided = check_sampling_args(model, sampling)
     labels = guided_labels(model, resolve_class_labels(model, class_labels, B, device), guided)
+    step = decode_step(model) if compile else None
     scales = cfg_scales(sampling.cfg_scale, sampling.cfg_schedule, H * W)
     batch = 2 * B if guided else B
     canvas = torch.where(known_mask, tokens, 0)  # (B, H, W)
@@ -128,7 +134,7 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
     scratch = _WindowCache()  # shared by window columns beyond the capacity
 
     def new_cache(batch_size: int) -> KVCache:
-        return model.new_cache(batch_size, 1 + h * w)
+        return model.new_cache(batch_size, 1 + h * w, zeroed=step is not None)
 
     def window_cache(r0: int, c0: int) -> _WindowCache:
         entry = pool.get(c0)
@@ -183,8 +189,11 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
                     else:
                         fed = canvas[:, r0: r0 + h, c0: c0 + w].reshape(B, h * w)[:, lo:p]  # (B, p - lo)
                     fed = torch.cat([fed, fed]) if guided else fed
-                    logits = model.forward_cached(fed, first, labels if first == 0 else None, cache=entry.cache,
-                                                  last_only=True)[:, -1]
+                    if step is not None and first > 0 and fed.shape[1] == 1:
+                        logits = step(fed, first, entry.cache)[:, -1]
+                    else:
+                        logits = model.forward_cached(fed, first, labels if first == 0 else None,
+                                                      cache=entry.cache, last_only=True)[:, -1]
                     entry.filled = p + 1
                 else:
                     fed = canvas[:, r0: r0 + h, c0: c0 + w].reshape(B, h * w)[:, : p + 1]  # cell p is not read
@@ -202,7 +211,7 @@ def generate_highres(model: GPT, num_samples: int, height: int, width: int,
                      class_labels: int | Sequence[int] | torch.Tensor | None = None,
                      sampling: SamplingConfig | None = None, use_cache: bool = True,
                      window_stride: int | Sequence[int] = 1, max_window_caches: int | None = None,
-                     generator: Randomness = None, progress: bool = False) -> torch.Tensor:
+                     generator: Randomness = None, progress: bool = False, compile: bool = False) -> torch.Tensor:
     """Sample (num_samples, height, width) code grids with sliding windows of the training grid size."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -210,7 +219,7 @@ def generate_highres(model: GPT, num_samples: int, height: int, width: int,
     empty = torch.zeros(num_samples, height, width, dtype=torch.long, device=device)
     return complete(model, empty, keep_rows=0, class_labels=class_labels, sampling=sampling, use_cache=use_cache,
                     window_stride=window_stride, max_window_caches=max_window_caches, generator=generator,
-                    progress=progress)
+                    progress=progress, compile=compile)
 
 
 def extend(model: GPT, tokens: torch.Tensor, height: int, width: int, **options: object) -> torch.Tensor:

@@ -90,7 +90,9 @@ class KVCache:
     """Preallocated keys and values of every layer, each (B, n_kv_head, max_len, head_dim).
 
     Slots are written before they are read (attention reads slots < start_pos + n only), so the
-    storage is left uninitialised.
+    storage is left uninitialised, unless ``zeroed``: the fixed-shape step of a compiled decoder
+    attends over every slot behind a mask, and a masked slot must still hold finite numbers
+    (0 * NaN is NaN).
     """
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
@@ -99,10 +101,11 @@ class KVCache:
 
     @classmethod
     def allocate(cls, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+                 dtype: torch.dtype, device: torch.device | str, zeroed: bool = False) -> "KVCache":
         shape = (batch_size, n_kv_head, max_len, head_dim)
-        return cls([torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)],
-                   [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)])
+        new = torch.zeros if zeroed else torch.empty
+        return cls([new(shape, dtype=dtype, device=device) for _ in range(n_layer)],
+                   [new(shape, dtype=dtype, device=device) for _ in range(n_layer)])
 
     def select(self, start: int, stop: int) -> "KVCache":
         """The cache of batch rows [start, stop), sharing storage with this one."""
@@ -122,7 +125,7 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None,
-                start_pos: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
+                start_pos: int | torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         B, n, _ = x.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.wqkv(x)  # (B, n, (H + 2K) * D)
@@ -134,17 +137,26 @@ class Attention(nn.Module):
             k = apply_rope(self.k_norm(qkv[..., H * D: (H + K) * D].view(B, n, K, D)), rope)
         v = qkv[..., (H + K) * D:].view(B, n, K, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, n, D)
+        static = isinstance(start_pos, torch.Tensor)
         if cache is not None:
             k_cache, v_cache = cache
-            k_cache[:, :, start_pos: start_pos + n] = k
-            v_cache[:, :, start_pos: start_pos + n] = v
-            k, v = k_cache[:, :, : start_pos + n], v_cache[:, :, : start_pos + n]
+            if static:
+                # Fixed shapes for a compiled step: write slots start_pos + [0, n) in place and attend
+                # over the whole cache; attn_mask hides the slots not written yet.
+                slots = start_pos + torch.arange(n, device=start_pos.device)
+                k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
+                v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+                k, v = k_cache, v_cache
+            else:
+                k_cache[:, :, start_pos: start_pos + n] = k
+                v_cache[:, :, start_pos: start_pos + n] = v
+                k, v = k_cache[:, :, : start_pos + n], v_cache[:, :, : start_pos + n]
         if K != H:
             k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
         # Causal: plain is_causal when the queries start the sequence; a mask when a chunk follows a
-        # cache; nothing for a single query (it may see every cached slot).
+        # cache (always on the static path); nothing for a single query (it may see every cached slot).
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and start_pos == 0 and n > 1,
+            q, k, v, attn_mask=attn_mask, is_causal=not static and attn_mask is None and start_pos == 0 and n > 1,
             dropout_p=self.attn_dropout if self.training else 0.0)  # (B, H, n, D)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, H * D)))
 
@@ -174,7 +186,7 @@ class TransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None,
-                start_pos: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
+                start_pos: int | torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.drop_path(self.attention(self.attention_norm(x), rope, cache, start_pos, attn_mask))
         return x + self.drop_path(self.feed_forward(self.ffn_norm(x)))
 

@@ -122,16 +122,16 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ KV-cache inference
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> KVCache:
+                  device: torch.device | str | None = None, zeroed: bool = False) -> KVCache:
         """A static KV cache for ``forward_cached``: 1 + h*w slots (prefix + grid) by default, the token
-        embedding's dtype and device unless given."""
+        embedding's dtype and device unless given; ``zeroed`` for a tensor ``start_pos`` (see KVCache)."""
         c, weight = self.config, self.tok_embeddings.weight
         return KVCache.allocate(c.n_layer, batch_size, c.n_kv_head or c.n_head, max_len or 1 + self.seq_len,
-                                c.head_dim, dtype or weight.dtype, device or weight.device)
+                                c.head_dim, dtype or weight.dtype, device or weight.device, zeroed=zeroed)
 
-    def forward_cached(self, tokens: torch.Tensor | None, start_pos: int, class_labels: torch.Tensor | None = None,
-                       *, cache: KVCache, positions: torch.Tensor | None = None,
-                       last_only: bool = False) -> torch.Tensor:
+    def forward_cached(self, tokens: torch.Tensor | None, start_pos: int | torch.Tensor,
+                       class_labels: torch.Tensor | None = None, *, cache: KVCache,
+                       positions: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Incremental forward over slots [start_pos, start_pos + n) of ``cache`` -> logits (B, n or 1, V).
 
         Slot 0 holds the prefix and slot s > 0 grid token s - 1; the logits of slot s predict grid
@@ -139,10 +139,20 @@ class GPT(nn.Module):
         (which may be None: prefix only). ``cache`` comes from ``new_cache`` and holds the slots before
         start_pos. ``positions`` (n, 2) gives each token's (row, col) for RoPE, default its own raster
         cell; sliding windows pass window-relative cells.
+
+        ``start_pos`` as a 1-element long tensor (> 0, on the model's device) is the fixed-shape form
+        a compiled decode step uses (``stage2_prior.decode``): every shape is the same at every slot and
+        the position is data, not a constant, so the step compiles once; it attends over the whole
+        cache behind a mask, so the cache must come from ``new_cache(..., zeroed=True)``. Nothing is
+        range-checked on this path (it would sync with the device).
         """
         # Checked before the prefix is built: it takes the cache's batch, the tokens bring their own.
         if tokens is not None and tokens.shape[0] != cache.batch_size:
             raise ValueError(f"batch {tokens.shape[0]} does not match the cache batch {cache.batch_size}")
+        if isinstance(start_pos, torch.Tensor):
+            if class_labels is not None:
+                raise ValueError("class_labels are only read at start_pos=0 (the prefix slot)")
+            return self._forward_static(tokens, start_pos, cache, positions)
         parts = [self.prefix_embedding(class_labels, cache.batch_size)] if start_pos == 0 else []
         if start_pos > 0 and class_labels is not None:
             raise ValueError("class_labels are only read at start_pos=0 (the prefix slot)")
@@ -170,6 +180,25 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()  # (B, n or 1, V)
+
+    def _forward_static(self, tokens: torch.Tensor | None, start_pos: torch.Tensor, cache: KVCache,
+                        positions: torch.Tensor | None) -> torch.Tensor:
+        """``forward_cached`` with a tensor start_pos: fixed shapes, no host sync (see there)."""
+        if tokens is None or tokens.shape[1] == 0:
+            raise ValueError("forward_cached with a tensor start_pos takes tokens (B, n >= 1) after the prefix slot")
+        x = self.tok_embeddings(tokens)  # (B, n, dim)
+        n = x.shape[1]
+        slots = start_pos + torch.arange(n, device=x.device)  # (n,)
+        table = self.rope_table(x.device)
+        if positions is None:
+            rope = table[slots]
+        else:
+            rope = table[1 + positions[:, 0] * self.grid_size[1] + positions[:, 1]]
+        # query i sees slots <= start_pos + i; later slots hold zeros or stale values
+        attn_mask = torch.arange(cache.max_len, device=x.device) <= slots[:, None]  # (n, max_len)
+        for layer, k, v in zip(self.layers, cache.keys, cache.values):
+            x = layer(x, rope, (k, v), start_pos, attn_mask)
+        return self.output(self.norm(x)).float()  # (B, n, V)
 
     # ------------------------------------------------------------------ export
 

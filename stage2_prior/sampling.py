@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from stage2_prior.decode import decode_step
 from stage2_prior.draw import (CFG_SCHEDULES, SamplingConfig, cfg_scales, check_sampling_args, eval_mode,
                                guided_labels, next_token, resolve_class_labels, sample_logits, top_k_filter,
                                top_p_filter)
@@ -27,14 +28,19 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
              grid_size: Sequence[int] | None = None, sampling: SamplingConfig | None = None, use_cache: bool = True,
              generator: torch.Generator | None = None, progress: bool = False,
              window_stride: int | Sequence[int] = 1,
-             generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+             generators: Sequence[torch.Generator] | None = None, compile: bool = False) -> torch.Tensor:
     """Sample code grids -> LongTensor (num_samples, h, w); a grid larger than the trained one is sampled
     with sliding windows (``stage2_prior.highres.generate_highres``, moving ``window_stride`` (rows, columns)
     at a time: a residual-VQ tokenizer's D codes per position want (1, D)). ``sampling``: default SamplingConfig().
 
     ``generators``: one per sample, instead of ``generator``: sample b's noise then comes from
-    ``generators[b]`` alone, so its tokens do not depend on the other samples of the batch."""
+    ``generators[b]`` alone, so its tokens do not depend on the other samples of the batch.
+
+    ``compile``: run the one-token step under torch.compile (``stage2_prior.decode``; CUDA graphs on
+    a GPU); the first call compiles (seconds to a minute), later calls with the same batch reuse it."""
     sampling = sampling or SamplingConfig()
+    if compile and not use_cache:
+        raise ValueError("compile=True compiles the KV-cache decode step: it needs use_cache=True")
     if generators is not None:
         if generator is not None:
             raise ValueError("give generator (one for the batch) or generators (one per sample), not both")
@@ -47,7 +53,7 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
         height, width = grid_size
         return generate_highres(model, num_samples, height, width, class_labels=class_labels, sampling=sampling,
                                 use_cache=use_cache, window_stride=window_stride, generator=noise,
-                                progress=progress)
+                                progress=progress, compile=compile)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     guided = check_sampling_args(model, sampling)
@@ -58,8 +64,9 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
     batch = 2 * num_samples if guided else num_samples
     out = torch.empty(num_samples, T, dtype=torch.long, device=device)
     with eval_mode(model):
+        step = decode_step(model) if compile else None
         if use_cache:
-            cache = model.new_cache(batch, 1 + T)
+            cache = step.new_cache(batch, 1 + T) if step is not None else model.new_cache(batch, 1 + T)
             logits = model.forward_cached(None, 0, labels, cache=cache)  # (batch, 1, V) predicts token 0
         else:
             seq = torch.zeros(batch, T, dtype=torch.long, device=device)  # the token at t is never read for t
@@ -69,10 +76,12 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
             out[:, t] = tok
             if t == T - 1:
                 break
-            step = torch.cat([tok, tok]) if guided else tok
-            if use_cache:
-                logits = model.forward_cached(step[:, None], t + 1, cache=cache)
+            fed = torch.cat([tok, tok]) if guided else tok
+            if step is not None:
+                logits = step(fed[:, None], t + 1, cache)
+            elif use_cache:
+                logits = model.forward_cached(fed[:, None], t + 1, cache=cache)
             else:
-                seq[:, t] = step
+                seq[:, t] = fed
                 logits = model(seq[:, : t + 2], labels)
     return out.view(num_samples, h, w)

@@ -10,9 +10,10 @@ import torch
 from baselines import eval_images, label_ignoring_accuracy, mean_image_scores
 
 import vqgpt.workflow.evaluation as evaluation
+import vqgpt.workflow.sample_many as sample_many_module
 from stage1_vq import QuantizerConfig, VQModel, VQModelConfig
 from stage1_vq.evaluate import load_lpips
-from stage2_prior import GPT, GPTConfig
+from stage2_prior import GPT, GPTConfig, SamplingConfig
 from vqgpt.workflow.classifier import (
     DEFAULT_STEPS,
     MnistClassifier,
@@ -40,12 +41,13 @@ from vqgpt.ground.fid import (
 )
 from vqgpt.ground.metrics import psnr, ssim
 from vqgpt.workflow.pipeline import VQGPTPipeline
+from vqgpt.workflow.sample_many import draw_images
 
 # The JSON schemas, pinned: changing a key is a breaking change for users' scripts.
 EXPECTED_TOKENIZER_KEYS = ("tokenizer", "images", "num_images", "resolution", "grid", "codebook_size", "psnr", "ssim",
                            "lpips", "rfid", "codebook_usage", "num_tokens", "perplexity", "bits_per_image", "fid_features")
 EXPECTED_PRIOR_KEYS = ("pipeline", "reference", "num_samples", "num_reference", "resolution", "cfg_scale",
-                       "temperature", "top_k", "top_p", "seed", "fid", "inception_score", "inception_score_std",
+                       "temperature", "top_k", "top_p", "seed", "fid", "sfid", "inception_score", "inception_score_std",
                        "precision", "recall", "class_accuracy", "classifier_heldout_accuracy", "fid_features")
 EXPECTED_STATS_KEYS = ("path", "source", "split", "resolution", "num_images", "feature_dim", "num_features_kept",
                        "fid_features")
@@ -171,15 +173,19 @@ def test_eval_prior_end_to_end(pipeline_dir, classifier_path, tmp_path):
     assert data["num_samples"] == 20 and data["num_reference"] == 500 and data["resolution"] == 32
     assert data["classifier_heldout_accuracy"] == 0.25
 
-    # the figures equal a direct computation on the same samples: labels 0..9 twice, seed + batch index
+    # the figures equal a direct computation on the same samples: labels 0..9 twice, sample i from its own seed
     pipe = VQGPTPipeline.from_pretrained(pipeline_dir)
     labels = torch.arange(20) % 10
-    samples = torch.cat([pipe.generate(10, class_labels=labels[i * 10:(i + 1) * 10], seed=3 + i) for i in range(2)])
+    samples = torch.cat([draw_images(pipe, list(range(i, i + 10)), labels[i:i + 10], pipe.grid_for_pixels(None, None),
+                                     SamplingConfig(), 3) for i in (0, 10)])
     extractor = load_feature_extractor("random")
-    reference = extractor(eval_images("builtin:mnist", 32)).pool
+    real = extractor(eval_images("builtin:mnist", 32))
+    reference = real.pool
     fake = extractor(samples)
-    assert data["fid"] == pytest.approx(frechet_distance(compute_stats(reference, extractor.name),
-                                                         compute_stats(fake.pool, extractor.name)), rel=1e-4)
+    real_stats = compute_stats(reference, extractor.name, spatial=real.spatial)
+    fake_stats = compute_stats(fake.pool, extractor.name, spatial=fake.spatial)
+    assert data["fid"] == pytest.approx(frechet_distance(real_stats, fake_stats), rel=1e-4)
+    assert data["sfid"] == pytest.approx(frechet_distance(real_stats.spatial(), fake_stats.spatial()), rel=1e-4)
     score = inception_score(fake.logits)
     assert (data["inception_score"], data["inception_score_std"]) == pytest.approx((score.mean, score.std), rel=1e-4)
     pr = precision_recall(reference, fake.pool)
@@ -191,6 +197,7 @@ def test_eval_prior_end_to_end(pipeline_dir, classifier_path, tmp_path):
     fid_stats("builtin:mnist", tmp_path / "ref.npz", fid_weights="random", split="eval", device="cpu", progress=False)
     from_file = eval_prior(pipeline_dir, str(tmp_path / "ref.npz"), **common)
     assert from_file.fid == pytest.approx(report.fid, rel=1e-5)
+    assert from_file.sfid == pytest.approx(report.sfid, rel=1e-5)
     assert (from_file.precision, from_file.recall, from_file.class_accuracy) == \
         (report.precision, report.recall, report.class_accuracy)
 
@@ -254,7 +261,9 @@ def test_eval_prior_known_answers(shuffled_pipeline_dir, monkeypatch, kind):
                 "wrong digit": lambda label, n: (CLASS_DIGITS[label] + 1) % 10,
                 "label-ignoring": lambda label, n: n // 50,       # the eval digits in their stored order
                 "only zeros": lambda label, n: 0}[kind]
-    monkeypatch.setattr(VQGPTPipeline, "generate", stand_in_generator(digit_of))
+    stand_in = stand_in_generator(digit_of)
+    monkeypatch.setattr(sample_many_module, "draw_images",
+                        lambda pipe, index, labels, *args: stand_in(pipe, len(index), class_labels=labels))
     monkeypatch.setattr(evaluation, "load_or_train_mnist_classifier", lambda *a, **k: (DigitOracle(), 0.99))
     report = eval_prior(shuffled_pipeline_dir, "builtin:mnist", num_samples=500, batch_size=100, fid_weights="random",
                         reference_split="eval", device="cpu", progress=False)
@@ -295,7 +304,7 @@ def test_eval_prior_refuses_a_reference_of_another_network_before_sampling(pipel
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before checking the reference")
 
-    monkeypatch.setattr(VQGPTPipeline, "generate", no_sampling)
+    monkeypatch.setattr(sample_many_module, "draw_images", no_sampling)
     with pytest.raises(ValueError, match="random-conv-seed1.*random-conv-seed0"):
         eval_prior(pipeline_dir, str(tmp_path / "ref.npz"), num_samples=4, fid_weights="random", device="cpu",
                    progress=False)

@@ -372,6 +372,7 @@ def test_lfq_tokenizer_at_1024_codes_through_encode_and_a_prior(tmp_path):
     train_tokenizer(tok_cfg, tmp_path / "tok")
     metrics = [json.loads(line) for line in (tmp_path / "tok" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and all(0 < m["usage"] <= 1 and m["perplexity"] >= 1 for m in metrics)
+    assert all(m["sample_entropy"] >= 0 and m["codebook_entropy"] >= 0 for m in metrics)  # lfq's own terms logged
     tokenizer = VQModel.from_pretrained(tmp_path / "tok" / "export")
     assert isinstance(tokenizer.quantize, LFQ) and tokenizer.codebook_size == 1024
 

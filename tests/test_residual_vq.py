@@ -194,6 +194,9 @@ def test_rvq_tokenizer_through_encode_a_prior_and_sampling(tmp_path):
     train_tokenizer(tok_cfg, tmp_path / "tok")
     metrics = [json.loads(line) for line in (tmp_path / "tok" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and all(0 < m["usage"] <= 1 for m in metrics)
+    for d in range(2):  # reconstruction and usage per depth reach the log
+        assert all(0 < m[f"usage_d{d}"] <= 1 and m[f"perplexity_d{d}"] >= 1 for m in metrics)
+    assert all(0 <= m["error_d1"] <= m["error_d0"] for m in metrics)  # the second depth only removes error
     tokenizer = VQModel.from_pretrained(tmp_path / "tok" / "export")
     assert tokenizer.codebook_size == 128 and tokenizer.codes_per_position == 2
 

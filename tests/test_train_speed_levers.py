@@ -95,3 +95,53 @@ def test_compiled_training_step_has_the_eager_losses() -> None:
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-5, atol=1e-6)
     for a, b in zip(eager_params, compiled_params):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
+def tiny_tokenizer(kind: str):
+    """A seeded 2-level conv tokenizer on 16x16 images with quantizer ``kind`` (vq: EMA + k-means init)."""
+    from stage1_vq.model import VQModel, VQModelConfig
+    from stage1_vq.quantizers import QuantizerConfig
+    options = {"vq": dict(codebook_size=64, ema=True, kmeans_init=True),
+               "fsq": dict(codebook_size=None, fsq_levels=[4, 4, 4]),
+               "lfq": dict(codebook_size=None, lfq_dim=6),
+               "rvq": dict(codebook_size=32, rvq_depth=2, kmeans_init=True)}[kind]
+    torch.manual_seed(0)
+    return VQModel(VQModelConfig(channels=32, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[],
+                                 resolution=16, z_channels=16, norm_groups=8,
+                                 quantizer=QuantizerConfig(kind=kind, **options))).train()
+
+
+@pytest.mark.parametrize("kind", ["vq", "fsq", "lfq", "rvq"])
+def test_tokenizer_forward_compiles_to_one_graph(kind: str) -> None:
+    # Code histograms by scatter-add (not bincount, whose shape depends on the data) and a host-side
+    # flag for "k-means done" leave no graph break in a training step's forward after the first step.
+    import torch._dynamo
+    model = tiny_tokenizer(kind)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    model(images)  # the first step runs the one-time k-means initialisation
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(images)
+    assert explained.graph_count == 1, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+
+
+def test_compiled_tokenizer_step_has_the_eager_losses() -> None:
+    # aot_eager: dynamo's graph capture and AOT autograd without inductor's code generation, which
+    # takes minutes for a conv net on two cores; the prior test above covers inductor's numerics.
+    from stage1_vq.losses import LossConfig, generator_loss
+    accelerator = Accelerator(cpu=True)
+    images = [torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(5)]
+    runs = []
+    for compiled in (False, True):
+        model = tiny_tokenizer("vq")
+        tc = TrainConfig(lr=1e-3, grad_clip=1.0)
+        optimizer = accelerator.prepare(make_optimizer([p for p in model.parameters() if p.requires_grad], tc))
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        losses = []
+        for x in images:
+            out = run(x)
+            g = generator_loss(x, out.reconstruction, out.quantizer.loss, None, None, LossConfig(perceptual_weight=0.0),
+                               0, model.last_layer_weight)
+            assert optimizer_step(accelerator, g.total, optimizer, model, tc)
+            losses.append(g.total.item())
+        runs.append(torch.tensor(losses))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-5)

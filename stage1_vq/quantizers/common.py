@@ -98,6 +98,15 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, max_elements: int = 1 
     return torch.cat(out) if out else x.new_zeros(0, dtype=torch.long)
 
 
+def code_counts(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """Histogram (size,) float of integer ``indices`` in [0, size).
+
+    A scatter-add into a fixed-size tensor rather than ``torch.bincount``: bincount's output shape
+    depends on the data, which breaks a ``torch.compile`` graph in every training step."""
+    flat = indices.reshape(-1)
+    return torch.zeros(size, device=flat.device).index_add_(0, flat, torch.ones(flat.shape, device=flat.device))
+
+
 def perplexity(counts: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of the code histogram ``counts`` (K,): the number of equally used codes it equals."""
     probs = counts / counts.sum().clamp_min(1.0)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from stage1_vq.quantizers.common import BaseQuantizer, QuantizerOutput, all_reduce_sum_
+from stage1_vq.quantizers.common import BaseQuantizer, QuantizerOutput, all_reduce_sum_, code_counts
 
 class FSQ(BaseQuantizer):
     """Finite scalar quantization (Mentzer et al. 2023): each channel bounded and rounded to L_i levels.
@@ -70,7 +70,7 @@ class FSQ(BaseQuantizer):
             flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.codebook_dim)  # (N, D)
             codes = self._quantize_flat(flat)
             indices = self.codes_to_indices(codes.detach())  # (N,)
-            counts = torch.bincount(indices, minlength=self.codebook_size).float()
+            counts = code_counts(indices, self.codebook_size)
             if self.training:
                 all_reduce_sum_(counts)
             stats = self._usage_stats(counts)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stage1_vq.quantizers.common import BaseQuantizer, QuantizerOutput, all_reduce_sum_, entropy, mean_over_ranks
+from stage1_vq.quantizers.common import (BaseQuantizer, QuantizerOutput, all_reduce_sum_, code_counts, entropy,
+                                         mean_over_ranks)
 from stage1_vq.quantizers.config import MAX_LFQ_DIM
 
 class LFQ(BaseQuantizer):
@@ -93,7 +94,7 @@ class LFQ(BaseQuantizer):
             flat = self._flatten(z)  # (N, d)
             codes = torch.where(flat > 0, 1.0, -1.0)  # (N, d)
             indices = self.codes_to_indices(codes)  # (N,)
-            counts = torch.bincount(indices, minlength=self.codebook_size).float()
+            counts = code_counts(indices, self.codebook_size)
             if self.training:
                 all_reduce_sum_(counts)
             commitment = F.mse_loss(flat, codes)

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stage1_vq.quantizers.common import (BaseQuantizer, QuantizerOutput, all_reduce_sum_, nearest_code, perplexity,
-                                         rotation_trick)
+from stage1_vq.quantizers.common import (BaseQuantizer, QuantizerOutput, all_reduce_sum_, code_counts, nearest_code,
+                                         perplexity, rotation_trick)
 from stage1_vq.quantizers.vq import VectorQuantizer
 
 
@@ -133,14 +133,14 @@ class ResidualVQ(BaseQuantizer):
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = self._flatten(z)  # (N, C)
             shared = self.layers[0]
-            if self.training and self.shared_codebook and shared.kmeans_init and not bool(shared.initialized):
+            if self.training and self.shared_codebook and shared.needs_kmeans_init():
                 self._init_shared_codebook(flat.detach())
             residual, total = flat, torch.zeros_like(flat)
             per_depth, residuals, errors = [], [], []
             loss, commitment, codebook_loss, penalty = zero, zero, zero, zero
             for d in range(self.depth):
                 layer = self.layer(d)
-                if self.training and not self.shared_codebook and layer.kmeans_init and not bool(layer.initialized):
+                if self.training and not self.shared_codebook and layer.needs_kmeans_init():
                     layer._kmeans_init(residual.detach())  # on this depth's residuals, the depths before set
                 codebook = layer.codebook()  # (K, C)
                 indices = nearest_code(residual.detach(), codebook.detach())  # (N,)
@@ -153,7 +153,7 @@ class ResidualVQ(BaseQuantizer):
                 residual = residual - quantized.detach()
                 total = total + quantized.detach()
                 errors.append(residual.detach().pow(2).mean())
-            counts = torch.stack([torch.bincount(i, minlength=self.depth_codebook_size) for i in per_depth]).float()
+            counts = torch.stack([code_counts(i, self.depth_codebook_size) for i in per_depth])
             restarted = zero
             if self.training:
                 all_reduce_sum_(counts)  # (D, K), global: EMA state must agree across ranks

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stage1_vq.quantizers.common import (BaseQuantizer, QuantizerOutput, all_gather_cat, all_reduce_sum_, broadcast_,
-                                         entropy, mean_over_ranks, nearest_code, rotation_trick)
+                                         code_counts, entropy, mean_over_ranks, nearest_code, rotation_trick)
 
 class VQLoss(NamedTuple):
     """A learned codebook's loss (total) and its parts, scalars."""
@@ -107,12 +107,12 @@ class VectorQuantizer(BaseQuantizer):
         # The lookup runs in fp32 even under autocast: bf16 distances pick wrong codes.
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = self._flatten(z)  # (N, D)
-            if self.training and self.kmeans_init and not bool(self.initialized):
+            if self.training and self.needs_kmeans_init():
                 self._kmeans_init(flat.detach())
             codebook = self.codebook()  # (K, D)
             indices = nearest_code(flat.detach(), codebook.detach())  # (N,)
             quantized = F.embedding(indices, codebook)  # (N, D); gradients reach the codebook
-            counts = torch.bincount(indices, minlength=self.codebook_size).float()  # (K,)
+            counts = code_counts(indices, self.codebook_size)  # (K,)
             restarted = torch.zeros((), device=z.device)
             if self.training:
                 all_reduce_sum_(counts)  # global histogram: EMA state must agree across ranks
@@ -192,6 +192,16 @@ class VectorQuantizer(BaseQuantizer):
             self.embed_sum[dead_idx] = new_codes * self.restart_threshold
         return torch.tensor(float(num_dead), device=flat.device)
 
+    def needs_kmeans_init(self) -> bool:
+        """Whether the codebook still waits for its k-means initialisation.
+
+        Once the buffer says done, a plain Python flag answers: reading the buffer every step would
+        sync it to the host and break a compiled training step's graph each time."""
+        if not self.kmeans_init or getattr(self, "_kmeans_done", False):
+            return False
+        self._kmeans_done = bool(self.initialized)
+        return not self._kmeans_done
+
     @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor) -> None:
         """Lloyd's k-means over all ranks' latents (N, D); seeds from rank 0, sums all-reduced."""
@@ -203,7 +213,7 @@ class VectorQuantizer(BaseQuantizer):
         for _ in range(self.kmeans_iters):
             assign = nearest_code(flat, centroids)
             sums = all_reduce_sum_(torch.zeros_like(centroids).index_add_(0, assign, flat))
-            counts = all_reduce_sum_(torch.bincount(assign, minlength=k).float())
+            counts = all_reduce_sum_(code_counts(assign, k))
             means = sums / counts.clamp_min(1.0).unsqueeze(1)
             if self.l2_norm:
                 means = F.normalize(means, dim=-1)
@@ -215,3 +225,4 @@ class VectorQuantizer(BaseQuantizer):
         elif self.restart_threshold > 0:
             self.cluster_size.copy_(counts)
         self.initialized.fill_(True)
+        self._kmeans_done = True

@@ -214,10 +214,7 @@ def _load_pipeline(args: argparse.Namespace):
         pipe = VQGPTPipeline.from_pretrained(args.pipeline)
     else:
         pipe = VQGPTPipeline.from_parts(args.tokenizer, args.prior)
-    if getattr(args, "prior_dtype", "float32") != "float32":
-        import torch
-
-        pipe.prior.to(getattr(torch, args.prior_dtype))
+    pipe.set_decoding(prior_dtype=getattr(args, "prior_dtype", None), compile=getattr(args, "compile", None))
     return pipe
 
 
@@ -266,6 +263,18 @@ def _sampling(args: argparse.Namespace):
                           cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule)
 
 
+def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """--prior-dtype and --compile: how the prior decodes (sample, complete, eval-prior)."""
+    p.add_argument("--prior-dtype", choices=["float32", "bfloat16", "int8"], default="float32",
+                   help="prior weights while sampling: bfloat16 reads half the bytes per token (faster at batch 8 "
+                        "and up on CPUs with bf16 units, and on GPUs); int8 is weight-only int8 with per-channel "
+                        "scales for the linear layers, a quarter of the bytes (fastest at small batches); the "
+                        "tokenizer stays float32")
+    p.add_argument("--compile", action="store_true",
+                   help="run the prior's one-token decode step under torch.compile (a CUDA graph on a GPU); "
+                        "the first batch pays the compile time (up to a minute or two), later batches reuse it")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     """The flags of sample and complete; ``many``: --out may also be a folder (sample's many-samples mode)."""
     p.add_argument("--class-label", default=None, metavar="NAME|index:N",
@@ -273,9 +282,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                         "written index:N (a bare number that is no class name is an index only when no class name "
                         "is a number)")
     _add_sampling_knobs(p)
-    p.add_argument("--prior-dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="prior weights while sampling: bfloat16 reads half the bytes per token (faster at batch 8 "
-                        "and up on CPUs with bf16 units, and on GPUs); the tokenizer stays float32")
+    _add_decoding_args(p)
     grid_help = "output image file: a grid of the images (.png; also .jpg, .jpeg, .webp, .bmp, .tif, .tiff)"
     p.add_argument("--out", required=not many,
                    help=grid_help + ("; or a folder (ending in /, e.g. samples/): one PNG per sample, {i:06d}.png, "
@@ -390,9 +397,12 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vqgpt.cli.demo import run_demo
+    from vqgpt.cli.demo import run_demo, run_pixel_demo
 
-    run_demo(args.out, quick=args.quick)
+    if args.tokenizer == "pixels":
+        run_pixel_demo(args.out or "runs/demo-pixels", quick=args.quick)
+    else:
+        run_demo(args.out or "runs/demo", quick=args.quick)
     return 0
 
 
@@ -443,7 +453,17 @@ def cmd_eval_prior(args: argparse.Namespace) -> int:
     report = eval_prior(args.pipeline, args.reference, num_samples=args.num, batch_size=args.batch_size,
                         sampling=_sampling(args), seed=args.seed, fid_weights=args.fid_weights,
                         reference_split=args.split, classifier_path=args.classifier, device=args.device,
-                        progress=not args.json)
+                        progress=not args.json, prior_dtype=args.prior_dtype, compile=args.compile)
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch every process holds the report: say it once
+        _print_report(report, args)
+    return 0
+
+
+def cmd_eval_bpd(args: argparse.Namespace) -> int:
+    from vqgpt.workflow.evaluation import eval_bits_per_dim
+
+    report = eval_bits_per_dim(args.pipeline, args.images, split=args.split, num_images=args.num,
+                               batch_size=args.batch_size, device=args.device, progress=not args.json)
     _print_report(report, args)
     return 0
 
@@ -603,19 +623,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_eval_tokenizer)
 
-    p = sub.add_parser("eval-prior", help="FID, IS, precision, recall of samples (+ class accuracy on MNIST)")
+    p = sub.add_parser("eval-prior", help="FID, sFID, IS, precision, recall of samples (+ class accuracy on MNIST); "
+                                          "under accelerate launch every process samples")
     p.add_argument("--pipeline", required=True, help="pipeline folder (tokenizer/ + prior/) or a Hub id owner/name")
-    p.add_argument("--reference", required=True, help="image source or a stats .npz from `vqgpt fid-stats`")
+    p.add_argument("--reference", required=True,
+                   help="image source, a stats .npz from `vqgpt fid-stats`, or an ADM evaluator reference batch "
+                        "(.npz with arr_0 images and/or mu, sigma, mu_s, sigma_s)")
     p.add_argument("--num", type=_int_at_least(1), default=50000,
                    help="samples to draw (published FID uses 50000; at least 2)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="samples drawn at once")
     _add_sampling_knobs(p)
+    _add_decoding_args(p)
     p.add_argument("--fid-weights", default=None, help=fid_help)
     p.add_argument("--split", default="train", choices=["train", "eval"], help="split of an image-source reference")
     p.add_argument("--classifier", default=None, help="MNIST classifier file (default: cached / trained once)")
     p.add_argument("--device", default=None, help=device_help)
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_eval_prior)
+
+    p = sub.add_parser("eval-bpd", help="the prior's held-out NLL of images' codes: bits per token and bits per dim "
+                                        "(per sub-pixel, as Image GPT reports it)")
+    p.add_argument("--pipeline", required=True, help="pipeline folder (tokenizer/ + prior/) or a Hub id owner/name")
+    p.add_argument("--images", required=True, help="image folder, wds:SHARDS, hf:DATASET or builtin:*")
+    p.add_argument("--split", default="eval", choices=["train", "eval"], help="split of the image source")
+    p.add_argument("--num", type=_int_at_least(1), default=None, help="at most this many images (default: all)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per forward pass")
+    p.add_argument("--device", default=None, help=device_help)
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.set_defaults(func=cmd_eval_bpd)
 
     p = sub.add_parser("fid-stats", help="reference statistics (mu, sigma, features) of an image source, once")
     p.add_argument("--images", required=True, help="image folder, wds:SHARDS, hf:DATASET or builtin:mnist|photos|textures")
@@ -706,8 +741,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("demo", help="the whole workflow on built-in MNIST digits, on a CPU")
-    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default: runs/demo, or runs/demo-pixels)")
     p.add_argument("--quick", action="store_true", help="a 1-2 minute version")
+    p.add_argument("--tokenizer", default="vq", choices=["vq", "pixels"],
+                   help="vq: a trained VQ tokenizer and a class-conditional prior (default); pixels: Image GPT's pixel "
+                        "tokens (a k-means colour palette), an unconditional prior, samples, half-image completions "
+                        "and bits per dim")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -10,16 +10,26 @@ FID / IS and should only be compared with each other (the network's name is stor
 of statistics to keep them apart).
 
 Reference statistics are an ``.npz`` holding ``mu`` (D,) and ``sigma`` (D, D) like the usual FID
-stats files, plus the feature network's name, the image source, and a subset of the raw features
-for precision/recall.
+stats files, ``mu_s`` / ``sigma_s`` of the spatial features (sFID) like the ADM evaluator's
+reference batches, plus the feature network's name, the image source, and a subset of the raw
+features for precision/recall. An ADM reference batch (``arr_0``: uint8 (N, H, W, 3) images) is
+read in batches by ``npz_image_batches``.
+
+sFID (Nash et al. 2021, as the ADM evaluator computes it) compares the first 7 channels of the TF
+graph's ``mixed_6/conv`` tensor, a (17, 17) map, flattened in TF's (H, W, C) order: 2023 numbers
+per image. ``mixed_6`` is the graph's seventh mixed block (mixed, mixed_1 ... mixed_10 are
+Mixed_5b ... Mixed_7c), so ``mixed_6/conv`` is the ReLU output of ``Mixed_6d.branch1x1`` in the
+PyTorch port (the TF-to-PyTorch weight maps name ``mixed_6/conv/conv2d_params`` ->
+``Mixed_6d.branch1x1.conv``).
 """
 
 from __future__ import annotations
 
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +42,7 @@ INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth (torch-fidelity)",
 UNKNOWN_NETWORK = "unknown"
 PR_NEIGHBORHOOD = 3          # k of the k-NN manifolds (Kynkäänniemi et al. 2019)
 PR_MAX_FEATURES = 10_000     # features kept for precision/recall: its cost grows as N^2
+SPATIAL_CHANNELS = 7         # sFID: the first 7 channels of mixed_6/conv (the ADM evaluator's choice)
 
 
 class FeatureNetworkUnavailable(RuntimeError):
@@ -39,8 +50,9 @@ class FeatureNetworkUnavailable(RuntimeError):
 
 
 class Features(NamedTuple):
-    pool: torch.Tensor    # (N, D) features for FID and precision/recall
-    logits: torch.Tensor  # (N, K) class logits for the Inception Score
+    pool: torch.Tensor     # (N, D) features for FID and precision/recall
+    logits: torch.Tensor   # (N, K) class logits for the Inception Score
+    spatial: torch.Tensor  # (N, S) spatial features for sFID (Inception: S = 17 * 17 * 7 = 2023)
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
@@ -49,20 +61,39 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 
 class _FidelityInception(nn.Module):
-    """torch-fidelity's Inception-v3 on [-1, 1] float images; it wants uint8 and resizes to 299 itself."""
+    """torch-fidelity's Inception-v3 on [-1, 1] float images -> (pool (B, 2048), spatial (B, 2023)).
+
+    The network wants uint8 and resizes to 299 itself; the spatial features (TF's ``mixed_6/conv``,
+    see the module docstring) are taken by a hook on ``Mixed_6d.branch1x1`` during the same pass.
+    """
 
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
         self.network = network
+        self._mixed_6_conv: torch.Tensor | None = None
+        network.Mixed_6d.branch1x1.register_forward_hook(self._keep_mixed_6_conv)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _keep_mixed_6_conv(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._mixed_6_conv = output  # (B, 192, 17, 17), after batch norm and ReLU
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W) uint8
         (pool,) = self.network(x)                                          # (B, 2048)
-        return pool
+        spatial, self._mixed_6_conv = self._mixed_6_conv, None
+        return pool, spatial_features(spatial)                             # (B, 2048), (B, 2023)
+
+
+def spatial_features(feature_map: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) map -> (B, h * w * 7): its first 7 channels flattened in TF's (h, w, c) order, as ADM's sFID."""
+    return feature_map[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
 
 
 class _RandomConvNet(nn.Module):
-    """Random-weight conv features, average-pooled at three scales: (B, 3, H, W) -> (B, 112)."""
+    """Random-weight conv features: (B, 3, H, W) -> (pool (B, 112) averaged at three scales, spatial (B, 112)).
+
+    The spatial features stand in for sFID's: the second stage's map, average-pooled to 4x4 so that
+    their size does not depend on the image size, reduced like Inception's (``spatial_features``).
+    """
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64)) -> None:
         super().__init__()
@@ -77,19 +108,22 @@ class _RandomConvNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.dim = sum(widths)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pooled = []
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, maps = [], []
         x = images
         for stage in self.stages:
             x = stage(x)                          # (B, C_i, H / 2^i, W / 2^i)
             pooled.append(x.mean(dim=(2, 3)))     # (B, C_i)
-        return torch.cat(pooled, dim=1)           # (B, sum C_i)
+            maps.append(x)
+        spatial = spatial_features(nn.functional.adaptive_avg_pool2d(maps[1], 4))  # (B, 4 * 4 * 7)
+        return torch.cat(pooled, dim=1), spatial  # (B, sum C_i), (B, 112)
 
 
 class FeatureExtractor(nn.Module):
-    """Images (B, 3, H, W) in [-1, 1] -> Features(pool (B, D), logits (B, K)); ``name`` identifies the network.
+    """Images (B, 3, H, W) in [-1, 1] -> Features(pool (B, D), logits (B, K), spatial (B, S)); ``name`` names it.
 
-    ``backbone`` maps [-1, 1] images to pooled features, ``head`` maps those to class logits (for IS).
+    ``backbone`` maps [-1, 1] images to (pooled, spatial) features, ``head`` maps the pooled ones to
+    class logits (for IS).
     Images are rounded to 8 bits first, so features of a tensor equal those of its saved PNG.
     """
 
@@ -112,8 +146,9 @@ class FeatureExtractor(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         x = quantize(images.to(self.device))      # (B, 3, H, W)
-        pool = self.backbone(x).float()           # (B, D)
-        return Features(pool, self.head(pool).float())  # (B, D), (B, K)
+        pool, spatial = self.backbone(x)          # (B, D), (B, S)
+        pool = pool.float()
+        return Features(pool, self.head(pool).float(), spatial.float())  # (B, D), (B, K), (B, S)
 
     @classmethod
     def inception(cls, weights_path: str | Path | None = None) -> "FeatureExtractor":
@@ -180,14 +215,43 @@ def load_feature_extractor(spec: str | None = None, device: str | torch.device =
 def extract_features(extractor: FeatureExtractor, batches: Iterable[torch.Tensor], progress: bool = False,
                      desc: str = "features", total: int | None = None) -> Features:
     """Features of every image in an iterable of (B, 3, H, W) batches in [-1, 1], concatenated on the CPU."""
-    pools, logits = [], []
-    for images in tqdm(batches, desc=desc, disable=not progress, total=total):
-        out = extractor(images)
-        pools.append(out.pool.cpu())
-        logits.append(out.logits.cpu())
-    if not pools:
+    parts = [extractor(images) for images in tqdm(batches, desc=desc, disable=not progress, total=total)]
+    if not parts:
         raise ValueError("no images to extract features from")
-    return Features(torch.cat(pools), torch.cat(logits))
+    return Features(*(torch.cat([getattr(p, key).cpu() for p in parts]) for key in Features._fields))
+
+
+def npz_image_batches(path: str | Path, batch_size: int) -> tuple[int, Iterator[torch.Tensor]]:
+    """An ADM reference / sample batch (uint8 (N, H, W, 3) under ``arr_0``) -> N, its (B, 3, H, W) batches in [-1, 1].
+
+    Read from the archive a batch at a time (the ImageNet reference batches hold gigabytes).
+    """
+    path = Path(path)
+    archive = zipfile.ZipFile(path)
+    try:
+        member = archive.open("arr_0.npy")
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(member)
+    except (KeyError, ValueError) as exc:
+        archive.close()
+        raise ValueError(f"{path}: arr_0 is not a readable array ({exc})") from exc
+    if dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[3] != 3:
+        archive.close()
+        raise ValueError(f"{path}: arr_0 must be uint8 images (N, H, W, 3) as the ADM evaluator reads them, got "
+                         f"{dtype} {shape}{' in Fortran order' if fortran_order else ''}")
+    num, image_bytes = shape[0], int(np.prod(shape[1:]))
+
+    def batches() -> Iterator[torch.Tensor]:
+        with archive, member:
+            for start in range(0, num, batch_size):
+                count = min(batch_size, num - start)
+                data = member.read(count * image_bytes)
+                if len(data) != count * image_bytes:
+                    raise ValueError(f"{path}: arr_0 ends after {start + len(data) // image_bytes} of {num} images")
+                array = np.frombuffer(data, np.uint8).reshape(count, *shape[1:])
+                yield torch.from_numpy(array.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
+    return num, batches()
 
 
 # ----------------------------------------------------------------------------------------- statistics
@@ -205,25 +269,46 @@ class FeatureStats:
     source: str = ""
     split: str = ""
     resolution: int = 0
+    spatial_mu: np.ndarray | None = None     # (S,) float64: the same of the spatial features (sFID), or None
+    spatial_sigma: np.ndarray | None = None  # (S, S)
+
+    def spatial(self) -> "FeatureStats":
+        """The statistics of the spatial features, for ``frechet_distance`` (sFID); an error when there are none."""
+        if self.spatial_mu is None or self.spatial_sigma is None:
+            raise ValueError(f"no spatial statistics (mu_s, sigma_s) in {self.source or 'these statistics'}")
+        return FeatureStats(self.spatial_mu, self.spatial_sigma, self.num_images, self.feature_network)
 
 
-def compute_stats(pool: torch.Tensor, feature_network: str, keep_features: int = PR_MAX_FEATURES, seed: int = 0,
-                  source: str = "", split: str = "", resolution: int = 0) -> FeatureStats:
-    """Mean (D,) and covariance (D, D) of features (N, D); keeps a seeded random subset of ``keep_features`` rows."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
+def compute_stats(pool: torch.Tensor, feature_network: str, keep_features: int | None = PR_MAX_FEATURES, seed: int = 0,
+                  source: str = "", split: str = "", resolution: int = 0,
+                  spatial: torch.Tensor | None = None) -> FeatureStats:
+    """Mean (D,) and covariance (D, D) of features (N, D) (and of ``spatial`` (N, S), for sFID).
 
+    Keeps a seeded random subset of ``keep_features`` rows (None: all of them, 0: none).
+    """
     if pool.ndim != 2 or pool.shape[0] < 2:
         raise ValueError(f"need features of shape (N >= 2, D), got {tuple(pool.shape)}")
-    stats = fid_features_to_statistics(pool.detach().double().cpu())
-    return FeatureStats(np.asarray(stats["mu"], np.float64), np.asarray(stats["sigma"], np.float64), int(pool.shape[0]),
-                        feature_network, _subset(pool, keep_features, seed).numpy() if keep_features > 0 else None,
-                        source, split, int(resolution))
+    if spatial is not None and spatial.shape[0] != pool.shape[0]:
+        raise ValueError(f"{spatial.shape[0]} rows of spatial features for {pool.shape[0]} rows of features")
+    mu, sigma = _gaussian(pool)
+    spatial_mu, spatial_sigma = _gaussian(spatial) if spatial is not None else (None, None)
+    return FeatureStats(mu, sigma, int(pool.shape[0]), feature_network,
+                        _subset(pool, keep_features, seed).numpy() if keep_features != 0 else None,
+                        source, split, int(resolution), spatial_mu, spatial_sigma)
 
 
-def _subset(pool: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """At most ``count`` rows of (N, D), a fixed random choice, as float32 on the CPU."""
+def _gaussian(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D) of (N, D) in float64 (torch-fidelity's; ADM's np.cov alike)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    stats = fid_features_to_statistics(features.detach().double().cpu())
+    return np.asarray(stats["mu"], np.float64), np.asarray(stats["sigma"], np.float64)
+
+
+def _subset(pool: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
+    """At most ``count`` rows of (N, D) (None: all), a fixed random choice, as float32 on the CPU."""
     pool = pool.detach().float().cpu()
-    if pool.shape[0] <= count:
+    if count is None or pool.shape[0] <= count:
         return pool
     rows = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
     return pool[rows.sort().values]
@@ -240,13 +325,18 @@ def save_stats(stats: FeatureStats, path: str | Path) -> Path:
               "split": np.str_(stats.split), "resolution": np.int64(stats.resolution)}
     if stats.features is not None:
         arrays["features"] = stats.features.astype(np.float32)
+    if stats.spatial_mu is not None and stats.spatial_sigma is not None:
+        arrays["mu_s"], arrays["sigma_s"] = stats.spatial_mu, stats.spatial_sigma  # the ADM evaluator's names
     with open(path, "wb") as f:  # a file object: np.savez would otherwise append another ".npz"
         np.savez(f, **arrays)
     return path
 
 
 def load_stats(path: str | Path) -> FeatureStats:
-    """Read statistics written by ``save_stats``, or any ``.npz`` with ``mu`` and ``sigma`` (network 'unknown')."""
+    """Read statistics written by ``save_stats``, or any ``.npz`` with ``mu`` and ``sigma`` (network 'unknown').
+
+    ``mu_s`` / ``sigma_s`` (sFID), as in the ADM evaluator's reference batches, are read when present.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics file not found: {path}")
@@ -264,8 +354,14 @@ def load_stats(path: str | Path) -> FeatureStats:
         text = lambda key, default: str(data[key]) if key in data.files else default  # noqa: E731
         number = lambda key: int(data[key]) if key in data.files else 0  # noqa: E731
         features = np.asarray(data["features"], np.float32) if "features" in data.files else None
+        spatial_mu = spatial_sigma = None
+        if "mu_s" in data.files and "sigma_s" in data.files:
+            spatial_mu, spatial_sigma = np.asarray(data["mu_s"], np.float64), np.asarray(data["sigma_s"], np.float64)
+            if spatial_mu.ndim != 1 or spatial_sigma.shape != (spatial_mu.shape[0], spatial_mu.shape[0]):
+                raise ValueError(f"{path}: mu_s has shape {spatial_mu.shape} and sigma_s {spatial_sigma.shape}; "
+                                 "expected (S,) and (S, S)")
         return FeatureStats(mu, sigma, number("num_images"), text("feature_network", UNKNOWN_NETWORK), features,
-                            text("source", ""), text("split", ""), number("resolution"))
+                            text("source", ""), text("split", ""), number("resolution"), spatial_mu, spatial_sigma)
 
 
 def check_same_network(a: FeatureStats, b: FeatureStats) -> None:
@@ -315,11 +411,19 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> InceptionScore:
 
 
 def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray,
-                     k: int = PR_NEIGHBORHOOD, max_features: int = PR_MAX_FEATURES, seed: int = 0) -> PrecisionRecall:
-    """Improved precision/recall (Kynkäänniemi et al. 2019) of features (N, D) vs (M, D): k-NN manifolds, torch-fidelity."""
+                     k: int = PR_NEIGHBORHOOD, max_features: int | None = PR_MAX_FEATURES,
+                     seed: int = 0, device: str | torch.device = "cpu") -> PrecisionRecall:
+    """Improved precision/recall (Kynkäänniemi et al. 2019) of features (N, D) vs (M, D): k-NN manifolds, torch-fidelity.
+
+    A point's radius is the distance to its k-th nearest other point of its set; a sample counts
+    toward precision when it lies within the radius of some real point (<=), a real point toward
+    recall likewise. That is the ADM evaluator's ``ManifoldEstimator`` with k=3 when
+    ``max_features=None`` (every row; else at most that many, a seeded subset of each set).
+    ``device``: where the distances are computed (N x M of them: a GPU is much faster for 50k samples).
+    """
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    real_t, fake_t = (_subset(torch.as_tensor(x), max_features, seed) for x in (real, fake))
+    real_t, fake_t = (_subset(torch.as_tensor(x), max_features, seed).to(device) for x in (real, fake))
     for name, t in (("real", real_t), ("generated", fake_t)):
         if t.ndim != 2 or t.shape[0] <= k:
             raise ValueError(f"precision/recall with k={k} needs more than {k} {name} feature rows, got shape {tuple(t.shape)}")

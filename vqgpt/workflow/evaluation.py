@@ -7,6 +7,11 @@ FID figures are comparable to published ones only with the standard Inception we
 (``fid_weights=None`` downloads them; a local path works offline). ``fid_weights="random"`` uses a
 random-weight network: useful to compare runs with each other on a machine without the weights,
 never to compare with papers. The network used is reported as ``fid_features``.
+
+``eval_prior`` runs on every process ``accelerate launch`` started: each draws and scores its
+share of the samples, the features are gathered, and the first process computes the report. A
+reference in the ADM evaluator's layout (``arr_0`` images, ``mu`` / ``sigma``, ``mu_s`` /
+``sigma_s``) is read as that evaluator reads it: see ``eval_prior``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
@@ -24,12 +30,14 @@ from tqdm.auto import tqdm
 from stage2_prior.draw import SamplingConfig
 from vqgpt.workflow.classifier import MNIST_SOURCE, NUM_DIGITS, load_or_train_mnist_classifier, predict
 from vqgpt.ground.data import DataConfig, build_dataset, readable_batches
+from vqgpt.training.config import launched_process_state
 from vqgpt.ground.fid import (
     PR_MAX_FEATURES,
     PR_NEIGHBORHOOD,
     UNKNOWN_NETWORK,
     FeatureExtractor,
     FeatureNetworkUnavailable,
+    Features,
     FeatureStats,
     compute_stats,
     extract_features,
@@ -37,6 +45,7 @@ from vqgpt.ground.fid import (
     inception_score,
     load_feature_extractor,
     load_stats,
+    npz_image_batches,
     precision_recall,
     save_stats,
 )
@@ -84,9 +93,10 @@ class PriorReport(_Report):
     top_p: float | None
     seed: int
     fid: float
+    sfid: float | None           # spatial FID (ADM's sFID); None when the reference has no spatial stats (mu_s)
     inception_score: float
     inception_score_std: float
-    precision: float | None      # None when the reference stats file holds no features
+    precision: float | None      # None when the reference holds no features or images (arr_0)
     recall: float | None
     class_accuracy: float | None  # builtin:mnist with a 10-class prior only
     classifier_heldout_accuracy: float | None
@@ -191,7 +201,7 @@ def reference_stats(extractor: FeatureExtractor, source: str, resolution: int, s
     features = extract_features(extractor, (images for images, _ in batches), progress=progress,
                                 desc=f"reference features ({source})", total=-(-len(dataset) // batch_size))
     return compute_stats(features.pool, extractor.name, keep_features=keep_features, source=source, split=split,
-                         resolution=resolution)
+                         resolution=resolution, spatial=features.spatial)
 
 
 def fid_stats(images: str, out: str | Path, fid_weights: str | None = None, resolution: int = 32,
@@ -212,14 +222,25 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
                sampling: SamplingConfig | None = None, seed: int = 0, fid_weights: str | None = None,
                reference_split: str = "train",
                classifier_path: str | Path | None = None, device: str | None = None,
-               progress: bool = True) -> PriorReport:
-    """FID / IS / precision / recall of ``num_samples`` samples vs ``reference`` (an image source or a stats .npz).
+               progress: bool = True, prior_dtype: str = "float32", compile: bool = False) -> PriorReport:
+    """FID / sFID / IS / precision / recall of ``num_samples`` samples vs ``reference`` (an image source or a .npz).
 
-    A conditional prior is sampled with class labels 0, 1, ..., K-1, 0, 1, ... (balanced). For
-    builtin:mnist references and a 10-class prior, also the class accuracy of the samples.
+    A conditional prior is sampled with class labels 0, 1, ..., K-1, 0, 1, ... (balanced); sample i
+    is drawn from its own seed, as ``vqgpt sample --out FOLDER/`` draws it (``sample_many``), in
+    batches of ``batch_size`` consecutive indices. Under ``accelerate launch`` batch c is drawn and
+    scored by process c % N; the features are gathered in index order and the first process
+    computes the report, which every process returns: the figures do not depend on the process count.
+
+    ``reference``: an image source; a stats .npz of ``vqgpt fid-stats``; or a reference batch of the
+    ADM evaluator (``arr_0`` uint8 (N, H, W, 3) images, with or without ``mu``, ``sigma``, ``mu_s``,
+    ``sigma_s``). As that evaluator does, the file's statistics are used where present (else they are
+    computed from ``arr_0``), and precision/recall compare the features of every reference image with
+    those of every sample (k=3 manifolds); its images are scored by all processes, before sampling.
+    For builtin:mnist references and a 10-class prior, also the class accuracy of the samples.
     Everything that can fail (weights, reference, classifier) is loaded before sampling starts.
-    Batch i is drawn with seed ``seed + i``.
+    ``prior_dtype`` and ``compile``: how the prior decodes (``VQGPTPipeline.set_decoding``).
     """
+    from vqgpt.workflow import sample_many
     from vqgpt.workflow.pipeline import VQGPTPipeline
 
     sampling = sampling or SamplingConfig()
@@ -227,69 +248,188 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 for FID, got {num_samples}")
     reference = str(reference)
-    dev = _device(device)
-    pipe = VQGPTPipeline.from_pretrained(pipeline_dir).to(dev)
+    state = launched_process_state("each would draw and score every sample")
+    dev = torch.device(device) if device else state.device
+    if state.num_processes > 1 and dev.type == state.device.type:
+        dev = state.device  # "--device cuda" on 8 processes: each its own GPU, not all on cuda:0
+    main = state.is_main_process
+    pipe = VQGPTPipeline.from_pretrained(pipeline_dir).set_decoding(prior_dtype, compile).to(dev)
     extractor = load_feature_extractor(fid_weights, dev)
     height, width = pipe.tokenizer.image_shape(*pipe.prior.config.grid_size)  # rvq: D codes per position in a row
-    if height != width:
+    if height != width and main:
         warnings.warn(f"samples are {height}x{width}; reference images are square crops at {height}", stacklevel=2)
 
-    ref = _reference(extractor, reference, height, reference_split, batch_size, progress)
+    image_batch = _is_image_batch(reference)
+    ref = _reference(extractor, reference, height, reference_split, batch_size, progress and main, state)
     num_classes = pipe.prior.config.num_classes
     digits = _digit_of_class(pipe.classes, num_classes) if ref.source == MNIST_SOURCE else None
     classifier = heldout = None
     if digits is not None:
-        classifier, heldout = load_or_train_mnist_classifier(classifier_path, progress=progress)
+        classifier, heldout = load_or_train_mnist_classifier(classifier_path, progress=progress and main)
         classifier = classifier.to(dev)
 
     labels = torch.arange(num_samples) % num_classes if num_classes else None
-    pools, logits, correct = [], [], []
-    starts = range(0, num_samples, batch_size)
-    for i, start in enumerate(tqdm(starts, desc="sampling", disable=not progress)):
-        batch_labels = labels[start:start + batch_size] if labels is not None else None
-        images = pipe.generate(min(batch_size, num_samples - start), class_labels=batch_labels, sampling=sampling,
-                               seed=seed + i)  # (B, 3, H, W)
+    grid = pipe.grid_for_pixels(None, None)
+    mine = sample_many.batch_ranges(num_samples, batch_size)[state.process_index::state.num_processes]
+    parts, indices, correct = [], [], []
+    for batch in tqdm(mine, desc="sampling", disable=not (progress and main)):
+        index = list(batch)
+        batch_labels = labels[index] if labels is not None else None
+        images = sample_many.draw_images(pipe, index, batch_labels, grid, sampling, seed)  # (B, 3, H, W)
         out = extractor(images)
-        pools.append(out.pool.cpu())
-        logits.append(out.logits.cpu())
+        parts.append(Features(*(t.cpu() for t in out)))
+        indices.append(torch.tensor(index))
         if classifier is not None:
-            correct.append(predict(classifier, images) == digits[batch_labels])
+            correct.append((predict(classifier, images) == digits[batch_labels]).to(torch.uint8))
+    rows = _rows(extractor, parts, height, width)
+    if classifier is not None:
+        rows["correct"] = torch.cat([torch.zeros(0, dtype=torch.uint8), *correct])
+    rows = _gather_in_order(state, torch.cat([torch.zeros(0, dtype=torch.long), *indices]), rows)
 
-    pool = torch.cat(pools)
-    fid = frechet_distance(ref, compute_stats(pool, extractor.name, keep_features=0))
-    score = inception_score(torch.cat(logits))
-    pr = None
-    if ref.features is None or min(len(ref.features), len(pool)) <= PR_NEIGHBORHOOD:
-        warnings.warn(f"precision/recall need more than {PR_NEIGHBORHOOD} reference features (in {reference}) and "
-                      "samples; reported as null", stacklevel=2)
-    else:
-        pr = precision_recall(ref.features, pool)
-    return PriorReport(
-        pipeline=str(pipeline_dir), reference=str(reference), num_samples=num_samples, num_reference=ref.num_images,
-        resolution=height, cfg_scale=sampling.cfg_scale, temperature=sampling.temperature, top_k=sampling.top_k,
-        top_p=sampling.top_p, seed=seed,
-        fid=fid, inception_score=score.mean, inception_score_std=score.std,
-        precision=pr.precision if pr else None, recall=pr.recall if pr else None,
-        class_accuracy=float(torch.cat(correct).double().mean()) if correct else None,
-        classifier_heldout_accuracy=heldout, fid_features=extractor.name)
+    report = None
+    if main:
+        pool = rows["pool"]
+        samples = compute_stats(pool, extractor.name, keep_features=0, spatial=rows["spatial"])
+        fid = frechet_distance(ref, samples)
+        sfid = None
+        if ref.spatial_mu is None:
+            warnings.warn(f"sFID needs spatial statistics (mu_s, sigma_s) of the reference ({reference}); "
+                          "reported as null", stacklevel=2)
+        else:
+            sfid = frechet_distance(ref.spatial(), samples.spatial())
+        score = inception_score(rows["logits"])
+        pr = None
+        if ref.features is None or min(len(ref.features), len(pool)) <= PR_NEIGHBORHOOD:
+            warnings.warn(f"precision/recall need more than {PR_NEIGHBORHOOD} reference features or images (in "
+                          f"{reference}) and samples; reported as null", stacklevel=2)
+        else:
+            pr = precision_recall(ref.features, pool, max_features=None if image_batch else PR_MAX_FEATURES,
+                                  device=dev)
+        report = PriorReport(
+            pipeline=str(pipeline_dir), reference=str(reference), num_samples=num_samples,
+            num_reference=ref.num_images, resolution=height, cfg_scale=sampling.cfg_scale,
+            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=seed,
+            fid=fid, sfid=sfid, inception_score=score.mean, inception_score_std=score.std,
+            precision=pr.precision if pr else None, recall=pr.recall if pr else None,
+            class_accuracy=float(rows["correct"].double().mean()) if "correct" in rows else None,
+            classifier_heldout_accuracy=heldout, fid_features=extractor.name)
+    return _from_main_process(state, report)
+
+
+def _rows(extractor: FeatureExtractor, parts: list[Features], height: int, width: int) -> dict[str, torch.Tensor]:
+    """This process's features (n, ...) by name; (0, ...) when it drew nothing (more processes than batches)."""
+    if not parts:
+        empty = extractor(torch.zeros(1, 3, height, width))
+        parts = [Features(*(t[:0].cpu() for t in empty))]
+    return {key: torch.cat([getattr(p, key) for p in parts]) for key in Features._fields}
+
+
+def _gather_in_order(state: Any, indices: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rows (n_r, ...) of sample ``indices`` (n_r,) on every process -> all rows in index order, on every process.
+
+    The shares differ in size by up to a batch: each is padded to the longest for the gather (index
+    -1 marks the padding) and trimmed after it.
+    """
+    if state.num_processes > 1:
+        from accelerate.utils import gather, pad_across_processes
+
+        def everyone(t: torch.Tensor, pad: int = 0) -> torch.Tensor:
+            return gather(pad_across_processes(t.contiguous().to(state.device), pad_index=pad)).cpu()
+
+        indices = everyone(indices, pad=-1)
+        keep = indices >= 0
+        indices = indices[keep]
+        rows = {key: everyone(t)[keep] for key, t in rows.items()}
+    order = indices.argsort()
+    if not torch.equal(indices[order], torch.arange(len(indices))):
+        raise RuntimeError(f"gathered sample indices are not 0..{len(indices) - 1} once each")
+    return {key: t[order] for key, t in rows.items()}
+
+
+def _from_main_process(state: Any, report: PriorReport | None) -> PriorReport:
+    """The first process's report, on every process."""
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        report = broadcast_object_list([report], from_process=0)[0]
+    assert report is not None
+    return report
+
+
+def _is_image_batch(reference: str) -> bool:
+    """A .npz that holds images under ``arr_0`` (an ADM evaluator reference batch)."""
+    if not reference.endswith(".npz") or not Path(reference).is_file():
+        return False
+    try:
+        with np.load(reference, allow_pickle=False) as data:
+            return "arr_0" in data.files
+    except Exception:  # load_stats says what is wrong with the file
+        return False
 
 
 def _reference(extractor: FeatureExtractor, reference: str, resolution: int, split: str, batch_size: int,
-               progress: bool) -> FeatureStats:
-    """Load a stats .npz (checked against the feature network) or compute stats of an image source."""
+               progress: bool, state: Any = None) -> FeatureStats:
+    """Load a stats .npz (checked against the feature network), score an ADM reference batch, or an image source."""
     if not reference.endswith(".npz"):
         return reference_stats(extractor, reference, resolution, split, batch_size=batch_size, progress=progress)
-    ref = load_stats(reference)
-    if ref.feature_network not in (extractor.name, UNKNOWN_NETWORK):
-        raise ValueError(f"{reference} was computed with feature network {ref.feature_network!r} but this evaluation "
-                         f"uses {extractor.name!r}; recompute it with `vqgpt fid-stats` and the same --fid-weights")
-    dim = extractor(torch.zeros(2, 3, resolution, resolution)).pool.shape[1]  # fail now, not after sampling
+    probe = extractor(torch.zeros(2, 3, resolution, resolution))  # fail now, not after sampling
+    dim, spatial_dim = probe.pool.shape[1], probe.spatial.shape[1]
+    if _is_image_batch(reference):
+        ref = _image_batch_stats(extractor, reference, resolution, batch_size, progress, state)
+    else:
+        ref = load_stats(reference)
+        if ref.feature_network not in (extractor.name, UNKNOWN_NETWORK):
+            raise ValueError(f"{reference} was computed with feature network {ref.feature_network!r} but this "
+                             f"evaluation uses {extractor.name!r}; recompute it with `vqgpt fid-stats` and the same "
+                             "--fid-weights")
     if ref.mu.shape[0] != dim:
         raise ValueError(f"{reference} holds {ref.mu.shape[0]}-d statistics but {extractor.name} gives {dim}-d features")
+    if ref.spatial_mu is not None and ref.spatial_mu.shape[0] != spatial_dim:
+        raise ValueError(f"{reference} holds {ref.spatial_mu.shape[0]}-d spatial statistics (mu_s) but "
+                         f"{extractor.name} gives {spatial_dim}-d spatial features")
     if ref.resolution and ref.resolution != resolution:
         warnings.warn(f"{reference} was computed at resolution {ref.resolution}, the samples are {resolution}: "
                       "the FID then also measures the resizing", stacklevel=3)
     return ref
+
+
+def _image_batch_stats(extractor: FeatureExtractor, path: str, resolution: int, batch_size: int, progress: bool,
+                       state: Any) -> FeatureStats:
+    """An ADM reference batch -> its statistics: ``mu``/``sigma``, ``mu_s``/``sigma_s`` from the file where there,
+    else from the features of ``arr_0``; every image's features kept for precision/recall.
+
+    The images are scored like the samples: batch c by process c % N, gathered in order.
+    """
+    state = state or launched_process_state("each would score every reference image")
+    num, batches = npz_image_batches(path, batch_size)
+    parts, indices, size = [], [], None
+    for c, images in enumerate(tqdm(batches, desc=f"reference features ({path})", disable=not progress,
+                                    total=-(-num // batch_size))):
+        size = images.shape[2:]
+        if c % state.num_processes == state.process_index:
+            out = extractor(images)
+            parts.append(Features(*(t.cpu() for t in out)))
+            indices.append(torch.arange(c * batch_size, c * batch_size + len(images)))
+    rows = _gather_in_order(state, torch.cat([torch.zeros(0, dtype=torch.long), *indices]),
+                            _rows(extractor, parts, resolution, resolution))
+    image_size = int(size[0]) if size is not None and size[0] == size[1] else 0
+    computed = compute_stats(rows["pool"], extractor.name, keep_features=None, source=path, resolution=image_size,
+                             spatial=rows["spatial"])
+    stored = load_stats(path) if _has_keys(path, "mu", "sigma") else None
+    if stored is not None:  # the file's statistics win, as in the ADM evaluator (they were made with TF's Inception)
+        computed.mu, computed.sigma, computed.feature_network = stored.mu, stored.sigma, UNKNOWN_NETWORK
+        if stored.spatial_mu is not None:
+            computed.spatial_mu, computed.spatial_sigma = stored.spatial_mu, stored.spatial_sigma
+    elif _has_keys(path, "mu_s", "sigma_s"):
+        with np.load(path, allow_pickle=False) as data:
+            computed.spatial_mu = np.asarray(data["mu_s"], np.float64)
+            computed.spatial_sigma = np.asarray(data["sigma_s"], np.float64)
+    return computed
+
+
+def _has_keys(path: str, *keys: str) -> bool:
+    with np.load(path, allow_pickle=False) as data:
+        return all(key in data.files for key in keys)
 
 
 def _digit_of_class(classes: list[str], num_classes: int) -> torch.Tensor | None:
@@ -324,3 +464,80 @@ def sample_class_accuracy(pipeline: Any, num_per_class: int = 10, sampling: Samp
     hits, asked = torch.cat(correct).double(), digits[labels]
     per_class = [float(hits[asked == d].mean()) for d in range(NUM_DIGITS)]
     return ClassAccuracyReport(float(hits.mean()), per_class, len(labels), sampling.cfg_scale, heldout)
+
+
+# ----------------------------------------------------------------------------------------- likelihood
+
+
+@dataclass
+class BitsPerDimReport(_Report):
+    """``vqgpt eval-bpd``: the prior's negative log-likelihood of held-out images' codes.
+
+    ``bits_per_dim`` is the bits of all of an image's codes over its 3 x H x W sub-pixels, as Image GPT
+    counts them: for pixel tokens (one token per RGB pixel) that is ``bits_per_token / 3``. It measures
+    the codes, not the pixels: for a lossy tokenizer (VQ, or a palette of K colours) it is no pixel
+    likelihood, and Image GPT's figures on a 512-colour palette differ from 8-bit ones the same way.
+    """
+
+    pipeline: str
+    images: str
+    split: str
+    num_images: int
+    resolution: list[int]         # H, W
+    grid: list[int]               # code rows, columns
+    codebook_size: int
+    class_conditional: bool       # a conditional prior is given each image's own class
+    nll_per_token: float          # nats
+    bits_per_token: float
+    bits_per_pixel: float         # bits of an image's codes / (H x W): bits_per_token for pixel tokens
+    bits_per_dim: float           # bits of an image's codes / (3 x H x W)
+    uniform_bits_per_dim: float   # a prior that spreads its mass evenly: log2(codebook_size) per token
+
+
+BITS_PER_DIM_KEYS = tuple(f.name for f in fields(BitsPerDimReport))
+
+
+@torch.inference_mode()
+def eval_bits_per_dim(pipeline_dir: str | Path, images: str, split: str = "eval", num_images: int | None = None,
+                      batch_size: int = 64, device: str | None = None, progress: bool = True) -> BitsPerDimReport:
+    """Held-out NLL of the codes of ``images`` (``split``, center crops at the prior's trained size) under the
+    pipeline's prior, in nats and bits per token and in bits per dim (see ``BitsPerDimReport``)."""
+    from vqgpt.workflow.pipeline import VQGPTPipeline
+
+    dev = _device(device)
+    pipe = VQGPTPipeline.from_pretrained(pipeline_dir).to(dev)
+    height, width = pipe.trained_pixels()
+    if height != width:
+        raise ValueError(f"the prior was trained on {height}x{width} images, but image sources give square crops")
+    grid = tuple(pipe.prior.config.grid_size)
+    dataset = build_dataset(DataConfig(source=images, resolution=height, random_crop=False, hflip=False), split)
+    class_of = None
+    if pipe.prior.conditional:  # the source's class names -> the prior's class indices
+        try:
+            class_of = torch.tensor([pipe.class_index(name) for name in dataset.classes])
+        except ValueError as exc:
+            raise ValueError(f"{images}: its classes {dataset.classes[:10]} are not this class-conditional prior's: "
+                             f"{exc}") from None
+    if num_images is not None:
+        dataset = Subset(dataset, range(min(num_images, len(dataset))))
+    total_nats, tokens, count = 0.0, 0, 0
+    batches = readable_batches(dataset, batch_size)
+    for batch, labels in tqdm(batches, desc="bits per dim", total=-(-len(dataset) // batch_size), disable=not progress):
+        codes = pipe.tokenizer.encode(batch.to(dev)).flatten(1)  # (B, h*w)
+        logits = pipe.prior(codes, class_of[labels].to(dev) if class_of is not None else None)  # (B, T, V)
+        total_nats += float(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), codes.flatten(),
+                                                              reduction="sum"))
+        tokens += codes.numel()
+        count += len(codes)
+    if count == 0:
+        raise ValueError(f"no readable images in the {split} split of {images}")
+    bits_per_token = total_nats / tokens / float(np.log(2.0))
+    dims = 3 * height * width  # sub-pixels per image
+    per_image_tokens = tokens // count
+    return BitsPerDimReport(
+        pipeline=str(pipeline_dir), images=images, split=split, num_images=count, resolution=[height, width],
+        grid=list(grid), codebook_size=pipe.tokenizer.codebook_size, class_conditional=class_of is not None,
+        nll_per_token=total_nats / tokens, bits_per_token=bits_per_token,
+        bits_per_pixel=bits_per_token * per_image_tokens / (height * width),
+        bits_per_dim=bits_per_token * per_image_tokens / dims,
+        uniform_bits_per_dim=float(np.log2(pipe.prior.config.codebook_size)) * per_image_tokens / dims)

@@ -40,6 +40,8 @@ class VQGPTPipeline:
         self.classes = list(classes or [])
         self.tokenizer_dir: Path | None = None
         self.prior_dir: Path | None = None
+        # generate / complete run the prior's one-token step under torch.compile (see set_decoding)
+        self.compile_decode = False
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -106,6 +108,23 @@ class VQGPTPipeline:
     def to(self, device: str | torch.device) -> "VQGPTPipeline":
         self.tokenizer.to(device)
         self.prior.to(device)
+        return self
+
+    def set_decoding(self, prior_dtype: str | None = None, compile: bool | None = None) -> "VQGPTPipeline":
+        """How the prior decodes from now on; returns self. None leaves a setting as it is.
+
+        ``prior_dtype``: 'float32', 'bfloat16', or 'int8' (weight-only int8 linear layers with
+        per-output-channel scales, the rest float32; ``stage2_prior.quantize``); int8 is one-way:
+        load the pipeline again for float weights. ``compile``: every later ``generate`` /
+        ``complete`` runs the one-token decode step under torch.compile (CUDA graphs on a GPU),
+        compiled on the first call and reused after; the tokenizer is untouched by both.
+        """
+        if prior_dtype is not None:
+            from stage2_prior.quantize import set_prior_dtype
+
+            set_prior_dtype(self.prior, prior_dtype)
+        if compile is not None:
+            self.compile_decode = bool(compile)
         return self
 
     @property
@@ -190,7 +209,8 @@ class VQGPTPipeline:
         grid = self.grid_for_pixels(height, width)
         labels = self.labels_tensor(class_labels, num_samples)
         codes = generate(self.prior, num_samples, class_labels=labels, grid_size=grid, sampling=sampling,
-                         generator=_generator(seed), progress=progress, window_stride=self._window_stride())
+                         generator=_generator(seed), progress=progress, window_stride=self._window_stride(),
+                         compile=self.compile_decode)
         return self.tokenizer.decode(codes.to(self.device)).clamp(-1, 1)
 
     def trained_pixels(self) -> tuple[int, int]:
@@ -231,7 +251,8 @@ class VQGPTPipeline:
         known[: (h if keep_rows is None else keep_rows), :w] = True
         labels = self.labels_tensor(class_labels, num_samples)
         out = complete(self.prior, canvas, known_mask=known, class_labels=labels, sampling=sampling,
-                       generator=_generator(seed), progress=progress, window_stride=self._window_stride())
+                       generator=_generator(seed), progress=progress, window_stride=self._window_stride(),
+                       compile=self.compile_decode)
         return self.tokenizer.decode(out).clamp(-1, 1)
 
     def labels_tensor(self, class_labels: ClassLabels, num_samples: int) -> torch.Tensor | None:

@@ -79,6 +79,23 @@ def png_name(index: int) -> str:
     return f"{index:06d}.png"
 
 
+def batch_ranges(num: int, batch_size: int) -> list[range]:
+    """Indices 0..num-1 cut into batches [0, B), [B, 2B), ...; batch c is drawn by process c % N."""
+    return [range(start, min(start + batch_size, num)) for start in range(0, num, batch_size)]
+
+
+def draw_images(pipe: VQGPTPipeline, indices: list[int], labels: torch.Tensor | None, grid: tuple[int, int],
+                sampling: SamplingConfig, seed: int) -> torch.Tensor:
+    """Samples ``indices`` of a run seeded with ``seed``, each from its own generator -> (B, 3, H, W) in [-1, 1].
+
+    ``labels``: (B,) class labels of those samples, or None (unconditional).
+    """
+    generators = [torch.Generator(device=pipe.device).manual_seed(sample_seed(seed, i)) for i in indices]
+    codes = generate(pipe.prior, len(indices), class_labels=labels, grid_size=grid, sampling=sampling,
+                     generators=generators)
+    return pipe.tokenizer.decode(codes.to(pipe.device)).clamp(-1, 1)
+
+
 def _settings(num: int, seed: int, batch_size: int, labels: torch.Tensor | None, sampling: SamplingConfig,
               grid: tuple[int, int], prior_dtype: torch.dtype) -> dict:
     label_bytes = b"" if labels is None else labels.cpu().numpy().astype("<i8").tobytes()
@@ -161,7 +178,7 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
         _check_settings(folder, settings)
     # Every process reads what is finished before any writes, so all agree on the counts.
     done = {p.name for p in folder.glob("*.png")} if folder.is_dir() else set()
-    batches = [range(start, min(start + batch_size, num)) for start in range(0, num, batch_size)]
+    batches = batch_ranges(num, batch_size)
     todo = [c for c, batch in enumerate(batches) if any(png_name(i) not in done for i in batch)]
     drawn = sum(len(batches[c]) for c in todo)
     state.wait_for_everyone()
@@ -173,10 +190,8 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     mine = [c for c in todo if c % processes == rank]
     for c in tqdm(mine, disable=not (progress and state.is_main_process), desc="sampling batches"):
         index = list(batches[c])
-        generators = [torch.Generator(device=pipe.device).manual_seed(sample_seed(seed, i)) for i in index]
-        codes = generate(pipe.prior, len(index), class_labels=None if labels is None else labels[index],
-                         grid_size=grid, sampling=sampling, generators=generators)
-        images = tensor_to_uint8(pipe.tokenizer.decode(codes.to(pipe.device)).clamp(-1, 1))  # (B, 3, H, W)
+        images = tensor_to_uint8(draw_images(pipe, index, None if labels is None else labels[index], grid, sampling,
+                                             seed))  # (B, 3, H, W)
         for i, image in zip(index, images):
             if png_name(i) not in done:  # a finished file is never rewritten
                 _write_png(image.permute(1, 2, 0).numpy(), folder / png_name(i))

@@ -1,0 +1,211 @@
+"""The compiled one-token decode step (fixed shapes, compiled once) and weight-only int8 decoding."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from prior_helpers import tiny_gpt
+from torch._dynamo.utils import counters
+
+from stage2_prior import GPT, GPTConfig, SamplingConfig, complete, generate
+from stage2_prior.quantize import Int8Linear, is_quantized, quantize_int8, set_prior_dtype
+from vqgpt.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = SamplingConfig(temperature=0)
+
+
+def test_static_forward_matches_the_sliced_cache():
+    """A tensor start_pos (fixed shapes, whole cache behind a mask) gives the int path's logits."""
+    model = tiny_gpt(grid_size=[3, 4])
+    torch.manual_seed(1)
+    tokens, labels = torch.randint(0, 16, (2, 12)), torch.tensor([0, 2])
+    plain, static = model.new_cache(2), model.new_cache(2, zeroed=True)
+    with torch.inference_mode():
+        model.forward_cached(tokens[:, :3], 0, labels, cache=plain)
+        model.forward_cached(tokens[:, :3], 0, labels, cache=static)
+        for t in range(3, 8):  # one token at a time: the compiled step's case
+            want = model.forward_cached(tokens[:, t - 1: t], t, cache=plain)
+            got = model.forward_cached(tokens[:, t - 1: t], torch.tensor([t]), cache=static)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        want = model.forward_cached(tokens[:, 7:10], 8, cache=plain)  # and a chunk
+        got = model.forward_cached(tokens[:, 7:10], torch.tensor([8]), cache=static)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="prefix slot"):
+            model.forward_cached(tokens[:, :1], torch.tensor([1]), labels, cache=static)
+
+
+@pytest.mark.slow  # inductor compiles C++ for the step: 20-60 s on a shared 2-core machine
+def test_compiled_decode_gives_the_eager_greedy_tokens_and_compiles_once():
+    model = tiny_gpt(grid_size=[4, 4], n_layer=1)
+    labels = torch.tensor([0, 2])
+    eager = generate(model, 2, class_labels=labels, sampling=GREEDY)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = generate(model, 2, class_labels=labels, sampling=GREEDY, compile=True)
+    assert torch.equal(compiled, eager)
+    # 15 positions, one graph: the position is data, not a constant baked into the graph
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    again = generate(model, 2, class_labels=labels, sampling=GREEDY, compile=True)  # reuses the step
+    assert torch.equal(again, eager)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    # sampled (not greedy) tokens: the same draws from the same generator
+    sampling = SamplingConfig(top_k=4)
+    assert torch.equal(generate(model, 2, class_labels=labels, sampling=sampling, compile=True,
+                                generator=torch.Generator().manual_seed(3)),
+                       generate(model, 2, class_labels=labels, sampling=sampling,
+                                generator=torch.Generator().manual_seed(3)))
+
+
+def test_compile_wiring_without_a_compiler(monkeypatch):
+    """generate / complete route single tokens through the decode step (torch.compile stubbed out:
+    the static path runs eagerly), with the eager samplers' tokens; compile needs the cache."""
+    import stage2_prior.decode as decode
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(decode, "_STEPS", type(decode._STEPS)())
+    calls = []
+    original = decode.DecodeStep.__call__
+
+    def spy(self, tokens, pos, cache):
+        calls.append(pos)
+        return original(self, tokens, pos, cache)
+
+    monkeypatch.setattr(decode.DecodeStep, "__call__", spy)
+    model = tiny_gpt(grid_size=[3, 4])
+    gen = torch.Generator
+    want = generate(model, 2, class_labels=1, sampling=SamplingConfig(cfg_scale=2.0), generator=gen().manual_seed(0))
+    got = generate(model, 2, class_labels=1, sampling=SamplingConfig(cfg_scale=2.0), generator=gen().manual_seed(0),
+                   compile=True)
+    assert torch.equal(got, want) and calls == list(range(1, 12))
+    canvas = torch.zeros(2, 4, 6, dtype=torch.long)
+    want = complete(model, canvas, keep_rows=1, class_labels=0, generator=gen().manual_seed(1))
+    got = complete(model, canvas, keep_rows=1, class_labels=0, generator=gen().manual_seed(1), compile=True)
+    assert torch.equal(got, want) and len(calls) > 11
+    with pytest.raises(ValueError, match="use_cache=True"):
+        generate(model, 1, class_labels=0, use_cache=False, compile=True)
+
+
+# ---------------------------------------------------------------------------------------- int8
+
+
+def trained_tiny_prior(steps: int = 80) -> tuple[GPT, torch.Tensor, torch.Tensor]:
+    """A tiny prior trained on class-dependent diagonal stripes; returns it and held-out (grids, labels).
+
+    Grid of class c with random phase r: code (c * 5 + r + i + 2 j) mod 16 at cell (i, j), so the
+    first code is a 4-way guess and every later one is determined: a prior that learned it is confident.
+    """
+    def data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        labels, phase = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 4, (n,), generator=g)
+        i, j = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+        return (labels[:, None, None] * 5 + phase[:, None, None] + i + 2 * j) % 16, labels
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", codebook_size=16, grid_size=[4, 4], num_classes=3, dim=64))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        grids, labels = data(64, step)
+        logits = model(grids.flatten(1), labels)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), grids.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    grids, labels = data(96, 10_000)
+    return model.eval(), grids, labels
+
+
+def test_int8_logits_near_fp32_and_greedy_tokens_agree():
+    reference, grids, labels = trained_tiny_prior()
+    with torch.inference_mode():
+        fp32 = reference(grids.flatten(1), labels)  # (96, 16, 16)
+        int8 = set_prior_dtype(copy.deepcopy(reference), "int8")
+        assert is_quantized(int8) and isinstance(int8.output, Int8Linear)
+        assert int8.tok_embeddings.weight.dtype == torch.float32  # only the linear layers are int8
+        q = int8(grids.flatten(1), labels)
+    # Stated tolerance: every logit within 2% of the fp32 logits' range (per-channel int8 weights
+    # round each weight by at most 1/254 of its row's largest; bf16 activations add ~0.4% each).
+    spread = (fp32.amax(-1) - fp32.amin(-1)).mean()
+    err = (q - fp32).abs().max()
+    assert err <= 0.02 * spread, (err, spread)
+    # Quality guard: the greedy (argmax) code at each position of held-out grids, and whole greedy
+    # samples of every class, agree with fp32 on >= 95% of positions.
+    assert (q.argmax(-1) == fp32.argmax(-1)).float().mean() >= 0.95
+    prompts = grids[:24, :1]  # greedy completions of 24 first rows
+    canvas = torch.cat([prompts, torch.zeros(24, 3, 4, dtype=torch.long)], dim=1)
+    want = complete(reference, canvas, keep_rows=1, class_labels=labels[:24], sampling=GREEDY)
+    got = complete(int8, canvas, keep_rows=1, class_labels=labels[:24], sampling=GREEDY)
+    assert (got[:, 1:] == want[:, 1:]).float().mean() >= 0.95  # the sampled rows only
+    with pytest.raises(ValueError, match="already quantised"):
+        set_prior_dtype(int8, "float32")
+    with pytest.raises(ValueError, match="float32, bfloat16, int8"):
+        set_prior_dtype(reference, "int4")
+
+
+def test_int8_linear_kernel_and_dequantised_fallback(monkeypatch):
+    import stage2_prior.quantize as quantize
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 24, bias=False)
+    with torch.no_grad():
+        linear.weight[3] = 0  # an all-zero row keeps a finite scale
+    layer = Int8Linear.from_linear(linear)
+    assert layer.weight_int8.dtype == torch.int8 and layer.weight_int8.abs().max() == 127
+    assert torch.all(layer.dequantized()[3] == 0)
+    # per-channel rounding: each weight within half a step of its row's scale
+    step = layer.scales.float()[:, None]
+    assert torch.all((layer.dequantized() - linear.weight).abs() <= step / 2 + 1e-6)
+    x = torch.randn(3, 5, 40)
+    with torch.inference_mode():
+        want = x @ layer.dequantized().t()
+        kernel = layer(x)
+        monkeypatch.setattr(quantize, "_KERNEL_OK", {("cpu", torch.bfloat16): False})
+        fallback = layer(x)
+    assert kernel.shape == (3, 5, 24) and kernel.dtype == torch.float32
+    torch.testing.assert_close(kernel, want, rtol=2e-2, atol=2e-2)  # bf16 activations
+    torch.testing.assert_close(fallback, kernel, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="bias-free"):
+        Int8Linear.from_linear(torch.nn.Linear(4, 4))
+    model = quantize_int8(tiny_gpt())
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())  # the output head too
+
+
+def test_cli_prior_dtype_int8_and_compile(tmp_path, monkeypatch):
+    from stage1_vq.model import VQModel
+    from stage1_vq.train import TokenizerRunConfig
+    from vqgpt.ground.config import load_config
+    from vqgpt.workflow.pipeline import VQGPTPipeline
+
+    torch.manual_seed(0)
+    tok = VQModel(load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml").model).eval()
+    prior = GPT(GPTConfig(codebook_size=tok.codebook_size, grid_size=[4, 4], num_classes=3, n_layer=1, n_head=2,
+                          dim=32, multiple_of=16)).eval()
+    VQGPTPipeline(tok, prior, classes=["a", "b", "c"]).save_pretrained(tmp_path / "pipe")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the wiring, not the compiler
+    seen = {}
+    original = VQGPTPipeline.generate
+
+    def spy(self, *args, **kwargs):
+        seen.update(int8=is_quantized(self.prior), compile=self.compile_decode,
+                    tokenizer=next(self.tokenizer.parameters()).dtype)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VQGPTPipeline, "generate", spy)
+    assert main(["sample", "--pipeline", str(tmp_path / "pipe"), "--num", "2", "--class-label", "a",
+                 "--prior-dtype", "int8", "--compile", "--out", str(tmp_path / "s.png")]) == 0
+    assert seen == {"int8": True, "compile": True, "tokenizer": torch.float32}
+    assert (tmp_path / "s.png").is_file()
+    # eval-prior hands both to eval_prior (stopped right there: its sampling is tested elsewhere)
+    import vqgpt.workflow.evaluation as evaluation
+
+    def stop(*args, **kwargs):
+        seen.update(eval_prior=(kwargs["prior_dtype"], kwargs["compile"]))
+        raise ValueError("stop")
+
+    monkeypatch.setattr(evaluation, "eval_prior", stop)
+    assert main(["eval-prior", "--pipeline", str(tmp_path / "pipe"), "--reference", "builtin:mnist",
+                 "--prior-dtype", "int8", "--compile"]) == 2
+    assert seen["eval_prior"] == ("int8", True)
+    with pytest.raises(SystemExit, match="2"):  # argparse names the flag and its choices
+        main(["sample", "--pipeline", str(tmp_path / "pipe"), "--prior-dtype", "int4",
+              "--out", str(tmp_path / "x.png")])

@@ -1,0 +1,222 @@
+"""`eval-prior` on many processes and against ADM evaluator reference batches (arr_0, mu, sigma, mu_s, sigma_s).
+
+Offline: the random-weight feature network stands in for Inception (its spatial features stand in
+for sFID's); the Inception's sFID layer is checked on a random-weight Inception.
+
+Run as a script, this file is the launched program of the 2-process test: it records which
+samples each process draws, then runs the vqgpt command line:
+
+    python tests/test_eval_distributed.py LOG_DIR eval-prior --pipeline P --reference R ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+import vqgpt.workflow.sample_many as sample_many_module  # noqa: E402
+from stage2_prior import SamplingConfig  # noqa: E402
+from vqgpt.ground.fid import (  # noqa: E402
+    FeatureExtractor,
+    compute_stats,
+    frechet_distance,
+    load_feature_extractor,
+    precision_recall,
+)
+from vqgpt.workflow.evaluation import eval_prior  # noqa: E402
+from vqgpt.workflow.pipeline import VQGPTPipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 16  # the tiny tokenizer's images
+
+
+def smooth_uint8(n: int, seed: int, size: int = SIZE) -> np.ndarray:
+    """(n, size, size, 3) uint8 images with some spatial structure (blurred noise), as ADM's arr_0."""
+    g = torch.Generator().manual_seed(seed)
+    images = F.avg_pool2d(torch.rand(n, 3, size, size, generator=g), 3, 1, 1)
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def as_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def write_adm_npz(path: Path, images: np.ndarray | None = None, stats_of: np.ndarray | None = None) -> Path:
+    """An ADM-layout reference batch, written with numpy alone: arr_0 and/or the statistics of ``stats_of``
+    (what the ADM evaluator's reference files hold, here made with the random stand-in network)."""
+    arrays = {}
+    if images is not None:
+        arrays["arr_0"] = images
+    if stats_of is not None:
+        features = FeatureExtractor.random()(as_tensor(stats_of))
+        for key, rows in (("", features.pool), ("_s", features.spatial)):
+            rows = rows.double().numpy()
+            arrays["mu" + key], arrays["sigma" + key] = rows.mean(0), np.cov(rows, rowvar=False)  # as ADM computes them
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    from test_pipeline import tiny_prior, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    return VQGPTPipeline(tok, tiny_prior(tok.codebook_size), classes=["a", "b", "c"]).save_pretrained(
+        tmp_path_factory.mktemp("pipe") / "pipe")
+
+
+def _eval(pipe_dir, reference, num: int, **kwargs):
+    return eval_prior(pipe_dir, str(reference), num_samples=num, batch_size=5, fid_weights="random", seed=3,
+                      device="cpu", progress=False, **kwargs)
+
+
+def _draw_from(images: np.ndarray, monkeypatch) -> None:
+    """Sampling stand-in: sample i is ``images[i]``."""
+    monkeypatch.setattr(sample_many_module, "draw_images", lambda pipe, index, *args: as_tensor(images[index]))
+
+
+@pytest.mark.filterwarnings("ignore:FID from")
+def test_adm_reference_gives_fid_sfid_precision_recall(pipe_dir, tmp_path):
+    """FID, sFID and the ADM precision/recall against an ADM reference batch equal a direct computation."""
+    reference = smooth_uint8(23, seed=1)
+    path = write_adm_npz(tmp_path / "ref.npz", images=reference, stats_of=reference)
+    report = _eval(pipe_dir, path, num=17)
+    assert report.num_reference == 23 and report.resolution == SIZE
+
+    # the direct computation: sample i from its own seed (the many-samples sampler), the file's statistics
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    samples = torch.cat([sample_many_module.draw_images(pipe, list(batch), torch.tensor(batch) % 3,
+                                                        pipe.grid_for_pixels(None, None), SamplingConfig(), 3)
+                         for batch in sample_many_module.batch_ranges(17, 5)])
+    extractor = load_feature_extractor("random")
+    fake, real = extractor(samples), extractor(as_tensor(reference))
+    fake_stats = compute_stats(fake.pool, extractor.name, spatial=fake.spatial)
+    with np.load(path) as f:
+        file_stats = compute_stats(real.pool, extractor.name)  # replaced below by the file's arrays
+        file_stats.mu, file_stats.sigma, file_stats.spatial_mu, file_stats.spatial_sigma = (
+            f["mu"], f["sigma"], f["mu_s"], f["sigma_s"])
+    assert report.fid == pytest.approx(frechet_distance(file_stats, fake_stats), rel=1e-6)
+    assert report.sfid == pytest.approx(frechet_distance(file_stats.spatial(), fake_stats.spatial()), rel=1e-6)
+    # every reference image against every sample, k=3 (ADM's ManifoldEstimator)
+    pr = precision_recall(real.pool, fake.pool, k=3, max_features=None)
+    assert (report.precision, report.recall) == (pr.precision, pr.recall)
+    assert report.precision is not None and 0 <= report.precision <= 1 and 0 <= report.recall <= 1
+
+    # arr_0 alone: the statistics come from its images (the same network here, so the same figures)
+    only_images = _eval(pipe_dir, write_adm_npz(tmp_path / "images.npz", images=reference), num=17)
+    assert only_images.fid == pytest.approx(report.fid, rel=1e-6)
+    assert only_images.sfid == pytest.approx(report.sfid, rel=1e-6)
+    assert (only_images.precision, only_images.recall) == (report.precision, report.recall)
+    # the file's statistics win over those of its images, as in the ADM evaluator
+    other = write_adm_npz(tmp_path / "other.npz", images=reference, stats_of=smooth_uint8(23, seed=2))
+    assert _eval(pipe_dir, other, num=17).fid != pytest.approx(report.fid, rel=1e-3)
+    # statistics alone (no arr_0): FID and sFID, but no images for precision/recall
+    with pytest.warns(UserWarning, match="precision/recall need"):
+        only_stats = _eval(pipe_dir, write_adm_npz(tmp_path / "stats.npz", stats_of=reference), num=17)
+    assert only_stats.fid == pytest.approx(report.fid, rel=1e-6) and only_stats.sfid == pytest.approx(report.sfid)
+    assert only_stats.precision is None and only_stats.recall is None and only_stats.num_reference == 0
+
+
+@pytest.mark.filterwarnings("ignore:FID from")
+def test_adm_reference_known_answers(pipe_dir, tmp_path, monkeypatch):
+    """Samples that are the reference images: FID = sFID = 0, precision = recall = 1; brightened ones: worse."""
+    reference = smooth_uint8(30, seed=4)
+    path = write_adm_npz(tmp_path / "ref.npz", images=reference, stats_of=reference)
+    _draw_from(reference, monkeypatch)
+    same = _eval(pipe_dir, path, num=30)
+    assert same.fid == pytest.approx(0, abs=1e-6) and same.sfid == pytest.approx(0, abs=1e-6)
+    assert same.precision == 1.0 and same.recall == 1.0
+
+    shifted = np.clip(reference.astype(np.int16) + 60, 0, 255).astype(np.uint8)
+    _draw_from(shifted, monkeypatch)
+    worse = _eval(pipe_dir, path, num=30)
+    assert worse.fid > 0.1 and worse.sfid > 0.01, worse
+    assert worse.precision < 1.0 and worse.recall < 1.0, worse
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, arr_0=reference.astype(np.float32))
+    with pytest.raises(ValueError, match=r"bad\.npz: arr_0 must be uint8 images \(N, H, W, 3\)"):
+        _eval(pipe_dir, bad, num=4)
+    np.savez(bad, arr_0=reference, mu=np.zeros(5), sigma=np.eye(5))
+    with pytest.raises(ValueError, match=r"bad\.npz holds 5-d statistics"):
+        _eval(pipe_dir, bad, num=4)
+
+
+def test_inception_spatial_features_are_mixed_6_conv(tmp_path):
+    """sFID's features: the first 7 channels of Mixed_6d's 1x1 branch (TF mixed_6/conv), in TF's (h, w, c) order."""
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    path = tmp_path / "pt_inception-random.pth"
+    torch.save(inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False).state_dict(), path)
+    extractor = load_feature_extractor(str(path))
+    network = extractor.backbone.network
+    seen = {}
+    network.Mixed_6c.register_forward_hook(lambda m, i, out: seen.setdefault("mixed_5", out))  # TF's mixed_5
+    images = as_tensor(smooth_uint8(2, seed=0, size=64))
+    out = extractor(images)
+    with torch.inference_mode():
+        expected = network.Mixed_6d.branch1x1(seen["mixed_5"])  # (2, 192, 17, 17)
+    assert out.spatial.shape == (2, 17 * 17 * 7)
+    assert torch.equal(out.spatial, expected[:, :7].permute(0, 2, 3, 1).reshape(2, -1))
+    assert out.spatial[1, 3 + 7 * (5 + 17 * 2)] == expected[1, 3, 2, 5]  # channel 3 at (h=2, w=5)
+
+
+def _launched_run(log_dir: str, argv: list[str]) -> int:
+    """This file as the launched program: record each process's drawn indices, then run the command line."""
+    from vqgpt.cli import main
+
+    real = sample_many_module.draw_images
+
+    def recording(pipe, index, *args):
+        with open(Path(log_dir) / f"drawn-rank{os.environ.get('RANK', '0')}.txt", "a") as f:
+            f.write(" ".join(map(str, index)) + "\n")
+        return real(pipe, index, *args)
+
+    sample_many_module.draw_images = recording
+    return main(argv)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_report_of_one(pipe_dir, tmp_path):
+    """1 vs 2 gloo processes: the same JSON report, printed once; each process drew its own batches only."""
+    from test_distributed import launch_command, subprocess_env
+
+    # 11 reference images and 9 samples in batches of 2: the processes' shares differ in size (padded gather)
+    reference = write_adm_npz(tmp_path / "ref.npz", images=smooth_uint8(11, seed=5), stats_of=smooth_uint8(11, seed=5))
+    reports = {}
+    for n in (1, 2):
+        logs = tmp_path / f"logs{n}"
+        logs.mkdir()
+        cmd = [str(Path(__file__).resolve()), str(logs), "eval-prior", "--pipeline", str(pipe_dir), "--reference",
+               str(reference), "--num", "9", "--batch-size", "2", "--cfg-scale", "2.0", "--seed", "4",
+               "--fid-weights", "random", "--device", "cpu", "--json"]
+        head = launch_command(2) if n == 2 else [sys.executable]
+        done = subprocess.run([*head, *cmd], env=subprocess_env(), capture_output=True, text=True, timeout=600,
+                              cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = done.stdout.strip().splitlines()
+        assert len(lines) == 1, done.stdout  # said once, by rank 0
+        reports[n] = json.loads(lines[0])
+        drawn = {p.name: [int(i) for i in p.read_text().split()] for p in sorted(logs.glob("drawn-rank*.txt"))}
+        if n == 2:  # batch c on process c % 2
+            assert drawn == {"drawn-rank0.txt": [0, 1, 4, 5, 8], "drawn-rank1.txt": [2, 3, 6, 7]}, drawn
+    assert reports[2] == reports[1]
+    assert reports[1]["num_samples"] == 9 and reports[1]["num_reference"] == 11
+    assert None not in (reports[1]["fid"], reports[1]["sfid"], reports[1]["precision"], reports[1]["recall"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(_launched_run(sys.argv[1], sys.argv[2:]))
