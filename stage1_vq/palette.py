@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from stage1_vq.quantizers.common import BaseQuantizer, QuantizerOutput, nearest_code
+from stage1_vq.quantizers.common import BaseQuantizer, QuantizerOutput, code_counts, nearest_code
 from vqgpt.ground.config import opt
 from vqgpt.ground.data import DataConfig, build_dataset, readable_batches
 
@@ -85,7 +85,7 @@ class PaletteQuantizer(BaseQuantizer):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Pixels (B, C, h, w) -> QuantizerOutput(colours, indices, zero loss, usage / perplexity)."""
         indices = self.lookup(z)
-        counts = torch.bincount(indices.flatten(), minlength=self.codebook_size).float()
+        counts = code_counts(indices, self.codebook_size)
         return QuantizerOutput(self.codes_from_indices(indices).to(z.dtype), indices, z.new_zeros(()),
                                self._usage_stats(counts))
 

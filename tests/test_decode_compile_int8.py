@@ -209,3 +209,30 @@ def test_cli_prior_dtype_int8_and_compile(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="2"):  # argparse names the flag and its choices
         main(["sample", "--pipeline", str(tmp_path / "pipe"), "--prior-dtype", "int4",
               "--out", str(tmp_path / "x.png")])
+
+
+def test_many_samples_decode_as_the_pipeline_says(tmp_path, monkeypatch):
+    """`sample --out DIR/` and eval-prior draw through sample_many.draw_images: it must follow
+    set_decoding's compile, and a folder sampled with int8 weights is not resumed with float ones."""
+    import stage2_prior.decode as decode
+    from stage1_vq.model import VQModel
+    from stage1_vq.train import TokenizerRunConfig
+    from vqgpt.ground.config import load_config
+    from vqgpt.workflow.pipeline import VQGPTPipeline
+    from vqgpt.workflow.sample_many import sample_many
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the wiring, not the compiler
+    monkeypatch.setattr(decode, "_STEPS", type(decode._STEPS)())
+    calls = []
+    original = decode.DecodeStep.__call__
+    monkeypatch.setattr(decode.DecodeStep, "__call__", lambda self, *a: calls.append(a[1]) or original(self, *a))
+    torch.manual_seed(0)
+    tok = VQModel(load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml").model).eval()
+    prior = GPT(GPTConfig(codebook_size=tok.codebook_size, grid_size=[2, 2], num_classes=0, n_layer=1, n_head=2,
+                          dim=32, multiple_of=16)).eval()
+    float_pipe = VQGPTPipeline(tok, copy.deepcopy(prior))
+    pipe = VQGPTPipeline(tok, prior).set_decoding(prior_dtype="int8", compile=True)  # quantises `prior` in place
+    sample_many(pipe, 2, out=tmp_path / "s", batch_size=2, progress=False)
+    assert calls == [1, 2, 3]  # the three tokens after the first went through the decode step
+    with pytest.raises(ValueError, match="prior_dtype"):
+        sample_many(float_pipe, 2, out=tmp_path / "s", batch_size=2, progress=False)

@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from stage2_prior.draw import SamplingConfig
+from stage2_prior.quantize import is_quantized
 from stage2_prior.sampling import generate
 from vqgpt.ground.images import tensor_to_uint8
 from vqgpt.training.config import launched_process_state
@@ -92,16 +93,16 @@ def draw_images(pipe: VQGPTPipeline, indices: list[int], labels: torch.Tensor | 
     """
     generators = [torch.Generator(device=pipe.device).manual_seed(sample_seed(seed, i)) for i in indices]
     codes = generate(pipe.prior, len(indices), class_labels=labels, grid_size=grid, sampling=sampling,
-                     generators=generators)
+                     generators=generators, compile=pipe.compile_decode)
     return pipe.tokenizer.decode(codes.to(pipe.device)).clamp(-1, 1)
 
 
 def _settings(num: int, seed: int, batch_size: int, labels: torch.Tensor | None, sampling: SamplingConfig,
-              grid: tuple[int, int], prior_dtype: torch.dtype) -> dict:
+              grid: tuple[int, int], prior_dtype: str) -> dict:
     label_bytes = b"" if labels is None else labels.cpu().numpy().astype("<i8").tobytes()
     return {"num": num, "seed": seed, "batch_size": batch_size, "grid": list(grid),
             "labels_sha256": hashlib.sha256(label_bytes).hexdigest(), "conditional": labels is not None,
-            "sampling": dataclasses.asdict(sampling), "prior_dtype": str(prior_dtype).removeprefix("torch.")}
+            "sampling": dataclasses.asdict(sampling), "prior_dtype": prior_dtype}
 
 
 def _check_settings(folder: Path, settings: dict) -> None:
@@ -173,7 +174,10 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     pipe.to(torch.device(device) if device is not None else state.device)
     grid = pipe.grid_for_pixels(height, width)
     labels = pipe.labels_tensor(class_labels, num)
-    settings = _settings(num, seed, batch_size, labels, sampling, grid, next(pipe.prior.parameters()).dtype)
+    # int8 weights sample other images than the float ones: a resumed folder must keep the same
+    float_dtype = str(next(pipe.prior.parameters()).dtype).removeprefix("torch.")
+    prior_dtype = "int8" if is_quantized(pipe.prior) else float_dtype
+    settings = _settings(num, seed, batch_size, labels, sampling, grid, prior_dtype)
     if folder.is_dir():
         _check_settings(folder, settings)
     # Every process reads what is finished before any writes, so all agree on the counts.
