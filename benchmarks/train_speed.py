@@ -12,7 +12,7 @@ peak (1024^3 fp32 / bf16 matmul GFLOP/s, measured in the same run) reached by th
 
 Levers: AdamW for-loop (what torch picks for CPU tensors by default) vs foreach vs fused;
 torch.compile of the model (graph breaks listed with torch._dynamo.explain); for the tokenizer, the
-default layout (NCHW input and weights; the decoder channels-last, as ``stage1_vq.modules.conv_memory_format``
+default layout (NCHW input and weights; the decoder channels-last, as ``stage1_vq.modules.DECODER_MEMORY_FORMAT``
 chooses) vs everything channels-last, applied from outside with ``model.to(memory_format=...)``;
 SDPA for the prior (confirmed by finding F.scaled_dot_product_attention in the traced step).
 """

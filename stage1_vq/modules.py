@@ -16,19 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def conv_memory_format(device_type: str) -> torch.memory_format:
-    """The layout the conv decoder runs in: channels-last (NHWC), chosen, not inherited.
-
-    Before this choice the layout was an accident of the code path: training handed the decoder the
-    quantizer's permuted (channels-last) view, decoding from indices a contiguous (NCHW) tensor.
-    Measured on a 2-core CPU without bf16 units (benchmarks/train_speed.py's tokenizer, a training
-    step): fp32 runs at the same speed in either layout (within 5%), bf16 autocast runs 2.2x faster
-    channels-last (GroupNorm and conv in bf16 are slow NCHW there); on CUDA channels-last is the
-    tensor-core layout. Kept per device so a measured exception has one place to go. Float results
-    do not depend on the layout beyond rounding (tests/test_layout.py).
-    """
-    del device_type  # every device measured or documented so far prefers channels-last
-    return torch.channels_last
+# The layout the conv decoder runs in: channels-last (NHWC), chosen, not inherited. Before this
+# choice the layout was an accident of the code path: training handed the decoder the quantizer's
+# permuted (channels-last) view, decoding from indices a contiguous (NCHW) tensor. Measured on a
+# 2-core CPU without bf16 units (benchmarks/train_speed.py's tokenizer, a training step): fp32 runs
+# at the same speed in either layout (within 5%), bf16 autocast runs 2.2x faster channels-last
+# (GroupNorm and conv in bf16 are slow NCHW there); on CUDA channels-last is the tensor-core layout.
+# Float results do not depend on the layout beyond rounding (tests/test_layout.py).
+DECODER_MEMORY_FORMAT = torch.channels_last
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:

@@ -1,4 +1,4 @@
-"""The conv decoder's memory layout is chosen (stage1_vq.modules.conv_memory_format: channels-last), the same in
+"""The conv decoder's memory layout is chosen (stage1_vq.modules.DECODER_MEMORY_FORMAT: channels-last), the same in
 training and in decoding from indices whatever the quantizer hands over, and it does not change the reconstruction."""
 
 import pytest
@@ -46,6 +46,6 @@ def test_layout_does_not_change_the_reconstruction(monkeypatch):
     model = tiny_model()
     codes = torch.randint(0, 32, (2, 8, 8))
     chosen = model.decode(codes)
-    monkeypatch.setattr(model_module, "conv_memory_format", lambda _device: torch.contiguous_format)
+    monkeypatch.setattr(model_module, "DECODER_MEMORY_FORMAT", torch.contiguous_format)
     other = model.decode(codes)
     torch.testing.assert_close(chosen, other, rtol=1e-5, atol=1e-5)

@@ -74,25 +74,47 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+class _Laps:
+    """Seconds per demo stage (``lap(name, start)``) and, in ``seconds()``, the total since creation."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, name: str, start: float) -> None:
+        self.timings[name] = round(time.perf_counter() - start, 1)
+
+    def seconds(self) -> dict[str, float]:
+        return {**self.timings, "total": round(time.perf_counter() - self.start, 1)}
+
+
+def _without_slow_bf16(cfg: TokenizerRunConfig | PriorRunConfig) -> TokenizerRunConfig | PriorRunConfig:
+    """``cfg`` training in float32 where neither a GPU nor fast bf16 CPU units are present (emulated bf16
+    is ~10x slower than fp32 there), else unchanged; the demos are tuned for CPUs with bf16 units."""
+    if torch.cuda.is_available() or cpu_has_fast_bf16():
+        return cfg
+    return replace(cfg, train=replace(cfg.train, mixed_precision="no"))
+
+
+def _train_pipeline(prior_cfg: PriorRunConfig, tokens_dir: Path, tokenizer_dir: Path,
+                    out: Path) -> tuple[Path, VQGPTPipeline]:
+    """Train the prior on ``tokens_dir`` into out/prior_run and out/pipeline; returns (pipeline dir, pipeline)."""
+    pipeline_dir = train_prior_with_tokenizer(replace(prior_cfg, tokens=str(tokens_dir)), out / "prior_run",
+                                              tokenizer_dir, resume="auto", pipeline_dir=out / "pipeline")
+    return pipeline_dir, VQGPTPipeline.from_pretrained(pipeline_dir)
+
+
 def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, seed: int = 0) -> dict:
     """Run the demo into ``out``; returns the metrics written to out/metrics.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(name: str, start: float) -> None:
-        timings[name] = round(time.perf_counter() - start, 1)
+    lap = _Laps()
 
     _say("1/6 training the tokenizer on builtin:mnist (real digits)")
     t = time.perf_counter()
-    tok_cfg = demo_tokenizer_config(quick)
-    prior_cfg = demo_prior_config(quick)
-    if not torch.cuda.is_available() and not cpu_has_fast_bf16():
-        # The demo is tuned for CPUs with bf16 units; elsewhere emulated bf16 is ~10x slower than fp32.
+    tok_cfg, prior_cfg = _without_slow_bf16(demo_tokenizer_config(quick)), _without_slow_bf16(demo_prior_config(quick))
+    if prior_cfg.train.mixed_precision == "no":
         _say("this CPU has no fast bf16 units: training in float32")
-        tok_cfg = replace(tok_cfg, train=replace(tok_cfg.train, mixed_precision="no"))
-        prior_cfg = replace(prior_cfg, train=replace(prior_cfg.train, mixed_precision="no"))
     tokenizer_dir = train_tokenizer(tok_cfg, out / "tokenizer_run", resume="auto")
     lap("tokenizer", t)
 
@@ -108,10 +130,7 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
 
     _say("4/6 training a class-conditional prior (10% class dropout for guidance)")
     t = time.perf_counter()
-    prior_cfg = replace(prior_cfg, tokens=str(tokens_dir))
-    pipeline_dir = train_prior_with_tokenizer(prior_cfg, out / "prior_run", tokenizer_dir, resume="auto",
-                                              pipeline_dir=out / "pipeline")
-    pipe = VQGPTPipeline.from_pretrained(pipeline_dir)
+    pipeline_dir, pipe = _train_pipeline(prior_cfg, tokens_dir, tokenizer_dir, out)
     lap("prior", t)
 
     _say("5/6 sampling one row per digit")
@@ -143,7 +162,7 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
         "reconstruction": {k: recon[k] for k in ("psnr", "ssim", "codebook_usage", "perplexity", "grid", "codebook_size")},
         "samples": {"num": len(labels), "cfg_scale": cfg_scale, "class_accuracy": accuracy},
         "classifier_heldout_accuracy": heldout,
-        "seconds": {**timings, "total": round(time.perf_counter() - t0, 1)},
+        "seconds": lap.seconds(),
         "quick": quick,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -232,16 +251,10 @@ def run_pixel_demo(out: str | Path, quick: bool = False, num_samples: int = 32, 
     """Image GPT on the built-in digits into ``out``; returns the metrics written to out/metrics.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(name: str, start: float) -> None:
-        timings[name] = round(time.perf_counter() - start, 1)
-
-    tok_cfg, prior_cfg = pixel_demo_tokenizer_config(), pixel_demo_prior_config(quick)
-    if not torch.cuda.is_available() and not cpu_has_fast_bf16():
+    lap = _Laps()
+    tok_cfg, prior_cfg = pixel_demo_tokenizer_config(), _without_slow_bf16(pixel_demo_prior_config(quick))
+    if prior_cfg.train.mixed_precision == "no":
         _say("this CPU has no fast bf16 units: training in float32")
-        prior_cfg = replace(prior_cfg, train=replace(prior_cfg.train, mixed_precision="no"))
     size, colours = tok_cfg.model.resolution, tok_cfg.model.quantizer.codebook_size
 
     _say(f"1/6 fitting a palette of {colours} colours to the training digits' pixels (k-means)")
@@ -258,10 +271,7 @@ def run_pixel_demo(out: str | Path, quick: bool = False, num_samples: int = 32, 
 
     _say("3/6 training an unconditional prior over the pixels in raster order")
     t = time.perf_counter()
-    prior_cfg = replace(prior_cfg, tokens=str(tokens_dir))
-    pipeline_dir = train_prior_with_tokenizer(prior_cfg, out / "prior_run", tokenizer_dir, resume="auto",
-                                              pipeline_dir=out / "pipeline")
-    pipe = VQGPTPipeline.from_pretrained(pipeline_dir)
+    pipeline_dir, pipe = _train_pipeline(prior_cfg, tokens_dir, tokenizer_dir, out)
     lap("prior", t)
 
     _say(f"4/6 sampling {num_samples} digits")
@@ -297,7 +307,7 @@ def run_pixel_demo(out: str | Path, quick: bool = False, num_samples: int = 32, 
                                                         if k in ("num_images", "nll_per_token", "bits_per_token",
                                                                  "bits_per_dim", "uniform_bits_per_dim")}},
         "samples": num_samples,
-        "seconds": {**timings, "total": round(time.perf_counter() - t0, 1)},
+        "seconds": lap.seconds(),
         "quick": quick,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
