@@ -13,7 +13,7 @@ and data for every row; conv unless named vit). vqgpt's quantizers: plain VQ (10
 = z_channels); l2-normalised 8-dim VQ (LlamaGen); the same plus k-means init and dead-code restart;
 a full-dim EMA + k-means + restart VQ; the l2 8-dim VQ with EMA + k-means + restart (the recipe of the
 peer's README, in vqgpt); SimVQ; the l2 8-dim VQ with LlamaGen's entropy penalty; FSQ
-[8,5,5,5] (1000 codes); LFQ at 2^10 and 2^14 codes (and 2^14 with lfq_temperature 0.5); residual VQ, 2 depths of 1024 codes (two codes per
+[8,5,5,5] (1000 codes); LFQ at 2^10 and 2^14 codes (and 2^14 with MAGVIT-2's entropy settings); residual VQ, 2 depths of 1024 codes (two codes per
 position: twice the bits of the others); the l2 + restart VQ on the ViT encoder/decoder. Peer rows
 ("vqp-*") train the same encoder/decoder around vector-quantize-pytorch's ``VectorQuantize`` (its
 README's recipe: cosine similarity in an 8-dim projected codebook, k-means init, dead-code threshold;
@@ -88,9 +88,10 @@ VARIANTS = {
     "fsq": Variant("conv", QuantizerConfig(kind="fsq", fsq_levels=[8, 5, 5, 5])),
     "lfq-2^10": Variant("conv", QuantizerConfig(kind="lfq", lfq_dim=10)),
     "lfq-2^14": Variant("conv", QuantizerConfig(kind="lfq", lfq_dim=14)),
-    # A softer entropy softmax than MAGVIT-2's 0.01: on small batches the exact codebook entropy of
-    # near one-hot code probabilities saturates at log(tokens per batch) and stops spreading codes.
-    "lfq-2^14-t0.5": Variant("conv", QuantizerConfig(kind="lfq", lfq_dim=14, lfq_temperature=0.5)),
+    # MAGVIT-2's entropy settings (vqgpt's defaults before 0.5 / 0.4): at temperature 0.01 the code
+    # probabilities of latents near their codes are one-hot and the entropy losses stop spreading codes.
+    "lfq-2^14-magvit2": Variant("conv", QuantizerConfig(kind="lfq", lfq_dim=14, lfq_temperature=0.01,
+                                                        lfq_codebook_entropy_weight=0.1)),
     "rvq-2x1024": Variant("conv", QuantizerConfig(kind="rvq", rvq_depth=2, codebook_size=1024, codebook_dim=8,
                                                   **RESTART)),
     "vit-l2-restart-vq": Variant("vit", QuantizerConfig(**L2_LOWDIM, **RESTART)),

@@ -135,6 +135,27 @@ def test_lfq_codebook_entropy_spreads_usage():
     assert out.stats["usage"] > 0.4 and out.stats["perplexity"] > 20, out.stats  # of 64 codes, 64 latents
 
 
+@pytest.mark.parametrize("settings, spreads", [({}, True),  # the defaults
+                                               (dict(lfq_temperature=0.01, lfq_codebook_entropy_weight=0.1), False)])
+def test_lfq_default_losses_spread_latents_committed_to_few_codes(settings, spreads):
+    """Latents sitting near their codes (|z_i| ~ 1, where the commitment loss puts them) in 4 of 64 codes,
+    moved by the full default loss, spread over most codes. At MAGVIT-2's temperature 0.01 and weight 0.1
+    p(. | z) is one-hot there to within e^-400: no entropy gradient, and they stay in their 4 codes."""
+    torch.manual_seed(0)
+    q = build_quantizer(QuantizerConfig(kind="lfq", lfq_dim=6, **settings), 6).train()
+    z0 = torch.ones(1, 6, 8, 8)
+    z0[:, :2] = torch.where(torch.rand(1, 2, 8, 8) > 0.5, 1.0, -1.0)  # 2 free bits: 4 codes
+    z = nn.Parameter(z0 + 0.1 * torch.randn_like(z0))
+    assert q(z).indices.unique().numel() == 4
+    optimizer = torch.optim.Adam([z], lr=0.05)
+    for _ in range(60):
+        optimizer.zero_grad()
+        q(z).loss.backward()
+        optimizer.step()
+    used = q.eval()(z).indices.unique().numel()
+    assert (used >= 32) if spreads else (used == 4), used
+
+
 def test_lfq_usage_and_perplexity():
     q = LFQ(3, usage_window=2).train()
     def latents(indices: list[int]) -> torch.Tensor:

@@ -49,13 +49,18 @@ class QuantizerConfig:
                            "2 * 2**d * dim weights (d=18, dim 768: 403M, 1.6 GB in fp32, four times that with "
                            "their gradients and AdamW's two moments) and its fp32 logits 4 * 2**d bytes per token "
                            "(1 MiB at d=18)")
-    lfq_temperature: float = opt(0.01, "lfq: temperature of the softmax over the 2**d codes, "
-                                       "softmax(-||z - c||^2 / T), that the entropy losses use")
+    lfq_temperature: float = opt(0.5, "lfq: temperature of the softmax over the 2**d codes, "
+                                      "softmax(-||z - c||^2 / T), that the entropy losses use. MAGVIT-2's 0.01 "
+                                      "makes the probabilities one-hot for latents away from a sign boundary, so "
+                                      "the entropy losses move few of them and, on batches of fewer tokens than "
+                                      "codes, leave most codes unused")
     lfq_sample_entropy_weight: float = opt(0.1, "lfq: weight of the mean per-sample entropy (minimised: each "
                                                 "latent commits to one code)")
-    lfq_codebook_entropy_weight: float = opt(0.1, "lfq: weight of the codebook entropy, the entropy of the "
+    lfq_codebook_entropy_weight: float = opt(0.4, "lfq: weight of the codebook entropy, the entropy of the "
                                                   "batch-mean code distribution over all ranks (maximised: "
-                                                  "codes used evenly); computed exactly at every lfq_dim")
+                                                  "codes used evenly); computed exactly at every lfq_dim. Above "
+                                                  "the sample weight so that it outweighs the pull of each "
+                                                  "latent back into its own code (MAGVIT-2: 0.1)")
     rvq_depth: int = opt(4, "rvq: codes per latent position D; each depth has the vq options (l2_norm only the "
                             "first: the residuals after it are not unit vectors). Codes for stage 2 are an (h, w*D) "
                             "grid, a position's D codes side by side in its row (depth 0 first), so the prior reads "
