@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stage1_vq.quantizers.common import (BaseQuantizer, QuantizerOutput, all_gather_cat, all_reduce_sum_, broadcast_,
+from stage1_vq.quantizers.common import (BaseQuantizer, QuantizerOutput, all_reduce_sum_, broadcast_,
                                          code_counts, entropy, mean_over_ranks, nearest_code, rotation_trick)
 
 class VQLoss(NamedTuple):
@@ -175,22 +175,21 @@ class VectorQuantizer(BaseQuantizer):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> torch.Tensor:
-        """Re-seed codes whose EMA hit count is below the threshold with current encoder outputs."""
-        dead = self.cluster_size < self.restart_threshold  # identical on all ranks (synced counts)
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return torch.zeros((), device=flat.device)
-        local = flat[torch.randint(len(flat), (num_dead,), device=flat.device)]
-        candidates = all_gather_cat(local)  # (world * num_dead, D), same on every rank
-        choice = broadcast_(torch.randperm(len(candidates), device=flat.device)[:num_dead])
-        new_codes = candidates[choice]
-        dead_idx = dead.nonzero().squeeze(1)
-        self.embedding.weight.data[dead_idx] = new_codes.to(self.embedding.weight.dtype)
+        """Re-seed codes whose EMA hit count is below the threshold with current encoder outputs.
+
+        Fixed shapes and no host sync, so a compiled training step stays one graph: every code draws
+        a candidate latent (rank 0's draw, broadcast, so all ranks agree) and only the dead ones take
+        it. Returns the number restarted as a tensor."""
+        dead = self.cluster_size < self.restart_threshold  # (K,), identical on all ranks (synced counts)
+        candidates = broadcast_(flat[torch.randint(len(flat), (self.codebook_size,), device=flat.device)])
+        weight = self.embedding.weight.data
+        weight.copy_(torch.where(dead.unsqueeze(1), candidates.to(weight.dtype), weight))
         # A revived code starts at the threshold: it is re-seeded again if it stays unused.
-        self.cluster_size[dead_idx] = self.restart_threshold
+        self.cluster_size.masked_fill_(dead, self.restart_threshold)
         if self.ema:
-            self.embed_sum[dead_idx] = new_codes * self.restart_threshold
-        return torch.tensor(float(num_dead), device=flat.device)
+            self.embed_sum.copy_(torch.where(dead.unsqueeze(1), candidates.to(self.embed_sum.dtype) * self.restart_threshold,
+                                             self.embed_sum))
+        return dead.sum().float()
 
     def needs_kmeans_init(self) -> bool:
         """Whether the codebook still waits for its k-means initialisation.
