@@ -14,7 +14,8 @@ At batch 1 the reads bind; with guidance or larger batches the compute bound can
     python benchmarks/sampling.py --quick --compile   # also the compiled decode step (fp32, int8)
     python benchmarks/sampling.py --decode-only --compile --threads 1   # only the cfg-off rows of each
 
-Rows: fp32 and bf16 weights; weight-only int8 (``--prior-dtype int8``: int8 linear weights with
+Rows: fp32 and bf16 weights; fp32 on the plain MKL products, without the oneDNN-packed weights
+``stage2_prior.layers.Linear`` decodes with on a CPU (``--no-packed`` runs every row that way); weight-only int8 (``--prior-dtype int8``: int8 linear weights with
 per-channel scales, the rest fp32); with ``--compile``, the same sampler with its one-token step
 under torch.compile (``generate(..., compile=True)``; compile time is excluded, printed apart).
 
@@ -29,7 +30,7 @@ import time
 
 import torch
 
-from stage2_prior import GPT, GPTConfig, SamplingConfig, count_parameters, generate
+from stage2_prior import GPT, GPTConfig, SamplingConfig, count_parameters, generate, layers
 from stage2_prior.quantize import Int8Linear, set_prior_dtype
 
 
@@ -118,8 +119,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="add rows with the decode step under torch.compile (fp32 and int8; CFG off; "
                              "each batch size compiles once, a minute or more on a CPU)")
+    parser.add_argument("--no-packed", dest="packed", action="store_false",
+                        help="float32 products without the oneDNN-packed weights of stage2_prior.layers.Linear "
+                             "(the plain MKL path, for a before/after comparison)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.packed:
+        layers._packing_works = False
     batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 8] if args.quick else [1, 8, 16])
     repeats = 1 if args.quick else 2
 
@@ -187,21 +193,27 @@ def int8_read_bytes(model: torch.nn.Module) -> int:
 
 def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats: int, bandwidth: float,
                flops: float, read_params: int) -> None:
-    """Rows for weight-only int8 and (with --compile) the compiled decode step, CFG off."""
+    """Rows for fp32 without packed weights, weight-only int8 and (with --compile) the compiled decode
+    step, CFG off."""
     tokens = model.config.seq_len
-    kinds = [("float32", model, False), ("bfloat16", copy.deepcopy(model).to(torch.bfloat16), False)] \
+    # (weights, prior, compiled, packed): packed=False runs float32 on the plain MKL products
+    kinds = [("float32", model, False, True), ("bfloat16", copy.deepcopy(model).to(torch.bfloat16), False, True)] \
         if args.decode_only else []
+    if args.packed:
+        kinds.append(("float32", model, False, False))
     if args.int8:
-        kinds.append(("int8", set_prior_dtype(copy.deepcopy(model), "int8"), False))
+        kinds.append(("int8", set_prior_dtype(copy.deepcopy(model), "int8"), False, True))
     if args.compile:
-        int8 = [prior for name, prior, _ in kinds if name == "int8"]
-        kinds.append(("float32", model, True))
+        int8 = [prior for name, prior, _, _ in kinds if name == "int8"]
+        kinds.append(("float32", model, True, True))
         if int8:
-            kinds.append(("int8", int8[0], True))
-    for name, prior, compiled in kinds:
+            kinds.append(("int8", int8[0], True, True))
+    for name, prior, compiled, packed in kinds:
         read = int8_read_bytes(prior) if name == "int8" else read_params * torch.finfo(getattr(torch, name)).bits // 8
         bound = Bound(model.config, read_params, read, prior.tok_embeddings.weight.element_size(), bandwidth, flops)
-        print(f"\n== weights {name}{', compiled decode step' if compiled else ''}: {bound.describe(1)}")
+        how = ", compiled decode step" if compiled else ("" if packed else ", plain products (no packed weights)")
+        print(f"\n== weights {name}{how}: {bound.describe(1)}")
+        layers._packing_works = packed and args.packed
         for batch in batches:
             labels = torch.arange(batch) % 10
             t0 = time.perf_counter()
@@ -216,6 +228,7 @@ def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats
                 ceiling = matmul_ceiling(prior, batch)
                 line += f"   (matmuls alone: {ceiling:6.1f} steps/s = {ceiling / limit:6.1%} of bound)"
             print(line, flush=True)
+    layers._packing_works = args.packed
 
 
 if __name__ == "__main__":

@@ -175,11 +175,7 @@ class GPT(nn.Module):
         attn_mask = None
         if n > 1 and start_pos > 0:  # a chunk after cached slots: query i sees slots <= start_pos + i
             attn_mask = torch.ones(n, start_pos + n, dtype=torch.bool, device=x.device).tril(start_pos)
-        for layer, k, v in zip(self.layers, cache.keys, cache.values):
-            x = layer(x, rope, (k, v), start_pos, attn_mask)
-        if last_only:
-            x = x[:, -1:]
-        return self.output(self.norm(x)).float()  # (B, n or 1, V)
+        return self._cached_layers(x, rope, cache, start_pos, attn_mask, last_only)
 
     def _forward_static(self, tokens: torch.Tensor | None, start_pos: torch.Tensor, cache: KVCache,
                         positions: torch.Tensor | None) -> torch.Tensor:
@@ -196,9 +192,16 @@ class GPT(nn.Module):
             rope = table[1 + positions[:, 0] * self.grid_size[1] + positions[:, 1]]
         # query i sees slots <= start_pos + i; later slots hold zeros or stale values
         attn_mask = torch.arange(cache.max_len, device=x.device) <= slots[:, None]  # (n, max_len)
+        return self._cached_layers(x, rope, cache, start_pos, attn_mask)
+
+    def _cached_layers(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache, start_pos: int | torch.Tensor,
+                       attn_mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
+        """Embedded inputs (B, n, dim) through every block (reading and writing ``cache``) and the head -> logits."""
         for layer, k, v in zip(self.layers, cache.keys, cache.values):
             x = layer(x, rope, (k, v), start_pos, attn_mask)
-        return self.output(self.norm(x)).float()  # (B, n, V)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()  # (B, n or 1, V)
 
     # ------------------------------------------------------------------ export
 

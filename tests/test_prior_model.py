@@ -1,5 +1,6 @@
 """Stage-2 GPT prior: causality, KV cache, LlamaGen layout, config, export."""
 
+import copy
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from prior_helpers import tiny_gpt as shared_tiny_gpt
 from stage2_prior import GPT, GPTConfig, count_parameters
 from stage2_prior.config import PRESETS
+from stage2_prior import layers
 from stage2_prior.layers import Linear, apply_rope, rope_multipliers, rope_table_2d
 from vqgpt.ground.config import ConfigError, from_dict
 
@@ -259,24 +261,59 @@ def test_bf16_weights_keep_fp32_rope_and_cache_matches():
     torch.testing.assert_close(cached, full, rtol=0.05, atol=0.05)
 
 
-def test_few_row_linear_path_matches_f_linear(monkeypatch):
+def _no_f_linear(*args):
+    raise AssertionError("F.linear called on a few-row path")
+
+
+def test_few_row_linear_fallback_matches_f_linear(monkeypatch):
+    """Where oneDNN cannot pack, 1-5 rows run as W @ x^T."""
+    monkeypatch.setattr(layers, "_packing_works", False)
     torch.manual_seed(0)
     layer = Linear(24, 40, bias=False)
     inputs = {shape: torch.randn(shape) for shape in [(1, 1, 24), (2, 1, 24), (5, 1, 24), (2, 2, 24), (7, 24)]}
     expected = {shape: torch.nn.functional.linear(x, layer.weight) for shape, x in inputs.items()}
-
-    def no_linear(*args):
-        raise AssertionError("F.linear called on the few-row path")
-
     for shape, x in inputs.items():
         few = math.prod(shape[:-1]) <= Linear.max_rows
         with monkeypatch.context() as m, torch.inference_mode():
             if few:  # the weight-major product must be the one that runs
-                m.setattr(torch.nn.functional, "linear", no_linear)
+                m.setattr(torch.nn.functional, "linear", _no_f_linear)
             y = layer(x)
         assert y.shape == (*shape[:-1], 40)
         torch.testing.assert_close(y, expected[shape], rtol=1e-5, atol=1e-6)
     # with gradients (training) the usual product runs, so autograd sees nn.Linear
     y = layer(inputs[(1, 1, 24)])
     assert y.grad_fn is not None and torch.equal(y.detach(), expected[(1, 1, 24)])
+
+
+@pytest.mark.skipif(not layers._packing_works, reason="this torch build has no oneDNN")
+def test_packed_linear_follows_the_weight(monkeypatch, tmp_path):
+    """Up to max_packed_rows rows run on a oneDNN-packed copy of the weight, which is remade whenever
+    the weight changes (in place, loaded, moved) and does not stop the module being copied or saved."""
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=False)
+    shapes = [(1, 1, 24), (8, 1, 24), (16, 1, 24), (Linear.max_packed_rows, 24)]
+    with monkeypatch.context() as m, torch.no_grad():
+        m.setattr(torch.nn.functional, "linear", _no_f_linear)
+        for shape in shapes:
+            x = torch.randn(shape)
+            torch.testing.assert_close(layer(x), x @ layer.weight.t(), rtol=1e-5, atol=1e-5)
+        layer.weight.mul_(-2)  # an in-place update (an optimizer step, a weight edit)
+        torch.testing.assert_close(layer(x), x @ layer.weight.t(), rtol=1e-5, atol=1e-5)
+        other = torch.randn(40, 24)
+        layer.load_state_dict({"weight": other})
+        torch.testing.assert_close(layer(x), x @ other.t(), rtol=1e-5, atol=1e-5)
+    assert set(layer.state_dict()) == {"weight"}  # the packed copy is not part of the module
+    twin = copy.deepcopy(layer)
+    torch.save(layer, tmp_path / "layer.pt")
+    with torch.no_grad():
+        twin.weight.zero_()
+        assert torch.equal(twin(x), torch.zeros(Linear.max_packed_rows, 40))
+    # more rows, or gradients, take F.linear
+    with torch.no_grad():
+        y = layer(torch.randn(Linear.max_packed_rows + 1, 24))
+    assert y.shape == (Linear.max_packed_rows + 1, 40)
+    assert layer(x).grad_fn is not None
+    with torch.inference_mode():  # a layer made here has no version counter: the plain products run
+        made_here = Linear(24, 40, bias=False)
+        torch.testing.assert_close(made_here(x[:8]), x[:8] @ made_here.weight.t(), rtol=1e-5, atol=1e-5)
 
