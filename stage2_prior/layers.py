@@ -51,32 +51,49 @@ def apply_rope(x: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(xf * cos, swapped, sin).type_as(x)
 
 
-# Weights reordered for oneDNN, per layer: (the weight's (address, version, shape), the packed copy).
-# Kept beside the module, not on it: a packed tensor is opaque (no deepcopy, no pickling).
-_PACKED: "weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+# Weights reordered for oneDNN: id(weight) -> (weakref to it, its (address, version), the packed copy).
+# Kept beside the module, not on it (a packed tensor is opaque: no deepcopy, no pickling); an entry
+# goes when its weight does.
+_PACKED: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
 _PACK_ROWS_HINT = 8  # the row count oneDNN tunes the layout for; measured as good from 1 to 64 rows
 _packing_works = torch.backends.mkldnn.is_available()
 
 
-def _packed_weight(layer: nn.Linear) -> torch.Tensor | None:
-    """The oneDNN-packed copy of ``layer.weight``, made on first use and again whenever the weight
-    changes (moved, loaded or updated in place); None where this build of torch cannot pack, or for
-    a weight made under inference_mode (it has no version counter to tell an in-place change)."""
+def _packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """The oneDNN-packed copy of a float32 CPU ``weight`` (out, in), made on first use and again whenever
+    the weight changes (moved, loaded or updated in place); None where this build of torch cannot pack,
+    or for a weight made under inference_mode (it has no version counter to tell an in-place change)."""
     global _packing_works
-    weight = layer.weight
-    if weight.is_inference():
+    if not _packing_works or weight.is_inference():
         return None
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-    entry = _PACKED.get(layer)
-    if entry is not None and entry[0] == key:
-        return entry[1]
+    key = (weight.data_ptr(), weight._version)
+    entry = _PACKED.get(id(weight))
+    if entry is not None and entry[0]() is weight and entry[1] == key:
+        return entry[2]
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
     except (RuntimeError, AttributeError):  # a build without oneDNN's packed linear: use the plain products
         _packing_works = False
         return None
-    _PACKED[layer] = (key, packed)
+    if entry is None or entry[0]() is not weight:
+        weakref.finalize(weight, _PACKED.pop, id(weight), None)
+    _PACKED[id(weight)] = (weakref.ref(weight), key, packed)
     return packed
+
+
+@torch.library.custom_op("vqgpt::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T through ``weight``'s oneDNN-packed copy (F.linear where there is none); an op of its
+    own so that a compiled decode step (``stage2_prior.decode``) calls it as it is."""
+    packed = _packed_weight(weight)
+    if packed is None:
+        return F.linear(x, weight)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
@@ -85,13 +102,14 @@ class Linear(nn.Linear):
     The usual x @ W^T runs near the memory bandwidth only for large row counts on the development CPU
     (MKL, 2 threads, AVX2): 44 GB/s of weight reads at 1 row, 13-16 GB/s at 8 rows, which is 60 of
     its 150 GFLOP/s. With the weight reordered once for oneDNN (``_packed_weight``) the same product
-    read 60-80 GB/s at 1-2 rows and 28 GB/s (112 GFLOP/s) at 8, and stayed ahead up to 256 rows; up
-    to ``max_packed_rows`` rows take that path. The packed copy, made at the first such call, lives as
-    long as the layer (remade when its weight changes): decoding on a CPU holds the float32 weights
-    twice. Where oneDNN cannot pack, 1-5 rows run as W @ x^T (one row padded to two), which
+    read 60-80 GB/s at 1-2 rows and 28 GB/s (112 GFLOP/s) at 8 (weights in cache), and stayed ahead
+    up to 256 rows; up to ``max_packed_rows`` rows of a bias-free layer take that path, in eager mode
+    and, as the ``packed_linear`` op, in a compiled graph. The packed copy, made at the first such
+    call, lives as long as the weight (remade when it changes): decoding on a CPU holds the float32
+    weights twice. Where oneDNN cannot pack, 1-5 rows run as W @ x^T (one row padded to two), which
     ran at 50-90% of the bandwidth against 20-40%. benchmarks/sampling.py measures the sampler built
-    on it. Training, autocast, compiled graphs (inductor chooses its own kernels), other dtypes and
-    devices take the usual path; the state dict is nn.Linear's.
+    on it. Training, autocast, other dtypes and devices take the usual path; the state dict is
+    nn.Linear's.
     """
 
     max_rows = 5  # the W @ x^T fallback
@@ -99,15 +117,16 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if (rows > self.max_packed_rows or x.device.type != "cpu" or x.dtype != torch.float32
-                or self.weight.dtype != torch.float32 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
-                or torch.compiler.is_compiling()):
+        if (rows > self.max_packed_rows or x.device.type != "cpu" or x.dtype != torch.float32 or self.bias is not None
+                or self.weight.dtype != torch.float32 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
             return F.linear(x, self.weight, self.bias)
-        packed = _packed_weight(self) if _packing_works else None
+        if torch.compiler.is_compiling():
+            return packed_linear(x, self.weight) if _packing_works else F.linear(x, self.weight)
+        packed = _packed_weight(self.weight)
         if packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
-        if rows > self.max_rows or self.bias is not None:
-            return F.linear(x, self.weight, self.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        if rows > self.max_rows:
+            return F.linear(x, self.weight)
         flat = x.reshape(rows, x.shape[-1])
         if rows == 1:
             flat = flat.repeat(2, 1)
