@@ -15,9 +15,10 @@ At batch 1 the reads bind; with guidance or larger batches the compute bound can
     python benchmarks/sampling.py --decode-only --compile --threads 1   # only the cfg-off rows of each
 
 Rows: fp32 and bf16 weights; fp32 on the plain MKL products, without the oneDNN-packed weights
-``stage2_prior.layers.Linear`` decodes with on a CPU (``--no-packed`` runs every row that way); weight-only int8 (``--prior-dtype int8``: int8 linear weights with
-per-channel scales, the rest fp32); with ``--compile``, the same sampler with its one-token step
-under torch.compile (``generate(..., compile=True)``; compile time is excluded, printed apart).
+``stage2_prior.layers.Linear`` decodes with on a CPU (``--no-packed`` runs every row that way);
+weight-only int8 (``--prior-dtype int8``: int8 linear weights with per-channel scales, the rest fp32);
+with ``--compile``, the same sampler with its one-token step under torch.compile
+(``generate(..., compile=True)``; compile time is excluded, printed apart).
 
 Figures on a shared machine are noisy; compare ratios measured in one run.
 """

@@ -236,3 +236,15 @@ def test_many_samples_decode_as_the_pipeline_says(tmp_path, monkeypatch):
     assert calls == [1, 2, 3]  # the three tokens after the first went through the decode step
     with pytest.raises(ValueError, match="prior_dtype"):
         sample_many(float_pipe, 2, out=tmp_path / "s", batch_size=2, progress=False)
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_bf16_decoding_warns_on_a_cpu_without_bf16_units(monkeypatch, recwarn, fast_bf16):
+    from stage2_prior import quantize
+    monkeypatch.setattr(quantize, "cpu_has_fast_bf16", lambda: fast_bf16)
+    model = set_prior_dtype(tiny_gpt(), "bfloat16")
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    slow = [w for w in recwarn if "bfloat16 decoding on this CPU" in str(w.message)]
+    assert len(slow) == (0 if fast_bf16 else 1)
+    set_prior_dtype(tiny_gpt(), "float32")  # other dtypes never warn
+    assert len([w for w in recwarn if "bfloat16 decoding" in str(w.message)]) == len(slow)

@@ -187,8 +187,8 @@ class VectorQuantizer(BaseQuantizer):
         # A revived code starts at the threshold: it is re-seeded again if it stays unused.
         self.cluster_size.masked_fill_(dead, self.restart_threshold)
         if self.ema:
-            self.embed_sum.copy_(torch.where(dead.unsqueeze(1), candidates.to(self.embed_sum.dtype) * self.restart_threshold,
-                                             self.embed_sum))
+            seeded = candidates.to(self.embed_sum.dtype) * self.restart_threshold
+            self.embed_sum.copy_(torch.where(dead.unsqueeze(1), seeded, self.embed_sum))
         return dead.sum().float()
 
     def needs_kmeans_init(self) -> bool:
