@@ -20,13 +20,9 @@ keys), so quantise a loaded float prior each time instead.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from vqgpt.training.config import cpu_has_fast_bf16
 
 DTYPES = ("float32", "bfloat16", "int8")  # what --prior-dtype / VQGPTPipeline.set_decoding accept
 _KERNEL_OK: dict[tuple[str, torch.dtype], bool] = {}  # (device type, activation dtype) -> kernel usable
@@ -132,10 +128,4 @@ def set_prior_dtype(model: nn.Module, dtype: str) -> nn.Module:
         raise ValueError(f"this prior is already quantised to int8; load it again for {dtype}")
     if dtype == "int8":
         return quantize_int8(model.to(torch.float32))
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    if dtype == "bfloat16" and on_cpu and not cpu_has_fast_bf16():
-        # Measured on such a CPU (GPT-B width, 2 threads): bf16 1.3x float32's tokens/s at batch 1,
-        # 0.4x at batch 8, where its emulated products bind.
-        warnings.warn("bfloat16 decoding on this CPU (no bf16 matrix units) is slower than float32 beyond "
-                      "batch 1; float32 or int8 decode faster here", stacklevel=2)
     return model.to(getattr(torch, dtype))

@@ -240,11 +240,15 @@ def test_many_samples_decode_as_the_pipeline_says(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("fast_bf16", [False, True])
 def test_bf16_decoding_warns_on_a_cpu_without_bf16_units(monkeypatch, recwarn, fast_bf16):
-    from stage2_prior import quantize
-    monkeypatch.setattr(quantize, "cpu_has_fast_bf16", lambda: fast_bf16)
+    from stage2_prior import draw
+    monkeypatch.setattr(draw, "cpu_has_fast_bf16", lambda: fast_bf16)
     model = set_prior_dtype(tiny_gpt(), "bfloat16")
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    # setting the dtype does not warn: the weights may still move to a GPU before they decode
+    assert not [w for w in recwarn if "bfloat16 decoding" in str(w.message)]
+    generate(model, 2, class_labels=[0, 1])
+    complete(model, torch.zeros(1, 3, 4, dtype=torch.long), keep_rows=1, class_labels=[0])
     slow = [w for w in recwarn if "bfloat16 decoding on this CPU" in str(w.message)]
-    assert len(slow) == (0 if fast_bf16 else 1)
-    set_prior_dtype(tiny_gpt(), "float32")  # other dtypes never warn
+    assert len(slow) == (0 if fast_bf16 else 2)
+    generate(tiny_gpt(), 2, class_labels=[0, 1])  # float32 weights never warn
     assert len([w for w in recwarn if "bfloat16 decoding" in str(w.message)]) == len(slow)
