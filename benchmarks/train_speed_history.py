@@ -31,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from train_speed import TOKENIZER_ARCH  # the same tokenizer on both sides as in train_speed.py
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Runs inside each side's interpreter; prints one JSON line {case: rate}.
@@ -47,6 +49,7 @@ from vqgpt.training import TrainConfig
 from vqgpt.training.optim import make_optimizer, optimizer_step
 
 threads, dtypes, warmup, steps = int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
+arch = json.loads(sys.argv[5])
 torch.set_num_threads(threads)
 accelerator = Accelerator(cpu=True)
 
@@ -62,10 +65,8 @@ def rate(step, items):
 
 def tokenizer(bf16):
     torch.manual_seed(0)
-    model = VQModel(VQModelConfig(channels=64, channel_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[8],
-                                  resolution=64, z_channels=64, norm_groups=32,
-                                  quantizer=QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=8,
-                                                            l2_norm=True))).train()
+    model = VQModel(VQModelConfig(**arch, quantizer=QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=8,
+                                                                     l2_norm=True))).train()
     x = torch.rand(8, 3, 64, 64) * 2 - 1
     tc = TrainConfig(lr=1e-4)
     opt = make_optimizer(model.parameters(), tc)
@@ -106,7 +107,8 @@ def run_side(path: Path, args: argparse.Namespace) -> dict[str, float]:
     """One round of every case in a fresh interpreter with ``path``'s packages first on the path."""
     env = dict(os.environ, PYTHONPATH=str(path), OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run([sys.executable, "-c", STEP, str(args.threads), args.dtypes, str(args.warmup),
-                           str(args.steps)], env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True)
+                           str(args.steps), json.dumps(TOKENIZER_ARCH)],
+                          env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: the step failed in {path}:\n{proc.stderr[-3000:]}")
     rates = json.loads(proc.stdout.strip().splitlines()[-1])
