@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from stage2_prior import GPT, GPTConfig, SamplingConfig, count_parameters, generate, layers
+from stage2_prior import GPT, GPTConfig, SamplingConfig, count_parameters, generate, set_weight_packing
 from stage2_prior.quantize import Int8Linear, set_prior_dtype
 
 
@@ -125,8 +125,7 @@ def main() -> None:
                              "(the plain MKL path, for a before/after comparison)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not args.packed:
-        layers._packing_works = False
+    set_weight_packing(args.packed)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 8] if args.quick else [1, 8, 16])
     repeats = 1 if args.quick else 2
 
@@ -214,7 +213,7 @@ def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats
         bound = Bound(model.config, read_params, read, prior.tok_embeddings.weight.element_size(), bandwidth, flops)
         how = ", compiled decode step" if compiled else ("" if packed else ", plain products (no packed weights)")
         print(f"\n== weights {name}{how}: {bound.describe(1)}")
-        layers._packing_works = packed and args.packed
+        set_weight_packing(packed and args.packed)
         for batch in batches:
             labels = torch.arange(batch) % 10
             t0 = time.perf_counter()
@@ -229,7 +228,7 @@ def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats
                 ceiling = matmul_ceiling(prior, batch)
                 line += f"   (matmuls alone: {ceiling:6.1f} steps/s = {ceiling / limit:6.1%} of bound)"
             print(line, flush=True)
-    layers._packing_works = args.packed
+    set_weight_packing(args.packed)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,21 @@ def apply_rope(x: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
 # goes when its weight does.
 _PACKED: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
 _PACK_ROWS_HINT = 8  # the row count oneDNN tunes the layout for; measured as good from 1 to 64 rows
-_packing_works = torch.backends.mkldnn.is_available()
+_packing_works = torch.backends.mkldnn.is_available()  # this build can pack, and packing is switched on
+
+
+def set_weight_packing(enabled: bool) -> bool:
+    """Switch the oneDNN-packed products of ``Linear`` on or off for this process; returns the previous
+    setting. Off, few-row CPU products take the plain path and the packed copies are dropped, which
+    gives back the second copy of the float32 weights that packing holds (at 0.55-0.8x the decoding
+    speed on the development CPU, benchmarks/sampling.py --no-packed). On where this build cannot pack
+    does nothing."""
+    global _packing_works
+    previous = _packing_works
+    _packing_works = bool(enabled) and torch.backends.mkldnn.is_available()
+    if not _packing_works:
+        _PACKED.clear()
+    return previous
 
 
 def _packed_weight(weight: torch.Tensor) -> torch.Tensor | None:

@@ -329,3 +329,27 @@ def test_packed_linear_follows_the_weight(monkeypatch, tmp_path):
         made_here = Linear(24, 40, bias=False)
         torch.testing.assert_close(made_here(x[:8]), x[:8] @ made_here.weight.t(), rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.skipif(not layers._packing_works, reason="this torch build has no oneDNN")
+def test_weight_packing_switch_drops_the_packed_copies():
+    """set_weight_packing(False) gives back the packed copies and sends few-row products down the plain
+    path (same values); switching it on again packs anew."""
+    from stage2_prior import set_weight_packing
+
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=False)
+    x = torch.randn(8, 24)
+    try:
+        with torch.no_grad():
+            packed_out = layer(x)
+            assert id(layer.weight) in layers._PACKED
+            assert set_weight_packing(False) is True
+            assert not layers._PACKED
+            torch.testing.assert_close(layer(x), packed_out, rtol=1e-5, atol=1e-5)
+            assert not layers._PACKED  # the plain path made no copy
+            assert set_weight_packing(True) is False
+            torch.testing.assert_close(layer(x), packed_out, rtol=1e-5, atol=1e-5)
+            assert id(layer.weight) in layers._PACKED
+    finally:
+        set_weight_packing(True)
