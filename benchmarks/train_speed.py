@@ -1,6 +1,7 @@
 """Training-step throughput of both stages, and the levers that could speed it up, each measured on/off.
 
     python benchmarks/train_speed.py [--quick] [--threads N] [--dtypes fp32,bf16] [--no-compile]
+    python benchmarks/train_speed.py --convs     # where the tokenizer step's time goes, conv by conv
 
 A step is the project's real one: model forward + loss under autocast, then ``optimizer_step``
 (finite check, backward, gradient clipping, AdamW step, zero_grad) from vqgpt.training.optim.
@@ -145,9 +146,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--convs", action="store_true", help="only where the fp32 tokenizer step's time goes: the "
+                        "convolutions' share of it, and each conv shape forward / backward in NCHW and NHWC")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.convs:
+        conv_breakdown(Accelerator(cpu=True), 4 if args.quick else 16, matmul_gflops(torch.float32))
+        return
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     warmup, steps, rounds = (1, 1, 3) if args.quick else (2, 5, 3)
     shape = QUICK_PRIOR_SHAPE if args.quick else PRIOR_SHAPE
@@ -233,6 +239,77 @@ def main() -> None:
         base.setdefault((stage, dtype), rate)
         unit = "img/s" if stage == "tokenizer" else "tok/s"
         print(f"| {stage} | {dtype} | {lever} | {rate:.1f} {unit} | {rate / base[(stage, dtype)]:.2f}x | {100 * share:.1f}% |")
+
+
+CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution", "aten::convolution",
+            "aten::thnn_conv2d", "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward")
+
+
+def conv_breakdown(accelerator: Accelerator, batch: int, peak: float) -> None:
+    """Where the fp32 tokenizer step's time goes: the convolutions' share of the profiled step, then each
+    conv shape of the model timed alone, forward and forward + backward, in NCHW and NHWC."""
+    step, model = tokenizer_step(accelerator, "fused", False, False, False, batch)
+    for _ in range(2):
+        step()
+    t = time.perf_counter()
+    for _ in range(2):
+        step()
+    step_ms = (time.perf_counter() - t) / 2 * 1e3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if e.key in CONV_OPS)
+    print(f"tokenizer fp32 step, batch {batch}: {step_ms:.0f} ms ({batch / step_ms * 1e3:.2f} images/s); "
+          f"convolutions (forward and backward) take {conv / total:.1%} of the profiled CPU time, so removing "
+          f"everything else would speed the step up at most {total / conv:.2f}x. matmul peak {peak:.0f} GFLOP/s")
+
+    shapes: dict[tuple, int] = {}  # (in, out, kernel, stride, padding, H, W, first layer) -> calls per step
+
+    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor], _output: torch.Tensor) -> None:
+        x = inputs[0]
+        key = (module.in_channels, module.out_channels, module.kernel_size[0], module.stride[0], module.padding[0],
+               x.shape[2], x.shape[3], not x.requires_grad)
+        shapes[key] = shapes.get(key, 0) + 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    model(torch.rand(batch, 3, 64, 64))  # with gradients, as in training: only conv_in's input has none
+    for h in handles:
+        h.remove()
+    print(f"\n{'conv (batch ' + str(batch) + ')':>30} {'calls':>5}   NCHW fwd / fwd+bwd ms  (GFLOP/s)     "
+          f"NHWC fwd / fwd+bwd ms  (GFLOP/s)")
+    sums = {"NCHW": 0.0, "NHWC": 0.0, "best": 0.0}
+    for (cin, cout, k, stride, pad, h, w, first), calls in sorted(shapes.items(), key=lambda kv: -kv[0][5]):
+        conv_layer = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=pad)
+        out_hw = ((h + 2 * pad - k) // stride + 1) * ((w + 2 * pad - k) // stride + 1)
+        flop = 2 * batch * cin * cout * k * k * out_hw
+        cells = []
+        both = {}
+        for name, fmt in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
+            layer = conv_layer.to(memory_format=fmt)
+            inp = torch.randn(batch, cin, h, w).contiguous(memory_format=fmt).requires_grad_(not first)
+            grad = torch.randn_like(layer(inp))
+            fwd = _best_ms(lambda: layer(inp))
+            both[name] = _best_ms(lambda: layer(inp).backward(grad))
+            passes = 2 if first else 3  # forward, weight gradient (and input gradient)
+            cells.append(f"{fwd:6.1f} / {both[name]:6.1f}  ({flop / fwd / 1e6:4.0f} / {passes * flop / both[name] / 1e6:4.0f})")
+            sums[name] += calls * both[name]
+        sums["best"] += calls * min(both.values())
+        print(f"{f'{cin}->{cout} {k}x{k}/{stride} at {h}x{w}':>30} {calls:>5}   {cells[0]}     {cells[1]}")
+    print(f"all convs, forward + backward, per step: NCHW {sums['NCHW']:.0f} ms, NHWC {sums['NHWC']:.0f} ms, the faster "
+          f"layout per layer {sums['best']:.0f} ms (the profiled step: {step_ms:.0f} ms)")
+
+
+def _best_ms(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Best of ``repeats`` timed calls of ``fn`` in milliseconds, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
 
 
 def adamw_ms(model: torch.nn.Module, impl: str, repeats: int = 10) -> float:
