@@ -90,6 +90,16 @@ VARIANTS = {
     "l2-lowdim-ema-restart-vq": Variant("conv", QuantizerConfig(**L2_LOWDIM, ema=True, **RESTART)),
     "l2-lowdim-ema-restart-rot-vq": Variant("conv", QuantizerConfig(**L2_LOWDIM, ema=True, **RESTART,
                                                                      rotation_trick=True)),
+    # the sweep around the two rows above (README: none of them reaches both goal-1 figures over 4 seeds)
+    "l2-6dim-ema-restart-vq": Variant("conv", QuantizerConfig(**{**L2_LOWDIM, "codebook_dim": 6}, ema=True, **RESTART)),
+    "l2-lowdim-ema99-restart-vq": Variant("conv", QuantizerConfig(**L2_LOWDIM, ema=True,
+                                                                   **{**RESTART, "ema_decay": 0.99})),
+    "l2-16dim-ema-restart-rot-vq": Variant("conv", QuantizerConfig(**{**L2_LOWDIM, "codebook_dim": 16}, ema=True,
+                                                                    **RESTART, rotation_trick=True)),
+    "l2-32dim-ema-restart-rot-vq": Variant("conv", QuantizerConfig(**{**L2_LOWDIM, "codebook_dim": 32}, ema=True,
+                                                                    **RESTART, rotation_trick=True)),
+    "ema-restart-rot-vq": Variant("conv", QuantizerConfig(kind="vq", codebook_size=1024, ema=True, **RESTART,
+                                                          rotation_trick=True)),
     "simvq": Variant("conv", QuantizerConfig(kind="vq", codebook_size=1024, simvq=True)),
     "l2-lowdim-entropy-vq": Variant("conv", QuantizerConfig(**L2_LOWDIM, entropy_weight=0.1)),
     "fsq": Variant("conv", QuantizerConfig(kind="fsq", fsq_levels=[8, 5, 5, 5])),
@@ -111,7 +121,9 @@ VARIANTS = {
 }
 # vqgpt's learned codebooks of 1024 codes, one code per position
 LEARNED_1024 = ("plain-vq", "l2-lowdim-vq", "l2-lowdim-restart-vq", "ema-restart-vq", "l2-lowdim-ema-restart-vq",
-                "l2-lowdim-ema-restart-rot-vq", "simvq", "l2-lowdim-entropy-vq", "vit-l2-restart-vq")
+                "l2-lowdim-ema-restart-rot-vq", "l2-6dim-ema-restart-vq", "l2-lowdim-ema99-restart-vq",
+                "l2-16dim-ema-restart-rot-vq", "l2-32dim-ema-restart-rot-vq", "ema-restart-rot-vq", "simvq",
+                "l2-lowdim-entropy-vq", "vit-l2-restart-vq")
 # --quick's default rows: each new kind, the learned codebook that follows vector-quantize-pytorch's
 # recipe, and one peer row per peer class (vqgpt's FSQ computes what vqp-fsq does, to the digit).
 QUICK_VARIANTS = ("l2-lowdim-ema-restart-vq", "simvq", "l2-lowdim-entropy-vq", "lfq-2^10", "lfq-2^14", "rvq-2x1024",
