@@ -37,9 +37,12 @@ from vqgpt.training import TrainConfig
 from vqgpt.training.config import cpu_has_fast_bf16
 from vqgpt.training.optim import make_optimizer, optimizer_step
 
+from sampling import timed  # benchmarks/ is on sys.path when a script here runs
+
 TOKENIZER_ARCH = dict(channels=64, channel_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[8],
                       resolution=64, z_channels=64, norm_groups=32)
-QUANTIZER = QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=8, l2_norm=True)
+QUANTIZER_ARGS = dict(kind="vq", codebook_size=1024, codebook_dim=8, l2_norm=True)
+QUANTIZER = QuantizerConfig(**QUANTIZER_ARGS)
 # GPT-B is 12 layers x 768; a step of it takes tens of seconds on two shared cores (minutes in bf16
 # without bf16 units), so the default is a 6 x 512 model and --quick a 4 x 384 one (same token count).
 PRIOR_SHAPE = dict(n_layer=6, n_head=8, dim=512)
@@ -49,13 +52,8 @@ QUICK_PRIOR_SHAPE = dict(n_layer=4, n_head=6, dim=384)
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
     """Measured GFLOP/s of an n^3 matmul in ``dtype`` (best of ``repeats``)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+    a @ b  # warm-up
+    return 2 * n**3 / timed(lambda: a @ b, repeats) / 1e9
 
 
 def median_rate(step: Callable[[], None], items: int, warmup: int, steps: int, rounds: int) -> float:
@@ -289,9 +287,10 @@ def conv_breakdown(accelerator: Accelerator, batch: int, peak: float) -> None:
         for name, fmt in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
             layer = conv_layer.to(memory_format=fmt)
             inp = torch.randn(batch, cin, h, w).contiguous(memory_format=fmt).requires_grad_(not first)
-            grad = torch.randn_like(layer(inp))
-            fwd = _best_ms(lambda: layer(inp))
-            both[name] = _best_ms(lambda: layer(inp).backward(grad))
+            grad = torch.randn_like(layer(inp))  # (and the forward's warm-up)
+            fwd = timed(lambda: layer(inp), 3) * 1e3
+            layer(inp).backward(grad)  # warm-up
+            both[name] = timed(lambda: layer(inp).backward(grad), 3) * 1e3
             passes = 2 if first else 3  # forward, weight gradient (and input gradient)
             cells.append(f"{fwd:6.1f} / {both[name]:6.1f}  ({flop / fwd / 1e6:4.0f} / {passes * flop / both[name] / 1e6:4.0f})")
             sums[name] += calls * both[name]
@@ -299,17 +298,6 @@ def conv_breakdown(accelerator: Accelerator, batch: int, peak: float) -> None:
         print(f"{f'{cin}->{cout} {k}x{k}/{stride} at {h}x{w}':>30} {calls:>5}   {cells[0]}     {cells[1]}")
     print(f"all convs, forward + backward, per step: NCHW {sums['NCHW']:.0f} ms, NHWC {sums['NHWC']:.0f} ms, the faster "
           f"layout per layer {sums['best']:.0f} ms (the profiled step: {step_ms:.0f} ms)")
-
-
-def _best_ms(fn: Callable[[], object], repeats: int = 3) -> float:
-    """Best of ``repeats`` timed calls of ``fn`` in milliseconds, after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
 
 
 def adamw_ms(model: torch.nn.Module, impl: str, repeats: int = 10) -> float:

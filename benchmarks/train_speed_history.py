@@ -12,7 +12,8 @@ load. Each side builds its step from the interfaces both commits share (``VQMode
 
 - tokenizer: the conv VQGAN of train_speed.py (ch 64, about 13M parameters, l2 8-dim codebook), 64 px,
   batch 8, L1 + quantizer loss;
-- prior: 6 layers x 512 over 256 tokens (16x16 codes), batch 8, next-token cross-entropy.
+- prior: train_speed.py's default shape (6 layers x 512) over 256 tokens (16x16 codes), batch 8,
+  next-token cross-entropy.
 
 Rates are images/s or tokens/s, median over rounds of the median of timed steps after warm-up; the
 ratio column is after / before. The default "before" is 9ecdec0, the last commit before the
@@ -31,7 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from train_speed import TOKENIZER_ARCH  # the same tokenizer on both sides as in train_speed.py
+# the same tokenizer and prior on both sides as in train_speed.py
+from train_speed import PRIOR_SHAPE, QUANTIZER_ARGS, TOKENIZER_ARCH
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +51,7 @@ from vqgpt.training import TrainConfig
 from vqgpt.training.optim import make_optimizer, optimizer_step
 
 threads, dtypes, warmup, steps = int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
-arch = json.loads(sys.argv[5])
+arch, quantizer, shape = (json.loads(a) for a in sys.argv[5:8])
 torch.set_num_threads(threads)
 accelerator = Accelerator(cpu=True)
 
@@ -65,8 +67,7 @@ def rate(step, items):
 
 def tokenizer(bf16):
     torch.manual_seed(0)
-    model = VQModel(VQModelConfig(**arch, quantizer=QuantizerConfig(kind="vq", codebook_size=1024, codebook_dim=8,
-                                                                     l2_norm=True))).train()
+    model = VQModel(VQModelConfig(**arch, quantizer=QuantizerConfig(**quantizer))).train()
     x = torch.rand(8, 3, 64, 64) * 2 - 1
     tc = TrainConfig(lr=1e-4)
     opt = make_optimizer(model.parameters(), tc)
@@ -81,7 +82,7 @@ def tokenizer(bf16):
 
 def prior(bf16):
     torch.manual_seed(0)
-    cfg = GPTConfig(codebook_size=1024, grid_size=[16, 16], num_classes=10, n_layer=6, n_head=8, dim=512)
+    cfg = GPTConfig(codebook_size=1024, grid_size=[16, 16], num_classes=10, **shape)
     model = GPT(cfg).train()
     tokens = torch.randint(0, 1024, (8, cfg.seq_len))
     labels = torch.randint(0, 10, (8,))
@@ -107,7 +108,8 @@ def run_side(path: Path, args: argparse.Namespace) -> dict[str, float]:
     """One round of every case in a fresh interpreter with ``path``'s packages first on the path."""
     env = dict(os.environ, PYTHONPATH=str(path), OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run([sys.executable, "-c", STEP, str(args.threads), args.dtypes, str(args.warmup),
-                           str(args.steps), json.dumps(TOKENIZER_ARCH)],
+                           str(args.steps), json.dumps(TOKENIZER_ARCH), json.dumps(QUANTIZER_ARGS),
+                           json.dumps(PRIOR_SHAPE)],
                           env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: the step failed in {path}:\n{proc.stderr[-3000:]}")
