@@ -69,6 +69,13 @@ class PeerVQ(PeerQuantizer):
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.peer.project_out(self.peer.codebook[indices]).permute(0, 3, 1, 2).contiguous()
 
+    def unquantized(self, z: torch.Tensor) -> torch.Tensor:
+        """What the codes approximate, passed on as if it were a code: latents (B, C, h, w) through the
+        peer's projection in, its input transform (l2 normalisation for cosine similarity) and projection out."""
+        b, c, h, w = z.shape
+        x = self.peer._codebook.transform_input(self.peer.project_in(z.flatten(2).transpose(1, 2)))
+        return self.peer.project_out(x).transpose(1, 2).reshape(b, c, h, w)
+
 
 class PeerFSQ(PeerQuantizer):
     """``FSQ``: no loss, no codebook."""

@@ -31,6 +31,14 @@ run writes to OUT/<variant>/ and OUT/<variant>.json (OUT/<variant>-seed<N>... fo
 and OUT/summary.json gather them. One seed is one draw: at 500 --quick steps a row's PSNR moves by about
 1 dB and its usage by a few points from seed to seed, so compare rows with --seeds (mean ± sd; the goals
 are checked on the means).
+
+A second table splits each row's held-out error. Latent PSNR decodes the latents that the codebook
+approximates, without quantizing them (VQ rows, vqgpt's and the peer's VectorQuantize): latent PSNR minus
+PSNR is the quantizer's own loss, the rest is the encoder/decoder's. The colour cast is the mean
+reconstruction-minus-original per channel in 8-bit levels. At 500 --quick steps the quantizers lose
+0.01-0.1 dB, and most of the spread between seeds is a cast towards the training photos' redder, darker
+colours, which the unquantized latents show just as much. ``--rescore`` recomputes the held-out figures of
+runs already trained in OUT.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from stage1_vq.evaluate import load_lpips, reconstruct
 from stage1_vq.losses import LossConfig, build_perceptual
@@ -53,7 +62,7 @@ from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.quantizers import QuantizerConfig
 from stage1_vq.train import TokenizerRunConfig, train_tokenizer
 from vqgpt.ground.data import DataConfig, build_dataset
-from vqgpt.ground.metrics import code_histogram, codebook_stats
+from vqgpt.ground.metrics import code_histogram, codebook_stats, psnr
 from vqgpt.training import TrainConfig
 from vqgpt.training.config import cpu_has_fast_bf16
 
@@ -173,6 +182,63 @@ def heldout_usage(model: VQModel, crops: int = USAGE_CROPS) -> dict[str, float]:
     return codebook_stats(counts)
 
 
+def latent_psnr(model: VQModel, variant: Variant, images: torch.Tensor) -> float | None:
+    """Mean PSNR of ``images`` decoded from the latents the codebook approximates, unquantized.
+
+    Against the row's PSNR it splits the held-out error into the quantizer's own share (latent PSNR
+    minus PSNR) and the encoder/decoder's. Defined for the single-codebook VQ rows: vqgpt's (the encoder's
+    latents, l2-normalised when the lookup is) and vector-quantize-pytorch's ``VectorQuantize`` (its
+    projection and normalisation, peer_quantizers.PeerVQ.unquantized); None for the other kinds."""
+    with torch.inference_mode():
+        z = model.encode_latents(images)
+        if variant.peer is not None:
+            if not hasattr(model.quantize, "unquantized"):
+                return None
+            z = model.quantize.unquantized(z.float())
+        elif variant.quantizer.kind != "vq":
+            return None
+        elif variant.quantizer.l2_norm:
+            z = F.normalize(z.float(), dim=1)
+        return float(psnr(images, model.decode_latents(z).clamp(-1, 1)).mean())
+
+
+class ColourCast:
+    """The mean per-channel error (reconstruction - original) over all pixels of the batches it sees,
+    in 8-bit levels, and the PSNR that the reconstructions would have without it: a reconstruction
+    tinted towards the training photos' colours shows up here."""
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64)
+        self.pixels = 0
+        self.mse: list[torch.Tensor] = []  # per image
+        self.means: list[torch.Tensor] = []  # per image and channel
+
+    def add(self, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
+        error = reconstructions.double().cpu() - originals.double().cpu()  # (B, 3, H, W)
+        self.sums += error.sum((0, 2, 3))
+        self.pixels += error.shape[0] * error.shape[2] * error.shape[3]
+        self.mse.append(error.pow(2).flatten(1).mean(1))
+        self.means.append(error.mean((2, 3)))
+
+    def shift(self) -> torch.Tensor:
+        """(3,) mean error per channel, in image units ([-1, 1])."""
+        return self.sums / max(self.pixels, 1)
+
+    def levels(self) -> list[float]:
+        """(R, G, B) mean error in levels of 0..255 (images live in [-1, 1]: one level is 2/255)."""
+        return (self.shift() * 127.5).tolist()
+
+    def size(self) -> float:
+        """The root mean square of the three channels' mean errors, in levels."""
+        return float(torch.tensor(self.levels()).pow(2).mean().sqrt())
+
+    def uncast_psnr(self) -> float:
+        """Mean PSNR with the cast (the same shift for every image) taken off every reconstruction."""
+        s = self.shift()
+        mse = torch.cat(self.mse) - (2 * torch.cat(self.means) * s).mean(1) + s.pow(2).mean()
+        return float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
+
+
 def perceptual_metric(kind: str) -> tuple[str, torch.nn.Module | None]:
     """(column name, network) of the LPIPS figure: 'stlpips' (ST-LPIPS), 'vgg' (LPIPS-VGG, downloads), 'none'."""
     if kind == "none":
@@ -183,6 +249,15 @@ def perceptual_metric(kind: str) -> tuple[str, torch.nn.Module | None]:
         except ImportError:
             return "ST-LPIPS", None
     return "LPIPS", load_lpips(kind, torch.device("cpu"))
+
+
+def peer_modules(variant: Variant) -> contextlib.AbstractContextManager:
+    """For a peer row, the context in which VQModel builds (and loads) vector-quantize-pytorch's quantizer."""
+    if variant.peer is None:
+        return contextlib.nullcontext()
+    from peer_quantizers import use_peer  # benchmarks/ is on sys.path when this script runs
+
+    return use_peer(variant.peer)
 
 
 def run_name(name: str, seed: int) -> str:
@@ -206,12 +281,7 @@ def run_variant(name: str, out: Path, steps: int | None, minutes: float | None, 
                           mixed_precision="bf16" if bf16 else "no", log_every=25 if quick else 50,
                           checkpoint_every=0, sample_every=0, seed=seed),
     )
-    peer = contextlib.nullcontext()
-    if variant.peer is not None:
-        from peer_quantizers import use_peer  # benchmarks/ is on sys.path when this script runs
-
-        peer = use_peer(variant.peer)
-    with peer:
+    with peer_modules(variant):
         if minutes is not None:  # a step budget from a short timing run, so each variant gets the same wall time
             probe = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=20, log_every=10))
             t = time.perf_counter()
@@ -222,32 +292,46 @@ def run_variant(name: str, out: Path, steps: int | None, minutes: float | None, 
         t = time.perf_counter()
         export = train_tokenizer(cfg, out / run, overwrite=True)
         train_s = time.perf_counter() - t
-        lpips_name, lpips_net = perceptual_metric(lpips)
-        distances: list[torch.Tensor] = []
-
-        def add_lpips(originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
-            if lpips_net is not None:
-                distances.append(lpips_net(originals, reconstructions).flatten().float())
-
-        m = reconstruct(export, "builtin:photos", out / f"{run}-recon", lpips="none", progress=False,
-                        save_images=False, device="cpu", on_batch=add_lpips)
-        model = VQModel.from_pretrained(export).eval()
-        many = heldout_usage(model)
+        figures = heldout_figures(variant, export, out / f"{run}-recon", lpips)
     row = {"variant": name, "seed": seed, "peer": variant.peer is not None, "steps": steps, "train_s": round(train_s),
            "images_per_s": steps * cfg.train.batch_size / train_s, "threads": torch.get_num_threads(),
-           "resolution": arch["resolution"], "psnr": m["psnr"], "ssim": m["ssim"],
-           "lpips": float(torch.cat(distances).mean()) if distances else None, "lpips_kind": lpips_name,
-           "codebook_size": m["codebook_size"], "codes_per_position": model.codes_per_position,
-           "codes": (f"{model.codes_per_position}x{variant.quantizer.codebook_size}" if model.codes_per_position > 1
-                     else str(m["codebook_size"])),
-           "bits_per_image": m["bits_per_image"], "grid_crops": m["num_images"], "grid_usage": m["codebook_usage"],
-           "grid_perplexity": m["perplexity"], "random_crops": USAGE_CROPS, "usage": many["usage"],
-           "perplexity": many["perplexity"], "psnr_by_depth": m.get("psnr_by_depth")}
+           "resolution": arch["resolution"], **figures}
     (out / f"{run}.json").write_text(json.dumps(row, indent=2) + "\n")
     return row
 
 
-AVERAGED = ("psnr", "ssim", "lpips", "usage", "perplexity", "grid_usage", "grid_perplexity", "images_per_s")
+def heldout_figures(variant: Variant, export: Path, recon_dir: Path, lpips: str) -> dict:
+    """The held-out figures of one trained tokenizer (a peer row's export loads inside ``use_peer``):
+    PSNR / SSIM / LPIPS / usage over the grid crops, usage over random crops, latent PSNR, colour cast."""
+    lpips_name, lpips_net = perceptual_metric(lpips)
+    distances: list[torch.Tensor] = []
+    cast = ColourCast()
+    originals: list[torch.Tensor] = []
+
+    def on_batch(images: torch.Tensor, reconstructions: torch.Tensor) -> None:
+        cast.add(images, reconstructions)
+        originals.append(images)
+        if lpips_net is not None:
+            distances.append(lpips_net(images, reconstructions).flatten().float())
+
+    m = reconstruct(export, "builtin:photos", recon_dir, lpips="none", progress=False, save_images=False,
+                    device="cpu", on_batch=on_batch)
+    model = VQModel.from_pretrained(export).eval()
+    many = heldout_usage(model)
+    unquantized = latent_psnr(model, variant, torch.cat(originals))
+    return {"psnr": m["psnr"], "ssim": m["ssim"],
+            "lpips": float(torch.cat(distances).mean()) if distances else None, "lpips_kind": lpips_name,
+            "codebook_size": m["codebook_size"], "codes_per_position": model.codes_per_position,
+            "codes": (f"{model.codes_per_position}x{variant.quantizer.codebook_size}" if model.codes_per_position > 1
+                      else str(m["codebook_size"])),
+            "bits_per_image": m["bits_per_image"], "grid_crops": m["num_images"], "grid_usage": m["codebook_usage"],
+            "grid_perplexity": m["perplexity"], "random_crops": USAGE_CROPS, "usage": many["usage"],
+            "perplexity": many["perplexity"], "psnr_by_depth": m.get("psnr_by_depth"), "latent_psnr": unquantized,
+            "cast": cast.levels(), "cast_size": cast.size(), "uncast_psnr": cast.uncast_psnr()}
+
+
+AVERAGED = ("psnr", "ssim", "lpips", "usage", "perplexity", "grid_usage", "grid_perplexity", "images_per_s",
+            "latent_psnr", "cast_size", "uncast_psnr")
 
 
 def combine(runs: list[dict]) -> list[dict]:
@@ -267,6 +351,8 @@ def combine(runs: list[dict]) -> list[dict]:
             t = torch.tensor(values, dtype=torch.float64)
             row[key] = float(t.mean())
             row["sd"][key] = float(t.std()) if len(values) > 1 else 0.0
+        if all(r.get("cast") is not None for r in group):
+            row["cast"] = torch.tensor([r["cast"] for r in group], dtype=torch.float64).mean(0).tolist()
         rows.append(row)
     return rows
 
@@ -321,8 +407,28 @@ def print_table(rows: list[dict]) -> None:
               f"{r['ssim']:>6.3f} {lpips:>8} {r['grid_usage']:>13.1%} {pm(r, 'usage', '.1%'):>{15 + wide}} "
               f"{r['perplexity']:>11.0f} {r['images_per_s']:>6.1f}")
     print("bits: per position (log2 of the codes; residual VQ: summed over its codes)")
+    print_error_split(rows, wide)
     for line in goals(rows):
         print(line)
+
+
+def print_error_split(rows: list[dict], wide: int) -> None:
+    """Where each row's held-out error comes from: the quantizer (latent PSNR - PSNR) or the
+    encoder/decoder, and how far its reconstructions are tinted (the colour cast)."""
+    rows = [r for r in rows if r.get("uncast_psnr") is not None]  # runs written before these figures: left out
+    if not rows:
+        return
+    print("\nwhere the held-out error comes from: latent PSNR decodes the latents the codebook approximates, "
+          "unquantized (VQ rows); cast = mean reconstruction - original per channel, in 8-bit levels; "
+          "PSNR w/o cast: the same reconstructions with that mean shift taken off")
+    print(f"{'variant':>28} {'PSNR':>{9 + wide}} {'latent PSNR':>{12 + wide}} {'quantizer':>9} "
+          f"{'cast R/G/B':>17} {'|cast|':>{6 + wide}} {'PSNR w/o cast':>{14 + wide}}")
+    for r in rows:
+        latent = "n/a" if r.get("latent_psnr") is None else pm(r, "latent_psnr", ".2f") + " dB"
+        loss = "n/a" if r.get("latent_psnr") is None else f"{r['latent_psnr'] - r['psnr']:.2f} dB"
+        tint = "/".join(f"{c:+.1f}" for c in r["cast"])
+        print(f"{r['variant']:>28} {pm(r, 'psnr', '.2f'):>{6 + wide}} dB {latent:>{12 + wide}} {loss:>9} "
+              f"{tint:>17} {pm(r, 'cast_size', '.1f'):>{6 + wide}} {pm(r, 'uncast_psnr', '.2f'):>{11 + wide}} dB")
 
 
 def quality(out: Path, variants: list[str], jobs: int, threads: int | None, steps: int | None,
@@ -352,9 +458,33 @@ def quality(out: Path, variants: list[str], jobs: int, threads: int | None, step
                 if item[1].returncode != 0:
                     raise SystemExit(f"run {item[0]} failed (exit {item[1].returncode}); see {out / f'{item[0]}.log'}")
         runs = [json.loads((out / f"{run_name(name, seed)}.json").read_text()) for name, seed in todo]
+    summarize(out, runs)
+
+
+def summarize(out: Path, runs: list[dict]) -> None:
+    """Average the runs over seeds into OUT/summary.json and print the table."""
     rows = combine(runs)
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     print_table(rows)
+
+
+def rescore(out: Path, variants: list[str], seeds: int, lpips: str) -> None:
+    """Recompute the held-out figures of runs already trained in OUT (their json keeps the training
+    figures), e.g. runs written before a figure was added; then the table."""
+    runs = []
+    for name in variants:
+        for seed in range(seeds):
+            run = run_name(name, seed)
+            path = out / f"{run}.json"
+            if not path.exists():
+                raise SystemExit(f"{path} not found: run {name} (seed {seed}) has not been trained in {out}")
+            with peer_modules(VARIANTS[name]):
+                figures = heldout_figures(VARIANTS[name], out / run / "export", out / f"{run}-recon", lpips)
+            row = {**json.loads(path.read_text()), **figures}
+            path.write_text(json.dumps(row, indent=2) + "\n")
+            runs.append(row)
+            print(f"rescored {run}", flush=True)
+    summarize(out, runs)
 
 
 def main() -> None:
@@ -375,6 +505,8 @@ def main() -> None:
                         "each in its own process (use with --threads so that jobs x threads <= cores)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--table", action="store_true", help="print the table of OUT/summary.json and exit")
+    parser.add_argument("--rescore", action="store_true", help="with --quality: recompute the held-out figures of "
+                        "the --variants x --seeds runs already in OUT instead of training them")
     parser.add_argument("--seeds", type=int, default=1, help="train every row from seeds 0..N-1 and print the mean "
                         "± sd (at 500 quick steps one seed's PSNR varies by about 1 dB and its usage by a few points)")
     parser.add_argument("--run-variant", help=argparse.SUPPRESS)  # one variant, in a process that --jobs started
@@ -402,8 +534,11 @@ def main() -> None:
             parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
         if args.seeds < 1:
             parser.error(f"--seeds must be >= 1, got {args.seeds}")
-        quality(Path(args.out), variants, args.jobs, args.threads, steps, args.minutes, args.quick, args.lpips,
-                args.seeds)
+        if args.rescore:
+            rescore(Path(args.out), variants, args.seeds, args.lpips)
+        else:
+            quality(Path(args.out), variants, args.jobs, args.threads, steps, args.minutes, args.quick, args.lpips,
+                    args.seeds)
 
 
 if __name__ == "__main__":

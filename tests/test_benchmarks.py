@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import math
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+
+from stage1_vq.model import VQModel, VQModelConfig
+from stage1_vq.quantizers import QuantizerConfig
+from vqgpt.ground.metrics import psnr
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "tokenizer.py"
 
@@ -47,3 +55,70 @@ def test_rows_average_over_seeds_and_goals_use_the_means(board, capsys):
 def test_run_names_keep_seed_zero_bare(board):
     assert board.run_name("simvq", 0) == "simvq"
     assert board.run_name("simvq", 3) == "simvq-seed3"
+
+
+def test_colour_cast_reads_a_tint_in_8bit_levels(board):
+    cast = board.ColourCast()
+    originals = torch.zeros(2, 3, 4, 4)
+    tinted = originals.clone()
+    tinted[:, 0] += 0.2  # red up by 0.2 in [-1, 1]: 25.5 levels of 0..255
+    tinted[:, 2] -= 0.1
+    cast.add(originals, tinted)
+    cast.add(originals, originals)  # a second, untinted batch halves the mean
+    assert cast.levels() == pytest.approx([12.75, 0.0, -6.375])
+    assert cast.size() == pytest.approx(((12.75 ** 2 + 6.375 ** 2) / 3) ** 0.5)
+    # Without the mean shift (0.1, 0, -0.05) both images are off by (0.1, 0, -0.05) in size: MSE 0.0125 / 3.
+    assert cast.uncast_psnr() == pytest.approx(10 * math.log10(4 / (0.0125 / 3)))
+
+
+def tiny_tokenizer(board, quantizer: QuantizerConfig) -> VQModel:
+    torch.manual_seed(0)
+    model = VQModel(VQModelConfig(**board.QUICK_ARCH, quantizer=quantizer)).eval()
+    with torch.no_grad():
+        model.post_quant_conv.weight.mul_(30)  # an untrained decoder barely looks at its input: make it look
+    return model
+
+
+def test_latent_psnr_decodes_what_the_codes_approximate(board):
+    """With the image's own (l2-normalised) latents as the codebook, quantizing loses nothing, so the
+    latent PSNR equals the reconstruction's; with random codes it does not."""
+    quantizer = QuantizerConfig(kind="vq", codebook_size=64, codebook_dim=8, l2_norm=True)
+    model = tiny_tokenizer(board, quantizer)
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        latents = model.encode_latents(images)  # (1, 8, 8, 8): 64 positions for 64 codes
+        model.quantize.embedding.weight.copy_(F.normalize(latents.flatten(2)[0].t(), dim=-1))
+    variant = board.Variant("conv", quantizer)
+    recon_psnr = float(psnr(images, model.decode(model.encode(images)).clamp(-1, 1)).mean())
+    assert board.latent_psnr(model, variant, images) == pytest.approx(recon_psnr, abs=1e-4)
+    with torch.no_grad():
+        model.quantize.embedding.weight.copy_(F.normalize(torch.randn(64, 8), dim=-1))
+    random_psnr = float(psnr(images, model.decode(model.encode(images)).clamp(-1, 1)).mean())
+    assert abs(board.latent_psnr(model, variant, images) - random_psnr) > 0.02
+    fsq = board.Variant("conv", QuantizerConfig(kind="fsq", fsq_levels=[8, 5, 5, 5]))
+    assert board.latent_psnr(tiny_tokenizer(board, fsq.quantizer), fsq, images) is None
+
+
+def test_peer_vq_unquantized_is_what_its_codes_approximate(board):
+    """vector-quantize-pytorch's cosine-sim 8-dim codebook set to the image's own projected, normalised
+    latents: its quantized output equals ``unquantized``, which must therefore project and normalise."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from peer_quantizers import use_peer
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    with use_peer("vq-cos8"):
+        model = tiny_tokenizer(board, QuantizerConfig(kind="vq", codebook_size=1024))
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    peer = model.quantize.peer
+    with torch.no_grad():
+        latents = model.encode_latents(images)
+        own = peer._codebook.transform_input(peer.project_in(latents.flatten(2).transpose(1, 2)))[0]  # (64, 8)
+        peer._codebook.embed[0, :64] = own
+        peer._codebook.embed[0, 64:] = F.normalize(torch.randn(1024 - 64, 8), dim=-1) * 0.01 - own[0] * 4
+        peer._codebook.initted.fill_(True)
+        quantized = model.quantize.codes_from_indices(model.encode(images))
+    assert torch.allclose(model.quantize.unquantized(latents), quantized, atol=1e-5)
+    variant = board.VARIANTS["vqp-vq-cos8"]
+    recon_psnr = float(psnr(images, model.decode_latents(quantized).clamp(-1, 1)).mean())
+    assert board.latent_psnr(model, variant, images) == pytest.approx(recon_psnr, abs=1e-4)
