@@ -13,7 +13,8 @@
 Rows (64x64 crops, f=8 -> 8x8 grid; --quick: 32x32 crops, f=4 -> 8x8; same optimiser, steps, batches
 and data for every row; conv unless named vit). vqgpt's quantizers: plain VQ (1024 codes, codebook dim
 = z_channels); l2-normalised 8-dim VQ (LlamaGen); the same plus k-means init and dead-code restart;
-a full-dim EMA + k-means + restart VQ; the l2 8-dim VQ with EMA + k-means + restart (the recipe of the
+a full-dim EMA + k-means + restart VQ, alone and with LlamaGen's entropy penalty (weights 0.03 and 0.05,
+temperature 0.07); the l2 8-dim VQ with EMA + k-means + restart (the recipe of the
 peer's README, in vqgpt), and the same with the rotation trick for the encoder's gradient; SimVQ; the
 l2 8-dim VQ with LlamaGen's entropy penalty; FSQ [8,5,5,5] (1000 codes); LFQ at 2^10 and 2^14 codes (and 2^14 with MAGVIT-2's entropy settings); residual VQ, 2 depths of 1024 codes (two codes per
 position: twice the bits of the others); the l2 + restart VQ on the ViT encoder/decoder. Peer rows
@@ -109,6 +110,13 @@ VARIANTS = {
                                                                     **RESTART, rotation_trick=True)),
     "ema-restart-rot-vq": Variant("conv", QuantizerConfig(kind="vq", codebook_size=1024, ema=True, **RESTART,
                                                           rotation_trick=True)),
+    # the full-dim EMA row with LlamaGen's entropy penalty; its temperature is about the mean squared
+    # distance of a latent to its nearest code (0.054 in a trained ema-restart-vq), where LlamaGen's 0.01 is
+    # for l2-normalised codes
+    "ema-restart-ent03-vq": Variant("conv", QuantizerConfig(kind="vq", codebook_size=1024, ema=True, **RESTART,
+                                                            entropy_weight=0.03, entropy_temperature=0.07)),
+    "ema-restart-ent05-vq": Variant("conv", QuantizerConfig(kind="vq", codebook_size=1024, ema=True, **RESTART,
+                                                            entropy_weight=0.05, entropy_temperature=0.07)),
     "simvq": Variant("conv", QuantizerConfig(kind="vq", codebook_size=1024, simvq=True)),
     "l2-lowdim-entropy-vq": Variant("conv", QuantizerConfig(**L2_LOWDIM, entropy_weight=0.1)),
     "fsq": Variant("conv", QuantizerConfig(kind="fsq", fsq_levels=[8, 5, 5, 5])),
@@ -131,7 +139,8 @@ VARIANTS = {
 # vqgpt's learned codebooks of 1024 codes, one code per position
 LEARNED_1024 = ("plain-vq", "l2-lowdim-vq", "l2-lowdim-restart-vq", "ema-restart-vq", "l2-lowdim-ema-restart-vq",
                 "l2-lowdim-ema-restart-rot-vq", "l2-6dim-ema-restart-vq", "l2-lowdim-ema99-restart-vq",
-                "l2-16dim-ema-restart-rot-vq", "l2-32dim-ema-restart-rot-vq", "ema-restart-rot-vq", "simvq",
+                "l2-16dim-ema-restart-rot-vq", "l2-32dim-ema-restart-rot-vq", "ema-restart-rot-vq",
+                "ema-restart-ent03-vq", "ema-restart-ent05-vq", "simvq",
                 "l2-lowdim-entropy-vq", "vit-l2-restart-vq")
 # --quick's default rows: each new kind, the learned codebook that follows vector-quantize-pytorch's
 # recipe, and one peer row per peer class (vqgpt's FSQ computes what vqp-fsq does, to the digit).

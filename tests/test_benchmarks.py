@@ -122,3 +122,15 @@ def test_peer_vq_unquantized_is_what_its_codes_approximate(board):
     variant = board.VARIANTS["vqp-vq-cos8"]
     recon_psnr = float(psnr(images, model.decode_latents(quantized).clamp(-1, 1)).mean())
     assert board.latent_psnr(model, variant, images) == pytest.approx(recon_psnr, abs=1e-4)
+
+
+def test_error_split_table_averages_the_new_figures(board, capsys):
+    runs = [dict(run("ema-restart-vq", s, 21.0 + s, 0.95), latent_psnr=21.1 + s, cast=[4.0 * s, -2.0, 0.0],
+                 cast_size=1.0 + s, uncast_psnr=21.5 + s) for s in (0, 1)]
+    runs.append(run("lfq-2^14", 0, 19.0, 0.9))  # written before the split: left out of its table
+    rows = board.combine(runs)
+    assert rows[0]["cast"] == pytest.approx([2.0, -2.0, 0.0]) and rows[0]["uncast_psnr"] == pytest.approx(22.0)
+    board.print_table(rows)
+    split = capsys.readouterr().out.split("where the held-out error comes from")[1]
+    assert "21.60 ± 0.71 dB" in split and "0.10 dB" in split and "+2.0/-2.0/+0.0" in split
+    assert "22.00 ± 0.71 dB" in split and "lfq-2^14" not in split.split("goal")[0]
