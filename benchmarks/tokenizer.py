@@ -515,7 +515,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--table", action="store_true", help="print the table of OUT/summary.json and exit")
     parser.add_argument("--rescore", action="store_true", help="with --quality: recompute the held-out figures of "
-                        "the --variants x --seeds runs already in OUT instead of training them")
+                        "the --variants x --seeds runs already in OUT (LPIPS with --lpips) instead of training them")
     parser.add_argument("--seeds", type=int, default=1, help="train every row from seeds 0..N-1 and print the mean "
                         "± sd (at 500 quick steps one seed's PSNR varies by about 1 dB and its usage by a few points)")
     parser.add_argument("--run-variant", help=argparse.SUPPRESS)  # one variant, in a process that --jobs started
