@@ -45,7 +45,8 @@ class QuantizerConfig:
     entropy_temperature: float = opt(0.01, "vq: temperature of the entropy penalty's softmax, a squared distance: "
                                            "0.01 (LlamaGen's) suits l2-normalised codes; for unnormalised ones "
                                            "take about the mean squared distance to the nearest code, the logged "
-                                           "commitment x codebook_dim (0.07 for the full-dim codebook of the README's tokenizer leaderboard)")
+                                           "commitment x the codes' channels (0.07 for the full-dim codebook of "
+                                           "the README's tokenizer leaderboard)")
     fsq_levels: list[int] = opt([8, 8, 8, 5, 5, 5], "fsq: number of levels per channel")
     lfq_dim: int = opt(10, f"lfq: bits per code d (1..{MAX_LFQ_DIM}); codebook_size = 2**d, codebook_dim = d. "
                            "The prior's vocabulary is 2**d: its token embedding and (untied) output head hold "
