@@ -115,6 +115,7 @@ def test_peer_vq_unquantized_is_what_its_codes_approximate(board):
         latents = model.encode_latents(images)
         own = peer._codebook.transform_input(peer.project_in(latents.flatten(2).transpose(1, 2)))[0]  # (64, 8)
         peer._codebook.embed[0, :64] = own
+        # the other 960 codes all point away from the first latent: never nearer than a latent's own code
         peer._codebook.embed[0, 64:] = F.normalize(torch.randn(1024 - 64, 8), dim=-1) * 0.01 - own[0] * 4
         peer._codebook.initted.fill_(True)
         quantized = model.quantize.codes_from_indices(model.encode(images))
