@@ -212,26 +212,22 @@ def latent_psnr(model: VQModel, variant: Variant, images: torch.Tensor) -> float
 
 
 class ColourCast:
-    """The mean per-channel error (reconstruction - original) over all pixels of the batches it sees,
+    """The mean per-channel error (reconstruction - original) over the images it sees (all of one size),
     in 8-bit levels, and the PSNR that the reconstructions would have without it: a reconstruction
     tinted towards the training photos' colours shows up here."""
 
     def __init__(self) -> None:
-        self.sums = torch.zeros(3, dtype=torch.float64)
-        self.pixels = 0
         self.mse: list[torch.Tensor] = []  # per image
         self.means: list[torch.Tensor] = []  # per image and channel
 
     def add(self, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
         error = reconstructions.double().cpu() - originals.double().cpu()  # (B, 3, H, W)
-        self.sums += error.sum((0, 2, 3))
-        self.pixels += error.shape[0] * error.shape[2] * error.shape[3]
         self.mse.append(error.pow(2).flatten(1).mean(1))
         self.means.append(error.mean((2, 3)))
 
     def shift(self) -> torch.Tensor:
         """(3,) mean error per channel, in image units ([-1, 1])."""
-        return self.sums / max(self.pixels, 1)
+        return torch.cat(self.means).mean(0)
 
     def levels(self) -> list[float]:
         """(R, G, B) mean error in levels of 0..255 (images live in [-1, 1]: one level is 2/255)."""
@@ -239,7 +235,7 @@ class ColourCast:
 
     def size(self) -> float:
         """The root mean square of the three channels' mean errors, in levels."""
-        return float(torch.tensor(self.levels()).pow(2).mean().sqrt())
+        return float((self.shift() * 127.5).pow(2).mean().sqrt())
 
     def uncast_psnr(self) -> float:
         """Mean PSNR with the cast (the same shift for every image) taken off every reconstruction."""

@@ -330,7 +330,6 @@ def test_packed_linear_follows_the_weight(monkeypatch, tmp_path):
         torch.testing.assert_close(made_here(x[:8]), x[:8] @ made_here.weight.t(), rtol=1e-5, atol=1e-5)
 
 
-
 @pytest.mark.skipif(not layers._packing_works, reason="this torch build has no oneDNN")
 def test_weight_packing_switch_drops_the_packed_copies():
     """set_weight_packing(False) gives back the packed copies and sends few-row products down the plain
