@@ -95,21 +95,6 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
-@torch.library.custom_op("vqgpt::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T through ``weight``'s oneDNN-packed copy (F.linear where there is none); an op of its
-    own so that a compiled decode step (``stage2_prior.decode``) calls it as it is."""
-    packed = _packed_weight(weight)
-    if packed is None:
-        return F.linear(x, weight)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
 class Linear(nn.Linear):
     """nn.Linear with faster products for a few rows at CPU inference (KV-cache decoding).
 
@@ -117,8 +102,9 @@ class Linear(nn.Linear):
     (MKL, 2 threads, AVX2): 44 GB/s of weight reads at 1 row, 13-16 GB/s at 8 rows, which is 60 of
     its 150 GFLOP/s. With the weight reordered once for oneDNN (``_packed_weight``) the same product
     read 60-80 GB/s at 1-2 rows and 28 GB/s (112 GFLOP/s) at 8 (weights in cache), and stayed ahead
-    up to 256 rows; up to ``max_packed_rows`` rows of a bias-free layer take that path, in eager mode
-    and, as the ``packed_linear`` op, in a compiled graph. The packed copy, made at the first such
+    up to 256 rows; up to ``max_packed_rows`` rows of a bias-free layer take that path in eager mode.
+    A compiled graph gets F.linear (the compiled decode step freezes the weights and inductor packs
+    them for its own GEMM kernels: ``stage2_prior.decode``). The packed copy, made at the first such
     call, lives as long as the weight (remade when it changes): decoding on a CPU holds the float32
     weights twice. Where oneDNN cannot pack, 1-5 rows run as W @ x^T (one row padded to two), which
     ran at 50-90% of the bandwidth against 20-40%. benchmarks/sampling.py measures the sampler built
@@ -135,7 +121,7 @@ class Linear(nn.Linear):
                 or self.weight.dtype != torch.float32 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
-            return packed_linear(x, self.weight) if _packing_works else F.linear(x, self.weight)
+            return F.linear(x, self.weight)
         packed = _packed_weight(self.weight)
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")

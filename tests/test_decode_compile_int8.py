@@ -57,6 +57,29 @@ def test_compiled_decode_gives_the_eager_greedy_tokens_and_compiles_once():
                                 generator=torch.Generator().manual_seed(3)))
 
 
+@pytest.mark.slow  # three compiles of a one-layer prior
+def test_compiled_decode_follows_weight_edits_and_keeps_priors_apart():
+    """On a CPU the step freezes the weights into its graph: an in-place edit (an optimizer step,
+    load_state_dict) must recompile it, and a second prior of the same shapes gets its own graph."""
+    model, other = tiny_gpt(grid_size=[2, 3], n_layer=1), tiny_gpt(seed=1, grid_size=[2, 3], n_layer=1)
+    labels = torch.tensor([0, 2])
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        return (generate(model, 2, class_labels=labels, sampling=GREEDY),
+                generate(model, 2, class_labels=labels, sampling=GREEDY, compile=True))
+
+    eager, compiled = both()
+    assert torch.equal(compiled, eager)
+    with torch.no_grad():
+        model.output.weight.copy_(other.output.weight)
+    edited, compiled = both()
+    assert not torch.equal(edited, eager)  # the edit changes the tokens...
+    assert torch.equal(compiled, edited)  # ...and the compiled step follows it
+    eager = generate(other, 2, class_labels=labels, sampling=GREEDY)
+    assert not torch.equal(eager, edited)
+    assert torch.equal(generate(other, 2, class_labels=labels, sampling=GREEDY, compile=True), eager)
+
+
 def test_compile_wiring_without_a_compiler(monkeypatch):
     """generate / complete route single tokens through the decode step (torch.compile stubbed out:
     the static path runs eagerly), with the eager samplers' tokens; compile needs the cache."""
