@@ -13,12 +13,17 @@ At batch 1 the reads bind; with guidance or larger batches the compute bound can
     python benchmarks/sampling.py                # batch 1, 8, 16; fp32 and bf16; CFG on and off
     python benchmarks/sampling.py --quick --compile   # also the compiled decode step (fp32, int8)
     python benchmarks/sampling.py --decode-only --compile --threads 1   # only the cfg-off rows of each
+    python benchmarks/sampling.py --device cuda --batches 1,8,64 --decode-only --compile   # on a GPU
 
 Rows: fp32 and bf16 weights; fp32 on the plain MKL products, without the oneDNN-packed weights
 ``stage2_prior.layers.Linear`` decodes with on a CPU (``--no-packed`` runs every row that way);
 weight-only int8 (``--prior-dtype int8``: int8 linear weights with per-channel scales, the rest fp32);
 with ``--compile``, the same sampler with its one-token step under torch.compile
 (``generate(..., compile=True)``; compile time is excluded, printed apart).
+
+On a GPU (``--device cuda``) the same rows run there (bandwidth and matmul rate measured on it, every
+timing synchronised), without the CPU-only plain-products row; ``--preset`` picks another shape
+(``tiny`` is what the tests run).
 
 Figures on a shared machine are noisy; compare ratios measured in one run.
 """
@@ -35,22 +40,18 @@ from stage2_prior import GPT, GPTConfig, SamplingConfig, count_parameters, gener
 from stage2_prior.quantize import Int8Linear, set_prior_dtype
 
 
-def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+def measure_bandwidth(megabytes: int = 512, repeats: int = 5, device: str = "cpu") -> float:
     """Read bandwidth in bytes/s: best time of summing a large fp32 tensor."""
-    x = torch.ones(megabytes * 2**20 // 4)
+    x = torch.ones(megabytes * 2**20 // 4, device=device)
     x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
+    return x.numel() * 4 / timed(x.sum, repeats, device)
 
 
-def matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+def matmul_flops(n: int = 1024, repeats: int = 5, device: str = "cpu") -> float:
     """FLOP/s of an n^3 fp32 matmul (best of ``repeats``): the compute ceiling of the bound."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / timed(lambda: a @ b, repeats)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    return 2 * n**3 / timed(lambda: a @ b, repeats, device)
 
 
 def kv_cache_bytes(config: GPTConfig, model_batch: int, element_bytes: int) -> float:
@@ -82,11 +83,15 @@ class Bound:
                 f"GFLOP per step)")
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, device: str | torch.device = "cpu") -> float:
+    """Best wall time of ``repeats`` calls of ``fn``, each waited for on ``device``."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     best = float("inf")
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -95,7 +100,9 @@ def matmul_ceiling(model: GPT, batch: int, repeats: int = 5) -> float:
     """Steps/s of the decode step's matrix products alone (every linear layer of the model at this
     batch, as the sampler calls them): what the BLAS reaches here, beside the bandwidth bound."""
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
-    inputs = {m.in_features: torch.randn(batch, 1, m.in_features, dtype=getattr(m, "weight", model.norm.weight).dtype)
+    device = model.norm.weight.device
+    inputs = {m.in_features: torch.randn(batch, 1, m.in_features, device=device,
+                                         dtype=getattr(m, "weight", model.norm.weight).dtype)
               for m in layers}
 
     def chain() -> None:
@@ -104,10 +111,10 @@ def matmul_ceiling(model: GPT, batch: int, repeats: int = 5) -> float:
 
     with torch.inference_mode():
         chain()
-        return 1.0 / timed(chain, repeats)
+        return 1.0 / timed(chain, repeats, device)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="batch 1 and 8; full recomputation at batch 1 only")
@@ -123,22 +130,26 @@ def main() -> None:
     parser.add_argument("--no-packed", dest="packed", action="store_false",
                         help="float32 products without the oneDNN-packed weights of stage2_prior.layers.Linear "
                              "(the plain MKL path, for a before/after comparison)")
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (--threads is for the CPU)")
+    parser.add_argument("--preset", default="GPT-B", help="the prior's shape (stage2_prior.config presets)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     set_weight_packing(args.packed)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 8] if args.quick else [1, 8, 16])
     repeats = 1 if args.quick else 2
 
     torch.manual_seed(0)
-    config = GPTConfig.from_preset("GPT-B", codebook_size=1024, grid_size=[16, 16], num_classes=10)
-    model = GPT(config).eval()
+    config = GPTConfig.from_preset(args.preset, codebook_size=1024, grid_size=[16, 16], num_classes=10)
+    device = args.device
+    model = GPT(config).eval().to(device)
     torch.nn.init.normal_(model.output.weight, std=0.02)  # a non-degenerate distribution to sample from
     tokens = config.seq_len
     # A decode step reads every weight except the embedding tables (one row each).
     read_params = count_parameters(model, exclude_embeddings=True)
-    bandwidth = measure_bandwidth(256 if args.quick else 512)
-    flops = matmul_flops()
-    print(f"threads={args.threads}  params={count_parameters(model) / 1e6:.1f}M (read per step "
+    bandwidth = measure_bandwidth(256 if args.quick else 512, device=device)
+    flops = matmul_flops(device=device)
+    where = f"device={device}" if torch.device(device).type != "cpu" else f"threads={args.threads}"
+    print(f"{args.preset}  {where}  params={count_parameters(model) / 1e6:.1f}M (read per step "
           f"{read_params / 1e6:.1f}M)  measured read bandwidth={bandwidth / 1e9:.1f} GB/s  "
           f"fp32 matmul {flops / 1e9:.1f} GFLOP/s  grid 16x16 = {tokens} tokens")
 
@@ -155,7 +166,7 @@ def main() -> None:
                 labels = torch.arange(batch) % 10
                 sampling = SamplingConfig(cfg_scale=4.0 if cfg else 1.0)
                 seconds[batch, cfg] = timed(lambda: generate(model, batch, class_labels=labels, sampling=sampling),
-                                            repeats)
+                                            repeats, device)
             return seconds[batch, cfg]
 
         for batch in batches:
@@ -174,7 +185,7 @@ def main() -> None:
         if dtype == torch.float32:
             for batch in batches[:1] if args.quick else batches:
                 labels = torch.arange(batch) % 10
-                full = timed(lambda: generate(model, batch, class_labels=labels, use_cache=False), 1)
+                full = timed(lambda: generate(model, batch, class_labels=labels, use_cache=False), 1, device)
                 print(f"full recompute batch {batch:3d}: {tokens / full:7.1f} steps/s   "
                       f"cached/full speed-up {full / run(batch, False):.1f}x")
 
@@ -199,7 +210,8 @@ def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats
     # (weights, prior, compiled, packed): packed=False runs float32 on the plain MKL products
     kinds = [("float32", model, False, True), ("bfloat16", copy.deepcopy(model).to(torch.bfloat16), False, True)] \
         if args.decode_only else []
-    if args.packed:
+    device = model.norm.weight.device
+    if args.packed and device.type == "cpu":  # the packed weights are a CPU path
         kinds.append(("float32", model, False, False))
     if args.int8:
         kinds.append(("int8", set_prior_dtype(copy.deepcopy(model), "int8"), False, True))
@@ -220,7 +232,8 @@ def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats
             generate(prior, batch, class_labels=labels, compile=compiled)  # warm-up (and compile)
             if compiled:
                 print(f"  (first call at batch {batch}, compile included: {time.perf_counter() - t0:.1f} s)")
-            steps = tokens / timed(lambda: generate(prior, batch, class_labels=labels, compile=compiled), repeats)
+            steps = tokens / timed(lambda: generate(prior, batch, class_labels=labels, compile=compiled), repeats,
+                                   device)
             limit, kind = bound.steps(batch)
             line = (f"cached  batch {batch:3d} cfg off (model batch {batch:3d}): {steps:7.1f} steps/s = "
                     f"{steps * batch:8.1f} tokens/s   {steps / limit:6.1%} of bound ({limit:.1f}, {kind})")

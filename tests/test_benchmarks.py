@@ -135,3 +135,20 @@ def test_error_split_table_averages_the_new_figures(board, capsys):
     split = capsys.readouterr().out.split("where the held-out error comes from")[1]
     assert "21.60 ± 0.71 dB" in split and "0.10 dB" in split and "+2.0/-2.0/+0.0" in split
     assert "22.00 ± 0.71 dB" in split and "lfq-2^14" not in split.split("goal")[0]
+
+
+def test_sampling_benchmark_prints_every_row_against_its_bound(capsys):
+    """benchmarks/sampling.py end to end on the tiny preset: each weight kind's rows, with the bound."""
+    spec = importlib.util.spec_from_file_location("sampling_benchmark", BENCH.with_name("sampling.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--preset", "tiny", "--quick", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert out.startswith("tiny  threads=1")
+    for header in ("== weights float32:", "== weights bfloat16:", "== weights float32, plain products",
+                   "== weights int8:"):
+        assert header in out
+    rows = [line for line in out.splitlines() if line.startswith("cached  batch")]
+    # fp32 and bf16: batches 1 and 8, CFG off and on; then plain fp32 and int8 at both batches
+    assert len(rows) == 2 * 4 + 2 * 2 and all("of bound (" in row and "tokens/s" in row for row in rows)
+    assert "CFG at batch 1: time / time of batch 2 without CFG" in out and "cached/full speed-up" in out

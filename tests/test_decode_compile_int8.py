@@ -9,6 +9,7 @@ from prior_helpers import tiny_gpt
 from torch._dynamo.utils import counters
 
 from stage2_prior import GPT, GPTConfig, SamplingConfig, complete, generate
+from stage2_prior.decode import decode_step
 from stage2_prior.quantize import Int8Linear, is_quantized, quantize_int8, set_prior_dtype
 from vqgpt.cli import main
 
@@ -163,6 +164,24 @@ def test_int8_logits_near_fp32_and_greedy_tokens_agree():
         set_prior_dtype(int8, "float32")
     with pytest.raises(ValueError, match="float32, bfloat16, int8"):
         set_prior_dtype(reference, "int4")
+
+
+@pytest.mark.slow  # one compile of a one-layer prior
+def test_compiled_int8_step_keeps_to_the_eager_int8_logits():
+    """The compiled CPU step freezes the int8 weights for inductor's own kernels, which round the bf16
+    products differently from the eager kernel: its logits must stay within 0.5% of their range."""
+    model = set_prior_dtype(tiny_gpt(grid_size=[3, 4], n_layer=1), "int8")
+    tokens, labels = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
+    step = decode_step(model)
+    eager_cache, cache = model.new_cache(2), step.new_cache(2, model.config.seq_len)
+    with torch.inference_mode():
+        for c in (eager_cache, cache):
+            model.forward_cached(None, 0, labels, cache=c)
+        for pos in range(1, 8):
+            want = model.forward_cached(tokens[:, pos - 1: pos], pos, cache=eager_cache)
+            got = step(tokens[:, pos - 1: pos], pos, cache)
+            spread = (want.amax(-1) - want.amin(-1)).min()
+            assert (got - want).abs().max() <= 0.005 * spread, pos
 
 
 def test_int8_linear_kernel_and_dequantised_fallback(monkeypatch):
