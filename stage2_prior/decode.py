@@ -56,7 +56,7 @@ class DecodeStep:
         self.cuda_graphs = device.type == "cuda"
         self.frozen = device.type == "cpu"
         self._compiled = self._compile()
-        self._weights: tuple[tuple[int, int], ...] | None = None  # what the frozen graphs were built from
+        self._weights: tuple[tuple[int, int, int], ...] | None = None  # what the frozen graphs were built from
         self._caches: dict[tuple[int, int, torch.dtype], KVCache] = {}
 
     def _compile(self):
@@ -70,8 +70,11 @@ class DecodeStep:
         # a new batch size compiles its own step, with GEMM kernels for its row count).
         return torch.compile(fn, dynamic=None, fullgraph=True)
 
-    def _weight_versions(self) -> tuple[tuple[int, int], ...]:
-        return tuple((id(t), t._version) for t in itertools.chain(self.model.parameters(), self.model.buffers()))
+    def _weight_versions(self) -> tuple[tuple[int, int, int], ...]:
+        """Identity, storage and version of every parameter and buffer. A tensor made under inference_mode
+        has no version counter (-1): an in-place edit of one, possible only under inference_mode, goes unseen."""
+        return tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version)
+                     for t in itertools.chain(self.model.parameters(), self.model.buffers()))
 
     @property
     def model(self) -> GPT:

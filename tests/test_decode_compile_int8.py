@@ -61,8 +61,11 @@ def test_compiled_decode_gives_the_eager_greedy_tokens_and_compiles_once():
 @pytest.mark.slow  # three compiles of a one-layer prior
 def test_compiled_decode_follows_weight_edits_and_keeps_priors_apart():
     """On a CPU the step freezes the weights into its graph: an in-place edit (an optimizer step,
-    load_state_dict) must recompile it, and a second prior of the same shapes gets its own graph."""
-    model, other = tiny_gpt(grid_size=[2, 3], n_layer=1), tiny_gpt(seed=1, grid_size=[2, 3], n_layer=1)
+    load_state_dict) must recompile it, and a second prior of the same shapes gets its own graph (one
+    made under inference_mode, whose tensors have no version counter)."""
+    model = tiny_gpt(grid_size=[2, 3], n_layer=1)
+    with torch.inference_mode():
+        other = tiny_gpt(seed=1, grid_size=[2, 3], n_layer=1)
     labels = torch.tensor([0, 2])
 
     def both() -> tuple[torch.Tensor, torch.Tensor]:
