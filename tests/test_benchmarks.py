@@ -1,4 +1,5 @@
-"""The tokenizer leaderboard's bookkeeping: rows averaged over seeds, goals judged on the means."""
+"""The benchmarks' bookkeeping: the tokenizer leaderboard (rows averaged over seeds, goals judged on
+the means) and the sampling benchmark's rows against their bound."""
 
 from __future__ import annotations
 
