@@ -17,8 +17,10 @@ On CPU the caches are the caller's, and the step differs in two ways, both for s
   its own C++ GEMM template, autotuned against oneDNN/MKL at compile time. On the development CPU
   (2 cores, AVX2) its kernels at 8 rows ran the GPT-B products at 58-70% of the read bandwidth,
   against 47-51% for the oneDNN-packed weights of ``stage2_prior.layers.Linear``. Frozen weights
-  are a copy made at compile time, so the step keeps a snapshot of every parameter's and buffer's
-  version and recompiles (a fresh code object, so nothing stale is reused) when one has changed.
+  are a copy made at compile time, so the step recompiles (a fresh code object, so nothing stale
+  is reused) when a parameter or buffer has changed: replaced or moved (checked whenever
+  ``decode_step`` hands the step out, which the samplers do once per call) or edited in place (its
+  version, checked every step).
 - attention reads only the slots written so far: the caches go in as views ``[:, :, : pos + 1]``
   whose length is marked dynamic, so one graph serves every position without attending over the
   whole static cache (which read twice the average KV bytes).
@@ -56,8 +58,13 @@ class DecodeStep:
         self.cuda_graphs = device.type == "cuda"
         self.frozen = device.type == "cpu"
         self._compiled = self._compile()
-        self._weights: tuple[tuple[int, int, int], ...] | None = None  # what the frozen graphs were built from
+        # what the frozen graphs were built from: identity and storage of every parameter and buffer, and
+        # the versions of those that have a version counter (not tensors made under inference_mode)
+        self._storage: tuple[tuple[int, int], ...] | None = None
+        self._tracked: list[torch.Tensor] = []
+        self._versions: tuple[int, ...] | None = None
         self._caches: dict[tuple[int, int, torch.dtype], KVCache] = {}
+        self.watch()
 
     def _compile(self):
         """A compiled ``_decode`` of its own code object: dynamo keeps compiled graphs per code object, so a
@@ -70,11 +77,19 @@ class DecodeStep:
         # a new batch size compiles its own step, with GEMM kernels for its row count).
         return torch.compile(fn, dynamic=None, fullgraph=True)
 
-    def _weight_versions(self) -> tuple[tuple[int, int, int], ...]:
-        """Identity, storage and version of every parameter and buffer. A tensor made under inference_mode
-        has no version counter (-1): an in-place edit of one, possible only under inference_mode, goes unseen."""
-        return tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version)
-                     for t in itertools.chain(self.model.parameters(), self.model.buffers()))
+    def watch(self) -> "DecodeStep":
+        """Re-read the prior's parameters and buffers; drop the frozen graphs if one was replaced or moved.
+        (Walking the model takes ~0.4 ms for GPT-B, so it runs per lookup; each step reads the versions
+        only.) A tensor made under inference_mode has no version counter: an in-place edit of one,
+        possible only under inference_mode, goes unseen."""
+        tensors = list(itertools.chain(self.model.parameters(), self.model.buffers()))
+        storage = tuple((id(t), t.data_ptr()) for t in tensors)
+        if storage != self._storage:
+            if self._storage is not None and self.frozen:
+                self._compiled = self._compile()
+            self._storage, self._versions = storage, None
+        self._tracked = [t for t in tensors if not t.is_inference()]
+        return self
 
     @property
     def model(self) -> GPT:
@@ -104,10 +119,10 @@ class DecodeStep:
         if not self.frozen:
             logits = self._compiled(self.model, tokens, position, cache.keys, cache.values)
         else:
-            versions = self._weight_versions()
-            if self._weights is not None and versions != self._weights:
-                self._compiled = self._compile()  # the weights changed since they were frozen
-            self._weights = versions
+            versions = tuple(t._version for t in self._tracked)
+            if self._versions is not None and versions != self._versions:
+                self._compiled = self._compile()  # edited in place since they were frozen
+            self._versions = versions
             keys = [k[:, :, : pos + 1] for k in cache.keys]
             values = [v[:, :, : pos + 1] for v in cache.values]
             for t in (*keys, *values):
@@ -119,9 +134,10 @@ class DecodeStep:
 
 
 def decode_step(model: GPT) -> DecodeStep:
-    """The compiled decode step of ``model`` on its current device, built on first use and then reused."""
+    """The compiled decode step of ``model`` on its current device, built on first use and then reused
+    (after ``DecodeStep.watch``: replaced or moved weights drop its frozen graphs)."""
     device = model.tok_embeddings.weight.device
     per_device = _STEPS.setdefault(model, {})
     if str(device) not in per_device:
         per_device[str(device)] = DecodeStep(model, device)
-    return per_device[str(device)]
+    return per_device[str(device)].watch()
