@@ -81,11 +81,13 @@ class DecodeStep:
         """Re-read the prior's parameters and buffers; drop the frozen graphs if one was replaced or moved.
         (Walking the model takes ~0.4 ms for GPT-B, so it runs per lookup; each step reads the versions
         only.) A tensor made under inference_mode has no version counter: an in-place edit of one,
-        possible only under inference_mode, goes unseen."""
+        possible only under inference_mode, goes unseen. Nothing to watch where the weights are not frozen."""
+        if not self.frozen:
+            return self
         tensors = list(itertools.chain(self.model.parameters(), self.model.buffers()))
         storage = tuple((id(t), t.data_ptr()) for t in tensors)
         if storage != self._storage:
-            if self._storage is not None and self.frozen:
+            if self._storage is not None:
                 self._compiled = self._compile()
             self._storage, self._versions = storage, None
         self._tracked = [t for t in tensors if not t.is_inference()]

@@ -117,11 +117,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        # a compiled graph gets F.linear too: the compiled decode step has inductor pack frozen weights
         if (rows > self.max_packed_rows or x.device.type != "cpu" or x.dtype != torch.float32 or self.bias is not None
-                or self.weight.dtype != torch.float32 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
+                or self.weight.dtype != torch.float32 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
+                or torch.compiler.is_compiling()):
             return F.linear(x, self.weight, self.bias)
-        if torch.compiler.is_compiling():
-            return F.linear(x, self.weight)
         packed = _packed_weight(self.weight)
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
