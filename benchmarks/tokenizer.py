@@ -235,7 +235,7 @@ class ColourCast:
 
     def size(self) -> float:
         """The root mean square of the three channels' mean errors, in levels."""
-        return float((self.shift() * 127.5).pow(2).mean().sqrt())
+        return float(torch.tensor(self.levels()).pow(2).mean().sqrt())
 
     def uncast_psnr(self) -> float:
         """Mean PSNR with the cast (the same shift for every image) taken off every reconstruction."""

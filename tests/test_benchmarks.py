@@ -19,12 +19,16 @@ from vqgpt.ground.metrics import psnr
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "tokenizer.py"
 
 
-@pytest.fixture(scope="module")
-def board():
-    spec = importlib.util.spec_from_file_location("tokenizer_benchmark", BENCH)
+def load_benchmark(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def board():
+    return load_benchmark(BENCH, "tokenizer_benchmark")
 
 
 def run(variant: str, seed: int, psnr: float, usage: float, peer: bool = False) -> dict:
@@ -140,10 +144,7 @@ def test_error_split_table_averages_the_new_figures(board, capsys):
 
 def test_sampling_benchmark_prints_every_row_against_its_bound(capsys):
     """benchmarks/sampling.py end to end on the tiny preset: each weight kind's rows, with the bound."""
-    spec = importlib.util.spec_from_file_location("sampling_benchmark", BENCH.with_name("sampling.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--preset", "tiny", "--quick", "--threads", "1"])
+    load_benchmark(BENCH.with_name("sampling.py"), "sampling_benchmark").main(["--preset", "tiny", "--quick", "--threads", "1"])
     out = capsys.readouterr().out
     assert out.startswith("tiny  threads=1")
     for header in ("== weights float32:", "== weights bfloat16:", "== weights float32, plain products",
