@@ -15,8 +15,9 @@ At batch 1 the reads bind; with guidance or larger batches the compute bound can
     python benchmarks/sampling.py --decode-only --compile --threads 1   # only the cfg-off rows of each
     python benchmarks/sampling.py --device cuda --batches 1,8,64 --decode-only --compile   # on a GPU
 
-Rows: fp32 and bf16 weights; fp32 on the plain MKL products, without the oneDNN-packed weights
-``stage2_prior.layers.Linear`` decodes with on a CPU (``--no-packed`` runs every row that way);
+Rows: fp32 and bf16 weights; fp32 on the plain MKL products, without the prepared (blocked or
+oneDNN-packed) weights ``stage2_prior.layers.Linear`` decodes with on a CPU (``--no-packed`` runs
+every row that way);
 weight-only int8 (``--prior-dtype int8``: int8 linear weights with per-channel scales, the rest fp32);
 with ``--compile``, the same sampler with its one-token step under torch.compile
 (``generate(..., compile=True)``; compile time is excluded, printed apart).
@@ -125,11 +126,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="only cached sampling without CFG, one row per weight kind and batch (fp32, bf16, "
                              "int8, and compiled with --compile): no CFG, full-recompute or matmul-ceiling rows")
     parser.add_argument("--compile", action="store_true",
-                        help="add rows with the decode step under torch.compile (fp32 and int8; CFG off; "
+                        help="add rows with the decode step under torch.compile (fp32, int8, and bf16 with "
+                             "--decode-only; CFG off; "
                              "each batch size compiles once, a minute or more on a CPU)")
     parser.add_argument("--no-packed", dest="packed", action="store_false",
-                        help="float32 products without the oneDNN-packed weights of stage2_prior.layers.Linear "
-                             "(the plain MKL path, for a before/after comparison)")
+                        help="float and bf16 products without the prepared (blocked or oneDNN-packed) weights of "
+                             "stage2_prior.layers.Linear (the plain MKL path, for a before/after comparison)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (--threads is for the CPU)")
     parser.add_argument("--preset", default="GPT-B", help="the prior's shape (stage2_prior.config presets)")
     args = parser.parse_args(argv)
@@ -216,10 +218,9 @@ def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats
     if args.int8:
         kinds.append(("int8", set_prior_dtype(copy.deepcopy(model), "int8"), False, True))
     if args.compile:
-        int8 = [prior for name, prior, _, _ in kinds if name == "int8"]
+        others = {name: prior for name, prior, _, _ in kinds if name != "float32"}
         kinds.append(("float32", model, True, True))
-        if int8:
-            kinds.append(("int8", int8[0], True, True))
+        kinds += [(name, others[name], True, True) for name in ("bfloat16", "int8") if name in others]
     for name, prior, compiled, packed in kinds:
         read = int8_read_bytes(prior) if name == "int8" else read_params * torch.finfo(getattr(torch, name)).bits // 8
         bound = Bound(model.config, read_params, read, prior.tok_embeddings.weight.element_size(), bandwidth, flops)

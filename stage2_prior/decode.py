@@ -13,14 +13,16 @@ a CUDA graph reads and writes fixed addresses.
 On CPU the caches are the caller's, and the step differs in two ways, both for speed at a few rows
 (benchmarks/sampling.py --compile):
 
-- inductor freezes the weights (folds them into the graph as constants) and multiplies them with
-  its own C++ GEMM template, autotuned against oneDNN/MKL at compile time. On the development CPU
-  (2 cores, AVX2) its kernels at 8 rows ran the GPT-B products at 58-70% of the read bandwidth,
-  against 47-51% for the oneDNN-packed weights of ``stage2_prior.layers.Linear``. Frozen weights
-  are a copy made at compile time, so the step recompiles (a fresh code object, so nothing stale
-  is reused) when a parameter or buffer has changed: replaced or moved (checked whenever
-  ``decode_step`` hands the step out, which the samplers do once per call) or edited in place (its
-  version, checked every step).
+- inductor freezes the weights (folds them into the graph as constants). A batch of one multiplies
+  them with inductor's own C++ GEMM template, autotuned against oneDNN/MKL at compile time, which
+  read them at the memory bandwidth at one row on the development CPU (2 cores, AVX2); 2 or more rows
+  (and int8 layers at any batch) call the blocked AVX2 kernel of ``stage2_prior.blocked`` as an
+  opaque op (``Linear``'s ``vqgpt::few_row_linear``, ``Int8Linear``'s ``vqgpt::blocked_linear``),
+  which ran the GPT-B products at 8 rows 1.5x faster than the template. Frozen weights are a copy
+  made at compile time, so the step recompiles (a fresh code object, so nothing stale is reused)
+  when a parameter or buffer has changed: replaced or moved (checked whenever ``decode_step`` hands
+  the step out, which the samplers do once per call) or edited in place (its version, checked every
+  step).
 - attention reads only the slots written so far: the caches go in as views ``[:, :, : pos + 1]``
   whose length is marked dynamic, so one graph serves every position without attending over the
   whole static cache (which read twice the average KV bytes).

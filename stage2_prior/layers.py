@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
+from stage2_prior import blocked
 from stage2_prior.config import GPTConfig
 
 
@@ -51,48 +52,63 @@ def apply_rope(x: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(xf * cos, swapped, sin).type_as(x)
 
 
-# Weights reordered for oneDNN: id(weight) -> (weakref to it, its (address, version), the packed copy).
-# Kept beside the module, not on it (a packed tensor is opaque: no deepcopy, no pickling); an entry
-# goes when its weight does.
-_PACKED: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
-_PACK_ROWS_HINT = 8  # the row count oneDNN tunes the layout for; measured as good from 1 to 64 rows
-_packing_works = torch.backends.mkldnn.is_available()  # this build can pack, and packing is switched on
+# Weights prepared for few-row products: id(weight) -> (weakref to it, its (address, version), the copy).
+# The copy is (kind, tensor, scales): "blocked" for stage2_prior.blocked's kernel (with unit scales),
+# "onednn" for oneDNN's packed product. Kept beside the module, not on it (a packed tensor is opaque: no
+# deepcopy, no pickling); an entry goes when its weight does.
+_PACKED: dict[int, tuple[weakref.ref, tuple[int, int], tuple[str, torch.Tensor, torch.Tensor | None]]] = {}
+_PACK_ROWS_HINT = 8  # the row count oneDNN tunes its layout for; measured as good from 1 to 64 rows
+_packing_works = True  # prepared copies are switched on (set_weight_packing)
+_onednn_works = torch.backends.mkldnn.is_available()  # this build can pack for oneDNN
 
 
 def set_weight_packing(enabled: bool) -> bool:
-    """Switch the oneDNN-packed products of ``Linear`` on or off for this process; returns the previous
-    setting. Off, few-row CPU products take the plain path and the packed copies are dropped, which
-    gives back the second copy of the float32 weights that packing holds (at 0.55-0.8x the decoding
-    speed on the development CPU, benchmarks/sampling.py --no-packed). On where this build cannot pack
-    does nothing."""
+    """Switch the prepared-weight products of ``Linear`` on or off for this process; returns the previous
+    setting. Off, few-row CPU products take the plain path and the prepared copies are dropped, which
+    gives back the second copy of the weights that they hold (at 0.4-0.7x the decoding speed of fp32
+    on the development CPU, benchmarks/sampling.py --no-packed)."""
     global _packing_works
     previous = _packing_works
-    _packing_works = bool(enabled) and torch.backends.mkldnn.is_available()
+    _packing_works = bool(enabled)
     if not _packing_works:
         _PACKED.clear()
     return previous
 
 
-def _packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """The oneDNN-packed copy of a float32 CPU ``weight`` (out, in), made on first use and again whenever
-    the weight changes (moved, loaded or updated in place); None where this build of torch cannot pack,
-    or for a weight made under inference_mode (it has no version counter to tell an in-place change)."""
-    global _packing_works
+def _prepare(weight: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor | None] | None:
+    """A copy of ``weight`` (out, in) for few-row products: blocked for stage2_prior.blocked's kernel where
+    that builds for its dtype (float32, bfloat16) and out is a multiple of 8, else oneDNN-packed (float32),
+    else None."""
+    global _onednn_works
+    if weight.shape[0] % blocked.BLOCK == 0 and blocked.kernel(weight.dtype) is not None:
+        ones = torch.ones(weight.shape[0], dtype=torch.bfloat16)
+        return "blocked", blocked.block(weight.detach()), ones
+    if weight.dtype != torch.float32 or not _onednn_works:
+        return None
+    try:
+        return "onednn", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT), None
+    except (RuntimeError, AttributeError):  # a build without oneDNN's packed linear: use the plain products
+        _onednn_works = False
+        return None
+
+
+def _packed_weight(weight: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor | None] | None:
+    """The prepared copy (``_prepare``) of a CPU ``weight``, made on first use and again whenever the weight
+    changes (moved, loaded or updated in place); None where none can be made, where packing is switched
+    off, or for a weight made under inference_mode (it has no version counter to tell an in-place change)."""
     if not _packing_works or weight.is_inference():
         return None
     key = (weight.data_ptr(), weight._version)
     entry = _PACKED.get(id(weight))
     if entry is not None and entry[0]() is weight and entry[1] == key:
         return entry[2]
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
-    except (RuntimeError, AttributeError):  # a build without oneDNN's packed linear: use the plain products
-        _packing_works = False
+    prepared = _prepare(weight)
+    if prepared is None:
         return None
     if entry is None or entry[0]() is not weight:
         weakref.finalize(weight, _PACKED.pop, id(weight), None)
-    _PACKED[id(weight)] = (weakref.ref(weight), key, packed)
-    return packed
+    _PACKED[id(weight)] = (weakref.ref(weight), key, prepared)
+    return prepared
 
 
 class Linear(nn.Linear):
@@ -100,16 +116,23 @@ class Linear(nn.Linear):
 
     The usual x @ W^T runs near the memory bandwidth only for large row counts on the development CPU
     (MKL, 2 threads, AVX2): 44 GB/s of weight reads at 1 row, 13-16 GB/s at 8 rows, which is 60 of
-    its 150 GFLOP/s. With the weight reordered once for oneDNN (``_packed_weight``) the same product
-    read 60-80 GB/s at 1-2 rows and 28 GB/s (112 GFLOP/s) at 8 (weights in cache), and stayed ahead
-    up to 256 rows; up to ``max_packed_rows`` rows of a bias-free layer take that path in eager mode.
-    A compiled graph gets F.linear (the compiled decode step freezes the weights and inductor packs
-    them for its own GEMM kernels: ``stage2_prior.decode``). The packed copy, made at the first such
-    call, lives as long as the weight (remade when it changes): decoding on a CPU holds the float32
-    weights twice. Where oneDNN cannot pack, 1-5 rows run as W @ x^T (one row padded to two), which
-    ran at 50-90% of the bandwidth against 20-40%. benchmarks/sampling.py measures the sampler built
-    on it. Training, autocast, other dtypes and devices take the usual path; the state dict is
-    nn.Linear's.
+    its 150 GFLOP/s. Up to ``max_packed_rows`` rows of a bias-free float32 or bfloat16 layer in eager
+    mode run on a prepared copy of the weight (``_packed_weight``):
+
+    - blocked for ``stage2_prior.blocked``'s AVX2 kernel, where it builds and the output size is a
+      multiple of 8. Over the GPT-B layers it ran fp32 1.5x (1 row) to 1.6x (8 rows) faster than the
+      oneDNN-packed product below, and bf16 1.9x to 6.5x faster than bf16 F.linear (bf16 is emulated
+      on this CPU); its products accumulate in fp32 (bf16 outputs are rounded once at the end);
+    - else (float32) reordered for oneDNN: 60-80 GB/s at 1-2 rows and 28 GB/s (112 GFLOP/s) at 8
+      rows with the weights in cache.
+
+    A compiled graph gets this product as one opaque op (``vqgpt::few_row_linear``) for 2 or more
+    rows, and F.linear for one row (the compiled decode step freezes the weights, and at one row
+    inductor's own GEMM kernels read them at the bandwidth: ``stage2_prior.decode``). The prepared
+    copy, made at the first such call, lives as long as the weight (remade when it changes): decoding on a CPU holds the
+    weights twice. Without one, 1-5 fp32 rows run as W @ x^T (one row padded to two), which ran at
+    50-90% of the bandwidth against 20-40%. benchmarks/sampling.py measures the sampler built on it.
+    Training, autocast, other dtypes and devices take the usual path; the state dict is nn.Linear's.
     """
 
     max_rows = 5  # the W @ x^T fallback
@@ -117,21 +140,45 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        # a compiled graph gets F.linear too: the compiled decode step has inductor pack frozen weights
-        if (rows > self.max_packed_rows or x.device.type != "cpu" or x.dtype != torch.float32 or self.bias is not None
-                or self.weight.dtype != torch.float32 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
-                or torch.compiler.is_compiling()):
+        if (rows > self.max_packed_rows or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
+                or self.weight.dtype != x.dtype or self.bias is not None or torch.is_grad_enabled()
+                or torch.is_autocast_enabled("cpu")):
             return F.linear(x, self.weight, self.bias)
-        packed = _packed_weight(self.weight)
-        if packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        if rows > self.max_rows:
-            return F.linear(x, self.weight)
-        flat = x.reshape(rows, x.shape[-1])
-        if rows == 1:
-            flat = flat.repeat(2, 1)
-        out = (self.weight @ flat.t()).t()[:rows].contiguous()  # (rows, out_features)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        if torch.compiler.is_compiling():
+            # one row: inductor's GEMM template on the frozen weight read faster; more: the blocked kernel
+            return F.linear(x, self.weight) if rows == 1 else few_row_linear(x, self.weight)
+        return _few_row_product(x, self.weight)
+
+
+def _few_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``Linear``'s product for a few rows on a CPU (see there)."""
+    rows = x.numel() // x.shape[-1]
+    flat = x.reshape(rows, x.shape[-1])
+    prepared = _packed_weight(weight)
+    if prepared is not None:
+        kind, copy, scales = prepared
+        if kind == "blocked":
+            out = blocked.product(flat.float(), copy, scales).to(x.dtype)
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(flat, copy, None, "none", [], "")
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    if rows > Linear.max_rows or x.dtype != torch.float32:
+        return F.linear(x, weight)
+    if rows == 1:
+        flat = flat.repeat(2, 1)
+    out = (weight @ flat.t()).t()[:rows].contiguous()  # (rows, out_features)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("vqgpt::few_row_linear", mutates_args=())
+def few_row_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``_few_row_product`` as one op that a compiled graph calls as is (the prepared copy stays outside it)."""
+    return _few_row_product(x, weight)
+
+
+@few_row_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 class RMSNorm(nn.Module):

@@ -5,14 +5,21 @@ speed is the weight bytes: int8 reads a quarter of fp32 and half of bf16. Each l
 weight W (out, in) becomes ``round(W / s)`` in int8 with s = max|W[o, :]| / 127 per output row o
 (symmetric, no zero point), and ``y = (x @ q^T) * s``.
 
-Kernel: ``torch.ops.aten._weight_int8pack_mm(x, q, s)`` computes exactly that product with the
-int8 weight read as is, on CPU (bf16 / fp16 activations; its fp32-activation path is several times
-slower here, so activations are cast to bf16 for the product) and on CUDA. Where it is missing or
-refuses the inputs (other devices, older torch) the weight is dequantised per call, which is
-correct but reads the int8 weight and writes a float copy. torchao (0.18, which installs beside
-torch 2.14 here) was tried first: its eager int8 weight-only product dequantises per call on CPU
-and took about twice the time of the plain fp32 product on one 768 -> 2304 layer at batch 1 on
-the development CPU, hence this small path.
+Kernels, first that runs:
+
+- on a CPU with AVX2, the blocked kernel of ``stage2_prior.blocked`` over a blocked copy of the int8
+  weight (a non-persistent buffer, remade when the module moves to a CPU, so a CPU holds the int8
+  weights twice): fp32 activations and accumulation, 1.6x the aten kernel below at 1 row and 2x at
+  8 on the development CPU;
+- ``torch.ops.aten._weight_int8pack_mm(x, q, s)``, which computes the same product with the int8
+  weight read as is, on CPU (bf16 / fp16 activations; its fp32-activation path is several times
+  slower here, so activations are cast to bf16 for the product) and on CUDA;
+- where that is missing or refuses the inputs (other devices, older torch) the weight is
+  dequantised per call, which is correct but reads the int8 weight and writes a float copy.
+
+torchao (0.18, which installs beside torch 2.14 here) was tried first: its eager int8 weight-only
+product dequantises per call on CPU and took about twice the time of the plain fp32 product on one
+768 -> 2304 layer at batch 1 on the development CPU, hence this small path.
 
 The quantised model is for sampling: a saved one would not load (the strict loader finds int8
 keys), so quantise a loaded float prior each time instead.
@@ -23,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stage2_prior import blocked
 
 DTYPES = ("float32", "bfloat16", "int8")  # what --prior-dtype / VQGPTPipeline.set_decoding accept
 _KERNEL_OK: dict[tuple[str, torch.dtype], bool] = {}  # (device type, activation dtype) -> kernel usable
@@ -59,7 +68,23 @@ class Int8Linear(nn.Module):
                              f"{weight_int8.dtype} {tuple(weight_int8.shape)} and {tuple(scales.shape)}")
         self.out_features, self.in_features = weight_int8.shape
         self.register_buffer("weight_int8", weight_int8.contiguous())
-        self.register_buffer("scales", scales.to(torch.bfloat16))  # the kernel's dtype
+        self.register_buffer("scales", scales.to(torch.bfloat16))  # the kernels' dtype
+        self.weight_blocked: torch.Tensor | None
+        self.register_buffer("weight_blocked", None, persistent=False)
+        self._block()
+
+    def _block(self) -> None:
+        """Keep the CPU kernel's blocked copy of the weight (``stage2_prior.blocked``) where that kernel runs:
+        on a CPU that builds it, for a multiple of 8 output channels. None elsewhere."""
+        weight = self.weight_int8
+        usable = (weight.device.type == "cpu" and self.out_features % blocked.BLOCK == 0
+                  and blocked.kernel(torch.int8) is not None)
+        self.weight_blocked = blocked.block(weight) if usable else None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._block()  # moved to another device (or back): remade or dropped
+        return self
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -82,7 +107,17 @@ class Int8Linear(nn.Module):
         return self.weight_int8.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., out) in x's dtype; the product runs in bf16 (fp16 for fp16 inputs)."""
+        """x (..., in) -> (..., out) in x's dtype. fp32 inputs on a CPU with the blocked kernel: an fp32
+        product; otherwise the product runs in bf16 (fp16 for fp16 inputs)."""
+        if (self.weight_blocked is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            flat = x.reshape(-1, self.in_features)
+            scales = self.scales if self.scales.dtype == torch.bfloat16 else self.scales.to(torch.bfloat16)
+            if torch.compiler.is_compiling():
+                out = blocked.blocked_linear(flat, self.weight_blocked, scales)
+            else:
+                out = blocked.product(flat, self.weight_blocked, scales)
+            return out.reshape(*x.shape[:-1], self.out_features)
         compute = torch.float16 if x.dtype == torch.float16 else torch.bfloat16
         flat = x.reshape(-1, self.in_features).to(compute)
         scales = self.scales if self.scales.dtype == compute else self.scales.to(compute)

@@ -8,7 +8,7 @@ import torch
 from prior_helpers import tiny_gpt
 from torch._dynamo.utils import counters
 
-from stage2_prior import GPT, GPTConfig, SamplingConfig, complete, generate
+from stage2_prior import GPT, GPTConfig, SamplingConfig, blocked, complete, generate
 from stage2_prior.decode import decode_step
 from stage2_prior.quantize import Int8Linear, is_quantized, quantize_int8, set_prior_dtype
 from vqgpt.cli import main
@@ -201,14 +201,21 @@ def test_int8_linear_kernel_and_dequantised_fallback(monkeypatch):
     step = layer.scales.float()[:, None]
     assert torch.all((layer.dequantized() - linear.weight).abs() <= step / 2 + 1e-6)
     x = torch.randn(3, 5, 40)
+    assert layer.weight_blocked is not None  # this CPU builds the blocked kernel (x86, AVX2)
     with torch.inference_mode():
         want = x @ layer.dequantized().t()
-        kernel = layer(x)
+        blocked_out = layer(x)  # fp32 activations and accumulation
+        layer.weight_blocked = None
+        kernel = layer(x)  # aten._weight_int8pack_mm, bf16 activations
         monkeypatch.setattr(quantize, "_KERNEL_OK", {("cpu", torch.bfloat16): False})
         fallback = layer(x)
-    assert kernel.shape == (3, 5, 24) and kernel.dtype == torch.float32
+    assert blocked_out.shape == kernel.shape == (3, 5, 24) and blocked_out.dtype == torch.float32
+    torch.testing.assert_close(blocked_out, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kernel, want, rtol=2e-2, atol=2e-2)  # bf16 activations
     torch.testing.assert_close(fallback, kernel, rtol=1e-2, atol=1e-2)
+    # the blocked copy follows the module: remade on a CPU, dropped elsewhere
+    assert copy.deepcopy(layer).to("meta").weight_blocked is None
+    assert torch.equal(layer.float().weight_blocked, blocked.block(layer.weight_int8))
     with pytest.raises(ValueError, match="bias-free"):
         Int8Linear.from_linear(torch.nn.Linear(4, 4))
     model = quantize_int8(tiny_gpt())

@@ -285,10 +285,11 @@ def test_few_row_linear_fallback_matches_f_linear(monkeypatch):
     assert y.grad_fn is not None and torch.equal(y.detach(), expected[(1, 1, 24)])
 
 
-@pytest.mark.skipif(not layers._packing_works, reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not layers._onednn_works, reason="this torch build has no oneDNN")
 def test_packed_linear_follows_the_weight(monkeypatch, tmp_path):
-    """Up to max_packed_rows rows run on a oneDNN-packed copy of the weight, which is remade whenever
-    the weight changes (in place, loaded, moved) and does not stop the module being copied or saved."""
+    """Up to max_packed_rows rows run on a prepared (blocked or oneDNN-packed) copy of the weight, which is
+    remade whenever the weight changes (in place, loaded, moved) and does not stop the module being
+    copied or saved."""
     torch.manual_seed(0)
     layer = Linear(24, 40, bias=False)
     shapes = [(1, 1, 24), (8, 1, 24), (16, 1, 24), (Linear.max_packed_rows, 24)]
@@ -313,7 +314,8 @@ def test_packed_linear_follows_the_weight(monkeypatch, tmp_path):
         y = layer(torch.randn(Linear.max_packed_rows + 1, 24))
     assert y.shape == (Linear.max_packed_rows + 1, 40)
     assert layer(x).grad_fn is not None
-    # a compiled graph gets F.linear: the compiled decode step freezes the weights and inductor packs them
+    # a compiled graph gets the few-row product as one opaque op for 2+ rows, F.linear for one row (the
+    # compiled decode step freezes the weights and inductor packs them for its GEMM template)
     graphs = []
 
     def keep_graph(gm, example_inputs):
@@ -321,17 +323,20 @@ def test_packed_linear_follows_the_weight(monkeypatch, tmp_path):
         return gm.forward
 
     torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=keep_graph, fullgraph=True)
     with torch.no_grad():
-        y = torch.compile(layer, backend=keep_graph, fullgraph=True)(x[:8])
+        y, one = compiled(x[:8]), compiled(x[:1])
     torch.testing.assert_close(y, x[:8] @ layer.weight.t(), rtol=1e-5, atol=1e-5)
-    targets = [node.target for gm in graphs for node in gm.graph.nodes]
-    assert torch.nn.functional.linear in targets and not any("mkldnn" in str(t) for t in targets)
+    torch.testing.assert_close(one, x[:1] @ layer.weight.t(), rtol=1e-5, atol=1e-5)
+    targets = [[str(node.target) for node in gm.graph.nodes] for gm in graphs]
+    assert any("vqgpt.few_row_linear" in t for t in targets[0]) and not any("mkldnn" in t for t in targets[0])
+    assert any("linear" in t and "vqgpt" not in t for t in targets[-1])
     with torch.inference_mode():  # a layer made here has no version counter: the plain products run
         made_here = Linear(24, 40, bias=False)
         torch.testing.assert_close(made_here(x[:8]), x[:8] @ made_here.weight.t(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not layers._packing_works, reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not layers._onednn_works, reason="this torch build has no oneDNN")
 def test_weight_packing_switch_drops_the_packed_copies():
     """set_weight_packing(False) gives back the packed copies and sends few-row products down the plain
     path (same values); switching it on again packs anew."""

@@ -1,0 +1,59 @@
+"""The blocked few-row kernel (stage2_prior.blocked) and the layers that take it."""
+
+import pytest
+import torch
+
+from stage2_prior import blocked, layers
+from stage2_prior.layers import Linear
+
+DTYPES = [torch.float32, torch.bfloat16, torch.int8]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_blocked_kernel_gives_the_float_product_for_every_row_count(dtype):
+    """Rows 1-8 each take their own register blocking, 11 and 17 a full block plus a rest; K = 37 leaves a
+    tail after every unrolled k loop. The kernel widens each weight exactly and accumulates in fp32."""
+    assert blocked.kernel(dtype) is not None  # x86 with AVX2 and FMA, as the development and CI machines
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randint(-127, 128, (40, 37), generator=gen) if dtype == torch.int8
+              else torch.randn(40, 37, generator=gen)).to(dtype)
+    scales = torch.rand(40, generator=gen).add(0.01).to(torch.bfloat16)
+    packed = blocked.block(weight)
+    assert packed.shape == (5, 37, 8) and torch.equal(packed[1, :, 3], weight[11])
+    for rows in [*range(1, 9), 11, 17]:
+        x = torch.randn(rows, 37, generator=gen)
+        want = (x.double() @ weight.double().t()) * scales.double()
+        got = blocked.product(x, packed, scales)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        assert torch.equal(blocked.blocked_linear(x, packed, scales), got)  # the op compiled graphs call
+
+
+def test_linear_takes_the_blocked_kernel_then_onednn_then_plain(monkeypatch):
+    """Few-row fp32 and bf16 products run on a blocked copy of the weight; without the kernel fp32 falls
+    back to oneDNN's packed copy, bf16 to F.linear; all give the same product."""
+    torch.manual_seed(0)
+    layer, x = Linear(24, 40, bias=False), torch.randn(3, 2, 24)
+    want = x @ layer.weight.t()
+    monkeypatch.setattr(layers, "_PACKED", {})
+    with torch.no_grad():
+        got = layer(x)
+        assert layers._PACKED[id(layer.weight)][2][0] == "blocked"
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        half = Linear(24, 40, bias=False).to(torch.bfloat16)
+        exact = x.to(torch.bfloat16).float() @ half.weight.float().t()
+        got_half = half(x.to(torch.bfloat16))
+        assert got_half.dtype == torch.bfloat16 and layers._PACKED[id(half.weight)][2][0] == "blocked"
+        # fp32 accumulation, one rounding to bf16 at the end
+        torch.testing.assert_close(got_half.float(), exact, rtol=2 ** -8, atol=1e-6)
+        monkeypatch.setattr(blocked, "_BUILT", {torch.float32: None, torch.bfloat16: None})
+        monkeypatch.setattr(layers, "_PACKED", {})
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+        if layers._onednn_works:
+            assert layers._PACKED[id(layer.weight)][2][0] == "onednn"
+        torch.testing.assert_close(half(x.to(torch.bfloat16)).float(), exact, rtol=2e-2, atol=2e-2)
+        assert id(half.weight) not in layers._PACKED  # bf16 without the kernel: F.linear, no copy
+    # an output size that is not a multiple of 8 cannot be blocked
+    odd = Linear(24, 20, bias=False)
+    with torch.no_grad():
+        torch.testing.assert_close(odd(x), x @ odd.weight.t(), rtol=1e-5, atol=1e-5)
+    assert layers._PACKED.get(id(odd.weight), (None, None, ("onednn",)))[2][0] != "blocked"
