@@ -171,8 +171,10 @@ def test_int8_logits_near_fp32_and_greedy_tokens_agree():
 
 @pytest.mark.slow  # one compile of a one-layer prior
 def test_compiled_int8_step_keeps_to_the_eager_int8_logits():
-    """The compiled CPU step freezes the int8 weights for inductor's own kernels, which round the bf16
-    products differently from the eager kernel: its logits must stay within 0.5% of their range."""
+    """Compiled and eager int8 share the blocked kernel where it builds (an op the compiled graph calls):
+    their logits then differ only by the rounding of the compiled elementwise work (0.01% of their
+    range). Elsewhere the compiled step freezes the int8 weights for inductor's own kernels, which
+    round the bf16 products differently from the eager kernel: 0.5%."""
     model = set_prior_dtype(tiny_gpt(grid_size=[3, 4], n_layer=1), "int8")
     tokens, labels = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
     step = decode_step(model)
@@ -184,7 +186,8 @@ def test_compiled_int8_step_keeps_to_the_eager_int8_logits():
             want = model.forward_cached(tokens[:, pos - 1: pos], pos, cache=eager_cache)
             got = step(tokens[:, pos - 1: pos], pos, cache)
             spread = (want.amax(-1) - want.amin(-1)).min()
-            assert (got - want).abs().max() <= 0.005 * spread, pos
+            tolerance = 1e-4 if model.output.weight_blocked is not None else 5e-3
+            assert (got - want).abs().max() <= tolerance * spread, pos
 
 
 def test_int8_linear_kernel_and_dequantised_fallback(monkeypatch):
