@@ -2,6 +2,8 @@
 
     python benchmarks/train_speed.py [--quick] [--threads N] [--dtypes fp32,bf16] [--no-compile]
     python benchmarks/train_speed.py --convs     # where the tokenizer step's time goes, conv by conv
+    python benchmarks/train_speed.py --device cuda --prior-preset GPT-B --prior-batch 32 --dtypes bf16,fp32 \
+        --peak-tflops 989    # on a GPU: the prior at a real shape, MFU against the GPU's published bf16 peak
 
 A step is the project's real one: model forward + loss under autocast, then ``optimizer_step``
 (finite check, backward, gradient clipping, AdamW step, zero_grad) from vqgpt.training.optim.
@@ -16,6 +18,11 @@ torch.compile of the model (graph breaks listed with torch._dynamo.explain); for
 default layout (NCHW input and weights; the decoder channels-last, as ``stage1_vq.modules.DECODER_MEMORY_FORMAT``
 chooses) vs everything channels-last, applied from outside with ``model.to(memory_format=...)``;
 SDPA for the prior (confirmed by finding F.scaled_dot_product_attention in the traced step).
+
+``--device cuda`` runs the same steps on a GPU (autocast and the matmul peak on that device, every
+timing synchronised); ``--prior-preset`` swaps the prior's default shape for a preset of
+``stage2_prior.config`` (GPT-B, GPT-L, ...), ``--peak-tflops`` adds each row's MFU against a published
+peak (e.g. the GPU's dense bf16 figure).
 """
 
 from __future__ import annotations
@@ -49,32 +56,42 @@ PRIOR_SHAPE = dict(n_layer=6, n_head=8, dim=512)
 QUICK_PRIOR_SHAPE = dict(n_layer=4, n_head=6, dim=384)
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
-    """Measured GFLOP/s of an n^3 matmul in ``dtype`` (best of ``repeats``)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5, device: str = "cpu") -> float:
+    """Measured GFLOP/s of an n^3 matmul in ``dtype`` (best of ``repeats``) on ``device``."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b  # warm-up
-    return 2 * n**3 / timed(lambda: a @ b, repeats) / 1e9
+    return 2 * n**3 / timed(lambda: a @ b, repeats, device) / 1e9
 
 
-def median_rate(step: Callable[[], None], items: int, warmup: int, steps: int, rounds: int) -> float:
+def median_rate(step: Callable[[], None], items: int, warmup: int, steps: int, rounds: int,
+                device: torch.device = torch.device("cpu")) -> float:
     """Median over ``rounds`` of items/s of ``steps`` calls of ``step`` (after ``warmup`` calls)."""
     for _ in range(warmup):
         step()
     rates = []
     for _ in range(rounds):
+        sync(device)
         t = time.perf_counter()
         for _ in range(steps):
             step()
+        sync(device)
         rates.append(items * steps / (time.perf_counter() - t))
     return statistics.median(rates)
 
 
 def tokenizer_step(accelerator: Accelerator, impl: str, bf16: bool, channels_last: bool,
                    compiled: bool, batch: int) -> tuple[Callable[[], None], torch.nn.Module]:
-    """One tokenizer training step with the given levers; returns (step, eager model)."""
+    """One tokenizer training step with the given levers on the accelerator's device; returns (step, eager model)."""
     torch.manual_seed(0)
-    model = VQModel(VQModelConfig(**TOKENIZER_ARCH, quantizer=QUANTIZER)).train()
-    x = torch.rand(batch, 3, 64, 64) * 2 - 1
+    device = accelerator.device
+    model = VQModel(VQModelConfig(**TOKENIZER_ARCH, quantizer=QUANTIZER)).train().to(device)
+    x = torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -84,7 +101,7 @@ def tokenizer_step(accelerator: Accelerator, impl: str, bf16: bool, channels_las
     loss_cfg = LossConfig(perceptual_weight=0.0)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = run(x)
             g = generator_loss(x, out.reconstruction, out.quantizer.loss, None, None, loss_cfg, 0,
                                model.last_layer_weight)
@@ -92,20 +109,29 @@ def tokenizer_step(accelerator: Accelerator, impl: str, bf16: bool, channels_las
     return step, model
 
 
-def prior_step(accelerator: Accelerator, shape: dict, impl: str, bf16: bool, compiled: bool,
+def prior_config(shape: dict | str) -> GPTConfig:
+    """The benchmark's prior: 1024 codes on a 16x16 grid, 10 classes, with this shape (a dict of GPTConfig
+    fields, or a preset name)."""
+    data = dict(codebook_size=1024, grid_size=[16, 16], num_classes=10)
+    return GPTConfig.from_preset(shape, **data) if isinstance(shape, str) else GPTConfig(**data, **shape)
+
+
+def prior_step(accelerator: Accelerator, shape: dict | str, impl: str, bf16: bool, compiled: bool,
                batch: int) -> tuple[Callable[[], None], GPT, GPTConfig]:
-    """One prior training step with the given levers; returns (step, eager model, config)."""
+    """One prior training step with the given levers on the accelerator's device; returns (step, eager model,
+    config)."""
     torch.manual_seed(0)
-    cfg = GPTConfig(codebook_size=1024, grid_size=[16, 16], num_classes=10, **shape)
-    model = GPT(cfg).train()
-    tokens = torch.randint(0, cfg.codebook_size, (batch, cfg.seq_len))
-    labels = torch.randint(0, cfg.num_classes, (batch,))
+    device = accelerator.device
+    cfg = prior_config(shape)
+    model = GPT(cfg).train().to(device)
+    tokens = torch.randint(0, cfg.codebook_size, (batch, cfg.seq_len), device=device)
+    labels = torch.randint(0, cfg.num_classes, (batch,), device=device)
     tc = TrainConfig(lr=1e-4, optimizer_impl=impl)
     opt = make_optimizer(model.parameters(), tc)
     run = torch.compile(model) if compiled else model
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = run(tokens, labels)
             loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
         optimizer_step(accelerator, loss, opt, model, tc)
@@ -130,14 +156,16 @@ def uses_sdpa(model: GPT, cfg: GPTConfig) -> bool:
         return original(*args, **kwargs)
     F.scaled_dot_product_attention = spy
     try:
+        device = model.tok_embeddings.weight.device
         with torch.no_grad():
-            model(torch.zeros(1, cfg.seq_len, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+            model(torch.zeros(1, cfg.seq_len, dtype=torch.long, device=device),
+                  torch.zeros(1, dtype=torch.long, device=device))
     finally:
         F.scaled_dot_product_attention = original
     return bool(called)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller prior, tokenizer batch 4, one step per round, "
                                                              "no tokenizer compile (~5 min on 2 cores)")
@@ -145,42 +173,62 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--convs", action="store_true", help="only where the fp32 tokenizer step's time goes: the "
-                        "convolutions' share of it, and each conv shape forward / backward in NCHW and NHWC")
-    args = parser.parse_args()
+                        "convolutions' share of it, and each conv shape forward / backward in NCHW and NHWC (CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (--threads is for the CPU)")
+    parser.add_argument("--prior-preset", default=None,
+                        help="the prior's shape as a preset of stage2_prior.config (GPT-B, GPT-L, ...; default a "
+                             "6 x 512 model, 4 x 384 with --quick)")
+    parser.add_argument("--prior-batch", type=int, default=8)
+    parser.add_argument("--tokenizer-batch", type=int, default=None, help="default 16 (4 with --quick)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="a published peak (e.g. the GPU's dense bf16 TFLOP/s): adds each row's MFU against it")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    on_cpu = device.type == "cpu"
     if args.convs:
         conv_breakdown(Accelerator(cpu=True), 4 if args.quick else 16, matmul_gflops(torch.float32))
         return
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     warmup, steps, rounds = (1, 1, 3) if args.quick else (2, 5, 3)
-    shape = QUICK_PRIOR_SHAPE if args.quick else PRIOR_SHAPE
-    accelerator = Accelerator(cpu=True)
-    peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fast bf16 units: {cpu_has_fast_bf16()}; "
-          f"matmul 1024^3: fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s")
-    if not cpu_has_fast_bf16() and "bf16" in dtypes:
+    shape = args.prior_preset or (QUICK_PRIOR_SHAPE if args.quick else PRIOR_SHAPE)
+    if on_cpu:
+        accelerator = Accelerator(cpu=True)
+    else:
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        accelerator = Accelerator()
+    device = accelerator.device
+    peak = {dtype: matmul_gflops(getattr(torch, name), device=device)
+            for dtype, name in (("fp32", "float32"), ("bf16", "bfloat16"))}
+    where = f"{torch.get_num_threads()} threads, fast bf16 units: {cpu_has_fast_bf16()}" if on_cpu else f"device {device}"
+    print(f"torch {torch.__version__}, {where}; matmul 1024^3: fp32 {peak['fp32']:.1f} GFLOP/s, "
+          f"bf16 {peak['bf16']:.1f} GFLOP/s" + (f"; published peak {args.peak_tflops} TFLOP/s" if args.peak_tflops else ""))
+    if on_cpu and not cpu_has_fast_bf16() and "bf16" in dtypes:
         print("note: this CPU has no bf16 matrix units; bf16 rows are honest here but not representative")
 
     # -- tokenizer
     # --quick: batch 4 (a batch-16 step takes ~20 s on two loaded cores); per-image rates stay comparable.
-    tok_batch = 4 if args.quick else 16
+    tok_batch = args.tokenizer_batch or (4 if args.quick else 16)
     _, tok_model = tokenizer_step(accelerator, "for-loop", False, False, False, tok_batch)
     n_tok = sum(p.numel() for p in tok_model.parameters())
     # Training FLOPs per image ~ 3x the forward's multiply-adds x 2, counted from the conv/linear shapes.
-    macs = _forward_macs(tok_model, torch.rand(1, 3, 64, 64))
+    macs = _forward_macs(tok_model, torch.rand(1, 3, 64, 64, device=device))
     tok_flops = 6 * macs
     print(f"\ntokenizer: {n_tok / 1e6:.1f}M parameters, 64x64, batch {tok_batch}, "
           f"{tok_flops / 1e9:.2f} GFLOP per training image")
-    rows: list[tuple[str, str, str, float, float]] = []
+    rows: list[tuple[str, str, str, float, float, float | None]] = []
 
     def record(stage: str, dtype: str, lever: str, rate: float, flops_per_item: float) -> None:
         share = rate * flops_per_item / (peak[dtype] * 1e9)
-        rows.append((stage, dtype, lever, rate, share))
+        mfu = rate * flops_per_item / (args.peak_tflops * 1e12) if args.peak_tflops else None
+        rows.append((stage, dtype, lever, rate, share, mfu))
         unit = "images/s" if stage == "tokenizer" else "tokens/s"
-        print(f"  {stage:9s} {dtype:4s} {lever:32s} {rate:9.1f} {unit}  {100 * share:5.1f}% of matmul peak", flush=True)
+        print(f"  {stage:9s} {dtype:4s} {lever:32s} {rate:9.1f} {unit}  {100 * share:5.1f}% of matmul peak"
+              + (f"  MFU {100 * mfu:.1f}%" if mfu is not None else ""), flush=True)
 
-    slow_bf16 = not cpu_has_fast_bf16()
+    slow_bf16 = on_cpu and not cpu_has_fast_bf16()
     for dtype in dtypes:
         bf16 = dtype == "bf16"
         # bf16 without bf16 units is ~50x slower per matmul: a smaller batch, one step, one round.
@@ -189,19 +237,22 @@ def main() -> None:
         impls = ("for-loop", "fused") if args.quick or (bf16 and slow_bf16) else ("for-loop", "foreach", "fused")
         for impl in impls:
             step, _ = tokenizer_step(accelerator, impl, bf16, False, False, b)
-            record("tokenizer", dtype, f"AdamW {impl}, default layout{tag}", median_rate(step, b, w, s, r), tok_flops)
+            record("tokenizer", dtype, f"AdamW {impl}, default layout{tag}", median_rate(step, b, w, s, r, device),
+                   tok_flops)
         step, _ = tokenizer_step(accelerator, "fused", bf16, True, False, b)
-        record("tokenizer", dtype, f"AdamW fused, channels-last{tag}", median_rate(step, b, w, s, r), tok_flops)
+        record("tokenizer", dtype, f"AdamW fused, channels-last{tag}", median_rate(step, b, w, s, r, device), tok_flops)
         # Compiling the 13M tokenizer takes minutes on two cores: not in --quick.
         if not args.no_compile and not args.quick and not (bf16 and slow_bf16):
             step, _ = tokenizer_step(accelerator, "fused", bf16, False, True, b)
             t = time.perf_counter()
             step()
+            sync(device)
             print(f"  (tokenizer compile + first step: {time.perf_counter() - t:.0f} s)")
-            record("tokenizer", dtype, "AdamW fused, default layout, compiled", median_rate(step, b, w, s, r), tok_flops)
+            record("tokenizer", dtype, "AdamW fused, default layout, compiled", median_rate(step, b, w, s, r, device),
+                   tok_flops)
 
     # -- prior
-    prior_batch = 8
+    prior_batch = args.prior_batch
     _, prior_model, cfg = prior_step(accelerator, shape, "for-loop", False, False, prior_batch)
     n_params = count_parameters(prior_model, exclude_embeddings=True)
     prior_flops = 6 * n_params + 12 * cfg.n_layer * cfg.dim * cfg.seq_len
@@ -213,13 +264,16 @@ def main() -> None:
         tag = f", batch {b}" if b != prior_batch else ""
         for impl in ("for-loop", "foreach", "fused"):
             step, _, _ = prior_step(accelerator, shape, impl, bf16, False, b)
-            record("prior", dtype, f"AdamW {impl}{tag}", median_rate(step, b * cfg.seq_len, w, s, r), prior_flops)
+            record("prior", dtype, f"AdamW {impl}{tag}", median_rate(step, b * cfg.seq_len, w, s, r, device),
+                   prior_flops)
         if not args.no_compile and not (bf16 and slow_bf16):
             step, _, _ = prior_step(accelerator, shape, "fused", bf16, True, b)
             t = time.perf_counter()
             step()
+            sync(device)
             print(f"  (prior compile + first step: {time.perf_counter() - t:.0f} s)")
-            record("prior", dtype, "AdamW fused, compiled", median_rate(step, b * cfg.seq_len, w, s, r), prior_flops)
+            record("prior", dtype, "AdamW fused, compiled", median_rate(step, b * cfg.seq_len, w, s, r, device),
+                   prior_flops)
 
     print("\nAdamW step alone (ms, median of 10, fp32 parameters with gradients set):")
     for name, model in (("tokenizer", tok_model), ("prior", prior_model)):
@@ -228,15 +282,19 @@ def main() -> None:
 
     if not args.no_compile:
         print("\ngraph breaks (torch._dynamo.explain of the forward):")
-        print(f"  tokenizer: {graph_breaks(tok_model, torch.rand(2, 3, 64, 64) * 2 - 1) or 'none'}")
-        print(f"  prior:     {graph_breaks(prior_model, torch.zeros(2, cfg.seq_len, dtype=torch.long), torch.zeros(2, dtype=torch.long)) or 'none'}")
+        zeros = dict(dtype=torch.long, device=device)
+        print(f"  tokenizer: {graph_breaks(tok_model, torch.rand(2, 3, 64, 64, device=device) * 2 - 1) or 'none'}")
+        print(f"  prior:     {graph_breaks(prior_model, torch.zeros(2, cfg.seq_len, **zeros), torch.zeros(2, **zeros)) or 'none'}")
 
-    print("\n| stage | dtype | lever | throughput | x first row | % matmul peak |\n|---|---|---|---|---|---|")
+    mfu_head = " MFU (published peak) |" if args.peak_tflops else ""
+    print(f"\n| stage | dtype | lever | throughput | x first row | % matmul peak |{mfu_head}\n"
+          f"|---|---|---|---|---|---|{'---|' if mfu_head else ''}")
     base = {}
-    for stage, dtype, lever, rate, share in rows:
+    for stage, dtype, lever, rate, share, mfu in rows:
         base.setdefault((stage, dtype), rate)
         unit = "img/s" if stage == "tokenizer" else "tok/s"
-        print(f"| {stage} | {dtype} | {lever} | {rate:.1f} {unit} | {rate / base[(stage, dtype)]:.2f}x | {100 * share:.1f}% |")
+        print(f"| {stage} | {dtype} | {lever} | {rate:.1f} {unit} | {rate / base[(stage, dtype)]:.2f}x | {100 * share:.1f}% |"
+              + (f" {100 * mfu:.1f}% |" if mfu is not None else ""))
 
 
 CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution", "aten::convolution",
@@ -307,10 +365,13 @@ def adamw_ms(model: torch.nn.Module, impl: str, repeats: int = 10) -> float:
         p.grad = torch.randn_like(p) * 1e-3
     opt = make_optimizer(params, TrainConfig(lr=1e-4, weight_decay=0.01, optimizer_impl=impl))
     opt.step()
+    device = params[0].device
     times = []
     for _ in range(repeats):
+        sync(device)
         t = time.perf_counter()
         opt.step()
+        sync(device)
         times.append(1e3 * (time.perf_counter() - t))
     return statistics.median(times)
 

@@ -154,3 +154,18 @@ def test_sampling_benchmark_prints_every_row_against_its_bound(capsys):
     # fp32 and bf16: batches 1 and 8, CFG off and on; then plain fp32 and int8 at both batches
     assert len(rows) == 2 * 4 + 2 * 2 and all("of bound (" in row and "tokens/s" in row for row in rows)
     assert "CFG at batch 1: time / time of batch 2 without CFG" in out and "cached/full speed-up" in out
+
+
+def test_train_speed_benchmark_takes_a_device_a_preset_and_a_published_peak(capsys, monkeypatch):
+    """benchmarks/train_speed.py end to end at its smallest (the flags a GPU run uses, here on the CPU):
+    every lever row, each with the share of the measured matmul peak and the MFU against --peak-tflops."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # the script imports its neighbour sampling.py
+    load_benchmark(BENCH.with_name("train_speed.py"), "train_speed_benchmark").main(
+        ["--quick", "--device", "cpu", "--prior-preset", "tiny", "--prior-batch", "2", "--tokenizer-batch", "1",
+         "--dtypes", "fp32", "--no-compile", "--threads", "1", "--peak-tflops", "1"])
+    out = capsys.readouterr().out
+    assert "published peak 1.0 TFLOP/s" in out and "prior: 2 layers x 32" in out
+    table = [line for line in out.splitlines() if line.startswith(("| tokenizer | fp32 |", "| prior | fp32 |"))]
+    # tokenizer: AdamW for-loop and fused, then fused channels-last; prior: for-loop, foreach, fused
+    assert len(table) == 6 and all(line.count("|") == 8 and line.endswith("% |") for line in table)
+    assert any(line.startswith("| stage |") and line.endswith("MFU (published peak) |") for line in out.splitlines())
