@@ -86,6 +86,10 @@ class Int8Linear(nn.Module):
         self._block()  # moved to another device (or back): remade or dropped
         return self
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._block()  # the int8 weight was just overwritten
+
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         """Quantise a bias-free nn.Linear: per output row, scale = max|w| / 127, weights rounded to [-127, 127]."""

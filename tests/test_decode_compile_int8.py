@@ -219,6 +219,9 @@ def test_int8_linear_kernel_and_dequantised_fallback(monkeypatch):
     # the blocked copy follows the module: remade on a CPU, dropped elsewhere
     assert copy.deepcopy(layer).to("meta").weight_blocked is None
     assert torch.equal(layer.float().weight_blocked, blocked.block(layer.weight_int8))
+    other = Int8Linear.from_linear(torch.nn.Linear(40, 24, bias=False))
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer.weight_blocked, blocked.block(other.weight_int8))
     with pytest.raises(ValueError, match="bias-free"):
         Int8Linear.from_linear(torch.nn.Linear(4, 4))
     model = quantize_int8(tiny_gpt())
