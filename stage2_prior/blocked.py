@@ -6,17 +6,19 @@ library kernels fell short on the development CPU (2 cores, AVX2, no AVX-512), o
 of the GPT-B layers (``benchmarks/sampling.py`` times the whole sampler on them):
 
 - float32: oneDNN's product on a packed weight took 14.5 ms at 1 row and 21.9 ms at 8 rows, inductor's
-  GEMM template (frozen weights, compiled) 19.9 ms at 8 rows; this kernel 9.6 ms (35 GB/s) and 13.4 ms;
+  GEMM template (frozen weights, compiled) 19.9 ms at 8 rows; this kernel 9.6-9.9 ms (35 GB/s) and
+  10.9-11.7 ms (29-31 GB/s);
 - bfloat16: F.linear (bf16 is emulated on this CPU) 10.5 ms at 1 row and 69 ms at 8; this kernel
-  5.4 ms and 10.6 ms (128 GFLOP/s, near the fp32 matmul rate);
-- int8 weights: ``aten._weight_int8pack_mm`` 7.5 ms at 1 row (10 GB/s, slower than its bf16 products)
-  and 22 ms at 8, inductor's int8 GEMM template 8 ms at 1 row; both convert the weights row by row.
-  This kernel: 4.6 ms at 1 row (18 GB/s; 28 GB/s on one large layer) and 10-11.5 ms at 8.
+  5.4-6 ms and 10 ms (136 GFLOP/s, near the fp32 matmul rate);
+- int8 weights: ``aten._weight_int8pack_mm`` 6.5-7.5 ms at 1 row (10 GB/s, slower than its bf16
+  products) and 22-23 ms at 8, inductor's int8 GEMM template 8 ms at 1 row; both convert the weights
+  row by row. This kernel: 3.4-4.6 ms at 1 row (18-25 GB/s) and 9.6 ms at 8.
 
 This kernel reads a weight stored as ``(N / 8, K, 8)``: block b holds output channels 8b..8b+7, k-major.
 Each step widens the 8 weights of one input k to fp32 in one vector and multiplies them with input k of
 up to 8 rows at once (broadcast, fp32 FMA), so the blocked weight streams through once, in order, and
-8 rows keep the FMA units busy.
+8 rows keep the FMA units busy. From 4 rows on, each step also prefetches the weights 64 inputs ahead:
+at 8 rows that took fp32 from 13.4 to 10.9-11.7 ms (at 1 row it slowed the stream, 9.9 to 12.3 ms).
 
 Numerics: fp32 activations, weights widened exactly to fp32, fp32 accumulation, then the per-channel
 scale (int8; ones for float weights), a bf16 value and so exact in fp32.
@@ -61,6 +63,7 @@ static inline void block_rows(const weight_t* wb, const float* x, int64_t K, __m
         for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + U <= K; k += U) {
+        if (MB >= 4) _mm_prefetch(reinterpret_cast<const char*>(wb + (k + 64) * 8), _MM_HINT_T0);
         for (int u = 0; u < U; ++u) {
             const __m256 w = widen(wb + (k + u) * 8);
             for (int m = 0; m < MB; ++m)

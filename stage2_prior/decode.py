@@ -18,7 +18,7 @@ On CPU the caches are the caller's, and the step differs in two ways, both for s
   read them at the memory bandwidth at one row on the development CPU (2 cores, AVX2); 2 or more rows
   (and int8 layers at any batch) call the blocked AVX2 kernel of ``stage2_prior.blocked`` as an
   opaque op (``Linear``'s ``vqgpt::few_row_linear``, ``Int8Linear``'s ``vqgpt::blocked_linear``),
-  which ran the GPT-B products at 8 rows 1.5x faster than the template. Frozen weights are a copy
+  which ran the GPT-B products at 8 rows 1.7-1.8x faster than the template. Frozen weights are a copy
   made at compile time, so the step recompiles (a fresh code object, so nothing stale is reused)
   when a parameter or buffer has changed: replaced or moved (checked whenever ``decode_step`` hands
   the step out, which the samplers do once per call) or edited in place (its version, checked every

@@ -120,7 +120,7 @@ class Linear(nn.Linear):
     mode run on a prepared copy of the weight (``_packed_weight``):
 
     - blocked for ``stage2_prior.blocked``'s AVX2 kernel, where it builds and the output size is a
-      multiple of 8. Over the GPT-B layers it ran fp32 1.5x (1 row) to 1.6x (8 rows) faster than the
+      multiple of 8. Over the GPT-B layers it ran fp32 1.5x (1 row) to 1.9x (8 rows) faster than the
       oneDNN-packed product below, and bf16 1.9x to 6.5x faster than bf16 F.linear (bf16 is emulated
       on this CPU); its products accumulate in fp32 (bf16 outputs are rounded once at the end);
     - else (float32) reordered for oneDNN: 60-80 GB/s at 1-2 rows and 28 GB/s (112 GFLOP/s) at 8
