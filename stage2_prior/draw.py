@@ -123,7 +123,7 @@ def check_sampling_args(model: GPT, sampling: SamplingConfig) -> bool:
     weight = model.tok_embeddings.weight
     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not cpu_has_fast_bf16():
         # Measured on such a CPU (GPT-B width, 2 threads, benchmarks/sampling.py): bf16 1.2x float32's
-        # tokens/s at batch 1, 0.9x at batch 8, where its emulated elementwise work binds.
+        # tokens/s at batch 1, 0.8x at batch 8, where its emulated elementwise work binds.
         warnings.warn("bfloat16 decoding on this CPU (no bf16 matrix units) is slower than float32 beyond "
                       "batch 1; float32 or int8 decode faster here", stacklevel=2)
     if sampling.cfg_scale == 1.0:
