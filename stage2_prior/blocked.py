@@ -25,7 +25,7 @@ scale (int8; ones for float weights), a bf16 value and so exact in fp32.
 
 The kernel is C++ built once per weight dtype and machine by inductor's compiler toolchain (the one
 ``torch.compile`` uses on a CPU; cached on disk), for the CPU's vector ISA; where that fails (no
-compiler, no AVX2/FMA, another torch) ``kernel()`` is None and callers take their library path. It
+compiler, no AVX2/FMA, another torch) ``kernel(dtype)`` is None and callers take their library path. It
 runs as the custom op ``vqgpt::blocked_linear`` inside compiled graphs.
 """
 
@@ -63,6 +63,7 @@ static inline void block_rows(const weight_t* wb, const float* x, int64_t K, __m
         for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + U <= K; k += U) {
+        // from 4 rows on, fetch the weights 64 inputs ahead (measured faster there, slower at 1 row)
         if (MB >= 4) _mm_prefetch(reinterpret_cast<const char*>(wb + (k + 64) * 8), _MM_HINT_T0);
         for (int u = 0; u < U; ++u) {
             const __m256 w = widen(wb + (k + u) * 8);
@@ -111,7 +112,7 @@ extern "C" void kernel(const float* x, const weight_t* weight, const uint16_t* s
 _BUILT: dict[torch.dtype, object] = {}  # weight dtype -> the kernel, or None where it did not build
 
 
-def kernel(dtype: torch.dtype = torch.int8):
+def kernel(dtype: torch.dtype):
     """The compiled kernel ``kernel(x, weight, scales, out, M, N, K)`` for weights of ``dtype``, built on the
     first call (about a second, then cached on disk by inductor), or None where it cannot be built or
     gives a wrong product."""
@@ -154,7 +155,7 @@ def block(weight: torch.Tensor) -> torch.Tensor:
 def product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (rows, K) fp32 @ a weight blocked (N / 8, K, 8), times bf16 scales (N,) -> (rows, N) fp32, on a CPU
     where ``kernel(weight.dtype)`` is not None. Eager callers call this directly (the custom op's
-    dispatch costs ~10 us a call, a tenth of a GPT-B step at one row); compiled graphs call
+    dispatch costs ~10 us a call, 0.6 ms over the 61 products of a GPT-B step); compiled graphs call
     ``blocked_linear``."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], scales.shape[0], dtype=torch.float32)

@@ -39,6 +39,9 @@ def test_linear_takes_the_blocked_kernel_then_onednn_then_plain(monkeypatch):
         got = layer(x)
         assert layers._PACKED[id(layer.weight)][2][0] == "blocked"
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        odd = Linear(24, 20, bias=False)  # an output size that is not a multiple of 8 cannot be blocked
+        torch.testing.assert_close(odd(x), x @ odd.weight.t(), rtol=1e-5, atol=1e-5)
+        assert layers._PACKED.get(id(odd.weight), (None, None, ("onednn",)))[2][0] == "onednn"
         half = Linear(24, 40, bias=False).to(torch.bfloat16)
         exact = x.to(torch.bfloat16).float() @ half.weight.float().t()
         got_half = half(x.to(torch.bfloat16))
@@ -52,8 +55,3 @@ def test_linear_takes_the_blocked_kernel_then_onednn_then_plain(monkeypatch):
             assert layers._PACKED[id(layer.weight)][2][0] == "onednn"
         torch.testing.assert_close(half(x.to(torch.bfloat16)).float(), exact, rtol=2e-2, atol=2e-2)
         assert id(half.weight) not in layers._PACKED  # bf16 without the kernel: F.linear, no copy
-    # an output size that is not a multiple of 8 cannot be blocked
-    odd = Linear(24, 20, bias=False)
-    with torch.no_grad():
-        torch.testing.assert_close(odd(x), x @ odd.weight.t(), rtol=1e-5, atol=1e-5)
-    assert layers._PACKED.get(id(odd.weight), (None, None, ("onednn",)))[2][0] != "blocked"
