@@ -260,6 +260,15 @@ class Attention(nn.Module):
                 k_cache[:, :, start_pos: start_pos + n] = k
                 v_cache[:, :, start_pos: start_pos + n] = v
                 k, v = k_cache[:, :, : start_pos + n], v_cache[:, :, : start_pos + n]
+        if cache is not None and n == 1 and not self.training and blocked.attention_usable(q, k, v):
+            # one query over the cache (a decode step): slots [0, start_pos], keys and values read once
+            if not static:
+                y = blocked.decode_attention(q, k, v, start_pos + 1)
+            elif torch.compiler.is_compiling():
+                y = blocked.decode_attention_op(q, k, v, start_pos)
+            else:
+                y = blocked.decode_attention(q, k, v, int(start_pos) + 1)
+            return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, H * D)))
         if K != H:
             k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
         # Causal: plain is_causal when the queries start the sequence; a mask when a chunk follows a

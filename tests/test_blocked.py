@@ -55,3 +55,33 @@ def test_linear_takes_the_blocked_kernel_then_onednn_then_plain(monkeypatch):
             assert layers._PACKED[id(layer.weight)][2][0] == "onednn"
         torch.testing.assert_close(half(x.to(torch.bfloat16)).float(), exact, rtol=2e-2, atol=2e-2)
         assert id(half.weight) not in layers._PACKED  # bf16 without the kernel: F.linear, no copy
+
+
+def test_decode_attention_gives_sdpa_over_the_written_slots():
+    """One query per sequence and head over cache slots [0, length): SDPA's output, with grouped cache heads
+    (GQA) read through strided views, lengths that leave tails after the 4-slot and 8-wide loops, and
+    slots past ``length`` ignored."""
+    assert blocked.attention_kernel() is not None  # x86 with AVX2 and FMA, as the development and CI machines
+    gen = torch.Generator().manual_seed(0)
+    for heads, cache_heads, dim in [(4, 4, 64), (6, 2, 16)]:
+        cache_k, cache_v = (torch.randn(3, cache_heads, 40, dim, generator=gen) for _ in range(2))
+        q = torch.randn(3, 1, heads, dim, generator=gen).transpose(1, 2)  # (B, H, 1, D), not contiguous
+        for length in (1, 3, 9, 40):
+            k, v = cache_k[:, :, :length], cache_v[:, :, :length]
+            group = heads // cache_heads
+            want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(group, 1),
+                                                                     v.repeat_interleave(group, 1))
+            assert blocked.attention_usable(q, k, v)
+            torch.testing.assert_close(blocked.decode_attention(q, cache_k, cache_v, length), want,
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(blocked.decode_attention_op(q, cache_k, cache_v, torch.tensor([length - 1])),
+                                       want, rtol=1e-5, atol=1e-5)
+    q = torch.randn(1, 2, 1, 12)
+    assert not blocked.attention_usable(q, q, q)  # a head size that is not a multiple of 8
+    q = torch.randn(1, 2, 2, 16)
+    assert not blocked.attention_usable(q, q, q)  # two queries: SDPA with its causal mask
+    assert not blocked.attention_usable(*(torch.randn(1, 2, 1, 16, dtype=torch.bfloat16),) * 3)
+    q, kv = torch.randn(1, 2, 1, 16, requires_grad=True), torch.randn(1, 2, 3, 16)
+    assert not blocked.attention_usable(q, kv, kv)  # the kernel has no gradient: SDPA
+    with torch.no_grad():
+        assert blocked.attention_usable(q, kv, kv)
