@@ -118,6 +118,33 @@ extern "C" void kernel(const float* x, const weight_t* weight, const uint16_t* s
 _BUILT: dict[torch.dtype, object] = {}  # weight dtype -> the kernel, or None where it did not build
 
 
+def _build(source: str, argtypes: list[str], check) -> object:
+    """``source`` built by inductor's C++ toolchain (cached on disk) as a callable, kept only if
+    ``check(kernel)`` is true; None where it cannot be built or the check fails."""
+    try:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+        candidate = CppPythonBindingsCodeCache.load_pybinding(argtypes, source)
+        return candidate if check(candidate) else None
+    except Exception:  # noqa: BLE001 - any failure to build means: use the library path
+        return None
+
+
+def _product_correct(candidate, dtype: torch.dtype) -> bool:
+    """The product kernel for 1-11 rows (each register blocking, and a rest after 8) and a k tail."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (24, 21), generator=gen).to(dtype)
+    scales = torch.rand(24, generator=gen).add(0.5).to(torch.bfloat16)
+    x = torch.randn(11, 21, generator=gen)
+    want = (x @ weight.float().t()) * scales.float()
+    good = True
+    for rows in range(1, 12):
+        out = torch.empty(rows, 24)
+        candidate(x[:rows], block(weight), scales, out, rows, 24, 21)
+        good = good and torch.allclose(out, want[:rows], rtol=1e-4, atol=1e-3)
+    return good
+
+
 def kernel(dtype: torch.dtype):
     """The compiled kernel ``kernel(x, weight, scales, out, M, N, K)`` for weights of ``dtype``, built on the
     first call (about a second, then cached on disk by inductor), or None where it cannot be built or
@@ -129,25 +156,7 @@ def kernel(dtype: torch.dtype):
             source = _SOURCE.replace("WEIGHT_T", c_type).replace("WIDEN", widen)
             argtypes = ["const float*", f"const {c_type}*", "const uint16_t*", "float*", "const int64_t",
                         "const int64_t", "const int64_t"]
-            try:
-                from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-                candidate = CppPythonBindingsCodeCache.load_pybinding(argtypes, source)
-                # checked once for 1-11 rows (each register blocking, and a rest after 8) and a k tail:
-                # a miscompiled kernel is dropped
-                gen = torch.Generator().manual_seed(0)
-                weight = torch.randint(-127, 128, (24, 21), generator=gen).to(dtype)
-                scales = torch.rand(24, generator=gen).add(0.5).to(torch.bfloat16)
-                x = torch.randn(11, 21, generator=gen)
-                want = (x @ weight.float().t()) * scales.float()
-                good = True
-                for rows in range(1, 12):
-                    out = torch.empty(rows, 24)
-                    candidate(x[:rows], block(weight), scales, out, rows, 24, 21)
-                    good = good and torch.allclose(out, want[:rows], rtol=1e-4, atol=1e-3)
-                fn = candidate if good else None
-            except Exception:  # noqa: BLE001 - any failure to build means: use the library path
-                fn = None
+            fn = _build(source, argtypes, lambda candidate: _product_correct(candidate, dtype))
         _BUILT[dtype] = fn
     return _BUILT[dtype]
 
@@ -274,23 +283,18 @@ def attention_kernel():
     """The compiled one-query attention kernel (see ``decode_attention``), built on the first call and checked
     once against SDPA, or None where it cannot be built or disagrees."""
     if not _ATTENTION:
-        fn = None
-        try:
-            from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-            candidate = CppPythonBindingsCodeCache.load_pybinding(_ATTENTION_ARGTYPES, _ATTENTION_SOURCE)
-            gen = torch.Generator().manual_seed(0)
-            q, k, v = (torch.randn(2, 4, length, 16, generator=gen) for length in (1, 13, 13))
-            k, v = k[:, ::2], v[:, ::2]  # two cache heads (GQA), strided views
-            want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1),
-                                                                     v.repeat_interleave(2, 1))
-            fn = candidate
-            good = torch.allclose(_run_attention(fn, q, k, v, 13), want, rtol=1e-4, atol=1e-5)
-            fn = candidate if good else None
-        except Exception:  # noqa: BLE001 - any failure to build means: use SDPA
-            fn = None
-        _ATTENTION.append(fn)
+        _ATTENTION.append(_build(_ATTENTION_SOURCE, _ATTENTION_ARGTYPES, _attention_correct))
     return _ATTENTION[0]
+
+
+def _attention_correct(candidate) -> bool:
+    """The attention kernel against SDPA: grouped cache heads read through strided views, 13 slots (tails
+    after the 4-slot and 8-wide loops)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, length, 16, generator=gen) for length in (1, 13, 13))
+    k, v = k[:, ::2], v[:, ::2]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    return torch.allclose(_run_attention(candidate, q, k, v, 13), want, rtol=1e-4, atol=1e-5)
 
 
 def _run_attention(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
