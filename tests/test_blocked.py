@@ -59,8 +59,8 @@ def test_linear_takes_the_blocked_kernel_then_onednn_then_plain(monkeypatch):
 
 def test_decode_attention_gives_sdpa_over_the_written_slots():
     """One query per sequence and head over cache slots [0, length): SDPA's output, with grouped cache heads
-    (GQA) read through strided views, lengths that leave tails after the 4-slot and 8-wide loops, and
-    slots past ``length`` ignored."""
+    (GQA) read through strided views, lengths that leave tails after the 4-slot loop and the softmax's
+    vector loop (8 floats on AVX2, 16 on AVX-512), and slots past ``length`` ignored."""
     assert blocked.attention_kernel() is not None  # x86 with AVX2 and FMA, as the development and CI machines
     gen = torch.Generator().manual_seed(0)
     for heads, cache_heads, dim in [(4, 4, 64), (6, 2, 16)]:
