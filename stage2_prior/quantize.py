@@ -13,7 +13,9 @@ Kernels, first that runs:
   8 on the development CPU;
 - ``torch.ops.aten._weight_int8pack_mm(x, q, s)``, which computes the same product with the int8
   weight read as is, on CPU (bf16 / fp16 activations; its fp32-activation path is several times
-  slower here, so activations are cast to bf16 for the product) and on CUDA;
+  slower here, so activations are cast to bf16 for the product) and on CUDA; only for an input size
+  that is a multiple of 16: on an AVX-512 CPU (torch 2.14) other sizes gave garbage (K = 8, 40, 72)
+  or a segfault (K = 40 at 15 rows);
 - where that is missing or refuses the inputs (other devices, older torch) the weight is
   dequantised per call, which is correct but reads the int8 weight and writes a float copy.
 
@@ -35,6 +37,7 @@ from stage2_prior import blocked
 
 DTYPES = ("float32", "bfloat16", "int8")  # what --prior-dtype / VQGPTPipeline.set_decoding accept
 _KERNEL_OK: dict[tuple[str, torch.dtype], bool] = {}  # (device type, activation dtype) -> kernel usable
+_KERNEL_K_MULTIPLE = 16  # the aten kernel's input sizes: its AVX-512 CPU path has no tail for other K
 
 
 def _kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -125,7 +128,7 @@ class Int8Linear(nn.Module):
         compute = torch.float16 if x.dtype == torch.float16 else torch.bfloat16
         flat = x.reshape(-1, self.in_features).to(compute)
         scales = self.scales if self.scales.dtype == compute else self.scales.to(compute)
-        if _kernel_usable(x.device, compute):
+        if self.in_features % _KERNEL_K_MULTIPLE == 0 and _kernel_usable(x.device, compute):
             out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight_int8, scales)
         else:
             out = F.linear(flat, self.weight_int8.to(compute)) * scales

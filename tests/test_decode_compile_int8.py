@@ -194,7 +194,7 @@ def test_int8_linear_kernel_and_dequantised_fallback(monkeypatch):
     import stage2_prior.quantize as quantize
 
     torch.manual_seed(0)
-    linear = torch.nn.Linear(40, 24, bias=False)
+    linear = torch.nn.Linear(48, 24, bias=False)  # an input size the aten kernel takes (a multiple of 16)
     with torch.no_grad():
         linear.weight[3] = 0  # an all-zero row keeps a finite scale
     layer = Int8Linear.from_linear(linear)
@@ -203,7 +203,7 @@ def test_int8_linear_kernel_and_dequantised_fallback(monkeypatch):
     # per-channel rounding: each weight within half a step of its row's scale
     step = layer.scales.float()[:, None]
     assert torch.all((layer.dequantized() - linear.weight).abs() <= step / 2 + 1e-6)
-    x = torch.randn(3, 5, 40)
+    x = torch.randn(3, 5, 48)
     assert layer.weight_blocked is not None  # this CPU builds the blocked kernel (x86, AVX2)
     with torch.inference_mode():
         want = x @ layer.dequantized().t()
@@ -216,10 +216,19 @@ def test_int8_linear_kernel_and_dequantised_fallback(monkeypatch):
     torch.testing.assert_close(blocked_out, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kernel, want, rtol=2e-2, atol=2e-2)  # bf16 activations
     torch.testing.assert_close(fallback, kernel, rtol=1e-2, atol=1e-2)
+    # other input sizes never reach the aten kernel (garbage or a crash on AVX-512 CPUs): the dequantised
+    # product, even where the kernel is usable
+    monkeypatch.setattr(quantize, "_KERNEL_OK", {("cpu", torch.bfloat16): True})
+    odd = Int8Linear.from_linear(torch.nn.Linear(40, 24, bias=False))
+    odd.weight_blocked = None
+    x40 = torch.randn(15, 40)
+    with torch.inference_mode():
+        dequantised = (torch.nn.functional.linear(x40.bfloat16(), odd.weight_int8.bfloat16()) * odd.scales).float()
+        assert torch.equal(odd(x40), dequantised)
     # the blocked copy follows the module: remade on a CPU, dropped elsewhere
     assert copy.deepcopy(layer).to("meta").weight_blocked is None
     assert torch.equal(layer.float().weight_blocked, blocked.block(layer.weight_int8))
-    other = Int8Linear.from_linear(torch.nn.Linear(40, 24, bias=False))
+    other = Int8Linear.from_linear(torch.nn.Linear(48, 24, bias=False))
     layer.load_state_dict(other.state_dict())
     assert torch.equal(layer.weight_blocked, blocked.block(other.weight_int8))
     with pytest.raises(ValueError, match="bias-free"):
