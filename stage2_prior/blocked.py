@@ -2,7 +2,7 @@
 
 At decoding's row counts (1-16) a product reads every weight once and does little arithmetic on it, so
 it should run at the memory bandwidth, or, from ~8 rows on this class of CPU, at the FMA rate. The
-library kernels fell short on the development CPU (2 cores, AVX2, no AVX-512), over the 60 products
+library kernels fell short on the first development CPU (2 cores, AVX2, no AVX-512), over the 60 products
 of the GPT-B layers (``benchmarks/sampling.py`` times the whole sampler on them):
 
 - float32: oneDNN's product on a packed weight took 14.5 ms at 1 row and 21.9 ms at 8 rows, inductor's
@@ -17,8 +17,12 @@ of the GPT-B layers (``benchmarks/sampling.py`` times the whole sampler on them)
 This kernel reads a weight stored as ``(N / 8, K, 8)``: block b holds output channels 8b..8b+7, k-major.
 Each step widens the 8 weights of one input k to fp32 in one vector and multiplies them with input k of
 up to 8 rows at once (broadcast, fp32 FMA), so the blocked weight streams through once, in order, and
-8 rows keep the FMA units busy. From 4 rows on, each step also prefetches the weights 64 inputs ahead:
-at 8 rows that took fp32 from 13.4 to 10.9-11.7 ms (at 1 row it slowed the stream, 9.9 to 12.3 ms).
+8 rows keep the FMA units busy. From 4 rows on, each step also prefetches the weights 8 KB ahead into
+L2. On the CPU above, an L1 prefetch 64 inputs ahead took fp32 at 8 rows from 13.4 to 10.9-11.7 ms
+(at 1 row it slowed the stream, 9.9 to 12.3 ms). On a later development CPU (AMD EPYC, 2 cores,
+AVX-512 with bf16 dot products), interleaved in one process: fp32 at 8 rows 14.3 ms with that L1
+prefetch, 10.6 with the L2 one (8 KB ahead; 4 and 16 KB were within 5%), 20.6 with none (bf16 8.6 to
+8.1 ms, int8 7.8 either way); at 1 row no prefetch stayed the fastest.
 
 Numerics: fp32 activations, weights widened exactly to fp32, fp32 accumulation, then the per-channel
 scale (int8; ones for float weights), a bf16 value and so exact in fp32.
@@ -27,12 +31,17 @@ A second kernel, ``decode_attention``, is the attention of a decode step: one qu
 head over the cache slots written so far, in fp32 (scores 4 slots at a time, a vectorised softmax,
 the weighted sum of the values), reading keys and values once each, with grouped cache heads read
 in place. Eager GPT-B sampling at batch 8 went from 330 to 362 tokens/s with it (interleaved in one
-process); in the compiled step it made no difference (382 against 379).
+process). A compiled step calls it as ``decode_attention_update``, which also writes the step's keys
+and values into the caches: with the write in the graph and the attention as a separate op, inductor
+handed the op fresh copies of the written caches at every layer and step, and the kernel gained
+nothing (382 against 379 tokens/s); as one op, compiled GPT-B batch 8 went from 30.4 to 25.0 ms a
+step (the AMD CPU above).
 
 The kernel is C++ built once per weight dtype and machine by inductor's compiler toolchain (the one
 ``torch.compile`` uses on a CPU; cached on disk), for the CPU's vector ISA; where that fails (no
 compiler, no AVX2/FMA, another torch) ``kernel(dtype)`` is None and callers take their library path. It
-runs as the custom op ``vqgpt::blocked_linear`` inside compiled graphs.
+runs as the custom op ``vqgpt::blocked_linear`` inside compiled graphs. Each kernel is checked against
+torch once per process before use (a build for AVX-512 once summed past the scores: refused, not used).
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ _SOURCE = r"""
 #include <immintrin.h>
 
 typedef WEIGHT_T weight_t;
+constexpr int64_t AHEAD = 8192 / (8 * sizeof(weight_t));  // the prefetch distance in steps of k: 8 KB
 
 // 8 weights -> 8 fp32
 static inline __m256 widen(const weight_t* p) { return WIDEN; }
@@ -69,8 +79,8 @@ static inline void block_rows(const weight_t* wb, const float* x, int64_t K, __m
         for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + U <= K; k += U) {
-        // from 4 rows on, fetch the weights 64 inputs ahead (measured faster there, slower at 1 row)
-        if (MB >= 4) _mm_prefetch(reinterpret_cast<const char*>(wb + (k + 64) * 8), _MM_HINT_T0);
+        // from 4 rows on, fetch the weights 8 KB ahead into L2 (measured faster there, slower at 1 row)
+        if (MB >= 4) _mm_prefetch(reinterpret_cast<const char*>(wb + (k + AHEAD) * 8), _MM_HINT_T1);
         for (int u = 0; u < U; ++u) {
             const __m256 w = widen(wb + (k + u) * 8);
             for (int m = 0; m < MB; ++m)
@@ -325,12 +335,23 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: 
     return _run_attention(attention_kernel(), q, k, v, length)
 
 
-@torch.library.custom_op("vqgpt::decode_attention", mutates_args=())
-def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
-    """``decode_attention`` over slots [0, start_pos] as an op a compiled graph calls as is."""
-    return decode_attention(q, k, v, int(start_pos.item()) + 1)
+@torch.library.custom_op("vqgpt::decode_attention_update", mutates_args=("k_cache", "v_cache"))
+def decode_attention_update(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
+    """A compiled decode step's attention as one op: this step's keys and values k, v (B, KH, 1, D) written
+    to slot ``start_pos`` of the caches, then ``decode_attention`` over slots [0, start_pos].
+
+    One op, because a compiled graph that wrote the caches itself (index_copy_) before an attention op
+    handed that op fresh copies of the written caches, every layer and step: at GPT-B width and batch
+    8 the copies took more time than the attention (the compiled step gained nothing from the kernel).
+    Declared as mutating the caches, they go in as they are."""
+    pos = int(start_pos.item())
+    k_cache[:, :, pos] = k[:, :, 0]
+    v_cache[:, :, pos] = v[:, :, 0]
+    return decode_attention(q, k_cache, v_cache, pos + 1)
 
 
-@decode_attention_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
+@decode_attention_update.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+      start_pos: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)

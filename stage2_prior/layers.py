@@ -249,6 +249,11 @@ class Attention(nn.Module):
         static = isinstance(start_pos, torch.Tensor)
         if cache is not None:
             k_cache, v_cache = cache
+            if (static and n == 1 and not self.training and torch.compiler.is_compiling()
+                    and blocked.attention_usable(q, k_cache, v_cache)):
+                # a compiled decode step: write this slot and attend over slots [0, start_pos] in one op
+                y = blocked.decode_attention_update(q, k, v, k_cache, v_cache, start_pos)
+                return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, H * D)))
             if static:
                 # Fixed shapes for a compiled step: write slots start_pos + [0, n) in place and attend
                 # over the whole cache; attn_mask hides the slots not written yet.
@@ -262,12 +267,7 @@ class Attention(nn.Module):
                 k, v = k_cache[:, :, : start_pos + n], v_cache[:, :, : start_pos + n]
         if cache is not None and n == 1 and not self.training and blocked.attention_usable(q, k, v):
             # one query over the cache (a decode step): slots [0, start_pos], keys and values read once
-            if not static:
-                y = blocked.decode_attention(q, k, v, start_pos + 1)
-            elif torch.compiler.is_compiling():
-                y = blocked.decode_attention_op(q, k, v, start_pos)
-            else:
-                y = blocked.decode_attention(q, k, v, int(start_pos) + 1)
+            y = blocked.decode_attention(q, k, v, (int(start_pos) if static else start_pos) + 1)
             return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, H * D)))
         if K != H:
             k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)

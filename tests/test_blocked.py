@@ -74,8 +74,13 @@ def test_decode_attention_gives_sdpa_over_the_written_slots():
             assert blocked.attention_usable(q, k, v)
             torch.testing.assert_close(blocked.decode_attention(q, cache_k, cache_v, length), want,
                                        rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(blocked.decode_attention_op(q, cache_k, cache_v, torch.tensor([length - 1])),
-                                       want, rtol=1e-5, atol=1e-5)
+            # the compiled step's op: writes slot length - 1 of the caches first, then attends
+            written_k, written_v = cache_k.clone(), cache_v.clone()
+            written_k[:, :, length - 1], written_v[:, :, length - 1] = 0, 0
+            got = blocked.decode_attention_update(q, cache_k[:, :, length - 1: length], cache_v[:, :, length - 1: length],
+                                                  written_k, written_v, torch.tensor([length - 1]))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(written_k, cache_k) and torch.equal(written_v, cache_v)
     q = torch.randn(1, 2, 1, 12)
     assert not blocked.attention_usable(q, q, q)  # a head size that is not a multiple of 8
     q = torch.randn(1, 2, 2, 16)
