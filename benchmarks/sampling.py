@@ -5,8 +5,10 @@ a 16x16 grid. The bound a figure is printed against is the slower of two, both m
 - reads: a decode step reads every weight once plus the KV cache written so far (on average over a
   run, half of the T positions' keys and values, for every layer and every row of the model batch),
   at the read bandwidth measured by summing a large tensor;
-- compute: 2 x (non-embedding parameters) x (model batch) FLOPs per step at the 1024^3 fp32 matmul
-  rate (this CPU has no faster bf16 or int8 units, so no dtype gets a higher compute ceiling).
+- compute: 2 x (non-embedding parameters) x (model batch) FLOPs per step at the 1024^3 matmul rate
+  of the weights' dtype, measured here: fp32 for float32 and int8 weights (weight-only int8 multiplies
+  fp32 activations), the faster of fp32 and bf16 for bfloat16 weights (the same on a CPU without
+  bf16 units; about 2.3x fp32 on one with AVX512-BF16, and more on GPUs).
 At batch 1 the reads bind; with guidance or larger batches the compute bound can take over.
 
     python benchmarks/sampling.py --quick        # batch 1 and 8, a minute or two on 2 cores
@@ -48,9 +50,9 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 5, device: str = "cpu
     return x.numel() * 4 / timed(x.sum, repeats, device)
 
 
-def matmul_flops(n: int = 1024, repeats: int = 5, device: str = "cpu") -> float:
-    """FLOP/s of an n^3 fp32 matmul (best of ``repeats``): the compute ceiling of the bound."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_flops(n: int = 1024, repeats: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an n^3 matmul in ``dtype`` (best of ``repeats``): the compute ceiling of the bound."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up
     return 2 * n**3 / timed(lambda: a @ b, repeats, device)
 
@@ -149,16 +151,19 @@ def main(argv: list[str] | None = None) -> None:
     # A decode step reads every weight except the embedding tables (one row each).
     read_params = count_parameters(model, exclude_embeddings=True)
     bandwidth = measure_bandwidth(256 if args.quick else 512, device=device)
-    flops = matmul_flops(device=device)
+    fp32_flops, bf16_flops = (matmul_flops(device=device, dtype=dtype) for dtype in (torch.float32, torch.bfloat16))
+    # the compute ceiling per weight dtype (see the module docstring)
+    flops = {"float32": fp32_flops, "int8": fp32_flops, "bfloat16": max(fp32_flops, bf16_flops)}
     where = f"device={device}" if torch.device(device).type != "cpu" else f"threads={args.threads}"
     print(f"{args.preset}  {where}  params={count_parameters(model) / 1e6:.1f}M (read per step "
           f"{read_params / 1e6:.1f}M)  measured read bandwidth={bandwidth / 1e9:.1f} GB/s  "
-          f"fp32 matmul {flops / 1e9:.1f} GFLOP/s  grid 16x16 = {tokens} tokens")
+          f"matmul fp32 {fp32_flops / 1e9:.1f} GFLOP/s, bf16 {bf16_flops / 1e9:.1f}  grid 16x16 = {tokens} tokens")
 
     for dtype in () if args.decode_only else (torch.float32, torch.bfloat16):
         model.to(dtype)
         element = torch.finfo(dtype).bits // 8
-        bound = Bound(config, read_params, read_params * element, element, bandwidth, flops)
+        bound = Bound(config, read_params, read_params * element, element, bandwidth,
+                      flops[str(dtype).replace("torch.", "")])
         print(f"\n== weights {str(dtype).replace('torch.', '')}: {bound.describe(1)}")
         generate(model, 1, class_labels=0)  # warm-up
         seconds: dict[tuple[int, bool], float] = {}
@@ -205,9 +210,9 @@ def int8_read_bytes(model: torch.nn.Module) -> int:
 
 
 def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats: int, bandwidth: float,
-               flops: float, read_params: int) -> None:
+               flops: dict[str, float], read_params: int) -> None:
     """Rows for fp32 without packed weights, weight-only int8 and (with --compile) the compiled decode
-    step, CFG off."""
+    step, CFG off; ``flops``: the compute ceiling per weight dtype."""
     tokens = model.config.seq_len
     # (weights, prior, compiled, packed): packed=False runs float32 on the plain MKL products
     kinds = [("float32", model, False, True), ("bfloat16", copy.deepcopy(model).to(torch.bfloat16), False, True)] \
@@ -223,7 +228,8 @@ def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats
         kinds += [(name, others[name], True, True) for name in ("bfloat16", "int8") if name in others]
     for name, prior, compiled, packed in kinds:
         read = int8_read_bytes(prior) if name == "int8" else read_params * torch.finfo(getattr(torch, name)).bits // 8
-        bound = Bound(model.config, read_params, read, prior.tok_embeddings.weight.element_size(), bandwidth, flops)
+        bound = Bound(model.config, read_params, read, prior.tok_embeddings.weight.element_size(), bandwidth,
+                      flops[name])
         how = ", compiled decode step" if compiled else ("" if packed else ", plain products (no packed weights)")
         print(f"\n== weights {name}{how}: {bound.describe(1)}")
         set_weight_packing(packed and args.packed)
