@@ -25,12 +25,17 @@ prefetch, 10.6 with the L2 one (8 KB ahead; 4 and 16 KB were within 5%), 20.6 wi
 8.1 ms, int8 7.8 either way); at 1 row no prefetch stayed the fastest.
 
 Numerics: fp32 activations, weights widened exactly to fp32, fp32 accumulation, then the per-channel
-scale (int8; ones for float weights), a bf16 value and so exact in fp32.
+scale (int8; ones for float weights), a bf16 value and so exact in fp32. bf16 weights take bf16 rows
+(a bf16 model's activations): on a CPU with AVX512-BF16 (checked at run time) each instruction
+multiplies two inputs k, k + 1 of 8 channels (``vdpbf16ps``: exact products, fp32 sums), elsewhere
+the rows are widened to fp32 once per call. Over the GPT-B products on the AMD CPU above that took
+bf16 at 4 rows from 7.2-7.5 to 5.5-5.8 ms and at 8 rows from 10.5-11.6 to 7.3-8.8 ms (1 row: the
+same, it reads at the bandwidth either way).
 
 A second kernel, ``decode_attention``, is the attention of a decode step: one query per sequence and
-head over the cache slots written so far, in fp32 (scores 4 slots at a time, a vectorised softmax,
-the weighted sum of the values), reading keys and values once each, with grouped cache heads read
-in place. Eager GPT-B sampling at batch 8 went from 330 to 362 tokens/s with it (interleaved in one
+head over the cache slots written so far, in fp32 arithmetic over an fp32 or bf16 cache (scores 4
+slots at a time, a vectorised softmax, the weighted sum of the values), reading keys and values once
+each, with grouped cache heads read in place. Eager GPT-B sampling at batch 8 went from 330 to 362 tokens/s with it (interleaved in one
 process). A compiled step calls it as ``decode_attention_update``, which also writes the step's keys
 and values into the caches: with the write in the graph and the attention as a separate op, inductor
 handed the op fresh copies of the written caches at every layer and step, and the kernel gained
@@ -58,6 +63,9 @@ _WIDEN = {
     torch.int8: ("int8_t", "_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))"),
 }
 
+# what the rows of x are for each weight dtype (bf16 weights take bf16 rows; see ``product``)
+_ROW_DTYPE = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.int8: torch.float32}
+
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
 #if !(defined(__AVX2__) && defined(__FMA__))
@@ -66,6 +74,7 @@ _SOURCE = r"""
 #include <immintrin.h>
 
 typedef WEIGHT_T weight_t;
+typedef ROW_T row_t;
 constexpr int64_t AHEAD = 8192 / (8 * sizeof(weight_t));  // the prefetch distance in steps of k: 8 KB
 
 // 8 weights -> 8 fp32
@@ -98,9 +107,11 @@ static inline void block_rows(const weight_t* wb, const float* x, int64_t K, __m
     }
 }
 
-// out (M, N) = x (M, K) @ weight^T * scales; weight blocked (N / 8, K, 8), scales (N,) as bf16 bits
-extern "C" void kernel(const float* x, const weight_t* weight, const uint16_t* scales, float* out,
-                       const int64_t M, const int64_t N, const int64_t K) {
+DOT_PRODUCTS
+// out (M, N) = x (M, K) @ weight^T * scales over blocks of 8 channels; block_rows for x's row type
+template <typename X>
+static void products(const X* x, const weight_t* weight, const uint16_t* scales, float* out, const int64_t M,
+                     const int64_t N, const int64_t K) {
     const int64_t blocks = N / 8;
     #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -108,7 +119,7 @@ extern "C" void kernel(const float* x, const weight_t* weight, const uint16_t* s
         const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * 8));
         const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
-            const float* xm = x + m0 * K;
+            const X* xm = x + m0 * K;
             float* om = out + m0 * N + b * 8;
             switch (M - m0 < 8 ? M - m0 : 8) {
                 case 1: block_rows<1, 4>(wb, xm, K, scale, om, N); break;
@@ -123,7 +134,82 @@ extern "C" void kernel(const float* x, const weight_t* weight, const uint16_t* s
         }
     }
 }
+
+// out (M, N) = rows (M, K) @ weight^T * scales; weight blocked (N / 8, K, 8), scales (N,) as bf16 bits
+extern "C" void kernel(const row_t* rows, const weight_t* weight, const uint16_t* scales, float* out,
+                       const int64_t M, const int64_t N, const int64_t K) {
+    PREPARE_ROWS
+    products(x, weight, scales, out, M, N, K);
+}
 """
+
+# bf16 weights only: rows as bf16; on a CPU with AVX512-BF16 (checked at run time) pairs of inputs go through
+# one dot-product instruction, elsewhere the rows are widened once and take the loop above.
+_BF16_DOT_SOURCE = r"""
+#include <cstring>
+#include <vector>
+
+// block_rows for bf16 rows: inputs k and k + 1 in one instruction. One 32-byte load holds weights k and
+// k + 1 of the block's 8 channels, vpermw interleaves them per channel, each row's bf16 pair is
+// broadcast. Products of bf16 values are exact in fp32; the sums are fp32.
+template <int MB, int U>
+__attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))
+static void block_rows(const weight_t* wb, const uint16_t* x, int64_t K, __m256 scale, float* out, int64_t N) {
+    const __m256i order = _mm256_setr_epi16(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    __m256 acc[MB][U];
+    for (int m = 0; m < MB; ++m)
+        for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 2 * U <= K; k += 2 * U) {
+        if (MB >= 4) _mm_prefetch(reinterpret_cast<const char*>(wb + (k + AHEAD) * 8), _MM_HINT_T1);
+        for (int u = 0; u < U; ++u) {
+            const __m256i w = _mm256_permutexvar_epi16(
+                order, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + (k + 2 * u) * 8)));
+            for (int m = 0; m < MB; ++m) {
+                int32_t pair;
+                std::memcpy(&pair, x + m * K + k + 2 * u, 4);
+                acc[m][u] = _mm256_dpbf16_ps(acc[m][u], (__m256bh)w, (__m256bh)_mm256_set1_epi32(pair));
+            }
+        }
+    }
+    for (; k < K; ++k) {  // an odd input left over
+        const __m256 w = widen(wb + k * 8);
+        for (int m = 0; m < MB; ++m)
+            acc[m][0] = _mm256_fmadd_ps(w, _mm256_castsi256_ps(_mm256_set1_epi32(int32_t(x[m * K + k]) << 16)),
+                                        acc[m][0]);
+    }
+    for (int m = 0; m < MB; ++m) {
+        __m256 sum = acc[m][0];
+        for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[m][u]);
+        _mm256_storeu_ps(out + m * N, _mm256_mul_ps(sum, scale));
+    }
+}
+
+static bool dot_products_run() {
+    static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl")
+                            && __builtin_cpu_supports("avx512bw");
+    return yes;
+}
+
+"""
+
+_BF16_PREPARE_ROWS = """if (dot_products_run()) return products(rows, weight, scales, out, M, N, K);
+    std::vector<float> widened(M * K);  // bf16 -> fp32, exact
+    for (int64_t i = 0; i < M * K; ++i) {
+        const uint32_t bits = uint32_t(rows[i]) << 16;
+        std::memcpy(&widened[i], &bits, 4);
+    }
+    const float* x = widened.data();"""
+
+
+def _product_source(dtype: torch.dtype) -> str:
+    """The product kernel's C++ for weights of ``dtype``."""
+    c_type, widen = _WIDEN[dtype]
+    bf16 = dtype == torch.bfloat16
+    return (_SOURCE.replace("WEIGHT_T", c_type).replace("ROW_T", "uint16_t" if bf16 else "float")
+            .replace("WIDEN", widen).replace("DOT_PRODUCTS", _BF16_DOT_SOURCE if bf16 else "")
+            .replace("PREPARE_ROWS", _BF16_PREPARE_ROWS if bf16 else "const float* x = rows;"))
+
 
 _BUILT: dict[torch.dtype, object] = {}  # weight dtype -> the kernel, or None where it did not build
 
@@ -145,8 +231,8 @@ def _product_correct(candidate, dtype: torch.dtype) -> bool:
     gen = torch.Generator().manual_seed(0)
     weight = torch.randint(-127, 128, (24, 21), generator=gen).to(dtype)
     scales = torch.rand(24, generator=gen).add(0.5).to(torch.bfloat16)
-    x = torch.randn(11, 21, generator=gen)
-    want = (x @ weight.float().t()) * scales.float()
+    x = torch.randn(11, 21, generator=gen).to(_ROW_DTYPE[dtype])
+    want = (x.float() @ weight.float().t()) * scales.float()
     good = True
     for rows in range(1, 12):
         out = torch.empty(rows, 24)
@@ -162,11 +248,11 @@ def kernel(dtype: torch.dtype):
     if dtype not in _BUILT:
         fn = None
         if dtype in _WIDEN:
-            c_type, widen = _WIDEN[dtype]
-            source = _SOURCE.replace("WEIGHT_T", c_type).replace("WIDEN", widen)
-            argtypes = ["const float*", f"const {c_type}*", "const uint16_t*", "float*", "const int64_t",
+            c_type, _ = _WIDEN[dtype]
+            row_type = "uint16_t" if _ROW_DTYPE[dtype] == torch.bfloat16 else "float"
+            argtypes = [f"const {row_type}*", f"const {c_type}*", "const uint16_t*", "float*", "const int64_t",
                         "const int64_t", "const int64_t"]
-            fn = _build(source, argtypes, lambda candidate: _product_correct(candidate, dtype))
+            fn = _build(_product_source(dtype), argtypes, lambda candidate: _product_correct(candidate, dtype))
         _BUILT[dtype] = fn
     return _BUILT[dtype]
 
@@ -178,11 +264,12 @@ def block(weight: torch.Tensor) -> torch.Tensor:
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (rows, K) fp32 @ a weight blocked (N / 8, K, 8), times bf16 scales (N,) -> (rows, N) fp32, on a CPU
-    where ``kernel(weight.dtype)`` is not None. Eager callers call this directly (the custom op's
-    dispatch costs ~10 us a call, 0.6 ms over the 61 products of a GPT-B step); compiled graphs call
-    ``blocked_linear``."""
-    x = x.contiguous()
+    """x (rows, K) @ a weight blocked (N / 8, K, 8), times bf16 scales (N,) -> (rows, N) fp32, on a CPU
+    where ``kernel(weight.dtype)`` is not None. x is taken as fp32, except for bf16 weights: as bf16
+    (rounded if it is not; a bf16 model's activations are bf16 already). Eager callers call this
+    directly (the custom op's dispatch costs ~10 us a call, 0.6 ms over the 61 products of a GPT-B
+    step); compiled graphs call ``blocked_linear``."""
+    x = x.to(_ROW_DTYPE[weight.dtype]).contiguous()
     out = torch.empty(x.shape[0], scales.shape[0], dtype=torch.float32)
     kernel(weight.dtype)(x, weight.contiguous(), scales.contiguous(), out, x.shape[0], scales.shape[0], x.shape[1])
     return out
@@ -199,7 +286,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tens
     return x.new_empty(x.shape[0], scales.shape[0], dtype=torch.float32)
 
 
-# -- attention of one query per sequence over a KV cache (a decode step), fp32 -----------------------------
+# -- attention of one query per sequence over a KV cache (a decode step), fp32 or bf16 cache ---------------
 
 _ATTENTION_SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
@@ -216,9 +303,15 @@ static inline float hsum(__m256 v) {
 }
 
 // out (B, H, D) = softmax(q k^T * scale) v over cache slots [0, L) for each batch row and head; q (B, H, D)
-// contiguous; k and v rows of D floats, slot-major within a head, at strides (batch, head) in floats;
-// query head h reads cache head h / (H / KH). D is a multiple of 8, at most 256.
-extern "C" void kernel(const float* q, const float* k, const float* v, float* out, const int64_t B,
+// contiguous; k and v rows of D elements (fp32 or bf16, widened on load), slot-major within a head, at
+// strides (batch, head) in elements; query head h reads cache head h / (H / KH). D is a multiple of 8,
+// at most 256. The arithmetic is fp32.
+typedef KV_T kv_t;
+
+// 8 cache elements -> 8 fp32
+static inline __m256 load8(const kv_t* p) { return LOAD_KV; }
+
+extern "C" void kernel(const float* q, const kv_t* k, const kv_t* v, float* out, const int64_t B,
                        const int64_t H, const int64_t KH, const int64_t L, const int64_t D, const int64_t k_sb,
                        const int64_t k_sh, const int64_t v_sb, const int64_t v_sh, const float scale) {
     const int64_t group = H / KH, nd = D / 8;
@@ -229,20 +322,20 @@ extern "C" void kernel(const float* q, const float* k, const float* v, float* ou
         for (int64_t bh = 0; bh < B * H; ++bh) {
             const int64_t b = bh / H, h = bh % H;
             const float* qr = q + bh * D;
-            const float* kr = k + b * k_sb + (h / group) * k_sh;
-            const float* vr = v + b * v_sb + (h / group) * v_sh;
+            const kv_t* kr = k + b * k_sb + (h / group) * k_sh;
+            const kv_t* vr = v + b * v_sb + (h / group) * v_sh;
             __m256 qv[32];
             for (int64_t j = 0; j < nd; ++j) qv[j] = _mm256_loadu_ps(qr + 8 * j);
             // scores, 4 slots at a time (independent FMA chains)
             int64_t l = 0;
             for (; l + 4 <= L; l += 4) {
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                const float* r = kr + l * D;
+                const kv_t* r = kr + l * D;
                 for (int64_t j = 0; j < nd; ++j) {
-                    a0 = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(r + 8 * j), a0);
-                    a1 = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(r + D + 8 * j), a1);
-                    a2 = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(r + 2 * D + 8 * j), a2);
-                    a3 = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(r + 3 * D + 8 * j), a3);
+                    a0 = _mm256_fmadd_ps(qv[j], load8(r + 8 * j), a0);
+                    a1 = _mm256_fmadd_ps(qv[j], load8(r + D + 8 * j), a1);
+                    a2 = _mm256_fmadd_ps(qv[j], load8(r + 2 * D + 8 * j), a2);
+                    a3 = _mm256_fmadd_ps(qv[j], load8(r + 3 * D + 8 * j), a3);
                 }
                 scores[l] = hsum(a0) * scale;
                 scores[l + 1] = hsum(a1) * scale;
@@ -251,7 +344,7 @@ extern "C" void kernel(const float* q, const float* k, const float* v, float* ou
             }
             for (; l < L; ++l) {
                 __m256 a0 = _mm256_setzero_ps();
-                for (int64_t j = 0; j < nd; ++j) a0 = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(kr + l * D + 8 * j), a0);
+                for (int64_t j = 0; j < nd; ++j) a0 = _mm256_fmadd_ps(qv[j], load8(kr + l * D + 8 * j), a0);
                 scores[l] = hsum(a0) * scale;
             }
             // softmax: exp(s - max), vectorised at the build's vector width (8 floats on AVX2, 16 on AVX-512)
@@ -276,8 +369,8 @@ extern "C" void kernel(const float* q, const float* k, const float* v, float* ou
             for (int64_t j = 0; j < nd; ++j) acc[j] = _mm256_setzero_ps();
             for (int64_t s = 0; s < L; ++s) {
                 const __m256 p = _mm256_set1_ps(scores[s]);
-                const float* r = vr + s * D;
-                for (int64_t j = 0; j < nd; ++j) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 8 * j), acc[j]);
+                const kv_t* r = vr + s * D;
+                for (int64_t j = 0; j < nd; ++j) acc[j] = _mm256_fmadd_ps(p, load8(r + 8 * j), acc[j]);
             }
             const __m256 inv = _mm256_set1_ps(1.f / sum);
             for (int64_t j = 0; j < nd; ++j) _mm256_storeu_ps(out + bh * D + 8 * j, _mm256_mul_ps(acc[j], inv));
@@ -286,53 +379,66 @@ extern "C" void kernel(const float* q, const float* k, const float* v, float* ou
 }
 """
 
-_ATTENTION_ARGTYPES = ["const float*", "const float*", "const float*", "float*"] + ["const int64_t"] * 9 + ["const float"]
-_ATTENTION: list = []  # [the attention kernel, or None] once built
+# per cache dtype: the C type of a cache element and how 8 of them load as 8 fp32 (the product's widening)
+_KV_LOAD = {torch.float32: _WIDEN[torch.float32], torch.bfloat16: _WIDEN[torch.bfloat16]}
+_ATTENTION: dict[torch.dtype, object] = {}  # cache dtype -> the attention kernel, or None
 
 
-def attention_kernel():
-    """The compiled one-query attention kernel (see ``decode_attention``), built on the first call and checked
-    once against SDPA, or None where it cannot be built or disagrees."""
-    if not _ATTENTION:
-        _ATTENTION.append(_build(_ATTENTION_SOURCE, _ATTENTION_ARGTYPES, _attention_correct))
-    return _ATTENTION[0]
+def attention_kernel(dtype: torch.dtype = torch.float32):
+    """The compiled one-query attention kernel (see ``decode_attention``) over a cache of ``dtype`` (float32,
+    bfloat16), built on the first call and checked once against SDPA, or None where it cannot be built
+    or disagrees."""
+    if dtype not in _ATTENTION:
+        fn = None
+        if dtype in _KV_LOAD:
+            c_type, load = _KV_LOAD[dtype]
+            source = _ATTENTION_SOURCE.replace("KV_T", c_type).replace("LOAD_KV", load)
+            argtypes = ["const float*", f"const {c_type}*", f"const {c_type}*", "float*"] + ["const int64_t"] * 9
+            fn = _build(source, argtypes + ["const float"], lambda candidate: _attention_correct(candidate, dtype))
+        _ATTENTION[dtype] = fn
+    return _ATTENTION[dtype]
 
 
-def _attention_correct(candidate) -> bool:
-    """The attention kernel against SDPA: grouped cache heads read through strided views, 37 slots (tails
-    after the 4-slot loop and the softmax's vector loop, 8 or 16 wide)."""
+def _attention_correct(candidate, dtype: torch.dtype) -> bool:
+    """The attention kernel against SDPA in fp32 on the same (rounded) values: grouped cache heads read
+    through strided views, 37 slots (tails after the 4-slot loop and the softmax's vector loop, 8 or 16
+    wide)."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, length, 16, generator=gen) for length in (1, 37, 37))
+    q, k, v = (torch.randn(2, 4, length, 16, generator=gen).to(dtype) for length in (1, 37, 37))
     k, v = k[:, ::2], v[:, ::2]
-    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
-    return torch.allclose(_run_attention(candidate, q, k, v, 37), want, rtol=1e-4, atol=1e-5)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1))
+    got = _run_attention(candidate, q, k, v, 37).float()
+    return torch.allclose(got, want, rtol=1e-4, atol=1e-5) if dtype == torch.float32 else \
+        torch.allclose(got, want, rtol=1e-2, atol=1e-2)  # one bf16 rounding of the output
 
 
 def _run_attention(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
     batch, heads, _, dim = q.shape
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    fn(q, k, v, out, batch, heads, k.shape[1], length, dim, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+    query = q.float().contiguous()
+    out = torch.empty_like(query)
+    fn(query, k, v, out, batch, heads, k.shape[1], length, dim, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
        dim ** -0.5)
-    return out
+    return out.to(q.dtype)
 
 
 def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether ``decode_attention`` takes these: one query, fp32 CPU tensors, head size a multiple of 8 up to
-    256, cache slots of contiguous rows, no gradient wanted (the kernel has none), and the kernel builds."""
-    return (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
-            and not (torch.is_grad_enabled() and q.requires_grad)
+    """Whether ``decode_attention`` takes these: one query, CPU tensors all float32 or all bfloat16, head size
+    a multiple of 8 up to 256, cache slots of contiguous rows, no gradient wanted (the kernel has none),
+    and the kernel builds."""
+    return (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
+            and q.dtype in _KV_LOAD and not (torch.is_grad_enabled() and q.requires_grad)
             and q.shape[3] % 8 == 0 and q.shape[3] <= 256 and k.stride(3) == v.stride(3) == 1
             and k.stride(2) == v.stride(2) == q.shape[3] and q.shape[1] % k.shape[1] == 0
-            and (bool(_ATTENTION) and _ATTENTION[0] is not None if torch.compiler.is_compiling()
-                 else attention_kernel() is not None))  # a graph takes it only once an eager call built it
+            and (_ATTENTION.get(q.dtype) is not None if torch.compiler.is_compiling()
+                 else attention_kernel(q.dtype) is not None))  # a graph takes it only once an eager call built it
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
     """Attention of one query per sequence and head, q (B, H, 1, D), over cache slots [0, ``length``) of k and
     v (B, KH, >= length, D) -> (B, H, 1, D): SDPA's result for a decode step, read at the memory
     bandwidth (see ``attention_usable`` for what it takes)."""
-    return _run_attention(attention_kernel(), q, k, v, length)
+    return _run_attention(attention_kernel(k.dtype), q, k, v, length)
 
 
 @torch.library.custom_op("vqgpt::decode_attention_update", mutates_args=("k_cache", "v_cache"))

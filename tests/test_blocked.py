@@ -1,5 +1,7 @@
 """The blocked few-row kernel (stage2_prior.blocked) and the layers that take it."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -12,7 +14,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.int8]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_blocked_kernel_gives_the_float_product_for_every_row_count(dtype):
     """Rows 1-8 each take their own register blocking, 11 and 17 a full block plus a rest; K = 37 leaves a
-    tail after every unrolled k loop. The kernel widens each weight exactly and accumulates in fp32."""
+    tail after every unrolled k loop (and an odd input after the pairs of bf16's dot products). The kernel
+    widens each weight exactly and accumulates in fp32; bf16 weights take the rows as bf16."""
     assert blocked.kernel(dtype) is not None  # x86 with AVX2 and FMA, as the development and CI machines
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randint(-127, 128, (40, 37), generator=gen) if dtype == torch.int8
@@ -22,7 +25,8 @@ def test_blocked_kernel_gives_the_float_product_for_every_row_count(dtype):
     assert packed.shape == (5, 37, 8) and torch.equal(packed[1, :, 3], weight[11])
     for rows in [*range(1, 9), 11, 17]:
         x = torch.randn(rows, 37, generator=gen)
-        want = (x.double() @ weight.double().t()) * scales.double()
+        exact = x.bfloat16() if dtype == torch.bfloat16 else x  # the rows the kernel multiplies
+        want = (exact.double() @ weight.double().t()) * scales.double()
         got = blocked.product(x, packed, scales)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
         assert torch.equal(blocked.blocked_linear(x, packed, scales), got)  # the op compiled graphs call
@@ -61,31 +65,33 @@ def test_decode_attention_gives_sdpa_over_the_written_slots():
     """One query per sequence and head over cache slots [0, length): SDPA's output, with grouped cache heads
     (GQA) read through strided views, lengths that leave tails after the 4-slot loop and the softmax's
     vector loop (8 floats on AVX2, 16 on AVX-512), and slots past ``length`` ignored."""
-    assert blocked.attention_kernel() is not None  # x86 with AVX2 and FMA, as the development and CI machines
     gen = torch.Generator().manual_seed(0)
-    for heads, cache_heads, dim in [(4, 4, 64), (6, 2, 16)]:
-        cache_k, cache_v = (torch.randn(3, cache_heads, 40, dim, generator=gen) for _ in range(2))
-        q = torch.randn(3, 1, heads, dim, generator=gen).transpose(1, 2)  # (B, H, 1, D), not contiguous
+    for (heads, cache_heads, dim), dtype in itertools.product([(4, 4, 64), (6, 2, 16)], [torch.float32, torch.bfloat16]):
+        # x86 with AVX2 and FMA, as the development and CI machines
+        assert blocked.attention_kernel(dtype) is not None
+        # a bf16 cache: fp32 arithmetic on its values, the output rounded once to bf16
+        tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2 ** -8, "atol": 1e-3}
+        cache_k, cache_v = (torch.randn(3, cache_heads, 40, dim, generator=gen).to(dtype) for _ in range(2))
+        q = torch.randn(3, 1, heads, dim, generator=gen).to(dtype).transpose(1, 2)  # (B, H, 1, D), not contiguous
         for length in (1, 3, 9, 40):
             k, v = cache_k[:, :, :length], cache_v[:, :, :length]
             group = heads // cache_heads
-            want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(group, 1),
-                                                                     v.repeat_interleave(group, 1))
+            want = torch.nn.functional.scaled_dot_product_attention(
+                q.float(), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)).to(dtype)
             assert blocked.attention_usable(q, k, v)
-            torch.testing.assert_close(blocked.decode_attention(q, cache_k, cache_v, length), want,
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(blocked.decode_attention(q, cache_k, cache_v, length), want, **tolerance)
             # the compiled step's op: writes slot length - 1 of the caches first, then attends
             written_k, written_v = cache_k.clone(), cache_v.clone()
             written_k[:, :, length - 1], written_v[:, :, length - 1] = 0, 0
             got = blocked.decode_attention_update(q, cache_k[:, :, length - 1: length], cache_v[:, :, length - 1: length],
                                                   written_k, written_v, torch.tensor([length - 1]))
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, want, **tolerance)
             assert torch.equal(written_k, cache_k) and torch.equal(written_v, cache_v)
     q = torch.randn(1, 2, 1, 12)
     assert not blocked.attention_usable(q, q, q)  # a head size that is not a multiple of 8
     q = torch.randn(1, 2, 2, 16)
     assert not blocked.attention_usable(q, q, q)  # two queries: SDPA with its causal mask
-    assert not blocked.attention_usable(*(torch.randn(1, 2, 1, 16, dtype=torch.bfloat16),) * 3)
+    assert not blocked.attention_usable(*(torch.randn(1, 2, 1, 16, dtype=torch.float16),) * 3)
     q, kv = torch.randn(1, 2, 1, 16, requires_grad=True), torch.randn(1, 2, 3, 16)
     assert not blocked.attention_usable(q, kv, kv)  # the kernel has no gradient: SDPA
     with torch.no_grad():
