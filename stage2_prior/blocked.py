@@ -29,18 +29,18 @@ scale (int8; ones for float weights), a bf16 value and so exact in fp32. bf16 we
 (a bf16 model's activations): on a CPU with AVX512-BF16 (checked at run time) each instruction
 multiplies two inputs k, k + 1 of 8 channels (``vdpbf16ps``: exact products, fp32 sums), elsewhere
 the rows are widened to fp32 once per call. Over the GPT-B products on the AMD CPU above that took
-bf16 at 4 rows from 7.2-7.5 to 5.5-5.8 ms and at 8 rows from 10.5-11.6 to 7.3-8.8 ms (1 row: the
+bf16 at 4 rows from 7.2-7.5 to 5.5-5.8 ms and at 8 rows from 10.5-11.6 to 6.7-8.8 ms (1 row: the
 same, it reads at the bandwidth either way).
 
 A second kernel, ``decode_attention``, is the attention of a decode step: one query per sequence and
 head over the cache slots written so far, in fp32 arithmetic over an fp32 or bf16 cache (scores 4
 slots at a time, a vectorised softmax, the weighted sum of the values), reading keys and values once
-each, with grouped cache heads read in place. Eager GPT-B sampling at batch 8 went from 330 to 362 tokens/s with it (interleaved in one
-process). A compiled step calls it as ``decode_attention_update``, which also writes the step's keys
-and values into the caches: with the write in the graph and the attention as a separate op, inductor
-handed the op fresh copies of the written caches at every layer and step, and the kernel gained
-nothing (382 against 379 tokens/s); as one op, compiled GPT-B batch 8 went from 30.4 to 25.0 ms a
-step (the AMD CPU above).
+each, with grouped cache heads read in place. Eager GPT-B sampling at batch 8 went from 330 to 362
+tokens/s with it (interleaved in one process). A compiled step calls it as ``decode_attention_update``,
+which also writes the step's keys and values into the caches: with the write in the graph and the
+attention as a separate op, inductor handed the op fresh copies of the written caches at every layer
+and step, and the kernel gained nothing (382 against 379 tokens/s); as one op, compiled GPT-B batch 8
+went from 30.4 to 25.0 ms a step (the AMD CPU above).
 
 The kernel is C++ built once per weight dtype and machine by inductor's compiler toolchain (the one
 ``torch.compile`` uses on a CPU; cached on disk), for the CPU's vector ISA; where that fails (no
