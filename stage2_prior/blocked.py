@@ -202,6 +202,12 @@ _BF16_PREPARE_ROWS = """if (dot_products_run()) return products(rows, weight, sc
     const float* x = widened.data();"""
 
 
+def _product_argtypes(dtype: torch.dtype) -> list[str]:
+    """The C argument types of the product kernel for weights of ``dtype``: rows, weight, scales, out, M, N, K."""
+    row_type = "uint16_t" if _ROW_DTYPE[dtype] == torch.bfloat16 else "float"
+    return [f"const {row_type}*", f"const {_WIDEN[dtype][0]}*", "const uint16_t*", "float*"] + ["const int64_t"] * 3
+
+
 def _product_source(dtype: torch.dtype) -> str:
     """The product kernel's C++ for weights of ``dtype``."""
     c_type, widen = _WIDEN[dtype]
@@ -248,11 +254,8 @@ def kernel(dtype: torch.dtype):
     if dtype not in _BUILT:
         fn = None
         if dtype in _WIDEN:
-            c_type, _ = _WIDEN[dtype]
-            row_type = "uint16_t" if _ROW_DTYPE[dtype] == torch.bfloat16 else "float"
-            argtypes = [f"const {row_type}*", f"const {c_type}*", "const uint16_t*", "float*", "const int64_t",
-                        "const int64_t", "const int64_t"]
-            fn = _build(_product_source(dtype), argtypes, lambda candidate: _product_correct(candidate, dtype))
+            fn = _build(_product_source(dtype), _product_argtypes(dtype),
+                        lambda candidate: _product_correct(candidate, dtype))
         _BUILT[dtype] = fn
     return _BUILT[dtype]
 

@@ -32,6 +32,18 @@ def test_blocked_kernel_gives_the_float_product_for_every_row_count(dtype):
         assert torch.equal(blocked.blocked_linear(x, packed, scales), got)  # the op compiled graphs call
 
 
+def test_bf16_rows_are_widened_where_the_cpu_has_no_bf16_dot_products():
+    """The bf16 kernel checks for AVX512-BF16 at run time; its other path (rows widened to fp32 once, then
+    the fp32 loop) is what AVX2-only CPUs run. Built here with the check forced off, it must pass the same
+    self-check (every row count, the k tail) that the kernel passes before use."""
+    source = blocked._product_source(torch.bfloat16)
+    assert source.count("if (dot_products_run())") == 1
+    widening = blocked._build(source.replace("if (dot_products_run())", "if (false)"),
+                              blocked._product_argtypes(torch.bfloat16),
+                              lambda candidate: blocked._product_correct(candidate, torch.bfloat16))
+    assert widening is not None
+
+
 def test_linear_takes_the_blocked_kernel_then_onednn_then_plain(monkeypatch):
     """Few-row fp32 and bf16 products run on a blocked copy of the weight; without the kernel fp32 falls
     back to oneDNN's packed copy, bf16 to F.linear; all give the same product."""
