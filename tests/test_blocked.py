@@ -78,7 +78,8 @@ def test_decode_attention_gives_sdpa_over_the_written_slots():
     (GQA) read through strided views, lengths that leave tails after the 4-slot loop and the softmax's
     vector loop (8 floats on AVX2, 16 on AVX-512), and slots past ``length`` ignored."""
     gen = torch.Generator().manual_seed(0)
-    for (heads, cache_heads, dim), dtype in itertools.product([(4, 4, 64), (6, 2, 16)], [torch.float32, torch.bfloat16]):
+    shapes, dtypes = [(4, 4, 64), (6, 2, 16)], [torch.float32, torch.bfloat16]
+    for (heads, cache_heads, dim), dtype in itertools.product(shapes, dtypes):
         # x86 with AVX2 and FMA, as the development and CI machines
         assert blocked.attention_kernel(dtype) is not None
         # a bf16 cache: fp32 arithmetic on its values, the output rounded once to bf16
@@ -95,8 +96,8 @@ def test_decode_attention_gives_sdpa_over_the_written_slots():
             # the compiled step's op: writes slot length - 1 of the caches first, then attends
             written_k, written_v = cache_k.clone(), cache_v.clone()
             written_k[:, :, length - 1], written_v[:, :, length - 1] = 0, 0
-            got = blocked.decode_attention_update(q, cache_k[:, :, length - 1: length], cache_v[:, :, length - 1: length],
-                                                  written_k, written_v, torch.tensor([length - 1]))
+            new_k, new_v = cache_k[:, :, length - 1: length], cache_v[:, :, length - 1: length]
+            got = blocked.decode_attention_update(q, new_k, new_v, written_k, written_v, torch.tensor([length - 1]))
             torch.testing.assert_close(got, want, **tolerance)
             assert torch.equal(written_k, cache_k) and torch.equal(written_v, cache_v)
     q = torch.randn(1, 2, 1, 12)
