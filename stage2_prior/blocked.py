@@ -202,17 +202,22 @@ _BF16_PREPARE_ROWS = """if (dot_products_run()) return products(rows, weight, sc
     const float* x = widened.data();"""
 
 
+def _row_c_type(dtype: torch.dtype) -> str:
+    """The C type of the rows the product kernel for weights of ``dtype`` takes (float, or bf16 bits)."""
+    return _WIDEN[_ROW_DTYPE[dtype]][0]
+
+
 def _product_argtypes(dtype: torch.dtype) -> list[str]:
     """The C argument types of the product kernel for weights of ``dtype``: rows, weight, scales, out, M, N, K."""
-    row_type = "uint16_t" if _ROW_DTYPE[dtype] == torch.bfloat16 else "float"
-    return [f"const {row_type}*", f"const {_WIDEN[dtype][0]}*", "const uint16_t*", "float*"] + ["const int64_t"] * 3
+    return [f"const {_row_c_type(dtype)}*", f"const {_WIDEN[dtype][0]}*", "const uint16_t*", "float*"] \
+        + ["const int64_t"] * 3
 
 
 def _product_source(dtype: torch.dtype) -> str:
     """The product kernel's C++ for weights of ``dtype``."""
     c_type, widen = _WIDEN[dtype]
     bf16 = dtype == torch.bfloat16
-    return (_SOURCE.replace("WEIGHT_T", c_type).replace("ROW_T", "uint16_t" if bf16 else "float")
+    return (_SOURCE.replace("WEIGHT_T", c_type).replace("ROW_T", _row_c_type(dtype))
             .replace("WIDEN", widen).replace("DOT_PRODUCTS", _BF16_DOT_SOURCE if bf16 else "")
             .replace("PREPARE_ROWS", _BF16_PREPARE_ROWS if bf16 else "const float* x = rows;"))
 
