@@ -15,8 +15,8 @@ peak (1024^3 fp32 / bf16 matmul GFLOP/s, measured in the same run) reached by th
 
 Levers: AdamW for-loop (what torch picks for CPU tensors by default) vs foreach vs fused;
 torch.compile of the model (graph breaks listed with torch._dynamo.explain); for the tokenizer, the
-default layout (NCHW input and weights; the decoder channels-last, as ``stage1_vq.modules.DECODER_MEMORY_FORMAT``
-chooses) vs everything channels-last, applied from outside with ``model.to(memory_format=...)``;
+conv layout ``stage1_vq.modules.conv_memory_format`` chooses for the dtype (channels-last, or NCHW for bf16
+on a CPU with bf16 units) vs the other one, forced with ``stage1_vq.modules.CONV_MEMORY_FORMAT``;
 SDPA for the prior (confirmed by finding F.scaled_dot_product_attention in the traced step).
 
 ``--device cuda`` runs the same steps on a GPU (autocast and the matmul peak on that device, every
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+import stage1_vq.modules as conv_modules
 from stage1_vq.losses import LossConfig, generator_loss
 from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.quantizers import QuantizerConfig
@@ -85,28 +86,39 @@ def median_rate(step: Callable[[], None], items: int, warmup: int, steps: int, r
     return statistics.median(rates)
 
 
-def tokenizer_step(accelerator: Accelerator, impl: str, bf16: bool, channels_last: bool,
+def tokenizer_step(accelerator: Accelerator, impl: str, bf16: bool, layout: torch.memory_format | None,
                    compiled: bool, batch: int) -> tuple[Callable[[], None], torch.nn.Module]:
-    """One tokenizer training step with the given levers on the accelerator's device; returns (step, eager model)."""
+    """One tokenizer training step with the given levers on the accelerator's device, the convs in ``layout``
+    (None: the layout ``conv_memory_format`` chooses); returns (step, eager model)."""
     torch.manual_seed(0)
     device = accelerator.device
     model = VQModel(VQModelConfig(**TOKENIZER_ARCH, quantizer=QUANTIZER)).train().to(device)
     x = torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
     tc = TrainConfig(lr=1e-4, optimizer_impl=impl)
     opt = make_optimizer(model.parameters(), tc)
     run = torch.compile(model) if compiled else model
     loss_cfg = LossConfig(perceptual_weight=0.0)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = run(x)
-            g = generator_loss(x, out.reconstruction, out.quantizer.loss, None, None, loss_cfg, 0,
-                               model.last_layer_weight)
-        optimizer_step(accelerator, g.total, opt, model, tc)
+        previous, conv_modules.CONV_MEMORY_FORMAT = conv_modules.CONV_MEMORY_FORMAT, layout
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = run(x)
+                g = generator_loss(x, out.reconstruction, out.quantizer.loss, None, None, loss_cfg, 0,
+                                   model.last_layer_weight)
+            optimizer_step(accelerator, g.total, opt, model, tc)
+        finally:
+            conv_modules.CONV_MEMORY_FORMAT = previous
     return step, model
+
+
+def chosen_layout(device: torch.device, bf16: bool) -> torch.memory_format:
+    """The conv layout ``conv_memory_format`` chooses for the tokenizer on ``device`` (bf16 autocast or fp32)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return conv_modules.conv_memory_format(torch.zeros(1, 3, 8, 8, device=device))
+
+
+LAYOUT_NAMES = {torch.channels_last: "channels-last", torch.contiguous_format: "NCHW"}
 
 
 def prior_config(shape: dict | str) -> GPTConfig:
@@ -211,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     # -- tokenizer
     # --quick: batch 4 (a batch-16 step takes ~20 s on two loaded cores); per-image rates stay comparable.
     tok_batch = args.tokenizer_batch or (4 if args.quick else 16)
-    _, tok_model = tokenizer_step(accelerator, "for-loop", False, False, False, tok_batch)
+    _, tok_model = tokenizer_step(accelerator, "for-loop", False, None, False, tok_batch)
     n_tok = sum(p.numel() for p in tok_model.parameters())
     # Training FLOPs per image ~ 3x the forward's multiply-adds x 2, counted from the conv/linear shapes.
     macs = _forward_macs(tok_model, torch.rand(1, 3, 64, 64, device=device))
@@ -235,20 +247,23 @@ def main(argv: list[str] | None = None) -> None:
         b, (w, s, r) = (2, (1, 1, 1)) if (bf16 and slow_bf16) else (tok_batch, (warmup, steps, rounds))
         tag = f", batch {b}" if b != tok_batch else ""
         impls = ("for-loop", "fused") if args.quick or (bf16 and slow_bf16) else ("for-loop", "foreach", "fused")
+        chosen = chosen_layout(device, bf16)
+        other = torch.contiguous_format if chosen == torch.channels_last else torch.channels_last
         for impl in impls:
-            step, _ = tokenizer_step(accelerator, impl, bf16, False, False, b)
-            record("tokenizer", dtype, f"AdamW {impl}, default layout{tag}", median_rate(step, b, w, s, r, device),
-                   tok_flops)
-        step, _ = tokenizer_step(accelerator, "fused", bf16, True, False, b)
-        record("tokenizer", dtype, f"AdamW fused, channels-last{tag}", median_rate(step, b, w, s, r, device), tok_flops)
+            step, _ = tokenizer_step(accelerator, impl, bf16, None, False, b)
+            record("tokenizer", dtype, f"AdamW {impl}, {LAYOUT_NAMES[chosen]} (chosen){tag}",
+                   median_rate(step, b, w, s, r, device), tok_flops)
+        step, _ = tokenizer_step(accelerator, "fused", bf16, other, False, b)
+        record("tokenizer", dtype, f"AdamW fused, {LAYOUT_NAMES[other]} (forced){tag}",
+               median_rate(step, b, w, s, r, device), tok_flops)
         # Compiling the 13M tokenizer takes minutes on two cores: not in --quick.
         if not args.no_compile and not args.quick and not (bf16 and slow_bf16):
-            step, _ = tokenizer_step(accelerator, "fused", bf16, False, True, b)
+            step, _ = tokenizer_step(accelerator, "fused", bf16, None, True, b)
             t = time.perf_counter()
             step()
             sync(device)
             print(f"  (tokenizer compile + first step: {time.perf_counter() - t:.0f} s)")
-            record("tokenizer", dtype, "AdamW fused, default layout, compiled", median_rate(step, b, w, s, r, device),
+            record("tokenizer", dtype, f"AdamW fused, {LAYOUT_NAMES[chosen]} (chosen), compiled", median_rate(step, b, w, s, r, device),
                    tok_flops)
 
     # -- prior
@@ -304,7 +319,7 @@ CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_co
 def conv_breakdown(accelerator: Accelerator, batch: int, peak: float) -> None:
     """Where the fp32 tokenizer step's time goes: the convolutions' share of the profiled step, then each
     conv shape of the model timed alone, forward and forward + backward, in NCHW and NHWC."""
-    step, model = tokenizer_step(accelerator, "fused", False, False, False, batch)
+    step, model = tokenizer_step(accelerator, "fused", False, None, False, batch)
     for _ in range(2):
         step()
     t = time.perf_counter()

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from stage1_vq.modules import DECODER_MEMORY_FORMAT, Decoder, Encoder
+from stage1_vq.modules import Decoder, Encoder, conv_memory_format
 from stage1_vq.palette import PaletteQuantizer
 from stage1_vq.quantizers import Quantizer, QuantizerConfig, QuantizerOutput, build_quantizer
 from stage1_vq.vit import ViTDecoder, ViTEncoder
@@ -240,14 +240,16 @@ class VQModel(nn.Module):
         self.grid_shape(images.shape[-2], images.shape[-1])
         if self.config.architecture == "pixels":
             return images  # the latent of a pixel token is the pixel itself (f = 1)
+        if isinstance(self.encoder, Encoder):  # conv: the layout chosen for this device and dtype
+            images = images.contiguous(memory_format=conv_memory_format(images))
         return self.quant_conv(self.encoder(images))
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantized latents (B, D, h, w) -> images (B, C_out, h*f, w*f)."""
         if self.config.architecture == "pixels":
             return z_q.clamp(-1, 1)  # palette colours are the pixels
-        if isinstance(self.decoder, Decoder):  # conv: the layout chosen (DECODER_MEMORY_FORMAT), not by accident
-            z_q = z_q.contiguous(memory_format=DECODER_MEMORY_FORMAT)
+        if isinstance(self.decoder, Decoder):  # conv: the layout chosen for this device and dtype, not inherited
+            z_q = z_q.contiguous(memory_format=conv_memory_format(z_q))
         return self.decoder(self.post_quant_conv(z_q))
 
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:

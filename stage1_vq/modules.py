@@ -15,15 +15,43 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vqgpt.training.config import cpu_has_fast_bf16
 
-# The layout the conv decoder runs in: channels-last (NHWC), chosen, not inherited. Before this
-# choice the layout was an accident of the code path: training handed the decoder the quantizer's
-# permuted (channels-last) view, decoding from indices a contiguous (NCHW) tensor. Measured on a
-# 2-core CPU without bf16 units (benchmarks/train_speed.py's tokenizer, a training step): fp32 runs
-# at the same speed in either layout (within 5%), bf16 autocast runs 2.2x faster channels-last
-# (GroupNorm and conv in bf16 are slow NCHW there); on CUDA channels-last is the tensor-core layout.
+
+# The layout the conv encoder and decoder run in, chosen per device and dtype, not inherited. Before it
+# was chosen the decoder's layout was an accident of the code path (training handed it the quantizer's
+# permuted, channels-last view; decoding from indices a contiguous NCHW tensor). Measured with
+# benchmarks/train_speed.py's tokenizer training step (2 CPU cores), both conv stacks in each layout:
+# - a CPU without bf16 units (AVX2): fp32 the same in either layout (within 5%), bf16 autocast 2.2x
+#   faster channels-last (GroupNorm and conv in emulated bf16 are slow NCHW there);
+# - a CPU with bf16 units (AVX512-BF16): fp32 1.03-1.1x faster channels-last than NCHW, bf16 autocast
+#   1.1x faster NCHW (channels-last GroupNorm's backward in bf16 took 5x its forward);
+# - CUDA: channels-last, the tensor-core layout.
 # Float results do not depend on the layout beyond rounding (tests/test_layout.py).
-DECODER_MEMORY_FORMAT = torch.channels_last
+CONV_MEMORY_FORMAT: torch.memory_format | None = None  # None: conv_memory_format chooses; else forced
+
+
+_FAST_BF16_CPU: list[bool] = []  # cpu_has_fast_bf16(), measured once per process
+
+
+@torch.compiler.assume_constant_result  # a compiled training step takes the answer as a constant
+def _fast_bf16_cpu() -> bool:
+    if not _FAST_BF16_CPU:
+        _FAST_BF16_CPU.append(cpu_has_fast_bf16())
+    return _FAST_BF16_CPU[0]
+
+
+def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the conv encoder and decoder run on ``x`` in (see above): NCHW for bf16 (autocast or
+    bf16 tensors) on a CPU with bf16 units, channels-last otherwise; ``CONV_MEMORY_FORMAT`` overrides."""
+    if CONV_MEMORY_FORMAT is not None:
+        return CONV_MEMORY_FORMAT
+    device = x.device.type
+    bf16 = x.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16)
+    if device == "cpu" and bf16 and _fast_bf16_cpu():
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:

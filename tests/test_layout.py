@@ -1,10 +1,11 @@
-"""The conv decoder's memory layout is chosen (stage1_vq.modules.DECODER_MEMORY_FORMAT: channels-last), the same in
-training and in decoding from indices whatever the quantizer hands over, and it does not change the reconstruction."""
+"""The conv encoder's and decoder's memory layout is chosen per device and dtype (stage1_vq.modules.conv_memory_format:
+NCHW for bf16 on a CPU with bf16 units, channels-last otherwise), the same in training and in decoding from
+indices whatever the quantizer hands over, and it does not change the outputs beyond rounding."""
 
 import pytest
 import torch
 
-import stage1_vq.model as model_module
+import stage1_vq.modules as modules
 from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.quantizers import QuantizerConfig
 
@@ -18,34 +19,54 @@ def tiny_model(kind: str = "vq") -> VQModel:
     return VQModel(cfg).eval()
 
 
-def decoder_input_layout(model: VQModel, run, bf16: bool) -> str:
+def input_layouts(model: VQModel, run, bf16: bool) -> list[str]:
+    """The layout of each input the encoder's and the decoder's first conv received while ``run`` ran."""
     seen = []
-    hook = model.decoder.conv_in.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    hooks = [conv.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+             for conv in (model.encoder.conv_in, model.decoder.conv_in)]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         run()
-    hook.remove()
-    (x,) = seen
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    return "contiguous" if x.is_contiguous() else "other"
+    for hook in hooks:
+        hook.remove()
+    return ["channels_last" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            else "contiguous" if x.is_contiguous() else "other" for x in seen]
 
 
-@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize(("bf16", "fast_bf16", "expected"), [
+    (False, True, "channels_last"), (False, False, "channels_last"),
+    (True, True, "contiguous"),  # bf16 units: NCHW
+    (True, False, "channels_last"),  # bf16 emulated: channels-last
+])
 @pytest.mark.parametrize("kind", ["vq", "fsq"])
-def test_decoder_layout_is_chosen_not_inherited(kind, bf16):
-    # Training passes the quantizer's permuted view, decoding from indices a fresh NCHW tensor: both
-    # reach the decoder channels-last.
+def test_conv_layout_is_chosen_per_dtype_not_inherited(kind, bf16, fast_bf16, expected, monkeypatch):
+    # Training passes the quantizer's permuted view, decoding from indices a fresh NCHW tensor, encoding
+    # the caller's images: each conv stack gets the layout chosen for the dtype and the CPU.
+    monkeypatch.setattr(modules, "_fast_bf16_cpu", lambda: fast_bf16)
     model = tiny_model(kind)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     codes = model.encode(images)
-    assert decoder_input_layout(model, lambda: model(images), bf16) == "channels_last"
-    assert decoder_input_layout(model, lambda: model.decode(codes), bf16) == "channels_last"
+    assert input_layouts(model, lambda: model(images), bf16) == [expected, expected]
+    assert input_layouts(model, lambda: model.decode(codes), bf16) == [expected]
+    assert input_layouts(model, lambda: model.encode(images.contiguous(memory_format=torch.channels_last)),
+                         bf16) == [expected]
 
 
-def test_layout_does_not_change_the_reconstruction(monkeypatch):
+def test_bf16_tensors_choose_like_bf16_autocast(monkeypatch):
+    monkeypatch.setattr(modules, "_fast_bf16_cpu", lambda: True)
+    assert modules.conv_memory_format(torch.zeros(1, 2, 3, 3, dtype=torch.bfloat16)) == torch.contiguous_format
+    assert modules.conv_memory_format(torch.zeros(1, 2, 3, 3)) == torch.channels_last
+
+
+@pytest.mark.parametrize("forced", [torch.contiguous_format, torch.channels_last])
+def test_layout_does_not_change_the_outputs(forced, monkeypatch):
     model = tiny_model()
     codes = torch.randint(0, 32, (2, 8, 8))
-    chosen = model.decode(codes)
-    monkeypatch.setattr(model_module, "DECODER_MEMORY_FORMAT", torch.contiguous_format)
-    other = model.decode(codes)
-    torch.testing.assert_close(chosen, other, rtol=1e-5, atol=1e-5)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    chosen_decode, chosen = model.decode(codes), model(images)
+    monkeypatch.setattr(modules, "CONV_MEMORY_FORMAT", forced)
+    assert input_layouts(model, lambda: model(images), False) == 2 * [
+        "contiguous" if forced == torch.contiguous_format else "channels_last"]
+    torch.testing.assert_close(model.decode(codes), chosen_decode, rtol=1e-5, atol=1e-5)
+    forced_out = model(images)
+    torch.testing.assert_close(forced_out.reconstruction, chosen.reconstruction, rtol=1e-5, atol=1e-5)
+    assert torch.equal(forced_out.quantizer.indices, chosen.quantizer.indices)
