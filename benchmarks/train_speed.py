@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         mfu = rate * flops_per_item / (args.peak_tflops * 1e12) if args.peak_tflops else None
         rows.append((stage, dtype, lever, rate, share, mfu))
         unit = "images/s" if stage == "tokenizer" else "tokens/s"
-        print(f"  {stage:9s} {dtype:4s} {lever:32s} {rate:9.1f} {unit}  {100 * share:5.1f}% of matmul peak"
+        print(f"  {stage:9s} {dtype:4s} {lever:38s} {rate:9.1f} {unit}  {100 * share:5.1f}% of matmul peak"
               + (f"  MFU {100 * mfu:.1f}%" if mfu is not None else ""), flush=True)
 
     slow_bf16 = on_cpu and not cpu_has_fast_bf16()
