@@ -45,8 +45,10 @@ went from 30.4 to 25.0 ms a step (the AMD CPU above).
 The kernel is C++ built once per weight dtype and machine by inductor's compiler toolchain (the one
 ``torch.compile`` uses on a CPU; cached on disk), for the CPU's vector ISA; where that fails (no
 compiler, no AVX2/FMA, another torch) ``kernel(dtype)`` is None and callers take their library path. It
-runs as the custom op ``vqgpt::blocked_linear`` inside compiled graphs. Each kernel is checked against
-torch once per process before use (a build for AVX-512 once summed past the scores: refused, not used).
+runs as the custom op ``vqgpt::blocked_linear`` inside compiled graphs, or, built once more as a torch C++
+extension (``native_linear``), as ``vqgpt_native::blocked_linear``, which calls it without Python. Each
+kernel is checked against torch once per process before use (a build for AVX-512 once summed past the
+scores: refused, not used).
 """
 
 from __future__ import annotations
@@ -66,13 +68,24 @@ _WIDEN = {
 # what the rows of x are for each weight dtype (bf16 weights take bf16 rows; see ``product``)
 _ROW_DTYPE = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.int8: torch.float32}
 
-_SOURCE = r"""
+# the headers of the product kernel as inductor builds it (a Python binding), and its block loop (OpenMP)
+_PYBINDING_HEADER = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
 #if !(defined(__AVX2__) && defined(__FMA__))
 #error "the blocked kernel needs AVX2 and FMA"
 #endif
 #include <immintrin.h>
+#include <cstring>
+#include <vector>
 
+template <typename F>
+static inline void for_each_block(const int64_t n, const F& f) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < n; ++b) f(b);
+}
+"""
+
+_SOURCE = r"""
 typedef WEIGHT_T weight_t;
 typedef ROW_T row_t;
 constexpr int64_t AHEAD = 8192 / (8 * sizeof(weight_t));  // the prefetch distance in steps of k: 8 KB
@@ -112,9 +125,7 @@ DOT_PRODUCTS
 template <typename X>
 static void products(const X* x, const weight_t* weight, const uint16_t* scales, float* out, const int64_t M,
                      const int64_t N, const int64_t K) {
-    const int64_t blocks = N / 8;
-    #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
+    for_each_block(N / 8, [&](const int64_t b) {
         const weight_t* wb = weight + b * K * 8;
         const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * 8));
         const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
@@ -132,12 +143,12 @@ static void products(const X* x, const weight_t* weight, const uint16_t* scales,
                 default: block_rows<8, 1>(wb, xm, K, scale, om, N); break;
             }
         }
-    }
+    });
 }
 
 // out (M, N) = rows (M, K) @ weight^T * scales; weight blocked (N / 8, K, 8), scales (N,) as bf16 bits
-extern "C" void kernel(const row_t* rows, const weight_t* weight, const uint16_t* scales, float* out,
-                       const int64_t M, const int64_t N, const int64_t K) {
+LINKAGE void kernel(const row_t* rows, const weight_t* weight, const uint16_t* scales, float* out,
+                    const int64_t M, const int64_t N, const int64_t K) {
     PREPARE_ROWS
     products(x, weight, scales, out, M, N, K);
 }
@@ -146,9 +157,6 @@ extern "C" void kernel(const row_t* rows, const weight_t* weight, const uint16_t
 # bf16 weights only: rows as bf16; on a CPU with AVX512-BF16 (checked at run time) pairs of inputs go through
 # one dot-product instruction, elsewhere the rows are widened once and take the loop above.
 _BF16_DOT_SOURCE = r"""
-#include <cstring>
-#include <vector>
-
 // block_rows for bf16 rows: inputs k and k + 1 in one instruction. One 32-byte load holds weights k and
 // k + 1 of the block's 8 channels, vpermw interleaves them per channel, each row's bf16 pair is
 // broadcast. Products of bf16 values are exact in fp32; the sums are fp32.
@@ -213,13 +221,19 @@ def _product_argtypes(dtype: torch.dtype) -> list[str]:
         + ["const int64_t"] * 3
 
 
-def _product_source(dtype: torch.dtype) -> str:
-    """The product kernel's C++ for weights of ``dtype``."""
+def _product_body(dtype: torch.dtype, linkage: str) -> str:
+    """The product kernel's C++ for weights of ``dtype``, without headers; ``kernel`` declared ``linkage``."""
     c_type, widen = _WIDEN[dtype]
     bf16 = dtype == torch.bfloat16
     return (_SOURCE.replace("WEIGHT_T", c_type).replace("ROW_T", _row_c_type(dtype))
             .replace("WIDEN", widen).replace("DOT_PRODUCTS", _BF16_DOT_SOURCE if bf16 else "")
-            .replace("PREPARE_ROWS", _BF16_PREPARE_ROWS if bf16 else "const float* x = rows;"))
+            .replace("PREPARE_ROWS", _BF16_PREPARE_ROWS if bf16 else "const float* x = rows;")
+            .replace("LINKAGE", linkage))
+
+
+def _product_source(dtype: torch.dtype) -> str:
+    """The product kernel's C++ for weights of ``dtype``, as inductor builds it (a Python binding)."""
+    return _PYBINDING_HEADER + _product_body(dtype, 'extern "C"')
 
 
 _BUILT: dict[torch.dtype, object] = {}  # weight dtype -> the kernel, or None where it did not build
@@ -292,6 +306,147 @@ def blocked_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) 
 @blocked_linear.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], scales.shape[0], dtype=torch.float32)
+
+
+# -- the products as a C++ op, for compiled graphs -----------------------------------------------------------
+# ``blocked_linear`` above runs Python around the kernel on every call (the custom op's dispatch,
+# ``product``'s argument handling): about 20 us a call on the AMD CPU above, 1.2 ms over the 61 products
+# of a GPT-B step, while the kernel itself reads a 768 x 768 int8 weight in about 20 us. Built as a
+# torch C++ extension, ``vqgpt_native::blocked_linear`` is called straight from a compiled graph's
+# wrapper (about 2 us). One extension holds the kernels of all three weight dtypes; its block loop runs
+# on torch's own threads (at::parallel_for).
+
+_NATIVE_SOURCE = r"""
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstring>
+#include <vector>
+#if !(defined(__AVX2__) && defined(__FMA__))
+#error "the blocked kernel needs AVX2 and FMA"
+#endif
+
+template <typename F>
+static inline void for_each_block(const int64_t n, const F& f) {
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) f(b);
+    });
+}
+
+namespace weights_float32 {
+FLOAT32
+}
+namespace weights_bfloat16 {
+BFLOAT16
+}
+namespace weights_int8 {
+INT8
+}
+
+// x (M, K) in the rows' dtype, weight blocked (N / 8, K, 8), scales (N,) bf16 -> (M, N) fp32
+at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
+    TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && scales.device().is_cpu(),
+                "vqgpt_native::blocked_linear takes CPU tensors");
+    TORCH_CHECK(x.dim() == 2 && weight.dim() == 3 && weight.size(2) == 8 && weight.size(1) == x.size(1)
+                && scales.dim() == 1 && scales.size(0) == 8 * weight.size(0),
+                "vqgpt_native::blocked_linear: x (M, K), weight (N / 8, K, 8), scales (N,); got ", x.sizes(), ", ",
+                weight.sizes(), ", ", scales.sizes());
+    TORCH_CHECK(scales.scalar_type() == at::kBFloat16, "vqgpt_native::blocked_linear: scales must be bfloat16");
+    const at::Tensor rows = x.contiguous(), w = weight.contiguous(), sc = scales.contiguous();
+    const int64_t M = rows.size(0), K = rows.size(1), N = sc.size(0);
+    at::Tensor out = at::empty({M, N}, rows.options().dtype(at::kFloat));
+    const auto* s = reinterpret_cast<const uint16_t*>(sc.data_ptr());
+    float* o = out.data_ptr<float>();
+    const auto want = [&](at::ScalarType row_type) {
+        TORCH_CHECK(rows.scalar_type() == row_type, "vqgpt_native::blocked_linear: ", w.scalar_type(),
+                    " weights take ", row_type, " rows, got ", rows.scalar_type());
+    };
+    switch (w.scalar_type()) {
+        case at::kFloat:
+            want(at::kFloat);
+            weights_float32::kernel(rows.data_ptr<float>(), w.data_ptr<float>(), s, o, M, N, K);
+            break;
+        case at::kBFloat16:
+            want(at::kBFloat16);
+            weights_bfloat16::kernel(reinterpret_cast<const uint16_t*>(rows.data_ptr()),
+                                     reinterpret_cast<const uint16_t*>(w.data_ptr()), s, o, M, N, K);
+            break;
+        case at::kChar:
+            want(at::kFloat);
+            weights_int8::kernel(rows.data_ptr<float>(), w.data_ptr<int8_t>(), s, o, M, N, K);
+            break;
+        default:
+            TORCH_CHECK(false, "vqgpt_native::blocked_linear: no kernel for weights of ", w.scalar_type());
+    }
+    return out;
+}
+
+TORCH_LIBRARY(vqgpt_native, m) {
+    m.def("blocked_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+    m.impl("blocked_linear", c10::DispatchKey::CPU, &blocked_linear);
+}
+"""
+
+_NATIVE: list = []  # [the op, or None where it did not build or check]
+
+
+def native_linear():
+    """``torch.ops.vqgpt_native.blocked_linear.default``: ``product`` as a C++ op (x in the rows' dtype of the
+    weight, see ``product``), built on the first call with torch's C++ extension builder (about 25 s on
+    2 cores, then cached on disk, in ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) and
+    checked against torch for each weight dtype; None where it cannot be built (no compiler or ninja, no
+    AVX2) or gives a wrong product, and where the kernels of ``kernel`` are missing."""
+    if not _NATIVE:
+        _NATIVE.append(_load_native())
+    return _NATIVE[0]
+
+
+def _load_native():
+    dtypes = (torch.float32, torch.bfloat16, torch.int8)
+    if any(kernel(dtype) is None for dtype in dtypes):  # the kernels themselves do not build or check here
+        return None
+    try:
+        import os
+        import shutil
+
+        from torch.utils.cpp_extension import load_inline
+
+        if shutil.which("ninja") is None:  # torch's builder runs ninja from PATH; the pip package's
+            import ninja  # noqa: PLC0415 - a dependency, looked for only here
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        source = _NATIVE_SOURCE
+        for dtype in dtypes:
+            source = source.replace(str(dtype).removeprefix("torch.").upper(), _product_body(dtype, "static"))
+        # the flags inductor builds the kernels above with: this CPU's instructions, torch's OpenMP threads
+        load_inline("vqgpt_blocked_native", cpp_sources=[source], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], is_python_module=False)
+        op = torch.ops.vqgpt_native.blocked_linear.default
+        torch.library.register_fake("vqgpt_native::blocked_linear")(_blocked_linear_fake)
+    except Exception:  # noqa: BLE001 - any failure to build means: the Python op
+        return None
+    return op if all(_product_correct(_native_as_kernel(op), dtype) for dtype in dtypes) else None
+
+
+def _native_as_kernel(op):
+    """The C++ op called the way ``_product_correct`` calls a kernel."""
+    def call(x, weight, scales, out, rows, n, k):
+        out.copy_(op(x[:rows], weight, scales))
+    return call
+
+
+def _blocked_linear_fake(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], scales.shape[0], dtype=torch.float32)
+
+
+def compiled_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``product`` inside a compiled graph: the C++ op where it was built (by an eager call of
+    ``native_linear`` before tracing), else the Python op ``blocked_linear``."""
+    op = _NATIVE[0] if _NATIVE else None
+    if op is None:
+        return blocked_linear(x, weight, scales)
+    return op(x.to(_ROW_DTYPE[weight.dtype]).contiguous(), weight, scales)
 
 
 # -- attention of one query per sequence over a KV cache (a decode step), fp32 or bf16 cache ---------------

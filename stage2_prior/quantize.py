@@ -121,7 +121,7 @@ class Int8Linear(nn.Module):
             flat = x.reshape(-1, self.in_features)
             scales = self.scales if self.scales.dtype == torch.bfloat16 else self.scales.to(torch.bfloat16)
             if torch.compiler.is_compiling():
-                out = blocked.blocked_linear(flat, self.weight_blocked, scales)
+                out = blocked.compiled_product(flat, self.weight_blocked, scales)
             else:
                 out = blocked.product(flat, self.weight_blocked, scales)
             return out.reshape(*x.shape[:-1], self.out_features)

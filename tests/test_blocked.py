@@ -32,6 +32,29 @@ def test_blocked_kernel_gives_the_float_product_for_every_row_count(dtype):
         assert torch.equal(blocked.blocked_linear(x, packed, scales), got)  # the op compiled graphs call
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_op_gives_the_kernels_product_and_names_bad_inputs(dtype):
+    """vqgpt_native::blocked_linear, what compiled graphs call where it builds: the same kernel as
+    ``product`` behind a C++ op, so the same numbers; wrong inputs are refused with what was wrong."""
+    op = blocked.native_linear()
+    assert op is not None  # x86 with AVX2, a C++ compiler and ninja (a dependency), as on CI
+    gen = torch.Generator().manual_seed(1)
+    weight = (torch.randint(-127, 128, (24, 37), generator=gen) if dtype == torch.int8
+              else torch.randn(24, 37, generator=gen)).to(dtype)
+    scales = torch.rand(24, generator=gen).add(0.01).to(torch.bfloat16)
+    packed = blocked.block(weight)
+    for rows in (1, 3, 8, 11):
+        x = torch.randn(rows, 37, generator=gen).to(blocked._ROW_DTYPE[dtype])
+        assert torch.equal(op(x, packed, scales), blocked.product(x, packed, scales))
+    wrong_rows = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(RuntimeError, match="weights take (Float|BFloat16) rows, got (Float|BFloat16)"):
+        op(torch.randn(2, 37).to(wrong_rows), packed, scales)
+    with pytest.raises(RuntimeError, match="scales must be bfloat16"):
+        op(x, packed, scales.float())
+    with pytest.raises(RuntimeError, match=r"weight \(N / 8, K, 8\)"):
+        op(x[:, :36], packed, scales)
+
+
 def test_bf16_rows_are_widened_where_the_cpu_has_no_bf16_dot_products():
     """The bf16 kernel checks for AVX512-BF16 at run time; its other path (rows widened to fp32 once, then
     the fp32 loop) is what AVX2-only CPUs run. Built here with the check forced off, it must pass the same

@@ -190,6 +190,33 @@ def test_compiled_int8_step_keeps_to_the_eager_int8_logits():
             assert (got - want).abs().max() <= tolerance * spread, pos
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["cpp-op", "python-op"])
+def test_compiled_int8_step_calls_the_cpp_op_where_it_builds(native, monkeypatch):
+    """The compiled step's int8 products go to vqgpt_native::blocked_linear (no Python per product); where
+    that op did not build, to the Python op around the same kernel. Either way the eager int8 logits."""
+    assert blocked.native_linear() is not None  # built here, as on CI
+    if not native:
+        monkeypatch.setattr(blocked, "_NATIVE", [None])
+    model = set_prior_dtype(tiny_gpt(grid_size=[3, 4], n_layer=1), "int8")
+    layers = sum(isinstance(m, Int8Linear) for m in model.modules())
+    tokens, labels = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
+    step = decode_step(model)
+    eager_cache, cache = model.new_cache(2), step.new_cache(2, model.config.seq_len)
+    calls = []
+    product = blocked.product
+    monkeypatch.setattr(blocked, "product", lambda *args: calls.append(1) or product(*args))
+    with torch.inference_mode():
+        for c in (eager_cache, cache):
+            model.forward_cached(None, 0, labels, cache=c)
+        for pos in range(1, 4):
+            want = model.forward_cached(tokens[:, pos - 1: pos], pos, cache=eager_cache)
+            calls.clear()
+            got = step(tokens[:, pos - 1: pos], pos, cache)
+            assert len(calls) == (0 if native else layers)  # the Python op: one call per int8 layer
+            spread = (want.amax(-1) - want.amin(-1)).min()
+            assert (got - want).abs().max() <= 1e-4 * spread, pos
+
+
 def test_int8_linear_kernel_and_dequantised_fallback(monkeypatch):
     import stage2_prior.quantize as quantize
 
