@@ -17,13 +17,14 @@ On CPU the caches are the caller's, and the step differs in two ways, both for s
   them with inductor's own C++ GEMM template, autotuned against oneDNN/MKL at compile time, which
   read them at the memory bandwidth at one row on the development CPU (2 cores, AVX2); 2 or more rows
   (and int8 layers at any batch) call the blocked AVX2 kernel of ``stage2_prior.blocked`` as an
-  opaque op (``Linear``'s ``vqgpt::few_row_linear``; ``Int8Linear``'s C++ op
-  ``vqgpt_native::blocked_linear``, built when the step is made, else the Python op
-  ``vqgpt::blocked_linear``), which ran the GPT-B products at 8 rows 1.7-1.8x faster than the template. Frozen weights are a copy
-  made at compile time, so the step recompiles (a fresh code object, so nothing stale is reused)
-  when a parameter or buffer has changed: replaced or moved (checked whenever ``decode_step`` hands
-  the step out, which the samplers do once per call) or edited in place (its version, checked every
-  step).
+  opaque op, which ran the GPT-B products at 8 rows 1.7-1.8x faster than the template: the C++ op
+  ``vqgpt_native::blocked_linear``, built when a step is first made, over the blocked copies that
+  ``attach_blocked_copies`` hands each ``Linear`` before tracing (``Int8Linear`` keeps its own);
+  where that op cannot be built, the Python ops ``vqgpt::few_row_linear`` /
+  ``vqgpt::blocked_linear``. Frozen weights are a copy made at compile time, so the step recompiles
+  (a fresh code object, so nothing stale is reused) when a parameter or buffer has changed: replaced
+  or moved (checked whenever ``decode_step`` hands the step out, which the samplers do once per
+  call) or edited in place (its version, checked every step).
 - attention reads only the slots written so far: the caches go in as views ``[:, :, : pos + 1]``
   whose length is marked dynamic, so one graph serves every position without attending over the
   whole static cache (which read twice the average KV bytes).
@@ -37,10 +38,8 @@ import weakref
 
 import torch
 
-from stage2_prior import blocked
-from stage2_prior.layers import KVCache
+from stage2_prior.layers import KVCache, attach_blocked_copies
 from stage2_prior.model import GPT
-from stage2_prior.quantize import is_quantized
 
 # inductor settings of the CPU step (see the module docstring); the autotuning tables stay quiet.
 _FROZEN_CPU = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
@@ -75,8 +74,8 @@ class DecodeStep:
         """A compiled ``_decode`` of its own code object: dynamo keeps compiled graphs per code object, so a
         fresh one starts with none (frozen graphs of older weights are dropped with the old one)."""
         fn = types.FunctionType(_decode.__code__.replace(), _decode.__globals__, _decode.__name__)
-        if self.frozen and is_quantized(self.model):
-            blocked.native_linear()  # the int8 products' C++ op, built (or found missing) before tracing
+        if self.frozen:  # the products' C++ op built (or found missing) and the blocked copies attached
+            attach_blocked_copies(self.model)
         if self.cuda_graphs:
             # dynamic=False: a new batch size compiles its own static step instead of a symbolic one.
             return torch.compile(fn, mode="reduce-overhead", dynamic=False, fullgraph=True)

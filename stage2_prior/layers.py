@@ -128,12 +128,13 @@ class Linear(nn.Linear):
     - else (float32) reordered for oneDNN: 60-80 GB/s at 1-2 rows and 28 GB/s (112 GFLOP/s) at 8
       rows with the weights in cache.
 
-    A compiled graph gets this product as one opaque op (``vqgpt::few_row_linear``) for 2 or more
-    rows, and F.linear for one row (the compiled decode step freezes the weights, and at one row
-    inductor's own GEMM kernels read them at the bandwidth: ``stage2_prior.decode``). The prepared
-    copy, made at the first such call, lives as long as the weight (remade when it changes): decoding on a CPU holds the
-    weights twice. Without one, 1-5 fp32 rows run as W @ x^T (one row padded to two), which ran at
-    50-90% of the bandwidth against 20-40%. benchmarks/sampling.py measures the sampler built on it.
+    A compiled graph gets this product as one opaque op for 2 or more rows (the C++ op over the copy
+    ``attach_blocked_copies`` attached, else ``vqgpt::few_row_linear``), and F.linear for one row (the
+    compiled decode step freezes the weights, and at one row inductor's own GEMM kernels read them at
+    the bandwidth: ``stage2_prior.decode``). The prepared copy, made at the first such call, lives as
+    long as the weight (remade when it changes): decoding on a CPU holds the weights twice. Without
+    one, 1-5 fp32 rows run as W @ x^T (one row padded to two), which ran at 50-90% of the bandwidth
+    against 20-40%. benchmarks/sampling.py measures the sampler built on it.
     Training, autocast, other dtypes and devices take the usual path; the state dict is nn.Linear's.
     """
 
@@ -147,8 +148,16 @@ class Linear(nn.Linear):
                 or torch.is_autocast_enabled("cpu")):
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
-            # one row: inductor's GEMM template on the frozen weight read faster; more: the blocked kernel
-            return F.linear(x, self.weight) if rows == 1 else few_row_linear(x, self.weight)
+            # one row: inductor's GEMM template on the frozen weight read faster; more: the blocked kernel,
+            # as the C++ op over the copy that stage2_prior.decode attached before tracing, else as an op
+            # that finds the prepared copy itself
+            if rows == 1:
+                return F.linear(x, self.weight)
+            attached = getattr(self, "_compiled_blocked", None)
+            if attached is None:
+                return few_row_linear(x, self.weight)
+            out = blocked.compiled_product(x.reshape(rows, x.shape[-1]), *attached)
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.weight.shape[0])
         return _few_row_product(x, self.weight)
 
 
@@ -170,6 +179,19 @@ def _few_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         flat = flat.repeat(2, 1)
     out = (weight @ flat.t()).t()[:rows].contiguous()  # (rows, out_features)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def attach_blocked_copies(model: nn.Module) -> None:
+    """Before a compiled CPU decode step is traced: give each ``Linear`` of ``model`` its blocked copy and
+    unit scales (``_packed_weight``, made now if need be) as ``_compiled_blocked``, so that the graph
+    calls the kernel's C++ op on them directly (``blocked.native_linear``, where it builds; None
+    elsewhere, and for weights without a blocked copy: those take ``few_row_linear``). Called again
+    whenever the step recompiles for changed weights, which remakes the copies."""
+    native = blocked.native_linear() is not None
+    for module in model.modules():
+        if isinstance(module, Linear):
+            prepared = _packed_weight(module.weight) if native and module.bias is None else None
+            module._compiled_blocked = prepared[1:] if prepared is not None and prepared[0] == "blocked" else None
 
 
 @torch.library.custom_op("vqgpt::few_row_linear", mutates_args=())

@@ -58,6 +58,36 @@ def test_compiled_decode_gives_the_eager_greedy_tokens_and_compiles_once():
                                 generator=torch.Generator().manual_seed(3)))
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["cpp-op", "python-op"])
+def test_compiled_float_step_calls_the_cpp_op_on_the_attached_copies(native, monkeypatch):
+    """From 2 rows the compiled step's float products go to vqgpt_native::blocked_linear over the blocked
+    copies that the step attached to each Linear before tracing; where that op did not build, to the
+    Python op that finds the copy itself. Either way the eager logits."""
+    from stage2_prior import layers
+
+    assert blocked.native_linear() is not None  # built here, as on CI
+    if not native:
+        monkeypatch.setattr(blocked, "_NATIVE", [None])
+    model = tiny_gpt(grid_size=[3, 4], n_layer=1)
+    tokens, labels = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
+    step = decode_step(model)
+    linears = [m for m in model.modules() if isinstance(m, layers.Linear)]
+    assert all((m._compiled_blocked is not None) == native for m in linears)
+    eager_cache, cache = model.new_cache(2), step.new_cache(2, model.config.seq_len)
+    calls = []
+    product = layers._few_row_product
+    monkeypatch.setattr(layers, "_few_row_product", lambda *args: calls.append(1) or product(*args))
+    with torch.no_grad():
+        for c in (eager_cache, cache):
+            model.forward_cached(None, 0, labels, cache=c)
+        for pos in range(1, 4):
+            want = model.forward_cached(tokens[:, pos - 1: pos], pos, cache=eager_cache)
+            calls.clear()
+            got = step(tokens[:, pos - 1: pos], pos, cache)
+            assert len(calls) == (0 if native else len(linears))
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow  # three compiles of a one-layer prior
 def test_compiled_decode_follows_weight_edits_and_keeps_priors_apart():
     """On a CPU the step freezes the weights into its graph: an in-place edit (an optimizer step,
