@@ -58,6 +58,28 @@ def test_compiled_decode_gives_the_eager_greedy_tokens_and_compiles_once():
                                 generator=torch.Generator().manual_seed(3)))
 
 
+def compiled_steps_against_eager(model: GPT, spy_module, spy_name: str, monkeypatch) -> list[int]:
+    """Three compiled decode steps of ``model`` at batch 2, each checked against the eager step (logits
+    within 1e-4 of their range); returns how often ``spy_module.spy_name`` ran during each compiled step."""
+    tokens, labels = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
+    step = decode_step(model)
+    eager_cache, cache = model.new_cache(2), step.new_cache(2, model.config.seq_len)
+    calls, counts = [], []
+    original = getattr(spy_module, spy_name)
+    monkeypatch.setattr(spy_module, spy_name, lambda *args: calls.append(1) or original(*args))
+    with torch.inference_mode():
+        for c in (eager_cache, cache):
+            model.forward_cached(None, 0, labels, cache=c)
+        for pos in range(1, 4):
+            want = model.forward_cached(tokens[:, pos - 1: pos], pos, cache=eager_cache)
+            calls.clear()
+            got = step(tokens[:, pos - 1: pos], pos, cache)
+            counts.append(len(calls))
+            spread = (want.amax(-1) - want.amin(-1)).min()
+            assert (got - want).abs().max() <= 1e-4 * spread, pos
+    return counts
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["cpp-op", "python-op"])
 def test_compiled_float_step_calls_the_cpp_op_on_the_attached_copies(native, monkeypatch):
     """From 2 rows the compiled step's float products go to vqgpt_native::blocked_linear over the blocked
@@ -69,23 +91,11 @@ def test_compiled_float_step_calls_the_cpp_op_on_the_attached_copies(native, mon
     if not native:
         monkeypatch.setattr(blocked, "_NATIVE", [None])
     model = tiny_gpt(grid_size=[3, 4], n_layer=1)
-    tokens, labels = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
-    step = decode_step(model)
+    decode_step(model)
     linears = [m for m in model.modules() if isinstance(m, layers.Linear)]
     assert all((m._compiled_blocked is not None) == native for m in linears)
-    eager_cache, cache = model.new_cache(2), step.new_cache(2, model.config.seq_len)
-    calls = []
-    product = layers._few_row_product
-    monkeypatch.setattr(layers, "_few_row_product", lambda *args: calls.append(1) or product(*args))
-    with torch.no_grad():
-        for c in (eager_cache, cache):
-            model.forward_cached(None, 0, labels, cache=c)
-        for pos in range(1, 4):
-            want = model.forward_cached(tokens[:, pos - 1: pos], pos, cache=eager_cache)
-            calls.clear()
-            got = step(tokens[:, pos - 1: pos], pos, cache)
-            assert len(calls) == (0 if native else len(linears))
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    counts = compiled_steps_against_eager(model, layers, "_few_row_product", monkeypatch)
+    assert counts == 3 * [0 if native else len(linears)]  # the Python op: one call per layer
 
 
 @pytest.mark.slow  # three compiles of a one-layer prior
@@ -229,22 +239,8 @@ def test_compiled_int8_step_calls_the_cpp_op_where_it_builds(native, monkeypatch
         monkeypatch.setattr(blocked, "_NATIVE", [None])
     model = set_prior_dtype(tiny_gpt(grid_size=[3, 4], n_layer=1), "int8")
     layers = sum(isinstance(m, Int8Linear) for m in model.modules())
-    tokens, labels = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
-    step = decode_step(model)
-    eager_cache, cache = model.new_cache(2), step.new_cache(2, model.config.seq_len)
-    calls = []
-    product = blocked.product
-    monkeypatch.setattr(blocked, "product", lambda *args: calls.append(1) or product(*args))
-    with torch.inference_mode():
-        for c in (eager_cache, cache):
-            model.forward_cached(None, 0, labels, cache=c)
-        for pos in range(1, 4):
-            want = model.forward_cached(tokens[:, pos - 1: pos], pos, cache=eager_cache)
-            calls.clear()
-            got = step(tokens[:, pos - 1: pos], pos, cache)
-            assert len(calls) == (0 if native else layers)  # the Python op: one call per int8 layer
-            spread = (want.amax(-1) - want.amin(-1)).min()
-            assert (got - want).abs().max() <= 1e-4 * spread, pos
+    counts = compiled_steps_against_eager(model, blocked, "product", monkeypatch)
+    assert counts == 3 * [0 if native else layers]  # the Python op: one call per int8 layer
 
 
 def test_int8_linear_kernel_and_dequantised_fallback(monkeypatch):
