@@ -38,7 +38,7 @@ import weakref
 
 import torch
 
-from stage2_prior.layers import KVCache, attach_blocked_copies
+from stage2_prior.layers import KVCache, attach_blocked_copies, attached_copies_in_use
 from stage2_prior.model import GPT
 
 # inductor settings of the CPU step (see the module docstring); the autotuning tables stay quiet.
@@ -135,7 +135,8 @@ class DecodeStep:
             values = [v[:, :, : pos + 1] for v in cache.values]
             for t in (*keys, *values):
                 torch._dynamo.mark_dynamic(t, 2)
-            with torch._inductor.config.patch(_FROZEN_CPU), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            with torch._inductor.config.patch(_FROZEN_CPU), torch._dynamo.config.patch(automatic_dynamic_shapes=False), \
+                    attached_copies_in_use():
                 logits = self._compiled(self.model, tokens, position, keys, values)
         # A CUDA graph's output is overwritten by the next replay: hand out a copy.
         return logits.clone() if self.cuda_graphs else logits

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -153,7 +155,7 @@ class Linear(nn.Linear):
             # that finds the prepared copy itself
             if rows == 1:
                 return F.linear(x, self.weight)
-            attached = getattr(self, "_compiled_blocked", None)
+            attached = getattr(self, "_compiled_blocked", None) if _in_decode_step else None
             if attached is None:
                 return few_row_linear(x, self.weight)
             out = blocked.compiled_product(x.reshape(rows, x.shape[-1]), *attached)
@@ -179,6 +181,22 @@ def _few_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         flat = flat.repeat(2, 1)
     out = (weight @ flat.t()).t()[:rows].contiguous()  # (rows, out_features)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_in_decode_step = False  # True while a compiled decode step runs (``attached_copies_in_use``)
+
+
+@contextlib.contextmanager
+def attached_copies_in_use() -> Iterator[None]:
+    """While in it, compiled graphs take the copies of ``attach_blocked_copies``. stage2_prior.decode runs its
+    step in it, and remakes the copies whenever its weights change; any other compiled graph (a
+    caller's own torch.compile of the model) is traced outside it and finds each copy itself."""
+    global _in_decode_step
+    previous, _in_decode_step = _in_decode_step, True
+    try:
+        yield
+    finally:
+        _in_decode_step = previous
 
 
 def attach_blocked_copies(model: nn.Module) -> None:

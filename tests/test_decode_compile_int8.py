@@ -98,6 +98,23 @@ def test_compiled_float_step_calls_the_cpp_op_on_the_attached_copies(native, mon
     assert counts == 3 * [0 if native else len(linears)]  # the Python op: one call per layer
 
 
+def test_other_compiled_graphs_do_not_take_the_attached_copies():
+    """The copies attached for the decode step are remade only when that step recompiles: a caller's own
+    compiled forward of the same layers, after an in-place edit of a weight, must see the edited weight."""
+    from stage2_prior import layers
+
+    model = tiny_gpt(grid_size=[3, 4], n_layer=1)
+    decode_step(model)  # attaches the blocked copies
+    linear = model.output
+    assert linear._compiled_blocked is not None
+    x = torch.randn(2, linear.in_features)
+    with torch.no_grad():
+        linear.weight.mul_(2)
+        got = torch.compile(lambda rows: linear(rows), fullgraph=True)(x)
+    torch.testing.assert_close(got, x @ linear.weight.t(), rtol=1e-4, atol=1e-4)
+    assert not layers._in_decode_step
+
+
 @pytest.mark.slow  # three compiles of a one-layer prior
 def test_compiled_decode_follows_weight_edits_and_keeps_priors_apart():
     """On a CPU the step freezes the weights into its graph: an in-place edit (an optimizer step,
