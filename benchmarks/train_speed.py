@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> None:
             step()
             sync(device)
             print(f"  (tokenizer compile + first step: {time.perf_counter() - t:.0f} s)")
-            record("tokenizer", dtype, f"AdamW fused, {LAYOUT_NAMES[chosen]} (chosen), compiled", median_rate(step, b, w, s, r, device),
-                   tok_flops)
+            record("tokenizer", dtype, f"AdamW fused, {LAYOUT_NAMES[chosen]} (chosen), compiled",
+                   median_rate(step, b, w, s, r, device), tok_flops)
 
     # -- prior
     prior_batch = args.prior_batch

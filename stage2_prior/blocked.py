@@ -68,16 +68,20 @@ _WIDEN = {
 # what the rows of x are for each weight dtype (bf16 weights take bf16 rows; see ``product``)
 _ROW_DTYPE = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.int8: torch.float32}
 
-# the headers of the product kernel as inductor builds it (a Python binding), and its block loop (OpenMP)
-_PYBINDING_HEADER = r"""
-#include <torch/csrc/inductor/cpp_prefix.h>
-#if !(defined(__AVX2__) && defined(__FMA__))
-#error "the blocked kernel needs AVX2 and FMA"
-#endif
+# what the product kernel needs in both builds: intrinsics, memcpy, vector, and a CPU with AVX2 and FMA
+_KERNEL_HEADER = r"""
 #include <immintrin.h>
 #include <cstring>
 #include <vector>
+#if !(defined(__AVX2__) && defined(__FMA__))
+#error "the blocked kernel needs AVX2 and FMA"
+#endif
+"""
 
+# the headers of the product kernel as inductor builds it (a Python binding), and its block loop (OpenMP)
+_PYBINDING_HEADER = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+""" + _KERNEL_HEADER + r"""
 template <typename F>
 static inline void for_each_block(const int64_t n, const F& f) {
     #pragma omp parallel for schedule(static)
@@ -320,13 +324,7 @@ _NATIVE_SOURCE = r"""
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <cstring>
-#include <vector>
-#if !(defined(__AVX2__) && defined(__FMA__))
-#error "the blocked kernel needs AVX2 and FMA"
-#endif
-
+""" + _KERNEL_HEADER + r"""
 template <typename F>
 static inline void for_each_block(const int64_t n, const F& f) {
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
