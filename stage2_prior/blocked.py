@@ -33,22 +33,29 @@ bf16 at 4 rows from 7.2-7.5 to 5.5-5.8 ms and at 8 rows from 10.5-11.6 to 6.7-8.
 same, it reads at the bandwidth either way).
 
 A second kernel, ``decode_attention``, is the attention of a decode step: one query per sequence and
-head over the cache slots written so far, in fp32 arithmetic over an fp32 or bf16 cache (scores 4
-slots at a time, a vectorised softmax, the weighted sum of the values), reading keys and values once
-each, with grouped cache heads read in place. Eager GPT-B sampling at batch 8 went from 330 to 362
-tokens/s with it (interleaved in one process). A compiled step calls it as ``decode_attention_update``,
-which also writes the step's keys and values into the caches: with the write in the graph and the
-attention as a separate op, inductor handed the op fresh copies of the written caches at every layer
-and step, and the kernel gained nothing (382 against 379 tokens/s); as one op, compiled GPT-B batch 8
-went from 30.4 to 25.0 ms a step (the AMD CPU above).
+head over the cache slots written so far, in fp32 arithmetic over an fp32 or bf16 cache (scores 8
+slots at a time with one reduction for the 8, a vectorised softmax, the weighted sum of the values),
+reading keys and values once each, with grouped cache heads read in place. Eager GPT-B sampling at
+batch 8 went from 330 to 362 tokens/s with it (interleaved in one process). A compiled step calls it as
+``decode_attention_update``, which also writes the step's keys and values into the caches: with the
+write in the graph and the attention as a separate op, inductor handed the op fresh copies of the
+written caches at every layer and step, and the kernel gained nothing (382 against 379 tokens/s); as
+one op, compiled GPT-B batch 8 went from 30.4 to 25.0 ms a step (the AMD CPU above). At batch 8 the
+kernel first read its cache at 8-11 GB/s, a third of the bandwidth: it was waiting on memory between
+rows (each row's keys, then its values, are a fresh 16-33 KB stretch). It now fetches a phase ahead:
+this row's values into L2 while its scores read the keys, the next row's keys while the values are
+summed. Over the 12 GPT-B layers at 129 slots and batch 8 (interleaved in one process, the AMD CPU):
+bf16 cache 2.8-2.9 -> 1.6-1.9 ms, fp32 3.1-3.9 -> 2.5-3.5 ms. Where the products' C++ op builds, the
+compiled step calls ``vqgpt_native::decode_attention_update`` (the same kernel): the Python op cost
+about 30 us a layer around a kernel of 15 us at batch 1.
 
 The kernel is C++ built once per weight dtype and machine by inductor's compiler toolchain (the one
 ``torch.compile`` uses on a CPU; cached on disk), for the CPU's vector ISA; where that fails (no
 compiler, no AVX2/FMA, another torch) ``kernel(dtype)`` is None and callers take their library path. It
 runs as the custom op ``vqgpt::blocked_linear`` inside compiled graphs, or, built once more as a torch C++
-extension (``native_linear``), as ``vqgpt_native::blocked_linear``, which calls it without Python. Each
-kernel is checked against torch once per process before use (a build for AVX-512 once summed past the
-scores: refused, not used).
+extension (``native_linear``, with the attention), as ``vqgpt_native::blocked_linear``, which calls it
+without Python. Each kernel is checked against torch once per process before use (a build for AVX-512
+once summed past the scores: refused, not used).
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ _ROW_DTYPE = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torc
 # what the product kernel needs in both builds: intrinsics, memcpy, vector, and a CPU with AVX2 and FMA
 _KERNEL_HEADER = r"""
 #include <immintrin.h>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 #if !(defined(__AVX2__) && defined(__FMA__))
@@ -86,6 +94,22 @@ template <typename F>
 static inline void for_each_block(const int64_t n, const F& f) {
     #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < n; ++b) f(b);
+}
+
+// f(begin, end) over one contiguous share of [0, n) per thread
+template <typename F>
+static inline void for_each_range(const int64_t n, const F& f) {
+    #pragma omp parallel
+    {
+#ifdef _OPENMP
+        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+        const int64_t threads = 1, t = 0;
+#endif
+        const int64_t share = (n + threads - 1) / threads;
+        const int64_t begin = std::min(n, t * share), end = std::min(n, begin + share);
+        if (begin < end) f(begin, end);
+    }
 }
 """
 
@@ -317,19 +341,26 @@ def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tens
 # ``product``'s argument handling): about 20 us a call on the AMD CPU above, 1.2 ms over the 61 products
 # of a GPT-B step, while the kernel itself reads a 768 x 768 int8 weight in about 20 us. Built as a
 # torch C++ extension, ``vqgpt_native::blocked_linear`` is called straight from a compiled graph's
-# wrapper (about 2 us). One extension holds the kernels of all three weight dtypes; its block loop runs
-# on torch's own threads (at::parallel_for).
+# wrapper (about 2 us). One extension holds the kernels of all three weight dtypes and the attention
+# kernel's two (``decode_attention_update``); their loops run on torch's own threads (at::parallel_for).
 
 _NATIVE_SOURCE = r"""
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 """ + _KERNEL_HEADER + r"""
 template <typename F>
 static inline void for_each_block(const int64_t n, const F& f) {
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) f(b);
     });
+}
+
+template <typename F>
+static inline void for_each_range(const int64_t n, const F& f) {
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) { f(begin, end); });
 }
 
 namespace weights_float32 {
@@ -340,6 +371,12 @@ BFLOAT16
 }
 namespace weights_int8 {
 INT8
+}
+namespace cache_float32 {
+ATTENTION_FLOAT32
+}
+namespace cache_bfloat16 {
+ATTENTION_BFLOAT16
 }
 
 // x (M, K) in the rows' dtype, weight blocked (N / 8, K, 8), scales (N,) bf16 -> (M, N) fp32
@@ -380,9 +417,52 @@ at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& weight, const a
     return out;
 }
 
+// q (B, H, 1, D); this step's keys and values k, v (B, KH, 1, D) go to slot start_pos of the caches
+// (B, KH, S, D), then the attention of q over slots [0, start_pos] -> (B, H, 1, D) in q's dtype
+at::Tensor decode_attention_update(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& start_pos) {
+    const auto name = "vqgpt_native::decode_attention_update: ";
+    TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(), name,
+                "takes CPU tensors");
+    TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes()
+                && k_cache.size(0) == q.size(0) && k_cache.size(3) == q.size(3) && q.size(1) % k_cache.size(1) == 0,
+                name, "q (B, H, 1, D) and caches (B, KH, S, D) with H a multiple of KH; got ", q.sizes(), ", ",
+                k_cache.sizes(), ", ", v_cache.sizes());
+    const int64_t B = q.size(0), H = q.size(1), KH = k_cache.size(1), D = q.size(3);
+    TORCH_CHECK(D % 8 == 0 && D <= 256, name, "the head size must be a multiple of 8 up to 256, got ", D);
+    TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type()
+                && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+                name, "q and the caches must be all float32 or all bfloat16, got ", q.scalar_type(), ", ",
+                k_cache.scalar_type(), ", ", v_cache.scalar_type());
+    TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1 && k_cache.stride(2) == D && v_cache.stride(2) == D,
+                name, "each cache head must hold its slots as contiguous rows");
+    TORCH_CHECK(start_pos.numel() == 1, name, "start_pos must hold one position");
+    const int64_t pos = start_pos.item<int64_t>();
+    TORCH_CHECK(pos >= 0 && pos < k_cache.size(2), name, "start_pos ", pos, " is outside the ", k_cache.size(2),
+                " cache slots");
+    k_cache.select(2, pos).copy_(k.select(2, 0));
+    v_cache.select(2, pos).copy_(v.select(2, 0));
+    const at::Tensor query = q.to(at::kFloat).contiguous();
+    at::Tensor out = at::empty_like(query);
+    const float scale = float(std::pow(double(D), -0.5));  // as Python's D ** -0.5
+    if (q.scalar_type() == at::kFloat)
+        cache_float32::kernel(query.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                              out.data_ptr<float>(), B, H, KH, pos + 1, D, k_cache.stride(0), k_cache.stride(1),
+                              v_cache.stride(0), v_cache.stride(1), scale);
+    else
+        cache_bfloat16::kernel(query.data_ptr<float>(), reinterpret_cast<const uint16_t*>(k_cache.data_ptr()),
+                               reinterpret_cast<const uint16_t*>(v_cache.data_ptr()), out.data_ptr<float>(), B, H, KH,
+                               pos + 1, D, k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+                               scale);
+    return out.to(q.scalar_type());
+}
+
 TORCH_LIBRARY(vqgpt_native, m) {
     m.def("blocked_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
     m.impl("blocked_linear", c10::DispatchKey::CPU, &blocked_linear);
+    m.def("decode_attention_update(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+          "Tensor start_pos) -> Tensor");
+    m.impl("decode_attention_update", c10::DispatchKey::CPU, &decode_attention_update);
 }
 """
 
@@ -392,9 +472,10 @@ _NATIVE: list = []  # [the op, or None where it did not build or check]
 def native_linear():
     """``torch.ops.vqgpt_native.blocked_linear.default``: ``product`` as a C++ op (x in the rows' dtype of the
     weight, see ``product``), built on the first call with torch's C++ extension builder (about 25 s on
-    2 cores, then cached on disk, in ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) and
-    checked against torch for each weight dtype; None where it cannot be built (no compiler or ninja, no
-    AVX2) or gives a wrong product, and where the kernels of ``kernel`` are missing."""
+    2 cores, then cached on disk, in ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) with
+    ``vqgpt_native::decode_attention_update`` beside it, and checked against torch for each weight and
+    cache dtype; None where it cannot be built (no compiler or ninja, no AVX2) or gives a wrong result,
+    and where the kernels of ``kernel`` or ``attention_kernel`` are missing."""
     if not _NATIVE:
         _NATIVE.append(_load_native())
     return _NATIVE[0]
@@ -402,29 +483,44 @@ def native_linear():
 
 def _load_native():
     dtypes = (torch.float32, torch.bfloat16, torch.int8)
-    if any(kernel(dtype) is None for dtype in dtypes):  # the kernels themselves do not build or check here
-        return None
+    if any(kernel(dtype) is None for dtype in dtypes) or any(attention_kernel(dtype) is None for dtype in _KV_LOAD):
+        return None  # the kernels themselves do not build or check here
     try:
         import os
         import shutil
 
         from torch.utils.cpp_extension import load_inline
 
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
         if shutil.which("ninja") is None:  # torch's builder runs ninja from PATH; the pip package's
             import ninja  # noqa: PLC0415 - a dependency, looked for only here
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         source = _NATIVE_SOURCE
+        for dtype in _KV_LOAD:  # first: the names of the product kernels' placeholders are part of these
+            source = source.replace("ATTENTION_" + _dtype_name(dtype), _attention_body(dtype, "static"))
         for dtype in dtypes:
-            source = source.replace(str(dtype).removeprefix("torch.").upper(), _product_body(dtype, "static"))
-        # the flags inductor builds the kernels above with: this CPU's instructions, torch's OpenMP threads
-        load_inline("vqgpt_blocked_native", cpp_sources=[source], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], is_python_module=False)
+            source = source.replace(_dtype_name(dtype), _product_body(dtype, "static"))
+        # the flags inductor builds the kernels above with: this CPU's instructions, its vector width for
+        # ATen's vector types (the softmax), torch's OpenMP threads
+        macros = [f"-D{macro}" for macro in pick_vec_isa().build_macro()]
+        load_inline("vqgpt_blocked_native", cpp_sources=[source], is_python_module=False,
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", *macros], extra_ldflags=["-fopenmp"])
         op = torch.ops.vqgpt_native.blocked_linear.default
         torch.library.register_fake("vqgpt_native::blocked_linear")(_blocked_linear_fake)
+        torch.library.register_fake("vqgpt_native::decode_attention_update")(_attention_update_fake)
     except Exception:  # noqa: BLE001 - any failure to build means: the Python op
         return None
-    return op if all(_product_correct(_native_as_kernel(op), dtype) for dtype in dtypes) else None
+    attention = torch.ops.vqgpt_native.decode_attention_update.default
+    good = all(_product_correct(_native_as_kernel(op), dtype) for dtype in dtypes) and all(
+        _attention_correct(_native_attention(attention), dtype) for dtype in _KV_LOAD)
+    return op if good else None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """FLOAT32, BFLOAT16, INT8: a dtype's placeholder in ``_NATIVE_SOURCE``."""
+    return str(dtype).removeprefix("torch.").upper()
 
 
 def _native_as_kernel(op):
@@ -434,8 +530,22 @@ def _native_as_kernel(op):
     return call
 
 
+def _native_attention(op):
+    """The C++ attention op called the way ``_attention_correct`` calls an attention: slot length - 1 of the
+    caches is written (with the value it holds), then attended over with the slots before it."""
+    def attend(q, k, v, length):
+        slot = slice(length - 1, length)
+        return op(q, k[:, :, slot].clone(), v[:, :, slot].clone(), k, v, torch.tensor([length - 1]))
+    return attend
+
+
 def _blocked_linear_fake(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], scales.shape[0], dtype=torch.float32)
+
+
+def _attention_update_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def compiled_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -449,96 +559,122 @@ def compiled_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
 
 # -- attention of one query per sequence over a KV cache (a decode step), fp32 or bf16 cache ---------------
 
-_ATTENTION_SOURCE = r"""
-#include <torch/csrc/inductor/cpp_prefix.h>
-#if !(defined(__AVX2__) && defined(__FMA__))
-#error "the attention kernel needs AVX2 and FMA"
-#endif
-#include <immintrin.h>
-#include <vector>
-
+_ATTENTION_BODY = r"""
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_hadd_ps(s, s);
     return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
-// out (B, H, D) = softmax(q k^T * scale) v over cache slots [0, L) for each batch row and head; q (B, H, D)
-// contiguous; k and v rows of D elements (fp32 or bf16, widened on load), slot-major within a head, at
-// strides (batch, head) in elements; query head h reads cache head h / (H / KH). D is a multiple of 8,
-// at most 256. The arithmetic is fp32.
+// the sums of 8 vectors in one vector: lane i = the sum of a[i]'s lanes
+static inline __m256 sums8(const __m256* a) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 typedef KV_T kv_t;
 
 // 8 cache elements -> 8 fp32
 static inline __m256 load8(const kv_t* p) { return LOAD_KV; }
 
-extern "C" void kernel(const float* q, const kv_t* k, const kv_t* v, float* out, const int64_t B,
-                       const int64_t H, const int64_t KH, const int64_t L, const int64_t D, const int64_t k_sb,
-                       const int64_t k_sh, const int64_t v_sb, const int64_t v_sh, const float scale) {
-    const int64_t group = H / KH, nd = D / 8;
-    #pragma omp parallel
-    {
-        std::vector<float> scores(L);
-        #pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * H; ++bh) {
-            const int64_t b = bh / H, h = bh % H;
-            const float* qr = q + bh * D;
-            const kv_t* kr = k + b * k_sb + (h / group) * k_sh;
-            const kv_t* vr = v + b * v_sb + (h / group) * v_sh;
-            __m256 qv[32];
-            for (int64_t j = 0; j < nd; ++j) qv[j] = _mm256_loadu_ps(qr + 8 * j);
-            // scores, 4 slots at a time (independent FMA chains)
-            int64_t l = 0;
-            for (; l + 4 <= L; l += 4) {
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                const kv_t* r = kr + l * D;
-                for (int64_t j = 0; j < nd; ++j) {
-                    a0 = _mm256_fmadd_ps(qv[j], load8(r + 8 * j), a0);
-                    a1 = _mm256_fmadd_ps(qv[j], load8(r + D + 8 * j), a1);
-                    a2 = _mm256_fmadd_ps(qv[j], load8(r + 2 * D + 8 * j), a2);
-                    a3 = _mm256_fmadd_ps(qv[j], load8(r + 3 * D + 8 * j), a3);
-                }
-                scores[l] = hsum(a0) * scale;
-                scores[l + 1] = hsum(a1) * scale;
-                scores[l + 2] = hsum(a2) * scale;
-                scores[l + 3] = hsum(a3) * scale;
-            }
-            for (; l < L; ++l) {
-                __m256 a0 = _mm256_setzero_ps();
-                for (int64_t j = 0; j < nd; ++j) a0 = _mm256_fmadd_ps(qv[j], load8(kr + l * D + 8 * j), a0);
-                scores[l] = hsum(a0) * scale;
-            }
-            // softmax: exp(s - max), vectorised at the build's vector width (8 floats on AVX2, 16 on AVX-512)
-            float top = scores[0];
-            for (int64_t i = 1; i < L; ++i) top = std::max(top, scores[i]);
-            using Vec = at::vec::Vectorized<float>;
-            const auto shift = Vec(top);
-            auto total = Vec(0.f);
-            int64_t i = 0;
-            for (; i + Vec::size() <= L; i += Vec::size()) {
-                auto e = (Vec::loadu(scores.data() + i) - shift).exp();
-                e.store(scores.data() + i);
-                total = total + e;
-            }
-            float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, total);
-            for (; i < L; ++i) {
-                scores[i] = std::exp(scores[i] - top);
-                sum += scores[i];
-            }
-            // weighted sum of the values
-            __m256 acc[32];
-            for (int64_t j = 0; j < nd; ++j) acc[j] = _mm256_setzero_ps();
-            for (int64_t s = 0; s < L; ++s) {
-                const __m256 p = _mm256_set1_ps(scores[s]);
-                const kv_t* r = vr + s * D;
-                for (int64_t j = 0; j < nd; ++j) acc[j] = _mm256_fmadd_ps(p, load8(r + 8 * j), acc[j]);
-            }
-            const __m256 inv = _mm256_set1_ps(1.f / sum);
-            for (int64_t j = 0; j < nd; ++j) _mm256_storeu_ps(out + bh * D + 8 * j, _mm256_mul_ps(acc[j], inv));
-        }
+// fetch the cache lines of n bytes from p into L1, or L2
+template <bool L1>
+static inline void fetch(const kv_t* p, const int64_t n) {
+    for (int64_t c = 0; c < n; c += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(p) + c, L1 ? _MM_HINT_T0 : _MM_HINT_T1);
+}
+
+// One query row (D = 8 ND fp32) over slots [0, L) of its cache head: o = softmax(q k^T * scale) v, with
+// the row's scores in ``scores`` (L + 8 floats). Keys and values are read once each, and fetched a phase
+// ahead: while the scores read the keys (16 slots ahead into L1), this row's values go to L2; while the
+// values are summed, the next row's keys (``next_k``) go to L1.
+template <int ND>
+static void attend(const float* qr, const kv_t* kr, const kv_t* vr, const kv_t* next_k, float* o, const int64_t L,
+                   const float scale, float* scores) {
+    constexpr int64_t D = 8 * ND, ROW = D * int64_t(sizeof(kv_t));
+    __m256 qv[ND];
+    for (int j = 0; j < ND; ++j) qv[j] = _mm256_loadu_ps(qr + 8 * j);
+    // scores, 8 slots at a time: 8 independent FMA chains, one reduction for the 8
+    int64_t l = 0;
+    for (; l + 8 <= L; l += 8) {
+        const kv_t* r = kr + l * D;
+        fetch<true>(r + 16 * D, 8 * ROW);
+        fetch<false>(vr + l * D, 8 * ROW);
+        __m256 a[8];
+        for (int s = 0; s < 8; ++s) a[s] = _mm256_setzero_ps();
+        for (int j = 0; j < ND; ++j)
+            for (int s = 0; s < 8; ++s) a[s] = _mm256_fmadd_ps(qv[j], load8(r + s * D + 8 * j), a[s]);
+        _mm256_storeu_ps(scores + l, _mm256_mul_ps(sums8(a), _mm256_set1_ps(scale)));
     }
+    for (; l < L; ++l) {
+        __m256 a = _mm256_setzero_ps();
+        for (int j = 0; j < ND; ++j) a = _mm256_fmadd_ps(qv[j], load8(kr + l * D + 8 * j), a);
+        scores[l] = hsum(a) * scale;
+    }
+    // softmax: exp(s - max), vectorised at the build's vector width (8 floats on AVX2, 16 on AVX-512)
+    float top = scores[0];
+    for (int64_t i = 1; i < L; ++i) top = std::max(top, scores[i]);
+    using Vec = at::vec::Vectorized<float>;
+    const auto shift = Vec(top);
+    auto total = Vec(0.f);
+    int64_t i = 0;
+    for (; i + Vec::size() <= L; i += Vec::size()) {
+        auto e = (Vec::loadu(scores + i) - shift).exp();
+        e.store(scores + i);
+        total = total + e;
+    }
+    float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, total);
+    for (; i < L; ++i) {
+        scores[i] = std::exp(scores[i] - top);
+        sum += scores[i];
+    }
+    // the weighted sum of the values
+    __m256 acc[ND];
+    for (int j = 0; j < ND; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < L; ++s) {
+        fetch<true>(next_k + s * D, ROW);
+        const __m256 p = _mm256_set1_ps(scores[s]);
+        const kv_t* r = vr + s * D;
+        for (int j = 0; j < ND; ++j) acc[j] = _mm256_fmadd_ps(p, load8(r + 8 * j), acc[j]);
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / sum);
+    for (int j = 0; j < ND; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], inv));
+}
+
+// out (B, H, D) = softmax(q k^T * scale) v over cache slots [0, L) for each batch row and head; q (B, H, D)
+// contiguous fp32; k and v rows of D elements (fp32 or bf16, widened on load), slot-major within a head, at
+// strides (batch, head) in elements; query head h reads cache head h / (H / KH). D is a multiple of 8,
+// at most 256. The arithmetic is fp32.
+LINKAGE void kernel(const float* q, const kv_t* k, const kv_t* v, float* out, const int64_t B, const int64_t H,
+                    const int64_t KH, const int64_t L, const int64_t D, const int64_t k_sb, const int64_t k_sh,
+                    const int64_t v_sb, const int64_t v_sh, const float scale) {
+    const int64_t group = H / KH;
+    const auto keys = [&](int64_t bh) { return k + (bh / H) * k_sb + ((bh % H) / group) * k_sh; };
+    for_each_range(B * H, [&](const int64_t begin, const int64_t end) {
+        std::vector<float> scores(L + 8);
+        for (int64_t bh = begin; bh < end; ++bh) {
+            const float* qr = q + bh * D;
+            const kv_t *kr = keys(bh), *vr = v + (bh / H) * v_sb + ((bh % H) / group) * v_sh;
+            const kv_t* next_k = keys(std::min(bh + 1, B * H - 1));
+            float* o = out + bh * D;
+            switch (D / 8) {
+CASES
+            }
+        }
+    });
 }
 """
+_ATTENTION_BODY = _ATTENTION_BODY.replace("CASES", "\n".join(
+    f"                case {n}: attend<{n}>(qr, kr, vr, next_k, o, L, scale, scores.data()); break;"
+    for n in range(1, 33)))
+
+
+def _attention_body(dtype: torch.dtype, linkage: str) -> str:
+    """The attention kernel's C++ for a cache of ``dtype``, without headers; ``kernel`` declared ``linkage``."""
+    c_type, load = _KV_LOAD[dtype]
+    return _ATTENTION_BODY.replace("KV_T", c_type).replace("LOAD_KV", load).replace("LINKAGE", linkage)
+
 
 # per cache dtype: the C type of a cache element and how 8 of them load as 8 fp32 (the product's widening)
 _KV_LOAD = {torch.float32: _WIDEN[torch.float32], torch.bfloat16: _WIDEN[torch.bfloat16]}
@@ -552,26 +688,30 @@ def attention_kernel(dtype: torch.dtype = torch.float32):
     if dtype not in _ATTENTION:
         fn = None
         if dtype in _KV_LOAD:
-            c_type, load = _KV_LOAD[dtype]
-            source = _ATTENTION_SOURCE.replace("KV_T", c_type).replace("LOAD_KV", load)
+            c_type = _KV_LOAD[dtype][0]
+            source = _PYBINDING_HEADER + _attention_body(dtype, 'extern "C"')
             argtypes = ["const float*", f"const {c_type}*", f"const {c_type}*", "float*"] + ["const int64_t"] * 9
-            fn = _build(source, argtypes + ["const float"], lambda candidate: _attention_correct(candidate, dtype))
+            fn = _build(source, argtypes + ["const float"], lambda candidate: _attention_correct(
+                lambda q, k, v, length: _run_attention(candidate, q, k, v, length), dtype))
         _ATTENTION[dtype] = fn
     return _ATTENTION[dtype]
 
 
-def _attention_correct(candidate, dtype: torch.dtype) -> bool:
-    """The attention kernel against SDPA in fp32 on the same (rounded) values: grouped cache heads read
-    through strided views, 37 slots (tails after the 4-slot loop and the softmax's vector loop, 8 or 16
-    wide)."""
+def _attention_correct(attend, dtype: torch.dtype) -> bool:
+    """An attention kernel, called as ``attend(q, k, v, length)``, against SDPA in fp32 on the same (rounded)
+    values: grouped cache heads read through strided views, 37 slots (tails after the 8-slot loop and
+    the softmax's vector loop, 8 or 16 wide)."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, length, 16, generator=gen).to(dtype) for length in (1, 37, 37))
-    k, v = k[:, ::2], v[:, ::2]
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1))
-    got = _run_attention(candidate, q, k, v, 37).float()
-    return torch.allclose(got, want, rtol=1e-4, atol=1e-5) if dtype == torch.float32 else \
-        torch.allclose(got, want, rtol=1e-2, atol=1e-2)  # one bf16 rounding of the output
+    good = True
+    for dim in (16, 64):  # two of the kernel's head sizes
+        q, k, v = (torch.randn(2, 4, length, dim, generator=gen).to(dtype) for length in (1, 37, 37))
+        k, v = k[:, ::2], v[:, ::2]
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1))
+        got = attend(q, k, v, 37).float()
+        good = good and (torch.allclose(got, want, rtol=1e-4, atol=1e-5) if dtype == torch.float32 else
+                         torch.allclose(got, want, rtol=1e-2, atol=1e-2))  # one bf16 rounding of the output
+    return good
 
 
 def _run_attention(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
@@ -616,6 +756,15 @@ def decode_attention_update(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     k_cache[:, :, pos] = k[:, :, 0]
     v_cache[:, :, pos] = v[:, :, 0]
     return decode_attention(q, k_cache, v_cache, pos + 1)
+
+
+def compiled_attention_update(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
+    """``decode_attention_update`` inside a compiled graph: the C++ op where it was built (by an eager call
+    of ``native_linear`` before tracing; no Python in the step), else the Python op."""
+    if _NATIVE and _NATIVE[0] is not None:
+        return torch.ops.vqgpt_native.decode_attention_update(q, k, v, k_cache, v_cache, start_pos)
+    return decode_attention_update(q, k, v, k_cache, v_cache, start_pos)
 
 
 @decode_attention_update.register_fake

@@ -25,14 +25,23 @@ On CPU the caches are the caller's, and the step differs in two ways, both for s
   (a fresh code object, so nothing stale is reused) when a parameter or buffer has changed: replaced
   or moved (checked whenever ``decode_step`` hands the step out, which the samplers do once per
   call) or edited in place (its version, checked every step).
-- attention reads only the slots written so far: the caches go in as views ``[:, :, : pos + 1]``
-  whose length is marked dynamic, so one graph serves every position without attending over the
-  whole static cache (which read twice the average KV bytes).
+- the caches go in whole, every step the same shapes (a graph per batch size and cache length): the
+  attention is one op (``blocked.compiled_attention_update``, C++ where the products' op builds) that
+  writes the step's slot and reads only the slots written so far. Where that op does not take the
+  layer (a head size that is not a multiple of 8, another dtype), the graph attends over the whole
+  cache behind a mask, as on CUDA. The caches went in as views of the written length, marked dynamic,
+  until the attention became one op: slicing and marking 24 views a step, and the guards on their
+  symbolic lengths, cost more than they saved.
+- dynamo's ~2,000 guards on the prior itself (its modules' hooks, attributes and parameters) are left
+  out (``_not_on_the_prior``): the step checks the weights itself (``watch`` and the versions above),
+  and evaluating those guards took about a tenth of a GPT-B int8 step at batch 1. A hook added to
+  the prior, or a submodule switched to training, after the step was made is not seen by it.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 import types
 import weakref
 
@@ -44,6 +53,15 @@ from stage2_prior.model import GPT
 # inductor settings of the CPU step (see the module docstring); the autotuning tables stay quiet.
 _FROZEN_CPU = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+
+_PRIOR_GUARD = re.compile(r"(\w+\()*model\b")  # a guard on the prior: model..., type(model...), dict(type(model...
+
+
+def _not_on_the_prior(guards) -> list[bool]:
+    """dynamo's guard filter for a CPU step: keep every guard except those on the prior (the ``model``
+    argument), which the step checks itself (see the module docstring)."""
+    return [_PRIOR_GUARD.match(guard.name) is None for guard in guards]
+
 
 _STEPS: "weakref.WeakKeyDictionary[GPT, dict[str, DecodeStep]]" = weakref.WeakKeyDictionary()
 
@@ -79,9 +97,8 @@ class DecodeStep:
         if self.cuda_graphs:
             # dynamic=False: a new batch size compiles its own static step instead of a symbolic one.
             return torch.compile(fn, mode="reduce-overhead", dynamic=False, fullgraph=True)
-        # The cache length is marked dynamic per call; nothing else is (no automatic dynamic shapes:
-        # a new batch size compiles its own step, with GEMM kernels for its row count).
-        return torch.compile(fn, dynamic=None, fullgraph=True)
+        # Static shapes: a new batch size or cache length compiles its own step (GEMM kernels for its row count).
+        return torch.compile(fn, dynamic=False, fullgraph=True, options={"guard_filter_fn": _not_on_the_prior})
 
     def watch(self) -> "DecodeStep":
         """Re-read the prior's parameters and buffers; drop the frozen graphs if one was replaced or moved.
@@ -131,13 +148,8 @@ class DecodeStep:
             if self._versions is not None and versions != self._versions:
                 self._compiled = self._compile()  # edited in place since they were frozen
             self._versions = versions
-            keys = [k[:, :, : pos + 1] for k in cache.keys]
-            values = [v[:, :, : pos + 1] for v in cache.values]
-            for t in (*keys, *values):
-                torch._dynamo.mark_dynamic(t, 2)
-            with torch._inductor.config.patch(_FROZEN_CPU), torch._dynamo.config.patch(automatic_dynamic_shapes=False), \
-                    attached_copies_in_use():
-                logits = self._compiled(self.model, tokens, position, keys, values)
+            with torch._inductor.config.patch(_FROZEN_CPU), attached_copies_in_use():
+                logits = self._compiled(self.model, tokens, position, cache.keys, cache.values)
         # A CUDA graph's output is overwritten by the next replay: hand out a copy.
         return logits.clone() if self.cuda_graphs else logits
 

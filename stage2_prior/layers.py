@@ -294,7 +294,7 @@ class Attention(nn.Module):
             if (static and n == 1 and not self.training and torch.compiler.is_compiling()
                     and blocked.attention_usable(q, k_cache, v_cache)):
                 # a compiled decode step: write this slot and attend over slots [0, start_pos] in one op
-                y = blocked.decode_attention_update(q, k, v, k_cache, v_cache, start_pos)
+                y = blocked.compiled_attention_update(q, k, v, k_cache, v_cache, start_pos)
                 return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, H * D)))
             if static:
                 # Fixed shapes for a compiled step: write slots start_pos + [0, n) in place and attend

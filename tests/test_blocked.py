@@ -67,6 +67,39 @@ def test_bf16_rows_are_widened_where_the_cpu_has_no_bf16_dot_products():
     assert widening is not None
 
 
+def test_cpp_attention_op_writes_the_slot_then_attends_and_names_bad_inputs():
+    """vqgpt_native::decode_attention_update, what compiled steps call where the C++ ops build: the same
+    kernel as ``decode_attention_update`` (built with other flags, so within float tolerance), the step's
+    keys and values written to slot start_pos first; wrong inputs are refused with what was wrong."""
+    assert blocked.native_linear() is not None  # x86 with AVX2, a C++ compiler and ninja, as on CI
+    op = torch.ops.vqgpt_native.decode_attention_update
+    gen = torch.Generator().manual_seed(2)
+    shapes, dtypes = [(4, 2, 64), (6, 6, 24)], [torch.float32, torch.bfloat16]
+    for (heads, cache_heads, dim), dtype in itertools.product(shapes, dtypes):
+        cache_k, cache_v = (torch.randn(3, cache_heads, 33, dim, generator=gen).to(dtype) for _ in range(2))
+        q = torch.randn(3, heads, 1, dim, generator=gen).to(dtype)
+        new_k, new_v = (torch.randn(3, cache_heads, 1, dim, generator=gen).to(dtype) for _ in range(2))
+        for pos in (0, 8, 32):  # one slot, a tail after the 8-slot loop, all 33
+            want_k, want_v = cache_k.clone(), cache_v.clone()
+            want = blocked.decode_attention_update(q, new_k, new_v, want_k, want_v, torch.tensor([pos]))
+            got_k, got_v = cache_k.clone(), cache_v.clone()
+            got = op(q, new_k, new_v, got_k, got_v, torch.tensor([pos]))
+            assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+            assert torch.equal(got_k[:, :, pos], new_k[:, :, 0])
+            assert got.shape == (3, heads, 1, dim) and got.dtype == dtype
+            torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 2 ** -7, atol=1e-5)
+    cache = torch.zeros(1, 2, 8, 16)
+    q, kv = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    with pytest.raises(RuntimeError, match="start_pos 8 is outside the 8 cache slots"):
+        op(q, kv, kv, cache, cache.clone(), torch.tensor([8]))
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16, got Float, BFloat16"):
+        op(q, kv, kv, cache.bfloat16(), cache.bfloat16(), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="multiple of 8 up to 256, got 12"):
+        op(q[..., :12], kv[..., :12], kv[..., :12], cache[..., :12], cache[..., :12].clone(), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="H a multiple of KH"):
+        op(torch.randn(1, 3, 1, 16), kv, kv, cache, cache.clone(), torch.tensor([1]))
+
+
 def test_linear_takes_the_blocked_kernel_then_onednn_then_plain(monkeypatch):
     """Few-row fp32 and bf16 products run on a blocked copy of the weight; without the kernel fp32 falls
     back to oneDNN's packed copy, bf16 to F.linear; all give the same product."""
@@ -98,7 +131,7 @@ def test_linear_takes_the_blocked_kernel_then_onednn_then_plain(monkeypatch):
 
 def test_decode_attention_gives_sdpa_over_the_written_slots():
     """One query per sequence and head over cache slots [0, length): SDPA's output, with grouped cache heads
-    (GQA) read through strided views, lengths that leave tails after the 4-slot loop and the softmax's
+    (GQA) read through strided views, lengths that leave tails after the 8-slot loop and the softmax's
     vector loop (8 floats on AVX2, 16 on AVX-512), and slots past ``length`` ignored."""
     gen = torch.Generator().manual_seed(0)
     shapes, dtypes = [(4, 4, 64), (6, 2, 16)], [torch.float32, torch.bfloat16]
