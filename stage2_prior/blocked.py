@@ -30,7 +30,10 @@ scale (int8; ones for float weights), a bf16 value and so exact in fp32. bf16 we
 multiplies two inputs k, k + 1 of 8 channels (``vdpbf16ps``: exact products, fp32 sums), elsewhere
 the rows are widened to fp32 once per call. Over the GPT-B products on the AMD CPU above that took
 bf16 at 4 rows from 7.2-7.5 to 5.5-5.8 ms and at 8 rows from 10.5-11.6 to 6.7-8.8 ms (1 row: the
-same, it reads at the bandwidth either way).
+same, it reads at the bandwidth either way). From 5 rows the dot products run 512 bits wide (4 inputs
+of 8 channels an instruction): at 8 rows 5.6-6.6 -> 5.3-6.3 ms (interleaved, 4 runs). In slower phases
+of the shared host the 256-bit loop took 7.2-7.8 ms at 8 rows against 5.9 at 4: its dot-product rate,
+not the reads, set the pace.
 
 A second kernel, ``decode_attention``, is the attention of a decode step: one query per sequence and
 head over the cache slots written so far, in fp32 arithmetic over an fp32 or bf16 cache (scores 8
@@ -185,12 +188,52 @@ LINKAGE void kernel(const row_t* rows, const weight_t* weight, const uint16_t* s
 # bf16 weights only: rows as bf16; on a CPU with AVX512-BF16 (checked at run time) pairs of inputs go through
 # one dot-product instruction, elsewhere the rows are widened once and take the loop above.
 _BF16_DOT_SOURCE = r"""
+// From 5 rows: 4 inputs per 512-bit instruction. A 64-byte load holds weights k..k + 3 of the block's 8
+// channels; vpermw puts channel c's k, k + 1 in lane 2c and its k + 2, k + 3 in lane 2c + 1; each row's
+// four bf16 inputs are broadcast as one 64-bit value (pair k, k + 1 to the even lanes, k + 2, k + 3 to
+// the odd ones). At the end the two lanes of each channel are added. Twice the products per instruction
+// of the 256-bit loop below, which at 8 rows was bound by its dot-product rate, not by the reads.
+template <int MB>
+__attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))
+static void block_rows_wide(const weight_t* wb, const uint16_t* x, int64_t K, __m256 scale, float* out, int64_t N) {
+    alignas(64) uint16_t order_words[32];
+    for (int i = 0; i < 32; ++i) order_words[i] = uint16_t((i % 4) * 8 + i / 4);
+    const __m512i order = _mm512_load_si512(order_words);
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+        _mm_prefetch(reinterpret_cast<const char*>(wb + (k + AHEAD) * 8), _MM_HINT_T1);
+        const __m512i w = _mm512_permutexvar_epi16(order, _mm512_loadu_si512(wb + k * 8));
+        for (int m = 0; m < MB; ++m) {
+            int64_t four;
+            std::memcpy(&four, x + m * K + k, 8);
+            acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)w, (__m512bh)_mm512_set1_epi64(four));
+        }
+    }
+    // lanes 2c and 2c + 1 -> channel c: evens to the low half, odds to the high half, then added
+    const __m512i halves = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    __m256 sum[MB];
+    for (int m = 0; m < MB; ++m) {
+        const __m512 split = _mm512_permutexvar_ps(halves, acc[m]);
+        sum[m] = _mm256_add_ps(_mm512_castps512_ps256(split),
+                               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(split), 1)));
+    }
+    for (; k < K; ++k) {  // the inputs left after the groups of 4
+        const __m256 w = widen(wb + k * 8);
+        for (int m = 0; m < MB; ++m)
+            sum[m] = _mm256_fmadd_ps(w, _mm256_castsi256_ps(_mm256_set1_epi32(int32_t(x[m * K + k]) << 16)), sum[m]);
+    }
+    for (int m = 0; m < MB; ++m) _mm256_storeu_ps(out + m * N, _mm256_mul_ps(sum[m], scale));
+}
+
 // block_rows for bf16 rows: inputs k and k + 1 in one instruction. One 32-byte load holds weights k and
 // k + 1 of the block's 8 channels, vpermw interleaves them per channel, each row's bf16 pair is
 // broadcast. Products of bf16 values are exact in fp32; the sums are fp32.
 template <int MB, int U>
 __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))
 static void block_rows(const weight_t* wb, const uint16_t* x, int64_t K, __m256 scale, float* out, int64_t N) {
+    if constexpr (MB >= 5) return block_rows_wide<MB>(wb, x, K, scale, out, N);
     const __m256i order = _mm256_setr_epi16(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
     __m256 acc[MB][U];
     for (int m = 0; m < MB; ++m)
