@@ -374,9 +374,12 @@ def blocked_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) 
     return product(x, weight, scales)
 
 
-@blocked_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _blocked_linear_fake(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The output's shape and dtype, for tracing; of ``blocked_linear`` and of the C++ op alike."""
     return x.new_empty(x.shape[0], scales.shape[0], dtype=torch.float32)
+
+
+blocked_linear.register_fake(_blocked_linear_fake)
 
 
 # -- the products as a C++ op, for compiled graphs -----------------------------------------------------------
@@ -532,9 +535,8 @@ def _load_native():
         import os
         import shutil
 
-        from torch.utils.cpp_extension import load_inline
-
         from torch._inductor.cpu_vec_isa import pick_vec_isa
+        from torch.utils.cpp_extension import load_inline
 
         if shutil.which("ninja") is None:  # torch's builder runs ninja from PATH; the pip package's
             import ninja  # noqa: PLC0415 - a dependency, looked for only here
@@ -580,15 +582,6 @@ def _native_attention(op):
         slot = slice(length - 1, length)
         return op(q, k[:, :, slot].clone(), v[:, :, slot].clone(), k, v, torch.tensor([length - 1]))
     return attend
-
-
-def _blocked_linear_fake(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], scales.shape[0], dtype=torch.float32)
-
-
-def _attention_update_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                           v_cache: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def compiled_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -810,7 +803,10 @@ def compiled_attention_update(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return decode_attention_update(q, k, v, k_cache, v_cache, start_pos)
 
 
-@decode_attention_update.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-      start_pos: torch.Tensor) -> torch.Tensor:
+def _attention_update_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
+    """The output's shape and dtype, for tracing; of ``decode_attention_update`` and of the C++ op alike."""
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+decode_attention_update.register_fake(_attention_update_fake)
