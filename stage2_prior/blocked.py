@@ -51,6 +51,12 @@ summed. Over the 12 GPT-B layers at 129 slots and batch 8 (interleaved in one pr
 bf16 cache 2.8-2.9 -> 1.6-1.9 ms, fp32 3.1-3.9 -> 2.5-3.5 ms. Where the products' C++ op builds, the
 compiled step calls ``vqgpt_native::decode_attention_update`` (the same kernel): the Python op cost
 about 30 us a layer around a kernel of 15 us at batch 1.
+The kernel itself writes the step's keys and values into their slot
+(each by the thread of the first query head of its cache head; the other heads read them from the
+step's own rows) and reads the query and writes the output in the cache's dtype: the op had run four
+copies around the kernel (the two slot writes, the query to fp32, the output back to bf16), 47 us a
+layer at GPT-B batch 8. Compiled GPT-B bf16 at batch 8, alternating processes: 10.3-11.0 -> 9.9-10.4 ms
+a step (min of 3 runs, 4 pairs).
 
 The kernel is C++ built once per weight dtype and machine by inductor's compiler toolchain (the one
 ``torch.compile`` uses on a CPU; cached on disk), for the CPU's vector ISA; where that fails (no
@@ -486,21 +492,29 @@ at::Tensor decode_attention_update(const at::Tensor& q, const at::Tensor& k, con
     const int64_t pos = start_pos.item<int64_t>();
     TORCH_CHECK(pos >= 0 && pos < k_cache.size(2), name, "start_pos ", pos, " is outside the ", k_cache.size(2),
                 " cache slots");
-    k_cache.select(2, pos).copy_(k.select(2, 0));
-    v_cache.select(2, pos).copy_(v.select(2, 0));
-    const at::Tensor query = q.to(at::kFloat).contiguous();
-    at::Tensor out = at::empty_like(query);
+    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == KH && k.size(2) == 1
+                && k.size(3) == D, name, "the step's keys and values must be (B, KH, 1, D) = (", B, ", ", KH, ", 1, ",
+                D, "), got ", k.sizes(), ", ", v.sizes());
+    TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), name,
+                "the step's keys and values must be ", q.scalar_type(), " as the caches, got ", k.scalar_type(),
+                ", ", v.scalar_type());
+    // rows of D consecutive elements; the kernel converts nothing and writes the slot itself
+    const auto rows = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+    const at::Tensor query = rows(q), k_new = rows(k), v_new = rows(v);
+    at::Tensor out = at::empty({B, H, 1, D}, q.options());
     const float scale = float(std::pow(double(D), -0.5));  // as Python's D ** -0.5
+    const auto run = [&](auto* kernel, auto* type) {
+        using T = std::remove_pointer_t<decltype(type)>;
+        const auto ptr = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
+        kernel(ptr(query), query.stride(0), query.stride(1), ptr(k_cache), ptr(v_cache), ptr(k_new), ptr(v_new),
+               k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), ptr(out), B, H, KH, pos, D,
+               k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), scale, 1);
+    };
     if (q.scalar_type() == at::kFloat)
-        cache_float32::kernel(query.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                              out.data_ptr<float>(), B, H, KH, pos + 1, D, k_cache.stride(0), k_cache.stride(1),
-                              v_cache.stride(0), v_cache.stride(1), scale);
+        run(&cache_float32::kernel, static_cast<float*>(nullptr));
     else
-        cache_bfloat16::kernel(query.data_ptr<float>(), reinterpret_cast<const uint16_t*>(k_cache.data_ptr()),
-                               reinterpret_cast<const uint16_t*>(v_cache.data_ptr()), out.data_ptr<float>(), B, H, KH,
-                               pos + 1, D, k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-                               scale);
-    return out.to(q.scalar_type());
+        run(&cache_bfloat16::kernel, static_cast<uint16_t*>(nullptr));
+    return out;
 }
 
 TORCH_LIBRARY(vqgpt_native, m) {
@@ -614,6 +628,17 @@ typedef KV_T kv_t;
 // 8 cache elements -> 8 fp32
 static inline __m256 load8(const kv_t* p) { return LOAD_KV; }
 
+// 8 fp32 -> 8 floats at p, or 8 bf16 rounded to nearest even, NaN to 0xffff: as torch's vectorised .to() rounds
+static inline void store8(float* p, const __m256 x) { _mm256_storeu_ps(p, x); }
+static inline void store8(uint16_t* p, const __m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0xffff), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
 // fetch the cache lines of n bytes from p into L1, or L2
 template <bool L1>
 static inline void fetch(const kv_t* p, const int64_t n) {
@@ -621,19 +646,21 @@ static inline void fetch(const kv_t* p, const int64_t n) {
         _mm_prefetch(reinterpret_cast<const char*>(p) + c, L1 ? _MM_HINT_T0 : _MM_HINT_T1);
 }
 
-// One query row (D = 8 ND fp32) over slots [0, L) of its cache head: o = softmax(q k^T * scale) v, with
-// the row's scores in ``scores`` (L + 8 floats). Keys and values are read once each, and fetched a phase
-// ahead: while the scores read the keys (16 slots ahead into L1), this row's values go to L2; while the
-// values are summed, the next row's keys (``next_k``) go to L1.
+// One query row qr (D = 8 ND elements) over slots [0, P) of its cache head and one more, the step's own
+// key kn and value vn: o = softmax(q k^T * scale) v, with the row's scores in ``scores`` (P + 9 floats).
+// Keys and values are read once each, and fetched a phase ahead: while the scores read the keys (16
+// slots ahead into L1), this row's values go to L2; while the values are summed, the next row's keys
+// (``next_k``) go to L1.
 template <int ND>
-static void attend(const float* qr, const kv_t* kr, const kv_t* vr, const kv_t* next_k, float* o, const int64_t L,
-                   const float scale, float* scores) {
+static void attend(const kv_t* qr, const kv_t* kr, const kv_t* kn, const kv_t* vr, const kv_t* vn,
+                   const kv_t* next_k, kv_t* o, const int64_t P, const float scale, float* scores) {
     constexpr int64_t D = 8 * ND, ROW = D * int64_t(sizeof(kv_t));
+    const int64_t L = P + 1;
     __m256 qv[ND];
-    for (int j = 0; j < ND; ++j) qv[j] = _mm256_loadu_ps(qr + 8 * j);
+    for (int j = 0; j < ND; ++j) qv[j] = load8(qr + 8 * j);
     // scores, 8 slots at a time: 8 independent FMA chains, one reduction for the 8
     int64_t l = 0;
-    for (; l + 8 <= L; l += 8) {
+    for (; l + 8 <= P; l += 8) {
         const kv_t* r = kr + l * D;
         fetch<true>(r + 16 * D, 8 * ROW);
         fetch<false>(vr + l * D, 8 * ROW);
@@ -644,8 +671,9 @@ static void attend(const float* qr, const kv_t* kr, const kv_t* vr, const kv_t* 
         _mm256_storeu_ps(scores + l, _mm256_mul_ps(sums8(a), _mm256_set1_ps(scale)));
     }
     for (; l < L; ++l) {
+        const kv_t* r = l < P ? kr + l * D : kn;
         __m256 a = _mm256_setzero_ps();
-        for (int j = 0; j < ND; ++j) a = _mm256_fmadd_ps(qv[j], load8(kr + l * D + 8 * j), a);
+        for (int j = 0; j < ND; ++j) a = _mm256_fmadd_ps(qv[j], load8(r + 8 * j), a);
         scores[l] = hsum(a) * scale;
     }
     // softmax: exp(s - max), vectorised at the build's vector width (8 floats on AVX2, 16 on AVX-512)
@@ -671,38 +699,49 @@ static void attend(const float* qr, const kv_t* kr, const kv_t* vr, const kv_t* 
     for (int64_t s = 0; s < L; ++s) {
         fetch<true>(next_k + s * D, ROW);
         const __m256 p = _mm256_set1_ps(scores[s]);
-        const kv_t* r = vr + s * D;
+        const kv_t* r = s < P ? vr + s * D : vn;
         for (int j = 0; j < ND; ++j) acc[j] = _mm256_fmadd_ps(p, load8(r + 8 * j), acc[j]);
     }
     const __m256 inv = _mm256_set1_ps(1.f / sum);
-    for (int j = 0; j < ND; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], inv));
+    for (int j = 0; j < ND; ++j) store8(o + 8 * j, _mm256_mul_ps(acc[j], inv));
 }
 
-// out (B, H, D) = softmax(q k^T * scale) v over cache slots [0, L) for each batch row and head; q (B, H, D)
-// contiguous fp32; k and v rows of D elements (fp32 or bf16, widened on load), slot-major within a head, at
-// strides (batch, head) in elements; query head h reads cache head h / (H / KH). D is a multiple of 8,
-// at most 256. The arithmetic is fp32.
-LINKAGE void kernel(const float* q, const kv_t* k, const kv_t* v, float* out, const int64_t B, const int64_t H,
-                    const int64_t KH, const int64_t L, const int64_t D, const int64_t k_sb, const int64_t k_sh,
-                    const int64_t v_sb, const int64_t v_sh, const float scale) {
+// out (B, H, D) contiguous = softmax(q k^T * scale) v for each batch row and head, over cache slots
+// [0, P) of k and v and one more slot, this step's key and value: k_new, v_new. All tensors are in the
+// cache's dtype (fp32 or bf16, widened on load; the arithmetic is fp32), rows of D elements; strides
+// (batch, head) in elements; cache heads hold their slots as consecutive rows; query head h reads cache
+// head h / (H / KH). D is a multiple of 8, at most 256. With ``write``, k_new and v_new are also
+// stored to slot P of the caches, each by the thread of the first query head of its cache head (the
+// others read them from k_new and v_new, not from the slot).
+LINKAGE void kernel(const kv_t* q, const int64_t q_sb, const int64_t q_sh, kv_t* k, kv_t* v, const kv_t* k_new,
+                    const kv_t* v_new, const int64_t kn_sb, const int64_t kn_sh, const int64_t vn_sb,
+                    const int64_t vn_sh, kv_t* out, const int64_t B, const int64_t H, const int64_t KH,
+                    const int64_t P, const int64_t D, const int64_t k_sb, const int64_t k_sh, const int64_t v_sb,
+                    const int64_t v_sh, const float scale, const int64_t write) {
     const int64_t group = H / KH;
     const auto keys = [&](int64_t bh) { return k + (bh / H) * k_sb + ((bh % H) / group) * k_sh; };
     for_each_range(B * H, [&](const int64_t begin, const int64_t end) {
-        std::vector<float> scores(L + 8);
+        std::vector<float> scores(P + 9);
         for (int64_t bh = begin; bh < end; ++bh) {
-            const float* qr = q + bh * D;
-            const kv_t *kr = keys(bh), *vr = v + (bh / H) * v_sb + ((bh % H) / group) * v_sh;
+            const int64_t b = bh / H, h = bh % H, kh = h / group;
+            const kv_t* qr = q + b * q_sb + h * q_sh;
+            kv_t *kr = keys(bh), *vr = v + b * v_sb + kh * v_sh;
+            const kv_t *kn = k_new + b * kn_sb + kh * kn_sh, *vn = v_new + b * vn_sb + kh * vn_sh;
             const kv_t* next_k = keys(std::min(bh + 1, B * H - 1));
-            float* o = out + bh * D;
+            kv_t* o = out + bh * D;
             switch (D / 8) {
 CASES
+            }
+            if (write && h % group == 0) {
+                std::copy(kn, kn + D, kr + P * D);
+                std::copy(vn, vn + D, vr + P * D);
             }
         }
     });
 }
 """
 _ATTENTION_BODY = _ATTENTION_BODY.replace("CASES", "\n".join(
-    f"                case {n}: attend<{n}>(qr, kr, vr, next_k, o, L, scale, scores.data()); break;"
+    f"                case {n}: attend<{n}>(qr, kr, kn, vr, vn, next_k, o, P, scale, scores.data()); break;"
     for n in range(1, 33)))
 
 
@@ -726,8 +765,9 @@ def attention_kernel(dtype: torch.dtype = torch.float32):
         if dtype in _KV_LOAD:
             c_type = _KV_LOAD[dtype][0]
             source = _PYBINDING_HEADER + _attention_body(dtype, 'extern "C"')
-            argtypes = ["const float*", f"const {c_type}*", f"const {c_type}*", "float*"] + ["const int64_t"] * 9
-            fn = _build(source, argtypes + ["const float"], lambda candidate: _attention_correct(
+            argtypes = ([f"const {c_type}*"] + ["const int64_t"] * 2 + [f"{c_type}*"] * 2 + [f"const {c_type}*"] * 2
+                        + ["const int64_t"] * 4 + [f"{c_type}*"] + ["const int64_t"] * 9 + ["const float", "const int64_t"])
+            fn = _build(source, argtypes, lambda candidate: _attention_correct(
                 lambda q, k, v, length: _run_attention(candidate, q, k, v, length), dtype))
         _ATTENTION[dtype] = fn
     return _ATTENTION[dtype]
@@ -750,13 +790,19 @@ def _attention_correct(attend, dtype: torch.dtype) -> bool:
     return good
 
 
-def _run_attention(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
+def _run_attention(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
+                   new: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention over cache slots [0, length) with the attention kernel ``fn``; ``new``: this step's keys and
+    values (B, KH, 1, D), written to slot length - 1 by the kernel and attended there (else that slot is read)."""
     batch, heads, _, dim = q.shape
-    query = q.float().contiguous()
-    out = torch.empty_like(query)
-    fn(query, k, v, out, batch, heads, k.shape[1], length, dim, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-       dim ** -0.5)
-    return out.to(q.dtype)
+    q = q if q.stride(3) == 1 else q.contiguous()
+    k_new, v_new = (k[:, :, length - 1], v[:, :, length - 1]) if new is None else (
+        t[:, :, 0] if t.stride(3) == 1 else t[:, :, 0].contiguous() for t in new)
+    out = q.new_empty(batch, heads, 1, dim)
+    fn(q, q.stride(0), q.stride(1), k, v, k_new, v_new, k_new.stride(0), k_new.stride(1), v_new.stride(0),
+       v_new.stride(1), out, batch, heads, k.shape[1], length - 1, dim, k.stride(0), k.stride(1), v.stride(0),
+       v.stride(1), dim ** -0.5, int(new is not None))
+    return out
 
 
 def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -789,9 +835,7 @@ def decode_attention_update(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     8 the copies took more time than the attention (the compiled step gained nothing from the kernel).
     Declared as mutating the caches, they go in as they are."""
     pos = int(start_pos.item())
-    k_cache[:, :, pos] = k[:, :, 0]
-    v_cache[:, :, pos] = v[:, :, 0]
-    return decode_attention(q, k_cache, v_cache, pos + 1)
+    return _run_attention(attention_kernel(k_cache.dtype), q, k_cache, v_cache, pos + 1, new=(k, v))
 
 
 def compiled_attention_update(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

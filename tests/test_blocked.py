@@ -68,26 +68,55 @@ def test_bf16_rows_are_widened_where_the_cpu_has_no_bf16_dot_products():
 
 
 def test_cpp_attention_op_writes_the_slot_then_attends_and_names_bad_inputs():
-    """vqgpt_native::decode_attention_update, what compiled steps call where the C++ ops build: the same
-    kernel as ``decode_attention_update`` (built with other flags, so within float tolerance), the step's
-    keys and values written to slot start_pos first; wrong inputs are refused with what was wrong."""
+    """vqgpt_native::decode_attention_update, what compiled steps call where the C++ ops build: the step's
+    keys and values written to slot start_pos, then SDPA's attention over slots [0, start_pos] in fp32,
+    rounded to bf16 for a bf16 cache exactly as torch rounds; the same kernel as the Python op
+    ``decode_attention_update`` (built with other flags, so within float tolerance). Query and new rows
+    come in as the model makes them, strided views; wrong inputs are refused with what was wrong."""
     assert blocked.native_linear() is not None  # x86 with AVX2, a C++ compiler and ninja, as on CI
     op = torch.ops.vqgpt_native.decode_attention_update
     gen = torch.Generator().manual_seed(2)
     shapes, dtypes = [(4, 2, 64), (6, 6, 24)], [torch.float32, torch.bfloat16]
     for (heads, cache_heads, dim), dtype in itertools.product(shapes, dtypes):
         cache_k, cache_v = (torch.randn(3, cache_heads, 33, dim, generator=gen).to(dtype) for _ in range(2))
-        q = torch.randn(3, heads, 1, dim, generator=gen).to(dtype)
-        new_k, new_v = (torch.randn(3, cache_heads, 1, dim, generator=gen).to(dtype) for _ in range(2))
+        # (B, 1, H, D) transposed: heads and batch rows at strides of their own, as in the model
+        q = torch.randn(3, 1, heads, dim, generator=gen).to(dtype).transpose(1, 2)
+        new_k, new_v = torch.randn(3, 1, 2 * cache_heads, dim, generator=gen).to(dtype).transpose(1, 2).chunk(2, 1)
         for pos in (0, 8, 32):  # one slot, a tail after the 8-slot loop, all 33
             want_k, want_v = cache_k.clone(), cache_v.clone()
-            want = blocked.decode_attention_update(q, new_k, new_v, want_k, want_v, torch.tensor([pos]))
+            python_op = blocked.decode_attention_update(q, new_k, new_v, want_k, want_v, torch.tensor([pos]))
             got_k, got_v = cache_k.clone(), cache_v.clone()
             got = op(q, new_k, new_v, got_k, got_v, torch.tensor([pos]))
             assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
-            assert torch.equal(got_k[:, :, pos], new_k[:, :, 0])
-            assert got.shape == (3, heads, 1, dim) and got.dtype == dtype
-            torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 2 ** -7, atol=1e-5)
+            assert torch.equal(got_k[:, :, pos], new_k[:, :, 0]) and torch.equal(got_v[:, :, pos], new_v[:, :, 0])
+            assert torch.equal(got_k[:, :, pos + 1:], cache_k[:, :, pos + 1:])
+            assert got.shape == (3, heads, 1, dim) and got.dtype == dtype and got.is_contiguous()
+            group = heads // cache_heads
+            exact = torch.nn.functional.scaled_dot_product_attention(
+                q.float(), *(c[:, :, :pos + 1].float().repeat_interleave(group, 1) for c in (got_k, got_v)))
+            torch.testing.assert_close(got.float(), exact, rtol=1e-5 if dtype == torch.float32 else 2 ** -8,
+                                       atol=1e-5)
+            torch.testing.assert_close(got, python_op, rtol=1e-5 if dtype == torch.float32 else 2 ** -7, atol=1e-5)
+            if dtype == torch.bfloat16:  # the fp32 kernel on the same values, rounded by torch: bit for bit
+                floats = op(q.float(), new_k.float(), new_v.float(), cache_k.float(), cache_v.float(),
+                            torch.tensor([pos]))
+                assert torch.equal(got.view(torch.int16), floats.bfloat16().view(torch.int16))
+    # a NaN query row (NaN out) and huge values round as torch rounds them
+    q = torch.tensor([float("nan")] * 8 + [2e-38] * 8).view(2, 1, 1, 8).bfloat16()
+    cache = torch.tensor([3.3e38, -3.3e38, 1.0, -2.0])[:, None].expand(4, 8).repeat(2, 1, 1, 1).bfloat16()
+    new = cache[:, :, 2:3]  # the step's row: slot 2's
+    got = op(q, new, new, cache.clone(), cache.clone(), torch.tensor([3]))
+    floats = op(q.float(), new.float(), new.float(), cache.float(), cache.float(), torch.tensor([3]))
+    assert floats[0].isnan().all() and (floats[1].abs() > 1e38).all() and floats[1].isfinite().all()
+    assert torch.equal(got.view(torch.int16), floats.bfloat16().view(torch.int16))
+    # ties go to the even neighbour: equal scores average two values, (1 + (1 + 2^-7)) / 2 -> 1,
+    # ((1 + 2^-7) + (1 + 2^-6)) / 2 -> 1 + 2^-6
+    keys = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
+    values = keys.clone()
+    values[..., 0, :] = torch.tensor([1.0, 1 + 2 ** -7]).repeat(4)
+    new = torch.tensor([1 + 2 ** -7, 1 + 2 ** -6]).repeat(4).view(1, 1, 1, 8).bfloat16()
+    got = op(torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16), new * 0, new, keys, values, torch.tensor([1]))
+    assert got.flatten().tolist() == [1.0, 1 + 2 ** -6] * 4
     cache = torch.zeros(1, 2, 8, 16)
     q, kv = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
     with pytest.raises(RuntimeError, match="start_pos 8 is outside the 8 cache slots"):
