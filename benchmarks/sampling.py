@@ -15,6 +15,7 @@ At batch 1 the reads bind; with guidance or larger batches the compute bound can
     python benchmarks/sampling.py                # batch 1, 8, 16; fp32 and bf16; CFG on and off
     python benchmarks/sampling.py --quick --compile   # also the compiled decode step (fp32, int8)
     python benchmarks/sampling.py --decode-only --compile --threads 1   # only the cfg-off rows of each
+    python benchmarks/sampling.py --decode-only --compile --cfg --batches 8   # compiled, guidance too
     python benchmarks/sampling.py --device cuda --batches 1,8,64 --decode-only --compile   # on a GPU
 
 Rows: fp32 and bf16 weights; fp32 on the plain MKL products, without the prepared (blocked or
@@ -22,7 +23,8 @@ oneDNN-packed) weights ``stage2_prior.layers.Linear`` decodes with on a CPU (``-
 every row that way);
 weight-only int8 (``--prior-dtype int8``: int8 linear weights with per-channel scales, the rest fp32);
 with ``--compile``, the same sampler with its one-token step under torch.compile
-(``generate(..., compile=True)``; compile time is excluded, printed apart).
+(``generate(..., compile=True)``; compile time is excluded, printed apart), with ``--cfg`` also with
+guidance, timed against twice the batch without it (the goal: guidance costs no more than that).
 
 On a GPU (``--device cuda``) the same rows run there (bandwidth and matmul rate measured on it, every
 timing synchronised), without the CPU-only plain-products row; ``--preset`` picks another shape
@@ -129,8 +131,11 @@ def main(argv: list[str] | None = None) -> None:
                              "int8, and compiled with --compile): no CFG, full-recompute or matmul-ceiling rows")
     parser.add_argument("--compile", action="store_true",
                         help="add rows with the decode step under torch.compile (fp32, int8, and bf16 with "
-                             "--decode-only; CFG off; "
+                             "--decode-only; CFG off unless --cfg; "
                              "each batch size compiles once, a minute or more on a CPU)")
+    parser.add_argument("--cfg", action="store_true",
+                        help="with --compile: the compiled rows also with guidance (scale 4, a doubled model batch), "
+                             "and its time against twice the batch without (compiles those batch sizes too)")
     parser.add_argument("--no-packed", dest="packed", action="store_false",
                         help="float and bf16 products without the prepared (blocked or oneDNN-packed) weights of "
                              "stage2_prior.layers.Linear (the plain MKL path, for a before/after comparison)")
@@ -233,21 +238,38 @@ def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats
         how = ", compiled decode step" if compiled else ("" if packed else ", plain products (no packed weights)")
         print(f"\n== weights {name}{how}: {bound.describe(1)}")
         set_weight_packing(packed and args.packed)
+        seconds: dict[tuple[int, bool], float] = {}
+
+        def run(batch: int, cfg: bool) -> float:
+            """Best time of sampling ``batch`` grids (guided: a model batch of 2 x batch), after a warm-up call."""
+            if (batch, cfg) not in seconds:
+                labels = torch.arange(batch) % 10
+                sampling = SamplingConfig(cfg_scale=4.0 if cfg else 1.0)
+                t0 = time.perf_counter()
+                generate(prior, batch, class_labels=labels, sampling=sampling, compile=compiled)  # (and compile)
+                if compiled:
+                    print(f"  (first call at batch {batch}{' with CFG' if cfg else ''}, compile included: "
+                          f"{time.perf_counter() - t0:.1f} s)")
+                seconds[batch, cfg] = timed(lambda: generate(prior, batch, class_labels=labels, sampling=sampling,
+                                                             compile=compiled), repeats, device)
+            return seconds[batch, cfg]
+
+        guided = compiled and args.cfg
         for batch in batches:
-            labels = torch.arange(batch) % 10
-            t0 = time.perf_counter()
-            generate(prior, batch, class_labels=labels, compile=compiled)  # warm-up (and compile)
-            if compiled:
-                print(f"  (first call at batch {batch}, compile included: {time.perf_counter() - t0:.1f} s)")
-            steps = tokens / timed(lambda: generate(prior, batch, class_labels=labels, compile=compiled), repeats,
-                                   device)
-            limit, kind = bound.steps(batch)
-            line = (f"cached  batch {batch:3d} cfg off (model batch {batch:3d}): {steps:7.1f} steps/s = "
-                    f"{steps * batch:8.1f} tokens/s   {steps / limit:6.1%} of bound ({limit:.1f}, {kind})")
-            if not args.decode_only:
-                ceiling = matmul_ceiling(prior, batch)
-                line += f"   (matmuls alone: {ceiling:6.1f} steps/s = {ceiling / limit:6.1%} of bound)"
-            print(line, flush=True)
+            for cfg in (False, True) if guided else (False,):
+                steps = tokens / run(batch, cfg)
+                model_batch = batch * (1 + cfg)
+                limit, kind = bound.steps(model_batch)
+                line = (f"cached  batch {batch:3d} cfg {'on ' if cfg else 'off'} (model batch {model_batch:3d}): "
+                        f"{steps:7.1f} steps/s = {steps * batch:8.1f} tokens/s   {steps / limit:6.1%} of bound "
+                        f"({limit:.1f}, {kind})")
+                if not args.decode_only:
+                    ceiling = matmul_ceiling(prior, model_batch)
+                    line += f"   (matmuls alone: {ceiling:6.1f} steps/s = {ceiling / limit:6.1%} of bound)"
+                print(line, flush=True)
+        for batch in batches if guided else ():
+            ratio = run(batch, True) / run(2 * batch, False)
+            print(f"CFG at batch {batch}: time / time of batch {2 * batch} without CFG = {ratio:.2f} (target <= 1)")
     set_weight_packing(args.packed)
 
 

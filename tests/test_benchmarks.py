@@ -156,6 +156,17 @@ def test_sampling_benchmark_prints_every_row_against_its_bound(capsys):
     assert "CFG at batch 1: time / time of batch 2 without CFG" in out and "cached/full speed-up" in out
 
 
+def test_sampling_benchmark_times_compiled_guidance_against_the_doubled_batch(capsys):
+    """--compile --cfg: each compiled row also with guidance, and its time against twice the batch without."""
+    load_benchmark(BENCH.with_name("sampling.py"), "sampling_benchmark").main(
+        ["--preset", "tiny", "--quick", "--compile", "--cfg", "--no-int8", "--batches", "1", "--threads", "1"])
+    compiled = capsys.readouterr().out.split("== weights float32, compiled decode step")[1]
+    rows = [line.split(":")[0] for line in compiled.splitlines() if line.startswith("cached  batch")]
+    assert rows == ["cached  batch   1 cfg off (model batch   1)", "cached  batch   1 cfg on  (model batch   2)"]
+    assert sum(line.startswith("CFG at batch 1: time / time of batch 2") for line in compiled.splitlines()) == 1
+    assert "first call at batch 2, compile included" in compiled
+
+
 def test_train_speed_benchmark_takes_a_device_a_preset_and_a_published_peak(capsys, monkeypatch):
     """benchmarks/train_speed.py end to end at its smallest (the flags a GPU run uses, here on the CPU):
     every lever row, each with the share of the measured matmul peak and the MFU against --peak-tflops."""
