@@ -1,7 +1,8 @@
 """Sampling speed of the GPT prior (KV cache vs full recomputation) against the read and compute bound.
 
 Reference shape (docs/architecture.md, "Tests and benchmarks"): GPT-B width (12 layers, 768, 12 heads), 1024 codes,
-a 16x16 grid. The bound a figure is printed against is the slower of two, both measured in the same run:
+a 16x16 grid. The bound a figure is printed against is the slower of two, both measured in the same run,
+again before each group of rows (``== weights ...``, which prints them), as a shared host's speed drifts:
 - reads: a decode step reads every weight once plus the KV cache written so far (on average over a
   run, half of the T positions' keys and values, for every layer and every row of the model batch),
   at the read bandwidth measured by summing a large tensor;
@@ -57,6 +58,22 @@ def matmul_flops(n: int = 1024, repeats: int = 5, device: str = "cpu", dtype: to
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up
     return 2 * n**3 / timed(lambda: a @ b, repeats, device)
+
+
+def ceilings(device: str, megabytes: int) -> tuple[float, dict[str, float], float]:
+    """(read bandwidth, compute ceiling per weight dtype, bf16 matmul rate), measured now: each group of
+    rows measures them again before it runs, because a shared host's speed drifts over a run (the
+    bandwidth of the development CPU read 33 GB/s and 48 GB/s minutes apart), and a row is compared with
+    the ceilings of its own minutes. The compute ceiling: fp32 for float32 and int8 weights (weight-only
+    int8 multiplies fp32 activations), the faster of fp32 and bf16 for bfloat16 weights."""
+    bandwidth = measure_bandwidth(megabytes, device=device)
+    fp32, bf16 = (matmul_flops(device=device, dtype=dtype) for dtype in (torch.float32, torch.bfloat16))
+    return bandwidth, {"float32": fp32, "int8": fp32, "bfloat16": max(fp32, bf16)}, bf16
+
+
+def now(bandwidth: float, flops: float) -> str:
+    """How a group of rows names the ceilings measured before it."""
+    return f"  [measured now: {bandwidth / 1e9:.1f} GB/s read, {flops / 1e9:.1f} GFLOP/s]"
 
 
 def kv_cache_bytes(config: GPTConfig, model_batch: int, element_bytes: int) -> float:
@@ -155,21 +172,20 @@ def main(argv: list[str] | None = None) -> None:
     tokens = config.seq_len
     # A decode step reads every weight except the embedding tables (one row each).
     read_params = count_parameters(model, exclude_embeddings=True)
-    bandwidth = measure_bandwidth(256 if args.quick else 512, device=device)
-    fp32_flops, bf16_flops = (matmul_flops(device=device, dtype=dtype) for dtype in (torch.float32, torch.bfloat16))
-    # the compute ceiling per weight dtype (see the module docstring)
-    flops = {"float32": fp32_flops, "int8": fp32_flops, "bfloat16": max(fp32_flops, bf16_flops)}
+    megabytes = 256 if args.quick else 512
+    bandwidth, flops, bf16_flops = ceilings(device, megabytes)
     where = f"device={device}" if torch.device(device).type != "cpu" else f"threads={args.threads}"
     print(f"{args.preset}  {where}  params={count_parameters(model) / 1e6:.1f}M (read per step "
           f"{read_params / 1e6:.1f}M)  measured read bandwidth={bandwidth / 1e9:.1f} GB/s  "
-          f"matmul fp32 {fp32_flops / 1e9:.1f} GFLOP/s, bf16 {bf16_flops / 1e9:.1f}  grid 16x16 = {tokens} tokens")
+          f"matmul fp32 {flops['float32'] / 1e9:.1f} GFLOP/s, bf16 {bf16_flops / 1e9:.1f}  grid 16x16 = {tokens} tokens")
 
     for dtype in () if args.decode_only else (torch.float32, torch.bfloat16):
         model.to(dtype)
         element = torch.finfo(dtype).bits // 8
-        bound = Bound(config, read_params, read_params * element, element, bandwidth,
-                      flops[str(dtype).replace("torch.", "")])
-        print(f"\n== weights {str(dtype).replace('torch.', '')}: {bound.describe(1)}")
+        name = str(dtype).replace("torch.", "")
+        bandwidth, flops, _ = ceilings(device, megabytes)
+        bound = Bound(config, read_params, read_params * element, element, bandwidth, flops[name])
+        print(f"\n== weights {name}: {bound.describe(1)}{now(bandwidth, flops[name])}")
         generate(model, 1, class_labels=0)  # warm-up
         seconds: dict[tuple[int, bool], float] = {}
 
@@ -202,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"cached/full speed-up {full / run(batch, False):.1f}x")
 
     model.to(torch.float32)
-    extra_rows(model, args, batches, repeats, bandwidth, flops, read_params)
+    extra_rows(model, args, batches, repeats, megabytes, read_params)
 
 
 def int8_read_bytes(model: torch.nn.Module) -> int:
@@ -214,10 +230,10 @@ def int8_read_bytes(model: torch.nn.Module) -> int:
     return total + sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embeddings)
 
 
-def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats: int, bandwidth: float,
-               flops: dict[str, float], read_params: int) -> None:
+def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats: int, megabytes: int,
+               read_params: int) -> None:
     """Rows for fp32 without packed weights, weight-only int8 and (with --compile) the compiled decode
-    step, CFG off; ``flops``: the compute ceiling per weight dtype."""
+    step, CFG off (and on with --cfg); each group of rows against the ceilings measured just before it."""
     tokens = model.config.seq_len
     # (weights, prior, compiled, packed): packed=False runs float32 on the plain MKL products
     kinds = [("float32", model, False, True), ("bfloat16", copy.deepcopy(model).to(torch.bfloat16), False, True)] \
@@ -233,10 +249,11 @@ def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats
         kinds += [(name, others[name], True, True) for name in ("bfloat16", "int8") if name in others]
     for name, prior, compiled, packed in kinds:
         read = int8_read_bytes(prior) if name == "int8" else read_params * torch.finfo(getattr(torch, name)).bits // 8
+        bandwidth, flops, _ = ceilings(device, megabytes)
         bound = Bound(model.config, read_params, read, prior.tok_embeddings.weight.element_size(), bandwidth,
                       flops[name])
         how = ", compiled decode step" if compiled else ("" if packed else ", plain products (no packed weights)")
-        print(f"\n== weights {name}{how}: {bound.describe(1)}")
+        print(f"\n== weights {name}{how}: {bound.describe(1)}{now(bandwidth, flops[name])}")
         set_weight_packing(packed and args.packed)
         seconds: dict[tuple[int, bool], float] = {}
 

@@ -154,6 +154,9 @@ def test_sampling_benchmark_prints_every_row_against_its_bound(capsys):
     # fp32 and bf16: batches 1 and 8, CFG off and on; then plain fp32 and int8 at both batches
     assert len(rows) == 2 * 4 + 2 * 2 and all("of bound (" in row and "tokens/s" in row for row in rows)
     assert "CFG at batch 1: time / time of batch 2 without CFG" in out and "cached/full speed-up" in out
+    # each group of rows against the bandwidth and matmul rate measured just before it
+    assert out.count("\n== weights") == 4 and all("[measured now: " in line and "GB/s read" in line
+                                                   for line in out.splitlines() if line.startswith("== weights"))
 
 
 def test_sampling_benchmark_times_compiled_guidance_against_the_doubled_batch(capsys):

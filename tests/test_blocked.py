@@ -127,6 +127,10 @@ def test_cpp_attention_op_writes_the_slot_then_attends_and_names_bad_inputs():
         op(q[..., :12], kv[..., :12], kv[..., :12], cache[..., :12], cache[..., :12].clone(), torch.tensor([1]))
     with pytest.raises(RuntimeError, match="H a multiple of KH"):
         op(torch.randn(1, 3, 1, 16), kv, kv, cache, cache.clone(), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match=r"keys and values must be \(B, KH, 1, D\) = \(1, 2, 1, 16\), got \[1, 1, 1, 16\]"):
+        op(q, kv[:, :1], kv[:, :1], cache, cache.clone(), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="keys and values must be Float as the caches, got BFloat16, Float"):
+        op(q, kv.bfloat16(), kv, cache, cache.clone(), torch.tensor([1]))
 
 
 def test_linear_takes_the_blocked_kernel_then_onednn_then_plain(monkeypatch):
