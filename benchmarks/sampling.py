@@ -63,7 +63,7 @@ def matmul_flops(n: int = 1024, repeats: int = 5, device: str = "cpu", dtype: to
 def ceilings(device: str, megabytes: int) -> tuple[float, dict[str, float], float]:
     """(read bandwidth, compute ceiling per weight dtype, bf16 matmul rate), measured now: each group of
     rows measures them again before it runs, because a shared host's speed drifts over a run (the
-    bandwidth of the development CPU read 33 GB/s and 48 GB/s minutes apart), and a row is compared with
+    bandwidth of the development CPU read from 33 to 61 GB/s within one run), and a row is compared with
     the ceilings of its own minutes. The compute ceiling: fp32 for float32 and int8 weights (weight-only
     int8 multiplies fp32 activations), the faster of fp32 and bf16 for bfloat16 weights."""
     bandwidth = measure_bandwidth(megabytes, device=device)
