@@ -136,6 +136,37 @@ def matmul_ceiling(model: GPT, batch: int, repeats: int = 5) -> float:
         return 1.0 / timed(chain, repeats, device)
 
 
+def sampling_timer(prior: GPT, repeats: int, device: str | torch.device, compiled: bool = False,
+                   warm_up: bool = False):
+    """``run(batch, cfg)``: the best time of sampling ``batch`` grids, with guidance (scale 4, a model batch
+    of 2 x batch) or without, measured once per (batch, cfg); ``warm_up``: after a first, untimed call.
+    ``compiled``: the decode step under torch.compile (the first call compiles it; its time, compile
+    included, is printed apart)."""
+    seconds: dict[tuple[int, bool], float] = {}
+
+    def run(batch: int, cfg: bool) -> float:
+        if (batch, cfg) not in seconds:
+            labels = torch.arange(batch) % 10
+            sampling = SamplingConfig(cfg_scale=4.0 if cfg else 1.0)
+            if warm_up:
+                t0 = time.perf_counter()
+                generate(prior, batch, class_labels=labels, sampling=sampling, compile=compiled)
+                if compiled:
+                    print(f"  (first call at batch {batch}{' with CFG' if cfg else ''}, compile included: "
+                          f"{time.perf_counter() - t0:.1f} s)")
+            seconds[batch, cfg] = timed(lambda: generate(prior, batch, class_labels=labels, sampling=sampling,
+                                                         compile=compiled), repeats, device)
+        return seconds[batch, cfg]
+
+    return run
+
+
+def print_cfg_ratio(run, batch: int) -> None:
+    """Guidance at ``batch`` against twice the batch without it (``run``: a ``sampling_timer``)."""
+    ratio = run(batch, True) / run(2 * batch, False)
+    print(f"CFG at batch {batch}: time / time of batch {2 * batch} without CFG = {ratio:.2f} (target <= 1)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -187,15 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         bound = Bound(config, read_params, read_params * element, element, bandwidth, flops[name])
         print(f"\n== weights {name}: {bound.describe(1)}{now(bandwidth, flops[name])}")
         generate(model, 1, class_labels=0)  # warm-up
-        seconds: dict[tuple[int, bool], float] = {}
-
-        def run(batch: int, cfg: bool) -> float:
-            if (batch, cfg) not in seconds:
-                labels = torch.arange(batch) % 10
-                sampling = SamplingConfig(cfg_scale=4.0 if cfg else 1.0)
-                seconds[batch, cfg] = timed(lambda: generate(model, batch, class_labels=labels, sampling=sampling),
-                                            repeats, device)
-            return seconds[batch, cfg]
+        run = sampling_timer(model, repeats, device)
 
         for batch in batches:
             for cfg in (False, True):
@@ -208,8 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"({limit:.1f}, {kind})   (matmuls alone: {ceiling:6.1f} steps/s = {ceiling / limit:6.1%} of "
                       f"bound; sampler reaches {steps / ceiling:6.1%} of it)")
         for batch in batches[:1] if args.quick else batches:
-            ratio = run(batch, True) / run(2 * batch, False)
-            print(f"CFG at batch {batch}: time / time of batch {2 * batch} without CFG = {ratio:.2f} (target <= 1)")
+            print_cfg_ratio(run, batch)
         if dtype == torch.float32:
             for batch in batches[:1] if args.quick else batches:
                 labels = torch.arange(batch) % 10
@@ -255,21 +277,7 @@ def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats
         how = ", compiled decode step" if compiled else ("" if packed else ", plain products (no packed weights)")
         print(f"\n== weights {name}{how}: {bound.describe(1)}{now(bandwidth, flops[name])}")
         set_weight_packing(packed and args.packed)
-        seconds: dict[tuple[int, bool], float] = {}
-
-        def run(batch: int, cfg: bool) -> float:
-            """Best time of sampling ``batch`` grids (guided: a model batch of 2 x batch), after a warm-up call."""
-            if (batch, cfg) not in seconds:
-                labels = torch.arange(batch) % 10
-                sampling = SamplingConfig(cfg_scale=4.0 if cfg else 1.0)
-                t0 = time.perf_counter()
-                generate(prior, batch, class_labels=labels, sampling=sampling, compile=compiled)  # (and compile)
-                if compiled:
-                    print(f"  (first call at batch {batch}{' with CFG' if cfg else ''}, compile included: "
-                          f"{time.perf_counter() - t0:.1f} s)")
-                seconds[batch, cfg] = timed(lambda: generate(prior, batch, class_labels=labels, sampling=sampling,
-                                                             compile=compiled), repeats, device)
-            return seconds[batch, cfg]
+        run = sampling_timer(prior, repeats, device, compiled, warm_up=True)
 
         guided = compiled and args.cfg
         for batch in batches:
@@ -285,8 +293,7 @@ def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats
                     line += f"   (matmuls alone: {ceiling:6.1f} steps/s = {ceiling / limit:6.1%} of bound)"
                 print(line, flush=True)
         for batch in batches if guided else ():
-            ratio = run(batch, True) / run(2 * batch, False)
-            print(f"CFG at batch {batch}: time / time of batch {2 * batch} without CFG = {ratio:.2f} (target <= 1)")
+            print_cfg_ratio(run, batch)
     set_weight_packing(args.packed)
 
 
