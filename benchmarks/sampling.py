@@ -7,9 +7,12 @@ again before each group of rows (``== weights ...``, which prints them), as a sh
   run, half of the T positions' keys and values, for every layer and every row of the model batch),
   at the read bandwidth measured by summing a large tensor;
 - compute: 2 x (non-embedding parameters) x (model batch) FLOPs per step at the 1024^3 matmul rate
-  of the weights' dtype, measured here: fp32 for float32 and int8 weights (weight-only int8 multiplies
-  fp32 activations), the faster of fp32 and bf16 for bfloat16 weights (the same on a CPU without
-  bf16 units; about 2.3x fp32 on one with AVX512-BF16, and more on GPUs).
+  of the weights' dtype, measured here: fp32 for float32 weights, the faster of fp32 and bf16 for
+  bfloat16 weights (the same on a CPU without bf16 units; about 2.3x fp32 on one with AVX512-BF16, and
+  more on GPUs); for int8 weights fp32 (weight-only int8 multiplies fp32 activations), except on a CPU
+  where the int8 kernel rounds its rows to 16 bits (AVX512-VNNI) and multiplies int16 x int16, 32
+  products an instruction as bf16's dot products: there the same as for bfloat16, a proxy (no int16
+  matmul rate is measured).
 At batch 1 the reads bind; with guidance or larger batches the compute bound can take over.
 
     python benchmarks/sampling.py --quick        # batch 1 and 8, a minute or two on 2 cores
@@ -42,7 +45,7 @@ import time
 
 import torch
 
-from stage2_prior import GPT, GPTConfig, SamplingConfig, count_parameters, generate, set_weight_packing
+from stage2_prior import GPT, GPTConfig, SamplingConfig, blocked, count_parameters, generate, set_weight_packing
 from stage2_prior.quantize import Int8Linear, set_prior_dtype
 
 
@@ -64,11 +67,14 @@ def ceilings(device: str, megabytes: int) -> tuple[float, dict[str, float], floa
     """(read bandwidth, compute ceiling per weight dtype, bf16 matmul rate), measured now: each group of
     rows measures them again before it runs, because a shared host's speed drifts over a run (the
     bandwidth of the development CPU read from 33 to 61 GB/s within one run), and a row is compared with
-    the ceilings of its own minutes. The compute ceiling: fp32 for float32 and int8 weights (weight-only
-    int8 multiplies fp32 activations), the faster of fp32 and bf16 for bfloat16 weights."""
+    the ceilings of its own minutes. The compute ceiling: fp32 for float32 weights, the faster of fp32
+    and bf16 for bfloat16 weights, and for int8 weights fp32, or as bfloat16's where the CPU kernel
+    multiplies int16 rows (see the module docstring)."""
     bandwidth = measure_bandwidth(megabytes, device=device)
     fp32, bf16 = (matmul_flops(device=device, dtype=dtype) for dtype in (torch.float32, torch.bfloat16))
-    return bandwidth, {"float32": fp32, "int8": fp32, "bfloat16": max(fp32, bf16)}, bf16
+    int16_rows = torch.device(device).type == "cpu" and blocked.int8_rounds_rows()
+    return bandwidth, {"float32": fp32, "int8": max(fp32, bf16) if int16_rows else fp32,
+                       "bfloat16": max(fp32, bf16)}, bf16
 
 
 def now(bandwidth: float, flops: float) -> str:

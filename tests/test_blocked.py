@@ -15,7 +15,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.int8]
 def test_blocked_kernel_gives_the_float_product_for_every_row_count(dtype):
     """Rows 1-8 each take their own register blocking, 11 and 17 a full block plus a rest; K = 37 leaves a
     tail after every unrolled k loop (and an odd input after the pairs of bf16's dot products). The kernel
-    widens each weight exactly and accumulates in fp32; bf16 weights take the rows as bf16."""
+    widens each weight exactly and accumulates in fp32; bf16 weights take the rows as bf16, int8 weights
+    on a CPU with AVX512-VNNI the rows rounded to 16 bits (``rounded_rows``; exact int32 sums)."""
     assert blocked.kernel(dtype) is not None  # x86 with AVX2 and FMA, as the development and CI machines
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randint(-127, 128, (40, 37), generator=gen) if dtype == torch.int8
@@ -26,6 +27,8 @@ def test_blocked_kernel_gives_the_float_product_for_every_row_count(dtype):
     for rows in [*range(1, 9), 11, 17]:
         x = torch.randn(rows, 37, generator=gen)
         exact = x.bfloat16() if dtype == torch.bfloat16 else x  # the rows the kernel multiplies
+        if dtype == torch.int8 and blocked.int8_rounds_rows():
+            exact = blocked.rounded_rows(x)
         want = (exact.double() @ weight.double().t()) * scales.double()
         got = blocked.product(x, packed, scales)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
@@ -55,16 +58,55 @@ def test_cpp_op_gives_the_kernels_product_and_names_bad_inputs(dtype):
         op(x[:, :36], packed, scales)
 
 
-def test_bf16_rows_are_widened_where_the_cpu_has_no_bf16_dot_products():
-    """The bf16 kernel checks for AVX512-BF16 at run time; its other path (rows widened to fp32 once, then
-    the fp32 loop) is what AVX2-only CPUs run. Built here with the check forced off, it must pass the same
-    self-check (every row count, the k tail) that the kernel passes before use."""
-    source = blocked._product_source(torch.bfloat16)
-    assert source.count("if (dot_products_run())") == 1
-    widening = blocked._build(source.replace("if (dot_products_run())", "if (false)"),
-                              blocked._product_argtypes(torch.bfloat16),
-                              lambda candidate: blocked._product_correct(candidate, torch.bfloat16))
-    assert widening is not None
+@pytest.mark.parametrize(("dtype", "check"), [(torch.bfloat16, "if (dot_products_run())"),
+                                             (torch.int8, "if (int16_products_run())")], ids=str)
+def test_the_fp32_loop_where_the_cpu_has_no_dot_products(dtype, check):
+    """The bf16 and int8 kernels check for AVX512-BF16 / AVX512-VNNI at run time; their other path (the
+    fp32 loop over the rows, widened from bf16 once or taken as they are) is what AVX2-only CPUs run.
+    Built here with the check forced off, it must pass the same self-check (every row count, the k tail)
+    that the kernel passes before use, and an int8 kernel so built keeps its rows unrounded."""
+    source = blocked._product_source(dtype)
+    assert source.count(check) == 1
+    fp32_loop = blocked._build(source.replace(check, "if (false)"), blocked._product_argtypes(dtype),
+                               lambda candidate: blocked._product_correct(candidate, dtype))
+    assert fp32_loop is not None
+    if dtype == torch.int8:
+        weight = blocked.block(torch.ones(8, 2, dtype=torch.int8))
+        out = torch.empty(1, 8)
+        fp32_loop(torch.tensor([[1.0, 1e-6]]), weight, torch.ones(8, dtype=torch.bfloat16), out, 1, 8, 2)
+        assert torch.all(out == torch.tensor(1.0) + torch.tensor(1e-6))
+
+
+def test_int8_rows_rounded_to_16_bits_where_the_cpu_has_vnni():
+    """On a CPU with AVX512-VNNI (the development and CI machines) the int8 kernel rounds each row to 16-bit
+    integers on its own scale and sums exact int32 products, 32 a vpdpwssd: the product is that of
+    ``rounded_rows`` to fp32 rounding, whatever the rows' spread, also over more inputs than its int32 sums
+    hold at the largest values (they move to fp32 every 512 inputs). Rows with inf or NaN take the fp32
+    loop, which keeps them (as torch's product does); an all-zero row gives zeros."""
+    assert blocked.int8_rounds_rows() == torch.cpu._is_vnni_supported()
+    assert blocked.int8_rounds_rows()  # the development and CI CPUs have it: the path the tests cover
+    gen = torch.Generator().manual_seed(3)
+    for K in (5, 64, 4099):
+        weight = torch.randint(-127, 128, (16, K), generator=gen, dtype=torch.int8)
+        weight[0] = 127  # channel 0 at the largest products: all sums at their largest
+        scales = torch.rand(16, generator=gen).add(0.01).to(torch.bfloat16)
+        x = torch.randn(9, K, generator=gen)
+        x[0] = 3.0  # every input at the row's largest value: q = 32767 throughout
+        x[1, 0] = 1e4  # one outlier: the rest of the row rounds to steps of 1e4 / 32767
+        x[2] = 0.0
+        rows = blocked.rounded_rows(x)
+        assert torch.all(rows[2] == 0) and rows[1, 1:].unique().numel() <= 40  # steps of 0.3 over randn values
+        want = (rows @ weight.double().t()) * scales.double()
+        got = blocked.product(x, blocked.block(weight), scales)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+        assert torch.all(got[2] == 0)
+        assert (got.double() - (x.double() @ weight.double().t()) * scales.double()).abs().max() > 0  # rounded
+    x = torch.randn(3, 37, generator=gen)
+    x[0, 5], x[1, 7] = float("nan"), float("inf")
+    weight = torch.randint(1, 128, (8, 37), generator=gen, dtype=torch.int8)
+    got = blocked.product(x, blocked.block(weight), torch.ones(8, dtype=torch.bfloat16))
+    assert torch.isnan(got[0]).all() and torch.isposinf(got[1]).all()
+    torch.testing.assert_close(got[2], x[2] @ weight.float().t(), rtol=1e-5, atol=1e-4)  # unrounded
 
 
 def test_cpp_attention_op_writes_the_slot_then_attends_and_names_bad_inputs():
