@@ -322,8 +322,8 @@ _INT8_DOT_SOURCE = _WIDE_LANES + r"""
 // 16-bit integers on its own scale (x = step * q, |q| <= 32767, step = max |x| / 32767), and one
 // vpdpwssd multiplies 4 inputs of the block's 8 channels (int16 x int16, pairs summed into int32 lanes),
 // as the bf16 dot products do: a 32-byte load holds weights k..k + 3 of the 8 channels, widened to int16
-// and put in the lanes of four_inputs_order. The int32 sums are exact; every 512 inputs (at most 128 instructions of |2 * 128 * 32767| per lane, well inside
-// int32) they move to fp32 lanes.
+// and put in the lanes of four_inputs_order. The int32 sums are exact; every 512 inputs (at most 128
+// instructions of |2 * 128 * 32767| per lane, well inside int32) they move to fp32 lanes.
 constexpr int64_t CHUNK = 512;
 
 // block_rows for int16 rows; the caller multiplies each output row by its row's step
@@ -379,8 +379,8 @@ static bool int16_products_run() {
 }
 
 // rows (M, K) -> q (M, K) int16 and steps (M,) with rows ~ steps * q; false where a row is not finite.
-// Vectorised: with a scalar loop (nearbyint) a call over one block of 8 channels took 16.6 us at 8 rows of 768
-// inputs and 47.4 us at 8 of 3072, against 4.9 and 7.3 us so.
+// Vectorised: with a scalar loop (nearbyint) a call over one block of 8 channels took 16.6 us at 8 rows
+// of 768 inputs and 47.4 us at 8 of 3072, against 4.9 and 7.3 us so.
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static bool round_rows(const float* rows, int64_t M, int64_t K, int16_t* q, float* steps) {
     const __m512 largest = _mm512_set1_ps(3.0e38f);
