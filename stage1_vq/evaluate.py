@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from stage1_vq.model import VQModel
 from vqgpt.ground.data import DataConfig, build_dataset, readable_batches
+from vqgpt.ground.dataset_base import UnreadableImageWarning
 from vqgpt.ground.images import save_grid, side_by_side, tensor_to_pil
 from vqgpt.ground.metrics import bits_per_image, code_histogram, codebook_stats, psnr, ssim
+
+# the reconstructions reconstruct() writes into OUT/images: 00000.png, 00001.png, ...
+_RECONSTRUCTION_NAME = re.compile(r"\d{5,}\.png")
 
 
 def load_lpips(kind: str, device: torch.device) -> torch.nn.Module | None:
@@ -28,6 +33,9 @@ def load_lpips(kind: str, device: torch.device) -> torch.nn.Module | None:
     if kind == "random":
         cfg = replace(cfg, perceptual="lpips-random")
     elif kind != "vgg":
+        if not Path(kind).is_file():  # a path the user gave: a typo is theirs to fix, not a reason to report null
+            raise FileNotFoundError(f"--lpips {kind}: no such weights file (give a local LPIPS weights file, "
+                                    "or vgg, random, none)")
         cfg = replace(cfg, perceptual="lpips-vgg", perceptual_weights_path=kind)
     try:
         # A fixed seed: the 'random' backbone is the same network in every run (its figures compare
@@ -42,6 +50,43 @@ def load_lpips(kind: str, device: torch.device) -> torch.nn.Module | None:
     return net.to(device).eval() if net is not None else None
 
 
+def _readable_batches(dataset: Dataset, batch_size: int, limit: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of the first ``limit`` readable images of ``dataset`` (all of them for None), in order:
+    a file that fails to decode is left out and the next readable one counted in its place, so that
+    ``--num N`` scores N images whenever the source holds that many."""
+    if limit is None:
+        yield from readable_batches(dataset, batch_size)
+        return
+    unreadable: list[str] = []
+    batches = readable_batches(dataset, min(batch_size, limit), unreadable)
+    taken = 0
+    for images, labels in batches:
+        images, labels = images[: limit - taken], labels[: limit - taken]
+        taken += len(labels)
+        yield images, labels
+        if taken >= limit:
+            break
+    else:
+        return  # the source ran out: readable_batches warned about the files it left out
+    batches.close()
+    if unreadable:  # stopped early, before readable_batches' own warning: say it here
+        warnings.warn(f"left out {len(unreadable)} image{'s' if len(unreadable) > 1 else ''} that failed to decode: "
+                      f"{', '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''}", UnreadableImageWarning,
+                      stacklevel=2)
+
+
+def _clear_previous_run(out: Path) -> None:
+    """Delete what an earlier run wrote into ``out``: its metrics.json (first, so that a run that fails
+    midway leaves no figures of other images behind) and its numbered reconstructions in
+    ``out/images``; any other file there is the user's and stays."""
+    (out / "metrics.json").unlink(missing_ok=True)
+    folder = out / "images"
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if _RECONSTRUCTION_NAME.fullmatch(path.name) and path.is_file():
+                path.unlink()
+
+
 @torch.inference_mode()
 def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_images: int | None = None,
                 resolution: int | None = None, batch_size: int = 32, lpips: str = "vgg",
@@ -49,17 +94,22 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
                 on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> dict:
     """Reconstruct the evaluation images of ``images``; write PNGs + grid + metrics.json; return the metrics.
 
+    ``num_images``: the first that many readable images (an undecodable file is left out and not
+    counted). The reconstructions of an earlier run into ``out`` are deleted first, so that the
+    folder holds one run's images beside its metrics.json.
     ``on_batch(originals, reconstructions)``, both (B, 3, H, W) in [-1, 1], sees every batch (e.g. rFID features).
     """
+    if num_images is not None and num_images < 1:
+        raise ValueError(f"--num must be >= 1, got {num_images}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = VQModel.from_pretrained(tokenizer_dir).to(device).eval()
     resolution = resolution or model.config.resolution
     dataset = build_dataset(DataConfig(source=images, resolution=resolution, random_crop=False, hflip=False), "eval")
-    if num_images is not None:
-        dataset = Subset(dataset, range(min(num_images, len(dataset))))
-    batches = readable_batches(dataset, batch_size)  # a file that fails to decode is left out, not replaced
+    batches = _readable_batches(dataset, batch_size, num_images)
+    wanted = len(dataset) if num_images is None else min(num_images, len(dataset))
     perceptual = load_lpips(lpips, device)
     out = Path(out)
+    _clear_previous_run(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     psnrs, ssims, lpipss = [], [], []
@@ -69,7 +119,7 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
     grid_pairs = []
     index = 0
     grid_shape = None
-    for batch, _labels in tqdm(batches, desc="reconstruct", total=-(-len(dataset) // batch_size),
+    for batch, _labels in tqdm(batches, desc="reconstruct", total=-(-wanted // batch_size),
                                disable=not progress):
         batch = batch.to(device)
         codes = model.encode(batch)                                      # (B, h, w)

@@ -13,18 +13,42 @@ from torchvision.utils import make_grid
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+def _grey_to_l(arr: np.ndarray, peak: float | None) -> Image.Image:
+    """A grey array -> 8-bit 'L': ``arr / peak`` read as [0, 1] (clipped), or, with no ``peak``,
+    stretched from its own minimum to maximum. Non-finite values count as 0."""
+    arr = np.where(np.isfinite(arr), arr, 0.0)
+    if peak is None:
+        lo, hi = float(arr.min()), float(arr.max())
+        arr, peak = arr - lo, max(hi - lo, 1e-12)
+    return Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: alpha composited over white, palette expanded, 16-bit scaled to 8."""
+    """Any PIL mode -> RGB: alpha composited over white, palette expanded, high bit depths scaled to 8.
+
+    Grey levels keep their meaning: the scale comes from the mode, never from the image's own
+    brightest pixel, so a dark image stays dark.
+
+    - 'I;16', 'I;16B', 'I;16L' are 16-bit: divided by 65535.
+    - 'I' (32-bit int) is read as 16-bit when every value lies in 0..65535 (older Pillow opens
+      16-bit PNGs as 'I'; Pillow 12 opens them as 'I;16'); other values have no known scale, so
+      the image is stretched from its minimum to its maximum.
+    - 'F' (float): values in [0, 1] are read as such; an image with values outside [0, 1] has no
+      known scale and is stretched from its minimum to its maximum.
+    """
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)  # animated GIF / multi-page TIFF: first frame
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode.startswith("I;16"):
+        img = _grey_to_l(np.asarray(img, dtype=np.float64), 65535.0)
+    elif img.mode == "I":
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if img.mode == "F":
+        fits_16_bit = arr.size == 0 or (arr.min() >= 0 and arr.max() <= 65535)
+        img = _grey_to_l(arr, 65535.0 if fits_16_bit else None)
+    elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        img = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8), mode="L")
+        finite = arr[np.isfinite(arr)]
+        in_unit_range = finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1)
+        img = _grey_to_l(arr, 1.0 if in_unit_range else None)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA"):

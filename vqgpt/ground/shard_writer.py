@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 from typing import NamedTuple
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from vqgpt.ground.data import FolderImageDataset, build_dataset
@@ -26,13 +27,17 @@ class ShardReport(NamedTuple):
 
 def _sample(dataset: ImageDataset, index: int) -> tuple[bytes, str, int] | Unreadable:
     """(stored bytes, their extension, class) of one item: a file's or a row's bytes as they are,
-    a built-in's image as PNG."""
+    a built-in's image as PNG; ``Unreadable`` when the bytes are no image Pillow decodes."""
     if isinstance(dataset, FolderImageDataset):
         path = dataset.files[index]
         try:
             data = path.read_bytes()
-        except OSError as exc:
-            return Unreadable(str(path), str(exc))
+            # decoded in full, as training will: a file named .png that holds text, or a truncated
+            # image, is left out here rather than copied into the shards as an image
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+        except Exception as exc:  # unreadable file, or no image: PIL raises many types
+            return Unreadable(str(path), f"{type(exc).__name__}: {exc}")
         return data, path.suffix.lower().lstrip("."), int(dataset.labels[index])
     if isinstance(dataset, EncodedImageDataset):
         stored = dataset.encoded(index)

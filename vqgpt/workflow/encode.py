@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ from vqgpt.training.config import launched_process_state
 AUGMENTS = ("none", "flip", "ten-crop")
 # LlamaGen's extract_codes_c2i default: the ten crops are taken from a center crop 1.1x the resolution
 TEN_CROP_RANGE = 1.1
+# the largest --crop-range: at 2 each of the ten crops covers a quarter of the center crop's area
+MAX_CROP_RANGE = 2.0
 _CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
 
 # meta.json keys that must match for a re-run to continue the shards in a folder
@@ -134,11 +137,16 @@ def view_names(augment: str) -> list[str]:
 
 
 def ten_crop_size(resolution: int, crop_range: float = TEN_CROP_RANGE) -> int:
-    """Side of the center crop the ten crops of ``resolution`` pixels are taken from."""
-    size = int(resolution * crop_range)
-    if size < resolution:
-        raise ValueError(f"--crop-range must be >= 1 (the ten crops lie inside the center crop), got {crop_range}")
-    return size
+    """Side of the center crop the ten crops of ``resolution`` pixels are taken from.
+
+    ``crop_range`` is a ratio of sides, in [1, MAX_CROP_RANGE]: beyond 2 each corner crop sees less
+    than a quarter of the image, and every image is loaded crop_range² times larger than needed.
+    """
+    if not math.isfinite(crop_range) or not 1 <= crop_range <= MAX_CROP_RANGE:
+        raise ValueError(f"--crop-range must be between 1 and {MAX_CROP_RANGE:g} (the side of the center crop the "
+                         f"ten crops are taken from, as a multiple of the resolution; LlamaGen uses "
+                         f"{TEN_CROP_RANGE:g}), got {crop_range}")
+    return int(resolution * crop_range)
 
 
 def make_views(images: torch.Tensor, augment: str, resolution: int) -> list[torch.Tensor]:
@@ -188,16 +196,19 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
         raise ValueError(f"flip=True asks for augment 'flip', but augment is {augment!r}: give one of them")
     augment = "flip" if flip else augment
     names = view_names(augment)
+    # --crop-range is checked whatever the augment, before the tokenizer loads; ten-crop loads the
+    # images as center crops that much larger than the resolution, then crops them ten ways
+    crop_size = ten_crop_size(data.resolution, crop_range)
+    load_size = crop_size if augment == "ten-crop" else data.resolution
     out = Path(out)
     _check_out_dir(out)
+    created = not out.exists()  # a folder this run makes is removed again if nothing can be encoded
     state = _process_state()
     processes, rank, is_main = state.num_processes, state.process_index, state.is_main_process
     progress = progress and is_main
     device = torch.device(device) if device else state.device
     model = VQModel.from_pretrained(tokenizer_dir).to(device).eval()
     data = dataclasses.replace(data, random_crop=False, hflip=False)
-    # ten-crop: the images are loaded as center crops larger than the resolution, then cropped ten ways
-    load_size = ten_crop_size(data.resolution, crop_range) if augment == "ten-crop" else data.resolution
 
     identity = source_identity(data.source, data.index_dir)
     files = identity.pop("files", None)
@@ -227,7 +238,7 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
         if diffs:
             raise TokenShardError(f"cannot continue the token shards in {out}: {'; '.join(diffs)}. Pass --overwrite "
                                   f"to delete them and encode again, or choose another --out")
-        if stored.get("complete"):
+        if stored.get("complete") and stored.get("count", 1):  # an older vqgpt finished empty encodes: redo them
             if progress:
                 print(f"{out}: already holds the finished encode of {data.source} by this tokenizer with these "
                       f"options ({stored['count']} images); nothing to do")
@@ -290,16 +301,42 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
             position += batch.size
     writer.close(items_done=stop - start)
     bar.close()
-    unreadable = writer.unreadable
+    finished = writer.meta
     if processes > 1:
         state.wait_for_everyone()
         if is_main:
-            unreadable = merge_parts(out, parts, (h, w), model.codebook_size, meta, views=len(names))["unreadable"]
+            merge_parts(out, parts, (h, w), model.codebook_size, meta, views=len(names))
         state.wait_for_everyone()  # every process returns with the folder finished
+        finished = read_meta(out)
+    unreadable = finished["unreadable"]
+    if finished["complete"] and not finished["count"]:
+        _no_image_encoded(out, data.source, split, total, unreadable, created, state)
     if unreadable and progress:
         print(f"skipped {_plural(len(unreadable), 'image')} that failed to decode "
               f"(listed under 'unreadable' in {out / META_FILE})")
     return out
+
+
+def _no_image_encoded(out: Path, source: str, split: str, total: int, unreadable: list[str], created: bool,
+                      state: PartialState) -> None:
+    """Raise for an encode that stored no image: delete its empty shards (and ``out`` if this run made
+    it), so that no folder claims to be a complete encode of nothing (the prior's training would
+    fail on it far from the cause)."""
+    state.wait_for_everyone()  # every process has read the finished meta.json before rank 0 deletes it
+    if state.is_main_process:
+        clear_token_folder(out)
+        if created:
+            try:
+                out.rmdir()  # only when empty: other files are left alone
+            except OSError:
+                pass
+    if unreadable:
+        shown = ", ".join(unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
+        raise ValueError(f"no image of {source} ({split} split) could be read: {_plural(len(unreadable), 'item')} "
+                         f"failed to decode ({shown}); nothing was encoded into {out}. Check that --data holds "
+                         f"images (a name ending .png or .jpg is no proof: the file may hold text or be truncated)")
+    raise ValueError(f"{source} has no images in its {split} split ({total} items): nothing was encoded into {out}; "
+                     f"check --data and --split")
 
 
 def _relative(path: str, source: str) -> str:

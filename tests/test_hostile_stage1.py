@@ -1,0 +1,189 @@
+"""Hostile inputs to the tokenizer side: 16-bit and float images, files named like images that are
+none, empty encodes, --crop-range out of bounds, and reconstruct's out folder and --num."""
+
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stage1_vq import QuantizerConfig, VQModel, VQModelConfig
+from stage1_vq.evaluate import reconstruct
+from vqgpt.cli.commands import main
+from vqgpt.ground.data import DataConfig
+from vqgpt.ground.images import open_rgb, to_rgb
+from vqgpt.workflow.encode import MAX_CROP_RANGE, encode_dataset, ten_crop_size
+
+R = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = VQModelConfig(channels=8, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], resolution=R,
+                           z_channels=4, norm_groups=4, quantizer=QuantizerConfig(codebook_size=32))
+    return VQModel(config).eval().save_pretrained(tmp_path_factory.mktemp("tok") / "tokenizer")
+
+
+def _noise(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (R + 4, R + 4, 3), dtype=np.uint8))
+
+
+def _no_images(folder):
+    """Files that are named like images but are none: text, an empty file, a truncated PNG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a-text.png").write_text("not an image\n")
+    (folder / "b-empty.jpg").write_bytes(b"")
+    whole = folder / "whole.png"
+    _noise(99).save(whole)
+    (folder / "c-truncated.png").write_bytes(whole.read_bytes()[:200])
+    whole.unlink()
+    return folder
+
+
+def _grey(img: Image.Image) -> int:
+    """The one grey level of a constant image, once read as RGB."""
+    values = np.unique(np.asarray(to_rgb(img)))
+    assert len(values) == 1, values
+    return int(values[0])
+
+
+# ------------------------------------------------------------------------------ 16-bit and float images
+
+
+def test_16_bit_grey_is_scaled_by_its_bit_depth_not_its_brightest_pixel(tmp_path):
+    for value, expected in [(255, 1), (256, 1), (32768, 128), (65535, 255)]:
+        path = tmp_path / f"grey{value}.png"
+        Image.fromarray(np.full((8, 8), value, np.uint16)).save(path)
+        with Image.open(path) as img:
+            assert img.mode.startswith("I;16")  # how Pillow opens a 16-bit grey PNG
+        assert np.unique(np.asarray(open_rgb(path))).tolist() == [expected], value
+    # big-endian 16-bit, and 32-bit 'I' holding 16-bit values (older Pillow opens 16-bit PNGs so)
+    assert _grey(Image.frombytes("I;16B", (4, 4), np.full(16, 255, ">u2").tobytes())) == 1
+    assert _grey(Image.fromarray(np.full((4, 4), 255, np.int32))) == 1
+    assert _grey(Image.fromarray(np.full((4, 4), 65535, np.int32))) == 255
+    # 'I' values beyond 16 bits have no known scale: stretched
+    wide = np.asarray(to_rgb(Image.fromarray(np.array([[-5, 70000]], np.int32))))[..., 0]
+    assert wide.tolist() == [[0, 255]]
+
+
+def test_float_images_in_0_1_are_read_as_such_and_others_stretched():
+    assert _grey(Image.fromarray(np.full((4, 4), 0.5, np.float32))) == 128
+    assert _grey(Image.fromarray(np.full((4, 4), 1.0, np.float32))) == 255
+    assert _grey(Image.fromarray(np.full((4, 4), 0.0, np.float32))) == 0
+    ramp = np.asarray(to_rgb(Image.fromarray(np.array([[-5.0, 0.0, 40.0]], np.float32))))[0, :, 0]
+    assert ramp.tolist() == [0, 28, 255]  # outside [0, 1]: stretched from minimum to maximum
+
+
+# ------------------------------------------------------------------------------------------ encode
+
+
+def test_encode_of_a_source_without_a_readable_image_fails_and_leaves_no_folder(tokenizer_dir, tmp_path, capsys):
+    source = _no_images(tmp_path / "imgs")
+    out = tmp_path / "codes"
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        with pytest.raises(ValueError, match=r"no image of .*imgs \(train split\) could be read: 3 items failed to "
+                                             r"decode \(a-text.png, b-empty.jpg, c-truncated.png\)"):
+            encode_dataset(tokenizer_dir, DataConfig(source=str(source), resolution=R), out, device="cpu",
+                           progress=False)
+    assert not out.exists()
+
+    # an existing folder is kept, but holds no meta.json claiming a finished encode
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["encode", "--tokenizer", str(tokenizer_dir), "--data", str(source), "--out", str(out)]) == 2
+    assert "3 items failed to decode" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_crop_range_is_bounded(tokenizer_dir, tmp_path):
+    assert ten_crop_size(R, 1.0) == R and ten_crop_size(R, MAX_CROP_RANGE) == 2 * R
+    source = tmp_path / "imgs"
+    source.mkdir()
+    _noise(0).save(source / "0.png")
+    for bad in (0.5, 0.0, -1.0, 2.5, 1000.0, math.inf, math.nan):
+        for augment in ("ten-crop", "none"):
+            with pytest.raises(ValueError, match=r"--crop-range must be between 1 and 2 .*got"):
+                encode_dataset(tokenizer_dir, DataConfig(source=str(source), resolution=R), tmp_path / "codes",
+                               device="cpu", progress=False, augment=augment, crop_range=bad)
+    assert not (tmp_path / "codes").exists()
+
+
+# ------------------------------------------------------------------------------------------- shard
+
+
+def test_shard_of_a_folder_leaves_out_files_that_are_no_image(tmp_path, capsys):
+    source = _no_images(tmp_path / "imgs")
+    for k in range(2):
+        _noise(k).save(source / f"good{k}.png")
+    assert main(["shard", str(source), str(tmp_path / "out"), "--per-shard", "10"]) == 0
+    captured = capsys.readouterr()
+    assert "left out 3 items that are no image" in captured.err
+    for name in ("a-text.png", "b-empty.jpg", "c-truncated.png"):
+        assert name in captured.err
+    assert "wrote 2 images" in captured.out
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        names = [json.loads(tar.extractfile(m).read())["name"] for m in tar if m.name.endswith(".json")]
+    assert names == ["good0.png", "good1.png"]
+
+    # nothing readable: an error, not shards of text
+    bad = _no_images(tmp_path / "bad")
+    assert main(["shard", str(bad), str(tmp_path / "out2"), "--per-shard", "10"]) == 2
+    assert "no readable image" in capsys.readouterr().err
+    assert not list((tmp_path / "out2").glob("shard-*.tar"))
+
+
+# --------------------------------------------------------------------------------------- reconstruct
+
+
+def test_reconstruct_again_into_a_folder_replaces_the_earlier_reconstructions(tokenizer_dir, tmp_path):
+    source = tmp_path / "imgs"
+    source.mkdir()
+    for k in range(5):
+        _noise(k).save(source / f"{k}.png")
+    out = tmp_path / "out"
+    first = reconstruct(tokenizer_dir, str(source), out, num_images=5, lpips="none", device="cpu", progress=False)
+    assert first["num_images"] == 5 and len(list((out / "images").glob("*.png"))) == 5
+    (out / "images" / "mine.png").write_bytes(b"the user's")
+    (out / "images" / "notes.txt").write_text("the user's")
+    second = reconstruct(tokenizer_dir, str(source), out, num_images=3, lpips="none", device="cpu", progress=False)
+    assert second["num_images"] == 3
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == 3
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png", "00002.png",
+                                                                  "mine.png", "notes.txt"]
+
+
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_reconstruct_num_counts_readable_images(tokenizer_dir, tmp_path):
+    source = tmp_path / "imgs"
+    source.mkdir()
+    (source / "0-text.png").write_text("not an image\n")  # first in the folder's order
+    for k in range(1, 4):
+        _noise(k).save(source / f"{k}.png")
+    for num in (1, 2, 3):
+        with pytest.warns(UserWarning, match="left out 1 image that failed to decode: .*0-text.png"):
+            metrics = reconstruct(tokenizer_dir, str(source), tmp_path / f"out{num}", num_images=num, lpips="none",
+                                  device="cpu", progress=False, batch_size=2)
+        assert metrics["num_images"] == num
+        assert len(list((tmp_path / f"out{num}" / "images").glob("*.png"))) == num
+    # more than the folder holds: every readable image
+    with pytest.warns(UserWarning, match="left out 1 image"):
+        metrics = reconstruct(tokenizer_dir, str(source), tmp_path / "all", num_images=10, lpips="none",
+                              device="cpu", progress=False, batch_size=2)
+    assert metrics["num_images"] == 3
+
+
+def test_a_missing_lpips_weights_file_is_an_error_not_a_null_figure(tmp_path):
+    from stage1_vq.evaluate import load_lpips
+
+    with pytest.raises(FileNotFoundError, match=r"--lpips .*nothing\.pth: no such weights file"):
+        load_lpips(str(tmp_path / "nothing.pth"), torch.device("cpu"))
+    assert load_lpips("none", torch.device("cpu")) is None
