@@ -26,7 +26,7 @@ from stage1_vq.modules import Decoder, Encoder, conv_memory_format
 from stage1_vq.palette import PaletteQuantizer
 from stage1_vq.quantizers import Quantizer, QuantizerConfig, QuantizerOutput, build_quantizer
 from stage1_vq.vit import ViTDecoder, ViTEncoder
-from vqgpt.ground.checkpoint import load_export, push_to_hub, resolve_model_dir, save_export
+from vqgpt.ground.checkpoint import load_export, load_export_weights, push_to_hub, resolve_model_dir, save_export
 from vqgpt.ground.config import opt
 
 EXPORT_KIND = "vq_tokenizer"
@@ -293,7 +293,7 @@ class VQModel(nn.Module):
         directory = resolve_model_dir(name_or_path, revision=revision, subfolder=subfolder)
         config, state, _ = load_export(directory, EXPORT_KIND, VQModelConfig)
         model = cls(config)
-        model.load_state_dict(state, strict=True)
+        load_export_weights(model, state, directory)
         return model.to(map_location).eval()
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from stage1_vq.losses import LossConfig, build_discriminator, build_perceptual, discriminator_loss, generator_loss
 from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.palette import PaletteConfig, fit_palette
-from vqgpt.ground.checkpoint import save_checkpoint
+from vqgpt.ground.checkpoint import read_trainer_state, save_checkpoint
 from vqgpt.ground.config import ConfigError, opt
 from vqgpt.ground.data import DataConfig, Unreadable, build_dataset
 from vqgpt.ground.images import save_grid, side_by_side
@@ -66,6 +66,14 @@ class TokenizerRunConfig:
                                                 "palette, which replaces gradient training (of train.* it uses seed, "
                                                 "batch_size and keep_checkpoints)")
     disc_lr_ratio: float = opt(1.0, "discriminator LR as a multiple of train.lr")
+
+    def __post_init__(self) -> None:
+        channels = (self.model.in_channels, self.model.out_channels)
+        if channels != (3, 3):  # the losses and every image source work in RGB
+            raise ValueError(f"model.in_channels and model.out_channels must be 3 to train: images are read as RGB "
+                             f"(got {channels[0]} and {channels[1]})")
+        if not self.disc_lr_ratio >= 0:
+            raise ValueError(f"disc_lr_ratio must be >= 0, got {self.disc_lr_ratio}")
 
 
 def _snapshot_images(cfg: TokenizerRunConfig, n: int = 8) -> torch.Tensor:
@@ -165,7 +173,8 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         def checkpoint() -> None:
             check_replicas(accelerator, replicas())
             save_checkpoint(accelerator, run_dir, step, tc.keep_checkpoints,
-                            extra=stream_state(position, accelerator, tc.batch_size))
+                            extra={**stream_state(position, accelerator, tc.batch_size), "skipped": skipped,
+                                   "unreadable": unreadable})
 
         def snapshot_grid() -> None:
             if is_main:
@@ -179,7 +188,9 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                 log_images(accelerator, "reconstructions", grid, step)
 
         model.train()
-        skipped = unreadable = 0  # dropped updates; items left out because their file failed to decode
+        # dropped updates; items left out because their file failed to decode (run totals, kept across resumes)
+        resumed = read_trainer_state(run.checkpoint) if run.checkpoint is not None else {}
+        skipped, unreadable = int(resumed.get("skipped", 0)), int(resumed.get("unreadable", 0))
         with GracefulInterrupt() as interrupt:
             while step < tc.steps:
                 gan_on = use_gan and step >= cfg.loss.disc_start

@@ -9,6 +9,7 @@ it imports none of them.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -40,12 +41,15 @@ class SamplingConfig:
     cfg_schedule: str = "constant"  # guidance per raster position: one of CFG_SCHEDULES
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "cfg_scale"):  # NaN passes every comparison; inf * 0 logits are NaN
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
                                        or self.top_k < 1):
             raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:  # also refuses NaN
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance, 0 = unconditional), got {self.cfg_scale}")

@@ -23,7 +23,7 @@ from torch import nn
 
 from stage2_prior.config import PRESETS, GPTConfig  # noqa: F401 - PRESETS stays importable from here
 from stage2_prior.layers import KVCache, Linear, RMSNorm, TransformerBlock, rope_multipliers, rope_table_2d
-from vqgpt.ground.checkpoint import load_export, push_to_hub, resolve_model_dir, save_export
+from vqgpt.ground.checkpoint import load_export, load_export_weights, push_to_hub, resolve_model_dir, save_export
 
 EXPORT_KIND = "gpt_prior"
 # One wording for each class-label mistake, wherever it is caught (model, samplers, pipeline, CLI).
@@ -216,10 +216,7 @@ class GPT(nn.Module):
         directory = resolve_model_dir(name_or_path, revision=revision, subfolder=subfolder)
         config, state, _ = load_export(directory, EXPORT_KIND, GPTConfig)
         model = cls(config)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{directory}: weights do not match the config: {exc}") from None
+        load_export_weights(model, state, directory)
         return model.to(device).eval()
 
     def push_to_hub(self, repo_id: str, *, extra: dict[str, Any] | None = None, private: bool | None = None,

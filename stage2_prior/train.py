@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from stage2_prior.draw import SamplingConfig
 from stage2_prior.model import GPT, GPTConfig
 from stage2_prior.sampling import generate
-from vqgpt.ground.checkpoint import save_checkpoint
+from vqgpt.ground.checkpoint import read_trainer_state, save_checkpoint
 from vqgpt.ground.config import ConfigError, opt
 from vqgpt.ground.images import save_grid
 from vqgpt.ground.tokens import TokenDataset, check_tokenizer_match
@@ -167,7 +167,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
         def checkpoint() -> None:
             check_replicas(accelerator, {"model": unwrap(accelerator, model), "ema": ema.module if ema else None})
             save_checkpoint(accelerator, run_dir, step, tc.keep_checkpoints,
-                            extra=stream_state(position, accelerator, tc.batch_size))
+                            extra={**stream_state(position, accelerator, tc.batch_size), "skipped": skipped})
 
         def snapshot() -> None:
             # Under FSDP only all processes together hold the weights; sample from the export instead.
@@ -177,7 +177,9 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
                 log_images(accelerator, "samples", grid, step)
 
         model.train()
-        t_last, step_last, skipped = time.perf_counter(), step, 0
+        t_last, step_last = time.perf_counter(), step
+        # dropped updates (a run total, kept across resumes)
+        skipped = int(read_trainer_state(run.checkpoint).get("skipped", 0)) if run.checkpoint is not None else 0
         with GracefulInterrupt() as interrupt:
             while step < tc.steps:
                 lr = set_lr(optimizer, step, tc)

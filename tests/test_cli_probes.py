@@ -8,6 +8,7 @@ probes that must load models are grouped into single runs.
 import argparse
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,12 +96,16 @@ def probe_argv(user: Path, name: str) -> tuple[list[str], tuple[str, ...]]:
                                       ("--pipeline", "--prior", "not both")),
         "complete --pipeline --tokenizer": ([*complete, "--tokenizer", str(user / "tok"), "--image",
                                              str(user / "photo.png"), "--out", out], ("--pipeline", "--tokenizer")),
+        "sample --cfg-scale inf": ([*sample, "--cfg-scale", "inf", "--out", out], ("--cfg-scale", "inf", "finite")),
+        "eval-prior --device bogus": (["eval-prior", "--pipeline", pipe, "--device", "bogus", "--num", "2"],
+                                      ("--device", "bogus")),
     }[name]
 
 
 FAST_PROBES = ["sample --num -3", "complete --num -3", "complete --image empty", "complete --image truncated",
                "complete --image folder", "sample --cfg-scale -1", "sample --out no extension", "sample --out .txt",
-               "sample --pipeline --prior", "complete --pipeline --tokenizer"]
+               "sample --pipeline --prior", "complete --pipeline --tokenizer", "sample --cfg-scale inf",
+               "eval-prior --device bogus"]
 
 
 @pytest.mark.parametrize("name", FAST_PROBES)
@@ -109,6 +114,14 @@ def test_flag_and_file_mistakes_are_one_clear_line(user, name):
     before = snapshot(user)
     assert_refused(vqgpt(*argv), *culprits)
     assert snapshot(user) == before  # nothing changed, nothing written (no out.png, no grid/)
+
+
+def test_a_folder_out_may_be_named_like_an_image(user, tmp_path):
+    # said with a trailing slash (or already a folder): one PNG per sample, no complaint about --npz
+    proc = vqgpt("sample", "--pipeline", str(user / "pipe"), "--class-label", "2", "--num", "2", "--out",
+                 str(tmp_path / "g1.png") + "/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "g1.png").glob("*.png")) == ["000000.png", "000001.png"]
 
 
 def test_missing_class_label_names_the_flag_and_a_stranger_prior_is_warned(user):
@@ -146,11 +159,17 @@ def test_reconstruct_accepts_one_image_file(user, tmp_path):
 
 def test_numeric_class_names_through_the_cli(user, tmp_path):
     before = snapshot(user)
-    # "13" is no class name and the names are numbers: an index must be written index:N
-    proc = vqgpt("sample", "--pipeline", str(user / "pipe"), "--num", "1", "--class-label", "13", "--out",
+    # "0" is no class name and the names are numbers: an index must be written index:N
+    proc = vqgpt("sample", "--pipeline", str(user / "pipe"), "--num", "1", "--class-label", "0", "--out",
                  str(tmp_path / "s.png"))
-    assert_refused(proc, "--class-label 13", "index:")
+    assert_refused(proc, "--class-label 0", "index:0")
     assert not (tmp_path / "s.png").exists() and snapshot(user) == before
+    # "13" is no class name, and as an index out of range too (12 classes): no advice to write index:13
+    from vqgpt.workflow.pipeline import VQGPTPipeline
+
+    with pytest.raises(ValueError, match="outside 0..11") as info:
+        VQGPTPipeline.from_pretrained(user / "pipe").class_index("13")
+    assert "index:13" not in str(info.value)
 
 
 def test_numeric_class_names_pick_the_named_class(user, tmp_path, monkeypatch):
@@ -253,6 +272,27 @@ def test_every_flag_has_a_help_text():
     assert not missing, f"flags without help: {missing}"
 
 
+def test_set_values_that_yaml_reads_otherwise(tmp_path):
+    from stage1_vq.train import TokenizerRunConfig
+    from vqgpt.ground.config import ConfigError, load_config
+
+    config = ROOT / "configs/tokenizer/tiny.yaml"
+    for value in ("2024", "2024-01-01", "*.png", "@raw", "[a"):  # a folder name, whatever YAML makes of it
+        assert load_config(TokenizerRunConfig, config, [f"data.source={value}"]).data.source == value
+    with pytest.raises(ConfigError, match=r"^--set data.source=yes: .*expected a string, got True \(quote it"):
+        load_config(TokenizerRunConfig, config, ["data.source=yes"])
+    with pytest.raises(ConfigError, match=r"^--set model.channel_mult=\[1,2: .*expected a list"):
+        load_config(TokenizerRunConfig, config, ["model.channel_mult=[1,2"])
+    # a section's own check is blamed on the --set that set the field, not on the file
+    with pytest.raises(ConfigError, match=r"^--set model.channels=-8: model: channels must be positive"):
+        load_config(TokenizerRunConfig, config, ["model.channels=-8"])
+    for override, culprit in [("train.lr=-1", "train.lr"), ("train.beta2=1.0", "train.beta2"),
+                              ("train.ema_decay=1", "train.ema_decay"), ("model.quantizer.beta=-1", "beta"),
+                              ("model.in_channels=1", "model.in_channels")]:
+        with pytest.raises(ConfigError, match=rf"^--set {re.escape(override)}: .*{culprit}"):
+            load_config(TokenizerRunConfig, config, [override])
+
+
 def test_config_errors_name_their_source(tmp_path):
     from stage2_prior.train import PriorRunConfig
     from vqgpt.ground.config import ConfigError, load_config
@@ -280,6 +320,8 @@ def test_exit_codes(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_config_reference", raises(ValueError("bad value")))
     assert main(["config-reference"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: bad value"
+    monkeypatch.setattr(cli, "cmd_config_reference", raises(NotADirectoryError("image source is a file")))
+    assert main(["config-reference"]) == 2  # a file where a folder belongs is the user's to fix
     monkeypatch.setattr(cli, "cmd_config_reference", raises(KeyError("a bug")))
     with pytest.raises(KeyError):  # a bug keeps its traceback
         main(["config-reference"])

@@ -78,8 +78,10 @@ def test_fsq_codebook_size_is_derived_and_a_different_value_is_an_error(tmp_path
                                           r"\[8, 5, 5, 5\], which give 1000 codes"):
         from_dict(VQModelConfig, {"quantizer": {"kind": "fsq", "fsq_levels": [8, 5, 5, 5], "codebook_size": 1024}},
                   prefix="model")
-    # The way a user meets it: a VQ config (codebook_size 256) switched to FSQ on the command line.
-    with pytest.raises(ConfigError, match=r"tiny.yaml: model.quantizer: codebook_size 256 disagrees with "
+    # The way a user meets it: a VQ config (codebook_size 256) switched to FSQ on the command line; the
+    # error names the --set whose field it names.
+    with pytest.raises(ConfigError, match=r"^--set model.quantizer.fsq_levels=\[4, 4\]: model.quantizer: "
+                                          r"codebook_size 256 disagrees with "
                                           r"fsq_levels \[4, 4\], which give 16 codes"):
         load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml",
                     ["model.quantizer.kind=fsq", "model.quantizer.fsq_levels=[4, 4]", "model.quantizer.ema=false",

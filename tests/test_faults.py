@@ -155,6 +155,15 @@ def test_nan_loss_is_skipped_with_on_nonfinite_skip(tokens, tmp_path, monkeypatc
     assert all(torch.isfinite(v).all() for v in GPT.from_pretrained(export).state_dict().values())
 
 
+def test_the_skipped_count_is_a_run_total_across_a_resume(tokens, tmp_path, monkeypatch):
+    monkeypatch.setattr(prior_train, "next_token_loss", nan_at(prior_train.next_token_loss, 2, 0))
+    common = ("train.on_nonfinite=skip", "train.checkpoint_every=4")
+    train_prior(prior_config(tokens, "train.steps=4", *common), tmp_path / "run")
+    monkeypatch.undo()
+    train_prior(prior_config(tokens, "train.steps=6", *common), tmp_path / "run", resume="auto")
+    assert [r["skipped"] for r in read_metrics(tmp_path / "run")] == [0, 0, 1, 1, 1, 1]
+
+
 def test_nonfinite_gradient_with_a_finite_loss_also_stops(tokens, tmp_path, monkeypatch):
     inner = prior_train.next_token_loss
 

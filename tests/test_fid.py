@@ -145,6 +145,8 @@ def test_stats_round_trip_through_npz(tmp_path, extractor):
         assert raw["mu"].shape == (112,) and raw["sigma"].shape == (112, 112)
     with pytest.warns(UserWarning, match="rank-deficient"):  # 50 images, 112-d features
         assert frechet_distance(loaded, stats) == pytest.approx(0.0, abs=1e-6)
+    with pytest.warns(UserWarning, match="^sFID from 50 images"):  # eval-prior warns once per figure, by name
+        frechet_distance(loaded, stats, name="sFID")
 
 
 def test_foreign_and_broken_stats_files(tmp_path):

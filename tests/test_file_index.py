@@ -278,6 +278,21 @@ def test_training_counts_unreadable_items_and_survives_a_batch_of_nothing_but(tm
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
 
 
+def test_the_unreadable_count_is_a_run_total_across_a_resume(tmp_path):
+    from stage1_vq.train import train_tokenizer
+
+    root = tmp_path / "imgs"
+    for i in range(3):
+        _image(root / "a" / f"{i}.png", i)
+    (root / "a" / "9-bad.png").write_bytes(b"\x89PNG broken")
+    with pytest.warns(UnreadableImageWarning):
+        train_tokenizer(_tokenizer_cfg(root, "train.batch_size=1", "train.steps=4", "train.checkpoint_every=4"),
+                        tmp_path / "run")
+        train_tokenizer(_tokenizer_cfg(root, "train.batch_size=1", "train.steps=8", "train.checkpoint_every=4"),
+                        tmp_path / "run", resume="auto")
+    assert _metrics(tmp_path / "run")[-1]["unreadable"] == 2  # left out once in each of the two epochs
+
+
 def _launch(num_processes: int) -> list[str]:
     import socket
 
@@ -360,3 +375,13 @@ def test_vqgpt_index_errors_name_the_source(tmp_path, capsys):
     assert main(["index", str(tmp_path / "empty")]) == 2
     assert "no image files found in" in capsys.readouterr().err
     assert folder_index(tmp_path / "empty").paths == []
+
+
+def test_a_folder_behind_two_links_is_listed_under_its_real_name(tmp_path):
+    root = tmp_path / "imgs"
+    for i in range(2):
+        _image(root / "real" / f"{i}.png", i)
+    for alias in ("alias", "zz-alias"):  # names before and after "real"
+        (root / alias).symlink_to("real")
+    index = file_index.scan_folder(root)
+    assert index.classes == ["real"] and index.paths == ["real/0.png", "real/1.png"]

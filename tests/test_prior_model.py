@@ -244,8 +244,8 @@ def test_load_rejects_mismatched_weights(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["config"]["n_layer"] = 3
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(RuntimeError, match="prior"):
-        GPT.from_pretrained(tmp_path / "prior")
+    with pytest.raises(ConfigError, match=r"prior: the weights in model\.safetensors do not match config\.json"):
+        GPT.from_pretrained(tmp_path / "prior")  # a user error (exit code 2) naming the export
 
 
 def test_bf16_weights_keep_fp32_rope_and_cache_matches():

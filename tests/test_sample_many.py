@@ -95,6 +95,32 @@ def test_resume_draws_only_unfinished_batches_and_gives_the_same_set(pipe_dir, t
                     class_labels=torch.arange(NUM) % 3, sampling=CFG, seed=6, batch_size=BATCH, device="cpu")
 
 
+def test_resume_refuses_samples_of_other_weights(pipe_dir, tmp_path):
+    _run(pipe_dir, out=tmp_path / "s")
+    (tmp_path / "s" / png_name(7)).unlink()
+    other = VQGPTPipeline.from_pretrained(pipe_dir)
+    with torch.no_grad():
+        other.prior.tok_embeddings.weight[0, 0] += 1.0  # one number of the prior changed: another model
+    with pytest.raises(ValueError, match="drawn by other weights"):
+        sample_many(other, NUM, out=tmp_path / "s", class_labels=torch.arange(NUM) % 3, sampling=CFG, seed=5,
+                    batch_size=BATCH, device="cpu", progress=False)
+    assert not (tmp_path / "s" / png_name(7)).exists()
+    assert _run(pipe_dir, out=tmp_path / "s").drawn == 2  # the pipeline that drew them resumes
+
+
+def test_a_folder_without_finished_samples_takes_new_settings(pipe_dir, tmp_path):
+    _run(pipe_dir, out=tmp_path / "s")
+    for png in (tmp_path / "s").glob("*.png"):
+        png.unlink()  # stopped before its first sample: only sampling.json is there
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    report = sample_many(pipe, NUM, out=tmp_path / "s", class_labels=torch.arange(NUM) % 3, sampling=CFG, seed=5,
+                         batch_size=2, device="cpu", progress=False)  # a smaller batch, as after running out of memory
+    assert report.drawn == NUM
+    assert '"batch_size": 2' in (tmp_path / "s" / "sampling.json").read_text()  # what the folder's samples used
+    with pytest.raises(ValueError, match="batch_size: 2 then, 3 now"):
+        _run(pipe_dir, out=tmp_path / "s")
+
+
 def test_npz_is_in_the_adm_layout(pipe_dir, tmp_path):
     report = _run(pipe_dir, out=tmp_path / "s", npz=tmp_path / "samples.npz")
     with np.load(tmp_path / "samples.npz") as f:

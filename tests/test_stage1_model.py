@@ -129,7 +129,7 @@ def test_from_pretrained_is_strict(tmp_path):
     state = load_file(str(tmp_path / "model.safetensors"))
     del state["quantize.embedding.weight"]
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(RuntimeError, match="quantize.embedding.weight"):
+    with pytest.raises(ConfigError, match="quantize.embedding.weight"):
         VQModel.from_pretrained(tmp_path)
 
 

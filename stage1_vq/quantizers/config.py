@@ -83,6 +83,8 @@ class QuantizerConfig:
             raise ValueError(f"usage_window must be >= 1, got {self.usage_window}")
         if self.codebook_dim is not None and self.codebook_dim < 1:
             raise ValueError(f"codebook_dim must be >= 1 or null, got {self.codebook_dim}")
+        if not self.beta >= 0:  # a negative commitment weight pushes the encoder away from its codes
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.kind in LEARNED_KINDS:
             self._check_vq()
             return

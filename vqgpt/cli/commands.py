@@ -21,7 +21,8 @@ CFG_SCHEDULE_CHOICES = ("constant", "linear")
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable; the value is read as YAML: "
+                        "quote text that YAML would read otherwise, --set 'data.source=\"yes\"')")
     p.add_argument("--out", required=True, help="run folder (config, metrics, samples, checkpoints, export/)")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue the run in --out from its newest complete checkpoint ('auto'; starts afresh "
@@ -58,19 +59,38 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 
 def _float_in(low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
-    """An argparse type: a number in [low, high] (or (low, high] with ``low_open``)."""
+    """An argparse type: a finite number in [low, high] (or (low, high] with ``low_open``)."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):  # inf would pass a bound of inf; NaN passes no comparison
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
         if not (value > low if low_open else value >= low) or not value <= high:
             bounds = (f"> {low:g}" if low_open else f">= {low:g}") + (f" and <= {high:g}" if high < math.inf else "")
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
 
     return parse
+
+
+def _torch_device(text: str) -> str:
+    """An argparse type: a torch device that exists here (checked before any model loads)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device that torch can use")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    return text
 
 
 def _emit_json(args: argparse.Namespace, document: dict) -> None:
@@ -170,7 +190,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.flip and args.augment not in ("none", "flip"):
         raise ValueError(f"--flip is --augment flip, but --augment is {args.augment}: give one of them")
     resolution = args.resolution or read_export_config(args.tokenizer, EXPORT_KIND, VQModelConfig).resolution
-    data = DataConfig(source=args.data, resolution=resolution)
+    data = DataConfig(source=args.data, resolution=resolution, num_workers=args.num_workers)
     out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, split=args.split,
                          overwrite=args.overwrite, augment="flip" if args.flip else args.augment,
                          crop_range=args.crop_range)
@@ -335,7 +355,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _sample_many(args: argparse.Namespace) -> int:
     """`sample --out FOLDER/ [--npz F.npz]`: one PNG per sample, split over the processes `accelerate launch` started."""
     _check_pipeline_args(args)
-    if args.out is not None and Path(args.out).suffix.lower() in _image_out_extensions():
+    said_folder = args.out is not None and (args.out.endswith(("/", os.sep)) or Path(args.out).is_dir())
+    if args.out is not None and not said_folder and Path(args.out).suffix.lower() in _image_out_extensions():
         raise ValueError(f"with --npz, --out is the folder of one PNG per sample, not an image file: "
                          f"give --out {Path(args.out).with_suffix('')}/ or leave --out out")
     if args.npz is not None and Path(args.npz).suffix != ".npz":
@@ -564,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer export folder, or a Hub id owner/name")
     p.add_argument("--data", required=True, help="image folder, wds:SHARDS, hf:DATASET or builtin:mnist|photos|textures")
     p.add_argument("--out", required=True, help="token shard folder")
-    p.add_argument("--resolution", type=int, default=None, help="pixels (default: the tokenizer's training size)")
+    p.add_argument("--resolution", type=_int_at_least(1), default=None,
+                   help="pixels (default: the tokenizer's training size)")
     p.add_argument("--split", default="train", choices=["train", "eval"], help="split of the image source to encode")
     p.add_argument("--augment", default="none", choices=["none", "flip", "ten-crop"],
                    help="views stored per image, of which the prior trains on one per draw: none (1), flip (the "
@@ -573,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-range", type=float, default=1.1,
                    help="ten-crop: the crops are taken from a center crop this many times the resolution")
     p.add_argument("--flip", action="store_true", help="same as --augment flip")
+    p.add_argument("--num-workers", type=_int_at_least(0), default=0,
+                   help="DataLoader worker processes decoding the images (data.num_workers)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=64,
                    help="images per forward pass, per process (under accelerate launch each process encodes a "
                         "contiguous run of these batches)")
@@ -619,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=_int_at_least(1), default=None, help="at most this many images (default: all)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per forward pass")
     p.add_argument("--out", default=None, help="also keep reconstructions, grid and metrics.json here")
-    p.add_argument("--device", default=None, help=device_help)
+    p.add_argument("--device", type=_torch_device, default=None, help=device_help)
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_eval_tokenizer)
 
@@ -637,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-weights", default=None, help=fid_help)
     p.add_argument("--split", default="train", choices=["train", "eval"], help="split of an image-source reference")
     p.add_argument("--classifier", default=None, help="MNIST classifier file (default: cached / trained once)")
-    p.add_argument("--device", default=None, help=device_help)
+    p.add_argument("--device", type=_torch_device, default=None, help=device_help)
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_eval_prior)
 
@@ -648,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="eval", choices=["train", "eval"], help="split of the image source")
     p.add_argument("--num", type=_int_at_least(1), default=None, help="at most this many images (default: all)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per forward pass")
-    p.add_argument("--device", default=None, help=device_help)
+    p.add_argument("--device", type=_torch_device, default=None, help=device_help)
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_eval_bpd)
 
@@ -660,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=["train", "eval"], help="split of the image source")
     p.add_argument("--num", type=_int_at_least(1), default=None, help="at most this many images (default: all)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per forward pass")
-    p.add_argument("--device", default=None, help=device_help)
+    p.add_argument("--device", type=_torch_device, default=None, help=device_help)
     p.set_defaults(func=cmd_fid_stats)
 
     p = sub.add_parser("index", help="build (or refresh) an image folder's file index ahead of training; "
@@ -810,7 +834,7 @@ def _exit_code(exc: Exception) -> int | None:
     training = sys.modules.get("vqgpt.training")
     if training is not None and isinstance(exc, training.NonFiniteLoss):
         return 3
-    if isinstance(exc, (FileNotFoundError, ValueError)):
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, ValueError)):
         return 2
     return None
 

@@ -123,6 +123,15 @@ def load_export(directory: str | Path, kind: str, config_cls: type[T]) -> tuple[
     return config, load_weights(directory / WEIGHTS_NAME), meta.get("extra", {})
 
 
+def load_export_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: str | Path) -> None:
+    """``model.load_state_dict(state, strict=True)``; a mismatch (weights saved for another config, say) is a
+    ConfigError naming the export, not a bare RuntimeError."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"{directory}: the weights in {WEIGHTS_NAME} do not match {CONFIG_NAME}: {exc}") from None
+
+
 def export_fingerprint(directory: str | Path) -> str:
     """Identity of an export: a hash of its weights file (token shards and priors record their tokenizer's)."""
     return fingerprint_file(Path(directory) / WEIGHTS_NAME)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import json
 import re
 import types
@@ -101,8 +102,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        # YAML reads a bare 2024 or 2024-01-01 (a folder's name, say) as a number or a date: take its text.
+        if (isinstance(value, int) and not isinstance(value, bool)) or type(value) is datetime.date:
+            return str(value)
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r} (quote it to give it as text)")
         return value
     raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
 
@@ -167,14 +171,20 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``'train.lr=3e-4'`` -> (['train', 'lr'], 3e-4); the value is parsed as YAML."""
+    """``'train.lr=3e-4'`` -> (['train', 'lr'], 3e-4); the value is parsed as YAML, and text that is no
+    valid YAML (``data.source=*.png``, ``@raw``) is taken as it is, a string (type-checked as any value)."""
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like section.key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{item}' has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return key.split("."), ""
+    try:
+        return key.split("."), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return key.split("."), raw
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -228,7 +238,11 @@ def _override_named_in(message: str, overrides: list[str]) -> str | None:
     for item in reversed(overrides):
         key = item.split("=", 1)[0].strip()
         # the key as a whole dotted name: 'train.lr', train.lr: ..., or a sub-key train.lr.x / list item train.lr[0]
-        if key and re.search(rf"(?:^|['\s]){re.escape(key)}(?:$|['.:\[])", message):
+        if key and re.search(rf"(?:^|['\s]){re.escape(key)}(?:$|['.:,\[\s])", message):
+            return item
+        # a section's own check names the section, then the field: "model: channels must be positive"
+        section, _, field = key.rpartition(".")
+        if section and re.match(rf"{re.escape(section)}: .*\b{re.escape(field)}\b", message):
             return item
     return None
 

@@ -178,7 +178,8 @@ class FolderImageDataset(ImageDataset):
         if not root.exists():
             raise FileNotFoundError(f"image source not found: {cfg.source} (a folder, or one of {', '.join(BUILTIN_SOURCES)})")
         if not root.is_dir():
-            raise NotADirectoryError(f"image source is not a folder: {cfg.source}")
+            raise NotADirectoryError(f"image source is a file, not a folder: {cfg.source} (give a folder of images, "
+                                     f"or one of {', '.join(BUILTIN_SOURCES)})")
         self.source, self.split, self.resolution = cfg.source, split, cfg.resolution
         self.root = root
         index = folder_index(root, cfg.index_dir)

@@ -36,7 +36,8 @@ class DataConfig:
     random_crop: bool = opt(True, "train split: random crop (False: center crop; for photos/textures: crops seeded by index)")
     hflip: bool = opt(True, "random horizontal flip, train split only (never for mnist)")
     crops_per_epoch: int = opt(5000, "builtin:photos / textures: number of random crops in one (virtual) train epoch")
-    num_workers: int = opt(0, "DataLoader worker processes")
+    num_workers: int = opt(0, "DataLoader worker processes of `vqgpt encode` over this source (training "
+                              "reads train.num_workers)")
     index_dir: str = opt("", "folder and wds: sources: where their file / shard indexes are cached (empty: $VQGPT_CACHE/index, else $XDG_CACHE_HOME/vqgpt/index, else ~/.cache/vqgpt/index)")
     hf_image_column: str = opt("", "hf: source: the image column (empty: the first column of Image type, else one "
                                 "named image or img)")

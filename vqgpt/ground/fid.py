@@ -387,13 +387,14 @@ class PrecisionRecall(NamedTuple):
     recall: float     # share of real samples inside the generated k-NN manifold (coverage)
 
 
-def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
-    """FID between two sets of statistics (Heusel et al. 2017), as torch-fidelity computes it."""
+def frechet_distance(a: FeatureStats, b: FeatureStats, name: str = "FID") -> float:
+    """FID between two sets of statistics (Heusel et al. 2017), as torch-fidelity computes it; ``name``
+    (FID, sFID, rFID) is what a warning calls the figure."""
     from torch_fidelity.metric_fid import fid_statistics_to_metric
 
     check_same_network(a, b)
     if min(a.num_images, b.num_images) and min(a.num_images, b.num_images) < a.mu.shape[0]:
-        warnings.warn(f"FID from {min(a.num_images, b.num_images)} images with {a.mu.shape[0]}-d features: the covariance "
+        warnings.warn(f"{name} from {min(a.num_images, b.num_images)} images with {a.mu.shape[0]}-d features: the covariance "
                       "is rank-deficient and the figure is biased upward; published FID uses 10k-50k images", stacklevel=2)
     value = fid_statistics_to_metric({"mu": a.mu, "sigma": a.sigma}, {"mu": b.mu, "sigma": b.sigma}, verbose=False)
     return max(0.0, float(next(iter(value.values()))))  # tiny negatives are round-off of an exact 0

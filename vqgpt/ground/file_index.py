@@ -124,7 +124,9 @@ def scan_folder(root: str | Path) -> FileIndex:
     with ThreadPoolExecutor(max_workers=8) as pool:
         while level:
             unique = []
-            for full, rel in level:
+            # a folder reached twice is listed under one path, the same on every file system: the real
+            # folder before a link to it, else the first name
+            for full, rel in sorted(level, key=lambda d: (os.path.islink(d[0]), d[1])):
                 real = os.path.realpath(full)
                 if real not in seen:  # a link cycle, or a second link to the same folder
                     seen.add(real)

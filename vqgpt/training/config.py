@@ -85,6 +85,18 @@ class TrainConfig:
         for name in ("checkpoint_every", "keep_checkpoints", "sample_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip", "warmup_steps"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
 
 
 def _no_accelerator_device() -> bool:

@@ -31,7 +31,7 @@ RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.on_nonfinite", "train.num_workers", "train.batch_size", "train.grad_accum", "train.grad_checkpointing",
     "train.compile", "train.cpu", "train.mixed_precision", "train.log_with", "train.project_name", "data.num_workers",
-    "sample_cfg_scale", "sample_temperature",
+    "data.index_dir", "sample_cfg_scale", "sample_temperature",
 )
 
 # What a run leaves behind before its first checkpoint: `--resume auto` may start such a folder afresh.
@@ -93,6 +93,21 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal config values; paths count as equal when they name the same file or folder (codes, codes/,
+    ./codes and its absolute path, say)."""
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    if os.path.normpath(a) == os.path.normpath(b):
+        return True
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def check_config_unchanged(config: Any, run_config: Path) -> None:
     """Raise ConfigError listing every key (old -> new) outside RESUMABLE_KEYS where ``config``
     differs from the run's resolved config file ``run_config``."""
@@ -102,7 +117,7 @@ def check_config_unchanged(config: Any, run_config: Path) -> None:
         raise ConfigError(f"{run_config}: cannot compare it with the requested config: {exc}") from None
     new = _flat(to_dict(config))
     changed = [(key, old.get(key, "(absent)"), new.get(key, "(absent)")) for key in sorted(old.keys() | new.keys())
-               if key not in RESUMABLE_KEYS and old.get(key) != new.get(key)]
+               if key not in RESUMABLE_KEYS and not _same_value(old.get(key), new.get(key))]
     if changed:
         diff = "; ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in changed)
         raise ConfigError(f"--resume: the requested config changes {diff} (run config {run_config}); a resumed "

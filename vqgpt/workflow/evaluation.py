@@ -168,7 +168,7 @@ def eval_tokenizer(tokenizer_dir: str | Path, images: str, fid_weights: str | No
             warnings.warn("rFID needs at least 2 images; reporting rfid as null", stacklevel=2)
         else:
             rfid = frechet_distance(compute_stats(torch.cat(real), extractor.name, keep_features=0),
-                                    compute_stats(torch.cat(fake), extractor.name, keep_features=0))
+                                    compute_stats(torch.cat(fake), extractor.name, keep_features=0), name="rFID")
     metrics = {**metrics, "rfid": rfid, "fid_features": extractor.name if extractor is not None else None}
     if set(metrics) != set(TOKENIZER_KEYS):  # reconstruct() changed its keys: keep the JSON schema honest
         extra, missing = sorted(set(metrics) - set(TOKENIZER_KEYS)), sorted(set(TOKENIZER_KEYS) - set(metrics))
@@ -296,7 +296,7 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
             warnings.warn(f"sFID needs spatial statistics (mu_s, sigma_s) of the reference ({reference}); "
                           "reported as null", stacklevel=2)
         else:
-            sfid = frechet_distance(ref.spatial(), samples.spatial())
+            sfid = frechet_distance(ref.spatial(), samples.spatial(), name="sFID")
         score = inception_score(rows["logits"])
         pr = None
         if ref.features is None or min(len(ref.features), len(pool)) <= PR_NEIGHBORHOOD:
@@ -358,7 +358,7 @@ def _from_main_process(state: Any, report: PriorReport | None) -> PriorReport:
 
 def _is_image_batch(reference: str) -> bool:
     """A .npz that holds images under ``arr_0`` (an ADM evaluator reference batch)."""
-    if not reference.endswith(".npz") or not Path(reference).is_file():
+    if not reference.lower().endswith(".npz") or not Path(reference).is_file():
         return False
     try:
         with np.load(reference, allow_pickle=False) as data:
@@ -370,7 +370,7 @@ def _is_image_batch(reference: str) -> bool:
 def _reference(extractor: FeatureExtractor, reference: str, resolution: int, split: str, batch_size: int,
                progress: bool, state: Any = None) -> FeatureStats:
     """Load a stats .npz (checked against the feature network), score an ADM reference batch, or an image source."""
-    if not reference.endswith(".npz"):
+    if not reference.lower().endswith(".npz"):
         return reference_stats(extractor, reference, resolution, split, batch_size=batch_size, progress=progress)
     probe = extractor(torch.zeros(2, 3, resolution, resolution))  # fail now, not after sampling
     dim, spatial_dim = probe.pool.shape[1], probe.spatial.shape[1]

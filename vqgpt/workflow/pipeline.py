@@ -189,8 +189,11 @@ class VQGPTPipeline:
         if not _is_int(label):
             raise ValueError(f"unknown class {label!r}; known classes: {self._known()}")
         if any(_is_int(c) for c in self.classes):
+            n = self.prior.config.num_classes
+            hint = (f"so write an index as {INDEX_PREFIX}N (e.g. {INDEX_PREFIX}{label})" if 0 <= int(label) < n
+                    else f"and as an index it is outside 0..{n - 1}")
             raise ValueError(f"class {label!r} is not one of this prior's classes {self._known()}; class names "
-                             f"here are numbers, so write an index as {INDEX_PREFIX}N (e.g. {INDEX_PREFIX}{label})")
+                             f"here are numbers, {hint}")
         return int(label)
 
     def _known(self) -> str:

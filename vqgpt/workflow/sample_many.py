@@ -7,8 +7,8 @@ process c % N: every sample is always drawn and decoded in the same batch, so th
 bitwise the same on any number of processes. Each sample becomes ``FOLDER/{i:06d}.png``, written
 atomically; those files are the progress record: a re-run skips every batch whose files all exist,
 draws a batch with a missing file again whole (the same batch, so the same pixels) and writes only
-the missing files. ``sampling.json`` in the folder records the settings, and a re-run with other
-settings is refused. When all processes are done, rank 0 reads the folder into one ``.npz`` in the
+the missing files. ``sampling.json`` in the folder records the settings and a digest of the weights,
+and a re-run with other settings or weights is refused (unless no sample was finished yet). When all processes are done, rank 0 reads the folder into one ``.npz`` in the
 layout of the ADM evaluator: uint8 (N, H, W, 3) under ``arr_0`` and, for a class-conditional
 prior, the int64 labels (N,) under ``arr_1``.
 """
@@ -97,26 +97,46 @@ def draw_images(pipe: VQGPTPipeline, indices: list[int], labels: torch.Tensor | 
     return pipe.tokenizer.decode(codes.to(pipe.device)).clamp(-1, 1)
 
 
+def weights_digest(*modules: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer of ``modules`` (names, dtypes, shapes and bytes): which models drew."""
+    digest = hashlib.blake2b(digest_size=16)
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            if not torch.is_tensor(tensor):
+                continue
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _settings(num: int, seed: int, batch_size: int, labels: torch.Tensor | None, sampling: SamplingConfig,
-              grid: tuple[int, int], prior_dtype: str) -> dict:
+              grid: tuple[int, int], prior_dtype: str, models: str) -> dict:
     label_bytes = b"" if labels is None else labels.cpu().numpy().astype("<i8").tobytes()
     return {"num": num, "seed": seed, "batch_size": batch_size, "grid": list(grid),
             "labels_sha256": hashlib.sha256(label_bytes).hexdigest(), "conditional": labels is not None,
-            "sampling": dataclasses.asdict(sampling), "prior_dtype": prior_dtype}
+            "sampling": dataclasses.asdict(sampling), "prior_dtype": prior_dtype, "models": models}
 
 
 def _check_settings(folder: Path, settings: dict) -> None:
+    """Refuse a folder holding samples drawn with other settings (or by other weights)."""
     path = folder / SETTINGS_FILE
     if not path.exists():
         if any(folder.glob("*.png")):
             raise ValueError(f"{folder} holds PNG files but no {SETTINGS_FILE}: they are not samples of this run; "
                              "give an empty or new folder")
         return
+    if not any(folder.glob("*.png")):
+        return  # stopped before its first sample (say, out of memory): nothing to keep consistent with
     old = json.loads(path.read_text())
-    changed = [f"{key}: {old.get(key)} then, {value} now" for key, value in settings.items() if old.get(key) != value]
+    changed = [f"{key}: {old.get(key)} then, {value} now" for key, value in settings.items()
+               if key != "models" and old.get(key) != value]
     if changed:
         raise ValueError(f"{folder} holds samples drawn with other settings ({'; '.join(changed)}): resume with the "
                          f"same settings, or give a new folder")
+    # (a folder written before the weights were recorded resumes unchecked on them)
+    if old.get("models", settings["models"]) != settings["models"]:
+        raise ValueError(f"{folder} holds samples drawn by other weights (another tokenizer or prior than this "
+                         "pipeline's): resume with the pipeline that drew them, or give a new folder")
 
 
 def _write_png(array: np.ndarray, path: Path) -> None:
@@ -177,7 +197,8 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     # int8 weights sample other images than the float ones: a resumed folder must keep the same
     float_dtype = str(next(pipe.prior.parameters()).dtype).removeprefix("torch.")
     prior_dtype = "int8" if is_quantized(pipe.prior) else float_dtype
-    settings = _settings(num, seed, batch_size, labels, sampling, grid, prior_dtype)
+    settings = _settings(num, seed, batch_size, labels, sampling, grid, prior_dtype,
+                         weights_digest(pipe.tokenizer, pipe.prior))
     if folder.is_dir():
         _check_settings(folder, settings)
     # Every process reads what is finished before any writes, so all agree on the counts.
@@ -187,9 +208,8 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     drawn = sum(len(batches[c]) for c in todo)
     state.wait_for_everyone()
     folder.mkdir(parents=True, exist_ok=True)
-    if state.is_main_process:
-        if not (folder / SETTINGS_FILE).exists():
-            (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    if state.is_main_process and not done:  # a new folder, or one stopped before its first sample
+        (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     state.wait_for_everyone()
     mine = [c for c in todo if c % processes == rank]
     for c in tqdm(mine, disable=not (progress and state.is_main_process), desc="sampling batches"):

@@ -1,0 +1,85 @@
+"""Inputs a careless or hostile user gives the prior's side: non-finite sampling settings, token shards
+with a bad value where the opening spot check does not look, weights that do not fit their config, a
+resume naming the same folder another way, a reference file named in capitals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from stage2_prior import SamplingConfig
+from stage2_prior.model import GPT
+from test_pipeline import ROOT, tiny_prior
+from test_tokens import GRID, _data, _write
+from vqgpt.ground.config import ConfigError
+from vqgpt.ground.tokens import TokenDataset, TokenShardError
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=math.nan), dict(temperature=math.inf),
+                                      dict(cfg_scale=math.nan), dict(cfg_scale=math.inf), dict(top_p=math.nan)])
+def test_sampling_settings_must_be_finite(settings):
+    # NaN passes every "< 0" check, and inf guidance makes NaN logits: both drew code 0 everywhere
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        SamplingConfig(**settings)
+
+
+def test_every_grid_read_is_checked_not_only_the_spot_checked_rows(tmp_path):
+    tokens, labels = _data(10, codebook_size=100)
+    out = tmp_path / "tok"
+    _write(out, tokens, labels, codebook_size=100)
+    shard_labels = np.load(out / "labels-00001.npy")
+    shard_labels[1] = 42  # grid 5; 10 classes
+    np.save(out / "labels-00001.npy", shard_labels)
+    shard_tokens = np.load(out / "tokens-00002.npy")
+    shard_tokens[1, 1, 2] = 100  # grid 9; 100 codes
+    np.save(out / "tokens-00002.npy", shard_tokens)
+    data = TokenDataset(out, check_samples=1)  # the opening check reads the first row of each shard only
+    assert [int(data[i][1]) for i in range(5)] == labels[:5].tolist()
+    with pytest.raises(TokenShardError, match=r"labels-00001\.npy: grid 5 has label 42, outside \[0, 10\)"):
+        data[5]
+    with pytest.raises(TokenShardError, match=r"tokens-00002\.npy: grid 9 holds a token outside \[0, 100\)"):
+        data[-1]
+    assert data[8][0].shape == GRID
+
+
+def test_weights_that_do_not_fit_the_config_are_a_config_error_naming_the_export(tmp_path):
+    tiny_prior(256, num_classes=0).save_pretrained(tmp_path / "uncond")
+    tiny_prior(256, num_classes=3).save_pretrained(tmp_path / "cond")
+    (tmp_path / "cond" / "model.safetensors").write_bytes((tmp_path / "uncond" / "model.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match=r"cond: the weights in model\.safetensors do not match config\.json"):
+        GPT.from_pretrained(tmp_path / "cond")
+
+
+def test_a_resume_may_name_the_same_folder_another_way(tmp_path, monkeypatch):
+    from vqgpt.training.run_folder import _same_value
+
+    (tmp_path / "codes").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert _same_value("codes", "codes/") and _same_value("codes", "./codes")
+    assert _same_value("codes", str(tmp_path / "codes"))
+    assert not _same_value("codes", "other") and not _same_value("vq", "fsq") and not _same_value(1, "1")
+
+
+def test_an_adm_reference_batch_named_in_capitals(tmp_path):
+    from vqgpt.workflow.evaluation import _is_image_batch
+
+    with open(tmp_path / "REF.NPZ", "wb") as f:  # a file object: np.savez would add ".npz" to the name
+        np.savez(f, np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    assert _is_image_batch(str(tmp_path / "REF.NPZ"))
+
+
+def test_a_resume_with_another_spelling_of_the_tokens_folder_is_accepted(tmp_path, monkeypatch):
+    from stage2_prior.train import PriorRunConfig
+    from vqgpt.ground.config import load_config, save_config
+    from vqgpt.training.run_folder import check_config_unchanged
+
+    (tmp_path / "codes").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = ROOT / "configs/prior/tiny.yaml"
+    save_config(load_config(PriorRunConfig, config, ["tokens=codes"]), tmp_path / "config.yaml")
+    for spelling in ("codes/", "./codes", str(tmp_path / "codes")):
+        check_config_unchanged(load_config(PriorRunConfig, config, [f"tokens={spelling}"]), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match="changes tokens: 'codes' -> 'elsewhere'"):
+        check_config_unchanged(load_config(PriorRunConfig, config, ["tokens=elsewhere"]), tmp_path / "config.yaml")
