@@ -79,15 +79,20 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def _exponential(shape: torch.Size, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Exp(1) noise of ``shape`` on ``like``'s device and dtype, drawn on the generator's own device (a CPU
+    generator with a prior on a GPU draws there and the noise moves: the same seed, the same noise)."""
+    device = like.device if generator is None else generator.device
+    return torch.empty(shape, dtype=like.dtype, device=device).exponential_(generator=generator).to(like.device)
+
+
 def exponential_noise(like: torch.Tensor, generator: Randomness) -> torch.Tensor:
     """Exp(1) noise shaped like ``like`` (B, V): from one generator, or row b from ``generator[b]`` alone."""
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.empty_like(like).exponential_(generator=generator)
+        return _exponential(like.shape, like, generator)
     if len(generator) != like.shape[0]:
         raise ValueError(f"one generator per sample: got {len(generator)} generators for {like.shape[0]} samples")
-    rows = [torch.empty(like.shape[1:], dtype=like.dtype, device=like.device).exponential_(generator=g)
-            for g in generator]
-    return torch.stack(rows)
+    return torch.stack([_exponential(like.shape[1:], like, g) for g in generator])
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

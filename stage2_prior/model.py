@@ -206,7 +206,13 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ export
 
     def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write config.json + model.safetensors (kind 'gpt_prior')."""
+        """Write config.json + model.safetensors (kind 'gpt_prior'); an int8 prior is refused (no export kind
+        holds its int8 weights and scales: it would not load again)."""
+        from stage2_prior.quantize import is_quantized  # (quantize imports this module)
+
+        if is_quantized(self):
+            raise ValueError("this prior holds int8 weights (quantized for decoding), which an export cannot hold: "
+                             "save it before quantizing, or load the float export again")
         return save_export(directory, EXPORT_KIND, self.config, self, extra)
 
     @classmethod

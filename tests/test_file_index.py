@@ -385,3 +385,17 @@ def test_a_folder_behind_two_links_is_listed_under_its_real_name(tmp_path):
         (root / alias).symlink_to("real")
     index = file_index.scan_folder(root)
     assert index.classes == ["real"] and index.paths == ["real/0.png", "real/1.png"]
+
+
+def test_root_images_and_a_default_folder_are_one_class_with_a_warning(tmp_path):
+    root = tmp_path / "imgs"
+    _image(root / "top.png", 0)
+    _image(root / "default" / "x.png", 1)
+    _image(root / "cats" / "y.png", 2)
+    with pytest.warns(UserWarning, match="sub-folder default/ are one class"):
+        index = file_index.scan_folder(root)
+    assert index.classes == ["cats", "default"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (root / "default" / "x.png").unlink()
+        assert file_index.scan_folder(root).classes == ["cats", "default"]  # root images alone: no warning

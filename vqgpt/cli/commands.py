@@ -336,6 +336,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          f"folder of one PNG per sample (e.g. {args.out}/)")
     if args.per_class is not None:
         raise ValueError(f"--per-class draws one file per sample: give --out FOLDER/ or --npz F.npz, not --out {args.out}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would draw the same grid into the same file
+        raise ValueError(f"--out {args.out} (one grid) is drawn by one process: run it without accelerate launch, or "
+                         "give --out FOLDER/ to split the samples over the processes")
     args.num = 16 if args.num is None else args.num
     # flag mistakes are reported before torch is even imported
     _check_image_out(args.out)
@@ -430,6 +433,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from vqgpt.workflow import importers
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for the export")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {out} is not empty: pass --overwrite to write the import over what is there, or "
+                         "choose a new folder")
     if args.source == "taming":
         result = importers.import_taming(args.checkpoint, args.config, args.out, weights=args.weights)
     elif args.source == "llamagen-vq":
@@ -704,11 +713,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="taming checkpoint (last.ckpt, or a .safetensors of its weights)")
     q.add_argument("--config", required=True, help="the checkpoint's model YAML")
     q.add_argument("--out", required=True, help="tokenizer export folder to write")
+    q.add_argument("--overwrite", action="store_true", help="write over an export already in --out")
     q.add_argument("--weights", default=None, help="entry of the checkpoint holding the weights (default: state_dict)")
     q.set_defaults(func=cmd_import)
     q = isub.add_parser("llamagen-vq", help="a LlamaGen VQ tokenizer (.pt) -> a tokenizer export")
     q.add_argument("--checkpoint", required=True, help="LlamaGen VQ checkpoint, e.g. vq_ds16_c2i.pt")
     q.add_argument("--out", required=True, help="tokenizer export folder to write")
+    q.add_argument("--overwrite", action="store_true", help="write over an export already in --out")
     q.add_argument("--preset", default=None, help="VQ-16 or VQ-8 (a cross-check; shapes are read from the weights)")
     q.add_argument("--image-size", type=_int_at_least(1), default=None,
                    help="training image size in pixels (default: the checkpoint's args, else 256)")
@@ -718,6 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint", required=True, help="LlamaGen class-to-image GPT checkpoint, e.g. c2i_B_256.pt")
     q.add_argument("--tokenizer", required=True, help="the imported LlamaGen tokenizer export")
     q.add_argument("--out", required=True, help="pipeline folder (tokenizer/ + prior/)")
+    q.add_argument("--overwrite", action="store_true", help="write over an export already in --out")
     q.add_argument("--preset", default=None,
                    help="GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-XXXL, GPT-3B (default: the one the checkpoint records "
                         "in args.gpt_model); depth, width, vocabulary and classes are read from the weights")
@@ -766,7 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole workflow on built-in MNIST digits, on a CPU")
     p.add_argument("--out", default=None, help="output folder (default: runs/demo, or runs/demo-pixels)")
-    p.add_argument("--quick", action="store_true", help="a 1-2 minute version")
+    p.add_argument("--quick", action="store_true",
+                   help="a shorter version (fewer steps; about 4-5 minutes on 2 CPU cores)")
     p.add_argument("--tokenizer", default="vq", choices=["vq", "pixels"],
                    help="vq: a trained VQ tokenizer and a class-conditional prior (default); pixels: Image GPT's pixel "
                         "tokens (a k-means colour palette), an unconditional prior, samples, half-image completions "

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -63,6 +64,9 @@ def save_export(directory: str | Path, kind: str, config: Any, model: torch.nn.M
         seen[ident] = k
     tmp = directory / (WEIGHTS_NAME + ".tmp")
     save_file(state, str(tmp), metadata={"kind": kind})
+    # safetensors creates the file 0600: give it the folder's read/write bits (what the umask left), as
+    # config.json gets, so that a shared export is readable by those who can read its folder
+    os.chmod(tmp, stat.S_IMODE(directory.stat().st_mode) & 0o666)
     os.replace(tmp, directory / WEIGHTS_NAME)
     meta = {"kind": kind, "config": to_dict(config), "extra": extra or {}}
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")

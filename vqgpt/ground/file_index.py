@@ -140,6 +140,10 @@ def scan_folder(root: str | Path) -> FileIndex:
     files.sort(key=lambda f: f[0])
     paths = [f[0] for f in files]
     class_of = [p.split("/", 1)[0] if "/" in p else ROOT_CLASS for p in paths]
+    if any("/" not in p for p in paths) and any(p.startswith(f"{ROOT_CLASS}/") for p in paths):
+        warnings.warn(f"{root}: the images directly in it and those in its sub-folder {ROOT_CLASS}/ are one class "
+                      f"({ROOT_CLASS!r}, the name of the root's own images): move one of them to keep them apart",
+                      stacklevel=2)
     classes = sorted(set(class_of))
     number = {c: i for i, c in enumerate(classes)}
     return FileIndex(root=root, paths=paths, labels=np.array([number[c] for c in class_of], dtype=np.int32),

@@ -5,6 +5,7 @@ A pipeline folder is ``tokenizer/`` (a VQModel export) + ``prior/`` (a GPT expor
 
 from __future__ import annotations
 
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -40,6 +41,7 @@ class VQGPTPipeline:
         self.classes = list(classes or [])
         self.tokenizer_dir: Path | None = None
         self.prior_dir: Path | None = None
+        self._as_loaded: tuple[tuple | None, tuple | None] = (None, None)  # weights as loaded from those folders
         # generate / complete run the prior's one-token step under torch.compile (see set_decoding)
         self.compile_decode = False
 
@@ -69,6 +71,7 @@ class VQGPTPipeline:
                           "pair it with the tokenizer whose codes it was trained on", stacklevel=2)
         pipe = cls(tokenizer, prior, classes=extra.get("classes"))
         pipe.tokenizer_dir, pipe.prior_dir = Path(tokenizer_dir), Path(prior_dir)
+        pipe._as_loaded = (_weights_state(tokenizer), _weights_state(prior))
         return pipe
 
     @classmethod
@@ -84,19 +87,29 @@ class VQGPTPipeline:
                               warn_unverified=False)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``tokenizer/`` and ``prior/`` into ``directory`` (copies the source exports when known)."""
+        """Write ``tokenizer/`` and ``prior/`` into ``directory``: the weights as they are now. A part whose
+        weights are still those it was loaded with is copied from its export (byte for byte); one that
+        was trained, edited, moved or cast since is written from memory. An int8 prior is refused
+        (its export would not load: ``set_decoding('int8')`` is for decoding)."""
+        from stage2_prior.quantize import is_quantized
+
+        if is_quantized(self.prior):
+            raise ValueError("the prior holds int8 weights (set_decoding('int8')), which an export cannot hold: "
+                             "save the pipeline before quantizing it, or load it again to save the float weights")
         directory = Path(directory)
         tok_dst, prior_dst = directory / "tokenizer", directory / "prior"
-        if self.tokenizer_dir is not None:
+        tok_loaded, prior_loaded = self._as_loaded
+        if self.tokenizer_dir is not None and tok_loaded is not None and _weights_state(self.tokenizer) == tok_loaded:
             if self.tokenizer_dir.resolve() != tok_dst.resolve():
                 shutil.copytree(self.tokenizer_dir, tok_dst, dirs_exist_ok=True)
         else:
             self.tokenizer.save_pretrained(tok_dst)
-        if self.prior_dir is not None:
+        if self.prior_dir is not None and prior_loaded is not None and _weights_state(self.prior) == prior_loaded:
             if self.prior_dir.resolve() != prior_dst.resolve():
                 shutil.copytree(self.prior_dir, prior_dst, dirs_exist_ok=True)
         else:
-            self.prior.save_pretrained(prior_dst, extra={"classes": self.classes,
+            extra = read_export_meta(self.prior_dir).get("extra", {}) if self.prior_dir is not None else {}
+            self.prior.save_pretrained(prior_dst, extra={**extra, "classes": self.classes,
                                                          "tokenizer_fingerprint": tokenizer_fingerprint(tok_dst)})
         return directory
 
@@ -106,6 +119,10 @@ class VQGPTPipeline:
         return push_to_hub(self.save_pretrained, repo_id, private=private, token=token, commit_message=commit_message)
 
     def to(self, device: str | torch.device) -> "VQGPTPipeline":
+        """Move both parts to ``device`` (a device only: the prior's dtype is set_decoding's)."""
+        if isinstance(device, torch.dtype):
+            raise ValueError(f"to() takes a device, got the dtype {device}: use set_decoding(prior_dtype=...) for "
+                             "the prior's weights (the tokenizer runs in float32)")
         self.tokenizer.to(device)
         self.prior.to(device)
         return self
@@ -233,8 +250,7 @@ class VQGPTPipeline:
         cell is sampled in raster order with sliding windows where the canvas exceeds the trained grid.
         """
         _check_count(num_samples)
-        if image.dim() != 3:
-            raise ValueError(f"expected one image (3, H, W), got shape {tuple(image.shape)}")
+        image = _checked_image(image)
         self.tokenizer.grid_shape(image.shape[1], image.shape[2])  # clear error for sizes that are not a multiple of f
         codes = self.tokenizer.encode(image[None].to(self.device))[0]  # (h, w)
         h, w = codes.shape
@@ -270,13 +286,50 @@ class VQGPTPipeline:
         return resolve_class_labels(self.prior, class_labels, num_samples)  # type: ignore[arg-type]
 
 
+def _weights_state(module: torch.nn.Module) -> tuple | None:
+    """Each parameter's and buffer's (name, address, version, dtype): changed by training, an in-place
+    edit, a move, a cast or a replaced module; None for inference tensors (no version to tell)."""
+    try:
+        return tuple((name, t.data_ptr(), t._version, t.dtype)
+                     for name, t in [*module.named_parameters(), *module.named_buffers()])
+    except RuntimeError:
+        return None
+
+
+def _checked_image(image: torch.Tensor) -> torch.Tensor:
+    """One RGB image (3, H, W) with float values in [-1, 1], as float32; an error says how to convert
+    another one (the tokenizer would encode any numbers, into the codes of some other image). An image
+    in [0, 1] lies inside [-1, 1] and cannot be told apart: the docstrings say [-1, 1]."""
+    convert = "(from uint8 0..255: x.float() / 127.5 - 1; from 0..1: x * 2 - 1)"
+    if not torch.is_tensor(image):
+        raise ValueError(f"expected an image tensor (3, H, W) in [-1, 1], got {type(image).__name__}")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected one RGB image (3, H, W), got shape {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise ValueError(f"expected float values in [-1, 1], got {image.dtype} {convert}")
+    lo, hi = float(image.min()), float(image.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("the image holds NaN or inf values")
+    if lo < -1.01 or hi > 1.01:
+        raise ValueError(f"expected values in [-1, 1], got {lo:.4g}..{hi:.4g} {convert}")
+    return image.float()
+
+
 def _check_count(num_samples: int) -> None:
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
-    return torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    """A CPU generator seeded with ``seed`` (any integer type; a CPU generator draws the same noise for a
+    prior on any device, see ``stage2_prior.draw.exponential_noise``)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not -(2**63) <= int(seed) < 2**64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"seed must be between -2**63 and 2**64 - 1, got {int(seed)}")
+    return torch.Generator(device="cpu").manual_seed(int(seed))
 
 
 def check_compatible(tokenizer: VQModel, prior: GPT) -> None:

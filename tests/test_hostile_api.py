@@ -1,0 +1,91 @@
+"""The Python API and a few CLI corners as a careless user meets them: saving a pipeline whose weights
+changed since it was loaded, images in the wrong range or type, odd seeds, an import over an export,
+a grid under accelerate launch, export file permissions."""
+
+from __future__ import annotations
+
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from stage2_prior.model import GPT
+from test_pipeline import tiny_prior, tiny_tokenizer
+from vqgpt.cli.commands import main
+from vqgpt.workflow.pipeline import VQGPTPipeline
+
+
+@pytest.fixture()
+def pipe_dir(tmp_path):
+    tok = tiny_tokenizer()
+    return VQGPTPipeline(tok, tiny_prior(tok.codebook_size), classes=["a", "b", "c"]).save_pretrained(tmp_path / "p")
+
+
+def _weights(folder) -> bytes:
+    return (folder / "model.safetensors").read_bytes()
+
+
+def test_save_pretrained_writes_the_weights_as_they_are_now(pipe_dir, tmp_path):
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    pipe.save_pretrained(tmp_path / "same")  # unchanged: the exports are copied byte for byte
+    assert _weights(tmp_path / "same" / "prior") == _weights(pipe_dir / "prior")
+    with torch.no_grad():
+        pipe.prior.tok_embeddings.weight.mul_(0.0)  # edited (or trained) in place since it was loaded
+    pipe.save_pretrained(tmp_path / "edited")
+    again = VQGPTPipeline.from_pretrained(tmp_path / "edited")
+    assert torch.equal(again.prior.tok_embeddings.weight, torch.zeros_like(pipe.prior.tok_embeddings.weight))
+    assert again.classes == ["a", "b", "c"]
+    assert _weights(tmp_path / "edited" / "tokenizer") == _weights(pipe_dir / "tokenizer")  # untouched part: copied
+    with pytest.raises(ValueError, match="int8 weights"):
+        VQGPTPipeline.from_pretrained(pipe_dir).set_decoding("int8").save_pretrained(tmp_path / "int8")
+    with pytest.raises(ValueError, match="int8 weights"):
+        VQGPTPipeline.from_pretrained(pipe_dir).set_decoding("int8").prior.save_pretrained(tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()
+
+
+def test_complete_refuses_images_it_would_encode_as_some_other_image(pipe_dir):
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    image = torch.rand(3, 16, 16) * 2 - 1
+    assert pipe.complete(image, 1, keep_rows=2, class_labels=0, seed=0).shape == (1, 3, 16, 16)
+    for bad, message in [((image + 1) * 127.5, r"values in \[-1, 1\], got .*x.float\(\) / 127.5 - 1"),
+                         (((image + 1) * 127.5).to(torch.uint8), "got torch.uint8"),
+                         (image * float("nan"), "NaN"),
+                         (image[:1], r"RGB image \(3, H, W\)"),
+                         (image[None], r"RGB image \(3, H, W\)"),
+                         (image.numpy(), "image tensor")]:
+        with pytest.raises(ValueError, match=message):
+            pipe.complete(bad, 1, keep_rows=2, class_labels=0, seed=0)
+    with pytest.raises(ValueError, match="takes a device"):
+        pipe.to(torch.float64)
+
+
+def test_seeds_of_any_integer_type(pipe_dir):
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    a = pipe.generate(1, class_labels=0, seed=np.int64(3))
+    assert torch.equal(a, pipe.generate(1, class_labels=0, seed=3))
+    with pytest.raises(ValueError, match=r"seed must be between"):
+        pipe.generate(1, class_labels=0, seed=2**64)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        pipe.generate(1, class_labels=0, seed=1.5)
+
+
+def test_import_refuses_to_write_over_an_export(pipe_dir, tmp_path, capsys):
+    argv = ["import", "llamagen-vq", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(pipe_dir / "tokenizer")]
+    assert main(argv) == 2
+    assert "is not empty: pass --overwrite" in capsys.readouterr().err
+    assert main([*argv[:-1], str(pipe_dir / "tokenizer" / "config.json")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_one_grid_is_not_drawn_by_every_launched_process(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["sample", "--pipeline", str(tmp_path / "p"), "--class-label", "0", "--out", str(tmp_path / "g.png")]) == 2
+    assert "drawn by one process" in capsys.readouterr().err
+
+
+def test_exported_weights_are_as_readable_as_their_config(tmp_path):
+    tiny_prior(256).save_pretrained(tmp_path / "prior")
+    mode = stat.S_IMODE((tmp_path / "prior" / "model.safetensors").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "prior" / "config.json").stat().st_mode)
+    assert isinstance(GPT.from_pretrained(tmp_path / "prior"), GPT)
