@@ -159,8 +159,10 @@ def resolve_class_labels(model: GPT, class_labels: int | Sequence[int] | torch.T
     if class_labels is None:
         raise ValueError(needs_class_label(model.num_classes))
     labels = torch.as_tensor(class_labels)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"class_labels must be integer class indices, got {labels.dtype}")
+    if labels.numel() and (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool):
+        raise ValueError(f"class_labels must be integer class indices, got {labels.dtype}")  # ([] is float32)
+    if labels.dim() > 1:
+        raise ValueError(f"class_labels must be one index or a flat sequence of them, got shape {tuple(labels.shape)}")
     labels = labels.to(torch.long).reshape(-1)
     if labels.numel() == 1:
         labels = labels.repeat(num_samples)  # a copy: callers may edit it

@@ -89,3 +89,23 @@ def test_exported_weights_are_as_readable_as_their_config(tmp_path):
     mode = stat.S_IMODE((tmp_path / "prior" / "model.safetensors").stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "prior" / "config.json").stat().st_mode)
     assert isinstance(GPT.from_pretrained(tmp_path / "prior"), GPT)
+
+
+def test_class_labels_of_the_wrong_shape_say_so(pipe_dir):
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    with pytest.raises(ValueError, match="have 2 entries, got 0"):  # not "got torch.float32" for []
+        pipe.labels_tensor([], 2)
+    with pytest.raises(ValueError, match=r"flat sequence of them, got shape \(2, 1\)"):
+        pipe.labels_tensor(torch.tensor([[1], [2]]), 2)
+    assert pipe.labels_tensor(torch.tensor([1, 2]), 2).tolist() == [1, 2]
+
+
+def test_an_interrupted_demo_says_how_to_continue(monkeypatch, capsys):
+    import vqgpt.cli.demo as demo
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    assert main(["demo", "--out", "unused"]) == 130
+    assert "run the same vqgpt demo command again" in capsys.readouterr().err

@@ -423,10 +423,15 @@ def cmd_app(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vqgpt.cli.demo import run_demo, run_pixel_demo
 
-    if args.tokenizer == "pixels":
-        run_pixel_demo(args.out or "runs/demo-pixels", quick=args.quick)
-    else:
-        run_demo(args.out or "runs/demo", quick=args.quick)
+    try:
+        if args.tokenizer == "pixels":
+            run_pixel_demo(args.out or "runs/demo-pixels", quick=args.quick)
+        else:
+            run_demo(args.out or "runs/demo", quick=args.quick)
+    except KeyboardInterrupt:
+        # the training loop's line says --resume auto, which demo does not take: it resumes by itself
+        print("demo interrupted: run the same vqgpt demo command again to continue where it stopped", file=sys.stderr)
+        raise
     return 0
 
 
