@@ -7,15 +7,13 @@ import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from stage1_vq.model import VQModel
 from vqgpt.ground.data import DataConfig, build_dataset, readable_batches
-from vqgpt.ground.dataset_base import UnreadableImageWarning
 from vqgpt.ground.images import save_grid, side_by_side, tensor_to_pil
 from vqgpt.ground.metrics import bits_per_image, code_histogram, codebook_stats, psnr, ssim
 
@@ -50,31 +48,6 @@ def load_lpips(kind: str, device: torch.device) -> torch.nn.Module | None:
     return net.to(device).eval() if net is not None else None
 
 
-def _readable_batches(dataset: Dataset, batch_size: int, limit: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of the first ``limit`` readable images of ``dataset`` (all of them for None), in order:
-    a file that fails to decode is left out and the next readable one counted in its place, so that
-    ``--num N`` scores N images whenever the source holds that many."""
-    if limit is None:
-        yield from readable_batches(dataset, batch_size)
-        return
-    unreadable: list[str] = []
-    batches = readable_batches(dataset, min(batch_size, limit), unreadable)
-    taken = 0
-    for images, labels in batches:
-        images, labels = images[: limit - taken], labels[: limit - taken]
-        taken += len(labels)
-        yield images, labels
-        if taken >= limit:
-            break
-    else:
-        return  # the source ran out: readable_batches warned about the files it left out
-    batches.close()
-    if unreadable:  # stopped early, before readable_batches' own warning: say it here
-        warnings.warn(f"left out {len(unreadable)} image{'s' if len(unreadable) > 1 else ''} that failed to decode: "
-                      f"{', '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''}", UnreadableImageWarning,
-                      stacklevel=2)
-
-
 def _clear_previous_run(out: Path) -> None:
     """Delete what an earlier run wrote into ``out``: its metrics.json (first, so that a run that fails
     midway leaves no figures of other images behind) and its numbered reconstructions in
@@ -105,7 +78,7 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
     model = VQModel.from_pretrained(tokenizer_dir).to(device).eval()
     resolution = resolution or model.config.resolution
     dataset = build_dataset(DataConfig(source=images, resolution=resolution, random_crop=False, hflip=False), "eval")
-    batches = _readable_batches(dataset, batch_size, num_images)
+    batches = readable_batches(dataset, batch_size, limit=num_images)  # --num counts readable images
     wanted = len(dataset) if num_images is None else min(num_images, len(dataset))
     perceptual = load_lpips(lpips, device)
     out = Path(out)

@@ -107,18 +107,26 @@ def collate_images(items: list) -> LoadedBatch:
 
 
 def readable_batches(dataset: Dataset, batch_size: int, unreadable: list[str] | None = None,
-                     num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                     num_workers: int = 0, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images (B', 3, R, R), labels (B',)) of ``dataset`` in order, batch by batch, leaving out files that
-    fail to decode (appended to ``unreadable``; a warning counts them at the end)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_images)
+    fail to decode (appended to ``unreadable``; a warning counts them at the end). ``limit``: stop after
+    that many readable images (a file left out is not counted: the next readable one takes its place)."""
+    loader = DataLoader(dataset, batch_size=batch_size if limit is None else min(batch_size, limit), shuffle=False,
+                        num_workers=num_workers, collate_fn=collate_images)
     dropped: list[str] = []
+    taken = 0
     for batch in loader:
         dropped += batch.unreadable
         if unreadable is not None:
             unreadable.extend(batch.unreadable)
-        if len(batch.labels):
-            yield batch.images, batch.labels
+        images, labels = batch.images, batch.labels
+        if limit is not None:
+            images, labels = images[: limit - taken], labels[: limit - taken]
+            taken += len(labels)
+        if len(labels):
+            yield images, labels
+        if limit is not None and taken >= limit:
+            break
     if dropped:
         warnings.warn(f"left out {len(dropped)} image{'s' if len(dropped) > 1 else ''} that failed to decode: "
                       f"{', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}", UnreadableImageWarning,

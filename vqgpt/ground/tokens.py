@@ -421,23 +421,21 @@ class TokenDataset(Dataset):
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def _shard(self, index: int) -> int:
-        """The shard holding grid ``index`` (0 <= index < len)."""
-        return int(np.searchsorted(self._offsets, index, side="right")) - 1
-
-    def _locate(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def _locate(self, index: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """(tokens, labels, row) of the shard holding grid ``index`` (negative counts from the end), and
+        that shard's number."""
         n = len(self)
         if index < 0:
             index += n
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} token grids in {self.directory}")
-        shard = self._shard(index)
+        shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
         tokens, labels = self._open()[shard]
-        return tokens, labels, index - int(self._offsets[shard])
+        return tokens, labels, index - int(self._offsets[shard]), shard
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        tokens, labels, row = self._locate(index)
-        index = index + len(self) if index < 0 else index
+        tokens, labels, row, shard = self._locate(index)
+        index = int(self._offsets[shard]) + row  # as counted from the start
         if self.views == 1:  # no draw: one-view shards leave torch's RNG exactly as before views existed
             codes = tokens[row]
         else:
@@ -446,16 +444,16 @@ class TokenDataset(Dataset):
         # every row read is checked (the opening check samples rows): a bad value is named here, not as an
         # index error deep inside the model (a device-side assert on a GPU)
         if codes.max() >= self.codebook_size or codes.min() < 0:
-            raise TokenShardError(f"{self._files[self._shard(index)][0]}: grid {index} holds a token outside "
+            raise TokenShardError(f"{self._files[shard][0]}: grid {index} holds a token outside "
                                   f"[0, {self.codebook_size}): {int(codes.min())}..{int(codes.max())}")
         if label < 0 or (self.num_classes and label >= self.num_classes):
-            raise TokenShardError(f"{self._files[self._shard(index)][1]}: grid {index} has label {label}, outside "
+            raise TokenShardError(f"{self._files[shard][1]}: grid {index} has label {label}, outside "
                                   f"[0, {self.num_classes})")
         return torch.from_numpy(codes), label
 
     def all_views(self, index: int) -> torch.Tensor:
         """Every stored view of image ``index``: codes (V, h, w) int64."""
-        tokens, _, row = self._locate(index)
+        tokens, _, row, _ = self._locate(index)
         return torch.from_numpy(np.asarray(tokens[row], dtype=np.int64)).reshape(self.views, *self.grid_size)
 
     def check_tokenizer(self, fingerprint: str) -> None:

@@ -8,8 +8,8 @@ bitwise the same on any number of processes. Each sample becomes ``FOLDER/{i:06d
 atomically; those files are the progress record: a re-run skips every batch whose files all exist,
 draws a batch with a missing file again whole (the same batch, so the same pixels) and writes only
 the missing files. ``sampling.json`` in the folder records the settings and a digest of the weights,
-and a re-run with other settings or weights is refused (unless no sample was finished yet). When all processes are done, rank 0 reads the folder into one ``.npz`` in the
-layout of the ADM evaluator: uint8 (N, H, W, 3) under ``arr_0`` and, for a class-conditional
+and a re-run with other settings or weights is refused (unless no sample was finished yet). When all
+processes are done, rank 0 reads the folder into one ``.npz`` in the layout of the ADM evaluator: uint8 (N, H, W, 3) under ``arr_0`` and, for a class-conditional
 prior, the int64 labels (N,) under ``arr_1``.
 """
 
@@ -117,15 +117,15 @@ def _settings(num: int, seed: int, batch_size: int, labels: torch.Tensor | None,
             "sampling": dataclasses.asdict(sampling), "prior_dtype": prior_dtype, "models": models}
 
 
-def _check_settings(folder: Path, settings: dict) -> None:
-    """Refuse a folder holding samples drawn with other settings (or by other weights)."""
+def _check_settings(folder: Path, settings: dict, pngs: set[str]) -> None:
+    """Refuse a folder holding samples (``pngs``, its PNG names) drawn with other settings or by other weights."""
     path = folder / SETTINGS_FILE
     if not path.exists():
-        if any(folder.glob("*.png")):
+        if pngs:
             raise ValueError(f"{folder} holds PNG files but no {SETTINGS_FILE}: they are not samples of this run; "
                              "give an empty or new folder")
         return
-    if not any(folder.glob("*.png")):
+    if not pngs:
         return  # stopped before its first sample (say, out of memory): nothing to keep consistent with
     old = json.loads(path.read_text())
     changed = [f"{key}: {old.get(key)} then, {value} now" for key, value in settings.items()
@@ -199,10 +199,10 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     prior_dtype = "int8" if is_quantized(pipe.prior) else float_dtype
     settings = _settings(num, seed, batch_size, labels, sampling, grid, prior_dtype,
                          weights_digest(pipe.tokenizer, pipe.prior))
-    if folder.is_dir():
-        _check_settings(folder, settings)
     # Every process reads what is finished before any writes, so all agree on the counts.
     done = {p.name for p in folder.glob("*.png")} if folder.is_dir() else set()
+    if folder.is_dir():
+        _check_settings(folder, settings, done)
     batches = batch_ranges(num, batch_size)
     todo = [c for c, batch in enumerate(batches) if any(png_name(i) not in done for i in batch)]
     drawn = sum(len(batches[c]) for c in todo)
