@@ -109,3 +109,33 @@ def test_an_interrupted_demo_says_how_to_continue(monkeypatch, capsys):
     monkeypatch.setattr(demo, "run_demo", interrupted)
     assert main(["demo", "--out", "unused"]) == 130
     assert "run the same vqgpt demo command again" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_eval_num_counts_readable_images_like_reconstruct(pipe_dir, tmp_path):
+    """--num N of fid-stats and eval-bpd means N readable images: a file that fails to decode is
+    replaced by the next readable one, not counted against N."""
+    from PIL import Image
+
+    from vqgpt.ground.data import UnreadableImageWarning
+    from vqgpt.workflow.evaluation import eval_bits_per_dim, fid_stats
+
+    source = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (source / label).mkdir(parents=True)
+        (source / label / "0-text.png").write_text("not an image\n")  # first of its class folder
+        for k in range(1, 4):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(source / label / f"{k}.png")
+    for num in (2, 3):
+        with pytest.warns(UnreadableImageWarning, match="left out 1 image that failed to decode: .*0-text.png"):
+            report = fid_stats(str(source), tmp_path / f"ref{num}.npz", fid_weights="random", resolution=16,
+                               split="train", num_images=num, batch_size=2, device="cpu", progress=False)
+        assert report.num_images == num
+        with pytest.warns(UnreadableImageWarning, match="left out 1 image"):
+            bpd = eval_bits_per_dim(pipe_dir, str(source), split="train", num_images=num, batch_size=2,
+                                    device="cpu", progress=False)
+        assert bpd.num_images == num
+    with pytest.warns(UnreadableImageWarning, match="left out 2 images"):
+        assert eval_bits_per_dim(pipe_dir, str(source), split="train", batch_size=4, device="cpu",
+                                 progress=False).num_images == 6

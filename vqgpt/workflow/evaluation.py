@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from stage2_prior.draw import SamplingConfig
@@ -195,11 +194,11 @@ def reference_stats(extractor: FeatureExtractor, source: str, resolution: int, s
                     progress: bool = True) -> FeatureStats:
     """Feature statistics of the images of ``source`` (deterministic crops, no flips) at ``resolution``."""
     dataset = build_dataset(DataConfig(source=source, resolution=resolution, random_crop=False, hflip=False), split)
-    if num_images is not None:
-        dataset = Subset(dataset, range(min(num_images, len(dataset))))
-    batches = readable_batches(dataset, batch_size)  # a file that fails to decode is left out, not replaced
+    wanted = len(dataset) if num_images is None else min(num_images, len(dataset))
+    # a file that fails to decode is left out and the next readable one takes its place, up to num_images
+    batches = readable_batches(dataset, batch_size, limit=num_images)
     features = extract_features(extractor, (images for images, _ in batches), progress=progress,
-                                desc=f"reference features ({source})", total=-(-len(dataset) // batch_size))
+                                desc=f"reference features ({source})", total=-(-wanted // batch_size))
     return compute_stats(features.pool, extractor.name, keep_features=keep_features, source=source, split=split,
                          resolution=resolution, spatial=features.spatial)
 
@@ -518,11 +517,10 @@ def eval_bits_per_dim(pipeline_dir: str | Path, images: str, split: str = "eval"
         except ValueError as exc:
             raise ValueError(f"{images}: its classes {dataset.classes[:10]} are not this class-conditional prior's: "
                              f"{exc}") from None
-    if num_images is not None:
-        dataset = Subset(dataset, range(min(num_images, len(dataset))))
+    wanted = len(dataset) if num_images is None else min(num_images, len(dataset))
     total_nats, tokens, count = 0.0, 0, 0
-    batches = readable_batches(dataset, batch_size)
-    for batch, labels in tqdm(batches, desc="bits per dim", total=-(-len(dataset) // batch_size), disable=not progress):
+    batches = readable_batches(dataset, batch_size, limit=num_images)  # unreadable files replaced by the next ones
+    for batch, labels in tqdm(batches, desc="bits per dim", total=-(-wanted // batch_size), disable=not progress):
         codes = pipe.tokenizer.encode(batch.to(dev)).flatten(1)  # (B, h*w)
         logits = pipe.prior(codes, class_of[labels].to(dev) if class_of is not None else None)  # (B, T, V)
         total_nats += float(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), codes.flatten(),
