@@ -6,6 +6,7 @@ A config of its own so that the layers (``stage2_prior.layers``) and the model
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -78,6 +79,16 @@ class GPTConfig:
             raise bad("dim", f"head size dim/n_head={self.head_dim} must be divisible by 4 for 2D RoPE")
         if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
             raise bad("n_kv_head", f"must divide n_head={self.n_head}")
+        # caught here, not as a non-finite loss at step 1 or a shape error deep in the model
+        if not (isinstance(self.rope_base, (int, float)) and 0 < self.rope_base < math.inf):
+            raise bad("rope_base", "must be a finite number > 0")
+        if not (isinstance(self.norm_eps, (int, float)) and 0 <= self.norm_eps < math.inf):
+            raise bad("norm_eps", "must be a finite number >= 0")
+        if self.ffn_dim_multiplier is not None:
+            if not (isinstance(self.ffn_dim_multiplier, (int, float)) and 0 < self.ffn_dim_multiplier < math.inf):
+                raise bad("ffn_dim_multiplier", "must be a finite number > 0 (or null)")
+            if self.ffn_hidden_dim < 1:
+                raise bad("ffn_dim_multiplier", f"leaves the SwiGLU no hidden unit at dim={self.dim}")
 
     def require_data_fields(self, keys: tuple[str, ...] = ("codebook_size", "grid_size", "num_classes")) -> None:
         """Raise unless ``keys`` are set (train-prior takes them from the token shards)."""

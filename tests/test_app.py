@@ -69,6 +69,11 @@ def test_sample_is_the_pipelines_sampling(handlers):
     (dict(height=18), "height=18 is not a multiple of the tokenizer's downsampling factor 4: use 16 or 20"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(num=0), "number of images must be a whole number >= 1"),
+    (dict(num=float("inf")), "number of images must be a whole number >= 1, got inf"),
+    (dict(num=float("nan")), "number of images must be a whole number >= 1, got nan"),
+    (dict(seed=1.7), "seed must be a whole number"),
+    (dict(seed=float("inf")), "seed must be a whole number"),
+    (dict(height=float("inf")), "height .*must be a whole number"),
 ])
 def test_sample_bad_input_is_one_clear_message(handlers, args, message):
     with pytest.raises(ValueError, match=message):
@@ -88,6 +93,11 @@ def test_complete_shows_the_original_beside_the_completions(handlers, files):
     assert "first 2 of 4 code rows kept, 1 code column added" in summary
     with pytest.raises(ValueError, match="nothing to sample"):
         handlers.complete(str(files / "image.png"), keep_rows=4, num=1, class_name="a")
+    # an image smaller than the trained size says so, whatever the rows kept
+    Image.open(files / "image.png").resize((8, 8)).save(files / "small.png")
+    for keep in (1, 2, None):
+        with pytest.raises(ValueError, match=r"smaller than the prior's 4x4: use an image of at least 16x16"):
+            handlers.complete(str(files / "small.png"), keep_rows=keep, num=1, class_name="a", fit=False)
 
 
 def test_uploads_that_are_no_image_or_of_a_bad_size_are_refused(handlers, files):
@@ -213,6 +223,21 @@ def test_cli_app_on_a_taken_port_is_one_error(pipe_dir, capsys):
         port = taken.getsockname()[1]
         assert main(["app", "--pipeline", str(pipe_dir), "--port", str(port)]) == 2
     assert f"error: cannot serve on 127.0.0.1:{port}: Cannot find empty port" in capsys.readouterr().err
+
+
+def test_cli_app_port_out_of_range_and_unknown_host_are_one_error(pipe_dir, monkeypatch, capsys):
+    pytest.importorskip("gradio")
+    with pytest.raises(SystemExit):
+        main(["app", "--pipeline", str(pipe_dir), "--port", "70000"])
+    assert "--port: must be <= 65535, got 70000" in capsys.readouterr().err
+
+    def unknown(host, *args, **kwargs):  # what a name no resolver knows gives, without waiting for one
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    assert main(["app", "--pipeline", str(pipe_dir), "--host", "no-such-host.invalid"]) == 2
+    assert "--host no-such-host.invalid: no such address or name here (Name or service not known)" in \
+        capsys.readouterr().err
 
 
 def _free_port() -> int:

@@ -139,3 +139,54 @@ def test_eval_num_counts_readable_images_like_reconstruct(pipe_dir, tmp_path):
     with pytest.warns(UnreadableImageWarning, match="left out 2 images"):
         assert eval_bits_per_dim(pipe_dir, str(source), split="train", batch_size=4, device="cpu",
                                  progress=False).num_images == 6
+
+
+def test_complete_with_every_row_kept_and_nothing_added_is_refused(pipe_dir, tmp_path, capsys):
+    from PIL import Image
+
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    image = torch.rand(3, 16, 16) * 2 - 1  # 4x4 codes
+    for keep in (None, 4):
+        with pytest.raises(ValueError, match="nothing to sample: keep fewer than all 4 code rows"):
+            pipe.complete(image, 2, keep_rows=keep, class_labels=0, seed=0)
+    assert pipe.complete(image, 1, keep_rows=None, extend_right=1, class_labels=0, seed=0).shape == (1, 3, 16, 20)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    assert main(["complete", "--pipeline", str(pipe_dir), "--image", str(tmp_path / "i.png"), "--keep-rows", "4",
+                 "--num", "2", "--class-label", "a", "--out", str(tmp_path / "c.png")]) == 2
+    assert "nothing to sample" in capsys.readouterr().err and not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rope_base", 0, "finite number > 0"), ("rope_base", float("nan"), "finite number > 0"),
+    ("norm_eps", -1.0, "finite number >= 0"), ("norm_eps", float("nan"), "finite number >= 0"),
+    ("ffn_dim_multiplier", 0, "finite number > 0"), ("ffn_dim_multiplier", -1, "finite number > 0"),
+    ("ffn_dim_multiplier", float("nan"), "finite number > 0"), ("ffn_dim_multiplier", 1e-9, "no hidden unit"),
+])
+def test_prior_config_values_that_break_the_model_are_config_errors(pipe_dir, key, value, message):
+    """Refused where they are read (a config, --set, an export's config.json), not as a non-finite loss
+    at step 1, a ZeroDivisionError in the model, or logits of NaN from a loaded export."""
+    import json
+
+    from stage2_prior.config import GPTConfig
+    from vqgpt.ground.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{key}: must be|{key}: leaves"):
+        GPTConfig(**{key: value})
+    with pytest.raises(ConfigError, match=message):
+        GPTConfig(**{key: value})
+    config_file = pipe_dir / "prior" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["config"][key] = value
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=key):
+        VQGPTPipeline.from_pretrained(pipe_dir)
+
+
+def test_save_pretrained_refuses_a_prior_rounded_to_bfloat16(pipe_dir, tmp_path):
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir).set_decoding("bfloat16")
+    with pytest.raises(ValueError, match=r"torch.bfloat16 weights \(set_decoding\), rounded from its float32"):
+        pipe.save_pretrained(tmp_path / "bf16")
+    assert not (tmp_path / "bf16").exists()
+    pipe.set_decoding("float32")  # back to float32 (the rounding stays): saved as such, on purpose
+    pipe.save_pretrained(tmp_path / "fp32")
+    assert VQGPTPipeline.from_pretrained(tmp_path / "fp32").prior.tok_embeddings.weight.dtype == torch.float32

@@ -167,8 +167,6 @@ class AppHandlers:
         image = self._image(image_path, self.pipe.trained_pixels() if fit else None)
         rows = image.shape[1] // self.pipe.downsample_factor
         keep = None if keep_rows is None else _at_least(keep_rows, 0, "code rows to keep")
-        if (keep is None or keep == rows) and not (extend_right or extend_down):
-            raise ValueError(f"nothing to sample: keep fewer than all {rows} code rows, or add columns / rows")
         label = self._label(class_name)
         sampling = _sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p)
         with self._model(progress, "completing"):
@@ -254,7 +252,11 @@ def _count(value: float | None, what: str) -> int:
 
 
 def _at_least(value: float, low: int, what: str) -> int:
-    if value is None or float(value) != int(value) or int(value) < low:
+    try:  # inf and NaN are not whole numbers (int() of them raises OverflowError / ValueError)
+        whole = value is not None and math.isfinite(float(value)) and float(value) == int(value)
+    except (TypeError, ValueError):
+        whole = False
+    if not whole or int(value) < low:
         raise ValueError(f"{what} must be a whole number >= {low}, got {value}")
     return int(value)
 
@@ -264,7 +266,8 @@ def _pixels(value: float | None, what: str) -> int | None:
 
 
 def _seed(value: float | None) -> int:
-    return 0 if value is None else int(value)
+    """The page's seed: a whole number (negative ones too; the pipeline checks the range)."""
+    return 0 if value is None else _at_least(value, -(2**63), "seed")
 
 
 def _sampling(cfg_scale: float, cfg_schedule: str, temperature: float, top_k: float | None,
@@ -424,6 +427,13 @@ def launch(pipeline: str, host: str = "127.0.0.1", port: int | None = None, bloc
     ``name`` is what the page calls the pipeline (default: ``pipeline``).
     """
     gr = require_gradio()
+    if port is not None and not (isinstance(port, int) and 1 <= port <= 65535):
+        raise ValueError(f"port must be a whole number from 1 to 65535, got {port!r}")
+    try:  # else the server tries 100 ports, each failing to resolve it, and blames the port
+        socket.getaddrinfo(host, None)
+    except OSError as exc:
+        raise ValueError(f"--host {host}: no such address or name here ({exc.strerror or exc}); use one of this "
+                         "machine's addresses, e.g. 127.0.0.1 or 0.0.0.0") from None
     if not is_loopback(host):
         warnings.warn(f"--host {host} is not a loopback address: anyone who can reach this machine can use the "
                       "page and its compute (there is no login); use --host 127.0.0.1 to keep it local", stacklevel=2)

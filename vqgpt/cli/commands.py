@@ -43,8 +43,8 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low`` (argparse names the flag in the error)."""
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (and <= ``high``; argparse names the flag in the error)."""
 
     def parse(text: str) -> int:
         try:
@@ -53,6 +53,8 @@ def _int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
         return value
 
     return parse
@@ -778,7 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", required=True, help="pipeline folder (tokenizer/ + prior/) or a Hub id owner/name")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=_int_at_least(1), default=None, help="port (default: 7860, or the next free one)")
+    p.add_argument("--port", type=_int_at_least(1, 65535), default=None,
+                   help="port (default: 7860, or the next free one)")
     p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("demo", help="the whole workflow on built-in MNIST digits, on a CPU")

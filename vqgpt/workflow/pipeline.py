@@ -89,13 +89,18 @@ class VQGPTPipeline:
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``tokenizer/`` and ``prior/`` into ``directory``: the weights as they are now. A part whose
         weights are still those it was loaded with is copied from its export (byte for byte); one that
-        was trained, edited, moved or cast since is written from memory. An int8 prior is refused
-        (its export would not load: ``set_decoding('int8')`` is for decoding)."""
+        was trained, edited or moved since is written from memory. A prior cast by ``set_decoding`` to
+        int8 (its export would not load) or bfloat16 (its float32 weights would be lost) is refused."""
         from stage2_prior.quantize import is_quantized
 
         if is_quantized(self.prior):
             raise ValueError("the prior holds int8 weights (set_decoding('int8')), which an export cannot hold: "
                              "save the pipeline before quantizing it, or load it again to save the float weights")
+        rounded = sorted({str(p.dtype) for p in self.prior.parameters() if p.dtype != torch.float32})
+        if rounded:  # set_decoding('bfloat16') rounded the float32 weights; saving would make that permanent
+            raise ValueError(f"the prior holds {', '.join(rounded)} weights (set_decoding), rounded from its float32 "
+                             "ones: save the pipeline before set_decoding, or load it again to save the float32 "
+                             "weights")
         directory = Path(directory)
         tok_dst, prior_dst = directory / "tokenizer", directory / "prior"
         tok_loaded, prior_loaded = self._as_loaded
@@ -263,6 +268,9 @@ class VQGPTPipeline:
             raise ValueError(f"keep_rows must be between 0 and {h} (the image's code rows), got {keep_rows}")
         if extend_right < 0 or extend_down < 0:
             raise ValueError("extend_right / extend_down must be >= 0")
+        if (keep_rows is None or keep_rows == h) and not (extend_right or extend_down):
+            raise ValueError(f"nothing to sample: keep fewer than all {h} code rows of the image, or add code "
+                             "columns / rows")
         H, W = h + extend_down, w + extend_right * self.codes_per_position
         canvas = torch.full((num_samples, H, W), -1, dtype=torch.long, device=self.device)
         canvas[:, :h, :w] = codes
