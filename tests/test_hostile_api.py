@@ -190,3 +190,21 @@ def test_save_pretrained_refuses_a_prior_rounded_to_bfloat16(pipe_dir, tmp_path)
     pipe.set_decoding("float32")  # back to float32 (the rounding stays): saved as such, on purpose
     pipe.save_pretrained(tmp_path / "fp32")
     assert VQGPTPipeline.from_pretrained(tmp_path / "fp32").prior.tok_embeddings.weight.dtype == torch.float32
+
+
+def test_a_run_folder_or_an_export_given_as_a_pipeline_says_what_to_give(pipe_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "prior_run"  # what train-prior --tokenizer writes: export/ and pipeline/
+    shutil.copytree(pipe_dir / "prior", run / "export")
+    shutil.copytree(pipe_dir, run / "pipeline")
+    with pytest.raises(FileNotFoundError, match=f"looks like a prior's run folder: use {run / 'pipeline'}"):
+        VQGPTPipeline.from_pretrained(run)
+    for part, kind in (("tokenizer", "a tokenizer export"), ("prior", "a prior export")):
+        assert main(["sample", "--pipeline", str(pipe_dir / part), "--num", "1", "--class-label", "a",
+                     "--out", str(tmp_path / "s.png")]) == 2
+        assert f"it is {kind}: give the tokenizer and prior exports apart (--tokenizer DIR --prior DIR" in \
+            capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match=r"tokenizer/ is missing \(a pipeline folder holds tokenizer/ and "
+                                                r"prior/ exports\)$"):
+        VQGPTPipeline.from_pretrained(tmp_path)  # nothing more to say about an unrelated folder

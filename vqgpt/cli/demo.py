@@ -174,7 +174,8 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
          "--set data.source=/path/to/images --out runs/tok  &&  vqgpt encode --tokenizer runs/tok/export "
          "--data /path/to/images --out runs/codes  &&  vqgpt train-prior --config configs/prior/cpu_demo.yaml "
          "--tokens runs/codes --tokenizer runs/tok/export --out runs/prior  &&  vqgpt sample "
-         "--pipeline runs/prior/pipeline --num 16 --out samples.png")
+         "--pipeline runs/prior/pipeline --num 16 --out samples.png  (with --class-label NAME when the images "
+         "sit in class sub-folders)")
     return metrics
 
 

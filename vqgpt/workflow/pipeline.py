@@ -82,7 +82,7 @@ class VQGPTPipeline:
         for part in ("tokenizer", "prior"):
             if not (directory / part).is_dir():
                 raise FileNotFoundError(f"{name_or_path} is not a pipeline folder: {part}/ is missing "
-                                        "(a pipeline folder holds tokenizer/ and prior/ exports)")
+                                        f"(a pipeline folder holds tokenizer/ and prior/ exports){_hint(directory)}")
         return cls.from_parts(directory / "tokenizer", directory / "prior", map_location=map_location,
                               warn_unverified=False)
 
@@ -292,6 +292,21 @@ class VQGPTPipeline:
             one = isinstance(class_labels, str)
             class_labels = [self.class_index(x) for x in ([class_labels] if one else class_labels)]
         return resolve_class_labels(self.prior, class_labels, num_samples)  # type: ignore[arg-type]
+
+
+def _hint(directory: Path) -> str:
+    """What a folder given as a pipeline is instead, when that can be told: a run folder, or one export."""
+    if (directory / "pipeline" / "prior").is_dir():
+        return f"; this looks like a prior's run folder: use {directory / 'pipeline'}"
+    kinds = {"vq_tokenizer": "a tokenizer export", "gpt_prior": "a prior export"}  # the exports' config.json kind
+    try:
+        kind = read_export_meta(directory).get("kind")
+    except (OSError, ConfigError):  # no readable config.json: nothing more to say
+        return ""
+    if kind in kinds:
+        return (f"; it is {kinds[kind]}: give the tokenizer and prior exports apart (--tokenizer DIR --prior DIR, "
+                "VQGPTPipeline.from_parts in Python), or the RUN/pipeline/ that train-prior --tokenizer writes")
+    return ""
 
 
 def _weights_state(module: torch.nn.Module) -> tuple | None:
