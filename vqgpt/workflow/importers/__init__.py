@@ -32,11 +32,13 @@ _LAZY = {
     "UnsafeCheckpointError": "vqgpt.workflow.importers.safe_load",
 }
 
-__all__ = ["Drop", "ImportResult", "KeyMismatchError", "build_from_state", "remap_state_dict",
+__all__ = ["Drop", "ImportResult", "KeyMismatchError", "build_from_state", "check_weights", "remap_state_dict",
            "strip_wrapper_prefix", "target_shapes", *_LAZY]
 
 # Errors list at most this many keys per set (with the total), so a wholesale mismatch stays readable.
 MAX_LISTED_KEYS = 40
+# One-line errors (bad dtypes, NaN weights) name at most this many tensors.
+MAX_LISTED_ONE_LINE = 5
 
 
 def __getattr__(name: str) -> Any:
@@ -85,7 +87,9 @@ def remap_state_dict(source: Mapping[str, torch.Tensor], rename: Renamer, expect
                      what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Map every source key through ``rename`` (target name, ``Drop`` or None = no rule) onto
     ``expected``; return (state, {group: 'reason (N tensors)'}) or raise ``KeyMismatchError``
-    listing unmapped source keys, unfilled target keys and shape mismatches together."""
+    listing unmapped source keys, unfilled target keys and shape mismatches together. The mapped
+    tensors must then pass ``check_weights`` (every target of an import is a float weight or buffer);
+    dropped ones are not read."""
     state: dict[str, torch.Tensor] = {}
     drops: dict[Drop, int] = {}
     unmapped, mismatched = [], []
@@ -112,8 +116,30 @@ def remap_state_dict(source: Mapping[str, torch.Tensor], rename: Renamer, expect
     missing = [k for k in expected if k not in origin]
     if unmapped or missing or mismatched:
         raise KeyMismatchError(what, sorted(unmapped), sorted(missing), mismatched)
+    check_weights({key: state[target] for target, key in origin.items()}, what)
     dropped = {d.group: f"{d.reason} ({n} tensors)" for d, n in drops.items()}
     return state, dropped
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED_ONE_LINE])
+    more = f", ... and {len(items) - MAX_LISTED_ONE_LINE} more" if len(items) > MAX_LISTED_ONE_LINE else ""
+    return f"{len(items)} tensor{'s' if len(items) != 1 else ''}: {shown}{more}"
+
+
+def check_weights(source: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse weights that would import into a broken model: tensors that are not floating-point
+    (e.g. saved with ``.long()``) and tensors holding NaN or inf; the error names the source keys."""
+    not_float = [f"{k} ({t.dtype})" for k, t in source.items() if not t.is_floating_point()]
+    if not_float:
+        raise ValueError(f"{what}: expected floating-point weights, found other types in {_listed(not_float)}")
+    broken = []
+    for key, tensor in source.items():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            broken.append(f"{key} ({finite.numel() - int(finite.sum())} of {finite.numel()} values)")
+    if broken:
+        raise ValueError(f"{what}: NaN or inf values in {_listed(broken)}; refusing to import broken weights")
 
 
 def _empty_model(model_cls: Callable[[Any], nn.Module], config: Any) -> nn.Module:
@@ -137,6 +163,13 @@ def build_from_state(model_cls: Callable[[Any], nn.Module], config: Any,
     Meant for exporting: float32 tensors are adopted as they are (memory-mapped ones stay mapped).
     """
     model = _empty_model(model_cls, config)
+    targets = model.state_dict()
+    # load_state_dict would report a dtype clash once per tensor, each with a long message: name them in one line.
+    clashes = [f"{k} ({v.dtype})" for k, v in state.items()
+               if k in targets and targets[k].is_floating_point() and not v.is_floating_point()]
+    if clashes:
+        raise ValueError(f"{type(model).__name__}: expected floating-point weights, found other types in "
+                         f"{_listed(clashes)}")
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 import re
 import shutil
 from pathlib import Path
@@ -68,6 +69,74 @@ def _training_args(checkpoint: Any) -> dict[str, Any]:
     return dict(vars(args)) if isinstance(args, argparse.Namespace) else {}
 
 
+# Training args that an import option replaces: named in the error when the recorded value is unusable.
+_ARG_FLAGS = {"image_size": "--image-size", "num_classes": "--num-classes"}
+
+
+def _whole(value: Any) -> int | None:
+    """``value`` as an int if it is a whole number (int, integral float, or such text), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _option_int(value: Any, name: str) -> int:
+    """A given option (e.g. image_size=) as a positive whole number."""
+    number = _whole(value)
+    if number is None or number < 1:
+        raise ConfigError(f"{name} = {value!r} must be a positive whole number")
+    return number
+
+
+def _arg_int(args: Mapping[str, Any], key: str, path: Any, default: Any = None) -> Any:
+    """The checkpoint's training arg ``key`` as a positive whole number (``default`` when it is absent);
+    an unusable value is an error naming the file, the key and the option that replaces it."""
+    if key not in args:
+        return default
+    value, flag = args[key], _ARG_FLAGS.get(key)
+    if value is None:
+        hint = f"; pass {flag} N" if flag else " (expected a positive whole number)"
+        raise ConfigError(f"{path}: args.{key} is None in the checkpoint's training args{hint}")
+    number = _whole(value)
+    if number is None or number < 1:
+        hint = f" (pass {flag} N to set it)" if flag else ""
+        raise ConfigError(f"{path}: args.{key} = {value!r} must be a positive whole number{hint}")
+    return number
+
+
+def _arg_float(args: Mapping[str, Any], key: str, path: Any, default: float) -> float:
+    """The checkpoint's training arg ``key`` as a finite number (``default`` when it is absent)."""
+    if key not in args:
+        return default
+    value = args[key]
+    try:
+        number = float(value) if not isinstance(value, bool) and value is not None else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ConfigError(f"{path}: args.{key} = {value!r} must be a number (the checkpoint's training args)")
+    return number
+
+
+def _arg_bool(args: Mapping[str, Any], key: str, path: Any, default: bool) -> bool:
+    """The checkpoint's training arg ``key`` as true/false (``default`` when it is absent)."""
+    if key not in args:
+        return default
+    value = args[key]
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise ConfigError(f"{path}: args.{key} = {value!r} must be true or false (the checkpoint's training args)")
+
+
 def _indices(state: Mapping[str, Any], pattern: str) -> list[int]:
     found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
     return sorted(found)
@@ -102,7 +171,7 @@ def llamagen_vq_config(state: Mapping[str, torch.Tensor], image_size: int = 256,
     codebook_size, codebook_dim = _shape(state, "quantize.embedding.weight", path, "VQ")
     f = 2 ** (len(levels) - 1)
     if image_size % f:
-        raise ConfigError(f"image_size {image_size} is not a multiple of the downsampling factor {f}")
+        raise ConfigError(f"{path}: image_size {image_size} is not a multiple of the downsampling factor {f}")
     return VQModelConfig(
         in_channels=in_channels, out_channels=_shape(state, "decoder.conv_out.weight", path, "VQ")[0],
         channels=channels, channel_mult=mult,
@@ -144,13 +213,14 @@ def import_llamagen_vq(checkpoint: str | Path, out: str | Path, preset: str | No
     args = _training_args(ckpt)
     source, entry = find_state_dict(ckpt, VQ_WEIGHTS_ORDER, checkpoint, weights)
     source = strip_wrapper_prefix(source)
-    if preset is None and args.get("vq_model") in VQ_PRESETS:
+    if preset is None and isinstance(args.get("vq_model"), str) and args["vq_model"] in VQ_PRESETS:
         preset = args["vq_model"]
     config = llamagen_vq_config(
-        source, image_size=int(image_size if image_size is not None else args.get("image_size", 256)),
-        l2_norm=bool(args.get("codebook_l2_norm", True) if l2_norm is None else l2_norm),
-        beta=float(args.get("commit_loss_beta", 0.25)), dropout=float(args.get("dropout_p", 0.0)),
-        preset=preset, path=checkpoint)
+        source, image_size=(_option_int(image_size, "image_size") if image_size is not None
+                            else _arg_int(args, "image_size", checkpoint, 256)),
+        l2_norm=_arg_bool(args, "codebook_l2_norm", checkpoint, True) if l2_norm is None else bool(l2_norm),
+        beta=_arg_float(args, "commit_loss_beta", checkpoint, 0.25),
+        dropout=_arg_float(args, "dropout_p", checkpoint, 0.0), preset=preset, path=checkpoint)
     levels = len(config.channel_mult)
     state, dropped = remap_state_dict(source, lambda k: llamagen_vq_key(k, levels), target_shapes(VQModel, config),
                                       f"{checkpoint} (LlamaGen VQ) -> vqgpt VQModel")
@@ -200,6 +270,7 @@ def _given_architecture(preset: str | None, model: Mapping[str, Any] | None, tra
                         path: Any) -> Given:
     """The fields fixed by the preset (given, else recorded in args.gpt_model), args.vocab_size and ``model``."""
     recorded = train_args.get("gpt_model")
+    recorded = recorded if isinstance(recorded, str) else None
     known = {*GPT_PRESETS, *PRESETS}
     if preset is not None and recorded in known and preset != recorded:
         raise ConfigError(f"{path}: preset {preset} was given, but the checkpoint records gpt_model={recorded} "
@@ -210,7 +281,7 @@ def _given_architecture(preset: str | None, model: Mapping[str, Any] | None, tra
         origin = f"preset {name}" + (" (the checkpoint's args.gpt_model)" if preset is None else "")
         given.update({k: (v, origin) for k, v in preset_architecture(name).items()})
     if "vocab_size" in train_args:
-        given["codebook_size"] = (int(train_args["vocab_size"]), "the checkpoint's args.vocab_size")
+        given["codebook_size"] = (_arg_int(train_args, "vocab_size", path), "the checkpoint's args.vocab_size")
     for key, value in (model or {}).items():
         if key in _SET_ELSEWHERE:
             raise ConfigError(f"model.{key} is set by {_SET_ELSEWHERE[key]}, not by --set")
@@ -320,13 +391,13 @@ def llamagen_gpt_config(state: Mapping[str, torch.Tensor], grid_size: int, num_c
         raise ConfigError(f"{path}: the class table has {rows} rows, which fits neither num_classes={num_classes} "
                           f"nor num_classes + 1 (null class); pass the right num_classes")
 
-    args = {**GPT_TRAIN_DEFAULTS, **train_args}
-    drop_path = float(args["drop_path_rate"])
+    args = {k: _arg_float(train_args, k, path, v) for k, v in GPT_TRAIN_DEFAULTS.items()}
+    drop_path = args["drop_path_rate"]
     fields = {k: v for k, (v, _) in given.items()}
     fields.update(resolved, grid_size=[grid_size, grid_size], num_classes=num_classes)
     fields.setdefault("class_dropout", class_dropout)
-    fields.setdefault("token_dropout", float(args["token_dropout_p"]))
-    fields.setdefault("dropout", 0.0 if drop_path > 0 else float(args["dropout_p"]))  # as train_c2i.py
+    fields.setdefault("token_dropout", args["token_dropout_p"])
+    fields.setdefault("dropout", 0.0 if drop_path > 0 else args["dropout_p"])  # as train_c2i.py
     fields.setdefault("drop_path", drop_path)
     return from_dict(GPTConfig, fields, prefix="model")
 
@@ -373,22 +444,30 @@ def import_llamagen_gpt(checkpoint: str | Path, tokenizer: str | Path, out: str 
     source, entry = find_state_dict(ckpt, GPT_WEIGHTS_ORDER, checkpoint, weights)
     source = strip_wrapper_prefix(source)
     text = [k for k in source if k.startswith(("cls_embedding.cap_proj.", "cls_embedding.uncond_embedding"))]
-    if text or args.get("gpt_type", "c2i") != "c2i":
-        raise ConfigError(f"{checkpoint}: a text-to-image LlamaGen prior ({text[0] if text else 'gpt_type t2i'}); "
-                          "only class-to-image (c2i) priors can be imported")
-    if int(args.get("cls_token_num", 1)) != 1:
+    gpt_type = args.get("gpt_type", "c2i")
+    if text or gpt_type != "c2i":
+        what = (f"a text-to-image LlamaGen prior ({text[0]})" if text else
+                f"a text-to-image LlamaGen prior (gpt_type {gpt_type})" if gpt_type == "t2i" else
+                f"args.gpt_type = {gpt_type!r}, not a class-to-image prior")
+        raise ConfigError(f"{checkpoint}: {what}; only class-to-image (c2i) priors can be imported")
+    if _arg_int(args, "cls_token_num", checkpoint, 1) != 1:
         raise ConfigError(f"{checkpoint}: cls_token_num={args['cls_token_num']}; vqgpt priors have one prefix slot")
 
     tok_config = from_dict(VQModelConfig, read_export_meta(tokenizer, VQ_KIND)["config"])
     f = tok_config.downsample_factor
-    image_size = int(image_size if image_size is not None else args.get("image_size", 256))
-    if "downsample_size" in args and int(args["downsample_size"]) != f:
-        raise ConfigError(f"{checkpoint} was trained on codes of a /{args['downsample_size']} tokenizer, "
+    if image_size is not None:
+        image_size, origin = _option_int(image_size, "image_size"), "image_size"
+    else:
+        image_size = _arg_int(args, "image_size", checkpoint, 256)
+        origin = f"{checkpoint}: args.image_size" if "image_size" in args else "image_size (default)"
+    downsample = _arg_int(args, "downsample_size", checkpoint)
+    if downsample is not None and downsample != f:
+        raise ConfigError(f"{checkpoint} was trained on codes of a /{downsample} tokenizer, "
                           f"but {tokenizer} downsamples by {f}")
     if image_size % f:
-        raise ConfigError(f"image_size {image_size} is not a multiple of the tokenizer's downsampling factor {f}")
-    if num_classes is None and "num_classes" in args:
-        num_classes = int(args["num_classes"])
+        raise ConfigError(f"{origin} {image_size} is not a multiple of the tokenizer's downsampling factor {f}")
+    if num_classes is None:
+        num_classes = _arg_int(args, "num_classes", checkpoint)
     config = llamagen_gpt_config(source, image_size // f, num_classes, preset=preset, model=model, train_args=args,
                                  path=checkpoint)
     num_classes = config.num_classes

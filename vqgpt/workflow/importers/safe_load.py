@@ -140,7 +140,8 @@ def _offending_name(message: str) -> str | None:
 def load_checkpoint(path: str | Path, mmap: bool = True) -> Any:
     """Load a pickled checkpoint safely (allowlist, never executing code) or a .safetensors file, on CPU.
 
-    Raises ``UnsafeCheckpointError`` naming the class/function if the pickle refers to anything else.
+    Raises ``UnsafeCheckpointError`` naming the class/function if the pickle refers to anything else,
+    and ``ValueError`` naming the file if it is damaged (e.g. truncated) or not a checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -148,7 +149,10 @@ def load_checkpoint(path: str | Path, mmap: bool = True) -> Any:
     if path.suffix == SAFETENSORS_SUFFIX:
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # SafetensorError: truncated, damaged or not a safetensors file at all
+            raise ValueError(f"{path}: not a readable safetensors checkpoint (safetensors: {exc})") from None
     # Only torch's zip format can be memory-mapped; older files are read whole.
     use_mmap = mmap and zipfile.is_zipfile(path)
     try:
