@@ -6,6 +6,7 @@ the discriminator step; nothing here holds optimizers or switches on an optimize
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 import warnings
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stage1_vq.discriminator import DISC_NORMS, PatchDiscriminator
-from vqgpt.ground.config import opt
+from vqgpt.ground.config import ConfigError, opt
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 PERCEPTUAL_KINDS = ("lpips-vgg", "lpips-random", "stlpips", "none")
@@ -55,6 +56,11 @@ class LossConfig:
                 raise ValueError(f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
         if self.disc_layers < 1 or self.disc_channels < 1:
             raise ValueError(f"disc_layers and disc_channels must be >= 1, got {self.disc_layers}, {self.disc_channels}")
+        for name in ("perceptual_weight", "gan_weight", "codebook_weight"):
+            # a negative weight would train the model to increase that loss; NaN or inf poisons every step
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"loss.{name}: must be a finite number >= 0, got {value}")
 
 
 class GeneratorLoss(NamedTuple):

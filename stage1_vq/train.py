@@ -116,7 +116,9 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
     accelerator = make_accelerator(tc, out)
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ConfigError("the tokenizer trains with DDP (configs/accelerate/multi_gpu.yaml); FSDP is for large priors")
-    with open_run_dir(out, cfg, accelerator, resume, overwrite) as run:
+    # a pixel tokenizer's fit ignores train.steps: its checkpoint's step is the k-means iterations + 1
+    steps = None if cfg.model.architecture == "pixels" else tc.steps
+    with open_run_dir(out, cfg, accelerator, resume, overwrite, steps=steps) as run:
         if cfg.model.architecture == "pixels":
             return fit_palette_run(cfg, accelerator, run)
         run_dir = run.path

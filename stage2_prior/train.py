@@ -136,7 +136,12 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp and tc.ema_decay > 0:
         raise ConfigError("train.ema_decay: EMA weights are not supported with FSDP; set train.ema_decay=0")
-    with open_run_dir(out, cfg, accelerator, resume, overwrite) as run:
+    # What the codes are: recorded in every checkpoint, so that a resume on shards another tokenizer
+    # wrote in the same folder is refused instead of continuing on codes that mean something else.
+    shards = {"tokenizer_fingerprint": data.meta.get("tokenizer_fingerprint"), "codebook_size": data.codebook_size,
+              "grid_size": list(data.grid_size), "classes": list(data.meta.get("classes", []))}
+    with open_run_dir(out, cfg, accelerator, resume, overwrite, steps=tc.steps, inputs=shards,
+                      inputs_from=f"the token shards in {cfg.tokens}") as run:
         run_dir = run.path
         is_main = accelerator.is_main_process
 
@@ -167,7 +172,8 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
         def checkpoint() -> None:
             check_replicas(accelerator, {"model": unwrap(accelerator, model), "ema": ema.module if ema else None})
             save_checkpoint(accelerator, run_dir, step, tc.keep_checkpoints,
-                            extra={**stream_state(position, accelerator, tc.batch_size), "skipped": skipped})
+                            extra={**stream_state(position, accelerator, tc.batch_size), "skipped": skipped},
+                            inputs=shards)
 
         def snapshot() -> None:
             # Under FSDP only all processes together hold the weights; sample from the export instead.

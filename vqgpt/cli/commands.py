@@ -207,7 +207,13 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
 
     cfg = load_config(PriorRunConfig, args.config, [*args.overrides, f"tokens={args.tokens}"])
     if not args.tokenizer:
-        train_prior(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+        export_dir = train_prior(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+        from vqgpt.workflow.chain import refresh_run_pipeline
+
+        # a resume without --tokenizer: an earlier session's RUN/pipeline/ must not keep the older prior
+        pipeline_dir = refresh_run_pipeline(args.out, export_dir)
+        if pipeline_dir is not None:
+            print(f"pipeline (tokenizer + prior) in {pipeline_dir} updated with the new prior")
         return 0
     from vqgpt.workflow.chain import train_prior_with_tokenizer
 
@@ -745,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "against the weights)")
     q.add_argument("--image-size", type=_int_at_least(1), default=None,
                    help="image size in pixels the GPT was trained for (default: the checkpoint's args, else 256)")
-    q.add_argument("--num-classes", type=int, default=None,
+    q.add_argument("--num-classes", type=_int_at_least(0), default=None,
                    help="default: the checkpoint's args.num_classes, else the class table's rows minus the null row")
     q.add_argument("--classes", default=None, help="text file with one class name per line")
     q.add_argument("--weights", default=None, help="model or ema")

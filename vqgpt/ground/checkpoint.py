@@ -29,6 +29,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_PREFIX = "step-"
 COMPLETE_MARKER = "COMPLETE"
+# Beside trainer_state.json: what a checkpoint is made of (the files save_state wrote, so that a missing
+# one is noticed before anything loads) and what it was trained on (``inputs``, checked on resume).
+MANIFEST_NAME = "manifest.json"
 
 # Config fields that exports written before they existed lack; each default is what those older
 # exports meant (38751fb added the ViT option: older tokenizers are all conv, and the vit_* fields
@@ -312,12 +315,14 @@ def _remove_checkpoint(path: Path) -> None:
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int = 3,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None) -> Path:
     """Atomically write ``accelerator.save_state`` to RUN/checkpoints/step-N; keep the last ``keep`` (0 = all).
 
     Every process writes its part (model and optimizer on the main process or in shards, RNG
     states per rank) into a hidden temporary folder; the main process then adds
-    ``trainer_state.json`` and the COMPLETE marker, flushes the files and renames the folder.
+    ``trainer_state.json`` (``step`` and ``extra``), ``manifest.json`` (the files save_state wrote,
+    and ``inputs``: what the run trains on, JSON values) and the COMPLETE marker, flushes the files
+    and renames the folder.
     A crash at any point leaves either the previous checkpoints or the new one, never a partial
     folder that ``--resume auto`` would pick. For several machines RUN must be on a shared filesystem.
     """
@@ -332,6 +337,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int = 3,
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        files = sorted(p.name for p in tmp.iterdir())  # every rank's part is there after the barrier
+        (tmp / MANIFEST_NAME).write_text(json.dumps({"files": files, "inputs": inputs or {}}) + "\n")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}) + "\n")
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
         _fsync_tree(tmp)
@@ -349,6 +356,16 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int = 3,
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     """The small JSON (step, ...) stored beside an accelerate state."""
     return json.loads((Path(path) / "trainer_state.json").read_text())
+
+
+def read_checkpoint_inputs(path: str | Path) -> dict[str, Any] | None:
+    """What the checkpoint's run trained on, as its manifest records it; None for a checkpoint written
+    before manifests were (or one whose manifest records nothing)."""
+    manifest = Path(path) / MANIFEST_NAME
+    if not manifest.is_file():
+        return None
+    inputs = json.loads(manifest.read_text()).get("inputs")
+    return inputs if isinstance(inputs, dict) and inputs else None
 
 
 class CheckpointError(ValueError):
@@ -445,6 +462,34 @@ def _check_sharded_state(folder: Path) -> None:
             raise CheckpointError(f"{exc} (entry '{index.fqn}')") from None
 
 
+def _plain_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def _listing(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _files_every_checkpoint_holds(names: set[str], state: dict[str, Any]) -> list[str]:
+    """For a checkpoint without a manifest: the files any vqgpt checkpoint of its kind holds. A random
+    state per process; model weights and optimizer state together (accelerate's names, plain or FSDP
+    folders), or, with neither, the palette of a pixel tokenizer (custom_checkpoint_0.pkl). A folder
+    whose trainer state lacks the stream position every vqgpt loop records is not judged."""
+    processes = state.get("processes")
+    if not isinstance(processes, int) or isinstance(processes, bool):
+        return []
+    required = [f"random_states_{rank}.pkl" for rank in range(processes)]
+    has_model = any(re.fullmatch(r"model(_\d+)?\.safetensors|pytorch_model(_fsdp)?(_\d+)?(\.bin)?", n) for n in names)
+    has_optimizer = any(re.fullmatch(r"optimizer(_\d+)?(\.bin)?", n) for n in names)
+    if has_optimizer and not has_model:
+        required.append(WEIGHTS_NAME)
+    elif has_model and not has_optimizer:
+        required.append("optimizer.bin")
+    elif not has_model:
+        required.append("custom_checkpoint_0.pkl")
+    return required
+
+
 def check_checkpoint(path: str | Path) -> int:
     """Check every file of a resume checkpoint before anything loads it; returns its step.
 
@@ -452,7 +497,9 @@ def check_checkpoint(path: str | Path) -> int:
     ``custom_checkpoint_*.pkl``; FSDP's sharded state): a forged folder could run code. Each file is
     read here by a loader that cannot run code (JSON, safetensors, torch's weights_only unpickler with
     the numpy RNG types added); once it passes, the bytes refer to nothing else, so accelerate's load
-    of the same bytes cannot do more. An unknown file is refused too. Raises CheckpointError naming the file.
+    of the same bytes cannot do more. An unknown file is refused too, and so is a missing one: every file
+    the manifest lists (for older checkpoints, those any checkpoint holds), so that a resume never fails
+    half-way or silently continues without, say, its RNG state. Raises CheckpointError naming the file.
     """
     from safetensors import safe_open
 
@@ -467,8 +514,27 @@ def check_checkpoint(path: str | Path) -> int:
         raise CheckpointError(f"{state_path} is missing: {path} is not a complete vqgpt checkpoint") from None
     except Exception as exc:
         raise _refuse(state_path, f"not a trainer state (JSON with an integer 'step'): {exc}") from None
+    names = {item.name for item in path.iterdir()}
+    manifest_path = path / MANIFEST_NAME
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_bytes())
+            required = manifest["files"]
+            if not (isinstance(required, list) and all(_plain_name(name) for name in required)
+                    and isinstance(manifest.get("inputs", {}), dict)):
+                raise ValueError("'files' is not a list of file names, or 'inputs' not a mapping")
+        except Exception as exc:
+            raise _refuse(manifest_path, f"not a checkpoint manifest (JSON with the list 'files'): {exc}") from None
+        why = f"{MANIFEST_NAME} lists it among the files this checkpoint was written with"
+    else:  # written before checkpoints had a manifest: what every vqgpt checkpoint holds
+        required = _files_every_checkpoint_holds(names, state)
+        why = "a checkpoint of this kind holds it"
+    missing = [name for name in required if name not in names]
+    if missing:
+        more = f"; also missing: {_listing(missing[1:])}" if missing[1:] else ""
+        raise _refuse(path / missing[0], f"missing ({why}{more})")
     for item in sorted(path.iterdir()):
-        if item.name == "trainer_state.json":
+        if item.name in ("trainer_state.json", MANIFEST_NAME):
             continue
         if item.is_dir():
             if not (item / ".metadata").is_file():

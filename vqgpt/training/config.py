@@ -20,6 +20,10 @@ from vqgpt.ground.config import ConfigError, opt
 
 # Tracker files (tensorboard event files, wandb's offline run) live in this sub-folder of the run folder.
 TRACKING_DIR = "tracking"
+# What the trackers keep beside the TensorBoard folder RUN/tracking/<project_name>/: wandb's run id and
+# (without $WANDB_DIR) wandb's own folder. A project of either name would write into them.
+WANDB_ID_FILE = "wandb-run-id"
+TRACKER_FILES = (WANDB_ID_FILE, "wandb")
 # What each train.log_with value starts; every tracker's Python package has the tracker's name.
 _LOG_WITH = {"none": (), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb")}
 
@@ -79,6 +83,9 @@ class TrainConfig:
             raise ConfigError(f"train.log_with: expected {' | '.join(_LOG_WITH)}, got {self.log_with!r}")
         if not self.project_name or any(c in self.project_name for c in "/\\") or self.project_name in (".", ".."):
             raise ConfigError(f"train.project_name: expected a plain name (it names a folder), got {self.project_name!r}")
+        if self.project_name in TRACKER_FILES:
+            raise ConfigError(f"train.project_name: {self.project_name!r} is reserved (RUN/{TRACKING_DIR}/"
+                              f"{self.project_name} holds the trackers' own files): choose another name")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,8 +17,8 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from vqgpt.ground.config import to_dict
-from vqgpt.training.config import TRACKING_DIR, TrainConfig
+from vqgpt.ground.config import ConfigError, to_dict
+from vqgpt.training.config import TRACKING_DIR, WANDB_ID_FILE, TrainConfig
 from vqgpt.training.replicas import finish_run
 from vqgpt.training.run_folder import _flat
 
@@ -72,15 +73,18 @@ def start_trackers(accelerator: Accelerator, config: Any, run_dir: str | Path, s
     Called once the run folder is claimed, ``step`` being the steps already done. A resumed run writes
     to the same TensorBoard folder, and events an earlier session logged after ``step`` are purged
     (so a step re-run after a resume shows once); wandb continues the same run (its id is kept in
-    RUN/tracking/wandb-run-id), and keeps the first value of a re-run step.
+    RUN/tracking/wandb-run-id), and keeps the first value of a re-run step. A tracker that fails to start
+    leaves no RUN/tracking/ it created (so the same command can run again); wandb's failures (no login,
+    no network) become a ConfigError naming the ways out.
     """
     if not accelerator.is_main_process or not accelerator.log_with:
         return
     tracking = Path(run_dir) / TRACKING_DIR
+    created = not tracking.exists()
     tracking.mkdir(parents=True, exist_ok=True)
     init_kwargs: dict[str, dict[str, Any]] = {"tensorboard": {"purge_step": step + 1}}
     if "wandb" in (str(t) for t in accelerator.log_with):
-        id_file = tracking / "wandb-run-id"
+        id_file = tracking / WANDB_ID_FILE
         if step == 0 or not id_file.is_file():
             id_file.write_text(secrets.token_hex(6) + "\n")
         # finish_previous: a run that died of an exception in this process (a notebook) must not take
@@ -92,7 +96,25 @@ def start_trackers(accelerator: Accelerator, config: Any, run_dir: str | Path, s
     # TensorBoard's hparams take only numbers, strings and booleans: lists and None go as JSON text.
     flat = {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
             for key, value in _flat(to_dict(config)).items()}
-    accelerator.init_trackers(config.train.project_name, config=flat, init_kwargs=init_kwargs)
+    try:
+        accelerator.init_trackers(config.train.project_name, config=flat, init_kwargs=init_kwargs)
+    except Exception as exc:
+        for tracker in accelerator.trackers:  # those that started; the one that failed has nothing to close
+            try:
+                tracker.finish()
+            except Exception:
+                pass
+        accelerator.trackers = []
+        if created:  # what this start wrote would make a rerun of the same command find "a run" in RUN
+            shutil.rmtree(tracking, ignore_errors=True)
+        if not type(exc).__module__.startswith("wandb"):
+            raise
+        # wandb's own message (no API key, no network) is a traceback; the ways out are these two
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = os.environ.get("WANDB_DIR") or tracking
+        raise ConfigError(f"train.log_with={config.train.log_with}: wandb did not start ({reason}): log in with "
+                          f"`wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to keep its logs in "
+                          f"{where}/ without an account (or set train.log_with=tensorboard or none)") from None
 
 
 def log_images(accelerator: Accelerator, name: str, image: str | Path, step: int) -> None:

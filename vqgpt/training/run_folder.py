@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from vqgpt.ground.checkpoint import check_checkpoint, list_checkpoints, resolve_resume
+from vqgpt.ground.checkpoint import check_checkpoint, list_checkpoints, read_checkpoint_inputs, resolve_resume
 from vqgpt.ground.config import ConfigError, from_dict, read_yaml, save_config, to_dict
 from vqgpt.training.config import TRACKING_DIR
 
@@ -152,35 +152,71 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bool) -> Path | None:
-    """Main process, lock held: check RUN may be used as asked, then write config.yaml; the checkpoint to resume."""
+def _inside(path: Path, folder: Path) -> bool:
+    """True when ``path`` is ``folder`` or lies under it (paths need not exist)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _check_inputs(checkpoint: Path, inputs: dict[str, Any] | None, inputs_from: str) -> None:
+    """ConfigError naming each recorded input (tokenizer fingerprint, vocabulary, grid, ...) that differs now.
+    Checkpoints that record none (written before they did) are not judged."""
+    recorded = read_checkpoint_inputs(checkpoint)
+    if inputs is None or recorded is None:
+        return
+    changed = [(key, recorded[key], inputs[key]) for key in sorted(recorded.keys() & inputs.keys())
+               if recorded[key] != inputs[key]]
+    if changed:
+        diff = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
+        raise ConfigError(f"--resume {checkpoint}: {inputs_from} differ from what the run trained on: {diff} "
+                          f"(recorded in the checkpoint); continuing would train it on other data: give it the data "
+                          f"it started on, or start a new run with --overwrite or another --out")
+
+
+def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bool, steps: int | None = None,
+                   inputs: dict[str, Any] | None = None, inputs_from: str = "the inputs") -> Path | None:
+    """Main process, lock held: check RUN may be used as asked, then write config.yaml; the checkpoint to resume.
+    Every check comes before the first change to RUN."""
     held = sorted(p.name for p in run_dir.iterdir() if p.name not in (LOCK_NAME, "config.yaml"))
     checkpoint, step = None, 0
-    if not resume:
-        if held and not overwrite:
+    if resume:
+        checkpoint = resolve_resume(run_dir, resume)
+    if checkpoint is None:
+        if not resume and held and not overwrite:
             raise RunFolderError(f"{run_dir} already holds a run ({_listing(held)}): pass --resume auto to continue "
                                  f"it, --overwrite to replace it, or choose another --out")
+        foreign = [name for name in held if name not in _UNSTARTED_RUN]
+        if resume and foreign:
+            raise RunFolderError(f"--resume auto: {run_dir} holds {_listing(foreign)} but no complete checkpoint "
+                                 f"to resume from: pass --overwrite to start over, or choose another --out")
+    else:
+        step = check_checkpoint(checkpoint)
+        if steps is not None and step > steps:
+            raise ConfigError(f"--resume {checkpoint}: the checkpoint is at step {step}, past train.steps={steps}: "
+                              f"a run cannot be shortened; set train.steps to {step} or more to continue it, or "
+                              f"resume from an earlier checkpoint")
+        _check_inputs(checkpoint, inputs, inputs_from)
+        # A checkpoint of another run folder continues that run here: only into an empty folder (or with
+        # --overwrite), as a fresh start would, else the two runs' metrics, checkpoints and config would mix.
+        if held and not overwrite and not _inside(checkpoint, run_dir):
+            raise RunFolderError(f"--resume {checkpoint}: {run_dir} already holds a run ({_listing(held)}) and the "
+                                 f"checkpoint belongs to another run folder: pass --overwrite to replace the run in "
+                                 f"{run_dir}, --resume auto to continue it, or choose another --out")
+        # the checkpoint's own run config, else RUN's (unless --overwrite is about to replace it)
+        references = [checkpoint.parent.parent / "config.yaml"] + ([] if overwrite else [run_dir / "config.yaml"])
+        for reference in references:
+            if reference.is_file():
+                check_config_unchanged(config, reference)
+                break
+        later = [path.name for s, path in list_checkpoints(run_dir) if s > step]
+        if later and not overwrite:
+            raise RunFolderError(f"--resume {checkpoint}: {run_dir / 'checkpoints'} also holds later checkpoints "
+                                 f"({_listing(later)}) that the resumed run would mix with its own: remove them, "
+                                 f"or resume into another --out")
+    if overwrite:
         # Checkpoints first: a crash part-way must not leave old state that --resume auto would pick.
         for name in sorted(held, key=lambda n: n != "checkpoints"):
             _remove(run_dir / name)
-    else:
-        checkpoint = resolve_resume(run_dir, resume)
-        if checkpoint is None:
-            foreign = [name for name in held if name not in _UNSTARTED_RUN]
-            if foreign:
-                raise RunFolderError(f"--resume auto: {run_dir} holds {_listing(foreign)} but no complete checkpoint "
-                                     f"to resume from: pass --overwrite to start over, or choose another --out")
-        else:
-            step = check_checkpoint(checkpoint)
-            for reference in (checkpoint.parent.parent / "config.yaml", run_dir / "config.yaml"):
-                if reference.is_file():
-                    check_config_unchanged(config, reference)
-                    break
-            later = [path.name for s, path in list_checkpoints(run_dir) if s > step]
-            if later:
-                raise RunFolderError(f"--resume {checkpoint}: {run_dir / 'checkpoints'} also holds later checkpoints "
-                                     f"({_listing(later)}) that the resumed run would mix with its own: remove them, "
-                                     f"or resume into another --out")
     save_config(config, run_dir / "config.yaml")
     if resume:
         truncate_metrics(run_dir / "metrics.jsonl", step)
@@ -197,19 +233,24 @@ class RunFolder:
 
 @contextmanager
 def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume: str | None = None,
-                 overwrite: bool = False) -> Iterator[RunFolder]:
+                 overwrite: bool = False, *, steps: int | None = None, inputs: dict[str, Any] | None = None,
+                 inputs_from: str = "the inputs") -> Iterator[RunFolder]:
     """Lock RUN for the run's life and check it may be used as asked before writing anything in it.
 
     Without ``resume`` RUN must hold no run (``overwrite`` removes what it holds, first); with it the
-    checkpoint's files are checked (no code runs) and the requested config is compared with the
-    run's; then RUN/config.yaml is written and metrics after the resumed step are dropped. Only the
-    main process locks and checks (all processes of one launch share the lock); its verdict is
-    broadcast, so every process raises the same error instead of waiting in a collective.
+    checkpoint's files are checked (no code runs), its step must not be past ``steps`` (the run's
+    length; None: not checked), the ``inputs`` it records (JSON values of what the run trains on,
+    which the loop passes to ``save_checkpoint``; ``inputs_from`` names them in errors) must equal
+    these, and the requested config is compared with the run's. A checkpoint of another run folder
+    may continue into RUN only when RUN holds no run, or with ``overwrite``, which empties RUN once
+    all is checked. Then RUN/config.yaml is written and metrics after the resumed step are dropped.
+    Only the main process locks and checks (all processes of one launch share the lock); its verdict
+    is broadcast, so every process raises the same error instead of waiting in a collective.
     """
-    if resume and overwrite:
-        raise RunFolderError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
-                             "--overwrite replaces it")
     run_dir = Path(out)
+    if resume and overwrite and (resume == "auto" or _inside(Path(resume), run_dir)):
+        raise RunFolderError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
+                             "--overwrite replaces it (together they take a checkpoint of another run folder only)")
     lock = RunLock(run_dir)
     checkpoint, failure = None, None
     if accelerator.is_main_process:
@@ -218,7 +259,7 @@ def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume:
                 raise RunFolderError(f"--out {run_dir} is a file, not a run folder")
             run_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
-            checkpoint = _claim_run_dir(run_dir, config, resume, overwrite)
+            checkpoint = _claim_run_dir(run_dir, config, resume, overwrite, steps, inputs, inputs_from)
         except Exception as exc:
             lock.release()
             failure = exc

@@ -2,12 +2,15 @@
 
 `vqgpt train-prior --tokenizer` and `vqgpt demo` both call `train_prior_with_tokenizer`, so the
 tokenizer's decoder (for the sample grids), its fingerprint (checked against the token shards and
-recorded in the prior) and the pipeline folder are wired the same way in both.
+recorded in the prior) and the pipeline folder are wired the same way in both. A resume without the
+tokenizer at hand refreshes the run's pipeline folder through `refresh_run_pipeline`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from accelerate import PartialState
 
 from stage1_vq.model import VQModel
 from stage2_prior.train import PriorRunConfig, train_prior
@@ -24,4 +27,17 @@ def train_prior_with_tokenizer(cfg: PriorRunConfig, out: str | Path, tokenizer_d
     prior_dir = train_prior(cfg, out, resume=resume, decode=tokenizer.decode,
                             tokenizer_fingerprint=export_fingerprint(tokenizer_dir), overwrite=overwrite)
     pipeline_dir = Path(out) / "pipeline" if pipeline_dir is None else Path(pipeline_dir)
+    if not PartialState().is_main_process:  # under accelerate launch one process writes it
+        return pipeline_dir
     return VQGPTPipeline.from_parts(tokenizer_dir, prior_dir).save_pretrained(pipeline_dir)
+
+
+def refresh_run_pipeline(run_dir: str | Path, prior_dir: str | Path) -> Path | None:
+    """Put the prior export ``prior_dir`` into RUN/pipeline/ beside the tokenizer an earlier session of the
+    run wrote there (a resume without --tokenizer), so that the pipeline is not left with an older prior;
+    returns the folder, or None when RUN holds no pipeline."""
+    pipeline_dir = Path(run_dir) / "pipeline"
+    if not (pipeline_dir / "tokenizer").is_dir() or not PartialState().is_main_process:
+        return None
+    # from_parts checks the fingerprint: the new prior must have been trained on this tokenizer's codes
+    return VQGPTPipeline.from_parts(pipeline_dir / "tokenizer", prior_dir).save_pretrained(pipeline_dir)
