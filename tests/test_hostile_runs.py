@@ -175,3 +175,25 @@ def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(run, tokens, tmp
     with pytest.raises(ConfigError, match=r"is at step 2, past train.steps=1"):
         train_tokenizer(tokenizer_config("train.steps=1"), tok_run, resume="auto")
     train_tokenizer(tokenizer_config("train.steps=2"), tok_run, resume="auto")  # the same length re-exports
+
+
+def test_a_tracker_that_fails_on_the_main_process_stops_every_process(tokens, tmp_path):
+    """Under accelerate launch only the main process starts trackers: every process stops with its
+    error (without the broadcast the others die in their first collective, killed by the launcher)."""
+    pytest.importorskip("wandb")
+    import subprocess
+
+    from test_distributed import launch_command, subprocess_env
+
+    env = {k: v for k, v in subprocess_env().items() if k not in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR")}
+    env["HOME"] = str(tmp_path / "home")  # no ~/.netrc: wandb has no login, and says so without the network
+    cmd = [*launch_command(2), "-m", "vqgpt", "train-prior", "--config", str(ROOT / "configs/prior/tiny.yaml"),
+           "--set", "train.steps=2", "--set", "train.batch_size=8", "--set", "train.log_with=wandb",
+           "--tokens", str(tokens), "--out", str(tmp_path / "run")]
+    try:
+        done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the other process kept waiting after the main process failed to start wandb")  # a hang
+    assert done.returncode != 0
+    assert "error: train.log_with=wandb: wandb did not start" in done.stderr  # the main process
+    assert "error: main process: train.log_with=wandb: wandb did not start" in done.stderr  # the other one

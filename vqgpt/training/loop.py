@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from PIL import Image
 
 from vqgpt.ground.config import ConfigError, to_dict
@@ -75,10 +76,28 @@ def start_trackers(accelerator: Accelerator, config: Any, run_dir: str | Path, s
     (so a step re-run after a resume shows once); wandb continues the same run (its id is kept in
     RUN/tracking/wandb-run-id), and keeps the first value of a re-run step. A tracker that fails to start
     leaves no RUN/tracking/ it created (so the same command can run again); wandb's failures (no login,
-    no network) become a ConfigError naming the ways out.
+    no network) become a ConfigError naming the ways out, raised on every process alike (else the others
+    meet the failure in their first collective: killed by the launcher, or waiting where it does not
+    end the group).
     """
-    if not accelerator.is_main_process or not accelerator.log_with:
+    if not accelerator.log_with:
         return
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            _start_main_trackers(accelerator, config, run_dir, step)
+        except Exception as exc:
+            failure = exc
+    if accelerator.num_processes > 1:
+        verdict = broadcast_object_list([None if failure is None else (type(failure), str(failure))])[0]
+        if failure is None and verdict is not None:
+            kind, message = verdict
+            raise (kind if issubclass(kind, ValueError) else RuntimeError)(f"main process: {message}")
+    if failure is not None:
+        raise failure
+
+
+def _start_main_trackers(accelerator: Accelerator, config: Any, run_dir: str | Path, step: int) -> None:
     tracking = Path(run_dir) / TRACKING_DIR
     created = not tracking.exists()
     tracking.mkdir(parents=True, exist_ok=True)
