@@ -208,3 +208,44 @@ def test_a_run_folder_or_an_export_given_as_a_pipeline_says_what_to_give(pipe_di
     with pytest.raises(FileNotFoundError, match=r"tokenizer/ is missing \(a pipeline folder holds tokenizer/ and "
                                                 r"prior/ exports\)$"):
         VQGPTPipeline.from_pretrained(tmp_path)  # nothing more to say about an unrelated folder
+
+
+def test_fid_stats_output_paths_are_checked_first_and_written_whole(tmp_path, monkeypatch, capsys):
+    import vqgpt.ground.fid as fid
+    import vqgpt.workflow.evaluation as evaluation
+
+    args = ["fid-stats", "--images", "builtin:mnist", "--split", "eval", "--num", "8", "--resolution", "16",
+            "--fid-weights", "random"]
+    (tmp_path / "folder.npz").mkdir()
+    (tmp_path / "afile").write_text("x")
+    computed = []
+    monkeypatch.setattr(evaluation, "extract_features", lambda *a, **k: computed.append(1))  # must not be reached
+    for out, message in ((tmp_path / "folder.npz", "is a folder: give the .npz file"),
+                         (tmp_path / "afile" / "ref.npz", "afile is a file, not a folder")):
+        assert main([*args, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert not computed
+    monkeypatch.undo()
+    good = tmp_path / "ref.npz"
+    assert main([*args, "--out", str(good)]) == 0
+    before = good.read_bytes()
+
+    def killed_while_writing(file, **arrays):
+        file.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fid.np, "savez", killed_while_writing)
+    assert main([*args, "--out", str(good)]) == 130
+    assert good.read_bytes() == before  # the earlier statistics are intact
+
+
+def test_unwritable_paths_are_user_errors_not_tracebacks():
+    import errno
+
+    from vqgpt.cli.commands import _exit_code
+
+    for exc in (PermissionError(errno.EACCES, "Permission denied", "ro/x.png"),
+                IsADirectoryError(errno.EISDIR, "Is a directory", "d.npz"),
+                OSError(errno.ENOSPC, "No space left on device")):
+        assert _exit_code(exc) == 2
+    assert _exit_code(OSError(errno.EIO, "Input/output error")) is None  # not the user's to fix

@@ -16,7 +16,7 @@ from PIL import Image
 from stage1_vq import QuantizerConfig, VQModel, VQModelConfig
 from stage1_vq.evaluate import reconstruct
 from vqgpt.cli.commands import main
-from vqgpt.ground.data import DataConfig
+from vqgpt.ground.data import DataConfig, build_dataset
 from vqgpt.ground.images import open_rgb, to_rgb
 from vqgpt.workflow.encode import MAX_CROP_RANGE, encode_dataset, ten_crop_size
 
@@ -187,3 +187,33 @@ def test_a_missing_lpips_weights_file_is_an_error_not_a_null_figure(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--lpips .*nothing\.pth: no such weights file"):
         load_lpips(str(tmp_path / "nothing.pth"), torch.device("cpu"))
     assert load_lpips("none", torch.device("cpu")) is None
+
+
+# ------------------------------------------------------------------------------------------ shard
+
+
+def test_an_interrupted_shard_run_leaves_no_shard_to_be_read_as_the_whole_set(tmp_path, monkeypatch):
+    import vqgpt.ground.shard_writer as shard_writer
+
+    source = tmp_path / "imgs"
+    source.mkdir()
+    for k in range(7):
+        _noise(k).save(source / f"{k}.png")
+    out = tmp_path / "shards"
+    original, seen = shard_writer._sample, []
+
+    def interrupted_at_the_sixth(dataset, index):
+        seen.append(index)
+        if len(seen) == 6:  # two shards of 2 closed, the third being written
+            raise KeyboardInterrupt
+        return original(dataset, index)
+
+    monkeypatch.setattr(shard_writer, "_sample", interrupted_at_the_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        shard_writer.write_shards(str(source), out, per_shard=2, progress=False)
+    assert not list(out.glob("*.tar"))  # nothing that wds:OUT would take for a complete set of 4 images
+    monkeypatch.setattr(shard_writer, "_sample", original)
+    report = shard_writer.write_shards(str(source), out, per_shard=2, progress=False)  # runs again from scratch
+    assert report.count == 7 and [p.name for p in report.shards] == [f"shard-00000{i}.tar" for i in range(4)]
+    assert sorted(p.name for p in out.iterdir()) == [p.name for p in report.shards]  # no .partial left
+    assert len(build_dataset(DataConfig(source=f"wds:{out}", resolution=R, random_crop=False), "train")) == 7

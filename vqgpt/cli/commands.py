@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
@@ -861,8 +862,12 @@ def _exit_code(exc: Exception) -> int | None:
     training = sys.modules.get("vqgpt.training")
     if training is not None and isinstance(exc, training.NonFiniteLoss):
         return 3
-    if isinstance(exc, (FileNotFoundError, NotADirectoryError, ValueError)):
+    # a path that is missing, of the wrong kind, or not writable: the message names it
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError,
+                        ValueError)):
         return 2
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+        return 2  # the disk, not the code: full, read-only or over quota
     return None
 
 

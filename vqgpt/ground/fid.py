@@ -25,6 +25,7 @@ PyTorch port (the TF-to-PyTorch weight maps name ``mixed_6/conv/conv2d_params`` 
 
 from __future__ import annotations
 
+import os
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -314,11 +315,25 @@ def _subset(pool: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
     return pool[rows.sort().values]
 
 
-def save_stats(stats: FeatureStats, path: str | Path) -> Path:
-    """Write statistics as ``.npz`` (mu, sigma, features, and metadata; no pickled objects)."""
+def check_stats_path(path: str | Path) -> Path:
+    """``path`` as a place save_stats can write (checked before the features are computed)."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"reference statistics must be saved as .npz, got {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give the .npz file to write")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
+def save_stats(stats: FeatureStats, path: str | Path) -> Path:
+    """Write statistics as ``.npz`` (mu, sigma, features, and metadata; no pickled objects); an earlier
+    file at ``path`` is replaced only once the new one is whole."""
+    path = check_stats_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "num_images": np.int64(stats.num_images),
               "feature_network": np.str_(stats.feature_network), "source": np.str_(stats.source),
@@ -327,8 +342,10 @@ def save_stats(stats: FeatureStats, path: str | Path) -> Path:
         arrays["features"] = stats.features.astype(np.float32)
     if stats.spatial_mu is not None and stats.spatial_sigma is not None:
         arrays["mu_s"], arrays["sigma_s"] = stats.spatial_mu, stats.spatial_sigma  # the ADM evaluator's names
-    with open(path, "wb") as f:  # a file object: np.savez would otherwise append another ".npz"
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append another ".npz"
         np.savez(f, **arrays)
+    os.replace(tmp, path)  # a run killed while writing leaves the earlier statistics as they were
     return path
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,6 +17,7 @@ from vqgpt.ground.images import tensor_to_pil
 from vqgpt.ground.tar_shards import PREFIX, shard_index
 
 SHARD_NAME = "shard-%06d.tar"
+PARTIAL_DIR = ".partial"  # where the shards are written until the last one is closed
 
 
 class ShardReport(NamedTuple):
@@ -72,13 +75,18 @@ def write_shards(source: str, out: str | Path, per_shard: int, split: str = "tra
     # deterministic items: center crops, no flip (a folder's or dataset's bytes are copied as stored anyway)
     cfg = DataConfig(source=source, resolution=resolution, random_crop=False, hflip=False, index_dir=index_dir)
     dataset = build_dataset(cfg, split)
-    out.mkdir(parents=True, exist_ok=True)
-    shards: list[Path] = []
+    # Shards are written into OUT/.partial/ and moved into OUT together once the last one is closed:
+    # an interrupted run leaves no shard-*.tar that wds:OUT would read as the whole (smaller) set.
+    partial = out / PARTIAL_DIR
+    if partial.exists():  # an interrupted earlier run's: it never made a shard of OUT
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    written: list[Path] = []
     unreadable: list[str] = []
     count = 0
     # mtime fixed: the same images give byte-identical shards
-    with webdataset.ShardWriter(str(out / SHARD_NAME), maxcount=per_shard, verbose=0, mtime=0,
-                                post=lambda name: shards.append(Path(name))) as sink:
+    with webdataset.ShardWriter(str(partial / SHARD_NAME), maxcount=per_shard, verbose=0, mtime=0,
+                                post=lambda name: written.append(Path(name))) as sink:
         for index in tqdm(range(len(dataset)), desc="shard", unit="img", disable=not progress):
             sample = _sample(dataset, index)
             if isinstance(sample, Unreadable):
@@ -89,9 +97,13 @@ def write_shards(source: str, out: str | Path, per_shard: int, split: str = "tra
                         "json": {"label": label, "class": dataset.classes[label], "name": dataset.name(index)}})
             count += 1
     if not count:  # ShardWriter opens its first shard before any sample: nothing readable was written
-        for shard in shards:
-            shard.unlink(missing_ok=True)
+        shutil.rmtree(partial)
         raise ValueError(f"no readable image in {source} ({len(unreadable)} left out)")
+    shards = []
+    for shard in written:
+        shards.append(out / shard.name)
+        os.replace(shard, shards[-1])
+    partial.rmdir()
     for shard in shards:
         shard_index(shard, index_dir or None)
     last = len(shards) - 1

@@ -38,6 +38,7 @@ from vqgpt.ground.fid import (
     FeatureNetworkUnavailable,
     Features,
     FeatureStats,
+    check_stats_path,
     compute_stats,
     extract_features,
     frechet_distance,
@@ -207,6 +208,7 @@ def fid_stats(images: str, out: str | Path, fid_weights: str | None = None, reso
               split: str = "train", num_images: int | None = None, batch_size: int = 64,
               keep_features: int = PR_MAX_FEATURES, device: str | None = None, progress: bool = True) -> StatsReport:
     """Compute reference statistics of ``images`` once and save them as ``.npz`` (mu, sigma, features) for eval-prior."""
+    check_stats_path(out)  # a bad --out is said before the features are computed, not after
     extractor = load_feature_extractor(fid_weights, _device(device))
     stats = reference_stats(extractor, images, resolution, split, num_images, batch_size, keep_features, progress)
     path = save_stats(stats, out)
