@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -16,9 +18,15 @@ from stage1_vq.model import VQModel
 from vqgpt.ground.data import DataConfig, build_dataset, readable_batches
 from vqgpt.ground.images import save_grid, side_by_side, tensor_to_pil
 from vqgpt.ground.metrics import bits_per_image, code_histogram, codebook_stats, psnr, ssim
+from vqgpt.training.run_folder import RunFolderError, RunLock
 
 # the reconstructions reconstruct() writes into OUT/images: 00000.png, 00001.png, ...
 _RECONSTRUCTION_NAME = re.compile(r"\d{5,}\.png")
+# OUT/RECORD_NAME: how many numbered images reconstruct() wrote into OUT/images, so that the next run
+# deletes those and nothing else (a folder of FFHQ's 00000.png ... is named just like them)
+RECORD_NAME = ".reconstruct.json"
+# sources that name no folder on this machine, so cannot overlap --out (an hf: folder holds arrow files only)
+_NON_FOLDER_SOURCES = ("builtin:", "wds:", "hf:")
 
 
 def load_lpips(kind: str, device: torch.device) -> torch.nn.Module | None:
@@ -48,16 +56,88 @@ def load_lpips(kind: str, device: torch.device) -> torch.nn.Module | None:
     return net.to(device).eval() if net is not None else None
 
 
-def _clear_previous_run(out: Path) -> None:
-    """Delete what an earlier run wrote into ``out``: its metrics.json (first, so that a run that fails
-    midway leaves no figures of other images behind) and its numbered reconstructions in
-    ``out/images``; any other file there is the user's and stays."""
-    (out / "metrics.json").unlink(missing_ok=True)
+def check_out_apart(images: str, out: str | Path) -> None:
+    """Refuse an ``out`` that is the folder ``images``, lies inside it or holds it: the next run would read
+    this run's reconstructions and grid back as held-out images (and clearing them could hit the inputs)."""
+    source = images.strip()
+    if source.startswith(_NON_FOLDER_SOURCES) or not source:
+        return
+    src, dst = Path(source).expanduser().resolve(), Path(out).expanduser().resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        where = "is" if src == dst else "is inside" if src in dst.parents else "holds"
+        raise ValueError(f"--out {out} and --images {images} overlap (--out {where} the image folder): reconstruct "
+                         f"would read its own output back as images; choose an --out outside {images}")
+
+
+def _recorded_count(out: Path) -> int:
+    """How many numbered reconstructions (00000.png ...) an earlier run recorded writing into out/images.
+    A folder of a vqgpt that kept no record counts when its metrics.json is reconstruct's and names exactly
+    as many images as out/images numbers from 00000.png on."""
+    for path, key in ((out / RECORD_NAME, "images"), (out / "metrics.json", "num_images")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or (path.name == "metrics.json"
+                                            and not {"tokenizer", "codebook_size", "psnr"} <= record.keys()):
+            continue  # damaged, or some other program's metrics.json
+        count = record.get(key)
+        if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+            if path.name == RECORD_NAME:
+                return count
+            names = {p.name for p in (out / "images").glob("*.png") if _RECONSTRUCTION_NAME.fullmatch(p.name)}
+            return count if names == {f"{i:05d}.png" for i in range(count)} else 0
+    return 0
+
+
+def _write_record(out: Path, count: int) -> None:
+    tmp = out / f"{RECORD_NAME}.tmp"
+    tmp.write_text(json.dumps({"images": count}) + "\n")
+    os.replace(tmp, out / RECORD_NAME)  # atomic: a run killed midway leaves the old record or the new one
+
+
+def _clear_previous_run(out: Path, will_write: int) -> None:
+    """Delete what an earlier run recorded writing into ``out``: its metrics.json (first, so that a run that
+    fails midway leaves no figures of other images behind) and its numbered reconstructions in
+    ``out/images``; then record the ``will_write`` reconstructions this run may write. Any other file
+    there is the user's and stays: a numbered PNG that no run recorded (the user's own 00000.png, ...)
+    makes a run that writes images refuse, before anything is deleted."""
     folder = out / "images"
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if _RECONSTRUCTION_NAME.fullmatch(path.name) and path.is_file():
-                path.unlink()
+    recorded = _recorded_count(out)
+    ours = {f"{i:05d}.png" for i in range(recorded)}
+    present = sorted(p.name for p in folder.iterdir()
+                     if _RECONSTRUCTION_NAME.fullmatch(p.name) and p.is_file()) if folder.is_dir() else []
+    foreign = [name for name in present if name not in ours]
+    if foreign and will_write:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise RunFolderError(f"{folder} holds images this command did not write ({shown}); writing its "
+                             f"reconstructions there would replace them: choose another --out")
+    (out / "metrics.json").unlink(missing_ok=True)
+    for name in present:
+        if name in ours:
+            (folder / name).unlink()
+    _write_record(out, will_write)
+
+
+@contextmanager
+def _claim(out: Path, will_write: int) -> Iterator[Path | None]:
+    """``out`` locked and cleared of the earlier run's output (see _clear_previous_run), for the run's life;
+    None on the other processes of an ``accelerate launch``: each runs the whole reconstruction (nothing
+    is split over them) and the first alone writes, so that they neither race in ``out`` nor lock each other out."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield None
+        return
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out)
+    lock.acquire()  # a second run into out would delete this one's images and mix its own in
+    try:
+        _clear_previous_run(out, will_write)
+        (out / "images").mkdir(exist_ok=True)
+        yield out
+    finally:
+        lock.release()
 
 
 @torch.inference_mode()
@@ -68,12 +148,17 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
     """Reconstruct the evaluation images of ``images``; write PNGs + grid + metrics.json; return the metrics.
 
     ``num_images``: the first that many readable images (an undecodable file is left out and not
-    counted). The reconstructions of an earlier run into ``out`` are deleted first, so that the
-    folder holds one run's images beside its metrics.json.
+    counted). The reconstructions of an earlier run into ``out`` (those it recorded in out/.reconstruct.json)
+    are deleted first, so that the folder holds one run's images beside its metrics.json; numbered images
+    that no run recorded are the user's, and the run is refused rather than write over them. ``out`` is
+    locked for the run's life (out/.lock) and may not overlap a folder ``images``: refused before
+    anything is written or deleted.
     ``on_batch(originals, reconstructions)``, both (B, 3, H, W) in [-1, 1], sees every batch (e.g. rFID features).
     """
     if num_images is not None and num_images < 1:
         raise ValueError(f"--num must be >= 1, got {num_images}")
+    out = Path(out)
+    check_out_apart(images, out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = VQModel.from_pretrained(tokenizer_dir).to(device).eval()
     resolution = resolution or model.config.resolution
@@ -81,62 +166,62 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
     batches = readable_batches(dataset, batch_size, limit=num_images)  # --num counts readable images
     wanted = len(dataset) if num_images is None else min(num_images, len(dataset))
     perceptual = load_lpips(lpips, device)
-    out = Path(out)
-    _clear_previous_run(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
 
-    psnrs, ssims, lpipss = [], [], []
-    # residual VQ: PSNR of the reconstruction from the first d of the D codes per position, d < D
-    coarse: dict[int, list[torch.Tensor]] = {d: [] for d in range(1, model.codes_per_position)}
-    counts = torch.zeros(model.codebook_size, dtype=torch.long)
-    grid_pairs = []
-    index = 0
-    grid_shape = None
-    for batch, _labels in tqdm(batches, desc="reconstruct", total=-(-wanted // batch_size),
-                               disable=not progress):
-        batch = batch.to(device)
-        codes = model.encode(batch)                                      # (B, h, w)
-        recon = model.decode(codes).clamp(-1, 1)                         # (B, 3, H, W)
-        grid_shape = tuple(codes.shape[1:])
-        if on_batch is not None:
-            on_batch(batch, recon)
-        counts += code_histogram(codes, model.codebook_size)
-        psnrs.append(psnr(batch, recon).cpu())
-        for d in coarse:
-            partial = model.decode_latents(model.quantize.codes_from_indices(codes, depths=d)).clamp(-1, 1)
-            coarse[d].append(psnr(batch, partial).cpu())
-        ssims.append(ssim(batch, recon).cpu())
-        if perceptual is not None:
-            lpipss.append(perceptual(batch, recon).flatten().float().cpu())
-        if len(grid_pairs) < 16:
-            grid_pairs.append((batch[: 16 - len(grid_pairs)].cpu(), recon[: 16 - len(grid_pairs)].cpu()))
-        if save_images:
-            for img in recon.cpu():
-                tensor_to_pil(img).save(out / "images" / f"{index:05d}.png")
-                index += 1
-    if grid_shape is None:
-        raise ValueError(f"no images to reconstruct in {images}")
-    originals = torch.cat([a for a, _ in grid_pairs])[:16]
-    recons = torch.cat([b for _, b in grid_pairs])[:16]
-    save_grid(side_by_side(originals, recons), out / "grid.png", nrow=8)
-    stats = codebook_stats(counts)
-    metrics = {
-        "tokenizer": str(tokenizer_dir),
-        "images": images,
-        "num_images": int(sum(len(p) for p in psnrs)),
-        "resolution": resolution,
-        "grid": list(grid_shape),
-        "codebook_size": model.codebook_size,
-        "psnr": float(torch.cat(psnrs).mean()),
-        "ssim": float(torch.cat(ssims).mean()),
-        "lpips": float(torch.cat(lpipss).mean()) if lpipss else None,
-        "codebook_usage": stats["usage"],
-        "num_tokens": int(counts.sum()),  # usage counts codes hit among these: few tokens undercount it
-        "perplexity": stats["perplexity"],
-        # log2 of the codes one grid cell can hold: residual VQ's cells hold one depth's codebook_size each
-        "bits_per_image": bits_per_image(grid_shape, model.config.quantizer.codebook_size),
-    }
-    if coarse:
-        metrics["psnr_by_depth"] = [float(torch.cat(coarse[d]).mean()) for d in coarse] + [metrics["psnr"]]
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    with _claim(out, wanted if save_images else 0) as dest:
+        psnrs, ssims, lpipss = [], [], []
+        # residual VQ: PSNR of the reconstruction from the first d of the D codes per position, d < D
+        coarse: dict[int, list[torch.Tensor]] = {d: [] for d in range(1, model.codes_per_position)}
+        counts = torch.zeros(model.codebook_size, dtype=torch.long)
+        grid_pairs = []
+        index = 0
+        grid_shape = None
+        for batch, _labels in tqdm(batches, desc="reconstruct", total=-(-wanted // batch_size),
+                                   disable=not progress):
+            batch = batch.to(device)
+            codes = model.encode(batch)                                  # (B, h, w)
+            recon = model.decode(codes).clamp(-1, 1)                     # (B, 3, H, W)
+            grid_shape = tuple(codes.shape[1:])
+            if on_batch is not None:
+                on_batch(batch, recon)
+            counts += code_histogram(codes, model.codebook_size)
+            psnrs.append(psnr(batch, recon).cpu())
+            for d in coarse:
+                partial = model.decode_latents(model.quantize.codes_from_indices(codes, depths=d)).clamp(-1, 1)
+                coarse[d].append(psnr(batch, partial).cpu())
+            ssims.append(ssim(batch, recon).cpu())
+            if perceptual is not None:
+                lpipss.append(perceptual(batch, recon).flatten().float().cpu())
+            if len(grid_pairs) < 16:
+                grid_pairs.append((batch[: 16 - len(grid_pairs)].cpu(), recon[: 16 - len(grid_pairs)].cpu()))
+            if save_images and dest is not None:
+                for img in recon.cpu():
+                    tensor_to_pil(img).save(dest / "images" / f"{index:05d}.png")
+                    index += 1
+        if grid_shape is None:
+            raise ValueError(f"no images to reconstruct in {images}")
+        originals = torch.cat([a for a, _ in grid_pairs])[:16]
+        recons = torch.cat([b for _, b in grid_pairs])[:16]
+        stats = codebook_stats(counts)
+        metrics = {
+            "tokenizer": str(tokenizer_dir),
+            "images": images,
+            "num_images": int(sum(len(p) for p in psnrs)),
+            "resolution": resolution,
+            "grid": list(grid_shape),
+            "codebook_size": model.codebook_size,
+            "psnr": float(torch.cat(psnrs).mean()),
+            "ssim": float(torch.cat(ssims).mean()),
+            "lpips": float(torch.cat(lpipss).mean()) if lpipss else None,
+            "codebook_usage": stats["usage"],
+            "num_tokens": int(counts.sum()),  # usage counts codes hit among these: few tokens undercount it
+            "perplexity": stats["perplexity"],
+            # log2 of the codes one grid cell can hold: residual VQ's cells hold one depth's codebook_size each
+            "bits_per_image": bits_per_image(grid_shape, model.config.quantizer.codebook_size),
+        }
+        if coarse:
+            metrics["psnr_by_depth"] = [float(torch.cat(coarse[d]).mean()) for d in coarse] + [metrics["psnr"]]
+        if dest is not None:
+            save_grid(side_by_side(originals, recons), dest / "grid.png", nrow=8)
+            (dest / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            _write_record(dest, index)
+        return metrics

@@ -104,8 +104,10 @@ def test_cache_trains_once_and_retrains_on_recipe_change(tmp_path, monkeypatch):
     assert calls == [(5, 0)] and second.heldout_accuracy == first.heldout_accuracy == 0.51
     load_or_train_mnist_classifier(path, steps=6, seed=0)  # another recipe: retrain and overwrite
     assert calls == [(5, 0), (6, 0)]
-    path.write_bytes(b"corrupt")  # an unreadable cache is retrained, not fatal
-    assert load_or_train_mnist_classifier(path, steps=6, seed=0).heldout_accuracy == 0.53
+    path.write_bytes(b"corrupt")  # a named file that is no classifier is refused, not overwritten
+    with pytest.raises(ValueError, match="not a readable classifier file"):
+        load_or_train_mnist_classifier(path, steps=6, seed=0)
+    assert path.read_bytes() == b"corrupt"  # (a damaged default cache is retrained: test_hostile_outputs.py)
 
 
 def test_default_cache_location_follows_the_environment(tmp_path, monkeypatch):

@@ -161,12 +161,13 @@ def _check_image_out(path_text: str) -> None:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from stage1_vq.evaluate import reconstruct
+    from stage1_vq.evaluate import check_out_apart, reconstruct
 
+    check_out_apart(args.images, args.out)  # here too: one image file is read through a temporary folder
     with _image_source(args.images, "--images") as source:
         metrics = reconstruct(args.tokenizer, source, args.out, num_images=args.num, resolution=args.resolution,
                               batch_size=args.batch_size, lpips=args.lpips, progress=not args.json)
-    if source != args.images:  # one image file: report the user's path, not the temporary folder
+    if source != args.images and int(os.environ.get("RANK", "0")) == 0:  # one image file: the user's path
         metrics["images"] = args.images
         (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if args.json:
@@ -594,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer export folder, or a Hub id owner/name")
     p.add_argument("--images", required=True,
                    help="image folder, one image file, or builtin:mnist|photos|textures (eval split)")
-    p.add_argument("--out", required=True, help="output folder (images/, grid.png, metrics.json)")
+    p.add_argument("--out", required=True,
+                   help="output folder (images/, grid.png, metrics.json), outside the image folder")
     p.add_argument("--num", type=_int_at_least(1), default=None, help="at most this many images (default: all)")
     p.add_argument("--resolution", type=_int_at_least(1), default=None,
                    help="pixels (default: the tokenizer's training size)")
@@ -683,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_args(p)
     p.add_argument("--fid-weights", default=None, help=fid_help)
     p.add_argument("--split", default="train", choices=["train", "eval"], help="split of an image-source reference")
-    p.add_argument("--classifier", default=None, help="MNIST classifier file (default: cached / trained once)")
+    p.add_argument("--classifier", default=None, help="MNIST classifier file; a new path is trained and written there (default: cached, trained once)")
     p.add_argument("--device", type=_torch_device, default=None, help=device_help)
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_eval_prior)

@@ -178,15 +178,44 @@ def load_classifier(path: str | Path) -> TrainedClassifier:
 
 def load_or_train_mnist_classifier(path: str | Path | None = None, steps: int = DEFAULT_STEPS, seed: int = 0,
                                    progress: bool = False) -> TrainedClassifier:
-    """The cached classifier at ``path`` (default ``default_classifier_path()``) if steps/seed/recipe match; else train, cache."""
-    path = Path(path) if path is not None else default_classifier_path()
+    """The classifier at ``path`` if steps/seed/recipe match; else train one and write it there.
+
+    ``path`` None: the cache ``default_classifier_path()``, replaced when unreadable or stale. A
+    ``path`` the caller names (``--classifier``) is only ever replaced by a classifier: a file there
+    that is not one (notes, another model's weights) is an error, not overwritten.
+    """
+    named = path is not None
+    path = Path(path) if named else default_classifier_path()
+    if named and path.exists():
+        _check_named_classifier(path)
     if path.is_file():
         try:
             meta = _read_metadata(path)
         except Exception:
             meta = {}  # unreadable cache: retrain and overwrite
         if (meta.get("recipe"), meta.get("steps"), meta.get("seed")) == (RECIPE_VERSION, str(steps), str(seed)):
-            return load_classifier(path)
+            try:
+                return load_classifier(path)
+            except ValueError:
+                if named:
+                    raise
+                # a damaged cache: retrain and overwrite
     trained = train_mnist_classifier(steps=steps, seed=seed, progress=progress)
     save_classifier(path, trained, steps, seed)
     return trained
+
+
+def _check_named_classifier(path: Path) -> None:
+    """Refuse a named, existing ``path`` that is not a classifier file (which training would overwrite)."""
+    how = (f"give a path that does not exist yet to train one there, or leave --classifier out to use the cache "
+           f"({default_classifier_path()})")
+    if not path.is_file():
+        raise ValueError(f"--classifier {path} is not a file: {how}")
+    try:
+        kind = _read_metadata(path).get("kind")
+    except Exception as exc:
+        raise ValueError(f"--classifier {path} is not a readable classifier file ({type(exc).__name__}), and is "
+                         f"left as it is: {how}") from None
+    if kind != "mnist_classifier":
+        raise ValueError(f"--classifier {path} holds no MNIST classifier (metadata kind={kind!r}), and is left as "
+                         f"it is: {how}")

@@ -8,7 +8,9 @@ bitwise the same on any number of processes. Each sample becomes ``FOLDER/{i:06d
 atomically; those files are the progress record: a re-run skips every batch whose files all exist,
 draws a batch with a missing file again whole (the same batch, so the same pixels) and writes only
 the missing files. ``sampling.json`` in the folder records the settings and a digest of the weights,
-and a re-run with other settings or weights is refused (unless no sample was finished yet). When all
+and a re-run with other settings or weights is refused (unless no sample was finished yet). One run
+at a time: the main process holds an OS lock on ``FOLDER/.lock`` for the run's life (dropped when the
+process dies, so an interrupted run resumes), and a second run into the folder fails at once. When all
 processes are done, rank 0 reads the folder into one ``.npz`` in the layout of the ADM evaluator: uint8 (N, H, W, 3) under ``arr_0`` and, for a class-conditional
 prior, the int64 labels (N,) under ``arr_1``.
 """
@@ -21,11 +23,14 @@ import json
 import os
 import shutil
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -34,6 +39,7 @@ from stage2_prior.quantize import is_quantized
 from stage2_prior.sampling import generate
 from vqgpt.ground.images import tensor_to_uint8
 from vqgpt.training.config import launched_process_state
+from vqgpt.training.run_folder import RunLock
 from vqgpt.workflow.pipeline import ClassLabels, VQGPTPipeline
 
 SETTINGS_FILE = "sampling.json"
@@ -139,6 +145,31 @@ def _check_settings(folder: Path, settings: dict, pngs: set[str]) -> None:
                          "pipeline's): resume with the pipeline that drew them, or give a new folder")
 
 
+def _main_verdict(state: PartialState, failure: Exception | None) -> None:
+    """Raise on every process the error the main process met (the others would wait for it in a barrier)."""
+    verdict = None
+    if state.num_processes > 1:
+        verdict = broadcast_object_list([None if failure is None else (type(failure), str(failure))])[0]
+    if failure is not None:
+        raise failure
+    if verdict is not None:
+        kind, message = verdict
+        raise (kind if issubclass(kind, ValueError) else RuntimeError)(f"main process: {message}")
+
+
+def check_npz_path(npz: Path) -> None:
+    """Refuse, before any sampling, an ``npz`` that cannot be written (its missing folders are made later)."""
+    if npz.is_dir():
+        raise ValueError(f"--npz {npz} is a folder, not a file: give a file path ending in .npz")
+    parent = npz.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--npz {npz}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--npz {npz}: no permission to write in {parent}")
+
+
 def _write_png(array: np.ndarray, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: a killed run leaves no half PNG
     Image.fromarray(array).save(tmp, format="PNG")
@@ -153,18 +184,46 @@ def write_npz(folder: Path, num: int, labels: torch.Tensor | None, path: Path) -
     first = np.asarray(Image.open(folder / png_name(0)).convert("RGB"))
     shape = (num, *first.shape)
     tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        with archive.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-            for i in range(num):
-                image = first if i == 0 else np.asarray(Image.open(folder / png_name(i)).convert("RGB"))
-                if image.shape != first.shape:
-                    raise ValueError(f"{folder / png_name(i)} is {image.shape}, not {first.shape} as sample 0")
-                f.write(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
-        if labels is not None:
-            with archive.open(f"{LABELS_KEY}.npy", "w") as f:
-                np.lib.format.write_array(f, labels.cpu().numpy().astype(np.int64))
-    os.replace(tmp, path)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                for i in range(num):
+                    image = first if i == 0 else np.asarray(Image.open(folder / png_name(i)).convert("RGB"))
+                    if image.shape != first.shape:
+                        raise ValueError(f"{folder / png_name(i)} is {image.shape}, not {first.shape} as sample 0")
+                    f.write(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+            if labels is not None:
+                with archive.open(f"{LABELS_KEY}.npy", "w") as f:
+                    np.lib.format.write_array(f, labels.cpu().numpy().astype(np.int64))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half archive left beside the npz
+        raise
+
+
+@contextmanager
+def _folder_locked(state: PartialState, folder: Path, npz: Path | None) -> Iterator[None]:
+    """Hold ``folder/.lock`` while the body runs: two runs into one folder would mix their samples.
+
+    Only the main process makes the folders and locks (the processes of one launch share the
+    folder); its verdict goes to every process, so all raise its error instead of waiting in a barrier.
+    """
+    lock, failure = RunLock(folder), None
+    if state.is_main_process:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            if npz is not None:
+                npz.parent.mkdir(parents=True, exist_ok=True)
+        except Exception as exc:
+            lock.release()
+            failure = exc
+    _main_verdict(state, failure)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @torch.inference_mode()
@@ -176,7 +235,8 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
 
     ``class_labels``: one label for all, or one per sample (see ``class_balanced_labels``). A re-run
     into the same folder continues an interrupted one (see the module docstring). With ``npz`` only,
-    the PNGs go to a scratch folder ``NPZ.parts/`` beside it, removed once the npz is written.
+    the PNGs go to a scratch folder ``NPZ.parts/`` beside it, removed once the npz is written; the
+    npz's missing folders are made. Another run sampling into the folder is an error (``RunFolderError``).
     """
     if out is None and npz is None:
         raise ValueError("give an output folder (out) and/or an npz file (npz)")
@@ -185,6 +245,8 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     npz = Path(npz) if npz is not None else None
     if npz is not None and npz.suffix != ".npz":
         raise ValueError(f"--npz {npz} must end with .npz")
+    if npz is not None:
+        check_npz_path(npz)  # now, not after all the sampling
     folder = Path(out) if out is not None else npz.with_name(npz.name + ".parts")  # type: ignore[union-attr]
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--out {folder} is a file, not a folder: give a folder for one PNG per sample")
@@ -199,31 +261,30 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     prior_dtype = "int8" if is_quantized(pipe.prior) else float_dtype
     settings = _settings(num, seed, batch_size, labels, sampling, grid, prior_dtype,
                          weights_digest(pipe.tokenizer, pipe.prior))
-    # Every process reads what is finished before any writes, so all agree on the counts.
-    done = {p.name for p in folder.glob("*.png")} if folder.is_dir() else set()
-    if folder.is_dir():
+    with _folder_locked(state, folder, npz):
+        # Every process reads what is finished before any writes, so all agree on the counts.
+        done = {p.name for p in folder.glob("*.png")}
         _check_settings(folder, settings, done)
-    batches = batch_ranges(num, batch_size)
-    todo = [c for c, batch in enumerate(batches) if any(png_name(i) not in done for i in batch)]
-    drawn = sum(len(batches[c]) for c in todo)
-    state.wait_for_everyone()
-    folder.mkdir(parents=True, exist_ok=True)
-    if state.is_main_process and not done:  # a new folder, or one stopped before its first sample
-        (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-    state.wait_for_everyone()
-    mine = [c for c in todo if c % processes == rank]
-    for c in tqdm(mine, disable=not (progress and state.is_main_process), desc="sampling batches"):
-        index = list(batches[c])
-        images = tensor_to_uint8(draw_images(pipe, index, None if labels is None else labels[index], grid, sampling,
-                                             seed))  # (B, 3, H, W)
-        for i, image in zip(index, images):
-            if png_name(i) not in done:  # a finished file is never rewritten
-                _write_png(image.permute(1, 2, 0).numpy(), folder / png_name(i))
-    state.wait_for_everyone()
-    if npz is not None and state.is_main_process:
-        write_npz(folder, num, labels, npz)
-        if out is None:
-            shutil.rmtree(folder)
-    state.wait_for_everyone()
+        batches = batch_ranges(num, batch_size)
+        todo = [c for c, batch in enumerate(batches) if any(png_name(i) not in done for i in batch)]
+        drawn = sum(len(batches[c]) for c in todo)
+        state.wait_for_everyone()
+        if state.is_main_process and not done:  # a new folder, or one stopped before its first sample
+            (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        state.wait_for_everyone()
+        mine = [c for c in todo if c % processes == rank]
+        for c in tqdm(mine, disable=not (progress and state.is_main_process), desc="sampling batches"):
+            index = list(batches[c])
+            images = tensor_to_uint8(draw_images(pipe, index, None if labels is None else labels[index], grid,
+                                                 sampling, seed))  # (B, 3, H, W)
+            for i, image in zip(index, images):
+                if png_name(i) not in done:  # a finished file is never rewritten
+                    _write_png(image.permute(1, 2, 0).numpy(), folder / png_name(i))
+        state.wait_for_everyone()
+        if npz is not None and state.is_main_process:
+            write_npz(folder, num, labels, npz)
+            if out is None:
+                shutil.rmtree(folder)
+        state.wait_for_everyone()
     return ManySamples(num=num, drawn=drawn, skipped=num - drawn, processes=processes,
                        folder=None if out is None else folder, npz=npz)

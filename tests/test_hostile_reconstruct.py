@@ -1,0 +1,170 @@
+"""Hostile out folders for reconstruct: the user's own numbered images, an --out that overlaps the image
+folder, and two runs into one folder at once. None of them may cost the user a file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stage1_vq import QuantizerConfig, VQModel, VQModelConfig
+from stage1_vq.evaluate import reconstruct
+from vqgpt.cli.commands import main
+from vqgpt.training.run_folder import RunFolderError, RunLock
+
+# the same tiny tokenizer as the other hostile stage-1 tests
+from test_hostile_stage1 import R, tokenizer_dir  # noqa: F401 (a fixture)
+
+
+def _images(folder, count, first=0):
+    """``count`` noise PNGs named like FFHQ's (00000.png, ...); returns their bytes by path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(first, first + count):
+        pixels = np.random.default_rng(k).integers(0, 255, (R, R, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{k:05d}.png")
+    return _contents(folder)
+
+
+def _contents(folder, lock=True):
+    """Every file under ``folder`` and its bytes; ``lock=False``: leave out the .lock a refused run may leave
+    (the lock file is never deleted, see RunLock)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and (lock or p.name != ".lock")}
+
+
+def _run(tokenizer_dir, images, out, **kwargs):
+    return reconstruct(tokenizer_dir, str(images), out, lpips="none", device="cpu", progress=False, **kwargs)
+
+
+# ------------------------------------------------------------------------- the user's own numbered images
+
+
+def test_reconstruct_never_deletes_numbered_images_it_did_not_write(tokenizer_dir, tmp_path):
+    source = tmp_path / "held_out"
+    _images(source, 3)
+    proj = tmp_path / "proj"
+    mine = _images(proj / "images", 4)  # the user's own 00000.png ... 00003.png
+    with pytest.raises(ValueError, match=r"proj/images holds images this command did not write \(00000\.png, "
+                                         r".*choose another --out"):
+        _run(tokenizer_dir, source, proj)
+    assert _contents(proj, lock=False) == {f"images/{name}": data for name, data in mine.items()}
+
+    # the same through the command line: a one-line error, exit code 2, every file kept
+    code = main(["reconstruct", "--tokenizer", str(tokenizer_dir), "--images", str(source), "--out", str(proj),
+                 "--lpips", "none", "--json"])
+    assert code == 2
+    assert _contents(proj, lock=False) == {f"images/{name}": data for name, data in mine.items()}
+
+
+def test_reconstruct_of_ffhq_style_images_into_their_parent_keeps_them(tokenizer_dir, tmp_path, capsys):
+    ff = tmp_path / "ff"
+    mine = _images(ff / "images", 6)
+    for images in (ff / "images", ff):
+        code = main(["reconstruct", "--tokenizer", str(tokenizer_dir), "--images", str(images), "--out", str(ff),
+                     "--lpips", "none", "--json"])
+        assert code == 2
+        assert "overlap" in capsys.readouterr().err
+        assert _contents(ff) == {f"images/{name}": data for name, data in mine.items()}
+
+
+def test_a_recorded_run_is_replaced_and_an_older_unrecorded_one_is_recognised(tokenizer_dir, tmp_path):
+    source = tmp_path / "held_out"
+    _images(source, 4)
+    out = tmp_path / "recon"
+    _run(tokenizer_dir, source, out, num_images=4)
+    # what a reconstruct of an earlier vqgpt left (no record): its metrics.json names as many images as it holds
+    (out / ".reconstruct.json").unlink()
+    assert _run(tokenizer_dir, source, out, num_images=2)["num_images"] == 2
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png"]
+    # ... but a numbered image beyond those it counted is not its own
+    pixels = np.zeros((R, R, 3), dtype=np.uint8)
+    (out / ".reconstruct.json").unlink()
+    Image.fromarray(pixels).save(out / "images" / "00002.png")
+    with pytest.raises(ValueError, match="holds images this command did not write"):
+        _run(tokenizer_dir, source, out, num_images=1)
+    assert (out / "images" / "00002.png").is_file() and (out / "images" / "00001.png").is_file()
+
+
+# ------------------------------------------------------------------------- --out overlapping --images
+
+
+@pytest.mark.parametrize("where", ["same", "out-inside", "images-inside"])
+def test_reconstruct_refuses_an_out_that_overlaps_the_image_folder(tokenizer_dir, tmp_path, where):
+    loose = tmp_path / "loose"
+    _images(loose / ("sub" if where == "images-inside" else ""), 5)
+    images, out = {"same": (loose, loose), "out-inside": (loose, loose / "recon"),
+                   "images-inside": (loose / "sub", loose)}[where]
+    before = _contents(tmp_path)
+    with pytest.raises(ValueError, match=r"--out .* and --images .* overlap"):
+        _run(tokenizer_dir, images, out)
+    assert _contents(tmp_path) == before  # refused before anything was written or deleted (not even a lock)
+    assert not (loose / "recon").exists()
+
+
+def test_one_image_file_given_with_its_own_folder_as_out_is_refused(tokenizer_dir, tmp_path, capsys):
+    folder = tmp_path / "ffhq"
+    before = _images(folder, 3)
+    assert main(["reconstruct", "--tokenizer", str(tokenizer_dir), "--images", str(folder / "00001.png"),
+                 "--out", str(folder), "--lpips", "none"]) == 2
+    assert "overlap (--out holds the image folder)" in capsys.readouterr().err
+    assert _contents(folder) == before
+
+
+def test_reconstruct_beside_the_image_folder_reads_the_same_images_each_time(tokenizer_dir, tmp_path):
+    loose = tmp_path / "loose"
+    _images(loose, 5)
+    first = _run(tokenizer_dir, loose, tmp_path / "loose-recon")
+    second = _run(tokenizer_dir, loose, tmp_path / "loose-recon")
+    assert first["num_images"] == second["num_images"] == 5 and first["psnr"] == second["psnr"]
+
+
+# ------------------------------------------------------------------------- two runs at once
+
+
+def test_reconstruct_refuses_a_folder_another_run_holds(tokenizer_dir, tmp_path):
+    source = tmp_path / "held_out"
+    _images(source, 3)
+    out = tmp_path / "recon"
+    _run(tokenizer_dir, source, out)
+    before = _contents(out)
+    lock = RunLock(out)
+    lock.acquire()
+    try:
+        with pytest.raises(RunFolderError, match=r"recon is in use by pid \d+ .*choose another --out"):
+            _run(tokenizer_dir, source, out, num_images=1)
+    finally:
+        lock.release()
+    assert _contents(out) == before
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == 3
+    assert _run(tokenizer_dir, source, out, num_images=1)["num_images"] == 1  # free again once released
+
+
+def test_under_accelerate_launch_only_the_first_process_writes(tokenizer_dir, tmp_path, monkeypatch):
+    source = tmp_path / "held_out"
+    _images(source, 3)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    metrics = _run(tokenizer_dir, source, tmp_path / "recon")
+    assert metrics["num_images"] == 3
+    assert not (tmp_path / "recon").exists()
+
+
+def test_a_run_stopped_midway_leaves_a_folder_the_next_run_may_replace(tokenizer_dir, tmp_path):
+    source = tmp_path / "held_out"
+    _images(source, 4)
+    out = tmp_path / "recon"
+
+    def stop(originals, reconstructions):
+        if stop.batches == 1:
+            raise KeyboardInterrupt
+        stop.batches += 1
+    stop.batches = 0
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tokenizer_dir, source, out, batch_size=2, on_batch=stop)
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png"]
+    assert _run(tokenizer_dir, source, out, num_images=1)["num_images"] == 1  # its images were recorded first
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png"]
