@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from stage2_prior.decode import decode_step
 from stage2_prior.draw import (Randomness, SamplingConfig, cfg_scales, check_sampling_args, eval_mode,
                                guided_labels, next_token, resolve_class_labels)
-from stage2_prior.layers import KVCache
+from stage2_prior.layers import KVCache, notice_data_edits
 from stage2_prior.model import GPT
 
 
@@ -120,6 +120,7 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
         raise ValueError("compile=True compiles the KV-cache decode step: it needs use_cache=True")
     guided = check_sampling_args(model, sampling)
     labels = guided_labels(model, resolve_class_labels(model, class_labels, B, device), guided)
+    notice_data_edits(model)  # before the prepared copies or a compiled step are used
     step = decode_step(model) if compile else None
     scales = cfg_scales(sampling.cfg_scale, sampling.cfg_schedule, H * W)
     batch = 2 * B if guided else B

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
 from typing import Iterator
 
@@ -111,6 +112,42 @@ def _packed_weight(weight: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tenso
         weakref.finalize(weight, _PACKED.pop, id(weight), None)
     _PACKED[id(weight)] = (weakref.ref(weight), key, prepared)
     return prepared
+
+
+# An edit through ``.data`` (``p.data.mul_(0)``, a hand-written EMA) changes a weight without bumping its
+# version counter, which the prepared copies above and the frozen compiled step (stage2_prior.decode)
+# go by: they would go on with the old values. notice_data_edits fingerprints every CPU weight once per
+# sampling call and bumps the version of those whose content changed.
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[weakref.ref, torch.Tensor]]]" = \
+    weakref.WeakKeyDictionary()
+_PROBES: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+
+def content_fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """Rows of a floating ``tensor`` times a fixed random vector: one read of it (about what one decode step
+    reads), and unlike a plain sum it changes when rows or columns are swapped."""
+    rows = tensor.detach().reshape(tensor.shape[0] if tensor.dim() > 1 else 1, -1)
+    key = (rows.shape[1], rows.dtype)
+    if key not in _PROBES:
+        probe = torch.rand(rows.shape[1], generator=torch.Generator().manual_seed(rows.shape[1]))
+        _PROBES[key] = probe.to(rows.dtype)
+    return torch.mv(rows, _PROBES[key])
+
+
+def notice_data_edits(model: nn.Module) -> None:
+    """Bump the version counter of every floating CPU parameter or buffer of ``model`` whose content
+    changed since the last call without it (an edit through ``.data``), so that prepared copies and
+    frozen compiled steps are made again from the weights as they are. Called by the samplers; a
+    weight made under inference_mode has no version counter and is not followed (as elsewhere)."""
+    seen = _FINGERPRINTS.setdefault(model, {})
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.device.type != "cpu" or not tensor.is_floating_point() or tensor.is_inference() or not tensor.numel():
+            continue  # CUDA graphs read the weights where they lie: an in-place edit is seen there
+        now = content_fingerprint(tensor)
+        before = seen.get(id(tensor))
+        if before is not None and before[0]() is tensor and not torch.equal(before[1], now):
+            torch.autograd.graph.increment_version(tensor)
+        seen[id(tensor)] = (weakref.ref(tensor), now)
 
 
 class Linear(nn.Linear):

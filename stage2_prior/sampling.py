@@ -16,6 +16,7 @@ from stage2_prior.draw import (CFG_SCHEDULES, SamplingConfig, cfg_scales, check_
                                guided_labels, next_token, resolve_class_labels, sample_logits, top_k_filter,
                                top_p_filter)
 from stage2_prior.highres import generate_highres
+from stage2_prior.layers import notice_data_edits
 from stage2_prior.model import GPT
 
 # The token-level names were defined here before stage2_prior.draw existed; they stay importable from here.
@@ -63,6 +64,7 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
     scales = cfg_scales(sampling.cfg_scale, sampling.cfg_schedule, T)
     batch = 2 * num_samples if guided else num_samples
     out = torch.empty(num_samples, T, dtype=torch.long, device=device)
+    notice_data_edits(model)  # before the prepared copies or a compiled step are used
     with eval_mode(model):
         step = decode_step(model) if compile else None
         if use_cache:

@@ -249,3 +249,32 @@ def test_unwritable_paths_are_user_errors_not_tracebacks():
                 OSError(errno.ENOSPC, "No space left on device")):
         assert _exit_code(exc) == 2
     assert _exit_code(OSError(errno.EIO, "Input/output error")) is None  # not the user's to fix
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_weights_edited_through_data_are_the_weights_sampled_with(pipe_dir, tmp_path, compile):
+    """p.data.mul_() / .copy_() (a hand-written EMA, weight surgery) bumps no version counter: the
+    prepared few-row copies and the frozen compiled step must notice the edit anyway."""
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir).set_decoding(compile=compile)
+    before = pipe.generate(2, class_labels=1, seed=0)
+    torch.manual_seed(1)
+    for p in pipe.prior.parameters():
+        if p.dim() == 2:
+            p.data.copy_(torch.randn_like(p))
+    edited = pipe.generate(2, class_labels=1, seed=0)
+    pipe.save_pretrained(tmp_path / "edited")
+    fresh = VQGPTPipeline.from_pretrained(tmp_path / "edited").set_decoding(compile=compile)
+    assert not torch.equal(edited, before)
+    assert torch.equal(edited, fresh.generate(2, class_labels=1, seed=0))
+    completed = pipe.complete(before[0], 1, keep_rows=2, class_labels=1, seed=0)  # the other sampler
+    assert torch.equal(completed, fresh.complete(before[0], 1, keep_rows=2, class_labels=1, seed=0))
+
+
+def test_save_pretrained_after_an_edit_through_data_writes_the_edited_weights(pipe_dir, tmp_path):
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    pipe.prior.tok_embeddings.weight.data.mul_(0.0)  # no sampling in between to notice it
+    pipe.tokenizer.quantize.embedding.weight.data.add_(1.0)
+    pipe.save_pretrained(tmp_path / "edited")
+    again = VQGPTPipeline.from_pretrained(tmp_path / "edited")
+    assert torch.equal(again.prior.tok_embeddings.weight, pipe.prior.tok_embeddings.weight)
+    assert torch.equal(again.tokenizer.quantize.embedding.weight, pipe.tokenizer.quantize.embedding.weight)

@@ -16,6 +16,7 @@ import torch
 from stage1_vq.model import VQModel
 from stage2_prior.draw import SamplingConfig, resolve_class_labels
 from stage2_prior.highres import complete
+from stage2_prior.layers import content_fingerprint
 from stage2_prior.model import GPT
 from stage2_prior.sampling import generate
 from vqgpt.ground.checkpoint import push_to_hub, read_export_meta, resolve_model_dir
@@ -310,10 +311,12 @@ def _hint(directory: Path) -> str:
 
 
 def _weights_state(module: torch.nn.Module) -> tuple | None:
-    """Each parameter's and buffer's (name, address, version, dtype): changed by training, an in-place
-    edit, a move, a cast or a replaced module; None for inference tensors (no version to tell)."""
+    """Each parameter's and buffer's (name, address, version, dtype, content fingerprint): changed by
+    training, an in-place edit (through ``.data`` too, which bumps no version), a move, a cast or a
+    replaced module; None for inference tensors (no version to tell)."""
     try:
-        return tuple((name, t.data_ptr(), t._version, t.dtype)
+        return tuple((name, t.data_ptr(), t._version, t.dtype,
+                      content_fingerprint(t).float().cpu().numpy().tobytes() if t.is_floating_point() and t.numel() else b"")
                      for name, t in [*module.named_parameters(), *module.named_buffers()])
     except RuntimeError:
         return None
