@@ -71,7 +71,7 @@ def test_sample_is_the_pipelines_sampling(handlers):
     (dict(num=0), "number of images must be a whole number >= 1"),
     (dict(num=float("inf")), "number of images must be a whole number >= 1, got inf"),
     (dict(num=float("nan")), "number of images must be a whole number >= 1, got nan"),
-    (dict(seed=1.7), "seed must be a whole number"),
+    (dict(seed=1.7), "seed must be a whole number, got 1.7$"),
     (dict(seed=float("inf")), "seed must be a whole number"),
     (dict(height=float("inf")), "height .*must be a whole number"),
 ])

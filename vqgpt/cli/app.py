@@ -267,7 +267,12 @@ def _pixels(value: float | None, what: str) -> int | None:
 
 def _seed(value: float | None) -> int:
     """The page's seed: a whole number (negative ones too; the pipeline checks the range)."""
-    return 0 if value is None else _at_least(value, -(2**63), "seed")
+    if value is None:
+        return 0
+    try:
+        return _at_least(value, -(2**63), "seed")
+    except ValueError:
+        raise ValueError(f"seed must be a whole number, got {value}") from None
 
 
 def _sampling(cfg_scale: float, cfg_schedule: str, temperature: float, top_k: float | None,
