@@ -107,6 +107,14 @@ def test_a_folder_in_use_by_another_sampler_is_refused(pipe, tmp_path, drawn):
             _sample(pipe, out=folder)
         with pytest.raises(RunFolderError, match="in use"):
             _sample(pipe, npz=tmp_path / "s.npz", out=folder)
+        parts = RunLock(tmp_path / "t.npz.parts")  # --npz alone: its scratch folder is the one locked
+        parts.path.parent.mkdir()
+        parts.acquire()
+        try:
+            with pytest.raises(RunFolderError, match=r"pid \d+ on .* is writing .*t.npz .* choose another --npz$"):
+                _sample(pipe, npz=tmp_path / "t.npz")
+        finally:
+            parts.release()
     finally:
         other.release()
     assert drawn == [] and sorted(p.name for p in folder.iterdir()) == [".lock"]

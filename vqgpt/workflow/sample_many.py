@@ -39,7 +39,7 @@ from stage2_prior.quantize import is_quantized
 from stage2_prior.sampling import generate
 from vqgpt.ground.images import tensor_to_uint8
 from vqgpt.training.config import launched_process_state
-from vqgpt.training.run_folder import RunLock
+from vqgpt.training.run_folder import RunFolderError, RunLock
 from vqgpt.workflow.pipeline import ClassLabels, VQGPTPipeline
 
 SETTINGS_FILE = "sampling.json"
@@ -216,6 +216,13 @@ def _folder_locked(state: PartialState, folder: Path, npz: Path | None) -> Itera
             lock.acquire()
             if npz is not None:
                 npz.parent.mkdir(parents=True, exist_ok=True)
+        except RunFolderError as exc:
+            lock.release()
+            failure = exc
+            if npz is not None and folder == npz.with_name(npz.name + ".parts"):  # --npz alone: no --out to change
+                holder = lock.path.read_text(errors="replace").strip() or "another process"
+                failure = RunFolderError(f"{holder} is writing {npz} (its samples go to {folder}, which it locks): "
+                                         "wait for that run to end or stop it, or choose another --npz")
         except Exception as exc:
             lock.release()
             failure = exc
