@@ -466,7 +466,8 @@ def _plain_name(name: Any) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
-def _listing(names: list[str], limit: int = 6) -> str:
+def name_listing(names: list[str], limit: int = 6) -> str:
+    """The first ``limit`` names, then how many more: a readable list in an error."""
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
@@ -531,7 +532,7 @@ def check_checkpoint(path: str | Path) -> int:
         why = "a checkpoint of this kind holds it"
     missing = [name for name in required if name not in names]
     if missing:
-        more = f"; also missing: {_listing(missing[1:])}" if missing[1:] else ""
+        more = f"; also missing: {name_listing(missing[1:])}" if missing[1:] else ""
         raise _refuse(path / missing[0], f"missing ({why}{more})")
     for item in sorted(path.iterdir()):
         if item.name in ("trainer_state.json", MANIFEST_NAME):

@@ -15,13 +15,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from PIL import Image
 
 from vqgpt.ground.config import ConfigError, to_dict
 from vqgpt.training.config import TRACKING_DIR, WANDB_ID_FILE, TrainConfig
 from vqgpt.training.replicas import finish_run
-from vqgpt.training.run_folder import _flat
+from vqgpt.training.run_folder import _flat, share_main_failure
 
 
 class StepMetrics:
@@ -88,13 +87,7 @@ def start_trackers(accelerator: Accelerator, config: Any, run_dir: str | Path, s
             _start_main_trackers(accelerator, config, run_dir, step)
         except Exception as exc:
             failure = exc
-    if accelerator.num_processes > 1:
-        verdict = broadcast_object_list([None if failure is None else (type(failure), str(failure))])[0]
-        if failure is None and verdict is not None:
-            kind, message = verdict
-            raise (kind if issubclass(kind, ValueError) else RuntimeError)(f"main process: {message}")
-    if failure is not None:
-        raise failure
+    share_main_failure(failure, accelerator.num_processes)
 
 
 def _start_main_trackers(accelerator: Accelerator, config: Any, run_dir: str | Path, step: int) -> None:

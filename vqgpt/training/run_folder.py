@@ -16,7 +16,8 @@ from typing import Any, Iterator
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from vqgpt.ground.checkpoint import check_checkpoint, list_checkpoints, read_checkpoint_inputs, resolve_resume
+from vqgpt.ground.checkpoint import (check_checkpoint, list_checkpoints, name_listing, read_checkpoint_inputs,
+                                    resolve_resume)
 from vqgpt.ground.config import ConfigError, from_dict, read_yaml, save_config, to_dict
 from vqgpt.training.config import TRACKING_DIR
 
@@ -78,9 +79,19 @@ class RunLock:
             self._fd = None
 
 
-def _listing(names: list[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def share_main_failure(failure: Exception | None, num_processes: int, result: Any = None) -> Any:
+    """After work only the main process does (``failure``: what it raised there, None elsewhere), raise on
+    every process: the failure itself on the main one, the same kind and message on the others (which
+    would otherwise meet it in their next collective); else return the main process's ``result``."""
+    verdict = [None if failure is None else (type(failure), str(failure)), result]
+    if num_processes > 1:
+        verdict = broadcast_object_list(verdict)
+    if failure is not None:
+        raise failure
+    if verdict[0] is not None:
+        kind, message = verdict[0]
+        raise (kind if issubclass(kind, ValueError) else RuntimeError)(f"main process: {message}")
+    return verdict[1]
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -183,11 +194,11 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
         checkpoint = resolve_resume(run_dir, resume)
     if checkpoint is None:
         if not resume and held and not overwrite:
-            raise RunFolderError(f"{run_dir} already holds a run ({_listing(held)}): pass --resume auto to continue "
-                                 f"it, --overwrite to replace it, or choose another --out")
+            raise RunFolderError(f"{run_dir} already holds a run ({name_listing(held)}): pass --resume auto to "
+                                 f"continue it, --overwrite to replace it, or choose another --out")
         foreign = [name for name in held if name not in _UNSTARTED_RUN]
         if resume and foreign:
-            raise RunFolderError(f"--resume auto: {run_dir} holds {_listing(foreign)} but no complete checkpoint "
+            raise RunFolderError(f"--resume auto: {run_dir} holds {name_listing(foreign)} but no complete checkpoint "
                                  f"to resume from: pass --overwrite to start over, or choose another --out")
     else:
         step = check_checkpoint(checkpoint)
@@ -199,7 +210,7 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
         # A checkpoint of another run folder continues that run here: only into an empty folder (or with
         # --overwrite), as a fresh start would, else the two runs' metrics, checkpoints and config would mix.
         if held and not overwrite and not _inside(checkpoint, run_dir):
-            raise RunFolderError(f"--resume {checkpoint}: {run_dir} already holds a run ({_listing(held)}) and the "
+            raise RunFolderError(f"--resume {checkpoint}: {run_dir} already holds a run ({name_listing(held)}) and the "
                                  f"checkpoint belongs to another run folder: pass --overwrite to replace the run in "
                                  f"{run_dir}, --resume auto to continue it, or choose another --out")
         # the checkpoint's own run config, else RUN's (unless --overwrite is about to replace it)
@@ -211,7 +222,7 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
         later = [path.name for s, path in list_checkpoints(run_dir) if s > step]
         if later and not overwrite:
             raise RunFolderError(f"--resume {checkpoint}: {run_dir / 'checkpoints'} also holds later checkpoints "
-                                 f"({_listing(later)}) that the resumed run would mix with its own: remove them, "
+                                 f"({name_listing(later)}) that the resumed run would mix with its own: remove them, "
                                  f"or resume into another --out")
     if overwrite:
         # Checkpoints first: a crash part-way must not leave old state that --resume auto would pick.
@@ -266,13 +277,8 @@ def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume:
         except BaseException:  # Ctrl-C: a notebook's process lives on and must not keep the folder
             lock.release()
             raise
-    verdict = broadcast_object_list([None if failure is None else (type(failure), str(failure)), checkpoint])
-    if failure is not None:
-        raise failure
-    if verdict[0] is not None:
-        kind, message = verdict[0]
-        raise (kind if issubclass(kind, ValueError) else RuntimeError)(f"main process: {message}")
+    checkpoint = share_main_failure(failure, accelerator.num_processes, checkpoint)
     try:
-        yield RunFolder(run_dir, verdict[1])
+        yield RunFolder(run_dir, checkpoint)
     finally:
         lock.release()

@@ -30,7 +30,6 @@ from typing import Iterator
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -39,7 +38,7 @@ from stage2_prior.quantize import is_quantized
 from stage2_prior.sampling import generate
 from vqgpt.ground.images import tensor_to_uint8
 from vqgpt.training.config import launched_process_state
-from vqgpt.training.run_folder import RunFolderError, RunLock
+from vqgpt.training.run_folder import RunFolderError, RunLock, share_main_failure
 from vqgpt.workflow.pipeline import ClassLabels, VQGPTPipeline
 
 SETTINGS_FILE = "sampling.json"
@@ -145,18 +144,6 @@ def _check_settings(folder: Path, settings: dict, pngs: set[str]) -> None:
                          "pipeline's): resume with the pipeline that drew them, or give a new folder")
 
 
-def _main_verdict(state: PartialState, failure: Exception | None) -> None:
-    """Raise on every process the error the main process met (the others would wait for it in a barrier)."""
-    verdict = None
-    if state.num_processes > 1:
-        verdict = broadcast_object_list([None if failure is None else (type(failure), str(failure))])[0]
-    if failure is not None:
-        raise failure
-    if verdict is not None:
-        kind, message = verdict
-        raise (kind if issubclass(kind, ValueError) else RuntimeError)(f"main process: {message}")
-
-
 def check_npz_path(npz: Path) -> None:
     """Refuse, before any sampling, an ``npz`` that cannot be written (its missing folders are made later)."""
     if npz.is_dir():
@@ -226,7 +213,7 @@ def _folder_locked(state: PartialState, folder: Path, npz: Path | None) -> Itera
         except Exception as exc:
             lock.release()
             failure = exc
-    _main_verdict(state, failure)
+    share_main_failure(failure, state.num_processes)
     try:
         yield
     finally:
