@@ -25,6 +25,8 @@ _RECONSTRUCTION_NAME = re.compile(r"\d{5,}\.png")
 # OUT/RECORD_NAME: how many numbered images reconstruct() wrote into OUT/images, so that the next run
 # deletes those and nothing else (a folder of FFHQ's 00000.png ... is named just like them)
 RECORD_NAME = ".reconstruct.json"
+# what reconstruct() writes into OUT itself; replaced only when OUT's record says an earlier run wrote them
+_SUMMARY_NAMES = ("metrics.json", "grid.png")
 # sources that name no folder on this machine, so cannot overlap --out (an hf: folder holds arrow files only)
 _NON_FOLDER_SOURCES = ("builtin:", "wds:", "hf:")
 
@@ -69,10 +71,11 @@ def check_out_apart(images: str, out: str | Path) -> None:
                          f"would read its own output back as images; choose an --out outside {images}")
 
 
-def _recorded_count(out: Path) -> int:
-    """How many numbered reconstructions (00000.png ...) an earlier run recorded writing into out/images.
-    A folder of a vqgpt that kept no record counts when its metrics.json is reconstruct's and names exactly
-    as many images as out/images numbers from 00000.png on."""
+def _read_record(out: Path) -> tuple[int, bool]:
+    """(how many numbered reconstructions (00000.png ...) an earlier run recorded writing into out/images,
+    whether out's metrics.json and grid.png are reconstruct's own). A folder of a vqgpt that kept no
+    record is reconstruct's when its metrics.json is; its images count when that names exactly as many
+    images as out/images numbers from 00000.png on."""
     for path, key in ((out / RECORD_NAME, "images"), (out / "metrics.json", "num_images")):
         try:
             record = json.loads(path.read_text())
@@ -84,10 +87,10 @@ def _recorded_count(out: Path) -> int:
         count = record.get(key)
         if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
             if path.name == RECORD_NAME:
-                return count
+                return count, True
             names = {p.name for p in (out / "images").glob("*.png") if _RECONSTRUCTION_NAME.fullmatch(p.name)}
-            return count if names == {f"{i:05d}.png" for i in range(count)} else 0
-    return 0
+            return (count if names == {f"{i:05d}.png" for i in range(count)} else 0), True
+    return 0, False
 
 
 def _write_record(out: Path, count: int) -> None:
@@ -101,9 +104,15 @@ def _clear_previous_run(out: Path, will_write: int) -> None:
     fails midway leaves no figures of other images behind) and its numbered reconstructions in
     ``out/images``; then record the ``will_write`` reconstructions this run may write. Any other file
     there is the user's and stays: a numbered PNG that no run recorded (the user's own 00000.png, ...)
-    makes a run that writes images refuse, before anything is deleted."""
+    makes a run that writes images refuse, and a metrics.json or grid.png that no run wrote makes every
+    run refuse, before anything is deleted."""
     folder = out / "images"
-    recorded = _recorded_count(out)
+    recorded, owned = _read_record(out)
+    theirs = [name for name in _SUMMARY_NAMES if not owned and (out / name).exists()]
+    if theirs:
+        raise RunFolderError(f"{out} holds {' and '.join(theirs)} that this command did not write; reconstruct "
+                             f"writes its own {' and '.join(_SUMMARY_NAMES)} there and would replace "
+                             f"{'them' if len(theirs) > 1 else 'it'}: choose another --out")
     ours = {f"{i:05d}.png" for i in range(recorded)}
     present = sorted(p.name for p in folder.iterdir()
                      if _RECONSTRUCTION_NAME.fullmatch(p.name) and p.is_file()) if folder.is_dir() else []

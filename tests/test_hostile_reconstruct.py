@@ -88,6 +88,30 @@ def test_a_recorded_run_is_replaced_and_an_older_unrecorded_one_is_recognised(to
     assert (out / "images" / "00002.png").is_file() and (out / "images" / "00001.png").is_file()
 
 
+@pytest.mark.parametrize("theirs", [["metrics.json"], ["grid.png"], ["metrics.json", "grid.png"]])
+def test_reconstruct_never_replaces_a_metrics_json_or_grid_it_did_not_write(tokenizer_dir, tmp_path, theirs):
+    source = tmp_path / "held_out"
+    _images(source, 2)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for name in theirs:  # e.g. a training project's own metrics.json (another program's keys)
+        (proj / name).write_bytes(b'{"loss": 0.5}\n' if name.endswith(".json") else b"the user's grid")
+    mine = _contents(proj)
+    with pytest.raises(ValueError, match=rf"proj holds {theirs[0]}.* that this command did not write"):
+        _run(tokenizer_dir, source, proj)
+    assert _contents(proj, lock=False) == mine
+    # metrics only (no images kept) writes metrics.json and grid.png there too: refused the same way
+    code = main(["eval-tokenizer", "--tokenizer", str(tokenizer_dir), "--images", str(source), "--out", str(proj),
+                 "--lpips", "none", "--fid-weights", "random", "--json"])
+    assert code == 2
+    assert _contents(proj, lock=False) == mine
+    # a folder reconstruct wrote is replaced as before (its record names it)
+    out = tmp_path / "recon"
+    _run(tokenizer_dir, source, out)
+    assert _run(tokenizer_dir, source, out, num_images=1)["num_images"] == 1
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == 1
+
+
 # ------------------------------------------------------------------------- --out overlapping --images
 
 
