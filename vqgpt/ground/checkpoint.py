@@ -471,6 +471,21 @@ def name_listing(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def check_file_place(path: Path, label: str = "") -> None:
+    """Refuse, before long work, a file ``path`` that could not be written: a folder there, or a nearest
+    existing ancestor that is a file or not writable (missing folders are made when writing). ``label``
+    names the option in the message (e.g. ``"--npz "``)."""
+    if path.is_dir():
+        raise ValueError(f"{label}{path} is a folder, not a file: give a file path ending in {path.suffix or '.npz'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{label}{path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{label}{path}: no permission to write in {parent}")
+
+
 def _files_every_checkpoint_holds(names: set[str], state: dict[str, Any]) -> list[str]:
     """For a checkpoint without a manifest: the files any vqgpt checkpoint of its kind holds. A random
     state per process; model weights and optimizer state together (accelerate's names, plain or FSDP

@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vqgpt.ground.checkpoint import check_file_place
+
 INCEPTION_NAME = "inception-v3-fid-2015-12-05"
 INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth (torch-fidelity)",
                    "pt_inception-2015-12-05-6726825d.pth (pytorch-fid)")
@@ -320,13 +322,7 @@ def check_stats_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"reference statistics must be saved as .npz, got {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder: give the .npz file to write")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{path}: {parent} is a file, not a folder")
-            break
+    check_file_place(path)
     return path
 
 

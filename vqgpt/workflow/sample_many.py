@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from stage2_prior.draw import SamplingConfig
 from stage2_prior.quantize import is_quantized
 from stage2_prior.sampling import generate
+from vqgpt.ground.checkpoint import check_file_place
 from vqgpt.ground.images import tensor_to_uint8
 from vqgpt.training.config import launched_process_state
 from vqgpt.training.run_folder import RunFolderError, RunLock, share_main_failure
@@ -146,15 +147,7 @@ def _check_settings(folder: Path, settings: dict, pngs: set[str]) -> None:
 
 def check_npz_path(npz: Path) -> None:
     """Refuse, before any sampling, an ``npz`` that cannot be written (its missing folders are made later)."""
-    if npz.is_dir():
-        raise ValueError(f"--npz {npz} is a folder, not a file: give a file path ending in .npz")
-    parent = npz.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"--npz {npz}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--npz {npz}: no permission to write in {parent}")
+    check_file_place(npz, "--npz ")
 
 
 def _write_png(array: np.ndarray, path: Path) -> None:
