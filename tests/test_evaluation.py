@@ -69,6 +69,24 @@ def test_psnr_and_ssim_on_known_pairs():
     assert (ssim(images, shifted) < 1).all() and (ssim(images, shifted) > ssim(images, -images)).all()
 
 
+def test_ssim_is_the_standard_definition_as_skimage_computes_it():
+    """Wang et al.'s SSIM over the valid windows only (skimage's Gaussian form): a padded border would add
+    windows of mirrored pixels and move the figure on small images."""
+    from skimage.metrics import structural_similarity
+
+    g = torch.Generator().manual_seed(1)
+    smooth = torch.nn.functional.interpolate(torch.rand(4, 3, 6, 5, generator=g), size=(32, 24), mode="bilinear")
+    images = smooth * 2 - 1
+    for noisy in (images + 0.08 * torch.randn(images.shape, generator=g),   # noise, partly clamped
+                  images.flip(-1), images * 0.5 + 0.2):                       # structure moved, contrast and mean
+        got = ssim(images, noisy)
+        for k in range(len(images)):
+            a, b = ((t[k].clamp(-1, 1).double().numpy() + 1) / 2 for t in (images, noisy))
+            want = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                         data_range=1.0, channel_axis=0)
+            assert got[k].item() == pytest.approx(want, abs=1e-6)
+
+
 def test_random_lpips_is_one_fixed_network():
     """`--lpips random` gives the same figure in every run and leaves the caller's RNG alone."""
     g = torch.Generator().manual_seed(0)

@@ -16,12 +16,33 @@ def psnr(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (Gaussian window 11, sigma 1.5, on [0, 1] images), shape (B,)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    a = (images.detach().float().clamp(-1, 1) + 1) / 2
-    b = (reconstructions.detach().float().clamp(-1, 1) + 1) / 2
-    return structural_similarity_index_measure(b, a, data_range=1.0, reduction="none")
+    """Per-image SSIM of (B, C, H, W) images in [-1, 1], shape (B,): Wang et al.'s definition as skimage
+    computes it (``gaussian_weights=True, sigma=1.5, use_sample_covariance=False``, data range 1 after
+    mapping to [0, 1]): a Gaussian window of 11 px, K1 = 0.01, K2 = 0.03, local statistics weighted by the
+    window, and the SSIM map averaged over the positions where the whole window lies inside the image and
+    over the channels. No padding: a padded border (torchmetrics' reflect padding, which vqgpt used before)
+    adds windows of mirrored pixels, which lowers the figure on small images (32 px MNIST reconstructions:
+    0.859 against 0.879). An image smaller than 11 px takes the largest odd window that fits."""
+    a = (images.detach().double().clamp(-1, 1) + 1) / 2
+    b = (reconstructions.detach().double().clamp(-1, 1) + 1) / 2
+    if a.shape != b.shape or a.dim() != 4:
+        raise ValueError(f"ssim takes two (B, C, H, W) batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    size = min(11, a.shape[-2], a.shape[-1])
+    size -= 1 - size % 2  # odd
+    x = torch.arange(size, dtype=torch.float64, device=a.device) - (size - 1) / 2
+    g = torch.exp(-x.pow(2) / (2 * 1.5 ** 2))
+    g = g / g.sum()
+    channels = a.shape[1]
+    # the five local means (a, b, a^2, b^2, ab) at once, through a separable window, valid positions only
+    stack = torch.cat([a, b, a * a, b * b, a * b], dim=1)
+    n = stack.shape[1]
+    stack = torch.nn.functional.conv2d(stack, g.view(1, 1, size, 1).expand(n, 1, size, 1), groups=n)
+    stack = torch.nn.functional.conv2d(stack, g.view(1, 1, 1, size).expand(n, 1, 1, size), groups=n)
+    mu_a, mu_b, aa, bb, ab = stack.split(channels, dim=1)
+    var_a, var_b, cov = aa - mu_a * mu_a, bb - mu_b * mu_b, ab - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a.pow(2) + mu_b.pow(2) + c1) * (var_a + var_b + c2))
+    return index.flatten(1).mean(1).float()
 
 
 def code_histogram(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
