@@ -85,7 +85,7 @@ class PriorReport(_Report):
     pipeline: str
     reference: str
     num_samples: int
-    num_reference: int
+    num_reference: int | None    # None when the reference statistics do not say how many images they summarise
     resolution: int
     cfg_scale: float
     temperature: float
@@ -308,7 +308,7 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
                                   device=dev)
         report = PriorReport(
             pipeline=str(pipeline_dir), reference=str(reference), num_samples=num_samples,
-            num_reference=ref.num_images, resolution=height, cfg_scale=sampling.cfg_scale,
+            num_reference=ref.num_images or None, resolution=height, cfg_scale=sampling.cfg_scale,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=seed,
             fid=fid, sfid=sfid, inception_score=score.mean, inception_score_std=score.std,
             precision=pr.precision if pr else None, recall=pr.recall if pr else None,
