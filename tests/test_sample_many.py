@@ -165,3 +165,36 @@ def test_two_processes_write_bitwise_what_one_process_writes(pipe_dir, tmp_path)
     assert len(outputs[1][0]) == 9 and outputs[2] == outputs[1]
     with np.load(tmp_path / "p2.npz") as f:
         assert f["arr_0"].shape == (9, 16, 16, 3) and f["arr_1"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_a_residual_tokenizers_larger_canvas_moves_its_windows_by_whole_positions(tmp_path):
+    """sample_many (sample --out DIR/, --npz, eval-prior's samples) draws what pipe.generate draws: with a
+    residual-VQ tokenizer (D codes per position) its sliding windows move D columns at a time, never
+    starting mid-position. It used to move one column, and so drew other images than the grid command."""
+    from stage2_prior import GPT, GPTConfig
+    from test_residual_vq import tiny_rvq_model
+    from vqgpt.ground.images import tensor_to_uint8
+
+    tok = tiny_rvq_model().eval()  # factor 2, 2 codes per position
+    torch.manual_seed(0)
+    prior = GPT(GPTConfig(codebook_size=tok.codebook_size, grid_size=[4, 8], num_classes=0,  # 8 x 8 px
+                          n_layer=2, n_head=2, dim=32, multiple_of=16)).eval()
+    with torch.no_grad():  # larger weights than at initialisation: the window's context changes the logits
+        for p in prior.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5)
+    pipe = VQGPTPipeline(tok, prior)
+    sharp = SamplingConfig(temperature=0.5)
+    sample_many(pipe, 2, npz=tmp_path / "wide.npz", width=16, seed=3, sampling=sharp, batch_size=2, device="cpu",
+                progress=False)
+    with np.load(tmp_path / "wide.npz") as data:
+        drawn = data["arr_0"]
+    assert drawn.shape == (2, 8, 16, 3)
+
+    def by_stride(stride):
+        codes = generate(prior, 2, grid_size=(4, 16), window_stride=stride, sampling=sharp,
+                         generators=_generators([0, 1], seed=3))
+        return tensor_to_uint8(tok.decode(codes).clamp(-1, 1)).permute(0, 2, 3, 1).numpy()
+
+    assert np.array_equal(drawn, by_stride((1, 2)))
+    assert not np.array_equal(drawn, by_stride((1, 1)))  # the two strides do draw different images

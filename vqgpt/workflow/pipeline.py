@@ -234,10 +234,18 @@ class VQGPTPipeline:
         _check_count(num_samples)
         grid = self.grid_for_pixels(height, width)
         labels = self.labels_tensor(class_labels, num_samples)
-        codes = generate(self.prior, num_samples, class_labels=labels, grid_size=grid, sampling=sampling,
-                         generator=_generator(seed), progress=progress, window_stride=self._window_stride(),
-                         compile=self.compile_decode)
+        codes = self.draw_codes(num_samples, labels, grid, sampling, generator=_generator(seed), progress=progress)
         return self.tokenizer.decode(codes.to(self.device)).clamp(-1, 1)
+
+    def draw_codes(self, num_samples: int, labels: torch.Tensor | None, grid: tuple[int, int],
+                   sampling: SamplingConfig | None, generator: torch.Generator | None = None,
+                   generators: list[torch.Generator] | None = None, progress: bool = False) -> torch.Tensor:
+        """Codes (num_samples, h, w) of ``grid`` drawn by the prior with this pipeline's settings: its sliding
+        windows move whole positions, and its decode step is compiled when asked. One ``generator`` for the
+        batch, or ``generators``, one per sample (a sample's codes then depend on its own generator only)."""
+        return generate(self.prior, num_samples, class_labels=labels, grid_size=grid, sampling=sampling,
+                        generator=generator, generators=generators, progress=progress,
+                        window_stride=self._window_stride(), compile=self.compile_decode)
 
     def trained_pixels(self) -> tuple[int, int]:
         """Pixel size (H, W) of the prior's training grid."""

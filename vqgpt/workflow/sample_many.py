@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 
 from stage2_prior.draw import SamplingConfig
 from stage2_prior.quantize import is_quantized
-from stage2_prior.sampling import generate
 from vqgpt.ground.checkpoint import check_file_place
 from vqgpt.ground.images import tensor_to_uint8
 from vqgpt.training.config import launched_process_state
@@ -98,8 +97,7 @@ def draw_images(pipe: VQGPTPipeline, indices: list[int], labels: torch.Tensor | 
     ``labels``: (B,) class labels of those samples, or None (unconditional).
     """
     generators = [torch.Generator(device=pipe.device).manual_seed(sample_seed(seed, i)) for i in indices]
-    codes = generate(pipe.prior, len(indices), class_labels=labels, grid_size=grid, sampling=sampling,
-                     generators=generators, compile=pipe.compile_decode)
+    codes = pipe.draw_codes(len(indices), labels, grid, sampling, generators=generators)
     return pipe.tokenizer.decode(codes.to(pipe.device)).clamp(-1, 1)
 
 
