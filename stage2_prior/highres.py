@@ -130,6 +130,7 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
     for pos in todo:
         rows.setdefault(pos // W, []).append(pos % W)
     any_known = bool(known_mask.any())
+    per_sample = generator is not None and not isinstance(generator, torch.Generator)  # one per row
     capacity = max_window_caches if max_window_caches is not None else W
     pool: dict[int, _WindowCache] = {}  # window column c0 -> its cache
     scratch = _WindowCache()  # shared by window columns beyond the capacity
@@ -200,6 +201,16 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
                     fed = canvas[:, r0: r0 + h, c0: c0 + w].reshape(B, h * w)[:, : p + 1]  # cell p is not read
                     fed = torch.cat([fed, fed]) if guided else fed
                     logits = model(fed, labels)[:, -1]
+                need = ~known_mask[:, i, j]
+                if per_sample and any_known and not bool(need.all()):
+                    # Draw only for the samples that need this cell: a per-sample generator then advances
+                    # at its own sample's unknown cells alone, so the sample does not depend on its batch.
+                    b = need.nonzero().flatten()
+                    logits = torch.cat([logits[b], logits[b + B]]) if guided else logits[b]
+                    canvas[b, i, j] = next_token(logits, guided, scales[i * W + j], sampling,
+                                                 [generator[k] for k in b.tolist()])
+                    bar.update()
+                    continue
                 tok = next_token(logits, guided, scales[i * W + j], sampling, generator)  # (B,)
                 if any_known:
                     tok = torch.where(known_mask[:, i, j], canvas[:, i, j], tok)

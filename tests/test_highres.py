@@ -75,6 +75,26 @@ def test_completion_keeps_known_tokens():
     assert torch.equal(kept[:, :2], tokens[:, :2])
 
 
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_per_sample_generators_make_a_completion_independent_of_its_batch(cfg_scale):
+    """With one generator per sample, each sample's completion depends on its own generator only, even
+    when the samples keep different cells (a sample must not draw noise at cells only others need)."""
+    model = tiny_gpt()
+    torch.manual_seed(6)
+    tokens = torch.randint(0, 16, (3, 4, 6))
+    known = torch.zeros(3, 4, 6, dtype=torch.bool)
+    known[0, :2], known[1, :1] = True, True  # sample 2 keeps nothing
+    known[2, 3, 5] = True
+    sampling = SamplingConfig(cfg_scale=cfg_scale)
+    together = complete(model, tokens, known_mask=known, class_labels=[0, 1, 2], sampling=sampling,
+                        generator=[seeded(10 + b) for b in range(3)])
+    for b in range(3):
+        alone = complete(model, tokens[b:b + 1], known_mask=known[b:b + 1], class_labels=[b], sampling=sampling,
+                         generator=[seeded(10 + b)])
+        assert torch.equal(together[b], alone[0]), b
+    assert torch.equal(together[known], tokens[known])
+
+
 def test_windows_never_read_cells_after_the_target():
     """Sampled cells depend only on cells before them in raster order: changing known cells later in
     the canvas, or the placeholder values of unknown cells, leaves every earlier sample unchanged."""
