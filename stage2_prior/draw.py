@@ -26,6 +26,9 @@ CFG_SCHEDULES = ("constant", "linear")
 Randomness = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
+MAX_CFG_SCALE = 1e4
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How each token is drawn: temperature, top-k / top-p filters and classifier-free guidance.
@@ -53,6 +56,8 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance, 0 = unconditional), got {self.cfg_scale}")
+        if self.cfg_scale > MAX_CFG_SCALE:  # far past any use; near float32's range the guided logits turn NaN
+            raise ValueError(f"cfg_scale must be <= {MAX_CFG_SCALE:g} (scales in use are 1-10), got {self.cfg_scale}")
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
 
@@ -103,7 +108,11 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature if temperature != 1.0 else logits
+    if temperature != 1.0:
+        # From the row's largest, and by at least the dtype's smallest normal number: a tiny temperature
+        # then gives 0 and -inf (greedy, ties drawn at random), never inf - inf or 0 / 0 = NaN.
+        logits = logits - logits.amax(dim=-1, keepdim=True)
+        logits = logits / max(temperature, torch.finfo(logits.dtype).tiny)
     if top_k:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:

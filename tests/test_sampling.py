@@ -223,3 +223,22 @@ def test_a_class_label_mistake_reads_the_same_from_the_model_and_the_samplers():
         with pytest.raises(ValueError) as err:
             call()
         assert str(err.value) == needs_class_label(3)
+
+
+def test_a_tiny_temperature_is_greedy_and_an_absurd_guidance_scale_is_refused():
+    """Logits over a temperature of 1e-38 overflow float32: inf - inf made every probability NaN and the
+    first code won every draw. From the row's largest logit the division gives -inf instead, so a tiny
+    temperature draws what greedy decoding draws."""
+    from prior_helpers import tiny_gpt
+    from stage2_prior.draw import sample_logits
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.5], [0.5, -1.0, 4.0, 2.0]])
+    for t in (1e-38, 1e-45, 1e-300):
+        assert sample_logits(logits, temperature=t, generator=torch.Generator().manual_seed(0)).tolist() == [3, 2]
+    model = tiny_gpt()
+    greedy = generate(model, 2, class_labels=[0, 1], sampling=SamplingConfig(temperature=0.0))
+    tiny = generate(model, 2, class_labels=[0, 1], sampling=SamplingConfig(temperature=1e-38),
+                    generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tiny, greedy) and tiny.unique().numel() > 1
+    with pytest.raises(ValueError, match="cfg_scale must be <= 10000"):
+        SamplingConfig(cfg_scale=1e39)
