@@ -242,3 +242,10 @@ def test_a_tiny_temperature_is_greedy_and_an_absurd_guidance_scale_is_refused():
     assert torch.equal(tiny, greedy) and tiny.unique().numel() > 1
     with pytest.raises(ValueError, match="cfg_scale must be <= 10000"):
         SamplingConfig(cfg_scale=1e39)
+
+
+def test_the_command_line_bounds_guidance_as_the_sampler_does():
+    import vqgpt.cli.commands as commands
+    from stage2_prior.draw import MAX_CFG_SCALE
+
+    assert commands._MAX_CFG_SCALE == MAX_CFG_SCALE

@@ -270,9 +270,13 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior", help="prior export folder or Hub id (with --tokenizer, instead of --pipeline)")
 
 
+_MAX_CFG_SCALE = 1e4  # stage2_prior.draw.MAX_CFG_SCALE, written out: the CLI parses its options without torch
+
+
 def _add_sampling_knobs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cfg-scale", type=_float_in(0.0), default=1.0,
-                   help="classifier-free guidance scale, >= 0 (1 = off; larger follows the class more closely)")
+    p.add_argument("--cfg-scale", type=_float_in(0.0, _MAX_CFG_SCALE), default=1.0,
+                   help="classifier-free guidance scale, 0 to 10000 (1 = off; larger follows the class more "
+                        "closely; 1.5-4 is usual)")
     p.add_argument("--temperature", type=_float_in(0.0), default=1.0,
                    help="softmax temperature, >= 0 (1 = the model's distribution, lower = safer, 0 = greedy)")
     p.add_argument("--top-k", type=_int_at_least(1), default=None,
