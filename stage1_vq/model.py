@@ -15,6 +15,7 @@ lowest level), ``quantizer.codebook_dim=8``, ``quantizer.l2_norm=true`` after re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -27,7 +28,7 @@ from stage1_vq.palette import PaletteQuantizer
 from stage1_vq.quantizers import Quantizer, QuantizerConfig, QuantizerOutput, build_quantizer
 from stage1_vq.vit import ViTDecoder, ViTEncoder
 from vqgpt.ground.checkpoint import load_export, load_export_weights, push_to_hub, resolve_model_dir, save_export
-from vqgpt.ground.config import opt
+from vqgpt.ground.config import ConfigError, check_number, opt
 
 EXPORT_KIND = "vq_tokenizer"
 ARCHITECTURES = ("conv", "vit", "pixels")
@@ -72,6 +73,11 @@ class VQModelConfig:
             raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {self.architecture!r}")
         if self.z_channels < 1:
             raise ValueError(f"z_channels must be positive, got {self.z_channels}")
+        if self.resolution < 1:  # a resolution-0 tokenizer would train and export
+            raise ConfigError(f"resolution: must be >= 1, got {self.resolution}")
+        check_number("dropout", self.dropout, 0, 1, high_open=True)
+        if not math.isfinite(self.vit_mlp_ratio):  # whatever the architecture; vit checks its range
+            check_number("vit_mlp_ratio", self.vit_mlp_ratio, 0, low_open=True)
         if self.architecture == "vit":
             self._check_vit()
         elif self.architecture == "pixels":
@@ -102,8 +108,10 @@ class VQModelConfig:
                              f"{self.vit_dim}, {self.vit_depth}, {self.vit_heads}")
         if self.vit_dim % self.vit_heads:
             raise ValueError(f"vit_dim={self.vit_dim} must be divisible by vit_heads={self.vit_heads}")
-        if self.vit_mlp_ratio <= 0:
-            raise ValueError(f"vit_mlp_ratio must be positive, got {self.vit_mlp_ratio}")
+        check_number("vit_mlp_ratio", self.vit_mlp_ratio, 0, low_open=True)
+        if int(self.vit_dim * self.vit_mlp_ratio) < 1:
+            raise ConfigError(f"vit_mlp_ratio: leaves the MLP no hidden unit at vit_dim={self.vit_dim}, "
+                              f"got {self.vit_mlp_ratio}")
         if self.resolution % self.patch_size:
             raise ValueError(f"resolution {self.resolution} must be a multiple of patch_size {self.patch_size}")
 
@@ -114,6 +122,8 @@ class VQModelConfig:
             raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
         if self.channels < 1:
             raise ValueError(f"channels must be positive, got {self.channels}")
+        if self.norm_groups < 1:
+            raise ConfigError(f"norm_groups: must be >= 1, got {self.norm_groups}")
         widths = sorted({self.channels * m for m in self.channel_mult} | {self.channels})
         bad = [w for w in widths if w % self.norm_groups]
         if bad:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from vqgpt.ground.config import ConfigError, opt
+from vqgpt.ground.tokens import MAX_CODEBOOK_SIZE
 
 # Architecture presets; LlamaGen's c2i sizes for GPT-B..XXL. Parameter counts (count_parameters)
 # with LlamaGen's vocabulary 16384 and 1000 classes + null: GPT-B 110.9M, GPT-L 342.9M,
@@ -68,6 +69,9 @@ class GPTConfig:
         for key in ("codebook_size", "n_layer", "n_head", "dim", "multiple_of"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise bad(key, "must be positive")
+        if self.codebook_size is not None and self.codebook_size > MAX_CODEBOOK_SIZE:
+            raise bad("codebook_size", f"must be at most {MAX_CODEBOOK_SIZE} (2**31, the codes a token shard "
+                                       "can store)")
         if self.num_classes is not None and self.num_classes < 0:
             raise bad("num_classes", "must be >= 0")
         for key in ("class_dropout", "dropout", "attn_dropout", "token_dropout", "drop_path"):

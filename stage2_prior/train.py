@@ -24,7 +24,7 @@ from stage2_prior.draw import SamplingConfig
 from stage2_prior.model import GPT, GPTConfig
 from stage2_prior.sampling import generate
 from vqgpt.ground.checkpoint import read_trainer_state, save_checkpoint
-from vqgpt.ground.config import ConfigError, opt
+from vqgpt.ground.config import ConfigError, check_number, opt
 from vqgpt.ground.images import save_grid
 from vqgpt.ground.tokens import TokenDataset, check_tokenizer_match
 from vqgpt.training import (
@@ -67,6 +67,11 @@ class PriorRunConfig:
     conditional: bool = opt(True, "condition on the shards' class labels when they have more than one class")
     sample_cfg_scale: float = opt(1.5, "classifier-free guidance scale of the periodic sample grids")
     sample_temperature: float = opt(1.0, "temperature of the periodic sample grids")
+
+    def __post_init__(self) -> None:
+        # checked when the config is read, not when the first sample grid is drawn after training
+        check_number("sample_temperature", self.sample_temperature, 0)  # 0 = greedy
+        check_number("sample_cfg_scale", self.sample_cfg_scale, 0)  # 1 = no guidance, 0 = unconditional
 
 
 def model_config_for(cfg: PriorRunConfig, data: TokenDataset) -> GPTConfig:

@@ -5,12 +5,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from vqgpt.ground.config import opt
+from vqgpt.ground.config import ConfigError, check_number, opt
+from vqgpt.ground.tokens import MAX_CODEBOOK_SIZE
 
 QUANTIZER_KINDS = ("vq", "fsq", "lfq", "rvq")
 LEARNED_KINDS = ("vq", "rvq")  # the kinds with learned codebooks, which take the vq options
 DEFAULT_VQ_CODEBOOK_SIZE = 1024
 MAX_LFQ_DIM = 18
+# float key -> (low, low excluded, high (excluded) or None): the range its kinds require
+_FLOAT_RANGES = {"beta": (0, False, None), "ema_decay": (0, True, 1), "restart_threshold": (0, False, None),
+                 "entropy_weight": (0, False, None), "entropy_temperature": (0, True, None),
+                 "lfq_temperature": (0, True, None), "lfq_sample_entropy_weight": (0, False, None),
+                 "lfq_codebook_entropy_weight": (0, False, None)}
 
 
 @dataclass
@@ -83,6 +89,11 @@ class QuantizerConfig:
             raise ValueError(f"usage_window must be >= 1, got {self.usage_window}")
         if self.codebook_dim is not None and self.codebook_dim < 1:
             raise ValueError(f"codebook_dim must be >= 1 or null, got {self.codebook_dim}")
+        # NaN passes every `x < 0` test (restart_threshold=NaN would silently turn restarts off), inf most:
+        # every float must be finite whichever kind reads it (the kinds' own checks below give the ranges)
+        for name, (low, low_open, high) in _FLOAT_RANGES.items():
+            if not math.isfinite(getattr(self, name)):
+                check_number(name, getattr(self, name), low, high, low_open=low_open, high_open=high is not None)
         if not self.beta >= 0:  # a negative commitment weight pushes the encoder away from its codes
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.kind in LEARNED_KINDS:
@@ -99,15 +110,16 @@ class QuantizerConfig:
         if self.kind == "fsq":
             if not self.fsq_levels or any(level < 2 for level in self.fsq_levels):
                 raise ValueError(f"fsq_levels must be a non-empty list of integers >= 2, got {self.fsq_levels}")
+            if math.prod(self.fsq_levels) > MAX_CODEBOOK_SIZE:
+                raise ConfigError(f"fsq_levels: {self.fsq_levels} give {math.prod(self.fsq_levels)} codes, more than "
+                                  f"the {MAX_CODEBOOK_SIZE} (2**31) a token shard can store")
             dim, size, source = len(self.fsq_levels), math.prod(self.fsq_levels), f"fsq_levels {self.fsq_levels}"
         else:
             if not 1 <= self.lfq_dim <= MAX_LFQ_DIM:
                 raise ValueError(f"lfq_dim must be in 1..{MAX_LFQ_DIM} (2**lfq_dim codes), got {self.lfq_dim}")
-            if self.lfq_temperature <= 0:
-                raise ValueError(f"lfq_temperature must be > 0, got {self.lfq_temperature}")
-            if self.lfq_sample_entropy_weight < 0 or self.lfq_codebook_entropy_weight < 0:
-                raise ValueError(f"lfq_sample_entropy_weight and lfq_codebook_entropy_weight must be >= 0, got "
-                                 f"{self.lfq_sample_entropy_weight}, {self.lfq_codebook_entropy_weight}")
+            check_number("lfq_temperature", self.lfq_temperature, 0, low_open=True)
+            check_number("lfq_sample_entropy_weight", self.lfq_sample_entropy_weight, 0)
+            check_number("lfq_codebook_entropy_weight", self.lfq_codebook_entropy_weight, 0)
             dim, size, source = self.lfq_dim, 2 ** self.lfq_dim, f"lfq_dim {self.lfq_dim}"
         if self.codebook_dim is not None and self.codebook_dim != dim:
             name = "len(fsq_levels)" if self.kind == "fsq" else "lfq_dim"
@@ -124,18 +136,24 @@ class QuantizerConfig:
             self.codebook_size = DEFAULT_VQ_CODEBOOK_SIZE
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
+        if self.codebook_size > MAX_CODEBOOK_SIZE:  # its codes would not fit the token shards' int32
+            raise ConfigError(f"codebook_size: must be at most {MAX_CODEBOOK_SIZE} (2**31, the codes a token shard "
+                              f"can store), got {self.codebook_size}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.kmeans_iters < 1:
             raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
-        if self.restart_threshold < 0:
-            raise ValueError(f"restart_threshold must be >= 0, got {self.restart_threshold}")
-        if self.entropy_weight < 0 or self.entropy_temperature <= 0:
-            raise ValueError(f"entropy_weight must be >= 0 and entropy_temperature > 0, got "
-                             f"{self.entropy_weight}, {self.entropy_temperature}")
+        check_number("restart_threshold", self.restart_threshold, 0)
+        check_number("entropy_weight", self.entropy_weight, 0)
+        check_number("entropy_temperature", self.entropy_temperature, 0, low_open=True)
         if self.kind == "rvq":
             if self.rvq_depth < 1:
                 raise ValueError(f"rvq_depth must be >= 1, got {self.rvq_depth}")
+            vocabulary = self.codebook_size * (1 if self.rvq_shared_codebook else self.rvq_depth)
+            if vocabulary > MAX_CODEBOOK_SIZE:  # depth d's codes are numbered from d * codebook_size
+                raise ConfigError(f"codebook_size: {self.codebook_size} codes per depth x rvq_depth {self.rvq_depth} "
+                                  f"give {vocabulary} tokens, more than the {MAX_CODEBOOK_SIZE} (2**31) a token "
+                                  f"shard can store")
             if self.rvq_shared_codebook and self.l2_norm:
                 raise ValueError("rvq_shared_codebook with l2_norm: the shared codes would be unit vectors, but the "
                                  "residuals after the first depth are not; use one codebook per depth "

@@ -1,6 +1,7 @@
 """Typed configuration: dataclasses loaded from YAML by a small strict loader.
 
-An unknown key or a value of the wrong type is a `ConfigError` that names the dotted key.
+An unknown key, a value of the wrong type or a float that is NaN or infinite is a `ConfigError` that
+names the dotted key; so is a section's own check (``dim: must be ...`` becomes ``model.dim: must be ...``).
 Overrides use the command-line form ``section.key=value`` (value parsed as YAML).
 """
 
@@ -10,6 +11,7 @@ import copy
 import dataclasses
 import datetime
 import json
+import math
 import re
 import types
 import typing
@@ -23,6 +25,29 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names the dotted key."""
+
+
+def check_number(key: str, value: Any, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ``ConfigError("KEY: must be a finite number RANGE, got VALUE")`` unless ``value`` is a finite
+    real number in the range (``low``/``high`` inclusive unless ``*_open``; None = unbounded). Written as
+    a test that NaN fails, unlike ``value < 0``, which NaN passes."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return
+    if low is not None and high is not None:
+        span = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        span = f" {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        span = f" {'<' if high_open else '<='} {high:g}"
+    else:
+        span = ""
+    raise ConfigError(f"{key}: must be a finite number{span}, got {value!r}")
 
 
 def opt(default: Any, help: str) -> Any:
@@ -152,9 +177,24 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "", require_a
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
-            raise
+            raise _in_section(exc, prefix, fields) from None
         raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
+    for name in fields:
+        # NaN passes every comparison and inf most range checks: no config float may be either
+        value = getattr(obj, name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{name}: must be a finite number, got {value}")
     return obj
+
+
+def _in_section(exc: ConfigError, prefix: str, fields: Mapping[str, Any]) -> ConfigError:
+    """A section's own ConfigError that names its key bare ("dim: must be ...") with the section's dotted
+    path in front ("model.dim: must be ..."), so that it names the key as a config file and --set do."""
+    message = str(exc)
+    head = re.match(r"(\w+)(?=[:.=,\[\s]|$)", message)
+    if prefix and head and head.group(1) in fields:
+        return ConfigError(f"{prefix}.{message}")
+    return exc
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -204,17 +244,69 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, naming the file in any error."""
+    """Read a YAML mapping, naming the file in any error.
+
+    Stricter than ``yaml.safe_load``: a key given twice in one mapping (which YAML would silently
+    resolve to the last value) and an empty file (no keys at all: write ``{}`` for every default)
+    are errors.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); "
+                          "save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise ConfigError(f"{path}: the config file is empty (write {{}} to take every default)")
+        duplicate = _duplicate_key(node)
+        if duplicate is not None:
+            key, first, second = duplicate
+            raise ConfigError(f"{path}: duplicate key '{key}' (lines {first} and {second}); give each key once")
+        data = loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    finally:
+        loader.dispose()
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty (write {{}} to take every default)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
+
+
+def _duplicate_key(node: yaml.Node, path: str = "", seen: set[int] | None = None) -> tuple[str, int, int] | None:
+    """The first key given twice in one mapping of the composed YAML ``node`` (a merge ``<<`` aside), as
+    (dotted key, line of the first, line of the second), else None."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias: its node was walked where its anchor is
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = f"{path}.{key_node.value}" if path else str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key_node.value in lines:
+                return key, lines[key_node.value], line
+            lines[key_node.value] = line
+            found = _duplicate_key(value_node, key, seen)
+            if found is not None:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _duplicate_key(item, f"{path}[{i}]", seen)
+            if found is not None:
+                return found
+    return None
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
@@ -237,12 +329,14 @@ def _override_named_in(message: str, overrides: list[str]) -> str | None:
     """The last override whose dotted key (or a key inside it) the error message names, else None."""
     for item in reversed(overrides):
         key = item.split("=", 1)[0].strip()
-        # the key as a whole dotted name: 'train.lr', train.lr: ..., or a sub-key train.lr.x / list item train.lr[0]
-        if key and re.search(rf"(?:^|['\s]){re.escape(key)}(?:$|['.:,\[\s])", message):
+        # the key as a whole dotted name: 'train.lr', train.lr: ..., train.lr=..., or a sub-key train.lr.x /
+        # list item train.lr[0]
+        if key and re.search(rf"(?:^|['\s]){re.escape(key)}(?:$|['.:,=\[\s])", message):
             return item
-        # a section's own check names the section, then the field: "model: channels must be positive"
+        # a section's own check names the section (or a sibling key in it), then the field:
+        # "model: channels must be positive", "model.dim: must be divisible by n_head=3"
         section, _, field = key.rpartition(".")
-        if section and re.match(rf"{re.escape(section)}: .*\b{re.escape(field)}\b", message):
+        if section and re.match(rf"{re.escape(section)}(?:\.\w+)?: .*\b{re.escape(field)}\b", message):
             return item
     return None
 

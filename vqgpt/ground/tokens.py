@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import re
 from pathlib import Path
@@ -44,9 +45,22 @@ class TokenShardError(ValueError):
     """Token shards are missing, inconsistent, or made by another tokenizer; the message names the file."""
 
 
+# The most codes a token shard can hold: codes 0 .. 2**31 - 1 fit int32, the widest storage dtype. A
+# tokenizer's or prior's codebook_size (its vocabulary) above this is a config error.
+MAX_CODEBOOK_SIZE = int(np.iinfo(np.int32).max) + 1
+
+
 def token_dtype(codebook_size: int) -> np.dtype:
-    """Smallest storage dtype for codes in [0, codebook_size): uint16 up to 65536, else int32."""
-    return np.dtype(np.uint16) if codebook_size <= 65536 else np.dtype(np.int32)
+    """Smallest storage dtype for codes in [0, codebook_size): uint16 up to 65536, else int32 (up to
+    ``MAX_CODEBOOK_SIZE``); a size it cannot hold is a ValueError, not codes that wrap around."""
+    try:
+        size = None if isinstance(codebook_size, bool) else operator.index(codebook_size)
+    except TypeError:
+        size = None
+    if size is None or not 1 <= size <= MAX_CODEBOOK_SIZE:
+        raise ValueError(f"codebook_size must be an integer in 1..{MAX_CODEBOOK_SIZE} (2**31: codes are stored "
+                         f"as int32 at most), got {codebook_size!r}")
+    return np.dtype(np.uint16) if size <= 65536 else np.dtype(np.int32)
 
 
 def fingerprint_file(path: str | Path) -> str:

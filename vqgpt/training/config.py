@@ -16,7 +16,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration,
                                parse_flag_from_env, set_seed)
 
-from vqgpt.ground.config import ConfigError, opt
+from vqgpt.ground.config import ConfigError, check_number, opt
 
 # Tracker files (tensorboard event files, wandb's offline run) live in this sub-folder of the run folder.
 TRACKING_DIR = "tracking"
@@ -92,18 +92,15 @@ class TrainConfig:
         for name in ("checkpoint_every", "keep_checkpoints", "sample_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {self.min_lr_ratio}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "warmup_steps"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
+        # finite as well as in range: NaN passes `x < 0` and inf `x >= 0` (an inf lr or weight decay is a NaN step)
+        check_number("train.lr", self.lr, 0, low_open=True)
+        check_number("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        for name in ("beta1", "beta2", "ema_decay"):  # ema_decay 0 = off
+            check_number(f"train.{name}", getattr(self, name), 0, 1, high_open=True)
+        for name in ("weight_decay", "grad_clip"):  # grad_clip 0 = off
+            check_number(f"train.{name}", getattr(self, name), 0)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps: must be >= 0, got {self.warmup_steps}")
 
 
 def _no_accelerator_device() -> bool:
