@@ -74,6 +74,12 @@ class TokenizerRunConfig:
                              f"(got {channels[0]} and {channels[1]})")
         if not self.disc_lr_ratio >= 0:
             raise ValueError(f"disc_lr_ratio must be >= 0, got {self.disc_lr_ratio}")
+        factor = self.model.downsample_factor
+        if self.data.resolution % factor:  # else the first step fails, naming no key
+            low = self.data.resolution // factor * factor
+            nearest = f"{low} or {low + factor}" if low else f"{factor}"
+            raise ConfigError(f"data.resolution: {self.data.resolution} is not a multiple of the tokenizer's "
+                              f"downsampling factor {factor} (nearest: {nearest})")
 
 
 def _snapshot_images(cfg: TokenizerRunConfig, n: int = 8) -> torch.Tensor:

@@ -265,3 +265,14 @@ def test_an_empty_config_file_is_an_error(text, tmp_path, capsys):
     assert err.startswith(f"error: {path}: the config file is empty")
     path.write_text("{}\n")  # every default, said so
     assert load_config(PriorRunConfig, path, ["tokens=T"]) == PriorRunConfig(tokens="T")
+
+
+def test_data_resolution_must_be_a_multiple_of_the_tokenizers_factor():
+    """A data.resolution the tokenizer cannot tile used to fail at the first training step, naming no key."""
+    from stage1_vq.train import TokenizerRunConfig
+
+    with pytest.raises(ConfigError, match=r"--set data.resolution=33: data.resolution: 33 is not a multiple of the "
+                                          r"tokenizer's downsampling factor 4 \(nearest: 32 or 36\)"):
+        load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", ["data.resolution=33"])
+    with pytest.raises(ConfigError, match=r"data.resolution: 3 is not a multiple .* \(nearest: 4\)"):
+        load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", ["data.resolution=3"])
