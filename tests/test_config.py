@@ -74,3 +74,7 @@ def test_train_config_validation_and_schedule():
     assert lr_factor(10, cfg) == pytest.approx(1.0)
     assert lr_factor(100, cfg) == pytest.approx(0.1)
     assert lr_factor(40, cfg) > lr_factor(80, cfg)
+    # the run's last step (steps - 1) trains at exactly min_lr_ratio of the peak, short runs too
+    assert lr_factor(99, cfg) == pytest.approx(0.1, abs=1e-12) and lr_factor(98, cfg) > 0.1 + 1e-6
+    short = TrainConfig(steps=12, warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(11, short) == pytest.approx(0.1, abs=1e-12) and lr_factor(4, short) == 1.0

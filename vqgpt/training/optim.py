@@ -15,12 +15,13 @@ from vqgpt.training.config import TrainConfig
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak LR at ``step``: linear warmup, then cosine down to ``min_lr_ratio``."""
+    """Multiplier of the peak LR at ``step`` (0 .. steps - 1): linear warmup, then cosine from the peak at
+    the first step after warmup down to ``min_lr_ratio`` at the last step."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
