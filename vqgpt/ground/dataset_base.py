@@ -184,13 +184,20 @@ class EncodedImageDataset(ImageDataset):
 
     def encoded(self, index: int) -> tuple[bytes, str] | Unreadable:
         """The stored bytes of item ``index`` and the extension of their format (``vqgpt shard`` copies
-        them as they are), or ``Unreadable`` when Pillow does not recognise them."""
+        them as they are), or ``Unreadable`` when Pillow does not recognise them. An image in a format
+        that shard readers do not take as an image member (PPM, TGA, ...) comes back as a PNG of the RGB
+        image this source decodes from it, so that the shards hold the same pixels."""
         index = _check_index(index, len(self))
         data = self._bytes(index)
         try:
             with Image.open(io.BytesIO(data)) as img:  # reads the header only
-                return data, FORMAT_EXTENSIONS[img.format or ""]
-        except Exception as exc:  # not an image, or a format not kept in shards
+                ext = FORMAT_EXTENSIONS.get(img.format or "")
+            if ext is not None:
+                return data, ext
+            buffer = io.BytesIO()
+            open_rgb(io.BytesIO(data)).save(buffer, format="PNG")  # type: ignore[arg-type]
+            return buffer.getvalue(), "png"
+        except Exception as exc:  # not an image
             return Unreadable(self._where(index), f"{type(exc).__name__}: {exc}")
 
     def __len__(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 from vqgpt.ground.data import FolderImageDataset, build_dataset
 from vqgpt.ground.dataset_base import DataConfig, EncodedImageDataset, ImageDataset, Unreadable
 from vqgpt.ground.images import tensor_to_pil
-from vqgpt.ground.tar_shards import PREFIX, shard_index
+from vqgpt.ground.tar_shards import CLASSES_FILE, PREFIX, shard_index
 
 SHARD_NAME = "shard-%06d.tar"
 PARTIAL_DIR = ".partial"  # where the shards are written until the last one is closed
@@ -60,7 +61,8 @@ def write_shards(source: str, out: str | Path, per_shard: int, split: str = "tra
     samples each): key = item index, the image under its format's extension (a folder's file, a
     dataset row's or a shard member's bytes unchanged; a built-in's images as PNG at ``resolution``,
     center-cropped), ``cls`` = class index, ``json`` = {"label", "class" (its name), "name" (the
-    item in the source)}. The shards are indexed for ``wds:`` as they are written."""
+    item in the source)}; OUT/classes.json lists the source's classes. The shards are indexed for
+    ``wds:`` as they are written."""
     import webdataset
 
     if per_shard < 1:
@@ -99,6 +101,10 @@ def write_shards(source: str, out: str | Path, per_shard: int, split: str = "tra
     if not count:  # ShardWriter opens its first shard before any sample: nothing readable was written
         shutil.rmtree(partial)
         raise ValueError(f"no readable image in {source} ({len(unreadable)} left out)")
+    # the whole class list, beside the shards: a class without a readable image has no sample to name it
+    (partial / CLASSES_FILE).write_text(json.dumps({"classes": list(dataset.classes)}, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
+    os.replace(partial / CLASSES_FILE, out / CLASSES_FILE)
     shards = []
     for shard in written:
         shards.append(out / shard.name)

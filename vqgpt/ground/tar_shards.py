@@ -9,7 +9,9 @@ read too), its class the ``cls`` member (an integer, or a class name) or else th
 
 Classes: integer classes are their own index (``classes`` is "0" .. the largest, each named by the
 text ``class`` field of a sample's json when there is one, as ``vqgpt shard`` writes it); class
-names are numbered in sorted order; shards without any class hold the one class "default".
+names are numbered in sorted order; shards without any class hold the one class "default". Shards
+that ``vqgpt shard`` wrote take their classes from the ``classes.json`` beside them, the source's
+whole list, so that a class none of whose images could be read keeps its name and its index.
 
 Random access, and what it buys: each shard is indexed once (key -> byte offset and size of the
 image member, and the class), by reading its member headers, into one small JSON file per shard in
@@ -55,7 +57,10 @@ from vqgpt.ground.images import IMAGE_EXTENSIONS
 
 PREFIX = "wds:"
 IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)  # jpg jpeg png webp bmp gif tif tiff
-INDEX_FORMAT = 1  # bump when the stored fields change: older index files are rebuilt
+INDEX_FORMAT = 2  # bump when the stored fields or the grouping change: older index files are rebuilt
+# ``vqgpt shard`` writes the source's class names beside its shards: a class without a readable image
+# has no sample to carry its name, and the classes above the largest one present would be lost
+CLASSES_FILE = "classes.json"
 
 
 def shard_paths(source: str) -> list[Path]:
@@ -78,6 +83,35 @@ def shard_paths(source: str) -> list[Path]:
         raise FileNotFoundError(f"data.source {source}: {len(missing)} of {len(shards)} shard files not found "
                                 f"({shown})")
     return shards
+
+
+def listed_classes(shards: list[Path]) -> list[str] | None:
+    """The class names ``vqgpt shard`` listed beside ``shards`` (FOLDER/classes.json), when they all lie
+    in one folder that holds that file; else None."""
+    folders = {shard.parent for shard in shards}
+    path = next(iter(folders)) / CLASSES_FILE
+    if len(folders) != 1 or not path.is_file():
+        return None
+    try:
+        classes = json.loads(path.read_text(encoding="utf-8")).get("classes")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path}: not the class list vqgpt shard writes ({exc}); repair or delete it") from None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"{path}: 'classes' must be a non-empty list of class names; repair or delete it")
+    return classes
+
+
+def _agreeing(listed: list[str], labels: np.ndarray, names: dict[int, str], path: Path) -> list[str]:
+    """``listed`` (classes.json), once the samples' labels and the names they carry agree with it."""
+    if len(labels) and int(labels.max()) >= len(listed):
+        raise ValueError(f"{path} lists {len(listed)} classes, but a sample has the class {int(labels.max())}: "
+                         f"the file belongs to other shards; delete it")
+    wrong = [k for k, name in names.items() if listed[k] != name]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(f"{path} names class {k} {listed[k]!r}, but its samples say {names[k]!r}: the file "
+                         f"belongs to other shards; delete it")
+    return list(listed)
 
 
 def _class_value(text: str) -> int | str:
@@ -216,13 +250,17 @@ def scan_shard(shard: Path) -> dict[str, Any]:
         members = _fast_members(shard)
     except (_Unusual, ValueError, UnicodeDecodeError):  # not plain ustar / GNU / PAX: tarfile knows more
         members = _tarfile_members(shard)
-    samples: dict[str, dict[str, Any]] = {}
+    # A sample is a run of consecutive members with one key (webdataset's grouping): a key that comes
+    # back after another key's members starts another sample, it does not add to the first one.
+    samples: list[tuple[str, dict[str, Any]]] = []
     with open(shard, "rb") as f:
         for name, offset, size in members:
             base, ext = base_plus_ext(name)
             if base is None:
                 continue
-            entry = samples.setdefault(base, {})
+            if not samples or samples[-1][0] != base:
+                samples.append((base, {}))
+            entry = samples[-1][1]
             ext = ext.lower()
             if ext in IMAGE_KEYS and "image" not in entry:
                 entry["image"] = (name, offset, size)
@@ -230,7 +268,7 @@ def scan_shard(shard: Path) -> dict[str, Any]:
                 f.seek(offset)
                 entry[ext] = f.read(size)
     rows, without_image = [], []
-    for key, entry in samples.items():
+    for key, entry in samples:
         if "image" not in entry:
             without_image.append(key)
             continue
@@ -329,6 +367,9 @@ class TarShardDataset(EncodedImageDataset):
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.classes, self.labels = class_table(values, lambda i: self._where(i), names)
+        listed = listed_classes(self.shards)
+        if listed is not None and all(isinstance(v, int) for v in values):
+            self.classes = _agreeing(listed, self.labels, names, self.shards[0].parent / CLASSES_FILE)
 
     def _bytes(self, index: int) -> bytes:
         with open(self.shards[self.shard_of[index]], "rb") as f:
