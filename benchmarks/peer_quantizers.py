@@ -45,7 +45,7 @@ class PeerQuantizer(BaseQuantizer):
             counts = torch.bincount(indices.flatten(), minlength=self.codebook_size).float()
             if self.training:
                 all_reduce_sum_(counts)
-            stats = self._usage_stats(counts)
+            stats = self._step_usage_stats(counts)  # {} when deferred: see finish_step
         return QuantizerOutput(z_q, indices.long(), loss.sum(), stats)
 
     @torch.no_grad()

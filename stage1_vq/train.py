@@ -164,7 +164,12 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         if perceptual is not None:
             perceptual = perceptual.to(accelerator.device).eval().requires_grad_(False)
         ema = make_ema(accelerator, model, tc.ema_decay)
-        accelerator.register_for_checkpointing(UsageWindow(unwrap(accelerator, model).quantize))
+        quantizer = unwrap(accelerator, model).quantize
+        accelerator.register_for_checkpointing(UsageWindow(quantizer))
+        # With grad_accum > 1 the quantizer's training bookkeeping (EMA codebook, restarts, usage window,
+        # the histogram behind 'perplexity') runs once per optimizer step over all its micro-batches, as
+        # for one batch of batch_size x grad_accum (see BaseQuantizer); its step statistics are logged once.
+        defer_quantizer = tc.grad_accum > 1
 
         # ---- resume
         step, position = load_resume(accelerator, run.checkpoint, tc.batch_size)
@@ -208,7 +213,9 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                     set_lr(opt_d, step, tc, peak=tc.lr * cfg.disc_lr_ratio)
                 metrics = StepMetrics()
                 # One optimizer step = grad_accum micro-batches through both models together.
-                for _ in range(tc.grad_accum):
+                for micro_batch in range(tc.grad_accum):
+                    if defer_quantizer:  # the last micro-batch's forward applies the step's quantizer update
+                        quantizer.set_step_updates("finish" if micro_batch == tc.grad_accum - 1 else "defer")
                     images, _labels = next(batches)
                     # Undecodable files are left out of their (full-size: drop_last) batch. One sum gives
                     # every rank the count and says whether some rank got no image at all: then every rank
@@ -246,10 +253,18 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                                     gan_weight=g.gan_weight, quant_loss=g.quantizer, disc_loss=d_loss)
                         if log_now:
                             # every quantizer statistic: usage and perplexity (from all ranks' codes), and
-                            # the kind's own (per-depth usage/error of rvq, the entropies of lfq, restarts)
+                            # the kind's own (per-depth usage/error of rvq, the entropies of lfq, restarts);
+                            # under grad_accum > 1 the step's usage, perplexity and restarts come below
                             metrics.add(psnr=psnr(images, out.reconstruction).mean(), **out.quantizer.stats)
                     else:
                         skipped += dropped_update(accelerator, tc, "tokenizer loss or gradient norm", step + 1, run_dir)
+                if defer_quantizer:
+                    # The step's quantizer statistics, over every micro-batch whose forward ran (the update
+                    # happens in the forward, before the finite check, as with grad_accum 1); applies the
+                    # step here if its last micro-batch was empty, so nothing stays pending at a checkpoint.
+                    step_stats = quantizer.finish_step()
+                    if log_now:
+                        metrics.add(**step_stats)
                 step += 1
                 if ema is not None:
                     ema.update(unwrap(accelerator, model), step=step)
@@ -262,6 +277,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                                     usage=f"{record.get('usage', float('nan')):.0%}")
                 after_step(accelerator, tc, step, bar, interrupt, checkpoint, snapshot_grid)
         bar.close()
+        quantizer.set_step_updates("every_forward")
         checkpoint()
         snapshot_grid()
 

@@ -8,7 +8,9 @@ All follow one contract: ``quantizer(z) -> QuantizerOutput(z_q, indices, loss, s
 per position, except residual VQ's D side by side (see ``rvq``). Quantizer state and statistics
 that must agree across DDP ranks (EMA statistics, dead-code restarts, k-means init, usage counts,
 the batch-mean code distributions of the entropy losses) are all-reduced / broadcast in training
-when ``torch.distributed`` runs with more than one process; everything else is rank-local.
+when ``torch.distributed`` runs with more than one process; everything else is rank-local. That
+training state moves once per training forward, or, under gradient accumulation, once per optimizer
+step over all its micro-batches (``set_step_updates`` / ``finish_step``, see ``BaseQuantizer``).
 
 Modules: ``config`` (QuantizerConfig), ``common`` (output type, DDP helpers, lookup, usage
 statistics), ``vq`` (VectorQuantizer), ``fsq`` (FSQ), ``lfq`` (LFQ), ``rvq`` (ResidualVQ);

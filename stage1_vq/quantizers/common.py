@@ -113,12 +113,77 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum())
 
 
+STEP_UPDATES = ("every_forward", "defer", "finish")
+
+
 class BaseQuantizer(nn.Module):
-    """Input checks and usage statistics shared by the quantizers."""
+    """Input checks, usage statistics and the once-per-step training bookkeeping shared by the quantizers.
+
+    Training bookkeeping (the EMA codebook sums and counts, dead-code restarts, the usage window, the
+    step's code histogram for 'perplexity') runs once per optimizer step. By default every training
+    forward is one step. A loop that accumulates gradients over micro-batches sets
+    ``set_step_updates('defer')`` for all but the last micro-batch of a step and ``'finish'`` for the
+    last: the deferred forwards only add their (all-reduced) counts and EMA sums to the step's
+    pending ones, and the finishing forward adds its own and then applies the whole step's update at
+    the point where an undeferred forward applies its own, so a step of micro-batches updates the
+    quantizer exactly as one forward of their concatenation would (restart candidates excepted: they
+    come from the last micro-batch, as under several processes they come from rank 0's share; k-means
+    init runs on the first micro-batch). ``finish_step()`` then returns the step's statistics
+    ('usage', 'perplexity', 'restarted', rvq's per-depth ones), which deferred forwards leave out of
+    their own stats; it also applies a step whose finishing forward did not run (an empty last
+    micro-batch). Pending state lives in plain attributes, never in a state_dict, and is empty
+    between steps.
+    """
 
     codebook_size: int  # the vocabulary: indices lie in [0, codebook_size)
     codebook_dim: int
     codes_per_position: int = 1  # indices per latent position (rvq: its depth, side by side in a row)
+    _step_updates: str = "every_forward"
+
+    def set_step_updates(self, when: str) -> None:
+        """When training forwards apply the step's bookkeeping: 'every_forward' (each forward is a step,
+        the default), 'defer' (add to the step's pending sums only) or 'finish' (add, then apply the
+        step's update in this forward: the last micro-batch of a step). See the class doc."""
+        if when not in STEP_UPDATES:
+            raise ValueError(f"step updates must be one of {list(STEP_UPDATES)}, got {when!r}")
+        self._step_updates = when
+
+    def _deferring(self) -> bool:
+        """Whether this forward adds to the step's pending bookkeeping instead of being a step itself."""
+        return self.training and self._step_updates != "every_forward"
+
+    def finish_step(self) -> dict[str, torch.Tensor]:
+        """The statistics of the step that the last finishing forward applied ('usage' over the last
+        usage_window steps, 'perplexity' of the whole step's code histogram, ...; {} when no deferred
+        forward ran), applying the pending step first if no finishing forward did. Clears them."""
+        if getattr(self, "_pending_hits", None) is not None:
+            self._finish_pending()
+        stats = getattr(self, "_finished_stats", {})
+        self._finished_stats = {}
+        return stats
+
+    def _add_pending_hits(self, counts: torch.Tensor) -> None:
+        """Add one micro-batch's all-reduced code histogram to the step's."""
+        pending = getattr(self, "_pending_hits", None)
+        self._pending_hits = counts if pending is None else pending + counts
+
+    def _take_pending_hits(self) -> torch.Tensor:
+        counts, self._pending_hits = self._pending_hits, None
+        return counts
+
+    def _finish_pending(self) -> None:
+        """Apply the pending step (here: the usage window) and keep its statistics for ``finish_step``."""
+        self._finished_stats = self._usage_stats(self._take_pending_hits())
+
+    def _step_usage_stats(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training forward's usage statistics: this forward's (one step), or none when deferred (the
+        counts join the step's, applied here when this forward finishes the step)."""
+        if not self._deferring():
+            return self._usage_stats(counts)
+        self._add_pending_hits(counts)
+        if self._step_updates == "finish":
+            self._finish_pending()
+        return {}
 
     def _init_usage(self, usage_window: int, shape: tuple[int, ...] | None = None) -> None:
         self.usage_window = usage_window

@@ -73,6 +73,6 @@ class FSQ(BaseQuantizer):
             counts = code_counts(indices, self.codebook_size)
             if self.training:
                 all_reduce_sum_(counts)
-            stats = self._usage_stats(counts)
+            stats = self._step_usage_stats(counts)  # {} when deferred: see finish_step
             z_q = codes.view(b, h, w, self.codebook_dim).permute(0, 3, 1, 2)  # (B, D, h, w)
         return QuantizerOutput(z_q, indices.view(b, h, w), torch.zeros((), device=z.device), stats)

@@ -112,7 +112,7 @@ class LFQ(BaseQuantizer):
                     - self.codebook_entropy_weight * codebook_entropy)
             out = flat + (codes - flat).detach()  # straight-through estimator
             z_q = out.view(b, h, w, self.codebook_dim).permute(0, 3, 1, 2)  # (B, d, h, w)
-            stats = self._usage_stats(counts)
+            stats = self._step_usage_stats(counts)  # {} when deferred: see finish_step
             stats.update(commitment=commitment.detach(), sample_entropy=sample_entropy.detach(),
                          codebook_entropy=codebook_entropy.detach())
         return QuantizerOutput(z_q, indices.view(b, h, w), loss, stats)

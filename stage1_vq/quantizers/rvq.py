@@ -158,7 +158,16 @@ class ResidualVQ(BaseQuantizer):
             if self.training:
                 all_reduce_sum_(counts)  # (D, K), global: EMA state must agree across ranks
                 # after every lookup, so that each depth's codes were chosen by one codebook state
-                if self.shared_codebook:
+                if self._deferring():  # one micro-batch of a step: see BaseQuantizer
+                    if self.shared_codebook:
+                        shared._defer_codebook_update(torch.cat(residuals), torch.cat(per_depth), counts.sum(0))
+                    else:
+                        for d, layer in enumerate(self.layers):
+                            layer._defer_codebook_update(residuals[d], per_depth[d], counts[d])
+                    self._add_pending_hits(counts)
+                    if self._step_updates == "finish":
+                        self._finish_pending()
+                elif self.shared_codebook:
                     restarted = shared._update_codebook(torch.cat(residuals), torch.cat(per_depth), counts.sum(0))
                 else:
                     for d, layer in enumerate(self.layers):
@@ -168,13 +177,30 @@ class ResidualVQ(BaseQuantizer):
             else:
                 out = flat + (total - flat).detach()  # straight-through estimator
             z_q = out.view(b, h, w, self.codebook_dim).permute(0, 3, 1, 2)  # (B, C, h, w)
-            stats = self._depth_stats(counts, torch.stack(errors) / flat.detach().pow(2).mean().clamp_min(1e-12))
-            stats.update(commitment=commitment.detach(), codebook_loss=codebook_loss.detach(), restarted=restarted,
-                         entropy_penalty=penalty.detach())
+            deferred = self._deferring()  # then the step's usage, perplexity and restarts come from finish_step
+            errors = torch.stack(errors) / flat.detach().pow(2).mean().clamp_min(1e-12)
+            usage = {} if deferred else self._usage_stats(counts)
+            stats = {key: usage[key] for key in ("usage", "perplexity") if key in usage}
+            for d in range(self.depth):
+                stats.update({key: usage[key] for key in (f"usage_d{d}", f"perplexity_d{d}") if key in usage})
+                stats[f"error_d{d}"] = errors[d]
+            stats.update(commitment=commitment.detach(), codebook_loss=codebook_loss.detach())
+            if not deferred:
+                stats["restarted"] = restarted
+            stats["entropy_penalty"] = penalty.detach()
         return QuantizerOutput(z_q, self._to_grid(per_depth, b, h, w), loss, stats)
 
-    def _depth_stats(self, counts: torch.Tensor, errors: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Usage and perplexity over the vocabulary and per depth, from counts (D, K); errors (D,) per depth."""
+    def _finish_pending(self) -> None:
+        counts = self._take_pending_hits()
+        restarted = torch.zeros((), device=counts.device)
+        for layer in self.layers:
+            layer_restarted = layer._apply_pending_codebook_update()
+            if layer_restarted is not None:
+                restarted = restarted + layer_restarted
+        self._finished_stats = {**self._usage_stats(counts), "restarted": restarted}
+
+    def _usage_stats(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Usage and perplexity over the vocabulary and per depth, from counts (D, K)."""
         hits = self._recent_hits(counts)  # (D, K)
         if self.shared_codebook:  # one vocabulary of K codes: used at any depth
             stats = {"usage": hits.any(0).float().mean(), "perplexity": perplexity(counts.sum(0))}
@@ -183,5 +209,4 @@ class ResidualVQ(BaseQuantizer):
         for d in range(self.depth):
             stats[f"usage_d{d}"] = hits[d].float().mean()
             stats[f"perplexity_d{d}"] = perplexity(counts[d])
-            stats[f"error_d{d}"] = errors[d]
         return stats

@@ -116,7 +116,13 @@ class VectorQuantizer(BaseQuantizer):
             restarted = torch.zeros((), device=z.device)
             if self.training:
                 all_reduce_sum_(counts)  # global histogram: EMA state must agree across ranks
-                restarted = self._update_codebook(flat.detach(), indices, counts)
+                if self._deferring():  # one micro-batch of a step: see BaseQuantizer
+                    self._defer_codebook_update(flat.detach(), indices, counts)
+                    self._add_pending_hits(counts)
+                    if self._step_updates == "finish":
+                        self._finish_pending()  # before the loss terms, where an undeferred forward updates
+                else:
+                    restarted = self._update_codebook(flat.detach(), indices, counts)
 
             loss, commitment, codebook_loss, penalty = self.loss_terms(flat, quantized, codebook)
             if self.use_rotation_trick:
@@ -124,9 +130,12 @@ class VectorQuantizer(BaseQuantizer):
             else:
                 out = flat + (quantized - flat).detach()  # straight-through estimator
             z_q = out.view(b, h, w, self.codebook_dim).permute(0, 3, 1, 2)  # (B, D, h, w)
-            stats = self._usage_stats(counts)
-            stats.update(commitment=commitment.detach(), codebook_loss=codebook_loss.detach(), restarted=restarted,
-                         entropy_penalty=penalty.detach())
+            deferred = self._deferring()  # then the step's usage, perplexity and restarts come from finish_step
+            stats = {} if deferred else self._usage_stats(counts)
+            stats.update(commitment=commitment.detach(), codebook_loss=codebook_loss.detach())
+            if not deferred:
+                stats["restarted"] = restarted
+            stats["entropy_penalty"] = penalty.detach()
         return QuantizerOutput(z_q, indices.view(b, h, w), loss, stats)
 
     def loss_terms(self, flat: torch.Tensor, quantized: torch.Tensor, codebook: torch.Tensor) -> VQLoss:
@@ -154,13 +163,56 @@ class VectorQuantizer(BaseQuantizer):
         mean_probs = mean_over_ranks(probs.sum(0), len(flat)) if self.training else probs.mean(0)  # (K,)
         return sample_entropy - entropy(mean_probs)
 
+    def _finish_pending(self) -> None:
+        counts = self._take_pending_hits()
+        restarted = self._apply_pending_codebook_update()
+        if restarted is None:
+            restarted = torch.zeros((), device=counts.device)
+        self._finished_stats = {**self._usage_stats(counts), "restarted": restarted}
+
+    def _updates_codebook(self) -> bool:
+        return self.ema or self.restart_threshold > 0
+
+    @torch.no_grad()
+    def _ema_sums(self, flat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Sum of the latents (N, D) assigned to each code, over all ranks (K, D)."""
+        return all_reduce_sum_(torch.zeros_like(self.embed_sum).index_add_(0, indices, flat))
+
+    @torch.no_grad()
+    def _defer_codebook_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add one micro-batch's all-reduced counts (K,) and EMA sums to the step's pending update."""
+        if not self._updates_codebook():
+            return
+        pending = getattr(self, "_pending_update", None)
+        sums = self._ema_sums(flat, indices) if self.ema else None
+        if pending is not None:
+            counts = pending[0] + counts
+            sums = pending[1] + sums if self.ema else None
+        # Restart candidates come from the last micro-batch's latents, as under several processes
+        # they come from rank 0's share of the batch.
+        self._pending_update = (counts, sums, flat)
+
+    @torch.no_grad()
+    def _apply_pending_codebook_update(self) -> torch.Tensor | None:
+        """The step's EMA update and restarts from the pending sums, once per step: the number restarted,
+        None when nothing is pending (a codebook without EMA or restarts)."""
+        pending, self._pending_update = getattr(self, "_pending_update", None), None
+        return None if pending is None else self._apply_codebook_update(*pending)
+
     @torch.no_grad()
     def _update_codebook(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """EMA codebook / usage-count update and dead-code restart; returns the number restarted."""
+        if not self._updates_codebook():
+            return torch.zeros((), device=flat.device)
+        return self._apply_codebook_update(counts, self._ema_sums(flat, indices) if self.ema else None, flat)
+
+    @torch.no_grad()
+    def _apply_codebook_update(self, counts: torch.Tensor, sums: torch.Tensor | None,
+                               flat: torch.Tensor) -> torch.Tensor:
+        """One step's EMA update from its all-reduced counts (K,) and member sums (K, D) (``ema``), and the
+        dead-code restart with candidates from ``flat`` (N, D); returns the number restarted."""
         decay = self.ema_decay
         if self.ema:
-            sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)
-            all_reduce_sum_(sums)
             self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
             self.embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
             # Laplace smoothing keeps rarely used codes from dividing by ~0.
