@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from stage2_prior.draw import SamplingConfig
+from stage2_prior.draw import MAX_CFG_SCALE, SamplingConfig
 from stage2_prior.model import GPT, GPTConfig
 from stage2_prior.sampling import generate
 from vqgpt.ground.checkpoint import read_trainer_state, save_checkpoint
@@ -71,7 +71,7 @@ class PriorRunConfig:
     def __post_init__(self) -> None:
         # checked when the config is read, not when the first sample grid is drawn after training
         check_number("sample_temperature", self.sample_temperature, 0)  # 0 = greedy
-        check_number("sample_cfg_scale", self.sample_cfg_scale, 0)  # 1 = no guidance, 0 = unconditional
+        check_number("sample_cfg_scale", self.sample_cfg_scale, 0, MAX_CFG_SCALE)  # 1 = no guidance, 0 = uncond.
 
 
 def model_config_for(cfg: PriorRunConfig, data: TokenDataset) -> GPTConfig:

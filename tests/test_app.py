@@ -18,6 +18,11 @@ from vqgpt.ground.images import pil_to_tensor
 from vqgpt.ground.metrics import psnr
 from vqgpt.workflow.pipeline import VQGPTPipeline
 
+try:  # gradio imports IPython lazily, also from its server threads; CPython 3.11's import lock once
+    import IPython.core.getipython  # noqa: F401  # failed such a concurrent first import (KeyError in
+except ImportError:  # _ModuleLock): imported here once, the later imports are lookups
+    pass
+
 
 @pytest.fixture()
 def pipe_dir(tmp_path):

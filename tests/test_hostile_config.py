@@ -211,11 +211,20 @@ def test_prior_model_errors_name_the_dotted_key_and_blame_the_set(tmp_path, caps
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_prior_sample_settings_are_checked_when_the_config_is_read(key, value, tmp_path, capsys):
     message = set_error(PriorRunConfig, PRIOR, f"{key}={value}", "tokens=T")
-    assert message.endswith(f"{key}: must be a finite number >= 0, got {float(value)}")
+    bounds = "in [0, 10000]" if key == "sample_cfg_scale" else ">= 0"  # the sampler's own guidance bound
+    assert message.endswith(f"{key}: must be a finite number {bounds}, got {float(value)}")
     err = cli_error(capsys, "train-prior", "--config", PRIOR, "--set", f"{key}={value}", "--tokens", tmp_path / "T",
                     "--out", tmp_path / "run")
     assert err.startswith(f"error: --set {key}={value}: {key}: must be") and not (tmp_path / "run").exists()
     assert load_config(PriorRunConfig, PRIOR, ["tokens=T", f"{key}=0"])  # 0: greedy / unconditional
+
+
+def test_the_sample_grids_guidance_scale_is_bounded_as_the_samplers_is():
+    """A sample_cfg_scale the sampler refuses used to pass the config and end the run after training,
+    with no export."""
+    assert set_error(PriorRunConfig, PRIOR, "sample_cfg_scale=20000", "tokens=T").endswith(
+        "sample_cfg_scale: must be a finite number in [0, 10000], got 20000.0")
+    assert load_config(PriorRunConfig, PRIOR, ["tokens=T", "sample_cfg_scale=10000"])
 
 
 # ----------------------------------------------------------------------------- 9: duplicate keys
