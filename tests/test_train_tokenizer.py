@@ -37,6 +37,7 @@ def test_short_run_lowers_reconstruction_loss_and_exports(tmp_path):
     first, last = rows[0]["rec_loss"], rows[-1]["rec_loss"]
     assert last < 0.6 * first, (first, last)
     assert rows[-1]["disc_loss"] > 0  # the GAN switched on at disc_start
+    assert all(r["images_per_s"] > 0 for r in rows)  # throughput, as the prior logs tokens_per_s
     assert (tmp_path / "run/config.yaml").is_file()
     assert list((tmp_path / "run/samples").glob("*.png"))
     model = VQModel.from_pretrained(export)
