@@ -31,6 +31,7 @@ from vqgpt.ground.checkpoint import load_export, load_export_weights, push_to_hu
 from vqgpt.ground.config import ConfigError, check_number, opt
 
 EXPORT_KIND = "vq_tokenizer"
+_CONVERT = "(from uint8 0..255: x.float() / 127.5 - 1; from 0..1: x * 2 - 1)"
 ARCHITECTURES = ("conv", "vit", "pixels")
 # Quantizer options that learn or reshape a codebook: a fitted palette takes none of them.
 _LEARNED_OPTIONS = ("l2_norm", "ema", "kmeans_init", "rotation_trick", "simvq")
@@ -264,7 +265,7 @@ class VQModel(nn.Module):
 
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices (B, h, w * codes_per_position) -> quantized latents z_q (B, D, h, w)."""
-        if indices.ndim != 3 or indices.dtype.is_floating_point:
+        if indices.ndim != 3 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
             raise ValueError(f"expected integer indices (B, h, w), got {indices.dtype} of shape {tuple(indices.shape)}")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
             raise ValueError(f"indices must lie in [0, {self.codebook_size}), got range "
@@ -283,12 +284,32 @@ class VQModel(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> code indices (B, H/f, W/f * codes_per_position) int64; changes
         no state. Residual VQ puts a position's D codes side by side in its row (stage1_vq/quantizers/rvq.py)."""
-        return self.quantize.lookup(self.encode_latents(images))
+        self._check_weights_float32()
+        if not torch.is_tensor(images) or not images.is_floating_point():
+            raise ValueError(f"expected float images in [-1, 1], got {getattr(images, 'dtype', type(images).__name__)} "
+                             f"{_CONVERT}")
+        if images.numel():
+            lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError("the images hold NaN or inf values")
+            if lo < -2 or hi > 2:  # far outside [-1, 1]: another scale, not a resize's overshoot
+                raise ValueError(f"expected images in [-1, 1], got values {lo:.4g}..{hi:.4g} {_CONVERT}")
+        return self.quantize.lookup(self.encode_latents(images.float()))
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (B, h, w * codes_per_position) -> images (B, 3, h*f, w*f), roughly in [-1, 1]."""
+        self._check_weights_float32()
+        if not torch.is_tensor(indices):
+            raise ValueError(f"expected integer code indices (B, h, w) as a tensor, got {type(indices).__name__}")
         return self.decode_latents(self.codes_from_indices(indices))
+
+    def _check_weights_float32(self) -> None:
+        """encode / decode run in float32 (the codebook lookup is float32; autocast may lower the convs)."""
+        other = sorted({str(p.dtype) for p in self.parameters() if p.dtype != torch.float32})
+        if other:
+            raise ValueError(f"this tokenizer's weights are {', '.join(other)}, but it encodes and decodes in float32 "
+                             "(its codebook lookup is float32): call .float() on it (autocast lowers the convs)")
 
     # ------------------------------------------------------------------ export
 

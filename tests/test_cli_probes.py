@@ -248,9 +248,11 @@ def test_mnist_digit_names_stay_their_indices(user):
     from vqgpt.ground.data import DataConfig, build_dataset
     from vqgpt.workflow.pipeline import VQGPTPipeline
 
+    from test_pipeline import tiny_prior
+
     names = build_dataset(DataConfig(source="builtin:mnist", resolution=32), "eval").classes
-    pipe = VQGPTPipeline.from_pretrained(user / "pipe")
-    pipe.classes = names  # names are looked up before any range check
+    tok = VQGPTPipeline.from_pretrained(user / "pipe").tokenizer
+    pipe = VQGPTPipeline(tok, tiny_prior(tok.codebook_size, num_classes=10), classes=names)  # names looked up first
     assert [pipe.class_index(str(d)) for d in range(10)] == list(range(10))  # --class-label 3 is digit 3
     letters = VQGPTPipeline.from_pretrained(user / "pipe")
     letters.classes = [chr(ord("a") + i) for i in range(12)]

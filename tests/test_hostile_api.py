@@ -187,9 +187,13 @@ def test_save_pretrained_refuses_a_prior_rounded_to_bfloat16(pipe_dir, tmp_path)
     with pytest.raises(ValueError, match=r"torch.bfloat16 weights \(set_decoding\), rounded from its float32"):
         pipe.save_pretrained(tmp_path / "bf16")
     assert not (tmp_path / "bf16").exists()
-    pipe.set_decoding("float32")  # back to float32 (the rounding stays): saved as such, on purpose
-    pipe.save_pretrained(tmp_path / "fp32")
-    assert VQGPTPipeline.from_pretrained(tmp_path / "fp32").prior.tok_embeddings.weight.dtype == torch.float32
+    pipe.set_decoding("float32")  # back to float32, but the rounding stays: still refused, the export is whole
+    with pytest.raises(ValueError, match=r"bfloat16 \(now float32 again\) weights .* load it again"):
+        pipe.save_pretrained(tmp_path / "fp32")
+    assert not (tmp_path / "fp32").exists()
+    again = VQGPTPipeline.from_pretrained(pipe_dir)  # loaded again: float32 weights as exported, saved as they are
+    again.save_pretrained(tmp_path / "fp32")
+    assert (tmp_path / "fp32/prior/model.safetensors").read_bytes() == (pipe_dir / "prior/model.safetensors").read_bytes()
 
 
 def test_a_run_folder_or_an_export_given_as_a_pipeline_says_what_to_give(pipe_dir, tmp_path, capsys):

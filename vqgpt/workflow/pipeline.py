@@ -14,7 +14,7 @@ from typing import Sequence, Union
 import torch
 
 from stage1_vq.model import VQModel
-from stage2_prior.draw import SamplingConfig, resolve_class_labels
+from stage2_prior.draw import SamplingConfig, eval_mode, resolve_class_labels
 from stage2_prior.highres import complete
 from stage2_prior.layers import content_fingerprint
 from stage2_prior.model import GPT
@@ -39,12 +39,31 @@ class VQGPTPipeline:
         check_compatible(tokenizer, prior)
         self.tokenizer = tokenizer.eval()
         self.prior = prior.eval()
-        self.classes = list(classes or [])
+        self.classes = classes or []  # checked by the property below
         self.tokenizer_dir: Path | None = None
         self.prior_dir: Path | None = None
         self._as_loaded: tuple[tuple | None, tuple | None] = (None, None)  # weights as loaded from those folders
         # generate / complete run the prior's one-token step under torch.compile (see set_decoding)
         self.compile_decode = False
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names, by class index ([] when the prior's classes have no names)."""
+        return self._classes
+
+    @classes.setter
+    def classes(self, names: list[str] | tuple[str, ...]) -> None:
+        if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
+            raise ValueError(f"classes must be a list of class names, got {type(names).__name__} {names!r}")
+        if not all(isinstance(name, str) for name in names):
+            raise ValueError(f"classes must be names (str), got {[type(n).__name__ for n in names][:5]}")
+        repeated = sorted({name for name in names if list(names).count(name) > 1})
+        if repeated:
+            raise ValueError(f"class names must differ from each other; given more than once: {repeated[:5]}")
+        n = self.prior.config.num_classes
+        if names and n and len(names) != n:
+            raise ValueError(f"{len(names)} class names for a prior of {n} classes: give one name per class index")
+        self._classes = list(names)
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -98,6 +117,8 @@ class VQGPTPipeline:
             raise ValueError("the prior holds int8 weights (set_decoding('int8')), which an export cannot hold: "
                              "save the pipeline before quantizing it, or load it again to save the float weights")
         rounded = sorted({str(p.dtype) for p in self.prior.parameters() if p.dtype != torch.float32})
+        if getattr(self, "_rounded_prior", False) and not rounded:  # back to float32, the rounding stays
+            rounded = ["bfloat16 (now float32 again)"]
         if rounded:  # set_decoding('bfloat16') rounded the float32 weights; saving would make that permanent
             raise ValueError(f"the prior holds {', '.join(rounded)} weights (set_decoding), rounded from its float32 "
                              "ones: save the pipeline before set_decoding, or load it again to save the float32 "
@@ -105,16 +126,21 @@ class VQGPTPipeline:
         directory = Path(directory)
         tok_dst, prior_dst = directory / "tokenizer", directory / "prior"
         tok_loaded, prior_loaded = self._as_loaded
-        if self.tokenizer_dir is not None and tok_loaded is not None and _weights_state(self.tokenizer) == tok_loaded:
+        tok_copied = (self.tokenizer_dir is not None and tok_loaded is not None
+                      and _weights_state(self.tokenizer) == tok_loaded)
+        if tok_copied:
             if self.tokenizer_dir.resolve() != tok_dst.resolve():
                 shutil.copytree(self.tokenizer_dir, tok_dst, dirs_exist_ok=True)
         else:
             self.tokenizer.save_pretrained(tok_dst)
-        if self.prior_dir is not None and prior_loaded is not None and _weights_state(self.prior) == prior_loaded:
+        extra = read_export_meta(self.prior_dir).get("extra", {}) if self.prior_dir is not None else {}
+        # The prior's export is copied only while it still describes this pipeline: its weights, its class
+        # names and the tokenizer (fingerprint) it names are those of now. Else it is written anew.
+        if (tok_copied and self.prior_dir is not None and prior_loaded is not None
+                and _weights_state(self.prior) == prior_loaded and extra.get("classes", []) == list(self.classes)):
             if self.prior_dir.resolve() != prior_dst.resolve():
                 shutil.copytree(self.prior_dir, prior_dst, dirs_exist_ok=True)
         else:
-            extra = read_export_meta(self.prior_dir).get("extra", {}) if self.prior_dir is not None else {}
             self.prior.save_pretrained(prior_dst, extra={**extra, "classes": self.classes,
                                                          "tokenizer_fingerprint": tokenizer_fingerprint(tok_dst)})
         return directory
@@ -137,14 +163,18 @@ class VQGPTPipeline:
         """How the prior decodes from now on; returns self. None leaves a setting as it is.
 
         ``prior_dtype``: 'float32', 'bfloat16', or 'int8' (weight-only int8 linear layers with
-        per-output-channel scales, the rest float32; ``stage2_prior.quantize``); int8 is one-way:
-        load the pipeline again for float weights. ``compile``: every later ``generate`` /
+        per-output-channel scales, the rest float32; ``stage2_prior.quantize``). Both lower precisions
+        are one-way: 'bfloat16' rounds the float32 weights (back to 'float32' keeps the rounded values)
+        and int8 cannot go back; load the pipeline again for its exported weights, and save it
+        (``save_pretrained`` refuses a rounded prior) before set_decoding. ``compile``: every later ``generate`` /
         ``complete`` runs the one-token decode step under torch.compile (CUDA graphs on a GPU),
         compiled on the first call and reused after; the tokenizer is untouched by both.
         """
         if prior_dtype is not None:
             from stage2_prior.quantize import set_prior_dtype
 
+            if any(p.dtype == torch.float32 for p in self.prior.parameters()) and prior_dtype == "bfloat16":
+                self._rounded_prior = True  # a later 'float32' cannot restore the float32 weights
             set_prior_dtype(self.prior, prior_dtype)
         if compile is not None:
             self.compile_decode = bool(compile)
@@ -174,8 +204,8 @@ class VQGPTPipeline:
         f, d = self.downsample_factor, self.codes_per_position
         h0, w0 = self.prior.config.grid_size
         trained_h, trained_w = self.trained_pixels()
-        height = height or trained_h
-        width = width or trained_w
+        height = trained_h if height is None else _whole("height", height)  # 0 is no size, not the default
+        width = trained_w if width is None else _whole("width", width)
         for name, value, trained in (("height", height, h0), ("width", width, w0 // d)):
             if value % f != 0:
                 lo, hi = (value // f) * f, (value // f + 1) * f
@@ -235,7 +265,7 @@ class VQGPTPipeline:
         grid = self.grid_for_pixels(height, width)
         labels = self.labels_tensor(class_labels, num_samples)
         codes = self.draw_codes(num_samples, labels, grid, sampling, generator=_generator(seed), progress=progress)
-        return self.tokenizer.decode(codes.to(self.device)).clamp(-1, 1)
+        return self.decode_codes(codes)
 
     def draw_codes(self, num_samples: int, labels: torch.Tensor | None, grid: tuple[int, int],
                    sampling: SamplingConfig | None, generator: torch.Generator | None = None,
@@ -246,6 +276,12 @@ class VQGPTPipeline:
         return generate(self.prior, num_samples, class_labels=labels, grid_size=grid, sampling=sampling,
                         generator=generator, generators=generators, progress=progress,
                         window_stride=self._window_stride(), compile=self.compile_decode)
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code grids (B, h, w) -> images (B, 3, H, W) in [-1, 1], the tokenizer in eval mode (a tokenizer
+        left in train mode would apply its dropout: other images, and the global RNG drawn from)."""
+        with eval_mode(self.tokenizer):
+            return self.tokenizer.decode(codes.to(self.device)).clamp(-1, 1)
 
     def trained_pixels(self) -> tuple[int, int]:
         """Pixel size (H, W) of the prior's training grid."""
@@ -265,8 +301,11 @@ class VQGPTPipeline:
         """
         _check_count(num_samples)
         image = _checked_image(image)
+        keep_rows = None if keep_rows is None else _whole("keep_rows", keep_rows)
+        extend_right, extend_down = _whole("extend_right", extend_right), _whole("extend_down", extend_down)
         self.tokenizer.grid_shape(image.shape[1], image.shape[2])  # clear error for sizes that are not a multiple of f
-        codes = self.tokenizer.encode(image[None].to(self.device))[0]  # (h, w)
+        with eval_mode(self.tokenizer):  # a tokenizer left in train mode would apply its dropout
+            codes = self.tokenizer.encode(image[None].to(self.device))[0]  # (h, w)
         h, w = codes.shape
         gh, gw = self.prior.config.grid_size
         if h < gh or w < gw:
@@ -289,7 +328,7 @@ class VQGPTPipeline:
         out = complete(self.prior, canvas, known_mask=known, class_labels=labels, sampling=sampling,
                        generator=_generator(seed), progress=progress, window_stride=self._window_stride(),
                        compile=self.compile_decode)
-        return self.tokenizer.decode(out).clamp(-1, 1)
+        return self.decode_codes(out)
 
     def labels_tensor(self, class_labels: ClassLabels, num_samples: int) -> torch.Tensor | None:
         """Class labels (index, name, or a list / tensor of them) -> LongTensor (num_samples,) or None.
@@ -349,7 +388,18 @@ def _checked_image(image: torch.Tensor) -> torch.Tensor:
     return image.float()
 
 
+def _whole(name: str, value: object) -> int:
+    """``value`` as an int when it is a whole number of an integer type (int, numpy or 0-d torch integer),
+    else a ValueError naming ``name``: 2.0 or 2.5 samples or pixels would fail deep inside torch."""
+    integral = (not isinstance(value, bool) and hasattr(value, "__index__")
+                and not (torch.is_tensor(value) and (value.is_floating_point() or value.dim() != 0)))
+    if not integral:
+        raise ValueError(f"{name} must be a whole number (int), got {value!r}")
+    return int(value)  # type: ignore[call-overload]
+
+
 def _check_count(num_samples: int) -> None:
+    num_samples = _whole("num_samples", num_samples)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
 
@@ -359,7 +409,8 @@ def _generator(seed: int | None) -> torch.Generator | None:
     prior on any device, see ``stage2_prior.draw.exponential_noise``)."""
     if seed is None:
         return None
-    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+    if (isinstance(seed, bool) or not hasattr(seed, "__index__")
+            or (torch.is_tensor(seed) and (seed.is_floating_point() or seed.dim() != 0))):  # tensor(1.5) truncated
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if not -(2**63) <= int(seed) < 2**64:  # what torch.Generator.manual_seed takes
         raise ValueError(f"seed must be between -2**63 and 2**64 - 1, got {int(seed)}")

@@ -98,7 +98,7 @@ def draw_images(pipe: VQGPTPipeline, indices: list[int], labels: torch.Tensor | 
     """
     generators = [torch.Generator(device=pipe.device).manual_seed(sample_seed(seed, i)) for i in indices]
     codes = pipe.draw_codes(len(indices), labels, grid, sampling, generators=generators)
-    return pipe.tokenizer.decode(codes.to(pipe.device)).clamp(-1, 1)
+    return pipe.decode_codes(codes)
 
 
 def weights_digest(*modules: torch.nn.Module) -> str:
