@@ -26,7 +26,7 @@ from stage2_prior.sampling import generate
 from vqgpt.ground.checkpoint import read_trainer_state, save_checkpoint
 from vqgpt.ground.config import ConfigError, check_number, opt
 from vqgpt.ground.images import save_grid
-from vqgpt.ground.tokens import TokenDataset, check_tokenizer_match
+from vqgpt.ground.tokens import TokenDataset, TokenShardError, check_tokenizer_match
 from vqgpt.training import (
     GracefulInterrupt,
     MetricsLog,
@@ -143,6 +143,8 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
         raise ConfigError("train.ema_decay: EMA weights are not supported with FSDP; set train.ema_decay=0")
     # What the codes are: recorded in every checkpoint, so that a resume on shards another tokenizer
     # wrote in the same folder is refused instead of continuing on codes that mean something else.
+    if len(data) == 0:  # before the run folder is touched
+        raise TokenShardError(f"{cfg.tokens}: the token shards hold no grids (meta.json count 0): encode some images")
     shards = {"tokenizer_fingerprint": data.meta.get("tokenizer_fingerprint"), "codebook_size": data.codebook_size,
               "grid_size": list(data.grid_size), "classes": list(data.meta.get("classes", []))}
     with open_run_dir(out, cfg, accelerator, resume, overwrite, steps=tc.steps, inputs=shards,

@@ -360,6 +360,23 @@ def merge_parts(out_dir: str | Path, parts: Sequence[str], grid_size: Sequence[i
     return merged
 
 
+def _meta_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _meta_number(meta: dict[str, Any], key: str, path: Path, low: int = 1) -> int:
+    """meta.json's ``key`` as a whole number >= ``low``, else a TokenShardError naming the file and key."""
+    value = meta.get(key)
+    if not _meta_int(value) or value < low:
+        raise TokenShardError(f"{path}: {key} must be a whole number >= {low}, got {value!r}")
+    return value
+
+
+def _plain_file_name(name: str) -> bool:
+    """A file name of the token folder itself (not a path into another folder)."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
 class TokenDataset(Dataset):
     """Memory-mapped token shards: item i -> (codes (h, w) int64, label int).
 
@@ -378,18 +395,41 @@ class TokenDataset(Dataset):
         if not self.meta.get("complete", True) and not allow_incomplete:
             raise TokenShardError(f"{meta_path}: the encode that wrote it did not finish ({self.meta['count']} items stored); "
                                   f"re-run `vqgpt encode` to resume it")
-        self.grid_size = [int(g) for g in self.meta["grid_size"]]
-        self.codebook_size = int(self.meta["codebook_size"])
-        self.classes = list(self.meta.get("classes") or [])
-        self.num_classes = int(self.meta.get("num_classes") or len(self.classes))
-        self.views = int(self.meta.get("views", 1))  # absent: written before views existed
-        if self.views < 1:
-            raise TokenShardError(f"{meta_path}: views must be >= 1, got {self.meta['views']}")
+        meta = self.meta
+        grid = meta["grid_size"]
+        if not (isinstance(grid, list) and len(grid) == 2 and all(_meta_int(g) for g in grid)):
+            raise TokenShardError(f"{meta_path}: grid_size must be two whole numbers [h, w], got {grid!r}")
+        self.grid_size = [int(g) for g in grid]
+        self.codebook_size = _meta_number(meta, "codebook_size", meta_path)
+        self.classes = list(meta.get("classes") or [])
+        if not all(isinstance(c, str) for c in self.classes):
+            raise TokenShardError(f"{meta_path}: classes must be a list of names, got {meta.get('classes')!r}")
+        self.num_classes = (_meta_number(meta, "num_classes", meta_path, low=0) if meta.get("num_classes") is not None
+                            else len(self.classes))
+        if self.classes and len(self.classes) != self.num_classes:
+            raise TokenShardError(f"{meta_path}: {len(self.classes)} class names but num_classes "
+                                  f"{self.num_classes}: the file was edited; encode again")
+        self.views = _meta_number(meta, "views", meta_path) if "views" in meta else 1  # absent: before views
         row_shape = tuple(self.grid_size) if self.views == 1 else (self.views, *self.grid_size)
-        dtype = np.dtype(self.meta["dtype"])
-        shards = self.meta["shards"]
-        self._files = [(self.directory / s["tokens"], self.directory / s["labels"]) for s in shards]
-        counts = [int(s["count"]) for s in shards]
+        try:
+            dtype = np.dtype(meta["dtype"])
+        except TypeError:
+            raise TokenShardError(f"{meta_path}: dtype {meta['dtype']!r} is no numpy type") from None
+        if dtype.kind not in "iu" or dtype.itemsize < token_dtype(self.codebook_size).itemsize:
+            raise TokenShardError(f"{meta_path}: dtype {dtype.name} cannot hold codebook_size {self.codebook_size} "
+                                  f"codes (expected {token_dtype(self.codebook_size).name})")
+        shards = meta["shards"]
+        if not isinstance(shards, list) or not all(isinstance(x, dict) and {"tokens", "labels", "count"} <= x.keys()
+                                                   for x in shards):
+            raise TokenShardError(f"{meta_path}: shards must be a list of {{tokens, labels, count}} entries")
+        names = [name for x in shards for name in (x["tokens"], x["labels"])]
+        if not all(isinstance(n, str) and _plain_file_name(n) for n in names):
+            bad = next(n for n in names if not (isinstance(n, str) and _plain_file_name(n)))
+            raise TokenShardError(f"{meta_path}: shard file {bad!r} is no file name in this folder")
+        self._files = [(self.directory / x["tokens"], self.directory / x["labels"]) for x in shards]
+        if not all(_meta_int(x["count"]) and x["count"] >= 0 for x in shards):
+            raise TokenShardError(f"{meta_path}: each shard's count must be a whole number >= 0")
+        counts = [int(x["count"]) for x in shards]
         if sum(counts) != int(self.meta["count"]):
             raise TokenShardError(f"{meta_path}: shard counts add up to {sum(counts)}, but count is {self.meta['count']}")
         self._offsets = np.cumsum([0] + counts)
@@ -421,7 +461,7 @@ class TokenDataset(Dataset):
                         raise TokenShardError(f"shard file missing: {path} (listed in {self.directory / META_FILE})")
                 try:
                     arrays.append((np.load(tokens_path, mmap_mode="r"), np.load(labels_path, mmap_mode="r")))
-                except ValueError as exc:
+                except (ValueError, EOFError, OSError) as exc:  # an empty file: EOFError
                     raise TokenShardError(f"cannot read shard {tokens_path} / {labels_path}: {exc}") from exc
             self._arrays = arrays
         return self._arrays

@@ -15,6 +15,7 @@ from accelerate import PartialState
 from stage1_vq.model import VQModel
 from stage2_prior.train import PriorRunConfig, train_prior
 from vqgpt.ground.checkpoint import export_fingerprint
+from vqgpt.ground.tokens import META_FILE, TokenShardError, read_meta
 from vqgpt.workflow.pipeline import VQGPTPipeline
 
 
@@ -24,6 +25,11 @@ def train_prior_with_tokenizer(cfg: PriorRunConfig, out: str | Path, tokenizer_d
     """Train a prior on ``cfg.tokens`` into RUN=``out`` with the tokenizer that made the shards, then write
     the pipeline folder (tokenizer/ + prior/; default RUN/pipeline/) and return it."""
     tokenizer = VQModel.from_pretrained(tokenizer_dir).eval()
+    meta = read_meta(cfg.tokens)  # before any step: a vocabulary mismatch would surface at the first sample grid
+    if meta["codebook_size"] != tokenizer.codebook_size:
+        raise TokenShardError(f"{Path(cfg.tokens) / META_FILE}: the shards' codebook_size is {meta['codebook_size']!r}, "
+                              f"but the tokenizer {tokenizer_dir} has {tokenizer.codebook_size} codes: encode with "
+                              "this tokenizer, or give the one that made the shards")
     prior_dir = train_prior(cfg, out, resume=resume, decode=tokenizer.decode,
                             tokenizer_fingerprint=export_fingerprint(tokenizer_dir), overwrite=overwrite)
     pipeline_dir = Path(out) / "pipeline" if pipeline_dir is None else Path(pipeline_dir)

@@ -1,0 +1,82 @@
+"""Token folders edited or broken by hand: each gives one error naming meta.json (or the shard file) and
+the key, before a prior run starts, never a traceback or a run that fails after its last step."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dist_check import make_token_shards
+from stage2_prior.train import train_prior
+from test_run_integrity import prior_config
+from vqgpt.cli import main
+from vqgpt.ground.tokens import TokenDataset, TokenShardError
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> Path:
+    return make_token_shards(tmp_path_factory.mktemp("tokens") / "tokens", n=16)
+
+
+def _copy(clean: Path, tmp_path: Path, edit=None) -> Path:
+    folder = tmp_path / "t"
+    shutil.copytree(clean, folder)
+    if edit is not None:
+        meta = json.loads((folder / "meta.json").read_text())
+        edit(meta)
+        (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_an_empty_shard_file_is_named(clean, tmp_path):
+    folder = _copy(clean, tmp_path)
+    first = json.loads((folder / "meta.json").read_text())["shards"][0]
+    (folder / first["tokens"]).write_bytes(b"")  # EOFError from numpy, a traceback before
+    with pytest.raises(TokenShardError, match=f"cannot read shard .*{first['tokens']}"):
+        TokenDataset(folder)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(dtype="foo"), "dtype 'foo' is no numpy type"),
+    (lambda m: m.update(dtype="float32"), "dtype float32 cannot hold codebook_size"),
+    (lambda m: m.update(codebook_size=70000), "dtype uint16 cannot hold codebook_size 70000"),
+    (lambda m: m.update(grid_size="4x4"), "grid_size must be two whole numbers"),
+    (lambda m: m.update(num_classes="x"), "num_classes must be a whole number >= 0, got 'x'"),
+    (lambda m: m.update(codebook_size=None), "codebook_size must be a whole number >= 1"),
+    (lambda m: m.update(shards=None), "shards must be a list of"),
+    (lambda m: m["shards"][0].pop("labels"), "shards must be a list of"),
+    (lambda m: m["shards"][0].update(tokens="../other/tokens-00000.npy"), "shard file .* is no file name in this"),
+    (lambda m: m.update(classes=["a", "b", "c", "d", "e"]), "5 class names but num_classes 4"),
+])
+def test_a_hand_edited_meta_json_is_named_with_its_key(clean, tmp_path, edit, message):
+    folder = _copy(clean, tmp_path, edit)
+    with pytest.raises(TokenShardError, match=f"meta.json: {message}"):
+        TokenDataset(folder)
+    run = tmp_path / "run"
+    assert main(["train-prior", "--config", str(Path(__file__).resolve().parents[1] / "configs/prior/tiny.yaml"),
+                 "--tokens", str(folder), "--out", str(run)]) == 2
+    assert not run.exists()  # refused before the run folder is made
+
+
+def test_a_token_folder_without_grids_is_refused_before_the_run_folder(clean, tmp_path):
+    folder = _copy(clean, tmp_path, lambda m: m.update(shards=[], count=0))
+    with pytest.raises(TokenShardError, match="hold no grids"):
+        train_prior(prior_config(folder), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_prior_refuses_a_tokenizer_of_another_vocabulary_before_training(clean, tmp_path):
+    from stage1_vq.model import VQModel
+    from test_pipeline import tiny_tokenizer
+    from vqgpt.workflow.chain import train_prior_with_tokenizer
+
+    tok = tiny_tokenizer()  # 256 codes; the shards hold 32
+    assert isinstance(tok, VQModel) and tok.codebook_size != 32
+    tok.save_pretrained(tmp_path / "tok")
+    with pytest.raises(TokenShardError, match=r"meta.json: the shards' codebook_size is 32, but the tokenizer .* has "
+                                              r"256 codes"):
+        train_prior_with_tokenizer(prior_config(clean), tmp_path / "run", tmp_path / "tok")
+    assert not (tmp_path / "run").exists()
