@@ -193,7 +193,8 @@ def test_save_pretrained_refuses_a_prior_rounded_to_bfloat16(pipe_dir, tmp_path)
     assert not (tmp_path / "fp32").exists()
     again = VQGPTPipeline.from_pretrained(pipe_dir)  # loaded again: float32 weights as exported, saved as they are
     again.save_pretrained(tmp_path / "fp32")
-    assert (tmp_path / "fp32/prior/model.safetensors").read_bytes() == (pipe_dir / "prior/model.safetensors").read_bytes()
+    saved, exported = tmp_path / "fp32/prior/model.safetensors", pipe_dir / "prior/model.safetensors"
+    assert saved.read_bytes() == exported.read_bytes()
 
 
 def test_a_run_folder_or_an_export_given_as_a_pipeline_says_what_to_give(pipe_dir, tmp_path, capsys):

@@ -82,7 +82,8 @@ def test_resume_draws_only_unfinished_batches_and_gives_the_same_set(pipe_dir, t
     kept = {i: (tmp_path / "s" / png_name(i)).stat().st_mtime_ns for i in range(NUM) if i != 4}
     drawn = []
     real = VQGPTPipeline.draw_codes
-    monkeypatch.setattr(VQGPTPipeline, "draw_codes", lambda pipe, n, *a, **kw: drawn.append(n) or real(pipe, n, *a, **kw))
+    monkeypatch.setattr(VQGPTPipeline, "draw_codes",
+                        lambda pipe, n, *a, **kw: drawn.append(n) or real(pipe, n, *a, **kw))
     second = _run(pipe_dir, out=tmp_path / "s")
     assert drawn == [3] and (second.drawn, second.skipped) == (3, 5)
     assert _pngs(tmp_path / "s") == before  # the same final set, bitwise

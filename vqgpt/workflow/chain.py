@@ -27,7 +27,8 @@ def train_prior_with_tokenizer(cfg: PriorRunConfig, out: str | Path, tokenizer_d
     tokenizer = VQModel.from_pretrained(tokenizer_dir).eval()
     meta = read_meta(cfg.tokens)  # before any step: a vocabulary mismatch would surface at the first sample grid
     if meta["codebook_size"] != tokenizer.codebook_size:
-        raise TokenShardError(f"{Path(cfg.tokens) / META_FILE}: the shards' codebook_size is {meta['codebook_size']!r}, "
+        raise TokenShardError(f"{Path(cfg.tokens) / META_FILE}: the shards' codebook_size is "
+                              f"{meta['codebook_size']!r}, "
                               f"but the tokenizer {tokenizer_dir} has {tokenizer.codebook_size} codes: encode with "
                               "this tokenizer, or give the one that made the shards")
     prior_dir = train_prior(cfg, out, resume=resume, decode=tokenizer.decode,
