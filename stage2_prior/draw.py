@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from numbers import Real
 from typing import Sequence, Union
 
 import torch
@@ -44,6 +45,10 @@ class SamplingConfig:
     cfg_schedule: str = "constant"  # guidance per raster position: one of CFG_SCHEDULES
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "cfg_scale", "top_p"):  # '0.5' or True would pass or fail obscurely below
+            value = getattr(self, name)
+            if not (value is None and name == "top_p") and (isinstance(value, bool) or not isinstance(value, Real)):
+                raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
         for name in ("temperature", "cfg_scale"):  # NaN passes every comparison; inf * 0 logits are NaN
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
@@ -138,6 +143,9 @@ def check_sampling_args(model: GPT, sampling: SamplingConfig) -> bool:
     Warns when bf16 weights are about to decode on a CPU without bf16 matrix units. Checked here, where
     the weights sit on the device that decodes, not when the dtype is set: a pipeline is set to bf16
     on the CPU and then moved to its GPU."""
+    if not isinstance(sampling, SamplingConfig):
+        raise ValueError(f"sampling must be a SamplingConfig (e.g. SamplingConfig(temperature=0.9)), got "
+                         f"{type(sampling).__name__} {sampling!r}")
     weight = model.tok_embeddings.weight
     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not cpu_has_fast_bf16():
         # Measured on such a CPU (GPT-B width, 2 threads, benchmarks/sampling.py): bf16 1.2x float32's

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -249,3 +250,19 @@ def test_the_command_line_bounds_guidance_as_the_sampler_does():
     from stage2_prior.draw import MAX_CFG_SCALE
 
     assert commands._MAX_CFG_SCALE == MAX_CFG_SCALE
+
+
+@pytest.mark.parametrize("kwargs, name", [({"temperature": "0.5"}, "temperature"), ({"cfg_scale": "2"}, "cfg_scale"),
+                                          ({"temperature": True}, "temperature"), ({"top_p": "0.9"}, "top_p"),
+                                          ({"temperature": None}, "temperature")])
+def test_sampling_settings_of_the_wrong_type_are_named(kwargs, name):
+    with pytest.raises(ValueError, match=f"{name} must be a number, got"):
+        SamplingConfig(**kwargs)
+    assert SamplingConfig(temperature=np.float32(0.5), top_p=np.float64(0.9)).temperature == 0.5  # numpy numbers
+
+
+def test_sampling_must_be_a_sampling_config():
+    from prior_helpers import tiny_gpt
+
+    with pytest.raises(ValueError, match="sampling must be a SamplingConfig"):
+        generate(tiny_gpt(), 1, class_labels=[0], sampling={"temperature": 0.5})
