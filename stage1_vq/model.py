@@ -314,7 +314,9 @@ class VQModel(nn.Module):
     # ------------------------------------------------------------------ export
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json + model.safetensors (kind 'vq_tokenizer') into ``directory``."""
+        """Write config.json + model.safetensors (kind 'vq_tokenizer') into ``directory``; float32 weights
+        only (the tokenizer encodes and decodes in float32; a cast copy would lose their precision)."""
+        self._check_weights_float32()
         return save_export(directory, EXPORT_KIND, self.config, self)
 
     @classmethod

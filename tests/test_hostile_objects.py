@@ -105,3 +105,13 @@ def test_a_tokenizer_checks_its_dtype_and_its_images():
     for call in (lambda: tok.encode(images), lambda: tok.decode(codes)):
         with pytest.raises(ValueError, match=r"weights are torch.float64, but it encodes and decodes in float32"):
             call()
+
+
+def test_numpy_class_names_and_a_tokenizer_cast_before_saving(pipe_dir, tmp_path):
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    by_name = pipe.generate(2, class_labels=np.array(["a", "c"]), seed=0)
+    assert torch.equal(by_name, pipe.generate(2, class_labels=[0, 2], seed=0))
+    tok = tiny_tokenizer().half()
+    with pytest.raises(ValueError, match="weights are torch.float16, but it encodes and decodes in float32"):
+        tok.save_pretrained(tmp_path / "half")
+    assert not (tmp_path / "half").exists()

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 
 from stage1_vq.model import VQModel
@@ -335,6 +336,8 @@ class VQGPTPipeline:
 
         Names become indices here; range and shape are checked by ``resolve_class_labels``.
         """
+        if isinstance(class_labels, np.ndarray) and class_labels.dtype.kind in "US":  # numpy names
+            class_labels = [str(x) for x in class_labels.reshape(-1)] if class_labels.ndim else str(class_labels)
         if isinstance(class_labels, str) or (isinstance(class_labels, (list, tuple))
                                              and any(isinstance(x, str) for x in class_labels)):
             one = isinstance(class_labels, str)
