@@ -175,7 +175,11 @@ def resolve_class_labels(model: GPT, class_labels: int | Sequence[int] | torch.T
         return None
     if class_labels is None:
         raise ValueError(needs_class_label(model.num_classes))
-    labels = torch.as_tensor(class_labels)
+    try:
+        labels = torch.as_tensor(class_labels)
+    except (TypeError, ValueError, RuntimeError) as exc:  # 2**70, text, ragged lists: torch's own words
+        raise ValueError(f"class_labels must be class indices (ints in [0, {model.num_classes})), got "
+                         f"{class_labels!r:.80} ({exc})") from None
     if labels.numel() and (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool):
         raise ValueError(f"class_labels must be integer class indices, got {labels.dtype}")  # ([] is float32)
     if labels.dim() > 1:

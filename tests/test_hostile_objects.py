@@ -115,3 +115,13 @@ def test_numpy_class_names_and_a_tokenizer_cast_before_saving(pipe_dir, tmp_path
     with pytest.raises(ValueError, match="weights are torch.float16, but it encodes and decodes in float32"):
         tok.save_pretrained(tmp_path / "half")
     assert not (tmp_path / "half").exists()
+
+
+def test_labels_too_large_for_torch_and_a_dtype_name_given_to_to(pipe_dir):
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    with pytest.raises(ValueError, match=r"class_labels must be class indices .*3\)\), got 1180591620717411303424"):
+        pipe.generate(1, class_labels=2**70)
+    for dtype in ("bfloat16", torch.bfloat16):
+        with pytest.raises(ValueError, match="to\\(\\) takes a device, got the dtype torch.bfloat16"):
+            pipe.to(dtype)
+    assert pipe.to("cpu") is pipe

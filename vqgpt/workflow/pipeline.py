@@ -153,6 +153,8 @@ class VQGPTPipeline:
 
     def to(self, device: str | torch.device) -> "VQGPTPipeline":
         """Move both parts to ``device`` (a device only: the prior's dtype is set_decoding's)."""
+        if isinstance(device, str) and isinstance(getattr(torch, device, None), torch.dtype):  # 'bfloat16'
+            device = getattr(torch, device)
         if isinstance(device, torch.dtype):
             raise ValueError(f"to() takes a device, got the dtype {device}: use set_decoding(prior_dtype=...) for "
                              "the prior's weights (the tokenizer runs in float32)")
