@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vqgpt.ground.config import ConfigError, from_dict, to_dict
-from vqgpt.ground.tokens import fingerprint_file
+from vqgpt.ground.tokens import fingerprint_file, plain_file_name
 
 T = TypeVar("T")
 
@@ -462,10 +462,6 @@ def _check_sharded_state(folder: Path) -> None:
             raise CheckpointError(f"{exc} (entry '{index.fqn}')") from None
 
 
-def _plain_name(name: Any) -> bool:
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-
-
 def name_listing(names: list[str], limit: int = 6) -> str:
     """The first ``limit`` names, then how many more: a readable list in an error."""
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -536,7 +532,7 @@ def check_checkpoint(path: str | Path) -> int:
         try:
             manifest = json.loads(manifest_path.read_bytes())
             required = manifest["files"]
-            if not (isinstance(required, list) and all(_plain_name(name) for name in required)
+            if not (isinstance(required, list) and all(plain_file_name(name) for name in required)
                     and isinstance(manifest.get("inputs", {}), dict)):
                 raise ValueError("'files' is not a list of file names, or 'inputs' not a mapping")
         except Exception as exc:

@@ -372,9 +372,9 @@ def _meta_number(meta: dict[str, Any], key: str, path: Path, low: int = 1) -> in
     return value
 
 
-def _plain_file_name(name: str) -> bool:
-    """A file name of the token folder itself (not a path into another folder)."""
-    return name not in ("", ".", "..") and "/" not in name and "\\" not in name
+def plain_file_name(name: Any) -> bool:
+    """Whether ``name`` is a file name in a folder itself (text, not a path into another folder)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 class TokenDataset(Dataset):
@@ -422,10 +422,9 @@ class TokenDataset(Dataset):
         if not isinstance(shards, list) or not all(isinstance(x, dict) and {"tokens", "labels", "count"} <= x.keys()
                                                    for x in shards):
             raise TokenShardError(f"{meta_path}: shards must be a list of {{tokens, labels, count}} entries")
-        names = [name for x in shards for name in (x["tokens"], x["labels"])]
-        if not all(isinstance(n, str) and _plain_file_name(n) for n in names):
-            bad = next(n for n in names if not (isinstance(n, str) and _plain_file_name(n)))
-            raise TokenShardError(f"{meta_path}: shard file {bad!r} is no file name in this folder")
+        bad = [name for x in shards for name in (x["tokens"], x["labels"]) if not plain_file_name(name)]
+        if bad:
+            raise TokenShardError(f"{meta_path}: shard file {bad[0]!r} is no file name in this folder")
         self._files = [(self.directory / x["tokens"], self.directory / x["labels"]) for x in shards]
         if not all(_meta_int(x["count"]) and x["count"] >= 0 for x in shards):
             raise TokenShardError(f"{meta_path}: each shard's count must be a whole number >= 0")

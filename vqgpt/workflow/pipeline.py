@@ -393,12 +393,17 @@ def _checked_image(image: torch.Tensor) -> torch.Tensor:
     return image.float()
 
 
+def _integral(value: object) -> bool:
+    """Whether ``value`` is of an integer type: int, a numpy integer or a 0-d torch integer tensor (a float
+    tensor has ``__index__`` too, and int() would truncate it); not bool."""
+    return (not isinstance(value, bool) and hasattr(value, "__index__")
+            and not (torch.is_tensor(value) and (value.is_floating_point() or value.dim() != 0)))
+
+
 def _whole(name: str, value: object) -> int:
-    """``value`` as an int when it is a whole number of an integer type (int, numpy or 0-d torch integer),
-    else a ValueError naming ``name``: 2.0 or 2.5 samples or pixels would fail deep inside torch."""
-    integral = (not isinstance(value, bool) and hasattr(value, "__index__")
-                and not (torch.is_tensor(value) and (value.is_floating_point() or value.dim() != 0)))
-    if not integral:
+    """``value`` as an int when ``_integral``, else a ValueError naming ``name``: 2.0 or 2.5 samples or
+    pixels would fail deep inside torch."""
+    if not _integral(value):
         raise ValueError(f"{name} must be a whole number (int), got {value!r}")
     return int(value)  # type: ignore[call-overload]
 
@@ -414,8 +419,7 @@ def _generator(seed: int | None) -> torch.Generator | None:
     prior on any device, see ``stage2_prior.draw.exponential_noise``)."""
     if seed is None:
         return None
-    if (isinstance(seed, bool) or not hasattr(seed, "__index__")
-            or (torch.is_tensor(seed) and (seed.is_floating_point() or seed.dim() != 0))):  # tensor(1.5) truncated
+    if not _integral(seed):  # tensor(1.5) would be read as 1
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if not -(2**63) <= int(seed) < 2**64:  # what torch.Generator.manual_seed takes
         raise ValueError(f"seed must be between -2**63 and 2**64 - 1, got {int(seed)}")
