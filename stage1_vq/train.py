@@ -8,7 +8,6 @@ k-means instead (``fit_palette_run``), into the same run folder files.
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from vqgpt.training import (
     MetricsLog,
     RunFolder,
     StepMetrics,
+    Throughput,
     StreamPosition,
     TrainConfig,
     after_step,
@@ -205,8 +205,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         # dropped updates; items left out because their file failed to decode (run totals, kept across resumes)
         resumed = read_trainer_state(run.checkpoint) if run.checkpoint is not None else {}
         skipped, unreadable = int(resumed.get("skipped", 0)), int(resumed.get("unreadable", 0))
-        images_per_step = tc.batch_size * tc.grad_accum * accelerator.num_processes
-        t_last, step_last = time.perf_counter(), step
+        throughput = Throughput(tc.batch_size * tc.grad_accum * accelerator.num_processes, step)  # images
         with GracefulInterrupt() as interrupt:
             while step < tc.steps:
                 gan_on = use_gan and step >= cfg.loss.disc_start
@@ -272,10 +271,8 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                 if ema is not None:
                     ema.update(unwrap(accelerator, model), step=step)
                 if log_now:
-                    now = time.perf_counter()  # throughput since the last logged step, all processes together
-                    images_per_s = images_per_step * (step - step_last) / max(now - t_last, 1e-9)
-                    t_last, step_last = now, step
-                    record = {"step": step, "lr": lr, **metrics.mean(accelerator), "images_per_s": images_per_s,
+                    record = {"step": step, "lr": lr, **metrics.mean(accelerator),
+                              "images_per_s": throughput.rate(step),
                               "skipped": skipped, "unreadable": unreadable}
                     log.write(record)
                     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +30,7 @@ from vqgpt.training import (
     GracefulInterrupt,
     MetricsLog,
     StepMetrics,
+    Throughput,
     TrainConfig,
     after_step,
     batch_stream,
@@ -173,8 +173,6 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
         # Class dropout (labels -> null class at model.class_dropout, for guidance) happens inside the
         # model in train mode, drawn from torch's RNG, which save_state/load_state restore.
         conditional = model_cfg.num_classes > 0
-        tokens_per_step = (tc.batch_size * tc.grad_accum * accelerator.num_processes
-                           * data.grid_size[0] * data.grid_size[1])
 
         def checkpoint() -> None:
             check_replicas(accelerator, {"model": unwrap(accelerator, model), "ema": ema.module if ema else None})
@@ -190,7 +188,8 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
                 log_images(accelerator, "samples", grid, step)
 
         model.train()
-        t_last, step_last = time.perf_counter(), step
+        throughput = Throughput(tc.batch_size * tc.grad_accum * accelerator.num_processes
+                                * data.grid_size[0] * data.grid_size[1], step)  # tokens
         # dropped updates (a run total, kept across resumes)
         skipped = int(read_trainer_state(run.checkpoint).get("skipped", 0)) if run.checkpoint is not None else 0
         with GracefulInterrupt() as interrupt:
@@ -213,9 +212,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
                 if ema is not None:
                     ema.update(unwrap(accelerator, model), step=step)
                 if is_log_step(step, tc):
-                    now = time.perf_counter()
-                    tok_s = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
-                    t_last, step_last = now, step
+                    tok_s = throughput.rate(step)
                     means = metrics.mean(accelerator)
                     log.write({"step": step, "lr": lr, **means, "tokens_per_s": tok_s, "skipped": skipped})
                     bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", tok_s=f"{tok_s:,.0f}")

@@ -28,6 +28,7 @@ from vqgpt.training.loop import (
     GracefulInterrupt,
     MetricsLog,
     StepMetrics,
+    Throughput,
     after_step,
     is_log_step,
     log_images,
@@ -69,7 +70,7 @@ from vqgpt.training.stream import (
 
 __all__ = [
     "LOCK_NAME", "RESUMABLE_KEYS", "TRACKING_DIR", "GracefulInterrupt", "MetricsLog", "NonFiniteLoss", "RunFolder", "RunFolderError",
-    "RunLock", "SeededSamples", "StepMetrics", "StreamPosition", "TrainConfig", "after_step", "all_finite",
+    "RunLock", "SeededSamples", "StepMetrics", "StreamPosition", "Throughput", "TrainConfig", "after_step", "all_finite",
     "batch_stream", "check_config_unchanged", "check_replicas", "clip_gradients", "cpu_has_fast_bf16",
     "dropped_update", "finish_run", "full_state_dict", "is_log_step", "load_resume", "log_images", "lr_factor",
     "make_accelerator",

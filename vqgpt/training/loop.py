@@ -23,6 +23,20 @@ from vqgpt.training.replicas import finish_run
 from vqgpt.training.run_folder import _flat, share_main_failure
 
 
+class Throughput:
+    """Items per second since the last call (``per_step`` items per optimizer step: every process and
+    micro-batch together), for the logged steps: tokens/s of the prior, images/s of the tokenizer."""
+
+    def __init__(self, per_step: int, step: int) -> None:
+        self.per_step, self.step, self.time = per_step, step, time.perf_counter()
+
+    def rate(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = self.per_step * (step - self.step) / max(now - self.time, 1e-9)
+        self.step, self.time = step, now
+        return rate
+
+
 class StepMetrics:
     """Sums scalar metrics over one step's micro-batches; ``mean`` averages them over micro-batches
     and processes with a single all-reduce."""
