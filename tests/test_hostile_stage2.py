@@ -4,6 +4,7 @@ resume naming the same folder another way, a reference file named in capitals.""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -35,6 +36,11 @@ def test_every_grid_read_is_checked_not_only_the_spot_checked_rows(tmp_path):
     shard_tokens = np.load(out / "tokens-00002.npy")
     shard_tokens[1, 1, 2] = 100  # grid 9; 100 codes
     np.save(out / "tokens-00002.npy", shard_tokens)
+    # a folder written before the shards' checksums (which would name the edited shards at opening)
+    meta = json.loads((out / "meta.json").read_text())
+    for shard in meta["shards"]:
+        del shard["rows_sha256"]
+    (out / "meta.json").write_text(json.dumps(meta))
     data = TokenDataset(out, check_samples=1)  # the opening check reads the first row of each shard only
     assert [int(data[i][1]) for i in range(5)] == labels[:5].tolist()
     with pytest.raises(TokenShardError, match=r"labels-00001\.npy: grid 5 has label 42, outside \[0, 10\)"):

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dist_check import make_token_shards
@@ -80,3 +81,36 @@ def test_train_prior_refuses_a_tokenizer_of_another_vocabulary_before_training(c
                                               r"256 codes"):
         train_prior_with_tokenizer(prior_config(clean), tmp_path / "run", tmp_path / "tok")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_shard_swapped_in_from_another_encode_is_named(clean, tmp_path):
+    # same tokenizer fingerprint, shape, dtype and count: only the codes differ (another seed)
+    other = make_token_shards(tmp_path / "other", n=16, seed=1)
+    folder = _copy(clean, tmp_path)
+    second = json.loads((folder / "meta.json").read_text())["shards"][1]
+    shutil.copy(other / second["tokens"], folder / second["tokens"])
+    with pytest.raises(TokenShardError, match=f"{second['tokens']} / {second['labels']}: the codes or labels differ "
+                                              f"from those written by the encode"):
+        TokenDataset(folder)
+    run = tmp_path / "run"
+    assert main(["train-prior", "--config", str(Path(__file__).resolve().parents[1] / "configs/prior/tiny.yaml"),
+                 "--tokens", str(folder), "--out", str(run)]) == 2
+    assert not run.exists()
+
+
+def test_labels_edited_in_range_are_named(clean, tmp_path):
+    folder = _copy(clean, tmp_path)
+    first = json.loads((folder / "meta.json").read_text())["shards"][0]
+    labels = np.load(folder / first["labels"])
+    labels[0] = (labels[0] + 1) % 4  # still a valid class: only the checksum can tell
+    np.save(folder / first["labels"], labels)
+    with pytest.raises(TokenShardError, match="the codes or labels differ"):
+        TokenDataset(folder)
+
+
+def test_a_folder_written_before_shard_checksums_still_opens(clean, tmp_path):
+    def drop(meta):
+        for shard in meta["shards"]:
+            del shard["rows_sha256"]
+    folder = _copy(clean, tmp_path, drop)
+    assert len(TokenDataset(folder)) == 16

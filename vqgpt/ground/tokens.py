@@ -3,7 +3,8 @@
 A token folder holds ``tokens-00000.npy`` (uint16 when codebook_size <= 65536, else int32; shape
 (N, h, w), or (N, V, h, w) when every image is stored as V views, e.g. itself and its mirror
 image), ``labels-00000.npy`` (int64, shape (N,)), ... and ``meta.json`` (``views``: V, 1 when
-absent). Every shard and ``meta.json`` is written atomically (temporary file + rename) and
+absent; per shard its file names, ``count`` and ``rows_sha256``, a checksum of evenly spaced rows
+that the reader verifies, so a shard replaced by hand is named rather than trained on). Every shard and ``meta.json`` is written atomically (temporary file + rename) and
 meta.json is rewritten after each shard, so an interrupted encode leaves a consistent folder that
 ``TokenShardWriter.resume`` continues: ``writer.count`` rows are stored, and the caller skips its
 first ``writer.items_done`` source items (they differ when the caller skipped unreadable items).
@@ -70,6 +71,26 @@ def fingerprint_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
+
+
+# Rows of a shard covered by its checksum in meta.json (``rows_sha256``): evenly spaced, both ends
+# included. Reading them costs the opening check no more than its spot check, yet a shard swapped in
+# from another encode (same shape, other codes) cannot match.
+CHECKSUM_ROWS = 1024
+
+
+def _checked_rows(count: int, rows: int) -> np.ndarray:
+    """``rows`` evenly spaced row numbers in [0, count) (all of them when count <= rows), both ends included."""
+    return np.unique(np.linspace(0, count - 1, min(count, rows)).astype(np.int64)) if count else np.zeros(0, np.int64)
+
+
+def shard_checksum(tokens: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 (hex) of the codes and labels of a shard's ``CHECKSUM_ROWS`` checked rows, as stored."""
+    rows = _checked_rows(len(tokens), CHECKSUM_ROWS)
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(tokens[rows]).tobytes())
+    digest.update(np.ascontiguousarray(labels[rows]).astype("<i8").tobytes())
+    return digest.hexdigest()
 
 
 def check_tokenizer_match(meta: dict[str, Any], fingerprint: str, where: str | Path = "token shards") -> None:
@@ -296,7 +317,7 @@ class TokenShardWriter:
         _atomic_write_bytes(self.out_dir / names["tokens"], lambda f: np.save(f, np.ascontiguousarray(tokens[:n])))
         _atomic_write_bytes(self.out_dir / names["labels"], lambda f: np.save(f, np.ascontiguousarray(labels[:n])))
         # meta last: a crash before this line leaves the shard unlisted, and resume overwrites it
-        self.meta["shards"].append({**names, "count": n})
+        self.meta["shards"].append({**names, "count": n, "rows_sha256": shard_checksum(tokens[:n], labels[:n])})
         self.meta["count"] += n
         self.meta["items_done"] = int(items[n - 1]) + 1
         self.meta["complete"] = False
@@ -433,7 +454,7 @@ class TokenDataset(Dataset):
             raise TokenShardError(f"{meta_path}: shard counts add up to {sum(counts)}, but count is {self.meta['count']}")
         self._offsets = np.cumsum([0] + counts)
         self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
-        for (tokens_path, labels_path), (tokens, labels), count in zip(self._files, self._open(), counts):
+        for shard, (tokens_path, labels_path), (tokens, labels), count in zip(shards, self._files, self._open(), counts):
             if tokens.dtype != dtype or tokens.shape != (count, *row_shape):
                 raise TokenShardError(f"{tokens_path}: expected {dtype.name} of shape {(count, *row_shape)}, "
                                       f"found {tokens.dtype.name} of shape {tokens.shape}")
@@ -441,7 +462,7 @@ class TokenDataset(Dataset):
                 raise TokenShardError(f"{labels_path}: expected integer labels of shape ({count},), "
                                       f"found {labels.dtype.name} of shape {labels.shape}")
             # spot check (evenly spaced rows) rather than reading every shard in full
-            rows = np.unique(np.linspace(0, count - 1, min(count, check_samples)).astype(np.int64)) if count else []
+            rows = _checked_rows(count, check_samples)
             if len(rows):
                 top = int(np.asarray(tokens[rows]).max())
                 if top >= self.codebook_size:
@@ -450,6 +471,11 @@ class TokenDataset(Dataset):
                 if sample.min() < 0 or (self.num_classes and sample.max() >= self.num_classes):
                     raise TokenShardError(f"{labels_path}: label out of range [0, {self.num_classes}): "
                                           f"[{sample.min()}, {sample.max()}]")
+            stored = shard.get("rows_sha256")  # absent in folders written before checksums
+            if stored is not None and stored != shard_checksum(tokens, labels):
+                raise TokenShardError(f"{tokens_path} / {labels_path.name}: the codes or labels differ from those "
+                                      f"written by the encode ({META_FILE}'s rows_sha256): the shard was replaced "
+                                      f"or edited since; encode again")
 
     def _open(self) -> list[tuple[np.ndarray, np.ndarray]]:
         if self._arrays is None:
