@@ -27,7 +27,8 @@ from stage1_vq.modules import Decoder, Encoder, conv_memory_format
 from stage1_vq.palette import PaletteQuantizer
 from stage1_vq.quantizers import Quantizer, QuantizerConfig, QuantizerOutput, build_quantizer
 from stage1_vq.vit import ViTDecoder, ViTEncoder
-from vqgpt.ground.checkpoint import load_export, load_export_weights, push_to_hub, resolve_model_dir, save_export
+from vqgpt.ground.checkpoint import (load_export, load_export_weights, push_to_hub, resolve_model_dir, save_export,
+                                     usable_device)
 from vqgpt.ground.config import ConfigError, check_number, opt
 
 EXPORT_KIND = "vq_tokenizer"
@@ -323,6 +324,7 @@ class VQModel(nn.Module):
     def from_pretrained(cls, name_or_path: str | Path, map_location: str | torch.device = "cpu", *,
                         revision: str | None = None, subfolder: str | None = None) -> "VQModel":
         """Load an export (a folder, or a Hub id ``owner/name`` at ``revision``) strictly, in eval mode."""
+        map_location = usable_device(map_location)
         directory = resolve_model_dir(name_or_path, revision=revision, subfolder=subfolder)
         config, state, _ = load_export(directory, EXPORT_KIND, VQModelConfig)
         model = cls(config)

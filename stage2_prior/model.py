@@ -23,7 +23,8 @@ from torch import nn
 
 from stage2_prior.config import PRESETS, GPTConfig  # noqa: F401 - PRESETS stays importable from here
 from stage2_prior.layers import KVCache, Linear, RMSNorm, TransformerBlock, rope_multipliers, rope_table_2d
-from vqgpt.ground.checkpoint import load_export, load_export_weights, push_to_hub, resolve_model_dir, save_export
+from vqgpt.ground.checkpoint import (load_export, load_export_weights, push_to_hub, resolve_model_dir, save_export,
+                                     usable_device)
 
 EXPORT_KIND = "gpt_prior"
 # One wording for each class-label mistake, wherever it is caught (model, samplers, pipeline, CLI).
@@ -219,6 +220,7 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path: str | Path, device: torch.device | str = "cpu", *,
                         revision: str | None = None, subfolder: str | None = None) -> "GPT":
         """Load an export (a folder, or a Hub id ``owner/name`` at ``revision``); every key must match."""
+        device = usable_device(device)
         directory = resolve_model_dir(name_or_path, revision=revision, subfolder=subfolder)
         config, state, _ = load_export(directory, EXPORT_KIND, GPTConfig)
         model = cls(config)

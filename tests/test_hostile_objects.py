@@ -125,3 +125,36 @@ def test_labels_too_large_for_torch_and_a_dtype_name_given_to_to(pipe_dir):
         with pytest.raises(ValueError, match="to\\(\\) takes a device, got the dtype torch.bfloat16"):
             pipe.to(dtype)
     assert pipe.to("cpu") is pipe
+
+
+def _missing_cuda_device() -> str:
+    return f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 9}"
+
+
+def test_a_device_this_machine_lacks_is_named_before_anything_loads(pipe_dir, monkeypatch, capsys):
+    import stage1_vq.model
+    import stage2_prior.model
+    import vqgpt.workflow.pipeline
+    from stage2_prior.model import GPT
+    from vqgpt.cli import main
+
+    missing = _missing_cuda_device()
+    message = f"{missing}: this machine has .*CUDA device"
+    calls = []
+    for module in (stage1_vq.model, stage2_prior.model, vqgpt.workflow.pipeline):  # nothing may load (or download)
+        monkeypatch.setattr(module, "resolve_model_dir", lambda *a, **k: calls.append(a))
+    for load in (lambda: VQGPTPipeline.from_pretrained(pipe_dir, map_location=missing),
+                 lambda: VQModel.from_pretrained(pipe_dir / "tokenizer", map_location=missing),
+                 lambda: GPT.from_pretrained(pipe_dir / "prior", device=missing)):
+        with pytest.raises(ValueError, match=message):
+            load()
+    assert not calls
+    monkeypatch.undo()
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    for device in (missing, "banana", 3.5):
+        with pytest.raises(ValueError, match=message if device == missing else "not a torch device"):
+            pipe.to(device)
+    assert next(pipe.prior.parameters()).device.type == "cpu"
+    with pytest.raises(SystemExit):  # argparse: exit 2 with the same message
+        main(["eval-bpd", "--pipeline", str(pipe_dir), "--images", "builtin:mnist", "--device", missing])
+    assert f"argument --device: {missing}: this machine has" in capsys.readouterr().err

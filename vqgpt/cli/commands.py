@@ -81,18 +81,12 @@ def _float_in(low: float, high: float = math.inf, low_open: bool = False) -> Cal
 
 def _torch_device(text: str) -> str:
     """An argparse type: a torch device that exists here (checked before any model loads)."""
-    import torch
+    from vqgpt.ground.checkpoint import usable_device
 
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if not count:
-            raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device that torch can use")
-        if device.index is not None and device.index >= count:
-            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        usable_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

@@ -467,6 +467,26 @@ def name_listing(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def usable_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, or a ValueError saying why this machine cannot use it (a CUDA
+    index it lacks, no CUDA at all, no such device type), before any weights move there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"not a torch device: {device!r} (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"{device}: this machine has no CUDA device that torch can use")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    else:  # mps, xpu, ...: where torch has a module that can tell (a plugin's device such as xla is left to it)
+        available = getattr(getattr(torch, dev.type, None), "is_available", None)
+        if dev.type not in ("cpu", "meta") and callable(available) and not available():
+            raise ValueError(f"{device}: this machine has no {dev.type} device that torch can use")
+    return dev
+
+
 def check_file_place(path: Path, label: str = "") -> None:
     """Refuse, before long work, a file ``path`` that could not be written: a folder there, or a nearest
     existing ancestor that is a file or not writable (missing folders are made when writing). ``label``

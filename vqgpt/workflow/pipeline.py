@@ -20,7 +20,7 @@ from stage2_prior.highres import complete
 from stage2_prior.layers import content_fingerprint
 from stage2_prior.model import GPT
 from stage2_prior.sampling import generate
-from vqgpt.ground.checkpoint import push_to_hub, read_export_meta, resolve_model_dir
+from vqgpt.ground.checkpoint import push_to_hub, read_export_meta, resolve_model_dir, usable_device
 from vqgpt.ground.config import ConfigError
 from vqgpt.workflow.encode import tokenizer_fingerprint
 
@@ -99,6 +99,7 @@ class VQGPTPipeline:
     def from_pretrained(cls, name_or_path: str | Path, map_location: str = "cpu", *,
                         revision: str | None = None) -> "VQGPTPipeline":
         """Load a pipeline folder (``tokenizer/`` + ``prior/``), or a Hub id ``owner/name`` holding one."""
+        usable_device(map_location)  # before a Hub download
         directory = resolve_model_dir(name_or_path, revision=revision)
         for part in ("tokenizer", "prior"):
             if not (directory / part).is_dir():
@@ -158,6 +159,7 @@ class VQGPTPipeline:
         if isinstance(device, torch.dtype):
             raise ValueError(f"to() takes a device, got the dtype {device}: use set_decoding(prior_dtype=...) for "
                              "the prior's weights (the tokenizer runs in float32)")
+        device = usable_device(device)
         self.tokenizer.to(device)
         self.prior.to(device)
         return self
