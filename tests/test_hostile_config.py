@@ -285,3 +285,22 @@ def test_data_resolution_must_be_a_multiple_of_the_tokenizers_factor():
         load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", ["data.resolution=33"])
     with pytest.raises(ConfigError, match=r"data.resolution: 3 is not a multiple .* \(nearest: 4\)"):
         load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", ["data.resolution=3"])
+
+
+@pytest.mark.parametrize("kind", ["fsq", "lfq", "vq"])
+@pytest.mark.parametrize("key, value, message", [
+    ("ema_decay", 5.0, "ema_decay: must be a finite number in (0, 1), got 5.0"),
+    ("kmeans_iters", 0, "kmeans_iters must be >= 1, got 0"),
+    ("rvq_depth", -2, "rvq_depth must be >= 1, got -2"),
+    ("lfq_dim", 40, "lfq_dim must be in 1..18 (2**lfq_dim codes), got 40"),
+    ("lfq_temperature", -1.0, "lfq_temperature: must be a finite number > 0, got -1.0"),
+    ("fsq_levels", [8, 1], "fsq_levels must be a non-empty list of integers >= 2, got [8, 1]"),
+])
+def test_another_kinds_option_out_of_range_is_named_not_ignored(kind, key, value, message):
+    """ema_decay=5 with fsq was accepted and ignored: a value no kind could use is a mistake."""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        QuantizerConfig(kind=kind, **{key: value})
+    # in range, another kind's option is ignored, as its default is
+    fine = {"ema_decay": 0.5, "kmeans_iters": 3, "rvq_depth": 2, "lfq_dim": 4, "lfq_temperature": 2.0,
+            "fsq_levels": [4, 4]}[key]
+    QuantizerConfig(kind=kind, **{key: fine})

@@ -89,13 +89,18 @@ class QuantizerConfig:
             raise ValueError(f"usage_window must be >= 1, got {self.usage_window}")
         if self.codebook_dim is not None and self.codebook_dim < 1:
             raise ValueError(f"codebook_dim must be >= 1 or null, got {self.codebook_dim}")
-        # NaN passes every `x < 0` test (restart_threshold=NaN would silently turn restarts off), inf most:
-        # every float must be finite whichever kind reads it (the kinds' own checks below give the ranges)
+        # Every option's range holds whichever kind reads it: a value no kind could use (ema_decay=5 with
+        # fsq) is a mistake to name, not an option to ignore (in range, another kind's option is ignored).
+        # check_number is a test NaN fails (restart_threshold=NaN once turned restarts off without a word).
         for name, (low, low_open, high) in _FLOAT_RANGES.items():
-            if not math.isfinite(getattr(self, name)):
-                check_number(name, getattr(self, name), low, high, low_open=low_open, high_open=high is not None)
-        if not self.beta >= 0:  # a negative commitment weight pushes the encoder away from its codes
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+            check_number(name, getattr(self, name), low, high, low_open=low_open, high_open=high is not None)
+        for name in ("kmeans_iters", "rvq_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.lfq_dim <= MAX_LFQ_DIM:
+            raise ValueError(f"lfq_dim must be in 1..{MAX_LFQ_DIM} (2**lfq_dim codes), got {self.lfq_dim}")
+        if not self.fsq_levels or any(level < 2 for level in self.fsq_levels):
+            raise ValueError(f"fsq_levels must be a non-empty list of integers >= 2, got {self.fsq_levels}")
         if self.kind in LEARNED_KINDS:
             self._check_vq()
             return
@@ -108,18 +113,11 @@ class QuantizerConfig:
         if self.rvq_shared_codebook:
             raise ValueError(f"rvq_shared_codebook only applies to quantizer kind 'rvq', not {self.kind!r}")
         if self.kind == "fsq":
-            if not self.fsq_levels or any(level < 2 for level in self.fsq_levels):
-                raise ValueError(f"fsq_levels must be a non-empty list of integers >= 2, got {self.fsq_levels}")
             if math.prod(self.fsq_levels) > MAX_CODEBOOK_SIZE:
                 raise ConfigError(f"fsq_levels: {self.fsq_levels} give {math.prod(self.fsq_levels)} codes, more than "
                                   f"the {MAX_CODEBOOK_SIZE} (2**31) a token shard can store")
             dim, size, source = len(self.fsq_levels), math.prod(self.fsq_levels), f"fsq_levels {self.fsq_levels}"
         else:
-            if not 1 <= self.lfq_dim <= MAX_LFQ_DIM:
-                raise ValueError(f"lfq_dim must be in 1..{MAX_LFQ_DIM} (2**lfq_dim codes), got {self.lfq_dim}")
-            check_number("lfq_temperature", self.lfq_temperature, 0, low_open=True)
-            check_number("lfq_sample_entropy_weight", self.lfq_sample_entropy_weight, 0)
-            check_number("lfq_codebook_entropy_weight", self.lfq_codebook_entropy_weight, 0)
             dim, size, source = self.lfq_dim, 2 ** self.lfq_dim, f"lfq_dim {self.lfq_dim}"
         if self.codebook_dim is not None and self.codebook_dim != dim:
             name = "len(fsq_levels)" if self.kind == "fsq" else "lfq_dim"
@@ -139,16 +137,7 @@ class QuantizerConfig:
         if self.codebook_size > MAX_CODEBOOK_SIZE:  # its codes would not fit the token shards' int32
             raise ConfigError(f"codebook_size: must be at most {MAX_CODEBOOK_SIZE} (2**31, the codes a token shard "
                               f"can store), got {self.codebook_size}")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        if self.kmeans_iters < 1:
-            raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
-        check_number("restart_threshold", self.restart_threshold, 0)
-        check_number("entropy_weight", self.entropy_weight, 0)
-        check_number("entropy_temperature", self.entropy_temperature, 0, low_open=True)
         if self.kind == "rvq":
-            if self.rvq_depth < 1:
-                raise ValueError(f"rvq_depth must be >= 1, got {self.rvq_depth}")
             vocabulary = self.codebook_size * (1 if self.rvq_shared_codebook else self.rvq_depth)
             if vocabulary > MAX_CODEBOOK_SIZE:  # depth d's codes are numbered from d * codebook_size
                 raise ConfigError(f"codebook_size: {self.codebook_size} codes per depth x rvq_depth {self.rvq_depth} "
