@@ -102,7 +102,8 @@ def test_readme_workflow_through_the_cli(work):
     # 5. samples: a class by its (numeric) name, larger than trained, bf16 weights
     vqgpt("sample", "--pipeline", pipe, "--num", 4, "--class-label", "3", "--cfg-scale", 2.0, "--out",
           work / "threes.png", "--save-each")
-    assert sorted(p.name for p in (work / "threes").iterdir()) == [f"{i:04d}.png" for i in range(4)]
+    assert sorted(p.name for p in (work / "threes").iterdir()) == [".vqgpt-save-each.json",  # what it wrote
+                                                                   *(f"{i:04d}.png" for i in range(4))]
     assert image_size(work / "threes" / "0000.png") == (RES, RES)
     vqgpt("sample", "--pipeline", pipe, "--num", 2, "--class-label", "index:2", "--height", RES, "--width", 2 * RES,
           "--prior-dtype", "bfloat16", "--out", work / "wide.png", "--save-each")

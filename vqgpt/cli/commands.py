@@ -8,6 +8,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -142,8 +143,25 @@ def _image_out_extensions() -> list[str]:
     return [e for e in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff") if registered.get(e) in Image.SAVE]
 
 
-def _check_image_out(path_text: str) -> None:
-    """Refuse an --out that is no writable image file name before any work is done."""
+# In the folder of `--save-each`: the names the last --save-each wrote there, so that a re-run replaces its
+# own images and nothing else
+SAVE_EACH_RECORD = ".vqgpt-save-each.json"
+
+
+def _save_each_written(folder: Path) -> set[str]:
+    """Names an earlier --save-each recorded writing into ``folder`` (with the record itself), else empty."""
+    try:
+        names = json.loads((folder / SAVE_EACH_RECORD).read_text())
+    except (OSError, ValueError):
+        return set()
+    if not (isinstance(names, list) and all(isinstance(n, str) and re.fullmatch(r"\d{4,}\.png", n) for n in names)):
+        return set()  # not a record of ours (or edited): nothing in the folder counts as written by us
+    return {*names, SAVE_EACH_RECORD}
+
+
+def _check_image_out(path_text: str, save_each: bool = False, inputs: dict[str, str] | None = None) -> None:
+    """Refuse an --out (and the --save-each folder beside it) that cannot be written, or would replace an
+    input or files vqgpt did not write, before any work is done."""
     accepted = _image_out_extensions()
     path = Path(path_text)
     if path.suffix.lower() not in accepted:
@@ -152,6 +170,24 @@ def _check_image_out(path_text: str) -> None:
                          f"(e.g. {path.with_suffix('.png') if path.name else 'samples.png'})")
     if path.is_dir():
         raise ValueError(f"--out {path_text} is a folder: give an image file name such as {path / 'samples.png'}")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--out {path_text}: {parent} is a file, so no folder can be made there")
+    for flag, given in (inputs or {}).items():
+        # as written (symlinks) and with "dir/.." taken away (the folders --out names are made before writing)
+        same = [p for p in (path, Path(os.path.abspath(path))) if p.exists() and Path(given).exists()]
+        if any(os.path.samefile(p, given) for p in same):
+            raise ValueError(f"--out {path_text} is the {flag} image: the result would replace it; give another --out")
+    if save_each:
+        folder = path.with_suffix("")
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--save-each writes one PNG per image into {folder}/, but {folder} is a file: "
+                             f"choose another --out")
+        theirs = sorted(set(os.listdir(folder)) - _save_each_written(folder)) if folder.is_dir() else []
+        if theirs:
+            raise ValueError(f"--save-each writes one PNG per image into {folder}/, which holds files no earlier "
+                             f"--save-each wrote ({', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}): "
+                             f"choose another --out, or empty that folder")
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -327,8 +363,12 @@ def _save_outputs(images, args: argparse.Namespace, nrow: int) -> None:
     if args.save_each:
         folder = out.with_suffix("")
         folder.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(images):
-            tensor_to_pil(img).save(folder / f"{i:04d}.png")
+        names = [f"{i:04d}.png" for i in range(len(images))]
+        for stale in _save_each_written(folder) - {*names, SAVE_EACH_RECORD}:  # an earlier, larger --num's
+            (folder / stale).unlink(missing_ok=True)
+        (folder / SAVE_EACH_RECORD).write_text(json.dumps(names) + "\n")  # before the images: a crash keeps them ours
+        for name, img in zip(names, images):
+            tensor_to_pil(img).save(folder / name)
     print(f"wrote {out}" + (f" and {out.with_suffix('')}/" if args.save_each else ""))
 
 
@@ -349,7 +389,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          "give --out FOLDER/ to split the samples over the processes")
     args.num = 16 if args.num is None else args.num
     # flag mistakes are reported before torch is even imported
-    _check_image_out(args.out)
+    _check_image_out(args.out, save_each=args.save_each)
     _check_pipeline_args(args)
     import torch
 
@@ -397,7 +437,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
     # flag and file mistakes are reported before torch is even imported
     if args.keep_rows is None and not (args.extend_right or args.extend_down):
         raise ValueError("give --keep-rows N and/or --extend-right N / --extend-down N")
-    _check_image_out(args.out)
+    _check_image_out(args.out, save_each=args.save_each, inputs={"--image": args.image})
     _check_pipeline_args(args)
     _check_image_file(args.image, "--image")
     import torch
@@ -855,6 +895,12 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = format_warning
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (CUDA), or the CPU allocator's refusal."""
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)))
+
+
 def _exit_code(exc: Exception) -> int | None:
     """3 for a non-finite loss, 2 for a user error (ConfigError is a ValueError), None for a bug."""
     # vqgpt.training imports torch and timm (seconds): look it up only if the command imported it,
@@ -901,6 +947,11 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        if _out_of_memory(exc) and not os.environ.get("VQGPT_DEBUG"):
+            said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"error: out of memory ({said}): a smaller --num, --batch-size or image size needs less "
+                  f"(VQGPT_DEBUG=1 shows where it ran out)", file=sys.stderr)
+            return 1
         code = _exit_code(exc)
         if code is None or os.environ.get("VQGPT_DEBUG"):
             raise
