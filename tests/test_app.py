@@ -79,10 +79,40 @@ def test_sample_is_the_pipelines_sampling(handlers):
     (dict(seed=1.7), "seed must be a whole number, got 1.7$"),
     (dict(seed=float("inf")), "seed must be a whole number"),
     (dict(height=float("inf")), "height .*must be a whole number"),
+    (dict(top_p=2.0), r"top_p must be in \(0, 1\]"),  # was taken as "off"
+    (dict(top_p=float("inf")), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=None), "temperature must be a number, got None"),  # a TypeError before
+    (dict(cfg_scale="2"), "CFG scale must be a number, got '2'"),
+    (dict(seed=2**64), "seed must be between -2\\*\\*63 and 2\\*\\*64 - 1"),  # the range, not "whole number"
 ])
 def test_sample_bad_input_is_one_clear_message(handlers, args, message):
     with pytest.raises(ValueError, match=message):
         handlers.sample(**{"class_name": "a", "num": 1, **args})
+
+
+def test_seeds_beyond_a_floats_integers_are_the_pipelines_seeds(handlers):
+    # float(2**53 + 1) != 2**53 + 1: such seeds were refused as "not a whole number"
+    for seed in (2**53 + 1, 2**63 - 1, -(2**63)):
+        gallery, summary = handlers.sample("a", 1, seed=seed)
+        expected = handlers.pipe.generate(1, class_labels="a", seed=seed)
+        assert torch.allclose(_tensors(gallery), expected, atol=1 / 127) and f"seed {seed}" in summary
+
+
+def test_uploads_used_as_they_are_have_a_pixel_limit(handlers, tmp_path):
+    # the tokenizer is trained at 32 px: 16 x 32 x 32 pixels at most, e.g. 128 x 128 (a 1024 x 1024 upload
+    # once held the one-at-a-time page for minutes)
+    assert handlers.max_upload_pixels == 16 * 32 * 32
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "limit.png")
+    Image.fromarray(rng.integers(0, 256, (132, 128, 3), dtype=np.uint8)).save(tmp_path / "over.png")
+    assert handlers.reconstruct(str(tmp_path / "limit.png"), fit=False)[1].size == (128, 128)
+    for call in (lambda p: handlers.reconstruct(p, fit=False),
+                 lambda p: handlers.complete(p, keep_rows=1, num=1, class_name="a", fit=False)):
+        with pytest.raises(ValueError, match=r"over.png is 132x128 px, more than the 16,384 pixels .*tick 'fit"):
+            call(str(tmp_path / "over.png"))
+    assert handlers.reconstruct(str(tmp_path / "over.png"), fit=True)[0].size == (32, 32)  # fitted: fine
+    # the page's keep-rows slider reaches the rows of the tallest upload it takes as it is (16 px wide: 256)
+    assert handlers.max_code_rows == 16 * 32 * 32 // 16 // 4
 
 
 def test_complete_shows_the_original_beside_the_completions(handlers, files):
@@ -277,5 +307,10 @@ def test_running_page_answers_and_survives_bad_input(pipe_dir, files, tmp_path, 
         summary, gallery = client.predict(handle_file(str(files / "image.png")), 2, 0, 0, 2, True, "a", 1.0,
                                           "constant", 1.0, 0, 1.0, 0, api_name="/complete")
         assert [item["caption"] for item in gallery] == ["original", "completion 1", "completion 2"]
+        # an upload used as it is keeps more rows than the prior's 4 (the slider once stopped at 4)
+        Image.open(files / "image.png").resize((32, 32)).save(tmp_path / "big.png")
+        summary, gallery = client.predict(handle_file(str(tmp_path / "big.png")), 6, 0, 0, 1, False, "a", 1.0,
+                                          "constant", 1.0, 0, 1.0, 0, api_name="/complete")
+        assert summary.startswith("1 completion of class a: first 6 of 8 code rows kept")
     finally:
         demo.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import math
+import numbers
 import os
 import socket
 import threading
@@ -107,9 +108,17 @@ def usage_picture(counts: torch.Tensor, height: int = 120) -> Image.Image:
 class AppHandlers:
     """What the page does, as plain methods; one model call at a time (a lock, beside the page's queue)."""
 
+    # An upload used as it is ('fit' unticked) may have at most this many times the pixels of the trained
+    # size: 4x per side, the Sample tab's largest canvas. The encoder's cost grows faster than its pixels
+    # (attention over every code position), and one phone photo would hold the one-at-a-time queue for minutes.
+    UPLOAD_AREA_FACTOR = 16
+
     def __init__(self, pipe: VQGPTPipeline) -> None:
         self.pipe = pipe
         self.lock = threading.Lock()
+        trained_h, trained_w = pipe.trained_pixels()
+        size = pipe.tokenizer.config.resolution
+        self.max_upload_pixels = self.UPLOAD_AREA_FACTOR * max(trained_h * trained_w, size * size)
 
     # ------------------------------------------------------------------ what the page offers
     @property
@@ -130,6 +139,12 @@ class AppHandlers:
     @property
     def code_rows(self) -> int:
         return self.pipe.prior.config.grid_size[0]
+
+    @property
+    def max_code_rows(self) -> int:
+        """Code rows of the tallest upload accepted as it is (at least the trained width, within the pixel limit)."""
+        return max(self.code_rows, self.max_upload_pixels // self.pipe.trained_pixels()[1]
+                   // self.pipe.downsample_factor)
 
     # ------------------------------------------------------------------ the three tabs
     def sample(self, class_name: str | None, num: int, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
@@ -240,8 +255,13 @@ class AppHandlers:
 
             height, width = fit_to
             return TF.center_crop(TF.resize(image, min(height, width), antialias=True), [height, width])
+        height, width = image.shape[1:]
+        if height * width > self.max_upload_pixels:
+            raise ValueError(f"{name} is {height}x{width} px, more than the {self.max_upload_pixels:,} pixels this page "
+                             f"takes as they are ({self.UPLOAD_AREA_FACTOR}x the trained size): tick 'fit to the "
+                             "trained size', or upload a smaller image")
         try:
-            self.pipe.tokenizer.grid_shape(image.shape[1], image.shape[2])
+            self.pipe.tokenizer.grid_shape(height, width)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}; or tick 'fit to the trained size'") from None
         return image
@@ -251,12 +271,17 @@ def _count(value: float | None, what: str) -> int:
     return _at_least(1 if value is None else value, 1, what)
 
 
+def _whole(value: Any) -> bool:
+    """An int (exactly, however large: 2**63 - 1 is no float), or a float with no fraction; not bool, inf, NaN."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Integral):
+        return True
+    return isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
+
+
 def _at_least(value: float, low: int, what: str) -> int:
-    try:  # inf and NaN are not whole numbers (int() of them raises OverflowError / ValueError)
-        whole = value is not None and math.isfinite(float(value)) and float(value) == int(value)
-    except (TypeError, ValueError):
-        whole = False
-    if not whole or int(value) < low:
+    if not _whole(value) or int(value) < low:
         raise ValueError(f"{what} must be a whole number >= {low}, got {value}")
     return int(value)
 
@@ -269,19 +294,25 @@ def _seed(value: float | None) -> int:
     """The page's seed: a whole number (negative ones too; the pipeline checks the range)."""
     if value is None:
         return 0
-    try:
-        return _at_least(value, -(2**63), "seed")
-    except ValueError:
-        raise ValueError(f"seed must be a whole number, got {value}") from None
+    if not _whole(value):
+        raise ValueError(f"seed must be a whole number, got {value}")
+    return int(value)
 
 
 def _sampling(cfg_scale: float, cfg_schedule: str, temperature: float, top_k: float | None,
               top_p: float | None) -> SamplingConfig:
     """The page's knobs -> a SamplingConfig (top-k 0 and top-p 1 mean off); its checks give the messages."""
     k = None if not top_k else _at_least(top_k, 1, "top-k")
-    p = None if top_p is None or float(top_p) >= 1.0 else float(top_p)
-    return SamplingConfig(temperature=float(temperature), top_k=k, top_p=p, cfg_scale=float(cfg_scale),
-                          cfg_schedule=str(cfg_schedule))
+    p = None if top_p is None or top_p == 1 else _number(top_p, "top-p")  # above 1: SamplingConfig refuses it
+    return SamplingConfig(temperature=_number(temperature, "temperature"), top_k=k, top_p=p,
+                          cfg_scale=_number(cfg_scale, "CFG scale"), cfg_schedule=str(cfg_schedule))
+
+
+def _number(value: Any, what: str) -> float:
+    """A page value as a float (SamplingConfig checks its range), or a ValueError naming the control."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------- the page
@@ -361,7 +392,7 @@ def build_app(handlers: AppHandlers, title: str = "vqgpt") -> Any:
             with gr.Row():
                 c_image = gr.File(label="image", file_types=None, type="filepath")
                 with gr.Column():
-                    keep = gr.Slider(0, handlers.code_rows, value=handlers.code_rows // 2, step=1,
+                    keep = gr.Slider(0, handlers.max_code_rows, value=handlers.code_rows // 2, step=1,
                                      label="code rows to keep (from the top)")
                     right = gr.Slider(0, 4 * trained_w // f, value=0, step=1, label="code columns to add on the right")
                     down = gr.Slider(0, 4 * trained_h // f, value=0, step=1, label="code rows to add below")
