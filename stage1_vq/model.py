@@ -329,6 +329,8 @@ class VQModel(nn.Module):
         config, state, _ = load_export(directory, EXPORT_KIND, VQModelConfig)
         model = cls(config)
         load_export_weights(model, state, directory)
+        if isinstance(model.quantize, PaletteQuantizer):  # a hand-edited palette: named here, not a silent encode
+            model.quantize.check_palette(str(Path(directory) / "model.safetensors"))
         return model.to(map_location).eval()
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,

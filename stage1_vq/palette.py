@@ -17,7 +17,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from stage1_vq.quantizers.common import BaseQuantizer, QuantizerOutput, code_counts, nearest_code
-from vqgpt.ground.config import opt
+from vqgpt.ground.config import ConfigError, opt
 from vqgpt.ground.data import DataConfig, build_dataset, readable_batches
 
 PALETTE_INITS = ("kmeans++", "random")
@@ -71,6 +71,25 @@ class PaletteQuantizer(BaseQuantizer):
         # A buffer, not a parameter: nothing trains it (``fit_palette`` writes it), and it is exported.
         self.register_buffer("palette", torch.zeros(codebook_size, channels))
         self._init_usage(usage_window)
+
+    def check_palette(self, where: str) -> None:
+        """Raise ConfigError unless the palette is one ``fit_palette`` could have made: finite colours in
+        [-1, 1], each of which encodes back to its own index (a hand-edited NaN entry was the nearest
+        colour of every pixel, and a duplicate colour never encodes to its second index)."""
+        palette = self.palette.float()
+        bad = (~torch.isfinite(palette).all(1)).nonzero().flatten()
+        if len(bad):
+            raise ConfigError(f"{where}: palette colour {int(bad[0])} is {palette[bad[0]].tolist()}, not finite")
+        outside = (palette.abs() > 1 + 1e-4).any(1).nonzero().flatten()
+        if len(outside):
+            raise ConfigError(f"{where}: palette colour {int(outside[0])} is {palette[outside[0]].tolist()}, "
+                              "outside the pixel range [-1, 1]")
+        back = nearest_colour(palette, palette)
+        wrong = (back != torch.arange(len(palette), device=back.device)).nonzero().flatten()
+        if len(wrong):
+            i = int(wrong[0])
+            raise ConfigError(f"{where}: palette colour {i} encodes as colour {int(back[i])} (the same or a nearer "
+                              f"colour): each of the {len(palette)} colours must be distinct; fit the palette again")
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """Pixels (B, C, h, w) -> indices (B, h, w) int64 of their nearest palette colours."""

@@ -241,3 +241,25 @@ def test_pixel_demo_writes_every_output(tmp_path, monkeypatch):
         assert (cell(row, 0)[4:] - 127.5).abs().max() <= 1  # the given image: its lower half greyed out
         assert all((cell(row, col)[4:] - 127.5).abs().max() > 1 for col in range(1, 5))  # completions draw it
     assert f"{m['prior']['bits_per_dim']:.3f} bits per dim" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p[3].fill_(float("nan")), r"palette colour 3 is \[nan, nan, nan\], not finite"),
+    (lambda p: p[2, 1].fill_(float("inf")), r"palette colour 2 is .*inf.*, not finite"),
+    (lambda p: p[5].copy_(p[1]), r"palette colour 5 encodes as colour 1 .*must be distinct"),
+    (lambda p: p[0].fill_(3.0), r"palette colour 0 is \[3.0, 3.0, 3.0\], outside the pixel range"),
+])
+def test_a_hand_edited_palette_is_refused_on_loading(tmp_path, edit, message):
+    """A NaN colour was the nearest of every pixel (all codes 3, decoded as NaN); a duplicate never encodes
+    to its own index: both loaded without a word."""
+    from safetensors.torch import load_file, save_file
+
+    fitted = kmeans(torch.rand(500, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1, 8, progress=False)
+    pixel_model(fitted.palette).save_pretrained(tmp_path / "tok")
+    assert torch.equal(VQModel.from_pretrained(tmp_path / "tok").quantize.palette, fitted.palette)  # as fitted: fine
+    weights = tmp_path / "tok" / "model.safetensors"
+    state = load_file(weights)
+    edit(state["quantize.palette"])
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=rf"tok/model.safetensors: {message}"):
+        VQModel.from_pretrained(tmp_path / "tok")
