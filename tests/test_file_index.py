@@ -399,3 +399,47 @@ def test_root_images_and_a_default_folder_are_one_class_with_a_warning(tmp_path)
         warnings.simplefilter("error")
         (root / "default" / "x.png").unlink()
         assert file_index.scan_folder(root).classes == ["cats", "default"]  # root images alone: no warning
+
+
+def test_a_link_higher_up_does_not_take_a_deeper_folder_from_its_class(tmp_path):
+    # imgs/best -> cats/kittens: the link is one level above the folder it names; the walk listed
+    # kittens' images as class "best" (2) and left "cats" 1 of its 3
+    root = tmp_path / "imgs"
+    for path in ("cats/a.png", "cats/kittens/k1.png", "cats/kittens/k2.png"):
+        _image(root / path, len(path))
+    (root / "best").symlink_to("cats/kittens")
+    (root / "loop").symlink_to(".")  # a link to the root itself: nothing listed twice
+    index = file_index.scan_folder(root)
+    assert index.class_counts() == {"cats": 3}
+    assert index.paths == ["cats/a.png", "cats/kittens/k1.png", "cats/kittens/k2.png"]
+    # a link to a folder outside the root, or to a hidden one the walk skips, is listed under its name
+    _image(tmp_path / "elsewhere" / "e.png", 1)
+    _image(root / ".hidden" / "h.png", 2)
+    (root / "outside").symlink_to(tmp_path / "elsewhere")
+    (root / "shown").symlink_to(".hidden")
+    assert file_index.scan_folder(root).class_counts() == {"cats": 3, "outside": 1, "shown": 1}
+
+
+def test_a_directory_time_in_the_future_is_trusted(tmp_path, monkeypatch):
+    # a skewed NFS server or an archive's stored times: such an index was rebuilt at every start
+    root = _folder(tmp_path / "imgs")
+    later = time.time_ns() + 3600 * 10**9
+    os.utime(root / "cats", ns=(later, later))
+    build_dataset(_cfg(root))
+    scans = []
+    real_scan = file_index.scan_folder
+    monkeypatch.setattr(file_index, "scan_folder", lambda r: scans.append(r) or real_scan(r))
+    build_dataset(_cfg(root))
+    assert not scans
+    _image(root / "cats" / "new.png", 5)  # a real change still shows: the time is now, not the stored one
+    assert len(build_dataset(_cfg(root))) == 8 and len(scans) == 1
+
+
+def test_the_index_file_follows_the_umask(tmp_path):
+    root = _folder(tmp_path / "imgs")
+    old = os.umask(0o002)
+    try:
+        index = file_index.folder_index(root, tmp_path / "shared")
+    finally:
+        os.umask(old)
+    assert index.path.stat().st_mode & 0o777 == 0o664  # group-shared cache: others of the group read it

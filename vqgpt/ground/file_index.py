@@ -11,7 +11,9 @@ is skipped when it is read.
 
 Racy changes: a directory modified within ``RACY_NS`` of the scan that recorded it may have
 changed in the same clock tick after it was listed, so such an index is not trusted and is rebuilt
-at the next start (like git's "racily clean" entries).
+at the next start (like git's "racily clean" entries). A time well after the scan is the clock's
+(a skewed network file server, an archive's stored times) and is trusted: any real change sets it
+to now, which differs from the stored time.
 
 Where: ``$VQGPT_CACHE/index/``, else ``$XDG_CACHE_HOME/vqgpt/index/``, else ``~/.cache/vqgpt/index/``,
 or the folder given as ``data.index_dir``; the file is named by a hash of the resolved root.
@@ -34,7 +36,9 @@ import numpy as np
 
 from vqgpt.ground.images import IMAGE_EXTENSIONS
 
-INDEX_FORMAT = 1  # bump when the listing rules or the stored arrays change: older files are rebuilt
+# bump when the listing rules or the stored arrays change: older files are rebuilt (2: a folder reached
+# through a link higher up is listed at its real path, not under the link's name)
+INDEX_FORMAT = 2
 ROOT_CLASS = "default"  # the class of images directly in the root
 RACY_NS = 2_000_000_000  # directory times this close to the scan are not trusted (coarse file-system clocks)
 _SEP = "\0"  # joins names in one byte array; the one character no file name can hold
@@ -110,6 +114,16 @@ def _scan_dir(full: str, rel: str) -> tuple[int, list[tuple[str, int, int]], lis
     return mtime, files, subdirs
 
 
+def _walked_under_another_name(real: str, rel: str, root: str) -> bool:
+    """Whether folder ``real`` (a resolved path), reached as ``rel``, lies under ``root`` at another
+    relative path that the walk reaches itself: no link on it (it is resolved), and no hidden folder."""
+    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+        return False
+    real_rel = os.path.relpath(real, root).replace(os.sep, "/")
+    real_rel = "" if real_rel == "." else real_rel
+    return real_rel != rel and not any(part.startswith(".") for part in real_rel.split("/") if part)
+
+
 def scan_folder(root: str | Path) -> FileIndex:
     """Walk ``root`` (links to folders followed once, hidden entries skipped) without opening any file."""
     root = Path(root).expanduser().resolve()
@@ -118,17 +132,21 @@ def scan_folder(root: str | Path) -> FileIndex:
     dirs: list[str] = []
     dir_mtimes: list[int] = []
     seen: set[str] = set()
-    level = [(str(root), "")]
+    root_text = str(root)
+    level = [(root_text, "")]
     # Directory by directory, a level at a time, in threads: stat() releases the GIL, which pays off
     # on network file systems where each call waits for the server.
     with ThreadPoolExecutor(max_workers=8) as pool:
         while level:
             unique = []
-            # a folder reached twice is listed under one path, the same on every file system: the real
-            # folder before a link to it, else the first name
+            # a folder reached twice is listed under one path, the same on every file system: its real
+            # path when the walk reaches that itself (under the root, no hidden folder on the way; a link
+            # may sit higher up than the folder it names), else the first link name
             for full, rel in sorted(level, key=lambda d: (os.path.islink(d[0]), d[1])):
                 real = os.path.realpath(full)
-                if real not in seen:  # a link cycle, or a second link to the same folder
+                if _walked_under_another_name(real, rel, root_text):
+                    continue  # listed where it really is (a link to an ancestor: a cycle, skipped too)
+                if real not in seen:  # a second link to the same folder
                     seen.add(real)
                     unique.append((full, rel))
             level = []
@@ -164,12 +182,25 @@ def _split(blob: np.ndarray, count: int | None = None) -> list[str]:
     return names
 
 
+def _umask() -> int:
+    """The process's umask: read from /proc on Linux (setting it to read it would briefly change it for
+    every thread), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def save_index(index: FileIndex, path: str | Path) -> None:
     """Write ``index`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep a group-shared cache's index private
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, format=np.int64(INDEX_FORMAT), root=_join([str(index.root)]),
                                 paths=_join(index.paths), labels=index.labels, classes=_join(index.classes),
@@ -204,8 +235,11 @@ def load_index(path: str | Path, root: str | Path) -> FileIndex | None:
 
 def is_fresh(index: FileIndex) -> bool:
     """True when no directory under the root changed since ``index`` was scanned (one stat per directory)."""
-    if len(index.dir_mtimes) and int(index.dir_mtimes.max()) >= index.scan_ns - RACY_NS:
+    times = index.dir_mtimes
+    if len(times) and bool(((times >= index.scan_ns - RACY_NS) & (times <= index.scan_ns + RACY_NS)).any()):
         return False  # a directory changed right around the scan: it may have changed again unseen
+    # (a time far past the scan is the clock's, not a change: a skewed NFS server, an archive's stored
+    # times; any real change sets the directory's time to now, which differs from the stored one)
     for rel, mtime in zip(index.dirs, index.dir_mtimes.tolist()):
         try:
             if os.stat(index.root / rel if rel else index.root).st_mtime_ns != mtime:
