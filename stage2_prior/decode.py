@@ -51,8 +51,12 @@ from stage2_prior.layers import KVCache, attach_blocked_copies, attached_copies_
 from stage2_prior.model import GPT
 
 # inductor settings of the CPU step (see the module docstring); the autotuning tables stay quiet.
+# cpp.min_chunk_size: inductor's elementwise kernels run on one thread below 2 x 4096 elements (its default,
+# 512, split the step's RoPE and SwiGLU kernels of 1,536 and 2,048 elements over the threads: a fork and
+# join each, twice a layer, for a few microseconds of work; the same results either way).
 _FROZEN_CPU = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-               "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+               "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,
+               "cpp.min_chunk_size": 4096}
 
 _PRIOR_GUARD = re.compile(r"(\w+\()*model\b")  # a guard on the prior: model..., type(model...), dict(type(model...
 
