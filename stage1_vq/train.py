@@ -39,6 +39,7 @@ from vqgpt.training import (
     dropped_update,
     finish_run,
     is_log_step,
+    keeps_caller_rng,
     load_resume,
     log_images,
     make_accelerator,
@@ -115,6 +116,7 @@ class UsageWindow:
         self.quantizer.usage_step.copy_(state["usage_step"])
 
 
+@keeps_caller_rng
 def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None = None,
                     overwrite: bool = False) -> Path:
     """Train a tokenizer into RUN=``out``; returns RUN/export. ``resume``: None, 'auto' or a checkpoint path;
@@ -206,7 +208,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         resumed = read_trainer_state(run.checkpoint) if run.checkpoint is not None else {}
         skipped, unreadable = int(resumed.get("skipped", 0)), int(resumed.get("unreadable", 0))
         throughput = Throughput(tc.batch_size * tc.grad_accum * accelerator.num_processes, step)  # images
-        with GracefulInterrupt() as interrupt:
+        with GracefulInterrupt() as interrupt, bar:  # the bar closes on every way out, errors too
             while step < tc.steps:
                 gan_on = use_gan and step >= cfg.loss.disc_start
                 log_now = is_log_step(step + 1, tc)

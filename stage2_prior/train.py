@@ -39,6 +39,7 @@ from vqgpt.training import (
     finish_run,
     full_state_dict,
     is_log_step,
+    keeps_caller_rng,
     load_resume,
     log_images,
     make_accelerator,
@@ -123,6 +124,7 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
 
 
+@keeps_caller_rng
 def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
                 decode: Decoder | None = None, tokenizer_fingerprint: str | None = None,
                 overwrite: bool = False) -> Path:
@@ -192,7 +194,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
                                 * data.grid_size[0] * data.grid_size[1], step)  # tokens
         # dropped updates (a run total, kept across resumes)
         skipped = int(read_trainer_state(run.checkpoint).get("skipped", 0)) if run.checkpoint is not None else 0
-        with GracefulInterrupt() as interrupt:
+        with GracefulInterrupt() as interrupt, bar:  # the bar closes on every way out, errors too
             while step < tc.steps:
                 lr = set_lr(optimizer, step, tc)
                 metrics = StepMetrics()

@@ -23,7 +23,8 @@ Distributed contract (DDP through ``accelerate launch``):
   writes files (checkpoint shards and RNG states excepted: every rank saves its own).
 """
 
-from vqgpt.training.config import TRACKING_DIR, TrainConfig, cpu_has_fast_bf16, make_accelerator, tracker_names
+from vqgpt.training.config import (TRACKING_DIR, TrainConfig, cpu_has_fast_bf16, keeps_caller_rng, make_accelerator,
+                                  tracker_names)
 from vqgpt.training.loop import (
     GracefulInterrupt,
     MetricsLog,
@@ -73,7 +74,7 @@ __all__ = [
     "RunLock", "SeededSamples", "StepMetrics", "StreamPosition", "Throughput", "TrainConfig", "after_step", "all_finite",
     "batch_stream", "check_config_unchanged", "check_replicas", "clip_gradients", "cpu_has_fast_bf16",
     "dropped_update", "finish_run", "full_state_dict", "is_log_step", "load_resume", "log_images", "lr_factor",
-    "make_accelerator",
+    "keeps_caller_rng", "make_accelerator",
     "make_dataloader", "make_ema", "make_optimizer", "nonfinite_message", "open_run_dir", "optimizer_step",
     "set_grad_checkpointing", "set_lr", "start_trackers", "stop_after_interrupt", "stream_position_from", "stream_state",
     "tracker_names", "truncate_metrics", "unwrap",

@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import random
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ParamSpec, TypeVar
 
+import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
@@ -17,6 +20,9 @@ from accelerate.utils import (DataLoaderConfiguration, GradientAccumulationPlugi
                                parse_flag_from_env, set_seed)
 
 from vqgpt.ground.config import ConfigError, check_number, opt
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # Tracker files (tensorboard event files, wandb's offline run) live in this sub-folder of the run folder.
 TRACKING_DIR = "tracking"
@@ -136,6 +142,27 @@ def launched_process_state(consequence: str) -> PartialState:
         raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but Accelerate runs {state.num_processes}: "
                            f"{consequence}; check the accelerate launch flags")
     return state
+
+
+def keeps_caller_rng(train: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a training entry point so that the caller's global RNGs (Python's, NumPy's, torch's CPU
+    and initialised CUDA generators) are as they were when it returns or raises: the run seeds them
+    itself (``make_accelerator``), and a notebook that seeded, trained and then drew numbers got the
+    run's seed 0 draws whatever seed it chose. The run's results do not depend on the caller's state."""
+    @functools.wraps(train)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                 torch.cuda.get_rng_state_all() if cuda else None)
+        try:
+            return train(*args, **kwargs)
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+            if saved[3] is not None:
+                torch.cuda.set_rng_state_all(saved[3])
+    return run
 
 
 def make_accelerator(cfg: TrainConfig, run_dir: str | Path) -> Accelerator:
