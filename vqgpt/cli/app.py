@@ -257,9 +257,9 @@ class AppHandlers:
             return TF.center_crop(TF.resize(image, min(height, width), antialias=True), [height, width])
         height, width = image.shape[1:]
         if height * width > self.max_upload_pixels:
-            raise ValueError(f"{name} is {height}x{width} px, more than the {self.max_upload_pixels:,} pixels this page "
-                             f"takes as they are ({self.UPLOAD_AREA_FACTOR}x the trained size): tick 'fit to the "
-                             "trained size', or upload a smaller image")
+            raise ValueError(f"{name} is {height}x{width} px, more than the {self.max_upload_pixels:,} pixels this "
+                             f"page takes as they are ({self.UPLOAD_AREA_FACTOR}x the trained size): tick 'fit to "
+                             "the trained size', or upload a smaller image")
         try:
             self.pipe.tokenizer.grid_shape(height, width)
         except ValueError as exc:

@@ -4,8 +4,9 @@ A token folder holds ``tokens-00000.npy`` (uint16 when codebook_size <= 65536, e
 (N, h, w), or (N, V, h, w) when every image is stored as V views, e.g. itself and its mirror
 image), ``labels-00000.npy`` (int64, shape (N,)), ... and ``meta.json`` (``views``: V, 1 when
 absent; per shard its file names, ``count`` and ``rows_sha256``, a checksum of evenly spaced rows
-that the reader verifies, so a shard replaced by hand is named rather than trained on). Every shard and ``meta.json`` is written atomically (temporary file + rename) and
-meta.json is rewritten after each shard, so an interrupted encode leaves a consistent folder that
+that the reader verifies, so a shard replaced by hand is named rather than trained on). Every shard
+and ``meta.json`` is written atomically (temporary file + rename) and meta.json is rewritten after
+each shard, so an interrupted encode leaves a consistent folder that
 ``TokenShardWriter.resume`` continues: ``writer.count`` rows are stored, and the caller skips its
 first ``writer.items_done`` source items (they differ when the caller skipped unreadable items).
 ``source-files.json``, written by `vqgpt encode`, lists the image files encoded (path, size,
@@ -454,7 +455,8 @@ class TokenDataset(Dataset):
             raise TokenShardError(f"{meta_path}: shard counts add up to {sum(counts)}, but count is {self.meta['count']}")
         self._offsets = np.cumsum([0] + counts)
         self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
-        for shard, (tokens_path, labels_path), (tokens, labels), count in zip(shards, self._files, self._open(), counts):
+        for shard, (tokens_path, labels_path), (tokens, labels), count in zip(shards, self._files, self._open(),
+                                                                              counts):
             if tokens.dtype != dtype or tokens.shape != (count, *row_shape):
                 raise TokenShardError(f"{tokens_path}: expected {dtype.name} of shape {(count, *row_shape)}, "
                                       f"found {tokens.dtype.name} of shape {tokens.shape}")
