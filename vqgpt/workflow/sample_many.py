@@ -7,8 +7,11 @@ process c % N: every sample is always drawn and decoded in the same batch, so th
 bitwise the same on any number of processes. Each sample becomes ``FOLDER/{i:06d}.png``, written
 atomically; those files are the progress record: a re-run skips every batch whose files all exist,
 draws a batch with a missing file again whole (the same batch, so the same pixels) and writes only
-the missing files. ``sampling.json`` in the folder records the settings and a digest of the weights,
-and a re-run with other settings or weights is refused (unless no sample was finished yet). One run
+the missing files (an empty or cut-short PNG, one that does not end in PNG's IEND chunk, counts as
+missing). ``sampling.json`` in the folder records the settings and digests of the weights and of the
+models' configs, and a re-run with other settings, weights or configs is refused (unless no sample
+was finished yet). With ``--npz`` alone the samples go to a scratch folder ``NPZ.parts/``, which must
+hold nothing but what a sampling run writes, and is removed once the npz is written. One run
 at a time: the main process holds an OS lock on ``FOLDER/.lock`` for the run's life (dropped when the
 process dies, so an interrupted run resumes), and a second run into the folder fails at once. When all
 processes are done, rank 0 reads the folder into one ``.npz`` in the layout of the ADM evaluator: uint8 (N, H, W, 3) under ``arr_0`` and, for a class-conditional
@@ -21,7 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
+import re
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,12 +39,16 @@ from tqdm.auto import tqdm
 from stage2_prior.draw import SamplingConfig
 from stage2_prior.quantize import is_quantized
 from vqgpt.ground.checkpoint import check_file_place
+from vqgpt.ground.config import to_dict
 from vqgpt.ground.images import tensor_to_uint8
 from vqgpt.training.config import launched_process_state
 from vqgpt.training.run_folder import RunFolderError, RunLock, share_main_failure
 from vqgpt.workflow.pipeline import ClassLabels, VQGPTPipeline
 
 SETTINGS_FILE = "sampling.json"
+# What a run writes into its folder (the --npz scratch folder NPZ.parts/ must hold nothing else)
+_OURS = re.compile(r"(\d{6,}\.png|\.\d{6,}\.png\.tmp|\.lock|" + re.escape(SETTINGS_FILE) + ")")
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last chunk of every whole PNG file
 IMAGES_KEY, LABELS_KEY = "arr_0", "arr_1"  # the ADM evaluator's names (np.savez's positional names)
 
 
@@ -113,12 +120,38 @@ def weights_digest(*modules: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def configs_digest(pipe: VQGPTPipeline) -> str:
+    """A hash of the tokenizer's and the prior's configs: the same weights under another config (a RoPE
+    base, a norm's groups) draw other images."""
+    text = json.dumps([to_dict(pipe.tokenizer.config), to_dict(pipe.prior.config)], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _settings(num: int, seed: int, batch_size: int, labels: torch.Tensor | None, sampling: SamplingConfig,
-              grid: tuple[int, int], prior_dtype: str, models: str) -> dict:
+              grid: tuple[int, int], prior_dtype: str, models: str, configs: str) -> dict:
     label_bytes = b"" if labels is None else labels.cpu().numpy().astype("<i8").tobytes()
     return {"num": num, "seed": seed, "batch_size": batch_size, "grid": list(grid),
             "labels_sha256": hashlib.sha256(label_bytes).hexdigest(), "conditional": labels is not None,
-            "sampling": dataclasses.asdict(sampling), "prior_dtype": prior_dtype, "models": models}
+            "sampling": dataclasses.asdict(sampling), "prior_dtype": prior_dtype, "models": models,
+            "configs": configs}
+
+
+def finished_pngs(folder: Path) -> tuple[set[str], set[str]]:
+    """(every sample PNG name in ``folder``, those written whole: ending in PNG's IEND chunk). An empty or
+    cut-short file is no finished sample: its batch is drawn again and the file replaced."""
+    names, whole = set(), set()
+    for path in folder.glob("*.png"):
+        names.add(path.name)
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell() >= len(PNG_END):
+                    f.seek(-len(PNG_END), os.SEEK_END)
+                    if f.read() == PNG_END:
+                        whole.add(path.name)
+        except OSError:
+            pass
+    return names, whole
 
 
 def _check_settings(folder: Path, settings: dict, pngs: set[str]) -> None:
@@ -131,9 +164,15 @@ def _check_settings(folder: Path, settings: dict, pngs: set[str]) -> None:
         return
     if not pngs:
         return  # stopped before its first sample (say, out of memory): nothing to keep consistent with
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged ({exc}): it records how the samples in {folder} were drawn; give a "
+                         "new folder") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{path} is damaged (not a JSON object): give a new folder")
     changed = [f"{key}: {old.get(key)} then, {value} now" for key, value in settings.items()
-               if key != "models" and old.get(key) != value]
+               if key not in ("models", "configs") and old.get(key) != value]
     if changed:
         raise ValueError(f"{folder} holds samples drawn with other settings ({'; '.join(changed)}): resume with the "
                          f"same settings, or give a new folder")
@@ -141,6 +180,10 @@ def _check_settings(folder: Path, settings: dict, pngs: set[str]) -> None:
     if old.get("models", settings["models"]) != settings["models"]:
         raise ValueError(f"{folder} holds samples drawn by other weights (another tokenizer or prior than this "
                          "pipeline's): resume with the pipeline that drew them, or give a new folder")
+    if old.get("configs", settings["configs"]) != settings["configs"]:
+        raise ValueError(f"{folder} holds samples drawn by models of another config (the tokenizer's or the "
+                         "prior's config.json differs, with the same weights): resume with the pipeline that "
+                         "drew them, or give a new folder")
 
 
 def check_npz_path(npz: Path) -> None:
@@ -159,7 +202,7 @@ def write_npz(folder: Path, num: int, labels: torch.Tensor | None, path: Path) -
 
     Streamed image by image into the zip (as ``np.savez`` lays it out), so memory stays one image.
     """
-    first = np.asarray(Image.open(folder / png_name(0)).convert("RGB"))
+    first = _read_sample(folder / png_name(0))
     shape = (num, *first.shape)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -167,7 +210,7 @@ def write_npz(folder: Path, num: int, labels: torch.Tensor | None, path: Path) -
             with archive.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
                 for i in range(num):
-                    image = first if i == 0 else np.asarray(Image.open(folder / png_name(i)).convert("RGB"))
+                    image = first if i == 0 else _read_sample(folder / png_name(i))
                     if image.shape != first.shape:
                         raise ValueError(f"{folder / png_name(i)} is {image.shape}, not {first.shape} as sample 0")
                     f.write(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
@@ -178,6 +221,14 @@ def write_npz(folder: Path, num: int, labels: torch.Tensor | None, path: Path) -
     except BaseException:
         tmp.unlink(missing_ok=True)  # no half archive left beside the npz
         raise
+
+
+def _read_sample(path: Path) -> np.ndarray:
+    try:
+        return np.asarray(Image.open(path).convert("RGB"))
+    except (OSError, ValueError) as exc:  # an empty, cut-short or replaced file
+        raise ValueError(f"cannot read the sample {path} ({exc}): delete it and run the same command again to "
+                         "draw it again") from None
 
 
 @contextmanager
@@ -235,6 +286,15 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     folder = Path(out) if out is not None else npz.with_name(npz.name + ".parts")  # type: ignore[union-attr]
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--out {folder} is a file, not a folder: give a folder for one PNG per sample")
+    if npz is not None and out is not None and os.path.abspath(npz) == os.path.abspath(folder):
+        raise ValueError(f"--npz {npz} is the --out folder: give the npz another name (e.g. {npz.with_suffix('')}"
+                         f"-samples.npz)")
+    if out is None and folder.is_dir():  # --npz alone: its scratch folder is removed at the end
+        foreign = sorted(p.name for p in folder.iterdir() if not _OURS.fullmatch(p.name) or not p.is_file())
+        if foreign:
+            raise ValueError(f"--npz {npz} draws its samples into {folder}/ and removes it at the end, but it holds "
+                             f"files no sampling run wrote ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+                             f": choose another --npz, or move them")
     sampling = sampling or SamplingConfig()
     state = _process_state()
     processes, rank = state.num_processes, state.process_index
@@ -245,16 +305,16 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     float_dtype = str(next(pipe.prior.parameters()).dtype).removeprefix("torch.")
     prior_dtype = "int8" if is_quantized(pipe.prior) else float_dtype
     settings = _settings(num, seed, batch_size, labels, sampling, grid, prior_dtype,
-                         weights_digest(pipe.tokenizer, pipe.prior))
+                         weights_digest(pipe.tokenizer, pipe.prior), configs_digest(pipe))
     with _folder_locked(state, folder, npz):
         # Every process reads what is finished before any writes, so all agree on the counts.
-        done = {p.name for p in folder.glob("*.png")}
-        _check_settings(folder, settings, done)
+        pngs, done = finished_pngs(folder)
+        _check_settings(folder, settings, pngs)
         batches = batch_ranges(num, batch_size)
         todo = [c for c, batch in enumerate(batches) if any(png_name(i) not in done for i in batch)]
         drawn = sum(len(batches[c]) for c in todo)
         state.wait_for_everyone()
-        if state.is_main_process and not done:  # a new folder, or one stopped before its first sample
+        if state.is_main_process and not pngs:  # a new folder, or one stopped before its first sample
             (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         state.wait_for_everyone()
         mine = [c for c in todo if c % processes == rank]
@@ -268,8 +328,11 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
         state.wait_for_everyone()
         if npz is not None and state.is_main_process:
             write_npz(folder, num, labels, npz)
-            if out is None:
-                shutil.rmtree(folder)
+            if out is None:  # the scratch folder held only what runs write (checked above): all of it goes
+                for path in folder.iterdir():
+                    if _OURS.fullmatch(path.name):
+                        path.unlink()
+                folder.rmdir()
         state.wait_for_everyone()
     return ManySamples(num=num, drawn=drawn, skipped=num - drawn, processes=processes,
                        folder=None if out is None else folder, npz=npz)
