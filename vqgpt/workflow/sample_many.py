@@ -292,9 +292,9 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     if out is None and folder.is_dir():  # --npz alone: its scratch folder is removed at the end
         foreign = sorted(p.name for p in folder.iterdir() if not _OURS.fullmatch(p.name) or not p.is_file())
         if foreign:
+            named = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise ValueError(f"--npz {npz} draws its samples into {folder}/ and removes it at the end, but it holds "
-                             f"files no sampling run wrote ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
-                             f": choose another --npz, or move them")
+                             f"files no sampling run wrote ({named}): choose another --npz, or move them")
     sampling = sampling or SamplingConfig()
     state = _process_state()
     processes, rank = state.num_processes, state.process_index
