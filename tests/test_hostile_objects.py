@@ -155,6 +155,10 @@ def test_a_device_this_machine_lacks_is_named_before_anything_loads(pipe_dir, mo
         with pytest.raises(ValueError, match=message if device == missing else "not a torch device"):
             pipe.to(device)
     assert next(pipe.prior.parameters()).device.type == "cpu"
+    from vqgpt.workflow.evaluation import eval_tokenizer  # the evaluations, called from Python, the same way
+
+    with pytest.raises(ValueError, match=message):
+        eval_tokenizer(pipe_dir / "tokenizer", "builtin:mnist", device=missing)
     with pytest.raises(SystemExit):  # argparse: exit 2 with the same message
         main(["eval-bpd", "--pipeline", str(pipe_dir), "--images", "builtin:mnist", "--device", missing])
     assert f"argument --device: {missing}: this machine has" in capsys.readouterr().err

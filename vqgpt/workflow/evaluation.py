@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from stage2_prior.draw import SamplingConfig
 from vqgpt.workflow.classifier import MNIST_SOURCE, NUM_DIGITS, load_or_train_mnist_classifier, predict
+from vqgpt.ground.checkpoint import usable_device
 from vqgpt.ground.data import DataConfig, build_dataset, readable_batches
 from vqgpt.training.config import launched_process_state
 from vqgpt.ground.fid import (
@@ -134,7 +135,8 @@ STATS_KEYS = tuple(f.name for f in fields(StatsReport))
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # the loaders' and the CLI's check: a device this machine lacks is named, not torch's driver message
+    return usable_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
