@@ -222,3 +222,14 @@ def test_an_export_written_before_the_newer_quantizer_keys_still_loads(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="quantizer.beta"):
         VQModel.from_pretrained(tmp_path)
+
+
+def test_an_export_with_an_unknown_top_level_key_is_refused_by_name(tmp_path):
+    # A misspelt section ('extras' for 'extra') would otherwise be dropped without a word: the
+    # class names or the tokenizer fingerprint it holds would be lost on load.
+    VQModel(tiny_config()).save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["extras"] = meta.pop("extra")
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"config.json: unknown top-level key\(s\) extras"):
+        VQModel.from_pretrained(tmp_path)

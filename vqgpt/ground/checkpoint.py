@@ -47,6 +47,10 @@ EXPORT_FIELDS_WITH_DEFAULTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The sections of an export's config.json; read_export_meta refuses any other top-level key.
+EXPORT_SECTIONS = ("kind", "config", "extra")
+
+
 def save_export(directory: str | Path, kind: str, config: Any, model: torch.nn.Module,
                 extra: dict[str, Any] | None = None) -> Path:
     """Write ``config.json`` ({kind, config, extra}) and ``model.safetensors`` into ``directory``."""
@@ -88,6 +92,10 @@ def read_export_meta(directory: str | Path, kind: str | None = None) -> dict[str
         raise ConfigError(f"{path}: invalid JSON: {exc}") from exc
     if not isinstance(meta, dict):
         raise ConfigError(f"{path}: expected a JSON object with 'kind' and 'config', found {type(meta).__name__}")
+    unknown = sorted(set(meta) - set(EXPORT_SECTIONS))
+    if unknown:  # a misspelt section ('extras': {'classes': ...}) would otherwise be dropped without a word
+        raise ConfigError(f"{path}: unknown top-level key(s) {name_listing(unknown)}; an export's {CONFIG_NAME} "
+                          f"holds only {', '.join(repr(k) for k in EXPORT_SECTIONS)}")
     if kind is not None and meta.get("kind") != kind:
         raise ConfigError(f"{path}: expected an export of kind '{kind}', found '{meta.get('kind')}'")
     if not isinstance(meta.get("config"), dict):
