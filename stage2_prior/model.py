@@ -25,6 +25,7 @@ from stage2_prior.config import PRESETS, GPTConfig  # noqa: F401 - PRESETS stays
 from stage2_prior.layers import KVCache, Linear, RMSNorm, TransformerBlock, rope_multipliers, rope_table_2d
 from vqgpt.ground.checkpoint import (load_export, load_export_weights, push_to_hub, resolve_model_dir, save_export,
                                      usable_device)
+from vqgpt.ground.config import ConfigError
 
 EXPORT_KIND = "gpt_prior"
 # One wording for each class-label mistake, wherever it is caught (model, samplers, pipeline, CLI).
@@ -207,13 +208,18 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ export
 
     def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write config.json + model.safetensors (kind 'gpt_prior'); an int8 prior is refused (no export kind
-        holds its int8 weights and scales: it would not load again)."""
+        """Write config.json + model.safetensors (kind 'gpt_prior'); float32 weights only: an int8 prior is
+        refused (no export kind holds its int8 weights and scales: it would not load again), and so is one cast
+        to another float type."""
         from stage2_prior.quantize import is_quantized  # (quantize imports this module)
 
         if is_quantized(self):
             raise ValueError("this prior holds int8 weights (quantized for decoding), which an export cannot hold: "
                              "save it before quantizing, or load the float export again")
+        other = sorted({str(p.dtype) for p in self.parameters() if p.dtype != torch.float32})
+        if other:  # as the pipeline's save: a cast for decoding would become the export's weights unnoticed
+            raise ValueError(f"this prior's weights are {', '.join(other)} (cast for decoding?), and an export holds "
+                             "float32 ones: save it before casting, or call .float() first to save the rounded values")
         return save_export(directory, EXPORT_KIND, self.config, self, extra)
 
     @classmethod
@@ -223,6 +229,10 @@ class GPT(nn.Module):
         device = usable_device(device)
         directory = resolve_model_dir(name_or_path, revision=revision, subfolder=subfolder)
         config, state, _ = load_export(directory, EXPORT_KIND, GPTConfig)
+        try:
+            config.require_data_fields()
+        except ConfigError as exc:  # a hand-edited null: name the file
+            raise ConfigError(f"{Path(directory) / 'config.json'}: {exc}") from None
         model = cls(config)
         load_export_weights(model, state, directory)
         return model.to(device).eval()

@@ -5,12 +5,20 @@ result it would give done the plain way, or one error that names the argument.""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from safetensors.torch import load_file, save_file
+
 from stage1_vq.model import VQModel
+from stage2_prior.model import GPT
+from vqgpt.ground import checkpoint
+from vqgpt.ground.config import ConfigError
 from test_pipeline import tiny_prior, tiny_tokenizer
 from vqgpt.workflow.pipeline import VQGPTPipeline
 
@@ -162,3 +170,100 @@ def test_a_device_this_machine_lacks_is_named_before_anything_loads(pipe_dir, mo
     with pytest.raises(SystemExit):  # argparse: exit 2 with the same message
         main(["eval-bpd", "--pipeline", str(pipe_dir), "--images", "builtin:mnist", "--device", missing])
     assert f"argument --device: {missing}: this machine has" in capsys.readouterr().err
+
+
+def _prior_weights(folder):
+    return load_file(str(folder / "prior" / "model.safetensors"))
+
+
+def test_a_loaded_pipeline_saves_the_weights_it_holds_even_when_its_folder_changed_since(pipe_dir, tmp_path):
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    held = {k: v.clone() for k, v in pipe.prior.state_dict().items()}
+    # a resumed train-prior rewrites RUN/pipeline/prior under a loaded pipeline
+    other = tiny_prior(pipe.tokenizer.codebook_size)
+    torch.manual_seed(1)
+    for p in other.parameters():
+        torch.nn.init.normal_(p)
+    other.save_pretrained(pipe_dir / "prior", extra={"classes": ["a", "b", "c"]})
+    pipe.save_pretrained(tmp_path / "saved")
+    saved = _prior_weights(tmp_path / "saved")
+    assert all(torch.equal(saved[k], held[k]) for k in saved)
+    assert VQGPTPipeline.from_pretrained(tmp_path / "saved").classes == ["a", "b", "c"]
+    # the tokenizer replaced on disk, the prior edited in memory: the prior is saved beside the tokenizer it
+    # was used with, not beside the new one on disk
+    pipe = VQGPTPipeline.from_pretrained(tmp_path / "saved")
+    tok = pipe.tokenizer.state_dict()["decoder.conv_out.weight"].clone()
+    edited = VQModel.from_pretrained(tmp_path / "saved" / "tokenizer")
+    with torch.no_grad():
+        edited.decoder.conv_out.weight.mul_(2)
+    edited.save_pretrained(tmp_path / "saved" / "tokenizer")
+    with torch.no_grad():
+        pipe.prior.output.weight.mul_(1.01)
+    pipe.save_pretrained(tmp_path / "again")
+    again = VQGPTPipeline.from_pretrained(tmp_path / "again")  # the fingerprint check passes
+    assert torch.equal(again.tokenizer.decoder.conv_out.weight, tok)
+    # and the folder it was loaded from may be gone altogether
+    pipe = VQGPTPipeline.from_pretrained(tmp_path / "again")
+    shutil.rmtree(tmp_path / "again")
+    pipe.save_pretrained(tmp_path / "third")
+    assert torch.equal(VQGPTPipeline.from_pretrained(tmp_path / "third").prior.output.weight, pipe.prior.output.weight)
+
+
+def test_exports_with_nan_or_integer_weights_are_refused_by_name(pipe_dir):
+    weights = pipe_dir / "prior" / "model.safetensors"
+    state = load_file(str(weights))
+    state["output.weight"][0, 0] = float("nan")
+    save_file(state, str(weights), metadata={"kind": "gpt_prior"})
+    with pytest.raises(ConfigError, match=r"NaN or inf values in model.safetensors: output.weight \(1 of \d+ values"):
+        GPT.from_pretrained(pipe_dir / "prior")
+    state["output.weight"] = state["output.weight"].nan_to_num().long()
+    save_file(state, str(weights), metadata={"kind": "gpt_prior"})
+    with pytest.raises(ConfigError, match=r"another kind than the model's: output.weight \(torch.int64"):
+        GPT.from_pretrained(pipe_dir / "prior")
+    tok_weights = pipe_dir / "tokenizer" / "model.safetensors"
+    state = load_file(str(tok_weights))
+    state["encoder.conv_in.weight"][0, 0, 0, 0] = float("inf")
+    save_file(state, str(tok_weights), metadata={"kind": "vq_tokenizer"})
+    with pytest.raises(ConfigError, match="NaN or inf values in model.safetensors: encoder.conv_in.weight"):
+        VQModel.from_pretrained(pipe_dir / "tokenizer")
+
+
+def test_an_export_whose_save_was_killed_between_its_two_files_is_refused(pipe_dir, monkeypatch):
+    prior = GPT.from_pretrained(pipe_dir / "prior")
+    with torch.no_grad():
+        prior.output.weight.mul_(2)
+    replace = os.replace
+
+    def killed_before_the_config(src, dst):
+        if str(dst).endswith("config.json"):
+            raise KeyboardInterrupt  # the process dies here: new weights, the old config.json
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_before_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        prior.save_pretrained(pipe_dir / "prior", extra={"classes": ["x", "y", "z"]})
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"prior: a save of this export was interrupted .*config.json.tmp"):
+        GPT.from_pretrained(pipe_dir / "prior")
+    # killed earlier (both new files still .tmp), the old export is whole and loads; saved again, all is well
+    (pipe_dir / "prior" / "model.safetensors.tmp").write_bytes(b"partial")
+    assert VQGPTPipeline.from_pretrained(pipe_dir).classes == ["a", "b", "c"]
+    prior.save_pretrained(pipe_dir / "prior", extra={"classes": ["x", "y", "z"]})
+    assert torch.equal(GPT.from_pretrained(pipe_dir / "prior").output.weight, prior.output.weight)
+    assert sorted(p.name for p in (pipe_dir / "prior").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_prior_cast_for_decoding_is_not_saved_as_its_export(pipe_dir, tmp_path):
+    prior = GPT.from_pretrained(pipe_dir / "prior").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="weights are torch.bfloat16 .*save it before casting, or call .float"):
+        prior.save_pretrained(tmp_path / "bf16")
+    prior.float().save_pretrained(tmp_path / "bf16")  # asked for plainly: the rounded values as float32
+    assert GPT.from_pretrained(tmp_path / "bf16").output.weight.dtype == torch.float32
+
+
+def test_a_prior_export_with_num_classes_null_names_its_file(pipe_dir):
+    meta = json.loads((pipe_dir / "prior" / "config.json").read_text())
+    meta["config"]["num_classes"] = None
+    (pipe_dir / "prior" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"prior/config.json: num_classes: not set"):
+        GPT.from_pretrained(pipe_dir / "prior")

@@ -103,8 +103,16 @@ def test_missing_ids_and_paths_are_clear_errors(hub_cache, pipeline, tmp_path):
     fill_hub_cache(hub_cache, "someone/tok", pipeline.tokenizer_dir, COMMIT_A)
     with pytest.raises(FileNotFoundError, match=r"someone/tok \(revision v9\) is not in the local cache"):
         VQModel.from_pretrained("someone/tok", revision="v9")
-    with pytest.raises(FileNotFoundError, match="someone/tok has no folder prior/"):
+    with pytest.raises(FileNotFoundError, match=r"someone/tok: its folder prior/ is not in the local cache .*OFFLINE"):
         GPT.from_pretrained("someone/tok", subfolder="prior")
+    # a pipeline of which only tokenizer/ was downloaded (from_pretrained(id, subfolder='tokenizer')): the cache
+    # lacks prior/, which the repository may well hold
+    only_tokenizer = tmp_path / "only-tokenizer"
+    shutil.copytree(pipeline.tokenizer_dir, only_tokenizer / "tokenizer")
+    fill_hub_cache(hub_cache, "someone/pipe", only_tokenizer, COMMIT_A)
+    VQModel.from_pretrained("someone/pipe", subfolder="tokenizer")
+    with pytest.raises(FileNotFoundError, match=r"someone/pipe: its folder prior/ is not in the local cache"):
+        VQGPTPipeline.from_pretrained("someone/pipe")
     # a path that is neither a folder nor an id
     with pytest.raises(FileNotFoundError, match=r"runs/a/export: no such folder \(nor a Hugging Face Hub id"):
         VQModel.from_pretrained("runs/a/export")
@@ -159,6 +167,10 @@ def _files(folder: Path) -> list[str]:
 
 def test_push_to_hub_uploads_the_export_folder(monkeypatch, tmp_path, pipeline):
     calls = _fake_hub(monkeypatch, tmp_path)
+    # what else the parts' folders hold is the user's, and stays home
+    (pipeline.tokenizer_dir / "private_notes.txt").write_text("not for the Hub")
+    (pipeline.prior_dir / "datasets").mkdir()
+    (pipeline.prior_dir / "datasets" / "big.bin").write_bytes(b"0" * 100)
     url = pipeline.push_to_hub("me/pipe", private=True, token="hf_test", commit_message="first")
     assert url.endswith(COMMIT_A)
     assert calls["create"] == {"repo_id": "me/pipe", "token": "hf_test", "private": True, "exist_ok": True}

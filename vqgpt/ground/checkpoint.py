@@ -69,15 +69,52 @@ def save_export(directory: str | Path, kind: str, config: Any, model: torch.nn.M
         if ident in seen and state[seen[ident]].shape == t.shape:
             state[k] = t.clone()
         seen[ident] = k
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"kind": kind})
+    meta = {"kind": kind, "config": to_dict(config), "extra": extra or {}}
+    weights_tmp, config_tmp = (directory / (name + ".tmp") for name in (WEIGHTS_NAME, CONFIG_NAME))
+    save_file(state, str(weights_tmp), metadata={"kind": kind})
     # safetensors creates the file 0600: give it the folder's read/write bits (what the umask left), as
     # config.json gets, so that a shared export is readable by those who can read its folder
-    os.chmod(tmp, stat.S_IMODE(directory.stat().st_mode) & 0o666)
-    os.replace(tmp, directory / WEIGHTS_NAME)
-    meta = {"kind": kind, "config": to_dict(config), "extra": extra or {}}
-    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    os.chmod(weights_tmp, stat.S_IMODE(directory.stat().st_mode) & 0o666)
+    config_tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    _replace_export_files(directory)
     return directory
+
+
+def _replace_export_files(directory: Path) -> None:
+    """Put the written ``.tmp`` files of an export in place: the weights, then ``config.json``. Between the
+    two a kill leaves new weights beside an older config; the ``config.json.tmp`` left behind tells
+    ``read_export_meta`` so (``_check_whole``)."""
+    os.replace(directory / (WEIGHTS_NAME + ".tmp"), directory / WEIGHTS_NAME)
+    os.replace(directory / (CONFIG_NAME + ".tmp"), directory / CONFIG_NAME)
+
+
+def _check_whole(directory: Path) -> None:
+    """Refuse an export whose save was killed between its two files (see ``_replace_export_files``)."""
+    if (directory / (CONFIG_NAME + ".tmp")).is_file() and not (directory / (WEIGHTS_NAME + ".tmp")).exists():
+        raise ConfigError(f"{directory}: a save of this export was interrupted after it replaced {WEIGHTS_NAME} "
+                          f"and before it replaced {CONFIG_NAME} (it left {CONFIG_NAME}.tmp), so the two files "
+                          "come from different saves: save or copy the export again")
+
+
+def copy_export(source: str | Path, directory: str | Path) -> Path:
+    """Copy the export in ``source`` (its ``config.json`` and ``model.safetensors``, nothing else that its
+    folder holds) into ``directory``, replacing an export there the way ``save_export`` does."""
+    source, directory = Path(source), Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        shutil.copy2(source / name, directory / (name + ".tmp"))
+    _replace_export_files(directory)
+    return directory
+
+
+def export_stamp(directory: str | Path) -> tuple | None:
+    """Identity of an export's two files as they are on disk now (inode, size, modification time), or None
+    when one cannot be read: a file rewritten or replaced since (a resumed run's new export) changes it."""
+    try:
+        return tuple((s.st_ino, s.st_size, s.st_mtime_ns)
+                     for s in (os.stat(Path(directory) / name) for name in (CONFIG_NAME, WEIGHTS_NAME)))
+    except OSError:
+        return None
 
 
 def read_export_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
@@ -86,6 +123,7 @@ def read_export_meta(directory: str | Path, kind: str | None = None) -> dict[str
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a vqgpt export: {CONFIG_NAME} is missing")
+    _check_whole(directory)
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -141,10 +179,31 @@ def load_export(directory: str | Path, kind: str, config_cls: type[T]) -> tuple[
 def load_export_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: str | Path) -> None:
     """``model.load_state_dict(state, strict=True)``; a mismatch (weights saved for another config, say) is a
     ConfigError naming the export, not a bare RuntimeError."""
+    expected = model.state_dict()
+    other_kind = [f"{key} ({tensor.dtype}, the model's is {expected[key].dtype})" for key, tensor in state.items()
+                  if key in expected and tensor.is_floating_point() != expected[key].is_floating_point()]
+    if other_kind:  # load_state_dict would cast them without a word
+        raise ConfigError(f"{directory}: {WEIGHTS_NAME} holds tensors of another kind than the model's: "
+                          f"{name_listing(other_kind)}")
+    broken = nonfinite_tensors(state)
+    if broken:  # one NaN spreads through every product: the prior then samples code 0 everywhere
+        raise ConfigError(f"{directory}: NaN or inf values in {WEIGHTS_NAME}: {name_listing(broken)}; "
+                          "these weights are damaged (a diverged run?): export a checkpoint from before it")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ConfigError(f"{directory}: the weights in {WEIGHTS_NAME} do not match {CONFIG_NAME}: {exc}") from None
+
+
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """The floating-point tensors of ``state`` that hold NaN or inf, each as 'key (n of N values)'."""
+    broken = []
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                broken.append(f"{key} ({finite.numel() - int(finite.sum())} of {finite.numel()} values)")
+    return broken
 
 
 def export_fingerprint(directory: str | Path) -> str:
@@ -197,8 +256,20 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, sub
     root = _hub_snapshot(text, revision, subfolder)
     folder = root / subfolder if subfolder else root
     if not folder.is_dir():
-        raise FileNotFoundError(f"Hub repository {text}{_at(revision)} has no folder {subfolder}/")
+        raise FileNotFoundError(hub_part_missing(text, revision, subfolder))
     return folder
+
+
+def hub_part_missing(repo_id: str, revision: str | None, part: str) -> str:
+    """The message for a folder ``part`` missing from the snapshot of Hub repository ``repo_id``. Offline, the
+    snapshot is what the cache holds, which may be only the parts downloaded so far (``subfolder=``)."""
+    if hub_offline():
+        from huggingface_hub import constants
+
+        return (f"Hub repository {repo_id}{_at(revision)}: its folder {part}/ is not in the local cache "
+                f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: download it once with HF_HUB_OFFLINE "
+                "unset (or the repository has no such folder)")
+    return f"Hub repository {repo_id}{_at(revision)} has no folder {part}/"
 
 
 def _at(revision: str | None) -> str:

@@ -6,7 +6,6 @@ A pipeline folder is ``tokenizer/`` (a VQModel export) + ``prior/`` (a GPT expor
 from __future__ import annotations
 
 import math
-import shutil
 import warnings
 from pathlib import Path
 from typing import Sequence, Union
@@ -20,7 +19,8 @@ from stage2_prior.highres import complete
 from stage2_prior.layers import content_fingerprint
 from stage2_prior.model import GPT
 from stage2_prior.sampling import generate
-from vqgpt.ground.checkpoint import push_to_hub, read_export_meta, resolve_model_dir, usable_device
+from vqgpt.ground.checkpoint import (copy_export, export_stamp, hub_part_missing, push_to_hub, read_export_meta,
+                                     resolve_model_dir, usable_device)
 from vqgpt.ground.config import ConfigError
 from vqgpt.workflow.encode import tokenizer_fingerprint
 
@@ -44,6 +44,8 @@ class VQGPTPipeline:
         self.tokenizer_dir: Path | None = None
         self.prior_dir: Path | None = None
         self._as_loaded: tuple[tuple | None, tuple | None] = (None, None)  # weights as loaded from those folders
+        self._stamps: tuple[tuple | None, tuple | None] = (None, None)  # their files then (export_stamp)
+        self._prior_extra: dict = {}  # the prior export's 'extra' section as loaded
         # generate / complete run the prior's one-token step under torch.compile (see set_decoding)
         self.compile_decode = False
 
@@ -93,6 +95,8 @@ class VQGPTPipeline:
         pipe = cls(tokenizer, prior, classes=extra.get("classes"))
         pipe.tokenizer_dir, pipe.prior_dir = Path(tokenizer_dir), Path(prior_dir)
         pipe._as_loaded = (_weights_state(tokenizer), _weights_state(prior))
+        pipe._stamps = (export_stamp(tokenizer_dir), export_stamp(prior_dir))
+        pipe._prior_extra = extra
         return pipe
 
     @classmethod
@@ -102,6 +106,8 @@ class VQGPTPipeline:
         usable_device(map_location)  # before a Hub download
         directory = resolve_model_dir(name_or_path, revision=revision)
         for part in ("tokenizer", "prior"):
+            if not (directory / part).is_dir() and not Path(name_or_path).expanduser().is_dir():
+                raise FileNotFoundError(hub_part_missing(str(name_or_path), revision, part))
             if not (directory / part).is_dir():
                 raise FileNotFoundError(f"{name_or_path} is not a pipeline folder: {part}/ is missing "
                                         f"(a pipeline folder holds tokenizer/ and prior/ exports){_hint(directory)}")
@@ -110,8 +116,10 @@ class VQGPTPipeline:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``tokenizer/`` and ``prior/`` into ``directory``: the weights as they are now. A part whose
-        weights are still those it was loaded with is copied from its export (byte for byte); one that
-        was trained, edited or moved since is written from memory. A prior cast by ``set_decoding`` to
+        weights are still those it was loaded with, and whose export files are still those it was loaded
+        from, is copied from its export (byte for byte, its two files only); one that was trained, edited
+        or moved since, or whose files were replaced since (a resumed run's new export), is written from
+        memory. A prior cast by ``set_decoding`` to
         int8 (its export would not load) or bfloat16 (its float32 weights would be lost) is refused."""
         from stage2_prior.quantize import is_quantized
 
@@ -128,20 +136,24 @@ class VQGPTPipeline:
         directory = Path(directory)
         tok_dst, prior_dst = directory / "tokenizer", directory / "prior"
         tok_loaded, prior_loaded = self._as_loaded
+        tok_stamp, prior_stamp = self._stamps
         tok_copied = (self.tokenizer_dir is not None and tok_loaded is not None
-                      and _weights_state(self.tokenizer) == tok_loaded)
+                      and _weights_state(self.tokenizer) == tok_loaded
+                      and tok_stamp is not None and export_stamp(self.tokenizer_dir) == tok_stamp)
         if tok_copied:
             if self.tokenizer_dir.resolve() != tok_dst.resolve():
-                shutil.copytree(self.tokenizer_dir, tok_dst, dirs_exist_ok=True)
+                copy_export(self.tokenizer_dir, tok_dst)
         else:
             self.tokenizer.save_pretrained(tok_dst)
-        extra = read_export_meta(self.prior_dir).get("extra", {}) if self.prior_dir is not None else {}
+        prior_unchanged = (self.prior_dir is not None and prior_stamp is not None
+                           and export_stamp(self.prior_dir) == prior_stamp)
+        extra = self._prior_extra
         # The prior's export is copied only while it still describes this pipeline: its weights, its class
         # names and the tokenizer (fingerprint) it names are those of now. Else it is written anew.
-        if (tok_copied and self.prior_dir is not None and prior_loaded is not None
+        if (tok_copied and prior_unchanged and prior_loaded is not None
                 and _weights_state(self.prior) == prior_loaded and extra.get("classes", []) == list(self.classes)):
             if self.prior_dir.resolve() != prior_dst.resolve():
-                shutil.copytree(self.prior_dir, prior_dst, dirs_exist_ok=True)
+                copy_export(self.prior_dir, prior_dst)
         else:
             self.prior.save_pretrained(prior_dst, extra={**extra, "classes": self.classes,
                                                          "tokenizer_fingerprint": tokenizer_fingerprint(tok_dst)})

@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping, NamedTuple
 import torch
 import torch.nn as nn
 
+from vqgpt.ground.checkpoint import nonfinite_tensors
+
 _LAZY = {
     "import_taming": "vqgpt.workflow.importers.taming",
     "taming_config": "vqgpt.workflow.importers.taming",
@@ -133,11 +135,7 @@ def check_weights(source: Mapping[str, torch.Tensor], what: str) -> None:
     not_float = [f"{k} ({t.dtype})" for k, t in source.items() if not t.is_floating_point()]
     if not_float:
         raise ValueError(f"{what}: expected floating-point weights, found other types in {_listed(not_float)}")
-    broken = []
-    for key, tensor in source.items():
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
-            broken.append(f"{key} ({finite.numel() - int(finite.sum())} of {finite.numel()} values)")
+    broken = nonfinite_tensors(dict(source))
     if broken:
         raise ValueError(f"{what}: NaN or inf values in {_listed(broken)}; refusing to import broken weights")
 
