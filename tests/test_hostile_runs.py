@@ -122,6 +122,33 @@ def test_resume_without_tokenizer_refreshes_the_run_pipeline(tmp_path, capsys):
     assert read_export_meta(run / "pipeline/prior")["extra"]["tokenizer_fingerprint"] == meta["tokenizer_fingerprint"]
 
 
+@pytest.mark.slow
+def test_under_accelerate_launch_the_pipeline_is_announced_once_by_the_process_that_wrote_it(tmp_path):
+    """The other process returns before the write, and used to say 'written' too, maybe before it was."""
+    import subprocess
+
+    from stage1_vq.model import VQModel
+    from test_distributed import launch_command, subprocess_env
+    from vqgpt.ground.checkpoint import export_fingerprint
+    from vqgpt.ground.tokens import TokenShardWriter
+    from vqgpt.workflow.pipeline import VQGPTPipeline
+
+    tok = VQModel(tokenizer_config().model)
+    tok.save_pretrained(tmp_path / "tok")
+    meta = {"tokenizer_fingerprint": export_fingerprint(tmp_path / "tok"), "source": "test", "num_classes": 2,
+            "classes": ["a", "b"]}
+    grids = torch.randint(0, tok.codebook_size, (8, 4, 4), generator=torch.Generator().manual_seed(0))
+    with TokenShardWriter(tmp_path / "codes", [4, 4], tok.codebook_size, meta) as writer:
+        writer.add(grids, torch.arange(8) % 2)
+    cmd = [*launch_command(2), "-m", "vqgpt", "train-prior", "--config", str(ROOT / "configs/prior/tiny.yaml"),
+           "--tokens", str(tmp_path / "codes"), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "run"),
+           "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.checkpoint_every=0"]
+    done = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("pipeline (tokenizer + prior) written to") == 1, done.stdout[-3000:]
+    VQGPTPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+
+
 # ----------------------------------------------------------------------------- trackers
 
 

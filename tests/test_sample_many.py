@@ -167,6 +167,31 @@ def test_two_processes_write_bitwise_what_one_process_writes(pipe_dir, tmp_path)
         assert f["arr_0"].shape == (9, 16, 16, 3) and f["arr_1"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
+@pytest.mark.slow
+def test_a_failure_on_one_process_stops_every_process_with_its_reason(pipe_dir, tmp_path):
+    # batch [2, 4) is process 1's; a folder where its sample 3's temporary file goes fails that write only.
+    # The other process used to wait in its next collective and print the lost connection's traceback.
+    out = tmp_path / "s"
+    (out / ".000003.png.tmp").mkdir(parents=True)
+    cmd = ["-m", "vqgpt", "sample", "--pipeline", str(pipe_dir), "--num", "6", "--class-label", "a",
+           "--out", f"{out}/", "--batch-size", "2"]
+    done = subprocess.run([*launch_command(2), *cmd], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode != 0  # (the launcher prints its own traceback for any process that exits non-zero)
+    assert "gloo" not in done.stderr and "Connection closed" not in done.stderr, done.stderr[-3000:]
+    assert "\nerror: [Errno 21] Is a directory" in done.stderr, done.stderr[-3000:]  # process 1
+    assert "error: process 1: [Errno 21] Is a directory" in done.stderr, done.stderr[-3000:]  # process 0
+    assert "exitcode  : 1" not in done.stderr  # both exit 2: a user error, one line each
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png", "000004.png",
+                                                          "000005.png"]
+    # a sample name taken by a folder is refused before anything is drawn, on every process alike
+    (out / ".000003.png.tmp").rmdir()
+    (out / "000003.png").mkdir()
+    done = subprocess.run([sys.executable, *cmd], env=subprocess_env(), capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert done.returncode == 2 and "not a file where a sample image is to be written: 000003.png" in done.stderr
+
+
 def test_a_residual_tokenizers_larger_canvas_moves_its_windows_by_whole_positions(tmp_path):
     """sample_many (sample --out DIR/, --npz, eval-prior's samples) draws what pipe.generate draws: with a
     residual-VQ tokenizer (D codes per position) its sliding windows move D columns at a time, never

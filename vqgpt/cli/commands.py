@@ -251,7 +251,8 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
 
     pipeline_dir = train_prior_with_tokenizer(cfg, args.out, args.tokenizer, resume=args.resume,
                                               overwrite=args.overwrite)
-    print(f"pipeline (tokenizer + prior) written to {pipeline_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # the main process wrote it; the others returned before the write
+        print(f"pipeline (tokenizer + prior) written to {pipeline_dir}")
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from vqgpt.ground.checkpoint import (check_checkpoint, list_checkpoints, name_listing, read_checkpoint_inputs,
                                     resolve_resume)
@@ -89,9 +89,35 @@ def share_main_failure(failure: Exception | None, num_processes: int, result: An
     if failure is not None:
         raise failure
     if verdict[0] is not None:
-        kind, message = verdict[0]
-        raise (kind if issubclass(kind, ValueError) else RuntimeError)(f"main process: {message}")
+        raise _like(*verdict[0], "main process")
     return verdict[1]
+
+
+def share_failures(failure: Exception | None, num_processes: int) -> None:
+    """After work every process does its share of (``failure``: what it raised there, or None), raise on every
+    process if any failed: its own failure where it happened, the first failed process's kind and message
+    on the others. Without it the others wait in their next collective until the launcher stops them, and
+    print the lost connection's traceback instead of the reason."""
+    verdicts = [None if failure is None else (type(failure), str(failure))]
+    if num_processes > 1:
+        verdicts = gather_object(verdicts)
+    if failure is not None:
+        raise failure
+    for rank, verdict in enumerate(verdicts):
+        if verdict is not None:
+            raise _like(*verdict, f"process {rank}")
+
+
+def _like(kind: type, message: str, where: str) -> Exception:
+    """An error of ``kind`` saying ``where: message`` for another process to raise: user errors (ValueError,
+    OSError) keep their kind, and so their exit code and one-line message; anything else, a bug, is a
+    RuntimeError."""
+    if issubclass(kind, (ValueError, OSError)):
+        try:
+            return kind(f"{where}: {message}")
+        except Exception:  # a subclass with another constructor
+            pass
+    return RuntimeError(f"{where}: {message}")
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

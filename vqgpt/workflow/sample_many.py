@@ -26,7 +26,7 @@ import json
 import os
 import re
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -38,11 +38,11 @@ from tqdm.auto import tqdm
 
 from stage2_prior.draw import SamplingConfig
 from stage2_prior.quantize import is_quantized
-from vqgpt.ground.checkpoint import check_file_place
+from vqgpt.ground.checkpoint import check_file_place, name_listing
 from vqgpt.ground.config import to_dict
 from vqgpt.ground.images import tensor_to_uint8
 from vqgpt.training.config import launched_process_state
-from vqgpt.training.run_folder import RunFolderError, RunLock, share_main_failure
+from vqgpt.training.run_folder import RunFolderError, RunLock, share_failures, share_main_failure
 from vqgpt.workflow.pipeline import ClassLabels, VQGPTPipeline
 
 SETTINGS_FILE = "sampling.json"
@@ -193,8 +193,13 @@ def check_npz_path(npz: Path) -> None:
 
 def _write_png(array: np.ndarray, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: a killed run leaves no half PNG
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except Exception:
+        with suppress(OSError):  # (a folder of that name is left, and named by the error)
+            tmp.unlink()
+        raise
 
 
 def write_npz(folder: Path, num: int, labels: torch.Tensor | None, path: Path) -> None:
@@ -309,6 +314,10 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     with _folder_locked(state, folder, npz):
         # Every process reads what is finished before any writes, so all agree on the counts.
         pngs, done = finished_pngs(folder)
+        in_the_way = sorted(name for name in pngs if _OURS.fullmatch(name) and not (folder / name).is_file())
+        if in_the_way:  # found at the rename, after drawing its batch
+            raise FileExistsError(f"{folder}: not a file where a sample image is to be written: "
+                                  f"{name_listing(in_the_way)}; move it away")
         _check_settings(folder, settings, pngs)
         batches = batch_ranges(num, batch_size)
         todo = [c for c, batch in enumerate(batches) if any(png_name(i) not in done for i in batch)]
@@ -318,21 +327,29 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
             (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         state.wait_for_everyone()
         mine = [c for c in todo if c % processes == rank]
-        for c in tqdm(mine, disable=not (progress and state.is_main_process), desc="sampling batches"):
-            index = list(batches[c])
-            images = tensor_to_uint8(draw_images(pipe, index, None if labels is None else labels[index], grid,
-                                                 sampling, seed))  # (B, 3, H, W)
-            for i, image in zip(index, images):
-                if png_name(i) not in done:  # a finished file is never rewritten
-                    _write_png(image.permute(1, 2, 0).numpy(), folder / png_name(i))
-        state.wait_for_everyone()
+        failure = None
+        try:
+            for c in tqdm(mine, disable=not (progress and state.is_main_process), desc="sampling batches"):
+                index = list(batches[c])
+                images = tensor_to_uint8(draw_images(pipe, index, None if labels is None else labels[index], grid,
+                                                     sampling, seed))  # (B, 3, H, W)
+                for i, image in zip(index, images):
+                    if png_name(i) not in done:  # a finished file is never rewritten
+                        _write_png(image.permute(1, 2, 0).numpy(), folder / png_name(i))
+        except Exception as exc:  # one process's failure (a full disk, out of memory) stops all with its reason
+            failure = exc
+        share_failures(failure, processes)
+        failure = None
         if npz is not None and state.is_main_process:
-            write_npz(folder, num, labels, npz)
-            if out is None:  # the scratch folder held only what runs write (checked above): all of it goes
-                for path in folder.iterdir():
-                    if _OURS.fullmatch(path.name):
-                        path.unlink()
-                folder.rmdir()
-        state.wait_for_everyone()
+            try:
+                write_npz(folder, num, labels, npz)
+                if out is None:  # the scratch folder held only what runs write (checked above): all of it goes
+                    for path in folder.iterdir():
+                        if _OURS.fullmatch(path.name):
+                            path.unlink()
+                    folder.rmdir()
+            except Exception as exc:
+                failure = exc
+        share_main_failure(failure, processes)
     return ManySamples(num=num, drawn=drawn, skipped=num - drawn, processes=processes,
                        folder=None if out is None else folder, npz=npz)
