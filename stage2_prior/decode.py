@@ -14,9 +14,10 @@ On CPU the caches are the caller's, and the step differs in two ways, both for s
 (benchmarks/sampling.py --compile):
 
 - inductor freezes the weights (folds them into the graph as constants). A batch of one multiplies
-  them with inductor's own C++ GEMM template, autotuned against oneDNN/MKL at compile time, which
-  read them at the memory bandwidth at one row on the development CPU (2 cores, AVX2); 2 or more rows
-  (and int8 layers at any batch) call the blocked AVX2 kernel of ``stage2_prior.blocked`` as an
+  float32 ones with inductor's own C++ GEMM template, autotuned against oneDNN/MKL at compile time,
+  which read them at the memory bandwidth at one row on the development CPU (2 cores, AVX2); 2 or more
+  rows, bfloat16 weights at one row (where the autotuner chose oneDNN, 1.4x slower: ``layers.Linear``)
+  and int8 layers at any batch call the blocked AVX2 kernel of ``stage2_prior.blocked`` as an
   opaque op, which ran the GPT-B products at 8 rows 1.7-1.8x faster than the template: the C++ op
   ``vqgpt_native::blocked_linear``, built when a step is first made, over the blocked copies that
   ``attach_blocked_copies`` hands each ``Linear`` before tracing (``Int8Linear`` keeps its own);

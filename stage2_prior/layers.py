@@ -167,10 +167,13 @@ class Linear(nn.Linear):
     - else (float32) reordered for oneDNN: 60-80 GB/s at 1-2 rows and 28 GB/s (112 GFLOP/s) at 8
       rows with the weights in cache.
 
-    A compiled graph gets this product as one opaque op for 2 or more rows (the C++ op over the copy
-    ``attach_blocked_copies`` attached, else ``vqgpt::few_row_linear``), and F.linear for one row (the
-    compiled decode step freezes the weights, and at one row inductor's own GEMM kernels read them at
-    the bandwidth: ``stage2_prior.decode``). The prepared copy, made at the first such call, lives as
+    A compiled graph gets this product as one opaque op (the C++ op over the copy
+    ``attach_blocked_copies`` attached, else ``vqgpt::few_row_linear``), except for one float32 row:
+    F.linear there (the compiled decode step freezes the weights, and at one row inductor's own GEMM
+    kernels read float32 ones at the bandwidth: ``stage2_prior.decode``). For one bfloat16 row the
+    autotuner picked oneDNN's product, and a compiled GPT-B step at batch 1 ran 113 tokens/s (median
+    of 6 rounds, interleaved in one process on the AVX512-BF16 CPU) against 162 with the kernel; in
+    float32 the template kept its lead (84 against 67). The prepared copy, made at the first such call, lives as
     long as the weight (remade when it changes): decoding on a CPU holds the weights twice. Without
     one, 1-5 fp32 rows run as W @ x^T (one row padded to two), which ran at 50-90% of the bandwidth
     against 20-40%. benchmarks/sampling.py measures the sampler built on it.
@@ -187,10 +190,10 @@ class Linear(nn.Linear):
                 or torch.is_autocast_enabled("cpu")):
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
-            # one row: inductor's GEMM template on the frozen weight read faster; more: the blocked kernel,
-            # as the C++ op over the copy that stage2_prior.decode attached before tracing, else as an op
-            # that finds the prepared copy itself
-            if rows == 1:
+            # one float32 row: inductor's GEMM template on the frozen weight read faster; else the blocked
+            # kernel, as the C++ op over the copy that stage2_prior.decode attached before tracing, else as
+            # an op that finds the prepared copy itself
+            if rows == 1 and x.dtype == torch.float32:
                 return F.linear(x, self.weight)
             attached = getattr(self, "_compiled_blocked", None) if _in_decode_step else None
             if attached is None:

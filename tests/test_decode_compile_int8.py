@@ -59,13 +59,14 @@ def test_compiled_decode_gives_the_eager_greedy_tokens_and_compiles_once():
 
 
 def compiled_steps_against_eager(model: GPT, spy_module, spy_name: str, monkeypatch,
-                                 tolerance: float = 1e-4) -> list[int]:
-    """Three compiled decode steps of ``model`` at batch 2, each checked against the eager step (logits
-    within ``tolerance`` of their range); returns how often ``spy_module.spy_name`` ran during each compiled
-    step."""
-    tokens, labels = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
+                                 tolerance: float = 1e-4, batch: int = 2) -> list[int]:
+    """Three compiled decode steps of ``model`` at ``batch`` (1 or 2), each checked against the eager step
+    (logits within ``tolerance`` of their range); returns how often ``spy_module.spy_name`` ran during each
+    compiled step."""
+    tokens = torch.randint(0, 16, (batch, 4), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2])[:batch]
     step = decode_step(model)
-    eager_cache, cache = model.new_cache(2), step.new_cache(2, model.config.seq_len)
+    eager_cache, cache = model.new_cache(batch), step.new_cache(batch, model.config.seq_len)
     calls, counts = [], []
     original = getattr(spy_module, spy_name)
     monkeypatch.setattr(spy_module, spy_name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
@@ -98,6 +99,21 @@ def test_compiled_float_step_calls_the_cpp_op_on_the_attached_copies(native, mon
     assert all((m._compiled_blocked is not None) == native for m in linears)
     counts = compiled_steps_against_eager(model, layers, "_few_row_product", monkeypatch)
     assert counts == 3 * [0 if native else len(linears)]  # the Python op: one call per layer
+
+
+def test_one_bf16_row_takes_the_blocked_kernel_and_one_float32_row_the_frozen_weight(monkeypatch):
+    """At batch 1 the compiled step multiplies float32 weights with inductor's own kernels on the frozen
+    weight, and bfloat16 ones with the blocked kernel (for them the autotuner chose oneDNN, 1.4x slower
+    over a GPT-B step). Seen here through the Python op, which runs where the C++ op did not build."""
+    from stage2_prior import layers
+
+    for dtype, tolerance in (("float32", 1e-4), ("bfloat16", 1e-2)):
+        monkeypatch.setattr(blocked, "_NATIVE", [None])
+        model = set_prior_dtype(tiny_gpt(grid_size=[3, 4], n_layer=1), dtype)
+        linears = [m for m in model.modules() if isinstance(m, layers.Linear)]
+        counts = compiled_steps_against_eager(model, layers, "_few_row_product", monkeypatch, tolerance, batch=1)
+        assert counts == 3 * [0 if dtype == "float32" else len(linears)], dtype
+        monkeypatch.undo()  # the spy, before the next dtype's
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["cpp-op", "python-op"])
