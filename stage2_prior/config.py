@@ -18,7 +18,7 @@ from vqgpt.ground.tokens import MAX_CODEBOOK_SIZE
 # GPT-XL 774.7M, GPT-XXL 1411.0M; unconditional with 1024 codes: GPT-B 86.5M, GPT-L 310.4M.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=2, dim=32, multiple_of=32),  # CPU tests
-    "small": dict(n_layer=6, n_head=8, dim=256),  # CPU demo
+    "small": dict(n_layer=6, n_head=8, dim=256),  # CPU benchmarks (benchmarks/highres.py)
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),
     "GPT-L": dict(n_layer=24, n_head=16, dim=1024),
     "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),

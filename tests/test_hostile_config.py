@@ -304,3 +304,22 @@ def test_another_kinds_option_out_of_range_is_named_not_ignored(kind, key, value
     fine = {"ema_decay": 0.5, "kmeans_iters": 3, "rvq_depth": 2, "lfq_dim": 4, "lfq_temperature": 2.0,
             "fsq_levels": [4, 4]}[key]
     QuantizerConfig(kind=kind, **{key: fine})
+
+
+def test_a_misspelt_section_in_a_set_is_blamed_on_that_set(tmp_path, capsys):
+    """The unknown key is the first unknown part of the dotted name ('modle'); the message's list of valid keys
+    named 'tokens', so the --tokens that train-prior adds as an override was blamed, or, with no override
+    named, the YAML file."""
+    err = cli_error(capsys, "train-prior", "--config", PRIOR, "--tokens", tmp_path / "T", "--set", "modle.dim=512",
+                    "--out", tmp_path / "run")
+    assert err.startswith("error: --set modle.dim=512: unknown config key 'modle'"), err
+    err = cli_error(capsys, "train-tokenizer", "--config", TOKENIZER, "--set", "modle.channels=32",
+                    "--out", tmp_path / "run")
+    assert err.startswith("error: --set modle.channels=32: unknown config key 'modle'"), err
+    message = set_error(PriorRunConfig, PRIOR, "model.quantizer.codebok_size=5", "tokens=T")
+    assert "unknown config key 'model.quantizer'" in message
+    # a key the YAML file holds is still the file's
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TOKENIZER.read_text() + "modle:\n  channels: 32\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'modle'"):
+        load_config(TokenizerRunConfig, bad, ["model.channels=32"])

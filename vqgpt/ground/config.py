@@ -327,6 +327,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def _override_named_in(message: str, overrides: list[str]) -> str | None:
     """The last override whose dotted key (or a key inside it) the error message names, else None."""
+    unknown = re.search(r"unknown config key '([^']+)'", message)
+    if unknown:  # the first unknown part of a dotted key: 'modle' of modle.dim, 'model.quantizer' of its sub-keys
+        name = unknown.group(1)
+        return next((item for item in reversed(overrides)
+                     if item.split("=", 1)[0].strip() == name or item.startswith((f"{name}.", f"{name}["))), None)
+    message = message.split(" (valid keys here:")[0]  # a list of keys names no culprit
     for item in reversed(overrides):
         key = item.split("=", 1)[0].strip()
         # the key as a whole dotted name: 'train.lr', train.lr: ..., train.lr=..., or a sub-key train.lr.x /
