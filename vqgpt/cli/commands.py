@@ -913,8 +913,8 @@ def _exit_code(exc: Exception) -> int | None:
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError,
                         ValueError)):
         return 2
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
-        return 2  # the disk, not the code: full, read-only or over quota
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG):
+        return 2  # the disk, not the code: full, read-only, over quota, or a file size limit (ulimit -f)
     return None
 
 

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vqgpt.ground.config import ConfigError, from_dict, to_dict
+from vqgpt.ground.files import write_error
 from vqgpt.ground.tokens import fingerprint_file, plain_file_name
 
 T = TypeVar("T")
@@ -71,11 +72,21 @@ def save_export(directory: str | Path, kind: str, config: Any, model: torch.nn.M
         seen[ident] = k
     meta = {"kind": kind, "config": to_dict(config), "extra": extra or {}}
     weights_tmp, config_tmp = (directory / (name + ".tmp") for name in (WEIGHTS_NAME, CONFIG_NAME))
-    save_file(state, str(weights_tmp), metadata={"kind": kind})
-    # safetensors creates the file 0600: give it the folder's read/write bits (what the umask left), as
-    # config.json gets, so that a shared export is readable by those who can read its folder
-    os.chmod(weights_tmp, stat.S_IMODE(directory.stat().st_mode) & 0o666)
-    config_tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    writing = weights_tmp
+    try:
+        save_file(state, str(weights_tmp), metadata={"kind": kind})
+        # safetensors creates the file 0600: give it the folder's read/write bits (what the umask left), as
+        # config.json gets, so that a shared export is readable by those who can read its folder
+        os.chmod(weights_tmp, stat.S_IMODE(directory.stat().st_mode) & 0o666)
+        writing = config_tmp
+        config_tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    except Exception as exc:  # a full disk, say: the export as it was stays, without the partial files
+        for tmp in {weights_tmp, writing}:
+            tmp.unlink(missing_ok=True)
+        failure = write_error(exc, directory / writing.name.removesuffix(".tmp"))
+        if failure is None or failure is exc:
+            raise
+        raise failure from None
     _replace_export_files(directory)
     return directory
 

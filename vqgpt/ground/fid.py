@@ -25,7 +25,6 @@ PyTorch port (the TF-to-PyTorch weight maps name ``mixed_6/conv/conv2d_params`` 
 
 from __future__ import annotations
 
-import os
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vqgpt.ground.checkpoint import check_file_place
+from vqgpt.ground.files import replace_when_whole
 
 INCEPTION_NAME = "inception-v3-fid-2015-12-05"
 INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth (torch-fidelity)",
@@ -338,11 +338,12 @@ def save_stats(stats: FeatureStats, path: str | Path) -> Path:
         arrays["features"] = stats.features.astype(np.float32)
     if stats.spatial_mu is not None and stats.spatial_sigma is not None:
         arrays["mu_s"], arrays["sigma_s"] = stats.spatial_mu, stats.spatial_sigma  # the ADM evaluator's names
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append another ".npz"
-        np.savez(f, **arrays)
-    os.replace(tmp, path)  # a run killed while writing leaves the earlier statistics as they were
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append another ".npz"
+            np.savez(f, **arrays)
+
+    return replace_when_whole(path, write)  # a failed or killed run leaves the earlier statistics as they were
 
 
 def load_stats(path: str | Path) -> FeatureStats:

@@ -10,6 +10,8 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torchvision.utils import make_grid
 
+from vqgpt.ground.files import replace_when_whole
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -104,7 +106,10 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8,
         for i, label in enumerate(row_labels):
             draw.text((4, int(step * i + step / 2 - 5)), str(label), fill=(0, 0, 0))
         grid = canvas
-    grid.save(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"{path}: not an image file name PIL can write (.png, .jpg, ...)")
+    replace_when_whole(path, lambda tmp: grid.save(tmp, format=image_format))  # an earlier image stays whole
     return path
 
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vqgpt.ground.files import write_bytes_whole
+
 META_FILE = "meta.json"
 SOURCE_FILE = "source-files.json"
 PROGRESS_PATTERN = "progress-*.json"
@@ -103,13 +105,9 @@ def check_tokenizer_match(meta: dict[str, Any], fingerprint: str, where: str | P
 
 
 def _atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write via ``write(file)`` into a temporary sibling, fsync, then rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write via ``write(file)`` into a temporary sibling, fsync, then rename over ``path``; on failure the
+    temporary file goes, and a full disk is an error naming ``path`` (``vqgpt.ground.files``)."""
+    write_bytes_whole(path, write, tmp=path.with_name(path.name + ".tmp"), sync=True)
 
 
 def _write_meta(directory: Path, meta: dict[str, Any]) -> None:

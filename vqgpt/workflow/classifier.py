@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from vqgpt.ground.files import replace_when_whole
+
 MNIST_SOURCE = "builtin:mnist"
 INPUT_SIZE = 32
 NUM_DIGITS = 10
@@ -143,10 +145,8 @@ def save_classifier(path: str | Path, trained: TrainedClassifier, steps: int, se
     state = {k: v.detach().contiguous().cpu() for k, v in trained.model.state_dict().items()}
     meta = {"kind": "mnist_classifier", "recipe": RECIPE_VERSION, "steps": str(steps), "seed": str(seed),
             "heldout_accuracy": repr(float(trained.heldout_accuracy))}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return replace_when_whole(path, lambda tmp: save_file(state, str(tmp), metadata=meta),
+                              tmp=path.with_name(f".{path.name}.{os.getpid()}.tmp"))
 
 
 def _read_metadata(path: Path) -> dict[str, str]:

@@ -26,7 +26,7 @@ import json
 import os
 import re
 import zipfile
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -40,6 +40,7 @@ from stage2_prior.draw import SamplingConfig
 from stage2_prior.quantize import is_quantized
 from vqgpt.ground.checkpoint import check_file_place, name_listing
 from vqgpt.ground.config import to_dict
+from vqgpt.ground.files import replace_when_whole
 from vqgpt.ground.images import tensor_to_uint8
 from vqgpt.training.config import launched_process_state
 from vqgpt.training.run_folder import RunFolderError, RunLock, share_failures, share_main_failure
@@ -192,14 +193,8 @@ def check_npz_path(npz: Path) -> None:
 
 
 def _write_png(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: a killed run leaves no half PNG
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except Exception:
-        with suppress(OSError):  # (a folder of that name is left, and named by the error)
-            tmp.unlink()
-        raise
+    # written whole, then renamed: a killed run leaves no half PNG, a failed one no temporary file
+    replace_when_whole(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def write_npz(folder: Path, num: int, labels: torch.Tensor | None, path: Path) -> None:

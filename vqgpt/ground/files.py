@@ -1,0 +1,88 @@
+"""Writing a file whole or not at all, and write failures that say which file and why.
+
+A result file (a sample grid, FID statistics, a token shard, an export's weights) is written into a
+temporary sibling and renamed over its path once whole, so an earlier file stays as it was when the
+write fails: the disk fills, a file size limit (``ulimit -f``) is reached, the process is killed. The
+temporary file is removed on failure, so a full disk is not kept full by it.
+
+Libraries report the same failures in their own ways: numpy's ``tofile`` as an OSError without an
+errno ("288000 requested and 202688 written"), safetensors as a ``SafetensorError`` that quotes the
+OS error in its text. ``write_error`` turns each into an OSError with the errno and the file's path,
+which the CLI prints as one line (exit 2 for a full disk, a size limit, a read-only file system).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")  # how Rust (safetensors) quotes an OS error
+
+
+def write_error(exc: BaseException, path: Path) -> OSError | None:
+    """``exc``, raised while writing ``path``, as an OSError naming ``path`` with its errno; None when
+    ``exc`` is no write failure (a bug, an interrupt: left to propagate as it is)."""
+    code = None
+    if isinstance(exc, OSError):
+        code = exc.errno
+        if code is None and "requested and" in str(exc) and "written" in str(exc):
+            # numpy's short write: the OS took less than asked, which a regular file does only when the disk
+            # is full or the file size limit is reached; which of the two, a second write would have said
+            return OSError(errno.ENOSPC, f"short write ({exc}): the disk is full or a file size limit "
+                                         "(ulimit -f) was reached", str(path))
+    elif type(exc).__name__ == "SafetensorError":
+        found = _OS_ERROR_IN_TEXT.search(str(exc))
+        code = int(found.group(1)) if found else None
+    if code is None:
+        return exc if isinstance(exc, OSError) else None
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return exc  # it names its file already
+    return OSError(code, os.strerror(code), str(path))
+
+
+class _Writes:
+    """A file seen only through ``write``: numpy then writes arrays in chunks through it, and a failure is
+    Python's OSError with its errno, not ``tofile``'s short-write message."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+
+    def write(self, data: Any) -> int:
+        return self._f.write(data)
+
+
+def replace_when_whole(path: str | Path, write: Callable[[Path], Any], tmp: Path | None = None) -> Path:
+    """Write ``path`` by ``write(tmp)`` (``tmp`` default: ``.NAME.tmp`` beside it), then rename ``tmp`` over
+    ``path``. On failure ``tmp`` is removed and a write failure is raised as ``write_error`` says."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp") if tmp is None else tmp
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # (a folder of that name, say: the error below names it)
+        failure = write_error(exc, path) if isinstance(exc, Exception) else None
+        if failure is None or failure is exc:
+            raise
+        raise failure from None
+    return path
+
+
+def write_bytes_whole(path: str | Path, write: Callable[[BinaryIO], Any], tmp: Path | None = None,
+                      sync: bool = False) -> Path:
+    """``replace_when_whole`` for a writer of an open binary file (``np.save``, ``f.write``); ``sync``: fsync
+    before the rename, so that the new file survives a power cut as a whole."""
+    def into(target: Path) -> None:
+        with open(target, "wb") as f:
+            write(_Writes(f))
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+
+    return replace_when_whole(path, into, tmp)
