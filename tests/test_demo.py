@@ -2,11 +2,13 @@
 trivial baselines."""
 
 import json
+import time
 
 import pytest
 from baselines import eval_images, label_ignoring_accuracy, mean_image_scores
 
 from vqgpt.cli import main
+from vqgpt.cli import demo
 from vqgpt.cli.demo import demo_tokenizer_config
 
 
@@ -33,3 +35,36 @@ def test_quick_demo_writes_every_output(tmp_path, monkeypatch):
     assert m["samples"]["class_accuracy"] >= 5 * label_ignoring_accuracy(10), m["samples"]
     report = (out / "report.md").read_text()
     assert "samples.png" in report and f"{r['psnr']:.2f}" in report
+    # the full demo into the quick one's folder is refused before it touches any of it
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert main(["demo", "--out", str(out)]) == 2
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_demo_folder_holds_one_kind_of_demo_and_sums_its_times(tmp_path):
+    """--quick then the full demo into one --out resumed the quick runs with the full schedules, then stopped
+    for good at the token shards (the tokenizer had changed) with a hint, --overwrite, the demo does not take.
+    And a demo run again reported only the last run's seconds as the time its stages took."""
+    out = tmp_path / "d"
+    laps = demo._claim_demo_folder(out, "vq", True)
+    laps("tokenizer", time.perf_counter() - 100)  # a stage of 100 s, then the run is stopped
+    for kind, quick, said in [("vq", False, "a --quick vq demo, and this is a full vq demo"),
+                              ("pixels", True, "a --quick vq demo, and this is a --quick pixels demo")]:
+        with pytest.raises(ValueError, match=rf"{out} holds {said}: .*give another --out"):
+            demo._claim_demo_folder(out, kind, quick)
+    again = demo._claim_demo_folder(out, "vq", True)
+    again("tokenizer", time.perf_counter() - 5)  # the rest of it
+    again("prior", time.perf_counter() - 7)
+    seconds = again.seconds()
+    assert 105 <= seconds["tokenizer"] < 110 and 7 <= seconds["prior"] < 10
+    assert again.sessions == 2
+    # the report says so
+    metrics = {"reconstruction": {"codebook_size": 8, "grid": [4, 4], "psnr": 1.0, "ssim": 0.5,
+                                  "codebook_usage": 1.0, "perplexity": 2.0},
+               "samples": {"num": 10, "cfg_scale": 1.0, "class_accuracy": 0.5}, "classifier_heldout_accuracy": 0.9,
+               "seconds": seconds, "sessions": again.sessions}
+    demo._write_report(out, metrics, None)
+    assert "Summed over the 2 runs of the demo command" in (out / "report.md").read_text()
+    (out / demo.DEMO_RECORD).write_text("{")
+    with pytest.raises(ValueError, match="is damaged"):
+        demo._claim_demo_folder(out, "vq", True)

@@ -33,6 +33,7 @@ from vqgpt.ground.data import DataConfig, build_dataset
 from vqgpt.workflow.encode import encode_dataset
 from vqgpt.workflow.evaluation import eval_bits_per_dim
 from vqgpt.ground.images import save_grid
+from vqgpt.ground.files import replace_when_whole
 from vqgpt.workflow.pipeline import VQGPTPipeline
 from vqgpt.training import TrainConfig, cpu_has_fast_bf16
 from vqgpt.workflow.chain import train_prior_with_tokenizer
@@ -74,18 +75,58 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-class _Laps:
-    """Seconds per demo stage (``lap(name, start)``) and, in ``seconds()``, the total since creation."""
+DEMO_RECORD = ".vqgpt-demo.json"  # in a demo's --out: which demo it holds, and its seconds per stage so far
 
-    def __init__(self) -> None:
+
+class _Laps:
+    """Seconds per demo stage (``lap(name, start)``) and, in ``seconds()``, the total, summed over the
+    sessions of one demo folder: a demo stopped and run again reports the time its stages took in all,
+    not only the rest done by the last session. Kept in ``out``'s demo record after each stage."""
+
+    def __init__(self, record: Path, earlier: dict) -> None:
+        self.record, self.kind = record, {k: earlier[k] for k in ("tokenizer", "quick")}
         self.start = time.perf_counter()
+        self.earlier: dict[str, float] = dict(earlier.get("seconds", {}))
         self.timings: dict[str, float] = {}
+        self.sessions = int(earlier.get("sessions", 0)) + 1
 
     def __call__(self, name: str, start: float) -> None:
-        self.timings[name] = round(time.perf_counter() - start, 1)
+        self.timings[name] = self.earlier.get(name, 0.0) + time.perf_counter() - start
+        self.save()
 
     def seconds(self) -> dict[str, float]:
-        return {**self.timings, "total": round(time.perf_counter() - self.start, 1)}
+        stages = {**self.earlier, **self.timings}
+        total = self.earlier.get("total", 0.0) + time.perf_counter() - self.start
+        return {**{k: round(v, 1) for k, v in stages.items() if k != "total"}, "total": round(total, 1)}
+
+    def save(self) -> None:
+        seconds = {**self.earlier, **self.timings,
+                   "total": self.earlier.get("total", 0.0) + time.perf_counter() - self.start}
+        replace_when_whole(self.record, lambda tmp: tmp.write_text(json.dumps(
+            {**self.kind, "sessions": self.sessions, "seconds": seconds}, indent=2) + "\n"))
+
+
+def _claim_demo_folder(out: Path, tokenizer: str, quick: bool) -> _Laps:
+    """The stage timer of the demo in ``out``, after checking that ``out`` holds no other demo: a --quick run
+    continued as the full one (or a vq demo as a pixel one) would resume the other's runs, mix their
+    schedules, and stop at its token shards with a hint (--overwrite) the demo does not take."""
+    out.mkdir(parents=True, exist_ok=True)
+    record, earlier = out / DEMO_RECORD, {}
+    if record.is_file():
+        try:
+            earlier = json.loads(record.read_text())
+            holds = (earlier["tokenizer"], bool(earlier["quick"]))
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{record} is damaged: it records which demo {out} holds; give another --out") from None
+        if holds != (tokenizer, quick):
+            def name(kind: str, short: bool) -> str:
+                return f"{'a --quick' if short else 'a full'} {kind} demo"
+            raise ValueError(f"{out} holds {name(*holds)}, and this is {name(tokenizer, quick)}: its runs cannot "
+                             f"be continued as this one's; give another --out (or delete {out})")
+    earlier = {**earlier, "tokenizer": tokenizer, "quick": quick}
+    laps = _Laps(record, earlier)
+    laps.save()
+    return laps
 
 
 def _without_slow_bf16(cfg: TokenizerRunConfig | PriorRunConfig) -> TokenizerRunConfig | PriorRunConfig:
@@ -107,8 +148,7 @@ def _train_pipeline(prior_cfg: PriorRunConfig, tokens_dir: Path, tokenizer_dir: 
 def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, seed: int = 0) -> dict:
     """Run the demo into ``out``; returns the metrics written to out/metrics.json."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lap = _Laps()
+    lap = _claim_demo_folder(out, "vq", quick)
 
     _say("1/6 training the tokenizer on builtin:mnist (real digits)")
     t = time.perf_counter()
@@ -163,6 +203,7 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
         "samples": {"num": len(labels), "cfg_scale": cfg_scale, "class_accuracy": accuracy},
         "classifier_heldout_accuracy": heldout,
         "seconds": lap.seconds(),
+        "sessions": lap.sessions,
         "quick": quick,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -207,9 +248,16 @@ def _write_report(out: Path, m: dict, highres: Path | None) -> None:
                   "Twice the trained width for digits 0, 3, 5, 8. A digit is not a stationary image, so the extra "
                   "width shows strokes running on rather than a wider digit; stationary images such as textures "
                   "are where larger canvases make sense (`python benchmarks/textures_canvas.py`).", ""]
-    lines += ["## Time (seconds)", "", "| stage | s |", "|---|---|"]
+    lines += ["## Time (seconds)", "", *_sessions_line(m), "| stage | s |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in m["seconds"].items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _sessions_line(m: dict) -> list[str]:
+    """A line saying that the times are summed over several runs of the demo command, when they are."""
+    n = m.get("sessions", 1)
+    return [] if n <= 1 else [f"Summed over the {n} runs of the demo command into this folder (a run that "
+                              "was stopped, or found the work done, continued where the last one stopped).", ""]
 
 
 # ---------------------------------------------------------------------------------------------- pixel tokens
@@ -251,8 +299,7 @@ def _occluded_rows(image: torch.Tensor, keep_rows: int) -> torch.Tensor:
 def run_pixel_demo(out: str | Path, quick: bool = False, num_samples: int = 32, seed: int = 0) -> dict:
     """Image GPT on the built-in digits into ``out``; returns the metrics written to out/metrics.json."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lap = _Laps()
+    lap = _claim_demo_folder(out, "pixels", quick)
     tok_cfg, prior_cfg = pixel_demo_tokenizer_config(), _without_slow_bf16(pixel_demo_prior_config(quick))
     if prior_cfg.train.mixed_precision == "no":
         _say("this CPU has no fast bf16 units: training in float32")
@@ -309,6 +356,7 @@ def run_pixel_demo(out: str | Path, quick: bool = False, num_samples: int = 32, 
                                                                  "bits_per_dim", "uniform_bits_per_dim")}},
         "samples": num_samples,
         "seconds": lap.seconds(),
+        "sessions": lap.sessions,
         "quick": quick,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -349,6 +397,7 @@ def _write_pixel_report(out: Path, m: dict) -> None:
         "",
         "## Time (seconds)",
         "",
+        *_sessions_line(m),
         "| stage | s |",
         "|---|---|",
     ]
