@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
