@@ -222,3 +222,19 @@ def test_rvq_tokenizer_through_encode_a_prior_and_sampling(tmp_path):
     assert pipe.generate(2, class_labels=[0, 1], seed=0).shape == (2, 3, 16, 16)
     image = torch.rand(3, 16, 16) * 2 - 1
     assert pipe.complete(image, 2, keep_rows=2, class_labels=0, seed=0).shape == (2, 3, 16, 16)
+
+
+def test_a_prior_whose_rows_split_a_position_is_refused_when_paired():
+    """Depth 2 writes each position's 2 codes side by side: a prior 15 codes wide cannot have been trained on
+    these codes. Such a pair used to construct, save and load, and fail only at generate."""
+    from stage2_prior.model import GPT, GPTConfig
+    from vqgpt.ground.config import ConfigError
+    from vqgpt.workflow.pipeline import VQGPTPipeline
+
+    tok = tiny_rvq_model().eval()
+    prior = GPT(GPTConfig(codebook_size=tok.codebook_size, grid_size=[8, 15], num_classes=0, n_layer=1, n_head=2,
+                          dim=32, multiple_of=16))
+    with pytest.raises(ConfigError, match=r"2 codes per position .* 15 codes wide, not a multiple of 2"):
+        VQGPTPipeline(tok, prior)
+    VQGPTPipeline(tok, GPT(GPTConfig(codebook_size=tok.codebook_size, grid_size=[8, 16], num_classes=0, n_layer=1,
+                                     n_head=2, dim=32, multiple_of=16)))  # 8 positions of 2 codes: fine

@@ -461,3 +461,8 @@ def check_compatible(tokenizer: VQModel, prior: GPT) -> None:
     if tokenizer.codebook_size != prior.config.codebook_size:
         raise ConfigError(f"vocabulary mismatch: the tokenizer has codebook_size={tokenizer.codebook_size} "
                           f"but the prior was trained with codebook_size={prior.config.codebook_size}")
+    depth, width = tokenizer.codes_per_position, prior.config.grid_size[1]
+    if width % depth:  # (found at generate otherwise, after loading and saving such a pair without a word)
+        raise ConfigError(f"the tokenizer writes {depth} codes per position side by side in a code row (residual "
+                          f"depth {depth}), but the prior's rows are {width} codes wide, not a multiple of {depth}: "
+                          "it was not trained on this tokenizer's codes")
