@@ -94,16 +94,17 @@ class _Laps:
         self.timings[name] = self.earlier.get(name, 0.0) + time.perf_counter() - start
         self.save()
 
-    def seconds(self) -> dict[str, float]:
-        stages = {**self.earlier, **self.timings}
+    def _summed(self) -> dict[str, float]:
         total = self.earlier.get("total", 0.0) + time.perf_counter() - self.start
-        return {**{k: round(v, 1) for k, v in stages.items() if k != "total"}, "total": round(total, 1)}
+        return {**self.earlier, **self.timings, "total": total}
+
+    def seconds(self) -> dict[str, float]:
+        summed = self._summed()
+        return {**{k: round(v, 1) for k, v in summed.items() if k != "total"}, "total": round(summed["total"], 1)}
 
     def save(self) -> None:
-        seconds = {**self.earlier, **self.timings,
-                   "total": self.earlier.get("total", 0.0) + time.perf_counter() - self.start}
-        replace_when_whole(self.record, lambda tmp: tmp.write_text(json.dumps(
-            {**self.kind, "sessions": self.sessions, "seconds": seconds}, indent=2) + "\n"))
+        record = {**self.kind, "sessions": self.sessions, "seconds": self._summed()}
+        replace_when_whole(self.record, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
 
 def _claim_demo_folder(out: Path, tokenizer: str, quick: bool) -> _Laps:

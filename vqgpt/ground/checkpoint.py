@@ -71,36 +71,42 @@ def save_export(directory: str | Path, kind: str, config: Any, model: torch.nn.M
             state[k] = t.clone()
         seen[ident] = k
     meta = {"kind": kind, "config": to_dict(config), "extra": extra or {}}
+
+    def write_weights(tmp: Path) -> None:
+        save_file(state, str(tmp), metadata={"kind": kind})
+        # safetensors creates the file 0600: give it the folder's read/write bits (what the umask left), as
+        # config.json gets, so that a shared export is readable by those who can read its folder
+        os.chmod(tmp, stat.S_IMODE(directory.stat().st_mode) & 0o666)
+
+    _write_export_files(directory, write_weights, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    return directory
+
+
+def _write_export_files(directory: Path, write_weights: Callable[[Path], object],
+                        write_config: Callable[[Path], object]) -> None:
+    """Write an export's two files as ``.tmp`` siblings, then put them in place: the weights, then
+    ``config.json``. A failed write (a full disk, say) leaves the export as it was, without the partial
+    files, and is raised as ``write_error`` says. Between the two renames a kill leaves new weights beside
+    an older config; the ``config.json.tmp`` left behind tells ``read_export_meta`` so (``_check_whole``)."""
     weights_tmp, config_tmp = (directory / (name + ".tmp") for name in (WEIGHTS_NAME, CONFIG_NAME))
     writing = weights_tmp
     try:
-        save_file(state, str(weights_tmp), metadata={"kind": kind})
-        # safetensors creates the file 0600: give it the folder's read/write bits (what the umask left), as
-        # config.json gets, so that a shared export is readable by those who can read its folder
-        os.chmod(weights_tmp, stat.S_IMODE(directory.stat().st_mode) & 0o666)
+        write_weights(weights_tmp)
         writing = config_tmp
-        config_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    except Exception as exc:  # a full disk, say: the export as it was stays, without the partial files
+        write_config(config_tmp)
+    except Exception as exc:
         for tmp in {weights_tmp, writing}:
             tmp.unlink(missing_ok=True)
         failure = write_error(exc, directory / writing.name.removesuffix(".tmp"))
         if failure is None or failure is exc:
             raise
         raise failure from None
-    _replace_export_files(directory)
-    return directory
-
-
-def _replace_export_files(directory: Path) -> None:
-    """Put the written ``.tmp`` files of an export in place: the weights, then ``config.json``. Between the
-    two a kill leaves new weights beside an older config; the ``config.json.tmp`` left behind tells
-    ``read_export_meta`` so (``_check_whole``)."""
-    os.replace(directory / (WEIGHTS_NAME + ".tmp"), directory / WEIGHTS_NAME)
-    os.replace(directory / (CONFIG_NAME + ".tmp"), directory / CONFIG_NAME)
+    os.replace(weights_tmp, directory / WEIGHTS_NAME)
+    os.replace(config_tmp, directory / CONFIG_NAME)
 
 
 def _check_whole(directory: Path) -> None:
-    """Refuse an export whose save was killed between its two files (see ``_replace_export_files``)."""
+    """Refuse an export whose save was killed between its two files (see ``_write_export_files``)."""
     if (directory / (CONFIG_NAME + ".tmp")).is_file() and not (directory / (WEIGHTS_NAME + ".tmp")).exists():
         raise ConfigError(f"{directory}: a save of this export was interrupted after it replaced {WEIGHTS_NAME} "
                           f"and before it replaced {CONFIG_NAME} (it left {CONFIG_NAME}.tmp), so the two files "
@@ -112,9 +118,8 @@ def copy_export(source: str | Path, directory: str | Path) -> Path:
     folder holds) into ``directory``, replacing an export there the way ``save_export`` does."""
     source, directory = Path(source), Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        shutil.copy2(source / name, directory / (name + ".tmp"))
-    _replace_export_files(directory)
+    _write_export_files(directory, lambda tmp: shutil.copy2(source / WEIGHTS_NAME, tmp),
+                        lambda tmp: shutil.copy2(source / CONFIG_NAME, tmp))
     return directory
 
 

@@ -204,8 +204,8 @@ def write_npz(folder: Path, num: int, labels: torch.Tensor | None, path: Path) -
     """
     first = _read_sample(folder / png_name(0))
     shape = (num, *first.shape)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             with archive.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
@@ -217,10 +217,8 @@ def write_npz(folder: Path, num: int, labels: torch.Tensor | None, path: Path) -
             if labels is not None:
                 with archive.open(f"{LABELS_KEY}.npy", "w") as f:
                     np.lib.format.write_array(f, labels.cpu().numpy().astype(np.int64))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # no half archive left beside the npz
-        raise
+
+    replace_when_whole(path, write)  # no half archive left beside the npz, nor in its place
 
 
 def _read_sample(path: Path) -> np.ndarray:
@@ -292,9 +290,9 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     if out is None and folder.is_dir():  # --npz alone: its scratch folder is removed at the end
         foreign = sorted(p.name for p in folder.iterdir() if not _OURS.fullmatch(p.name) or not p.is_file())
         if foreign:
-            named = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise ValueError(f"--npz {npz} draws its samples into {folder}/ and removes it at the end, but it holds "
-                             f"files no sampling run wrote ({named}): choose another --npz, or move them")
+                             f"files no sampling run wrote ({name_listing(foreign, 3)}): choose another --npz, or "
+                             "move them")
     sampling = sampling or SamplingConfig()
     state = _process_state()
     processes, rank = state.num_processes, state.process_index
@@ -333,8 +331,7 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
                         _write_png(image.permute(1, 2, 0).numpy(), folder / png_name(i))
         except Exception as exc:  # one process's failure (a full disk, out of memory) stops all with its reason
             failure = exc
-        share_failures(failure, processes)
-        failure = None
+        share_failures(failure, processes)  # (raises on every process if any failed)
         if npz is not None and state.is_main_process:
             try:
                 write_npz(folder, num, labels, npz)
