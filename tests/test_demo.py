@@ -10,6 +10,7 @@ from baselines import eval_images, label_ignoring_accuracy, mean_image_scores
 from vqgpt.cli import main
 from vqgpt.cli import demo
 from vqgpt.cli.demo import demo_tokenizer_config
+from vqgpt.ground.config import save_config
 
 
 @pytest.mark.slow
@@ -68,3 +69,31 @@ def test_a_demo_folder_holds_one_kind_of_demo_and_sums_its_times(tmp_path):
     (out / demo.DEMO_RECORD).write_text("{")
     with pytest.raises(ValueError, match="is damaged"):
         demo._claim_demo_folder(out, "vq", True)
+
+
+def test_a_folder_without_a_demo_record_is_claimed_only_when_its_files_are_this_demos(tmp_path):
+    """Before the record, --out could hold the user's own report.md or samples.png (the demo overwrote them),
+    or a demo of an earlier version (its quick runs were continued as the full demo's)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes")
+    (mine / "notes.txt").write_text("not a name the demo writes")
+    with pytest.raises(ValueError, match=r"holds report.md, names this demo writes, but no record of a demo"):
+        demo._claim_demo_folder(mine, "vq", True)
+    assert (mine / "report.md").read_text() == "my notes" and not (mine / demo.DEMO_RECORD).exists()
+    # an earlier version's quick vq demo, stopped during the prior: told apart by its runs' schedules
+    old = tmp_path / "old"
+    save_config(demo.demo_tokenizer_config(quick=True), old / "tokenizer_run" / "config.yaml")
+    save_config(demo.demo_prior_config(quick=True), old / "prior_run" / "config.yaml")
+    for kind, quick, said in [("vq", False, "a --quick vq demo .*and this is a full vq demo"),
+                              ("pixels", True, "a --quick vq demo .*and this is a --quick pixels demo")]:
+        with pytest.raises(ValueError, match=rf"{old} holds {said}: its runs cannot be continued"):
+            demo._claim_demo_folder(old, kind, quick)
+    assert not (old / demo.DEMO_RECORD).exists()
+    demo._claim_demo_folder(old, "vq", True)  # the same demo continues, and is recorded from now on
+    assert json.loads((old / demo.DEMO_RECORD).read_text())["quick"] is True
+    # a pixel demo's palette run is the same quick or full: either continues it
+    pixels = tmp_path / "pixels"
+    save_config(demo.pixel_demo_tokenizer_config(), pixels / "tokenizer_run" / "config.yaml")
+    assert demo._unrecorded_demo_kinds(pixels) == [("pixels", True), ("pixels", False)]
+    demo._claim_demo_folder(pixels, "pixels", False)

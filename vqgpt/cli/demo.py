@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import yaml
 
 from stage1_vq.evaluate import reconstruct
 from stage1_vq.losses import LossConfig
@@ -33,6 +34,7 @@ from vqgpt.ground.data import DataConfig, build_dataset
 from vqgpt.workflow.encode import encode_dataset
 from vqgpt.workflow.evaluation import eval_bits_per_dim
 from vqgpt.ground.images import save_grid
+from vqgpt.ground.checkpoint import name_listing
 from vqgpt.ground.files import replace_when_whole
 from vqgpt.workflow.pipeline import VQGPTPipeline
 from vqgpt.training import TrainConfig, cpu_has_fast_bf16
@@ -113,6 +115,10 @@ def _claim_demo_folder(out: Path, tokenizer: str, quick: bool) -> _Laps:
     schedules, and stop at its token shards with a hint (--overwrite) the demo does not take."""
     out.mkdir(parents=True, exist_ok=True)
     record, earlier = out / DEMO_RECORD, {}
+
+    def name(kind: str, short: bool) -> str:
+        return f"{'a --quick' if short else 'a full'} {kind} demo"
+
     if record.is_file():
         try:
             earlier = json.loads(record.read_text())
@@ -120,14 +126,51 @@ def _claim_demo_folder(out: Path, tokenizer: str, quick: bool) -> _Laps:
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{record} is damaged: it records which demo {out} holds; give another --out") from None
         if holds != (tokenizer, quick):
-            def name(kind: str, short: bool) -> str:
-                return f"{'a --quick' if short else 'a full'} {kind} demo"
             raise ValueError(f"{out} holds {name(*holds)}, and this is {name(tokenizer, quick)}: its runs cannot "
                              f"be continued as this one's; give another --out (or delete {out})")
+    elif present := [entry for entry in DEMO_OUTPUTS if (out / entry).exists()]:
+        # No record: a demo folder of an earlier version (which wrote none), or the user's own files under
+        # the names the demo writes (report.md, samples.png), which it would overwrite.
+        kinds = _unrecorded_demo_kinds(out)
+        if (tokenizer, quick) not in kinds:
+            if len(kinds) == 1:
+                raise ValueError(f"{out} holds {name(*kinds[0])} (of a version that wrote no {DEMO_RECORD}), and "
+                                 f"this is {name(tokenizer, quick)}: its runs cannot be continued as this one's; "
+                                 f"give another --out (or delete {out})")
+            raise ValueError(f"{out} holds {name_listing(present)}, names this demo writes, but no record of a demo "
+                             f"({DEMO_RECORD}): the demo would overwrite them or continue them as its own; give "
+                             f"another --out")
     earlier = {**earlier, "tokenizer": tokenizer, "quick": quick}
     laps = _Laps(record, earlier)
     laps.save()
     return laps
+
+
+DEMO_OUTPUTS = ("tokenizer_run", "reconstruction", "tokens", "prior_run", "pipeline", "samples.png",
+                "samples_wide.png", "completions.png", "metrics.json", "report.md")  # what the demos write in --out
+
+
+def _unrecorded_demo_kinds(out: Path) -> list[tuple[str, bool]]:
+    """The demos ((tokenizer, quick)) whose schedules the run folders in ``out`` were started with; a demo
+    folder of a version that wrote no record is told apart by them. Empty when ``out`` holds no demo run."""
+    def started(run: str) -> tuple | None:
+        try:
+            config = yaml.safe_load((out / run / "config.yaml").read_text())
+            return config["model"]["architecture"] if run == "tokenizer_run" else None, config["train"]["steps"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            return None
+
+    tokenizer_run, prior_run = started("tokenizer_run"), started("prior_run")
+    if tokenizer_run is None:
+        return []
+    kinds = []
+    for kind, quick in (("vq", True), ("vq", False), ("pixels", True), ("pixels", False)):
+        tok_cfg, prior_cfg = ((demo_tokenizer_config(quick), demo_prior_config(quick)) if kind == "vq" else
+                              (pixel_demo_tokenizer_config(), pixel_demo_prior_config(quick)))
+        if tokenizer_run == (tok_cfg.model.architecture, tok_cfg.train.steps) and \
+                prior_run in (None, (None, prior_cfg.train.steps)):
+            kinds.append((kind, quick))
+    return kinds
 
 
 def _without_slow_bf16(cfg: TokenizerRunConfig | PriorRunConfig) -> TokenizerRunConfig | PriorRunConfig:
