@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from stage1_vq.model import VQModel
 from vqgpt.ground.data import DataConfig, build_dataset, readable_batches
-from vqgpt.ground.images import save_grid, side_by_side, tensor_to_pil
+from vqgpt.ground.files import write_text_whole
+from vqgpt.ground.images import save_grid, save_image, side_by_side
 from vqgpt.ground.metrics import bits_per_image, code_histogram, codebook_stats, psnr, ssim
 from vqgpt.training.run_folder import RunFolderError, RunLock
 
@@ -204,7 +205,7 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
                 grid_pairs.append((batch[: 16 - len(grid_pairs)].cpu(), recon[: 16 - len(grid_pairs)].cpu()))
             if save_images and dest is not None:
                 for img in recon.cpu():
-                    tensor_to_pil(img).save(dest / "images" / f"{index:05d}.png")
+                    save_image(img, dest / "images" / f"{index:05d}.png")
                     index += 1
         if grid_shape is None:
             raise ValueError(f"no images to reconstruct in {images}")
@@ -231,6 +232,6 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
             metrics["psnr_by_depth"] = [float(torch.cat(coarse[d]).mean()) for d in coarse] + [metrics["psnr"]]
         if dest is not None:
             save_grid(side_by_side(originals, recons), dest / "grid.png", nrow=8)
-            (dest / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            write_text_whole(dest / "metrics.json", json.dumps(metrics, indent=2) + "\n")
             _write_record(dest, index)
         return metrics

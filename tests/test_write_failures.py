@@ -122,3 +122,28 @@ def test_write_errors_of_each_library_name_the_file(tmp_path):
     with pytest.raises(KeyError):
         replace_when_whole(path, lambda tmp: tmp.write_bytes(b"x") and {}["bug"])
     assert path.read_bytes() == b"earlier" and leftovers(tmp_path) == []
+
+
+def test_a_reconstruction_is_never_left_cut_off(tmp_path):
+    """`reconstruct`'s numbered images were written in place (as `sample --save-each`'s were): the write that
+    failed left a PNG cut off where it stopped, which opened as a broken image beside the whole ones."""
+    torch.manual_seed(0)
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "recon"
+    done = vqgpt_limited(10**9, "reconstruct", "--tokenizer", tmp_path / "tok", "--images", images, "--out", out,
+                         "--lpips", "none", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sizes = sorted(p.stat().st_size for p in (out / "images").glob("*.png"))
+    assert len(sizes) == 8
+    # room for the small files, not for a reconstruction: the first image's write fails part-way
+    done = vqgpt_limited(sizes[0] - 1, "reconstruct", "--tokenizer", tmp_path / "tok", "--images", images, "--out",
+                         out, "--lpips", "none", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"File too large: '{out / 'images'}/00000.png'" in done.stderr
+    assert sorted(p.name for p in (out / "images").iterdir()) == []  # (the earlier run's were cleared first)
+    assert leftovers(tmp_path) == []

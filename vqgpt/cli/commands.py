@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
+from vqgpt.ground.files import write_text_whole
+
 # stage2_prior.draw.CFG_SCHEDULES, spelled out so that parsing flags imports no torch (a test keeps them equal)
 CFG_SCHEDULE_CHOICES = ("constant", "linear")
 
@@ -199,7 +201,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, lpips=args.lpips, progress=not args.json)
     if source != args.images and int(os.environ.get("RANK", "0")) == 0:  # one image file: the user's path
         metrics["images"] = args.images
-        (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_whole(Path(args.out) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if args.json:
         _emit_json(args, metrics)
     else:
@@ -357,7 +359,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, many: bool = False) -> None:
 
 
 def _save_outputs(images, args: argparse.Namespace, nrow: int) -> None:
-    from vqgpt.ground.images import save_grid, tensor_to_pil
+    from vqgpt.ground.images import save_grid, save_image
 
     out = Path(args.out)
     save_grid(images, out, nrow=nrow)
@@ -367,9 +369,9 @@ def _save_outputs(images, args: argparse.Namespace, nrow: int) -> None:
         names = [f"{i:04d}.png" for i in range(len(images))]
         for stale in _save_each_written(folder) - {*names, SAVE_EACH_RECORD}:  # an earlier, larger --num's
             (folder / stale).unlink(missing_ok=True)
-        (folder / SAVE_EACH_RECORD).write_text(json.dumps(names) + "\n")  # before the images: a crash keeps them ours
+        write_text_whole(folder / SAVE_EACH_RECORD, json.dumps(names) + "\n")  # before the images: a crash keeps them ours
         for name, img in zip(names, images):
-            tensor_to_pil(img).save(folder / name)
+            save_image(img, folder / name)
     print(f"wrote {out}" + (f" and {out.with_suffix('')}/" if args.save_each else ""))
 
 

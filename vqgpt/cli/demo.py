@@ -35,7 +35,7 @@ from vqgpt.workflow.encode import encode_dataset
 from vqgpt.workflow.evaluation import eval_bits_per_dim
 from vqgpt.ground.images import save_grid
 from vqgpt.ground.checkpoint import name_listing
-from vqgpt.ground.files import replace_when_whole
+from vqgpt.ground.files import replace_when_whole, write_text_whole
 from vqgpt.workflow.pipeline import VQGPTPipeline
 from vqgpt.training import TrainConfig, cpu_has_fast_bf16
 from vqgpt.workflow.chain import train_prior_with_tokenizer
@@ -106,7 +106,7 @@ class _Laps:
 
     def save(self) -> None:
         record = {**self.kind, "sessions": self.sessions, "seconds": self._summed()}
-        replace_when_whole(self.record, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+        write_text_whole(self.record, json.dumps(record, indent=2) + "\n")
 
 
 def _claim_demo_folder(out: Path, tokenizer: str, quick: bool) -> _Laps:
@@ -250,7 +250,7 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
         "sessions": lap.sessions,
         "quick": quick,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_whole(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     _write_report(out, metrics, highres_path)
     _say(f"done in {metrics['seconds']['total']:.0f} s: PSNR {recon['psnr']:.2f} dB, codebook usage "
          f"{recon['codebook_usage']:.0%}, class accuracy of samples {accuracy:.1%} "
@@ -294,7 +294,7 @@ def _write_report(out: Path, m: dict, highres: Path | None) -> None:
                   "are where larger canvases make sense (`python benchmarks/textures_canvas.py`).", ""]
     lines += ["## Time (seconds)", "", *_sessions_line(m), "| stage | s |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in m["seconds"].items()]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text_whole(out / "report.md", "\n".join(lines) + "\n")
 
 
 def _sessions_line(m: dict) -> list[str]:
@@ -403,7 +403,7 @@ def run_pixel_demo(out: str | Path, quick: bool = False, num_samples: int = 32, 
         "sessions": lap.sessions,
         "quick": quick,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_whole(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     _write_pixel_report(out, metrics)
     _say(f"done in {metrics['seconds']['total']:.0f} s: {bpd.bits_per_dim:.3f} bits per dim on "
          f"{bpd.num_images} held-out digits ({bpd.bits_per_token:.3f} bits per pixel token; a uniform prior: "
@@ -446,4 +446,4 @@ def _write_pixel_report(out: Path, m: dict) -> None:
         "|---|---|",
     ]
     lines += [f"| {k} | {v} |" for k, v in m["seconds"].items()]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text_whole(out / "report.md", "\n".join(lines) + "\n")

@@ -20,6 +20,8 @@ from typing import Any, Mapping, TypeVar, Union
 
 import yaml
 
+from vqgpt.ground.files import write_text_whole
+
 T = TypeVar("T")
 
 
@@ -352,10 +354,8 @@ def save_config(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = to_dict(obj)
-    if path.suffix in (".yaml", ".yml"):
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-    else:
-        path.write_text(json.dumps(data, indent=2) + "\n")
+    text = yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(data, indent=2) + "\n"
+    write_text_whole(path, text)  # a run's config.yaml is what a resume is checked against: never cut off
 
 
 def config_reference(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:

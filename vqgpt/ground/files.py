@@ -74,6 +74,11 @@ def replace_when_whole(path: str | Path, write: Callable[[Path], Any], tmp: Path
     return path
 
 
+def write_text_whole(path: str | Path, text: str) -> Path:
+    """``replace_when_whole`` for a text file (a metrics.json, a report): never left cut off."""
+    return replace_when_whole(path, lambda tmp: tmp.write_text(text))
+
+
 def write_bytes_whole(path: str | Path, write: Callable[[BinaryIO], Any], tmp: Path | None = None,
                       sync: bool = False) -> Path:
     """``replace_when_whole`` for a writer of an open binary file (``np.save``, ``f.write``); ``sync``: fsync

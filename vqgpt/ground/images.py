@@ -84,6 +84,12 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(tensor_to_uint8(image).permute(1, 2, 0).numpy())
 
 
+def save_image(image: torch.Tensor, path: str | Path) -> Path:
+    """Save one (3, H, W) image in [-1, 1] as PNG, written whole (a failed write leaves no cut-off file)."""
+    pil = tensor_to_pil(image)
+    return replace_when_whole(path, lambda tmp: pil.save(tmp, format="PNG"))
+
+
 def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> Image.Image:
     """(B, 3, H, W) in [-1, 1] -> one PIL grid image, ``nrow`` images per row."""
     grid = make_grid(images.detach().float().clamp(-1, 1).cpu(), nrow=max(1, nrow), padding=padding,

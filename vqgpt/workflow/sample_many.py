@@ -40,7 +40,7 @@ from stage2_prior.draw import SamplingConfig
 from stage2_prior.quantize import is_quantized
 from vqgpt.ground.checkpoint import check_file_place, name_listing
 from vqgpt.ground.config import to_dict
-from vqgpt.ground.files import replace_when_whole
+from vqgpt.ground.files import replace_when_whole, write_text_whole
 from vqgpt.ground.images import tensor_to_uint8
 from vqgpt.training.config import launched_process_state
 from vqgpt.training.run_folder import RunFolderError, RunLock, share_failures, share_main_failure
@@ -317,7 +317,7 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
         drawn = sum(len(batches[c]) for c in todo)
         state.wait_for_everyone()
         if state.is_main_process and not pngs:  # a new folder, or one stopped before its first sample
-            (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+            write_text_whole(folder / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
         state.wait_for_everyone()
         mine = [c for c in todo if c % processes == rank]
         failure = None
