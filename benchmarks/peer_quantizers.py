@@ -1,6 +1,6 @@
 """vector-quantize-pytorch's quantizers behind vqgpt's quantizer contract, for the same-budget leaderboard.
 
-Benchmark-only (``pip install vector-quantize-pytorch``; not a vqgpt dependency). Each adapter wraps one
+Benchmark-only (``pip install -e ".[bench]"``; not a vqgpt dependency). Each adapter wraps one
 peer module and answers like a vqgpt quantizer: ``forward(z) -> QuantizerOutput(z_q, indices, loss,
 stats)`` with 'usage' and 'perplexity' from vqgpt's own bookkeeping (``BaseQuantizer``), so both sides
 are measured alike; ``lookup(z)`` and ``codes_from_indices(indices)`` for encode / decode. ``use_peer``

@@ -21,7 +21,7 @@ position: twice the bits of the others); the l2 + restart VQ on the ViT encoder/
 ("vqp-*") train the same encoder/decoder around vector-quantize-pytorch's ``VectorQuantize`` (its
 README's recipe: cosine similarity in an 8-dim projected codebook, k-means init, dead-code threshold;
 and a full-dim euclidean one), ``FSQ`` and ``LFQ`` (2^10, 2^14), wrapped in benchmarks/peer_quantizers.py
-(``pip install vector-quantize-pytorch``; a benchmark-only dependency).
+(``pip install -e ".[bench]"``; a benchmark-only dependency).
 
 Codebook usage is counted twice: over the fixed held-out grid of crops that `vqgpt reconstruct` uses
 (71 crops at 64x64: too few tokens to hit 1024 codes unless the code distribution is flat), and over
@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -248,11 +249,8 @@ def perceptual_metric(kind: str) -> tuple[str, torch.nn.Module | None]:
     """(column name, network) of the LPIPS figure: 'stlpips' (ST-LPIPS), 'vgg' (LPIPS-VGG, downloads), 'none'."""
     if kind == "none":
         return "LPIPS", None
-    if kind == "stlpips":
-        try:
-            return "ST-LPIPS", build_perceptual(LossConfig(perceptual="stlpips", perceptual_weight=1.0)).eval()
-        except ImportError:
-            return "ST-LPIPS", None
+    if kind == "stlpips":  # (a missing package is refused, not reported as n/a)
+        return "ST-LPIPS", build_perceptual(LossConfig(perceptual="stlpips", perceptual_weight=1.0)).eval()
     return "LPIPS", load_lpips(kind, torch.device("cpu"))
 
 
@@ -501,11 +499,11 @@ def main() -> None:
                         "--jobs 2 --threads 1 on 2 cores")
     parser.add_argument("--steps", type=int, default=None, help="training steps per row (default 1000; --quick 60)")
     parser.add_argument("--minutes", type=float, default=None, help="same wall time per row instead of same steps")
-    parser.add_argument("--lpips", default="stlpips", help="stlpips (default, works offline), vgg, a weights path, "
-                        "or none")
+    parser.add_argument("--lpips", default="stlpips", help="stlpips (default, works offline; pip install -e \".[stlpips]\"), "
+                        "vgg, a weights path, or none")
     parser.add_argument("--out", default="runs/bench_tokenizer")
     parser.add_argument("--variants", default=None, help=f"comma-separated (default: all of {','.join(VARIANTS)}; "
-                        f"--quick: {','.join(QUICK_VARIANTS)}); vqp-* rows need `pip install vector-quantize-pytorch`")
+                        f"--quick: {','.join(QUICK_VARIANTS)}); vqp-* rows need `pip install -e \".[bench]\"`")
     parser.add_argument("--jobs", type=int, default=1, help="quality variants trained at the same time, "
                         "each in its own process (use with --threads so that jobs x threads <= cores)")
     parser.add_argument("--threads", type=int, default=None)
@@ -537,6 +535,13 @@ def main() -> None:
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+        # missing packages are said before the first row trains, not after the rows before theirs
+        peers = [v for v in variants if VARIANTS[v].peer is not None]
+        if peers and importlib.util.find_spec("vector_quantize_pytorch") is None:
+            parser.error(f"the rows {', '.join(peers)} need vector-quantize-pytorch: pip install -e \".[bench]\" "
+                         "(or leave them out of --variants)")
+        if args.lpips == "stlpips" and importlib.util.find_spec("stlpips_pytorch") is None:
+            parser.error('--lpips stlpips needs stlpips-pytorch: pip install -e ".[stlpips]" (or pass --lpips none)')
         if args.seeds < 1:
             parser.error(f"--seeds must be >= 1, got {args.seeds}")
         if args.rescore:

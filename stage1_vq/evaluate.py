@@ -53,7 +53,9 @@ def load_lpips(kind: str, device: torch.device) -> torch.nn.Module | None:
             torch.manual_seed(0)
             net = build_perceptual(cfg)
     except Exception as exc:  # offline machines cannot fetch the VGG weights: report, don't crash
-        warnings.warn(f"LPIPS unavailable ({type(exc).__name__}: {exc}); reporting lpips as null. "
+        # the download's own error, not build_perceptual's advice (it names training's config keys)
+        cause = exc.__cause__ if kind == "vgg" and exc.__cause__ is not None else exc
+        warnings.warn(f"LPIPS unavailable ({type(cause).__name__}: {cause}); reporting lpips as null. "
                       "Pass --lpips PATH to local weights, or --lpips none.")
         return None
     return net.to(device).eval() if net is not None else None

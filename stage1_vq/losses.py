@@ -35,7 +35,7 @@ class LossConfig:
     perceptual: str = opt("lpips-vgg", "perceptual network: 'lpips-vgg' (standard LPIPS; downloads the VGG16 "
                                        "backbone unless perceptual_weights_path is set), 'lpips-random' (random "
                                        "VGG backbone: tests/offline smoke runs), 'stlpips' (shift-tolerant LPIPS, "
-                                       "trained weights ship with `pip install stlpips-pytorch torchsummary`), 'none'")
+                                       "trained weights ship with `pip install \"vqgpt[stlpips]\"`), 'none'")
     perceptual_weights_path: str | None = opt(None, "local weights for 'lpips-vgg' (a torchvision vgg16 or a full "
                                                     "LPIPS state dict, .pth or .safetensors) or 'stlpips'")
     gan_weight: float = opt(0.1, "weight of the generator's adversarial loss (0 = no GAN)")
@@ -158,7 +158,8 @@ def _import_stlpips():
     try:
         from stlpips_pytorch import stlpips
     except ImportError as exc:
-        raise ImportError("loss.perceptual 'stlpips' needs `pip install stlpips-pytorch torchsummary`") from exc
+        raise ConfigError(f"loss.perceptual=stlpips needs the stlpips-pytorch package ({exc}): "
+                          "pip install \"vqgpt[stlpips]\"") from exc
     finally:
         if stubbed:
             del sys.modules["IPython"]  # nobody else should mistake the stub for IPython

@@ -165,4 +165,7 @@ def test_bad_value_and_missing_package_are_config_errors(tokens, tmp_path, monke
     with pytest.raises(ConfigError, match=r'train.log_with=all: the tensorboard package is not installed: '
                                           r'pip install "vqgpt\[tracking\]"'):
         train_prior(prior_config(tokens, "train.log_with=all"), tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ConfigError, match=r"train.log_with=all: the tensorboard and wandb packages are not installed"):
+        train_prior(prior_config(tokens, "train.log_with=all"), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before the run folder was touched

@@ -597,6 +597,10 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("webdataset") is None:  # (the shard reader, which checks what it wrote)
+        raise ValueError('vqgpt shard needs the webdataset package: pip install "vqgpt[wds]"')
     from vqgpt.ground.shard_writer import write_shards
 
     report = write_shards(args.source, args.out, args.per_shard, split=args.split, resolution=args.resolution,

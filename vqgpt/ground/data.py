@@ -469,6 +469,12 @@ def _source_module(source: str):
     return hf_source
 
 
+def check_source_package(source: str) -> None:
+    """Raise now, before slow work, if ``source`` is a ``wds:`` / ``hf:`` source whose package is missing."""
+    if source.strip().startswith(("wds:", "hf:")):
+        _source_module(source.strip())
+
+
 def build_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
     """Dataset of (image (3,R,R) float32 in [-1,1], label int); ``split`` "train" | "eval" (eval is deterministic)."""
     if split not in SPLITS:

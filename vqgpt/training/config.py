@@ -123,7 +123,8 @@ def tracker_names(cfg: TrainConfig) -> list[str]:
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
         # Accelerate would silently drop a tracker whose package is missing: say so before training.
-        raise ConfigError(f"train.log_with={cfg.log_with}: the {' and '.join(missing)} package is not installed: "
+        raise ConfigError(f"train.log_with={cfg.log_with}: the {' and '.join(missing)} "
+                          f"{'package is' if len(missing) == 1 else 'packages are'} not installed: "
                           f"pip install \"vqgpt[tracking]\" (or set train.log_with=none)")
     return names
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from stage2_prior.draw import SamplingConfig
 from vqgpt.workflow.classifier import MNIST_SOURCE, NUM_DIGITS, load_or_train_mnist_classifier, predict
 from vqgpt.ground.checkpoint import usable_device
-from vqgpt.ground.data import DataConfig, build_dataset, readable_batches
+from vqgpt.ground.data import DataConfig, build_dataset, check_source_package, readable_batches
 from vqgpt.training.config import launched_process_state
 from vqgpt.ground.fid import (
     PR_MAX_FEATURES,
@@ -152,6 +152,7 @@ def eval_tokenizer(tokenizer_dir: str | Path, images: str, fid_weights: str | No
     """
     from stage1_vq.evaluate import reconstruct
 
+    check_source_package(images)  # before the FID network loads (or fails to, offline, with a warning)
     dev = _device(device)
     extractor = _optional_extractor(fid_weights, dev)
     real, fake = [], []
