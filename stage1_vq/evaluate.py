@@ -174,6 +174,7 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = VQModel.from_pretrained(tokenizer_dir).to(device).eval()
     resolution = resolution or model.config.resolution
+    model.grid_shape(resolution, resolution)  # a size the tokenizer cannot encode: refused before --out is touched
     dataset = build_dataset(DataConfig(source=images, resolution=resolution, random_crop=False, hflip=False), "eval")
     batches = readable_batches(dataset, batch_size, limit=num_images)  # --num counts readable images
     wanted = len(dataset) if num_images is None else min(num_images, len(dataset))

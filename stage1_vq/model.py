@@ -87,6 +87,15 @@ class VQModelConfig:
         else:
             self._check_conv()
 
+    def ignored_keys(self) -> list[str]:
+        """The keys set away from their defaults that this architecture does not read (a conv tokenizer's
+        patch_size, a ViT's channel_mult): a user who sets them expects an effect they do not have."""
+        conv = ["channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout", "norm_groups"]
+        vit = ["patch_size", "vit_dim", "vit_depth", "vit_heads", "vit_mlp_ratio"]
+        unread = {"conv": vit, "vit": conv, "pixels": conv + vit + ["z_channels"]}[self.architecture]
+        default = VQModelConfig()
+        return [key for key in unread if getattr(self, key) != getattr(default, key)]
+
     def _check_pixels(self) -> None:
         q = self.quantizer
         if self.in_channels != self.out_channels:

@@ -128,6 +128,15 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
     # a pixel tokenizer's fit ignores train.steps: its checkpoint's step is the k-means iterations + 1
     steps = None if cfg.model.architecture == "pixels" else tc.steps
     with open_run_dir(out, cfg, accelerator, resume, overwrite, steps=steps) as run:
+        if accelerator.is_main_process and cfg.data.resolution != cfg.model.resolution:
+            # the export records model.resolution only: what encode / reconstruct use when not told a size
+            warnings.warn(f"data.resolution={cfg.data.resolution} differs from model.resolution="
+                          f"{cfg.model.resolution}: encode, reconstruct and eval-tokenizer default to "
+                          f"model.resolution, a size this run does not train at; set model.resolution="
+                          f"{cfg.data.resolution} to make it the default, or pass --resolution to them", stacklevel=2)
+        if accelerator.is_main_process and (ignored := cfg.model.ignored_keys()):
+            warnings.warn(f"model.architecture={cfg.model.architecture} does not read "
+                          f"{', '.join('model.' + key for key in ignored)}: setting them changes nothing", stacklevel=2)
         if cfg.model.architecture == "pixels":
             return fit_palette_run(cfg, accelerator, run)
         run_dir = run.path

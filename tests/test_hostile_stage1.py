@@ -7,6 +7,8 @@ import json
 import math
 import tarfile
 import warnings
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,12 +17,15 @@ from PIL import Image
 
 from stage1_vq import QuantizerConfig, VQModel, VQModelConfig
 from stage1_vq.evaluate import reconstruct
+from stage1_vq.train import TokenizerRunConfig, train_tokenizer
 from vqgpt.cli.commands import main
+from vqgpt.ground.config import load_config
 from vqgpt.ground.data import DataConfig, build_dataset
 from vqgpt.ground.images import open_rgb, to_rgb
 from vqgpt.workflow.encode import MAX_CROP_RANGE, encode_dataset, ten_crop_size
 
 R = 16
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +222,36 @@ def test_an_interrupted_shard_run_leaves_no_shard_to_be_read_as_the_whole_set(tm
     assert report.count == 7 and [p.name for p in report.shards] == [f"shard-00000{i}.tar" for i in range(4)]
     assert sorted(p.name for p in out.iterdir()) == ["classes.json", *(p.name for p in report.shards)]  # no .partial
     assert len(build_dataset(DataConfig(source=f"wds:{out}", resolution=R, random_crop=False), "train")) == 7
+
+
+def test_reconstruct_at_a_size_the_tokenizer_cannot_encode_leaves_out_untouched(tokenizer_dir, tmp_path):
+    out = tmp_path / "out"  # (the factor is 2: 17 is no multiple of it)
+    with pytest.raises(ValueError, match=r"image size 17x17 is not divisible by the downsampling factor 2"):
+        reconstruct(tokenizer_dir, "builtin:mnist", out, num_images=2, resolution=17, lpips="none", progress=False)
+    assert not out.exists()  # it held images/, .lock and .reconstruct.json
+
+
+def test_training_at_another_size_than_model_resolution_says_what_the_export_defaults_to(tmp_path):
+    """encode / reconstruct without --resolution use the export's model.resolution, which their help called
+    the training size; a run that trains at another data.resolution now says so."""
+    cfg = load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml",
+                      ["data.resolution=16", "train.steps=1", "train.batch_size=2", "train.sample_every=0",
+                       "train.checkpoint_every=0", "train.log_every=1"])
+    assert cfg.model.resolution == 32
+    with pytest.warns(UserWarning, match=r"data.resolution=16 differs from model.resolution=32: encode, reconstruct "
+                                         r"and eval-tokenizer default to model.resolution"):
+        train_tokenizer(cfg, tmp_path / "run")
+
+
+def test_keys_the_architecture_does_not_read_are_named_when_training(tmp_path):
+    """`--set model.patch_size=2` on a conv tokenizer (to change its factor) trained and exported at factor 4."""
+    cfg = load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml",
+                      ["model.patch_size=2", "model.vit_dim=7", "train.steps=1", "train.batch_size=2",
+                       "train.sample_every=0", "train.checkpoint_every=0"])
+    with pytest.warns(UserWarning, match=r"model.architecture=conv does not read model.patch_size, model.vit_dim: "
+                                         r"setting them changes nothing"):
+        train_tokenizer(cfg, tmp_path / "run")
+    vit = replace(cfg.model, architecture="vit", patch_size=8, vit_dim=16, vit_heads=2)
+    assert vit.ignored_keys() == ["channels", "channel_mult", "num_res_blocks", "attn_resolutions", "norm_groups"]
+    assert replace(vit, architecture="pixels", quantizer=QuantizerConfig(codebook_size=16)).ignored_keys()[-1] == "z_channels"
+    assert VQModelConfig().ignored_keys() == []

@@ -644,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (images/, grid.png, metrics.json), outside the image folder")
     p.add_argument("--num", type=_int_at_least(1), default=None, help="at most this many images (default: all)")
     p.add_argument("--resolution", type=_int_at_least(1), default=None,
-                   help="pixels (default: the tokenizer's training size)")
+                   help="pixels (default: the tokenizer's model.resolution)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per forward pass")
     p.add_argument("--lpips", default="vgg", help="vgg (standard; needs its weights), a local weights path, random, or none")
     p.add_argument("--json", action="store_true",
@@ -656,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder, wds:SHARDS, hf:DATASET or builtin:mnist|photos|textures")
     p.add_argument("--out", required=True, help="token shard folder")
     p.add_argument("--resolution", type=_int_at_least(1), default=None,
-                   help="pixels (default: the tokenizer's training size)")
+                   help="pixels (default: the tokenizer's model.resolution)")
     p.add_argument("--split", default="train", choices=["train", "eval"], help="split of the image source to encode")
     p.add_argument("--augment", default="none", choices=["none", "flip", "ten-crop"],
                    help="views stored per image, of which the prior trains on one per draw: none (1), flip (the "
