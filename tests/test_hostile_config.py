@@ -323,3 +323,12 @@ def test_a_misspelt_section_in_a_set_is_blamed_on_that_set(tmp_path, capsys):
     bad.write_text(TOKENIZER.read_text() + "modle:\n  channels: 32\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'modle'"):
         load_config(TokenizerRunConfig, bad, ["model.channels=32"])
+
+
+def test_a_quantizer_kind_set_against_the_files_options_is_blamed_on_the_set():
+    """vit_f8.yaml sets l2_norm; `--set model.quantizer.kind=fsq` was blamed on the file, which is fine alone."""
+    vit = ROOT / "configs/tokenizer/vit_f8.yaml"
+    assert set_error(TokenizerRunConfig, vit, "model.quantizer.kind=fsq") == (
+        "--set model.quantizer.kind=fsq: model.quantizer: l2_norm applies only to kind 'vq' and 'rvq', not kind 'fsq'")
+    assert set_error(TokenizerRunConfig, vit, "model.quantizer.kind=lfq", "model.quantizer.l2_norm=false").startswith(
+        "--set model.quantizer.kind=lfq:")  # (ema stays on: what blocks it now is the kind)

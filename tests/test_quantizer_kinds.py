@@ -179,7 +179,7 @@ def test_lfq_config_derives_the_codebook_size():
         QuantizerConfig(kind="lfq", lfq_dim=19)
     with pytest.raises(ValueError, match=r"codebook_dim \(8\) must equal lfq_dim \(12\)"):
         QuantizerConfig(kind="lfq", lfq_dim=12, codebook_dim=8)
-    with pytest.raises(ValueError, match=r"ema, simvq only apply to quantizer kinds 'vq' and 'rvq', not 'lfq'"):
+    with pytest.raises(ValueError, match=r"ema, simvq apply only to kind 'vq' and 'rvq', not kind 'lfq'"):
         QuantizerConfig(kind="lfq", ema=True, simvq=True)
     model = tiny_model(kind="lfq", lfq_dim=7)
     assert model.codebook_size == 128 and model.codebook_dim == 7 and isinstance(model.quantize, LFQ)

@@ -128,7 +128,7 @@ def test_config_checks_and_vocabulary():
     assert QuantizerConfig(kind="rvq").codebook_size == 1024  # per depth
     with pytest.raises(ValueError, match="rvq_shared_codebook with l2_norm"):
         QuantizerConfig(kind="rvq", rvq_shared_codebook=True, l2_norm=True)
-    with pytest.raises(ValueError, match="rvq_shared_codebook only applies to quantizer kind 'rvq'"):
+    with pytest.raises(ValueError, match="rvq_shared_codebook applies only to kind 'rvq'"):
         QuantizerConfig(kind="vq", rvq_shared_codebook=True)
     with pytest.raises(ValueError, match="rvq_depth must be >= 1"):
         QuantizerConfig(kind="rvq", rvq_depth=0)

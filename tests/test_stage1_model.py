@@ -178,7 +178,7 @@ def test_bad_config_values_give_clear_errors():
         from_dict(VQModelConfig, {"quantizer": {"kind": "foo"}})
     with pytest.raises(ValueError, match="kind"):
         QuantizerConfig(kind="not-a-kind")
-    with pytest.raises(ValueError, match="ema.*only apply"):
+    with pytest.raises(ValueError, match="ema.* only to kind 'vq'"):
         QuantizerConfig(kind="fsq", ema=True)
     with pytest.raises(ValueError, match="attn_resolutions"):
         VQModelConfig(resolution=32, channel_mult=[1, 2], attn_resolutions=[7], channels=32)

@@ -109,9 +109,11 @@ class QuantizerConfig:
                    "simvq": self.simvq, "entropy_weight": self.entropy_weight != 0}
         bad = [name for name, on in vq_only.items() if on]
         if bad:
-            raise ValueError(f"{', '.join(bad)} only apply to quantizer kinds 'vq' and 'rvq', not {self.kind!r}")
+            # (names the field `kind`, so that a --set of either side is the one blamed, not the YAML file)
+            raise ValueError(f"{', '.join(bad)} {'applies' if len(bad) == 1 else 'apply'} only to kind 'vq' and "
+                             f"'rvq', not kind {self.kind!r}")
         if self.rvq_shared_codebook:
-            raise ValueError(f"rvq_shared_codebook only applies to quantizer kind 'rvq', not {self.kind!r}")
+            raise ValueError(f"rvq_shared_codebook applies only to kind 'rvq', not kind {self.kind!r}")
         if self.kind == "fsq":
             if math.prod(self.fsq_levels) > MAX_CODEBOOK_SIZE:
                 raise ConfigError(f"fsq_levels: {self.fsq_levels} give {math.prod(self.fsq_levels)} codes, more than "
@@ -148,7 +150,7 @@ class QuantizerConfig:
                                  "residuals after the first depth are not; use one codebook per depth "
                                  "(rvq_shared_codebook: false) or l2_norm: false")
         elif self.rvq_shared_codebook:
-            raise ValueError(f"rvq_shared_codebook only applies to quantizer kind 'rvq', not {self.kind!r}")
+            raise ValueError(f"rvq_shared_codebook applies only to kind 'rvq', not kind {self.kind!r}")
         if self.simvq:
             # These write code vectors directly, but SimVQ's code vectors are W(C) with C frozen.
             clash = [name for name, on in {"ema": self.ema, "kmeans_init": self.kmeans_init,
