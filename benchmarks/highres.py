@@ -20,13 +20,14 @@ import torch
 
 from stage2_prior import GPT, GPTConfig, SamplingConfig
 from stage2_prior.highres import generate_highres
+from vqgpt.cli.commands import int_at_least
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8x8 trained grid, 16x16 canvas")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int_at_least(1), default=2)
+    parser.add_argument("--batch", type=int_at_least(1), default=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     grid = 8 if args.quick else 16

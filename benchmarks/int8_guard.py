@@ -18,11 +18,13 @@ Goals (issue 16): >= 95% greedy agreement, class accuracy within 2 points of fp3
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from stage2_prior import SamplingConfig, generate
 from vqgpt.workflow.evaluation import sample_class_accuracy
+from vqgpt.cli.commands import int_at_least
 from vqgpt.workflow.pipeline import VQGPTPipeline
 
 
@@ -36,11 +38,14 @@ def teacher_forced_argmax(prior: torch.nn.Module, codes: torch.Tensor, labels: t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", default="runs/demo/pipeline")
-    parser.add_argument("--per-class", type=int, default=20, help="samples per digit for each figure")
+    parser.add_argument("--per-class", type=int_at_least(1), default=20, help="samples per digit for each figure")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="guidance of the class-accuracy samples "
                                                                      "(2.0: the demo's)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int_at_least(1), default=None)
     args = parser.parse_args()
+    if not (Path(args.pipeline) / "prior").is_dir():
+        parser.error(f"--pipeline {args.pipeline}: no pipeline folder there (vqgpt demo --out runs/demo writes "
+                     "runs/demo/pipeline)")
     if args.threads:
         torch.set_num_threads(args.threads)
     fp32 = VQGPTPipeline.from_pretrained(args.pipeline)

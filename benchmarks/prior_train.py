@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from stage2_prior.model import GPT, GPTConfig, count_parameters
+from vqgpt.cli.commands import int_at_least
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -64,7 +65,7 @@ def train_throughput(cfg: GPTConfig, batch: int, steps: int, bf16: bool, compile
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps, smaller model")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int_at_least(1), default=None)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     args = parser.parse_args()
     if args.threads:

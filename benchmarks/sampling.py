@@ -9,10 +9,11 @@ again before each group of rows (``== weights ...``, which prints them), as a sh
 - compute: 2 x (non-embedding parameters) x (model batch) FLOPs per step at the 1024^3 matmul rate
   of the weights' dtype, measured here: fp32 for float32 weights, the faster of fp32 and bf16 for
   bfloat16 weights (the same on a CPU without bf16 units; about 2.3x fp32 on one with AVX512-BF16, and
-  more on GPUs); for int8 weights fp32 (weight-only int8 multiplies fp32 activations), except on a CPU
-  where the int8 kernel rounds its rows to 16 bits (AVX512-VNNI) and multiplies int16 x int16, 32
-  products an instruction as bf16's dot products: there the same as for bfloat16, a proxy (no int16
-  matmul rate is measured).
+  more on GPUs); for int8 weights fp32 (weight-only int8 multiplies fp32 activations on a CPU), except
+  on a CPU where the int8 kernel rounds its rows to 16 bits (AVX512-VNNI) and multiplies int16 x int16,
+  32 products an instruction as bf16's dot products: there the same as for bfloat16, a proxy (no int16
+  matmul rate is measured); on a GPU the int8 product runs in bf16 (its activations are cast), so
+  bfloat16's.
 At batch 1 the reads bind; with guidance or larger batches the compute bound can take over.
 
     python benchmarks/sampling.py --quick        # batch 1 and 8, a minute or two on 2 cores
@@ -47,6 +48,7 @@ import torch
 
 from stage2_prior import GPT, GPTConfig, SamplingConfig, blocked, count_parameters, generate, set_weight_packing
 from stage2_prior.quantize import Int8Linear, set_prior_dtype
+from vqgpt.cli.commands import int_at_least
 
 
 def measure_bandwidth(megabytes: int = 512, repeats: int = 5, device: str = "cpu") -> float:
@@ -69,11 +71,12 @@ def ceilings(device: str, megabytes: int) -> tuple[float, dict[str, float], floa
     bandwidth of the development CPU read from 33 to 61 GB/s within one run), and a row is compared with
     the ceilings of its own minutes. The compute ceiling: fp32 for float32 weights, the faster of fp32
     and bf16 for bfloat16 weights, and for int8 weights fp32, or as bfloat16's where the CPU kernel
-    multiplies int16 rows (see the module docstring)."""
+    multiplies int16 rows or a GPU multiplies in bf16 (see the module docstring)."""
     bandwidth = measure_bandwidth(megabytes, device=device)
     fp32, bf16 = (matmul_flops(device=device, dtype=dtype) for dtype in (torch.float32, torch.bfloat16))
-    int16_rows = torch.device(device).type == "cpu" and blocked.int8_rounds_rows()
-    return bandwidth, {"float32": fp32, "int8": max(fp32, bf16) if int16_rows else fp32,
+    # (Int8Linear multiplies fp32 rows on a CPU without VNNI; elsewhere 16-bit ones)
+    sixteen_bit_rows = torch.device(device).type != "cpu" or blocked.int8_rounds_rows()
+    return bandwidth, {"float32": fp32, "int8": max(fp32, bf16) if sixteen_bit_rows else fp32,
                        "bfloat16": max(fp32, bf16)}, bf16
 
 
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="batch 1 and 8; full recomputation at batch 1 only")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int_at_least(1), default=2)
     parser.add_argument("--batches", type=str, default=None, help="comma-separated batch sizes")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the weight-only int8 rows")
     parser.add_argument("--decode-only", action="store_true",
@@ -196,14 +199,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (--threads is for the CPU)")
     parser.add_argument("--preset", default="GPT-B", help="the prior's shape (stage2_prior.config presets)")
     args = parser.parse_args(argv)
+    # (mistakes said now, not after the bandwidth and matmul measurements, or as a traceback)
+    if args.cfg and not args.compile:
+        parser.error("--cfg adds guidance to the compiled rows: give it with --compile (the eager rows have CFG "
+                     "unless --decode-only)")
+    try:
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 8] if args.quick else [1, 8, 16])
+    except ValueError:
+        parser.error(f"--batches: comma-separated positive integers, got {args.batches!r}")
+    if any(b < 1 for b in batches):
+        parser.error(f"--batches: every batch size must be >= 1, got {args.batches!r}")
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:
+        parser.error(f"--device: not a device name: {args.device!r} (cpu, cuda, cuda:1, ...)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
+    try:
+        config = GPTConfig.from_preset(args.preset, codebook_size=1024, grid_size=[16, 16], num_classes=10)
+    except ValueError as exc:
+        parser.error(f"--preset: {exc}")
+    device = args.device
     torch.set_num_threads(args.threads)
     set_weight_packing(args.packed)
-    batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 8] if args.quick else [1, 8, 16])
     repeats = 1 if args.quick else 2
 
     torch.manual_seed(0)
-    config = GPTConfig.from_preset(args.preset, codebook_size=1024, grid_size=[16, 16], num_classes=10)
-    device = args.device
     model = GPT(config).eval().to(device)
     torch.nn.init.normal_(model.output.weight, std=0.02)  # a non-degenerate distribution to sample from
     tokens = config.seq_len

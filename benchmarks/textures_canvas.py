@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from stage1_vq.losses import LossConfig
 from stage1_vq.model import VQModelConfig
@@ -29,16 +30,23 @@ from vqgpt.workflow.encode import encode_dataset, tokenizer_fingerprint
 from vqgpt.ground.images import save_grid
 from vqgpt.workflow.pipeline import VQGPTPipeline
 from vqgpt.training import TrainConfig
+from vqgpt.cli.commands import int_at_least
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/textures")
-    parser.add_argument("--tokenizer-steps", type=int, default=800)
-    parser.add_argument("--prior-steps", type=int, default=1500)
+    parser.add_argument("--tokenizer-steps", type=int_at_least(1), default=800)
+    parser.add_argument("--prior-steps", type=int_at_least(1), default=1500)
     parser.add_argument("--quantizer", choices=["fsq", "vq"], default="fsq")
     args = parser.parse_args()
     out = Path(args.out)
+    earlier = out / "tokenizer_run" / "config.yaml"  # the runs in --out are continued: of this --quantizer only
+    if earlier.is_file():
+        kind = (yaml.safe_load(earlier.read_text()).get("model") or {}).get("quantizer", {}).get("kind")
+        if kind != args.quantizer:
+            parser.error(f"--out {out} holds the runs of --quantizer {kind}; give another --out for --quantizer "
+                         f"{args.quantizer}")
     # FSQ by default: on these low-contrast textures an EMA codebook collapsed towards the mean grey in
     # a short CPU run (flat reconstructions); FSQ has no codebook to collapse.
     quantizer = (QuantizerConfig(kind="fsq", fsq_levels=[8, 5, 5, 5]) if args.quantizer == "fsq" else

@@ -396,19 +396,21 @@ def print_table(rows: list[dict]) -> None:
     """The rows side by side, and the goals."""
     lp = next((r["lpips_kind"] for r in rows), "LPIPS")
     seeds = rows[0].get("seeds", 1)
+    steps = sorted({r["steps"] for r in rows})  # (one count, or --minutes: the same wall time, own counts)
+    trained = f"{steps[0]} steps" if len(steps) == 1 else f"{steps[0]} to {steps[-1]} steps (column 'steps')"
     print(f"\nheld-out builtin:photos, {rows[0]['resolution']}x{rows[0]['resolution']} crops -> 8x8 positions, "
-          f"{rows[0]['steps']} steps of batch 16 each; usage over {rows[0]['grid_crops']} grid crops and over "
+          f"{trained} of batch 16 each; usage over {rows[0]['grid_crops']} grid crops and over "
           f"{USAGE_CROPS} random crops of the held-out photos; vqp = vector-quantize-pytorch"
           + (f"; mean ± sd over {seeds} seeds" if seeds > 1 else ""))
     wide = 7 if seeds > 1 else 0  # room for the '± sd' parts
     print(f"{'variant':>28} {'codes':>7} {'bits':>5} {'PSNR':>{9 + wide}} {'SSIM':>6} {lp:>8} {'usage (grid)':>13} "
-          f"{'usage (random)':>{15 + wide}} {'perplexity':>11} {'img/s':>6}")
+          f"{'usage (random)':>{15 + wide}} {'perplexity':>11} {'img/s':>6}" + (f" {'steps':>6}" if len(steps) > 1 else ""))
     for r in rows:
         bits = r["bits_per_image"] / 64
         lpips = "n/a" if r["lpips"] is None else f"{r['lpips']:.4f}"
         print(f"{r['variant']:>28} {r['codes']:>7} {bits:>5.1f} {pm(r, 'psnr', '.2f'):>{6 + wide}} dB "
               f"{r['ssim']:>6.3f} {lpips:>8} {r['grid_usage']:>13.1%} {pm(r, 'usage', '.1%'):>{15 + wide}} "
-              f"{r['perplexity']:>11.0f} {r['images_per_s']:>6.1f}")
+              f"{r['perplexity']:>11.0f} {r['images_per_s']:>6.1f}" + (f" {r['steps']:>6}" if len(steps) > 1 else ""))
     print("bits: per position (log2 of the codes; residual VQ: summed over its codes)")
     print_error_split(rows, wide)
     for line in goals(rows):
@@ -462,6 +464,29 @@ def quality(out: Path, variants: list[str], jobs: int, threads: int | None, step
                     raise SystemExit(f"run {item[0]} failed (exit {item[1].returncode}); see {out / f'{item[0]}.log'}")
         runs = [json.loads((out / f"{run_name(name, seed)}.json").read_text()) for name, seed in todo]
     summarize(out, runs)
+
+
+def foreign_files(out: Path, variants: list[str], seeds: int) -> list[str]:
+    """What in ``out`` a --quality run would replace though no run of this benchmark wrote it: a run folder
+    (trained with overwrite) without its config.yaml, a summary.json that is no table of rows."""
+    found = []
+    for name in variants:
+        for seed in range(seeds):
+            run = run_name(name, seed)
+            for folder in (out / run, out / f"{run}-probe"):
+                if folder.is_file() or (folder.is_dir() and any(folder.iterdir())
+                                        and not (folder / "config.yaml").is_file()):
+                    found.append(str(folder))
+    summary = out / "summary.json"
+    if summary.exists():
+        try:
+            rows = json.loads(summary.read_text())
+            ours = isinstance(rows, list) and all(isinstance(r, dict) and "variant" in r for r in rows)
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            found.append(str(summary))
+    return found
 
 
 def summarize(out: Path, runs: list[dict]) -> None:
@@ -520,18 +545,21 @@ def main() -> None:
     steps = None if args.minutes is not None else (args.steps or (60 if args.quick else 1000))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rescore and not args.quality:
+        parser.error("--rescore recomputes --quality runs: give it with --quality")
     if args.table:
-        print_table(json.loads((Path(args.out) / "summary.json").read_text()))
+        summary = Path(args.out) / "summary.json"
+        if not summary.is_file():
+            parser.error(f"--table: {summary} not found (a --quality run into --out {args.out} writes it)")
+        print_table(json.loads(summary.read_text()))
         return
     if args.run_variant:
         run_variant(args.run_variant, Path(args.out), steps, args.minutes, args.quick, args.lpips, args.seed)
         return
     if not (args.speed or args.quality):
         args.speed = True
-    if args.speed:
-        speed()
-    if args.quality:
-        variants = args.variants.split(",") if args.variants else list(QUICK_VARIANTS if args.quick else VARIANTS)
+    variants = args.variants.split(",") if args.variants else list(QUICK_VARIANTS if args.quick else VARIANTS)
+    if args.quality:  # every mistake said before the speed rows or the first row trains
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
@@ -544,6 +572,13 @@ def main() -> None:
             parser.error('--lpips stlpips needs stlpips-pytorch: pip install -e ".[stlpips]" (or pass --lpips none)')
         if args.seeds < 1:
             parser.error(f"--seeds must be >= 1, got {args.seeds}")
+        foreign = [] if args.rescore else foreign_files(Path(args.out), variants, args.seeds)
+        if foreign:
+            parser.error(f"--out {args.out} holds what no run of this benchmark wrote, which the run would replace: "
+                         f"{', '.join(foreign)}; choose another --out")
+    if args.speed:
+        speed()
+    if args.quality:
         if args.rescore:
             rescore(Path(args.out), variants, args.seeds, args.lpips)
         else:

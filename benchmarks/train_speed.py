@@ -44,6 +44,7 @@ from stage2_prior.model import GPT, GPTConfig, count_parameters
 from vqgpt.training import TrainConfig
 from vqgpt.training.config import cpu_has_fast_bf16
 from vqgpt.training.optim import make_optimizer, optimizer_step
+from vqgpt.cli.commands import int_at_least
 
 from sampling import timed  # benchmarks/ is on sys.path when a script here runs
 
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller prior, tokenizer batch 4, one step per round, "
                                                              "no tokenizer compile (~5 min on 2 cores)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int_at_least(1), default=None)
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--convs", action="store_true", help="only where the fp32 tokenizer step's time goes: the "
@@ -190,19 +191,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prior-preset", default=None,
                         help="the prior's shape as a preset of stage2_prior.config (GPT-B, GPT-L, ...; default a "
                              "6 x 512 model, 4 x 384 with --quick)")
-    parser.add_argument("--prior-batch", type=int, default=8)
-    parser.add_argument("--tokenizer-batch", type=int, default=None, help="default 16 (4 with --quick)")
+    parser.add_argument("--prior-batch", type=int_at_least(1), default=8)
+    parser.add_argument("--tokenizer-batch", type=int_at_least(1), default=None, help="default 16 (4 with --quick)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="a published peak (e.g. the GPU's dense bf16 TFLOP/s): adds each row's MFU against it")
     args = parser.parse_args(argv)
+    # (mistakes said now, not after the first rows were measured, nor a CPU run under the GPU's name)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in ("fp32", "bf16") for d in dtypes):
+        parser.error(f"--dtypes: comma-separated fp32 and bf16, got {args.dtypes!r}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: not a device name: {args.device!r} (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
+    on_cpu = device.type == "cpu"
+    if args.convs and not on_cpu:
+        parser.error("--convs measures the CPU's convolutions (NCHW against NHWC): leave out --device")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    on_cpu = device.type == "cpu"
     if args.convs:
-        conv_breakdown(Accelerator(cpu=True), 4 if args.quick else 16, matmul_gflops(torch.float32))
+        conv_breakdown(Accelerator(cpu=True), args.tokenizer_batch or (4 if args.quick else 16),
+                       matmul_gflops(torch.float32))
         return
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     warmup, steps, rounds = (1, 1, 3) if args.quick else (2, 5, 3)
     shape = args.prior_preset or (QUICK_PRIOR_SHAPE if args.quick else PRIOR_SHAPE)
     if on_cpu:

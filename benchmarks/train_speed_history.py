@@ -34,6 +34,7 @@ from pathlib import Path
 
 # the same tokenizer and prior on both sides as in train_speed.py
 from train_speed import PRIOR_SHAPE, QUANTIZER_ARGS, TOKENIZER_ARCH
+from vqgpt.cli.commands import int_at_least
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,12 +124,16 @@ def run_side(path: Path, args: argparse.Namespace) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="9ecdec0", help="the earlier commit (any git revision)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="interpreters per side, alternating")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int_at_least(1), default=2)
+    parser.add_argument("--rounds", type=int_at_least(1), default=3, help="interpreters per side, alternating")
+    parser.add_argument("--warmup", type=int_at_least(0), default=2)
+    parser.add_argument("--steps", type=int_at_least(1), default=5)
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     args = parser.parse_args()
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in ("fp32", "bf16") for d in dtypes):  # (else any other name measured fp32)
+        parser.error(f"--dtypes: comma-separated fp32 and bf16, got {args.dtypes!r}")
+    args.dtypes = ",".join(dtypes)  # (the step program reads the names as they are)
     with tempfile.TemporaryDirectory(prefix="vqgpt-before-") as tmp:
         before = Path(tmp) / "tree"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(before), args.before],

@@ -183,3 +183,88 @@ def test_train_speed_benchmark_takes_a_device_a_preset_and_a_published_peak(caps
     # tokenizer: AdamW for-loop and fused, then fused channels-last; prior: for-loop, foreach, fused
     assert len(table) == 6 and all(line.count("|") == 8 and line.endswith("% |") for line in table)
     assert any(line.startswith("| stage |") and line.endswith("MFU (published peak) |") for line in out.splitlines())
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+
+
+@pytest.mark.parametrize("script, argv, said", [
+    ("sampling.py", ["--batches", "1,,8"], "--batches: comma-separated positive integers, got '1,,8'"),
+    ("sampling.py", ["--batches", "8,0"], "--batches: every batch size must be >= 1, got '8,0'"),
+    ("sampling.py", ["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    ("sampling.py", ["--cfg"], "--cfg adds guidance to the compiled rows: give it with --compile"),
+    ("sampling.py", ["--preset", "nope"], "--preset: unknown GPT preset 'nope'"),
+    ("sampling.py", ["--device", "nope"], "--device: not a device name: 'nope'"),
+    pytest.param("sampling.py", ["--device", "cuda"], "--device cuda: CUDA is not available here", marks=NO_CUDA),
+    ("train_speed.py", ["--dtypes", "fp16"], "--dtypes: comma-separated fp32 and bf16, got 'fp16'"),
+    ("train_speed.py", ["--dtypes", ","], "--dtypes: comma-separated fp32 and bf16, got ','"),
+    ("train_speed.py", ["--prior-batch", "0"], "argument --prior-batch: must be >= 1, got 0"),
+    # a CPU run under the GPU's name, with an MFU of 0.0% against the GPU's peak
+    pytest.param("train_speed.py", ["--device", "cuda", "--peak-tflops", "989"],
+                 "--device cuda: CUDA is not available here", marks=NO_CUDA),
+    ("train_speed_history.py", ["--dtypes", "fp16"], "--dtypes: comma-separated fp32 and bf16, got 'fp16'"),
+    ("train_speed_history.py", ["--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
+    ("tokenizer.py", ["--rescore"], "--rescore recomputes --quality runs: give it with --quality"),
+    ("tokenizer.py", ["--quality", "--variants", "fsq", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+])
+def test_benchmark_mistakes_are_refused_before_anything_is_measured(script, argv, said, capsys, monkeypatch):
+    """Mistakes were tracebacks after the bandwidth and matmul measurements (sampling.py), or ran anyway:
+    fp16 measured as fp32 under its name (train_speed_history.py), --device cuda on the CPU (train_speed.py)."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # (train_speed_history.py imports its neighbour)
+    module = load_benchmark(BENCH.with_name(script), script.removesuffix(".py") + "_benchmark")
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the mistake was said")
+
+    for name in ("ceilings", "matmul_gflops", "speed", "run_side"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, measured)
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        module.main(argv) if script in ("sampling.py", "train_speed.py") else module.main()
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_the_tokenizer_benchmark_keeps_what_it_did_not_write(board, tmp_path, capsys, monkeypatch):
+    """--quality trains every row with overwrite: a folder OUT/fsq of the user's was emptied, and their
+    OUT/summary.json replaced."""
+    out = tmp_path / "out"
+    (out / "fsq").mkdir(parents=True)
+    (out / "fsq" / "precious.txt").write_text("the user's")
+    (out / "summary.json").write_text('{"mine": 1}')
+    assert board.foreign_files(out, ["fsq", "lfq-2^10"], 1) == [str(out / "fsq"), str(out / "summary.json")]
+    monkeypatch.setattr(sys, "argv", ["tokenizer.py", "--quality", "--variants", "fsq", "--lpips", "none",
+                                      "--out", str(out)])
+    with pytest.raises(SystemExit):
+        board.main()
+    assert f"--out {out} holds what no run of this benchmark wrote" in capsys.readouterr().err
+    assert (out / "fsq" / "precious.txt").read_text() == "the user's"
+    # a run of the benchmark (its config.yaml) and a summary of rows are its own, to replace
+    (out / "fsq" / "config.yaml").write_text("model: {}\n")
+    (out / "summary.json").write_text('[{"variant": "fsq"}]')
+    assert board.foreign_files(out, ["fsq"], 1) == []
+
+
+def test_a_table_of_rows_trained_for_the_same_time_shows_each_rows_steps(board, capsys):
+    """--minutes gives every row the same wall time and its own step count; the header named the first's."""
+    rows = board.combine([run("ema-restart-vq", 0, 22.0, 0.99), {**run("fsq", 0, 20.0, 0.9), "steps": 3175}])
+    board.print_table(rows)
+    table = capsys.readouterr().out
+    assert "500 to 3175 steps (column 'steps') of batch 16 each" in table and "500 steps of" not in table
+    lines = table.splitlines()
+    assert next(line for line in lines if "variant" in line).split()[-1] == "steps"
+    assert next(line for line in lines if line.strip().startswith("fsq ")).split()[-1] == "3175"
+    board.print_table(board.combine([run("ema-restart-vq", 0, 22.0, 0.99)]))
+    assert "500 steps of batch 16 each" in capsys.readouterr().out
+
+
+def test_the_int8_compute_ceiling_on_a_gpu_is_bf16s(monkeypatch):
+    """On a GPU Int8Linear casts its activations to bf16 and multiplies in bf16; the bound used fp32's rate,
+    which at batch 64 made the bound too low and the share of it too high."""
+    sampling = load_benchmark(BENCH.with_name("sampling.py"), "sampling_benchmark")
+    monkeypatch.setattr(sampling, "measure_bandwidth", lambda megabytes, device: 1e12)
+    monkeypatch.setattr(sampling, "matmul_flops", lambda device, dtype: 60e12 if dtype == torch.float32 else 900e12)
+    _, flops, _ = sampling.ceilings("cuda", 1)
+    assert flops == {"float32": 60e12, "int8": 900e12, "bfloat16": 900e12}
+    monkeypatch.setattr(sampling.blocked, "int8_rounds_rows", lambda: False)
+    assert sampling.ceilings("cpu", 1)[1]["int8"] == 60e12  # fp32 rows on a CPU without VNNI

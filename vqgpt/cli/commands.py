@@ -47,7 +47,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer >= ``low`` (and <= ``high``; argparse names the flag in the error)."""
 
     def parse(text: str) -> int:
@@ -312,7 +312,7 @@ def _add_sampling_knobs(p: argparse.ArgumentParser) -> None:
                         "closely; 1.5-4 is usual)")
     p.add_argument("--temperature", type=_float_in(0.0), default=1.0,
                    help="softmax temperature, >= 0 (1 = the model's distribution, lower = safer, 0 = greedy)")
-    p.add_argument("--top-k", type=_int_at_least(1), default=None,
+    p.add_argument("--top-k", type=int_at_least(1), default=None,
                    help="sample among the k most likely codes only (default: all)")
     p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=None,
                    help="nucleus sampling: the smallest set of codes whose probability reaches p, 0 < p <= 1 "
@@ -642,10 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image folder, one image file, or builtin:mnist|photos|textures (eval split)")
     p.add_argument("--out", required=True,
                    help="output folder (images/, grid.png, metrics.json), outside the image folder")
-    p.add_argument("--num", type=_int_at_least(1), default=None, help="at most this many images (default: all)")
-    p.add_argument("--resolution", type=_int_at_least(1), default=None,
+    p.add_argument("--num", type=int_at_least(1), default=None, help="at most this many images (default: all)")
+    p.add_argument("--resolution", type=int_at_least(1), default=None,
                    help="pixels (default: the tokenizer's model.resolution)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per forward pass")
+    p.add_argument("--batch-size", type=int_at_least(1), default=32, help="images per forward pass")
     p.add_argument("--lpips", default="vgg", help="vgg (standard; needs its weights), a local weights path, random, or none")
     p.add_argument("--json", action="store_true",
                    help="print the metrics as one JSON object on stdout (everything else goes to stderr)")
@@ -655,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer export folder, or a Hub id owner/name")
     p.add_argument("--data", required=True, help="image folder, wds:SHARDS, hf:DATASET or builtin:mnist|photos|textures")
     p.add_argument("--out", required=True, help="token shard folder")
-    p.add_argument("--resolution", type=_int_at_least(1), default=None,
+    p.add_argument("--resolution", type=int_at_least(1), default=None,
                    help="pixels (default: the tokenizer's model.resolution)")
     p.add_argument("--split", default="train", choices=["train", "eval"], help="split of the image source to encode")
     p.add_argument("--augment", default="none", choices=["none", "flip", "ten-crop"],
@@ -665,9 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-range", type=float, default=1.1,
                    help="ten-crop: the crops are taken from a center crop this many times the resolution")
     p.add_argument("--flip", action="store_true", help="same as --augment flip")
-    p.add_argument("--num-workers", type=_int_at_least(0), default=0,
+    p.add_argument("--num-workers", type=int_at_least(0), default=0,
                    help="DataLoader worker processes decoding the images (data.num_workers)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64,
+    p.add_argument("--batch-size", type=int_at_least(1), default=64,
                    help="images per forward pass, per process (under accelerate launch each process encodes a "
                         "contiguous run of these batches)")
     p.add_argument("--overwrite", action="store_true",
@@ -685,19 +685,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample images from a pipeline (larger sizes use sliding windows)")
     _add_pipeline_args(p)
-    p.add_argument("--num", type=_int_at_least(1), default=None,
+    p.add_argument("--num", type=int_at_least(1), default=None,
                    help="number of images (default: 16; with --per-class K, K times the number of classes)")
-    p.add_argument("--height", type=_int_at_least(1), default=None,
+    p.add_argument("--height", type=int_at_least(1), default=None,
                    help="pixels, a multiple of the tokenizer's downsampling factor (default: trained size)")
-    p.add_argument("--width", type=_int_at_least(1), default=None,
+    p.add_argument("--width", type=int_at_least(1), default=None,
                    help="pixels, a multiple of the tokenizer's downsampling factor (default: trained size)")
     _add_sampling_args(p, many=True)
     p.add_argument("--npz", default=None,
                    help="also (or instead of --out FOLDER/) one .npz in the ADM evaluator's layout: uint8 images "
                         "(N, H, W, 3) under arr_0, class labels under arr_1")
-    p.add_argument("--per-class", type=_int_at_least(1), default=None,
+    p.add_argument("--per-class", type=int_at_least(1), default=None,
                    help="class-balanced labels: K samples of each class, class by class (with --out FOLDER/ or --npz)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=32,
+    p.add_argument("--batch-size", type=int_at_least(1), default=32,
                    help="samples drawn at once with --out FOLDER/ or --npz; keep it when resuming a folder")
     p.set_defaults(func=cmd_sample)
 
@@ -710,8 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="image folder, wds:SHARDS, hf:DATASET or builtin:* (eval split)")
     p.add_argument("--fid-weights", default=None, help=fid_help + "; none skips rFID")
     p.add_argument("--lpips", default="vgg", help="vgg, a local weights path, random, or none")
-    p.add_argument("--num", type=_int_at_least(1), default=None, help="at most this many images (default: all)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per forward pass")
+    p.add_argument("--num", type=int_at_least(1), default=None, help="at most this many images (default: all)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=32, help="images per forward pass")
     p.add_argument("--out", default=None, help="also keep reconstructions, grid and metrics.json here")
     p.add_argument("--device", type=_torch_device, default=None, help=device_help)
     p.add_argument("--json", action="store_true", help=json_help)
@@ -723,9 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True,
                    help="image source, a stats .npz from `vqgpt fid-stats`, or an ADM evaluator reference batch "
                         "(.npz with arr_0 images and/or mu, sigma, mu_s, sigma_s)")
-    p.add_argument("--num", type=_int_at_least(1), default=50000,
+    p.add_argument("--num", type=int_at_least(1), default=50000,
                    help="samples to draw (published FID uses 50000; at least 2)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="samples drawn at once")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64, help="samples drawn at once")
     _add_sampling_knobs(p)
     _add_decoding_args(p)
     p.add_argument("--fid-weights", default=None, help=fid_help)
@@ -740,8 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", required=True, help="pipeline folder (tokenizer/ + prior/) or a Hub id owner/name")
     p.add_argument("--images", required=True, help="image folder, wds:SHARDS, hf:DATASET or builtin:*")
     p.add_argument("--split", default="eval", choices=["train", "eval"], help="split of the image source")
-    p.add_argument("--num", type=_int_at_least(1), default=None, help="at most this many images (default: all)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per forward pass")
+    p.add_argument("--num", type=int_at_least(1), default=None, help="at most this many images (default: all)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per forward pass")
     p.add_argument("--device", type=_torch_device, default=None, help=device_help)
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_eval_bpd)
@@ -750,10 +750,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="image folder, wds:SHARDS, hf:DATASET or builtin:mnist|photos|textures")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--fid-weights", default=None, help=fid_help)
-    p.add_argument("--resolution", type=_int_at_least(1), default=32, help="must match the tokenizer's image size")
+    p.add_argument("--resolution", type=int_at_least(1), default=32, help="must match the tokenizer's image size")
     p.add_argument("--split", default="train", choices=["train", "eval"], help="split of the image source")
-    p.add_argument("--num", type=_int_at_least(1), default=None, help="at most this many images (default: all)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per forward pass")
+    p.add_argument("--num", type=int_at_least(1), default=None, help="at most this many images (default: all)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per forward pass")
     p.add_argument("--device", type=_torch_device, default=None, help=device_help)
     p.set_defaults(func=cmd_fid_stats)
 
@@ -782,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="tokenizer export folder to write")
     q.add_argument("--overwrite", action="store_true", help="write over an export already in --out")
     q.add_argument("--preset", default=None, help="VQ-16 or VQ-8 (a cross-check; shapes are read from the weights)")
-    q.add_argument("--image-size", type=_int_at_least(1), default=None,
+    q.add_argument("--image-size", type=int_at_least(1), default=None,
                    help="training image size in pixels (default: the checkpoint's args, else 256)")
     q.add_argument("--weights", default=None, help="ema or model (default: ema when present)")
     q.set_defaults(func=cmd_import)
@@ -797,9 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
                    help="architecture of a non-preset model, e.g. --set model.n_head=16 (repeatable; checked "
                         "against the weights)")
-    q.add_argument("--image-size", type=_int_at_least(1), default=None,
+    q.add_argument("--image-size", type=int_at_least(1), default=None,
                    help="image size in pixels the GPT was trained for (default: the checkpoint's args, else 256)")
-    q.add_argument("--num-classes", type=_int_at_least(0), default=None,
+    q.add_argument("--num-classes", type=int_at_least(0), default=None,
                    help="default: the checkpoint's args.num_classes, else the class table's rows minus the null row")
     q.add_argument("--classes", default=None, help="text file with one class name per line")
     q.add_argument("--weights", default=None, help="model or ema")
@@ -808,9 +808,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shard", help="write an image source as tar shards (webdataset layout) for data.source=wds:...")
     p.add_argument("source", help="image folder, wds:SHARDS, hf:DATASET or builtin:mnist|photos|textures")
     p.add_argument("out", help="folder for shard-000000.tar, shard-000001.tar, ...")
-    p.add_argument("--per-shard", type=_int_at_least(1), required=True, help="images per shard")
+    p.add_argument("--per-shard", type=int_at_least(1), required=True, help="images per shard")
     p.add_argument("--split", default="train", choices=["train", "eval"], help="split of the image source")
-    p.add_argument("--resolution", type=_int_at_least(1), default=32,
+    p.add_argument("--resolution", type=int_at_least(1), default=32,
                    help="pixels of a built-in source's images (stored as PNG); files and dataset rows are copied "
                         "as they are stored, never re-encoded")
     p.add_argument("--index-dir", default="", help="where the shards' indexes are cached (default: data.index_dir's)")
@@ -822,11 +822,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("complete", help="complete an image from its first code rows, or extend it right / down")
     _add_pipeline_args(p)
     p.add_argument("--image", required=True, help="input image (fitted to the prior's trained size)")
-    p.add_argument("--keep-rows", type=_int_at_least(0), default=None,
+    p.add_argument("--keep-rows", type=int_at_least(0), default=None,
                    help="code rows of the image to keep (default: all)")
-    p.add_argument("--extend-right", type=_int_at_least(0), default=0, help="code columns to add on the right")
-    p.add_argument("--extend-down", type=_int_at_least(0), default=0, help="code rows to add below")
-    p.add_argument("--num", type=_int_at_least(1), default=4, help="number of completions")
+    p.add_argument("--extend-right", type=int_at_least(0), default=0, help="code columns to add on the right")
+    p.add_argument("--extend-down", type=int_at_least(0), default=0, help="code rows to add below")
+    p.add_argument("--num", type=int_at_least(1), default=4, help="number of completions")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_complete)
 
@@ -834,7 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", required=True, help="pipeline folder (tokenizer/ + prior/) or a Hub id owner/name")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=_int_at_least(1, 65535), default=None,
+    p.add_argument("--port", type=int_at_least(1, 65535), default=None,
                    help="port (default: 7860, or the next free one)")
     p.set_defaults(func=cmd_app)
 
