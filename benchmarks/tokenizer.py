@@ -404,7 +404,8 @@ def print_table(rows: list[dict]) -> None:
           + (f"; mean ± sd over {seeds} seeds" if seeds > 1 else ""))
     wide = 7 if seeds > 1 else 0  # room for the '± sd' parts
     print(f"{'variant':>28} {'codes':>7} {'bits':>5} {'PSNR':>{9 + wide}} {'SSIM':>6} {lp:>8} {'usage (grid)':>13} "
-          f"{'usage (random)':>{15 + wide}} {'perplexity':>11} {'img/s':>6}" + (f" {'steps':>6}" if len(steps) > 1 else ""))
+          f"{'usage (random)':>{15 + wide}} {'perplexity':>11} {'img/s':>6}"
+          + (f" {'steps':>6}" if len(steps) > 1 else ""))
     for r in rows:
         bits = r["bits_per_image"] / 64
         lpips = "n/a" if r["lpips"] is None else f"{r['lpips']:.4f}"
@@ -524,8 +525,8 @@ def main() -> None:
                         "--jobs 2 --threads 1 on 2 cores")
     parser.add_argument("--steps", type=int, default=None, help="training steps per row (default 1000; --quick 60)")
     parser.add_argument("--minutes", type=float, default=None, help="same wall time per row instead of same steps")
-    parser.add_argument("--lpips", default="stlpips", help="stlpips (default, works offline; pip install -e \".[stlpips]\"), "
-                        "vgg, a weights path, or none")
+    parser.add_argument("--lpips", default="stlpips", help="stlpips (default, works offline; "
+                        "pip install -e \".[stlpips]\"), vgg, a weights path, or none")
     parser.add_argument("--out", default="runs/bench_tokenizer")
     parser.add_argument("--variants", default=None, help=f"comma-separated (default: all of {','.join(VARIANTS)}; "
                         f"--quick: {','.join(QUICK_VARIANTS)}); vqp-* rows need `pip install -e \".[bench]\"`")

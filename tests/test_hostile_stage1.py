@@ -253,5 +253,6 @@ def test_keys_the_architecture_does_not_read_are_named_when_training(tmp_path):
         train_tokenizer(cfg, tmp_path / "run")
     vit = replace(cfg.model, architecture="vit", patch_size=8, vit_dim=16, vit_heads=2)
     assert vit.ignored_keys() == ["channels", "channel_mult", "num_res_blocks", "attn_resolutions", "norm_groups"]
-    assert replace(vit, architecture="pixels", quantizer=QuantizerConfig(codebook_size=16)).ignored_keys()[-1] == "z_channels"
+    pixels = replace(vit, architecture="pixels", quantizer=QuantizerConfig(codebook_size=16))
+    assert pixels.ignored_keys()[-1] == "z_channels"
     assert VQModelConfig().ignored_keys() == []

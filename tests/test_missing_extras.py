@@ -43,7 +43,8 @@ def test_eval_tokenizer_checks_the_data_source_before_loading_the_fid_network(tm
         raise AssertionError("the FID network was loaded (offline: downloaded, then a warning) before the check")
 
     monkeypatch.setattr(evaluation, "_optional_extractor", no_network)
-    with pytest.raises(ValueError, match=r'data.source=\'hf:mnist\' needs the datasets package: pip install "vqgpt\[hf\]"'):
+    with pytest.raises(ValueError, match=r"data.source='hf:mnist' needs the datasets package: "
+                                         r'pip install "vqgpt\[hf\]"'):
         evaluation.eval_tokenizer(tmp_path / "tok", "hf:mnist")
 
 

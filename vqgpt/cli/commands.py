@@ -369,7 +369,8 @@ def _save_outputs(images, args: argparse.Namespace, nrow: int) -> None:
         names = [f"{i:04d}.png" for i in range(len(images))]
         for stale in _save_each_written(folder) - {*names, SAVE_EACH_RECORD}:  # an earlier, larger --num's
             (folder / stale).unlink(missing_ok=True)
-        write_text_whole(folder / SAVE_EACH_RECORD, json.dumps(names) + "\n")  # before the images: a crash keeps them ours
+        # before the images: a crash keeps them ours
+        write_text_whole(folder / SAVE_EACH_RECORD, json.dumps(names) + "\n")
         for name, img in zip(names, images):
             save_image(img, folder / name)
     print(f"wrote {out}" + (f" and {out.with_suffix('')}/" if args.save_each else ""))

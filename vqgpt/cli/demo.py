@@ -35,7 +35,7 @@ from vqgpt.workflow.encode import encode_dataset
 from vqgpt.workflow.evaluation import eval_bits_per_dim
 from vqgpt.ground.images import save_grid
 from vqgpt.ground.checkpoint import name_listing
-from vqgpt.ground.files import replace_when_whole, write_text_whole
+from vqgpt.ground.files import write_text_whole
 from vqgpt.workflow.pipeline import VQGPTPipeline
 from vqgpt.training import TrainConfig, cpu_has_fast_bf16
 from vqgpt.workflow.chain import train_prior_with_tokenizer

@@ -354,7 +354,8 @@ def save_config(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = to_dict(obj)
-    text = yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(data, indent=2) + "\n"
+    yaml_file = path.suffix in (".yaml", ".yml")
+    text = yaml.safe_dump(data, sort_keys=False) if yaml_file else json.dumps(data, indent=2) + "\n"
     write_text_whole(path, text)  # a run's config.yaml is what a resume is checked against: never cut off
 
 
