@@ -80,3 +80,31 @@ def test_the_tokenizer_benchmark_refuses_a_missing_package_before_training(tmp_p
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 2 and said in done.stderr, done.stderr[-2000:]
     assert not out.exists()
+
+
+def test_eval_prior_offline_without_fid_weights_is_one_line_naming_the_references_network(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """Offline and without --fid-weights, eval-prior ended in a urllib traceback; the reference's stats
+    recorded the network they were computed with, which the message now names."""
+    import torch
+
+    from test_pipeline import tiny_prior, tiny_tokenizer
+    from vqgpt.ground import fid
+    from vqgpt.workflow.pipeline import VQGPTPipeline
+
+    tok = tiny_tokenizer()
+    pipe = VQGPTPipeline(tok, tiny_prior(tok.codebook_size), classes=["a", "b", "c"]).save_pretrained(tmp_path / "p")
+    random_net = fid.FeatureExtractor.random(seed=0)
+    reference = fid.save_stats(fid.compute_stats(random_net(torch.rand(8, 3, 32, 32) * 2 - 1).pool, random_net.name),
+                               tmp_path / "ref.npz")
+
+    def offline(weights, device):
+        raise fid.FeatureNetworkUnavailable("could not download the FID Inception-v3 weights (no network)")
+
+    monkeypatch.setattr(evaluation, "load_feature_extractor", offline)
+    assert main(["eval-prior", "--pipeline", str(pipe), "--reference", str(reference), "--num", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: could not download the FID Inception-v3 weights (no network); {reference} was computed with "
+        f"{random_net.name!r}: give the --fid-weights its `vqgpt fid-stats` had")

@@ -922,6 +922,9 @@ def _exit_code(exc: Exception) -> int | None:
         return 2
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG):
         return 2  # the disk, not the code: full, read-only, over quota, or a file size limit (ulimit -f)
+    fid = sys.modules.get("vqgpt.ground.fid")
+    if fid is not None and isinstance(exc, fid.FeatureNetworkUnavailable):
+        return 2  # offline without the FID weights: the message says where to put them
     return None
 
 

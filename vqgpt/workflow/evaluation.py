@@ -222,6 +222,21 @@ def fid_stats(images: str, out: str | Path, fid_weights: str | None = None, reso
 # ----------------------------------------------------------------------------------------- prior
 
 
+def _recorded_network(reference: str) -> str:
+    """A hint naming the feature network a stats .npz ``reference`` was computed with, when it records one."""
+    if not reference.lower().endswith(".npz"):
+        return ""
+    try:
+        if _is_image_batch(reference):
+            return ""
+        network = load_stats(reference).feature_network
+    except (OSError, ValueError, KeyError):
+        return ""
+    if network == UNKNOWN_NETWORK:
+        return ""
+    return f"; {reference} was computed with {network!r}: give the --fid-weights its `vqgpt fid-stats` had"
+
+
 def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_000, batch_size: int = 64,
                sampling: SamplingConfig | None = None, seed: int = 0, fid_weights: str | None = None,
                reference_split: str = "train",
@@ -258,7 +273,10 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
         dev = state.device  # "--device cuda" on 8 processes: each its own GPU, not all on cuda:0
     main = state.is_main_process
     pipe = VQGPTPipeline.from_pretrained(pipeline_dir).set_decoding(prior_dtype, compile).to(dev)
-    extractor = load_feature_extractor(fid_weights, dev)
+    try:
+        extractor = load_feature_extractor(fid_weights, dev)
+    except FeatureNetworkUnavailable as exc:
+        raise FeatureNetworkUnavailable(f"{exc}{_recorded_network(reference)}") from None
     height, width = pipe.tokenizer.image_shape(*pipe.prior.config.grid_size)  # rvq: D codes per position in a row
     if height != width and main:
         warnings.warn(f"samples are {height}x{width}; reference images are square crops at {height}", stacklevel=2)
