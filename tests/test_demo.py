@@ -97,3 +97,19 @@ def test_a_folder_without_a_demo_record_is_claimed_only_when_its_files_are_this_
     save_config(demo.pixel_demo_tokenizer_config(), pixels / "tokenizer_run" / "config.yaml")
     assert demo._unrecorded_demo_kinds(pixels) == [("pixels", True), ("pixels", False)]
     demo._claim_demo_folder(pixels, "pixels", False)
+
+
+def test_a_moved_demo_folder_is_refused_with_advice_the_demo_can_follow(tmp_path):
+    """Its prior run names its token folder by path: continued elsewhere, train-prior refused the changed path
+    and advised --overwrite, which the demo does not take."""
+    made = tmp_path / "made"
+    demo._claim_demo_folder(made, "vq", True)
+    save_config(demo.demo_prior_config(quick=True), made / "prior_run" / "config.yaml")
+    demo._claim_demo_folder(made, "vq", True)  # again in place: fine
+    moved = made.rename(tmp_path / "moved")
+    with pytest.raises(ValueError, match=rf"{moved} was made at {made}, .* move it back, or give a new --out"):
+        demo._claim_demo_folder(moved, "vq", True)
+    # before its prior started, a moved demo continues (nothing in it names a path), and is recorded there
+    (moved / "prior_run" / "config.yaml").unlink()
+    demo._claim_demo_folder(moved, "vq", True)
+    assert json.loads((moved / demo.DEMO_RECORD).read_text())["folder"] == str(moved.resolve())

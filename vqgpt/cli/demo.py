@@ -86,7 +86,7 @@ class _Laps:
     not only the rest done by the last session. Kept in ``out``'s demo record after each stage."""
 
     def __init__(self, record: Path, earlier: dict) -> None:
-        self.record, self.kind = record, {k: earlier[k] for k in ("tokenizer", "quick")}
+        self.record, self.kind = record, {k: earlier[k] for k in ("tokenizer", "quick", "folder")}
         self.start = time.perf_counter()
         self.earlier: dict[str, float] = dict(earlier.get("seconds", {}))
         self.timings: dict[str, float] = {}
@@ -128,6 +128,11 @@ def _claim_demo_folder(out: Path, tokenizer: str, quick: bool) -> _Laps:
         if holds != (tokenizer, quick):
             raise ValueError(f"{out} holds {name(*holds)}, and this is {name(tokenizer, quick)}: its runs cannot "
                              f"be continued as this one's; give another --out (or delete {out})")
+        made_at = earlier.get("folder")
+        if made_at and made_at != str(out.resolve()) and (out / "prior_run" / "config.yaml").is_file():
+            # the prior run's config names its token folder by path, and a resume refuses another one
+            raise ValueError(f"{out} was made at {made_at}, and its prior run names its token shards there: the demo "
+                             f"continues it only in that place; move it back, or give a new --out")
     elif present := [entry for entry in DEMO_OUTPUTS if (out / entry).exists()]:
         # No record: a demo folder of an earlier version (which wrote none), or the user's own files under
         # the names the demo writes (report.md, samples.png), which it would overwrite.
@@ -140,7 +145,7 @@ def _claim_demo_folder(out: Path, tokenizer: str, quick: bool) -> _Laps:
             raise ValueError(f"{out} holds {name_listing(present)}, names this demo writes, but no record of a demo "
                              f"({DEMO_RECORD}): the demo would overwrite them or continue them as its own; give "
                              f"another --out")
-    earlier = {**earlier, "tokenizer": tokenizer, "quick": quick}
+    earlier = {**earlier, "tokenizer": tokenizer, "quick": quick, "folder": str(out.resolve())}
     laps = _Laps(record, earlier)
     laps.save()
     return laps
