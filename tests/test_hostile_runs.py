@@ -50,6 +50,29 @@ def test_resume_from_another_runs_checkpoint_into_a_run_is_refused_without_overw
 # ----------------------------------------------------------------------------- other codes
 
 
+def test_overwrite_deletes_the_runs_files_only(run, tokens):
+    """--overwrite deleted everything in --out (the user's notes, a data folder), though its help says the
+    run's checkpoints, metrics, samples and export; and a folder of the user's was called a run, with a hint
+    to pass --overwrite."""
+    (run / "NOTES.txt").write_text("the user's")
+    (run / "mydata").mkdir()
+    before = snapshot(run)
+    with pytest.raises(RunFolderError, match=r"--overwrite: .* also holds NOTES.txt, mydata, which no run writes; "
+                                             r"--overwrite deletes a run's own files only"):
+        train_prior(prior_config(tokens, "train.steps=2"), run, overwrite=True)
+    assert snapshot(run) == before and (run / "mydata").is_dir()
+    mine = run.parent / "mine"
+    mine.mkdir()
+    (mine / "NOTES.txt").write_text("the user's")
+    with pytest.raises(RunFolderError, match=r"mine holds NOTES.txt, which no run writes: choose another --out"):
+        train_prior(prior_config(tokens, "train.steps=2"), mine)
+    # without them, --overwrite replaces the run as before
+    (run / "NOTES.txt").unlink()
+    (run / "mydata").rmdir()
+    train_prior(prior_config(tokens, "train.steps=2"), run, overwrite=True)
+    assert read_steps(run)[-1] == 2 and [step for step, _ in list_checkpoints(run)] == [2]
+
+
 def test_resume_on_shards_of_another_tokenizer_is_refused(tokens, tmp_path):
     codes = Path(shutil.copytree(tokens, tmp_path / "codes"))
     run = tmp_path / "run"

@@ -37,6 +37,14 @@ RESUMABLE_KEYS = (
 
 # What a run leaves behind before its first checkpoint: `--resume auto` may start such a folder afresh.
 _UNSTARTED_RUN = {"config.yaml", "metrics.jsonl", "samples", "checkpoints", TRACKING_DIR}
+# Everything a run writes into RUN (and all that --overwrite deletes); anything else there is the user's.
+_RUN_ENTRIES = _UNSTARTED_RUN | {"export", "pipeline"}
+
+
+def _not_a_runs(names: list[str]) -> list[str]:
+    """The entries of ``names`` that no run writes (a run's own temporary files, ``.NAME.tmp``, are its)."""
+    return [name for name in names if name not in _RUN_ENTRIES
+            and not (name.startswith(".") and name.endswith(".tmp") and name[1:-4] in _RUN_ENTRIES)]
 
 
 class RunFolderError(ValueError):
@@ -215,17 +223,25 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
     """Main process, lock held: check RUN may be used as asked, then write config.yaml; the checkpoint to resume.
     Every check comes before the first change to RUN."""
     held = sorted(p.name for p in run_dir.iterdir() if p.name not in (LOCK_NAME, "config.yaml"))
+    others = _not_a_runs(held)
+    if overwrite and others:  # it used to delete them with the run
+        raise RunFolderError(f"--overwrite: {run_dir} also holds {name_listing(others)}, which no run writes; "
+                             f"--overwrite deletes a run's own files only: move those away, or choose another --out")
     checkpoint, step = None, 0
     if resume:
         checkpoint = resolve_resume(run_dir, resume)
     if checkpoint is None:
         if not resume and held and not overwrite:
+            if others:  # (not the user's files: --overwrite would refuse them)
+                raise RunFolderError(f"{run_dir} holds {name_listing(others)}, which no run writes: choose another "
+                                     f"--out (a new or empty folder)")
             raise RunFolderError(f"{run_dir} already holds a run ({name_listing(held)}): pass --resume auto to "
                                  f"continue it, --overwrite to replace it, or choose another --out")
         foreign = [name for name in held if name not in _UNSTARTED_RUN]
         if resume and foreign:
+            start_over = "choose another --out" if others else "pass --overwrite to start over, or choose another --out"
             raise RunFolderError(f"--resume auto: {run_dir} holds {name_listing(foreign)} but no complete checkpoint "
-                                 f"to resume from: pass --overwrite to start over, or choose another --out")
+                                 f"to resume from: {start_over}")
     else:
         step = check_checkpoint(checkpoint)
         if steps is not None and step > steps:
