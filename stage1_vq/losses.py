@@ -43,7 +43,8 @@ class LossConfig:
     adaptive_gan_weight: bool = opt(True, "scale the GAN loss by ||grad nll|| / ||grad gan|| at the decoder's last "
                                           "layer (VQGAN)")
     disc_start: int = opt(0, "step at which the adversarial loss starts")
-    disc_layers: int = opt(3, "PatchGAN conv layers")
+    disc_layers: int = opt(3, "PatchGAN depth: strided conv layers after the first (taming's n_layers; the "
+                              "network has disc_layers + 2 convolutions)")
     disc_channels: int = opt(64, "PatchGAN base width")
     disc_norm: str = opt("batch", "PatchGAN norm: 'batch' (taming), 'group' or 'none'")
     codebook_weight: float = opt(1.0, "weight of the quantizer loss")

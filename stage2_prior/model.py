@@ -211,7 +211,7 @@ class GPT(nn.Module):
         """Write config.json + model.safetensors (kind 'gpt_prior'); float32 weights only: an int8 prior is
         refused (no export kind holds its int8 weights and scales: it would not load again), and so is one cast
         to another float type."""
-        from stage2_prior.quantize import is_quantized  # (quantize imports this module)
+        from stage2_prior.quantize import is_quantized  # (the int8 option, loaded where it is used)
 
         if is_quantized(self):
             raise ValueError("this prior holds int8 weights (quantized for decoding), which an export cannot hold: "

@@ -318,7 +318,8 @@ def _add_sampling_knobs(p: argparse.ArgumentParser) -> None:
                    help="nucleus sampling: the smallest set of codes whose probability reaches p, 0 < p <= 1 "
                         "(default: off)")
     p.add_argument("--cfg-schedule", choices=CFG_SCHEDULE_CHOICES, default="constant",
-                   help="guidance scale along the raster order: constant, or linear rising from 1 to --cfg-scale")
+                   help="guidance scale along the raster order: constant, or linear rising from about 1 (the "
+                        "first position: 1 + (scale - 1) / positions) to --cfg-scale")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
 
 
@@ -751,7 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="image folder, wds:SHARDS, hf:DATASET or builtin:mnist|photos|textures")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--fid-weights", default=None, help=fid_help)
-    p.add_argument("--resolution", type=int_at_least(1), default=32, help="must match the tokenizer's image size")
+    p.add_argument("--resolution", type=int_at_least(1), default=32,
+                   help="pixels the images are scored at (default 32): the size of the samples they will be "
+                        "compared with (eval-prior warns when they differ)")
     p.add_argument("--split", default="train", choices=["train", "eval"], help="split of the image source")
     p.add_argument("--num", type=int_at_least(1), default=None, help="at most this many images (default: all)")
     p.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per forward pass")

@@ -59,7 +59,8 @@ class TrainConfig:
                        "(dropout, ...) uses seed + process rank")
     num_workers: int = opt(0, "DataLoader worker processes")
     log_every: int = opt(10, "write a metrics line every N steps")
-    sample_every: int = opt(0, "write an image grid every N steps (0 = only at the end)")
+    sample_every: int = opt(0, "write an image grid every N steps (0 = only at the end); a prior's grids need "
+                               "a tokenizer to decode them (train-prior --tokenizer), else none are written")
     checkpoint_every: int = opt(500, "write a resume checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep (0 = all)")
     on_nonfinite: str = opt("stop", "stop | skip: what a NaN/inf loss or gradient norm does "
