@@ -83,13 +83,24 @@ def test_resume_on_shards_of_another_tokenizer_is_refused(tokens, tmp_path):
     with pytest.raises(ConfigError, match=r"tokenizer_fingerprint: 'synthetic' -> 'another'"):
         train_prior(prior_config(codes, "train.steps=3"), run, resume="auto")
     assert snapshot(run) == before
-    # a checkpoint written before the shards were recorded still resumes
+    # a checkpoint written before the shards were recorded (an earlier vqgpt's) is judged by the run's export
     manifest = run / "checkpoints/step-00000002/manifest.json"
     assert json.loads(manifest.read_text())["inputs"]["tokenizer_fingerprint"] == "synthetic"
     manifest.unlink()
+    with pytest.raises(ConfigError, match=r"tokenizer_fingerprint: 'synthetic' -> 'another' \(recorded in the run's "
+                                          r"export\)"):
+        train_prior(prior_config(codes, "train.steps=3"), run, resume="auto")
+    # without an export it is not judged, and says so; on its own codes it resumes
+    export = (run / "export").rename(tmp_path / "export")
+    with pytest.warns(UserWarning, match=r"the checkpoint records no inputs \(an earlier vqgpt wrote it\), so whether "
+                                         r"the token shards in .* are what the run trained on is not checked"):
+        train_prior(prior_config(codes, "train.steps=3"), run, resume="auto")
+    shutil.rmtree(run)
     (codes / "meta.json").write_text(json.dumps(meta))
+    train_prior(prior_config(codes, "train.steps=2", "train.checkpoint_every=0"), run)
+    manifest.unlink()
     train_prior(prior_config(codes, "train.steps=3"), run, resume="auto")
-    assert read_steps(run) == [1, 2, 3]
+    assert read_steps(run) == [1, 2, 3] and export.is_dir()
 
 
 # ----------------------------------------------------------------------------- a file missing

@@ -203,18 +203,40 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _exported_inputs(run_dir: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The tokenizer fingerprint that ``run_dir``'s export (or its pipeline's prior) records, as inputs to
+    compare; None when there is no such export or ``inputs`` has no fingerprint."""
+    if "tokenizer_fingerprint" not in inputs:
+        return None
+    for export in (run_dir / "export", run_dir / "pipeline" / "prior"):
+        try:
+            fingerprint = json.loads((export / "config.json").read_text()).get("extra", {}).get("tokenizer_fingerprint")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if fingerprint:
+            return {"tokenizer_fingerprint": fingerprint}
+    return None
+
+
 def _check_inputs(checkpoint: Path, inputs: dict[str, Any] | None, inputs_from: str) -> None:
     """ConfigError naming each recorded input (tokenizer fingerprint, vocabulary, grid, ...) that differs now.
-    Checkpoints that record none (written before they did) are not judged."""
-    recorded = read_checkpoint_inputs(checkpoint)
-    if inputs is None or recorded is None:
+    A checkpoint that records none (an earlier vqgpt's) is judged by the tokenizer fingerprint its run's
+    export records, where it has one; else it is not judged, and a warning says so."""
+    recorded, where = read_checkpoint_inputs(checkpoint), "the checkpoint"
+    if inputs is None:
         return
+    if recorded is None:
+        recorded, where = _exported_inputs(checkpoint.parent.parent, inputs), "the run's export"
+        if recorded is None:
+            warnings.warn(f"--resume {checkpoint}: the checkpoint records no inputs (an earlier vqgpt wrote it), so "
+                          f"whether {inputs_from} are what the run trained on is not checked", stacklevel=2)
+            return
     changed = [(key, recorded[key], inputs[key]) for key in sorted(recorded.keys() & inputs.keys())
                if recorded[key] != inputs[key]]
     if changed:
         diff = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
         raise ConfigError(f"--resume {checkpoint}: {inputs_from} differ from what the run trained on: {diff} "
-                          f"(recorded in the checkpoint); continuing would train it on other data: give it the data "
+                          f"(recorded in {where}); continuing would train it on other data: give it the data "
                           f"it started on, or start a new run with --overwrite or another --out")
 
 
