@@ -3,6 +3,7 @@ resume, the ADM npz layout, class-balanced labels."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,26 @@ def test_resume_refuses_samples_of_other_weights(pipe_dir, tmp_path):
                     batch_size=BATCH, device="cpu", progress=False)
     assert not (tmp_path / "s" / png_name(7)).exists()
     assert _run(pipe_dir, out=tmp_path / "s").drawn == 2  # the pipeline that drew them resumes
+
+
+def test_a_folder_of_an_earlier_version_is_continued_with_a_warning_and_recorded(pipe_dir, tmp_path):
+    """An earlier vqgpt recorded no weights in sampling.json: the folder was continued by any pipeline, and
+    stayed unrecorded, so every later continuation was unchecked too."""
+    _run(pipe_dir, out=tmp_path / "s")
+    settings = tmp_path / "s" / "sampling.json"
+    old = {k: v for k, v in json.loads(settings.read_text()).items() if k not in ("models", "configs")}
+    settings.write_text(json.dumps(old))
+    (tmp_path / "s" / png_name(7)).unlink()
+    with pytest.warns(UserWarning, match=r"records no weights \(an earlier vqgpt drew these samples\)"):
+        assert _run(pipe_dir, out=tmp_path / "s").drawn == 2
+    assert {"models", "configs"} <= json.loads(settings.read_text()).keys()
+    (tmp_path / "s" / png_name(7)).unlink()
+    other = VQGPTPipeline.from_pretrained(pipe_dir)
+    with torch.no_grad():
+        other.prior.tok_embeddings.weight[0, 0] += 1.0
+    with pytest.raises(ValueError, match="drawn by other weights"):  # checked from now on
+        sample_many(other, NUM, out=tmp_path / "s", class_labels=torch.arange(NUM) % 3, sampling=CFG, seed=5,
+                    batch_size=BATCH, device="cpu", progress=False)
 
 
 def test_a_folder_without_finished_samples_takes_new_settings(pipe_dir, tmp_path):

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,16 +156,17 @@ def finished_pngs(folder: Path) -> tuple[set[str], set[str]]:
     return names, whole
 
 
-def _check_settings(folder: Path, settings: dict, pngs: set[str]) -> None:
-    """Refuse a folder holding samples (``pngs``, its PNG names) drawn with other settings or by other weights."""
+def _check_settings(folder: Path, settings: dict, pngs: set[str]) -> bool:
+    """Refuse a folder holding samples (``pngs``, its PNG names) drawn with other settings or by other weights;
+    whether ``settings`` are to be (re)written: a new folder, or one whose record lacks the weights."""
     path = folder / SETTINGS_FILE
     if not path.exists():
         if pngs:
             raise ValueError(f"{folder} holds PNG files but no {SETTINGS_FILE}: they are not samples of this run; "
                              "give an empty or new folder")
-        return
+        return True
     if not pngs:
-        return  # stopped before its first sample (say, out of memory): nothing to keep consistent with
+        return True  # stopped before its first sample (say, out of memory): nothing to keep consistent with
     try:
         old = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -177,11 +179,14 @@ def _check_settings(folder: Path, settings: dict, pngs: set[str]) -> None:
     if changed:
         raise ValueError(f"{folder} holds samples drawn with other settings ({'; '.join(changed)}): resume with the "
                          f"same settings, or give a new folder")
-    # (a folder written before the weights were recorded resumes unchecked on them)
-    if old.get("models", settings["models"]) != settings["models"]:
+    if "models" not in old or "configs" not in old:
+        warnings.warn(f"{path} records no weights (an earlier vqgpt drew these samples): whether this pipeline drew "
+                      "them is not checked; it is recorded as theirs from now on", stacklevel=2)
+        return True
+    if old["models"] != settings["models"]:
         raise ValueError(f"{folder} holds samples drawn by other weights (another tokenizer or prior than this "
                          "pipeline's): resume with the pipeline that drew them, or give a new folder")
-    if old.get("configs", settings["configs"]) != settings["configs"]:
+    if old["configs"] != settings["configs"]:
         raise ValueError(f"{folder} holds samples drawn by models of another config (the tokenizer's or the "
                          "prior's config.json differs, with the same weights): resume with the pipeline that "
                          "drew them, or give a new folder")
@@ -311,12 +316,15 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
         if in_the_way:  # found at the rename, after drawing its batch
             raise FileExistsError(f"{folder}: not a file where a sample image is to be written: "
                                   f"{name_listing(in_the_way)}; move it away")
-        _check_settings(folder, settings, pngs)
+        with warnings.catch_warnings():
+            if not state.is_main_process:
+                warnings.simplefilter("ignore")  # (said once)
+            record = _check_settings(folder, settings, pngs)
         batches = batch_ranges(num, batch_size)
         todo = [c for c, batch in enumerate(batches) if any(png_name(i) not in done for i in batch)]
         drawn = sum(len(batches[c]) for c in todo)
         state.wait_for_everyone()
-        if state.is_main_process and not pngs:  # a new folder, or one stopped before its first sample
+        if state.is_main_process and record:  # a new folder, one stopped before its first sample, an old record
             write_text_whole(folder / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
         state.wait_for_everyone()
         mine = [c for c in todo if c % processes == rank]
