@@ -79,8 +79,14 @@ def test_save_each_refuses_a_file_or_a_folder_of_someone_elses_files(pipe_dir, t
     mine.mkdir()
     (mine / "0000.png").write_bytes(b"the user's picture")  # named as --save-each names its images
     assert _complete(pipe_dir, _photo(tmp_path / "photo.png"), tmp_path / "mine.png", "--save-each") == 2
-    assert "holds files no earlier --save-each wrote (0000.png)" in capsys.readouterr().err and not loads
+    err = capsys.readouterr().err
+    assert "holds files no earlier --save-each recorded writing (0000.png)" in err and not loads
+    # (an earlier vqgpt's --save-each wrote such names without a record: the message says how to tell them)
+    assert "(an earlier vqgpt's --save-each kept no record: if they are its images, delete them)" in err
     assert (mine / "0000.png").read_bytes() == b"the user's picture"
+    (mine / "notes.txt").write_text("the user's")
+    assert _complete(pipe_dir, _photo(tmp_path / "photo.png"), tmp_path / "mine.png", "--save-each") == 2
+    assert "earlier vqgpt" not in capsys.readouterr().err  # not all named like its images
 
 
 def test_save_each_replaces_its_own_images_and_drops_those_of_a_larger_num(pipe_dir, tmp_path):

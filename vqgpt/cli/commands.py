@@ -187,9 +187,14 @@ def _check_image_out(path_text: str, save_each: bool = False, inputs: dict[str, 
                              f"choose another --out")
         theirs = sorted(set(os.listdir(folder)) - _save_each_written(folder)) if folder.is_dir() else []
         if theirs:
+            # an earlier vqgpt's --save-each kept no record: its images are told from the user's by a name only
+            unrecorded = (not (folder / SAVE_EACH_RECORD).exists()
+                          and all(re.fullmatch(r"\d{4,}\.png", name) for name in theirs))
+            shown = f"{', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}"
             raise ValueError(f"--save-each writes one PNG per image into {folder}/, which holds files no earlier "
-                             f"--save-each wrote ({', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}): "
-                             f"choose another --out, or empty that folder")
+                             f"--save-each recorded writing ({shown})"
+                             + (" (an earlier vqgpt's --save-each kept no record: if they are its images, delete "
+                                "them)" if unrecorded else "") + ": choose another --out, or empty that folder")
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
