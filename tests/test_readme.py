@@ -146,3 +146,45 @@ def test_citation_check_finds_links_paths_notes_and_anchors(tmp_path):
                     "Also NOTES.md.\n")
     assert missing_citations(note) == ["DESIGN.md", "docs/a.md#nope (no such heading)", "configs/prior/nope.yaml",
                                        "NOTES.md"]
+
+
+def readme_benchmark_commands() -> list[list[str]]:
+    """Every ``python benchmarks/X.py FLAGS`` the README gives (in tables and code blocks), as argv lists."""
+    import shlex
+
+    found = re.findall(r"python (benchmarks/\w+\.py[^|`\n#]*)", (ROOT / "README.md").read_text())
+    return sorted({tuple(shlex.split(command)) for command in found})
+
+
+def test_every_benchmark_command_of_the_readme_parses():
+    """The README's benchmark commands name flags their scripts have (parsed as the script parses its own
+    argv; nothing is measured: parsing stops the script)."""
+    import argparse
+    import runpy
+    import sys
+
+    commands = readme_benchmark_commands()
+    assert len(commands) >= 10 and {c[0] for c in commands} >= {"benchmarks/sampling.py", "benchmarks/train_speed.py",
+                                                                "benchmarks/tokenizer.py"}
+
+    class Parsed(Exception):
+        pass
+
+    def parse_then_stop(parser, args=None, namespace=None):  # argparse's own parse, then stop before any work
+        parsed, extra = argparse.ArgumentParser.parse_known_args(parser, args, namespace)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        raise Parsed(parsed)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        patch.syspath_prepend(str(ROOT / "benchmarks"))
+        for script, *argv in commands:
+            patch.setattr(sys, "argv", [script, *argv])
+            try:
+                runpy.run_path(str(ROOT / script), run_name="__main__")
+            except Parsed:
+                continue
+            except SystemExit as exc:
+                pytest.fail(f"README: `python {script} {' '.join(argv)}` does not parse (exit {exc.code})")
+            pytest.fail(f"README: `python {script} {' '.join(argv)}` ran without parsing its flags")
