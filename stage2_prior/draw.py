@@ -102,6 +102,12 @@ def exponential_noise(like: torch.Tensor, generator: Randomness) -> torch.Tensor
         return _exponential(like.shape, like, generator)
     if len(generator) != like.shape[0]:
         raise ValueError(f"one generator per sample: got {len(generator)} generators for {like.shape[0]} samples")
+    devices = {g.device for g in generator}
+    if len(devices) == 1:  # drawn there row by row, moved once
+        device = devices.pop()
+        rows = [torch.empty(like.shape[1:], dtype=like.dtype, device=device).exponential_(generator=g)
+                for g in generator]
+        return torch.stack(rows).to(like.device)
     return torch.stack([_exponential(like.shape[1:], like, g) for g in generator])
 
 

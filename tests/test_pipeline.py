@@ -12,7 +12,7 @@ from stage2_prior.model import GPT, GPTConfig
 from stage2_prior.sampling import generate
 from vqgpt.cli import main
 from vqgpt.ground.config import ConfigError, load_config
-from vqgpt.workflow.pipeline import VQGPTPipeline
+from vqgpt.workflow.pipeline import VQGPTPipeline, sample_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,9 +64,13 @@ def test_generate_sizes_and_bad_pixel_sizes(pipe_dir):
     pipe = VQGPTPipeline.from_pretrained(pipe_dir)
     images = pipe.generate(2, class_labels=1, seed=0)
     assert images.shape == (2, 3, 16, 16)
-    # exactly the tokenizer's decoding of the prior's class-1 codes drawn with the same seed
-    codes = generate(pipe.prior, 2, class_labels=torch.tensor([1, 1]), generator=torch.Generator().manual_seed(0))
+    # exactly the tokenizer's decoding of the prior's class-1 codes, sample i drawn from its own generator
+    generators = [torch.Generator().manual_seed(sample_seed(0, i)) for i in range(2)]
+    codes = generate(pipe.prior, 2, class_labels=torch.tensor([1, 1]), generator=generators)
     assert torch.equal(images, pipe.tokenizer.decode(codes).clamp(-1, 1))
+    # so a seed's images do not depend on how many are drawn with them (the first of 2 is the one of 1; the
+    # same codes, decoded in a batch of another size: equal to float rounding)
+    torch.testing.assert_close(pipe.generate(1, class_labels=1, seed=0), images[:1], atol=1e-5, rtol=0)
     wide = pipe.generate(1, class_labels="b", height=16, width=32, seed=0)
     assert wide.shape == (1, 3, 16, 32)
     with pytest.raises(ValueError, match=r"width=30 is not a multiple .* 4: use 28 or 32"):

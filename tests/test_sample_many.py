@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import vqgpt.workflow.sample_many as sample_many_module
 from stage2_prior import SamplingConfig
@@ -18,6 +19,7 @@ from stage2_prior.sampling import generate
 from test_distributed import launch_command, subprocess_env
 from test_encode_parallel import FakeRank
 from test_pipeline import tiny_prior, tiny_tokenizer
+from vqgpt.ground.images import tensor_to_uint8
 from vqgpt.workflow.pipeline import VQGPTPipeline
 from vqgpt.workflow.sample_many import class_balanced_labels, png_name, sample_many, sample_seed
 
@@ -45,6 +47,17 @@ def _run(pipe_dir, **kwargs):
 
 def _pngs(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def test_a_folder_holds_the_images_generate_gives_for_the_same_seed(pipe_dir, tmp_path):
+    """`sample --out F.png --seed s` (one generator for the whole batch) and `sample --out DIR/ --seed s` drew
+    other images, and a grid's first images changed with --num."""
+    _run(pipe_dir, out=tmp_path / "s")
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    grid = pipe.generate(NUM, class_labels=torch.arange(NUM) % 3, sampling=CFG, seed=5)
+    folder = torch.stack([torch.from_numpy(np.array(Image.open(tmp_path / "s" / png_name(i)))) for i in range(NUM)])
+    # (decoded in batches of another size: pixels may round the other way)
+    assert (tensor_to_uint8(grid).permute(0, 2, 3, 1).int() - folder.int()).abs().max() <= 1
 
 
 def test_a_samples_tokens_do_not_depend_on_its_batch():

@@ -325,7 +325,9 @@ def _add_sampling_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-schedule", choices=CFG_SCHEDULE_CHOICES, default="constant",
                    help="guidance scale along the raster order: constant, or linear rising from about 1 (the "
                         "first position: 1 + (scale - 1) / positions) to --cfg-scale")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images (image i "
+                   "has its own seed from --seed and i: the first images of a larger --num are the same, and a "
+                   "grid's are those of --out DIR/)")
 
 
 def _sampling(args: argparse.Namespace):

@@ -5,10 +5,11 @@ A pipeline folder is ``tokenizer/`` (a VQModel export) + ``prior/`` (a GPT expor
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Iterable, Sequence, Union
 
 import numpy as np
 import torch
@@ -282,7 +283,8 @@ class VQGPTPipeline:
         _check_count(num_samples)
         grid = self.grid_for_pixels(height, width)
         labels = self.labels_tensor(class_labels, num_samples)
-        codes = self.draw_codes(num_samples, labels, grid, sampling, generator=_generator(seed), progress=progress)
+        generators = sample_generators(seed, range(num_samples))
+        codes = self.draw_codes(num_samples, labels, grid, sampling, generators=generators, progress=progress)
         return self.decode_codes(codes)
 
     def draw_codes(self, num_samples: int, labels: torch.Tensor | None, grid: tuple[int, int],
@@ -345,7 +347,8 @@ class VQGPTPipeline:
         known[: (h if keep_rows is None else keep_rows), :w] = True
         labels = self.labels_tensor(class_labels, num_samples)
         out = complete(self.prior, canvas, known_mask=known, class_labels=labels, sampling=sampling,
-                       generator=_generator(seed), progress=progress, window_stride=self._window_stride(),
+                       generator=sample_generators(seed, range(num_samples)), progress=progress,
+                       window_stride=self._window_stride(),
                        compile=self.compile_decode)
         return self.decode_codes(out)
 
@@ -442,6 +445,22 @@ def _check_count(num_samples: int) -> None:
     num_samples = _whole("num_samples", num_samples)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a draw seeded with ``seed`` (a hash, the same on every process)."""
+    digest = hashlib.blake2b(f"vqgpt-sample:{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def sample_generators(seed: int | None, indices: Iterable[int]) -> list[torch.Generator] | None:
+    """One CPU generator per sample, sample i's seeded from (``seed``, i): a sample does not depend on how many
+    are drawn beside it, nor on the device (see ``_generator``), and ``generate(n, seed=s)`` gives the first n
+    images of ``vqgpt sample --out DIR/ --seed s``. None (the global RNG) without a seed."""
+    if seed is None:
+        return None
+    _generator(seed)  # (checks it)
+    return [torch.Generator(device="cpu").manual_seed(sample_seed(int(seed), i)) for i in indices]
 
 
 def _generator(seed: int | None) -> torch.Generator | None:

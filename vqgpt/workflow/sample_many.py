@@ -45,7 +45,7 @@ from vqgpt.ground.files import replace_when_whole, write_text_whole
 from vqgpt.ground.images import tensor_to_uint8
 from vqgpt.training.config import launched_process_state
 from vqgpt.training.run_folder import RunFolderError, RunLock, share_failures, share_main_failure
-from vqgpt.workflow.pipeline import ClassLabels, VQGPTPipeline
+from vqgpt.workflow.pipeline import ClassLabels, VQGPTPipeline, sample_generators, sample_seed
 
 SETTINGS_FILE = "sampling.json"
 # What a run writes into its folder (the --npz scratch folder NPZ.parts/ must hold nothing else)
@@ -79,12 +79,6 @@ def class_balanced_labels(num_classes: int, per_class: int, num: int | None = No
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of sample ``index`` of a run seeded with ``seed`` (a hash, the same on every process)."""
-    digest = hashlib.blake2b(f"vqgpt-sample:{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 def _process_state() -> PartialState:
     """This process's rank among those ``accelerate launch`` started (one when run plainly)."""
     return launched_process_state("each would draw every sample")
@@ -105,8 +99,7 @@ def draw_images(pipe: VQGPTPipeline, indices: list[int], labels: torch.Tensor | 
 
     ``labels``: (B,) class labels of those samples, or None (unconditional).
     """
-    generators = [torch.Generator(device=pipe.device).manual_seed(sample_seed(seed, i)) for i in indices]
-    codes = pipe.draw_codes(len(indices), labels, grid, sampling, generators=generators)
+    codes = pipe.draw_codes(len(indices), labels, grid, sampling, generators=sample_generators(seed, indices))
     return pipe.decode_codes(codes)
 
 
