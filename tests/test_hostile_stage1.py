@@ -106,7 +106,7 @@ def test_encode_of_a_source_without_a_readable_image_fails_and_leaves_no_folder(
         warnings.simplefilter("ignore")
         assert main(["encode", "--tokenizer", str(tokenizer_dir), "--data", str(source), "--out", str(out)]) == 2
     assert "3 items failed to decode" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["notes.txt"]  # (.lock: encode's)
 
 
 def test_crop_range_is_bounded(tokenizer_dir, tmp_path):
@@ -256,3 +256,29 @@ def test_keys_the_architecture_does_not_read_are_named_when_training(tmp_path):
     pixels = replace(vit, architecture="pixels", quantizer=QuantizerConfig(codebook_size=16))
     assert pixels.ignored_keys()[-1] == "z_channels"
     assert VQModelConfig().ignored_keys() == []
+
+
+def test_an_encode_into_a_folder_another_encode_is_writing_is_refused(tokenizer_dir, tmp_path):
+    """encode took no lock: an `encode --overwrite` started beside a running one deleted its shards, and both
+    reported success."""
+    import os
+
+    from vqgpt.training.run_folder import RunFolderError, RunLock
+
+    source = tmp_path / "imgs"
+    source.mkdir()
+    for k in range(4):
+        _noise(k).save(source / f"{k}.png")
+    out = tmp_path / "codes"
+    data = DataConfig(source=str(source), resolution=R)
+    encode_dataset(tokenizer_dir, data, out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"}
+    running = RunLock(out)
+    running.acquire()  # another encode, mid-way
+    try:
+        with pytest.raises(RunFolderError, match=rf"{out} is in use by pid {os.getpid()}"):
+            encode_dataset(tokenizer_dir, data, out, overwrite=True, progress=False)
+    finally:
+        running.release()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before
+    encode_dataset(tokenizer_dir, data, out, overwrite=True, progress=False)  # once it has ended

@@ -47,6 +47,7 @@ from vqgpt.ground.data import DataConfig, build_dataset, collate_images, source_
 from vqgpt.ground.tokens import (DEFAULT_SHARD_SIZE, META_FILE, SOURCE_FILE, TokenShardError, TokenShardWriter,
                                  clear_token_folder, merge_parts, read_meta, write_json)
 from vqgpt.training.config import launched_process_state
+from vqgpt.training.run_folder import LOCK_NAME, RunLock, share_main_failure
 
 AUGMENTS = ("none", "flip", "ten-crop")
 # LlamaGen's extract_codes_c2i default: the ten crops are taken from a center crop 1.1x the resolution
@@ -210,111 +211,129 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
     model = VQModel.from_pretrained(tokenizer_dir).to(device).eval()
     data = dataclasses.replace(data, random_crop=False, hflip=False)
 
-    identity = source_identity(data.source, data.index_dir)
-    files = identity.pop("files", None)
-    if files is not None:  # meta.json keeps a digest; the list itself goes to source-files.json
-        identity["num_files"] = len(files)
-        identity["digest"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
-    wanted = {
-        "tokenizer_fingerprint": export_fingerprint(tokenizer_dir),
-        "source": identity.get("root", data.source),
-        "split": split,
-        "resolution": data.resolution,
-        "resize": data.resize,
-        "crops_per_epoch": data.crops_per_epoch,
-        "augment": augment,
-        **({"crop_range": crop_range} if augment == "ten-crop" else {}),
-        "view_names": names,
-        "source_identity": identity,
-    }
-
-    # Every process reads the folder and comes to the same decision before rank 0 changes anything.
-    if not overwrite and (out / META_FILE).exists():
+    # One encode at a time in --out (all processes of one launch share the lock): a second one, or an
+    # --overwrite, would delete or interleave this one's shards while both report success.
+    lock, failure = RunLock(out), None
+    if is_main:
         try:
-            stored = read_meta(out)
-        except TokenShardError as exc:
-            raise TokenShardError(f"{exc}; pass --overwrite to delete these shards and encode again") from None
-        diffs = _identity_differences(out, stored, wanted, files)
-        if diffs:
-            raise TokenShardError(f"cannot continue the token shards in {out}: {'; '.join(diffs)}. Pass --overwrite "
-                                  f"to delete them and encode again, or choose another --out")
-        if stored.get("complete") and stored.get("count", 1):  # an older vqgpt finished empty encodes: redo them
-            if progress:
-                print(f"{out}: already holds the finished encode of {data.source} by this tokenizer with these "
-                      f"options ({stored['count']} images); nothing to do")
-            return out
-        started = int(stored.get("processes", 1))
-        if started != processes:
-            # each process's progress is tied to its run of batches; another split would mix them up
-            raise TokenShardError(
-                f"cannot continue the token shards in {out}: the unfinished encode was started on "
-                f"{started} process{'' if started == 1 else 'es'} and this run has {processes}; resume it on {started} "
-                f"({'a plain `vqgpt encode`' if started == 1 else f'accelerate launch --num_processes {started}'}"
-                f" with the same flags), or pass --overwrite to encode again")
-    state.wait_for_everyone()
-    if overwrite and is_main:
-        clear_token_folder(out)
+            out.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except Exception as exc:
+            failure = exc
+    share_main_failure(failure, processes)
+    try:
+        identity = source_identity(data.source, data.index_dir)
+        files = identity.pop("files", None)
+        if files is not None:  # meta.json keeps a digest; the list itself goes to source-files.json
+            identity["num_files"] = len(files)
+            identity["digest"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+        wanted = {
+            "tokenizer_fingerprint": export_fingerprint(tokenizer_dir),
+            "source": identity.get("root", data.source),
+            "split": split,
+            "resolution": data.resolution,
+            "resize": data.resize,
+            "crops_per_epoch": data.crops_per_epoch,
+            "augment": augment,
+            **({"crop_range": crop_range} if augment == "ten-crop" else {}),
+            "view_names": names,
+            "source_identity": identity,
+        }
 
-    dataset = build_dataset(dataclasses.replace(data, resolution=load_size), split)
-    h, w = model.grid_shape(data.resolution, data.resolution)
-    meta = {**wanted, "classes": list(dataset.classes), "num_classes": len(dataset.classes),
-            "skipped_at_scan": [_relative(p, data.source) for p in dataset.skipped]}
-    total = len(dataset)
-    parts = [part_name(r) for r in range(processes)] if processes > 1 else [""]
-    if processes > 1:
-        meta["processes"] = processes
-    if is_main and not (out / META_FILE).exists():
-        out.mkdir(parents=True, exist_ok=True)
-        if files is not None:
-            write_json(out / SOURCE_FILE, files)
-        if processes > 1:  # an unfinished meta.json, so that a re-run checks identity and process count
-            merge_parts(out, parts, (h, w), model.codebook_size, meta, views=len(names))
-    state.wait_for_everyone()
-
-    start, stop = process_slice(total, batch_size, processes, rank)
-    part_meta = {**meta, "rank": rank, "start": start, "stop": stop} if processes > 1 else meta
-    writer = TokenShardWriter.resume(out, grid_size=(h, w), codebook_size=model.codebook_size, meta=part_meta,
-                                     shard_size=shard_size, views=len(names), part=parts[rank])
-    first = start + writer.items_done
-    if first > start and progress:
-        print(f"{out}: resuming an unfinished encode at image {first} of {total}")
-    # Restart at the batch holding `first`: batches stay [kB, (k+1)B) of the whole dataset, so every
-    # image meets the same batch-mates (same kernels, same codes) whatever the resume point or
-    # process count; the few images already stored are encoded again and dropped.
-    aligned = first - first % batch_size if first < stop else stop
-    loader = DataLoader(Subset(dataset, range(aligned, stop)), batch_size=batch_size, shuffle=False,
-                        num_workers=data.num_workers, collate_fn=collate_images)
-    bar = tqdm(total=stop - start, initial=first - start, unit="img", disable=not progress,
-               desc="encode" if processes == 1 else f"encode (rank 0 of {processes})")
-    position = aligned
-    with torch.inference_mode():
-        for batch in loader:
-            writer.note_unreadable([_relative(p, data.source) for p in batch.unreadable])
-            items = position + batch.kept                                     # (B',) dataset index of each image
-            keep = items >= first
-            if keep.any():
-                images = batch.images.to(device)
-                views = [model.encode(view) for view in make_views(images, augment, data.resolution)]
-                codes = views[0] if len(views) == 1 else torch.stack(views, 1)  # (B', h, w) or (B', V, h, w)
-                writer.add(codes[keep.to(codes.device)].cpu(), batch.labels[keep], items=items[keep] - start)
-            bar.update(max(0, min(position + batch.size, stop) - max(position, first)))
-            position += batch.size
-    writer.close(items_done=stop - start)
-    bar.close()
-    finished = writer.meta
-    if processes > 1:
+        # Every process reads the folder and comes to the same decision before rank 0 changes anything.
+        if not overwrite and (out / META_FILE).exists():
+            try:
+                stored = read_meta(out)
+            except TokenShardError as exc:
+                raise TokenShardError(f"{exc}; pass --overwrite to delete these shards and encode again") from None
+            diffs = _identity_differences(out, stored, wanted, files)
+            if diffs:
+                raise TokenShardError(f"cannot continue the token shards in {out}: {'; '.join(diffs)}. Pass "
+                                      f"--overwrite to delete them and encode again, or choose another --out")
+            if stored.get("complete") and stored.get("count", 1):  # an older vqgpt finished empty encodes: redo them
+                if progress:
+                    print(f"{out}: already holds the finished encode of {data.source} by this tokenizer with these "
+                          f"options ({stored['count']} images); nothing to do")
+                return out
+            started = int(stored.get("processes", 1))
+            if started != processes:
+                # each process's progress is tied to its run of batches; another split would mix them up
+                raise TokenShardError(
+                    f"cannot continue the token shards in {out}: the unfinished encode was started on "
+                    f"{started} process{'' if started == 1 else 'es'} and this run has {processes}; resume it on "
+                    f"{started} "
+                    f"({'a plain `vqgpt encode`' if started == 1 else f'accelerate launch --num_processes {started}'}"
+                    f" with the same flags), or pass --overwrite to encode again")
         state.wait_for_everyone()
+        if overwrite and is_main:
+            clear_token_folder(out)
+
+        dataset = build_dataset(dataclasses.replace(data, resolution=load_size), split)
+        h, w = model.grid_shape(data.resolution, data.resolution)
+        meta = {**wanted, "classes": list(dataset.classes), "num_classes": len(dataset.classes),
+                "skipped_at_scan": [_relative(p, data.source) for p in dataset.skipped]}
+        total = len(dataset)
+        parts = [part_name(r) for r in range(processes)] if processes > 1 else [""]
+        if processes > 1:
+            meta["processes"] = processes
+        if is_main and not (out / META_FILE).exists():
+            out.mkdir(parents=True, exist_ok=True)
+            if files is not None:
+                write_json(out / SOURCE_FILE, files)
+            if processes > 1:  # an unfinished meta.json, so that a re-run checks identity and process count
+                merge_parts(out, parts, (h, w), model.codebook_size, meta, views=len(names))
+        state.wait_for_everyone()
+
+        start, stop = process_slice(total, batch_size, processes, rank)
+        part_meta = {**meta, "rank": rank, "start": start, "stop": stop} if processes > 1 else meta
+        writer = TokenShardWriter.resume(out, grid_size=(h, w), codebook_size=model.codebook_size, meta=part_meta,
+                                         shard_size=shard_size, views=len(names), part=parts[rank])
+        first = start + writer.items_done
+        if first > start and progress:
+            print(f"{out}: resuming an unfinished encode at image {first} of {total}")
+        # Restart at the batch holding `first`: batches stay [kB, (k+1)B) of the whole dataset, so every
+        # image meets the same batch-mates (same kernels, same codes) whatever the resume point or
+        # process count; the few images already stored are encoded again and dropped.
+        aligned = first - first % batch_size if first < stop else stop
+        loader = DataLoader(Subset(dataset, range(aligned, stop)), batch_size=batch_size, shuffle=False,
+                            num_workers=data.num_workers, collate_fn=collate_images)
+        bar = tqdm(total=stop - start, initial=first - start, unit="img", disable=not progress,
+                   desc="encode" if processes == 1 else f"encode (rank 0 of {processes})")
+        position = aligned
+        with torch.inference_mode():
+            for batch in loader:
+                writer.note_unreadable([_relative(p, data.source) for p in batch.unreadable])
+                items = position + batch.kept                                     # (B',) dataset index of each image
+                keep = items >= first
+                if keep.any():
+                    images = batch.images.to(device)
+                    views = [model.encode(view) for view in make_views(images, augment, data.resolution)]
+                    codes = views[0] if len(views) == 1 else torch.stack(views, 1)  # (B', h, w) or (B', V, h, w)
+                    writer.add(codes[keep.to(codes.device)].cpu(), batch.labels[keep], items=items[keep] - start)
+                bar.update(max(0, min(position + batch.size, stop) - max(position, first)))
+                position += batch.size
+        writer.close(items_done=stop - start)
+        bar.close()
+        finished = writer.meta
+        if processes > 1:
+            state.wait_for_everyone()
+            if is_main:
+                merge_parts(out, parts, (h, w), model.codebook_size, meta, views=len(names))
+            state.wait_for_everyone()  # every process returns with the folder finished
+            finished = read_meta(out)
+        unreadable = finished["unreadable"]
+        if finished["complete"] and not finished["count"]:
+            _no_image_encoded(out, data.source, split, total, unreadable, created, state)
+        if unreadable and progress:
+            print(f"skipped {_plural(len(unreadable), 'image')} that failed to decode "
+                  f"(listed under 'unreadable' in {out / META_FILE})")
+        return out
+    finally:
         if is_main:
-            merge_parts(out, parts, (h, w), model.codebook_size, meta, views=len(names))
-        state.wait_for_everyone()  # every process returns with the folder finished
-        finished = read_meta(out)
-    unreadable = finished["unreadable"]
-    if finished["complete"] and not finished["count"]:
-        _no_image_encoded(out, data.source, split, total, unreadable, created, state)
-    if unreadable and progress:
-        print(f"skipped {_plural(len(unreadable), 'image')} that failed to decode "
-              f"(listed under 'unreadable' in {out / META_FILE})")
-    return out
+            lock.release()
+            if created and all(p.name == LOCK_NAME for p in out.iterdir()):  # this run made it, and wrote nothing
+                (out / LOCK_NAME).unlink(missing_ok=True)
+                out.rmdir()
 
 
 def _no_image_encoded(out: Path, source: str, split: str, total: int, unreadable: list[str], created: bool,
