@@ -332,3 +332,18 @@ def test_a_quantizer_kind_set_against_the_files_options_is_blamed_on_the_set():
         "--set model.quantizer.kind=fsq: model.quantizer: l2_norm applies only to kind 'vq' and 'rvq', not kind 'fsq'")
     assert set_error(TokenizerRunConfig, vit, "model.quantizer.kind=lfq", "model.quantizer.l2_norm=false").startswith(
         "--set model.quantizer.kind=lfq:")  # (ema stays on: what blocks it now is the kind)
+
+
+def test_a_set_value_that_yaml_would_change_is_refused_not_read_as_another_path(tmp_path):
+    """`--set "data.source=/data/photos #2"` trained on /data/photos: YAML read ' #2' as a comment."""
+    with pytest.raises(ConfigError, match=r"YAML reads the value as '/data/photos' \(' #' starts a comment.*quote it "
+                                          r"to keep it as written: --set 'data.source=\"/data/photos #2\"'"):
+        load_config(TokenizerRunConfig, TOKENIZER, ["data.source=/data/photos #2"])
+    with pytest.raises(ConfigError, match=r"YAML reads the value as None"):
+        load_config(TokenizerRunConfig, TOKENIZER, ["data.source=#2"])
+    quoted = load_config(TokenizerRunConfig, TOKENIZER, ['data.source="/data/photos #2"'])
+    assert quoted.data.source == "/data/photos #2"
+    # what YAML reads as written is unchanged: numbers, lists, null, globs, Windows paths
+    cfg = load_config(TokenizerRunConfig, TOKENIZER, ["train.lr=3e-4", "model.attn_resolutions=[]",
+                                                      "data.source=C:\\data\\*.png"])
+    assert (cfg.train.lr, cfg.model.attn_resolutions, cfg.data.source) == (3e-4, [], "C:\\data\\*.png")

@@ -224,9 +224,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not raw.strip():
         return key.split("."), ""
     try:
-        return key.split("."), yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return key.split("."), raw
+    text = raw.strip()
+    # A plain YAML scalar loses a ' #...' (a comment) and folds a line break into a space: a path such as
+    # 'photos #2' would silently become another folder. Quoted text is YAML's own, and kept as it reads.
+    changed = ((isinstance(value, str) and value != text)
+               or (value is None and text not in ("null", "Null", "NULL", "~")))
+    if changed and not text.startswith(("'", '"')):
+        raise ConfigError(f"--set {item!r}: YAML reads the value as {value!r} (' #' starts a comment, a line break "
+                          f"becomes a space); quote it to keep it as written: --set '{key}=\"{text}\"'")
+    return key.split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
