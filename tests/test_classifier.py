@@ -1,5 +1,8 @@
 """MNIST digit classifier: held-out accuracy, input handling, save/load and the training cache."""
 
+import errno
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -108,6 +111,31 @@ def test_cache_trains_once_and_retrains_on_recipe_change(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not a readable classifier file"):
         load_or_train_mnist_classifier(path, steps=6, seed=0)
     assert path.read_bytes() == b"corrupt"  # (a damaged default cache is retrained: test_hostile_outputs.py)
+
+
+def test_the_cached_classifier_is_shared_as_the_umask_says_and_an_unwritable_cache_only_warns(tmp_path,
+                                                                                                monkeypatch):
+    """safetensors wrote the cache file 0600 (others of a group-shared cache retrained it); a read-only cache
+    ended eval-prior (and the demo's last step) after the classifier had trained."""
+    monkeypatch.setattr(clf, "train_mnist_classifier",
+                        lambda steps, seed, progress=False: TrainedClassifier(MnistClassifier().eval(), 0.9))
+    monkeypatch.setenv("VQGPT_CACHE", str(tmp_path / "shared"))
+    old = os.umask(0o002)
+    try:
+        load_or_train_mnist_classifier(steps=5)
+    finally:
+        os.umask(old)
+    assert clf.default_classifier_path().stat().st_mode & 0o777 == 0o664
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(clf.default_classifier_path()))
+
+    monkeypatch.setattr(clf, "save_classifier", read_only)
+    with pytest.warns(UserWarning, match=r"could not cache the digit classifier .*Read-only file system.*; using it "
+                                         r"without caching"):
+        assert load_or_train_mnist_classifier(steps=6).heldout_accuracy == 0.9
+    with pytest.raises(OSError, match="Read-only"):  # a file the user named is theirs to fix
+        load_or_train_mnist_classifier(tmp_path / "mine.safetensors", steps=6)
 
 
 def test_default_cache_location_follows_the_environment(tmp_path, monkeypatch):

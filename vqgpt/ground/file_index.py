@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vqgpt.ground.files import umask
 from vqgpt.ground.images import IMAGE_EXTENSIONS
 
 # bump when the listing rules or the stored arrays change: older files are rebuilt (2: a folder reached
@@ -182,25 +183,13 @@ def _split(blob: np.ndarray, count: int | None = None) -> list[str]:
     return names
 
 
-def _umask() -> int:
-    """The process's umask: read from /proc on Linux (setting it to read it would briefly change it for
-    every thread), else set and restored."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
 def save_index(index: FileIndex, path: str | Path) -> None:
     """Write ``index`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep a group-shared cache's index private
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would keep a group-shared cache's index private
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, format=np.int64(INDEX_FORMAT), root=_join([str(index.root)]),
                                 paths=_join(index.paths), labels=index.labels, classes=_join(index.classes),

@@ -22,6 +22,19 @@ from typing import Any, BinaryIO, Callable
 _OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")  # how Rust (safetensors) quotes an OS error
 
 
+def umask() -> int:
+    """The process's umask: read from /proc on Linux (setting it to read it would briefly change it for
+    every thread), else set and restored. Files of a shared cache get 0o666 & ~umask(), as open() gives:
+    mkstemp and safetensors create theirs 0600, private to their writer."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def write_error(exc: BaseException, path: Path) -> OSError | None:
     """``exc``, raised while writing ``path``, as an OSError naming ``path`` with its errno; None when
     ``exc`` is no write failure (a bug, an interrupt: left to propagate as it is)."""

@@ -11,6 +11,7 @@ so that the demo does not retrain it each time.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from vqgpt.ground.files import replace_when_whole
+from vqgpt.ground.files import replace_when_whole, umask
 
 MNIST_SOURCE = "builtin:mnist"
 INPUT_SIZE = 32
@@ -145,8 +146,12 @@ def save_classifier(path: str | Path, trained: TrainedClassifier, steps: int, se
     state = {k: v.detach().contiguous().cpu() for k, v in trained.model.state_dict().items()}
     meta = {"kind": "mnist_classifier", "recipe": RECIPE_VERSION, "steps": str(steps), "seed": str(seed),
             "heldout_accuracy": repr(float(trained.heldout_accuracy))}
-    return replace_when_whole(path, lambda tmp: save_file(state, str(tmp), metadata=meta),
-                              tmp=path.with_name(f".{path.name}.{os.getpid()}.tmp"))
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o666 & ~umask())  # (safetensors writes 0600: a group-shared cache's file stays readable)
+
+    return replace_when_whole(path, write, tmp=path.with_name(f".{path.name}.{os.getpid()}.tmp"))
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -201,7 +206,14 @@ def load_or_train_mnist_classifier(path: str | Path | None = None, steps: int = 
                     raise
                 # a damaged cache: retrain and overwrite
     trained = train_mnist_classifier(steps=steps, seed=seed, progress=progress)
-    save_classifier(path, trained, steps, seed)
+    try:
+        save_classifier(path, trained, steps, seed)
+    except OSError as exc:
+        if named:
+            raise
+        # a read-only or full cache: the classifier is trained, only the next run trains it again
+        warnings.warn(f"could not cache the digit classifier ({exc}); using it without caching (set VQGPT_CACHE "
+                      "to a writable folder to keep it)", stacklevel=2)
     return trained
 
 
