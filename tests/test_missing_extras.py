@@ -108,3 +108,22 @@ def test_eval_prior_offline_without_fid_weights_is_one_line_naming_the_reference
     assert err.strip().splitlines()[-1] == (
         f"error: could not download the FID Inception-v3 weights (no network); {reference} was computed with "
         f"{random_net.name!r}: give the --fid-weights its `vqgpt fid-stats` had")
+
+
+def test_a_read_only_compiler_cache_is_one_line(monkeypatch, capsys):
+    """`sample --compile` with TORCHINDUCTOR_CACHE_DIR read-only ended in a 36-frame traceback: torch wraps the
+    OSError in its InductorError, which the CLI took for a bug."""
+    import errno
+
+    from torch._inductor.exc import InductorError
+
+    import vqgpt.cli.commands as commands
+
+    def compiles(args):
+        raise InductorError(OSError(errno.EROFS, "Read-only file system", "/ro/inductor/hq"), None)
+
+    monkeypatch.setattr(commands, "cmd_config_reference", compiles)
+    assert main(["config-reference"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: torch.compile could not write its files ([Errno 30] Read-only file system: '/ro/inductor/hq'): "
+        "point TORCHINDUCTOR_CACHE_DIR at a writable folder, or leave out --compile")

@@ -973,6 +973,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"error: out of memory ({said}): a smaller --num, --batch-size or image size needs less "
                   f"(VQGPT_DEBUG=1 shows where it ran out)", file=sys.stderr)
             return 1
+        inner = getattr(exc, "inner_exception", None)  # what failed inside torch.compile (its InductorError)
+        if isinstance(inner, OSError) and _exit_code(inner) == 2 and not os.environ.get("VQGPT_DEBUG"):
+            print(f"error: torch.compile could not write its files ({inner}): point TORCHINDUCTOR_CACHE_DIR at a "
+                  f"writable folder, or leave out --compile", file=sys.stderr)
+            return 2
         code = _exit_code(exc)
         if code is None or os.environ.get("VQGPT_DEBUG"):
             raise
