@@ -113,3 +113,20 @@ def test_a_moved_demo_folder_is_refused_with_advice_the_demo_can_follow(tmp_path
     (moved / "prior_run" / "config.yaml").unlink()
     demo._claim_demo_folder(moved, "vq", True)
     assert json.loads((moved / demo.DEMO_RECORD).read_text())["folder"] == str(moved.resolve())
+
+
+def test_a_second_demo_into_a_running_demos_folder_is_refused_before_it_touches_the_record(tmp_path):
+    """It was refused only by the tokenizer run's lock, after it had rewritten the first demo's record."""
+    import os
+
+    from vqgpt.training.run_folder import RunFolderError
+
+    out = tmp_path / "d"
+    with demo._demo_folder(out, "vq", True) as laps:  # the first demo, running
+        laps("tokenizer", time.perf_counter() - 3)
+        record = (out / demo.DEMO_RECORD).read_text()
+        with pytest.raises(RunFolderError, match=rf"{out} is in use by pid {os.getpid()}"):
+            demo.run_demo(out, quick=True)
+        assert (out / demo.DEMO_RECORD).read_text() == record
+    with demo._demo_folder(out, "vq", True) as laps:  # once it has ended
+        assert laps.sessions == 2

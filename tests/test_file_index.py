@@ -443,3 +443,21 @@ def test_the_index_file_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert index.path.stat().st_mode & 0o777 == 0o664  # group-shared cache: others of the group read it
+
+
+def test_an_index_of_non_ascii_names_reads_back_under_an_ascii_file_name_encoding(tmp_path):
+    """Under LC_ALL=C without Python's UTF-8 mode the first `vqgpt index` of 'ñandú/café 0.png' worked and
+    every later start failed ('ascii' codec can't encode): the index stored the names as UTF-8 text, not as
+    their bytes on disk."""
+    for i in range(3):
+        _image(tmp_path / "imgs" / "ñandú" / f"café {i}.png", i)
+        _image(tmp_path / "imgs" / "日本" / f"{i}.png", 10 + i)
+    _settle(tmp_path / "imgs")
+    env = {**os.environ, "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C", "LANG": "C",
+           "VQGPT_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-m", "vqgpt", "index", str(tmp_path / "imgs"), "--json"], env=env,
+                           capture_output=True, text=True, timeout=300) for _ in range(2)]
+    assert [run.returncode for run in runs] == [0, 0], runs[-1].stderr[-2000:]
+    first, second = (json.loads(run.stdout) for run in runs)
+    assert (first["status"], second["status"]) == ("built", "reused") and first["total"] == second["total"] == 6
+    assert sorted(second["classes"].values()) == [3, 3]  # (named by their bytes: no ASCII name holds them)

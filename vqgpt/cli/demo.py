@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
@@ -38,6 +40,7 @@ from vqgpt.ground.checkpoint import name_listing
 from vqgpt.ground.files import write_text_whole
 from vqgpt.workflow.pipeline import VQGPTPipeline
 from vqgpt.training import TrainConfig, cpu_has_fast_bf16
+from vqgpt.training.run_folder import RunLock
 from vqgpt.workflow.chain import train_prior_with_tokenizer
 
 
@@ -107,6 +110,19 @@ class _Laps:
     def save(self) -> None:
         record = {**self.kind, "sessions": self.sessions, "seconds": self._summed()}
         write_text_whole(self.record, json.dumps(record, indent=2) + "\n")
+
+
+@contextmanager
+def _demo_folder(out: Path, tokenizer: str, quick: bool) -> Iterator[_Laps]:
+    """``out`` locked for the demo's life (out/.lock: a second demo there is refused before it touches the
+    record or a run), then claimed as ``_claim_demo_folder`` says; its stage timer."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out)
+    lock.acquire()
+    try:
+        yield _claim_demo_folder(out, tokenizer, quick)
+    finally:
+        lock.release()
 
 
 def _claim_demo_folder(out: Path, tokenizer: str, quick: bool) -> _Laps:
@@ -197,76 +213,78 @@ def _train_pipeline(prior_cfg: PriorRunConfig, tokens_dir: Path, tokenizer_dir: 
 def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, seed: int = 0) -> dict:
     """Run the demo into ``out``; returns the metrics written to out/metrics.json."""
     out = Path(out)
-    lap = _claim_demo_folder(out, "vq", quick)
+    with _demo_folder(out, "vq", quick) as lap:
 
-    _say("1/6 training the tokenizer on builtin:mnist (real digits)")
-    t = time.perf_counter()
-    tok_cfg, prior_cfg = _without_slow_bf16(demo_tokenizer_config(quick)), _without_slow_bf16(demo_prior_config(quick))
-    if prior_cfg.train.mixed_precision == "no":
-        _say("this CPU has no fast bf16 units: training in float32")
-    tokenizer_dir = train_tokenizer(tok_cfg, out / "tokenizer_run", resume="auto")
-    lap("tokenizer", t)
+        _say("1/6 training the tokenizer on builtin:mnist (real digits)")
+        t = time.perf_counter()
+        tok_cfg = _without_slow_bf16(demo_tokenizer_config(quick))
+        prior_cfg = _without_slow_bf16(demo_prior_config(quick))
+        if prior_cfg.train.mixed_precision == "no":
+            _say("this CPU has no fast bf16 units: training in float32")
+        tokenizer_dir = train_tokenizer(tok_cfg, out / "tokenizer_run", resume="auto")
+        lap("tokenizer", t)
 
-    _say("2/6 reconstructing held-out digits")
-    t = time.perf_counter()
-    recon = reconstruct(tokenizer_dir, "builtin:mnist", out / "reconstruction", lpips="none", save_images=False)
-    lap("reconstruct", t)
+        _say("2/6 reconstructing held-out digits")
+        t = time.perf_counter()
+        recon = reconstruct(tokenizer_dir, "builtin:mnist", out / "reconstruction", lpips="none", save_images=False)
+        lap("reconstruct", t)
 
-    _say("3/6 encoding the training digits into token shards")
-    t = time.perf_counter()
-    tokens_dir = encode_dataset(tokenizer_dir, tok_cfg.data, out / "tokens")
-    lap("encode", t)
+        _say("3/6 encoding the training digits into token shards")
+        t = time.perf_counter()
+        tokens_dir = encode_dataset(tokenizer_dir, tok_cfg.data, out / "tokens")
+        lap("encode", t)
 
-    _say("4/6 training a class-conditional prior (10% class dropout for guidance)")
-    t = time.perf_counter()
-    pipeline_dir, pipe = _train_pipeline(prior_cfg, tokens_dir, tokenizer_dir, out)
-    lap("prior", t)
+        _say("4/6 training a class-conditional prior (10% class dropout for guidance)")
+        t = time.perf_counter()
+        pipeline_dir, pipe = _train_pipeline(prior_cfg, tokens_dir, tokenizer_dir, out)
+        lap("prior", t)
 
-    _say("5/6 sampling one row per digit")
-    t = time.perf_counter()
-    cfg_scale = prior_cfg.sample_cfg_scale
-    labels = torch.arange(10).repeat_interleave(samples_per_class)
-    sampling = SamplingConfig(cfg_scale=cfg_scale)
-    images = pipe.generate(len(labels), class_labels=labels, sampling=sampling, seed=seed)
-    show = images.view(10, samples_per_class, *images.shape[1:])[:, :10].flatten(0, 1)
-    save_grid(show, out / "samples.png", nrow=10, row_labels=[str(i) for i in range(10)])
-    highres_path = None
-    try:
-        f = pipe.downsample_factor
-        h, w = pipe.prior.config.grid_size
-        wide = pipe.generate(4, class_labels=torch.tensor([0, 3, 5, 8]), height=h * f, width=2 * w * f,
-                             sampling=sampling, seed=seed)
-        highres_path = save_grid(wide, out / "samples_wide.png", nrow=1)
-    except NotImplementedError:
-        pass
-    lap("sample", t)
+        _say("5/6 sampling one row per digit")
+        t = time.perf_counter()
+        cfg_scale = prior_cfg.sample_cfg_scale
+        labels = torch.arange(10).repeat_interleave(samples_per_class)
+        sampling = SamplingConfig(cfg_scale=cfg_scale)
+        images = pipe.generate(len(labels), class_labels=labels, sampling=sampling, seed=seed)
+        show = images.view(10, samples_per_class, *images.shape[1:])[:, :10].flatten(0, 1)
+        save_grid(show, out / "samples.png", nrow=10, row_labels=[str(i) for i in range(10)])
+        highres_path = None
+        try:
+            f = pipe.downsample_factor
+            h, w = pipe.prior.config.grid_size
+            wide = pipe.generate(4, class_labels=torch.tensor([0, 3, 5, 8]), height=h * f, width=2 * w * f,
+                                 sampling=sampling, seed=seed)
+            highres_path = save_grid(wide, out / "samples_wide.png", nrow=1)
+        except NotImplementedError:
+            pass
+        lap("sample", t)
 
-    _say("6/6 checking the samples with a digit classifier trained on real MNIST")
-    t = time.perf_counter()
-    classifier, heldout = load_or_train_mnist_classifier()  # cached under ~/.cache/vqgpt (or $VQGPT_CACHE)
-    accuracy = class_accuracy(classifier, images, labels)
-    lap("classifier", t)
+        _say("6/6 checking the samples with a digit classifier trained on real MNIST")
+        t = time.perf_counter()
+        classifier, heldout = load_or_train_mnist_classifier()  # cached under ~/.cache/vqgpt (or $VQGPT_CACHE)
+        accuracy = class_accuracy(classifier, images, labels)
+        lap("classifier", t)
 
-    metrics = {
-        "reconstruction": {k: recon[k] for k in ("psnr", "ssim", "codebook_usage", "perplexity", "grid", "codebook_size")},
-        "samples": {"num": len(labels), "cfg_scale": cfg_scale, "class_accuracy": accuracy},
-        "classifier_heldout_accuracy": heldout,
-        "seconds": lap.seconds(),
-        "sessions": lap.sessions,
-        "quick": quick,
-    }
-    write_text_whole(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _write_report(out, metrics, highres_path)
-    _say(f"done in {metrics['seconds']['total']:.0f} s: PSNR {recon['psnr']:.2f} dB, codebook usage "
-         f"{recon['codebook_usage']:.0%}, class accuracy of samples {accuracy:.1%} "
-         f"(classifier held-out accuracy {heldout:.1%}). Report: {out / 'report.md'}")
-    _say("your own images:  vqgpt train-tokenizer --config configs/tokenizer/cpu_demo.yaml "
-         "--set data.source=/path/to/images --out runs/tok  &&  vqgpt encode --tokenizer runs/tok/export "
-         "--data /path/to/images --out runs/codes  &&  vqgpt train-prior --config configs/prior/cpu_demo.yaml "
-         "--tokens runs/codes --tokenizer runs/tok/export --out runs/prior  &&  vqgpt sample "
-         "--pipeline runs/prior/pipeline --num 16 --out samples.png  (with --class-label NAME when the images "
-         "sit in class sub-folders)")
-    return metrics
+        metrics = {
+            "reconstruction": {k: recon[k] for k in ("psnr", "ssim", "codebook_usage", "perplexity", "grid",
+                                                     "codebook_size")},
+            "samples": {"num": len(labels), "cfg_scale": cfg_scale, "class_accuracy": accuracy},
+            "classifier_heldout_accuracy": heldout,
+            "seconds": lap.seconds(),
+            "sessions": lap.sessions,
+            "quick": quick,
+        }
+        write_text_whole(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        _write_report(out, metrics, highres_path)
+        _say(f"done in {metrics['seconds']['total']:.0f} s: PSNR {recon['psnr']:.2f} dB, codebook usage "
+             f"{recon['codebook_usage']:.0%}, class accuracy of samples {accuracy:.1%} "
+             f"(classifier held-out accuracy {heldout:.1%}). Report: {out / 'report.md'}")
+        _say("your own images:  vqgpt train-tokenizer --config configs/tokenizer/cpu_demo.yaml "
+             "--set data.source=/path/to/images --out runs/tok  &&  vqgpt encode --tokenizer runs/tok/export "
+             "--data /path/to/images --out runs/codes  &&  vqgpt train-prior --config configs/prior/cpu_demo.yaml "
+             "--tokens runs/codes --tokenizer runs/tok/export --out runs/prior  &&  vqgpt sample "
+             "--pipeline runs/prior/pipeline --num 16 --out samples.png  (with --class-label NAME when the images "
+             "sit in class sub-folders)")
+        return metrics
 
 
 def _write_report(out: Path, m: dict, highres: Path | None) -> None:
@@ -348,73 +366,73 @@ def _occluded_rows(image: torch.Tensor, keep_rows: int) -> torch.Tensor:
 def run_pixel_demo(out: str | Path, quick: bool = False, num_samples: int = 32, seed: int = 0) -> dict:
     """Image GPT on the built-in digits into ``out``; returns the metrics written to out/metrics.json."""
     out = Path(out)
-    lap = _claim_demo_folder(out, "pixels", quick)
-    tok_cfg, prior_cfg = pixel_demo_tokenizer_config(), _without_slow_bf16(pixel_demo_prior_config(quick))
-    if prior_cfg.train.mixed_precision == "no":
-        _say("this CPU has no fast bf16 units: training in float32")
-    size, colours = tok_cfg.model.resolution, tok_cfg.model.quantizer.codebook_size
+    with _demo_folder(out, "pixels", quick) as lap:
+        tok_cfg, prior_cfg = pixel_demo_tokenizer_config(), _without_slow_bf16(pixel_demo_prior_config(quick))
+        if prior_cfg.train.mixed_precision == "no":
+            _say("this CPU has no fast bf16 units: training in float32")
+        size, colours = tok_cfg.model.resolution, tok_cfg.model.quantizer.codebook_size
 
-    _say(f"1/6 fitting a palette of {colours} colours to the training digits' pixels (k-means)")
-    t = time.perf_counter()
-    tokenizer_dir = train_tokenizer(tok_cfg, out / "tokenizer_run", resume="auto")
-    recon = reconstruct(tokenizer_dir, "builtin:mnist", out / "reconstruction", lpips="none", save_images=False,
-                        progress=False)
-    lap("palette", t)
+        _say(f"1/6 fitting a palette of {colours} colours to the training digits' pixels (k-means)")
+        t = time.perf_counter()
+        tokenizer_dir = train_tokenizer(tok_cfg, out / "tokenizer_run", resume="auto")
+        recon = reconstruct(tokenizer_dir, "builtin:mnist", out / "reconstruction", lpips="none", save_images=False,
+                            progress=False)
+        lap("palette", t)
 
-    _say(f"2/6 encoding the training digits: one token per pixel, {size}x{size} per digit")
-    t = time.perf_counter()
-    tokens_dir = encode_dataset(tokenizer_dir, tok_cfg.data, out / "tokens")
-    lap("encode", t)
+        _say(f"2/6 encoding the training digits: one token per pixel, {size}x{size} per digit")
+        t = time.perf_counter()
+        tokens_dir = encode_dataset(tokenizer_dir, tok_cfg.data, out / "tokens")
+        lap("encode", t)
 
-    _say("3/6 training an unconditional prior over the pixels in raster order")
-    t = time.perf_counter()
-    pipeline_dir, pipe = _train_pipeline(prior_cfg, tokens_dir, tokenizer_dir, out)
-    lap("prior", t)
+        _say("3/6 training an unconditional prior over the pixels in raster order")
+        t = time.perf_counter()
+        pipeline_dir, pipe = _train_pipeline(prior_cfg, tokens_dir, tokenizer_dir, out)
+        lap("prior", t)
 
-    _say(f"4/6 sampling {num_samples} digits")
-    t = time.perf_counter()
-    sampling = SamplingConfig()
-    samples = pipe.generate(num_samples, sampling=sampling, seed=seed)
-    save_grid(samples, out / "samples.png", nrow=8)
-    lap("sample", t)
+        _say(f"4/6 sampling {num_samples} digits")
+        t = time.perf_counter()
+        sampling = SamplingConfig()
+        samples = pipe.generate(num_samples, sampling=sampling, seed=seed)
+        save_grid(samples, out / "samples.png", nrow=8)
+        lap("sample", t)
 
-    _say("5/6 completing the lower half of held-out digits (4 completions each)")
-    t = time.perf_counter()
-    heldout = build_dataset(replace(tok_cfg.data, random_crop=False), "eval")
-    per_class = len(heldout) // 10
-    keep = size // 2
-    rows = []
-    for digit in range(10):
-        image = heldout[digit * per_class][0]  # eval split: 50 digits per class, in class order
-        completions = pipe.complete(image, 4, keep_rows=keep, sampling=sampling, seed=seed + digit)
-        rows.append(torch.cat([_occluded_rows(image, keep)[None], completions.cpu(), image[None]]))
-    save_grid(torch.cat(rows), out / "completions.png", nrow=6)
-    lap("complete", t)
+        _say("5/6 completing the lower half of held-out digits (4 completions each)")
+        t = time.perf_counter()
+        heldout = build_dataset(replace(tok_cfg.data, random_crop=False), "eval")
+        per_class = len(heldout) // 10
+        keep = size // 2
+        rows = []
+        for digit in range(10):
+            image = heldout[digit * per_class][0]  # eval split: 50 digits per class, in class order
+            completions = pipe.complete(image, 4, keep_rows=keep, sampling=sampling, seed=seed + digit)
+            rows.append(torch.cat([_occluded_rows(image, keep)[None], completions.cpu(), image[None]]))
+        save_grid(torch.cat(rows), out / "completions.png", nrow=6)
+        lap("complete", t)
 
-    _say("6/6 bits per dim of the prior on the held-out digits")
-    t = time.perf_counter()
-    bpd = eval_bits_per_dim(pipeline_dir, "builtin:mnist", split="eval", progress=False)
-    lap("bits_per_dim", t)
+        _say("6/6 bits per dim of the prior on the held-out digits")
+        t = time.perf_counter()
+        bpd = eval_bits_per_dim(pipeline_dir, "builtin:mnist", split="eval", progress=False)
+        lap("bits_per_dim", t)
 
-    metrics = {
-        "tokenizer": {"palette_colours": colours, "resolution": size, "tokens_per_image": size * size,
-                      "psnr": recon["psnr"], "codebook_usage": recon["codebook_usage"],
-                      "perplexity": recon["perplexity"]},
-        "prior": {"steps": prior_cfg.train.steps, **{k: v for k, v in bpd.to_dict().items()
-                                                        if k in ("num_images", "nll_per_token", "bits_per_token",
-                                                                 "bits_per_dim", "uniform_bits_per_dim")}},
-        "samples": num_samples,
-        "seconds": lap.seconds(),
-        "sessions": lap.sessions,
-        "quick": quick,
-    }
-    write_text_whole(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _write_pixel_report(out, metrics)
-    _say(f"done in {metrics['seconds']['total']:.0f} s: {bpd.bits_per_dim:.3f} bits per dim on "
-         f"{bpd.num_images} held-out digits ({bpd.bits_per_token:.3f} bits per pixel token; a uniform prior: "
-         f"{bpd.uniform_bits_per_dim:.3f}); samples {out / 'samples.png'}, completions {out / 'completions.png'}, "
-         f"report {out / 'report.md'}")
-    return metrics
+        metrics = {
+            "tokenizer": {"palette_colours": colours, "resolution": size, "tokens_per_image": size * size,
+                          "psnr": recon["psnr"], "codebook_usage": recon["codebook_usage"],
+                          "perplexity": recon["perplexity"]},
+            "prior": {"steps": prior_cfg.train.steps, **{k: v for k, v in bpd.to_dict().items()
+                                                            if k in ("num_images", "nll_per_token", "bits_per_token",
+                                                                     "bits_per_dim", "uniform_bits_per_dim")}},
+            "samples": num_samples,
+            "seconds": lap.seconds(),
+            "sessions": lap.sessions,
+            "quick": quick,
+        }
+        write_text_whole(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        _write_pixel_report(out, metrics)
+        _say(f"done in {metrics['seconds']['total']:.0f} s: {bpd.bits_per_dim:.3f} bits per dim on "
+             f"{bpd.num_images} held-out digits ({bpd.bits_per_token:.3f} bits per pixel token; a uniform prior: "
+             f"{bpd.uniform_bits_per_dim:.3f}); samples {out / 'samples.png'}, completions {out / 'completions.png'}, "
+             f"report {out / 'report.md'}")
+        return metrics
 
 
 def _write_pixel_report(out: Path, m: dict) -> None:

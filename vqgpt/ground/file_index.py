@@ -172,12 +172,14 @@ def scan_folder(root: str | Path) -> FileIndex:
 
 
 def _join(names: list[str]) -> np.ndarray:
-    return np.frombuffer(_SEP.join(names).encode("utf-8", "surrogateescape"), dtype=np.uint8)
+    # the names' bytes on disk (os.fsencode: what the file system's encoding made of them), so that they
+    # read back as the same str under a non-UTF-8 file name encoding (LC_ALL=C without UTF-8 mode) too
+    return np.frombuffer(_SEP.encode().join(os.fsencode(name) for name in names), dtype=np.uint8)
 
 
 def _split(blob: np.ndarray, count: int | None = None) -> list[str]:
-    text = blob.tobytes().decode("utf-8", "surrogateescape")
-    names = text.split(_SEP) if text or count == 1 else []
+    data = blob.tobytes()
+    names = [os.fsdecode(name) for name in data.split(_SEP.encode())] if data or count == 1 else []
     if count is not None and len(names) != count:
         raise ValueError(f"expected {count} names, found {len(names)}")
     return names
