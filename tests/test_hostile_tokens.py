@@ -114,3 +114,25 @@ def test_a_folder_written_before_shard_checksums_still_opens(clean, tmp_path):
             del shard["rows_sha256"]
     folder = _copy(clean, tmp_path, drop)
     assert len(TokenDataset(folder)) == 16
+
+
+def test_too_many_open_files_says_why_and_what_to_raise(clean, tmp_path, monkeypatch):
+    """Each shard kept its codes and its labels open (two files): 60 shards failed under `ulimit -n 64`
+    with no hint. The labels are read whole now, and the limit is named."""
+    import errno
+
+    opened = []
+    real_load = np.load
+
+    def load(path, mmap_mode=None, **kwargs):
+        opened.append((Path(path).name, mmap_mode))
+        if len(opened) > 1 and mmap_mode:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_load(path, mmap_mode=mmap_mode, **kwargs)
+
+    monkeypatch.setattr(np, "load", load)
+    with pytest.raises(TokenShardError, match=r"Too many open files \(\d+ shards stay open while training: raise "
+                                              r"the limit, ulimit -n\)"):
+        data = TokenDataset(_copy(clean, tmp_path))
+        data[len(data) - 1]
+    assert [mode for name, mode in opened if name.startswith("labels")] == [None]  # read whole, not mapped

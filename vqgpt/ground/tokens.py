@@ -20,6 +20,7 @@ parts' shards, in the order given, in meta.json.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import operator
@@ -484,9 +485,12 @@ class TokenDataset(Dataset):
                     if not path.is_file():
                         raise TokenShardError(f"shard file missing: {path} (listed in {self.directory / META_FILE})")
                 try:
-                    arrays.append((np.load(tokens_path, mmap_mode="r"), np.load(labels_path, mmap_mode="r")))
+                    # the codes memory-mapped (each map holds a file open), the small labels read whole
+                    arrays.append((np.load(tokens_path, mmap_mode="r"), np.load(labels_path)))
                 except (ValueError, EOFError, OSError) as exc:  # an empty file: EOFError
-                    raise TokenShardError(f"cannot read shard {tokens_path} / {labels_path}: {exc}") from exc
+                    hint = (f" ({len(self._files)} shards stay open while training: raise the limit, ulimit -n)"
+                            if isinstance(exc, OSError) and exc.errno == errno.EMFILE else "")
+                    raise TokenShardError(f"cannot read shard {tokens_path} / {labels_path}: {exc}{hint}") from exc
             self._arrays = arrays
         return self._arrays
 
