@@ -326,8 +326,7 @@ def _add_sampling_knobs(p: argparse.ArgumentParser) -> None:
                    help="guidance scale along the raster order: constant, or linear rising from about 1 (the "
                         "first position: 1 + (scale - 1) / positions) to --cfg-scale")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images (image i "
-                   "has its own seed from --seed and i: the first images of a larger --num are the same, and a "
-                   "grid's are those of --out DIR/)")
+                   "has its own seed, from --seed and i: it does not depend on how many are drawn with it)")
 
 
 def _sampling(args: argparse.Namespace):
