@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from vqgpt.ground.checkpoint import (check_checkpoint, list_checkpoints, name_listing, read_checkpoint_inputs,
-                                    resolve_resume)
+                                    read_export_meta, resolve_resume)
 from vqgpt.ground.config import ConfigError, from_dict, read_yaml, save_config, to_dict
 from vqgpt.training.config import TRACKING_DIR
 
@@ -210,8 +210,8 @@ def _exported_inputs(run_dir: Path, inputs: dict[str, Any]) -> dict[str, Any] | 
         return None
     for export in (run_dir / "export", run_dir / "pipeline" / "prior"):
         try:
-            fingerprint = json.loads((export / "config.json").read_text()).get("extra", {}).get("tokenizer_fingerprint")
-        except (OSError, ValueError, AttributeError):
+            fingerprint = (read_export_meta(export).get("extra") or {}).get("tokenizer_fingerprint")
+        except (OSError, ValueError):  # (none there, or damaged: not one to judge by)
             continue
         if fingerprint:
             return {"tokenizer_fingerprint": fingerprint}

@@ -276,8 +276,7 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
         parts = [part_name(r) for r in range(processes)] if processes > 1 else [""]
         if processes > 1:
             meta["processes"] = processes
-        if is_main and not (out / META_FILE).exists():
-            out.mkdir(parents=True, exist_ok=True)
+        if is_main and not (out / META_FILE).exists():  # (out was made before it was locked)
             if files is not None:
                 write_json(out / SOURCE_FILE, files)
             if processes > 1:  # an unfinished meta.json, so that a re-run checks identity and process count

@@ -455,24 +455,16 @@ def sample_seed(seed: int, index: int) -> int:
 
 def sample_generators(seed: int | None, indices: Iterable[int]) -> list[torch.Generator] | None:
     """One CPU generator per sample, sample i's seeded from (``seed``, i): a sample does not depend on how many
-    are drawn beside it, nor on the device (see ``_generator``), and ``generate(n, seed=s)`` gives the first n
-    images of ``vqgpt sample --out DIR/ --seed s``. None (the global RNG) without a seed."""
-    if seed is None:
-        return None
-    _generator(seed)  # (checks it)
-    return [torch.Generator(device="cpu").manual_seed(sample_seed(int(seed), i)) for i in indices]
-
-
-def _generator(seed: int | None) -> torch.Generator | None:
-    """A CPU generator seeded with ``seed`` (any integer type; a CPU generator draws the same noise for a
-    prior on any device, see ``stage2_prior.draw.exponential_noise``)."""
+    are drawn beside it, nor on the device (a CPU generator draws the same noise for a prior on any device,
+    see ``stage2_prior.draw.exponential_noise``), and ``generate(n, seed=s)`` gives the first n images of
+    ``vqgpt sample --out DIR/ --seed s``. ``seed``: any integer type; None (the global RNG) gives None."""
     if seed is None:
         return None
     if not _integral(seed):  # tensor(1.5) would be read as 1
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if not -(2**63) <= int(seed) < 2**64:  # what torch.Generator.manual_seed takes
         raise ValueError(f"seed must be between -2**63 and 2**64 - 1, got {int(seed)}")
-    return torch.Generator(device="cpu").manual_seed(int(seed))
+    return [torch.Generator(device="cpu").manual_seed(sample_seed(int(seed), i)) for i in indices]
 
 
 def check_compatible(tokenizer: VQModel, prior: GPT) -> None:
