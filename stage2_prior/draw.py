@@ -9,11 +9,12 @@ it imports none of them.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
 from numbers import Real
-from typing import Sequence, Union
+from typing import Any, Callable, Sequence, TypeVar, Union
 
 import torch
 
@@ -230,3 +231,22 @@ class eval_mode:
 
     def __exit__(self, *exc: object) -> None:
         self.model.train(self.was_training)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def inference(fn: _F) -> _F:
+    """Run ``fn`` under torch.inference_mode, and hand its tensor back as an ordinary one when the caller is
+    outside inference mode: an inference tensor refuses in-place edits there (``images.add_(1)``) and
+    cannot be saved for backward, which callers of a public function do not expect."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.is_inference() and not torch.is_inference_mode_enabled():
+            out = out.clone()
+        return out
+
+    return run  # type: ignore[return-value]

@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stage2_prior.decode import decode_step
-from stage2_prior.draw import (Randomness, SamplingConfig, cfg_scales, check_sampling_args, eval_mode,
+from stage2_prior.draw import (Randomness, SamplingConfig, cfg_scales, check_sampling_args, eval_mode, inference,
                                guided_labels, next_token, resolve_class_labels)
 from stage2_prior.layers import KVCache, notice_data_edits
 from stage2_prior.model import GPT
@@ -75,7 +75,7 @@ def _check_stride(window_stride: int | Sequence[int], h: int, w: int) -> tuple[i
     return stride  # type: ignore[return-value]
 
 
-@torch.inference_mode()
+@inference
 def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None = None, keep_rows: int | None = None,
              class_labels: int | Sequence[int] | torch.Tensor | None = None, sampling: SamplingConfig | None = None,
              use_cache: bool = True, window_stride: int | Sequence[int] = 1, max_window_caches: int | None = None,

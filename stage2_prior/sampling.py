@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stage2_prior.decode import decode_step
-from stage2_prior.draw import (CFG_SCHEDULES, SamplingConfig, cfg_scales, check_sampling_args, eval_mode,
+from stage2_prior.draw import (CFG_SCHEDULES, SamplingConfig, cfg_scales, check_sampling_args, eval_mode, inference,
                                guided_labels, next_token, resolve_class_labels, sample_logits, top_k_filter,
                                top_p_filter)
 from stage2_prior.highres import generate_highres
@@ -24,7 +24,7 @@ __all__ = ["CFG_SCHEDULES", "SamplingConfig", "cfg_scales", "check_sampling_args
            "guided_labels", "next_token", "resolve_class_labels", "sample_logits", "top_k_filter", "top_p_filter"]
 
 
-@torch.inference_mode()
+@inference
 def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | torch.Tensor | None = None,
              grid_size: Sequence[int] | None = None, sampling: SamplingConfig | None = None, use_cache: bool = True,
              generator: torch.Generator | None = None, progress: bool = False,

@@ -164,3 +164,18 @@ def test_train_prior_with_tokenizer_writes_a_verified_pipeline(tmp_path):
     with pytest.raises(TokenShardError, match="tokenizer"):  # shards made by another tokenizer
         train_prior_with_tokenizer(cfg, tmp_path / "run2", tmp_path / "other_tok")
     assert not (tmp_path / "run2" / "pipeline").exists()
+
+
+def test_results_are_ordinary_tensors(pipe_dir):
+    """What generate / complete return takes in-place edits and autograd like any tensor (an inference
+    tensor would refuse both outside inference mode)."""
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    images = pipe.generate(1, class_labels=0, seed=0)
+    completed = pipe.complete(images[0], 1, keep_rows=2, class_labels=0, seed=0)
+    codes = generate(pipe.prior, 1, class_labels=0, generator=torch.Generator().manual_seed(0))
+    for out in (images, completed, codes):
+        assert not out.is_inference()
+    images.add_(1).mul_(0.5)  # the usual [-1, 1] -> [0, 1]
+    completed.requires_grad_()
+    (completed * 2).sum().backward()
+    assert completed.grad is not None

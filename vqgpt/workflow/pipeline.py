@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from stage1_vq.model import VQModel
-from stage2_prior.draw import SamplingConfig, eval_mode, resolve_class_labels
+from stage2_prior.draw import SamplingConfig, eval_mode, inference, resolve_class_labels
 from stage2_prior.highres import complete
 from stage2_prior.layers import content_fingerprint
 from stage2_prior.model import GPT
@@ -272,7 +272,7 @@ class VQGPTPipeline:
         shown = ", ".join(self.classes[:20]) + (", ..." if len(self.classes) > 20 else "")
         return f"[{shown}]" if self.classes else f"none named; indices 0..{self.prior.config.num_classes - 1}"
 
-    @torch.inference_mode()
+    @inference
     def generate(self, num_samples: int, class_labels: ClassLabels = None, height: int | None = None,
                  width: int | None = None, sampling: SamplingConfig | None = None,
                  seed: int | None = None, progress: bool = False) -> torch.Tensor:
@@ -307,7 +307,7 @@ class VQGPTPipeline:
         """Pixel size (H, W) of the prior's training grid."""
         return self.tokenizer.image_shape(*self.prior.config.grid_size)
 
-    @torch.inference_mode()
+    @inference
     def complete(self, image: torch.Tensor, num_samples: int, keep_rows: int | None = None,
                  extend_right: int = 0, extend_down: int = 0,
                  class_labels: ClassLabels = None, sampling: SamplingConfig | None = None,
