@@ -210,6 +210,21 @@ def test_index_dir_key_and_an_unwritable_cache(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="could not write the file index .*data.index_dir"):
         ds = build_dataset(_cfg(root, index_dir=str(blocked)))
     assert len(ds) == 7 and ds.index_file is None  # used from memory
+    # the process's next use of the folder (encode lists it twice) neither scans nor warns again ...
+    scans = []
+    scan = file_index.scan_folder
+    monkeypatch.setattr(file_index, "scan_folder", lambda folder: scans.append(folder) or scan(folder))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(build_dataset(_cfg(root, index_dir=str(blocked)))) == 7
+        assert source_identity(str(root), str(blocked))["files"]
+    assert not scans and not [w for w in caught if "could not write" in str(w.message)]
+    # ... until the folder changes
+    time.sleep(0.01)
+    _image(root / "cats" / "new.png", 99)
+    with pytest.warns(UserWarning, match="could not write the file index"):
+        assert len(build_dataset(_cfg(root, index_dir=str(blocked)))) == 8
+    assert len(scans) == 1
 
     monkeypatch.delenv("VQGPT_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

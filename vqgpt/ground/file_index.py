@@ -240,6 +240,10 @@ def is_fresh(index: FileIndex) -> bool:
     return True
 
 
+# Indexes that could not be written, by the path they were meant for: kept for this process's life.
+_UNSAVED: dict[Path, FileIndex] = {}
+
+
 def folder_index(root: str | Path, index_dir: str | Path | None = None, refresh: bool = False) -> FileIndex:
     """The index of folder ``root``: read from the cache when still fresh, else scanned and stored there.
 
@@ -254,13 +258,17 @@ def folder_index(root: str | Path, index_dir: str | Path | None = None, refresh:
     path = index_path(root_path, index_dir)
     if not refresh:
         index = load_index(path, root_path)
+        if index is None:  # not on disk: an index this process could not write there, when still fresh
+            index = _UNSAVED.get(path)
         if index is not None and is_fresh(index):
             return index
     index = scan_folder(root_path)
     try:
         save_index(index, path)
         index.path = path
+        _UNSAVED.pop(path, None)
     except OSError as exc:
+        _UNSAVED[path] = index  # this process's next use of the folder neither scans nor warns again
         warnings.warn(f"could not write the file index {path} ({exc}); set data.index_dir (or $VQGPT_CACHE) "
                       f"to a writable folder, or every start scans {root_path} again", stacklevel=2)
     return index
