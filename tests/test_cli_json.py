@@ -91,3 +91,28 @@ def test_eval_prior_json(exports):
                            "--num", "4", "--batch-size", "4", "--fid-weights", "random", "--json")
     assert "Downloading:" in stderr and "C code writing" in stderr
     assert doc["num_samples"] == 4 and doc["fid"] is not None
+
+
+def _index_run(folder: Path, stdout, *flags: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VQGPT_CACHE": str(folder.parent / "cache")}
+    return subprocess.run([sys.executable, "-m", "vqgpt", "index", str(folder), *flags], stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, timeout=120, **kwargs)
+
+
+def test_a_closed_or_abandoned_stdout(tmp_path):
+    """--json with stdout closed is refused (the document would be lost, exit 0 said it was written); a reader
+    that stops reading (`| head`) ends the command quietly with SIGPIPE's code, as other tools end."""
+    folder = tmp_path / "imgs"
+    for i in range(300):  # one line each: more than a pipe holds
+        (folder / f"class{i:03d}").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(folder / f"class{i:03d}" / "a.png")
+    closed = _index_run(folder, None, "--json", preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 2 and "stdout is closed" in closed.stderr
+    for flags in ((), ("--json",)):
+        read, write = os.pipe()
+        os.close(read)  # the reader has gone before the first write
+        try:
+            gone = _index_run(folder, write, *flags)
+        finally:
+            os.close(write)
+        assert gone.returncode == 141 and gone.stderr == "", (flags, gone.stderr[-2000:])

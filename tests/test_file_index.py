@@ -381,6 +381,17 @@ def test_vqgpt_index_builds_reuses_and_rebuilds(tmp_path, capsys):
     assert build_dataset(_cfg(root, index_dir=str(where))).index_file == index_path(root, where)
 
 
+def test_vqgpt_index_imports_no_torch(tmp_path):
+    """Listing a folder needs no torch (seconds to import): `vqgpt index` answers at once."""
+    root = _folder(tmp_path / "imgs")
+    code = ("import sys; from vqgpt.cli import main; assert main(sys.argv[1:]) == 0; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    proc = subprocess.run([sys.executable, "-c", code, "index", str(root), "--index-dir", str(tmp_path / "idx")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "total: 7 files" in proc.stdout
+
+
 def test_vqgpt_index_errors_name_the_source(tmp_path, capsys):
     assert main(["index", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.strip() == f"error: image folder not found: {tmp_path / 'nope'}"

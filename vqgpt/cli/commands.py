@@ -960,13 +960,34 @@ def _resolve_hub_flags(args: argparse.Namespace) -> None:
             args.hub_ids = {**getattr(args, "hub_ids", {}), attr: value}  # for messages that name the model
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has left (``vqgpt index SRC | head -3``)."""
+    try:
+        import select
+
+        poll = select.poll()
+        poll.register(1, select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows) or no fd 1
+        return False
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         _resolve_hub_flags(args)
+        if getattr(args, "json", False) and sys.stdout is None:
+            raise ValueError("--json: stdout is closed, so the JSON document would be lost; leave stdout open or "
+                             "redirect it to a file")
         return _run_json(args) if getattr(args, "json", False) else int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():
+            # the reader of stdout stopped reading: end quietly, as a tool that SIGPIPE ends does (128 + 13)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)  # the interpreter's last flush of stdout then goes nowhere, not failing again
+            os.close(devnull)
+            return 141
         if _out_of_memory(exc) and not os.environ.get("VQGPT_DEBUG"):
             said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(f"error: out of memory ({said}): a smaller --num, --batch-size or image size needs less "

@@ -35,7 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from vqgpt.ground.files import umask
-from vqgpt.ground.images import IMAGE_EXTENSIONS
+
+# The file types read as images. Defined here, not in vqgpt.ground.images, so that listing a folder (and
+# `vqgpt index`) imports no torch.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # bump when the listing rules or the stored arrays change: older files are rebuilt (2: a folder reached
 # through a link higher up is listed at its real path, not under the link's name)

@@ -10,9 +10,8 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torchvision.utils import make_grid
 
+from vqgpt.ground.file_index import IMAGE_EXTENSIONS  # noqa: F401  (the file types read as images; kept here too)
 from vqgpt.ground.files import replace_when_whole
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def _grey_to_l(arr: np.ndarray, peak: float | None) -> Image.Image:
