@@ -257,3 +257,26 @@ def test_a_residual_tokenizers_larger_canvas_moves_its_windows_by_whole_position
 
     assert np.array_equal(drawn, by_stride((1, 2)))
     assert not np.array_equal(drawn, by_stride((1, 1)))  # the two strides do draw different images
+
+
+def test_a_run_starting_while_the_npz_scratch_folder_is_removed(pipe_dir, tmp_path, monkeypatch):
+    """--npz alone: the scratch folder NPZ.parts/ (its .lock too) is removed once the npz is written. A run
+    starting at that moment made a new .lock in the half-removed folder, and the first run then failed."""
+    from vqgpt.training.run_folder import RunLock
+
+    npz, later = tmp_path / "only.npz", []
+    unlink = Path.unlink
+
+    def arrives(path, *args, **kwargs):
+        unlink(path, *args, **kwargs)
+        if path.name == ".lock" and not later:  # the second run starts just after the lock file went
+            scratch = npz.with_name(npz.name + ".parts")
+            scratch.mkdir(exist_ok=True)
+            later.append(RunLock(scratch))
+            later[0].acquire()
+
+    monkeypatch.setattr(Path, "unlink", arrives)
+    _run(pipe_dir, npz=npz)  # does not fail
+    assert later and npz.is_file()
+    later[0].release()
+    assert [p.name for p in tmp_path.iterdir() if p.name != "only.npz"] == ["only.npz.parts"]  # the second run's

@@ -337,10 +337,14 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
             try:
                 write_npz(folder, num, labels, npz)
                 if out is None:  # the scratch folder held only what runs write (checked above): all of it goes
-                    for path in folder.iterdir():
+                    # Moved aside first: a run starting meanwhile makes a fresh one rather than taking this
+                    # folder's lock (or making a new .lock in it) halfway through its removal.
+                    gone = folder.with_name(f".{folder.name}.{os.getpid()}.removed")
+                    folder.rename(gone)
+                    for path in gone.iterdir():
                         if _OURS.fullmatch(path.name):
                             path.unlink()
-                    folder.rmdir()
+                    gone.rmdir()
             except Exception as exc:
                 failure = exc
         share_main_failure(failure, processes)
