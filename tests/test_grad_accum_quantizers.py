@@ -177,3 +177,33 @@ def test_tokenizer_with_grad_accum_trains_like_the_whole_batch(tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["step"], key)
         for key in ("loss", "rec_loss", "quant_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+
+
+def test_a_second_optimizer_keeps_its_accumulated_gradients_under_fp16_loss_scaling(tmp_path):
+    """The tokenizer's step order under grad_accum: each micro-batch the generator, then the discriminator,
+    each clipped on the syncing one. With fp16's loss scaler, accelerate's clip unscaled every optimizer's
+    gradients at the generator's clip, so the discriminator's earlier micro-batches were divided by the
+    scale twice (lost). Its update must be the one without a scaler."""
+    from vqgpt.training.config import TrainConfig, make_accelerator
+    from vqgpt.training.optim import optimizer_step
+
+    def run(scaler: bool) -> torch.Tensor:
+        # clipping never binds: only the unscaling matters
+        cfg = TrainConfig(grad_accum=2, grad_clip=1e6, mixed_precision="fp16")
+        with pytest.warns(UserWarning, match="fp16 needs a GPU"):
+            accelerator = make_accelerator(cfg, tmp_path)
+        if scaler:  # fp16's GradScaler, on a CPU (accelerate makes one for a GPU only)
+            accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        torch.manual_seed(0)
+        gen, disc = torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 1, bias=False)
+        opt_g, opt_d = torch.optim.SGD(gen.parameters(), lr=1.0), torch.optim.SGD(disc.parameters(), lr=1.0)
+        opt_g, opt_d = accelerator.prepare(opt_g, opt_d)  # the models unprepared: fp32 forwards, no autocast
+        start = disc.weight.detach().clone()
+        for micro in range(2):
+            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(micro))
+            with accelerator.accumulate(gen, disc):
+                assert optimizer_step(accelerator, gen(x).square().mean(), opt_g, gen, cfg)
+                assert optimizer_step(accelerator, disc(gen(x).detach()).mean(), opt_d, disc, cfg)
+        return disc.weight.detach() - start
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-7)

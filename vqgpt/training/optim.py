@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -93,7 +94,7 @@ def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, optimizer: torc
     if finite:
         accelerator.backward(loss)
         if accelerator.sync_gradients:
-            finite = clip_gradients(accelerator, model.parameters(), cfg)
+            finite = clip_gradients(accelerator, model.parameters(), cfg, optimizer)
         if finite:
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -119,13 +120,24 @@ def all_finite(accelerator: Accelerator, *values: torch.Tensor) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
 
 
-def clip_gradients(accelerator: Accelerator, parameters, cfg: TrainConfig) -> bool:
+def clip_gradients(accelerator: Accelerator, parameters, cfg: TrainConfig, optimizer: Any = None) -> bool:
     """Clip the (synchronised) gradient norm to ``cfg.grad_clip``; False when that norm is not finite.
 
     Under fp16 the loss scaler owns overflow handling (it skips such steps and lowers the scale),
-    so a non-finite norm there is not an error.
+    so a non-finite norm there is not an error. ``optimizer``: the one that steps ``parameters``. Only
+    its gradients are unscaled: accelerate's clip unscales every prepared optimizer's, and a second
+    optimizer (the discriminator's) holding gradients of earlier micro-batches had them unscaled now
+    and again at its own clip (divided by the loss scale twice: lost).
     """
     if cfg.grad_clip <= 0:
+        return True
+    prepared = getattr(accelerator, "_optimizers", None)
+    if accelerator.scaler is not None and isinstance(prepared, list) and any(opt is optimizer for opt in prepared):
+        accelerator._optimizers = [optimizer]
+        try:
+            norm = accelerator.clip_grad_norm_(parameters, cfg.grad_clip)
+        finally:
+            accelerator._optimizers = prepared
         return True
     norm = accelerator.clip_grad_norm_(parameters, cfg.grad_clip)
     if accelerator.scaler is not None or norm is None:
