@@ -54,9 +54,12 @@ class LossConfig:
                    "gan_loss": GAN_LOSSES, "disc_norm": DISC_NORMS}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
-                raise ValueError(f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
-        if self.disc_layers < 1 or self.disc_channels < 1:
-            raise ValueError(f"disc_layers and disc_channels must be >= 1, got {self.disc_layers}, {self.disc_channels}")
+                raise ConfigError(f"{name}: must be one of {list(valid)}, got {getattr(self, name)!r}")
+        for name in ("disc_layers", "disc_channels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.disc_start < 0:  # was read as 0 without a word
+            raise ConfigError(f"disc_start: must be >= 0 (the step the adversarial loss starts at), got {self.disc_start}")
         for name in ("perceptual_weight", "gan_weight", "codebook_weight"):
             # a negative weight would train the model to increase that loss; NaN or inf poisons every step
             value = getattr(self, name)

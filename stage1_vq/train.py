@@ -8,6 +8,7 @@ k-means instead (``fit_palette_run``), into the same run folder files.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +75,10 @@ class TokenizerRunConfig:
         if channels != (3, 3):  # the losses and every image source work in RGB
             raise ValueError(f"model.in_channels and model.out_channels must be 3 to train: images are read as RGB "
                              f"(got {channels[0]} and {channels[1]})")
-        if not self.disc_lr_ratio >= 0:
-            raise ValueError(f"disc_lr_ratio must be >= 0, got {self.disc_lr_ratio}")
+        if not (math.isfinite(self.disc_lr_ratio) and self.disc_lr_ratio > 0):
+            # 0 left the discriminator at its random start while the tokenizer learned to fool it
+            raise ConfigError(f"disc_lr_ratio: must be a finite number > 0 (loss.gan_weight=0 trains without a "
+                              f"discriminator), got {self.disc_lr_ratio}")
         factor = self.model.downsample_factor
         if self.data.resolution % factor:  # else the first step fails, naming no key
             low = self.data.resolution // factor * factor
@@ -137,6 +140,11 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         if accelerator.is_main_process and (ignored := cfg.model.ignored_keys()):
             warnings.warn(f"model.architecture={cfg.model.architecture} does not read "
                           f"{', '.join('model.' + key for key in ignored)}: setting them changes nothing", stacklevel=2)
+        if (accelerator.is_main_process and cfg.model.architecture != "pixels" and cfg.loss.gan_weight > 0
+                and cfg.loss.disc_start >= tc.steps):
+            warnings.warn(f"loss.disc_start={cfg.loss.disc_start} is not before train.steps={tc.steps}: this run "
+                          f"trains no step with the adversarial loss (a later resume with more train.steps "
+                          f"would); set loss.gan_weight=0 to train without a discriminator", stacklevel=2)
         if cfg.model.architecture == "pixels":
             return fit_palette_run(cfg, accelerator, run)
         run_dir = run.path

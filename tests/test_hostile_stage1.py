@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tarfile
 import warnings
 from dataclasses import replace
@@ -19,7 +20,7 @@ from stage1_vq import QuantizerConfig, VQModel, VQModelConfig
 from stage1_vq.evaluate import reconstruct
 from stage1_vq.train import TokenizerRunConfig, train_tokenizer
 from vqgpt.cli.commands import main
-from vqgpt.ground.config import load_config
+from vqgpt.ground.config import ConfigError, load_config
 from vqgpt.ground.data import DataConfig, build_dataset
 from vqgpt.ground.images import open_rgb, to_rgb
 from vqgpt.workflow.encode import MAX_CROP_RANGE, encode_dataset, ten_crop_size
@@ -241,6 +242,25 @@ def test_training_at_another_size_than_model_resolution_says_what_the_export_def
     with pytest.warns(UserWarning, match=r"data.resolution=16 differs from model.resolution=32: encode, reconstruct "
                                          r"and eval-tokenizer default to model.resolution"):
         train_tokenizer(cfg, tmp_path / "run")
+
+
+def test_a_discriminator_that_never_starts_is_named(tmp_path):
+    """`--set train.steps=200000` on a config whose discriminator starts at 250001 trained no GAN step
+    without a word; a negative start was read as 0, and disc_lr_ratio=0 left the discriminator untrained."""
+    short = ["train.steps=1", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=0"]
+    cfg = load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", [*short, "loss.disc_start=1"])
+    with pytest.warns(UserWarning, match=r"loss.disc_start=1 is not before train.steps=1: this run trains no step "
+                                         r"with the adversarial loss"):
+        train_tokenizer(cfg, tmp_path / "late")
+    cfg = load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", [*short, "loss.disc_start=0"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_tokenizer(cfg, tmp_path / "on_time")
+    assert not [w for w in caught if "disc_start" in str(w.message)]
+    for override, said in [("loss.disc_start=-1", "loss.disc_start: must be >= 0"),
+                           ("disc_lr_ratio=0", "disc_lr_ratio: must be a finite number > 0")]:
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", [override])
 
 
 def test_keys_the_architecture_does_not_read_are_named_when_training(tmp_path):

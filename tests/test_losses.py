@@ -196,5 +196,10 @@ def test_bad_loss_config_values():
         LossConfig(perceptual="vgg")
     with pytest.raises(ValueError, match="disc_norm"):
         LossConfig(disc_norm="actnorm")
+    # a negative start was read as 0; the key is named as the loader names every key
+    with pytest.raises(ConfigError, match=r"^loss\.disc_start: must be >= 0 .*got -5$"):
+        from_dict(LossConfig, {"disc_start": -5}, prefix="loss")
+    with pytest.raises(ConfigError, match=r"^loss\.gan_loss: must be one of"):
+        from_dict(LossConfig, {"gan_loss": "vanilla"}, prefix="loss")
     with pytest.raises(ValueError, match="norm"):
         PatchDiscriminator(norm="instance")
