@@ -68,7 +68,8 @@ class TokenizerRunConfig:
     palette: PaletteConfig = opt(PaletteConfig, "model.architecture 'pixels' only: the k-means fit of its colour "
                                                 "palette, which replaces gradient training (of train.* it uses seed, "
                                                 "batch_size and keep_checkpoints)")
-    disc_lr_ratio: float = opt(1.0, "discriminator LR as a multiple of train.lr")
+    disc_lr_ratio: float = opt(1.0, "discriminator LR as a multiple of train.lr, on train.lr's schedule (warmup and "
+                                    "decay counted from step 0, not from loss.disc_start)")
 
     def __post_init__(self) -> None:
         channels = (self.model.in_channels, self.model.out_channels)
@@ -261,17 +262,19 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                                                perceptual, cfg.loss, step, unwrap(accelerator, model).last_layer_weight)
                         finite = optimizer_step(accelerator, g.total, opt_g, model, tc)
                         # -- discriminator, on the same images and only after a good generator update
-                        d_loss = torch.zeros((), device=accelerator.device)
+                        d_loss, d_logits = torch.zeros((), device=accelerator.device), {}
                         if use_gan:
                             disc_frozen.requires_grad_(True)
                             if gan_on and finite:
                                 with accelerator.autocast():
-                                    d_loss = discriminator_loss(disc(images), disc(out.reconstruction.detach()),
-                                                                cfg.loss)
+                                    real, fake = disc(images), disc(out.reconstruction.detach())
+                                    d_loss = discriminator_loss(real, fake, cfg.loss)
+                                # taming's logits_real / logits_fake: how far apart the discriminator tells them
+                                d_logits = {"logits_real": real.detach().mean(), "logits_fake": fake.detach().mean()}
                                 finite = optimizer_step(accelerator, d_loss, opt_d, disc, tc)
                     if finite:
                         metrics.add(loss=g.total, rec_loss=g.reconstruction, perceptual=g.perceptual, gan=g.gan,
-                                    gan_weight=g.gan_weight, quant_loss=g.quantizer, disc_loss=d_loss)
+                                    gan_weight=g.gan_weight, quant_loss=g.quantizer, disc_loss=d_loss, **d_logits)
                         if log_now:
                             # every quantizer statistic: usage and perplexity (from all ranks' codes), and
                             # the kind's own (per-depth usage/error of rvq, the entropies of lfq, restarts);

@@ -1,6 +1,7 @@
 """End-to-end stage 1: a short run on real digits learns, exports, reconstructs and resumes."""
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -37,6 +38,9 @@ def test_short_run_lowers_reconstruction_loss_and_exports(tmp_path):
     first, last = rows[0]["rec_loss"], rows[-1]["rec_loss"]
     assert last < 0.6 * first, (first, last)
     assert rows[-1]["disc_loss"] > 0  # the GAN switched on at disc_start
+    # the discriminator's mean logits on real and reconstructed images, logged from its first step on
+    assert not any("logits_real" in r for r in rows if r["step"] <= 40)
+    assert all(math.isfinite(r["logits_real"]) and math.isfinite(r["logits_fake"]) for r in rows if r["step"] > 40)
     assert all(r["images_per_s"] > 0 for r in rows)  # throughput, as the prior logs tokens_per_s
     assert (tmp_path / "run/config.yaml").is_file()
     assert list((tmp_path / "run/samples").glob("*.png"))
