@@ -90,6 +90,23 @@ def test_sample_bad_input_is_one_clear_message(handlers, args, message):
         handlers.sample(**{"class_name": "a", "num": 1, **args})
 
 
+def test_class_names_are_taken_as_chosen(pipe_dir, monkeypatch):
+    """Folders 'cat' and 'cat ' are two classes: the page stripped the chosen name and sampled the other."""
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    pipe.classes = ["cat", "cat ", "  dog"]
+    handlers, seen = AppHandlers(pipe), []
+    generate = VQGPTPipeline.generate
+    monkeypatch.setattr(VQGPTPipeline, "generate",
+                        lambda self, num, class_labels=None, **kw: seen.append(class_labels)
+                        or generate(self, num, class_labels=class_labels, **kw))
+    for name in handlers.class_choices:
+        _gallery, summary = handlers.sample(name, 1, seed=0)
+        assert f"of class {name}" in summary
+    assert seen == [0, 1, 2]
+    with pytest.raises(ValueError, match="choose a class"):
+        handlers.sample("  ", 1)
+
+
 def test_seeds_beyond_a_floats_integers_are_the_pipelines_seeds(handlers):
     # float(2**53 + 1) != 2**53 + 1: such seeds were refused as "not a whole number"
     for seed in (2**53 + 1, 2**63 - 1, -(2**63)):

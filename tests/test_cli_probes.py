@@ -259,6 +259,21 @@ def test_mnist_digit_names_stay_their_indices(user):
     assert letters.class_index("3") == 3  # names are not numbers: a bare number is an index
 
 
+def test_index_n_is_always_index_n_and_only_ascii_digits_are_numbers(user):
+    """A class folder named 'index:0' took `--class-label index:0`, which the README promises is index 0;
+    '²' passed str.isdigit and then failed int() with Python's own message."""
+    from vqgpt.workflow.pipeline import VQGPTPipeline
+
+    pipe = VQGPTPipeline.from_pretrained(user / "pipe")
+    pipe.classes = ["apple", "index:0", "²", "٣"] + [f"c{i}" for i in range(8)]
+    assert pipe.class_index("index:0") == 0 and pipe.class_index("index:1") == 1
+    assert pipe.class_index("²") == 2 and pipe.class_index("٣") == 3  # names, looked up as names
+    for label in ("³", "--3", "index:²"):
+        with pytest.raises(ValueError) as err:
+            pipe.class_index(label)
+        assert "invalid literal" not in str(err.value), str(err.value)
+
+
 def test_every_flag_has_a_help_text():
     missing = []
 

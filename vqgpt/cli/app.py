@@ -235,10 +235,11 @@ class AppHandlers:
         if class_name is None or not str(class_name).strip():
             raise ValueError(f"choose a class: {', '.join(self.class_choices[:20])}"
                              + (", ..." if len(self.class_choices) > 20 else ""))
-        return self.pipe.class_index(str(class_name).strip())
+        # the name as chosen: folders 'cat' and 'cat ' are two classes (stripping took the other one)
+        return self.pipe.class_index(str(class_name))
 
     def _of(self, class_name: str | None) -> str:
-        return f" of class {str(class_name).strip()}" if self.pipe.prior.conditional and class_name else ""
+        return f" of class {class_name}" if self.pipe.prior.conditional and class_name else ""
 
     def _image(self, path: str | None, fit_to: tuple[int, int] | None) -> torch.Tensor:
         """An uploaded file -> (3, H, W) in [-1, 1], fitted (resize + center crop) to ``fit_to`` or checked as is."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence, Union
@@ -31,7 +32,8 @@ ClassLabels = Union[int, str, Sequence[Union[int, str]], torch.Tensor, None]
 
 
 def _is_int(text: str) -> bool:
-    return text.lstrip("-").isdigit()
+    """An integer written in ASCII digits (``str.isdigit`` also passes '²', which ``int`` refuses)."""
+    return re.fullmatch(r"-?[0-9]+", text) is not None
 
 
 class VQGPTPipeline:
@@ -251,13 +253,13 @@ class VQGPTPipeline:
         return int(resolve_class_labels(self.prior, index, 1)[0])  # type: ignore[index, arg-type]
 
     def _name_to_index(self, label: str) -> int:
-        if label in self.classes:
-            return self.classes.index(label)
-        if label.startswith(INDEX_PREFIX):
+        if label.startswith(INDEX_PREFIX):  # before the names: a class folder named "index:0" does not take it
             digits = label[len(INDEX_PREFIX):]
             if not _is_int(digits):
                 raise ValueError(f"class label {label!r}: write an index as {INDEX_PREFIX}N, e.g. {INDEX_PREFIX}0")
             return int(digits)
+        if label in self.classes:
+            return self.classes.index(label)
         if not _is_int(label):
             raise ValueError(f"unknown class {label!r}; known classes: {self._known()}")
         if any(_is_int(c) for c in self.classes):
