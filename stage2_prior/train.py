@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -99,8 +100,12 @@ def model_config_for(cfg: PriorRunConfig, data: TokenDataset) -> GPTConfig:
     return dataclasses.replace(cfg.model, **filled)
 
 
-def sample_snapshot(model: GPT, decode: Decoder, path: Path, cfg: PriorRunConfig, seed: int = 0) -> Path:
-    """Write a grid of samples: one row per class (up to 10) for conditional priors, else 4x8."""
+def sample_snapshot(model: GPT, decode: Decoder, path: Path, cfg: PriorRunConfig, seed: int = 0,
+                    classes: Sequence[str] = ()) -> Path:
+    """Write a grid of samples: one row per class (up to 10) for conditional priors, else 4x8. Rows are
+    labelled with the class names when ``classes`` names every class, else with the indices. Guidance
+    (``cfg.sample_cfg_scale``) needs the null class that ``model.class_dropout`` > 0 trains: without
+    one, the grids sample unguided (``train_prior`` says so when it starts)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n_cls = model.config.num_classes
     if n_cls > 0:
@@ -111,12 +116,13 @@ def sample_snapshot(model: GPT, decode: Decoder, path: Path, cfg: PriorRunConfig
     was_training = model.training
     model.eval()
     sampling = SamplingConfig(temperature=cfg.sample_temperature,
-                              cfg_scale=cfg.sample_cfg_scale if n_cls > 0 else 1.0)
+                              cfg_scale=cfg.sample_cfg_scale if model.null_class is not None else 1.0)
     codes = generate(model, rows * 8, class_labels=labels, sampling=sampling, generator=gen)
     model.train(was_training)
     with torch.no_grad():
         images = decode(codes).float().cpu()
-    return save_grid(images, path, nrow=8, row_labels=[str(i) for i in range(rows)] if n_cls > 0 else None)
+    names = list(classes) if len(classes) == n_cls else [str(i) for i in range(n_cls)]
+    return save_grid(images, path, nrow=8, row_labels=[name[:24] for name in names[:rows]] if n_cls > 0 else None)
 
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -175,6 +181,12 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
         # Class dropout (labels -> null class at model.class_dropout, for guidance) happens inside the
         # model in train mode, drawn from torch's RNG, which save_state/load_state restore.
         conditional = model_cfg.num_classes > 0
+        classes = list(data.meta.get("classes", [])) if conditional else []
+        if is_main and decode is not None and conditional and model_cfg.class_dropout == 0 \
+                and cfg.sample_cfg_scale != 1:
+            warnings.warn(f"sample_cfg_scale={cfg.sample_cfg_scale}: model.class_dropout=0 trains no null class to "
+                          f"guide with, so the sample grids are drawn without guidance (and sampling this prior "
+                          f"takes --cfg-scale 1 only)", stacklevel=2)
 
         def checkpoint() -> None:
             check_replicas(accelerator, {"model": unwrap(accelerator, model), "ema": ema.module if ema else None})
@@ -186,7 +198,8 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
             # Under FSDP only all processes together hold the weights; sample from the export instead.
             if is_main and decode is not None and not fsdp:
                 net = ema.module if ema is not None else unwrap(accelerator, model)
-                grid = sample_snapshot(net, decode, run_dir / "samples" / f"step-{step:08d}.png", cfg)
+                grid = sample_snapshot(net, decode, run_dir / "samples" / f"step-{step:08d}.png", cfg,
+                                       classes=classes)
                 log_images(accelerator, "samples", grid, step)
 
         model.train()
@@ -230,8 +243,9 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
             final = GPT(model_cfg)
             final.load_state_dict(state)
         if is_main:
+            # an unconditional prior names no class (the shards' classes are not its)
             final.save_pretrained(export_dir, extra={"tokenizer_fingerprint": data.meta.get("tokenizer_fingerprint"),
-                                                     "classes": data.meta.get("classes", [])})
+                                                     "classes": classes})
             accelerator.print(f"prior exported to {export_dir}")
         finish_run(accelerator)
         return export_dir

@@ -140,3 +140,26 @@ def test_grad_checkpointing_option(tokens, tmp_path, monkeypatch):
     a, b = GPT.from_pretrained(runs["plain"]).state_dict(), GPT.from_pretrained(runs["ckpt"]).state_dict()
     for key in a:  # recomputation changes memory, not results
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_sample_grids_without_a_null_class_and_with_class_names(tmp_path, monkeypatch):
+    """class_dropout=0 trained every step, then the last sample grid asked for guidance the prior cannot
+    give: an error, and no export. The grids' rows were labelled 0, 1, ... whatever the classes' names."""
+    tokens = make_token_shards(tmp_path / "tokens")
+    meta_path = tokens / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["classes"] = ["zeta", "alpha", "10", "9"]
+    meta_path.write_text(json.dumps(meta))
+    labels = []
+    monkeypatch.setattr(prior_train, "save_grid", lambda images, path, nrow, row_labels: labels.append(row_labels))
+
+    def decode(codes):
+        return torch.zeros(codes.shape[0], 3, 8, 8)
+
+    cfg = prior_config(tokens, "train.steps=2", "train.sample_every=2", "model.class_dropout=0", "sample_cfg_scale=2")
+    with pytest.warns(UserWarning, match="sample_cfg_scale=2.0: model.class_dropout=0 trains no null class"):
+        export = train_prior(cfg, tmp_path / "run", decode=decode)
+    assert export.is_dir() and labels and all(rows == ["zeta", "alpha", "10", "9"] for rows in labels)
+    # an unconditional prior names no class
+    export = train_prior(prior_config(tokens, "train.steps=1", "conditional=false"), tmp_path / "uncond")
+    assert json.loads((export / "config.json").read_text()).get("classes", []) == []
