@@ -85,6 +85,21 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
     assert TokenShardWriter.resume(out, GRID, 512, META).count == 11
 
 
+def test_unreadable_names_are_kept_once_each_in_order_across_a_resume(tmp_path):
+    tokens, labels = _data(8)
+    writer = TokenShardWriter(tmp_path / "t", GRID, 512, META, shard_size=4)
+    for batch in (["b.png", "a.png", "b.png"], ["a.png", "c.png"], []):
+        writer.note_unreadable(batch)
+    writer.add(tokens[:4], labels[:4])  # the shard's meta.json carries them
+    assert writer.unreadable == ["b.png", "a.png", "c.png"]
+    del writer
+    writer = TokenShardWriter.resume(tmp_path / "t", GRID, 512, META, shard_size=4)
+    writer.note_unreadable(["c.png", "d.png"])  # met again on the resume: still once
+    writer.add(tokens[4:], labels[4:])
+    writer.close()
+    assert read_meta(tmp_path / "t")["unreadable"] == ["b.png", "a.png", "c.png", "d.png"]
+
+
 def test_resume_refuses_other_tokenizer_or_grid(tmp_path):
     tokens, labels = _data(5)
     _write(tmp_path / "tok", tokens, labels)

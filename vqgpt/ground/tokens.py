@@ -256,8 +256,14 @@ class TokenShardWriter:
 
     def note_unreadable(self, names: Sequence[str]) -> None:
         """Record source items that could not be read (once each; a resume may meet them again)."""
-        known = set(self.meta["unreadable"])
-        self.meta["unreadable"] += [n for n in dict.fromkeys(names) if n not in known]
+        listed = self.meta["unreadable"]
+        known = getattr(self, "_unreadable_known", None)
+        if known is None or len(known) != len(listed):  # kept across calls: a set per batch was quadratic
+            known = self._unreadable_known = set(listed)
+        for name in dict.fromkeys(names):
+            if name not in known:
+                listed.append(name)
+                known.add(name)
 
     def add(self, indices: torch.Tensor, labels: torch.Tensor,
             items: torch.Tensor | Sequence[int] | None = None) -> None:
