@@ -272,6 +272,9 @@ def test_index_n_is_always_index_n_and_only_ascii_digits_are_numbers(user):
         with pytest.raises(ValueError) as err:
             pipe.class_index(label)
         assert "invalid literal" not in str(err.value), str(err.value)
+    # a folder name in decomposed Unicode (as macOS writes it) is found by the composed name a user types
+    pipe.classes[4] = "u\u0308ber"
+    assert pipe.class_index("\u00fcber") == 4 and pipe.class_index("u\u0308ber") == 4
 
 
 def test_every_flag_has_a_help_text():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence, Union
@@ -260,6 +261,12 @@ class VQGPTPipeline:
             return int(digits)
         if label in self.classes:
             return self.classes.index(label)
+        # The same letters in another Unicode form: macOS names folders 'ü' as 'u' + a combining mark (NFD),
+        # which a typed 'ü' (NFC) is not; taken when exactly one class reads so.
+        alike = [i for i, name in enumerate(self.classes)
+                 if unicodedata.normalize("NFC", name) == unicodedata.normalize("NFC", label)]
+        if len(alike) == 1:
+            return alike[0]
         if not _is_int(label):
             raise ValueError(f"unknown class {label!r}; known classes: {self._known()}")
         if any(_is_int(c) for c in self.classes):
