@@ -46,7 +46,8 @@ class TrainConfig:
     min_lr_ratio: float = opt(0.1, "final LR as a fraction of the peak (cosine schedule)")
     warmup_steps: int = opt(100, "linear warmup steps")
     lr_schedule: str = opt("cosine", "cosine | constant (after warmup)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
+    weight_decay: float = opt(0.0, "AdamW (decoupled) weight decay, on weights of 2+ dimensions (embeddings and the "
+                                   "codebook too); norms and biases never decay")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")

@@ -27,7 +27,8 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(params, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay on matrices only (norms, biases and embeddings-1d exempt)."""
+    """AdamW with decoupled weight decay on tensors of 2 or more dimensions: matrices, convolutions, and the
+    embeddings and codebook too (as nanoGPT and LlamaGen decay them); norms and biases (1-d) are exempt."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
