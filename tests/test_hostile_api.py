@@ -224,7 +224,7 @@ def test_fid_stats_output_paths_are_checked_first_and_written_whole(tmp_path, mo
     (tmp_path / "folder.npz").mkdir()
     (tmp_path / "afile").write_text("x")
     computed = []
-    monkeypatch.setattr(evaluation, "extract_features", lambda *a, **k: computed.append(1))  # must not be reached
+    monkeypatch.setattr(evaluation, "stream_stats", lambda *a, **k: computed.append(1))  # must not be reached
     for out, message in ((tmp_path / "folder.npz", "is a folder, not a file: give a file path ending in .npz"),
                          (tmp_path / "afile" / "ref.npz", "afile is a file, not a folder")):
         assert main([*args, "--out", str(out)]) == 2

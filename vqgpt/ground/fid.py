@@ -12,8 +12,10 @@ of statistics to keep them apart).
 Reference statistics are an ``.npz`` holding ``mu`` (D,) and ``sigma`` (D, D) like the usual FID
 stats files, ``mu_s`` / ``sigma_s`` of the spatial features (sFID) like the ADM evaluator's
 reference batches, plus the feature network's name, the image source, and a subset of the raw
-features for precision/recall. An ADM reference batch (``arr_0``: uint8 (N, H, W, 3) images) is
-read in batches by ``npz_image_batches``.
+features for precision/recall. ``FeatureAccumulator`` sums them a batch at a time, in memory that
+does not grow with the number of images (a reference can be ImageNet-train's 1.28M); ``compute_stats``
+gives the same for features already in one array. An ADM reference batch (``arr_0``: uint8
+(N, H, W, 3) images) is read in batches by ``npz_image_batches``.
 
 sFID (Nash et al. 2021, as the ADM evaluator computes it) compares the first 7 channels of the TF
 graph's ``mixed_6/conv`` tensor, a (17, 17) map, flattened in TF's (H, W, C) order: 2023 numbers
@@ -217,7 +219,11 @@ def load_feature_extractor(spec: str | None = None, device: str | torch.device =
 
 def extract_features(extractor: FeatureExtractor, batches: Iterable[torch.Tensor], progress: bool = False,
                      desc: str = "features", total: int | None = None) -> Features:
-    """Features of every image in an iterable of (B, 3, H, W) batches in [-1, 1], concatenated on the CPU."""
+    """Features of every image in an iterable of (B, 3, H, W) batches in [-1, 1], concatenated on the CPU.
+
+    Holds every image's features (about 20 KB each for Inception): for a large or unknown number of
+    images use ``stream_stats``, whose memory does not grow with their number.
+    """
     parts = [extractor(images) for images in tqdm(batches, desc=desc, disable=not progress, total=total)]
     if not parts:
         raise ValueError("no images to extract features from")
@@ -315,6 +321,182 @@ def _subset(pool: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
         return pool
     rows = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
     return pool[rows.sort().values]
+
+
+class _Moments:
+    """Running float64 count, mean and covariance of feature rows fed a batch at a time.
+
+    The sums are taken about a fixed shift (the first batch's mean): near the true mean they stay
+    small, so ``sum y y^T - n ybar ybar^T`` does not cancel away the digits that a raw second moment
+    of positive Inception features would (the result matches np.cov of the whole array to ~1e-12).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.shift: torch.Tensor | None = None  # (D,) float64
+        self.sum: torch.Tensor | None = None    # (D,) sum of (x - shift)
+        self.outer: torch.Tensor | None = None  # (D, D) sum of (x - shift)(x - shift)^T
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().double()  # (B, D)
+        if self.shift is None:
+            self.shift = rows.mean(0)
+            self.sum = torch.zeros_like(self.shift)
+            self.outer = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
+        assert self.sum is not None and self.outer is not None
+        if rows.shape[1] != self.shift.shape[0]:
+            raise ValueError(f"feature rows of width {rows.shape[1]} after rows of width {self.shift.shape[0]}")
+        centred = rows - self.shift.to(rows.device)
+        self.sum += centred.sum(0).to(self.sum.device)
+        self.outer += (centred.T @ centred).to(self.outer.device)
+        self.count += rows.shape[0]
+
+    def gaussian(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean (D,) and unbiased covariance (D, D), as ``_gaussian`` gives them for all the rows at once."""
+        if self.count < 2 or self.shift is None or self.sum is None or self.outer is None:
+            raise ValueError(f"need at least 2 feature rows for a covariance, got {self.count}")
+        mean_offset = self.sum / self.count
+        sigma = (self.outer - torch.outer(self.sum, mean_offset)) / (self.count - 1)
+        sigma = (sigma + sigma.T) / 2  # exactly symmetric, as the sum it stands for
+        return (self.shift + mean_offset).cpu().numpy(), sigma.cpu().numpy()
+
+
+class _InceptionScoreSums:
+    """The parts of torch-fidelity's Inception Score of N rows of logits, fed in order a batch at a time.
+
+    torch-fidelity shuffles the N rows (numpy seed 2020) and cuts them into ``splits`` chunks; per
+    chunk, exp(mean KL(p(y|x) || p(y))), where mean KL = mean of sum p log p - sum q log q with q the
+    chunk's mean of p. Only the chunk of each row (from N, known up front), the chunk's sum of p (K,)
+    and of sum p log p are kept. The same figures as ``inception_score`` to float64 round-off; where
+    a class gets no probability mass in a chunk (q = 0) this gives 0 * log 0 = 0, torch-fidelity NaN.
+    """
+
+    def __init__(self, num_rows: int, splits: int = 10) -> None:
+        if num_rows < 1:
+            raise ValueError(f"the Inception Score needs at least 1 row of logits, got {num_rows}")
+        self.num_rows, self.splits = num_rows, max(1, min(splits, num_rows))
+        position = np.empty(num_rows, np.int64)
+        position[np.random.RandomState(2020).permutation(num_rows)] = np.arange(num_rows)  # row -> place in shuffle
+        bounds = np.array([(i + 1) * num_rows // self.splits for i in range(self.splits)])
+        self.chunk = torch.from_numpy(np.searchsorted(bounds, position, side="right"))  # (N,) chunk of each row
+        self.count = 0
+        self.p_sum: torch.Tensor | None = None                                 # (splits, K) float64
+        self.negentropy_sum = torch.zeros(self.splits, dtype=torch.float64)    # (splits,)
+
+    def update(self, logits: torch.Tensor) -> None:
+        logits = logits.detach().double().cpu()  # (B, K)
+        if self.count + len(logits) > self.num_rows:
+            raise ValueError(f"more than the {self.num_rows} rows of logits announced")
+        chunk = self.chunk[self.count:self.count + len(logits)]
+        if self.p_sum is None:
+            self.p_sum = torch.zeros(self.splits, logits.shape[1], dtype=torch.float64)
+        p = logits.softmax(dim=1)
+        self.p_sum.index_add_(0, chunk, p)
+        self.negentropy_sum.index_add_(0, chunk, (p * logits.log_softmax(dim=1)).sum(1))
+        self.count += len(logits)
+
+    def score(self) -> InceptionScore:
+        if self.count != self.num_rows or self.p_sum is None:
+            raise ValueError(f"the Inception Score was announced {self.num_rows} rows of logits, got {self.count}")
+        sizes = torch.tensor([(i + 1) * self.num_rows // self.splits - i * self.num_rows // self.splits
+                              for i in range(self.splits)], dtype=torch.float64)
+        q = self.p_sum / sizes[:, None]
+        kl = self.negentropy_sum / sizes - torch.special.xlogy(q, q).sum(1)
+        scores = kl.exp().numpy()
+        return InceptionScore(float(np.mean(scores)), float(np.std(scores)))
+
+
+class FeatureAccumulator:
+    """Statistics of image features fed in order a batch at a time, in memory that does not grow with their number.
+
+    Gives what ``compute_stats`` gives for all the rows at once (``stats``): mu / sigma of the pool
+    and of the spatial features (float64 running sums), and the same subset for precision/recall,
+    which needs the row count ``num_rows`` up front when it is less than all rows: ``_subset`` picks
+    rows ``randperm(N)[:keep_features]``, so the rows to keep are known before they come. With
+    ``inception_splits`` (and ``num_rows``) it also gives the Inception Score of the logits.
+
+    When fewer rows come than announced (a reference image that failed to decode, no other to take
+    its place), the subset is the announced one's rows that came: slightly fewer than ``keep_features``
+    and not the rows a whole-array ``compute_stats`` would pick. The statistics are exact either way.
+    """
+
+    def __init__(self, num_rows: int | None = None, keep_features: int | None = PR_MAX_FEATURES, seed: int = 0,
+                 spatial: bool = True, inception_splits: int | None = None) -> None:
+        self.num_rows, self.keep_features = num_rows, keep_features
+        self.count = 0
+        self.pool, self.spatial = _Moments(), (_Moments() if spatial else None)
+        self.rows: torch.Tensor | None = None  # sorted indices of the rows kept; None: every row
+        if keep_features is not None and keep_features != 0:
+            if num_rows is None:
+                raise ValueError("keeping a subset of the features needs the number of rows up front (num_rows)")
+            if num_rows > keep_features:
+                self.rows = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))[:keep_features]
+                self.rows = self.rows.sort().values
+        self.kept: list[torch.Tensor] = []
+        self.inception: _InceptionScoreSums | None = None
+        if inception_splits is not None:
+            if num_rows is None:
+                raise ValueError("the Inception Score needs the number of rows up front (num_rows)")
+            self.inception = _InceptionScoreSums(num_rows, inception_splits)
+
+    def update(self, features: Features) -> None:
+        """Take the next batch of rows: Features(pool (B, D), logits (B, K), spatial (B, S))."""
+        pool, count = features.pool, len(features.pool)
+        if self.num_rows is not None and self.count + count > self.num_rows:
+            raise ValueError(f"more than the {self.num_rows} feature rows announced")
+        if count == 0:
+            return
+        self.pool.update(pool)
+        if self.spatial is not None:
+            self.spatial.update(features.spatial)
+        if self.inception is not None:
+            self.inception.update(features.logits)
+        if self.keep_features != 0:
+            if self.rows is None:
+                self.kept.append(pool.detach().float().cpu().clone())
+            else:
+                lo, hi = torch.searchsorted(self.rows, torch.tensor([self.count, self.count + count])).tolist()
+                if hi > lo:  # indexing copies: the batch itself is not kept alive
+                    self.kept.append(pool.detach()[(self.rows[lo:hi] - self.count).to(pool.device)].float().cpu())
+        self.count += count
+
+    def features(self) -> torch.Tensor | None:
+        """The rows kept for precision/recall (n, D) float32 on the CPU, in order; None with keep_features=0."""
+        if self.keep_features == 0:
+            return None
+        if not self.kept:
+            return torch.zeros(0, self.pool.shift.shape[0] if self.pool.shift is not None else 0)
+        return torch.cat(self.kept)
+
+    def stats(self, feature_network: str, source: str = "", split: str = "", resolution: int = 0) -> FeatureStats:
+        """What ``compute_stats`` gives for the rows fed so far (all of them at once)."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 images for feature statistics, got {self.count}")
+        mu, sigma = self.pool.gaussian()
+        spatial_mu, spatial_sigma = self.spatial.gaussian() if self.spatial is not None else (None, None)
+        kept = self.features()
+        return FeatureStats(mu, sigma, self.count, feature_network, None if kept is None else kept.numpy(),
+                            source, split, int(resolution), spatial_mu, spatial_sigma)
+
+    def inception_score(self) -> InceptionScore:
+        if self.inception is None:
+            raise ValueError("no Inception Score: the accumulator was made without inception_splits")
+        return self.inception.score()
+
+
+def stream_stats(extractor: FeatureExtractor, batches: Iterable[torch.Tensor], num_images: int | None,
+                 keep_features: int | None = PR_MAX_FEATURES, seed: int = 0, progress: bool = False,
+                 desc: str = "features", total: int | None = None) -> FeatureAccumulator:
+    """``extract_features`` + ``compute_stats`` a batch at a time: only the statistics and the kept rows stay.
+
+    ``num_images``: how many images the batches hold (needed when ``keep_features`` is less than that).
+    """
+    accumulator = FeatureAccumulator(num_images, keep_features, seed)
+    for images in tqdm(batches, desc=desc, disable=not progress, total=total):
+        accumulator.update(extractor(images))
+    if accumulator.count == 0:
+        raise ValueError("no images to extract features from")
+    return accumulator
 
 
 def check_stats_path(path: str | Path) -> Path:

@@ -9,7 +9,9 @@ random-weight network: useful to compare runs with each other on a machine witho
 never to compare with papers. The network used is reported as ``fid_features``.
 
 ``eval_prior`` runs on every process ``accelerate launch`` started: each draws and scores its
-share of the samples, the features are gathered, and the first process computes the report. A
+share of the samples, and each round of batches is gathered and summed in sample order, so the report
+does not depend on the process count. Features are summed as they come (``FeatureAccumulator``):
+memory does not grow with the number of samples or reference images. A
 reference in the ADM evaluator's layout (``arr_0`` images, ``mu`` / ``sigma``, ``mu_s`` /
 ``sigma_s``) is read as that evaluator reads it: see ``eval_prior``.
 """
@@ -35,20 +37,22 @@ from vqgpt.ground.fid import (
     PR_MAX_FEATURES,
     PR_NEIGHBORHOOD,
     UNKNOWN_NETWORK,
+    FeatureAccumulator,
     FeatureExtractor,
     FeatureNetworkUnavailable,
     Features,
     FeatureStats,
     check_stats_path,
-    compute_stats,
-    extract_features,
+    compute_stats,  # noqa: F401  (whole-array forms, kept importable from here; the evaluations stream)
+    extract_features,  # noqa: F401
     frechet_distance,
-    inception_score,
+    inception_score,  # noqa: F401
     load_feature_extractor,
     load_stats,
     npz_image_batches,
     precision_recall,
     save_stats,
+    stream_stats,
 )
 
 
@@ -155,11 +159,12 @@ def eval_tokenizer(tokenizer_dir: str | Path, images: str, fid_weights: str | No
     check_source_package(images)  # before the FID network loads (or fails to, offline, with a warning)
     dev = _device(device)
     extractor = _optional_extractor(fid_weights, dev)
-    real, fake = [], []
+    # summed as they come: the eval split may hold 50k images
+    real, fake = FeatureAccumulator(keep_features=0, spatial=False), FeatureAccumulator(keep_features=0, spatial=False)
 
     def collect(originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
-        real.append(extractor(originals).pool.cpu())
-        fake.append(extractor(reconstructions).pool.cpu())
+        real.update(extractor(originals))
+        fake.update(extractor(reconstructions))
 
     with tempfile.TemporaryDirectory(prefix="vqgpt-eval-") as scratch:
         metrics = reconstruct(tokenizer_dir, images, out if out is not None else scratch, num_images=num_images,
@@ -167,11 +172,10 @@ def eval_tokenizer(tokenizer_dir: str | Path, images: str, fid_weights: str | No
                               device=str(dev), progress=progress, on_batch=collect if extractor is not None else None)
     rfid = None
     if extractor is not None:
-        if sum(len(r) for r in real) < 2:
+        if real.count < 2:
             warnings.warn("rFID needs at least 2 images; reporting rfid as null", stacklevel=2)
         else:
-            rfid = frechet_distance(compute_stats(torch.cat(real), extractor.name, keep_features=0),
-                                    compute_stats(torch.cat(fake), extractor.name, keep_features=0), name="rFID")
+            rfid = frechet_distance(real.stats(extractor.name), fake.stats(extractor.name), name="rFID")
     metrics = {**metrics, "rfid": rfid, "fid_features": extractor.name if extractor is not None else None}
     if set(metrics) != set(TOKENIZER_KEYS):  # reconstruct() changed its keys: keep the JSON schema honest
         extra, missing = sorted(set(metrics) - set(TOKENIZER_KEYS)), sorted(set(TOKENIZER_KEYS) - set(metrics))
@@ -196,15 +200,18 @@ def _optional_extractor(fid_weights: str | None, device: torch.device) -> Featur
 def reference_stats(extractor: FeatureExtractor, source: str, resolution: int, split: str = "train",
                     num_images: int | None = None, batch_size: int = 64, keep_features: int = PR_MAX_FEATURES,
                     progress: bool = True) -> FeatureStats:
-    """Feature statistics of the images of ``source`` (deterministic crops, no flips) at ``resolution``."""
+    """Feature statistics of the images of ``source`` (deterministic crops, no flips) at ``resolution``.
+
+    Summed a batch at a time (an ImageNet-train reference of 1.28M images would need ~50 GB as one
+    array); the same statistics and the same precision/recall subset as ``compute_stats`` of all of them.
+    """
     dataset = build_dataset(DataConfig(source=source, resolution=resolution, random_crop=False, hflip=False), split)
     wanted = len(dataset) if num_images is None else min(num_images, len(dataset))
     # a file that fails to decode is left out and the next readable one takes its place, up to num_images
     batches = readable_batches(dataset, batch_size, limit=num_images)
-    features = extract_features(extractor, (images for images, _ in batches), progress=progress,
-                                desc=f"reference features ({source})", total=-(-wanted // batch_size))
-    return compute_stats(features.pool, extractor.name, keep_features=keep_features, source=source, split=split,
-                         resolution=resolution, spatial=features.spatial)
+    accumulator = stream_stats(extractor, (images for images, _ in batches), wanted, keep_features,
+                               progress=progress, desc=f"reference features ({source})", total=-(-wanted // batch_size))
+    return accumulator.stats(extractor.name, source=source, split=split, resolution=resolution)
 
 
 def fid_stats(images: str, out: str | Path, fid_weights: str | None = None, resolution: int = 32,
@@ -247,8 +254,9 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
     A conditional prior is sampled with class labels 0, 1, ..., K-1, 0, 1, ... (balanced); sample i
     is drawn from its own seed, as ``vqgpt sample --out FOLDER/`` draws it (``sample_many``), in
     batches of ``batch_size`` consecutive indices. Under ``accelerate launch`` batch c is drawn and
-    scored by process c % N; the features are gathered in index order and the first process
-    computes the report, which every process returns: the figures do not depend on the process count.
+    scored by process c % N; after each round of N batches their features are gathered and summed in
+    index order, batch by batch as one process sums them, and the first process computes the report,
+    which every process returns: the figures do not depend on the process count.
 
     ``reference``: an image source; a stats .npz of ``vqgpt fid-stats``; or a reference batch of the
     ADM evaluator (``arr_0`` uint8 (N, H, W, 3) images, with or without ``mu``, ``sigma``, ``mu_s``,
@@ -292,26 +300,38 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
 
     labels = torch.arange(num_samples) % num_classes if num_classes else None
     grid = pipe.grid_for_pixels(None, None)
-    mine = sample_many.batch_ranges(num_samples, batch_size)[state.process_index::state.num_processes]
-    parts, indices, correct = [], [], []
-    for batch in tqdm(mine, desc="sampling", disable=not (progress and main)):
+    # precision/recall see at most PR_MAX_FEATURES samples (seed 0), all of them against an ADM reference batch:
+    # those rows are kept; of the rest only sums (FID, sFID, IS, class accuracy) stay
+    summed = FeatureAccumulator(num_samples, None if image_batch else PR_MAX_FEATURES, inception_splits=10)
+    hits = 0
+
+    def score(batch: range) -> dict[str, torch.Tensor]:
         index = list(batch)
         batch_labels = labels[index] if labels is not None else None
         images = sample_many.draw_images(pipe, index, batch_labels, grid, sampling, seed)  # (B, 3, H, W)
-        out = extractor(images)
-        parts.append(Features(*(t.cpu() for t in out)))
-        indices.append(torch.tensor(index))
+        rows = extractor(images)._asdict()
         if classifier is not None:
-            correct.append((predict(classifier, images) == digits[batch_labels]).to(torch.uint8))
-    rows = _rows(extractor, parts, height, width)
-    if classifier is not None:
-        rows["correct"] = torch.cat([torch.zeros(0, dtype=torch.uint8), *correct])
-    rows = _gather_in_order(state, torch.cat([torch.zeros(0, dtype=torch.long), *indices]), rows)
+            rows["correct"] = (predict(classifier, images) == digits[batch_labels]).to(torch.uint8)
+        return rows
+
+    def take(rows: dict[str, torch.Tensor]) -> None:
+        nonlocal hits
+        if not main:  # only the first process computes the report
+            return
+        summed.update(Features(*(rows[key] for key in Features._fields)))
+        if classifier is not None:
+            hits += int(rows["correct"].sum())
+
+    blank = {**_blank_rows(extractor, height, width), **({"correct": torch.zeros(0, dtype=torch.uint8)}
+                                                         if classifier is not None else {})}
+    _score_in_rounds(state, sample_many.batch_ranges(num_samples, batch_size), score, take, blank,
+                     desc="sampling", progress=progress and main)
 
     report = None
     if main:
-        pool = rows["pool"]
-        samples = compute_stats(pool, extractor.name, keep_features=0, spatial=rows["spatial"])
+        pool = summed.features()
+        assert pool is not None
+        samples = summed.stats(extractor.name)
         fid = frechet_distance(ref, samples)
         sfid = None
         if ref.spatial_mu is None:
@@ -319,39 +339,68 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
                           "reported as null", stacklevel=2)
         else:
             sfid = frechet_distance(ref.spatial(), samples.spatial(), name="sFID")
-        score = inception_score(rows["logits"])
+        inception = summed.inception_score()
         pr = None
-        if ref.features is None or min(len(ref.features), len(pool)) <= PR_NEIGHBORHOOD:
+        if ref.features is None or min(len(ref.features), num_samples) <= PR_NEIGHBORHOOD:
             warnings.warn(f"precision/recall need more than {PR_NEIGHBORHOOD} reference features or images (in "
                           f"{reference}) and samples; reported as null", stacklevel=2)
         else:
+            # pool is already the subset precision_recall would take of all samples (the same seeded rows)
             pr = precision_recall(ref.features, pool, max_features=None if image_batch else PR_MAX_FEATURES,
                                   device=dev)
         report = PriorReport(
             pipeline=str(pipeline_dir), reference=str(reference), num_samples=num_samples,
             num_reference=ref.num_images or None, resolution=height, cfg_scale=sampling.cfg_scale,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=seed,
-            fid=fid, sfid=sfid, inception_score=score.mean, inception_score_std=score.std,
+            fid=fid, sfid=sfid, inception_score=inception.mean, inception_score_std=inception.std,
             precision=pr.precision if pr else None, recall=pr.recall if pr else None,
-            class_accuracy=float(rows["correct"].double().mean()) if "correct" in rows else None,
+            class_accuracy=hits / num_samples if classifier is not None else None,
             classifier_heldout_accuracy=heldout, fid_features=extractor.name)
     return _from_main_process(state, report)
 
 
-def _rows(extractor: FeatureExtractor, parts: list[Features], height: int, width: int) -> dict[str, torch.Tensor]:
-    """This process's features (n, ...) by name; (0, ...) when it drew nothing (more processes than batches)."""
-    if not parts:
-        empty = extractor(torch.zeros(1, 3, height, width))
-        parts = [Features(*(t[:0].cpu() for t in empty))]
-    return {key: torch.cat([getattr(p, key) for p in parts]) for key in Features._fields}
+def _blank_rows(extractor: FeatureExtractor, height: int, width: int) -> dict[str, torch.Tensor]:
+    """Features (0, ...) by name: a process's share of a round in which it scores no batch."""
+    empty = extractor(torch.zeros(1, 3, height, width))
+    return {key: getattr(empty, key)[:0] for key in Features._fields}
 
 
-def _gather_in_order(state: Any, indices: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _score_in_rounds(state: Any, batches: list[range], score: Any, take: Any, blank: dict[str, torch.Tensor],
+                     desc: str, progress: bool, items: Any = None) -> None:
+    """Rows of every batch, handed to ``take`` batch by batch in index order on every process.
+
+    Round r: batch r * N + p is scored by process p (``score(batch)`` -> rows by name), the round's
+    rows are gathered, and ``take`` gets them cut back into batches: the batches one process would
+    see, in its order, so running sums are the same, bit for bit, for any process count. Only a
+    round's rows are held at a time. ``items``: an iterable read alongside ``batches`` (every
+    process reads every item, scoring its own), passed to ``score`` as its second argument.
+    """
+    processes, rank = state.num_processes, state.process_index
+    items = iter(items) if items is not None else None
+    for first in tqdm(range(0, len(batches), processes), desc=desc, disable=not progress):
+        round_batches = batches[first:first + processes]
+        rows, index = blank, torch.zeros(0, dtype=torch.long)
+        for p, batch in enumerate(round_batches):
+            item = next(items) if items is not None else None
+            if p == rank:
+                rows = score(batch) if items is None else score(batch, item)
+                index = torch.tensor(list(batch), dtype=torch.long)
+        rows = _gather_in_order(state, index, rows, start=round_batches[0].start)
+        at = 0
+        for batch in round_batches:
+            take({key: t[at:at + len(batch)] for key, t in rows.items()})
+            at += len(batch)
+
+
+def _gather_in_order(state: Any, indices: torch.Tensor, rows: dict[str, torch.Tensor],
+                     start: int = 0) -> dict[str, torch.Tensor]:
     """Rows (n_r, ...) of sample ``indices`` (n_r,) on every process -> all rows in index order, on every process.
 
-    The shares differ in size by up to a batch: each is padded to the longest for the gather (index
-    -1 marks the padding) and trimmed after it.
+    The gathered indices must be ``start``, start + 1, ... once each. The shares differ in size by up
+    to a batch: each is padded to the longest for the gather (index -1 marks the padding) and trimmed
+    after it. The rows come back on the CPU for any process count, so that sums of them agree bit for bit.
     """
+    rows = {key: t.cpu() for key, t in rows.items()}
     if state.num_processes > 1:
         from accelerate.utils import gather, pad_across_processes
 
@@ -363,8 +412,8 @@ def _gather_in_order(state: Any, indices: torch.Tensor, rows: dict[str, torch.Te
         indices = indices[keep]
         rows = {key: everyone(t)[keep] for key, t in rows.items()}
     order = indices.argsort()
-    if not torch.equal(indices[order], torch.arange(len(indices))):
-        raise RuntimeError(f"gathered sample indices are not 0..{len(indices) - 1} once each")
+    if not torch.equal(indices[order], torch.arange(start, start + len(indices))):
+        raise RuntimeError(f"gathered sample indices are not {start}..{start + len(indices) - 1} once each")
     return {key: t[order] for key, t in rows.items()}
 
 
@@ -420,23 +469,28 @@ def _image_batch_stats(extractor: FeatureExtractor, path: str, resolution: int, 
     """An ADM reference batch -> its statistics: ``mu``/``sigma``, ``mu_s``/``sigma_s`` from the file where there,
     else from the features of ``arr_0``; every image's features kept for precision/recall.
 
-    The images are scored like the samples: batch c by process c % N, gathered in order.
+    The images are scored like the samples: batch c by process c % N, gathered and summed in order.
     """
     state = state or launched_process_state("each would score every reference image")
     num, batches = npz_image_batches(path, batch_size)
-    parts, indices, size = [], [], None
-    for c, images in enumerate(tqdm(batches, desc=f"reference features ({path})", disable=not progress,
-                                    total=-(-num // batch_size))):
-        size = images.shape[2:]
-        if c % state.num_processes == state.process_index:
-            out = extractor(images)
-            parts.append(Features(*(t.cpu() for t in out)))
-            indices.append(torch.arange(c * batch_size, c * batch_size + len(images)))
-    rows = _gather_in_order(state, torch.cat([torch.zeros(0, dtype=torch.long), *indices]),
-                            _rows(extractor, parts, resolution, resolution))
+    summed = FeatureAccumulator(num, keep_features=None)  # ADM's precision/recall: every reference image
+    sizes = []
+
+    def read() -> Any:
+        for images in batches:
+            sizes.append(tuple(images.shape[2:]))
+            yield images
+
+    items = read()
+    _score_in_rounds(state, [range(start, min(start + batch_size, num)) for start in range(0, num, batch_size)],
+                     lambda batch, images: extractor(images)._asdict(), lambda rows: summed.update(Features(**rows)),
+                     _blank_rows(extractor, resolution, resolution), desc=f"reference features ({path})",
+                     progress=progress, items=items)
+    for _ in items:  # the end of the archive: closes it
+        pass
+    size = sizes[-1] if sizes else None
     image_size = int(size[0]) if size is not None and size[0] == size[1] else 0
-    computed = compute_stats(rows["pool"], extractor.name, keep_features=None, source=path, resolution=image_size,
-                             spatial=rows["spatial"])
+    computed = summed.stats(extractor.name, source=path, resolution=image_size)
     stored = load_stats(path) if _has_keys(path, "mu", "sigma") else None
     if stored is not None:  # the file's statistics win, as in the ADM evaluator (they were made with TF's Inception)
         computed.mu, computed.sigma, computed.feature_network = stored.mu, stored.sigma, UNKNOWN_NETWORK
