@@ -612,7 +612,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
     from vqgpt.ground.shard_writer import write_shards
 
     report = write_shards(args.source, args.out, args.per_shard, split=args.split, resolution=args.resolution,
-                          index_dir=args.index_dir)
+                          index_dir=args.index_dir, overwrite=args.overwrite)
     if report.unreadable:
         print(f"left out {len(report.unreadable)} items that are no image: {', '.join(report.unreadable[:5])}"
               f"{' ...' if len(report.unreadable) > 5 else ''}", file=sys.stderr)
@@ -824,6 +824,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels of a built-in source's images (stored as PNG); files and dataset rows are copied "
                         "as they are stored, never re-encoded")
     p.add_argument("--index-dir", default="", help="where the shards' indexes are cached (default: data.index_dir's)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the shards already in OUT, finished or left by an interrupted run, and write them "
+                        "from scratch (without it, a re-run continues an interrupted run of the same source and "
+                        "options, and refuses any other)")
     p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("config-reference", help="print every config key with its type, default and meaning")

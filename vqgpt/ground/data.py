@@ -534,6 +534,22 @@ def source_identity(source: str, index_dir: str = "") -> dict:
     return {"kind": "folder", "root": str(root.resolve()), "files": files}
 
 
+def describe_file_changes(old: list[list], new: list[list]) -> str:
+    """'3 files added (a.png, ...), 1 removed (b.png), 1 modified (c.png)' between two file lists of
+    ``source_identity`` (modified: another size or modification time)."""
+    before = {name: (size, mtime) for name, size, mtime in old}
+    after = {name: (size, mtime) for name, size, mtime in new}
+    parts = []
+    for what, names in (("added", [n for n in after if n not in before]),
+                        ("removed", [n for n in before if n not in after]),
+                        ("modified", [n for n in after if n in before and after[n] != before[n]])):
+        if names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            count = f"{len(names)} file{'' if len(names) == 1 else 's'}" if not parts else str(len(names))
+            parts.append(f"{count} {what} ({shown})")
+    return ", ".join(parts)
+
+
 def eval_images(source: str, resolution: int, resize: bool = True) -> ImageDataset:
     """Deterministic images to reconstruct: every file of a folder (center-cropped) or a builtin's eval split."""
     return build_dataset(DataConfig(source=source, resolution=resolution, resize=resize), "eval")

@@ -1,24 +1,48 @@
-"""``vqgpt shard``: any image source written as tar shards in the webdataset layout, for ``wds:``."""
+"""``vqgpt shard``: any image source written as tar shards in the webdataset layout, for ``wds:``.
+
+Converting a large set takes hours, so an interrupted run is continued, not redone: shards are
+written into ``OUT/.partial/``, and each one, once closed, is synced to disk and recorded (name,
+size, sha256, where the source's items go on after it) in ``.partial/progress.json``, written
+whole after each shard. A re-run of the same command keeps the recorded shards and continues with
+the item after the last one; the shard that was being written when the run stopped is not
+recorded and is written again. The samples are deterministic (fixed mtime, item index as key), so
+the continued set is byte for byte the set one uninterrupted run writes. A re-run with another
+source, split, ``--per-shard`` or (for a built-in set) ``--resolution``, or over a source whose
+images changed meanwhile, is refused with what differs (a continued set would mix two
+conversions); ``overwrite`` deletes the unfinished run's shards and starts over.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import shutil
+import socket
+import sys
+import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vqgpt.ground.data import FolderImageDataset, build_dataset
+from vqgpt.ground.data import FolderImageDataset, build_dataset, describe_file_changes, source_identity
 from vqgpt.ground.dataset_base import DataConfig, EncodedImageDataset, ImageDataset, Unreadable
+from vqgpt.ground.files import write_bytes_whole
 from vqgpt.ground.images import tensor_to_pil
 from vqgpt.ground.tar_shards import CLASSES_FILE, PREFIX, shard_index
 
 SHARD_NAME = "shard-%06d.tar"
 PARTIAL_DIR = ".partial"  # where the shards are written until the last one is closed
+PROGRESS_FILE = "progress.json"  # in .partial: what the run converts, and the shards it has closed whole
+SOURCE_FILES = "source-files.json"  # in .partial: a folder source's files (path, size, time), to name what changed
+LOCK_FILE = ".lock"  # in .partial: held by the run that writes there
+# Version of what a sample holds (key, members, json fields): a vqgpt that writes other bytes must not
+# continue an older one's shards. Raise it with any change to what a shard holds.
+LAYOUT = 1
+_ENTRY_KEYS = {"name", "bytes", "sha256", "samples", "next", "unreadable"}  # what the record says of a shard
 
 
 class ShardReport(NamedTuple):
@@ -56,13 +80,18 @@ def _sample(dataset: ImageDataset, index: int) -> tuple[bytes, str, int] | Unrea
 
 
 def write_shards(source: str, out: str | Path, per_shard: int, split: str = "train",
-                 resolution: int = DataConfig.resolution, index_dir: str = "", progress: bool = True) -> ShardReport:
+                 resolution: int = DataConfig.resolution, index_dir: str = "", progress: bool = True,
+                 overwrite: bool = False) -> ShardReport:
     """Write every item of ``source``'s ``split`` into ``OUT/shard-000000.tar``, ... (``per_shard``
     samples each): key = item index, the image under its format's extension (a folder's file, a
     dataset row's or a shard member's bytes unchanged; a built-in's images as PNG at ``resolution``,
     center-cropped), ``cls`` = class index, ``json`` = {"label", "class" (its name), "name" (the
     item in the source)}; OUT/classes.json lists the source's classes. The shards are indexed for
-    ``wds:`` as they are written."""
+    ``wds:`` as they are written.
+
+    A run into an OUT where an earlier one was interrupted continues it when the source and options
+    are the same, and refuses otherwise (see the module docstring); ``overwrite`` deletes the shards
+    already in OUT, finished or not, and writes them from scratch."""
     import webdataset
 
     if per_shard < 1:
@@ -70,48 +99,256 @@ def write_shards(source: str, out: str | Path, per_shard: int, split: str = "tra
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the shards")
-    existing = sorted(out.glob("shard-*.tar")) if out.is_dir() else []
-    if existing:
-        raise ValueError(f"--out {out} already holds {len(existing)} shards ({existing[0].name}, ...): delete them "
-                         f"or choose another folder")
+    if not overwrite:
+        _refuse_a_finished_set(out)
     # deterministic items: center crops, no flip (a folder's or dataset's bytes are copied as stored anyway)
     cfg = DataConfig(source=source, resolution=resolution, random_crop=False, hflip=False, index_dir=index_dir)
     dataset = build_dataset(cfg, split)
+    wanted, files = _identity(source, split, per_shard, resolution, index_dir, dataset)
     # Shards are written into OUT/.partial/ and moved into OUT together once the last one is closed:
     # an interrupted run leaves no shard-*.tar that wds:OUT would read as the whole (smaller) set.
     partial = out / PARTIAL_DIR
-    if partial.exists():  # an interrupted earlier run's: it never made a shard of OUT
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    written: list[Path] = []
-    unreadable: list[str] = []
-    count = 0
-    # mtime fixed: the same images give byte-identical shards
-    with webdataset.ShardWriter(str(partial / SHARD_NAME), maxcount=per_shard, verbose=0, mtime=0,
-                                post=lambda name: written.append(Path(name))) as sink:
-        for index in tqdm(range(len(dataset)), desc="shard", unit="img", disable=not progress):
-            sample = _sample(dataset, index)
-            if isinstance(sample, Unreadable):
-                unreadable.append(sample.path)
-                continue
-            data, ext, label = sample
-            sink.write({"__key__": f"{index:08d}", ext: data, "cls": label,
-                        "json": {"label": label, "class": dataset.classes[label], "name": dataset.name(index)}})
-            count += 1
-    if not count:  # ShardWriter opens its first shard before any sample: nothing readable was written
-        shutil.rmtree(partial)
-        raise ValueError(f"no readable image in {source} ({len(unreadable)} left out)")
-    # the whole class list, beside the shards: a class without a readable image has no sample to name it
-    (partial / CLASSES_FILE).write_text(json.dumps({"classes": list(dataset.classes)}, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
-    os.replace(partial / CLASSES_FILE, out / CLASSES_FILE)
-    shards = []
-    for shard in written:
-        shards.append(out / shard.name)
-        os.replace(shard, shards[-1])
-    partial.rmdir()
+    lock = _lock(partial)
+    try:
+        if overwrite:
+            for path in [*out.glob("shard-*.tar"), out / CLASSES_FILE]:
+                path.unlink(missing_ok=True)
+        else:
+            _refuse_a_finished_set(out)  # again: a run that held the lock may have finished meanwhile
+        record = {"identity": wanted, "shards": _kept_shards(partial, wanted, files, overwrite)}
+        done = record["shards"]  # each shard closed whole: name, bytes, sha256, samples, next, unreadable
+        if not done and files is not None:
+            write_bytes_whole(partial / SOURCE_FILES, lambda f: f.write(json.dumps(files).encode()))
+        _write_record(partial, record)
+        start = done[-1]["next"] if done else 0  # the item after the last sample of the last shard kept
+        count = sum(entry["samples"] for entry in done)
+        unreadable = [name for entry in done for name in entry["unreadable"]]
+        if done:
+            print(f"{out}: continuing after {done[-1]['name']} ({len(done):,} shards, {count:,} images written by an "
+                  f"earlier run), at item {start:,} of {len(dataset):,}")
+        pending: list[tuple[int, str]] = []  # items left out since the last shard was closed
+        last = -1  # index of the last sample written
+
+        def closed(name: str) -> None:
+            """Record a shard closed whole: synced first, so that a recorded shard survives a power cut."""
+            nonlocal pending
+            path = Path(name)
+            digest = _sha256(path, sync=True)
+            done.append({"name": path.name, "bytes": path.stat().st_size, "sha256": digest,
+                         "samples": count - sum(entry["samples"] for entry in done), "next": last + 1,
+                         "unreadable": [where for index, where in pending if index < last]})
+            pending = [(index, where) for index, where in pending if index > last]
+            _write_record(partial, record)
+
+        sink = None
+        try:
+            for index in tqdm(range(start, len(dataset)), total=len(dataset), initial=start, desc="shard", unit="img",
+                              disable=not progress):
+                sample = _sample(dataset, index)
+                if isinstance(sample, Unreadable):
+                    unreadable.append(sample.path)
+                    pending.append((index, sample.path))
+                    continue
+                if sink is None:  # opened at the first sample: ShardWriter opens a shard at once, even for none
+                    # mtime fixed: the same images give byte-identical shards
+                    sink = webdataset.ShardWriter(str(partial / SHARD_NAME), maxcount=per_shard, verbose=0, mtime=0,
+                                                  post=closed, start_shard=len(done))
+                data, ext, label = sample
+                sink.write({"__key__": f"{index:08d}", ext: data, "cls": label,
+                            "json": {"label": label, "class": dataset.classes[label], "name": dataset.name(index)}})
+                last = index
+                count += 1
+        except BaseException:
+            if sink is not None:  # the shard being written is cut short: closed, but never recorded as whole
+                sink.post = None
+                try:
+                    sink.close()
+                except Exception:  # (a full disk, say): the failure that stopped the run is the one to report
+                    pass
+            raise
+        if sink is not None:
+            sink.close()  # closes and records the last shard
+        if not count:
+            _clear(partial)
+            partial.rmdir()
+            raise ValueError(f"no readable image in {source} ({len(unreadable)} left out)")
+        # the whole class list, beside the shards: a class without a readable image has no sample to name it
+        (partial / CLASSES_FILE).write_text(json.dumps({"classes": list(dataset.classes)}, ensure_ascii=False) + "\n",
+                                            encoding="utf-8")
+        os.replace(partial / CLASSES_FILE, out / CLASSES_FILE)
+        shards = []
+        for entry in done:
+            shards.append(out / entry["name"])
+            os.replace(partial / entry["name"], shards[-1])
+        _clear(partial)
+        try:
+            partial.rmdir()
+        except OSError:  # a run started just now made its lock file here: that run owns the folder
+            pass
+    finally:
+        if lock is not None:
+            os.close(lock)  # closing the descriptor drops the flock
     for shard in shards:
         shard_index(shard, index_dir or None)
-    last = len(shards) - 1
-    pattern = f"{PREFIX}{out.resolve()}/shard-{{000000..{last:06d}}}.tar"
+    last_shard = len(shards) - 1
+    pattern = f"{PREFIX}{out.resolve()}/shard-{{000000..{last_shard:06d}}}.tar"
     return ShardReport(pattern, shards, count, list(dataset.classes), unreadable)
+
+
+def _refuse_a_finished_set(out: Path) -> None:
+    existing = sorted(out.glob("shard-*.tar")) if out.is_dir() else []
+    if existing:
+        raise ValueError(f"--out {out} already holds {len(existing)} shards ({existing[0].name}, ...): delete them, "
+                         f"choose another folder, or pass --overwrite to write them again")
+
+
+def _identity(source: str, split: str, per_shard: int, resolution: int, index_dir: str,
+              dataset: ImageDataset) -> tuple[dict[str, Any], list[list[Any]] | None]:
+    """What decides the shards' bytes, which must be the same for a re-run to continue them: the
+    source's images in their order (for a folder, each file's path, size and time, as ``vqgpt
+    encode`` checks them), the split, --per-shard, --resolution where images are re-encoded (a
+    built-in set's), and the sample layout. Also the folder's file list, kept to name what changed."""
+    found = source_identity(source, index_dir)
+    files = found.pop("files", None)
+    if files is not None:  # the record keeps a digest; the list goes to SOURCE_FILES
+        found["num_files"] = len(files)
+        found["digest"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+    copied = isinstance(dataset, (FolderImageDataset, EncodedImageDataset))  # stored bytes, at any resolution
+    return {"layout": LAYOUT, "source": found.get("root", source), "split": split, "per_shard": per_shard,
+            "resolution": None if copied else resolution, "source_identity": found}, files
+
+
+def _lock(partial: Path) -> int | None:
+    """Make ``partial`` and hold an exclusive OS lock (flock) on its .lock, as vqgpt.training's RunLock
+    holds a run folder (a floor this module cannot import): two runs into one OUT would write the same
+    shards and record. The OS drops it if the process dies. None where there is no flock."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows): run without the guard rather than not at all
+        partial.mkdir(parents=True, exist_ok=True)
+        warnings.warn(f"{partial}: no file locking on this platform; do not start two `vqgpt shard` runs into "
+                      f"{partial.parent}", stacklevel=3)
+        return None
+    path = partial / LOCK_FILE
+    for _ in range(3):
+        partial.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(f"{partial.parent} is in use by {holder}, another `vqgpt shard` into it (it holds "
+                             f"{path}): wait for that run to end or stop it, or choose another folder") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            return fd
+        os.close(fd)  # a finishing run deleted the file after this one opened it: lock the one there now
+    raise ValueError(f"could not lock {path}: it is deleted and made again as fast as it is opened")
+
+
+def _kept_shards(partial: Path, wanted: dict[str, Any], files: list[list[Any]] | None,
+                 overwrite: bool) -> list[dict[str, Any]]:
+    """The records of the shards an interrupted run closed whole in ``partial`` that this run keeps (none
+    with ``overwrite``); everything else in ``partial`` but its lock is deleted."""
+    record_path = partial / PROGRESS_FILE
+    leftovers = [path for path in partial.iterdir() if path.name != LOCK_FILE]
+    kept: list[dict[str, Any]] = []
+    if not overwrite and record_path.exists():
+        try:
+            stored = json.loads(record_path.read_text(encoding="utf-8"))
+            identity, entries = stored["identity"], stored["shards"]
+            for entry in entries:
+                missing = _ENTRY_KEYS - set(entry)
+                if missing:
+                    raise KeyError(f"a shard's entry lacks {sorted(missing)}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"cannot continue the unfinished run in {partial}: its record {record_path} cannot be "
+                             f"read ({type(exc).__name__}: {exc}); pass --overwrite to delete its shards and start "
+                             f"over") from None
+        diffs = _differences(identity, wanted, partial, files)
+        if diffs and entries:
+            written = sum(entry["samples"] for entry in entries)
+            raise ValueError(f"cannot continue the unfinished run in {partial} ({len(entries):,} shards, {written:,} "
+                             f"images written): {'; '.join(diffs)}. Run it again as it was to continue it, pass "
+                             f"--overwrite to delete its shards and start over, or choose another folder")
+        if diffs:  # nothing of it was kept anyway
+            print(f"{partial}: starting over: the unfinished run there had closed no shard ({'; '.join(diffs)})",
+                  file=sys.stderr)
+        for entry in entries if not diffs else []:
+            path = partial / entry["name"]
+            size = path.stat().st_size if path.is_file() else None
+            if size != entry["bytes"]:
+                print(f"{path} is {'missing' if size is None else f'{size:,} bytes'}, but {entry['bytes']:,} bytes "
+                      f"were recorded: writing it again, and the shards after it", file=sys.stderr)
+                break
+            kept.append(entry)
+        if kept and _sha256(partial / kept[-1]["name"]) != kept[-1]["sha256"]:  # the last one closed, checked whole
+            print(f"{partial / kept[-1]['name']} does not hold the bytes recorded: writing it again", file=sys.stderr)
+            kept.pop()
+    elif not overwrite and leftovers:
+        print(f"{partial}: starting over: it holds no record of a shard closed whole (left by an older vqgpt, or "
+              f"by a run stopped before its first shard was closed)", file=sys.stderr)
+    keep = {entry["name"] for entry in kept} | ({PROGRESS_FILE, SOURCE_FILES} if kept else set())
+    for path in leftovers:
+        if path.name not in keep:  # the shard cut short by the interruption, among others
+            _remove(path)
+    return kept
+
+
+def _differences(stored: dict[str, Any], wanted: dict[str, Any], partial: Path,
+                 files: list[list[Any]] | None) -> list[str]:
+    """What differs between the unfinished run's identity and this run's, in words."""
+    if stored.get("layout") != wanted["layout"]:
+        return [f"its shards were written by another vqgpt version (sample layout {stored.get('layout')} there, "
+                f"{wanted['layout']} now)"]
+    diffs = []
+    for key, name in (("source", "the source"), ("split", "--split"), ("per_shard", "--per-shard"),
+                      ("resolution", "--resolution")):
+        if stored.get(key) != wanted[key] and not (key == "resolution" and stored.get("source") != wanted["source"]):
+            diffs.append(f"{name} is {stored.get(key)!r} there but {wanted[key]!r} now")
+    if stored.get("source") == wanted["source"] and stored.get("source_identity") != wanted["source_identity"]:
+        change = ""
+        if files is not None and (partial / SOURCE_FILES).is_file():
+            try:
+                change = describe_file_changes(json.loads((partial / SOURCE_FILES).read_text()), files)
+            except (OSError, ValueError, TypeError):  # a damaged list: say less, but still refuse
+                change = ""
+        diffs.append(f"{change or 'the images of ' + wanted['source'] + ' changed'} since that run began")
+    return diffs
+
+
+def _write_record(partial: Path, record: dict[str, Any]) -> None:
+    """The progress record, written whole and synced: a re-run trusts what it lists."""
+    write_bytes_whole(partial / PROGRESS_FILE, lambda f: f.write(json.dumps(record).encode()), sync=True)
+
+
+def _sha256(path: Path, sync: bool = False) -> str:
+    """The file's sha256; ``sync``: flushed to disk first."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if sync:
+            os.fsync(f.fileno())
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _clear(partial: Path) -> None:
+    """Delete what a run wrote into ``partial``, its lock file last (held until the caller closes it)."""
+    for path in partial.iterdir():
+        if path.name != LOCK_FILE:
+            _remove(path)
+    (partial / LOCK_FILE).unlink(missing_ok=True)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from stage1_vq.model import VQModel
 from vqgpt.ground.checkpoint import export_fingerprint
-from vqgpt.ground.data import DataConfig, build_dataset, collate_images, source_identity
+from vqgpt.ground.data import DataConfig, build_dataset, collate_images, describe_file_changes, source_identity
 from vqgpt.ground.tokens import (DEFAULT_SHARD_SIZE, META_FILE, SOURCE_FILE, TokenShardError, TokenShardWriter,
                                  clear_token_folder, merge_parts, read_meta, write_json)
 from vqgpt.training.config import launched_process_state
@@ -78,21 +78,6 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _describe_file_changes(old: list[list[Any]], new: list[list[Any]]) -> str:
-    """'3 files added (a.png, ...), 1 removed (b.png), 1 modified (c.png)' between two file lists
-    (modified: another size or modification time)."""
-    before = {name: (size, mtime) for name, size, mtime in old}
-    after = {name: (size, mtime) for name, size, mtime in new}
-    parts = []
-    for what, names in (("added", [n for n in after if n not in before]),
-                        ("removed", [n for n in before if n not in after]),
-                        ("modified", [n for n in after if n in before and after[n] != before[n]])):
-        if names:
-            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            parts.append(f"{_plural(len(names), 'file') if not parts else len(names)} {what} ({shown})")
-    return ", ".join(parts)
-
-
 def _identity_differences(out: Path, stored: dict[str, Any], wanted: dict[str, Any],
                           files: list[list[Any]] | None) -> list[str]:
     """What differs between the shards' recorded identity and this run's, in words."""
@@ -114,7 +99,7 @@ def _identity_differences(out: Path, stored: dict[str, Any], wanted: dict[str, A
         change = ""
         if files is not None and (out / SOURCE_FILE).is_file():
             try:
-                change = _describe_file_changes(json.loads((out / SOURCE_FILE).read_text()), files)
+                change = describe_file_changes(json.loads((out / SOURCE_FILE).read_text()), files)
             except (ValueError, TypeError):  # a damaged list: say less, but still refuse
                 change = ""
         if change:
