@@ -141,6 +141,32 @@ def test_eval_num_counts_readable_images_like_reconstruct(pipe_dir, tmp_path):
                                  progress=False).num_images == 6
 
 
+def test_eval_bpd_takes_the_image_folders_classes_by_exact_name(pipe_dir, tmp_path, monkeypatch):
+    """Folders '0' and 'index:1' were read as typed labels are (indices 0 and 1, i.e. classes a and b) and
+    scored as those classes without a word."""
+    from PIL import Image
+
+    import vqgpt.workflow.evaluation as evaluation
+
+    def folder(name: str, classes: tuple[str, ...]):
+        for label in classes:
+            (tmp_path / name / label).mkdir(parents=True)
+            Image.new("RGB", (16, 16), (20, 90, 200)).save(tmp_path / name / label / "x.png")
+        return str(tmp_path / name)
+
+    with pytest.raises(ValueError, match=r"classes \['0', 'index:1'\] are not among this prior's classes"):
+        evaluation.eval_bits_per_dim(pipe_dir, folder("typed", ("0", "index:1")), split="train", device="cpu",
+                                     progress=False)
+    seen = []
+    from stage2_prior.model import GPT
+
+    forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, codes, labels=None, *a, **k: seen.append(labels.tolist())
+                        or forward(self, codes, labels, *a, **k))
+    evaluation.eval_bits_per_dim(pipe_dir, folder("named", ("a", "c")), split="train", device="cpu", progress=False)
+    assert sorted(label for batch in seen for label in batch) == [0, 2]  # a and c, by name
+
+
 def test_complete_with_every_row_kept_and_nothing_added_is_refused(pipe_dir, tmp_path, capsys):
     from PIL import Image
 

@@ -588,7 +588,14 @@ def eval_bits_per_dim(pipeline_dir: str | Path, images: str, split: str = "eval"
     grid = tuple(pipe.prior.config.grid_size)
     dataset = build_dataset(DataConfig(source=images, resolution=height, random_crop=False, hflip=False), split)
     class_of = None
-    if pipe.prior.conditional:  # the source's class names -> the prior's class indices
+    if pipe.prior.conditional and pipe.classes:  # the source's class names -> the prior's, by exact name:
+        # a folder '0' or 'index:1' is not scored as the class a typed label '0' or 'index:1' would pick
+        unknown = [name for name in dataset.classes if name not in pipe.classes]
+        if unknown:
+            raise ValueError(f"{images}: its class{'es' if len(unknown) > 1 else ''} {unknown[:10]} "
+                             f"{'are' if len(unknown) > 1 else 'is'} not among this prior's classes {pipe.classes[:20]}")
+        class_of = torch.tensor([pipe.classes.index(name) for name in dataset.classes])
+    elif pipe.prior.conditional:  # a prior whose classes have no names: folders named by index (0, 1, ...)
         try:
             class_of = torch.tensor([pipe.class_index(name) for name in dataset.classes])
         except ValueError as exc:
