@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from numbers import Real
@@ -220,17 +221,38 @@ def next_token(logits: torch.Tensor, guided: bool, scale: float, sampling: Sampl
     return sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
 
 
+# Models inside an ``eval_mode`` now, by id: [how many holders, the mode the first one found]
+_IN_EVAL: dict[int, list] = {}
+_IN_EVAL_LOCK = threading.Lock()
+
+
 class eval_mode:
-    """Context manager: model.eval() inside, previous train/eval mode restored after."""
+    """Context manager: model.eval() inside, previous train/eval mode restored after.
+
+    Shared by threads sampling with one model at once: the first to enter notes the model's mode and the
+    last to leave restores it. (Each restoring its own, one thread put a train-mode model back in train
+    mode while another still sampled with it: dropout in its samples, and the model left in eval mode.)
+    """
 
     def __init__(self, model: torch.nn.Module):
-        self.model, self.was_training = model, model.training
+        self.model = model
 
     def __enter__(self) -> None:
-        self.model.eval()
+        with _IN_EVAL_LOCK:
+            held = _IN_EVAL.get(id(self.model))
+            if held is None:
+                _IN_EVAL[id(self.model)] = [1, self.model.training]
+                self.model.eval()
+            else:
+                held[0] += 1
 
     def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was_training)
+        with _IN_EVAL_LOCK:
+            held = _IN_EVAL[id(self.model)]
+            held[0] -= 1
+            if held[0] == 0:
+                del _IN_EVAL[id(self.model)]
+                self.model.train(held[1])
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])

@@ -155,6 +155,23 @@ def test_generate_keeps_train_mode_and_dispatches_large_grids():
     assert torch.equal(big, generate_highres(model, 2, 5, 6, class_labels=1, generator=seeded()))
 
 
+def test_threads_sampling_one_train_mode_model_share_its_eval_mode():
+    """Two samplers on one model in train mode, their eval_mode spans overlapping (threads): the first to
+    leave put the model back in train mode while the other still sampled (dropout in its samples), and the
+    last left it in eval mode."""
+    from stage2_prior.draw import eval_mode
+
+    model = tiny_gpt().train()
+    first = eval_mode(model)
+    first.__enter__()
+    second = eval_mode(model)  # made while the first holds the model in eval mode
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not model.training  # the second still samples
+    second.__exit__(None, None, None)
+    assert model.training  # the mode the model had before either
+
+
 def test_tiny_prior_overfits_and_reproduces_its_grids():
     torch.manual_seed(0)
     V, grids = 16, torch.randint(0, 16, (4, 4, 4))

@@ -173,3 +173,32 @@ def test_interrupted_and_resumed_run_is_bitwise_the_uninterrupted_run(uninterrup
     rows_full, rows_part = read_metrics(uninterrupted), read_metrics(part)
     assert [r["step"] for r in rows_part] == list(range(1, 9))
     assert [[r[k] for k in losses] for r in rows_full] == [[r[k] for k in losses] for r in rows_part]
+
+
+def test_training_leaves_the_callers_accelerator_as_it_was(tmp_path):
+    """Accelerate keeps mixed precision and gradient accumulation process-wide. A run replaced them: the
+    caller's own Accelerator went on without autocast or accumulation, and one made afterwards with other
+    settings was refused."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    short = ("train.steps=1", "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=0")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    mine = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=4)
+    train_tokenizer(tiny_config(*short), tmp_path / "run")
+    assert (mine.mixed_precision, mine.gradient_accumulation_steps) == ("bf16", 4)
+    model = mine.prepare(torch.nn.Linear(2, 2))
+    syncs = []
+    for _ in range(4):
+        with mine.accumulate(model):
+            syncs.append(mine.sync_gradients)
+    assert syncs == [False, False, False, True]
+    with mine.autocast():  # (a prepared model hands back float32: a bare layer shows the autocast)
+        assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.bfloat16
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    train_tokenizer(tiny_config(*short), tmp_path / "run2")
+    assert Accelerator(mixed_precision="bf16").mixed_precision == "bf16"  # not refused after a run
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

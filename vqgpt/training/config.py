@@ -151,12 +151,18 @@ def keeps_caller_rng(train: Callable[P, R]) -> Callable[P, R]:
     """Decorate a training entry point so that the caller's global RNGs (Python's, NumPy's, torch's CPU
     and initialised CUDA generators) are as they were when it returns or raises: the run seeds them
     itself (``make_accelerator``), and a notebook that seeded, trained and then drew numbers got the
-    run's seed 0 draws whatever seed it chose. The run's results do not depend on the caller's state."""
+    run's seed 0 draws whatever seed it chose. The run's results do not depend on the caller's state.
+
+    Accelerate's process-wide settings (AcceleratorState, GradientState: mixed precision, gradient
+    accumulation), which the run replaces with its own, are put back too: an Accelerator the caller
+    made before went on with the run's settings (its autocast and accumulation silently off), and
+    one made after with other settings was refused."""
     @functools.wraps(train)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
                  torch.cuda.get_rng_state_all() if cuda else None)
+        shared = [(state._shared_state, dict(state._shared_state)) for state in (AcceleratorState, GradientState)]
         try:
             return train(*args, **kwargs)
         finally:
@@ -165,6 +171,9 @@ def keeps_caller_rng(train: Callable[P, R]) -> Callable[P, R]:
             torch.set_rng_state(saved[2])
             if saved[3] is not None:
                 torch.cuda.set_rng_state_all(saved[3])
+            for state, before in shared:  # in place: the caller's objects share these very dicts
+                state.clear()
+                state.update(before)
     return run
 
 
