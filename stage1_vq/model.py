@@ -336,7 +336,8 @@ class VQModel(nn.Module):
         map_location = usable_device(map_location)
         directory = resolve_model_dir(name_or_path, revision=revision, subfolder=subfolder)
         config, state, _ = load_export(directory, EXPORT_KIND, VQModelConfig)
-        model = cls(config)
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten: the caller's RNG stays as it was
+            model = cls(config)
         load_export_weights(model, state, directory)
         if isinstance(model.quantize, PaletteQuantizer):  # a hand-edited palette: named here, not a silent encode
             model.quantize.check_palette(str(Path(directory) / "model.safetensors"))

@@ -233,7 +233,8 @@ class GPT(nn.Module):
             config.require_data_fields()
         except ConfigError as exc:  # a hand-edited null: name the file
             raise ConfigError(f"{Path(directory) / 'config.json'}: {exc}") from None
-        model = cls(config)
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten: the caller's RNG stays as it was
+            model = cls(config)
         load_export_weights(model, state, directory)
         return model.to(device).eval()
 

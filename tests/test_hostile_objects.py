@@ -76,6 +76,19 @@ def test_a_tokenizer_left_in_train_mode_changes_neither_images_nor_the_global_rn
     assert torch.equal(torch.get_rng_state(), state) and pipe.tokenizer.training  # its mode is given back
 
 
+def test_loading_an_export_leaves_the_global_rng_alone(pipe_dir):
+    """from_pretrained built a randomly initialised model before loading the weights over it: the caller's
+    torch RNG moved (a notebook's seeded draws changed with each model it loaded)."""
+    from stage1_vq.model import VQModel
+    from stage2_prior.model import GPT
+
+    for load in (lambda: VQModel.from_pretrained(pipe_dir / "tokenizer"), lambda: GPT.from_pretrained(pipe_dir / "prior"),
+                 lambda: VQGPTPipeline.from_pretrained(pipe_dir)):
+        state = torch.get_rng_state()
+        load()
+        assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_sizes_and_counts_must_be_whole_numbers(pipe_dir):
     pipe = VQGPTPipeline.from_pretrained(pipe_dir)
     for kwargs, name in (({"height": 0}, "height=0"), ({"width": 0}, "width=0")):
