@@ -82,8 +82,9 @@ def test_loading_an_export_leaves_the_global_rng_alone(pipe_dir):
     from stage1_vq.model import VQModel
     from stage2_prior.model import GPT
 
-    for load in (lambda: VQModel.from_pretrained(pipe_dir / "tokenizer"), lambda: GPT.from_pretrained(pipe_dir / "prior"),
-                 lambda: VQGPTPipeline.from_pretrained(pipe_dir)):
+    loads = (lambda: VQModel.from_pretrained(pipe_dir / "tokenizer"), lambda: GPT.from_pretrained(pipe_dir / "prior"),
+             lambda: VQGPTPipeline.from_pretrained(pipe_dir))
+    for load in loads:
         state = torch.get_rng_state()
         load()
         assert torch.equal(torch.get_rng_state(), state)
