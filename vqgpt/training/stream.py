@@ -114,5 +114,9 @@ def load_resume(accelerator: Accelerator, checkpoint: Path | None, batch_size: i
         return 0, StreamPosition()
     accelerator.load_state(str(checkpoint))
     state = read_trainer_state(checkpoint)
+    # load_state restores accelerate's micro-batch counter, which says where accumulation syncs: under
+    # another train.grad_accum it synced mid-step (updates of two steps' micro-batches). Each step is
+    # grad_accum micro-batches, so the count at a step's start is step * grad_accum.
+    accelerator.step = state["step"] * accelerator.gradient_accumulation_steps
     accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
     return state["step"], stream_position_from(state, accelerator, batch_size)
