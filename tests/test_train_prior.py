@@ -177,3 +177,14 @@ def test_a_resume_under_another_grad_accum_continues_the_same_optimisation(token
                           tmp_path / "split", resume="auto")
     a, b = GPT.from_pretrained(whole).state_dict(), GPT.from_pretrained(resumed).state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4  # float rounding (the bug: 5e-3)
+
+
+def test_train_compile_may_change_on_resume(tokens, tmp_path):
+    """The README lets train.compile change on resume, but the checkpoints of a compiled run carry
+    torch.compile's '_orig_mod.' key prefix: either way round the resume failed on the key names."""
+    base = ["model.class_dropout=0", "train.lr_schedule=constant", "train.checkpoint_every=2"]
+    for first, then in (("true", "false"), ("false", "true")):
+        run = tmp_path / f"compile-{first}"
+        train_prior(prior_config(tokens, *base, "train.steps=2", f"train.compile={first}"), run)
+        export = train_prior(prior_config(tokens, *base, "train.steps=3", f"train.compile={then}"), run, resume="auto")
+        assert [step for step, _ in list_checkpoints(run)] == [2, 3] and (export / "model.safetensors").is_file()

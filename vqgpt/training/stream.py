@@ -108,11 +108,35 @@ def stream_position_from(state: dict[str, Any], accelerator: Accelerator, batch_
     return StreamPosition(int(state["epoch"]), samples // per_batch)
 
 
+def _compile_prefix_as_here(model: torch.nn.Module) -> Any:
+    """A load_state_dict pre-hook for ``model``: the keys of a checkpoint written with ``train.compile`` on
+    carry torch.compile's '_orig_mod.' and those of one written with it off do not; each is renamed to the
+    key this model has, so that train.compile may change on resume (it failed on the key names)."""
+    def plain(key: str) -> str:
+        return key.replace("_orig_mod.", "")
+
+    def hook(state_dict: dict, prefix: str, *args: Any) -> None:
+        if prefix:  # the whole model's keys are seen once, at the top
+            return
+        wanted = {plain(key): key for key in model.state_dict()}
+        for key in list(state_dict):
+            here = wanted.get(plain(key))
+            if here is not None and here != key:
+                state_dict[here] = state_dict.pop(key)
+    return hook
+
+
 def load_resume(accelerator: Accelerator, checkpoint: Path | None, batch_size: int) -> tuple[int, StreamPosition]:
     """Restore ``accelerator.load_state`` from ``checkpoint`` (checked by ``open_run_dir``); (step, stream position)."""
     if checkpoint is None:
         return 0, StreamPosition()
-    accelerator.load_state(str(checkpoint))
+    hooks = [model._register_load_state_dict_pre_hook(_compile_prefix_as_here(model))
+             for model in getattr(accelerator, "_models", [])]
+    try:
+        accelerator.load_state(str(checkpoint))
+    finally:
+        for hook in hooks:
+            hook.remove()
     state = read_trainer_state(checkpoint)
     # load_state restores accelerate's micro-batch counter, which says where accumulation syncs: under
     # another train.grad_accum it synced mid-step (updates of two steps' micro-batches). Each step is
