@@ -22,7 +22,7 @@ from stage1_vq.losses import LossConfig, build_discriminator, build_perceptual, 
 from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.palette import PaletteConfig, fit_palette
 from vqgpt.ground.checkpoint import read_trainer_state, save_checkpoint
-from vqgpt.ground.config import ConfigError, opt
+from vqgpt.ground.config import ConfigError, opt, to_dict
 from vqgpt.ground.data import DataConfig, Unreadable, build_dataset
 from vqgpt.ground.images import save_grid, side_by_side
 from vqgpt.ground.metrics import psnr
@@ -208,7 +208,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
             check_replicas(accelerator, replicas())
             save_checkpoint(accelerator, run_dir, step, tc.keep_checkpoints,
                             extra={**stream_state(position, accelerator, tc.batch_size), "skipped": skipped,
-                                   "unreadable": unreadable})
+                                   "unreadable": unreadable}, config=to_dict(cfg))
 
         def snapshot_grid() -> None:
             if is_main:
@@ -347,7 +347,7 @@ def fit_palette_run(cfg: TokenizerRunConfig, accelerator: Accelerator, run: RunF
             save_grid(side_by_side(snapshot.cpu(), out.reconstruction.cpu()),
                       run_dir / "samples" / f"step-{done:08d}.png", nrow=8)
         save_checkpoint(accelerator, run_dir, done, tc.keep_checkpoints,
-                        extra=stream_state(StreamPosition(), accelerator, tc.batch_size))
+                        extra=stream_state(StreamPosition(), accelerator, tc.batch_size), config=to_dict(cfg))
     export_dir = run_dir / "export"
     if accelerator.is_main_process:
         model.save_pretrained(export_dir)

@@ -24,7 +24,7 @@ from stage2_prior.draw import MAX_CFG_SCALE, SamplingConfig
 from stage2_prior.model import GPT, GPTConfig
 from stage2_prior.sampling import generate
 from vqgpt.ground.checkpoint import read_trainer_state, save_checkpoint
-from vqgpt.ground.config import ConfigError, check_number, opt
+from vqgpt.ground.config import ConfigError, check_number, opt, to_dict
 from vqgpt.ground.images import save_grid
 from vqgpt.ground.tokens import TokenDataset, TokenShardError, check_tokenizer_match
 from vqgpt.training import (
@@ -192,7 +192,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
             check_replicas(accelerator, {"model": unwrap(accelerator, model), "ema": ema.module if ema else None})
             save_checkpoint(accelerator, run_dir, step, tc.keep_checkpoints,
                             extra={**stream_state(position, accelerator, tc.batch_size), "skipped": skipped},
-                            inputs=shards)
+                            inputs=shards, config=to_dict(cfg))
 
         def snapshot() -> None:
             # Under FSDP only all processes together hold the weights; sample from the export instead.

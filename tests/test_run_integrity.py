@@ -233,8 +233,9 @@ def test_a_run_that_fails_releases_the_folder(run, tokens, monkeypatch):
 
 def test_resume_with_a_changed_architecture_is_refused_before_anything_changes(run, tokens):
     before = snapshot(run)
+    # (the run's config as the checkpoint records it)
     with pytest.raises(ConfigError, match=r"changes model.dim: 64 -> 96; train.lr: 0.003 -> 0.001 \(run config "
-                                          rf"{run / 'config.yaml'}\)"):
+                                          rf"{run / 'checkpoints' / 'step-00000004' / 'manifest.json'}\)"):
         train_prior(prior_config(tokens, "model.dim=96", "train.lr=1e-3", "train.steps=6"), run, resume="auto")
     assert snapshot(run) == before  # config.yaml is not rewritten
 

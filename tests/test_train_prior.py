@@ -188,3 +188,23 @@ def test_train_compile_may_change_on_resume(tokens, tmp_path):
         train_prior(prior_config(tokens, *base, "train.steps=2", f"train.compile={first}"), run)
         export = train_prior(prior_config(tokens, *base, "train.steps=3", f"train.compile={then}"), run, resume="auto")
         assert [step for step, _ in list_checkpoints(run)] == [2, 3] and (export / "model.safetensors").is_file()
+
+
+def test_a_checkpoint_carries_its_config_for_the_resume_check(tokens, tmp_path):
+    """A checkpoint copied out of its run folder (or a run whose config.yaml is gone) was resumed with any
+    change: other heads over the same weights, another LR. The checkpoint now records its run's config."""
+    import shutil
+
+    base = ["train.steps=4", "train.checkpoint_every=2"]
+    train_prior(prior_config(tokens, *base), tmp_path / "run")
+    saved = tmp_path / "saved" / "step-00000002"
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step-00000002", saved)
+    with pytest.raises(ConfigError, match=r"model.n_head: 2 -> 4.*train.lr: 0.003 -> 0.03.*manifest.json"):
+        train_prior(prior_config(tokens, *base, "model.n_head=4", "train.lr=0.03"), tmp_path / "new", resume=str(saved))
+    assert not (tmp_path / "new" / "metrics.jsonl").exists()
+    train_prior(prior_config(tokens, *base), tmp_path / "new", resume=str(saved))  # the same config continues
+    # a checkpoint of an earlier vqgpt records no config: with no config.yaml beside it, a warning says so
+    manifest = saved / "manifest.json"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "config"}))
+    with pytest.warns(UserWarning, match="records the run's config, so the requested one is not compared"):
+        train_prior(prior_config(tokens, *base), tmp_path / "newer", resume=str(saved))

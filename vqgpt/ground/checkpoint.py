@@ -410,13 +410,15 @@ def _remove_checkpoint(path: Path) -> None:
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int = 3,
-                    extra: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None,
+                    config: dict[str, Any] | None = None) -> Path:
     """Atomically write ``accelerator.save_state`` to RUN/checkpoints/step-N; keep the last ``keep`` (0 = all).
 
     Every process writes its part (model and optimizer on the main process or in shards, RNG
     states per rank) into a hidden temporary folder; the main process then adds
     ``trainer_state.json`` (``step`` and ``extra``), ``manifest.json`` (the files save_state wrote,
-    and ``inputs``: what the run trains on, JSON values) and the COMPLETE marker, flushes the files
+    ``inputs``: what the run trains on, JSON values, and ``config``: the run's resolved config, which
+    a resume compares with its own wherever the checkpoint is) and the COMPLETE marker, flushes the files
     and renames the folder.
     A crash at any point leaves either the previous checkpoints or the new one, never a partial
     folder that ``--resume auto`` would pick. For several machines RUN must be on a shared filesystem.
@@ -433,7 +435,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int = 3,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = sorted(p.name for p in tmp.iterdir())  # every rank's part is there after the barrier
-        (tmp / MANIFEST_NAME).write_text(json.dumps({"files": files, "inputs": inputs or {}}) + "\n")
+        manifest = {"files": files, "inputs": inputs or {}, **({"config": config} if config is not None else {})}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest) + "\n")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}) + "\n")
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
         _fsync_tree(tmp)
@@ -461,6 +464,16 @@ def read_checkpoint_inputs(path: str | Path) -> dict[str, Any] | None:
         return None
     inputs = json.loads(manifest.read_text()).get("inputs")
     return inputs if isinstance(inputs, dict) and inputs else None
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any] | None:
+    """The run config the checkpoint was written under, as its manifest records it; None for a checkpoint
+    written before manifests recorded it."""
+    manifest = Path(path) / MANIFEST_NAME
+    if not manifest.is_file():
+        return None
+    config = json.loads(manifest.read_text()).get("config")
+    return config if isinstance(config, dict) else None
 
 
 class CheckpointError(ValueError):

@@ -16,8 +16,8 @@ from typing import Any, Iterator
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from vqgpt.ground.checkpoint import (check_checkpoint, list_checkpoints, name_listing, read_checkpoint_inputs,
-                                    read_export_meta, resolve_resume)
+from vqgpt.ground.checkpoint import (MANIFEST_NAME, check_checkpoint, list_checkpoints, name_listing,
+                                    read_checkpoint_config, read_checkpoint_inputs, read_export_meta, resolve_resume)
 from vqgpt.ground.config import ConfigError, from_dict, read_yaml, save_config, to_dict
 from vqgpt.training.config import TRACKING_DIR
 
@@ -153,11 +153,12 @@ def _same_value(a: Any, b: Any) -> bool:
         return False
 
 
-def check_config_unchanged(config: Any, run_config: Path) -> None:
+def check_config_unchanged(config: Any, run_config: Path, recorded: dict[str, Any] | None = None) -> None:
     """Raise ConfigError listing every key (old -> new) outside RESUMABLE_KEYS where ``config``
-    differs from the run's resolved config file ``run_config``."""
+    differs from the run's resolved config: file ``run_config``, or ``recorded`` (the config a checkpoint's
+    manifest holds; ``run_config`` then names that manifest)."""
     try:
-        old = _flat(to_dict(from_dict(type(config), read_yaml(run_config))))
+        old = _flat(to_dict(from_dict(type(config), recorded if recorded is not None else read_yaml(run_config))))
     except ConfigError as exc:
         raise ConfigError(f"{run_config}: cannot compare it with the requested config: {exc}") from None
     new = _flat(to_dict(config))
@@ -277,12 +278,18 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
             raise RunFolderError(f"--resume {checkpoint}: {run_dir} already holds a run ({name_listing(held)}) and the "
                                  f"checkpoint belongs to another run folder: pass --overwrite to replace the run in "
                                  f"{run_dir}, --resume auto to continue it, or choose another --out")
-        # the checkpoint's own run config, else RUN's (unless --overwrite is about to replace it)
+        # the config the checkpoint records, else its run's config file, else RUN's (unless --overwrite is
+        # about to replace it); a checkpoint copied out of its run folder once went unchecked
+        recorded = read_checkpoint_config(checkpoint)
         references = [checkpoint.parent.parent / "config.yaml"] + ([] if overwrite else [run_dir / "config.yaml"])
-        for reference in references:
-            if reference.is_file():
-                check_config_unchanged(config, reference)
-                break
+        if recorded is not None:
+            check_config_unchanged(config, checkpoint / MANIFEST_NAME, recorded)
+        elif any(reference.is_file() for reference in references):
+            check_config_unchanged(config, next(r for r in references if r.is_file()))
+        else:
+            warnings.warn(f"--resume {checkpoint}: neither the checkpoint (written by an earlier vqgpt) nor a "
+                          f"config.yaml beside it records the run's config, so the requested one is not compared "
+                          f"with it: a model or optimizer setting other than the run's goes unnoticed", stacklevel=3)
         later = [path.name for s, path in list_checkpoints(run_dir) if s > step]
         if later and not overwrite:
             raise RunFolderError(f"--resume {checkpoint}: {run_dir / 'checkpoints'} also holds later checkpoints "
