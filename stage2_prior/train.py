@@ -8,6 +8,7 @@ floor), so this package stays independent of stage 1.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import sys
 import warnings
@@ -153,8 +154,13 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
     # wrote in the same folder is refused instead of continuing on codes that mean something else.
     if len(data) == 0:  # before the run folder is touched
         raise TokenShardError(f"{cfg.tokens}: the token shards hold no grids (meta.json count 0): encode some images")
+    # The rows themselves too (count, views, and a digest of every shard's checksum): shards re-encoded into
+    # the same folder were resumed on, the run's position applied to other data; with the digest recorded
+    # the folder itself may move (--tokens another path) and the resume still knows it is the same data.
+    rows = hashlib.sha256("".join(shard.get("rows_sha256", "") for shard in data.meta.get("shards", [])).encode())
     shards = {"tokenizer_fingerprint": data.meta.get("tokenizer_fingerprint"), "codebook_size": data.codebook_size,
-              "grid_size": list(data.grid_size), "classes": list(data.meta.get("classes", []))}
+              "grid_size": list(data.grid_size), "classes": list(data.meta.get("classes", [])),
+              "count": len(data), "views": int(data.meta.get("views", 1)), "rows_sha256": rows.hexdigest()}
     with open_run_dir(out, cfg, accelerator, resume, overwrite, steps=tc.steps, inputs=shards,
                       inputs_from=f"the token shards in {cfg.tokens}") as run:
         run_dir = run.path

@@ -208,3 +208,19 @@ def test_a_checkpoint_carries_its_config_for_the_resume_check(tokens, tmp_path):
     manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "config"}))
     with pytest.warns(UserWarning, match="records the run's config, so the requested one is not compared"):
         train_prior(prior_config(tokens, *base), tmp_path / "newer", resume=str(saved))
+
+
+def test_the_resume_knows_the_token_rows_not_the_folder_name(tmp_path):
+    """Shards re-encoded into the run's token folder were resumed on (the run's position applied to other
+    data), while the same shards moved to another folder were refused."""
+    import shutil
+
+    tokens = make_token_shards(tmp_path / "tokens")
+    base = ["train.steps=4", "train.checkpoint_every=2"]
+    train_prior(prior_config(tokens, *base, "train.steps=2"), tmp_path / "run")
+    shutil.copytree(tokens, tmp_path / "moved")
+    train_prior(prior_config(tmp_path / "moved", *base, "train.steps=3"), tmp_path / "run", resume="auto")
+    shutil.rmtree(tokens)
+    make_token_shards(tokens, seed=1)  # other grids, the same count, vocabulary, grid and classes
+    with pytest.raises(ConfigError, match=r"rows_sha256: '[0-9a-f]+' -> '[0-9a-f]+'"):
+        train_prior(prior_config(tokens, *base), tmp_path / "run", resume="auto")

@@ -153,17 +153,18 @@ def _same_value(a: Any, b: Any) -> bool:
         return False
 
 
-def check_config_unchanged(config: Any, run_config: Path, recorded: dict[str, Any] | None = None) -> None:
-    """Raise ConfigError listing every key (old -> new) outside RESUMABLE_KEYS where ``config``
-    differs from the run's resolved config: file ``run_config``, or ``recorded`` (the config a checkpoint's
-    manifest holds; ``run_config`` then names that manifest)."""
+def check_config_unchanged(config: Any, run_config: Path, recorded: dict[str, Any] | None = None,
+                           also_resumable: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError listing every key (old -> new) outside RESUMABLE_KEYS (and ``also_resumable``)
+    where ``config`` differs from the run's resolved config: file ``run_config``, or ``recorded`` (the
+    config a checkpoint's manifest holds; ``run_config`` then names that manifest)."""
     try:
         old = _flat(to_dict(from_dict(type(config), recorded if recorded is not None else read_yaml(run_config))))
     except ConfigError as exc:
         raise ConfigError(f"{run_config}: cannot compare it with the requested config: {exc}") from None
     new = _flat(to_dict(config))
     changed = [(key, old.get(key, "(absent)"), new.get(key, "(absent)")) for key in sorted(old.keys() | new.keys())
-               if key not in RESUMABLE_KEYS and not _same_value(old.get(key), new.get(key))]
+               if key not in RESUMABLE_KEYS + also_resumable and not _same_value(old.get(key), new.get(key))]
     if changed:
         diff = "; ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in changed)
         raise ConfigError(f"--resume: the requested config changes {diff} (run config {run_config}); a resumed "
@@ -282,10 +283,12 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
         # about to replace it); a checkpoint copied out of its run folder once went unchecked
         recorded = read_checkpoint_config(checkpoint)
         references = [checkpoint.parent.parent / "config.yaml"] + ([] if overwrite else [run_dir / "config.yaml"])
+        # where the checkpoint knows its token rows by their checksums (checked above), their folder may move
+        moved = ("tokens",) if "rows_sha256" in (read_checkpoint_inputs(checkpoint) or {}) else ()
         if recorded is not None:
-            check_config_unchanged(config, checkpoint / MANIFEST_NAME, recorded)
+            check_config_unchanged(config, checkpoint / MANIFEST_NAME, recorded, moved)
         elif any(reference.is_file() for reference in references):
-            check_config_unchanged(config, next(r for r in references if r.is_file()))
+            check_config_unchanged(config, next(r for r in references if r.is_file()), also_resumable=moved)
         else:
             warnings.warn(f"--resume {checkpoint}: neither the checkpoint (written by an earlier vqgpt) nor a "
                           f"config.yaml beside it records the run's config, so the requested one is not compared "
