@@ -224,3 +224,14 @@ def test_the_resume_knows_the_token_rows_not_the_folder_name(tmp_path):
     make_token_shards(tokens, seed=1)  # other grids, the same count, vocabulary, grid and classes
     with pytest.raises(ConfigError, match=r"rows_sha256: '[0-9a-f]+' -> '[0-9a-f]+'"):
         train_prior(prior_config(tokens, *base), tmp_path / "run", resume="auto")
+
+
+def test_a_longer_resumed_run_says_where_its_lr_goes(tokens, tmp_path, capsys):
+    """train.steps raised on resume stretches the cosine schedule: the LR jumped back up without a word."""
+    train_prior(prior_config(tokens, "train.steps=4", "train.checkpoint_every=4"), tmp_path / "run")
+    capsys.readouterr()
+    train_prior(prior_config(tokens, "train.steps=8", "train.checkpoint_every=4"), tmp_path / "run", resume="auto")
+    rows = read_metrics(tmp_path / "run")
+    said = capsys.readouterr().err
+    assert f"train.steps 4 -> 8: the LR schedule stretches to the new length, so the LR of step 5 is " \
+           f"{rows[4]['lr']:.3g}" in said, said

@@ -3,10 +3,13 @@ must match the run it continues."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import socket
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +22,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 from vqgpt.ground.checkpoint import (MANIFEST_NAME, check_checkpoint, list_checkpoints, name_listing,
                                     read_checkpoint_config, read_checkpoint_inputs, read_export_meta, resolve_resume)
 from vqgpt.ground.config import ConfigError, from_dict, read_yaml, save_config, to_dict
-from vqgpt.training.config import TRACKING_DIR
+from vqgpt.training.config import TRACKING_DIR, TrainConfig
+from vqgpt.training.optim import lr_factor
 
 
 LOCK_NAME = ".lock"
@@ -242,6 +246,20 @@ def _check_inputs(checkpoint: Path, inputs: dict[str, Any] | None, inputs_from: 
                           f"it started on, or start a new run with --overwrite or another --out")
 
 
+def _say_schedule_change(config: Any, recorded: dict[str, Any] | None, step: int) -> None:
+    """Say what a changed train.steps does to the LR of the resumed steps: the schedule stretches (or
+    shrinks) to the new length, so the LR jumps at the resume (up, after a finished cosine run)."""
+    train = getattr(config, "train", None)
+    old_steps = ((recorded or {}).get("train") or {}).get("steps")
+    if not isinstance(train, TrainConfig) or not isinstance(old_steps, int) or old_steps == train.steps:
+        return
+    before = lr_factor(step, dataclasses.replace(train, steps=old_steps)) * train.lr
+    after = lr_factor(step, train) * train.lr
+    if not math.isclose(before, after, rel_tol=1e-3):
+        print(f"--resume: train.steps {old_steps} -> {train.steps}: the LR schedule stretches to the new length, "
+              f"so the LR of step {step + 1} is {after:.3g} (the old schedule's: {before:.3g})", file=sys.stderr)
+
+
 def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bool, steps: int | None = None,
                    inputs: dict[str, Any] | None = None, inputs_from: str = "the inputs") -> Path | None:
     """Main process, lock held: check RUN may be used as asked, then write config.yaml; the checkpoint to resume.
@@ -288,11 +306,13 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
         if recorded is not None:
             check_config_unchanged(config, checkpoint / MANIFEST_NAME, recorded, moved)
         elif any(reference.is_file() for reference in references):
+            recorded = read_yaml(next(r for r in references if r.is_file()))
             check_config_unchanged(config, next(r for r in references if r.is_file()), also_resumable=moved)
         else:
             warnings.warn(f"--resume {checkpoint}: neither the checkpoint (written by an earlier vqgpt) nor a "
                           f"config.yaml beside it records the run's config, so the requested one is not compared "
                           f"with it: a model or optimizer setting other than the run's goes unnoticed", stacklevel=3)
+        _say_schedule_change(config, recorded, step)
         later = [path.name for s, path in list_checkpoints(run_dir) if s > step]
         if later and not overwrite:
             raise RunFolderError(f"--resume {checkpoint}: {run_dir / 'checkpoints'} also holds later checkpoints "
