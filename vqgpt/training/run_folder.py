@@ -304,11 +304,12 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
         references = [checkpoint.parent.parent / "config.yaml"] + ([] if overwrite else [run_dir / "config.yaml"])
         # where the checkpoint knows its token rows by their checksums (checked above), their folder may move
         moved = ("tokens",) if "rows_sha256" in (read_checkpoint_inputs(checkpoint) or {}) else ()
+        found = next((reference for reference in references if reference.is_file()), None)
         if recorded is not None:
             check_config_unchanged(config, checkpoint / MANIFEST_NAME, recorded, moved)
-        elif any(reference.is_file() for reference in references):
-            recorded = read_yaml(next(r for r in references if r.is_file()))
-            check_config_unchanged(config, next(r for r in references if r.is_file()), also_resumable=moved)
+        elif found is not None:
+            check_config_unchanged(config, found, also_resumable=moved)
+            recorded = read_yaml(found)
         else:
             warnings.warn(f"--resume {checkpoint}: neither the checkpoint (written by an earlier vqgpt) nor a "
                           f"config.yaml beside it records the run's config, so the requested one is not compared "
