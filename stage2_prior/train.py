@@ -157,10 +157,12 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
     # The rows themselves too (count, views, and a digest of every shard's checksum): shards re-encoded into
     # the same folder were resumed on, the run's position applied to other data; with the digest recorded
     # the folder itself may move (--tokens another path) and the resume still knows it is the same data.
-    rows = hashlib.sha256("".join(shard.get("rows_sha256", "") for shard in data.meta.get("shards", [])).encode())
+    # (A folder written before shards had checksums has no digest: None, which the resume cannot tell apart.)
+    sums = [shard.get("rows_sha256") for shard in data.meta.get("shards", [])]
+    rows = hashlib.sha256("".join(sums).encode()).hexdigest() if all(isinstance(x, str) for x in sums) else None
     shards = {"tokenizer_fingerprint": data.meta.get("tokenizer_fingerprint"), "codebook_size": data.codebook_size,
               "grid_size": list(data.grid_size), "classes": list(data.meta.get("classes", [])),
-              "count": len(data), "views": int(data.meta.get("views", 1)), "rows_sha256": rows.hexdigest()}
+              "count": len(data), "views": int(data.meta.get("views", 1)), "rows_sha256": rows}
     with open_run_dir(out, cfg, accelerator, resume, overwrite, steps=tc.steps, inputs=shards,
                       inputs_from=f"the token shards in {cfg.tokens}") as run:
         run_dir = run.path

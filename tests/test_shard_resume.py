@@ -274,3 +274,44 @@ def test_vqgpt_shard_continues_refuses_and_overwrites(tmp_path, monkeypatch, cap
     assert "already holds 4 shards" in capsys.readouterr().err
     assert main(["shard", str(source), str(out), "--per-shard", "4", "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["classes.json", *(f"shard-00000{i}.tar" for i in range(3))]
+
+
+@pytest.mark.parametrize("moved_before_the_stop", [0, 2, 4])
+def test_a_run_stopped_while_moving_its_shards_is_finished_by_the_next(tmp_path, monkeypatch, reference,
+                                                                      moved_before_the_stop):
+    """Stopped after moving some shards into OUT: classes.json went first, so wds:OUT read the shards moved
+    so far as the whole set, and a re-run refused ("already holds N shards")."""
+    source, report, expected = reference
+    out, moves = tmp_path / "out", []
+    replace = os.replace
+
+    def stopping(src, dst):
+        if Path(dst).parent == out:
+            if len(moves) == moved_before_the_stop:
+                raise KeyboardInterrupt
+            moves.append(dst)
+        replace(src, dst)
+
+    monkeypatch.setattr(shard_writer.os, "replace", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(str(source), out, per_shard=PER_SHARD, progress=False)
+    monkeypatch.setattr(shard_writer.os, "replace", replace)
+    assert not (out / "classes.json").exists()  # moved last: no set in OUT reads as complete
+    reads = _Reads(monkeypatch)
+    finished = write_shards(str(source), out, per_shard=PER_SHARD, progress=False)
+    assert not reads.indices  # nothing written again: the rest moved
+    assert _contents(out) == expected and finished.count == report.count
+    assert finished.classes == report.classes and finished.unreadable == report.unreadable
+    assert len(build_dataset(DataConfig(source=f"wds:{out}", resolution=16), "train")) == 11
+
+
+def test_an_out_path_with_percent_signs_or_a_colon(tmp_path, monkeypatch, reference):
+    """webdataset %-formats the shard pattern and reads 'name:...' as a URL: '100%done' crashed with a
+    TypeError, 'a%%b' wrote elsewhere, and a relative 'out:1' found no handler."""
+    source, _, expected = reference
+    for name in ("100%done", "a%%b", "%d"):
+        write_shards(str(source), tmp_path / name, per_shard=PER_SHARD, progress=False)
+        assert _contents(tmp_path / name) == expected, name
+    monkeypatch.chdir(tmp_path)
+    write_shards(str(source), Path("out:1"), per_shard=PER_SHARD, progress=False)
+    assert _contents(tmp_path / "out:1") == expected

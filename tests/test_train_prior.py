@@ -224,6 +224,15 @@ def test_the_resume_knows_the_token_rows_not_the_folder_name(tmp_path):
     make_token_shards(tokens, seed=1)  # other grids, the same count, vocabulary, grid and classes
     with pytest.raises(ConfigError, match=r"rows_sha256: '[0-9a-f]+' -> '[0-9a-f]+'"):
         train_prior(prior_config(tokens, *base), tmp_path / "run", resume="auto")
+    # shards of an earlier vqgpt carry no checksums: no digest to know them by, so their folder may not move
+    meta = json.loads((tokens / "meta.json").read_text())
+    for shard in meta["shards"]:
+        del shard["rows_sha256"]
+    (tokens / "meta.json").write_text(json.dumps(meta))
+    train_prior(prior_config(tokens, *base, "train.steps=2"), tmp_path / "old")
+    shutil.copytree(tokens, tmp_path / "old_moved")
+    with pytest.raises(ConfigError, match="changes tokens"):
+        train_prior(prior_config(tmp_path / "old_moved", *base), tmp_path / "old", resume="auto")
 
 
 def test_a_longer_resumed_run_says_where_its_lr_goes(tokens, tmp_path, capsys):

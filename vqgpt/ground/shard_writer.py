@@ -115,6 +115,14 @@ def write_shards(source: str, out: str | Path, per_shard: int, split: str = "tra
                 path.unlink(missing_ok=True)
         else:
             _refuse_a_finished_set(out)  # again: a run that held the lock may have finished meanwhile
+            finished = _finished_record(partial)
+            if finished is not None:  # every shard was written; the run stopped while moving them into OUT
+                print(f"{out}: moving the {len(finished['shards']):,} shards of an earlier run, which was stopped "
+                      f"while moving them, into {out}", file=sys.stderr)
+                shards = _move_into(out, partial, finished["shards"])
+                classes = json.loads((out / CLASSES_FILE).read_text(encoding="utf-8"))["classes"]
+                return _report(out, shards, sum(entry["samples"] for entry in finished["shards"]), classes,
+                               finished["unreadable"], index_dir)
         record = {"identity": wanted, "shards": _kept_shards(partial, wanted, files, overwrite)}
         done = record["shards"]  # each shard closed whole: name, bytes, sha256, samples, next, unreadable
         if not done and files is not None:
@@ -151,8 +159,11 @@ def write_shards(source: str, out: str | Path, per_shard: int, split: str = "tra
                     continue
                 if sink is None:  # opened at the first sample: ShardWriter opens a shard at once, even for none
                     # mtime fixed: the same images give byte-identical shards
-                    sink = webdataset.ShardWriter(str(partial / SHARD_NAME), maxcount=per_shard, verbose=0, mtime=0,
-                                                  post=closed, start_shard=len(done))
+                    # the folder's own '%' escaped (the pattern is %-formatted), and absolute (a relative
+                    # 'name:...' would be read as a URL scheme)
+                    pattern = str(partial.resolve()).replace("%", "%%") + "/" + SHARD_NAME
+                    sink = webdataset.ShardWriter(pattern, maxcount=per_shard, verbose=0, mtime=0, post=closed,
+                                                  start_shard=len(done))
                 data, ext, label = sample
                 sink.write({"__key__": f"{index:08d}", ext: data, "cls": label,
                             "json": {"label": label, "class": dataset.classes[label], "name": dataset.name(index)}})
@@ -175,27 +186,61 @@ def write_shards(source: str, out: str | Path, per_shard: int, split: str = "tra
         # the whole class list, beside the shards: a class without a readable image has no sample to name it
         (partial / CLASSES_FILE).write_text(json.dumps({"classes": list(dataset.classes)}, ensure_ascii=False) + "\n",
                                             encoding="utf-8")
-        os.replace(partial / CLASSES_FILE, out / CLASSES_FILE)
-        shards = []
-        for entry in done:
-            shards.append(out / entry["name"])
-            os.replace(partial / entry["name"], shards[-1])
-        _clear(partial)
-        try:
-            partial.rmdir()
-        except OSError:  # a run started just now made its lock file here: that run owns the folder
-            pass
+        # Recorded as finished before the first shard moves: a run stopped while moving them leaves some in
+        # OUT, and the next run moves the rest (the set in OUT is whole only once classes.json, last, is there).
+        record.update(finished=True, unreadable=unreadable)
+        _write_record(partial, record)
+        shards = _move_into(out, partial, done)
     finally:
         if lock is not None:
             os.close(lock)  # closing the descriptor drops the flock
+    return _report(out, shards, count, list(dataset.classes), unreadable, index_dir)
+
+
+def _finished_record(partial: Path) -> dict[str, Any] | None:
+    """The record of a run that wrote every shard into ``partial`` and was stopped while moving them; None
+    when there is none (or it cannot be read: then the run's own checks say so)."""
+    try:
+        record = json.loads((partial / PROGRESS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("finished") is True else None
+
+
+def _move_into(out: Path, partial: Path, entries: list[dict[str, Any]]) -> list[Path]:
+    """Move the recorded shards from ``partial`` into ``out`` (those an interrupted move left there too),
+    classes.json last, then empty ``partial``; the shards' paths in OUT."""
+    shards = []
+    for entry in entries:
+        source, target = partial / entry["name"], out / entry["name"]
+        if source.exists():
+            os.replace(source, target)
+        elif not (target.is_file() and target.stat().st_size == entry["bytes"]):
+            raise ValueError(f"cannot finish moving the shards of {partial} into {out}: {entry['name']} is in neither "
+                             f"(or not whole): pass --overwrite to write the shards again")
+        shards.append(target)
+    if (partial / CLASSES_FILE).exists():
+        os.replace(partial / CLASSES_FILE, out / CLASSES_FILE)
+    _clear(partial)
+    try:
+        partial.rmdir()
+    except OSError:  # a run started just now made its lock file here: that run owns the folder
+        pass
+    return shards
+
+
+def _report(out: Path, shards: list[Path], count: int, classes: list[str], unreadable: list[str],
+            index_dir: str) -> ShardReport:
+    """Index the shards in OUT for wds: and say what was written."""
     for shard in shards:
         shard_index(shard, index_dir or None)
-    last_shard = len(shards) - 1
-    pattern = f"{PREFIX}{out.resolve()}/shard-{{000000..{last_shard:06d}}}.tar"
-    return ShardReport(pattern, shards, count, list(dataset.classes), unreadable)
+    pattern = f"{PREFIX}{out.resolve()}/shard-{{000000..{len(shards) - 1:06d}}}.tar"
+    return ShardReport(pattern, shards, count, classes, unreadable)
 
 
 def _refuse_a_finished_set(out: Path) -> None:
+    if _finished_record(out / PARTIAL_DIR) is not None:  # a run stopped while moving its shards: finished below
+        return
     existing = sorted(out.glob("shard-*.tar")) if out.is_dir() else []
     if existing:
         raise ValueError(f"--out {out} already holds {len(existing)} shards ({existing[0].name}, ...): delete them, "

@@ -303,7 +303,7 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
         recorded = read_checkpoint_config(checkpoint)
         references = [checkpoint.parent.parent / "config.yaml"] + ([] if overwrite else [run_dir / "config.yaml"])
         # where the checkpoint knows its token rows by their checksums (checked above), their folder may move
-        moved = ("tokens",) if "rows_sha256" in (read_checkpoint_inputs(checkpoint) or {}) else ()
+        moved = ("tokens",) if isinstance((read_checkpoint_inputs(checkpoint) or {}).get("rows_sha256"), str) else ()
         found = next((reference for reference in references if reference.is_file()), None)
         if recorded is not None:
             check_config_unchanged(config, checkpoint / MANIFEST_NAME, recorded, moved)
