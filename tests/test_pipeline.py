@@ -179,3 +179,58 @@ def test_results_are_ordinary_tensors(pipe_dir):
     completed.requires_grad_()
     (completed * 2).sum().backward()
     assert completed.grad is not None
+
+
+# The program `accelerate launch` runs in the next test: the chain's two pipeline writers, the training
+# replaced by a ready prior export, and rank 0's write slowed so that a process that does not wait for it
+# finds no pipeline.
+_CHAIN_ON_TWO_PROCESSES = '''
+import sys, time
+from pathlib import Path
+from types import SimpleNamespace
+from accelerate import PartialState
+import vqgpt.workflow.chain as chain
+from vqgpt.workflow.pipeline import VQGPTPipeline
+
+parts, work = Path(sys.argv[1]), Path(sys.argv[2])
+rank = PartialState(cpu=True).process_index  # the gloo group the trainer's Accelerator would set up
+real_save = VQGPTPipeline.save_pretrained
+
+def slow_save(self, directory):
+    time.sleep(2)
+    return real_save(self, directory)
+
+VQGPTPipeline.save_pretrained = slow_save
+chain.train_prior = lambda cfg, out, **kwargs: parts / "prior"
+chain.read_meta = lambda tokens: {"codebook_size": 256}
+made = chain.train_prior_with_tokenizer(SimpleNamespace(tokens="-"), work / "run", parts / "tokenizer")
+print(f"rank {rank}: made", VQGPTPipeline.from_pretrained(made).prior.config.codebook_size)
+again = chain.refresh_run_pipeline(work / "run", parts / "prior")
+print(f"rank {rank}: refreshed", again == made, VQGPTPipeline.from_pretrained(again).classes)
+try:
+    chain.refresh_run_pipeline(work / "run", work / "stranger")
+except ValueError as exc:
+    print(f"rank {rank}: refused", type(exc).__name__, "trained on codes of tokenizer" in str(exc))
+'''
+
+
+@pytest.mark.slow
+def test_every_process_gets_the_pipeline_once_it_is_written(tmp_path, pipe_dir):
+    """Under accelerate launch the pipeline folder is written by rank 0; the others return it only when it is
+    whole (they returned at once and loaded a missing or older one), and a refusal on rank 0 reaches them."""
+    import subprocess
+    import sys
+
+    from test_distributed import launch_command, subprocess_env
+
+    prior = GPT.from_pretrained(pipe_dir / "prior")
+    prior.save_pretrained(tmp_path / "stranger", extra={"tokenizer_fingerprint": "0" * 16})  # another tokenizer's
+    script = tmp_path / "chain.py"
+    script.write_text(_CHAIN_ON_TWO_PROCESSES)
+    done = subprocess.run([*launch_command(2), str(script), str(pipe_dir), str(tmp_path)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: made 256" in done.stdout, done.stdout
+        assert f"rank {rank}: refreshed True ['a', 'b', 'c']" in done.stdout, done.stdout
+        assert f"rank {rank}: refused ConfigError True" in done.stdout, done.stdout

@@ -251,14 +251,14 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
 
         # a resume without --tokenizer: an earlier session's RUN/pipeline/ must not keep the older prior
         pipeline_dir = refresh_run_pipeline(args.out, export_dir)
-        if pipeline_dir is not None:
+        if pipeline_dir is not None and int(os.environ.get("RANK", "0")) == 0:  # said once
             print(f"pipeline (tokenizer + prior) in {pipeline_dir} updated with the new prior")
         return 0
     from vqgpt.workflow.chain import train_prior_with_tokenizer
 
     pipeline_dir = train_prior_with_tokenizer(cfg, args.out, args.tokenizer, resume=args.resume,
                                               overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:  # the main process wrote it; the others returned before the write
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, say it once
         print(f"pipeline (tokenizer + prior) written to {pipeline_dir}")
     return 0
 

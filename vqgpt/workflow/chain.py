@@ -8,7 +8,9 @@ tokenizer at hand refreshes the run's pipeline folder through `refresh_run_pipel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from accelerate import PartialState
 
@@ -16,7 +18,23 @@ from stage1_vq.model import VQModel
 from stage2_prior.train import PriorRunConfig, train_prior
 from vqgpt.ground.checkpoint import export_fingerprint
 from vqgpt.ground.tokens import META_FILE, TokenShardError, read_meta
+from vqgpt.training.run_folder import share_main_failure
 from vqgpt.workflow.pipeline import VQGPTPipeline
+
+T = TypeVar("T")
+
+
+def _on_main_process(work: Callable[[], T]) -> T:
+    """``work()`` on the main process only; every process returns its result once it is done (or raises what
+    it raised). Under accelerate launch the others would otherwise go on to read a folder not yet written."""
+    state = PartialState()
+    failure, result = None, None
+    if state.is_main_process:
+        try:
+            result = work()
+        except Exception as exc:  # shared with the other processes, then raised here
+            failure = exc
+    return share_main_failure(failure, state.num_processes, result)
 
 
 def train_prior_with_tokenizer(cfg: PriorRunConfig, out: str | Path, tokenizer_dir: str | Path,
@@ -34,9 +52,8 @@ def train_prior_with_tokenizer(cfg: PriorRunConfig, out: str | Path, tokenizer_d
     prior_dir = train_prior(cfg, out, resume=resume, decode=tokenizer.decode,
                             tokenizer_fingerprint=export_fingerprint(tokenizer_dir), overwrite=overwrite)
     pipeline_dir = Path(out) / "pipeline" if pipeline_dir is None else Path(pipeline_dir)
-    if not PartialState().is_main_process:  # under accelerate launch one process writes it
-        return pipeline_dir
-    return VQGPTPipeline.from_parts(tokenizer_dir, prior_dir).save_pretrained(pipeline_dir)
+    # one process writes it; the others return when it is whole
+    return _on_main_process(lambda: VQGPTPipeline.from_parts(tokenizer_dir, prior_dir).save_pretrained(pipeline_dir))
 
 
 def refresh_run_pipeline(run_dir: str | Path, prior_dir: str | Path) -> Path | None:
@@ -44,7 +61,11 @@ def refresh_run_pipeline(run_dir: str | Path, prior_dir: str | Path) -> Path | N
     run wrote there (a resume without --tokenizer), so that the pipeline is not left with an older prior;
     returns the folder, or None when RUN holds no pipeline."""
     pipeline_dir = Path(run_dir) / "pipeline"
-    if not (pipeline_dir / "tokenizer").is_dir() or not PartialState().is_main_process:
-        return None
-    # from_parts checks the fingerprint: the new prior must have been trained on this tokenizer's codes
-    return VQGPTPipeline.from_parts(pipeline_dir / "tokenizer", prior_dir).save_pretrained(pipeline_dir)
+
+    def refresh() -> Path | None:
+        if not (pipeline_dir / "tokenizer").is_dir():
+            return None
+        # from_parts checks the fingerprint: the new prior must have been trained on this tokenizer's codes
+        return VQGPTPipeline.from_parts(pipeline_dir / "tokenizer", prior_dir).save_pretrained(pipeline_dir)
+
+    return _on_main_process(refresh)
