@@ -8,7 +8,6 @@ floor), so this package stays independent of stage 1.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import sys
 import warnings
@@ -154,15 +153,13 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
     # wrote in the same folder is refused instead of continuing on codes that mean something else.
     if len(data) == 0:  # before the run folder is touched
         raise TokenShardError(f"{cfg.tokens}: the token shards hold no grids (meta.json count 0): encode some images")
-    # The rows themselves too (count, views, and a digest of every shard's checksum): shards re-encoded into
-    # the same folder were resumed on, the run's position applied to other data; with the digest recorded
-    # the folder itself may move (--tokens another path) and the resume still knows it is the same data.
-    # (A folder written before shards had checksums has no digest: None, which the resume cannot tell apart.)
-    sums = [shard.get("rows_sha256") for shard in data.meta.get("shards", [])]
-    rows = hashlib.sha256("".join(sums).encode()).hexdigest() if all(isinstance(x, str) for x in sums) else None
+    # The rows themselves too (count, views, and a digest of evenly spaced rows in order): shards re-encoded
+    # into the same folder were resumed on, the run's position applied to other data; with the digest
+    # recorded the folder itself may move (--tokens another path), or be re-cut into other shards (an encode
+    # on another number of processes), and the resume still knows it is the same data.
     shards = {"tokenizer_fingerprint": data.meta.get("tokenizer_fingerprint"), "codebook_size": data.codebook_size,
               "grid_size": list(data.grid_size), "classes": list(data.meta.get("classes", [])),
-              "count": len(data), "views": int(data.meta.get("views", 1)), "rows_sha256": rows}
+              "count": len(data), "views": int(data.meta.get("views", 1)), "rows_digest": data.rows_digest()}
     with open_run_dir(out, cfg, accelerator, resume, overwrite, steps=tc.steps, inputs=shards,
                       inputs_from=f"the token shards in {cfg.tokens}") as run:
         run_dir = run.path

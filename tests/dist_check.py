@@ -45,7 +45,7 @@ PLAIN_CODEBOOK = ["model.quantizer.ema=false", "model.quantizer.kmeans_init=fals
 
 
 def make_token_shards(out: str | Path, n: int = 64, grid: tuple[int, int] = (4, 4), codebook_size: int = 32,
-                      num_classes: int = 4, seed: int = 0) -> Path:
+                      num_classes: int = 4, seed: int = 0, shard_size: int | None = None) -> Path:
     """Learnable synthetic token grids (a class-dependent ramp, 20% of the codes random) as shards."""
     from vqgpt.ground.tokens import TokenShardWriter
 
@@ -56,7 +56,7 @@ def make_token_shards(out: str | Path, n: int = 64, grid: tuple[int, int] = (4, 
     grids = torch.where(torch.rand(n, *grid, generator=g) < 0.8, ramp, noise)
     meta = {"tokenizer_fingerprint": "synthetic", "source": "synthetic", "num_classes": num_classes,
             "classes": [str(i) for i in range(num_classes)], "flip_augmented": False}
-    with TokenShardWriter(out, list(grid), codebook_size, meta, shard_size=max(1, n // 2)) as writer:
+    with TokenShardWriter(out, list(grid), codebook_size, meta, shard_size=shard_size or max(1, n // 2)) as writer:
         writer.add(grids, labels)
     return Path(out)
 

@@ -220,19 +220,23 @@ def test_the_resume_knows_the_token_rows_not_the_folder_name(tmp_path):
     train_prior(prior_config(tokens, *base, "train.steps=2"), tmp_path / "run")
     shutil.copytree(tokens, tmp_path / "moved")
     train_prior(prior_config(tmp_path / "moved", *base, "train.steps=3"), tmp_path / "run", resume="auto")
+    # the same rows cut into other shards (an encode on another number of processes): the same data
+    recut = make_token_shards(tmp_path / "recut", shard_size=20)
+    assert len(json.loads((recut / "meta.json").read_text())["shards"]) == 4
+    train_prior(prior_config(recut, *base, "train.steps=4"), tmp_path / "run", resume="auto")
     shutil.rmtree(tokens)
     make_token_shards(tokens, seed=1)  # other grids, the same count, vocabulary, grid and classes
-    with pytest.raises(ConfigError, match=r"rows_sha256: '[0-9a-f]+' -> '[0-9a-f]+'"):
-        train_prior(prior_config(tokens, *base), tmp_path / "run", resume="auto")
-    # shards of an earlier vqgpt carry no checksums: no digest to know them by, so their folder may not move
-    meta = json.loads((tokens / "meta.json").read_text())
-    for shard in meta["shards"]:
-        del shard["rows_sha256"]
-    (tokens / "meta.json").write_text(json.dumps(meta))
-    train_prior(prior_config(tokens, *base, "train.steps=2"), tmp_path / "old")
-    shutil.copytree(tokens, tmp_path / "old_moved")
+    with pytest.raises(ConfigError, match=r"rows_digest: '[0-9a-f]+' -> '[0-9a-f]+'"):
+        train_prior(prior_config(tokens, *base, "train.steps=5"), tmp_path / "run", resume="auto")
+    # a checkpoint of an earlier vqgpt records no digest (or one of shard checksums): its rows' folder may not move
+    manifest = max((tmp_path / "run" / "checkpoints").glob("*/manifest.json"))
+    record = json.loads(manifest.read_text())
+    record["inputs"]["rows_sha256"] = "0" * 64
+    del record["inputs"]["rows_digest"]
+    manifest.write_text(json.dumps(record))
     with pytest.raises(ConfigError, match="changes tokens"):
-        train_prior(prior_config(tmp_path / "old_moved", *base), tmp_path / "old", resume="auto")
+        train_prior(prior_config(tmp_path / "moved", *base, "train.steps=5"), tmp_path / "run", resume="auto")
+    train_prior(prior_config(recut, *base, "train.steps=5"), tmp_path / "run", resume="auto")
 
 
 def test_a_longer_resumed_run_says_where_its_lr_goes(tokens, tmp_path, capsys):

@@ -225,19 +225,21 @@ def _exported_inputs(run_dir: Path, inputs: dict[str, Any]) -> dict[str, Any] | 
     return None
 
 
-def _check_inputs(checkpoint: Path, inputs: dict[str, Any] | None, inputs_from: str) -> None:
-    """ConfigError naming each recorded input (tokenizer fingerprint, vocabulary, grid, ...) that differs now.
+def _check_inputs(checkpoint: Path, inputs: dict[str, Any] | None, inputs_from: str) -> dict[str, Any] | None:
+    """ConfigError naming each recorded input (tokenizer fingerprint, vocabulary, grid, ...) that differs now;
+    else the inputs the checkpoint records (None where it records none).
     A checkpoint that records none (an earlier vqgpt's) is judged by the tokenizer fingerprint its run's
     export records, where it has one; else it is not judged, and a warning says so."""
-    recorded, where = read_checkpoint_inputs(checkpoint), "the checkpoint"
+    recorded = in_checkpoint = read_checkpoint_inputs(checkpoint)
+    where = "the checkpoint"
     if inputs is None:
-        return
+        return in_checkpoint
     if recorded is None:
         recorded, where = _exported_inputs(checkpoint.parent.parent, inputs), "the run's export"
         if recorded is None:
             warnings.warn(f"--resume {checkpoint}: the checkpoint records no inputs (an earlier vqgpt wrote it), so "
                           f"whether {inputs_from} are what the run trained on is not checked", stacklevel=2)
-            return
+            return None
     changed = [(key, recorded[key], inputs[key]) for key in sorted(recorded.keys() & inputs.keys())
                if recorded[key] != inputs[key]]
     if changed:
@@ -245,6 +247,7 @@ def _check_inputs(checkpoint: Path, inputs: dict[str, Any] | None, inputs_from: 
         raise ConfigError(f"--resume {checkpoint}: {inputs_from} differ from what the run trained on: {diff} "
                           f"(recorded in {where}); continuing would train it on other data: give it the data "
                           f"it started on, or start a new run with --overwrite or another --out")
+    return in_checkpoint
 
 
 def _say_schedule_change(config: Any, recorded: dict[str, Any] | None, step: int) -> None:
@@ -291,7 +294,7 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
             raise ConfigError(f"--resume {checkpoint}: the checkpoint is at step {step}, past train.steps={steps}: "
                               f"a run cannot be shortened; set train.steps to {step} or more to continue it, or "
                               f"resume from an earlier checkpoint")
-        _check_inputs(checkpoint, inputs, inputs_from)
+        recorded_inputs = _check_inputs(checkpoint, inputs, inputs_from)
         # A checkpoint of another run folder continues that run here: only into an empty folder (or with
         # --overwrite), as a fresh start would, else the two runs' metrics, checkpoints and config would mix.
         if held and not overwrite and not _inside(checkpoint, run_dir):
@@ -302,8 +305,8 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
         # about to replace it); a checkpoint copied out of its run folder once went unchecked
         recorded = read_checkpoint_config(checkpoint)
         references = [checkpoint.parent.parent / "config.yaml"] + ([] if overwrite else [run_dir / "config.yaml"])
-        # where the checkpoint knows its token rows by their checksums (checked above), their folder may move
-        moved = ("tokens",) if isinstance((read_checkpoint_inputs(checkpoint) or {}).get("rows_sha256"), str) else ()
+        # where the checkpoint knows its token rows by their digest (checked above), their folder may move
+        moved = ("tokens",) if isinstance((recorded_inputs or {}).get("rows_digest"), str) else ()
         found = next((reference for reference in references if reference.is_file()), None)
         if recorded is not None:
             check_config_unchanged(config, checkpoint / MANIFEST_NAME, recorded, moved)
