@@ -334,3 +334,14 @@ def test_under_accelerate_launch_every_rank_stops_when_the_folder_is_in_use(toke
     assert proc.returncode != 0, log[-3000:]
     assert f"error: {run} is in use by pid 4242 on elsewhere" in log, log[-3000:]
     assert f"error: main process: {run} is in use by pid 4242 on elsewhere" in log, log[-3000:]
+
+
+def test_without_flock_a_run_goes_on_with_a_warning(tmp_path, monkeypatch):
+    """A platform without fcntl (Windows) runs unguarded, saying so, rather than not at all."""
+    from vqgpt.training.run_folder import RunLock
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl raises ImportError
+    lock = RunLock(tmp_path)
+    with pytest.warns(UserWarning, match="no file locking on this platform; do not start two runs"):
+        lock.acquire()
+    lock.release()

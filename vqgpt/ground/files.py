@@ -16,6 +16,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+import socket
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -104,3 +106,37 @@ def write_bytes_whole(path: str | Path, write: Callable[[BinaryIO], Any], tmp: P
                 os.fsync(f.fileno())
 
     return replace_when_whole(path, into, tmp)
+
+
+def hold_lock(path: Path, busy: Callable[[str], Exception], no_flock: str) -> int | None:
+    """Hold an exclusive OS lock (flock) on ``path`` (made, with its folder, when missing) and write this
+    process's PID and host into it, so that the next one to try can say who holds it. Returns the
+    descriptor: closing it drops the lock, as the process's death does. Raises ``busy(holder)`` when another
+    process holds it. A lock file its holder deletes when done (the shard writer's) may go between the open
+    and the flock here: the file then on disk is locked instead. Where the platform has no flock (Windows),
+    warns ``no_flock`` and returns None: the work goes on without the guard rather than not at all."""
+    try:
+        import fcntl
+    except ImportError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        warnings.warn(no_flock, stacklevel=3)
+        return None
+    for _ in range(3):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise busy(holder) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            return fd
+        os.close(fd)  # deleted after it was opened here: lock the one there now
+    raise OSError(errno.EAGAIN, "it is deleted and made again as fast as it is opened: cannot lock it", str(path))

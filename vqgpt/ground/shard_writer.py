@@ -19,7 +19,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 
 from vqgpt.ground.data import FolderImageDataset, build_dataset, describe_file_changes, source_identity
 from vqgpt.ground.dataset_base import DataConfig, EncodedImageDataset, ImageDataset, Unreadable
-from vqgpt.ground.files import write_bytes_whole
+from vqgpt.ground.files import hold_lock, write_bytes_whole
 from vqgpt.ground.images import tensor_to_pil
 from vqgpt.ground.tar_shards import CLASSES_FILE, PREFIX, shard_index
 
@@ -264,37 +263,14 @@ def _identity(source: str, split: str, per_shard: int, resolution: int, index_di
 
 
 def _lock(partial: Path) -> int | None:
-    """Make ``partial`` and hold an exclusive OS lock (flock) on its .lock, as vqgpt.training's RunLock
-    holds a run folder (a floor this module cannot import): two runs into one OUT would write the same
-    shards and record. The OS drops it if the process dies. None where there is no flock."""
-    try:
-        import fcntl
-    except ImportError:  # (Windows): run without the guard rather than not at all
-        partial.mkdir(parents=True, exist_ok=True)
-        warnings.warn(f"{partial}: no file locking on this platform; do not start two `vqgpt shard` runs into "
-                      f"{partial.parent}", stacklevel=3)
-        return None
+    """Make ``partial`` and hold the lock on its .lock (as a run folder's is held): two runs into one OUT
+    would write the same shards and record. None where there is no flock."""
     path = partial / LOCK_FILE
-    for _ in range(3):
-        partial.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise ValueError(f"{partial.parent} is in use by {holder}, another `vqgpt shard` into it (it holds "
-                             f"{path}): wait for that run to end or stop it, or choose another folder") from None
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-            return fd
-        os.close(fd)  # a finishing run deleted the file after this one opened it: lock the one there now
-    raise ValueError(f"could not lock {path}: it is deleted and made again as fast as it is opened")
+    return hold_lock(path, lambda holder: ValueError(
+        f"{partial.parent} is in use by {holder}, another `vqgpt shard` into it (it holds {path}): wait for that "
+        f"run to end or stop it, or choose another folder"),
+        no_flock=f"{partial}: no file locking on this platform; do not start two `vqgpt shard` runs into "
+                 f"{partial.parent}")
 
 
 def _kept_shards(partial: Path, wanted: dict[str, Any], files: list[list[Any]] | None,

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import warnings
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from vqgpt.ground.checkpoint import (MANIFEST_NAME, check_checkpoint, list_checkpoints, name_listing,
                                     read_checkpoint_config, read_checkpoint_inputs, read_export_meta, resolve_resume)
 from vqgpt.ground.config import ConfigError, from_dict, read_yaml, save_config, to_dict
+from vqgpt.ground.files import hold_lock
 from vqgpt.training.config import TRACKING_DIR, TrainConfig
 from vqgpt.training.optim import lr_factor
 
@@ -68,23 +68,10 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # no flock (Windows): run without the guard rather than not at all
-            warnings.warn(f"{self.path}: no file locking on this platform; do not start two runs in one folder",
-                          stacklevel=2)
-            return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise RunFolderError(f"{self.path.parent} is in use by {holder} (it holds {self.path}): wait for that "
-                                 f"run to end or stop it, or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        self._fd = fd
+        self._fd = hold_lock(self.path, lambda holder: RunFolderError(
+            f"{self.path.parent} is in use by {holder} (it holds {self.path}): wait for that run to end or stop "
+            f"it, or choose another --out"),
+            no_flock=f"{self.path}: no file locking on this platform; do not start two runs in one folder")
 
     def release(self) -> None:
         if self._fd is not None:
