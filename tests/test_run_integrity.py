@@ -345,3 +345,20 @@ def test_without_flock_a_run_goes_on_with_a_warning(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="no file locking on this platform; do not start two runs"):
         lock.acquire()
     lock.release()
+
+
+def test_a_refused_start_leaves_no_folder_behind(run, tokens, tmp_path):
+    """A start refused before it wrote anything (here: --resume of another run's checkpoint under another
+    architecture) left the new --out folder, and any parents it made, holding only the lock file."""
+    checkpoint = max(list_checkpoints(run))[1]
+    new = tmp_path / "made" / "for" / "it"
+    with pytest.raises(ConfigError, match="model.n_layer"):
+        train_prior(prior_config(tokens, "model.n_layer=3"), new, resume=str(checkpoint))
+    assert not (tmp_path / "made").exists()
+    (tmp_path / "mine").mkdir()  # a folder that was there before is left, as is a parent that was
+    with pytest.raises(ConfigError, match="model.n_layer"):
+        train_prior(prior_config(tokens, "model.n_layer=3"), tmp_path / "mine" / "run", resume=str(checkpoint))
+    assert (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "run").exists()
+    with pytest.raises(ConfigError, match="model.n_layer"):
+        train_prior(prior_config(tokens, "model.n_layer=3"), tmp_path / "mine", resume=str(checkpoint))
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [".lock"]

@@ -60,7 +60,8 @@ class RunLock:
     """An exclusive OS lock (flock) on RUN/.lock, held for a run's life; the OS drops it if the process dies.
 
     The file keeps the holder's PID and host so that a second run can say who holds the folder.
-    It is never deleted: deleting a lock file lets two processes lock two different files.
+    A run never deletes it; a refused start removes the folder it made, lock and all (``_unmake``), and a
+    process that locked the file then deleted finds it gone and locks the new one (``hold_lock``).
     """
 
     def __init__(self, run_dir: Path) -> None:
@@ -328,6 +329,21 @@ class RunFolder:
     checkpoint: Path | None
 
 
+def _unmake(run_dir: Path, made: Path | None) -> None:
+    """After a refused start: remove the folders this start made (``made`` and those below it, down to RUN)
+    when RUN holds nothing but its lock, so that a refusal leaves no trace; else leave everything."""
+    if made is None or not run_dir.is_dir() or any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        return
+    try:
+        (run_dir / LOCK_NAME).unlink(missing_ok=True)
+        for folder in [run_dir, *run_dir.parents]:
+            folder.rmdir()
+            if folder == made:
+                break
+    except OSError:  # another process came in meanwhile: its folder now
+        pass
+
+
 @contextmanager
 def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume: str | None = None,
                  overwrite: bool = False, *, steps: int | None = None, inputs: dict[str, Any] | None = None,
@@ -351,6 +367,7 @@ def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume:
     lock = RunLock(run_dir)
     checkpoint, failure = None, None
     if accelerator.is_main_process:
+        made = next((folder for folder in reversed([run_dir, *run_dir.parents]) if not folder.exists()), None)
         try:
             if run_dir.exists() and not run_dir.is_dir():
                 raise RunFolderError(f"--out {run_dir} is a file, not a run folder")
@@ -359,6 +376,7 @@ def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume:
             checkpoint = _claim_run_dir(run_dir, config, resume, overwrite, steps, inputs, inputs_from)
         except Exception as exc:
             lock.release()
+            _unmake(run_dir, made)
             failure = exc
         except BaseException:  # Ctrl-C: a notebook's process lives on and must not keep the folder
             lock.release()
