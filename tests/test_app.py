@@ -216,6 +216,108 @@ def test_one_model_call_at_a_time(handlers):
     assert peak[0] == 1
 
 
+def test_model_calls_run_in_the_order_asked_and_the_summary_times_the_sampling(handlers):
+    """The summary counted the wait for the model as sampling time."""
+    order, generate = [], handlers.pipe.generate
+
+    def slow_generate(*args, **kwargs):
+        order.append(kwargs["seed"])
+        time.sleep(0.3)
+        return generate(*args, **kwargs)
+
+    handlers.pipe.generate = slow_generate
+    summaries = {}
+
+    def ask(seed):
+        summaries[seed] = handlers.sample("a", 1, seed=seed)[1]
+
+    threads, began = [], time.perf_counter()
+    for seed in range(6):
+        threads.append(threading.Thread(target=ask, args=(seed,)))
+        threads[-1].start()
+        while not order:  # the first holds the model ...
+            time.sleep(0.01)
+        time.sleep(0.05)  # ... and each next one waits for it before the one after it asks
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - began
+    assert order == list(range(6))
+    # each sampled for about a sixth of the whole; the last waited for five others
+    assert max(float(summaries[seed].rsplit(", ", 1)[1].split()[0]) for seed in range(6)) < took / 2, summaries
+
+
+def test_the_model_lock_goes_to_the_longest_waiting_request(handlers):
+    """A plain lock goes to whoever grabs it first: a handler that just finished and takes the next request
+    (or one that came later) got it before one already waiting."""
+    lock, order = handlers.lock, []
+    lock.__enter__()
+    def wait_for_it():
+        with lock:
+            order.append("waiting")
+
+    waiting = threading.Thread(target=wait_for_it)
+    waiting.start()
+    time.sleep(0.2)
+    lock.__exit__(None, None, None)
+    lock.__enter__()  # at once again: behind the one waiting
+    order.append("again")
+    lock.__exit__(None, None, None)
+    waiting.join(timeout=5)
+    assert order == ["waiting", "again"]
+
+
+def test_the_turn_lock_skips_a_waiter_that_gave_up():
+    from vqgpt.cli.app import TurnLock
+
+    lock, ran = TurnLock(), []
+    lock.__enter__()  # held
+
+    class GaveUp(Exception):
+        pass
+
+    real_wait = lock._turns.wait_for
+    lock._turns.wait_for = lambda predicate: (_ for _ in ()).throw(GaveUp())  # the next waiter's wait fails
+    with pytest.raises(GaveUp):
+        lock.__enter__()
+    lock._turns.wait_for = real_wait
+    waiter = threading.Thread(target=lambda: (lock.__enter__(), ran.append(1), lock.__exit__()))
+    waiter.start()
+    time.sleep(0.1)
+    assert not ran and lock.locked()
+    lock.__exit__()  # the one that gave up is skipped: the third runs
+    waiter.join(timeout=5)
+    assert ran == [1] and not lock.locked()
+
+
+def test_fitting_an_upload_costs_memory_of_the_target_not_the_file(handlers, tmp_path, monkeypatch):
+    """A 1 x 200,000 px strip (a 1 KB file) grew to 16 x 3,200,000 px float32 before its crop (a 1 x 2,000,000
+    one took the machine's memory); a 20 MP JPEG was decoded and converted to float32 in full."""
+    from torchvision.transforms.v2 import functional as TF
+
+    real_resize, seen = TF.resize, []
+
+    def resize(image, *args, **kwargs):
+        seen.append(image.numel())
+        if image.numel() > 3_000_000:
+            raise AssertionError(f"a {tuple(image.shape)} tensor resized")
+        return real_resize(image, *args, **kwargs)
+
+    monkeypatch.setattr(TF, "resize", resize)
+    Image.new("RGB", (200_000, 1), (200, 40, 40)).save(tmp_path / "strip.png")
+    original, *_ = handlers.reconstruct(str(tmp_path / "strip.png"), fit=True)
+    assert original.size == (32, 32) and original.getpixel((5, 5)) == (200, 40, 40)
+    gallery, _ = handlers.complete(str(tmp_path / "strip.png"), keep_rows=1, num=1, class_name="a", fit=True)
+    assert gallery[0][0].size == (16, 16)
+    yy, xx = np.mgrid[0:4000, 0:5000]  # a smooth 20 MP photo
+    photo = np.stack([xx * 255 // 5000, yy * 255 // 4000, (xx + yy) * 255 // 9000], -1).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=95)
+    original, *_ = handlers.reconstruct(str(tmp_path / "photo.jpg"), fit=True)
+    monkeypatch.setattr(TF, "resize", real_resize)
+    exact = TF.center_crop(TF.resize(pil_to_tensor(Image.fromarray(photo)), 32, antialias=True), [32, 32])
+    assert (pil_to_tensor(original) - exact).abs().max() < 0.05  # the same picture
+    assert max(seen) < 3_000_000
+
+
 def test_page_queues_every_model_call_behind_one(handlers):
     demo = handlers_app(handlers)
     events = [fn for fn in demo.fns.values() if fn.api_name in ("sample", "complete", "reconstruct")]

@@ -294,3 +294,33 @@ def test_iterate_images_folder_and_builtin(mixed_folder):
     assert torch.equal(first.images, torch.stack([ds[i][0] for i in range(5)]))
     assert first.names == [ds.name(i) for i in range(5)]
 
+
+
+def test_a_very_long_image_in_a_folder_is_cut_before_it_is_resized(tmp_path, monkeypatch):
+    """A 1 x 100,000 px strip grew to 16 x 1,600,000 px before its crop (a 1 x 2,000,000 one: the machine's
+    memory); pictures up to 8:1 are fitted exactly as before."""
+    from vqgpt.ground.dataset_base import image_transform
+
+    real_resize, asked = Image.Image.resize, []
+
+    def resize(self, size, *args, **kwargs):
+        asked.append(size[0] * size[1])
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (100_000, 1), (10, 200, 30)).save(folder / "strip.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (20, 150, 3), dtype=np.uint8)).save(folder / "wide.png")  # 7.5:1
+    for split in ("train", "eval"):
+        data = build_dataset(DataConfig(source=str(folder), resolution=16), split)
+        strip = data[[p.name for p in data.files].index("strip.png")][0]
+        assert strip.shape == (3, 16, 16) and max(asked) <= 8 * 16 * 16
+        assert torch.allclose(strip, torch.tensor([10, 200, 30]).view(3, 1, 1) / 127.5 - 1, atol=1e-6)
+    wide = Image.open(folder / "wide.png")
+    cfg = DataConfig(source=str(folder), resolution=16)
+    from torchvision.transforms import v2
+
+    exact = v2.CenterCrop(16)(v2.Resize(16, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(wide))
+    assert np.array_equal(np.asarray(image_transform(cfg, "eval")(wide)), np.asarray(exact))

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from stage2_prior.draw import CFG_SCHEDULES, SamplingConfig
-from vqgpt.ground.images import open_rgb, pil_to_tensor, tensor_to_pil
+from vqgpt.ground.images import open_fitted, open_rgb, pil_to_tensor, tensor_to_pil
 from vqgpt.ground.metrics import code_histogram, codebook_stats, psnr
 from vqgpt.workflow.pipeline import INDEX_PREFIX, VQGPTPipeline
 
@@ -105,8 +105,46 @@ def usage_picture(counts: torch.Tensor, height: int = 120) -> Image.Image:
 # ----------------------------------------------------------------------------- handlers
 
 
+class TurnLock:
+    """A lock handed out in the order it was asked for. A plain threading.Lock wakes its waiters in no set
+    order, so a request could wait behind several that came after it (the page's queue lets more handlers
+    start than the model serves at once, e.g. after a cancel, which stops the wait but not the handler)."""
+
+    def __init__(self) -> None:
+        self._turns = threading.Condition()
+        self._next = 0       # the ticket the next caller draws
+        self._serving = 0    # the ticket whose holder may run
+        self._gone: set[int] = set()  # tickets whose callers stopped waiting (an exception in the wait)
+
+    def locked(self) -> bool:
+        with self._turns:
+            return self._next != self._serving
+
+    def __enter__(self) -> None:
+        with self._turns:
+            ticket, self._next = self._next, self._next + 1
+            try:
+                self._turns.wait_for(lambda: self._serving == ticket)
+            except BaseException:
+                self._gone.add(ticket)
+                self._advance()
+                raise
+
+    def __exit__(self, *exc: object) -> None:
+        with self._turns:
+            self._serving += 1
+            self._advance()
+
+    def _advance(self) -> None:
+        while self._serving in self._gone:  # (caller holds the condition)
+            self._gone.discard(self._serving)
+            self._serving += 1
+        self._turns.notify_all()
+
+
 class AppHandlers:
-    """What the page does, as plain methods; one model call at a time (a lock, beside the page's queue)."""
+    """What the page does, as plain methods; one model call at a time, in the order asked (a lock beside the
+    page's queue)."""
 
     # An upload used as it is ('fit' unticked) may have at most this many times the pixels of the trained
     # size: 4x per side, the Sample tab's largest canvas. The encoder's cost grows faster than its pixels
@@ -115,7 +153,7 @@ class AppHandlers:
 
     def __init__(self, pipe: VQGPTPipeline) -> None:
         self.pipe = pipe
-        self.lock = threading.Lock()
+        self.lock = TurnLock()
         trained_h, trained_w = pipe.trained_pixels()
         size = pipe.tokenizer.config.resolution
         self.max_upload_pixels = self.UPLOAD_AREA_FACTOR * max(trained_h * trained_w, size * size)
@@ -157,8 +195,8 @@ class AppHandlers:
         sampling = _sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p)
         height, width = _pixels(height, "height"), _pixels(width, "width")
         grid = self.pipe.grid_for_pixels(height, width)  # a clear error before any work
-        start = time.perf_counter()
         with self._model(progress, "sampling"):
+            start = time.perf_counter()  # the sampling, not the wait for the model
             images = self.pipe.generate(num, class_labels=label, height=height, width=width, sampling=sampling,
                                         seed=_seed(seed), progress=progress is not None).cpu()
         h0, w0 = self.pipe.prior.config.grid_size
@@ -247,20 +285,20 @@ class AppHandlers:
             raise ValueError("upload an image first")
         name = Path(path).name
         try:
-            image = pil_to_tensor(open_rgb(path))
+            if fit_to is not None:
+                return open_fitted(path, *fit_to)
+            with Image.open(path) as img:  # the size is in the header: refused before the picture is decoded
+                width, height = img.size
+            if height * width <= self.max_upload_pixels:
+                image = pil_to_tensor(open_rgb(path))
         except Exception as exc:  # Pillow raises many types for files that are no image
             raise ValueError(f"{name} cannot be read as an image ({type(exc).__name__}): upload a PNG, JPEG, "
                              "WebP, BMP, GIF or TIFF file") from None
-        if fit_to is not None:
-            from torchvision.transforms.v2 import functional as TF
-
-            height, width = fit_to
-            return TF.center_crop(TF.resize(image, min(height, width), antialias=True), [height, width])
-        height, width = image.shape[1:]
         if height * width > self.max_upload_pixels:
             raise ValueError(f"{name} is {height}x{width} px, more than the {self.max_upload_pixels:,} pixels this "
                              f"page takes as they are ({self.UPLOAD_AREA_FACTOR}x the trained size): tick 'fit to "
                              "the trained size', or upload a smaller image")
+        height, width = image.shape[1:]  # (EXIF rotation may swap them)
         try:
             self.pipe.tokenizer.grid_shape(height, width)
         except ValueError as exc:

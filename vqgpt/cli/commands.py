@@ -452,16 +452,13 @@ def cmd_complete(args: argparse.Namespace) -> int:
     _check_pipeline_args(args)
     _check_image_file(args.image, "--image")
     import torch
-    from torchvision.transforms.v2 import functional as TF
 
-    from vqgpt.ground.images import open_rgb, pil_to_tensor
+    from vqgpt.ground.images import open_fitted
 
-    image = pil_to_tensor(open_rgb(args.image))
     pipe = _load_pipeline(args)
     label = _class_label(pipe, args)
-    height, width = pipe.trained_pixels()
     # The image is fitted to the prior's trained size: shorter side resized, then center-cropped.
-    image = TF.center_crop(TF.resize(image, min(height, width), antialias=True), [height, width])
+    image = open_fitted(args.image, *pipe.trained_pixels())
     images = pipe.complete(image, args.num, keep_rows=args.keep_rows, extend_right=args.extend_right,
                            extend_down=args.extend_down, class_labels=label, sampling=_sampling(args),
                            seed=args.seed)

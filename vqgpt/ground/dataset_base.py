@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 
 from vqgpt.ground.config import opt
 from vqgpt.ground.file_index import ROOT_CLASS
-from vqgpt.ground.images import open_rgb, pil_to_tensor
+from vqgpt.ground.images import crop_aspect, open_rgb, pil_to_tensor
 
 @dataclass
 class DataConfig:
@@ -120,7 +120,8 @@ def image_transform(cfg: DataConfig, split: str) -> Callable:
     random crop and flip for the train split, center crop for eval."""
     train = split == "train"
     steps: list[Callable] = []
-    if cfg.resize:
+    if cfg.resize:  # a very long picture is cut to MAX_ASPECT first (it would grow to gigabytes)
+        steps.append(crop_aspect)
         steps.append(v2.Resize(cfg.resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True))
     steps.append(v2.RandomCrop(cfg.resolution) if train and cfg.random_crop else v2.CenterCrop(cfg.resolution))
     if train and cfg.hflip:

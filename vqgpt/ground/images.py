@@ -67,6 +67,53 @@ def open_rgb(path: str | Path) -> Image.Image:
         return to_rgb(ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img)
 
 
+# Fitting a picture to a size resizes its shorter side, then crops the middle. A picture far longer than
+# it is wide (a 1 x 2,000,000 px strip) grew to the size times its aspect ratio first: tens of gigabytes
+# for a 6 KB file. Its long side is therefore cut (in the middle) to at most MAX_ASPECT times its short
+# side first, which leaves the fitted result of every picture within that ratio exactly as it was.
+MAX_ASPECT = 8
+# Pictures with more pixels than this are decoded at a reduced scale (JPEG) or shrunk in Pillow (by a whole
+# factor, 8-bit) before the exact antialiased resize, keeping at least twice the target's pixels on the
+# short side: a 12000 x 12000 upload took 5 GB and half a minute as float32, for a picture of a few hundred
+# pixels. Smaller ones are fitted exactly as before.
+FIT_SHRINK_PIXELS = 4096 * 4096
+
+
+def crop_aspect(img: Image.Image, ratio: float = MAX_ASPECT) -> Image.Image:
+    """``img`` with its longer side cut in the middle to at most ``ratio`` times its shorter side."""
+    width, height = img.size
+    limit = max(1, int(min(width, height) * ratio))
+    if width > limit:
+        left = (width - limit) // 2
+        return img.crop((left, 0, left + limit, height))
+    if height > limit:
+        top = (height - limit) // 2
+        return img.crop((0, top, width, top + limit))
+    return img
+
+
+def open_fitted(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """An image file fitted to ``height`` x ``width`` (shorter side resized, antialiased, then the middle
+    cropped) -> (3, height, width) in [-1, 1], in memory bounded by the target rather than the file:
+    a large JPEG is decoded at a reduced scale, a very long picture cut to ``MAX_ASPECT`` first, a
+    very large one shrunk in 8-bit first."""
+    from torchvision.transforms.v2 import functional as TF
+
+    short = min(height, width)
+    with Image.open(path) as img:
+        if img.format == "JPEG" and img.size[0] * img.size[1] > FIT_SHRINK_PIXELS:
+            # decoded at 1/2, 1/4 or 1/8 scale where that still leaves twice the target
+            scale = min(1.0, 2 * short / max(1, min(img.size)))
+            img.draft("RGB", (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))))
+        img.load()
+        picture = to_rgb(ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img)
+    picture = crop_aspect(picture, max(MAX_ASPECT, max(height, width) / short))
+    factor = min(picture.size) // (2 * short)
+    if picture.size[0] * picture.size[1] > FIT_SHRINK_PIXELS and factor >= 2:
+        picture = picture.reduce(factor)
+    return TF.center_crop(TF.resize(pil_to_tensor(picture), short, antialias=True), [height, width])
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> float tensor (3, H, W) in [-1, 1]."""
     arr = np.asarray(to_rgb(img), dtype=np.float32) / 127.5 - 1.0
