@@ -31,16 +31,18 @@ from vqgpt.training import (
     MetricsLog,
     RunFolder,
     StepMetrics,
-    Throughput,
     StreamPosition,
+    Throughput,
     TrainConfig,
     after_step,
     batch_stream,
     check_replicas,
     dropped_update,
     finish_run,
+    grid_path,
     is_log_step,
     keeps_caller_rng,
+    last_grid,
     load_resume,
     log_images,
     make_accelerator,
@@ -218,7 +220,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                 with torch.no_grad(), accelerator.autocast():
                     recon = net(snapshot.to(accelerator.device)).reconstruction.float().cpu()
                 net.train(was_training)
-                grid = save_grid(side_by_side(snapshot, recon), run_dir / "samples" / f"step-{step:08d}.png", nrow=8)
+                grid = save_grid(side_by_side(snapshot, recon), grid_path(run_dir, step), nrow=8)
                 log_images(accelerator, "reconstructions", grid, step)
 
         model.train()
@@ -304,7 +306,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         bar.close()
         quantizer.set_step_updates("every_forward")
         checkpoint()
-        snapshot_grid()
+        last_grid(run_dir, step, snapshot_grid)
 
         export_dir = run_dir / "export"
         if is_main:

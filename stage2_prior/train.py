@@ -39,8 +39,10 @@ from vqgpt.training import (
     dropped_update,
     finish_run,
     full_state_dict,
+    grid_path,
     is_log_step,
     keeps_caller_rng,
+    last_grid,
     load_resume,
     log_images,
     make_accelerator,
@@ -203,8 +205,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
             # Under FSDP only all processes together hold the weights; sample from the export instead.
             if is_main and decode is not None and not fsdp:
                 net = ema.module if ema is not None else unwrap(accelerator, model)
-                grid = sample_snapshot(net, decode, run_dir / "samples" / f"step-{step:08d}.png", cfg,
-                                       classes=classes)
+                grid = sample_snapshot(net, decode, grid_path(run_dir, step), cfg, classes=classes)
                 log_images(accelerator, "samples", grid, step)
 
         model.train()
@@ -239,7 +240,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
                 after_step(accelerator, tc, step, bar, interrupt, checkpoint, snapshot)
         bar.close()
         checkpoint()
-        snapshot()
+        last_grid(run_dir, step, snapshot)
 
         export_dir = run_dir / "export"
         final = ema.module if ema is not None else unwrap(accelerator, model)

@@ -66,7 +66,7 @@ def test_prior_run_logs_scalars_and_samples_to_tensorboard_and_resumes_in_the_sa
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     acc = events(run)
     assert_scalars_match(acc, rows, ("loss", "lr", "tokens_per_s", "skipped"))
-    assert sorted({e.step for e in acc.Images("samples")}) == [2, 4]
+    assert [e.step for e in acc.Images("samples")] == [2, 4]  # the last step's grid once (it was logged twice)
     assert acc.Images("samples")[0].width > 0
 
     # Resume from step 2 (the later checkpoint removed) logging every 2nd step: the first session's
@@ -78,6 +78,12 @@ def test_prior_run_logs_scalars_and_samples_to_tensorboard_and_resumes_in_the_sa
     assert [r["step"] for r in rows] == [1, 2, 4]
     assert len(list((run / "tracking/vqgpt").glob("events.out.tfevents.*"))) == 2  # one folder, two sessions
     assert_scalars_match(events(run), rows, ("loss", "lr"))
+    assert [e.step for e in events(run).Images("samples")] == [2, 4]
+    # resuming the finished run trains nothing and logs nothing again (its last grid went in once per resume)
+    train_prior(prior_config(tokens, "train.log_with=tensorboard", "train.sample_every=2", "train.log_every=2"),
+                run, resume="auto", decode=decode)
+    assert [e.step for e in events(run).Images("samples")] == [2, 4]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
 
 
 def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tokens, tmp_path):
@@ -96,12 +102,13 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tokens, t
 def test_tokenizer_run_logs_scalars_and_reconstructions_to_tensorboard(tmp_path):
     cfg = load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml",
                       ["train.steps=4", "train.log_every=2", "train.warmup_steps=2", "train.batch_size=8",
-                       "train.checkpoint_every=0", "train.log_with=tensorboard", "train.project_name=tok"])
+                       "train.checkpoint_every=0", "train.log_with=tensorboard", "train.project_name=tok",
+                       "train.sample_every=2"])
     train_tokenizer(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     acc = events(tmp_path / "run", "tok")
     assert_scalars_match(acc, rows, ("loss", "rec_loss", "psnr", "usage", "lr"))
-    assert [e.step for e in acc.Images("reconstructions")] == [4]
+    assert [e.step for e in acc.Images("reconstructions")] == [2, 4]  # the last once (it was logged twice)
 
 
 def wandb_history(run_file: Path) -> list[dict]:

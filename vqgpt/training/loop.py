@@ -197,6 +197,19 @@ def stop_after_interrupt(accelerator: Accelerator, step: int, checkpoint, bar) -
     raise KeyboardInterrupt
 
 
+def grid_path(run_dir: Path, step: int) -> Path:
+    """RUN/samples/step-NNNNNNNN.png: the grid (samples or reconstructions) of the weights after ``step`` steps."""
+    return run_dir / "samples" / f"step-{step:08d}.png"
+
+
+def last_grid(run_dir: Path, step: int, snapshot: Callable[[], None]) -> None:
+    """After the loop: the grid of the last step, unless it is written already (by ``after_step`` at a
+    ``sample_every`` step, or by the session that finished a run resumed now): the trackers got that grid
+    twice, and once more at every resume of a finished run."""
+    if not grid_path(run_dir, step).is_file():
+        snapshot()
+
+
 def is_log_step(step: int, cfg: TrainConfig) -> bool:
     """True when the step that ends with ``step`` steps done writes a metrics line (the last one always does)."""
     return step % cfg.log_every == 0 or step == cfg.steps
