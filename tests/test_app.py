@@ -325,6 +325,11 @@ def test_page_queues_every_model_call_behind_one(handlers):
     assert {fn.concurrency_limit for fn in events} == {1} and len({fn.concurrency_id for fn in events}) == 1
 
 
+def test_page_sweeps_its_pictures_from_the_cache(handlers):
+    """Each answer's pictures are files in gradio's cache; a long-lived page kept every one."""
+    assert handlers_app(handlers).delete_cache == (3600, 6 * 3600)
+
+
 def handlers_app(handlers):
     from vqgpt.cli.app import build_app
 

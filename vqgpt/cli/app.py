@@ -32,6 +32,7 @@ from vqgpt.workflow.pipeline import INDEX_PREFIX, VQGPTPipeline
 INSTALL_HINT = 'pip install "vqgpt[app]"'
 GOLDEN = (math.sqrt(5) - 1) / 2  # hue step between neighbouring code indices: far apart on the colour wheel
 PICTURE_SIDE = 256  # code-grid pictures are drawn at least this many pixels wide, whatever the grid
+CACHE_SWEEP = (3600, 6 * 3600)  # (every N s, files older than M s): the page's pictures in gradio's cache
 USAGE_BINS = 512  # at most this many bars in a codebook-usage picture (larger codebooks are binned)
 
 # Samples are often a few dozen pixels: show each pixel as a sharp square, not a blur. A gallery keeps
@@ -400,7 +401,9 @@ def build_app(handlers: AppHandlers, title: str = "vqgpt") -> Any:
     trained_h, trained_w = pipe.trained_pixels()
     queue = {"concurrency_limit": 1, "concurrency_id": "model"}  # one model call at a time, the rest wait
 
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    # Every answer's pictures are files in gradio's cache: kept, a long-lived page filled its disk (about
+    # 0.3 MB a request). Gradio sweeps the ones this page made every hour once they are six hours old.
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=CACHE_SWEEP) as demo:
         gr.Markdown(f"## {title}\nTokenizer: {pipe.tokenizer.codebook_size} codes, {f}x{f} pixels per code · "
                     f"prior: trained on {trained_h}x{trained_w} px"
                     + (f", {len(handlers.class_choices)} classes" if handlers.class_choices else ", unconditional"))
