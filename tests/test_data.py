@@ -324,3 +324,25 @@ def test_a_very_long_image_in_a_folder_is_cut_before_it_is_resized(tmp_path, mon
 
     exact = v2.CenterCrop(16)(v2.Resize(16, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(wide))
     assert np.array_equal(np.asarray(image_transform(cfg, "eval")(wide)), np.asarray(exact))
+
+
+def test_a_picture_fitted_to_a_non_square_size_covers_it(tmp_path):
+    """open_fitted (the app's and `vqgpt complete`'s fit) resized the shorter side to the target's shorter
+    side, so a square picture fitted to 16 x 32 came back 16 x 16 with grey bars beside it."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from vqgpt.ground.images import open_fitted
+
+    Image.new("RGB", (100, 100), (250, 20, 20)).save(tmp_path / "square.png")
+    red = torch.tensor([250, 20, 20]).view(3, 1, 1) / 127.5 - 1
+    for height, width in ((16, 32), (32, 16), (8, 64)):
+        fitted = open_fitted(tmp_path / "square.png", height, width)
+        assert fitted.shape == (3, height, width)
+        assert torch.allclose(fitted, red.expand_as(fitted), atol=1e-5), (height, width)
+    # a square target: the shorter side resized, as before, bit for bit
+    rng = np.random.default_rng(1)
+    photo = rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    before = TF.center_crop(TF.resize(torch.from_numpy(photo).permute(2, 0, 1).float() / 127.5 - 1, 16,
+                                      antialias=True), [16, 16])
+    assert torch.equal(open_fitted(tmp_path / "photo.png", 16, 16), before)

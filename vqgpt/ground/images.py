@@ -93,25 +93,34 @@ def crop_aspect(img: Image.Image, ratio: float = MAX_ASPECT) -> Image.Image:
 
 
 def open_fitted(path: str | Path, height: int, width: int) -> torch.Tensor:
-    """An image file fitted to ``height`` x ``width`` (shorter side resized, antialiased, then the middle
-    cropped) -> (3, height, width) in [-1, 1], in memory bounded by the target rather than the file:
-    a large JPEG is decoded at a reduced scale, a very long picture cut to ``MAX_ASPECT`` first, a
-    very large one shrunk in 8-bit first."""
+    """An image file fitted to ``height`` x ``width`` -> (3, height, width) in [-1, 1]: resized (antialiased)
+    to the smallest size that covers the target, then the middle cropped; for a square target that is the
+    shorter side resized. (A non-square target was given its shorter side only and the rest padded with
+    grey.) Memory is bounded by the target rather than the file: a large JPEG is decoded at a reduced
+    scale, a very long picture cut to ``MAX_ASPECT`` first, a very large one shrunk in 8-bit first."""
     from torchvision.transforms.v2 import functional as TF
 
-    short = min(height, width)
     with Image.open(path) as img:
         if img.format == "JPEG" and img.size[0] * img.size[1] > FIT_SHRINK_PIXELS:
-            # decoded at 1/2, 1/4 or 1/8 scale where that still leaves twice the target
-            scale = min(1.0, 2 * short / max(1, min(img.size)))
+            # decoded at 1/2, 1/4 or 1/8 scale where that still leaves twice the target (either way up:
+            # the EXIF rotation comes after)
+            scale = min(1.0, 2 * max(height, width) / max(1, min(img.size)))
             img.draft("RGB", (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))))
         img.load()
         picture = to_rgb(ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img)
-    picture = crop_aspect(picture, max(MAX_ASPECT, max(height, width) / short))
-    factor = min(picture.size) // (2 * short)
+    picture = crop_aspect(picture, max(MAX_ASPECT, max(height, width) / min(height, width)))
+    cover = max(height / picture.size[1], width / picture.size[0])  # the scale at which it covers the target
+    factor = int(1 / (2 * cover))
     if picture.size[0] * picture.size[1] > FIT_SHRINK_PIXELS and factor >= 2:
         picture = picture.reduce(factor)
-    return TF.center_crop(TF.resize(pil_to_tensor(picture), short, antialias=True), [height, width])
+        cover = max(height / picture.size[1], width / picture.size[0])
+    image = pil_to_tensor(picture)
+    if height == width:
+        image = TF.resize(image, height, antialias=True)
+    else:
+        size = [max(height, round(picture.size[1] * cover)), max(width, round(picture.size[0] * cover))]
+        image = TF.resize(image, size, antialias=True)
+    return TF.center_crop(image, [height, width])
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
