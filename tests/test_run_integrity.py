@@ -362,3 +362,82 @@ def test_a_refused_start_leaves_no_folder_behind(run, tokens, tmp_path):
     with pytest.raises(ConfigError, match="model.n_layer"):
         train_prior(prior_config(tokens, "model.n_layer=3"), tmp_path / "mine", resume=str(checkpoint))
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [".lock"]
+
+
+def test_a_start_refused_as_in_use_leaves_the_holders_folder_and_lock(tokens, tmp_path, monkeypatch):
+    """Two starts into one new --out: the one refused as 'in use' removed the folder the other had just made
+    and locked, lock file and all, so that a third start could lock it too."""
+    from vqgpt.training.run_folder import RunLock
+
+    new = tmp_path / "new" / "run"
+    other, acquire = RunLock(new), RunLock.acquire
+
+    def the_other_first(self):  # the other start locks between this one's look at the folder and its lock
+        if self is not other:
+            acquire(other)
+        acquire(self)
+
+    monkeypatch.setattr(RunLock, "acquire", the_other_first)
+    with pytest.raises(RunFolderError, match="is in use by pid"):
+        train_prior(prior_config(tokens), new)
+    monkeypatch.setattr(RunLock, "acquire", acquire)
+    try:
+        assert (new / ".lock").is_file()
+        with pytest.raises(RunFolderError, match="is in use by pid"):
+            RunLock(new).acquire()
+    finally:
+        other.release()
+
+
+def test_a_refused_start_into_a_dotted_out_leaves_nothing(run, tokens, tmp_path, monkeypatch):
+    checkpoint = max(list_checkpoints(run))[1]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(ConfigError, match="model.n_layer"):
+        train_prior(prior_config(tokens, "model.n_layer=3"), Path("a/../b"), resume=str(checkpoint))
+    assert list((tmp_path / "here").iterdir()) == []
+
+
+_LOCK_CHURN = '''
+import os, sys, time
+from pathlib import Path
+from vqgpt.ground.files import hold_lock
+
+class Busy(Exception):
+    pass
+
+path, errors, got = Path(sys.argv[1]) / "folder" / ".lock", 0, 0
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    try:
+        fd = hold_lock(path, Busy, "no flock")
+    except Busy:
+        continue
+    except OSError as exc:
+        errors += 1
+        print(type(exc).__name__, exc, file=sys.stderr)
+        continue
+    got += 1
+    path.unlink()  # as a finishing shard run and a refused start do: lock file and folder go, lock held
+    try:
+        path.parent.rmdir()
+    except OSError:  # another one just made its lock file there
+        pass
+    os.close(fd)
+print(got, errors)
+'''
+
+
+def test_the_lock_holds_up_while_holders_remove_it(tmp_path):
+    """Holders that delete the lock file and its folder when done (vqgpt shard, a refused start): the others
+    got FileNotFoundError / FileExistsError from the gap between mkdir, open and flock, not the lock."""
+    script = tmp_path / "churn.py"
+    script.write_text(_LOCK_CHURN)
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), "3"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(4)]
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in results]
+    counts = [tuple(map(int, out.split())) for out, _ in results]
+    assert sum(errors for _, errors in counts) == 0, [err[-2000:] for _, err in results]
+    assert sum(got for got, _ in counts) > 20

@@ -112,8 +112,9 @@ def hold_lock(path: Path, busy: Callable[[str], Exception], no_flock: str) -> in
     """Hold an exclusive OS lock (flock) on ``path`` (made, with its folder, when missing) and write this
     process's PID and host into it, so that the next one to try can say who holds it. Returns the
     descriptor: closing it drops the lock, as the process's death does. Raises ``busy(holder)`` when another
-    process holds it. A lock file its holder deletes when done (the shard writer's) may go between the open
-    and the flock here: the file then on disk is locked instead. Where the platform has no flock (Windows),
+    process holds it. A lock file (or its folder) that its holder deletes when done (the shard writer, a
+    refused start) may go between the mkdir, the open and the flock here: the one then on disk is locked
+    instead. Where the platform has no flock (Windows),
     warns ``no_flock`` and returns None: the work goes on without the guard rather than not at all."""
     try:
         import fcntl
@@ -121,9 +122,12 @@ def hold_lock(path: Path, busy: Callable[[str], Exception], no_flock: str) -> in
         path.parent.mkdir(parents=True, exist_ok=True)
         warnings.warn(no_flock, stacklevel=3)
         return None
-    for _ in range(3):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    for _ in range(20):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except (FileNotFoundError, FileExistsError):  # its folder removed (by a finishing holder) meanwhile
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -180,7 +180,10 @@ def write_shards(source: str, out: str | Path, per_shard: int, split: str = "tra
             sink.close()  # closes and records the last shard
         if not count:
             _clear(partial)
-            partial.rmdir()
+            try:
+                partial.rmdir()
+            except OSError:  # a run started just now made its lock file here: that run owns the folder
+                pass
             raise ValueError(f"no readable image in {source} ({len(unreadable)} left out)")
         # the whole class list, beside the shards: a class without a readable image has no sample to name it
         (partial / CLASSES_FILE).write_text(json.dumps({"classes": list(dataset.classes)}, ensure_ascii=False) + "\n",

@@ -213,7 +213,8 @@ def _exported_inputs(run_dir: Path, inputs: dict[str, Any]) -> dict[str, Any] | 
     return None
 
 
-def _check_inputs(checkpoint: Path, inputs: dict[str, Any] | None, inputs_from: str) -> dict[str, Any] | None:
+def _check_inputs(checkpoint: Path, inputs: dict[str, Any] | None, inputs_from: str,
+                  legacy_inputs: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """ConfigError naming each recorded input (tokenizer fingerprint, vocabulary, grid, ...) that differs now;
     else the inputs the checkpoint records (None where it records none).
     A checkpoint that records none (an earlier vqgpt's) is judged by the tokenizer fingerprint its run's
@@ -228,6 +229,7 @@ def _check_inputs(checkpoint: Path, inputs: dict[str, Any] | None, inputs_from: 
             warnings.warn(f"--resume {checkpoint}: the checkpoint records no inputs (an earlier vqgpt wrote it), so "
                           f"whether {inputs_from} are what the run trained on is not checked", stacklevel=2)
             return None
+    inputs = {**(legacy_inputs or {}), **inputs}
     changed = [(key, recorded[key], inputs[key]) for key in sorted(recorded.keys() & inputs.keys())
                if recorded[key] != inputs[key]]
     if changed:
@@ -253,7 +255,8 @@ def _say_schedule_change(config: Any, recorded: dict[str, Any] | None, step: int
 
 
 def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bool, steps: int | None = None,
-                   inputs: dict[str, Any] | None = None, inputs_from: str = "the inputs") -> Path | None:
+                   inputs: dict[str, Any] | None = None, inputs_from: str = "the inputs",
+                   legacy_inputs: dict[str, Any] | None = None) -> Path | None:
     """Main process, lock held: check RUN may be used as asked, then write config.yaml; the checkpoint to resume.
     Every check comes before the first change to RUN."""
     held = sorted(p.name for p in run_dir.iterdir() if p.name not in (LOCK_NAME, "config.yaml"))
@@ -282,7 +285,7 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
             raise ConfigError(f"--resume {checkpoint}: the checkpoint is at step {step}, past train.steps={steps}: "
                               f"a run cannot be shortened; set train.steps to {step} or more to continue it, or "
                               f"resume from an earlier checkpoint")
-        recorded_inputs = _check_inputs(checkpoint, inputs, inputs_from)
+        recorded_inputs = _check_inputs(checkpoint, inputs, inputs_from, legacy_inputs)
         # A checkpoint of another run folder continues that run here: only into an empty folder (or with
         # --overwrite), as a fresh start would, else the two runs' metrics, checkpoints and config would mix.
         if held and not overwrite and not _inside(checkpoint, run_dir):
@@ -294,7 +297,8 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
         recorded = read_checkpoint_config(checkpoint)
         references = [checkpoint.parent.parent / "config.yaml"] + ([] if overwrite else [run_dir / "config.yaml"])
         # where the checkpoint knows its token rows by their digest (checked above), their folder may move
-        moved = ("tokens",) if isinstance((recorded_inputs or {}).get("rows_digest"), str) else ()
+        moved = ("tokens",) if any(isinstance((recorded_inputs or {}).get(key), str)
+                                   for key in ("rows_digest", "rows_sha256")) else ()
         found = next((reference for reference in references if reference.is_file()), None)
         if recorded is not None:
             check_config_unchanged(config, checkpoint / MANIFEST_NAME, recorded, moved)
@@ -330,31 +334,38 @@ class RunFolder:
 
 
 def _unmake(run_dir: Path, made: Path | None) -> None:
-    """After a refused start: remove the folders this start made (``made`` and those below it, down to RUN)
-    when RUN holds nothing but its lock, so that a refusal leaves no trace; else leave everything."""
+    """After a refused start, its lock still held: remove the folders this start made (``made`` and those
+    below it, down to RUN) when RUN holds nothing but the lock, so that a refusal leaves no trace; else
+    leave everything. (A start that meanwhile opened the lock file finds it gone once it gets the flock,
+    and makes the folder again: ``hold_lock``.)"""
     if made is None or not run_dir.is_dir() or any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         return
     try:
         (run_dir / LOCK_NAME).unlink(missing_ok=True)
-        for folder in [run_dir, *run_dir.parents]:
+    except OSError:
+        return
+    for folder in [run_dir, *run_dir.parents]:
+        try:
             folder.rmdir()
-            if folder == made:
-                break
-    except OSError:  # another process came in meanwhile: its folder now
-        pass
+        except OSError:  # another process came in meanwhile (its folder now), or 'a/..' of --out a/../b
+            if folder.name != "..":
+                return
+        if folder == made:
+            return
 
 
 @contextmanager
 def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume: str | None = None,
                  overwrite: bool = False, *, steps: int | None = None, inputs: dict[str, Any] | None = None,
-                 inputs_from: str = "the inputs") -> Iterator[RunFolder]:
+                 inputs_from: str = "the inputs", legacy_inputs: dict[str, Any] | None = None) -> Iterator[RunFolder]:
     """Lock RUN for the run's life and check it may be used as asked before writing anything in it.
 
     Without ``resume`` RUN must hold no run (``overwrite`` removes what it holds, first); with it the
     checkpoint's files are checked (no code runs), its step must not be past ``steps`` (the run's
     length; None: not checked), the ``inputs`` it records (JSON values of what the run trains on,
     which the loop passes to ``save_checkpoint``; ``inputs_from`` names them in errors) must equal
-    these, and the requested config is compared with the run's. A checkpoint of another run folder
+    these (and ``legacy_inputs``, values an earlier vqgpt recorded under other keys, where it did), and
+    the requested config is compared with the run's. A checkpoint of another run folder
     may continue into RUN only when RUN holds no run, or with ``overwrite``, which empties RUN once
     all is checked. Then RUN/config.yaml is written and metrics after the resumed step are dropped.
     Only the main process locks and checks (all processes of one launch share the lock); its verdict
@@ -368,15 +379,19 @@ def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume:
     checkpoint, failure = None, None
     if accelerator.is_main_process:
         made = next((folder for folder in reversed([run_dir, *run_dir.parents]) if not folder.exists()), None)
+        held = False
         try:
             if run_dir.exists() and not run_dir.is_dir():
                 raise RunFolderError(f"--out {run_dir} is a file, not a run folder")
             run_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
-            checkpoint = _claim_run_dir(run_dir, config, resume, overwrite, steps, inputs, inputs_from)
+            held = True  # (refused as in use: the folder is the other start's, made or not)
+            checkpoint = _claim_run_dir(run_dir, config, resume, overwrite, steps, inputs, inputs_from,
+                                        legacy_inputs)
         except Exception as exc:
+            if held:
+                _unmake(run_dir, made)  # before the lock goes: no other start holds the folder meanwhile
             lock.release()
-            _unmake(run_dir, made)
             failure = exc
         except BaseException:  # Ctrl-C: a notebook's process lives on and must not keep the folder
             lock.release()

@@ -314,10 +314,12 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
         return out
     finally:
         if is_main:
-            lock.release()
-            if created and all(p.name == LOCK_NAME for p in out.iterdir()):  # this run made it, and wrote nothing
-                (out / LOCK_NAME).unlink(missing_ok=True)
-                out.rmdir()
+            try:
+                if created and all(p.name == LOCK_NAME for p in out.iterdir()):  # this run made it, and wrote nothing
+                    (out / LOCK_NAME).unlink(missing_ok=True)  # while held: no other encode holds it meanwhile
+                    out.rmdir()
+            finally:
+                lock.release()
 
 
 def _no_image_encoded(out: Path, source: str, split: str, total: int, unreadable: list[str], created: bool,
