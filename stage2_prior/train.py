@@ -8,6 +8,7 @@ floor), so this package stays independent of stage 1.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import sys
 import warnings
@@ -162,8 +163,12 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
     shards = {"tokenizer_fingerprint": data.meta.get("tokenizer_fingerprint"), "codebook_size": data.codebook_size,
               "grid_size": list(data.grid_size), "classes": list(data.meta.get("classes", [])),
               "count": len(data), "views": int(data.meta.get("views", 1)), "rows_digest": data.rows_digest()}
+    # Checkpoints written before rows_digest know the rows by a digest of the shards' checksums instead.
+    sums = [shard.get("rows_sha256") for shard in data.meta.get("shards", [])]
+    legacy = {"rows_sha256": hashlib.sha256("".join(sums).encode()).hexdigest()
+              if all(isinstance(x, str) for x in sums) else None}
     with open_run_dir(out, cfg, accelerator, resume, overwrite, steps=tc.steps, inputs=shards,
-                      inputs_from=f"the token shards in {cfg.tokens}") as run:
+                      inputs_from=f"the token shards in {cfg.tokens}", legacy_inputs=legacy) as run:
         run_dir = run.path
         is_main = accelerator.is_main_process
 
@@ -180,6 +185,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
         ema = make_ema(accelerator, model, tc.ema_decay)
 
         step, position = load_resume(accelerator, run.checkpoint, tc.batch_size)
+        resumed_at = step
         start_trackers(accelerator, cfg, run_dir, step)
 
         log = MetricsLog(run_dir, accelerator)
@@ -240,7 +246,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
                 after_step(accelerator, tc, step, bar, interrupt, checkpoint, snapshot)
         bar.close()
         checkpoint()
-        last_grid(run_dir, step, snapshot)
+        last_grid(run_dir, step, resumed_at, tc, snapshot)
 
         export_dir = run_dir / "export"
         final = ema.module if ema is not None else unwrap(accelerator, model)

@@ -228,15 +228,35 @@ def test_the_resume_knows_the_token_rows_not_the_folder_name(tmp_path):
     make_token_shards(tokens, seed=1)  # other grids, the same count, vocabulary, grid and classes
     with pytest.raises(ConfigError, match=r"rows_digest: '[0-9a-f]+' -> '[0-9a-f]+'"):
         train_prior(prior_config(tokens, *base, "train.steps=5"), tmp_path / "run", resume="auto")
-    # a checkpoint of an earlier vqgpt records no digest (or one of shard checksums): its rows' folder may not move
-    manifest = max((tmp_path / "run" / "checkpoints").glob("*/manifest.json"))
-    record = json.loads(manifest.read_text())
-    record["inputs"]["rows_sha256"] = "0" * 64
-    del record["inputs"]["rows_digest"]
-    manifest.write_text(json.dumps(record))
-    with pytest.raises(ConfigError, match="changes tokens"):
-        train_prior(prior_config(tmp_path / "moved", *base, "train.steps=5"), tmp_path / "run", resume="auto")
-    train_prior(prior_config(recut, *base, "train.steps=5"), tmp_path / "run", resume="auto")
+
+
+def test_a_checkpoint_that_knows_its_rows_by_the_shard_checksums_still_checks_them(tmp_path):
+    """Checkpoints written before rows_digest record rows_sha256, a digest of the shards' checksums: shards
+    re-encoded in place were resumed on once those were no longer compared."""
+    import hashlib
+    import shutil
+
+    tokens = make_token_shards(tmp_path / "tokens")
+    base = ["train.steps=4", "train.checkpoint_every=2"]
+    train_prior(prior_config(tokens, *base, "train.steps=2"), tmp_path / "run")
+
+    def as_written_before():
+        manifest = max((tmp_path / "run" / "checkpoints").glob("*/manifest.json"))
+        record = json.loads(manifest.read_text())
+        sums = [shard["rows_sha256"] for shard in json.loads((tokens / "meta.json").read_text())["shards"]]
+        record["inputs"]["rows_sha256"] = hashlib.sha256("".join(sums).encode()).hexdigest()
+        del record["inputs"]["rows_digest"]
+        manifest.write_text(json.dumps(record))
+
+    as_written_before()
+    shutil.copytree(tokens, tmp_path / "moved")  # the same shards elsewhere: still known
+    train_prior(prior_config(tmp_path / "moved", *base, "train.steps=3"), tmp_path / "run", resume="auto")
+    shutil.rmtree(tmp_path / "moved")
+    as_written_before()
+    shutil.rmtree(tokens)
+    make_token_shards(tokens, seed=1)  # other grids, the same count, vocabulary, grid and classes
+    with pytest.raises(ConfigError, match=r"rows_sha256: '[0-9a-f]+' -> '[0-9a-f]+'"):
+        train_prior(prior_config(tokens, *base), tmp_path / "run", resume="auto")
 
 
 def test_a_longer_resumed_run_says_where_its_lr_goes(tokens, tmp_path, capsys):
