@@ -196,6 +196,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
 
         # ---- resume
         step, position = load_resume(accelerator, run.checkpoint, tc.batch_size)
+        resumed_at = step
         start_trackers(accelerator, cfg, run_dir, step)
 
         log = MetricsLog(run_dir, accelerator)
@@ -306,7 +307,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         bar.close()
         quantizer.set_step_updates("every_forward")
         checkpoint()
-        last_grid(run_dir, step, snapshot_grid)
+        last_grid(run_dir, step, resumed_at, tc, snapshot_grid)
 
         export_dir = run_dir / "export"
         if is_main:

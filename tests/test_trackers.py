@@ -176,3 +176,16 @@ def test_bad_value_and_missing_package_are_config_errors(tokens, tmp_path, monke
     with pytest.raises(ConfigError, match=r"train.log_with=all: the tensorboard and wandb packages are not installed"):
         train_prior(prior_config(tokens, "train.log_with=all"), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before the run folder was touched
+
+
+def test_a_resume_from_an_earlier_checkpoint_logs_its_own_last_grid(tokens, tmp_path):
+    """Resumed from step 2 of a finished 4-step run (the step-4 checkpoint removed), the session's last grid
+    was not written because the abandoned branch's step-4 grid file was there: the trackers, whose record
+    after step 2 the resume drops, were left with no grid of step 4."""
+    run = tmp_path / "run"
+    cfg = prior_config(tokens, "train.log_with=tensorboard", "train.sample_every=1000")
+    train_prior(cfg, run, decode=decode)
+    assert [e.step for e in events(run).Images("samples")] == [4]
+    shutil.rmtree(list_checkpoints(run)[-1][1])
+    train_prior(cfg, run, resume="auto", decode=decode)
+    assert [e.step for e in events(run).Images("samples")] == [4]

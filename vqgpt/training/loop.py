@@ -202,11 +202,16 @@ def grid_path(run_dir: Path, step: int) -> Path:
     return run_dir / "samples" / f"step-{step:08d}.png"
 
 
-def last_grid(run_dir: Path, step: int, snapshot: Callable[[], None]) -> None:
-    """After the loop: the grid of the last step, unless it is written already (by ``after_step`` at a
-    ``sample_every`` step, or by the session that finished a run resumed now): the trackers got that grid
-    twice, and once more at every resume of a finished run."""
-    if not grid_path(run_dir, step).is_file():
+def last_grid(run_dir: Path, step: int, resumed_at: int, cfg: TrainConfig, snapshot: Callable[[], None]) -> None:
+    """After the loop: the grid of the last step (``step``; the session began at ``resumed_at``), unless this
+    session wrote it already (``after_step`` at a ``sample_every`` step), or trained no step and finds it
+    there (the session that finished the run wrote it). It went to the trackers twice, and once more at
+    every resume of a finished run; a grid of the same step from an abandoned branch (a resume from an
+    earlier checkpoint) is replaced."""
+    if step > resumed_at:
+        if not (cfg.sample_every and step % cfg.sample_every == 0):
+            snapshot()
+    elif not grid_path(run_dir, step).is_file():
         snapshot()
 
 
