@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -14,14 +15,46 @@ from vqgpt.ground.file_index import IMAGE_EXTENSIONS  # noqa: F401  (the file ty
 from vqgpt.ground.files import replace_when_whole
 
 
+GREY_BLOCK = 1 << 22  # pixels of a high-bit-depth grey picture converted at a time
+
+
+def _row_blocks(arr: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, that block of ``arr`` as float64, non-finite values as 0), about GREY_BLOCK pixels each: a
+    13000 x 13000 16-bit PNG (360 KB) took 5 GB as whole-picture float64 temporaries."""
+    step = max(1, GREY_BLOCK // max(1, int(np.prod(arr.shape[1:]))))
+    for start in range(0, arr.shape[0], step):
+        rows = slice(start, start + step)
+        block = arr[rows].astype(np.float64)
+        yield rows, np.where(np.isfinite(block), block, 0.0)
+
+
+def _finite_range(arr: np.ndarray, zero_for_others: bool) -> tuple[float, float] | None:
+    """(min, max) of ``arr``'s finite values (with non-finite ones read as 0 where ``zero_for_others``), a
+    block at a time; None when there is none."""
+    lo, hi = math.inf, -math.inf
+    for rows, block in _row_blocks(arr):
+        if not zero_for_others:
+            block = arr[rows].astype(np.float64)
+            block = block[np.isfinite(block)]
+        if block.size:
+            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+    return None if lo > hi else (lo, hi)
+
+
 def _grey_to_l(arr: np.ndarray, peak: float | None) -> Image.Image:
     """A grey array -> 8-bit 'L': ``arr / peak`` read as [0, 1] (clipped), or, with no ``peak``,
-    stretched from its own minimum to maximum. Non-finite values count as 0."""
-    arr = np.where(np.isfinite(arr), arr, 0.0)
+    stretched from its own minimum to maximum. Non-finite values count as 0. Converted a block of rows
+    at a time (the same values as the whole array at once)."""
+    lo = 0.0
     if peak is None:
-        lo, hi = float(arr.min()), float(arr.max())
-        arr, peak = arr - lo, max(hi - lo, 1e-12)
-    return Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        lo, hi = _finite_range(arr, zero_for_others=True) or (0.0, 0.0)
+        peak = max(hi - lo, 1e-12)
+    out = np.empty(arr.shape, np.uint8)
+    for rows, block in _row_blocks(arr):
+        if lo:
+            block = block - lo
+        out[rows] = np.clip(block / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -40,15 +73,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)  # animated GIF / multi-page TIFF: first frame
     if img.mode.startswith("I;16"):
-        img = _grey_to_l(np.asarray(img, dtype=np.float64), 65535.0)
+        img = _grey_to_l(np.asarray(img), 65535.0)
     elif img.mode == "I":
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img)
         fits_16_bit = arr.size == 0 or (arr.min() >= 0 and arr.max() <= 65535)
         img = _grey_to_l(arr, 65535.0 if fits_16_bit else None)
     elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        finite = arr[np.isfinite(arr)]
-        in_unit_range = finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1)
+        arr = np.asarray(img)
+        finite = _finite_range(arr, zero_for_others=False)
+        in_unit_range = finite is None or (finite[0] >= 0 and finite[1] <= 1)
         img = _grey_to_l(arr, 1.0 if in_unit_range else None)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
