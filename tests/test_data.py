@@ -380,3 +380,20 @@ def test_high_bit_depth_grey_converts_in_bounded_memory_to_the_same_values(monke
         tracemalloc.stop()
     assert grey.size == (2000, 2000) and grey.mode == "RGB"
     assert peak < 40e6, f"{peak / 1e6:.0f} MB for a 4 MP picture"  # whole-picture float64: 32 MB per temporary
+
+
+def test_a_large_picture_fitted_to_a_square_is_shrunk_by_the_exact_whole_factor(tmp_path):
+    """The pre-shrink of a picture over FIT_SHRINK_PIXELS took its factor from a float (185 for 5952 px
+    fitted to 16, where min(size) // 32 is 186), so square targets no longer fitted as before."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from vqgpt.ground.images import FIT_SHRINK_PIXELS, open_fitted, pil_to_tensor
+
+    side = 5952
+    assert side * side > FIT_SHRINK_PIXELS and side // 32 == 186
+    ramp = np.linspace(0, 255, side).astype(np.uint8)
+    across, down = np.broadcast_to(ramp, (side, side)), np.broadcast_to(ramp[:, None], (side, side))
+    picture = Image.fromarray(np.stack([across, down, np.full((side, side), 90, np.uint8)], -1))
+    picture.save(tmp_path / "big.png", compress_level=1)
+    expected = TF.center_crop(TF.resize(pil_to_tensor(picture.reduce(186)), 16, antialias=True), [16, 16])
+    assert torch.equal(open_fitted(tmp_path / "big.png", 16, 16), expected)

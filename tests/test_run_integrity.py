@@ -441,3 +441,13 @@ def test_the_lock_holds_up_while_holders_remove_it(tmp_path):
     counts = [tuple(map(int, out.split())) for out, _ in results]
     assert sum(errors for _, errors in counts) == 0, [err[-2000:] for _, err in results]
     assert sum(got for got, _ in counts) > 20
+
+
+def test_a_file_where_the_lock_folder_goes_is_named_at_once(tmp_path):
+    """hold_lock retried a file standing where the lock's folder goes as if a holder were removing the folder,
+    then said the lock file was 'deleted and made again as fast as it is opened'."""
+    from vqgpt.ground.files import hold_lock
+
+    (tmp_path / ".partial").write_text("not a folder")
+    with pytest.raises(FileExistsError):
+        hold_lock(tmp_path / ".partial" / ".lock", RuntimeError, "no flock")

@@ -17,6 +17,7 @@ import errno
 import os
 import re
 import socket
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -108,6 +109,14 @@ def write_bytes_whole(path: str | Path, write: Callable[[BinaryIO], Any], tmp: P
     return replace_when_whole(path, into, tmp)
 
 
+def _not_a_folder(path: Path) -> bool:
+    """Whether something other than a folder is at ``path`` (one stat: no gap to race through)."""
+    try:
+        return not stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def hold_lock(path: Path, busy: Callable[[str], Exception], no_flock: str) -> int | None:
     """Hold an exclusive OS lock (flock) on ``path`` (made, with its folder, when missing) and write this
     process's PID and host into it, so that the next one to try can say who holds it. Returns the
@@ -126,7 +135,9 @@ def hold_lock(path: Path, busy: Callable[[str], Exception], no_flock: str) -> in
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except (FileNotFoundError, FileExistsError):  # its folder removed (by a finishing holder) meanwhile
+        except (FileNotFoundError, FileExistsError) as exc:  # its folder removed (by a finishing holder) meanwhile
+            if isinstance(exc, FileExistsError) and _not_a_folder(path.parent):  # a file where it goes: no race
+                raise
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -143,7 +143,7 @@ def open_fitted(path: str | Path, height: int, width: int) -> torch.Tensor:
         picture = to_rgb(ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img)
     picture = crop_aspect(picture, max(MAX_ASPECT, max(height, width) / min(height, width)))
     cover = max(height / picture.size[1], width / picture.size[0])  # the scale at which it covers the target
-    factor = int(1 / (2 * cover))
+    factor = min(picture.size[1] // (2 * height), picture.size[0] // (2 * width))  # (whole numbers: exact)
     if picture.size[0] * picture.size[1] > FIT_SHRINK_PIXELS and factor >= 2:
         picture = picture.reduce(factor)
         cover = max(height / picture.size[1], width / picture.size[0])

@@ -317,7 +317,10 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
             try:
                 if created and all(p.name == LOCK_NAME for p in out.iterdir()):  # this run made it, and wrote nothing
                     (out / LOCK_NAME).unlink(missing_ok=True)  # while held: no other encode holds it meanwhile
-                    out.rmdir()
+                    try:
+                        out.rmdir()
+                    except OSError:  # an encode starting now made its lock file there: its folder now
+                        pass
             finally:
                 lock.release()
 
