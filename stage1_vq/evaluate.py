@@ -26,8 +26,12 @@ _RECONSTRUCTION_NAME = re.compile(r"\d{5,}\.png")
 # OUT/RECORD_NAME: how many numbered images reconstruct() wrote into OUT/images, so that the next run
 # deletes those and nothing else (a folder of FFHQ's 00000.png ... is named just like them)
 RECORD_NAME = ".reconstruct.json"
+# OUT/SOURCES_NAME: which image of the source each reconstruction is ({"names": [...], "unreadable": [...]}:
+# names[i] is the dataset name of the image behind images/{i:05d}.png and the figures' i-th image;
+# unreadable names the files left out), since the numbers count readable images only
+SOURCES_NAME = "sources.json"
 # what reconstruct() writes into OUT itself; replaced only when OUT's record says an earlier run wrote them
-_SUMMARY_NAMES = ("metrics.json", "grid.png")
+_SUMMARY_NAMES = ("metrics.json", "grid.png", SOURCES_NAME)
 # sources that name no folder on this machine, so cannot overlap --out (an hf: folder holds arrow files only)
 _NON_FOLDER_SOURCES = ("builtin:", "wds:", "hf:")
 
@@ -74,11 +78,14 @@ def check_out_apart(images: str, out: str | Path) -> None:
                          f"would read its own output back as images; choose an --out outside {images}")
 
 
-def _read_record(out: Path) -> tuple[int, bool]:
+def _read_record(out: Path) -> tuple[int, frozenset[str]]:
     """(how many numbered reconstructions (00000.png ...) an earlier run recorded writing into out/images,
-    whether out's metrics.json and grid.png are reconstruct's own). A folder of a vqgpt that kept no
-    record is reconstruct's when its metrics.json is; its images count when that names exactly as many
-    images as out/images numbers from 00000.png on."""
+    which of out's _SUMMARY_NAMES are reconstruct's own). A folder of a vqgpt that kept no record is
+    reconstruct's when its metrics.json is; its images count when that names exactly as many images as
+    out/images numbers from 00000.png on. A record owns a sources.json when it says so (a vqgpt before
+    sources.json wrote none, so one beside its record is the user's); a folder without a record (e.g.
+    copied without its dot-files) when it has the form reconstruct writes and names as many images as
+    its metrics.json."""
     for path, key in ((out / RECORD_NAME, "images"), (out / "metrics.json", "num_images")):
         try:
             record = json.loads(path.read_text())
@@ -90,31 +97,49 @@ def _read_record(out: Path) -> tuple[int, bool]:
         count = record.get(key)
         if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
             if path.name == RECORD_NAME:
-                return count, True
+                return count, frozenset(_SUMMARY_NAMES if record.get("sources") is True else _SUMMARY_NAMES[:2])
+            owned = frozenset(_SUMMARY_NAMES if _is_sources(out / SOURCES_NAME, count) else _SUMMARY_NAMES[:2])
             names = {p.name for p in (out / "images").glob("*.png") if _RECONSTRUCTION_NAME.fullmatch(p.name)}
-            return (count if names == {f"{i:05d}.png" for i in range(count)} else 0), True
-    return 0, False
+            return (count if names == {f"{i:05d}.png" for i in range(count)} else 0), owned
+    return 0, frozenset()
+
+
+def _is_sources(path: Path, count: int) -> bool:
+    """Whether ``path`` is a sources.json reconstruct wrote, naming ``count`` images."""
+    try:
+        sources = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(sources, dict) and set(sources) == {"names", "unreadable"}
+            and isinstance(sources["names"], list) and isinstance(sources["unreadable"], list)
+            and len(sources["names"]) == count)
 
 
 def _write_record(out: Path, count: int) -> None:
     tmp = out / f"{RECORD_NAME}.tmp"
-    tmp.write_text(json.dumps({"images": count}) + "\n")
+    # "sources": this run writes (or wrote) out/SOURCES_NAME, so the next run may replace it
+    tmp.write_text(json.dumps({"images": count, "sources": True}) + "\n")
     os.replace(tmp, out / RECORD_NAME)  # atomic: a run killed midway leaves the old record or the new one
 
 
+def _listing(names: list[str] | tuple[str, ...]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
 def _clear_previous_run(out: Path, will_write: int) -> None:
-    """Delete what an earlier run recorded writing into ``out``: its metrics.json (first, so that a run that
-    fails midway leaves no figures of other images behind) and its numbered reconstructions in
-    ``out/images``; then record the ``will_write`` reconstructions this run may write. Any other file
-    there is the user's and stays: a numbered PNG that no run recorded (the user's own 00000.png, ...)
-    makes a run that writes images refuse, and a metrics.json or grid.png that no run wrote makes every
-    run refuse, before anything is deleted."""
+    """Delete what an earlier run recorded writing into ``out``: its metrics.json and sources.json (first,
+    so that a run that fails midway leaves no figures or names of other images behind) and its numbered
+    reconstructions in ``out/images``; then record the ``will_write`` reconstructions this run may write.
+    Any other file there is the user's and stays: a numbered PNG that no run recorded (the user's own
+    00000.png, ...) makes a run that writes images refuse, and a metrics.json, grid.png or sources.json
+    that no run wrote makes every run refuse, before anything is deleted."""
     folder = out / "images"
     recorded, owned = _read_record(out)
-    theirs = [name for name in _SUMMARY_NAMES if not owned and (out / name).exists()]
+    theirs = [name for name in _SUMMARY_NAMES if name not in owned and (out / name).exists()]
     if theirs:
-        raise RunFolderError(f"{out} holds {' and '.join(theirs)} that this command did not write; reconstruct "
-                             f"writes its own {' and '.join(_SUMMARY_NAMES)} there and would replace "
+        raise RunFolderError(f"{out} holds {_listing(theirs)} that this command did not write; reconstruct "
+                             f"writes its own {_listing(_SUMMARY_NAMES)} there and would replace "
                              f"{'them' if len(theirs) > 1 else 'it'}: choose another --out")
     ours = {f"{i:05d}.png" for i in range(recorded)}
     present = sorted(p.name for p in folder.iterdir()
@@ -125,6 +150,7 @@ def _clear_previous_run(out: Path, will_write: int) -> None:
         raise RunFolderError(f"{folder} holds images this command did not write ({shown}); writing its "
                              f"reconstructions there would replace them: choose another --out")
     (out / "metrics.json").unlink(missing_ok=True)
+    (out / SOURCES_NAME).unlink(missing_ok=True)  # names the images deleted next
     for name in present:
         if name in ours:
             (folder / name).unlink()
@@ -166,6 +192,8 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
     locked for the run's life (out/.lock) and may not overlap a folder ``images``: refused before
     anything is written or deleted.
     ``on_batch(originals, reconstructions)``, both (B, 3, H, W) in [-1, 1], sees every batch (e.g. rFID features).
+    out/sources.json names, in output order, the image of ``images`` behind each reconstruction (as
+    ``dataset.name(i)`` gives it) and the files left out as unreadable: see SOURCES_NAME.
     """
     if num_images is not None and num_images < 1:
         raise ValueError(f"--num must be >= 1, got {num_images}")
@@ -176,7 +204,10 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
     resolution = resolution or model.config.resolution
     model.grid_shape(resolution, resolution)  # a size the tokenizer cannot encode: refused before --out is touched
     dataset = build_dataset(DataConfig(source=images, resolution=resolution, random_crop=False, hflip=False), "eval")
-    batches = readable_batches(dataset, batch_size, limit=num_images)  # --num counts readable images
+    # --num counts readable images; ``used``/``left_out``: which dataset item each image is, and the items skipped
+    used: list[int] = []
+    left_out: list[int] = []
+    batches = readable_batches(dataset, batch_size, limit=num_images, indices=used, unreadable_indices=left_out)
     wanted = len(dataset) if num_images is None else min(num_images, len(dataset))
     perceptual = load_lpips(lpips, device)
 
@@ -235,6 +266,8 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
             metrics["psnr_by_depth"] = [float(torch.cat(coarse[d]).mean()) for d in coarse] + [metrics["psnr"]]
         if dest is not None:
             save_grid(side_by_side(originals, recons), dest / "grid.png", nrow=8)
+            sources = {"names": [dataset.name(i) for i in used], "unreadable": [dataset.name(i) for i in left_out]}
+            write_text_whole(dest / SOURCES_NAME, json.dumps(sources, indent=2) + "\n")
             write_text_whole(dest / "metrics.json", json.dumps(metrics, indent=2) + "\n")
             _write_record(dest, index)
         return metrics

@@ -13,6 +13,7 @@ from PIL import Image
 from stage1_vq import QuantizerConfig, VQModel, VQModelConfig
 from stage1_vq.evaluate import reconstruct
 from vqgpt.cli.commands import main
+from vqgpt.ground.data import UnreadableImageWarning
 from vqgpt.training.run_folder import RunFolderError, RunLock
 
 # the same tiny tokenizer as the other hostile stage-1 tests
@@ -192,3 +193,103 @@ def test_a_run_stopped_midway_leaves_a_folder_the_next_run_may_replace(tokenizer
     assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png"]
     assert _run(tokenizer_dir, source, out, num_images=1)["num_images"] == 1  # its images were recorded first
     assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png"]
+
+
+# ------------------------------------------------------------------------- which input each output is
+
+
+def _varied_images(folder):
+    """Five PNGs that a tokenizer reconstructs apart (a flat colour plus noise each, so their codes differ),
+    the middle one (eel.png) damaged: the outputs after it are numbered one lower than their inputs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(["cat", "dog", "eel", "fox", "gnu"]):
+        rng = np.random.default_rng(k)
+        pixels = np.clip(rng.integers(0, 255, 3) + rng.integers(-40, 40, (R, R, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{name}.png")
+    (folder / "eel.png").write_bytes((folder / "eel.png").read_bytes()[:60])  # a truncated PNG
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def _sources(out):
+    return json.loads((out / "sources.json").read_text())
+
+
+def test_sources_json_names_the_input_behind_each_reconstruction(tokenizer_dir, tmp_path):
+    source = tmp_path / "held_out"
+    _varied_images(source)
+    out = tmp_path / "recon"
+    with pytest.warns(UnreadableImageWarning, match="eel.png"):
+        metrics = _run(tokenizer_dir, source, out, batch_size=2)  # eel.png is left out of the second batch
+    assert metrics["num_images"] == 4
+    assert _sources(out) == {"names": ["cat.png", "dog.png", "fox.png", "gnu.png"], "unreadable": ["eel.png"]}
+    outputs = sorted((out / "images").glob("*.png"))
+    assert [p.name for p in outputs] == ["00000.png", "00001.png", "00002.png", "00003.png"]
+
+    # each named input reconstructed on its own: output i is the reconstruction of names[i] and of no other
+    alone = {}
+    for name in _sources(out)["names"]:
+        (tmp_path / f"alone-{name}").mkdir()
+        (tmp_path / f"alone-{name}" / name).write_bytes((source / name).read_bytes())
+        _run(tokenizer_dir, tmp_path / f"alone-{name}", tmp_path / f"alone-{name}-recon")
+        alone[name] = _pixels(tmp_path / f"alone-{name}-recon" / "images" / "00000.png")
+    for path, name in zip(outputs, _sources(out)["names"]):
+        distances = {other: int(np.abs(_pixels(path) - image).max()) for other, image in alone.items()}
+        assert distances[name] <= 1, (path.name, name, distances)  # the same image (a batch may round apart)
+        assert min(d for other, d in distances.items() if other != name) > 8, (path.name, name, distances)
+
+
+def test_sources_json_follows_num_and_is_replaced_by_a_rerun(tokenizer_dir, tmp_path):
+    source = tmp_path / "held_out"
+    _varied_images(source)
+    out = tmp_path / "recon"
+    with pytest.warns(UnreadableImageWarning):
+        _run(tokenizer_dir, source, out, num_images=3, batch_size=2)  # --num counts readable images
+    assert _sources(out) == {"names": ["cat.png", "dog.png", "fox.png"], "unreadable": ["eel.png"]}
+    _run(tokenizer_dir, source, out, num_images=1)
+    assert _sources(out) == {"names": ["cat.png"], "unreadable": []}
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png"]
+    # a folder copied without its dot-files (no .reconstruct.json): its sources.json is still recognised
+    (out / ".reconstruct.json").unlink()
+    _run(tokenizer_dir, source, out, num_images=2)  # reads cat.png and dog.png only
+    assert _sources(out) == {"names": ["cat.png", "dog.png"], "unreadable": []}
+    # metrics only (no images kept): sources.json names the images the figures are of
+    _run(tokenizer_dir, source, out, num_images=1, save_images=False)
+    assert _sources(out) == {"names": ["cat.png"], "unreadable": []}
+    assert not list((out / "images").glob("*.png"))
+
+
+def test_reconstruct_never_replaces_a_sources_json_it_did_not_write(tokenizer_dir, tmp_path):
+    source = tmp_path / "held_out"
+    _images(source, 2)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "sources.json").write_text('{"urls": ["https://example.org/a.png"]}\n')  # the user's own
+    mine = _contents(proj)
+    with pytest.raises(ValueError, match=r"proj holds sources\.json that this command did not write; reconstruct "
+                                         r"writes its own metrics\.json, grid\.png and sources\.json there"):
+        _run(tokenizer_dir, source, proj)
+    assert _contents(proj, lock=False) == mine
+    # beside the output of a vqgpt that wrote no sources.json (its record says nothing of one): the user's too
+    out = tmp_path / "recon"
+    _run(tokenizer_dir, source, out)
+    (out / ".reconstruct.json").write_text(json.dumps({"images": 2}) + "\n")
+    (out / "sources.json").write_text('{"names": ["mine"], "unreadable": []}\n')
+    with pytest.raises(ValueError, match="holds sources.json that this command did not write"):
+        _run(tokenizer_dir, source, out, num_images=1)
+    assert (out / "sources.json").read_text() == '{"names": ["mine"], "unreadable": []}\n'
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png"]
+
+
+def test_reconstruct_command_says_it_wrote_sources_json_and_names_one_image_file(tokenizer_dir, tmp_path, capsys):
+    source = tmp_path / "held_out"
+    _varied_images(source)
+    scan = tmp_path / "scan.data"  # one image file whose extension the folder scan does not list
+    scan.write_bytes((source / "dog.png").read_bytes())
+    code = main(["reconstruct", "--tokenizer", str(tokenizer_dir), "--images", str(scan), "--out",
+                 str(tmp_path / "one"), "--lpips", "none"])
+    assert code == 0
+    assert f"{tmp_path / 'one'}/grid.png, images/, sources.json" in capsys.readouterr().out
+    assert _sources(tmp_path / "one") == {"names": ["scan.data"], "unreadable": []}

@@ -108,22 +108,32 @@ def collate_images(items: list) -> LoadedBatch:
 
 
 def readable_batches(dataset: Dataset, batch_size: int, unreadable: list[str] | None = None,
-                     num_workers: int = 0, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                     num_workers: int = 0, limit: int | None = None, indices: list[int] | None = None,
+                     unreadable_indices: list[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images (B', 3, R, R), labels (B',)) of ``dataset`` in order, batch by batch, leaving out files that
     fail to decode (appended to ``unreadable``; a warning counts them at the end). ``limit``: stop after
-    that many readable images (a file left out is not counted: the next readable one takes its place)."""
+    that many readable images (a file left out is not counted: the next readable one takes its place).
+    ``indices``: appended with the dataset index of each image yielded, in order (which file each one is);
+    ``unreadable_indices``: with the index of each file left out, as ``unreadable`` is with its path."""
     loader = DataLoader(dataset, batch_size=batch_size if limit is None else min(batch_size, limit), shuffle=False,
                         num_workers=num_workers, collate_fn=collate_images)
     dropped: list[str] = []
     taken = 0
+    start = 0  # dataset index of the batch's first item (the loader reads in order)
     for batch in loader:
         dropped += batch.unreadable
         if unreadable is not None:
             unreadable.extend(batch.unreadable)
-        images, labels = batch.images, batch.labels
+        if unreadable_indices is not None:
+            readable = set(batch.kept.tolist())
+            unreadable_indices.extend(start + k for k in range(batch.size) if k not in readable)
+        images, labels, kept = batch.images, batch.labels, batch.kept
+        start, first = start + batch.size, start
         if limit is not None:
-            images, labels = images[: limit - taken], labels[: limit - taken]
+            images, labels, kept = images[: limit - taken], labels[: limit - taken], kept[: limit - taken]
             taken += len(labels)
+        if indices is not None:
+            indices.extend(first + k for k in kept.tolist())
         if len(labels):
             yield images, labels
         if limit is not None and taken >= limit:
