@@ -130,3 +130,12 @@ def test_a_second_demo_into_a_running_demos_folder_is_refused_before_it_touches_
         assert (out / demo.DEMO_RECORD).read_text() == record
     with demo._demo_folder(out, "vq", True) as laps:  # once it has ended
         assert laps.sessions == 2
+
+
+def test_the_demo_under_accelerate_launch_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """Every launched process took the demo folder's lock, so all but one failed with 'in use by' an unknown
+    pid: the demo is one process's work."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 2
+    assert "vqgpt demo runs in one process: run it without accelerate launch" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -198,7 +198,7 @@ def _check_image_out(path_text: str, save_each: bool = False, inputs: dict[str, 
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from stage1_vq.evaluate import check_out_apart, reconstruct
+    from stage1_vq.evaluate import SOURCES_NAME, check_out_apart, reconstruct
 
     check_out_apart(args.images, args.out)  # here too: one image file is read through a temporary folder
     with _image_source(args.images, "--images") as source:
@@ -207,6 +207,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     if source != args.images and int(os.environ.get("RANK", "0")) == 0:  # one image file: the user's path
         metrics["images"] = args.images
         write_text_whole(Path(args.out) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        # and its own name, not the temporary link's (which may have gained a .png)
+        sources = {"names": [Path(args.images).name], "unreadable": []}
+        write_text_whole(Path(args.out) / SOURCES_NAME, json.dumps(sources, indent=2) + "\n")
     if args.json:
         _emit_json(args, metrics)
     else:
@@ -218,7 +221,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
               f"{metrics['num_tokens']:,} tokens (perplexity {metrics['perplexity']:.1f})"
               + (" - under 10 tokens per code, so usage undercounts: pass more images"
                  if metrics["num_tokens"] < 10 * metrics["codebook_size"] else "")
-              + f"\nwrote {args.out}/grid.png, images/, metrics.json")
+              + f"\nwrote {args.out}/grid.png, images/, {SOURCES_NAME} (the input behind each image), metrics.json")
     return 0
 
 
@@ -477,6 +480,9 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process took the demo folder's lock: all but one failed
+        raise ValueError("vqgpt demo runs in one process: run it without accelerate launch; on many GPUs run its "
+                         "stages (train-tokenizer, encode, train-prior) under accelerate launch (README: Many GPUs)")
     from vqgpt.cli.demo import run_demo, run_pixel_demo
 
     try:
