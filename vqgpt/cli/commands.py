@@ -460,7 +460,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
     pipe = _load_pipeline(args)
     label = _class_label(pipe, args)
-    # The image is fitted to the prior's trained size: shorter side resized, then center-cropped.
+    # The image is fitted to the prior's trained size: resized to cover it, then center-cropped.
     image = open_fitted(args.image, *pipe.trained_pixels())
     images = pipe.complete(image, args.num, keep_rows=args.keep_rows, extend_right=args.extend_right,
                            extend_down=args.extend_down, class_labels=label, sampling=_sampling(args),

@@ -32,7 +32,9 @@ class DataConfig:
                       "Hugging Face dataset (a save_to_disk folder, or a hub id when online); or builtin:mnist | "
                       "builtin:photos | builtin:textures")
     resolution: int = opt(32, "output images are resolution x resolution")
-    resize: bool = opt(True, "resize the shorter side to `resolution` before cropping (False: crop only; an image smaller than the crop is an error)")
+    resize: bool = opt(True, "resize the shorter side to `resolution` before cropping (a picture longer than 8:1 is "
+                             "first cut to 8:1 in the middle; False: crop only; an image smaller than the crop is an "
+                             "error)")
     random_crop: bool = opt(True, "train split: random crop (False: center crop; for photos/textures: crops seeded by index)")
     hflip: bool = opt(True, "random horizontal flip, train split only (never for mnist)")
     crops_per_epoch: int = opt(5000, "builtin:photos / textures: number of random crops in one (virtual) train epoch")

@@ -123,8 +123,8 @@ def hold_lock(path: Path, busy: Callable[[str], Exception], no_flock: str) -> in
     descriptor: closing it drops the lock, as the process's death does. Raises ``busy(holder)`` when another
     process holds it. A lock file (or its folder) that its holder deletes when done (the shard writer, a
     refused start) may go between the mkdir, the open and the flock here: the one then on disk is locked
-    instead. Where the platform has no flock (Windows),
-    warns ``no_flock`` and returns None: the work goes on without the guard rather than not at all."""
+    instead. Where the platform has no flock (Windows), warns ``no_flock`` and returns None: the work goes
+    on without the guard rather than not at all."""
     try:
         import fcntl
     except ImportError:
