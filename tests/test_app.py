@@ -235,9 +235,8 @@ def test_model_calls_run_in_the_order_asked_and_the_summary_times_the_sampling(h
     for seed in range(6):
         threads.append(threading.Thread(target=ask, args=(seed,)))
         threads[-1].start()
-        while not order:  # the first holds the model ...
-            time.sleep(0.01)
-        time.sleep(0.05)  # ... and each next one waits for it before the one after it asks
+        while handlers.lock._next <= seed:  # each has drawn its turn before the next one asks
+            time.sleep(0.005)
     for t in threads:
         t.join()
     took = time.perf_counter() - began
@@ -257,7 +256,9 @@ def test_the_model_lock_goes_to_the_longest_waiting_request(handlers):
 
     waiting = threading.Thread(target=wait_for_it)
     waiting.start()
-    time.sleep(0.2)
+    while getattr(lock, "_next", 2) < 2:  # it waits (a plain lock, which has no turns: a moment)
+        time.sleep(0.005)
+    time.sleep(0.1)
     lock.__exit__(None, None, None)
     lock.__enter__()  # at once again: behind the one waiting
     order.append("again")
