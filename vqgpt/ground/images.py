@@ -19,23 +19,21 @@ GREY_BLOCK = 1 << 22  # pixels of a high-bit-depth grey picture converted at a t
 
 
 def _row_blocks(arr: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
-    """(rows, that block of ``arr`` as float64, non-finite values as 0), about GREY_BLOCK pixels each: a
-    13000 x 13000 16-bit PNG (360 KB) took 5 GB as whole-picture float64 temporaries."""
+    """(rows, that block of ``arr`` as float64), about GREY_BLOCK pixels each: a 13000 x 13000 16-bit PNG
+    (360 KB) took 5 GB as whole-picture float64 temporaries."""
     step = max(1, GREY_BLOCK // max(1, int(np.prod(arr.shape[1:]))))
     for start in range(0, arr.shape[0], step):
         rows = slice(start, start + step)
-        block = arr[rows].astype(np.float64)
-        yield rows, np.where(np.isfinite(block), block, 0.0)
+        yield rows, arr[rows].astype(np.float64)
 
 
 def _finite_range(arr: np.ndarray, zero_for_others: bool) -> tuple[float, float] | None:
     """(min, max) of ``arr``'s finite values (with non-finite ones read as 0 where ``zero_for_others``), a
     block at a time; None when there is none."""
     lo, hi = math.inf, -math.inf
-    for rows, block in _row_blocks(arr):
-        if not zero_for_others:
-            block = arr[rows].astype(np.float64)
-            block = block[np.isfinite(block)]
+    for _, block in _row_blocks(arr):
+        finite = np.isfinite(block)
+        block = np.where(finite, block, 0.0) if zero_for_others else block[finite]
         if block.size:
             lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
     return None if lo > hi else (lo, hi)
@@ -51,6 +49,7 @@ def _grey_to_l(arr: np.ndarray, peak: float | None) -> Image.Image:
         peak = max(hi - lo, 1e-12)
     out = np.empty(arr.shape, np.uint8)
     for rows, block in _row_blocks(arr):
+        block = np.where(np.isfinite(block), block, 0.0)
         if lo:
             block = block - lo
         out[rows] = np.clip(block / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -96,8 +95,12 @@ def open_rgb(path: str | Path) -> Image.Image:
     """Open an image file as RGB (fully decoded, so a truncated file fails here, not later)."""
     with Image.open(path) as img:
         img.load()
-        # Phone photos store their rotation in EXIF: apply it so images are upright.
-        return to_rgb(ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img)
+        return _upright_rgb(img)
+
+
+def _upright_rgb(img: Image.Image) -> Image.Image:
+    """A loaded picture as RGB, upright: phone photos store their rotation in EXIF, applied here."""
+    return to_rgb(ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img)
 
 
 # Fitting a picture to a size resizes its shorter side, then crops the middle. A picture far longer than
@@ -140,7 +143,7 @@ def open_fitted(path: str | Path, height: int, width: int) -> torch.Tensor:
             scale = min(1.0, 2 * max(height, width) / max(1, min(img.size)))
             img.draft("RGB", (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))))
         img.load()
-        picture = to_rgb(ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img)
+        picture = _upright_rgb(img)
     picture = crop_aspect(picture, max(MAX_ASPECT, max(height, width) / min(height, width)))
     cover = max(height / picture.size[1], width / picture.size[0])  # the scale at which it covers the target
     factor = min(picture.size[1] // (2 * height), picture.size[0] // (2 * width))  # (whole numbers: exact)
