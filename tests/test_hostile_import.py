@@ -1,13 +1,16 @@
-"""Importing damaged or odd checkpoints: a truncated .safetensors, NaN/inf or integer weights, and
-unusable values in LlamaGen's saved training args each fail with one line naming the file and the
+"""Importing damaged or odd checkpoints: a truncated .safetensors, NaN/inf or integer weights,
+unusable values in LlamaGen's saved training args, taming YAML values of the wrong type, duplicate
+class names and tangled --tokenizer / --out folders each fail with one line naming the file and the
 key, never a traceback or a silently broken export."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from test_import_llamagen import CLASSES, CODES, DIM, IMAGE, llamagen_gpt_shapes, llamagen_vq_shapes
@@ -15,11 +18,13 @@ from test_import_llamagen import random_state as llamagen_state
 from test_import_taming import (DDCONFIG, EMBED_DIM, N_EMBED, random_state, save_lightning_ckpt, taming_shapes,
                                 taming_yaml)
 from vqgpt.cli import main
+from vqgpt.ground.checkpoint import copy_export
 from vqgpt.ground.config import ConfigError
 from vqgpt.workflow.importers import build_from_state
 from vqgpt.workflow.importers.llamagen import import_llamagen_gpt, import_llamagen_vq
 from vqgpt.workflow.importers.safe_load import load_checkpoint
-from vqgpt.workflow.importers.taming import import_taming
+from vqgpt.workflow.importers.taming import import_taming, taming_config
+from vqgpt.workflow.pipeline import VQGPTPipeline
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +217,159 @@ def test_gpt_odd_args_are_overridden_by_options(lg, tmp_path, capsys):
                  "--num-classes", str(CLASSES)]) == 0
     with pytest.raises(ConfigError, match="image_size = 0 must be a positive whole number"):
         import_llamagen_gpt(tmp_path / "g.pt", tmp / "tok", tmp_path / "o2", image_size=0, num_classes=CLASSES)
+
+
+# ----------------------------------------------------------------------------- LlamaGen GPT: classes and folders
+
+
+def test_duplicate_class_names_are_refused_before_writing(lg, tmp_path, capsys):
+    """The pipeline's own rule (distinct names) is applied at import time: the import writes nothing rather
+    than a pipeline that never loads."""
+    tmp, _, gpt_sd = lg
+    torch.save({"model": gpt_sd, "args": gpt_args()}, tmp_path / "g.pt")
+    names = [f"c{i}" for i in range(CLASSES - 2)] + ["c1", "c3"]
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    err = cli_error(capsys, "llamagen-gpt", "--checkpoint", str(tmp_path / "g.pt"), "--tokenizer", str(tmp / "tok"),
+                    "--classes", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "o"))
+    assert "class names" in err and "given more than once: ['c1', 'c3']" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match=r"more than once: \['c1', 'c3'\]"):
+        import_llamagen_gpt(tmp_path / "g.pt", tmp / "tok", tmp_path / "o", class_names=names)
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_inside_the_tokenizer_folder_is_refused(lg, tmp_path, capsys):
+    tmp, _, gpt_sd = lg
+    torch.save({"model": gpt_sd, "args": gpt_args()}, tmp_path / "g.pt")
+    tok = tmp_path / "tok"
+    copy_export(tmp / "tok", tok)
+    before = sorted(p.relative_to(tok) for p in tok.rglob("*"))
+    for out in (tok / "pipe", tok):
+        err = cli_error(capsys, "llamagen-gpt", "--checkpoint", str(tmp_path / "g.pt"), "--tokenizer", str(tok),
+                        "--out", str(out), "--overwrite")
+        assert f"--out {out}" in err and f"--tokenizer folder {tok}" in err
+    assert sorted(p.relative_to(tok) for p in tok.rglob("*")) == before  # nothing written
+    # The tokenizer given as the prior/ folder the import writes would be replaced by the prior.
+    copy_export(tmp / "tok", tmp_path / "p" / "prior")
+    with pytest.raises(ConfigError, match=r"--tokenizer .*prior is the prior/ folder of --out .*p"):
+        import_llamagen_gpt(tmp_path / "g.pt", tmp_path / "p" / "prior", tmp_path / "p")
+    # --out/tokenizer as --tokenizer: the export is already in place.
+    copy_export(tmp / "tok", tmp_path / "q" / "tokenizer")
+    import_llamagen_gpt(tmp_path / "g.pt", tmp_path / "q" / "tokenizer", tmp_path / "q")
+    assert VQGPTPipeline.from_pretrained(tmp_path / "q").prior.config.num_classes == CLASSES
+
+
+def test_the_tokenizer_copy_holds_only_its_export(lg, tmp_path):
+    """Other files in the tokenizer's folder are not copied into the pipeline, and a second import into the
+    same --out does not nest a copy inside the first."""
+    tmp, _, gpt_sd = lg
+    torch.save({"model": gpt_sd, "args": gpt_args()}, tmp_path / "g.pt")
+    tok = tmp_path / "tok"
+    copy_export(tmp / "tok", tok)
+    (tok / "notes.txt").write_text("not part of the export")
+    (tok / "old-run").mkdir()
+    (tok / "old-run" / "big.bin").write_bytes(b"x" * 100)
+    for _ in range(2):
+        import_llamagen_gpt(tmp_path / "g.pt", tok, tmp_path / "o")
+        assert sorted(p.name for p in (tmp_path / "o" / "tokenizer").iterdir()) == ["config.json", "model.safetensors"]
+    VQGPTPipeline.from_pretrained(tmp_path / "o")
+
+
+# ----------------------------------------------------------------------------- taming YAML of the wrong types
+
+
+def _taming_cfg() -> dict:
+    return {"model": {"target": "taming.models.vqgan.VQModel",
+                      "params": {"embed_dim": EMBED_DIM, "n_embed": N_EMBED, "ddconfig": dict(DDCONFIG)}}}
+
+
+def _set(cfg: dict, dotted: str, value) -> dict:
+    *parents, last = dotted.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return cfg
+
+
+@pytest.mark.parametrize("key, value, expected", [  # key under model.params
+    ("ddconfig.attn_resolutions", 8, "ddconfig.attn_resolutions: expected a list of integers"),
+    ("ddconfig.attn_resolutions", [8, "x"], "ddconfig.attn_resolutions[1]: expected an integer, got 'x'"),
+    ("ddconfig.ch_mult", 2, "ddconfig.ch_mult: expected a non-empty list of integers"),
+    ("ddconfig.ch_mult", [1, 1.5, 2], "ddconfig.ch_mult[1]: expected an integer, got 1.5"),
+    ("ddconfig", None, "ddconfig: expected a mapping"),
+    ("ddconfig", [1, 2], "ddconfig: expected a mapping"),
+    ("", [1, 2], ": expected a mapping"),  # model.params itself
+    ("n_embed", None, "n_embed: expected an integer, got None"),
+    ("n_embed", 24.5, "n_embed: expected an integer, got 24.5"),
+    ("n_embed", 24.0, "n_embed: expected an integer, got 24.0"),
+    ("embed_dim", True, "embed_dim: expected an integer, got True"),
+    ("ddconfig.resolution", "abc", "ddconfig.resolution: expected an integer, got 'abc'"),
+    ("ddconfig.resolution", 16.7, "ddconfig.resolution: expected an integer, got 16.7"),
+    ("ddconfig.ch", 0, "ddconfig.ch: expected an integer >= 1, got 0"),
+    ("ddconfig.dropout", "abc", "ddconfig.dropout: expected a number, got 'abc'"),
+])
+def test_taming_yaml_of_the_wrong_type_names_the_file_and_key(tmp_path, capsys, key, value, expected):
+    path = tmp_path / "model.yaml"
+    dotted = "model.params" + (f".{key}" if key else "")
+    path.write_text(yaml.safe_dump(_set(_taming_cfg(), dotted, value)))
+    message = f"{path}: model.params" + (f".{expected}" if key else expected)
+    with pytest.raises(ConfigError) as info:
+        taming_config(path)
+    assert str(info.value).startswith(message), (str(info.value), message)
+    err = cli_error(capsys, "taming", "--checkpoint", str(tmp_path / "missing.ckpt"), "--config", str(path),
+                    "--out", str(tmp_path / "o"))
+    assert err.startswith(f"error: {message}"), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_taming_bare_model_section_keys_have_no_model_prefix():
+    cfg = _taming_cfg()["model"]
+    cfg["params"]["ddconfig"]["ch_mult"] = 3
+    with pytest.raises(ConfigError, match=r"^config: params\.ddconfig\.ch_mult: expected a non-empty list"):
+        taming_config(cfg)
+
+
+# ----------------------------------------------------------------------------- folder as checkpoint, Ctrl-C
+
+
+def test_a_folder_as_checkpoint_says_it_is_a_folder(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"run is a folder: expected a checkpoint file"):
+        load_checkpoint(tmp_path / "run")
+    err = cli_error(capsys, "taming", "--checkpoint", str(tmp_path / "run"), "--config", str(taming_yaml(tmp_path)),
+                    "--out", str(tmp_path / "o"))
+    assert "is a folder" in err and "not found" not in err
+
+
+def test_ctrl_c_during_an_import_says_what_was_written(taming_sd, tmp_path, capsys, monkeypatch):
+    import vqgpt.workflow.importers.taming as taming
+
+    save_lightning_ckpt(tmp_path / "last.ckpt", taming_sd)
+    argv = ["import", "taming", "--checkpoint", str(tmp_path / "last.ckpt"), "--config", str(taming_yaml(tmp_path)),
+            "--out", str(tmp_path / "o")]
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # while reading the checkpoint
+        patch.setattr(taming, "load_checkpoint", interrupt)
+        assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"import interrupted: nothing was written (--out {tmp_path / 'o'} is as it was)"
+    assert not (tmp_path / "o").exists()
+
+    real_save = taming.save_export
+
+    def save_then_interrupt(out, *args, **kwargs):
+        (Path(out)).mkdir(parents=True)
+        (Path(out) / "model.safetensors.tmp").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # while writing the export
+        patch.setattr(taming, "save_export", save_then_interrupt)
+        assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"import interrupted while writing --out {tmp_path / 'o'}") and "--overwrite" in err
+    assert "\n" not in err and taming.save_export is real_save
+    assert main([*argv, "--overwrite"]) == 0

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from vqgpt.ground.files import write_text_whole
 
@@ -498,14 +498,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from vqgpt.workflow import importers
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the export")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"--out {out} is not empty: pass --overwrite to write the import over what is there, or "
                          "choose a new folder")
+    before = _folder_state(out)
+    try:
+        result = _import(args)
+    except KeyboardInterrupt:
+        # the importers read and check everything before they write: most interruptions leave --out untouched
+        if _folder_state(out) == before:
+            print(f"import interrupted: nothing was written (--out {out} is as it was)", file=sys.stderr)
+        else:
+            print(f"import interrupted while writing --out {out}: it may hold a partial import; run the command "
+                  "again with --overwrite to replace it", file=sys.stderr)
+        raise
+    print(f"wrote {result.out} from '{result.weights}' ({result.num_tensors} tensors; dropped: {result.dropped})")
+    return 0
+
+
+def _folder_state(folder: Path) -> set[tuple] | None:
+    """Every folder and file under ``folder`` with its identity (inode, size, modification time), or None when
+    there is no such folder: two equal states mean nothing was written there in between."""
+    if not folder.is_dir():
+        return None
+    state: set[tuple] = set()
+    for root, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            path = Path(root, name)
+            with contextlib.suppress(OSError):
+                info = path.lstat()
+                state.add((str(path.relative_to(folder)), info.st_ino, info.st_size, info.st_mtime_ns))
+    return state
+
+
+def _import(args: argparse.Namespace) -> Any:
+    from vqgpt.workflow import importers
+
     if args.source == "taming":
         result = importers.import_taming(args.checkpoint, args.config, args.out, weights=args.weights)
     elif args.source == "llamagen-vq":
@@ -521,8 +552,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                                                image_size=args.image_size, num_classes=args.num_classes,
                                                class_names=names, weights=args.weights,
                                                model=parse_model_overrides(args.overrides))
-    print(f"wrote {result.out} from '{result.weights}' ({result.num_tensors} tensors; dropped: {result.dropped})")
-    return 0
+    return result
 
 
 def _print_report(report, args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ A pipeline folder is ``tokenizer/`` (a VQModel export) + ``prior/`` (a GPT expor
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 import re
@@ -60,17 +61,7 @@ class VQGPTPipeline:
 
     @classes.setter
     def classes(self, names: list[str] | tuple[str, ...]) -> None:
-        if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
-            raise ValueError(f"classes must be a list of class names, got {type(names).__name__} {names!r}")
-        if not all(isinstance(name, str) for name in names):
-            raise ValueError(f"classes must be names (str), got {[type(n).__name__ for n in names][:5]}")
-        repeated = sorted({name for name in names if list(names).count(name) > 1})
-        if repeated:
-            raise ValueError(f"class names must differ from each other; given more than once: {repeated[:5]}")
-        n = self.prior.config.num_classes
-        if names and n and len(names) != n:
-            raise ValueError(f"{len(names)} class names for a prior of {n} classes: give one name per class index")
-        self._classes = list(names)
+        self._classes = check_class_names(names, self.prior.config.num_classes)
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -486,3 +477,21 @@ def check_compatible(tokenizer: VQModel, prior: GPT) -> None:
         raise ConfigError(f"the tokenizer writes {depth} codes per position side by side in a code row (residual "
                           f"depth {depth}), but the prior's rows are {width} codes wide, not a multiple of {depth}: "
                           "it was not trained on this tokenizer's codes")
+
+
+def check_class_names(names: list[str] | tuple[str, ...], num_classes: int | None) -> list[str]:
+    """``names`` as a list if they can name the classes of a prior of ``num_classes`` classes (distinct
+    strings, one per class index; none at all is fine), else ValueError saying what is wrong. The rule a
+    pipeline's ``classes`` are set by, and what an importer checks before it writes a pipeline."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
+        raise ValueError(f"classes must be a list of class names, got {type(names).__name__} {names!r}")
+    if not all(isinstance(name, str) for name in names):
+        raise ValueError(f"classes must be names (str), got {[type(n).__name__ for n in names][:5]}")
+    counts = collections.Counter(names)
+    repeated = sorted(name for name, count in counts.items() if count > 1)
+    if repeated:
+        raise ValueError(f"class names must differ from each other; given more than once: {repeated[:5]}")
+    if names and num_classes and len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for a prior of {num_classes} classes: give one name per class "
+                         "index")
+    return list(names)

@@ -30,7 +30,6 @@ import dataclasses
 import math
 import numbers
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,10 +42,11 @@ from stage2_prior.config import PRESETS, GPTConfig, find_multiple
 from stage2_prior.layers import rope_table_2d
 from stage2_prior.model import EXPORT_KIND as GPT_KIND
 from stage2_prior.model import GPT
-from vqgpt.ground.checkpoint import export_fingerprint, read_export_meta, save_export
+from vqgpt.ground.checkpoint import copy_export, export_fingerprint, read_export_meta, save_export
 from vqgpt.ground.config import ConfigError, from_dict, parse_override
 from vqgpt.workflow.importers import Drop, ImportResult, build_from_state, remap_state_dict, strip_wrapper_prefix, target_shapes
 from vqgpt.workflow.importers.safe_load import find_state_dict, load_checkpoint
+from vqgpt.workflow.pipeline import check_class_names
 
 VQ_PRESETS = {"VQ-16": [1, 1, 2, 2, 4], "VQ-8": [1, 2, 2, 4]}
 # LlamaGen class-conditional sizes (n_layer, n_head, dim); GPT-B..XXL equal stage2_prior.PRESETS.
@@ -427,6 +427,20 @@ def llamagen_gpt_key(key: str) -> str | Drop:
     return key
 
 
+def _check_pipeline_paths(tokenizer: str | Path, out: str | Path) -> None:
+    """Refuse a pipeline folder ``out`` that writing would tangle with the ``tokenizer`` export it copies:
+    ``out`` in (or equal to) the tokenizer's folder, or the tokenizer being ``out``/prior, which the prior
+    replaces. ``out``/tokenizer itself is fine: the export is already where it goes."""
+    tok, pipe = Path(tokenizer).resolve(), Path(out).resolve()
+    if pipe.is_relative_to(tok):
+        where = "is" if pipe == tok else "is inside"
+        raise ConfigError(f"--out {out} {where} the --tokenizer folder {tokenizer}: writing the pipeline there "
+                          "would put the tokenizer inside its own folder; choose an --out outside it")
+    if tok == pipe / "prior":
+        raise ConfigError(f"--tokenizer {tokenizer} is the prior/ folder of --out {out}, which the import writes "
+                          "the prior into, replacing the tokenizer; choose another --out")
+
+
 def import_llamagen_gpt(checkpoint: str | Path, tokenizer: str | Path, out: str | Path, preset: str | None = None,
                         image_size: int | None = None, num_classes: int | None = None,
                         class_names: list[str] | None = None, weights: str | None = None,
@@ -439,6 +453,7 @@ def import_llamagen_gpt(checkpoint: str | Path, tokenizer: str | Path, out: str 
     from ``preset`` (default: the checkpoint's recorded ``args.gpt_model``) or ``model`` (GPTConfig
     fields such as {'n_head': 16}); see ``llamagen_gpt_config``.
     """
+    _check_pipeline_paths(tokenizer, out)
     ckpt = load_checkpoint(checkpoint)
     args = _training_args(ckpt)
     source, entry = find_state_dict(ckpt, GPT_WEIGHTS_ORDER, checkpoint, weights)
@@ -474,8 +489,11 @@ def import_llamagen_gpt(checkpoint: str | Path, tokenizer: str | Path, out: str 
     if config.codebook_size != tok_config.quantizer.codebook_size:
         raise ConfigError(f"{checkpoint} predicts {config.codebook_size} codes, but tokenizer {tokenizer} has "
                           f"codebook_size={tok_config.quantizer.codebook_size}")
-    if class_names is not None and len(class_names) != num_classes:
-        raise ConfigError(f"got {len(class_names)} class names for {num_classes} classes")
+    if class_names is not None:
+        try:
+            check_class_names(class_names, config.num_classes)  # the rule the written pipeline loads them by
+        except ValueError as exc:
+            raise ConfigError(f"class names (--classes): {exc}") from None
     if "freqs_cis" in source:
         _check_freqs_cis(source["freqs_cis"], config, checkpoint)
 
@@ -485,7 +503,7 @@ def import_llamagen_gpt(checkpoint: str | Path, tokenizer: str | Path, out: str 
     out = Path(out)
     tokenizer_out = out / "tokenizer"
     if Path(tokenizer).resolve() != tokenizer_out.resolve():
-        shutil.copytree(tokenizer, tokenizer_out, dirs_exist_ok=True)
+        copy_export(tokenizer, tokenizer_out)  # its two files only, not whatever else its folder holds
     extra: dict[str, Any] = {"tokenizer_fingerprint": export_fingerprint(tokenizer_out),
                              "imported_from": {"format": "LlamaGen c2i GPT",
                                                "preset": preset or args.get("gpt_model"), "set": dict(model or {}),

@@ -144,6 +144,9 @@ def load_checkpoint(path: str | Path, mmap: bool = True) -> Any:
     and ``ValueError`` naming the file if it is damaged (e.g. truncated) or not a checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a folder: expected a checkpoint file (a .ckpt, .pt, .pth, "
+                                f".bin or {SAFETENSORS_SUFFIX} file), such as one inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == SAFETENSORS_SUFFIX:

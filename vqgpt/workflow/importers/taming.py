@@ -69,7 +69,8 @@ class TamingSpec(NamedTuple):
     notes: list[str]
 
 
-def _model_section(source: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+def _model_section(source: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str, str]:
+    """(taming's model section, where it came from, its dotted key: 'model' or '' for a bare section)."""
     if isinstance(source, Mapping):
         data, where = source, "config"
     else:
@@ -82,66 +83,115 @@ def _model_section(source: str | Path | Mapping[str, Any]) -> tuple[Mapping[str,
             raise ConfigError(f"{source}: invalid YAML: {exc}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping with a 'model' section")
-    model = data.get("model", data)
+    model, key = (data["model"], "model") if "model" in data else (data, "")
     if not isinstance(model, Mapping) or "target" not in model:
         raise ConfigError(f"{where}: no 'model.target' found (expected taming's model: {{target, params}})")
-    return model, where
+    return model, where, key
+
+
+def _section(value: Any, key: str, where: str) -> dict[str, Any]:
+    """The YAML mapping at dotted ``key`` (null: empty), else an error naming the file and the key."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: {key}: expected a mapping of keys to values, got {value!r}")
+    return dict(value)
+
+
+def _integer(value: Any, key: str, where: str, low: int | None = 1) -> int:
+    """An integer at dotted ``key`` (at least ``low``); YAML floats (256.0 too) and booleans are refused,
+    as the project's own configs refuse them."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ConfigError(f"{where}: {key}: expected an integer >= {low}, got {value!r}")
+    return value
+
+
+def _integers(value: Any, key: str, where: str, low: int | None = 1, empty: bool = True) -> list[int]:
+    """A YAML list of integers at dotted ``key``; each item is named by its index when wrong."""
+    if not isinstance(value, list) or (not empty and not value):
+        kind = "a list of integers" if empty else "a non-empty list of integers"
+        raise ConfigError(f"{where}: {key}: expected {kind}, e.g. [1, 2], got {value!r}")
+    return [_integer(item, f"{key}[{i}]", where, low) for i, item in enumerate(value)]
+
+
+def _number(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
+    return float(value)
 
 
 def taming_config(source: str | Path | Mapping[str, Any]) -> TamingSpec:
     """Read taming's YAML (``model.target``, ``model.params.{ddconfig, n_embed, embed_dim}``; the
-    lossconfig is ignored) into a ``VQModelConfig``; unsupported models and options are refused."""
-    model, where = _model_section(source)
+    lossconfig is ignored) into a ``VQModelConfig``; unsupported models and options are refused, and a
+    value of the wrong type is an error naming the file and the dotted key."""
+    model, where, top = _model_section(source)
+
+    def key(*parts: str) -> str:
+        return ".".join([top, *parts] if top else parts)
+
     target = str(model["target"])
     if target in REFUSED_TARGETS:
-        raise ConfigError(f"{where}: model.target {target} is not supported: {REFUSED_TARGETS[target]}")
+        raise ConfigError(f"{where}: {key('target')} {target} is not supported: {REFUSED_TARGETS[target]}")
     if target not in SUPPORTED_TARGETS:
-        raise ConfigError(f"{where}: unknown model.target {target!r} (supported: {', '.join(SUPPORTED_TARGETS)})")
+        raise ConfigError(f"{where}: unknown {key('target')} {target!r} (supported: {', '.join(SUPPORTED_TARGETS)})")
     unknown_top = sorted(set(model) - {"target", "params", "base_learning_rate"})
     if unknown_top:
-        raise ConfigError(f"{where}: unknown key(s) model.{unknown_top} in a taming model section")
-    params = dict(model.get("params") or {})
-    for key, why in _NONE_ONLY_PARAMS.items():
-        if params.get(key) is not None:
-            raise ConfigError(f"{where}: model.params.{key}={params[key]!r} is not supported: {why}")
+        raise ConfigError(f"{where}: unknown key(s) {[key(k) for k in unknown_top]} in a taming model section")
+    params = _section(model.get("params"), key("params"), where)
+    for name, why in _NONE_ONLY_PARAMS.items():
+        if params.get(name) is not None:
+            raise ConfigError(f"{where}: {key('params', name)}={params[name]!r} is not supported: {why}")
     known = {"ddconfig", "n_embed", "embed_dim", *_IGNORED_PARAMS, *_NONE_ONLY_PARAMS}
     unknown = sorted(set(params) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {['model.params.' + k for k in unknown]} for {target}")
-    for key in ("ddconfig", "n_embed", "embed_dim"):
-        if key not in params:
-            raise ConfigError(f"{where}: model.params.{key} is missing")
-    dd = dict(params["ddconfig"])
-    for key, value in _FIXED_DDCONFIG.items():
-        if key in dd and dd[key] != value:
-            raise ConfigError(f"{where}: model.params.ddconfig.{key}={dd[key]!r} is not supported (only {value!r})")
+        raise ConfigError(f"{where}: unknown key(s) {[key('params', k) for k in unknown]} for {target}")
+    for name in ("ddconfig", "n_embed", "embed_dim"):
+        if name not in params:
+            raise ConfigError(f"{where}: {key('params', name)} is missing")
+    if params["ddconfig"] is None:
+        raise ConfigError(f"{where}: {key('params', 'ddconfig')}: expected a mapping of keys to values, got None")
+    dd = _section(params["ddconfig"], key("params", "ddconfig"), where)
+
+    def dd_key(name: str) -> str:
+        return key("params", "ddconfig", name)
+
+    for name, value in _FIXED_DDCONFIG.items():
+        if name in dd and dd[name] != value:
+            raise ConfigError(f"{where}: {dd_key(name)}={dd[name]!r} is not supported (only {value!r})")
     unknown_dd = sorted(set(dd) - set(_REQUIRED_DDCONFIG) - set(_FIXED_DDCONFIG) - {"dropout"})
     if unknown_dd:
-        raise ConfigError(f"{where}: unknown key(s) {['model.params.ddconfig.' + k for k in unknown_dd]}")
+        raise ConfigError(f"{where}: unknown key(s) {[dd_key(k) for k in unknown_dd]}")
     missing = [k for k in _REQUIRED_DDCONFIG if k not in dd]
     if missing:
-        raise ConfigError(f"{where}: model.params.ddconfig is missing {missing}")
+        raise ConfigError(f"{where}: {key('params', 'ddconfig')} is missing {missing}")
+    ints = {name: _integer(dd[name], dd_key(name), where)
+            for name in ("in_channels", "out_ch", "ch", "num_res_blocks", "resolution", "z_channels")}
+    mult = _integers(dd["ch_mult"], dd_key("ch_mult"), where, empty=False)
+    attn = _integers(dd["attn_resolutions"], dd_key("attn_resolutions"), where, low=None)
+    dropout = _number(dd.get("dropout", 0.0), dd_key("dropout"), where)
+    n_embed = _integer(params["n_embed"], key("params", "n_embed"), where)
+    embed_dim = _integer(params["embed_dim"], key("params", "embed_dim"), where)
 
-    resolution, levels = int(dd["resolution"]), len(dd["ch_mult"])
-    sizes = [resolution // 2**level for level in range(levels)]
-    attn = [int(r) for r in dd["attn_resolutions"]]
+    resolution = ints["resolution"]
+    sizes = [resolution // 2**level for level in range(len(mult))]
     notes = [] if SUPPORTED_TARGETS[target] else [_LEGACY_BETA_NOTE]
     # taming silently gives no attention for sizes that never occur; vqgpt's config refuses them.
     unused = [r for r in attn if r not in sizes]
     if unused:
         notes.append(f"attn_resolutions {unused} match no feature-map size {sizes} (no attention there in taming "
                      "either) and were left out")
-    quantizer = QuantizerConfig(kind="vq", codebook_size=int(params["n_embed"]), codebook_dim=int(params["embed_dim"]),
-                                beta=0.25, ema=SUPPORTED_TARGETS[target])
     try:
+        quantizer = QuantizerConfig(kind="vq", codebook_size=n_embed, codebook_dim=embed_dim, beta=0.25,
+                                    ema=SUPPORTED_TARGETS[target])
         config = VQModelConfig(
-            in_channels=int(dd["in_channels"]), out_channels=int(dd["out_ch"]), channels=int(dd["ch"]),
-            channel_mult=[int(m) for m in dd["ch_mult"]], num_res_blocks=int(dd["num_res_blocks"]),
-            attn_resolutions=list(dict.fromkeys(r for r in attn if r in sizes)), resolution=resolution,
-            z_channels=int(dd["z_channels"]), dropout=float(dd.get("dropout", 0.0)), norm_groups=32,
+            in_channels=ints["in_channels"], out_channels=ints["out_ch"], channels=ints["ch"], channel_mult=mult,
+            num_res_blocks=ints["num_res_blocks"], attn_resolutions=list(dict.fromkeys(r for r in attn if r in sizes)),
+            resolution=resolution, z_channels=ints["z_channels"], dropout=dropout, norm_groups=32,
             quantizer=quantizer)
     except ValueError as exc:
-        raise ConfigError(f"{where}: ddconfig cannot be represented: {exc}") from None
+        raise ConfigError(f"{where}: {key('params')} cannot be represented: {exc}") from None
     return TamingSpec(config, target, notes)
 
 
