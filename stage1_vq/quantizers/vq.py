@@ -210,15 +210,25 @@ class VectorQuantizer(BaseQuantizer):
     def _apply_codebook_update(self, counts: torch.Tensor, sums: torch.Tensor | None,
                                flat: torch.Tensor) -> torch.Tensor:
         """One step's EMA update from its all-reduced counts (K,) and member sums (K, D) (``ema``), and the
-        dead-code restart with candidates from ``flat`` (N, D); returns the number restarted."""
+        dead-code restart with candidates from ``flat`` (N, D); returns the number restarted.
+
+        A step whose sums are not finite (a NaN or inf latent on any rank: a step the loop then drops or
+        stops at) leaves the EMA state and the codebook as they were: one such batch would make its codes
+        NaN for good. The sums are all-reduced, so every rank decides alike; torch.where, not an if, so
+        no host sync breaks a compiled training step."""
         decay = self.ema_decay
         if self.ema:
-            self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
-            self.embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
+            finite = torch.isfinite(sums).all()
+            # the same kernels as in-place updates of the buffers (bit for bit), kept only when finite
+            cluster_size = self.cluster_size.mul(decay).add_(counts, alpha=1 - decay)
+            embed_sum = self.embed_sum.mul(decay).add_(sums, alpha=1 - decay)
             # Laplace smoothing keeps rarely used codes from dividing by ~0.
-            total = self.cluster_size.sum()
-            smoothed = (self.cluster_size + self.ema_eps) / (total + self.codebook_size * self.ema_eps) * total
-            self.embedding.weight.data.copy_(self.embed_sum / smoothed.unsqueeze(1))
+            total = cluster_size.sum()
+            smoothed = (cluster_size + self.ema_eps) / (total + self.codebook_size * self.ema_eps) * total
+            weight = self.embedding.weight.data
+            weight.copy_(torch.where(finite, embed_sum / smoothed.unsqueeze(1), weight))
+            self.cluster_size.copy_(torch.where(finite, cluster_size, self.cluster_size))
+            self.embed_sum.copy_(torch.where(finite, embed_sum, self.embed_sum))
         elif self.restart_threshold > 0:
             self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
         if self.restart_threshold > 0:
@@ -231,9 +241,11 @@ class VectorQuantizer(BaseQuantizer):
 
         Fixed shapes and no host sync, so a compiled training step stays one graph: every code draws
         a candidate latent (rank 0's draw, broadcast, so all ranks agree) and only the dead ones take
-        it. Returns the number restarted as a tensor."""
-        dead = self.cluster_size < self.restart_threshold  # (K,), identical on all ranks (synced counts)
+        it, unless it is not finite (a NaN or inf latent: a step the loop drops). Returns the number
+        restarted as a tensor."""
         candidates = broadcast_(flat[torch.randint(len(flat), (self.codebook_size,), device=flat.device)])
+        # (K,), identical on all ranks: synced counts, broadcast candidates
+        dead = (self.cluster_size < self.restart_threshold) & torch.isfinite(candidates).all(1)
         weight = self.embedding.weight.data
         weight.copy_(torch.where(dead.unsqueeze(1), candidates.to(weight.dtype), weight))
         # A revived code starts at the threshold: it is re-seeded again if it stays unused.
@@ -256,6 +268,10 @@ class VectorQuantizer(BaseQuantizer):
     @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor) -> None:
         """Lloyd's k-means over all ranks' latents (N, D); seeds from rank 0, sums all-reduced."""
+        # A non-finite batch (a step the loop drops or stops at) seeds nothing: the next training forward
+        # tries again. Decided over all ranks; a host sync, but only until the codebook is initialised.
+        if all_reduce_sum_((~torch.isfinite(flat).all()).float().reshape(1)).item() > 0:
+            return
         k = self.codebook_size
         n = len(flat)
         seeds = torch.randperm(n, device=flat.device)[:k] if n >= k else torch.randint(n, (k,), device=flat.device)

@@ -52,16 +52,24 @@ EXPORT_FIELDS_WITH_DEFAULTS: dict[str, tuple[str, ...]] = {
 EXPORT_SECTIONS = ("kind", "config", "extra")
 
 
+class NonFiniteWeights(ValueError):
+    """An export or checkpoint was about to be written with NaN or inf weights; the message names them."""
+
+
 def save_export(directory: str | Path, kind: str, config: Any, model: torch.nn.Module,
                 extra: dict[str, Any] | None = None) -> Path:
     """Write ``config.json`` ({kind, config, extra}) and ``model.safetensors`` into ``directory``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     # Unwrap DDP / torch.compile wrappers so keys carry no 'module.' / '_orig_mod.' prefix.
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     model = getattr(model, "_orig_mod", model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    broken = nonfinite_tensors(state)
+    if broken:  # loading refuses such an export anyway: better no export than one that looks finished
+        raise NonFiniteWeights(f"{directory}: refusing to export weights holding NaN or inf values: "
+                               f"{name_listing(broken)} (a diverged run?); nothing was written")
+    directory.mkdir(parents=True, exist_ok=True)
     # safetensors refuses aliased tensors: store each storage once (tied weights are re-tied on load).
     seen: dict[tuple[int, int], str] = {}
     for k in list(state):
@@ -425,6 +433,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int = 3,
     """
     root = checkpoint_dir(run_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    _refuse_nonfinite_state(accelerator, final)
     tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
@@ -449,6 +458,47 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int = 3,
                 _remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _saved_tensors(accelerator) -> list[tuple[str, torch.Tensor]]:
+    """(name, this process's local tensor) of every floating-point tensor that ``save_state`` saves of the
+    prepared models, the modules registered for checkpointing (an EMA) and the optimizers' states."""
+    named = []
+    modules = [(f"model {i}", m) for i, m in enumerate(getattr(accelerator, "_models", []))]
+    modules += [(f"{type(m).__name__} (registered for checkpointing)", m)
+                for m in getattr(accelerator, "_custom_objects", []) if isinstance(m, torch.nn.Module)]
+    for label, module in modules:
+        while isinstance(getattr(module, "module", None), torch.nn.Module):  # DDP, an EMA's copy
+            module = module.module
+        for prefix, sub in getattr(module, "_orig_mod", module).named_modules():
+            tensors = [(name, p) for name, p in sub._parameters.items()]
+            tensors += [(name, b) for name, b in sub._buffers.items() if name not in sub._non_persistent_buffers_set]
+            named += [(f"{label}: {prefix + '.' if prefix else ''}{name}", t) for name, t in tensors if t is not None]
+    for i, optimizer in enumerate(getattr(accelerator, "_optimizers", [])):
+        for j, state in enumerate(optimizer.state.values()):
+            named += [(f"optimizer {i}: state {key!r} of parameter {j}", t) for key, t in state.items()
+                      if torch.is_tensor(t)]
+    local = [(name, t.to_local() if hasattr(t, "to_local") else t) for name, t in named]  # FSDP2 shards
+    return [(name, t.detach()) for name, t in local if t.is_floating_point() and t.numel()]
+
+
+def _refuse_nonfinite_state(accelerator, target: Path) -> None:
+    """Raise NonFiniteWeights, on every process alike, when a tensor that a checkpoint at ``target`` would hold
+    is NaN or inf on any process: ``--resume auto`` would pick such a checkpoint as the last good one."""
+    named = _saved_tensors(accelerator)
+    device = accelerator.device
+    if named:  # one flag per tensor, read back once
+        flags = torch.stack([torch.isfinite(t).all().to(device) for _, t in named])
+    else:
+        flags = torch.ones(0, dtype=torch.bool, device=device)
+    local_bad = (~flags).nonzero().flatten().tolist()
+    bad_anywhere = accelerator.reduce(torch.tensor([float(len(local_bad))], device=device), reduction="sum")
+    if bad_anywhere.item() == 0:
+        return
+    first = (f"{named[local_bad[0]][0]} ({len(local_bad)} tensors in all)" if local_bad
+             else "a tensor of another process")
+    raise NonFiniteWeights(f"{target}: refusing to write a checkpoint holding NaN or inf values, first in {first}; "
+                           f"the checkpoints written before it are left as they were")
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:

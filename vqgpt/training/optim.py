@@ -124,32 +124,37 @@ def all_finite(accelerator: Accelerator, *values: torch.Tensor) -> bool:
 def clip_gradients(accelerator: Accelerator, parameters, cfg: TrainConfig, optimizer: Any = None) -> bool:
     """Clip the (synchronised) gradient norm to ``cfg.grad_clip``; False when that norm is not finite.
 
+    ``grad_clip`` 0 clips nothing, yet the norm is still computed (clipped to inf: the gradients are
+    multiplied by 1), the same way, so that a NaN or inf gradient drops the update there too.
     Under fp16 the loss scaler owns overflow handling (it skips such steps and lowers the scale),
     so a non-finite norm there is not an error. ``optimizer``: the one that steps ``parameters``. Only
     its gradients are unscaled: accelerate's clip unscales every prepared optimizer's, and a second
     optimizer (the discriminator's) holding gradients of earlier micro-batches had them unscaled now
     and again at its own clip (divided by the loss scale twice: lost).
     """
-    if cfg.grad_clip <= 0:
-        return True
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    if accelerator.scaler is not None and cfg.grad_clip <= 0:
+        return True  # nothing to clip, and the scaler's step skips a non-finite update itself
     prepared = getattr(accelerator, "_optimizers", None)
     if accelerator.scaler is not None and isinstance(prepared, list) and any(opt is optimizer for opt in prepared):
         accelerator._optimizers = [optimizer]
         try:
-            norm = accelerator.clip_grad_norm_(parameters, cfg.grad_clip)
+            norm = accelerator.clip_grad_norm_(parameters, max_norm)
         finally:
             accelerator._optimizers = prepared
         return True
-    norm = accelerator.clip_grad_norm_(parameters, cfg.grad_clip)
+    norm = accelerator.clip_grad_norm_(parameters, max_norm)
     if accelerator.scaler is not None or norm is None:
         return True
     return bool(torch.isfinite(torch.as_tensor(norm)).all())
 
 
 def nonfinite_message(what: str, step: int, run_dir: str | Path) -> str:
-    """The error text of a non-finite loss: names the step, the last good checkpoint and the way out."""
+    """The error text of a non-finite loss: names the step, the last good checkpoint and the ways out."""
     last = resolve_resume(run_dir, "auto")
-    where = f"the last good checkpoint {last} is intact (--resume auto continues from it)" if last else \
-        "no checkpoint was written yet"
-    return (f"non-finite {what} at step {step}; stopping: {where}. Lower train.lr, raise train.warmup_steps or "
-            f"set train.on_nonfinite=skip to drop such steps")
+    where = (f"the last good checkpoint {last} is intact (--resume auto continues from it with this run's "
+             f"settings, and may meet the same step again)") if last else "no checkpoint was written yet"
+    # A resume refuses a changed train.lr or train.warmup_steps (RESUMABLE_KEYS): only on_nonfinite may change.
+    return (f"non-finite {what} at step {step}; stopping: {where}. Ways out: resume with "
+            f"--set train.on_nonfinite=skip to drop such steps, or start a new run (another --out, or "
+            f"--overwrite) with a lower train.lr or a higher train.warmup_steps: a resume keeps those")
