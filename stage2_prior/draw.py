@@ -113,18 +113,71 @@ def exponential_noise(like: torch.Tensor, generator: Randomness) -> torch.Tensor
     return torch.stack([_exponential(like.shape[1:], like, g) for g in generator])
 
 
-def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: Randomness = None) -> torch.Tensor:
+class NonFiniteLogits(ValueError):
+    """The prior's logits of a position are NaN or inf: its weights (or the guidance) overflowed."""
+
+
+def _raise_nonfinite(largest: torch.Tensor | None, position: int | None) -> None:
+    where = f"at raster position {position}" if position is not None else "at this position"
+    if largest is not None:
+        rows = (~torch.isfinite(largest)).nonzero().flatten().tolist()
+        where += f" for sample rows {rows[:8]}{' ...' if len(rows) > 8 else ''} (largest {largest[rows[0]].item()})"
+    raise NonFiniteLogits(f"the prior produced non-finite logits (NaN or inf) {where}: its weights overflow (a "
+                          "diverged or damaged prior?) or the guidance scale does; no code can be drawn")
+
+
+def check_logits(largest: torch.Tensor, position: int | None = None) -> None:
+    """Raise NonFiniteLogits when a row's largest logit ``largest`` (B,) is not finite (a host sync)."""
+    if not bool(torch.isfinite(largest).all()):
+        _raise_nonfinite(largest, position)
+
+
+class FiniteWatch:
+    """The finite-logits check of one sampling call: on a CPU each position at once (a sync costs nothing
+    there); on an accelerator the first failing position is kept on the device and ``done`` raises after
+    the last one, so that the host never waits for a token (the draws after a non-finite position are
+    wasted, not wrong: the call raises)."""
+
+    def __init__(self, device: torch.device):
+        self.deferred = torch.device(device).type != "cpu"
+        self._first: torch.Tensor | None = None  # on the device: the first failing position, -1 while none
+
+    def see(self, largest: torch.Tensor, position: int) -> None:
+        if not self.deferred:
+            check_logits(largest, position)
+            return
+        if self._first is None:
+            self._first = torch.full((), -1, dtype=torch.long, device=largest.device)  # a fill, not a copy
+        bad = self._first.lt(0) & ~torch.isfinite(largest).all()
+        self._first = torch.where(bad, position, self._first)  # a Python number: no host-to-device copy
+
+    def done(self) -> None:
+        if self._first is not None and (position := int(self._first.item())) >= 0:
+            _raise_nonfinite(None, position)
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  generator: Randomness = None, position: int | None = None,
+                  watch: FiniteWatch | None = None) -> torch.Tensor:
     """Draw one token per row of logits (B, V) -> (B,) long; temperature 0 means greedy (argmax).
 
-    ``generator``: one ``torch.Generator`` for the batch, or a sequence of B, one per row.
+    ``generator``: one ``torch.Generator`` for the batch, or a sequence of B, one per row. A row whose
+    largest logit is NaN or inf (a NaN or +inf anywhere in it, or -inf everywhere: nothing to draw) is a
+    NonFiniteLogits (a ValueError) naming the rows and ``position`` (the raster position drawn, when given),
+    where softmax would turn it into NaN and the draw into code 0: raised now, or by ``watch`` (a sampling
+    call's FiniteWatch, which on an accelerator raises when the call is done).
     """
+    largest = logits.amax(dim=-1, keepdim=True)  # (B, 1); amax propagates NaN
+    if watch is not None and position is not None:
+        watch.see(largest.squeeze(-1), position)
+    else:
+        check_logits(largest.squeeze(-1), position)
     if temperature == 0:
         return logits.argmax(dim=-1)
     if temperature != 1.0:
         # From the row's largest, and by at least the dtype's smallest normal number: a tiny temperature
         # then gives 0 and -inf (greedy, ties drawn at random), never inf - inf or 0 / 0 = NaN.
-        logits = logits - logits.amax(dim=-1, keepdim=True)
+        logits = logits - largest
         logits = logits / max(temperature, torch.finfo(logits.dtype).tiny)
     if top_k:
         logits = top_k_filter(logits, top_k)
@@ -213,12 +266,13 @@ def guided_labels(model: GPT, labels: torch.Tensor | None, guided: bool) -> torc
 
 
 def next_token(logits: torch.Tensor, guided: bool, scale: float, sampling: SamplingConfig,
-               generator: Randomness) -> torch.Tensor:
-    """Logits (B or 2B, V) of one position -> tokens (B,); guided rows are [cond; uncond]."""
+               generator: Randomness, position: int | None = None, watch: FiniteWatch | None = None) -> torch.Tensor:
+    """Logits (B or 2B, V) of one position -> tokens (B,); guided rows are [cond; uncond]. ``position``:
+    the raster position drawn, named in the error about non-finite logits; ``watch``: the call's check."""
     if guided:
         cond, uncond = logits.chunk(2)
         logits = uncond + scale * (cond - uncond)
-    return sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+    return sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator, position, watch)
 
 
 # Models inside an ``eval_mode`` now, by id: [how many holders, the mode the first one found]

@@ -12,8 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from stage2_prior.decode import decode_step
-from stage2_prior.draw import (CFG_SCHEDULES, SamplingConfig, cfg_scales, check_sampling_args, eval_mode, inference,
-                               guided_labels, next_token, resolve_class_labels, sample_logits, top_k_filter,
+from stage2_prior.draw import (CFG_SCHEDULES, FiniteWatch, SamplingConfig, cfg_scales, check_sampling_args, eval_mode,
+                               guided_labels, inference, next_token, resolve_class_labels, sample_logits, top_k_filter,
                                top_p_filter)
 from stage2_prior.highres import generate_highres
 from stage2_prior.layers import notice_data_edits
@@ -73,8 +73,9 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
         else:
             seq = torch.zeros(batch, T, dtype=torch.long, device=device)  # the token at t is never read for t
             logits = model(seq[:, :1], labels)
+        watch = FiniteWatch(device)
         for t in tqdm(range(T), disable=not progress, desc="sampling"):
-            tok = next_token(logits[:, -1], guided, scales[t], sampling, noise)  # (B,)
+            tok = next_token(logits[:, -1], guided, scales[t], sampling, noise, t, watch)  # (B,)
             out[:, t] = tok
             if t == T - 1:
                 break
@@ -86,4 +87,5 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
             else:
                 seq[:, t] = fed
                 logits = model(seq[:, : t + 2], labels)
+        watch.done()
     return out.view(num_samples, h, w)
