@@ -956,12 +956,16 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def _exit_code(exc: Exception) -> int | None:
-    """3 for a non-finite loss, 2 for a user error (ConfigError is a ValueError), None for a bug."""
+    """3 for a non-finite loss (or weights a run was about to save), 2 for a user error (ConfigError is a
+    ValueError), None for a bug."""
     # vqgpt.training imports torch and timm (seconds): look it up only if the command imported it,
     # so that flag mistakes are reported at once.
     training = sys.modules.get("vqgpt.training")
     if training is not None and isinstance(exc, training.NonFiniteLoss):
         return 3
+    checkpoint = sys.modules.get("vqgpt.ground.checkpoint")
+    if checkpoint is not None and isinstance(exc, checkpoint.NonFiniteWeights):
+        return 3  # a run that diverged without a non-finite loss (an EMA copy, a buffer): the same exit
     # a path that is missing, of the wrong kind, or not writable: the message names it
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError,
                         ValueError)):

@@ -50,7 +50,7 @@ class TrainConfig:
                                    "codebook too); norms and biases never decay")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off; a NaN/inf norm is still caught)")
     mixed_precision: str = opt("no", "no | bf16 | fp16 (fp16 uses loss scaling and needs a GPU; "
                                      "bf16 is ~4x faster on AMX CPUs)")
     grad_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, "
