@@ -439,3 +439,27 @@ def test_running_page_answers_and_survives_bad_input(pipe_dir, files, tmp_path, 
         assert summary.startswith("1 completion of class a: first 6 of 8 code rows kept")
     finally:
         demo.close()
+
+
+def test_the_summary_names_the_class_drawn_not_what_was_typed(handlers):
+    """'1' and 'index:1' draw class b (index 1); the summary said 'of class 1' / 'of class index:1'."""
+    for typed in ("b", "1", "index:1"):
+        _gallery, summary = handlers.sample(typed, 1, seed=0)
+        assert summary.startswith("1 image of class b,"), (typed, summary)
+    handlers.pipe.classes = []  # classes without names: the index
+    _gallery, summary = handlers.sample("index:2", 1, seed=0)
+    assert summary.startswith("1 image of class index:2,"), summary
+
+
+def test_an_image_over_pillows_pixel_limit_is_too_large_not_unreadable(handlers, files, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # image.png (16x16) is over twice that: Pillow refuses it
+    for fit in (True, False):
+        with pytest.raises(ValueError, match=r"image.png is too large to read: Image size \(256 pixels\) exceeds"):
+            handlers.complete(str(files / "image.png"), keep_rows=1, num=1, class_name="a", fit=fit)
+
+
+def test_a_value_of_the_wrong_type_is_shown_as_given(handlers, files):
+    with pytest.raises(ValueError, match=r"must be a whole number >= 0, got '2'"):
+        handlers.complete(str(files / "image.png"), "2", num=1, class_name="a")
+    with pytest.raises(ValueError, match=r"seed must be a whole number, got '7'"):
+        handlers.sample("a", 1, seed="7")

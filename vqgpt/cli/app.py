@@ -202,7 +202,7 @@ class AppHandlers:
                                         seed=_seed(seed), progress=progress is not None).cpu()
         h0, w0 = self.pipe.prior.config.grid_size
         windows = " with sliding windows" if grid != (h0, w0) else ""
-        summary = (f"{num} image{'s' * (num > 1)}{self._of(class_name)}, {images.shape[2]}x{images.shape[3]} px "
+        summary = (f"{num} image{'s' * (num > 1)}{self._of(label)}, {images.shape[2]}x{images.shape[3]} px "
                    f"({grid[0]}x{grid[1]} codes{windows}), seed {_seed(seed)}, {time.perf_counter() - start:.1f} s")
         return [(tensor_to_pil(img), f"sample {i + 1}") for i, img in enumerate(images)], summary
 
@@ -235,7 +235,7 @@ class AppHandlers:
                  if n]
         gallery = [(tensor_to_pil(original), "original")]
         gallery += [(tensor_to_pil(img), f"completion {i + 1}") for i, img in enumerate(images)]
-        summary = f"{num} completion{'s' * (num > 1)}{self._of(class_name)}: {', '.join(what)}; seed {_seed(seed)}"
+        summary = f"{num} completion{'s' * (num > 1)}{self._of(label)}: {', '.join(what)}; seed {_seed(seed)}"
         return gallery, summary
 
     def reconstruct(self, image_path: str | None, fit: bool = True
@@ -277,8 +277,12 @@ class AppHandlers:
         # the name as chosen: folders 'cat' and 'cat ' are two classes (stripping took the other one)
         return self.pipe.class_index(str(class_name))
 
-    def _of(self, class_name: str | None) -> str:
-        return f" of class {class_name}" if self.pipe.prior.conditional and class_name else ""
+    def _of(self, label: int | None) -> str:
+        """The class drawn, by name where the classes have names ('1' or 'index:1' typed for class 'b' is 'b')."""
+        if label is None:
+            return ""
+        names = self.pipe.classes
+        return f" of class {names[label]}" if names else f" of class index:{label}"
 
     def _image(self, path: str | None, fit_to: tuple[int, int] | None) -> torch.Tensor:
         """An uploaded file -> (3, H, W) in [-1, 1], fitted (resize + center crop) to ``fit_to`` or checked as is."""
@@ -292,6 +296,8 @@ class AppHandlers:
                 width, height = img.size
             if height * width <= self.max_upload_pixels:
                 image = pil_to_tensor(open_rgb(path))
+        except Image.DecompressionBombError as exc:  # an image, but over Pillow's pixel limit: say so
+            raise ValueError(f"{name} is too large to read: {exc}") from None
         except Exception as exc:  # Pillow raises many types for files that are no image
             raise ValueError(f"{name} cannot be read as an image ({type(exc).__name__}): upload a PNG, JPEG, "
                              "WebP, BMP, GIF or TIFF file") from None
@@ -322,7 +328,7 @@ def _whole(value: Any) -> bool:
 
 def _at_least(value: float, low: int, what: str) -> int:
     if not _whole(value) or int(value) < low:
-        raise ValueError(f"{what} must be a whole number >= {low}, got {value}")
+        raise ValueError(f"{what} must be a whole number >= {low}, got {value!r}")
     return int(value)
 
 
@@ -335,7 +341,7 @@ def _seed(value: float | None) -> int:
     if value is None:
         return 0
     if not _whole(value):
-        raise ValueError(f"seed must be a whole number, got {value}")
+        raise ValueError(f"seed must be a whole number, got {value!r}")
     return int(value)
 
 
