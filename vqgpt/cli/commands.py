@@ -926,8 +926,24 @@ def _run_json(args: argparse.Namespace) -> int:
         code = int(args.func(args) or 0)
     document = getattr(args, "json_document", None)
     if document is not None:
-        print(json.dumps(document), flush=True)
+        unusable: list[str] = []
+        document = _finite_or_null(document, "", unusable)
+        if unusable:  # JSON has no NaN or Infinity: a figure that is not a number is null, as an absent one is
+            warnings.warn(f"not finite, printed as null: {', '.join(unusable)}", stacklevel=1)
+        print(json.dumps(document, allow_nan=False), flush=True)
     return code
+
+
+def _finite_or_null(value: Any, key: str, unusable: list[str]) -> Any:
+    """``value`` with each NaN / inf float (nested in dicts and lists too) made None; their keys go to ``unusable``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        unusable.append(f"{key} ({value})")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v, f"{key}.{k}" if key else str(k), unusable) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v, f"{key}[{i}]", unusable) for i, v in enumerate(value)]
+    return value
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001

@@ -27,6 +27,7 @@ PyTorch port (the TF-to-PyTorch weight maps name ``mixed_6/conv/conv2d_params`` 
 
 from __future__ import annotations
 
+import math
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -285,7 +286,8 @@ class FeatureStats:
         """The statistics of the spatial features, for ``frechet_distance`` (sFID); an error when there are none."""
         if self.spatial_mu is None or self.spatial_sigma is None:
             raise ValueError(f"no spatial statistics (mu_s, sigma_s) in {self.source or 'these statistics'}")
-        return FeatureStats(self.spatial_mu, self.spatial_sigma, self.num_images, self.feature_network)
+        return FeatureStats(self.spatial_mu, self.spatial_sigma, self.num_images, self.feature_network,
+                            source=self.source)
 
 
 def compute_stats(pool: torch.Tensor, feature_network: str, keep_features: int | None = PR_MAX_FEATURES, seed: int = 0,
@@ -499,6 +501,17 @@ def stream_stats(extractor: FeatureExtractor, batches: Iterable[torch.Tensor], n
     return accumulator
 
 
+def check_finite(stats: FeatureStats, where: str) -> FeatureStats:
+    """``stats`` when mu, sigma (and mu_s, sigma_s) are finite; else an error naming ``where`` and the key."""
+    for key, array in (("mu", stats.mu), ("sigma", stats.sigma), ("mu_s", stats.spatial_mu),
+                       ("sigma_s", stats.spatial_sigma)):
+        if array is not None and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise ValueError(f"{where}: {key} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) of "
+                             f"{array.size}: no FID can be computed from them")
+    return stats
+
+
 def check_stats_path(path: str | Path) -> Path:
     """``path`` as a place save_stats can write (checked before the features are computed)."""
     path = Path(path)
@@ -512,6 +525,7 @@ def save_stats(stats: FeatureStats, path: str | Path) -> Path:
     """Write statistics as ``.npz`` (mu, sigma, features, and metadata; no pickled objects); an earlier
     file at ``path`` is replaced only once the new one is whole."""
     path = check_stats_path(path)
+    check_finite(stats, f"statistics for {path}")  # (of features gone wrong): a file no evaluation could use
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "num_images": np.int64(stats.num_images),
               "feature_network": np.str_(stats.feature_network), "source": np.str_(stats.source),
@@ -528,11 +542,14 @@ def save_stats(stats: FeatureStats, path: str | Path) -> Path:
     return replace_when_whole(path, write)  # a failed or killed run leaves the earlier statistics as they were
 
 
-def load_stats(path: str | Path) -> FeatureStats:
-    """Read statistics written by ``save_stats``, or any ``.npz`` with ``mu`` and ``sigma`` (network 'unknown').
+class StoredGaussians(NamedTuple):
+    """The statistics an ``.npz`` holds, each checked: (mean (D,), covariance (D, D)) or None where absent."""
 
-    ``mu_s`` / ``sigma_s`` (sFID), as in the ADM evaluator's reference batches, are read when present.
-    """
+    pool: tuple[np.ndarray, np.ndarray] | None     # mu, sigma (float64)
+    spatial: tuple[np.ndarray, np.ndarray] | None  # mu_s, sigma_s (float64)
+
+
+def _open_npz(path: str | Path) -> tuple[Path, np.lib.npyio.NpzFile]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics file not found: {path}")
@@ -540,22 +557,80 @@ def load_stats(path: str | Path) -> FeatureStats:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise ValueError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a lone .npy array under an .npz name
+        raise ValueError(f"{path}: not an .npz archive (a single {type(data).__name__}): give mu and sigma by name")
+    return path, data
+
+
+def _member(data: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
+    """``data[key]``, or an error naming the file and key (a pickled object array is never unpickled)."""
+    try:
+        return data[key]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise ValueError(f"{path}: {key} is a pickled object array, not numbers") from None
+        raise ValueError(f"{path}: {key} is not a readable array ({exc})") from None
+    except Exception as exc:
+        raise ValueError(f"{path}: {key} is not a readable array ({type(exc).__name__}: {exc})") from None
+
+
+def _numbers(data: np.lib.npyio.NpzFile, path: Path, key: str, dtype: type) -> np.ndarray:
+    """``data[key]`` as finite real numbers of ``dtype``; anything else is an error naming the file and key."""
+    array = _member(data, path, key)
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: {key} holds {array.dtype} values, not real numbers")
+    array = np.asarray(array, dtype)
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise ValueError(f"{path}: {key} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) of "
+                         f"{array.size}: the file is unusable for FID; recompute it")
+    return array
+
+
+def read_gaussians(path: str | Path) -> StoredGaussians:
+    """The ``mu``/``sigma`` and ``mu_s``/``sigma_s`` pairs of an ``.npz``, where there: shapes checked, finite.
+
+    Half a pair (``mu`` without ``sigma``, say) is an error, as it is to the ADM evaluator.
+    """
+    path, data = _open_npz(path)
+    with data:
+        return StoredGaussians(*(_gaussian_pair(data, path, mean, cov) for mean, cov in (("mu", "sigma"),
+                                                                                           ("mu_s", "sigma_s"))))
+
+
+def _gaussian_pair(data: np.lib.npyio.NpzFile, path: Path, mean_key: str,
+                   cov_key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    there = [key in data.files for key in (mean_key, cov_key)]
+    if not any(there):
+        return None
+    if not all(there):
+        held, lacking = (mean_key, cov_key) if there[0] else (cov_key, mean_key)
+        raise ValueError(f"{path} holds {held} but not {lacking}: give both or neither")
+    mean, cov = _numbers(data, path, mean_key, np.float64), _numbers(data, path, cov_key, np.float64)
+    if mean.ndim != 1 or cov.shape != (mean.shape[0], mean.shape[0]):
+        raise ValueError(f"{path}: {mean_key} has shape {mean.shape} and {cov_key} {cov.shape}; expected (D,) and "
+                         "(D, D)")
+    return mean, cov
+
+
+def load_stats(path: str | Path) -> FeatureStats:
+    """Read statistics written by ``save_stats``, or any ``.npz`` with ``mu`` and ``sigma`` (network 'unknown').
+
+    ``mu_s`` / ``sigma_s`` (sFID), as in the ADM evaluator's reference batches, are read when present.
+    Non-finite statistics, pickled arrays and half a pair of statistics are errors naming the file and key.
+    """
+    path, data = _open_npz(path)
     with data:
         missing = [k for k in ("mu", "sigma") if k not in data.files]
-        if missing:
+        if len(missing) == 2:
             raise ValueError(f"{path}: not FID statistics: missing {missing} (found {sorted(data.files)})")
-        mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
-        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
-        text = lambda key, default: str(data[key]) if key in data.files else default  # noqa: E731
-        number = lambda key: int(data[key]) if key in data.files else 0  # noqa: E731
-        features = np.asarray(data["features"], np.float32) if "features" in data.files else None
-        spatial_mu = spatial_sigma = None
-        if "mu_s" in data.files and "sigma_s" in data.files:
-            spatial_mu, spatial_sigma = np.asarray(data["mu_s"], np.float64), np.asarray(data["sigma_s"], np.float64)
-            if spatial_mu.ndim != 1 or spatial_sigma.shape != (spatial_mu.shape[0], spatial_mu.shape[0]):
-                raise ValueError(f"{path}: mu_s has shape {spatial_mu.shape} and sigma_s {spatial_sigma.shape}; "
-                                 "expected (S,) and (S, S)")
+        pool, spatial = _gaussian_pair(data, path, "mu", "sigma"), _gaussian_pair(data, path, "mu_s", "sigma_s")
+        assert pool is not None  # one of the two is there: both are (else _gaussian_pair raised)
+        mu, sigma = pool
+        text = lambda key, default: str(_member(data, path, key)) if key in data.files else default  # noqa: E731
+        number = lambda key: int(_member(data, path, key)) if key in data.files else 0  # noqa: E731
+        features = _numbers(data, path, "features", np.float32) if "features" in data.files else None
+        spatial_mu, spatial_sigma = spatial if spatial is not None else (None, None)
         return FeatureStats(mu, sigma, number("num_images"), text("feature_network", UNKNOWN_NETWORK), features,
                             text("source", ""), text("split", ""), number("resolution"), spatial_mu, spatial_sigma)
 
@@ -589,11 +664,18 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, name: str = "FID") -> flo
     from torch_fidelity.metric_fid import fid_statistics_to_metric
 
     check_same_network(a, b)
-    if min(a.num_images, b.num_images) and min(a.num_images, b.num_images) < a.mu.shape[0]:
-        warnings.warn(f"{name} from {min(a.num_images, b.num_images)} images with {a.mu.shape[0]}-d features: the covariance "
-                      "is rank-deficient and the figure is biased upward; published FID uses 10k-50k images", stacklevel=2)
+    for side, stats in (("first", a), ("second", b)):  # max(0, nan) below would make NaN a perfect 0
+        check_finite(stats, f"{name}: the statistics of {stats.source or f'the {side} set'}")
+    fewest = min(a.num_images, b.num_images)
+    if fewest and fewest < a.mu.shape[0]:
+        warnings.warn(f"{name} from {fewest} images with {a.mu.shape[0]}-d features: the covariance is rank-deficient "
+                      "and the figure is biased upward; published FID uses 10k-50k images", stacklevel=2)
     value = fid_statistics_to_metric({"mu": a.mu, "sigma": a.sigma}, {"mu": b.mu, "sigma": b.sigma}, verbose=False)
-    return max(0.0, float(next(iter(value.values()))))  # tiny negatives are round-off of an exact 0
+    distance = float(next(iter(value.values())))
+    if not math.isfinite(distance):
+        raise ValueError(f"{name} came out {distance} from finite statistics ({a.source or 'first set'} vs "
+                         f"{b.source or 'second set'}): the covariances are numerically unusable")
+    return max(0.0, distance)  # tiny negatives are round-off of an exact 0
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> InceptionScore:

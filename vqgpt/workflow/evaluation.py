@@ -42,6 +42,7 @@ from vqgpt.ground.fid import (
     FeatureNetworkUnavailable,
     Features,
     FeatureStats,
+    check_finite,
     check_stats_path,
     compute_stats,  # noqa: F401  (whole-array forms, kept importable from here; the evaluations stream)
     extract_features,  # noqa: F401
@@ -51,6 +52,7 @@ from vqgpt.ground.fid import (
     load_stats,
     npz_image_batches,
     precision_recall,
+    read_gaussians,
     save_stats,
     stream_stats,
 )
@@ -261,8 +263,10 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
     ``reference``: an image source; a stats .npz of ``vqgpt fid-stats``; or a reference batch of the
     ADM evaluator (``arr_0`` uint8 (N, H, W, 3) images, with or without ``mu``, ``sigma``, ``mu_s``,
     ``sigma_s``). As that evaluator does, the file's statistics are used where present (else they are
-    computed from ``arr_0``), and precision/recall compare the features of every reference image with
-    those of every sample (k=3 manifolds); its images are scored by all processes, before sampling.
+    computed from ``arr_0``, which then needs at least 2 images), and precision/recall compare the
+    features of every reference image with those of every sample (k=3 manifolds; null with a warning
+    for 3 images or fewer); its images are scored by all processes, before sampling. Half a pair of
+    statistics (``mu`` without ``sigma``) and non-finite statistics are errors naming the file.
     For builtin:mnist references and a 10-class prior, also the class accuracy of the samples.
     Everything that can fail (weights, reference, classifier) is loaded before sampling starts.
     ``prior_dtype`` and ``compile``: how the prior decodes (``VQGPTPipeline.set_decoding``).
@@ -461,7 +465,8 @@ def _reference(extractor: FeatureExtractor, reference: str, resolution: int, spl
     if ref.resolution and ref.resolution != resolution:
         warnings.warn(f"{reference} was computed at resolution {ref.resolution}, the samples are {resolution}: "
                       "the FID then also measures the resizing", stacklevel=3)
-    return ref
+    # (a stats file is checked as it is read) features gone NaN would give FID 0 or NaN after all the sampling
+    return check_finite(ref, f"the reference {reference} (features by {extractor.name})")
 
 
 def _image_batch_stats(extractor: FeatureExtractor, path: str, resolution: int, batch_size: int, progress: bool,
@@ -470,9 +475,16 @@ def _image_batch_stats(extractor: FeatureExtractor, path: str, resolution: int, 
     else from the features of ``arr_0``; every image's features kept for precision/recall.
 
     The images are scored like the samples: batch c by process c % N, gathered and summed in order.
+    With the file's ``mu``/``sigma``, ``arr_0`` may hold fewer than 2 images (no precision/recall then).
     """
     state = state or launched_process_state("each would score every reference image")
+    stored = read_gaussians(path)  # finite, whole pairs: checked before any image is scored
     num, batches = npz_image_batches(path, batch_size)
+    if stored.pool is None and num < 2:
+        for _ in batches:  # (at most one image) the end of the archive: closes it
+            pass
+        raise ValueError(f"{path}: arr_0 holds {num} image{'' if num == 1 else 's'}; FID needs at least 2 (or the "
+                         "file's mu and sigma)")
     summed = FeatureAccumulator(num, keep_features=None)  # ADM's precision/recall: every reference image
     sizes = []
 
@@ -490,22 +502,19 @@ def _image_batch_stats(extractor: FeatureExtractor, path: str, resolution: int, 
         pass
     size = sizes[-1] if sizes else None
     image_size = int(size[0]) if size is not None and size[0] == size[1] else 0
-    computed = summed.stats(extractor.name, source=path, resolution=image_size)
-    stored = load_stats(path) if _has_keys(path, "mu", "sigma") else None
-    if stored is not None:  # the file's statistics win, as in the ADM evaluator (they were made with TF's Inception)
-        computed.mu, computed.sigma, computed.feature_network = stored.mu, stored.sigma, UNKNOWN_NETWORK
-        if stored.spatial_mu is not None:
-            computed.spatial_mu, computed.spatial_sigma = stored.spatial_mu, stored.spatial_sigma
-    elif _has_keys(path, "mu_s", "sigma_s"):
-        with np.load(path, allow_pickle=False) as data:
-            computed.spatial_mu = np.asarray(data["mu_s"], np.float64)
-            computed.spatial_sigma = np.asarray(data["sigma_s"], np.float64)
-    return computed
-
-
-def _has_keys(path: str, *keys: str) -> bool:
-    with np.load(path, allow_pickle=False) as data:
-        return all(key in data.files for key in keys)
+    if summed.count >= 2:
+        ref = summed.stats(extractor.name, source=path, resolution=image_size)
+    else:  # the file's mu/sigma (checked above) with no images to speak of: how many they summed is unknown
+        assert stored.pool is not None
+        kept = summed.features() if summed.count else None
+        ref = FeatureStats(*stored.pool, num_images=0, feature_network=UNKNOWN_NETWORK,
+                           features=None if kept is None else kept.numpy(), source=path, resolution=image_size)
+    if stored.pool is not None:  # the file's statistics win, as in the ADM evaluator (made with TF's Inception)
+        ref.mu, ref.sigma = stored.pool
+        ref.feature_network = UNKNOWN_NETWORK
+    if stored.spatial is not None:
+        ref.spatial_mu, ref.spatial_sigma = stored.spatial
+    return ref
 
 
 def _digit_of_class(classes: list[str], num_classes: int) -> torch.Tensor | None:

@@ -149,40 +149,50 @@ def finished_pngs(folder: Path) -> tuple[set[str], set[str]]:
     return names, whole
 
 
-def _check_settings(folder: Path, settings: dict, pngs: set[str]) -> bool:
+def _check_settings(folder: Path, settings: dict, pngs: set[str], scratch_of: Path | None = None) -> bool:
     """Refuse a folder holding samples (``pngs``, its PNG names) drawn with other settings or by other weights;
-    whether ``settings`` are to be (re)written: a new folder, or one whose record lacks the weights."""
+    whether ``settings`` are to be (re)written: a new folder, or one whose record lacks the weights.
+
+    ``scratch_of``: the npz whose scratch folder ``folder`` is (--npz alone): the ways out then name --npz.
+    """
     path = folder / SETTINGS_FILE
+    if scratch_of is None:
+        where, new_place = f"{folder}", "give a new folder"
+    else:  # the user named no folder: say which one, and how to start over
+        where = f"{folder} (where --npz {scratch_of} draws its samples)"
+        new_place = f"choose another --npz, or delete {folder}/ to start over"
     if not path.exists():
         if pngs:
-            raise ValueError(f"{folder} holds PNG files but no {SETTINGS_FILE}: they are not samples of this run; "
-                             "give an empty or new folder")
+            raise ValueError(f"{where} holds PNG files but no {SETTINGS_FILE}: they are not samples of this run; "
+                             + ("give an empty or new folder" if scratch_of is None else new_place))
         return True
     if not pngs:
         return True  # stopped before its first sample (say, out of memory): nothing to keep consistent with
     try:
         old = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is damaged ({exc}): it records how the samples in {folder} were drawn; give a "
-                         "new folder") from None
+        raise ValueError(f"{path} is damaged ({exc}): it records how the samples in {where} were drawn; "
+                         f"{new_place}") from None
     if not isinstance(old, dict):
-        raise ValueError(f"{path} is damaged (not a JSON object): give a new folder")
+        raise ValueError(f"{path} is damaged (not a JSON object): {new_place}")
     changed = [f"{key}: {old.get(key)} then, {value} now" for key, value in settings.items()
                if key not in ("models", "configs") and old.get(key) != value]
     if changed:
-        raise ValueError(f"{folder} holds samples drawn with other settings ({'; '.join(changed)}): resume with the "
-                         f"same settings, or give a new folder")
+        raise ValueError(f"{where} holds samples drawn with other settings ({'; '.join(changed)}): resume with the "
+                         f"same settings, {'or ' if scratch_of is None else ''}{new_place}")
     if "models" not in old or "configs" not in old:
         warnings.warn(f"{path} records no weights (an earlier vqgpt drew these samples): whether this pipeline drew "
                       "them is not checked; it is recorded as theirs from now on", stacklevel=2)
         return True
     if old["models"] != settings["models"]:
-        raise ValueError(f"{folder} holds samples drawn by other weights (another tokenizer or prior than this "
-                         "pipeline's): resume with the pipeline that drew them, or give a new folder")
+        raise ValueError(f"{where} holds samples drawn by other weights (another tokenizer or prior than this "
+                         f"pipeline's): resume with the pipeline that drew them, {'or ' if scratch_of is None else ''}"
+                         f"{new_place}")
     if old["configs"] != settings["configs"]:
-        raise ValueError(f"{folder} holds samples drawn by models of another config (the tokenizer's or the "
+        raise ValueError(f"{where} holds samples drawn by models of another config (the tokenizer's or the "
                          "prior's config.json differs, with the same weights): resume with the pipeline that "
-                         "drew them, or give a new folder")
+                         f"drew them, {'or ' if scratch_of is None else ''}{new_place}")
+    return False
 
 
 def check_npz_path(npz: Path) -> None:
@@ -312,7 +322,7 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
         with warnings.catch_warnings():
             if not state.is_main_process:
                 warnings.simplefilter("ignore")  # (said once)
-            record = _check_settings(folder, settings, pngs)
+            record = _check_settings(folder, settings, pngs, npz if out is None else None)
         batches = batch_ranges(num, batch_size)
         todo = [c for c, batch in enumerate(batches) if any(png_name(i) not in done for i in batch)]
         drawn = sum(len(batches[c]) for c in todo)

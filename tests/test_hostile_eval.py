@@ -1,0 +1,239 @@
+"""Hostile reference files and figures for the evaluations: NaN statistics, pickled arrays, half pairs of
+statistics, ADM batches with too few images, non-finite figures under --json, and a resumed --npz run.
+
+Offline: the random-weight feature network (``--fid-weights random``) and a tiny pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import vqgpt.workflow.evaluation as evaluation  # noqa: E402
+import vqgpt.workflow.sample_many as sample_many_module  # noqa: E402
+from test_eval_distributed import smooth_uint8, write_adm_npz  # noqa: E402
+from test_pipeline import tiny_prior, tiny_tokenizer  # noqa: E402
+from vqgpt.cli import main  # noqa: E402
+from vqgpt.cli.commands import _run_json  # noqa: E402
+from vqgpt.ground.fid import (  # noqa: E402
+    FeatureExtractor,
+    FeatureStats,
+    frechet_distance,
+    load_stats,
+    save_stats,
+)
+from vqgpt.workflow.evaluation import eval_prior  # noqa: E402
+from vqgpt.workflow.pipeline import VQGPTPipeline  # noqa: E402
+from vqgpt.workflow.sample_many import sample_many  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:s?FID from")
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    tok = tiny_tokenizer()
+    return VQGPTPipeline(tok, tiny_prior(tok.codebook_size), classes=["a", "b", "c"]).save_pretrained(
+        tmp_path_factory.mktemp("pipe") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> dict[str, np.ndarray]:
+    """arr_0 (20 images) and their mu, sigma, mu_s, sigma_s (the random network's, as ADM computes them)."""
+    images = smooth_uint8(20, seed=1)
+    path = write_adm_npz(tmp_path_factory.mktemp("ref") / "good.npz", images=images, stats_of=images)
+    with np.load(path) as f:
+        return dict(f)
+
+
+@pytest.fixture()
+def no_sampling(monkeypatch):
+    """Sampling fails the test: a bad reference must be refused before any sample is drawn."""
+    def draw(*args, **kwargs):
+        raise AssertionError("samples were drawn before the reference was checked")
+    monkeypatch.setattr(sample_many_module, "draw_images", draw)
+
+
+def _eval(pipe_dir, reference, num: int = 4, **kwargs):
+    return eval_prior(pipe_dir, str(reference), num_samples=num, batch_size=4, fid_weights="random", seed=3,
+                      device="cpu", progress=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------- 1, 3: non-finite statistics
+
+
+@pytest.mark.parametrize("key", ["mu", "sigma", "mu_s", "sigma_s"])
+def test_non_finite_statistics_in_a_file_are_refused_naming_file_and_key(tmp_path, good, key):
+    """A NaN mu gave FID 0.0 (max(0, nan)), a NaN sigma scipy's nameless error after all the sampling."""
+    arrays = {k: good[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
+    arrays[key] = arrays[key].copy()
+    arrays[key].flat[3] = np.nan if key != "sigma" else np.inf
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=rf"bad\.npz: {key} holds 1 non-finite value \(NaN or inf\)"):
+        load_stats(tmp_path / "bad.npz")
+
+
+def test_a_nan_reference_fails_eval_prior_before_sampling_and_on_the_command_line(pipe_dir, tmp_path, good,
+                                                                                  no_sampling, capsys):
+    np.savez(tmp_path / "nan.npz", mu=np.full_like(good["mu"], np.nan), sigma=good["sigma"])
+    with pytest.raises(ValueError, match=r"nan\.npz: mu holds 112 non-finite values"):
+        _eval(pipe_dir, tmp_path / "nan.npz")
+    # the same next to arr_0 (an ADM reference batch): its mu was used as it was
+    np.savez(tmp_path / "arr_nan.npz", arr_0=good["arr_0"], mu=good["mu"], sigma=good["sigma"],
+             mu_s=good["mu_s"], sigma_s=np.full_like(good["sigma_s"], np.nan))
+    with pytest.raises(ValueError, match=r"arr_nan\.npz: sigma_s holds \d+ non-finite values"):
+        _eval(pipe_dir, tmp_path / "arr_nan.npz")
+    code = main(["eval-prior", "--pipeline", str(pipe_dir), "--reference", str(tmp_path / "nan.npz"), "--num", "4",
+                 "--batch-size", "4", "--fid-weights", "random", "--device", "cpu", "--json"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "error: " in captured.err and "nan.npz: mu holds 112 non-finite values" in captured.err
+
+
+def test_frechet_distance_refuses_non_finite_statistics_and_results(monkeypatch):
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(40, 4))
+    good = FeatureStats(rows.mean(0), np.cov(rows, rowvar=False), 40, "net")
+    nan = FeatureStats(np.full(4, np.nan), good.sigma, 40, "net", source="ref.npz")
+    with pytest.raises(ValueError, match=r"FID: the statistics of ref\.npz: mu holds 4 non-finite"):
+        frechet_distance(nan, good)  # was 0.0
+    with pytest.raises(ValueError, match=r"sFID: the statistics of the second set: sigma holds"):
+        frechet_distance(good, FeatureStats(good.mu, good.sigma * np.inf, 40, "net"), name="sFID")
+    import torch_fidelity.metric_fid as metric_fid
+
+    monkeypatch.setattr(metric_fid, "fid_statistics_to_metric", lambda *a, **k: {"frechet_inception_distance": np.nan})
+    with pytest.raises(ValueError, match="FID came out nan from finite statistics"):
+        frechet_distance(good, good)
+    monkeypatch.setattr(metric_fid, "fid_statistics_to_metric", lambda *a, **k: {"frechet_inception_distance": -1e-9})
+    assert frechet_distance(good, good) == 0.0  # round-off of an exact 0 is still clamped
+
+
+def _nan_extractor() -> FeatureExtractor:
+    extractor = FeatureExtractor.random()
+    with torch.no_grad():
+        next(extractor.backbone.parameters()).fill_(float("nan"))
+    return extractor
+
+
+def test_nan_features_of_reference_images_are_refused(pipe_dir, tmp_path, monkeypatch, no_sampling):
+    """Statistics computed from images (a network gone NaN): an error before sampling, and no stats file."""
+    monkeypatch.setattr(evaluation, "load_feature_extractor", lambda spec, device: _nan_extractor())
+    path = write_adm_npz(tmp_path / "images.npz", images=smooth_uint8(6, seed=2))
+    with pytest.raises(ValueError, match=r"the reference .*images\.npz \(features by random-conv-seed0\): mu holds"):
+        _eval(pipe_dir, path)
+    pool = _nan_extractor()(torch.zeros(3, 3, 16, 16)).pool
+    stats = FeatureStats(pool.double().mean(0).numpy(), np.eye(pool.shape[1]), 3, "random-conv-seed0")
+    with pytest.raises(ValueError, match=r"statistics for .*out\.npz: mu holds"):
+        save_stats(stats, tmp_path / "out.npz")
+    assert not (tmp_path / "out.npz").exists()
+
+
+# ----------------------------------------------------------------------------------------- 2: strict JSON
+
+
+def test_json_prints_non_finite_figures_as_null_with_a_warning(capsys):
+    """`--json` printed Infinity / NaN: not JSON."""
+    def command(args: argparse.Namespace) -> int:
+        args.json_document = {"fid": float("inf"), "sfid": 1.5, "nested": {"psnr": float("nan"), "ok": None},
+                              "rows": [1.0, float("-inf")], "name": "x"}
+        return 0
+
+    with pytest.warns(UserWarning, match=r"not finite, printed as null: fid \(inf\), nested\.psnr \(nan\), "
+                                         r"rows\[1\] \(-inf\)"):
+        assert _run_json(argparse.Namespace(func=command, json=True)) == 0
+    out = capsys.readouterr().out
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    document = json.loads(out, parse_constant=refuse)
+    assert document == {"fid": None, "sfid": 1.5, "nested": {"psnr": None, "ok": None}, "rows": [1.0, None],
+                        "name": "x"}
+
+
+# ----------------------------------------------------------------------------------------- 4: pickled arrays
+
+
+@pytest.mark.parametrize("key", ["mu", "sigma", "mu_s", "sigma_s"])
+def test_a_pickled_statistics_array_is_named(tmp_path, good, key):
+    arrays = {k: good[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
+    arrays[key] = np.array([{"a": 1}], dtype=object)
+    np.savez(tmp_path / "pickled.npz", **arrays)
+    with pytest.raises(ValueError, match=rf"pickled\.npz: {key} is a pickled object array, not numbers"):
+        load_stats(tmp_path / "pickled.npz")
+
+
+# ----------------------------------------------------------------------------------------- 5, 6: ADM reference batches
+
+
+@pytest.mark.filterwarnings("ignore:precision/recall need more than 3")
+def test_an_adm_batch_of_fewer_than_2_images_uses_its_statistics(pipe_dir, tmp_path, good):
+    """arr_0 with 0 or 1 images was refused even with usable mu / sigma in the file, naming no file."""
+    only_stats = _eval(pipe_dir, write_adm_npz(tmp_path / "stats.npz", stats_of=good["arr_0"]))
+    for count in (0, 1):
+        np.savez(tmp_path / f"n{count}.npz", arr_0=good["arr_0"][:count], mu=good["mu"], sigma=good["sigma"],
+                 mu_s=good["mu_s"], sigma_s=good["sigma_s"])
+        with pytest.warns(UserWarning, match="precision/recall need more than 3"):
+            report = _eval(pipe_dir, tmp_path / f"n{count}.npz")
+        assert report.fid == pytest.approx(only_stats.fid) and report.sfid == pytest.approx(only_stats.sfid)
+        assert report.precision is None and report.recall is None and report.num_reference is None
+    # mu / sigma but no spatial statistics, and one image (no covariance from it): sFID null with a warning
+    np.savez(tmp_path / "n1_pool.npz", arr_0=good["arr_0"][:1], mu=good["mu"], sigma=good["sigma"])
+    with pytest.warns(UserWarning, match="sFID needs spatial statistics"):
+        report = _eval(pipe_dir, tmp_path / "n1_pool.npz")
+    assert report.fid == pytest.approx(only_stats.fid) and report.sfid is None
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_an_adm_batch_of_fewer_than_2_images_without_statistics_names_the_file(pipe_dir, tmp_path, good,
+                                                                                no_sampling, count):
+    np.savez(tmp_path / "few.npz", arr_0=good["arr_0"][:count])
+    word = "image" if count == 1 else "images"
+    with pytest.raises(ValueError, match=rf"few\.npz: arr_0 holds {count} {word}; FID needs at least 2"):
+        _eval(pipe_dir, tmp_path / "few.npz")
+
+
+@pytest.mark.parametrize("held, lacking", [("mu", "sigma"), ("sigma", "mu"), ("mu_s", "sigma_s"),
+                                           ("sigma_s", "mu_s")])
+def test_half_a_pair_of_statistics_beside_arr_0_is_an_error(pipe_dir, tmp_path, good, no_sampling, held, lacking):
+    """A lone mu (or mu_s) beside arr_0 was ignored: the figures then came from the images without a word."""
+    np.savez(tmp_path / "half.npz", arr_0=good["arr_0"], **{held: good[held]})
+    with pytest.raises(ValueError, match=rf"half\.npz holds {held} but not {lacking}"):
+        _eval(pipe_dir, tmp_path / "half.npz")
+
+
+def test_a_lone_mu_s_in_a_stats_file_is_an_error(tmp_path, good):
+    np.savez(tmp_path / "half.npz", mu=good["mu"], sigma=good["sigma"], mu_s=good["mu_s"])
+    with pytest.raises(ValueError, match=r"half\.npz holds mu_s but not sigma_s"):
+        load_stats(tmp_path / "half.npz")
+
+
+# ----------------------------------------------------------------------------------------- 7: --npz alone, resumed
+
+
+def test_a_resumed_npz_run_with_other_settings_names_its_scratch_folder(pipe_dir, tmp_path, monkeypatch):
+    """With --npz alone the user gave no folder: "give a new folder" was no way out."""
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    npz = tmp_path / "N.npz"
+
+    def full_disk(*args, **kwargs):
+        raise OSError("no space left")  # stopped after the samples, before the npz: the scratch folder stays
+
+    monkeypatch.setattr(sample_many_module, "write_npz", full_disk)
+    with pytest.raises(OSError, match="no space left"):
+        sample_many(pipe, 2, npz=npz, class_labels=0, seed=1, batch_size=2, device="cpu", progress=False)
+    monkeypatch.undo()
+    assert (tmp_path / "N.npz.parts" / "000000.png").is_file()
+    with pytest.raises(ValueError, match="other settings") as failure:
+        sample_many(pipe, 2, npz=npz, class_labels=0, seed=2, batch_size=2, device="cpu", progress=False)
+    message = str(failure.value)
+    assert "seed: 1 then, 2 now" in message and "new folder" not in message
+    assert message.endswith(f"resume with the same settings, choose another --npz, or delete {tmp_path}/N.npz.parts/ "
+                            "to start over")
