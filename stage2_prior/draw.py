@@ -117,19 +117,21 @@ class NonFiniteLogits(ValueError):
     """The prior's logits of a position are NaN or inf: its weights (or the guidance) overflowed."""
 
 
-def _raise_nonfinite(largest: torch.Tensor | None, position: int | None) -> None:
+def _raise_nonfinite(largest: torch.Tensor | None, position: int | None, samples: torch.Tensor | None = None) -> None:
     where = f"at raster position {position}" if position is not None else "at this position"
     if largest is not None:
-        rows = (~torch.isfinite(largest)).nonzero().flatten().tolist()
-        where += f" for sample rows {rows[:8]}{' ...' if len(rows) > 8 else ''} (largest {largest[rows[0]].item()})"
+        bad = (~torch.isfinite(largest)).nonzero().flatten()
+        rows = (bad if samples is None else samples.cpu()[bad]).tolist()
+        where += f" for sample rows {rows[:8]}{' ...' if len(rows) > 8 else ''} (largest {largest[bad[0]].item()})"
     raise NonFiniteLogits(f"the prior produced non-finite logits (NaN or inf) {where}: its weights overflow (a "
                           "diverged or damaged prior?) or the guidance scale does; no code can be drawn")
 
 
-def check_logits(largest: torch.Tensor, position: int | None = None) -> None:
-    """Raise NonFiniteLogits when a row's largest logit ``largest`` (B,) is not finite (a host sync)."""
+def check_logits(largest: torch.Tensor, position: int | None = None, samples: torch.Tensor | None = None) -> None:
+    """Raise NonFiniteLogits when a row's largest logit ``largest`` (B,) is not finite (a host sync); ``samples``:
+    the sample index of each row, for the message (default: row b is sample b)."""
     if not bool(torch.isfinite(largest).all()):
-        _raise_nonfinite(largest, position)
+        _raise_nonfinite(largest, position, samples)
 
 
 class FiniteWatch:
@@ -142,9 +144,9 @@ class FiniteWatch:
         self.deferred = torch.device(device).type != "cpu"
         self._first: torch.Tensor | None = None  # on the device: the first failing position, -1 while none
 
-    def see(self, largest: torch.Tensor, position: int) -> None:
+    def see(self, largest: torch.Tensor, position: int, samples: torch.Tensor | None = None) -> None:
         if not self.deferred:
-            check_logits(largest, position)
+            check_logits(largest, position, samples)
             return
         if self._first is None:
             self._first = torch.full((), -1, dtype=torch.long, device=largest.device)  # a fill, not a copy
@@ -157,21 +159,24 @@ class FiniteWatch:
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  generator: Randomness = None, position: int | None = None,
-                  watch: FiniteWatch | None = None) -> torch.Tensor:
+                  generator: Randomness = None, position: int | None = None, watch: FiniteWatch | None = None, *,
+                  discard: torch.Tensor | None = None, samples: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token per row of logits (B, V) -> (B,) long; temperature 0 means greedy (argmax).
 
     ``generator``: one ``torch.Generator`` for the batch, or a sequence of B, one per row. A row whose
     largest logit is NaN or inf (a NaN or +inf anywhere in it, or -inf everywhere: nothing to draw) is a
     NonFiniteLogits (a ValueError) naming the rows and ``position`` (the raster position drawn, when given),
     where softmax would turn it into NaN and the draw into code 0: raised now, or by ``watch`` (a sampling
-    call's FiniteWatch, which on an accelerator raises when the call is done).
+    call's FiniteWatch, which on an accelerator raises when the call is done). ``discard``: a (B,) mask of
+    rows whose draw the caller throws away (a known cell): not checked; ``samples``: the sample index of
+    each row, for the message (default: row b is sample b).
     """
     largest = logits.amax(dim=-1, keepdim=True)  # (B, 1); amax propagates NaN
+    checked = largest.reshape(-1) if discard is None else largest.reshape(-1).masked_fill(discard, 0.0)
     if watch is not None and position is not None:
-        watch.see(largest.squeeze(-1), position)
+        watch.see(checked, position, samples)
     else:
-        check_logits(largest.squeeze(-1), position)
+        check_logits(checked, position, samples)
     if temperature == 0:
         return logits.argmax(dim=-1)
     if temperature != 1.0:
@@ -266,13 +271,16 @@ def guided_labels(model: GPT, labels: torch.Tensor | None, guided: bool) -> torc
 
 
 def next_token(logits: torch.Tensor, guided: bool, scale: float, sampling: SamplingConfig,
-               generator: Randomness, position: int | None = None, watch: FiniteWatch | None = None) -> torch.Tensor:
+               generator: Randomness, position: int | None = None, watch: FiniteWatch | None = None, *,
+               discard: torch.Tensor | None = None, samples: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B or 2B, V) of one position -> tokens (B,); guided rows are [cond; uncond]. ``position``:
-    the raster position drawn, named in the error about non-finite logits; ``watch``: the call's check."""
+    the raster position drawn, named in the error about non-finite logits; ``watch``: the call's check;
+    ``discard``, ``samples``: as for ``sample_logits``."""
     if guided:
         cond, uncond = logits.chunk(2)
         logits = uncond + scale * (cond - uncond)
-    return sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator, position, watch)
+    return sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator, position, watch,
+                         discard=discard, samples=samples)
 
 
 # Models inside an ``eval_mode`` now, by id: [how many holders, the mode the first one found]

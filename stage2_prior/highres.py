@@ -209,10 +209,11 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
                     b = need.nonzero().flatten()
                     logits = torch.cat([logits[b], logits[b + B]]) if guided else logits[b]
                     canvas[b, i, j] = next_token(logits, guided, scales[i * W + j], sampling,
-                                                 [generator[k] for k in b.tolist()], i * W + j, watch)
+                                                 [generator[k] for k in b.tolist()], i * W + j, watch, samples=b)
                     bar.update()
                     continue
-                tok = next_token(logits, guided, scales[i * W + j], sampling, generator, i * W + j, watch)
+                tok = next_token(logits, guided, scales[i * W + j], sampling, generator, i * W + j, watch,
+                                 discard=known_mask[:, i, j] if any_known else None)
                 if any_known:
                     tok = torch.where(known_mask[:, i, j], canvas[:, i, j], tok)
                 canvas[:, i, j] = tok

@@ -373,3 +373,30 @@ def test_ctrl_c_during_an_import_says_what_was_written(taming_sd, tmp_path, caps
     assert err.startswith(f"import interrupted while writing --out {tmp_path / 'o'}") and "--overwrite" in err
     assert "\n" not in err and taming.save_export is real_save
     assert main([*argv, "--overwrite"]) == 0
+
+
+def test_a_linked_prior_folder_of_out_is_not_the_tokenizer(lg, tmp_path):
+    """--out/prior a link to the tokenizer's folder: writing the prior there would replace the tokenizer."""
+    tmp, _, gpt_sd = lg
+    torch.save({"model": gpt_sd, "args": gpt_args()}, tmp_path / "g.pt")
+    tok = tmp_path / "mytok"
+    copy_export(tmp / "tok", tok)
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "prior").symlink_to(tok, target_is_directory=True)
+    for given in (tok, tmp_path / "pipe" / "prior"):
+        with pytest.raises(ConfigError, match="is the prior/ folder of --out"):
+            import_llamagen_gpt(tmp_path / "g.pt", given, tmp_path / "pipe")
+    assert '"vq_tokenizer"' in (tok / "config.json").read_text()
+
+
+def test_a_python_mapping_may_give_tuples_and_numpy_integers():
+    """taming_config(dict): what a Python caller builds (tuples, numpy integers) reads as YAML's lists and ints."""
+    import numpy as np
+
+    cfg = _taming_cfg()
+    _set(cfg, "model.params.ddconfig.ch_mult", tuple(DDCONFIG["ch_mult"]))
+    _set(cfg, "model.params.ddconfig.attn_resolutions", tuple(np.int64(r) for r in DDCONFIG["attn_resolutions"]))
+    _set(cfg, "model.params.n_embed", np.int64(N_EMBED))
+    assert taming_config(cfg).config == taming_config(_taming_cfg()).config
+    with pytest.raises(ConfigError, match="ch_mult: expected a non-empty list of integers"):
+        taming_config(_set(_taming_cfg(), "model.params.ddconfig.ch_mult", "12"))

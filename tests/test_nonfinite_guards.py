@@ -18,6 +18,7 @@ from stage1_vq.quantizers import VectorQuantizer
 from stage1_vq.quantizers.rvq import ResidualVQ
 from stage1_vq.train import TokenizerRunConfig, train_tokenizer
 from stage2_prior import SamplingConfig, generate, sample_logits
+from stage2_prior.highres import complete
 from stage2_prior.draw import FiniteWatch, NonFiniteLogits, next_token
 from stage2_prior.train import PriorRunConfig, train_prior
 from vqgpt.cli import main
@@ -245,6 +246,24 @@ def test_the_stop_message_advises_only_what_a_resume_accepts(tokens, tmp_path, m
     assert read_metrics(run)[-1]["step"] == 4
 
 
+def test_the_stop_message_before_any_checkpoint_offers_a_fresh_run_with_new_settings(tokens, tmp_path, monkeypatch):
+    """With nothing to resume, --resume auto starts afresh and takes a new lr: the message says so."""
+    run = tmp_path / "run"
+    inner, calls = prior_train.next_token_loss, [0]
+
+    def nan_at_step_1(*args):
+        calls[0] += 1
+        return inner(*args) * (NAN if calls[0] == 1 else 1.0)
+    monkeypatch.setattr(prior_train, "next_token_loss", nan_at_step_1)
+    with pytest.raises(NonFiniteLoss) as info:
+        train_prior(prior_config(tokens, "train.steps=2"), run)
+    message = str(info.value)
+    assert "no checkpoint was written yet" in message and "a resume keeps those" not in message
+    assert "run again (--resume auto or --overwrite starts this folder afresh) with a lower train.lr" in message
+    train_prior(prior_config(tokens, "train.steps=2", "train.lr=1e-5", "train.warmup_steps=1"), run, resume="auto")
+    assert read_metrics(run)[-1]["step"] == 2
+
+
 # ----------------------------------------------------------------------------- B4: non-finite logits
 
 
@@ -292,3 +311,36 @@ def test_an_accelerator_watch_raises_once_the_call_is_done_naming_the_first_posi
     watch.see(torch.tensor([1.0, 2.0]), 10)
     with pytest.raises(NonFiniteLogits, match="at raster position 5:"):
         watch.done()
+
+
+def test_a_known_cell_is_not_checked_and_the_error_names_the_samples_drawn():
+    """complete() computes the logits of every row but keeps only the unknown cells' draws: a sample whose
+    cells are all known may have broken logits (here its class is NaN) without failing the others."""
+    model = tiny_gpt()
+    with torch.no_grad():
+        model.class_embedding.weight[0] = NAN
+    h, w = model.grid_size
+    tokens = torch.randint(0, model.config.codebook_size, (3, h, w), generator=seeded(5))
+    known = torch.zeros(3, h, w, dtype=torch.bool)
+    known[0] = True  # sample 0 (class 0) is whole: nothing of it is drawn
+    for generator in (seeded(), [seeded(i) for i in range(3)]):  # one generator, and one per sample
+        out = complete(model, tokens, known_mask=known, class_labels=[0, 1, 2], generator=generator)
+        assert torch.equal(out[0], tokens[0]) and not torch.equal(out[1:], tokens[1:])
+    known[0], known[1] = False, True  # sample 0 is drawn now, sample 1 is whole
+    for generator in (seeded(), [seeded(i) for i in range(3)]):
+        with pytest.raises(NonFiniteLogits, match=r"for sample rows \[0\] "):
+            complete(model, tokens, known_mask=known, class_labels=[0, 1, 2], generator=generator)
+    known[:] = False
+    known[0] = known[1] = True  # only sample 2 is drawn: the error names it, not its row in the subset drawn
+    with torch.no_grad():
+        model.class_embedding.weight[2] = NAN
+    for generator in (seeded(), [seeded(i) for i in range(3)]):
+        with pytest.raises(NonFiniteLogits, match=r"for sample rows \[2\] "):
+            complete(model, tokens, known_mask=known, class_labels=[0, 1, 2], generator=generator)
+
+
+def test_one_row_of_nonfinite_logits_without_a_batch_dimension_is_the_same_error():
+    for temperature in (0.0, 1.0, 0.7):
+        with pytest.raises(NonFiniteLogits, match=r"sample rows \[0\]"):
+            sample_logits(torch.tensor([1.0, NAN, 3.0]), temperature, generator=seeded())
+    assert sample_logits(torch.tensor([1.0, 5.0, 3.0]), 0.0).item() == 1

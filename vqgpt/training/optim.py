@@ -152,9 +152,12 @@ def clip_gradients(accelerator: Accelerator, parameters, cfg: TrainConfig, optim
 def nonfinite_message(what: str, step: int, run_dir: str | Path) -> str:
     """The error text of a non-finite loss: names the step, the last good checkpoint and the ways out."""
     last = resolve_resume(run_dir, "auto")
-    where = (f"the last good checkpoint {last} is intact (--resume auto continues from it with this run's "
-             f"settings, and may meet the same step again)") if last else "no checkpoint was written yet"
+    if last is None:  # nothing to resume: the same command may run again with any settings
+        return (f"non-finite {what} at step {step}; stopping: no checkpoint was written yet. Ways out: run again "
+                f"(--resume auto or --overwrite starts this folder afresh) with a lower train.lr, a higher "
+                f"train.warmup_steps, or train.on_nonfinite=skip to drop such steps")
     # A resume refuses a changed train.lr or train.warmup_steps (RESUMABLE_KEYS): only on_nonfinite may change.
-    return (f"non-finite {what} at step {step}; stopping: {where}. Ways out: resume with "
-            f"--set train.on_nonfinite=skip to drop such steps, or start a new run (another --out, or "
+    return (f"non-finite {what} at step {step}; stopping: the last good checkpoint {last} is intact (--resume auto "
+            f"continues from it with this run's settings, and may meet the same step again). Ways out: resume "
+            f"with --set train.on_nonfinite=skip to drop such steps, or start a new run (another --out, or "
             f"--overwrite) with a lower train.lr or a higher train.warmup_steps: a resume keeps those")

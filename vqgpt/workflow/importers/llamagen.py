@@ -436,7 +436,8 @@ def _check_pipeline_paths(tokenizer: str | Path, out: str | Path) -> None:
         where = "is" if pipe == tok else "is inside"
         raise ConfigError(f"--out {out} {where} the --tokenizer folder {tokenizer}: writing the pipeline there "
                           "would put the tokenizer inside its own folder; choose an --out outside it")
-    if tok == pipe / "prior":
+    prior = (pipe / "prior").resolve()  # (a link there leads where the prior is written)
+    if tok == prior or tok.is_relative_to(prior):
         raise ConfigError(f"--tokenizer {tokenizer} is the prior/ folder of --out {out}, which the import writes "
                           "the prior into, replacing the tokenizer; choose another --out")
 

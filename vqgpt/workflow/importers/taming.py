@@ -16,8 +16,9 @@ Facts matched (CompVis/taming-transformers):
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import yaml
 
@@ -100,24 +101,25 @@ def _section(value: Any, key: str, where: str) -> dict[str, Any]:
 
 def _integer(value: Any, key: str, where: str, low: int | None = 1) -> int:
     """An integer at dotted ``key`` (at least ``low``); YAML floats (256.0 too) and booleans are refused,
-    as the project's own configs refuse them."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    as the project's own configs refuse them (a numpy integer from a Python mapping is an integer)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
     if low is not None and value < low:
         raise ConfigError(f"{where}: {key}: expected an integer >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _integers(value: Any, key: str, where: str, low: int | None = 1, empty: bool = True) -> list[int]:
-    """A YAML list of integers at dotted ``key``; each item is named by its index when wrong."""
-    if not isinstance(value, list) or (not empty and not value):
+    """A YAML list (or a tuple, from a Python mapping) of integers at dotted ``key``; each item is named by its
+    index when wrong."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or (not empty and not value):
         kind = "a list of integers" if empty else "a non-empty list of integers"
         raise ConfigError(f"{where}: {key}: expected {kind}, e.g. [1, 2], got {value!r}")
     return [_integer(item, f"{key}[{i}]", where, low) for i, item in enumerate(value)]
 
 
 def _number(value: Any, key: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
     return float(value)
 
