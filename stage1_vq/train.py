@@ -122,6 +122,20 @@ class UsageWindow:
         self.quantizer.usage_step.copy_(state["usage_step"])
 
 
+def snapshot_buffers(module: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, copy) for every buffer of ``module``: its in-forward state (BatchNorm's running stats and
+    batch count), tiny next to its parameters, which are not copied. Empty for a module without buffers."""
+    return [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
+
+
+@torch.no_grad()
+def restore_buffers(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put the buffers of ``snapshot_buffers`` back as they were, in place: the module and its DDP wrapper
+    keep holding the same tensors."""
+    for buffer, saved in snapshot:
+        buffer.copy_(saved)
+
+
 @keeps_caller_rng
 def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None = None,
                     overwrite: bool = False) -> Path:
@@ -253,6 +267,12 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                             for optimizer in [opt_g, opt_d] if use_gan else [opt_g]:
                                 optimizer.zero_grad(set_to_none=True)  # acts on the syncing micro-batch only
                         continue
+                    # The discriminator's forwards in train mode (the generator's GAN term, then its own step
+                    # on real and fake) update its BatchNorm running stats before the finite decision; a
+                    # dropped micro-batch puts them back, as a NaN reconstruction would leave them NaN for good
+                    # (and every later checkpoint and export refused). The decision is all ranks', so every
+                    # rank restores alike. Nothing to keep with loss.disc_norm=group (no buffers).
+                    disc_buffers = snapshot_buffers(disc_frozen) if gan_on else []
                     with accelerator.accumulate(*([model, disc] if use_gan else [model])):
                         # -- generator / tokenizer
                         with accelerator.autocast():
@@ -275,6 +295,11 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                                 # taming's logits_real / logits_fake: how far apart the discriminator tells them
                                 d_logits = {"logits_real": real.detach().mean(), "logits_fake": fake.detach().mean()}
                                 finite = optimizer_step(accelerator, d_loss, opt_d, disc, tc)
+                            elif gan_on:
+                                # a dropped generator update drops the discriminator's too, as optimizer_step
+                                # does for the generator: on the syncing micro-batch this clears the gradients
+                                # its earlier micro-batches accumulated, which would else join the next step's
+                                opt_d.zero_grad(set_to_none=True)
                     if finite:
                         metrics.add(loss=g.total, rec_loss=g.reconstruction, perceptual=g.perceptual, gan=g.gan,
                                     gan_weight=g.gan_weight, quant_loss=g.quantizer, disc_loss=d_loss, **d_logits)
@@ -284,6 +309,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                             # under grad_accum > 1 the step's usage, perplexity and restarts come below
                             metrics.add(psnr=psnr(images, out.reconstruction).mean(), **out.quantizer.stats)
                     else:
+                        restore_buffers(disc_buffers)
                         skipped += dropped_update(accelerator, tc, "tokenizer loss or gradient norm", step + 1, run_dir)
                 if defer_quantizer:
                     # The step's quantizer statistics, over every micro-batch whose forward ran (the update

@@ -213,9 +213,13 @@ class VectorQuantizer(BaseQuantizer):
         dead-code restart with candidates from ``flat`` (N, D); returns the number restarted.
 
         A step whose sums are not finite (a NaN or inf latent on any rank: a step the loop then drops or
-        stops at) leaves the EMA state and the codebook as they were: one such batch would make its codes
-        NaN for good. The sums are all-reduced, so every rank decides alike; torch.where, not an if, so
-        no host sync breaks a compiled training step."""
+        stops at) skips the EMA update: the hit counts, member sums and codebook keep their values, as one
+        such batch would make its codes NaN for good. The dead-code restart still runs on that step: codes
+        dead by the kept counts take a candidate from ``flat`` where that candidate is finite (see
+        ``_restart_dead_codes``), so they are re-seeded from the step's finite latents though the step is
+        dropped; without ``ema`` the counts take the step's (finite) counts as ever, then the restart runs.
+        The sums are all-reduced, so every rank decides alike; torch.where, not an if, so no host sync
+        breaks a compiled training step."""
         decay = self.ema_decay
         if self.ema:
             finite = torch.isfinite(sums).all()
