@@ -135,27 +135,29 @@ def check_logits(largest: torch.Tensor, position: int | None = None, samples: to
 
 
 class FiniteWatch:
-    """The finite-logits check of one sampling call: on a CPU each position at once (a sync costs nothing
-    there); on an accelerator the first failing position is kept on the device and ``done`` raises after
-    the last one, so that the host never waits for a token (the draws after a non-finite position are
-    wasted, not wrong: the call raises)."""
+    """The finite-logits check of one sampling call over ``positions`` raster positions: on a CPU each position
+    at once (a sync costs nothing there); on an accelerator one flag per position is written on the device
+    (three small kernels a token) and ``done`` raises for the first failing one after the last, so that the
+    host never waits for a token (the draws after a non-finite position are wasted, not wrong: the call raises)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, positions: int):
         self.deferred = torch.device(device).type != "cpu"
-        self._first: torch.Tensor | None = None  # on the device: the first failing position, -1 while none
+        self.positions = positions
+        self._finite: torch.Tensor | None = None  # on the device: (positions,) bool, True until seen failing
 
     def see(self, largest: torch.Tensor, position: int, samples: torch.Tensor | None = None) -> None:
         if not self.deferred:
             check_logits(largest, position, samples)
             return
-        if self._first is None:
-            self._first = torch.full((), -1, dtype=torch.long, device=largest.device)  # a fill, not a copy
-        bad = self._first.lt(0) & ~torch.isfinite(largest).all()
-        self._first = torch.where(bad, position, self._first)  # a Python number: no host-to-device copy
+        if self._finite is None:
+            self._finite = torch.ones(self.positions, dtype=torch.bool, device=largest.device)
+        self._finite[position].copy_(torch.isfinite(largest).all())  # no host-to-device copy, no sync
 
     def done(self) -> None:
-        if self._first is not None and (position := int(self._first.item())) >= 0:
-            _raise_nonfinite(None, position)
+        if self._finite is not None:
+            failed = (~self._finite).nonzero().flatten().tolist()  # the call's one sync
+            if failed:
+                _raise_nonfinite(None, failed[0])
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

@@ -174,7 +174,7 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
             entry = pool.setdefault(c0, _WindowCache())
             entry.cache, entry.origin, entry.filled = big.select(k * batch, (k + 1) * batch), (r0, c0), n
 
-    watch = FiniteWatch(device)
+    watch = FiniteWatch(device, H * W)
     with eval_mode(model), tqdm(total=len(todo), disable=not progress, desc="sampling") as bar:
         for i, columns in rows.items():
             r0 = window_origin(i, 0, (H, W), (h, w), stride)[0]

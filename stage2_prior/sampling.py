@@ -73,7 +73,7 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
         else:
             seq = torch.zeros(batch, T, dtype=torch.long, device=device)  # the token at t is never read for t
             logits = model(seq[:, :1], labels)
-        watch = FiniteWatch(device)
+        watch = FiniteWatch(device, T)
         for t in tqdm(range(T), disable=not progress, desc="sampling"):
             tok = next_token(logits[:, -1], guided, scales[t], sampling, noise, t, watch)  # (B,)
             out[:, t] = tok

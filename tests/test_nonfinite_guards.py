@@ -302,7 +302,7 @@ def test_sampling_names_the_first_raster_position_whose_logits_overflow():
 
 
 def test_an_accelerator_watch_raises_once_the_call_is_done_naming_the_first_position():
-    watch = FiniteWatch(torch.device("cpu"))
+    watch = FiniteWatch(torch.device("cpu"), 11)
     watch.deferred = True  # as on a GPU: nothing raises (no host sync) before done()
     watch.see(torch.tensor([1.0, 2.0]), 3)
     watch.done()  # all finite so far
