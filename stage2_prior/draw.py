@@ -121,7 +121,7 @@ def _raise_nonfinite(largest: torch.Tensor | None, position: int | None, samples
     where = f"at raster position {position}" if position is not None else "at this position"
     if largest is not None:
         bad = (~torch.isfinite(largest)).nonzero().flatten()
-        rows = (bad if samples is None else samples.cpu()[bad]).tolist()
+        rows = (bad if samples is None else samples.cpu()[bad.cpu()]).tolist()
         where += f" for sample rows {rows[:8]}{' ...' if len(rows) > 8 else ''} (largest {largest[bad[0]].item()})"
     raise NonFiniteLogits(f"the prior produced non-finite logits (NaN or inf) {where}: its weights overflow (a "
                           "diverged or damaged prior?) or the guidance scale does; no code can be drawn")

@@ -237,3 +237,25 @@ def test_a_resumed_npz_run_with_other_settings_names_its_scratch_folder(pipe_dir
     assert "seed: 1 then, 2 now" in message and "new folder" not in message
     assert message.endswith(f"resume with the same settings, choose another --npz, or delete {tmp_path}/N.npz.parts/ "
                             "to start over")
+
+
+def test_nan_features_beside_finite_statistics_are_left_out_with_a_warning(tmp_path):
+    """FID needs mu and sigma only: NaN features (precision/recall's) drop those, not the file."""
+    path = tmp_path / "s.npz"
+    np.savez(path, mu=np.arange(5.0), sigma=np.eye(5), features=np.full((3, 5), np.nan))
+    with pytest.warns(UserWarning, match="features hold NaN or inf values: left out"):
+        stats = load_stats(path)
+    assert stats.features is None and np.array_equal(stats.mu, np.arange(5.0))
+
+
+def test_one_value_metadata_may_be_a_one_element_array_and_is_named_when_not(tmp_path):
+    path = tmp_path / "s.npz"
+    np.savez(path, mu=np.zeros(2), sigma=np.eye(2), num_images=np.array([7]), source=np.bytes_(b"imgs"))
+    stats = load_stats(path)
+    assert stats.num_images == 7 and stats.source == "imgs"
+    np.savez(path, mu=np.zeros(2), sigma=np.eye(2), num_images=np.array([7, 8]))
+    with pytest.raises(ValueError, match=r"s.npz: num_images should hold one value, got an array of shape \(2,\)"):
+        load_stats(path)
+    np.savez(path, mu=np.zeros(2), sigma=np.eye(2), resolution=np.float64(2.5))
+    with pytest.raises(ValueError, match=r"s.npz: resolution should be an integer, got 2.5"):
+        load_stats(path)

@@ -94,3 +94,24 @@ def test_a_skipped_step_after_disc_start_keeps_the_batchnorm_discriminator_finit
     for norm in norms:
         assert torch.isfinite(norm.running_mean).all() and torch.isfinite(norm.running_var).all()
         assert int(norm.num_batches_tracked) == 3 * good
+
+
+def test_a_dropped_syncing_micro_batch_drops_the_discriminators_accumulated_gradients(tmp_path, monkeypatch):
+    """grad_accum 2, NaN on the second (syncing) micro-batch of step 2: the step is dropped, and the gradients
+    the discriminator accumulated on its first micro-batch must not join step 3's."""
+    from stage1_vq.losses import PatchDiscriminator
+
+    nan_reconstruction_at(monkeypatch, 4)
+    step, seen = tokenizer_train.optimizer_step, []
+
+    def logging_step(accelerator, loss, optimizer, model, cfg):
+        module = getattr(model, "module", model)
+        if isinstance(module, PatchDiscriminator):  # the gradients it holds before this micro-batch's backward
+            seen.append(sum(0.0 if p.grad is None else float(p.grad.abs().sum()) for p in module.parameters()))
+        return step(accelerator, loss, optimizer, model, cfg)
+
+    monkeypatch.setattr(tokenizer_train, "optimizer_step", logging_step)
+    train_tokenizer(gan_config("train.grad_accum=2", "loss.disc_norm=group"), tmp_path / "run")
+    # discriminator steps: step 1 (2 micro-batches), step 2's first, then step 3's first: it starts from nothing
+    assert len(seen) == 2 * STEPS - 1 and seen[0] == 0.0 and seen[1] > 0.0
+    assert seen[3] == 0.0, f"step 3's discriminator started with step 2's dropped gradients (|g| = {seen[3]})"

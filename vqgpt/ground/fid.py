@@ -28,11 +28,12 @@ PyTorch port (the TF-to-PyTorch weight maps name ``mixed_6/conv/conv2d_params`` 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -579,12 +580,27 @@ def _numbers(data: np.lib.npyio.NpzFile, path: Path, key: str, dtype: type) -> n
     array = _member(data, path, key)
     if array.dtype.kind not in "biuf":
         raise ValueError(f"{path}: {key} holds {array.dtype} values, not real numbers")
-    array = np.asarray(array, dtype)
-    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))  # (before the cast: float64 over float32's range)
     if bad:
         raise ValueError(f"{path}: {key} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) of "
                          f"{array.size}: the file is unusable for FID; recompute it")
-    return array
+    return np.asarray(array, dtype)
+
+
+def _scalar(data: np.lib.npyio.NpzFile, path: Path, key: str, default: Any, kind: type) -> Any:
+    """A one-value metadata entry (``num_images``, ``source``, ...) as ``kind`` (int or str), ``default`` when
+    absent; a 0-d or one-element array of the right sort, else an error naming the file and key."""
+    if key not in data.files:
+        return default
+    array = _member(data, path, key)
+    if array.size != 1:
+        raise ValueError(f"{path}: {key} should hold one value, got an array of shape {array.shape}")
+    value = array.reshape(()).item()
+    if kind is str:
+        return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{path}: {key} should be an integer, got {value!r}")
+    return int(value)
 
 
 def read_gaussians(path: str | Path) -> StoredGaussians:
@@ -627,9 +643,19 @@ def load_stats(path: str | Path) -> FeatureStats:
         pool, spatial = _gaussian_pair(data, path, "mu", "sigma"), _gaussian_pair(data, path, "mu_s", "sigma_s")
         assert pool is not None  # one of the two is there: both are (else _gaussian_pair raised)
         mu, sigma = pool
-        text = lambda key, default: str(_member(data, path, key)) if key in data.files else default  # noqa: E731
-        number = lambda key: int(_member(data, path, key)) if key in data.files else 0  # noqa: E731
-        features = _numbers(data, path, "features", np.float32) if "features" in data.files else None
+        text = lambda key, default: _scalar(data, path, key, default, str)  # noqa: E731
+        number = lambda key: _scalar(data, path, key, 0, int)  # noqa: E731
+        features = None
+        if "features" in data.files:  # only precision/recall read them: FID is whole without
+            features = _member(data, path, "features")
+            if features.dtype.kind not in "biuf":
+                raise ValueError(f"{path}: features holds {features.dtype} values, not real numbers")
+            if np.isfinite(features).all():
+                features = np.asarray(features, np.float32)
+            else:
+                warnings.warn(f"{path}: features hold NaN or inf values: left out, so this file gives no "
+                              "precision/recall (its mu and sigma are finite and used)", stacklevel=2)
+                features = None
         spatial_mu, spatial_sigma = spatial if spatial is not None else (None, None)
         return FeatureStats(mu, sigma, number("num_images"), text("feature_network", UNKNOWN_NETWORK), features,
                             text("source", ""), text("split", ""), number("resolution"), spatial_mu, spatial_sigma)
