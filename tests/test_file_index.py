@@ -487,3 +487,12 @@ def test_an_index_of_non_ascii_names_reads_back_under_an_ascii_file_name_encodin
     first, second = (json.loads(run.stdout) for run in runs)
     assert (first["status"], second["status"]) == ("built", "reused") and first["total"] == second["total"] == 6
     assert sorted(second["classes"].values()) == [3, 3]  # (named by their bytes: no ASCII name holds them)
+
+
+def test_a_pipe_named_like_an_image_is_left_out_with_a_warning(tmp_path):
+    """A FIFO called pipe.png was listed, and every reader (encode, shard, training) then waited on it forever."""
+    root = _folder(tmp_path / "imgs")
+    os.mkfifo(root / "cats" / "pipe.png")
+    with pytest.warns(UserWarning, match=r"pipe.png is not a regular file \(a pipe, socket or device\): left out"):
+        dataset = build_dataset(_cfg(root))
+    assert "cats/pipe.png" not in [dataset.name(i) for i in range(len(dataset))] and len(dataset) == 7

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 import time
 import warnings
@@ -111,10 +112,15 @@ def _scan_dir(full: str, rel: str) -> tuple[int, list[tuple[str, int, int]], lis
                 subdirs.append((entry.path, prefix + name))
             elif name.lower().endswith(IMAGE_EXTENSIONS):
                 try:
-                    stat = entry.stat()
-                    files.append((prefix + name, stat.st_size, stat.st_mtime_ns))
+                    info = entry.stat()  # follows links
                 except OSError:  # a link that points nowhere: listed, so that it fails (and is named) when read
                     files.append((prefix + name, -1, 0))
+                    continue
+                if not stat.S_ISREG(info.st_mode):  # a FIFO or device: reading it would wait forever
+                    warnings.warn(f"{entry.path} is not a regular file (a pipe, socket or device): left out",
+                                  stacklevel=2)
+                    continue
+                files.append((prefix + name, info.st_size, info.st_mtime_ns))
     return mtime, files, subdirs
 
 
