@@ -131,11 +131,22 @@ def image_transform(cfg: DataConfig, split: str) -> Callable:
     return v2.Compose(steps)
 
 
+# Integer classes are indices into the class list: one far above the number of classes present (an
+# id, a hash) would make that many empty classes, each with its row in the model's class embedding.
+MAX_CLASS = 2**31 - 1
+SPARSE_CLASSES_FROM = 100_000  # up to this many classes, gaps are allowed (a subset of ImageNet's 1000)
+SPARSE_FACTOR = 10  # above it, at most this many classes per class present
+INTEGER_CLASSES = ("integer classes are indices 0..N-1 into N classes; renumber them, or store them as class names "
+                   "(text classes are numbered in sorted order)")
+
+
 def class_table(values: list[int | str | None], where: Callable[[int], str],
                 names: dict[int, str] | None = None) -> tuple[list[str], np.ndarray]:
     """Class names and one label per item from raw class values.
 
-    Integers are their own class index (classes "0".."max", or the text ``names`` gives an index);
+    Integers are their own class index (classes "0".."max", or the text ``names`` gives an index); an
+    integer class that cannot be an index (negative, above ``MAX_CLASS``, or making more than
+    ``SPARSE_CLASSES_FROM`` classes and ``SPARSE_FACTOR`` times those present) is an error naming its item;
     text classes are numbered in sorted order; no class at all is the one class ``"default"``.
     Mixing integers, text and missing classes is an error naming one item of each kind.
     """
@@ -149,13 +160,25 @@ def class_table(values: list[int | str | None], where: Callable[[int], str],
     if not values or "none" in kinds:
         return [ROOT_CLASS], np.zeros(len(values), dtype=np.int64)
     if "int" in kinds:
-        labels = np.asarray(values, dtype=np.int64)
+        try:
+            labels = np.asarray(values, dtype=np.int64)
+        except OverflowError:  # beyond int64: name the first such value
+            first = next(i for i, v in enumerate(values) if not -2**63 <= v < 2**63)  # type: ignore[operator]
+            raise ValueError(f"{where(first)} has the class {values[first]}, far too large: "
+                             f"{INTEGER_CLASSES}") from None
         if labels.min() < 0:
             first = int(np.flatnonzero(labels < 0)[0])
             raise ValueError(f"{where(first)} has the negative class {values[first]} (a missing label?): "
                              f"classes are indices 0, 1, ...")
         names = names or {}
-        return [names.get(k, str(k)) for k in range(int(labels.max()) + 1)], labels
+        count, top = int(labels.max()) + 1, int(labels.argmax())
+        if count - 1 > MAX_CLASS:
+            raise ValueError(f"{where(top)} has the class {values[top]}, above {MAX_CLASS}: {INTEGER_CLASSES}")
+        distinct = len(np.unique(labels))
+        if count > max(SPARSE_CLASSES_FROM, SPARSE_FACTOR * distinct, len(names)):
+            raise ValueError(f"{where(top)} has the class {values[top]}, but only {distinct} distinct classes "
+                             f"occur: {count} classes, nearly all of them empty, would be made; {INTEGER_CLASSES}")
+        return [names.get(k, str(k)) for k in range(count)], labels
     classes = sorted(set(values))  # type: ignore[arg-type]
     index = {name: k for k, name in enumerate(classes)}
     return classes, np.asarray([index[v] for v in values], dtype=np.int64)

@@ -236,7 +236,9 @@ def _report(out: Path, shards: list[Path], count: int, classes: list[str], unrea
     """Index the shards in OUT for wds: and say what was written."""
     for shard in shards:
         shard_index(shard, index_dir or None)
-    pattern = f"{PREFIX}{out.resolve()}/shard-{{000000..{len(shards) - 1:06d}}}.tar"
+    # braces in OUT's path are escaped: braceexpand reads \{ as a literal brace, so wds:PATTERN reads OUT's shards back
+    folder = "".join("\\" + c if c in "\\{}" else c for c in str(out.resolve()))
+    pattern = f"{PREFIX}{folder}/shard-{{000000..{len(shards) - 1:06d}}}.tar"
     return ShardReport(pattern, shards, count, classes, unreadable)
 
 

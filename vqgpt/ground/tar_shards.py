@@ -9,7 +9,8 @@ read too), its class the ``cls`` member (an integer, or a class name) or else th
 
 Classes: integer classes are their own index (``classes`` is "0" .. the largest, each named by the
 text ``class`` field of a sample's json when there is one, as ``vqgpt shard`` writes it); class
-names are numbered in sorted order; shards without any class hold the one class "default". Shards
+names are numbered in sorted order (an integer that cannot be an index is refused: see
+``class_table``); shards without any class hold the one class "default". Shards
 that ``vqgpt shard`` wrote take their classes from the ``classes.json`` beside them, the source's
 whole list, so that a class none of whose images could be read keeps its name and its index.
 
@@ -70,7 +71,9 @@ def shard_paths(source: str) -> list[Path]:
         raise ValueError(f"data.source {source!r} names no shards: give wds:/path/shard-{{000000..000009}}.tar "
                          f"or wds:/folder/of/tars")
     folder = Path(spec).expanduser()
-    if "{" not in spec and folder.is_dir():
+    if folder.is_file():  # likewise one shard whose path holds braces
+        return [folder]
+    if folder.is_dir():  # before brace expansion: a folder named run{a,b} is that folder
         shards = sorted(p for p in folder.iterdir() if p.suffix == ".tar" and not p.name.startswith(".")
                         and p.is_file())
         if not shards:
@@ -159,6 +162,10 @@ class _Unusual(Exception):
     """A tar entry the fast header reader leaves to tarfile."""
 
 
+class TruncatedShard(ValueError):
+    """A shard that ends inside a member: an interrupted copy or write (tarfile would refuse it too)."""
+
+
 def _octal(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # base-256 (GNU): members of 8 GiB and more
         raise _Unusual("base-256 number")
@@ -192,13 +199,20 @@ def _fast_members(shard: Path) -> list[tuple[str, int, int]]:
     long_name: str | None = None
     pax: dict[bytes, bytes] = {}
     with open(shard, "rb") as f:
+        end = os.fstat(f.fileno()).st_size
         pos = 0
         while True:
             f.seek(pos)
             block = f.read(BLOCK)
             if len(block) < BLOCK and pos == 0:
                 raise _Unusual("shorter than one header")
-            if len(block) < BLOCK or not any(block):  # end of archive (or a truncated one: tarfile's end too)
+            if len(block) < BLOCK and any(block):  # (a cut inside the closing zero blocks loses nothing)
+                after = f" after {members[-1][0]}" if members else ""
+                raise TruncatedShard(f"shard {shard} is truncated: it ends inside the header at byte {pos}{after} "
+                                     f"({len(block)} of {BLOCK} bytes); copy or write it again")
+            # end of archive: the zero blocks, or the end of the file right after a member (tarfile
+            # reads such a file without a word, and so does GNU tar)
+            if not block or not any(block):
                 return members
             if _octal(block[148:156]) != sum(block[:148]) + 8 * 32 + sum(block[156:]):
                 raise _Unusual(f"header checksum at byte {pos}")
@@ -206,6 +220,12 @@ def _fast_members(shard: Path) -> list[tuple[str, int, int]]:
             if b"size" in pax:
                 size = int(pax[b"size"])
             pos = data_at + -(-size // BLOCK) * BLOCK
+            if kind not in NO_DATA_KINDS and pos > end:  # its data (or their padding) runs past the end
+                name = pax[b"path"].decode("utf-8", "replace") if b"path" in pax else long_name \
+                    or block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                raise TruncatedShard(f"shard {shard} is truncated: the member {name!r} at byte {data_at - BLOCK} "
+                                     f"needs {size} bytes of data (padded to {pos - data_at}) but the file ends "
+                                     f"{end - data_at} bytes after its header; copy or write it again")
             if kind in (b"L", b"x", b"K", b"g"):
                 f.seek(data_at)
                 data = f.read(size)
@@ -236,11 +256,18 @@ def _tarfile_members(shard: Path) -> list[tuple[str, int, int]]:
     try:
         # "r:" refuses compression: offsets must be offsets into the file as stored
         with tarfile.open(shard, mode="r:") as tar:
-            return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+            members = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
     except tarfile.ReadError as exc:
         hint = " (compressed shards cannot be read at an offset: decompress them to .tar)" \
             if "compress" in str(exc) or shard.suffix != ".tar" else ""
         raise ValueError(f"shard {shard} is not a readable uncompressed tar file: {exc}{hint}") from None
+    end = shard.stat().st_size
+    for name, offset, size in members:
+        if offset + size > end:
+            raise TruncatedShard(f"shard {shard} is truncated: the data of its member {name!r} run past the end "
+                                 f"of the file ({offset + size - end} of {size} bytes missing); copy or write it "
+                                 f"again")
+    return members
 
 
 def scan_shard(shard: Path) -> dict[str, Any]:
@@ -248,6 +275,8 @@ def scan_shard(shard: Path) -> dict[str, Any]:
     stat = shard.stat()
     try:
         members = _fast_members(shard)
+    except TruncatedShard:
+        raise
     except (_Unusual, ValueError, UnicodeDecodeError):  # not plain ustar / GNU / PAX: tarfile knows more
         members = _tarfile_members(shard)
     # A sample is a run of consecutive members with one key (webdataset's grouping): a key that comes
@@ -267,6 +296,9 @@ def scan_shard(shard: Path) -> dict[str, Any]:
             elif ext in ("cls", "json"):
                 f.seek(offset)
                 entry[ext] = f.read(size)
+                if len(entry[ext]) != size:
+                    raise TruncatedShard(f"shard {shard} is truncated: its member {name!r} holds {len(entry[ext])} "
+                                         f"of {size} bytes; copy or write it again")
     rows, without_image = [], []
     for key, entry in samples:
         if "image" not in entry:

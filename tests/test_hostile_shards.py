@@ -1,0 +1,123 @@
+"""Tar shards a hostile world hands over: a shard cut short by an interrupted copy, integer classes that
+are ids rather than indices, and an output folder whose name holds braces. None may be read as something
+else without a word."""
+
+from __future__ import annotations
+
+import tarfile
+
+import pytest
+
+from test_sources import encode, noise, wds, write_tar
+from vqgpt.ground import dataset_base
+from vqgpt.ground.data import build_dataset
+from vqgpt.ground.shard_writer import write_shards
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VQGPT_CACHE", str(tmp_path / "cache"))  # shard indexes stay inside the test
+
+
+def _whole(path, count: int = 4):
+    """A shard of ``count`` samples (png, cls, json), and its members as tarfile reads them."""
+    write_tar(path, [{"__key__": f"{i:03d}", "png": encode(noise(i)), "cls": i % 2, "json": {"n": i}}
+                     for i in range(count)])
+    with tarfile.open(path) as tar:
+        return path.read_bytes(), [(m.name, m.offset, m.offset_data, m.size) for m in tar]
+
+
+def _cut(tmp_path, data: bytes, length: int):
+    shard = tmp_path / "cut" / "shard-000000.tar"
+    shard.parent.mkdir(exist_ok=True)
+    shard.write_bytes(data[:length])
+    return shard
+
+
+# ---------------------------------------------------------------------------------------------
+# a truncated shard
+
+
+def test_a_shard_cut_inside_a_member_is_refused_naming_the_shard_and_member(tmp_path):
+    data, members = _whole(tmp_path / "whole.tar")
+    png = next(m for m in members if m[0] == "001.png")
+    cls = next(m for m in members if m[0] == "002.cls")
+    cuts = {png[2] + png[3] // 2: "'001.png'",  # inside an image's data
+            cls[2] + 200: "'002.cls'",  # inside the padding after a one-byte member's data
+            png[2] + -(-png[3] // 512) * 512 + 100: "001.png"}  # inside the next header
+    for length, member in cuts.items():
+        shard = _cut(tmp_path, data, length)
+        with pytest.raises(ValueError, match=rf"shard {shard} is truncated.*{member}"):
+            build_dataset(wds(f"wds:{shard.parent}"), "train")
+
+
+def test_a_shard_cut_at_a_member_boundary_or_in_its_end_blocks_reads_as_tarfile_reads_it(tmp_path):
+    """tarfile (and GNU tar) read a tar that ends right after a member, without its zero blocks, without a
+    word: so does the shard reader (the samples the file holds); a cut inside the zero blocks loses nothing."""
+    data, members = _whole(tmp_path / "whole.tar")
+    last = members[-1]
+    end = last[2] + -(-last[3] // 512) * 512
+    after_two = next(m for m in members if m[0] == "002.cls")[1]  # samples 000 and 001 are whole
+    for length, count in ((after_two, 2), (end, 4), (end + 700, 4)):
+        shard = _cut(tmp_path, data, length)
+        with tarfile.open(shard) as tar:
+            assert len([m for m in tar if m.name.endswith(".png")]) == count
+        assert len(build_dataset(wds(f"wds:{shard}"), "train")) == count
+
+
+def test_shards_vqgpt_shard_writes_still_read(tmp_path):
+    _whole(tmp_path / "in" / "a.tar", 5)
+    report = write_shards(f"wds:{tmp_path / 'in'}", tmp_path / "out", per_shard=2, progress=False)
+    assert len(build_dataset(wds(report.pattern), "train")) == report.count == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# integer classes that cannot be indices
+
+
+def _classes(tmp_path, values: list[int]):
+    write_tar(tmp_path / "in" / "s.tar", [{"__key__": f"k{i}", "png": encode(noise(i)), "cls": value}
+                                          for i, value in enumerate(values)])
+    return f"wds:{tmp_path / 'in'}"
+
+
+def test_an_integer_class_far_above_the_classes_present_is_refused_naming_its_member(tmp_path):
+    source = _classes(tmp_path, [0, 5_000_000])
+    message = r"s.tar/k1.png has the class 5000000, but only 2 distinct classes occur.*indices 0..N-1"
+    with pytest.raises(ValueError, match=message):
+        build_dataset(wds(source), "train")
+    with pytest.raises(ValueError, match=message):  # vqgpt shard wds:... reads it the same way
+        write_shards(source, tmp_path / "out", per_shard=2, progress=False)
+
+
+@pytest.mark.parametrize("value", [10**20, -(10**20)])
+def test_an_integer_class_beyond_int64_is_refused_not_a_traceback(tmp_path, value):
+    with pytest.raises(ValueError, match=rf"s.tar/k1.png has the class {value}, far too large.*indices 0..N-1"):
+        build_dataset(wds(_classes(tmp_path, [0, value, 1])), "train")
+
+
+def test_an_integer_class_above_the_largest_index_is_refused(tmp_path, monkeypatch):
+    """Above 2**31 - 1 (here lowered: without the check, 2**31 classes would be made, a memory bomb)."""
+    assert dataset_base.MAX_CLASS == 2**31 - 1
+    monkeypatch.setattr(dataset_base, "MAX_CLASS", 1000)
+    with pytest.raises(ValueError, match=r"s.tar/k1.png has the class 1001, above 1000.*indices 0..N-1"):
+        build_dataset(wds(_classes(tmp_path, [0, 1001, 1])), "train")
+
+
+def test_a_subset_of_numbered_classes_keeps_its_numbers(tmp_path):
+    """Ten of ImageNet's classes, numbered up to 999 as they are there: 1000 classes, most of them empty."""
+    data = build_dataset(wds(_classes(tmp_path, [0, 999, 500, 7, 123, 456, 789, 321, 654, 987])), "train")
+    assert len(data.classes) == 1000 and data.labels.tolist() == [0, 999, 500, 7, 123, 456, 789, 321, 654, 987]
+
+
+# ---------------------------------------------------------------------------------------------
+# braces in a folder's name
+
+
+def test_shards_written_into_a_folder_with_braces_read_back_from_what_vqgpt_shard_prints(tmp_path):
+    _whole(tmp_path / "in" / "a.tar", 5)
+    out = tmp_path / "run{a,b}"
+    report = write_shards(f"wds:{tmp_path / 'in'}", out, per_shard=2, progress=False)
+    assert report.count == 5 and len(report.shards) == 3
+    for spec in (report.pattern, f"wds:{out}", f"wds:{out / 'shard-000001.tar'}"):
+        assert len(build_dataset(wds(spec), "train")) == (2 if spec.endswith("01.tar") else 5), spec
