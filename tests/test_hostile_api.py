@@ -309,3 +309,11 @@ def test_save_pretrained_after_an_edit_through_data_writes_the_edited_weights(pi
     again = VQGPTPipeline.from_pretrained(tmp_path / "edited")
     assert torch.equal(again.prior.tok_embeddings.weight, pipe.prior.tok_embeddings.weight)
     assert torch.equal(again.tokenizer.quantize.embedding.weight, pipe.tokenizer.quantize.embedding.weight)
+
+
+def test_keep_rows_out_of_range_names_the_flag_and_the_image_size(pipe_dir):
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    image = torch.rand(3, 16, 16) * 2 - 1  # 4x4 codes
+    with pytest.raises(ValueError, match=r"keep_rows \(--keep-rows\) must be between 0 and 4, the code rows of the "
+                                         r"16x16 px image completed, got 5"):
+        pipe.complete(image, 1, keep_rows=5, class_labels=0, seed=0)

@@ -121,3 +121,9 @@ def test_shards_written_into_a_folder_with_braces_read_back_from_what_vqgpt_shar
     assert report.count == 5 and len(report.shards) == 3
     for spec in (report.pattern, f"wds:{out}", f"wds:{out / 'shard-000001.tar'}"):
         assert len(build_dataset(wds(spec), "train")) == (2 if spec.endswith("01.tar") else 5), spec
+
+
+def test_a_glob_is_not_expanded_and_the_error_says_what_to_give(tmp_path):
+    _whole(tmp_path / "in" / "a.tar")
+    with pytest.raises(FileNotFoundError, match=r"not \* or \?: for every .tar in a folder give wds:FOLDER"):
+        build_dataset(wds(f"wds:{tmp_path / 'in'}/*.tar"), "train")

@@ -83,8 +83,10 @@ def shard_paths(source: str) -> list[Path]:
     missing = [p for p in shards if not p.is_file()]
     if missing:
         shown = ", ".join(map(str, missing[:3])) + (", ..." if len(missing) > 3 else "")
+        glob = " (wds: expands braces, such as shard-{000000..000009}.tar, not * or ?: for every .tar in a " \
+            "folder give wds:FOLDER)" if any(c in spec for c in "*?[") else ""
         raise FileNotFoundError(f"data.source {source}: {len(missing)} of {len(shards)} shard files not found "
-                                f"({shown})")
+                                f"({shown}){glob}")
     return shards
 
 

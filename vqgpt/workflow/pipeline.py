@@ -333,7 +333,8 @@ class VQGPTPipeline:
             raise ValueError(f"the image gives a {h}x{w} code grid, smaller than the prior's {gh}x{gw}: "
                              f"use an image of at least {th}x{tw} pixels")
         if keep_rows is not None and not 0 <= keep_rows <= h:
-            raise ValueError(f"keep_rows must be between 0 and {h} (the image's code rows), got {keep_rows}")
+            raise ValueError(f"keep_rows (--keep-rows) must be between 0 and {h}, the code rows of the "
+                             f"{image.shape[1]}x{image.shape[2]} px image completed, got {keep_rows}")
         if extend_right < 0 or extend_down < 0:
             raise ValueError("extend_right / extend_down must be >= 0")
         if (keep_rows is None or keep_rows == h) and not (extend_right or extend_down):
