@@ -223,14 +223,19 @@ def test_grad_clip_zero_stops_at_a_nonfinite_gradient(tokens, tmp_path, monkeypa
 # ----------------------------------------------------------------------------- B3: the stop message
 
 
-def test_the_stop_message_advises_only_what_a_resume_accepts(tokens, tmp_path, monkeypatch):
-    run = tmp_path / "run"
+def nan_loss_at(monkeypatch, call: int) -> None:
+    """The prior's loss is NaN at its ``call``-th computation (1-based), finite at every other."""
     inner, calls = prior_train.next_token_loss, [0]
 
-    def nan_at_step_3(*args):
+    def nan_once(*args):
         calls[0] += 1
-        return inner(*args) * (NAN if calls[0] == 3 else 1.0)
-    monkeypatch.setattr(prior_train, "next_token_loss", nan_at_step_3)
+        return inner(*args) * (NAN if calls[0] == call else 1.0)
+    monkeypatch.setattr(prior_train, "next_token_loss", nan_once)
+
+
+def test_the_stop_message_advises_only_what_a_resume_accepts(tokens, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    nan_loss_at(monkeypatch, 3)
     cfg = ("train.steps=4", "train.checkpoint_every=2")
     with pytest.raises(NonFiniteLoss) as info:
         train_prior(prior_config(tokens, *cfg), run)
@@ -249,12 +254,7 @@ def test_the_stop_message_advises_only_what_a_resume_accepts(tokens, tmp_path, m
 def test_the_stop_message_before_any_checkpoint_offers_a_fresh_run_with_new_settings(tokens, tmp_path, monkeypatch):
     """With nothing to resume, --resume auto starts afresh and takes a new lr: the message says so."""
     run = tmp_path / "run"
-    inner, calls = prior_train.next_token_loss, [0]
-
-    def nan_at_step_1(*args):
-        calls[0] += 1
-        return inner(*args) * (NAN if calls[0] == 1 else 1.0)
-    monkeypatch.setattr(prior_train, "next_token_loss", nan_at_step_1)
+    nan_loss_at(monkeypatch, 1)
     with pytest.raises(NonFiniteLoss) as info:
         train_prior(prior_config(tokens, "train.steps=2"), run)
     message = str(info.value)

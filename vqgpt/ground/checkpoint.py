@@ -60,11 +60,8 @@ def save_export(directory: str | Path, kind: str, config: Any, model: torch.nn.M
                 extra: dict[str, Any] | None = None) -> Path:
     """Write ``config.json`` ({kind, config, extra}) and ``model.safetensors`` into ``directory``."""
     directory = Path(directory)
-    # Unwrap DDP / torch.compile wrappers so keys carry no 'module.' / '_orig_mod.' prefix.
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    model = getattr(model, "_orig_mod", model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # Unwrapped so that keys carry no 'module.' / '_orig_mod.' prefix.
+    state = {k: v.detach().contiguous().cpu() for k, v in _bare_module(model).state_dict().items()}
     broken = nonfinite_tensors(state)
     if broken:  # loading refuses such an export anyway: better no export than one that looks finished
         raise NonFiniteWeights(f"{directory}: refusing to export weights holding NaN or inf values: "
@@ -460,6 +457,13 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int = 3,
     return final
 
 
+def _bare_module(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` without its DDP (or an EMA's) ``.module`` wrappers and torch.compile's ``_orig_mod``."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
 def _saved_tensors(accelerator) -> list[tuple[str, torch.Tensor]]:
     """(name, this process's local tensor) of every floating-point tensor that ``save_state`` saves of the
     prepared models, the modules registered for checkpointing (an EMA) and the optimizers' states."""
@@ -468,9 +472,7 @@ def _saved_tensors(accelerator) -> list[tuple[str, torch.Tensor]]:
     modules += [(f"{type(m).__name__} (registered for checkpointing)", m)
                 for m in getattr(accelerator, "_custom_objects", []) if isinstance(m, torch.nn.Module)]
     for label, module in modules:
-        while isinstance(getattr(module, "module", None), torch.nn.Module):  # DDP, an EMA's copy
-            module = module.module
-        for prefix, sub in getattr(module, "_orig_mod", module).named_modules():
+        for prefix, sub in _bare_module(module).named_modules():
             tensors = [(name, p) for name, p in sub._parameters.items()]
             tensors += [(name, b) for name, b in sub._buffers.items() if name not in sub._non_persistent_buffers_set]
             named += [(f"{label}: {prefix + '.' if prefix else ''}{name}", t) for name, t in tensors if t is not None]

@@ -502,14 +502,20 @@ def stream_stats(extractor: FeatureExtractor, batches: Iterable[torch.Tensor], n
     return accumulator
 
 
+def _require_finite(array: np.ndarray, where: str, key: str, consequence: str) -> None:
+    """An error naming ``where`` and ``key`` when ``array`` holds NaN or inf values (how many, and ``consequence``)."""
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise ValueError(f"{where}: {key} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) of "
+                         f"{array.size}: {consequence}")
+
+
 def check_finite(stats: FeatureStats, where: str) -> FeatureStats:
     """``stats`` when mu, sigma (and mu_s, sigma_s) are finite; else an error naming ``where`` and the key."""
     for key, array in (("mu", stats.mu), ("sigma", stats.sigma), ("mu_s", stats.spatial_mu),
                        ("sigma_s", stats.spatial_sigma)):
-        if array is not None and not np.isfinite(array).all():
-            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-            raise ValueError(f"{where}: {key} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) of "
-                             f"{array.size}: no FID can be computed from them")
+        if array is not None:
+            _require_finite(array, where, key, "no FID can be computed from them")
     return stats
 
 
@@ -575,15 +581,19 @@ def _member(data: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
         raise ValueError(f"{path}: {key} is not a readable array ({type(exc).__name__}: {exc})") from None
 
 
-def _numbers(data: np.lib.npyio.NpzFile, path: Path, key: str, dtype: type) -> np.ndarray:
-    """``data[key]`` as finite real numbers of ``dtype``; anything else is an error naming the file and key."""
+def _real_array(data: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
+    """``data[key]`` when it holds real numbers (bool, int or float); else an error naming the file and key."""
     array = _member(data, path, key)
     if array.dtype.kind not in "biuf":
         raise ValueError(f"{path}: {key} holds {array.dtype} values, not real numbers")
-    bad = int(array.size - np.count_nonzero(np.isfinite(array)))  # (before the cast: float64 over float32's range)
-    if bad:
-        raise ValueError(f"{path}: {key} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) of "
-                         f"{array.size}: the file is unusable for FID; recompute it")
+    return array
+
+
+def _numbers(data: np.lib.npyio.NpzFile, path: Path, key: str, dtype: type) -> np.ndarray:
+    """``data[key]`` as finite real numbers of ``dtype``; anything else is an error naming the file and key."""
+    array = _real_array(data, path, key)
+    # (checked before the cast: float64 values over float32's range would read as inf)
+    _require_finite(array, str(path), key, "the file is unusable for FID; recompute it")
     return np.asarray(array, dtype)
 
 
@@ -647,9 +657,7 @@ def load_stats(path: str | Path) -> FeatureStats:
         number = lambda key: _scalar(data, path, key, 0, int)  # noqa: E731
         features = None
         if "features" in data.files:  # only precision/recall read them: FID is whole without
-            features = _member(data, path, "features")
-            if features.dtype.kind not in "biuf":
-                raise ValueError(f"{path}: features holds {features.dtype} values, not real numbers")
+            features = _real_array(data, path, "features")
             if np.isfinite(features).all():
                 features = np.asarray(features, np.float32)
             else:

@@ -157,10 +157,10 @@ def _check_settings(folder: Path, settings: dict, pngs: set[str], scratch_of: Pa
     """
     path = folder / SETTINGS_FILE
     if scratch_of is None:
-        where, new_place = f"{folder}", "give a new folder"
+        where, new_place, or_new_place = f"{folder}", "give a new folder", "or give a new folder"
     else:  # the user named no folder: say which one, and how to start over
         where = f"{folder} (where --npz {scratch_of} draws its samples)"
-        new_place = f"choose another --npz, or delete {folder}/ to start over"
+        new_place = or_new_place = f"choose another --npz, or delete {folder}/ to start over"
     if not path.exists():
         if pngs:
             raise ValueError(f"{where} holds PNG files but no {SETTINGS_FILE}: they are not samples of this run; "
@@ -179,19 +179,18 @@ def _check_settings(folder: Path, settings: dict, pngs: set[str], scratch_of: Pa
                if key not in ("models", "configs") and old.get(key) != value]
     if changed:
         raise ValueError(f"{where} holds samples drawn with other settings ({'; '.join(changed)}): resume with the "
-                         f"same settings, {'or ' if scratch_of is None else ''}{new_place}")
+                         f"same settings, {or_new_place}")
     if "models" not in old or "configs" not in old:
         warnings.warn(f"{path} records no weights (an earlier vqgpt drew these samples): whether this pipeline drew "
                       "them is not checked; it is recorded as theirs from now on", stacklevel=2)
         return True
     if old["models"] != settings["models"]:
         raise ValueError(f"{where} holds samples drawn by other weights (another tokenizer or prior than this "
-                         f"pipeline's): resume with the pipeline that drew them, {'or ' if scratch_of is None else ''}"
-                         f"{new_place}")
+                         f"pipeline's): resume with the pipeline that drew them, {or_new_place}")
     if old["configs"] != settings["configs"]:
         raise ValueError(f"{where} holds samples drawn by models of another config (the tokenizer's or the "
                          "prior's config.json differs, with the same weights): resume with the pipeline that "
-                         f"drew them, {'or ' if scratch_of is None else ''}{new_place}")
+                         f"drew them, {or_new_place}")
     return False
 
 
