@@ -6,7 +6,7 @@ again before each group of rows (``== weights ...``, which prints them), as a sh
 - reads: a decode step reads every weight once plus the KV cache written so far (on average over a
   run, half of the T positions' keys and values, for every layer and every row of the model batch),
   at the read bandwidth measured by summing a large tensor;
-- compute: 2 x (non-embedding parameters) x (model batch) FLOPs per step at the 1024^3 matmul rate
+- compute: 2 x (non-embedding parameters) x (model batch) FLOPs per step at the 1024^3 (GPU: 8192^3) matmul rate
   of the weights' dtype, measured here: fp32 for float32 weights, the faster of fp32 and bf16 for
   bfloat16 weights (the same on a CPU without bf16 units; about 2.3x fp32 on one with AVX512-BF16, and
   more on GPUs); for int8 weights fp32 (weight-only int8 multiplies fp32 activations on a CPU), except
@@ -58,8 +58,17 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 5, device: str = "cpu
     return x.numel() * 4 / timed(x.sum, repeats, device)
 
 
-def matmul_flops(n: int = 1024, repeats: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of an n^3 matmul in ``dtype`` (best of ``repeats``): the compute ceiling of the bound."""
+def peak_matmul_size(device: str | torch.device) -> int:
+    """The n of the n^3 matmul whose rate stands for a device's peak: 1024 on a CPU; 8192 on a GPU, which a
+    1024^3 product does not fill (an H200 ran it at about a tenth of its 8192^3 bf16 rate)."""
+    return 1024 if torch.device(device).type == "cpu" else 8192
+
+
+def matmul_flops(n: int | None = None, repeats: int = 5, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an n^3 matmul in ``dtype`` (best of ``repeats``; n: ``peak_matmul_size`` unless given): the
+    compute ceiling of the bound."""
+    n = n or peak_matmul_size(device)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up
     return 2 * n**3 / timed(lambda: a @ b, repeats, device)

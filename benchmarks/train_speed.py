@@ -3,7 +3,7 @@
     python benchmarks/train_speed.py [--quick] [--threads N] [--dtypes fp32,bf16] [--no-compile]
     python benchmarks/train_speed.py --convs     # where the tokenizer step's time goes, conv by conv
     python benchmarks/train_speed.py --device cuda --prior-preset GPT-B --prior-batch 32 --dtypes bf16,fp32 \
-        --peak-tflops 989    # on a GPU: the prior at a real shape, MFU against the GPU's published bf16 peak
+        --peak-tflops 989 [--stages prior]   # on a GPU: the prior at a real shape, MFU against the published bf16 peak
 
 A step is the project's real one: model forward + loss under autocast, then ``optimizer_step``
 (finite check, backward, gradient clipping, AdamW step, zero_grad) from vqgpt.training.optim.
@@ -11,7 +11,7 @@ Tokenizer: the conv VQGAN with ch 64 (about 13M parameters), 64 px, batch 16, L1
 (``generator_loss`` without LPIPS or GAN, so the step times the tokenizer itself). Prior: a GPT of the
 given shape over 256 tokens (16x16 grid), batch 8, next-token cross-entropy. Figures are the median
 of rounds of timed steps after warm-up steps, as images/s or tokens/s, and the share of the matmul
-peak (1024^3 fp32 / bf16 matmul GFLOP/s, measured in the same run) reached by the model FLOPs.
+peak (1024^3 fp32 / bf16 matmul GFLOP/s on a CPU, 8192^3 on a GPU, measured in the same run) reached by the model FLOPs.
 
 Levers: AdamW for-loop (what torch picks for CPU tensors by default) vs foreach vs fused;
 torch.compile of the model (graph breaks listed with torch._dynamo.explain); for the tokenizer, the
@@ -46,7 +46,7 @@ from vqgpt.training.config import cpu_has_fast_bf16
 from vqgpt.training.optim import make_optimizer, optimizer_step
 from vqgpt.cli.commands import int_at_least
 
-from sampling import timed  # benchmarks/ is on sys.path when a script here runs
+from sampling import peak_matmul_size, timed  # benchmarks/ is on sys.path when a script here runs
 
 TOKENIZER_ARCH = dict(channels=64, channel_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[8],
                       resolution=64, z_channels=64, norm_groups=32)
@@ -64,8 +64,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5, device: str = "cpu") -> float:
-    """Measured GFLOP/s of an n^3 matmul in ``dtype`` (best of ``repeats``) on ``device``."""
+def matmul_gflops(dtype: torch.dtype, n: int | None = None, repeats: int = 5, device: str = "cpu") -> float:
+    """Measured GFLOP/s of an n^3 matmul in ``dtype`` (best of ``repeats``) on ``device``; n: 1024 on a CPU,
+    8192 on a GPU (``sampling.peak_matmul_size``)."""
+    n = n or peak_matmul_size(device)
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b  # warm-up
     return 2 * n**3 / timed(lambda: a @ b, repeats, device) / 1e9
@@ -185,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int_at_least(1), default=None)
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--stages", default="tokenizer,prior",
+                        help="comma-separated: tokenizer, prior (a GPU run at a real prior shape may leave out "
+                        "the tokenizer)")
     parser.add_argument("--convs", action="store_true", help="only where the fp32 tokenizer step's time goes: the "
                         "convolutions' share of it, and each conv shape forward / backward in NCHW and NHWC (CPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (--threads is for the CPU)")
@@ -200,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in ("fp32", "bf16") for d in dtypes):
         parser.error(f"--dtypes: comma-separated fp32 and bf16, got {args.dtypes!r}")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not stages or any(s not in ("tokenizer", "prior") for s in stages):
+        parser.error(f"--stages: comma-separated tokenizer and prior, got {args.stages!r}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -227,21 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     peak = {dtype: matmul_gflops(getattr(torch, name), device=device)
             for dtype, name in (("fp32", "float32"), ("bf16", "bfloat16"))}
     where = f"{torch.get_num_threads()} threads, fast bf16 units: {cpu_has_fast_bf16()}" if on_cpu else f"device {device}"
-    print(f"torch {torch.__version__}, {where}; matmul 1024^3: fp32 {peak['fp32']:.1f} GFLOP/s, "
+    print(f"torch {torch.__version__}, {where}; matmul {peak_matmul_size(device)}^3: fp32 {peak['fp32']:.1f} GFLOP/s, "
           f"bf16 {peak['bf16']:.1f} GFLOP/s" + (f"; published peak {args.peak_tflops} TFLOP/s" if args.peak_tflops else ""))
     if on_cpu and not cpu_has_fast_bf16() and "bf16" in dtypes:
         print("note: this CPU has no bf16 matrix units; bf16 rows are honest here but not representative")
 
-    # -- tokenizer
-    # --quick: batch 4 (a batch-16 step takes ~20 s on two loaded cores); per-image rates stay comparable.
-    tok_batch = args.tokenizer_batch or (4 if args.quick else 16)
-    _, tok_model = tokenizer_step(accelerator, "for-loop", False, None, False, tok_batch)
-    n_tok = sum(p.numel() for p in tok_model.parameters())
-    # Training FLOPs per image ~ 3x the forward's multiply-adds x 2, counted from the conv/linear shapes.
-    macs = _forward_macs(tok_model, torch.rand(1, 3, 64, 64, device=device))
-    tok_flops = 6 * macs
-    print(f"\ntokenizer: {n_tok / 1e6:.1f}M parameters, 64x64, batch {tok_batch}, "
-          f"{tok_flops / 1e9:.2f} GFLOP per training image")
     rows: list[tuple[str, str, str, float, float, float | None]] = []
 
     def record(stage: str, dtype: str, lever: str, rate: float, flops_per_item: float) -> None:
@@ -253,65 +251,83 @@ def main(argv: list[str] | None = None) -> None:
               + (f"  MFU {100 * mfu:.1f}%" if mfu is not None else ""), flush=True)
 
     slow_bf16 = on_cpu and not cpu_has_fast_bf16()
-    for dtype in dtypes:
-        bf16 = dtype == "bf16"
-        # bf16 without bf16 units is ~50x slower per matmul: a smaller batch, one step, one round.
-        b, (w, s, r) = (2, (1, 1, 1)) if (bf16 and slow_bf16) else (tok_batch, (warmup, steps, rounds))
-        tag = f", batch {b}" if b != tok_batch else ""
-        impls = ("for-loop", "fused") if args.quick or (bf16 and slow_bf16) else ("for-loop", "foreach", "fused")
-        chosen = chosen_layout(device, bf16)
-        other = torch.contiguous_format if chosen == torch.channels_last else torch.channels_last
-        for impl in impls:
-            step, _ = tokenizer_step(accelerator, impl, bf16, None, False, b)
-            record("tokenizer", dtype, f"AdamW {impl}, {LAYOUT_NAMES[chosen]} (chosen){tag}",
+    tok_model = prior_model = None
+    if "tokenizer" in stages:
+        # -- tokenizer
+        # --quick: batch 4 (a batch-16 step takes ~20 s on two loaded cores); per-image rates stay comparable.
+        tok_batch = args.tokenizer_batch or (4 if args.quick else 16)
+        _, tok_model = tokenizer_step(accelerator, "for-loop", False, None, False, tok_batch)
+        n_tok = sum(p.numel() for p in tok_model.parameters())
+        # Training FLOPs per image ~ 3x the forward's multiply-adds x 2, counted from the conv/linear shapes.
+        macs = _forward_macs(tok_model, torch.rand(1, 3, 64, 64, device=device))
+        tok_flops = 6 * macs
+        print(f"\ntokenizer: {n_tok / 1e6:.1f}M parameters, 64x64, batch {tok_batch}, "
+              f"{tok_flops / 1e9:.2f} GFLOP per training image")
+        for dtype in dtypes:
+            bf16 = dtype == "bf16"
+            # bf16 without bf16 units is ~50x slower per matmul: a smaller batch, one step, one round.
+            b, (w, s, r) = (2, (1, 1, 1)) if (bf16 and slow_bf16) else (tok_batch, (warmup, steps, rounds))
+            tag = f", batch {b}" if b != tok_batch else ""
+            impls = ("for-loop", "fused") if args.quick or (bf16 and slow_bf16) else ("for-loop", "foreach", "fused")
+            chosen = chosen_layout(device, bf16)
+            other = torch.contiguous_format if chosen == torch.channels_last else torch.channels_last
+            for impl in impls:
+                step, _ = tokenizer_step(accelerator, impl, bf16, None, False, b)
+                record("tokenizer", dtype, f"AdamW {impl}, {LAYOUT_NAMES[chosen]} (chosen){tag}",
+                       median_rate(step, b, w, s, r, device), tok_flops)
+            step, _ = tokenizer_step(accelerator, "fused", bf16, other, False, b)
+            record("tokenizer", dtype, f"AdamW fused, {LAYOUT_NAMES[other]} (forced){tag}",
                    median_rate(step, b, w, s, r, device), tok_flops)
-        step, _ = tokenizer_step(accelerator, "fused", bf16, other, False, b)
-        record("tokenizer", dtype, f"AdamW fused, {LAYOUT_NAMES[other]} (forced){tag}",
-               median_rate(step, b, w, s, r, device), tok_flops)
-        # Compiling the 13M tokenizer takes minutes on two cores: not in --quick.
-        if not args.no_compile and not args.quick and not (bf16 and slow_bf16):
-            step, _ = tokenizer_step(accelerator, "fused", bf16, None, True, b)
-            t = time.perf_counter()
-            step()
-            sync(device)
-            print(f"  (tokenizer compile + first step: {time.perf_counter() - t:.0f} s)")
-            record("tokenizer", dtype, f"AdamW fused, {LAYOUT_NAMES[chosen]} (chosen), compiled",
-                   median_rate(step, b, w, s, r, device), tok_flops)
+            # Compiling the 13M tokenizer takes minutes on two cores: not in --quick.
+            if not args.no_compile and not args.quick and not (bf16 and slow_bf16):
+                step, _ = tokenizer_step(accelerator, "fused", bf16, None, True, b)
+                t = time.perf_counter()
+                step()
+                sync(device)
+                print(f"  (tokenizer compile + first step: {time.perf_counter() - t:.0f} s)")
+                record("tokenizer", dtype, f"AdamW fused, {LAYOUT_NAMES[chosen]} (chosen), compiled",
+                       median_rate(step, b, w, s, r, device), tok_flops)
 
-    # -- prior
-    prior_batch = args.prior_batch
-    _, prior_model, cfg = prior_step(accelerator, shape, "for-loop", False, False, prior_batch)
-    n_params = count_parameters(prior_model, exclude_embeddings=True)
-    prior_flops = 6 * n_params + 12 * cfg.n_layer * cfg.dim * cfg.seq_len
-    print(f"\nprior: {cfg.n_layer} layers x {cfg.dim}, {count_parameters(cfg) / 1e6:.1f}M parameters, "
-          f"{cfg.seq_len} tokens, batch {prior_batch}; SDPA in forward: {uses_sdpa(prior_model, cfg)}")
-    for dtype in dtypes:
-        bf16 = dtype == "bf16"
-        b, (w, s, r) = (1, (1, 1, 1)) if (bf16 and slow_bf16) else (prior_batch, (warmup, steps, rounds))
-        tag = f", batch {b}" if b != prior_batch else ""
-        for impl in ("for-loop", "foreach", "fused"):
-            step, _, _ = prior_step(accelerator, shape, impl, bf16, False, b)
-            record("prior", dtype, f"AdamW {impl}{tag}", median_rate(step, b * cfg.seq_len, w, s, r, device),
-                   prior_flops)
-        if not args.no_compile and not (bf16 and slow_bf16):
-            step, _, _ = prior_step(accelerator, shape, "fused", bf16, True, b)
-            t = time.perf_counter()
-            step()
-            sync(device)
-            print(f"  (prior compile + first step: {time.perf_counter() - t:.0f} s)")
-            record("prior", dtype, "AdamW fused, compiled", median_rate(step, b * cfg.seq_len, w, s, r, device),
-                   prior_flops)
+    if "prior" in stages:
+        # -- prior
+        prior_batch = args.prior_batch
+        _, prior_model, cfg = prior_step(accelerator, shape, "for-loop", False, False, prior_batch)
+        n_params = count_parameters(prior_model, exclude_embeddings=True)
+        prior_flops = 6 * n_params + 12 * cfg.n_layer * cfg.dim * cfg.seq_len
+        print(f"\nprior: {cfg.n_layer} layers x {cfg.dim}, {count_parameters(cfg) / 1e6:.1f}M parameters, "
+              f"{cfg.seq_len} tokens, batch {prior_batch}; SDPA in forward: {uses_sdpa(prior_model, cfg)}")
+        for dtype in dtypes:
+            bf16 = dtype == "bf16"
+            b, (w, s, r) = (1, (1, 1, 1)) if (bf16 and slow_bf16) else (prior_batch, (warmup, steps, rounds))
+            tag = f", batch {b}" if b != prior_batch else ""
+            for impl in ("for-loop", "foreach", "fused"):
+                step, _, _ = prior_step(accelerator, shape, impl, bf16, False, b)
+                record("prior", dtype, f"AdamW {impl}{tag}", median_rate(step, b * cfg.seq_len, w, s, r, device),
+                       prior_flops)
+            if not args.no_compile and not (bf16 and slow_bf16):
+                step, _, _ = prior_step(accelerator, shape, "fused", bf16, True, b)
+                t = time.perf_counter()
+                step()
+                sync(device)
+                print(f"  (prior compile + first step: {time.perf_counter() - t:.0f} s)")
+                record("prior", dtype, "AdamW fused, compiled", median_rate(step, b * cfg.seq_len, w, s, r, device),
+                       prior_flops)
 
     print("\nAdamW step alone (ms, median of 10, fp32 parameters with gradients set):")
     for name, model in (("tokenizer", tok_model), ("prior", prior_model)):
-        times = {impl: adamw_ms(model, impl) for impl in ("for-loop", "foreach", "fused")}
-        print(f"  {name:9s} " + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items()))
+        if model is not None:
+            times = {impl: adamw_ms(model, impl) for impl in ("for-loop", "foreach", "fused")}
+            print(f"  {name:9s} " + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items()))
 
     if not args.no_compile:
         print("\ngraph breaks (torch._dynamo.explain of the forward):")
         zeros = dict(dtype=torch.long, device=device)
-        print(f"  tokenizer: {graph_breaks(tok_model, torch.rand(2, 3, 64, 64, device=device) * 2 - 1) or 'none'}")
-        print(f"  prior:     {graph_breaks(prior_model, torch.zeros(2, cfg.seq_len, **zeros), torch.zeros(2, **zeros)) or 'none'}")
+        if tok_model is not None:
+            images = torch.rand(2, 3, 64, 64, device=device) * 2 - 1
+            print(f"  tokenizer: {graph_breaks(tok_model, images) or 'none'}")
+        if prior_model is not None:
+            inputs = torch.zeros(2, cfg.seq_len, **zeros), torch.zeros(2, **zeros)
+            print(f"  prior:     {graph_breaks(prior_model, *inputs) or 'none'}")
 
     mfu_head = " MFU (published peak) |" if args.peak_tflops else ""
     print(f"\n| stage | dtype | lever | throughput | x first row | % matmul peak |{mfu_head}\n"

@@ -185,6 +185,18 @@ def test_train_speed_benchmark_takes_a_device_a_preset_and_a_published_peak(caps
     assert any(line.startswith("| stage |") and line.endswith("MFU (published peak) |") for line in out.splitlines())
 
 
+def test_train_speed_benchmark_runs_only_the_stages_asked(capsys, monkeypatch):
+    """``--stages prior``: the GPU run at GPT-B / GPT-L shape leaves out the small tokenizer (its rows, its
+    optimizer timing and its compile)."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    load_benchmark(BENCH.with_name("train_speed.py"), "train_speed_benchmark").main(
+        ["--quick", "--device", "cpu", "--prior-preset", "tiny", "--prior-batch", "2", "--stages", "prior",
+         "--dtypes", "fp32", "--no-compile", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "tokenizer" not in out and "prior: 2 layers x 32" in out
+    assert sum(line.startswith("| prior | fp32 |") for line in out.splitlines()) == 3
+
+
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 
 
@@ -199,6 +211,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is availabl
     ("train_speed.py", ["--dtypes", "fp16"], "--dtypes: comma-separated fp32 and bf16, got 'fp16'"),
     ("train_speed.py", ["--dtypes", ","], "--dtypes: comma-separated fp32 and bf16, got ','"),
     ("train_speed.py", ["--prior-batch", "0"], "argument --prior-batch: must be >= 1, got 0"),
+    ("train_speed.py", ["--stages", "prior,gpt"], "--stages: comma-separated tokenizer and prior, got 'prior,gpt'"),
     # a CPU run under the GPU's name, with an MFU of 0.0% against the GPU's peak
     pytest.param("train_speed.py", ["--device", "cuda", "--peak-tflops", "989"],
                  "--device cuda: CUDA is not available here", marks=NO_CUDA),
