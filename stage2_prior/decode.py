@@ -91,6 +91,7 @@ class DecodeStep:
         self._tracked: list[torch.Tensor] = []
         self._versions: tuple[int, ...] | None = None
         self._caches: dict[tuple[int, int, torch.dtype], KVCache] = {}
+        self._positions: list[torch.Tensor] = []  # on an accelerator: slot p's 1-element tensor, made once
         self.watch()
 
     def _compile(self):
@@ -141,9 +142,21 @@ class DecodeStep:
             self._caches[key] = cache
         return self._caches[key]
 
+    def _position(self, pos: int, device: torch.device) -> torch.Tensor:
+        """Slot ``pos`` as a 1-element long tensor on ``device``. On an accelerator these are made once, on the
+        device (from one arange, so no host copy): ``torch.tensor([pos], device=...)`` copies from pageable host
+        memory, which waits for the stream each token, so the host could not queue the next step while the
+        device ran this one."""
+        if device.type == "cpu":
+            return torch.tensor([pos], dtype=torch.long)
+        if pos >= len(self._positions) or self._positions[pos].device != device:
+            count = max(pos + 1, 2 * len(self._positions), 1024)
+            self._positions = [p.clone() for p in torch.arange(count, device=device).split(1)]
+        return self._positions[pos]
+
     def __call__(self, tokens: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         """Logits (B, 1, V) of slot ``pos`` (> 0), feeding tokens (B, 1) there; writes that slot of ``cache``."""
-        position = torch.tensor([pos], dtype=torch.long, device=tokens.device)
+        position = self._position(pos, tokens.device)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been read
         if not self.frozen:

@@ -95,7 +95,15 @@ def _exponential(shape: torch.Size, like: torch.Tensor, generator: torch.Generat
     """Exp(1) noise of ``shape`` on ``like``'s device and dtype, drawn on the generator's own device (a CPU
     generator with a prior on a GPU draws there and the noise moves: the same seed, the same noise)."""
     device = like.device if generator is None else generator.device
-    return torch.empty(shape, dtype=like.dtype, device=device).exponential_(generator=generator).to(like.device)
+    return _moved(torch.empty(shape, dtype=like.dtype, device=device).exponential_(generator=generator), like.device)
+
+
+def _moved(noise: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``noise`` on ``device``; from the CPU to a GPU through pinned memory, so that the copy is queued: from
+    pageable memory it would wait for the GPU's stream, once a token."""
+    if noise.device.type == "cpu" and device.type == "cuda":
+        return noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device)
 
 
 def exponential_noise(like: torch.Tensor, generator: Randomness) -> torch.Tensor:
@@ -109,7 +117,7 @@ def exponential_noise(like: torch.Tensor, generator: Randomness) -> torch.Tensor
         device = devices.pop()
         rows = [torch.empty(like.shape[1:], dtype=like.dtype, device=device).exponential_(generator=g)
                 for g in generator]
-        return torch.stack(rows).to(like.device)
+        return _moved(torch.stack(rows), like.device)
     return torch.stack([_exponential(like.shape[1:], like, g) for g in generator])
 
 

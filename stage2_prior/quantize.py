@@ -15,11 +15,13 @@ Kernels, first that runs:
   with exact int32 sums, ~1.8x faster again at 8 rows;
 - ``torch.ops.aten._weight_int8pack_mm(x, q, s)``, which computes the same product with the int8
   weight read as is, on CPU (bf16 / fp16 activations; its fp32-activation path is several times
-  slower here, so activations are cast to bf16 for the product) and on CUDA; only for an input size
-  that is a multiple of 16: on an AVX-512 CPU (torch 2.14) other sizes gave garbage (K = 8, 40, 72)
-  or a segfault (K = 40 at 15 rows);
-- where that is missing or refuses the inputs (other devices, older torch) the weight is
-  dequantised per call, which is correct but reads the int8 weight and writes a float copy.
+  slower here, so activations are cast to bf16 for the product); only for an input size that is a
+  multiple of 16: on an AVX-512 CPU (torch 2.14) other sizes gave garbage (K = 8, 40, 72) or a
+  segfault (K = 40 at 15 rows);
+- elsewhere (CUDA, other devices, older torch) the weight is dequantised to bf16 per call and
+  multiplied there, which reads the int8 weight and writes a bf16 copy. On CUDA that is chosen over
+  the aten kernel, which runs there but was 2.8x slower at batch 1, 3.9x at 8 and about 7x at 64
+  (compiled GPT-B decode step on an H200, torch 2.11; README "On a GPU").
 
 torchao (0.18, which installs beside torch 2.14 here) was tried first: its eager int8 weight-only
 product dequantises per call on CPU and took about twice the time of the plain fp32 product on one
@@ -43,11 +45,14 @@ _KERNEL_K_MULTIPLE = 16  # the aten kernel's input sizes: its AVX-512 CPU path h
 
 
 def _kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether aten._weight_int8pack_mm runs on this device with these activations (probed once per pair).
+    """Whether to multiply with aten._weight_int8pack_mm on this device with these activations: where it runs
+    (probed once per pair), except on CUDA.
 
     The samplers' eager prefill calls this before any compiled decode step traces it.
     """
     key = (device.type, dtype)
+    if device.type == "cuda":
+        return False  # slower there than dequantising (module docstring)
     if key not in _KERNEL_OK:
         op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
         ok = op is not None
