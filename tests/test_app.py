@@ -425,6 +425,10 @@ def test_running_page_answers_and_survives_bad_input(pipe_dir, files, tmp_path, 
             client.predict(handle_file(str(files / "notes.txt")), True, api_name="/reconstruct")
         with pytest.raises(AppError, match="unknown class 'zebra'"):
             client.predict("zebra", 1, 1.0, "constant", 1.0, 0, 1.0, 0, 16, 16, api_name="/sample")
+        # a value of the wrong type through the HTTP API: gradio's own message, not "has not enabled verbose
+        # error reporting"
+        with pytest.raises(AppError, match=r"Expected a `float`, but the value passed .* was: 'two'"):
+            client.predict("b", "two", 1.0, "constant", 1.0, 0, 1.0, 5, 16, 16, api_name="/sample")
         # the server still serves
         summary, original, recon, codes, usage = client.predict(handle_file(str(files / "image.png")), True,
                                                                 api_name="/reconstruct")

@@ -21,6 +21,7 @@ import vqgpt.ground.file_index as file_index
 from vqgpt.cli import main
 from vqgpt.ground.config import from_dict, load_config
 from vqgpt.ground.data import DataConfig, Unreadable, UnreadableImageWarning, build_dataset, source_identity
+from vqgpt.ground.dataset_base import class_table
 from vqgpt.ground.file_index import default_index_dir, folder_index, index_path, load_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -496,3 +497,26 @@ def test_a_pipe_named_like_an_image_is_left_out_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"pipe.png is not a regular file \(a pipe, socket or device\): left out"):
         dataset = build_dataset(_cfg(root))
     assert "cats/pipe.png" not in [dataset.name(i) for i in range(len(dataset))] and len(dataset) == 7
+
+
+def test_class_names_in_two_unicode_forms_are_warned_about(tmp_path):
+    """Folders 'café' copied from Linux (NFC) and from macOS (NFD, 'e' + a combining accent) were two classes
+    that print alike, without a word; the warning names both with ascii(), which shows the difference."""
+    root = tmp_path / "imgs"
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    for i, name in enumerate((nfc, nfd, "dogs")):
+        _image(root / name / f"{i}.png", i)
+    with pytest.warns(UserWarning, match="are the same letters in two Unicode forms") as caught:
+        dataset = build_dataset(_cfg(root))
+    said = str(caught[0].message)
+    assert str(root) in said and ascii(nfc) in said and ascii(nfd) in said
+    assert len(dataset.classes) == 3
+    # shards and Hub datasets (class_table): the same warning, naming an item of each class
+    with pytest.warns(UserWarning, match=r"item 1 and item 0: the classes 'cafe\\u0301' and 'caf\\xe9'"):
+        class_table([nfc, nfd, "dogs"], lambda i: f"item {i}")
+    _image(tmp_path / "other" / nfc / "a.png", 0)
+    _image(tmp_path / "other" / "cafe" / "b.png", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_dataset(_cfg(tmp_path / "other"))  # 'café' beside 'cafe' is no twin
+        class_table(["cafe", "dogs", nfc], lambda i: f"item {i}")

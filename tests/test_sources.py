@@ -377,3 +377,10 @@ def test_hf_unreadable_row_is_skipped_and_named(tmp_path):
         item = ds[1]
     assert isinstance(item, Unreadable) and item.path == f"hf:{tmp_path / 'one'} all[1]"
     assert ident(ds[0][0]) == 1
+
+
+def test_a_source_with_spaces_around_it_is_recorded_as_read():
+    """' builtin:mnist' read MNIST (every reader strips the source) but was recorded with its space, so the
+    run's config and a pipeline's provenance named a source that differs from the same one typed plainly."""
+    assert DataConfig(source="  builtin:mnist \n").source == "builtin:mnist"
+    assert DataConfig(source=" wds:/data/train-{0..3}.tar").source == "wds:/data/train-{0..3}.tar"

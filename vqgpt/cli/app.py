@@ -527,8 +527,12 @@ def launch(pipeline: str, host: str = "127.0.0.1", port: int | None = None, bloc
     demo = build_app(AppHandlers(pipe), title=f"vqgpt · {name or pipeline}")
     # System fonts: the default theme fetches web fonts, which a machine without internet waits for.
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    # show_error: gradio's own refusals (a value of the wrong type sent through its HTTP API) reach the caller
+    # with gradio's message instead of "has not enabled verbose error reporting"; the handlers' errors are
+    # gr.Error, shown either way.
     try:
-        demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, theme=theme, css=PAGE_CSS)
+        demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, theme=theme, css=PAGE_CSS,
+                    show_error=True)
     except OSError as exc:  # the port is taken, or the address is not this machine's
         reason = str(exc).split(". ")[0]
         raise ValueError(f"cannot serve on {host}:{port or 'a port from 7860'}: {reason}; choose another --port "

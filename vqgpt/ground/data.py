@@ -52,7 +52,8 @@ from torchvision.transforms.v2 import functional as TF
 # The config, the base class and the Unreadable item live below every source (tar_shards and hf_source
 # subclass them, and are dispatched to from here); they are re-exported as part of this module.
 from vqgpt.ground.dataset_base import (DataConfig, ImageDataset, ImageTooSmallError, Unreadable,
-                                       UnreadableImageWarning, _check_index, image_transform)
+                                       UnreadableImageWarning, _check_index, image_transform, unicode_twins,
+                                       warn_unicode_twins)
 from vqgpt.ground.file_index import ROOT_CLASS  # noqa: F401  (re-exported: the class of images in a root)
 from vqgpt.ground.file_index import folder_index
 from vqgpt.ground.images import IMAGE_EXTENSIONS, open_rgb, pil_to_tensor
@@ -209,6 +210,7 @@ class FolderImageDataset(ImageDataset):
         self.skipped = []  # nothing is opened up front: unreadable files are found (and skipped) when read
         self.classes = list(index.classes)
         self.labels: list[int] = index.labels.tolist()
+        warn_unicode_twins(unicode_twins(self.classes), str(root))
 
         self.transform = image_transform(cfg, split)
         self.resize = cfg.resize

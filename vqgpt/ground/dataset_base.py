@@ -9,6 +9,7 @@ The sources themselves live in ``data`` (folders, built-ins, and the dispatch on
 from __future__ import annotations
 
 import io
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -49,6 +50,10 @@ class DataConfig:
                         "this one (center crops, no flip)")
 
     def __post_init__(self) -> None:
+        if isinstance(self.source, str):
+            # every reader strips it (' builtin:mnist' reads MNIST): recorded stripped too, so that a resume
+            # or a pipeline's provenance does not see two sources where there is one
+            self.source = self.source.strip()
         if self.resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {self.resolution}")
         if self.crops_per_epoch < 1:
@@ -140,6 +145,29 @@ INTEGER_CLASSES = ("integer classes are indices 0..N-1 into N classes; renumber 
                    "(text classes are numbered in sorted order)")
 
 
+def unicode_twins(names: list[str]) -> list[tuple[str, str]]:
+    """Pairs of class names that are the same letters in two Unicode forms (NFC and NFD: macOS writes a
+    folder 'café' as 'cafe' + a combining accent, so folders copied from two systems can hold both)."""
+    first: dict[str, str] = {}
+    twins = []
+    for name in names:
+        key = unicodedata.normalize("NFC", name)
+        if key in first:
+            twins.append((first[key], name))
+        else:
+            first[key] = name
+    return twins
+
+
+def warn_unicode_twins(twins: list[tuple[str, str]], where: str) -> None:
+    """Warn that ``twins`` (from ``unicode_twins``) are separate classes that print alike; ascii() shows
+    the difference."""
+    if twins:
+        shown = "; ".join(f"{ascii(a)} and {ascii(b)}" for a, b in twins[:3])
+        warnings.warn(f"{where}: the classes {shown} are the same letters in two Unicode forms (NFC / NFD), so "
+                      "they are separate classes that print alike: rename one to merge them", stacklevel=3)
+
+
 def class_table(values: list[int | str | None], where: Callable[[int], str],
                 names: dict[int, str] | None = None) -> tuple[list[str], np.ndarray]:
     """Class names and one label per item from raw class values.
@@ -181,6 +209,9 @@ def class_table(values: list[int | str | None], where: Callable[[int], str],
         return [names.get(k, str(k)) for k in range(count)], labels
     classes = sorted(set(values))  # type: ignore[arg-type]
     index = {name: k for k, name in enumerate(classes)}
+    twins = unicode_twins(classes)
+    if twins:
+        warn_unicode_twins(twins, f"{where(values.index(twins[0][0]))} and {where(values.index(twins[0][1]))}")
     return classes, np.asarray([index[v] for v in values], dtype=np.int64)
 
 
