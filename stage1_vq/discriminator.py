@@ -27,6 +27,13 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def min_resolution(n_layers: int) -> int:
+    """The smallest square image ``PatchDiscriminator(n_layers=n_layers)`` takes: its stride-2 convs halve the side
+    ``n_layers`` times and the last two (kernel 4, padding 1) take one each, and a kernel-4 conv needs an
+    input side of at least 2; so the side after the halvings must be at least 3."""
+    return 3 * 2**n_layers
+
+
 class PatchDiscriminator(nn.Module):
     """Images (B, C, H, W) -> patch logits (B, 1, H', W'); each logit sees a local receptive field.
 

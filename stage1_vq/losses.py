@@ -103,17 +103,25 @@ class PerceptualLoss(nn.Module):
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    key = "loss.perceptual_weights_path"
+    if path.is_dir():
+        raise IsADirectoryError(f"{key}: {path} is a folder: give the weights file (.pth or .safetensors)")
     if not path.is_file():
-        raise FileNotFoundError(f"loss.perceptual_weights_path: {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        raise FileNotFoundError(f"{key}: {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a text file gave KeyError, random bytes SafetensorError: torch's own words
+        said = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"{key}: {path} cannot be read as weights ({type(exc).__name__}: {said[:200]}): give "
+                          f"torchvision vgg16 weights or an LPIPS-VGG state dict (.pth or .safetensors)") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"loss.perceptual_weights_path: {path} holds no state dict")
+        raise ValueError(f"{key}: {path} holds no state dict")
     return state
 
 
@@ -194,8 +202,8 @@ def _build_perceptual(cfg: LossConfig) -> PerceptualLoss | None:
         return PerceptualLoss(_load_local_lpips(Path(cfg.perceptual_weights_path)))
     try:
         net = lpips.LPIPS(net="vgg", verbose=False)  # torchvision downloads the ImageNet VGG16
-    except Exception as exc:  # network errors come in many types
-        raise RuntimeError(f"loss.perceptual 'lpips-vgg' could not load the VGG16 backbone ({exc}). Offline, set "
+    except Exception as exc:  # network errors come in many types: a config to change, so one line, not a traceback
+        raise ConfigError(f"loss.perceptual 'lpips-vgg' could not load the VGG16 backbone ({exc}). Offline, set "
                            "loss.perceptual_weights_path to a local vgg16/LPIPS file, or use 'stlpips' "
                            "(trained, installs from PyPI) or 'lpips-random' (smoke tests only)") from exc
     return PerceptualLoss(net)

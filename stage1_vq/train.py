@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast
 from tqdm.auto import tqdm
 
+from stage1_vq.discriminator import min_resolution
 from stage1_vq.losses import LossConfig, build_discriminator, build_perceptual, discriminator_loss, generator_loss
 from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.palette import PaletteConfig, fit_palette
@@ -88,6 +89,14 @@ class TokenizerRunConfig:
             nearest = f"{low} or {low + factor}" if low else f"{factor}"
             raise ConfigError(f"data.resolution: {self.data.resolution} is not a multiple of the tokenizer's "
                               f"downsampling factor {factor} (nearest: {nearest})")
+        resolution, depth = self.data.resolution, self.loss.disc_layers
+        gan = self.loss.gan_weight > 0 and self.model.architecture != "pixels"  # (a palette fit trains no GAN)
+        if gan and resolution < min_resolution(depth):  # else it fails at loss.disc_start
+            fits = max(1, int(math.log2(resolution / 3))) if resolution >= 6 else 0
+            hint = f"set loss.disc_layers to {fits} or less" if fits else "raise data.resolution"
+            raise ConfigError(f"loss.disc_layers: a PatchGAN of {depth} layers needs images of at least "
+                              f"{min_resolution(depth)} px, and data.resolution is {resolution}: {hint}, or "
+                              f"train without a discriminator (loss.gan_weight=0)")
 
 
 def _snapshot_images(cfg: TokenizerRunConfig, n: int = 8) -> torch.Tensor:

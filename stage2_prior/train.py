@@ -136,10 +136,10 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 @keeps_caller_rng
 def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
                 decode: Decoder | None = None, tokenizer_fingerprint: str | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, tokenizer_dir: str | Path | None = None) -> Path:
     """Train a prior on ``cfg.tokens`` into RUN=``out``; returns RUN/export. ``resume``: None, 'auto' or a
     checkpoint path; ``overwrite``: replace what RUN holds (without it, or ``resume``, a RUN holding a run
-    is an error)."""
+    is an error; it refuses to delete ``cfg.tokens`` or ``tokenizer_dir``, the tokenizer the caller reads)."""
     tc = cfg.train
     if not cfg.tokens:
         raise ConfigError("tokens: no token shard folder given (use --tokens DIR)")
@@ -167,8 +167,9 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
     sums = [shard.get("rows_sha256") for shard in data.meta.get("shards", [])]
     legacy = {"rows_sha256": hashlib.sha256("".join(sums).encode()).hexdigest()
               if all(isinstance(x, str) for x in sums) else None}
+    reads = {"--tokens": cfg.tokens, **({"--tokenizer": tokenizer_dir} if tokenizer_dir else {})}
     with open_run_dir(out, cfg, accelerator, resume, overwrite, steps=tc.steps, inputs=shards,
-                      inputs_from=f"the token shards in {cfg.tokens}", legacy_inputs=legacy) as run:
+                      inputs_from=f"the token shards in {cfg.tokens}", legacy_inputs=legacy, reads=reads) as run:
         run_dir = run.path
         is_main = accelerator.is_main_process
 

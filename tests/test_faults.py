@@ -4,6 +4,7 @@ stop with a clear message (or are skipped), and per-sample seeded augmentation f
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from stage2_prior.model import GPT
 from stage2_prior.train import PriorRunConfig, train_prior
 from vqgpt.ground.checkpoint import COMPLETE_MARKER, list_checkpoints, resolve_resume, save_checkpoint
 from vqgpt.ground.config import load_config
-from vqgpt.training import NonFiniteLoss, StreamPosition, TrainConfig, batch_stream, make_accelerator, make_dataloader
+from vqgpt.training import (NonFiniteLoss, RunFolderError, StreamPosition, TrainConfig, batch_stream, make_accelerator,
+                            make_dataloader)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,6 +86,127 @@ def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path):
         model.weight.zero_()
     accelerator.load_state(str(resolve_resume(run, "auto")))
     assert bool((model.weight == 7.0).all())
+
+
+
+def test_saving_a_step_again_never_leaves_that_step_without_a_checkpoint(tmp_path, monkeypatch):
+    """A resumed finished run, or a Ctrl-C on a checkpoint step, saves the same step again. The old copy was
+    deleted before the new one was renamed into place: a stop in between (a second Ctrl-C, a kill) left only
+    the hidden temporary copy, so --resume auto refused the run, or silently trained it again from step 0."""
+    accelerator = make_accelerator(TrainConfig(), tmp_path)
+    model = accelerator.prepare(torch.nn.Linear(3, 3))
+    run, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    save_checkpoint(accelerator, run, 2, keep=1)
+    real_replace = os.replace
+
+    def stop_before_the_new_copy(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt  # between setting the old copy aside and renaming the new one
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", stop_before_the_new_copy)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, run, 2, keep=1)
+    monkeypatch.setattr(os, "replace", real_replace)
+    found = resolve_resume(run, "auto")
+    assert found is not None and [s for s, _ in list_checkpoints(run)] == [2]
+    with torch.no_grad():
+        model.weight.zero_()
+    accelerator.load_state(str(found))
+    assert bool((model.weight == 2.0).all())
+
+    save_checkpoint(accelerator, run, 3, keep=1)  # the next save puts the set-aside copy back, then prunes
+    assert [p.name for p in sorted(root.iterdir())] == ["step-00000003"]
+
+    # a stop while the old copy is being deleted, once the new one is in place: the new one is the step's
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    real_rmtree = shutil.rmtree
+
+    def stop_deleting(path, *args, **kwargs):
+        if Path(path).name.startswith(".old-"):
+            (Path(path) / "model.safetensors").unlink()  # part-deleted
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(shutil, "rmtree", stop_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, run, 3, keep=1)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert resolve_resume(run, "auto") == root / "step-00000003"
+    with torch.no_grad():
+        model.weight.zero_()
+    accelerator.load_state(str(resolve_resume(run, "auto")))
+    assert bool((model.weight == 5.0).all())
+    save_checkpoint(accelerator, run, 4, keep=1)
+    assert [p.name for p in sorted(root.iterdir())] == ["step-00000004"]
+
+
+
+def test_overwrite_refuses_to_delete_the_tokenizer_it_reads(tokens, tmp_path):
+    """`train-prior --tokenizer RUN/export --out RUN --overwrite` (a tokenizer run folder reused for the prior)
+    deleted the tokenizer with the old run, trained, then failed to write the pipeline: the tokenizer was gone."""
+    run = tmp_path / "tc"
+    for folder in ("export", "pipeline/tokenizer"):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "config.json").write_text("{}")
+    (run / "config.yaml").write_text("{}\n")
+    cfg = prior_config(tokens, "train.steps=1")
+    with pytest.raises(RunFolderError, match=rf"--tokenizer {re.escape(str(run / 'export'))} is {re.escape(str(run))}"
+                                             r"/export, which --overwrite would delete with the run"):
+        train_prior(cfg, run, overwrite=True, tokenizer_dir=run / "export")
+    with pytest.raises(RunFolderError, match=r"--tokenizer .*pipeline/tokenizer lies inside .*tc/pipeline, which"):
+        train_prior(cfg, run, overwrite=True, tokenizer_dir=run / "pipeline" / "tokenizer")
+    assert (run / "export" / "config.json").is_file() and (run / "pipeline/tokenizer/config.json").is_file()
+    train_prior(cfg, run, overwrite=True, tokenizer_dir=tmp_path / "elsewhere")  # outside: replaced as asked
+    assert not (run / "pipeline").exists()
+
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_error_naming_its_folder(tmp_path, monkeypatch):
+    """torch's writer says only "[enforce fail at inline_container.cc:672] . unexpected pos 60736 vs 60624" when
+    the disk fills (seen on a 600 KB tmpfs), a 30-line traceback; exports already said "No space left"."""
+    import errno
+    accelerator = make_accelerator(TrainConfig(), tmp_path)
+    accelerator.prepare(torch.nn.Linear(3, 3))
+    run = tmp_path / "run"
+    tmp = run / "checkpoints" / ".tmp-step-00000001"
+
+    def full(output_dir, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 60736 vs 60624")
+    monkeypatch.setattr(accelerator, "save_state", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(OSError, match=r"No space left on device: writing the checkpoint failed \(\[enforce fail .*"
+                                      r"unexpected pos 60736 vs 60624\); the disk there has 0.0 MB free") as caught:
+        save_checkpoint(accelerator, run, 1)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**9, 10**11))
+    with pytest.raises(OSError, match="Input/output error: writing the checkpoint failed") as caught:
+        save_checkpoint(accelerator, run, 1)
+    assert caught.value.errno == errno.EIO
+
+    def bug(output_dir, **kwargs):
+        raise RuntimeError("some other failure")
+    monkeypatch.setattr(accelerator, "save_state", bug)
+    with pytest.raises(RuntimeError, match="some other failure"):  # not a write failure: as it was
+        save_checkpoint(accelerator, run, 1)
+    assert list_checkpoints(run) == []
+
+
+
+def test_a_checkpoint_of_the_other_stage_is_named_as_such(tokens, tmp_path):
+    """A tokenizer's checkpoint given to train-prior --resume warned that "an earlier vqgpt wrote it" (it records
+    no inputs), then failed on "unknown config key 'model.architecture'", never saying what it was."""
+    checkpoint = tmp_path / "tok" / "checkpoints" / "step-00000006"
+    checkpoint.mkdir(parents=True)
+    config = {"model": {"architecture": "conv"}, "loss": {"gan_weight": 0.0}, "train": {"steps": 6}}
+    (checkpoint / "manifest.json").write_text(json.dumps({"files": [], "inputs": {}, "config": config}))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 6}))
+    (checkpoint / COMPLETE_MARKER).write_text("6\n")
+    with pytest.raises(RunFolderError, match=r"a checkpoint of a tokenizer run, and this is a prior run: give a "
+                                             r"checkpoint of train-prior"):
+        train_prior(prior_config(tokens, "train.steps=8"), tmp_path / "prior", resume=str(checkpoint))
+    assert not (tmp_path / "prior").exists()
 
 
 # ----------------------------------------------------------------------------- interrupts

@@ -343,3 +343,10 @@ def test_a_set_value_that_yaml_would_change_is_refused_not_read_as_another_path(
     cfg = load_config(TokenizerRunConfig, TOKENIZER, ["train.lr=3e-4", "model.attn_resolutions=[]",
                                                       "data.source=C:\\data\\*.png"])
     assert (cfg.train.lr, cfg.model.attn_resolutions, cfg.data.source) == (3e-4, [], "C:\\data\\*.png")
+
+
+@pytest.mark.parametrize("value", [-1, 2**32])
+def test_a_seed_out_of_range_names_train_seed(value):
+    """accelerate's set_seed refused it as "Seed must be between 0 and 2**32 - 1", naming no key."""
+    with pytest.raises(ConfigError, match=rf"train.seed: must be in \[0, 2\*\*32 - 1\] .*got {value}"):
+        load_config(PriorRunConfig, ROOT / "configs/prior/tiny.yaml", [f"train.seed={value}"])

@@ -263,6 +263,40 @@ def test_a_discriminator_that_never_starts_is_named(tmp_path):
             load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", [override])
 
 
+def test_a_discriminator_too_deep_for_the_images_is_refused_before_training():
+    """A 3-layer PatchGAN on 16 px images passed the checks, trained and checkpointed until loss.disc_start, then
+    failed in a convolution ("Calculated padded input size per channel: (3 x 3). Kernel size: (4 x 4)")."""
+    sixteen = ["data.resolution=16", "model.resolution=16"]
+    with pytest.raises(ConfigError, match=r"loss.disc_layers: a PatchGAN of 3 layers needs images of at least 24 px, "
+                                          r"and data.resolution is 16: set loss.disc_layers to 2 or less"):
+        load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", [*sixteen, "loss.disc_layers=3"])
+    for fine in (["loss.disc_layers=2"], ["loss.disc_layers=3", "loss.gan_weight=0"]):
+        load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", [*sixteen, *fine])
+    # the bound is the network's own: one pixel less fails in it
+    from stage1_vq.discriminator import PatchDiscriminator, min_resolution
+    for layers in (1, 2, 3):
+        net, side = PatchDiscriminator(3, 4, layers, "none"), min_resolution(layers)
+        assert net(torch.zeros(1, 3, side, side)).shape[-1] == 1
+        with pytest.raises(RuntimeError, match="Kernel size"):
+            net(torch.zeros(1, 3, side - 1, side - 1))
+
+
+def test_perceptual_weights_that_cannot_be_read_are_one_error_naming_the_key(tmp_path):
+    """A text file as loss.perceptual_weights_path was a KeyError traceback, random bytes named .safetensors a
+    SafetensorError one, and a folder 'does not exist'."""
+    from stage1_vq.losses import LossConfig, build_perceptual
+    (tmp_path / "junk.pth").write_text("not weights\n")
+    (tmp_path / "junk.safetensors").write_bytes(bytes(range(256)) * 4)
+    for name in ("junk.pth", "junk.safetensors"):
+        cfg = LossConfig(perceptual="lpips-vgg", perceptual_weights_path=str(tmp_path / name))
+        with pytest.raises(ConfigError, match=rf"loss.perceptual_weights_path: .*{re.escape(name)} cannot be read as "
+                                              r"weights \(\w+: .*\): give torchvision vgg16 weights"):
+            build_perceptual(cfg)
+    cfg = LossConfig(perceptual="lpips-vgg", perceptual_weights_path=str(tmp_path))
+    with pytest.raises(IsADirectoryError, match=r"loss.perceptual_weights_path: .* is a folder: give the weights file"):
+        build_perceptual(cfg)
+
+
 def test_keys_the_architecture_does_not_read_are_named_when_training(tmp_path):
     """`--set model.patch_size=2` on a conv tokenizer (to change its factor) trained and exported at factor 4."""
     cfg = load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml",

@@ -8,6 +8,7 @@ write is never picked up by ``--resume auto``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -33,6 +34,7 @@ COMPLETE_MARKER = "COMPLETE"
 # Beside trainer_state.json: what a checkpoint is made of (the files save_state wrote, so that a missing
 # one is noticed before anything loads) and what it was trained on (``inputs``, checked on resume).
 MANIFEST_NAME = "manifest.json"
+ASIDE_PREFIX = ".old-"  # a checkpoint set aside while a save of the same step puts its new copy in place
 
 # Config fields that exports written before they existed lack; each default is what those older
 # exports meant (38751fb added the ViT option: older tokenizers are all conv, and the vit_* fields
@@ -359,15 +361,16 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run as (step, path), oldest first."""
+    """Complete checkpoints of a run as (step, path), oldest first. A step's copy set aside by a save of the same
+    step that stopped before its new copy was in place (``save_checkpoint``) stands for that step."""
     root = checkpoint_dir(run_dir)
-    found = []
+    found: dict[int, Path] = {}
     if root.is_dir():
-        for p in root.iterdir():
-            m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
+        for p in sorted(root.iterdir(), key=lambda p: not p.name.startswith(ASIDE_PREFIX)):  # set aside first
+            m = re.fullmatch(rf"(?:{re.escape(ASIDE_PREFIX)})?{CHECKPOINT_PREFIX}(\d+)", p.name)
             if m and p.is_dir() and (p / COMPLETE_MARKER).is_file():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
+                found[int(m.group(1))] = p  # the step's own folder, where there is one, comes last
+    return sorted(found.items())
 
 
 def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
@@ -414,6 +417,29 @@ def _remove_checkpoint(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+# what torch's checkpoint writer raises when a write fails (a full disk gave "unexpected pos 60736 vs 60624" and,
+# in another run, "basic_ios::clear: iostream error"), as a RuntimeError without an errno
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "unexpected pos", "iostream error", "file write failed")
+
+
+def _checkpoint_write_error(exc: Exception, folder: Path) -> OSError | None:
+    """``exc``, raised while writing the checkpoint ``folder``, as an OSError naming it (ENOSPC where the disk
+    there has under 64 MB left); None when it is no write failure."""
+    failure = write_error(exc, folder)
+    if failure is not None or not isinstance(exc, RuntimeError):
+        return failure
+    said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not any(text in said for text in _TORCH_WRITE_FAILURES):
+        return None
+    try:
+        free = shutil.disk_usage(folder.parent).free
+    except OSError:
+        return None
+    code = errno.ENOSPC if free < 64 * 2**20 else errno.EIO
+    return OSError(code, f"{os.strerror(code)}: writing the checkpoint failed ({said}); the disk there has "
+                         f"{free / 2**20:.1f} MB free", str(folder))
+
+
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int = 3,
                     extra: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None,
                     config: dict[str, Any] | None = None) -> Path:
@@ -434,22 +460,39 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int = 3,
     tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        for debris in list(root.glob(".tmp-*")) + list(root.glob(".del-*")):  # left by an earlier crash
-            shutil.rmtree(debris, ignore_errors=True)
+        for aside in root.glob(f"{ASIDE_PREFIX}*"):  # a save of the same step stopped between its two renames
+            kept = root / aside.name[len(ASIDE_PREFIX):]
+            if not kept.exists() and (aside / COMPLETE_MARKER).is_file():
+                os.replace(aside, kept)  # that step's only checkpoint: back in its place
+        for debris in [*root.glob(".tmp-*"), *root.glob(".del-*"), *root.glob(f"{ASIDE_PREFIX}*")]:
+            shutil.rmtree(debris, ignore_errors=True)  # left by an earlier crash
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = sorted(p.name for p in tmp.iterdir())  # every rank's part is there after the barrier
+            manifest = {"files": files, "inputs": inputs or {}, **({"config": config} if config is not None else {})}
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest) + "\n")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}) + "\n")
+            (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
+    except Exception as exc:  # a full disk: torch's writer says "unexpected pos ..."; name the folder instead
+        failure = _checkpoint_write_error(exc, tmp)
+        if failure is None or failure is exc:
+            raise
+        raise failure from None
     if accelerator.is_main_process:
-        files = sorted(p.name for p in tmp.iterdir())  # every rank's part is there after the barrier
-        manifest = {"files": files, "inputs": inputs or {}, **({"config": config} if config is not None else {})}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest) + "\n")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}) + "\n")
-        (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
         _fsync_tree(tmp)
+        aside = final.with_name(f"{ASIDE_PREFIX}{final.name}")
         if final.exists():
-            _remove_checkpoint(final)
+            # The same step again (a resumed finished run, a Ctrl-C on a checkpoint step): the old copy is set
+            # aside, not deleted, until the new one is in place, so that a stop between leaves one to resume.
+            os.replace(final, aside)
         os.replace(tmp, final)
         _fsync(root)
+        if aside.exists():
+            (aside / COMPLETE_MARKER).unlink(missing_ok=True)  # first: a part-deleted copy never looks whole
+            shutil.rmtree(aside, ignore_errors=True)
         if keep > 0:
             for _, old in list_checkpoints(run_dir)[:-keep]:
                 _remove_checkpoint(old)
@@ -634,6 +677,9 @@ def usable_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"not a torch device: {device!r} (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "meta":  # accepted, it failed later: "Tensor.item() cannot be called on meta tensors"
+        raise ValueError(f"{device}: the meta device holds shapes, not numbers: nothing can run or be saved there "
+                         "(e.g. 'cpu', 'cuda')")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
@@ -642,7 +688,7 @@ def usable_device(device: str | torch.device) -> torch.device:
             raise ValueError(f"{device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
     else:  # mps, xpu, ...: where torch has a module that can tell (a plugin's device such as xla is left to it)
         available = getattr(getattr(torch, dev.type, None), "is_available", None)
-        if dev.type not in ("cpu", "meta") and callable(available) and not available():
+        if dev.type != "cpu" and callable(available) and not available():
             raise ValueError(f"{device}: this machine has no {dev.type} device that torch can use")
     return dev
 

@@ -94,6 +94,8 @@ class TrainConfig:
         if self.project_name in TRACKER_FILES:
             raise ConfigError(f"train.project_name: {self.project_name!r} is reserved (RUN/{TRACKING_DIR}/"
                               f"{self.project_name} holds the trackers' own files): choose another name")
+        if not 0 <= self.seed <= 2**32 - 1:  # else accelerate's set_seed refused it without naming the key
+            raise ConfigError(f"train.seed: must be in [0, 2**32 - 1] (the seeds numpy takes), got {self.seed}")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
@@ -212,6 +214,9 @@ def make_accelerator(cfg: TrainConfig, run_dir: str | Path) -> Accelerator:
         raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but Accelerate runs "
                            f"{accelerator.num_processes} ({accelerator.distributed_type}): the processes would train "
                            f"independently; check the accelerate launch flags and devices")
+    if cfg.seed + accelerator.num_processes - 1 > 2**32 - 1:  # each process seeds with seed + its rank
+        raise ConfigError(f"train.seed: {cfg.seed} + the rank of each of {accelerator.num_processes} processes must "
+                          f"stay within 2**32 - 1: choose a seed of at most {2**32 - accelerator.num_processes}")
     set_seed(cfg.seed, device_specific=True)
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         warnings.warn("train.mixed_precision=fp16 needs a GPU; on the CPU accelerate runs in fp32 "

@@ -240,6 +240,27 @@ def _check_inputs(checkpoint: Path, inputs: dict[str, Any] | None, inputs_from: 
     return in_checkpoint
 
 
+def _stage(config: dict[str, Any]) -> str | None:
+    """Which trainer a run config (as a dict) belongs to: a prior's names its token shards, a tokenizer's its losses."""
+    return "prior" if "tokens" in config else "tokenizer" if "loss" in config else None
+
+
+def _check_same_stage(checkpoint: Path, config: Any) -> None:
+    """Refuse a checkpoint of the other stage (a tokenizer's given to train-prior, or the reverse): it failed on
+    the first config key the other stage lacks, after a warning that it recorded no inputs."""
+    recorded = read_checkpoint_config(checkpoint)
+    if recorded is None and (checkpoint.parent.parent / "config.yaml").is_file():
+        try:
+            recorded = read_yaml(checkpoint.parent.parent / "config.yaml")
+        except (OSError, ValueError):
+            return  # (judged below, with the config checks' own messages)
+    theirs = _stage(recorded) if isinstance(recorded, dict) else None
+    ours = _stage(to_dict(config)) if dataclasses.is_dataclass(config) else None
+    if theirs and ours and theirs != ours:
+        raise RunFolderError(f"--resume {checkpoint}: a checkpoint of a {theirs} run, and this is a {ours} run: "
+                             f"give a checkpoint of train-{ours}")
+
+
 def _say_schedule_change(config: Any, recorded: dict[str, Any] | None, step: int) -> None:
     """Say what a changed train.steps does to the LR of the resumed steps: the schedule stretches (or
     shrinks) to the new length, so the LR jumps at the resume (up, after a finished cosine run)."""
@@ -256,7 +277,8 @@ def _say_schedule_change(config: Any, recorded: dict[str, Any] | None, step: int
 
 def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bool, steps: int | None = None,
                    inputs: dict[str, Any] | None = None, inputs_from: str = "the inputs",
-                   legacy_inputs: dict[str, Any] | None = None) -> Path | None:
+                   legacy_inputs: dict[str, Any] | None = None,
+                   reads: dict[str, str | Path] | None = None) -> Path | None:
     """Main process, lock held: check RUN may be used as asked, then write config.yaml; the checkpoint to resume.
     Every check comes before the first change to RUN."""
     held = sorted(p.name for p in run_dir.iterdir() if p.name not in (LOCK_NAME, "config.yaml"))
@@ -264,6 +286,13 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
     if overwrite and others:  # it used to delete them with the run
         raise RunFolderError(f"--overwrite: {run_dir} also holds {name_listing(others)}, which no run writes; "
                              f"--overwrite deletes a run's own files only: move those away, or choose another --out")
+    for flag, path in (reads or {}).items() if overwrite else ():
+        # a tokenizer export copied in as RUN/export (or a pipeline's tokenizer/) is deleted with the run
+        doomed = next((name for name in held if _inside(Path(path), run_dir / name)), None)
+        if doomed is not None:
+            where = "is" if Path(path).resolve() == (run_dir / doomed).resolve() else "lies inside"
+            raise RunFolderError(f"{flag} {path} {where} {run_dir / doomed}, which --overwrite would delete with the "
+                                 f"run: copy it out of {run_dir} first, or choose another --out")
     checkpoint, step = None, 0
     if resume:
         checkpoint = resolve_resume(run_dir, resume)
@@ -281,6 +310,7 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
                                  f"to resume from: {start_over}")
     else:
         step = check_checkpoint(checkpoint)
+        _check_same_stage(checkpoint, config)
         if steps is not None and step > steps:
             raise ConfigError(f"--resume {checkpoint}: the checkpoint is at step {step}, past train.steps={steps}: "
                               f"a run cannot be shortened; set train.steps to {step} or more to continue it, or "
@@ -357,7 +387,8 @@ def _unmake(run_dir: Path, made: Path | None) -> None:
 @contextmanager
 def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume: str | None = None,
                  overwrite: bool = False, *, steps: int | None = None, inputs: dict[str, Any] | None = None,
-                 inputs_from: str = "the inputs", legacy_inputs: dict[str, Any] | None = None) -> Iterator[RunFolder]:
+                 inputs_from: str = "the inputs", legacy_inputs: dict[str, Any] | None = None,
+                 reads: dict[str, str | Path] | None = None) -> Iterator[RunFolder]:
     """Lock RUN for the run's life and check it may be used as asked before writing anything in it.
 
     Without ``resume`` RUN must hold no run (``overwrite`` removes what it holds, first); with it the
@@ -367,7 +398,8 @@ def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume:
     these (and ``legacy_inputs``, values an earlier vqgpt recorded under other keys, where it did), and
     the requested config is compared with the run's. A checkpoint of another run folder
     may continue into RUN only when RUN holds no run, or with ``overwrite``, which empties RUN once
-    all is checked. Then RUN/config.yaml is written and metrics after the resumed step are dropped.
+    all is checked. Then RUN/config.yaml is written and metrics after the resumed step are dropped. ``reads``:
+    the run's input folders by flag (``{"--tokenizer": path}``), which ``overwrite`` refuses to delete.
     Only the main process locks and checks (all processes of one launch share the lock); its verdict
     is broadcast, so every process raises the same error instead of waiting in a collective.
     """
@@ -387,7 +419,7 @@ def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume:
             lock.acquire()
             held = True  # (refused as in use: the folder is the other start's, made or not)
             checkpoint = _claim_run_dir(run_dir, config, resume, overwrite, steps, inputs, inputs_from,
-                                        legacy_inputs)
+                                        legacy_inputs, reads)
         except Exception as exc:
             if held:
                 _unmake(run_dir, made)  # before the lock goes: no other start holds the folder meanwhile

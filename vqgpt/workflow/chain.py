@@ -50,7 +50,8 @@ def train_prior_with_tokenizer(cfg: PriorRunConfig, out: str | Path, tokenizer_d
                               f"but the tokenizer {tokenizer_dir} has {tokenizer.codebook_size} codes: encode with "
                               "this tokenizer, or give the one that made the shards")
     prior_dir = train_prior(cfg, out, resume=resume, decode=tokenizer.decode,
-                            tokenizer_fingerprint=export_fingerprint(tokenizer_dir), overwrite=overwrite)
+                            tokenizer_fingerprint=export_fingerprint(tokenizer_dir), overwrite=overwrite,
+                            tokenizer_dir=tokenizer_dir)
     pipeline_dir = Path(out) / "pipeline" if pipeline_dir is None else Path(pipeline_dir)
     # one process writes it; the others return when it is whole
     return _on_main_process(lambda: VQGPTPipeline.from_parts(tokenizer_dir, prior_dir).save_pretrained(pipeline_dir))
