@@ -138,7 +138,7 @@ def _clear_previous_run(out: Path, will_write: int) -> None:
     recorded, owned = _read_record(out)
     theirs = [name for name in _SUMMARY_NAMES if name not in owned and (out / name).exists()]
     if theirs:
-        raise RunFolderError(f"{out} holds {_listing(theirs)} that this command did not write; reconstruct "
+        raise RunFolderError(f"{out} holds {_listing(theirs)} that this command did not write; it "
                              f"writes its own {_listing(_SUMMARY_NAMES)} there and would replace "
                              f"{'them' if len(theirs) > 1 else 'it'}: choose another --out")
     ours = {f"{i:05d}.png" for i in range(recorded)}

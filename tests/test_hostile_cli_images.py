@@ -99,6 +99,35 @@ def test_save_each_replaces_its_own_images_and_drops_those_of_a_larger_num(pipe_
     assert json.loads((tmp_path / "grid" / ".vqgpt-save-each.json").read_text()) == ["0000.png"]
 
 
+def test_save_each_refuses_to_write_over_its_own_input(pipe_dir, tmp_path, loads, capsys):
+    """`complete --image r1/0001.png --out r1.png --save-each` (completing an earlier completion) replaced the
+    input with a new completion; only --out itself was compared with --image."""
+    out = tmp_path / "r1.png"
+    assert _complete(pipe_dir, _photo(tmp_path / "photo.png"), out, "--save-each") == 0
+    image = tmp_path / "r1" / "0000.png"
+    before = image.read_bytes()
+    loads.clear()
+    assert _complete(pipe_dir, image, out, "--save-each") == 2
+    err = capsys.readouterr().err
+    assert f"--image {image} lies in {tmp_path / 'r1'}/, where --save-each writes this run's images" in err
+    assert image.read_bytes() == before and not loads
+
+
+def test_under_accelerate_launch_a_report_is_said_once_and_complete_refuses(pipe_dir, tmp_path, loads, capsys,
+                                                                            monkeypatch):
+    """eval-bpd / eval-tokenizer / reconstruct printed their report on every process (two JSON documents on one
+    stdout), and complete wrote the same files from every process."""
+    from types import SimpleNamespace
+    report = SimpleNamespace(to_dict=lambda: {"bits_per_dim": 1.5})
+    for rank, said in (("1", ""), ("0", "bits_per_dim: 1.5000")):
+        monkeypatch.setenv("RANK", rank)
+        commands._print_report(report, SimpleNamespace(json=False))
+        assert capsys.readouterr().out.strip() == said
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _complete(pipe_dir, _photo(tmp_path / "photo.png"), tmp_path / "done.png") == 2
+    assert "in one process: run it without accelerate launch" in capsys.readouterr().err and not loads
+
+
 def test_canvases_over_pils_pixel_limit_are_refused_before_drawing(pipe_dir, tmp_path, loads, monkeypatch, capsys):
     pipe = VQGPTPipeline.from_pretrained(pipe_dir)
     f = pipe.downsample_factor

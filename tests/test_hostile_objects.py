@@ -61,6 +61,19 @@ def test_class_names_are_checked_when_set(pipe_dir, names, message):
     assert pipe.classes == ["a", "b", "c"]
 
 
+def test_class_names_that_do_not_fit_name_the_file_they_are_read_from(pipe_dir, tmp_path):
+    """A prior's config.json edited to hold 2 class names for 3 classes: the error named no file."""
+    import json
+    import shutil
+    copy = tmp_path / "pipe"
+    shutil.copytree(pipe_dir, copy)
+    config = json.loads((copy / "prior" / "config.json").read_text())
+    config["extra"]["classes"] = ["a", "b"]
+    (copy / "prior" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"prior/config.json: extra.classes: 2 class names for a prior of 3 classes"):
+        VQGPTPipeline.from_pretrained(copy)
+
+
 def test_a_tokenizer_left_in_train_mode_changes_neither_images_nor_the_global_rng():
     base = tiny_tokenizer()
     tok = VQModel(dataclasses.replace(base.config, dropout=0.3))
@@ -176,6 +189,12 @@ def test_a_device_this_machine_lacks_is_named_before_anything_loads(pipe_dir, mo
     for device in (missing, "banana", 3.5):
         with pytest.raises(ValueError, match=message if device == missing else "not a torch device"):
             pipe.to(device)
+    # meta was let through, and failed later ("Tensor.item() cannot be called on meta tensors")
+    with pytest.raises(ValueError, match="meta: the meta device holds shapes, not numbers"):
+        pipe.to("meta")
+    with pytest.raises(SystemExit):
+        main(["eval-bpd", "--pipeline", str(pipe_dir), "--images", "builtin:mnist", "--device", "meta"])
+    assert "the meta device holds shapes" in capsys.readouterr().err
     assert next(pipe.prior.parameters()).device.type == "cpu"
     from vqgpt.workflow.evaluation import eval_tokenizer  # the evaluations, called from Python, the same way
 

@@ -268,7 +268,7 @@ def test_reconstruct_never_replaces_a_sources_json_it_did_not_write(tokenizer_di
     proj.mkdir()
     (proj / "sources.json").write_text('{"urls": ["https://example.org/a.png"]}\n')  # the user's own
     mine = _contents(proj)
-    with pytest.raises(ValueError, match=r"proj holds sources\.json that this command did not write; reconstruct "
+    with pytest.raises(ValueError, match=r"proj holds sources\.json that this command did not write; it "
                                          r"writes its own metrics\.json, grid\.png and sources\.json there"):
         _run(tokenizer_dir, source, proj)
     assert _contents(proj, lock=False) == mine

@@ -172,6 +172,23 @@ def test_npz_is_in_the_adm_layout(pipe_dir, tmp_path):
     assert not (tmp_path / "only.npz.parts").exists() and report.npz == tmp_path / "samples.npz"
 
 
+def test_an_npz_scratch_folder_that_is_a_link_is_refused_before_sampling(pipe_dir, tmp_path):
+    """`--npz mine.npz` with mine.npz.parts a link to the user's sample folder: the scratch folder's removal
+    emptied the folder the link names (its PNGs and sampling.json), then failed on the link."""
+    _run(pipe_dir, out=tmp_path / "mine")
+    before = sorted(p.name for p in (tmp_path / "mine").iterdir())
+    (tmp_path / "mine.npz.parts").symlink_to(tmp_path / "mine")
+    with pytest.raises(ValueError, match=r"mine.npz.parts is a link \(to .*mine\): remove the link, or choose another"):
+        _run(pipe_dir, npz=tmp_path / "mine.npz")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == before and not (tmp_path / "mine.npz").exists()
+    (tmp_path / "file.npz.parts").write_text("mine")  # a file there: named as --npz's, not as an --out
+    with pytest.raises(ValueError, match=r"--npz .*file.npz draws its samples into .*file.npz.parts/, but that is a "
+                                         r"file"):
+        _run(pipe_dir, npz=tmp_path / "file.npz")
+    with pytest.raises(ValueError, match=r"--npz .*/.npz must have a name before .npz"):
+        _run(pipe_dir, npz=tmp_path / ".npz")
+
+
 def test_per_class_labels_are_balanced():
     labels = class_balanced_labels(3, 2)
     assert labels.tolist() == [0, 0, 1, 1, 2, 2]

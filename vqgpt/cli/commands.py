@@ -185,6 +185,10 @@ def _check_image_out(path_text: str, save_each: bool = False, inputs: dict[str, 
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"--save-each writes one PNG per image into {folder}/, but {folder} is a file: "
                              f"choose another --out")
+        for flag, given in (inputs or {}).items():  # its images are replaced, and files it wrote before removed
+            if folder.resolve() in Path(given).resolve().parents:
+                raise ValueError(f"{flag} {given} lies in {folder}/, where --save-each writes this run's images (and "
+                                 "removes those an earlier one wrote): copy it elsewhere, or choose another --out")
         theirs = sorted(set(os.listdir(folder)) - _save_each_written(folder)) if folder.is_dir() else []
         if theirs:
             # an earlier vqgpt's --save-each kept no record: its images are told from the user's by a name only
@@ -204,7 +208,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     with _image_source(args.images, "--images") as source:
         metrics = reconstruct(args.tokenizer, source, args.out, num_images=args.num, resolution=args.resolution,
                               batch_size=args.batch_size, lpips=args.lpips, progress=not args.json)
-    if source != args.images and int(os.environ.get("RANK", "0")) == 0:  # one image file: the user's path
+    if not _first_process():  # each process ran the whole reconstruction; the first wrote it and says so
+        return 0
+    if source != args.images:  # one image file: the user's path
         metrics["images"] = args.images
         write_text_whole(Path(args.out) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         # and its own name, not the temporary link's (which may have gained a .png)
@@ -451,6 +457,8 @@ def cmd_complete(args: argparse.Namespace) -> int:
     # flag and file mistakes are reported before torch is even imported
     if args.keep_rows is None and not (args.extend_right or args.extend_down):
         raise ValueError("give --keep-rows N and/or --extend-right N / --extend-down N")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process completed the image into the same files
+        raise ValueError(f"complete draws one grid ({args.out}) in one process: run it without accelerate launch")
     _check_image_out(args.out, save_each=args.save_each, inputs={"--image": args.image})
     _check_pipeline_args(args)
     _check_image_file(args.image, "--image")
@@ -555,7 +563,14 @@ def _import(args: argparse.Namespace) -> Any:
     return result
 
 
+def _first_process() -> bool:
+    """Not a later process of an ``accelerate launch``: where a command's report is said (once, not per process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _print_report(report, args: argparse.Namespace) -> None:
+    if not _first_process():  # under accelerate launch every process holds the report: said once
+        return
     data = report.to_dict()
     if getattr(args, "json", False):
         _emit_json(args, data)
@@ -581,8 +596,7 @@ def cmd_eval_prior(args: argparse.Namespace) -> int:
                         sampling=_sampling(args), seed=args.seed, fid_weights=args.fid_weights,
                         reference_split=args.split, classifier_path=args.classifier, device=args.device,
                         progress=not args.json, prior_dtype=args.prior_dtype, compile=args.compile)
-    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch every process holds the report: say it once
-        _print_report(report, args)
+    _print_report(report, args)
     return 0
 
 

@@ -87,6 +87,10 @@ class VQGPTPipeline:
             warnings.warn(f"the prior in {prior_dir} records no tokenizer fingerprint, so it cannot be verified "
                           f"that it was trained on codes of {tokenizer_dir}; if its samples look like noise, "
                           "pair it with the tokenizer whose codes it was trained on", stacklevel=2)
+        try:  # class names that do not fit the prior: said with the file that holds them
+            check_class_names(extra.get("classes") or [], prior.config.num_classes)
+        except ValueError as exc:
+            raise ConfigError(f"{Path(prior_dir) / 'config.json'}: extra.classes: {exc}") from None
         pipe = cls(tokenizer, prior, classes=extra.get("classes"))
         pipe.tokenizer_dir, pipe.prior_dir = Path(tokenizer_dir), Path(prior_dir)
         pipe._as_loaded = (_weights_state(tokenizer), _weights_state(prior))
@@ -457,8 +461,9 @@ def sample_seed(seed: int, index: int) -> int:
 def sample_generators(seed: int | None, indices: Iterable[int]) -> list[torch.Generator] | None:
     """One CPU generator per sample, sample i's seeded from (``seed``, i): a sample does not depend on how many
     are drawn beside it, nor on the device (a CPU generator draws the same noise for a prior on any device,
-    see ``stage2_prior.draw.exponential_noise``), and ``generate(n, seed=s)`` gives the first n images of
-    ``vqgpt sample --out DIR/ --seed s``. ``seed``: any integer type; None (the global RNG) gives None."""
+    see ``stage2_prior.draw.exponential_noise``), and ``generate(n, seed=s)`` draws the codes of the first n images
+    of ``vqgpt sample --out DIR/ --seed s`` (decoded in another batch, a pixel may differ by a level of 255).
+    ``seed``: any integer type; None (the global RNG) gives None."""
     if seed is None:
         return None
     if not _integral(seed):  # tensor(1.5) would be read as 1

@@ -285,11 +285,18 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
         raise ValueError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
     npz = Path(npz) if npz is not None else None
     if npz is not None and npz.suffix != ".npz":
-        raise ValueError(f"--npz {npz} must end with .npz")
+        named = npz.name == ".npz"  # (a bare '.npz' has no suffix in pathlib's view)
+        raise ValueError(f"--npz {npz} must " + ("have a name before .npz" if named else "end with .npz"))
     if npz is not None:
         check_npz_path(npz)  # now, not after all the sampling
     folder = Path(out) if out is not None else npz.with_name(npz.name + ".parts")  # type: ignore[union-attr]
+    if out is None and folder.is_symlink():  # its removal at the end emptied the folder the link names
+        raise ValueError(f"--npz {npz} draws its samples into {folder}/ and removes it at the end, but {folder} is a "
+                         f"link (to {os.readlink(folder)}): remove the link, or choose another --npz")
     if folder.exists() and not folder.is_dir():
+        if out is None:
+            raise ValueError(f"--npz {npz} draws its samples into {folder}/, but that is a file: move it, or choose "
+                             "another --npz")
         raise ValueError(f"--out {folder} is a file, not a folder: give a folder for one PNG per sample")
     if npz is not None and out is not None and os.path.abspath(npz) == os.path.abspath(folder):
         raise ValueError(f"--npz {npz} is the --out folder: give the npz another name (e.g. {npz.with_suffix('')}"
