@@ -90,7 +90,10 @@ class TokenizerRunConfig:
             raise ConfigError(f"data.resolution: {self.data.resolution} is not a multiple of the tokenizer's "
                               f"downsampling factor {factor} (nearest: {nearest})")
         resolution, depth = self.data.resolution, self.loss.disc_layers
-        gan = self.loss.gan_weight > 0 and self.model.architecture != "pixels"  # (a palette fit trains no GAN)
+        # (a palette fit trains no GAN, nor does a run that ends before loss.disc_start: a resume that goes past
+        # it is checked with its own train.steps)
+        gan = (self.loss.gan_weight > 0 and self.model.architecture != "pixels"
+               and self.loss.disc_start < self.train.steps)
         if gan and resolution < min_resolution(depth):  # else it fails at loss.disc_start
             fits = max(1, int(math.log2(resolution / 3))) if resolution >= 6 else 0
             hint = f"set loss.disc_layers to {fits} or less" if fits else "raise data.resolution"

@@ -160,6 +160,13 @@ def test_overwrite_refuses_to_delete_the_tokenizer_it_reads(tokens, tmp_path):
     assert (run / "export" / "config.json").is_file() and (run / "pipeline/tokenizer/config.json").is_file()
     train_prior(cfg, run, overwrite=True, tokenizer_dir=tmp_path / "elsewhere")  # outside: replaced as asked
     assert not (run / "pipeline").exists()
+    # RUN/export a link to the tokenizer: --overwrite removes the link, not the tokenizer, so it goes ahead
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "config.json").write_text("{}")
+    shutil.rmtree(run / "export")
+    (run / "export").symlink_to(tmp_path / "tok")
+    train_prior(cfg, run, overwrite=True, tokenizer_dir=tmp_path / "tok")
+    assert (tmp_path / "tok" / "config.json").read_text() == "{}" and not (run / "export").is_symlink()
 
 
 

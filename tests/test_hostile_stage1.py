@@ -266,11 +266,13 @@ def test_a_discriminator_that_never_starts_is_named(tmp_path):
 def test_a_discriminator_too_deep_for_the_images_is_refused_before_training():
     """A 3-layer PatchGAN on 16 px images passed the checks, trained and checkpointed until loss.disc_start, then
     failed in a convolution ("Calculated padded input size per channel: (3 x 3). Kernel size: (4 x 4)")."""
-    sixteen = ["data.resolution=16", "model.resolution=16"]
+    sixteen = ["data.resolution=16", "model.resolution=16", "loss.disc_start=5", "train.steps=10"]
     with pytest.raises(ConfigError, match=r"loss.disc_layers: a PatchGAN of 3 layers needs images of at least 24 px, "
                                           r"and data.resolution is 16: set loss.disc_layers to 2 or less"):
         load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", [*sixteen, "loss.disc_layers=3"])
-    for fine in (["loss.disc_layers=2"], ["loss.disc_layers=3", "loss.gan_weight=0"]):
+    # a smaller PatchGAN, none, or a run that ends before the discriminator starts (tiny.yaml's own case)
+    for fine in (["loss.disc_layers=2"], ["loss.disc_layers=3", "loss.gan_weight=0"],
+                 ["loss.disc_layers=3", "train.steps=5"]):
         load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", [*sixteen, *fine])
     # the bound is the network's own: one pixel less fails in it
     from stage1_vq.discriminator import PatchDiscriminator, min_resolution

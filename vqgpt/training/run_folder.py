@@ -288,7 +288,8 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
                              f"--overwrite deletes a run's own files only: move those away, or choose another --out")
     for flag, path in (reads or {}).items() if overwrite else ():
         # a tokenizer export copied in as RUN/export (or a pipeline's tokenizer/) is deleted with the run
-        doomed = next((name for name in held if _inside(Path(path), run_dir / name)), None)
+        doomed = next((name for name in held if not (run_dir / name).is_symlink()  # (a link goes, not its target)
+                       and _inside(Path(path), run_dir / name)), None)
         if doomed is not None:
             where = "is" if Path(path).resolve() == (run_dir / doomed).resolve() else "lies inside"
             raise RunFolderError(f"{flag} {path} {where} {run_dir / doomed}, which --overwrite would delete with the "
