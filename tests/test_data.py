@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -397,3 +398,26 @@ def test_a_large_picture_fitted_to_a_square_is_shrunk_by_the_exact_whole_factor(
     picture.save(tmp_path / "big.png", compress_level=1)
     expected = TF.center_crop(TF.resize(pil_to_tensor(picture.reduce(186)), 16, antialias=True), [16, 16])
     assert torch.equal(open_fitted(tmp_path / "big.png", 16, 16), expected)
+
+
+def test_pillows_decompression_bomb_warning_names_the_file(tmp_path, monkeypatch):
+    """A picture over Image.MAX_IMAGE_PIXELS (up to twice it) warned without naming the file: in a folder of
+    many, it could not be found."""
+    from vqgpt.ground.images import open_fitted, open_rgb
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (16, 16)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 256 pixels: over the limit, under twice it
+    for read in (open_rgb, lambda p: open_fitted(p, 8, 8)):
+        said = rf"{re.escape(str(path))}: Image size \(256 pixels\) exceeds"
+        with pytest.warns(Image.DecompressionBombWarning, match=said):
+            read(path)
+    # other warnings raised while opening pass through as they were
+    real_open = Image.open
+
+    def noisy(*args, **kwargs):
+        warnings.warn("something else", UserWarning)
+        return real_open(*args, **kwargs)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    monkeypatch.setattr(Image, "open", noisy)
+    with pytest.warns(UserWarning, match="^something else$"):
+        open_rgb(path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -91,9 +93,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def open_image(path: str | Path) -> Image.Image:
+    """``Image.open(path)``, with Pillow's DecompressionBombWarning (a picture over ``Image.MAX_IMAGE_PIXELS``, up
+    to twice it) naming the file, which Pillow's does not: in a folder of many images it could not be found.
+    In the main thread only (a DataLoader worker is a process's main thread): catching warnings swaps the
+    process's warning filters, which another thread could be using at that moment."""
+    if threading.current_thread() is not threading.main_thread():
+        return Image.open(path)
+    with warnings.catch_warnings(record=True) as caught:
+        img = Image.open(path)
+    for seen in caught:  # said again, the bomb warning with the file's name
+        if issubclass(seen.category, Image.DecompressionBombWarning):
+            warnings.warn(f"{path}: {seen.message}", seen.category, stacklevel=2)
+        else:
+            warnings.warn_explicit(seen.message, seen.category, seen.filename, seen.lineno, source=seen.source)
+    return img
+
+
 def open_rgb(path: str | Path) -> Image.Image:
     """Open an image file as RGB (fully decoded, so a truncated file fails here, not later)."""
-    with Image.open(path) as img:
+    with open_image(path) as img:
         img.load()
         return _upright_rgb(img)
 
@@ -136,7 +155,7 @@ def open_fitted(path: str | Path, height: int, width: int) -> torch.Tensor:
     scale, a very long picture cut to ``MAX_ASPECT`` first, a very large one shrunk in 8-bit first."""
     from torchvision.transforms.v2 import functional as TF
 
-    with Image.open(path) as img:
+    with open_image(path) as img:
         if img.format == "JPEG" and img.size[0] * img.size[1] > FIT_SHRINK_PIXELS:
             # decoded at 1/2, 1/4 or 1/8 scale where that still leaves twice the target (either way up:
             # the EXIF rotation comes after)
