@@ -64,6 +64,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def first_step_seconds(step: Callable[[], None], device: torch.device) -> float:
+    """Seconds of one call of ``step``, waited for on ``device``: a compiled step's compile and first run."""
+    t = time.perf_counter()
+    step()
+    sync(device)
+    return time.perf_counter() - t
+
+
 def matmul_gflops(dtype: torch.dtype, n: int | None = None, repeats: int = 5, device: str = "cpu") -> float:
     """Measured GFLOP/s of an n^3 matmul in ``dtype`` (best of ``repeats``) on ``device``; n: 1024 on a CPU,
     8192 on a GPU (``sampling.peak_matmul_size``)."""
@@ -281,10 +289,7 @@ def main(argv: list[str] | None = None) -> None:
             # Compiling the 13M tokenizer takes minutes on two cores: not in --quick.
             if not args.no_compile and not args.quick and not (bf16 and slow_bf16):
                 step, _ = tokenizer_step(accelerator, "fused", bf16, None, True, b)
-                t = time.perf_counter()
-                step()
-                sync(device)
-                print(f"  (tokenizer compile + first step: {time.perf_counter() - t:.0f} s)")
+                print(f"  (tokenizer compile + first step: {first_step_seconds(step, device):.0f} s)")
                 record("tokenizer", dtype, f"AdamW fused, {LAYOUT_NAMES[chosen]} (chosen), compiled",
                        median_rate(step, b, w, s, r, device), tok_flops)
 
@@ -306,10 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                        prior_flops)
             if not args.no_compile and not (bf16 and slow_bf16):
                 step, _, _ = prior_step(accelerator, shape, "fused", bf16, True, b)
-                t = time.perf_counter()
-                step()
-                sync(device)
-                print(f"  (prior compile + first step: {time.perf_counter() - t:.0f} s)")
+                print(f"  (prior compile + first step: {first_step_seconds(step, device):.0f} s)")
                 record("prior", dtype, "AdamW fused, compiled", median_rate(step, b * cfg.seq_len, w, s, r, device),
                        prior_flops)
 

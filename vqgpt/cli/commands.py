@@ -98,6 +98,16 @@ def _emit_json(args: argparse.Namespace, document: dict) -> None:
     args.json_document = document
 
 
+def _first_process() -> bool:
+    """Not a later process of an ``accelerate launch``: where a command's report is said (once, not per process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _launched() -> bool:
+    """Under ``accelerate launch`` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _check_image_file(path_text: str, flag: str) -> Path:
     """Decode one image file with Pillow alone (no torch); a folder, empty or damaged file is one clear error."""
     from PIL import Image
@@ -244,7 +254,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, split=args.split,
                          overwrite=args.overwrite, augment="flip" if args.flip else args.augment,
                          crop_range=args.crop_range)
-    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, say it once
+    if _first_process():  # under accelerate launch, say it once
         print(f"token shards written to {out}")
     return 0
 
@@ -260,14 +270,14 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
 
         # a resume without --tokenizer: an earlier session's RUN/pipeline/ must not keep the older prior
         pipeline_dir = refresh_run_pipeline(args.out, export_dir)
-        if pipeline_dir is not None and int(os.environ.get("RANK", "0")) == 0:  # said once
+        if pipeline_dir is not None and _first_process():  # said once
             print(f"pipeline (tokenizer + prior) in {pipeline_dir} updated with the new prior")
         return 0
     from vqgpt.workflow.chain import train_prior_with_tokenizer
 
     pipeline_dir = train_prior_with_tokenizer(cfg, args.out, args.tokenizer, resume=args.resume,
                                               overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, say it once
+    if _first_process():  # under accelerate launch, say it once
         print(f"pipeline (tokenizer + prior) written to {pipeline_dir}")
     return 0
 
@@ -404,7 +414,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          f"folder of one PNG per sample (e.g. {args.out}/)")
     if args.per_class is not None:
         raise ValueError(f"--per-class draws one file per sample: give --out FOLDER/ or --npz F.npz, not --out {args.out}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would draw the same grid into the same file
+    if _launched():  # every process would draw the same grid into the same file
         raise ValueError(f"--out {args.out} (one grid) is drawn by one process: run it without accelerate launch, or "
                          "give --out FOLDER/ to split the samples over the processes")
     args.num = 16 if args.num is None else args.num
@@ -446,7 +456,7 @@ def _sample_many(args: argparse.Namespace) -> int:
     num = len(labels) if args.per_class is not None else (16 if args.num is None else args.num)
     report = sample_many(pipe, num, out=args.out, npz=args.npz, class_labels=labels, sampling=_sampling(args),
                          seed=args.seed, height=args.height, width=args.width, batch_size=args.batch_size)
-    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, say it once
+    if _first_process():  # under accelerate launch, say it once
         where = " and ".join(str(p) for p in (report.folder, report.npz) if p is not None)
         print(f"drew {report.drawn} samples ({report.skipped} finished before) on {report.processes} "
               f"process{'es' if report.processes > 1 else ''} -> {where}")
@@ -457,7 +467,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
     # flag and file mistakes are reported before torch is even imported
     if args.keep_rows is None and not (args.extend_right or args.extend_down):
         raise ValueError("give --keep-rows N and/or --extend-right N / --extend-down N")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process completed the image into the same files
+    if _launched():  # every process completed the image into the same files
         raise ValueError(f"complete draws one grid ({args.out}) in one process: run it without accelerate launch")
     _check_image_out(args.out, save_each=args.save_each, inputs={"--image": args.image})
     _check_pipeline_args(args)
@@ -488,7 +498,7 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process took the demo folder's lock: all but one failed
+    if _launched():  # every process took the demo folder's lock: all but one failed
         raise ValueError("vqgpt demo runs in one process: run it without accelerate launch; on many GPUs run its "
                          "stages (train-tokenizer, encode, train-prior) under accelerate launch (README: Many GPUs)")
     from vqgpt.cli.demo import run_demo, run_pixel_demo
@@ -561,11 +571,6 @@ def _import(args: argparse.Namespace) -> Any:
                                                class_names=names, weights=args.weights,
                                                model=parse_model_overrides(args.overrides))
     return result
-
-
-def _first_process() -> bool:
-    """Not a later process of an ``accelerate launch``: where a command's report is said (once, not per process)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _print_report(report, args: argparse.Namespace) -> None:
