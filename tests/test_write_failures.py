@@ -147,3 +147,21 @@ def test_a_reconstruction_is_never_left_cut_off(tmp_path):
     assert f"File too large: '{out / 'images'}/00000.png'" in done.stderr
     assert sorted(p.name for p in (out / "images").iterdir()) == []  # (the earlier run's were cleared first)
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_that_makes_no_files_is_refused_before_sampling(pipe_dir, tmp_path, monkeypatch, capsys):
+    """/proc takes no new file, yet as root os.access says it does: the refusal used to come after sampling."""
+    from vqgpt.cli.commands import main
+
+    sampled = []
+    monkeypatch.setattr(VQGPTPipeline, "generate", lambda self, *a, **k: sampled.append(1))
+    monkeypatch.setattr("vqgpt.workflow.sample_many.draw_images", lambda *a, **k: sampled.append(1))
+    for args, flag in ((["--out", "/proc/vqgpt-samples.png"], "--out /proc/vqgpt-samples.png"),
+                       (["--out", f"{tmp_path / 's'}/", "--npz", "/proc/vqgpt-samples.npz"],
+                        "--npz /proc/vqgpt-samples.npz")):
+        assert main(["sample", "--pipeline", str(pipe_dir), "--num", "2", "--class-label", "a", *args]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {flag}: no " in err, err  # no file can be made (root) / no permission (anyone else)
+    assert sampled == []
+    assert not (tmp_path / "s").exists()

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from vqgpt.ground.files import write_text_whole
+from vqgpt.ground.files import check_can_make_file, write_text_whole
 
 # stage2_prior.draw.CFG_SCHEDULES, spelled out so that parsing flags imports no torch (a test keeps them equal)
 CFG_SCHEDULE_CHOICES = ("constant", "linear")
@@ -185,6 +185,8 @@ def _check_image_out(path_text: str, save_each: bool = False, inputs: dict[str, 
     parent = next((p for p in path.absolute().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise ValueError(f"--out {path_text}: {parent} is a file, so no folder can be made there")
+    if parent is not None:
+        check_can_make_file(parent, f"--out {path_text}")
     for flag, given in (inputs or {}).items():
         # as written (symlinks) and with "dir/.." taken away (the folders --out names are made before writing)
         same = [p for p in (path, Path(os.path.abspath(path))) if p.exists() and Path(given).exists()]
@@ -213,12 +215,15 @@ def _check_image_out(path_text: str, save_each: bool = False, inputs: dict[str, 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from stage1_vq.evaluate import SOURCES_NAME, check_out_apart, reconstruct
+    from vqgpt.training.config import launched_process_state
 
     check_out_apart(args.images, args.out)  # here too: one image file is read through a temporary folder
+    # under accelerate launch the processes split the batches: each writes its reconstructions, the first the rest
+    state = launched_process_state("each would reconstruct every image")
     with _image_source(args.images, "--images") as source:
         metrics = reconstruct(args.tokenizer, source, args.out, num_images=args.num, resolution=args.resolution,
-                              batch_size=args.batch_size, lpips=args.lpips, progress=not args.json)
-    if not _first_process():  # each process ran the whole reconstruction; the first wrote it and says so
+                              batch_size=args.batch_size, lpips=args.lpips, progress=not args.json, state=state)
+    if not _first_process():  # every process holds the metrics; the first wrote the summary and says so
         return 0
     if source != args.images:  # one image file: the user's path
         metrics["images"] = args.images

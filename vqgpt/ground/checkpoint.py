@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vqgpt.ground.config import ConfigError, from_dict, to_dict
-from vqgpt.ground.files import write_error
+from vqgpt.ground.files import check_can_make_file, write_error
 from vqgpt.ground.tokens import fingerprint_file, plain_file_name
 
 T = TypeVar("T")
@@ -706,6 +706,7 @@ def check_file_place(path: Path, label: str = "") -> None:
         raise ValueError(f"{label}{path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{label}{path}: no permission to write in {parent}")
+    check_can_make_file(parent, f"{label}{path}")
 
 
 def _files_every_checkpoint_holds(names: set[str], state: dict[str, Any]) -> list[str]:

@@ -18,6 +18,7 @@ import os
 import re
 import socket
 import stat
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -36,6 +37,18 @@ def umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
         return mask
+
+
+def check_can_make_file(folder: Path, what: str) -> None:
+    """Refuse (a ValueError starting with ``what``) an existing ``folder`` in which no file can be made, by
+    making and removing an empty one: ``os.access`` says yes to root almost everywhere, while /proc and
+    /sys refuse only the attempt, which would otherwise come after the work whose result it was to hold."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".vqgpt-write-check-")
+    except OSError as exc:
+        raise ValueError(f"{what}: no file can be made in {folder} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_error(exc: BaseException, path: Path) -> OSError | None:
