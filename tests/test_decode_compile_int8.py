@@ -117,6 +117,19 @@ def test_one_bf16_row_takes_the_blocked_kernel_and_one_float32_row_the_frozen_we
         monkeypatch.undo()  # the spy, before the next dtype's
 
 
+def test_the_cpu_step_is_compiled_with_frozen_weights(monkeypatch):
+    """The step's inductor settings (frozen weights, the GEMM autotuning) go in as torch.compile options,
+    read when inductor compiles (a config.patch around every call cost 40 us a step): it freezes the graph."""
+    import torch._inductor.freezing as freezing
+
+    frozen = []
+    real_freeze = freezing.freeze
+    monkeypatch.setattr(freezing, "freeze", lambda *a, **k: frozen.append(1) or real_freeze(*a, **k))
+    model = tiny_gpt(grid_size=[2, 3], n_layer=1)
+    generate(model, 1, class_labels=torch.tensor([1]), sampling=GREEDY, compile=True)
+    assert frozen, "the compiled CPU step did not freeze its weights"
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["cpp-op", "python-op"])
 def test_compiled_step_attends_with_the_cpp_op_where_it_builds(native, monkeypatch):
     """The compiled step's attention (write the slot, attend over the slots written) is the C++ op, with no
