@@ -6,20 +6,21 @@ import json
 import os
 import re
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from stage1_vq.model import VQModel
-from vqgpt.ground.data import DataConfig, build_dataset, readable_batches
+from vqgpt.ground.data import DataConfig, build_dataset
 from vqgpt.ground.files import write_text_whole
 from vqgpt.ground.images import save_grid, save_image, side_by_side
 from vqgpt.ground.metrics import bits_per_image, code_histogram, codebook_stats, psnr, ssim
 from vqgpt.training.run_folder import RunFolderError, RunLock
+from vqgpt.training.shares import ONE_PROCESS, gather_in_order, on_main_process, readable_rounds, rounds_total
 
 # the reconstructions reconstruct() writes into OUT/images: 00000.png, 00001.png, ...
 _RECONSTRUCTION_NAME = re.compile(r"\d{5,}\.png")
@@ -160,8 +161,9 @@ def _clear_previous_run(out: Path, will_write: int) -> None:
 @contextmanager
 def _claim(out: Path, will_write: int) -> Iterator[Path | None]:
     """``out`` locked and cleared of the earlier run's output (see _clear_previous_run), for the run's life;
-    None on the other processes of an ``accelerate launch``: each runs the whole reconstruction (nothing
-    is split over them) and the first alone writes, so that they neither race in ``out`` nor lock each other out."""
+    None on the other processes of an ``accelerate launch`` that does not split the batches (``reconstruct``
+    without a ``state``): each runs the whole reconstruction and the first alone writes, so that they neither
+    race in ``out`` nor lock each other out. Split over them, see ``_claim_for_all``."""
     if int(os.environ.get("RANK", "0")) != 0:
         yield None
         return
@@ -178,11 +180,39 @@ def _claim(out: Path, will_write: int) -> Iterator[Path | None]:
         lock.release()
 
 
+class BatchRows(NamedTuple):
+    """Per-image rows a caller of ``reconstruct`` computes from each batch (e.g. rFID features), gathered from
+    every process of an ``accelerate launch`` and handed back in image order, batch by batch, on every process."""
+
+    score: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]  # (originals, recons) -> rows (B, ...)
+    take: Callable[[dict[str, torch.Tensor]], None]  # each batch's rows (B, ...) on the CPU, in image order
+    blank: Callable[[int, int], dict[str, torch.Tensor]]  # (height, width) -> rows (0, ...): a share of no images
+
+
+@contextmanager
+def _claim_for_all(out: Path, will_write: int, state: Any) -> Iterator[tuple[Path | None, Path | None]]:
+    """(the folder the summary files go to, the folder this process writes its reconstructions to) for the run.
+
+    One process: ``_claim`` (under a launch whose batches are not split, only the first process writes:
+    (None, None) on the others). Split over N processes: the first claims ``out`` and says whether it could
+    before any process writes (the others raise its error rather than wait for it); each then writes the
+    reconstructions it made into out/images, and the first alone the summary files.
+    """
+    if state.num_processes == 1:
+        with _claim(out, will_write) as dest:
+            yield dest, dest / "images" if dest is not None else None
+        return
+    with ExitStack() as stack:
+        dest = on_main_process(state, lambda: stack.enter_context(_claim(out, will_write)))
+        yield (dest if state.is_main_process else None), out / "images"
+
+
 @torch.inference_mode()
 def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_images: int | None = None,
                 resolution: int | None = None, batch_size: int = 32, lpips: str = "vgg",
                 save_images: bool = True, device: str | None = None, progress: bool = True,
-                on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> dict:
+                on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                rows: BatchRows | None = None, state: Any = None) -> dict:
     """Reconstruct the evaluation images of ``images``; write PNGs + grid + metrics.json; return the metrics.
 
     ``num_images``: the first that many readable images (an undecodable file is left out and not
@@ -191,60 +221,99 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
     that no run recorded are the user's, and the run is refused rather than write over them. ``out`` is
     locked for the run's life (out/.lock) and may not overlap a folder ``images``: refused before
     anything is written or deleted.
-    ``on_batch(originals, reconstructions)``, both (B, 3, H, W) in [-1, 1], sees every batch (e.g. rFID features).
+    ``on_batch(originals, reconstructions)``, both (B, 3, H, W) in [-1, 1], sees every batch this process
+    reconstructs (e.g. rFID features); ``rows``: per-image rows of every batch, from every process (BatchRows).
     out/sources.json names, in output order, the image of ``images`` behind each reconstruction (as
     ``dataset.name(i)`` gives it) and the files left out as unreadable: see SOURCES_NAME.
+
+    ``state`` (``launched_process_state``) of the N processes of an ``accelerate launch``: the batches are
+    split over them (batch r * N + p of the loader by process p); each writes the reconstructions it made
+    (the same files, numbered alike, as one process writes), and the per-image figures and code counts are
+    gathered in image order, batch by batch, so every process returns the one-process metrics, bit for bit;
+    the first writes grid, sources.json and metrics.json. None (or one process): this process reconstructs
+    every image, and under a launch only the first process writes.
     """
     if num_images is not None and num_images < 1:
         raise ValueError(f"--num must be >= 1, got {num_images}")
     out = Path(out)
     check_out_apart(images, out)
+    state = state or ONE_PROCESS
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if state.num_processes > 1 and device.type == state.device.type:
+        device = state.device  # "--device cuda" on 8 processes: each its own GPU, not all on cuda:0
     model = VQModel.from_pretrained(tokenizer_dir).to(device).eval()
     resolution = resolution or model.config.resolution
-    model.grid_shape(resolution, resolution)  # a size the tokenizer cannot encode: refused before --out is touched
+    grid_shape = model.grid_shape(resolution, resolution)  # a size it cannot encode: refused before --out is touched
     dataset = build_dataset(DataConfig(source=images, resolution=resolution, random_crop=False, hflip=False), "eval")
     # --num counts readable images; ``used``/``left_out``: which dataset item each image is, and the items skipped
     used: list[int] = []
     left_out: list[int] = []
-    batches = readable_batches(dataset, batch_size, limit=num_images, indices=used, unreadable_indices=left_out)
     wanted = len(dataset) if num_images is None else min(num_images, len(dataset))
     perceptual = load_lpips(lpips, device)
+    # residual VQ: PSNR of the reconstruction from the first d of the D codes per position, d < D
+    depths = range(1, model.codes_per_position)
+    # the rows of a process that holds no batch in a round (of N > 1 processes): the others' kinds, none of them
+    no_rows: dict[str, torch.Tensor] = {}
+    if state.num_processes > 1:
+        no_rows = {key: torch.zeros(0) for key in ("psnr", "ssim", *(f"psnr{d}" for d in depths))}
+        no_rows.update({"lpips": torch.zeros(0)} if perceptual is not None else {})
+        no_rows.update({f"rows:{key}": t for key, t in rows.blank(resolution, resolution).items()} if rows else {})
+    no_pairs = {key: torch.zeros(0, 3, resolution, resolution) for key in ("original", "recon")}
 
-    with _claim(out, wanted if save_images else 0) as dest:
+    with _claim_for_all(out, wanted if save_images else 0, state) as (dest, folder):
         psnrs, ssims, lpipss = [], [], []
-        # residual VQ: PSNR of the reconstruction from the first d of the D codes per position, d < D
-        coarse: dict[int, list[torch.Tensor]] = {d: [] for d in range(1, model.codes_per_position)}
+        coarse: dict[int, list[torch.Tensor]] = {d: [] for d in depths}
         counts = torch.zeros(model.codebook_size, dtype=torch.long)
-        grid_pairs = []
-        index = 0
-        grid_shape = None
-        for batch, _labels in tqdm(batches, desc="reconstruct", total=-(-wanted // batch_size),
-                                   disable=not progress):
-            batch = batch.to(device)
-            codes = model.encode(batch)                                  # (B, h, w)
-            recon = model.decode(codes).clamp(-1, 1)                     # (B, 3, H, W)
-            grid_shape = tuple(codes.shape[1:])
-            if on_batch is not None:
-                on_batch(batch, recon)
-            counts += code_histogram(codes, model.codebook_size)
-            psnrs.append(psnr(batch, recon).cpu())
-            for d in coarse:
-                partial = model.decode_latents(model.quantize.codes_from_indices(codes, depths=d)).clamp(-1, 1)
-                coarse[d].append(psnr(batch, partial).cpu())
-            ssims.append(ssim(batch, recon).cpu())
-            if perceptual is not None:
-                lpipss.append(perceptual(batch, recon).flatten().float().cpu())
-            if len(grid_pairs) < 16:
-                grid_pairs.append((batch[: 16 - len(grid_pairs)].cpu(), recon[: 16 - len(grid_pairs)].cpu()))
-            if save_images and dest is not None:
-                for img in recon.cpu():
-                    save_image(img, dest / "images" / f"{index:05d}.png")
-                    index += 1
-        if grid_shape is None:
+        originals, recons = [], []  # the grid's: the first 16 images
+        count = 0
+        rounds = readable_rounds(state, dataset, batch_size, limit=num_images, indices=used,
+                                  unreadable_indices=left_out)
+        for round_ in tqdm(rounds, desc="reconstruct", total=rounds_total(wanted, batch_size, state),
+                           disable=not progress or not state.is_main_process):
+            figures, pairs, histogram = no_rows, no_pairs, torch.zeros(0, model.codebook_size, dtype=torch.long)
+            numbers = round_.image_index()
+            if round_.images is not None:
+                batch = round_.images.to(device)
+                codes = model.encode(batch)                                  # (B, h, w)
+                recon = model.decode(codes).clamp(-1, 1)                     # (B, 3, H, W)
+                if on_batch is not None:
+                    on_batch(batch, recon)
+                histogram = code_histogram(codes, model.codebook_size)[None]
+                figures = {"psnr": psnr(batch, recon), "ssim": ssim(batch, recon)}
+                for d in depths:
+                    partial = model.decode_latents(model.quantize.codes_from_indices(codes, depths=d)).clamp(-1, 1)
+                    figures[f"psnr{d}"] = psnr(batch, partial)
+                if perceptual is not None:
+                    figures["lpips"] = perceptual(batch, recon).flatten().float()
+                if rows is not None:
+                    figures.update({f"rows:{key}": t for key, t in rows.score(batch, recon).items()})
+                first = int((numbers < 16).sum())  # of the grid's images
+                pairs = {"original": batch[:first], "recon": recon[:first]}
+                if save_images and folder is not None:
+                    for number, img in zip(numbers.tolist(), recon.cpu()):
+                        save_image(img, folder / f"{number:05d}.png")
+            # every process's, in image order (one process: its own, on the CPU)
+            figures = gather_in_order(state, numbers, figures, start=round_.batches[0].start)
+            counts += gather_in_order(state, round_.batch_index(), {"n": histogram}, start=round_.first)["n"].sum(0)
+            if round_.batches[0].start < 16:
+                pairs = gather_in_order(state, numbers[numbers < 16], pairs, start=round_.batches[0].start)
+                originals.append(pairs["original"])
+                recons.append(pairs["recon"])
+            at = 0
+            for batch_range in round_.batches:  # batch by batch, as one process takes them
+                part = {key: t[at:at + len(batch_range)] for key, t in figures.items()}
+                at += len(batch_range)
+                psnrs.append(part["psnr"])
+                ssims.append(part["ssim"])
+                for d in depths:
+                    coarse[d].append(part[f"psnr{d}"])
+                if perceptual is not None:
+                    lpipss.append(part["lpips"])
+                if rows is not None:
+                    rows.take({key[len("rows:"):]: t for key, t in part.items() if key.startswith("rows:")})
+            count = round_.batches[-1].stop
+        if not count:
             raise ValueError(f"no images to reconstruct in {images}")
-        originals = torch.cat([a for a, _ in grid_pairs])[:16]
-        recons = torch.cat([b for _, b in grid_pairs])[:16]
         stats = codebook_stats(counts)
         metrics = {
             "tokenizer": str(tokenizer_dir),
@@ -265,9 +334,9 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
         if coarse:
             metrics["psnr_by_depth"] = [float(torch.cat(coarse[d]).mean()) for d in coarse] + [metrics["psnr"]]
         if dest is not None:
-            save_grid(side_by_side(originals, recons), dest / "grid.png", nrow=8)
+            save_grid(side_by_side(torch.cat(originals)[:16], torch.cat(recons)[:16]), dest / "grid.png", nrow=8)
             sources = {"names": [dataset.name(i) for i in used], "unreadable": [dataset.name(i) for i in left_out]}
             write_text_whole(dest / SOURCES_NAME, json.dumps(sources, indent=2) + "\n")
             write_text_whole(dest / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-            _write_record(dest, index)
+            _write_record(dest, count if save_images else 0)
         return metrics

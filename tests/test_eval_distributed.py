@@ -3,14 +3,16 @@
 Offline: the random-weight feature network stands in for Inception (its spatial features stand in
 for sFID's); the Inception's sFID layer is checked on a random-weight Inception.
 
-Run as a script, this file is the launched program of the 2-process test: it records which
-samples each process draws, then runs the vqgpt command line:
+Run as a script, this file is the launched program of the 2-process tests: it records which
+samples each process draws, which images it encodes with the tokenizer and which it gives the
+feature network, then runs the vqgpt command line:
 
     python tests/test_eval_distributed.py LOG_DIR eval-prior --pipeline P --reference R ...
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
@@ -174,18 +177,39 @@ def test_inception_spatial_features_are_mixed_6_conv(tmp_path):
     assert out.spatial[1, 3 + 7 * (5 + 17 * 2)] == expected[1, 3, 2, 5]  # channel 3 at (h=2, w=5)
 
 
-def _launched_run(log_dir: str, argv: list[str]) -> int:
-    """This file as the launched program: record each process's drawn indices, then run the command line."""
-    from vqgpt.cli import main
+def _image_keys(images: torch.Tensor) -> list[str]:
+    """A short digest of each image (B, 3, H, W), leaving out blank (all-zero) probes of a network's output shapes."""
+    return [hashlib.sha1(image.float().contiguous().numpy().tobytes()).hexdigest()[:12]
+            for image in images.detach().cpu() if image.any()]
 
+
+def _launched_run(log_dir: str, argv: list[str]) -> int:
+    """This file as the launched program: record each process's drawn indices, the images it encodes with the
+    tokenizer and those it gives the feature network (a line per call), then run the command line."""
+    from stage1_vq.model import VQModel
+    from vqgpt.cli import main
+    from vqgpt.ground.fid import FeatureExtractor
+
+    rank = os.environ.get("RANK", "0")
     real = sample_many_module.draw_images
 
     def recording(pipe, index, *args):
-        with open(Path(log_dir) / f"drawn-rank{os.environ.get('RANK', '0')}.txt", "a") as f:
+        with open(Path(log_dir) / f"drawn-rank{rank}.txt", "a") as f:
             f.write(" ".join(map(str, index)) + "\n")
         return real(pipe, index, *args)
 
+    def logged(kind: str, method):
+        def call(self, images, *args, **kwargs):
+            keys = _image_keys(images)
+            if keys:
+                with open(Path(log_dir) / f"{kind}-rank{rank}.txt", "a") as f:
+                    f.write(" ".join(keys) + "\n")
+            return method(self, images, *args, **kwargs)
+        return call
+
     sample_many_module.draw_images = recording
+    VQModel.encode = logged("encoded", VQModel.encode)
+    FeatureExtractor.forward = logged("featured", FeatureExtractor.forward)
     return main(argv)
 
 
@@ -216,6 +240,137 @@ def test_two_processes_give_the_report_of_one(pipe_dir, tmp_path):
     assert reports[2] == reports[1]
     assert reports[1]["num_samples"] == 9 and reports[1]["num_reference"] == 11
     assert None not in (reports[1]["fid"], reports[1]["sfid"], reports[1]["precision"], reports[1]["recall"])
+
+
+# ----------------------------------------------------------------------------------------- eval-bpd, eval-tokenizer,
+# reconstruct and fid-stats on two processes: each does its own share of the batches, the report is the one-process one
+
+
+def _class_folders(root: Path) -> Path:
+    """Folders a/, b/, c/ (the tiny pipeline's classes) of 5 noise images each; b/1.png does not decode."""
+    rng = np.random.default_rng(7)
+    for label in ("a", "b", "c"):
+        (root / label).mkdir(parents=True)
+        for k in range(5):
+            Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / label / f"{k}.png")
+    (root / "b" / "1.png").write_text("not an image\n")
+    return root
+
+
+def _launch(n: int, logs: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """``vqgpt ARGV`` as 1 plain process or under accelerate launch on ``n`` gloo processes, recording in ``logs``."""
+    from test_distributed import launch_command, subprocess_env
+
+    logs.mkdir()
+    head = launch_command(n) if n > 1 else [sys.executable]
+    done = subprocess.run([*head, str(Path(__file__).resolve()), str(logs), *map(str, argv)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _calls(logs: Path, kind: str, rank: int) -> list[list[str]]:
+    """The images of each call ``kind`` (encoded, featured) that process ``rank`` made, in order."""
+    path = logs / f"{kind}-rank{rank}.txt"
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _assert_split(logs: dict[int, Path], kind: str, images: int) -> None:
+    """One process's batches of ``images`` images; on two, batch c on process c % 2 alone."""
+    batches = _calls(logs[1], kind, 0)
+    assert sum(map(len, batches)) == images, batches
+    assert len({key for batch in batches for key in batch}) == images  # every image once
+    assert _calls(logs[2], kind, 0) == batches[0::2] and _calls(logs[2], kind, 1) == batches[1::2], (
+        f"two processes' {kind} batches {_calls(logs[2], kind, 0)} and {_calls(logs[2], kind, 1)}, "
+        f"one process's {batches}")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` and its bytes, but the lock file (RunLock never deletes it)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.slow
+def test_eval_bpd_on_two_processes_gives_the_report_of_one(pipe_dir, tmp_path):
+    """1 vs 2 gloo processes: the same JSON report, printed once; each process encoded and scored its own batches.
+    --num 10 in batches of 2 ends inside the second process's batch, and b/1.png leaves one batch an image short."""
+    source = _class_folders(tmp_path / "imgs")
+    reports, logs, stderr = {}, {}, {}
+    for n in (1, 2):
+        logs[n] = tmp_path / f"logs{n}"
+        done = _launch(n, logs[n], ["eval-bpd", "--pipeline", pipe_dir, "--images", source, "--split", "train",
+                                    "--num", 10, "--batch-size", 2, "--device", "cpu", "--json"])
+        lines = done.stdout.strip().splitlines()
+        assert len(lines) == 1, done.stdout  # said once, by rank 0
+        reports[n], stderr[n] = json.loads(lines[0]), done.stderr
+    assert reports[2] == reports[1]
+    assert reports[1]["num_images"] == 10 and reports[1]["class_conditional"]
+    _assert_split(logs, "encoded", 10)
+    for n in (1, 2):  # the file left out is named once, not by every process
+        assert stderr[n].count("left out 1 image that failed to decode") == 1, stderr[n][-3000:]
+
+
+@pytest.mark.slow
+def test_eval_tokenizer_on_two_processes_gives_the_report_and_files_of_one(pipe_dir, tmp_path):
+    """1 vs 2 gloo processes: the same JSON report (PSNR, SSIM, LPIPS, rFID, codebook figures), printed once, and the
+    same files in --out, byte for byte (the second process wrote its own reconstructions); each process
+    reconstructed and scored its own batches only."""
+    source = _class_folders(tmp_path / "imgs")
+    reports, logs = {}, {}
+    for n in (1, 2):
+        logs[n] = tmp_path / f"logs{n}"
+        done = _launch(n, logs[n], ["eval-tokenizer", "--tokenizer", pipe_dir / "tokenizer", "--images", source,
+                                    "--fid-weights", "random", "--lpips", "random", "--num", 11, "--batch-size", 2,
+                                    "--out", tmp_path / f"out{n}", "--device", "cpu", "--json"])
+        lines = done.stdout.strip().splitlines()
+        assert len(lines) == 1, done.stdout
+        reports[n] = json.loads(lines[0])
+    assert reports[2] == reports[1]
+    assert reports[1]["num_images"] == 11 and None not in (reports[1]["rfid"], reports[1]["lpips"])
+    one = _files(tmp_path / "out1")
+    assert len([name for name in one if name.startswith("images/")]) == 11 and "grid.png" in one
+    assert _files(tmp_path / "out2") == one
+    _assert_split(logs, "encoded", 11)
+
+
+@pytest.mark.slow
+def test_reconstruct_on_two_processes_gives_the_metrics_and_files_of_one(pipe_dir, tmp_path):
+    """1 vs 2 gloo processes: the same JSON metrics, printed once, and the same files in --out, byte for byte;
+    each process encoded its own batches only (14 readable images in batches of 3: b/1.png leaves one short)."""
+    source = _class_folders(tmp_path / "imgs")
+    metrics, logs = {}, {}
+    for n in (1, 2):
+        logs[n] = tmp_path / f"logs{n}"
+        done = _launch(n, logs[n], ["reconstruct", "--tokenizer", pipe_dir / "tokenizer", "--images", source,
+                                    "--lpips", "random", "--batch-size", 3, "--out", tmp_path / f"out{n}", "--json"])
+        lines = done.stdout.strip().splitlines()
+        assert len(lines) == 1, done.stdout
+        metrics[n] = json.loads(lines[0])
+    assert metrics[2] == metrics[1] and metrics[1]["num_images"] == 14
+    assert _files(tmp_path / "out2") == _files(tmp_path / "out1")
+    _assert_split(logs, "encoded", 14)
+
+
+@pytest.mark.slow
+def test_fid_stats_on_two_processes_writes_the_statistics_of_one(tmp_path):
+    """1 vs 2 gloo processes: the same report, printed once, and the same statistics file, array for array, bit
+    for bit; each process gave the feature network its own batches only."""
+    source = _class_folders(tmp_path / "imgs")
+    printed, logs = {}, {}
+    for n in (1, 2):
+        logs[n] = tmp_path / f"logs{n}"
+        done = _launch(n, logs[n], ["fid-stats", "--images", source, "--out", tmp_path / f"ref{n}.npz", "--fid-weights",
+                                    "random", "--resolution", SIZE, "--num", 12, "--batch-size", 2, "--device", "cpu"])
+        lines = done.stdout.strip().splitlines()
+        assert sum(line.strip().startswith("path:") for line in lines) == 1, done.stdout  # said once
+        printed[n] = [line for line in lines if not line.strip().startswith("path:")]
+    assert printed[2] == printed[1] and any(line.split() == ["num_images:", "12"] for line in printed[1])
+    with np.load(tmp_path / "ref1.npz") as one, np.load(tmp_path / "ref2.npz") as two:
+        assert sorted(two.files) == sorted(one.files) and "features" in one.files
+        for key in one.files:
+            assert np.array_equal(two[key], one[key]), key
+    _assert_split(logs, "featured", 12)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
   interrupts, ``after_step``;
 - ``replicas``: the DDP replica check, FSDP gathering, unwrapping, the EMA, ending a run;
 - ``run_folder``: the run folder's guard (one run per folder, no silent replacement, a resume that
-  must match the run).
+  must match the run);
+- ``shares``: evaluation's batches split over the processes, gathered back in order (the one-process
+  figures, bit for bit).
 
 The loops themselves live in ``stage1_vq/train.py`` and ``stage2_prior/train.py``, each one
 readable function from top to bottom; this floor imports only the ground floor (``vqgpt.ground``).
@@ -61,6 +63,7 @@ from vqgpt.training.run_folder import (
     open_run_dir,
     truncate_metrics,
 )
+from vqgpt.training.shares import ONE_PROCESS, Round, gather_in_order, on_main_process, readable_rounds, rounds_total
 from vqgpt.training.stream import (
     SeededSamples,
     StreamPosition,
@@ -72,6 +75,7 @@ from vqgpt.training.stream import (
 )
 
 __all__ = [
+    "ONE_PROCESS", "Round", "gather_in_order", "on_main_process", "readable_rounds", "rounds_total",
     "LOCK_NAME", "RESUMABLE_KEYS", "TRACKING_DIR", "GracefulInterrupt", "MetricsLog", "NonFiniteLoss", "RunFolder", "RunFolderError",
     "RunLock", "SeededSamples", "StepMetrics", "StreamPosition", "Throughput", "TrainConfig", "after_step",
     "all_finite", "batch_stream", "check_config_unchanged", "check_replicas", "clip_gradients", "cpu_has_fast_bf16",

@@ -10,7 +10,9 @@ never to compare with papers. The network used is reported as ``fid_features``.
 
 ``eval_prior`` runs on every process ``accelerate launch`` started: each draws and scores its
 share of the samples, and each round of batches is gathered and summed in sample order, so the report
-does not depend on the process count. Features are summed as they come (``FeatureAccumulator``):
+does not depend on the process count. ``eval_bits_per_dim``, ``eval_tokenizer`` (``reconstruct``) and
+``fid_stats`` split the batches of their images the same way (``readable_rounds``): the one-process
+report, bit for bit. Features are summed as they come (``FeatureAccumulator``):
 memory does not grow with the number of samples or reference images. A
 reference in the ADM evaluator's layout (``arr_0`` images, ``mu`` / ``sigma``, ``mu_s`` /
 ``sigma_s``) is read as that evaluator reads it: see ``eval_prior``.
@@ -33,6 +35,7 @@ from vqgpt.workflow.classifier import MNIST_SOURCE, NUM_DIGITS, load_or_train_mn
 from vqgpt.ground.checkpoint import usable_device
 from vqgpt.ground.data import DataConfig, build_dataset, check_source_package, readable_batches
 from vqgpt.training.config import launched_process_state
+from vqgpt.training.shares import gather_in_order, on_main_process, readable_rounds, rounds_total
 from vqgpt.ground.fid import (
     PR_MAX_FEATURES,
     PR_NEIGHBORHOOD,
@@ -155,23 +158,38 @@ def eval_tokenizer(tokenizer_dir: str | Path, images: str, fid_weights: str | No
 
     ``out``: also keep the reconstructions, grid and metrics.json there (else they are discarded).
     An unreachable default FID network (offline) gives ``rfid=None`` with a warning, like LPIPS.
+    Under ``accelerate launch`` the batches are split over the processes (see ``reconstruct``); the rFID
+    features are gathered and summed in image order, batch by batch as one process sums them: every
+    process returns the one-process report, bit for bit.
     """
-    from stage1_vq.evaluate import reconstruct
+    from stage1_vq.evaluate import BatchRows, reconstruct
 
     check_source_package(images)  # before the FID network loads (or fails to, offline, with a warning)
     dev = _device(device)
+    state = launched_process_state("each would reconstruct and score every image")
+    if state.num_processes > 1 and dev.type == state.device.type:
+        dev = state.device  # "--device cuda" on 8 processes: each its own GPU, not all on cuda:0
     extractor = _optional_extractor(fid_weights, dev)
     # summed as they come: the eval split may hold 50k images
     real, fake = FeatureAccumulator(keep_features=0, spatial=False), FeatureAccumulator(keep_features=0, spatial=False)
+    features = None
+    if extractor is not None:
+        def take(rows: dict[str, torch.Tensor]) -> None:
+            # (gathered on the CPU) back on the extractor's device, where they were summed before: the same sums
+            real.update(Features(rows["real"].to(extractor.device), None, None))  # type: ignore[arg-type]
+            fake.update(Features(rows["fake"].to(extractor.device), None, None))  # type: ignore[arg-type]
 
-    def collect(originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
-        real.update(extractor(originals))
-        fake.update(extractor(reconstructions))
+        def blank(height: int, width: int) -> dict[str, torch.Tensor]:
+            pool = _blank_rows(extractor, height, width)["pool"]
+            return {"real": pool, "fake": pool}
+
+        features = BatchRows(lambda originals, reconstructions: {"real": extractor(originals).pool,
+                                                                 "fake": extractor(reconstructions).pool}, take, blank)
 
     with tempfile.TemporaryDirectory(prefix="vqgpt-eval-") as scratch:
         metrics = reconstruct(tokenizer_dir, images, out if out is not None else scratch, num_images=num_images,
                               resolution=resolution, batch_size=batch_size, lpips=lpips, save_images=out is not None,
-                              device=str(dev), progress=progress, on_batch=collect if extractor is not None else None)
+                              device=str(dev), progress=progress, rows=features, state=state)
     rfid = None
     if extractor is not None:
         if real.count < 2:
@@ -201,29 +219,61 @@ def _optional_extractor(fid_weights: str | None, device: torch.device) -> Featur
 
 def reference_stats(extractor: FeatureExtractor, source: str, resolution: int, split: str = "train",
                     num_images: int | None = None, batch_size: int = 64, keep_features: int = PR_MAX_FEATURES,
-                    progress: bool = True) -> FeatureStats:
+                    progress: bool = True, state: Any = None) -> FeatureStats:
     """Feature statistics of the images of ``source`` (deterministic crops, no flips) at ``resolution``.
 
     Summed a batch at a time (an ImageNet-train reference of 1.28M images would need ~50 GB as one
     array); the same statistics and the same precision/recall subset as ``compute_stats`` of all of them.
+    ``state`` (``launched_process_state``) of several processes: each extracts the features of its share of
+    the batches (``readable_rounds``); every round's rows are gathered and summed in image order, batch by
+    batch as one process sums them, on every process: the same statistics, bit for bit, on each.
+    None, or one process: this process does every batch.
     """
     dataset = build_dataset(DataConfig(source=source, resolution=resolution, random_crop=False, hflip=False), split)
     wanted = len(dataset) if num_images is None else min(num_images, len(dataset))
-    # a file that fails to decode is left out and the next readable one takes its place, up to num_images
-    batches = readable_batches(dataset, batch_size, limit=num_images)
-    accumulator = stream_stats(extractor, (images for images, _ in batches), wanted, keep_features,
-                               progress=progress, desc=f"reference features ({source})", total=-(-wanted // batch_size))
+    desc = f"reference features ({source})"
+    if state is None or state.num_processes == 1:
+        # a file that fails to decode is left out and the next readable one takes its place, up to num_images
+        batches = readable_batches(dataset, batch_size, limit=num_images)
+        accumulator = stream_stats(extractor, (images for images, _ in batches), wanted, keep_features,
+                                   progress=progress, desc=desc, total=-(-wanted // batch_size))
+        return accumulator.stats(extractor.name, source=source, split=split, resolution=resolution)
+    accumulator = FeatureAccumulator(wanted, keep_features)
+    blank = _blank_rows(extractor, resolution, resolution)
+    rounds = readable_rounds(state, dataset, batch_size, limit=num_images)
+    for round_ in tqdm(rounds, desc=desc, total=rounds_total(wanted, batch_size, state),
+                       disable=not progress or not state.is_main_process):
+        rows = extractor(round_.images)._asdict() if round_.images is not None else blank
+        rows = gather_in_order(state, round_.image_index(), rows, start=round_.batches[0].start)
+        at = 0
+        for batch in round_.batches:
+            # back on the extractor's device, where one process sums them: the same arithmetic
+            accumulator.update(Features(**{key: t[at:at + len(batch)].to(extractor.device)
+                                           for key, t in rows.items()}))
+            at += len(batch)
+    if accumulator.count == 0:
+        raise ValueError("no images to extract features from")  # as stream_stats says it
     return accumulator.stats(extractor.name, source=source, split=split, resolution=resolution)
 
 
 def fid_stats(images: str, out: str | Path, fid_weights: str | None = None, resolution: int = 32,
               split: str = "train", num_images: int | None = None, batch_size: int = 64,
               keep_features: int = PR_MAX_FEATURES, device: str | None = None, progress: bool = True) -> StatsReport:
-    """Compute reference statistics of ``images`` once and save them as ``.npz`` (mu, sigma, features) for eval-prior."""
+    """Compute reference statistics of ``images`` once and save them as ``.npz`` (mu, sigma, features) for eval-prior.
+
+    Under ``accelerate launch`` each process extracts the features of its share of the batches; they are
+    summed in image order (``reference_stats``), so the file holds the one-process statistics, bit for bit,
+    and the first process alone writes it.
+    """
     check_stats_path(out)  # a bad --out is said before the features are computed, not after
-    extractor = load_feature_extractor(fid_weights, _device(device))
-    stats = reference_stats(extractor, images, resolution, split, num_images, batch_size, keep_features, progress)
-    path = save_stats(stats, out)
+    dev = _device(device)
+    state = launched_process_state("each would extract the features of every image")
+    if state.num_processes > 1 and dev.type == state.device.type:
+        dev = state.device  # "--device cuda" on 8 processes: each its own GPU, not all on cuda:0
+    extractor = load_feature_extractor(fid_weights, dev)
+    stats = reference_stats(extractor, images, resolution, split, num_images, batch_size, keep_features,
+                            progress and state.is_main_process, state)
+    path = on_main_process(state, lambda: save_stats(stats, out))
     kept = 0 if stats.features is None else int(stats.features.shape[0])
     return StatsReport(str(path), images, split, resolution, stats.num_images, int(stats.mu.shape[0]), kept, extractor.name)
 
@@ -389,36 +439,11 @@ def _score_in_rounds(state: Any, batches: list[range], score: Any, take: Any, bl
             if p == rank:
                 rows = score(batch) if items is None else score(batch, item)
                 index = torch.tensor(list(batch), dtype=torch.long)
-        rows = _gather_in_order(state, index, rows, start=round_batches[0].start)
+        rows = gather_in_order(state, index, rows, start=round_batches[0].start)
         at = 0
         for batch in round_batches:
             take({key: t[at:at + len(batch)] for key, t in rows.items()})
             at += len(batch)
-
-
-def _gather_in_order(state: Any, indices: torch.Tensor, rows: dict[str, torch.Tensor],
-                     start: int = 0) -> dict[str, torch.Tensor]:
-    """Rows (n_r, ...) of sample ``indices`` (n_r,) on every process -> all rows in index order, on every process.
-
-    The gathered indices must be ``start``, start + 1, ... once each. The shares differ in size by up
-    to a batch: each is padded to the longest for the gather (index -1 marks the padding) and trimmed
-    after it. The rows come back on the CPU for any process count, so that sums of them agree bit for bit.
-    """
-    rows = {key: t.cpu() for key, t in rows.items()}
-    if state.num_processes > 1:
-        from accelerate.utils import gather, pad_across_processes
-
-        def everyone(t: torch.Tensor, pad: int = 0) -> torch.Tensor:
-            return gather(pad_across_processes(t.contiguous().to(state.device), pad_index=pad)).cpu()
-
-        indices = everyone(indices, pad=-1)
-        keep = indices >= 0
-        indices = indices[keep]
-        rows = {key: everyone(t)[keep] for key, t in rows.items()}
-    order = indices.argsort()
-    if not torch.equal(indices[order], torch.arange(start, start + len(indices))):
-        raise RuntimeError(f"gathered sample indices are not {start}..{start + len(indices) - 1} once each")
-    return {key: t[order] for key, t in rows.items()}
 
 
 def _from_main_process(state: Any, report: PriorReport | None) -> PriorReport:
@@ -446,7 +471,8 @@ def _reference(extractor: FeatureExtractor, reference: str, resolution: int, spl
                progress: bool, state: Any = None) -> FeatureStats:
     """Load a stats .npz (checked against the feature network), score an ADM reference batch, or an image source."""
     if not reference.lower().endswith(".npz"):
-        return reference_stats(extractor, reference, resolution, split, batch_size=batch_size, progress=progress)
+        return reference_stats(extractor, reference, resolution, split, batch_size=batch_size, progress=progress,
+                               state=state)  # under a launch each process extracts its share
     probe = extractor(torch.zeros(2, 3, resolution, resolution))  # fail now, not after sampling
     dim, spatial_dim = probe.pool.shape[1], probe.spatial.shape[1]
     if _is_image_batch(reference):
@@ -586,10 +612,18 @@ BITS_PER_DIM_KEYS = tuple(f.name for f in fields(BitsPerDimReport))
 def eval_bits_per_dim(pipeline_dir: str | Path, images: str, split: str = "eval", num_images: int | None = None,
                       batch_size: int = 64, device: str | None = None, progress: bool = True) -> BitsPerDimReport:
     """Held-out NLL of the codes of ``images`` (``split``, center crops at the prior's trained size) under the
-    pipeline's prior, in nats and bits per token and in bits per dim (see ``BitsPerDimReport``)."""
+    pipeline's prior, in nats and bits per token and in bits per dim (see ``BitsPerDimReport``).
+
+    Under ``accelerate launch`` the batches are split over the processes (``readable_rounds``: each decodes,
+    encodes and scores its own) and the per-batch NLL sums are added in batch order on every process, as one
+    process adds them: the report is the one-process report, bit for bit, on every process.
+    """
     from vqgpt.workflow.pipeline import VQGPTPipeline
 
     dev = _device(device)
+    state = launched_process_state("each would score every image")
+    if state.num_processes > 1 and dev.type == state.device.type:
+        dev = state.device  # "--device cuda" on 8 processes: each its own GPU, not all on cuda:0
     pipe = VQGPTPipeline.from_pretrained(pipeline_dir).to(dev)
     height, width = pipe.trained_pixels()
     if height != width:
@@ -612,14 +646,24 @@ def eval_bits_per_dim(pipeline_dir: str | Path, images: str, split: str = "eval"
                              f"{exc}") from None
     wanted = len(dataset) if num_images is None else min(num_images, len(dataset))
     total_nats, tokens, count = 0.0, 0, 0
-    batches = readable_batches(dataset, batch_size, limit=num_images)  # unreadable files replaced by the next ones
-    for batch, labels in tqdm(batches, desc="bits per dim", total=-(-wanted // batch_size), disable=not progress):
-        codes = pipe.tokenizer.encode(batch.to(dev)).flatten(1)  # (B, h*w)
-        logits = pipe.prior(codes, class_of[labels].to(dev) if class_of is not None else None)  # (B, T, V)
-        total_nats += float(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), codes.flatten(),
-                                                              reduction="sum"))
-        tokens += codes.numel()
-        count += len(codes)
+    # unreadable files replaced by the next ones; under accelerate launch each process scores its share of the
+    # batches, and every batch's NLL sum is added in batch order, as one process adds them: the same figures
+    rounds = readable_rounds(state, dataset, batch_size, limit=num_images)
+    for round_ in tqdm(rounds, desc="bits per dim", total=rounds_total(wanted, batch_size, state),
+                       disable=not progress or not state.is_main_process):
+        nats, numel = torch.zeros(0), torch.zeros(0, dtype=torch.long)  # one row per batch; none without a batch
+        if round_.images is not None:
+            codes = pipe.tokenizer.encode(round_.images.to(dev)).flatten(1)  # (B, h*w)
+            labels = class_of[round_.labels].to(dev) if class_of is not None else None
+            logits = pipe.prior(codes, labels)  # (B, T, V)
+            nats = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), codes.flatten(),
+                                                     reduction="sum").reshape(1)
+            numel = torch.tensor([codes.numel()])
+        sums = gather_in_order(state, round_.batch_index(), {"nats": nats, "tokens": numel}, start=round_.first)
+        for batch_nats, batch_tokens in zip(sums["nats"].tolist(), sums["tokens"].tolist()):
+            total_nats += batch_nats
+            tokens += batch_tokens
+        count += sum(len(batch) for batch in round_.batches)
     if count == 0:
         raise ValueError(f"no readable images in the {split} split of {images}")
     bits_per_token = total_nats / tokens / float(np.log(2.0))
