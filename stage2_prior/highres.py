@@ -39,6 +39,7 @@ window, fed one token at a time: exactly ``generate``'s cached loop, with the sa
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -68,11 +69,34 @@ class _WindowCache:
     filled: int = 0  # slots computed: the prefix and window cells 0 .. filled - 2
 
 
+def _int_pair(value: object) -> tuple[int, int] | None:
+    """One integer for both, or a pair of them (Python, numpy or torch integers) -> (int, int); None for anything
+    else (a float, a bool, three numbers, text)."""
+    if hasattr(value, "tolist"):  # numpy and torch scalars and arrays
+        value = value.tolist()
+    items = tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+    if len(items) != 2 or any(isinstance(item, bool) for item in items):
+        return None
+    try:
+        return operator.index(items[0]), operator.index(items[1])
+    except TypeError:
+        return None
+
+
 def _check_stride(window_stride: int | Sequence[int], h: int, w: int) -> tuple[int, int]:
-    stride = (window_stride, window_stride) if isinstance(window_stride, int) else tuple(window_stride)
-    if len(stride) != 2 or not (1 <= stride[0] <= h and 1 <= stride[1] <= w):
-        raise ValueError(f"window_stride must be 1..{h} (rows) and 1..{w} (columns), got {window_stride!r}")
-    return stride  # type: ignore[return-value]
+    stride = _int_pair(window_stride)
+    if stride is None or not (1 <= stride[0] <= h and 1 <= stride[1] <= w):
+        raise ValueError(f"window_stride must be an integer or (rows, columns) of integers in 1..{h} (rows) and "
+                         f"1..{w} (columns), got {window_stride!r}")
+    return stride
+
+
+def check_grid_size(grid_size: int | Sequence[int]) -> tuple[int, int]:
+    """A requested code grid (rows, columns), or one integer for a square one -> (int, int), each >= 1."""
+    size = _int_pair(grid_size)
+    if size is None or min(size) < 1:
+        raise ValueError(f"grid_size must be (rows, columns) of integers >= 1 (or one integer), got {grid_size!r}")
+    return size
 
 
 @inference
@@ -91,6 +115,8 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
     """
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be (B, H, W), got shape {tuple(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be integer codes, got {tokens.dtype}")  # 3.7 was read as code 3
     B, H, W = tokens.shape
     h, w = model.grid_size
     if H < h or W < w:

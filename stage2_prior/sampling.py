@@ -15,7 +15,7 @@ from stage2_prior.decode import decode_step
 from stage2_prior.draw import (CFG_SCHEDULES, FiniteWatch, SamplingConfig, cfg_scales, check_sampling_args, eval_mode,
                                guided_labels, inference, next_token, resolve_class_labels, sample_logits, top_k_filter,
                                top_p_filter)
-from stage2_prior.highres import generate_highres
+from stage2_prior.highres import _check_stride, check_grid_size, generate_highres
 from stage2_prior.layers import notice_data_edits
 from stage2_prior.model import GPT
 
@@ -50,8 +50,9 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
                              f"for num_samples={num_samples}")
     noise = generator if generators is None else list(generators)
     h, w = model.grid_size
-    if grid_size is not None and tuple(grid_size) != (h, w):
-        height, width = grid_size
+    window_stride = _check_stride(window_stride, h, w)  # on the trained grid too: a bad value is said at once
+    if grid_size is not None and check_grid_size(grid_size) != (h, w):
+        height, width = check_grid_size(grid_size)
         return generate_highres(model, num_samples, height, width, class_labels=class_labels, sampling=sampling,
                                 use_cache=use_cache, window_stride=window_stride, generator=noise,
                                 progress=progress, compile=compile)

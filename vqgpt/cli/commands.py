@@ -349,7 +349,9 @@ def _add_sampling_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-schedule", choices=CFG_SCHEDULE_CHOICES, default="constant",
                    help="guidance scale along the raster order: constant, or linear rising from about 1 (the "
                         "first position: 1 + (scale - 1) / positions) to --cfg-scale")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images (image i "
+    # the range torch.Generator.manual_seed takes: said now, not after a folder or the reference features
+    p.add_argument("--seed", type=int_at_least(-(2**63), 2**64 - 1), default=0,
+                   help="random seed: the same seed gives the same images (image i "
                    "has its own seed, from --seed and i: it does not depend on how many are drawn with it)")
 
 
@@ -419,6 +421,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          f"folder of one PNG per sample (e.g. {args.out}/)")
     if args.per_class is not None:
         raise ValueError(f"--per-class draws one file per sample: give --out FOLDER/ or --npz F.npz, not --out {args.out}")
+    if args.batch_size is not None:  # (it was ignored: 100,000 samples went into one batch)
+        raise ValueError(f"--batch-size belongs to --out FOLDER/ and --npz, which draw batch by batch; --out "
+                         f"{args.out} draws its --num samples in one batch: for many samples give --out FOLDER/")
     if _launched():  # every process would draw the same grid into the same file
         raise ValueError(f"--out {args.out} (one grid) is drawn by one process: run it without accelerate launch, or "
                          "give --out FOLDER/ to split the samples over the processes")
@@ -445,8 +450,9 @@ def _sample_many(args: argparse.Namespace) -> int:
     if args.out is not None and not said_folder and Path(args.out).suffix.lower() in _image_out_extensions():
         raise ValueError(f"with --npz, --out is the folder of one PNG per sample, not an image file: "
                          f"give --out {Path(args.out).with_suffix('')}/ or leave --out out")
-    if args.npz is not None and Path(args.npz).suffix != ".npz":
-        raise ValueError(f"--npz {args.npz} must end with .npz")
+    if args.npz is not None and Path(args.npz).suffix != ".npz":  # a bare '.npz' has no suffix in pathlib's view
+        raise ValueError(f"--npz {args.npz} must " + ("have a name before .npz" if Path(args.npz).name == ".npz"
+                                                      else "end with .npz"))
     if args.save_each:
         raise ValueError("--save-each belongs to --out F.png: a folder --out already holds one PNG per sample")
     if args.per_class is not None and args.class_label is not None:
@@ -460,7 +466,7 @@ def _sample_many(args: argparse.Namespace) -> int:
         labels = _class_label(pipe, args)
     num = len(labels) if args.per_class is not None else (16 if args.num is None else args.num)
     report = sample_many(pipe, num, out=args.out, npz=args.npz, class_labels=labels, sampling=_sampling(args),
-                         seed=args.seed, height=args.height, width=args.width, batch_size=args.batch_size)
+                         seed=args.seed, height=args.height, width=args.width, batch_size=args.batch_size or 32)
     if _first_process():  # under accelerate launch, say it once
         where = " and ".join(str(p) for p in (report.folder, report.npz) if p is not None)
         print(f"drew {report.drawn} samples ({report.skipped} finished before) on {report.processes} "
@@ -483,6 +489,8 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
     pipe = _load_pipeline(args)
     label = _class_label(pipe, args)
+    if torch.cuda.is_available():  # as sample does (it ran on the CPU beside a GPU)
+        pipe.to("cuda")
     # The image is fitted to the prior's trained size: resized to cover it, then center-cropped.
     image = open_fitted(args.image, *pipe.trained_pixels())
     images = pipe.complete(image, args.num, keep_rows=args.keep_rows, extend_right=args.extend_right,
@@ -762,8 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(N, H, W, 3) under arr_0, class labels under arr_1")
     p.add_argument("--per-class", type=int_at_least(1), default=None,
                    help="class-balanced labels: K samples of each class, class by class (with --out FOLDER/ or --npz)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=32,
-                   help="samples drawn at once with --out FOLDER/ or --npz; keep it when resuming a folder")
+    p.add_argument("--batch-size", type=int_at_least(1), default=None,
+                   help="samples drawn at once with --out FOLDER/ or --npz (default 32); keep it when resuming a "
+                        "folder")
     p.set_defaults(func=cmd_sample)
 
     fid_help = ("FID network: a local Inception .pth (torch-fidelity / pytorch-fid weights), default downloads it; "

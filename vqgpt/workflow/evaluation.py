@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from stage2_prior.draw import SamplingConfig
+from stage2_prior.draw import SamplingConfig, check_sampling_args
 from vqgpt.workflow.classifier import MNIST_SOURCE, NUM_DIGITS, load_or_train_mnist_classifier, predict
 from vqgpt.ground.checkpoint import usable_device
 from vqgpt.ground.data import DataConfig, build_dataset, check_source_package, readable_batches
@@ -98,10 +98,12 @@ class PriorReport(_Report):
     num_reference: int | None    # None when the reference statistics do not say how many images they summarise
     resolution: int
     cfg_scale: float
+    cfg_schedule: str
     temperature: float
     top_k: int | None
     top_p: float | None
     seed: int
+    prior_dtype: str             # how the prior decoded: float32, bfloat16 or int8 (other draws than float32's)
     fid: float
     sfid: float | None           # spatial FID (ADM's sFID); None when the reference has no spatial stats (mu_s)
     inception_score: float
@@ -322,7 +324,7 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
     ``prior_dtype`` and ``compile``: how the prior decodes (``VQGPTPipeline.set_decoding``).
     """
     from vqgpt.workflow import sample_many
-    from vqgpt.workflow.pipeline import VQGPTPipeline
+    from vqgpt.workflow.pipeline import VQGPTPipeline, sample_generators
 
     sampling = sampling or SamplingConfig()
 
@@ -335,6 +337,9 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
         dev = state.device  # "--device cuda" on 8 processes: each its own GPU, not all on cuda:0
     main = state.is_main_process
     pipe = VQGPTPipeline.from_pretrained(pipeline_dir).set_decoding(prior_dtype, compile).to(dev)
+    # what the draw would refuse (guidance this prior cannot give, a seed out of range): before the reference
+    check_sampling_args(pipe.prior, sampling)
+    sample_generators(seed, [])
     try:
         extractor = load_feature_extractor(fid_weights, dev)
     except FeatureNetworkUnavailable as exc:
@@ -405,7 +410,8 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
         report = PriorReport(
             pipeline=str(pipeline_dir), reference=str(reference), num_samples=num_samples,
             num_reference=ref.num_images or None, resolution=height, cfg_scale=sampling.cfg_scale,
-            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=seed,
+            cfg_schedule=sampling.cfg_schedule, temperature=sampling.temperature, top_k=sampling.top_k,
+            top_p=sampling.top_p, seed=seed, prior_dtype=sample_many.decoding_dtype(pipe.prior),
             fid=fid, sfid=sfid, inception_score=inception.mean, inception_score_std=inception.std,
             precision=pr.precision if pr else None, recall=pr.recall if pr else None,
             class_accuracy=hits / num_samples if classifier is not None else None,

@@ -193,7 +193,9 @@ class VQGPTPipeline:
                 self._rounded_prior = True  # a later 'float32' cannot restore the float32 weights
             set_prior_dtype(self.prior, prior_dtype)
         if compile is not None:
-            self.compile_decode = bool(compile)
+            if not isinstance(compile, bool):  # bool('false') is True
+                raise ValueError(f"compile must be True, False or None, got {type(compile).__name__} {compile!r}")
+            self.compile_decode = compile
         return self
 
     @property

@@ -37,7 +37,7 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
-from stage2_prior.draw import SamplingConfig
+from stage2_prior.draw import SamplingConfig, check_sampling_args
 from stage2_prior.quantize import is_quantized
 from vqgpt.ground.checkpoint import check_file_place, name_listing
 from vqgpt.ground.config import to_dict
@@ -268,6 +268,11 @@ def _folder_locked(state: PartialState, folder: Path, npz: Path | None) -> Itera
 
 
 @torch.inference_mode()
+def decoding_dtype(prior: torch.nn.Module) -> str:
+    """'int8', or the dtype of the prior's weights ('float32', 'bfloat16'): what its samples are drawn in."""
+    return "int8" if is_quantized(prior) else str(next(prior.parameters()).dtype).removeprefix("torch.")
+
+
 def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, npz: str | Path | None = None,
                 class_labels: ClassLabels = None, sampling: SamplingConfig | None = None, seed: int = 0,
                 height: int | None = None, width: int | None = None, batch_size: int = 32,
@@ -313,10 +318,11 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     pipe.to(torch.device(device) if device is not None else state.device)
     grid = pipe.grid_for_pixels(height, width)
     labels = pipe.labels_tensor(class_labels, num)
+    # what the draw would refuse (guidance this prior cannot give, a seed out of range): before the folder is made
+    check_sampling_args(pipe.prior, sampling)
+    sample_generators(seed, [])
     # int8 weights sample other images than the float ones: a resumed folder must keep the same
-    float_dtype = str(next(pipe.prior.parameters()).dtype).removeprefix("torch.")
-    prior_dtype = "int8" if is_quantized(pipe.prior) else float_dtype
-    settings = _settings(num, seed, batch_size, labels, sampling, grid, prior_dtype,
+    settings = _settings(num, seed, batch_size, labels, sampling, grid, decoding_dtype(pipe.prior),
                          weights_digest(pipe.tokenizer, pipe.prior), configs_digest(pipe))
     with _folder_locked(state, folder, npz):
         # Every process reads what is finished before any writes, so all agree on the counts.

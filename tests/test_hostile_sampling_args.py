@@ -1,0 +1,136 @@
+"""Sampling arguments a hostile user gets wrong: refused at once, naming the value, before a folder is made or
+a reference is scored; options that were silently ignored or misread."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import vqgpt.workflow.evaluation as evaluation
+import vqgpt.workflow.sample_many as sample_many_module
+from prior_helpers import tiny_gpt
+from stage2_prior import generate
+from stage2_prior.highres import complete
+from test_pipeline import tiny_prior, tiny_tokenizer
+from vqgpt.cli.commands import main
+from vqgpt.workflow.pipeline import VQGPTPipeline
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    """A class-conditional pipeline and an unconditional one."""
+    root = tmp_path_factory.mktemp("pipes")
+    tok = tiny_tokenizer()
+    VQGPTPipeline(tok, tiny_prior(tok.codebook_size), classes=["a", "b", "c"]).save_pretrained(root / "cond")
+    VQGPTPipeline(tok, tiny_prior(tok.codebook_size, num_classes=0)).save_pretrained(root / "uncond")
+    return root
+
+
+@pytest.fixture()
+def drawn(monkeypatch):
+    calls = []
+    monkeypatch.setattr(sample_many_module, "draw_images", lambda *a, **k: calls.append(1))
+    return calls
+
+
+def _error(capsys) -> str:
+    return capsys.readouterr().err
+
+
+def test_guidance_an_unconditional_prior_cannot_give_is_refused_before_the_folder(pipes, tmp_path, drawn, capsys):
+    for where in (["--out", f"{tmp_path / 'u'}/"], ["--npz", str(tmp_path / "u.npz")]):
+        assert main(["sample", "--pipeline", str(pipes / "uncond"), "--num", "2", "--cfg-scale", "2", *where]) == 2
+        assert "cfg_scale=2.0 needs a class-conditional prior" in _error(capsys)
+    assert drawn == [] and sorted(p.name for p in tmp_path.iterdir()) == []  # no u/, no u.npz.parts/
+
+
+def test_a_seed_out_of_range_is_a_flag_error(pipes, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--pipeline", str(pipes / "cond"), "--num", "1", "--class-label", "a", "--out",
+              f"{tmp_path / 's'}/", "--seed", "99999999999999999999999"])
+    assert exc.value.code == 2
+    assert "argument --seed: must be <= 18446744073709551615" in _error(capsys)
+    assert not (tmp_path / "s").exists()
+
+
+def test_sample_many_checks_guidance_and_seed_before_making_the_folder(pipes, tmp_path, drawn):
+    pipe = VQGPTPipeline.from_pretrained(pipes / "cond")
+    with pytest.raises(ValueError, match="seed must be between"):
+        sample_many_module.sample_many(pipe, 2, out=tmp_path / "s", class_labels=0, seed=2**70, progress=False)
+    assert drawn == [] and not (tmp_path / "s").exists()
+
+
+def test_eval_prior_refuses_impossible_guidance_before_scoring_the_reference(pipes, monkeypatch):
+    scored = []
+    monkeypatch.setattr(evaluation, "_reference", lambda *a, **k: scored.append(1))
+    with pytest.raises(ValueError, match="cfg_scale=2.0 needs a class-conditional prior"):
+        evaluation.eval_prior(pipes / "uncond", "builtin:mnist", num_samples=4, fid_weights="random",
+                              sampling=evaluation.SamplingConfig(cfg_scale=2.0), device="cpu", progress=False)
+    with pytest.raises(ValueError, match="seed must be between"):
+        evaluation.eval_prior(pipes / "cond", "builtin:mnist", num_samples=4, fid_weights="random", seed=-(2**64),
+                              device="cpu", progress=False)
+    assert scored == []
+
+
+def test_batch_size_with_one_grid_is_refused_not_ignored(pipes, tmp_path, capsys):
+    assert main(["sample", "--pipeline", str(pipes / "cond"), "--num", "4", "--class-label", "a", "--out",
+                 str(tmp_path / "g.png"), "--batch-size", "2"]) == 2
+    assert "--batch-size belongs to --out FOLDER/ and --npz" in _error(capsys)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_a_bare_npz_name_is_told_it_needs_a_name(pipes, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--pipeline", str(pipes / "cond"), "--num", "2", "--class-label", "a", "--npz",
+                 ".npz"]) == 2
+    assert "--npz .npz must have a name before .npz" in _error(capsys)
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0, 1, None])
+def test_set_decoding_takes_only_a_bool_for_compile(pipes, value):
+    pipe = VQGPTPipeline.from_pretrained(pipes / "cond")
+    if value is None:
+        assert pipe.set_decoding(compile=True).set_decoding(compile=None).compile_decode is True
+        return
+    with pytest.raises(ValueError, match="compile must be True, False or None"):
+        pipe.set_decoding(compile=value)  # bool('false') turned compiling on
+    assert pipe.compile_decode is False
+
+
+def test_complete_runs_on_the_gpu_where_there_is_one(pipes, tmp_path, monkeypatch):
+    from PIL import Image
+
+    moved = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(VQGPTPipeline, "to", lambda self, device: moved.append(str(device)) or self)
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "in.png")
+    assert main(["complete", "--pipeline", str(pipes / "cond"), "--image", str(tmp_path / "in.png"), "--keep-rows",
+                 "2", "--num", "1", "--class-label", "a", "--out", str(tmp_path / "c.png")]) == 0
+    assert moved == ["cuda"]  # it stayed on the CPU, where sample moved to the GPU
+
+
+@pytest.mark.parametrize("kwargs", [dict(grid_size=(5, 6), window_stride=(1.5, 1)), dict(window_stride=True),
+                                    dict(window_stride=0), dict(window_stride=(-5, "x")),
+                                    dict(grid_size=(6.0, 6)), dict(grid_size=(4, 4, 1)), dict(grid_size="ab")])
+def test_generate_refuses_a_bad_stride_or_grid_on_any_canvas(kwargs):
+    """A stride was checked only on a larger canvas, and its elements and the grid size never: raw TypeErrors."""
+    model = tiny_gpt(grid_size=[3, 4], n_layer=1)
+    with pytest.raises(ValueError, match="window_stride must be|grid_size must be"):
+        generate(model, 1, class_labels=0, **kwargs)
+
+
+def test_generate_takes_numpy_and_torch_integers_for_stride_and_grid():
+    model = tiny_gpt(grid_size=[3, 4], n_layer=1)
+    seeded = dict(class_labels=0, generator=torch.Generator().manual_seed(3))
+    want = generate(model, 1, grid_size=(5, 6), window_stride=(2, 2), **seeded)
+    seeded["generator"] = torch.Generator().manual_seed(3)
+    got = generate(model, 1, grid_size=torch.tensor([5, 6]), window_stride=np.int64(2), **seeded)
+    assert torch.equal(got, want)
+    assert generate(model, 1, class_labels=0, grid_size=6).shape == (1, 6, 6)  # one integer: a square grid
+
+
+def test_complete_refuses_float_codes():
+    model = tiny_gpt(grid_size=[3, 4], n_layer=1)
+    with pytest.raises(ValueError, match="tokens must be integer codes, got torch.float32"):
+        complete(model, torch.full((1, 3, 4), 3.7), keep_rows=1, class_labels=0)
