@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import threading
 import warnings
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ class SamplingConfig:
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and not isinstance(self.top_k, (bool, int)) and hasattr(self.top_k, "__index__"):
+            try:  # numpy's and torch's integers, as elsewhere
+                object.__setattr__(self, "top_k", operator.index(self.top_k))
+            except TypeError:  # (a float tensor has __index__ and refuses it): said below
+                pass
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
                                        or self.top_k < 1):
             raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")

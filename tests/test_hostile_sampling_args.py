@@ -134,3 +134,26 @@ def test_complete_refuses_float_codes():
     model = tiny_gpt(grid_size=[3, 4], n_layer=1)
     with pytest.raises(ValueError, match="tokens must be integer codes, got torch.float32"):
         complete(model, torch.full((1, 3, 4), 3.7), keep_rows=1, class_labels=0)
+
+
+def test_top_k_takes_numpy_and_torch_integers():
+    from stage2_prior import SamplingConfig
+
+    assert SamplingConfig(top_k=np.int64(5)).top_k == 5 and type(SamplingConfig(top_k=torch.tensor(3)).top_k) is int
+    for bad in (np.bool_(True), torch.tensor(3.0), 2.0):
+        with pytest.raises(ValueError, match="top_k must be an int >= 1"):
+            SamplingConfig(top_k=bad)
+
+
+def test_class_names_that_differ_by_edge_spaces_are_told_apart_in_errors():
+    tok = tiny_tokenizer()
+    pipe = VQGPTPipeline(tok, tiny_prior(tok.codebook_size), classes=[" a", "a", "b,c"])
+    with pytest.raises(ValueError) as exc:
+        pipe.class_index("z")
+    assert "known classes: [' a', a, 'b,c']" in str(exc.value)
+
+
+def test_an_output_extension_pillow_cannot_write_is_named_as_such(pipes, tmp_path, capsys):
+    assert main(["sample", "--pipeline", str(pipes / "cond"), "--num", "1", "--class-label", "a", "--out",
+                 str(tmp_path / "x.xyz")]) == 2
+    assert "has the extension .xyz, not one vqgpt writes images in" in _error(capsys)

@@ -275,7 +275,9 @@ class VQGPTPipeline:
         return int(label)
 
     def _known(self) -> str:
-        shown = ", ".join(self.classes[:20]) + (", ..." if len(self.classes) > 20 else "")
+        # a name with edge spaces or a comma in quotes: ' a' and 'a' are two classes, which [ a, a] hid
+        shown = ", ".join(repr(name) if name != name.strip() or "," in name else name for name in self.classes[:20])
+        shown += ", ..." if len(self.classes) > 20 else ""
         return f"[{shown}]" if self.classes else f"none named; indices 0..{self.prior.config.num_classes - 1}"
 
     @inference
