@@ -172,6 +172,25 @@ def test_npz_is_in_the_adm_layout(pipe_dir, tmp_path):
     assert not (tmp_path / "only.npz.parts").exists() and report.npz == tmp_path / "samples.npz"
 
 
+def test_the_same_npz_command_after_it_finished_draws_nothing(pipe_dir, tmp_path, monkeypatch):
+    """--npz alone removes its scratch folder: the same command again drew every sample again (hours for 50k).
+    The npz records its settings, so it is found complete; other settings draw anew."""
+    first = _run(pipe_dir, npz=tmp_path / "only.npz")
+    assert first.drawn == NUM
+    written = (tmp_path / "only.npz").read_bytes()
+    calls = []
+    real = sample_many_module.draw_images
+    monkeypatch.setattr(sample_many_module, "draw_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = _run(pipe_dir, npz=tmp_path / "only.npz")
+    assert (again.drawn, again.skipped, calls) == (0, NUM, [])
+    assert (tmp_path / "only.npz").read_bytes() == written and not (tmp_path / "only.npz.parts").exists()
+    with np.load(tmp_path / "only.npz") as f:  # beside the ADM evaluator's arrays
+        assert sorted(f.files) == ["arr_0", "arr_1", "vqgpt_settings"] and json.loads(str(f["vqgpt_settings"]))
+    other = sample_many(VQGPTPipeline.from_pretrained(pipe_dir), NUM, class_labels=torch.arange(NUM) % 3,
+                        sampling=CFG, seed=6, batch_size=BATCH, device="cpu", progress=False, npz=tmp_path / "only.npz")
+    assert other.drawn == NUM and calls and (tmp_path / "only.npz").read_bytes() != written
+
+
 def test_an_npz_scratch_folder_that_is_a_link_is_refused_before_sampling(pipe_dir, tmp_path):
     """`--npz mine.npz` with mine.npz.parts a link to the user's sample folder: the scratch folder's removal
     emptied the folder the link names (its PNGs and sampling.json), then failed on the link."""

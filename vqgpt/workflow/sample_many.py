@@ -11,11 +11,12 @@ the missing files (an empty or cut-short PNG, one that does not end in PNG's IEN
 missing). ``sampling.json`` in the folder records the settings and digests of the weights and of the
 models' configs, and a re-run with other settings, weights or configs is refused (unless no sample
 was finished yet). With ``--npz`` alone the samples go to a scratch folder ``NPZ.parts/``, which must
-hold nothing but what a sampling run writes, and is removed once the npz is written. One run
+hold nothing but what a sampling run writes, and is removed once the npz is written; the npz records the
+settings (under ``vqgpt_settings``), so that the same command after it finished draws nothing. One run
 at a time: the main process holds an OS lock on ``FOLDER/.lock`` for the run's life (dropped when the
 process dies, so an interrupted run resumes), and a second run into the folder fails at once. When all
-processes are done, rank 0 reads the folder into one ``.npz`` in the layout of the ADM evaluator: uint8 (N, H, W, 3) under ``arr_0`` and, for a class-conditional
-prior, the int64 labels (N,) under ``arr_1``.
+processes are done, rank 0 reads the folder into one ``.npz`` in the layout of the ADM evaluator: uint8
+(N, H, W, 3) under ``arr_0`` and, for a class-conditional prior, the int64 labels (N,) under ``arr_1``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ SETTINGS_FILE = "sampling.json"
 _OURS = re.compile(r"(\d{6,}\.png|\.\d{6,}\.png\.tmp|\.lock|" + re.escape(SETTINGS_FILE) + ")")
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last chunk of every whole PNG file
 IMAGES_KEY, LABELS_KEY = "arr_0", "arr_1"  # the ADM evaluator's names (np.savez's positional names)
+# the settings an npz was drawn with (sampling.json's), as a 0-d string array: the ADM evaluator reads arr_0 alone
+NPZ_SETTINGS_KEY = "vqgpt_settings"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +207,9 @@ def _write_png(array: np.ndarray, path: Path) -> None:
     replace_when_whole(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
-def write_npz(folder: Path, num: int, labels: torch.Tensor | None, path: Path) -> None:
-    """The PNGs 0..num-1 of ``folder`` -> ``path`` (uint8 (N, H, W, 3) under arr_0, labels under arr_1).
+def write_npz(folder: Path, num: int, labels: torch.Tensor | None, path: Path, settings: dict | None = None) -> None:
+    """The PNGs 0..num-1 of ``folder`` -> ``path`` (uint8 (N, H, W, 3) under arr_0, labels under arr_1, and
+    ``settings`` as JSON under NPZ_SETTINGS_KEY).
 
     Streamed image by image into the zip (as ``np.savez`` lays it out), so memory stays one image.
     """
@@ -224,8 +228,20 @@ def write_npz(folder: Path, num: int, labels: torch.Tensor | None, path: Path) -
             if labels is not None:
                 with archive.open(f"{LABELS_KEY}.npy", "w") as f:
                     np.lib.format.write_array(f, labels.cpu().numpy().astype(np.int64))
+            if settings is not None:
+                with archive.open(f"{NPZ_SETTINGS_KEY}.npy", "w") as f:
+                    np.lib.format.write_array(f, np.array(json.dumps(settings, sort_keys=True)))
 
     replace_when_whole(path, write)  # no half archive left beside the npz, nor in its place
+
+
+def npz_settings(path: Path) -> dict | None:
+    """The settings ``write_npz`` recorded in ``path``; None for an npz without them, or no readable npz."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return json.loads(str(data[NPZ_SETTINGS_KEY])) if NPZ_SETTINGS_KEY in data.files else None
+    except (OSError, ValueError, zipfile.BadZipFile):  # not there, not an npz, cut short
+        return None
 
 
 def _read_sample(path: Path) -> np.ndarray:
@@ -324,6 +340,9 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     # int8 weights sample other images than the float ones: a resumed folder must keep the same
     settings = _settings(num, seed, batch_size, labels, sampling, grid, decoding_dtype(pipe.prior),
                          weights_digest(pipe.tokenizer, pipe.prior), configs_digest(pipe))
+    if out is None and not folder.exists() and npz_settings(npz) == settings:  # type: ignore[arg-type]
+        # the same command again after it finished: its scratch folder is gone, its npz holds these very samples
+        return ManySamples(num=num, drawn=0, skipped=num, processes=processes, folder=None, npz=npz)
     with _folder_locked(state, folder, npz):
         # Every process reads what is finished before any writes, so all agree on the counts.
         pngs, done = finished_pngs(folder)
@@ -357,7 +376,7 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
         share_failures(failure, processes)  # (raises on every process if any failed)
         if npz is not None and state.is_main_process:
             try:
-                write_npz(folder, num, labels, npz)
+                write_npz(folder, num, labels, npz, settings)
                 if out is None:  # the scratch folder held only what runs write (checked above): all of it goes
                     # Moved aside first: a run starting meanwhile makes a fresh one rather than taking this
                     # folder's lock (or making a new .lock in it) halfway through its removal.
