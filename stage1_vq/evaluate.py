@@ -20,7 +20,8 @@ from vqgpt.ground.files import write_text_whole
 from vqgpt.ground.images import save_grid, save_image, side_by_side
 from vqgpt.ground.metrics import bits_per_image, code_histogram, codebook_stats, psnr, ssim
 from vqgpt.training.run_folder import RunFolderError, RunLock
-from vqgpt.training.shares import ONE_PROCESS, gather_in_order, on_main_process, readable_rounds, rounds_total
+from vqgpt.training.shares import (ONE_PROCESS, gather_in_order, on_main_process, readable_rounds, rounds_total,
+                                  said_once)
 
 # the reconstructions reconstruct() writes into OUT/images: 00000.png, 00001.png, ...
 _RECONSTRUCTION_NAME = re.compile(r"\d{5,}\.png")
@@ -249,7 +250,8 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
     used: list[int] = []
     left_out: list[int] = []
     wanted = len(dataset) if num_images is None else min(num_images, len(dataset))
-    perceptual = load_lpips(lpips, device)
+    with said_once(state):  # (an LPIPS network that cannot be loaded: every process would say so)
+        perceptual = load_lpips(lpips, device)
     # residual VQ: PSNR of the reconstruction from the first d of the D codes per position, d < D
     depths = range(1, model.codes_per_position)
     # the rows of a process that holds no batch in a round (of N > 1 processes): the others' kinds, none of them

@@ -210,6 +210,16 @@ def _launched_run(log_dir: str, argv: list[str]) -> int:
     sample_many_module.draw_images = recording
     VQModel.encode = logged("encoded", VQModel.encode)
     FeatureExtractor.forward = logged("featured", FeatureExtractor.forward)
+    if argv[0] == "rank0-api":  # a script that evaluates on its first process only, through the Python API
+        if rank == "0":
+            from vqgpt.workflow.evaluation import eval_bits_per_dim, eval_tokenizer
+
+            pipe, images = argv[1:3]
+            reports = [eval_bits_per_dim(pipe, images, split="train", device="cpu", progress=False).to_dict(),
+                       eval_tokenizer(Path(pipe) / "tokenizer", images, fid_weights="none", lpips="none",
+                                      device="cpu", progress=False).to_dict()]
+            (Path(log_dir) / "rank0.json").write_text(json.dumps(reports))
+        return 0
     return main(argv)
 
 
@@ -309,6 +319,26 @@ def test_eval_bpd_on_two_processes_gives_the_report_of_one(pipe_dir, tmp_path):
     _assert_split(logs, "encoded", 10)
     for n in (1, 2):  # the file left out is named once, not by every process
         assert stderr[n].count("left out 1 image that failed to decode") == 1, stderr[n][-3000:]
+    # --num 6: b/1.png lies in the batch after the cut, which the second process reads in the cut's round;
+    # one process never reads it, so neither warns about it
+    done = _launch(2, tmp_path / "logs-cut", ["eval-bpd", "--pipeline", pipe_dir, "--images", source, "--split",
+                                             "train", "--num", 6, "--batch-size", 2, "--device", "cpu", "--json"])
+    assert "unreadable" not in done.stderr and "failed to decode" not in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_python_api_called_on_one_process_of_a_launch_does_not_wait_for_the_others(pipe_dir, tmp_path):
+    """The API splits the images only when given the processes (the CLI gives them): a script that evaluated on
+    its first process alone waited forever for the others' share."""
+    from test_distributed import launch_command, subprocess_env
+
+    source = _class_folders(tmp_path / "imgs")
+    done = subprocess.run([*launch_command(2), str(Path(__file__).resolve()), str(tmp_path), "rank0-api",
+                           str(pipe_dir), str(source)], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)  # (a minute or more: it waits)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bpd, tokenizer = json.loads((tmp_path / "rank0.json").read_text())
+    assert bpd["num_images"] == 14 and tokenizer["num_images"] == 14
 
 
 @pytest.mark.slow
@@ -317,7 +347,7 @@ def test_eval_tokenizer_on_two_processes_gives_the_report_and_files_of_one(pipe_
     same files in --out, byte for byte (the second process wrote its own reconstructions); each process
     reconstructed and scored its own batches only."""
     source = _class_folders(tmp_path / "imgs")
-    reports, logs = {}, {}
+    reports, logs, warned = {}, {}, {}
     for n in (1, 2):
         logs[n] = tmp_path / f"logs{n}"
         done = _launch(n, logs[n], ["eval-tokenizer", "--tokenizer", pipe_dir / "tokenizer", "--images", source,
@@ -326,7 +356,9 @@ def test_eval_tokenizer_on_two_processes_gives_the_report_and_files_of_one(pipe_
         lines = done.stdout.strip().splitlines()
         assert len(lines) == 1, done.stdout
         reports[n] = json.loads(lines[0])
+        warned[n] = done.stderr.count("rFID from")  # a figure every process computes alike: said once
     assert reports[2] == reports[1]
+    assert warned[2] == warned[1] == 1, warned
     assert reports[1]["num_images"] == 11 and None not in (reports[1]["rfid"], reports[1]["lpips"])
     one = _files(tmp_path / "out1")
     assert len([name for name in one if name.startswith("images/")]) == 11 and "grid.png" in one

@@ -44,8 +44,9 @@ from vqgpt.workflow.pipeline import VQGPTPipeline
 from vqgpt.workflow.sample_many import draw_images
 
 # The JSON schemas, pinned: changing a key is a breaking change for users' scripts.
-EXPECTED_TOKENIZER_KEYS = ("tokenizer", "images", "num_images", "resolution", "grid", "codebook_size", "psnr", "ssim",
-                           "lpips", "rfid", "codebook_usage", "num_tokens", "perplexity", "bits_per_image", "fid_features")
+EXPECTED_TOKENIZER_KEYS = ("tokenizer", "images", "num_images", "resolution", "grid", "codebook_size", "psnr",
+                           "psnr_by_depth", "ssim", "lpips", "rfid", "codebook_usage", "num_tokens", "perplexity",
+                           "bits_per_image", "fid_features")
 EXPECTED_PRIOR_KEYS = ("pipeline", "reference", "num_samples", "num_reference", "resolution", "cfg_scale",
                        "cfg_schedule", "temperature", "top_k", "top_p", "seed", "prior_dtype", "fid", "sfid",
                        "inception_score", "inception_score_std", "precision", "recall", "class_accuracy",

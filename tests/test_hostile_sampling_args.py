@@ -95,7 +95,20 @@ def test_set_decoding_takes_only_a_bool_for_compile(pipes, value):
         return
     with pytest.raises(ValueError, match="compile must be True, False or None"):
         pipe.set_decoding(compile=value)  # bool('false') turned compiling on
-    assert pipe.compile_decode is False
+    with pytest.raises(ValueError, match="compile must be True, False or None"):
+        pipe.set_decoding("int8", compile=value)  # refused before the one-way change of the weights
+    assert pipe.compile_decode is False and next(pipe.prior.parameters()).dtype == torch.float32
+    assert not any("Int8" in type(m).__name__ for m in pipe.prior.modules())
+
+
+def test_sample_many_draws_under_inference_mode(pipes, tmp_path, monkeypatch):
+    modes = []
+    real = sample_many_module.draw_images
+    monkeypatch.setattr(sample_many_module, "draw_images",
+                        lambda *a, **k: modes.append(torch.is_inference_mode_enabled()) or real(*a, **k))
+    sample_many_module.sample_many(VQGPTPipeline.from_pretrained(pipes / "cond"), 2, out=tmp_path / "s",
+                                   class_labels=0, progress=False)
+    assert modes == [True]
 
 
 def test_complete_runs_on_the_gpu_where_there_is_one(pipes, tmp_path, monkeypatch):

@@ -173,6 +173,20 @@ def test_reconstruct_reports_psnr_by_depth_and_bits(tmp_path):
     assert m["psnr_by_depth"][0] != m["psnr"]  # the coarse decode uses the first depth only
 
 
+def test_eval_tokenizer_reports_psnr_by_depth(tmp_path):
+    """eval-tokenizer refused every residual-VQ tokenizer, after scoring every image: its report had no key for
+    reconstruct's psnr_by_depth. Now one, null for a one-code tokenizer."""
+    from test_quantizer_kinds import write_images
+    from vqgpt.workflow.evaluation import eval_tokenizer
+
+    torch.manual_seed(0)
+    tiny_rvq_model().save_pretrained(tmp_path / "export")
+    write_images(tmp_path / "images", n=4)
+    report = eval_tokenizer(tmp_path / "export", str(tmp_path / "images"), fid_weights="none", lpips="none",
+                            progress=False).to_dict()
+    assert len(report["psnr_by_depth"]) == 2 and report["psnr_by_depth"][-1] == report["psnr"]
+
+
 def test_rvq_tokenizer_through_encode_a_prior_and_sampling(tmp_path):
     from stage1_vq.train import TokenizerRunConfig, train_tokenizer
     from stage2_prior import GPT, generate

@@ -495,11 +495,11 @@ def cmd_complete(args: argparse.Namespace) -> int:
     image = open_fitted(args.image, *pipe.trained_pixels())
     images = pipe.complete(image, args.num, keep_rows=args.keep_rows, extend_right=args.extend_right,
                            extend_down=args.extend_down, class_labels=label, sampling=_sampling(args),
-                           seed=args.seed)
+                           seed=args.seed).cpu()  # (from the GPU: the input beside them is made on the CPU)
     # first the input (padded to the output size with white), then the completions
     original = torch.ones_like(images[:1])
     original[..., : image.shape[1], : image.shape[2]] = image
-    _save_outputs(torch.cat([original, images.cpu()]), args, nrow=min(8, args.num + 1))
+    _save_outputs(torch.cat([original, images]), args, nrow=min(8, args.num + 1))
     return 0
 
 
@@ -598,11 +598,14 @@ def _print_report(report, args: argparse.Namespace) -> None:
 
 
 def cmd_eval_tokenizer(args: argparse.Namespace) -> int:
+    from vqgpt.training.config import launched_process_state
     from vqgpt.workflow.evaluation import eval_tokenizer
 
+    # under accelerate launch the processes split the images (a Python caller chooses: see eval_tokenizer)
+    state = launched_process_state("each would reconstruct and score every image")
     report = eval_tokenizer(args.tokenizer, args.images, fid_weights=args.fid_weights, lpips=args.lpips,
                             num_images=args.num, batch_size=args.batch_size, out=args.out, device=args.device,
-                            progress=not args.json)
+                            progress=not args.json, state=state)
     _print_report(report, args)
     return 0
 
@@ -619,19 +622,23 @@ def cmd_eval_prior(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_bpd(args: argparse.Namespace) -> int:
+    from vqgpt.training.config import launched_process_state
     from vqgpt.workflow.evaluation import eval_bits_per_dim
 
+    state = launched_process_state("each would score every image")  # the processes split the images
     report = eval_bits_per_dim(args.pipeline, args.images, split=args.split, num_images=args.num,
-                               batch_size=args.batch_size, device=args.device, progress=not args.json)
+                               batch_size=args.batch_size, device=args.device, progress=not args.json, state=state)
     _print_report(report, args)
     return 0
 
 
 def cmd_fid_stats(args: argparse.Namespace) -> int:
+    from vqgpt.training.config import launched_process_state
     from vqgpt.workflow.evaluation import fid_stats
 
     report = fid_stats(args.images, args.out, fid_weights=args.fid_weights, resolution=args.resolution,
-                       split=args.split, num_images=args.num, batch_size=args.batch_size, device=args.device)
+                       split=args.split, num_images=args.num, batch_size=args.batch_size, device=args.device,
+                       state=launched_process_state("each would extract the features of every image"))
     _print_report(report, args)
     return 0
 

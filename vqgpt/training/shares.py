@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -99,12 +100,19 @@ def readable_rounds(state: Any, dataset: Any, batch_size: int, limit: int | None
     dropped: list[str] = []
     taken = number = 0
     for first in range(0, loader_batches, processes):
-        read = next(reads) if first + rank < loader_batches else None
+        # a file's warning is held until the batch proves to be one that one process would have read too (a batch
+        # past the --num cut is read here, as every process reads before the round's counts are known)
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("always")
+            read = next(reads) if first + rank < loader_batches else None
         found = None if read is None else (own[first // processes][0], read.kept.tolist(), read.size, read.unreadable)
         batches, mine, images, labels = [], None, None, None
         for p, seen in enumerate(gather_object([found])):  # every process's find, in loader order
             if seen is None or (limit is not None and taken >= limit):
                 break  # past the dataset's end, or past the batch that reached the limit: one process stops there
+            if p == rank:
+                for caught in held:
+                    warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
             start, kept, items, unreadable = seen
             dropped += unreadable
             if unreadable_indices is not None:
@@ -128,6 +136,16 @@ def readable_rounds(state: Any, dataset: Any, batch_size: int, limit: int | None
         warnings.warn(f"left out {len(dropped)} image{'s' if len(dropped) > 1 else ''} that failed to decode: "
                       f"{', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}", UnreadableImageWarning,
                       stacklevel=2)
+
+
+@contextmanager
+def said_once(state: Any) -> Iterator[None]:
+    """Warnings inside are shown by the first process only: what every process computes alike (a network that
+    could not be loaded, a figure from too few images) is said once, not once per process."""
+    with warnings.catch_warnings():
+        if not state.is_main_process:
+            warnings.simplefilter("ignore")
+        yield
 
 
 def rounds_total(wanted: int, batch_size: int, state: Any) -> int:

@@ -35,7 +35,8 @@ from vqgpt.workflow.classifier import MNIST_SOURCE, NUM_DIGITS, load_or_train_mn
 from vqgpt.ground.checkpoint import usable_device
 from vqgpt.ground.data import DataConfig, build_dataset, check_source_package, readable_batches
 from vqgpt.training.config import launched_process_state
-from vqgpt.training.shares import gather_in_order, on_main_process, readable_rounds, rounds_total
+from vqgpt.training.shares import (ONE_PROCESS, gather_in_order, on_main_process, readable_rounds, rounds_total,
+                                  said_once)
 from vqgpt.ground.fid import (
     PR_MAX_FEATURES,
     PR_NEIGHBORHOOD,
@@ -78,6 +79,7 @@ class TokenizerReport(_Report):
     grid: list[int]
     codebook_size: int
     psnr: float
+    psnr_by_depth: list[float] | None  # residual VQ: PSNR from the first 1, 2, ..., D codes per position; else None
     ssim: float
     lpips: float | None          # None when no LPIPS network could be loaded
     rfid: float | None           # FID(originals, reconstructions); None without a feature network
@@ -150,28 +152,36 @@ def _device(device: str | torch.device | None) -> torch.device:
     return usable_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def _process_device(device: torch.device, state: Any) -> torch.device:
+    """``device``, or this process's own device of that kind under a launch: "--device cuda" on 8 processes puts
+    each on its own GPU, not all on cuda:0."""
+    return state.device if state.num_processes > 1 and device.type == state.device.type else device
+
+
 # ----------------------------------------------------------------------------------------- tokenizer
 
 
 def eval_tokenizer(tokenizer_dir: str | Path, images: str, fid_weights: str | None = None, lpips: str = "vgg",
                    num_images: int | None = None, resolution: int | None = None, batch_size: int = 32,
-                   out: str | Path | None = None, device: str | None = None, progress: bool = True) -> TokenizerReport:
+                   out: str | Path | None = None, device: str | None = None, progress: bool = True,
+                   state: Any = None) -> TokenizerReport:
     """PSNR / SSIM / LPIPS / rFID / codebook usage and perplexity over the eval split of ``images``.
 
     ``out``: also keep the reconstructions, grid and metrics.json there (else they are discarded).
     An unreachable default FID network (offline) gives ``rfid=None`` with a warning, like LPIPS.
-    Under ``accelerate launch`` the batches are split over the processes (see ``reconstruct``); the rFID
-    features are gathered and summed in image order, batch by batch as one process sums them: every
-    process returns the one-process report, bit for bit.
+    ``state`` (``launched_process_state``, as ``vqgpt eval-tokenizer`` passes under ``accelerate launch``): the
+    batches are split over its processes (see ``reconstruct``), which must all call this; the rFID features are
+    gathered and summed in image order, batch by batch as one process sums them: every process returns the
+    one-process report, bit for bit. None: this process does every batch (a call from one process of many
+    then waits for no other).
     """
     from stage1_vq.evaluate import BatchRows, reconstruct
 
     check_source_package(images)  # before the FID network loads (or fails to, offline, with a warning)
-    dev = _device(device)
-    state = launched_process_state("each would reconstruct and score every image")
-    if state.num_processes > 1 and dev.type == state.device.type:
-        dev = state.device  # "--device cuda" on 8 processes: each its own GPU, not all on cuda:0
-    extractor = _optional_extractor(fid_weights, dev)
+    state = state or ONE_PROCESS
+    dev = _process_device(_device(device), state)
+    with said_once(state):
+        extractor = _optional_extractor(fid_weights, dev)
     # summed as they come: the eval split may hold 50k images
     real, fake = FeatureAccumulator(keep_features=0, spatial=False), FeatureAccumulator(keep_features=0, spatial=False)
     features = None
@@ -194,15 +204,21 @@ def eval_tokenizer(tokenizer_dir: str | Path, images: str, fid_weights: str | No
                               device=str(dev), progress=progress, rows=features, state=state)
     rfid = None
     if extractor is not None:
-        if real.count < 2:
-            warnings.warn("rFID needs at least 2 images; reporting rfid as null", stacklevel=2)
-        else:
-            rfid = frechet_distance(real.stats(extractor.name), fake.stats(extractor.name), name="rFID")
-    metrics = {**metrics, "rfid": rfid, "fid_features": extractor.name if extractor is not None else None}
+        with said_once(state):  # every process computes the same figure
+            rfid = _rfid(real, fake, extractor.name)
+    metrics = {"psnr_by_depth": None, **metrics, "rfid": rfid,  # (reconstruct gives psnr_by_depth for residual VQ)
+               "fid_features": extractor.name if extractor is not None else None}
     if set(metrics) != set(TOKENIZER_KEYS):  # reconstruct() changed its keys: keep the JSON schema honest
         extra, missing = sorted(set(metrics) - set(TOKENIZER_KEYS)), sorted(set(TOKENIZER_KEYS) - set(metrics))
         raise RuntimeError(f"reconstruct() metrics do not match TOKENIZER_KEYS: extra {extra}, missing {missing}")
     return TokenizerReport(**{k: metrics[k] for k in TOKENIZER_KEYS})
+
+
+def _rfid(real: FeatureAccumulator, fake: FeatureAccumulator, network: str) -> float | None:
+    if real.count < 2:
+        warnings.warn("rFID needs at least 2 images; reporting rfid as null", stacklevel=3)
+        return None
+    return frechet_distance(real.stats(network), fake.stats(network), name="rFID")
 
 
 def _optional_extractor(fid_weights: str | None, device: torch.device) -> FeatureExtractor | None:
@@ -260,18 +276,17 @@ def reference_stats(extractor: FeatureExtractor, source: str, resolution: int, s
 
 def fid_stats(images: str, out: str | Path, fid_weights: str | None = None, resolution: int = 32,
               split: str = "train", num_images: int | None = None, batch_size: int = 64,
-              keep_features: int = PR_MAX_FEATURES, device: str | None = None, progress: bool = True) -> StatsReport:
+              keep_features: int = PR_MAX_FEATURES, device: str | None = None, progress: bool = True,
+              state: Any = None) -> StatsReport:
     """Compute reference statistics of ``images`` once and save them as ``.npz`` (mu, sigma, features) for eval-prior.
 
-    Under ``accelerate launch`` each process extracts the features of its share of the batches; they are
-    summed in image order (``reference_stats``), so the file holds the one-process statistics, bit for bit,
-    and the first process alone writes it.
+    ``state`` of the processes of a launch (as for ``eval_tokenizer``; ``vqgpt fid-stats`` passes it): each
+    extracts the features of its share of the batches; they are summed in image order (``reference_stats``),
+    so the file holds the one-process statistics, bit for bit, and the first process alone writes it.
     """
     check_stats_path(out)  # a bad --out is said before the features are computed, not after
-    dev = _device(device)
-    state = launched_process_state("each would extract the features of every image")
-    if state.num_processes > 1 and dev.type == state.device.type:
-        dev = state.device  # "--device cuda" on 8 processes: each its own GPU, not all on cuda:0
+    state = state or ONE_PROCESS
+    dev = _process_device(_device(device), state)
     extractor = load_feature_extractor(fid_weights, dev)
     stats = reference_stats(extractor, images, resolution, split, num_images, batch_size, keep_features,
                             progress and state.is_main_process, state)
@@ -332,9 +347,7 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
         raise ValueError(f"num_samples must be >= 2 for FID, got {num_samples}")
     reference = str(reference)
     state = launched_process_state("each would draw and score every sample")
-    dev = torch.device(device) if device else state.device
-    if state.num_processes > 1 and dev.type == state.device.type:
-        dev = state.device  # "--device cuda" on 8 processes: each its own GPU, not all on cuda:0
+    dev = _process_device(torch.device(device) if device else state.device, state)
     main = state.is_main_process
     pipe = VQGPTPipeline.from_pretrained(pipeline_dir).set_decoding(prior_dtype, compile).to(dev)
     # what the draw would refuse (guidance this prior cannot give, a seed out of range): before the reference
@@ -616,20 +629,20 @@ BITS_PER_DIM_KEYS = tuple(f.name for f in fields(BitsPerDimReport))
 
 @torch.inference_mode()
 def eval_bits_per_dim(pipeline_dir: str | Path, images: str, split: str = "eval", num_images: int | None = None,
-                      batch_size: int = 64, device: str | None = None, progress: bool = True) -> BitsPerDimReport:
+                      batch_size: int = 64, device: str | None = None, progress: bool = True,
+                      state: Any = None) -> BitsPerDimReport:
     """Held-out NLL of the codes of ``images`` (``split``, center crops at the prior's trained size) under the
     pipeline's prior, in nats and bits per token and in bits per dim (see ``BitsPerDimReport``).
 
-    Under ``accelerate launch`` the batches are split over the processes (``readable_rounds``: each decodes,
-    encodes and scores its own) and the per-batch NLL sums are added in batch order on every process, as one
-    process adds them: the report is the one-process report, bit for bit, on every process.
+    ``state`` of the processes of a launch (as for ``eval_tokenizer``; ``vqgpt eval-bpd`` passes it): the
+    batches are split over them (``readable_rounds``: each decodes, encodes and scores its own) and the
+    per-batch NLL sums are added in batch order on every process, as one process adds them: the report is the
+    one-process report, bit for bit, on every process.
     """
     from vqgpt.workflow.pipeline import VQGPTPipeline
 
-    dev = _device(device)
-    state = launched_process_state("each would score every image")
-    if state.num_processes > 1 and dev.type == state.device.type:
-        dev = state.device  # "--device cuda" on 8 processes: each its own GPU, not all on cuda:0
+    state = state or ONE_PROCESS
+    dev = _process_device(_device(device), state)
     pipe = VQGPTPipeline.from_pretrained(pipeline_dir).to(dev)
     height, width = pipe.trained_pixels()
     if height != width:

@@ -186,6 +186,8 @@ class VQGPTPipeline:
         ``complete`` runs the one-token decode step under torch.compile (CUDA graphs on a GPU),
         compiled on the first call and reused after; the tokenizer is untouched by both.
         """
+        if compile is not None and not isinstance(compile, bool):  # bool('false') is True; before the one-way dtype
+            raise ValueError(f"compile must be True, False or None, got {type(compile).__name__} {compile!r}")
         if prior_dtype is not None:
             from stage2_prior.quantize import set_prior_dtype
 
@@ -193,8 +195,6 @@ class VQGPTPipeline:
                 self._rounded_prior = True  # a later 'float32' cannot restore the float32 weights
             set_prior_dtype(self.prior, prior_dtype)
         if compile is not None:
-            if not isinstance(compile, bool):  # bool('false') is True
-                raise ValueError(f"compile must be True, False or None, got {type(compile).__name__} {compile!r}")
             self.compile_decode = compile
         return self
 

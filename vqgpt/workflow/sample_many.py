@@ -283,12 +283,12 @@ def _folder_locked(state: PartialState, folder: Path, npz: Path | None) -> Itera
         lock.release()
 
 
-@torch.inference_mode()
 def decoding_dtype(prior: torch.nn.Module) -> str:
     """'int8', or the dtype of the prior's weights ('float32', 'bfloat16'): what its samples are drawn in."""
     return "int8" if is_quantized(prior) else str(next(prior.parameters()).dtype).removeprefix("torch.")
 
 
+@torch.inference_mode()
 def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, npz: str | Path | None = None,
                 class_labels: ClassLabels = None, sampling: SamplingConfig | None = None, seed: int = 0,
                 height: int | None = None, width: int | None = None, batch_size: int = 32,
