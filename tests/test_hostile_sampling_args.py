@@ -170,3 +170,11 @@ def test_an_output_extension_pillow_cannot_write_is_named_as_such(pipes, tmp_pat
     assert main(["sample", "--pipeline", str(pipes / "cond"), "--num", "1", "--class-label", "a", "--out",
                  str(tmp_path / "x.xyz")]) == 2
     assert "has the extension .xyz, not one vqgpt writes images in" in _error(capsys)
+
+
+def test_an_output_name_over_the_file_systems_limit_is_one_line(pipes, tmp_path, capsys):
+    out = tmp_path / ("a" * 300 + ".png")
+    assert main(["sample", "--pipeline", str(pipes / "cond"), "--num", "1", "--class-label", "a", "--out",
+                 str(out)]) == 2  # was a traceback
+    err = _error(capsys)
+    assert err.startswith("error: [Errno 36] File name too long") and "Traceback" not in err

@@ -1028,6 +1028,8 @@ def _exit_code(exc: Exception) -> int | None:
         return 2
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG):
         return 2  # the disk, not the code: full, read-only, over quota, or a file size limit (ulimit -f)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+        return 2  # a path the user gave: a name over the file system's limit, or links that loop
     fid = sys.modules.get("vqgpt.ground.fid")
     if fid is not None and isinstance(exc, fid.FeatureNetworkUnavailable):
         return 2  # offline without the FID weights: the message says where to put them
