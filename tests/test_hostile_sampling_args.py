@@ -3,6 +3,8 @@ a reference is scored; options that were silently ignored or misread."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,8 @@ from stage2_prior.highres import complete
 from test_pipeline import tiny_prior, tiny_tokenizer
 from vqgpt.cli.commands import main
 from vqgpt.workflow.pipeline import VQGPTPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +182,46 @@ def test_an_output_name_over_the_file_systems_limit_is_one_line(pipes, tmp_path,
                  str(out)]) == 2  # was a traceback
     err = _error(capsys)
     assert err.startswith("error: [Errno 36] File name too long") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["yes", "null", "[x]", "a: b", "codes #1"])
+def test_a_token_folder_is_a_path_whatever_its_name(tmp_path, monkeypatch, name):
+    """--tokens went into the config as an unquoted YAML override: a folder named yes was the boolean true."""
+    import stage2_prior.train as prior_train
+
+    seen = []
+    monkeypatch.setattr(prior_train, "train_prior", lambda cfg, *a, **k: seen.append(cfg.tokens) or tmp_path)
+    monkeypatch.setattr("vqgpt.workflow.chain.refresh_run_pipeline", lambda *a: None)
+    monkeypatch.chdir(tmp_path)  # a folder named as it is in the current one
+    assert main(["train-prior", "--config", str(ROOT / "configs/prior/tiny.yaml"), "--tokens", name,
+                 "--out", str(tmp_path / "run")]) == 0
+    assert seen == [name]
+
+
+def test_the_token_folder_given_twice_is_refused(tmp_path, capsys):
+    assert main(["train-prior", "--config", str(ROOT / "configs/prior/tiny.yaml"), "--tokens", "a", "--set", "tokens=b",
+                 "--out", str(tmp_path / "run")]) == 2  # --tokens silently replaced it
+    assert "--set tokens=b: the token folder is --tokens (a); give it once" in _error(capsys)
+
+
+def test_a_second_interrupt_says_the_checkpoint_may_be_missing(monkeypatch, capsys):
+    import signal
+
+    import vqgpt.training.loop as loop
+
+    monkeypatch.setattr(loop, "_aborted", False)
+    with loop.GracefulInterrupt() as interrupt:
+        interrupt._handle(signal.SIGINT, None)  # the first: a flag the loop reads after its step
+        assert not loop.aborted()
+        with pytest.raises(KeyboardInterrupt):
+            interrupt._handle(signal.SIGINT, None)
+    assert loop.aborted()
+    import argparse
+
+    from vqgpt.cli.commands import _run
+
+    def stopped(args):
+        raise KeyboardInterrupt
+
+    assert _run(argparse.Namespace(func=stopped, json=False)) == 130
+    assert "stopped at once by a second interrupt" in _error(capsys)

@@ -268,7 +268,11 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
     from stage2_prior.train import PriorRunConfig, train_prior
     from vqgpt.ground.config import load_config
 
-    cfg = load_config(PriorRunConfig, args.config, [*args.overrides, f"tokens={args.tokens}"])
+    given = [o for o in args.overrides if o.split("=", 1)[0].strip() == "tokens"]
+    if given:  # (--tokens, last, silently replaced it)
+        raise ValueError(f"--set {given[0]}: the token folder is --tokens ({args.tokens}); give it once")
+    # quoted (JSON is YAML): a folder named yes, null, [x] or 'a: b' is a path, not YAML's true / None / list
+    cfg = load_config(PriorRunConfig, args.config, [*args.overrides, f"tokens={json.dumps(args.tokens)}"])
     if not args.tokenizer:
         export_dir = train_prior(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
         from vqgpt.workflow.chain import refresh_run_pipeline
@@ -1079,6 +1083,11 @@ def _run(args: argparse.Namespace) -> int:
                              "redirect it to a file")
         return _run_json(args) if getattr(args, "json", False) else int(args.func(args) or 0)
     except KeyboardInterrupt:
+        # a second Ctrl-C while a training run finished its step and wrote its checkpoint: it stopped at once
+        if sys.modules.get("vqgpt.training.loop") is not None and sys.modules["vqgpt.training.loop"].aborted():
+            print("stopped at once by a second interrupt: the checkpoint the first one asked for may not have been "
+                  "written; --resume auto continues from the last complete one (a single Ctrl-C stops after the "
+                  "step, with a checkpoint)", file=sys.stderr)
         return 130
     except Exception as exc:
         if isinstance(exc, BrokenPipeError) and _stdout_gone():

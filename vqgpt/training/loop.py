@@ -158,6 +158,14 @@ def log_images(accelerator: Accelerator, name: str, image: str | Path, step: int
             tracker.log({name: wandb.Image(pixels)}, step=step)
 
 
+_aborted = False  # a GracefulInterrupt took a second signal: the run stopped without its checkpoint
+
+
+def aborted() -> bool:
+    """Whether a run in this process stopped at a second interrupt, without writing its checkpoint."""
+    return _aborted
+
+
 class GracefulInterrupt:
     """Turns the first SIGINT / SIGTERM into a flag the loop checks, so it can checkpoint and exit."""
 
@@ -167,6 +175,8 @@ class GracefulInterrupt:
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         if self.requested:  # a second Ctrl-C aborts at once
+            global _aborted
+            _aborted = True
             raise KeyboardInterrupt
         self.requested = True
 
