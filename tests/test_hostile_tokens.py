@@ -136,3 +136,27 @@ def test_too_many_open_files_says_why_and_what_to_raise(clean, tmp_path, monkeyp
         data = TokenDataset(_copy(clean, tmp_path))
         data[len(data) - 1]
     assert [mode for name, mode in opened if name.startswith("labels")] == [None]  # read whole, not mapped
+
+
+def test_encode_refuses_an_out_folder_holding_other_files(tmp_path, capsys):
+    """Shards went without a word into the tokenizer's export, a run folder or the image folder (whose images
+    then gained a class of shards); a folder holding only an earlier encode's files is still continued."""
+    from PIL import Image
+
+    from test_pipeline import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(images / f"{i}.png")
+    before = {p.name for p in (tmp_path / "tok").iterdir()}
+    for out in (tmp_path / "tok", images):
+        assert main(["encode", "--tokenizer", str(tmp_path / "tok"), "--data", str(images), "--out", str(out)]) == 2
+        assert f"--out {out} holds files an encode does not write" in capsys.readouterr().err
+    assert {p.name for p in (tmp_path / "tok").iterdir()} == before and len(list(images.iterdir())) == 3
+    codes = tmp_path / "codes"
+    (codes / "tokens-00000.npy.tmp").parent.mkdir()
+    (codes / "tokens-00000.npy.tmp").write_bytes(b"cut")  # an earlier encode's leftover: not the user's file
+    assert main(["encode", "--tokenizer", str(tmp_path / "tok"), "--data", str(images), "--out", str(codes)]) == 0
+    assert (codes / "meta.json").is_file()

@@ -142,6 +142,9 @@ def write_json(path: str | Path, data: Any) -> None:
     _atomic_write_bytes(Path(path), lambda f: f.write((json.dumps(data) + "\n").encode()))
 
 
+TOKEN_FOLDER_PATTERNS = ("tokens-*.npy", "labels-*.npy", "*.tmp", PROGRESS_PATTERN, SOURCE_FILE)  # beside META_FILE
+
+
 def clear_token_folder(directory: str | Path) -> None:
     """Delete the token shards in ``directory`` (meta.json first, so no half-deleted folder looks valid);
     other files are left alone."""
@@ -149,7 +152,7 @@ def clear_token_folder(directory: str | Path) -> None:
     if not directory.is_dir():
         return
     (directory / META_FILE).unlink(missing_ok=True)
-    for pattern in ("tokens-*.npy", "labels-*.npy", "*.tmp", PROGRESS_PATTERN, SOURCE_FILE):
+    for pattern in TOKEN_FOLDER_PATTERNS:
         for path in directory.glob(pattern):
             if path.is_file():
                 path.unlink()

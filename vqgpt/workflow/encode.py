@@ -29,6 +29,7 @@ message naming the one to use.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import math
@@ -44,8 +45,8 @@ from tqdm.auto import tqdm
 from stage1_vq.model import VQModel
 from vqgpt.ground.checkpoint import export_fingerprint
 from vqgpt.ground.data import DataConfig, build_dataset, collate_images, describe_file_changes, source_identity
-from vqgpt.ground.tokens import (DEFAULT_SHARD_SIZE, META_FILE, SOURCE_FILE, TokenShardError, TokenShardWriter,
-                                 clear_token_folder, merge_parts, read_meta, write_json)
+from vqgpt.ground.tokens import (DEFAULT_SHARD_SIZE, META_FILE, SOURCE_FILE, TOKEN_FOLDER_PATTERNS, TokenShardError,
+                                 TokenShardWriter, clear_token_folder, merge_parts, read_meta, write_json)
 from vqgpt.training.config import launched_process_state
 from vqgpt.training.run_folder import LOCK_NAME, RunLock, share_main_failure
 
@@ -65,13 +66,22 @@ tokenizer_fingerprint = export_fingerprint
 
 
 def _check_out_dir(out: Path) -> None:
-    """``out`` must be (or become) a folder: name an existing file on the way as the culprit."""
+    """``out`` must be (or become) a folder: name an existing file on the way as the culprit. An existing one that
+    holds no token shards must hold nothing else an encode does not write: shards went into a tokenizer's
+    export, a run folder or the image folder itself (whose images then gained a class of shards)."""
     for path in (out, *out.parents):
         if path.exists():
             if not path.is_dir():
                 raise TokenShardError(f"--out {out}: {path} is a file, not a folder; token shards are written "
                                       f"into a folder: choose a folder path")
-            return
+            break
+    if out.is_dir() and not (out / META_FILE).exists():
+        theirs = sorted(entry.name for entry in out.iterdir() if entry.name != LOCK_NAME
+                        and not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in TOKEN_FOLDER_PATTERNS))
+        if theirs:
+            shown = ", ".join(theirs[:3]) + (", ..." if len(theirs) > 3 else "")
+            raise TokenShardError(f"--out {out} holds files an encode does not write ({shown}): token shards go "
+                                  "into a folder of their own; choose a new or empty folder")
 
 
 def _plural(n: int, word: str) -> str:
