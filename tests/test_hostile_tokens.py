@@ -160,3 +160,21 @@ def test_encode_refuses_an_out_folder_holding_other_files(tmp_path, capsys):
     (codes / "tokens-00000.npy.tmp").write_bytes(b"cut")  # an earlier encode's leftover: not the user's file
     assert main(["encode", "--tokenizer", str(tmp_path / "tok"), "--data", str(images), "--out", str(codes)]) == 0
     assert (codes / "meta.json").is_file()
+
+
+def test_crop_range_without_ten_crop_is_refused(tmp_path, capsys):
+    assert main(["encode", "--tokenizer", str(tmp_path / "tok"), "--data", "builtin:mnist", "--out",
+                 str(tmp_path / "codes"), "--crop-range", "2.0"]) == 2  # it was dropped without a word
+    assert "--crop-range 2.0 sets the crops of --augment ten-crop; --augment is none" in capsys.readouterr().err
+
+
+def test_an_interrupted_encode_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    import vqgpt.workflow.encode as encode
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(encode, "encode_dataset", interrupted)
+    assert main(["encode", "--tokenizer", str(tmp_path / "tok"), "--data", "builtin:mnist", "--out",
+                 str(tmp_path / "codes"), "--resolution", "28"]) == 130
+    assert "encode interrupted: the same command continues it" in capsys.readouterr().err

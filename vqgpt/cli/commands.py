@@ -254,11 +254,23 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     if args.flip and args.augment not in ("none", "flip"):
         raise ValueError(f"--flip is --augment flip, but --augment is {args.augment}: give one of them")
+    if args.crop_range is not None and args.augment != "ten-crop":  # (it was dropped without a word)
+        raise ValueError(f"--crop-range {args.crop_range} sets the crops of --augment ten-crop; --augment is "
+                         f"{'flip' if args.flip else args.augment}")
     resolution = args.resolution or read_export_config(args.tokenizer, EXPORT_KIND, VQModelConfig).resolution
     data = DataConfig(source=args.data, resolution=resolution, num_workers=args.num_workers)
-    out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, split=args.split,
-                         overwrite=args.overwrite, augment="flip" if args.flip else args.augment,
-                         crop_range=args.crop_range)
+    try:
+        out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, split=args.split,
+                             overwrite=args.overwrite, augment="flip" if args.flip else args.augment,
+                             **({"crop_range": args.crop_range} if args.crop_range is not None else {}))
+    except KeyboardInterrupt:
+        if _first_process():  # (it ended without a word)
+            from vqgpt.ground.tokens import DEFAULT_SHARD_SIZE
+
+            print(f"encode interrupted: the same command continues it from its last finished shard in {args.out} "
+                  f"(a shard holds {DEFAULT_SHARD_SIZE:,} images: an encode stopped in its first starts over)",
+                  file=sys.stderr)
+        raise
     if _first_process():  # under accelerate launch, say it once
         print(f"token shards written to {out}")
     return 0
@@ -746,8 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="views stored per image, of which the prior trains on one per draw: none (1), flip (the "
                         "image and its mirror image: 2), ten-crop (LlamaGen's: 4 corner crops and the center crop "
                         "of a center crop --crop-range times larger, and their mirror images: 10)")
-    p.add_argument("--crop-range", type=float, default=1.1,
-                   help="ten-crop: the crops are taken from a center crop this many times the resolution")
+    p.add_argument("--crop-range", type=float, default=None,
+                   help="ten-crop: the crops are taken from a center crop this many times the resolution (default 1.1)")
     p.add_argument("--flip", action="store_true", help="same as --augment flip")
     p.add_argument("--num-workers", type=int_at_least(0), default=0,
                    help="DataLoader worker processes decoding the images (data.num_workers)")
