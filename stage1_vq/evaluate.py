@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stage1_vq.model import VQModel
-from vqgpt.ground.data import DataConfig, build_dataset
+from vqgpt.ground.data import DataConfig, build_dataset, folder_overlap
 from vqgpt.ground.files import write_text_whole
 from vqgpt.ground.images import save_grid, save_image, side_by_side
 from vqgpt.ground.metrics import bits_per_image, code_histogram, codebook_stats, psnr, ssim
@@ -34,8 +34,6 @@ RECORD_NAME = ".reconstruct.json"
 SOURCES_NAME = "sources.json"
 # what reconstruct() writes into OUT itself; replaced only when OUT's record says an earlier run wrote them
 _SUMMARY_NAMES = ("metrics.json", "grid.png", SOURCES_NAME)
-# sources that name no folder on this machine, so cannot overlap --out (an hf: folder holds arrow files only)
-_NON_FOLDER_SOURCES = ("builtin:", "wds:", "hf:")
 
 
 def load_lpips(kind: str, device: torch.device) -> torch.nn.Module | None:
@@ -70,12 +68,8 @@ def load_lpips(kind: str, device: torch.device) -> torch.nn.Module | None:
 def check_out_apart(images: str, out: str | Path) -> None:
     """Refuse an ``out`` that is the folder ``images``, lies inside it or holds it: the next run would read
     this run's reconstructions and grid back as held-out images (and clearing them could hit the inputs)."""
-    source = images.strip()
-    if source.startswith(_NON_FOLDER_SOURCES) or not source:
-        return
-    src, dst = Path(source).expanduser().resolve(), Path(out).expanduser().resolve()
-    if src == dst or src in dst.parents or dst in src.parents:
-        where = "is" if src == dst else "is inside" if src in dst.parents else "holds"
+    where = folder_overlap(images, out)
+    if where is not None:
         raise ValueError(f"--out {out} and --images {images} overlap (--out {where} the image folder): reconstruct "
                          f"would read its own output back as images; choose an --out outside {images}")
 

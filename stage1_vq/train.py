@@ -24,7 +24,7 @@ from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.palette import PaletteConfig, fit_palette
 from vqgpt.ground.checkpoint import read_trainer_state, save_checkpoint
 from vqgpt.ground.config import ConfigError, opt, to_dict
-from vqgpt.ground.data import DataConfig, Unreadable, build_dataset
+from vqgpt.ground.data import DataConfig, Unreadable, build_dataset, folder_overlap
 from vqgpt.ground.images import save_grid, side_by_side
 from vqgpt.ground.metrics import psnr
 from vqgpt.training import (
@@ -153,6 +153,10 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                     overwrite: bool = False) -> Path:
     """Train a tokenizer into RUN=``out``; returns RUN/export. ``resume``: None, 'auto' or a checkpoint path;
     ``overwrite``: replace what RUN holds (without it, or ``resume``, a RUN holding a run is an error)."""
+    where = folder_overlap(cfg.data.source, out)
+    if where is not None:  # its sample grids became images of a class 'run'; --overwrite would delete the images
+        raise ConfigError(f"--out {out} {where} the image folder data.source={cfg.data.source}: the run's sample "
+                          "grids would be read as images of a class of its own; choose an --out outside it")
     tc = cfg.train
     accelerator = make_accelerator(tc, out)
     if accelerator.distributed_type == DistributedType.FSDP:

@@ -100,14 +100,14 @@ def test_encode_of_a_source_without_a_readable_image_fails_and_leaves_no_folder(
                            progress=False)
     assert not out.exists()
 
-    # an existing folder is kept, but holds no meta.json claiming a finished encode
+    # an existing (empty) folder is kept, but holds no meta.json claiming a finished encode (one holding other
+    # files is refused before: test_hostile_tokens)
     out.mkdir()
-    (out / "notes.txt").write_text("mine")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["encode", "--tokenizer", str(tokenizer_dir), "--data", str(source), "--out", str(out)]) == 2
     assert "3 items failed to decode" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["notes.txt"]  # (.lock: encode's)
+    assert out.is_dir() and sorted(p.name for p in out.iterdir() if p.name != ".lock") == []  # (.lock: encode's)
 
 
 def test_crop_range_is_bounded(tokenizer_dir, tmp_path):

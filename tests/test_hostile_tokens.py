@@ -16,6 +16,8 @@ from test_run_integrity import prior_config
 from vqgpt.cli import main
 from vqgpt.ground.tokens import TokenDataset, TokenShardError
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory) -> Path:
@@ -178,3 +180,19 @@ def test_an_interrupted_encode_says_how_to_continue(tmp_path, monkeypatch, capsy
     assert main(["encode", "--tokenizer", str(tmp_path / "tok"), "--data", "builtin:mnist", "--out",
                  str(tmp_path / "codes"), "--resolution", "28"]) == 130
     assert "encode interrupted: the same command continues it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_a_tokenizer_run_in_or_around_its_image_folder_is_refused(tmp_path, inside):
+    """--out imgs/run: its sample grids became images of a class 'run' (a later encode found the file added);
+    --out around the images: --overwrite would delete them."""
+    from stage1_vq.train import TokenizerRunConfig, train_tokenizer
+    from vqgpt.ground.config import ConfigError, load_config
+
+    images = tmp_path / "imgs" if inside else tmp_path / "run" / "imgs"
+    images.mkdir(parents=True)
+    out = images / "run" if inside else tmp_path / "run"
+    cfg = load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", [f"data.source={images}"])
+    with pytest.raises(ConfigError, match=f"--out {out} {'is inside' if inside else 'holds'} the image folder"):
+        train_tokenizer(cfg, out)
+    assert not (images / "run").exists() and sorted(p.name for p in images.parent.iterdir()) == ["imgs"]

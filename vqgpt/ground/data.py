@@ -482,6 +482,18 @@ def _source_module(source: str):
     return hf_source
 
 
+def folder_overlap(source: str, out: str | Path) -> str | None:
+    """How ``out`` overlaps the image folder ``source``: 'is', 'is inside' or 'holds'; None when apart, or when
+    ``source`` names no folder on this machine (builtin:, wds:, and hf:, whose folder holds arrow files only)."""
+    source = source.strip()
+    if not source or source.startswith(("builtin:", "wds:", "hf:")):
+        return None
+    src, dst = Path(source).expanduser().resolve(), Path(out).expanduser().resolve()
+    if src == dst:
+        return "is"
+    return "is inside" if src in dst.parents else "holds" if dst in src.parents else None
+
+
 def check_source_package(source: str) -> None:
     """Raise now, before slow work, if ``source`` is a ``wds:`` / ``hf:`` source whose package is missing."""
     if source.strip().startswith(("wds:", "hf:")):
