@@ -177,7 +177,8 @@ def _check_image_out(path_text: str, save_each: bool = False, inputs: dict[str, 
     accepted = _image_out_extensions()
     path = Path(path_text)
     if path.suffix.lower() not in accepted:
-        what = "has no file extension" if not path.suffix else f"has the extension {path.suffix}, not one vqgpt writes images in"
+        what = ("has no file extension" if not path.suffix
+                else f"has the extension {path.suffix}, not one vqgpt writes images in")
         raise ValueError(f"--out {path_text} {what}: end it with one of {', '.join(accepted)} "
                          f"(e.g. {path.with_suffix('.png') if path.name else 'samples.png'})")
     if path.is_dir():
