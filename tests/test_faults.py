@@ -63,6 +63,12 @@ def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path):
     assert resolve_resume(run, "auto") == root / "step-00000004"
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         resolve_resume(run, str(root / "step-00000010"))
+    # a run folder given for a checkpoint, and a path that is not there: told what to give instead
+    with pytest.raises(FileNotFoundError, match=f"it is a run folder: give --resume auto with --out {run}, or one of "
+                                                f"its checkpoints, e.g. {root / 'step-00000004'}"):
+        resolve_resume(tmp_path / "other", str(run))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder .--resume auto takes the newest"):
+        resolve_resume(run, str(tmp_path / "nope"))
 
     # a crash inside save_state leaves the previous checkpoints untouched and nothing new to resume
     real_save_state = accelerator.save_state

@@ -382,7 +382,14 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
         return found[-1][1] if found else None
     path = Path(resume)
     if not (path / COMPLETE_MARKER).is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE_MARKER} file)")
+        if not path.exists():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder (--resume auto takes the newest "
+                                    f"complete one of --out {run_dir})")
+        inside = list_checkpoints(path)
+        hint = (f"; it is a run folder: give --resume auto with --out {resume}, or one of its checkpoints, e.g. "
+                f"{inside[-1][1]}") if inside else ""
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE_MARKER} file)"
+                                + hint)
     return path
 
 
