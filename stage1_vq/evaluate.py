@@ -20,8 +20,8 @@ from vqgpt.ground.files import write_text_whole
 from vqgpt.ground.images import save_grid, save_image, side_by_side
 from vqgpt.ground.metrics import bits_per_image, code_histogram, codebook_stats, psnr, ssim
 from vqgpt.training.run_folder import RunFolderError, RunLock
-from vqgpt.training.shares import (ONE_PROCESS, gather_in_order, on_main_process, readable_rounds, rounds_total,
-                                  said_once)
+from vqgpt.training.shares import (ONE_PROCESS, gather_in_order, on_main_process, process_device, readable_rounds,
+                                  rounds_total, said_once)
 
 # the reconstructions reconstruct() writes into OUT/images: 00000.png, 00001.png, ...
 _RECONSTRUCTION_NAME = re.compile(r"\d{5,}\.png")
@@ -233,9 +233,7 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
     out = Path(out)
     check_out_apart(images, out)
     state = state or ONE_PROCESS
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if state.num_processes > 1 and device.type == state.device.type:
-        device = state.device  # "--device cuda" on 8 processes: each its own GPU, not all on cuda:0
+    device = process_device(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), state)
     model = VQModel.from_pretrained(tokenizer_dir).to(device).eval()
     resolution = resolution or model.config.resolution
     grid_shape = model.grid_shape(resolution, resolution)  # a size it cannot encode: refused before --out is touched

@@ -140,9 +140,14 @@ def readable_batches(dataset: Dataset, batch_size: int, unreadable: list[str] | 
         if limit is not None and taken >= limit:
             break
     if dropped:
-        warnings.warn(f"left out {len(dropped)} image{'s' if len(dropped) > 1 else ''} that failed to decode: "
-                      f"{', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}", UnreadableImageWarning,
-                      stacklevel=2)
+        warn_left_out(dropped)
+
+
+def warn_left_out(dropped: list[str]) -> None:
+    """The one warning, at the end, that counts and names (up to 5) the files a reading pass left out."""
+    warnings.warn(f"left out {len(dropped)} image{'s' if len(dropped) > 1 else ''} that failed to decode: "
+                  f"{', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}", UnreadableImageWarning,
+                  stacklevel=3)
 
 
 def drop_unreadable(items: list) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,6 @@ batch by batch as one process would: the figures do not depend on the process co
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -16,7 +15,8 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
-from vqgpt.ground.data import UnreadableImageWarning, collate_images, readable_batches
+from vqgpt.ground.data import collate_images, readable_batches, warn_left_out
+from vqgpt.training.run_folder import share_main_failure
 
 
 def gather_in_order(state: Any, indices: torch.Tensor, rows: dict[str, torch.Tensor],
@@ -133,9 +133,7 @@ def readable_rounds(state: Any, dataset: Any, batch_size: int, limit: int | None
         if limit is not None and taken >= limit:
             break
     if dropped and state.is_main_process:  # readable_batches' warning, once
-        warnings.warn(f"left out {len(dropped)} image{'s' if len(dropped) > 1 else ''} that failed to decode: "
-                      f"{', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}", UnreadableImageWarning,
-                      stacklevel=2)
+        warn_left_out(dropped)
 
 
 @contextmanager
@@ -155,23 +153,18 @@ def rounds_total(wanted: int, batch_size: int, state: Any) -> int:
 
 def on_main_process(state: Any, work: Callable[[], Any]) -> Any:
     """``work()`` done by the first process alone; its result on every process, or its error raised on every
-    process: the others neither wait forever for a process that failed nor go on as if it had not."""
-    if state.num_processes == 1:
-        return work()
-    from accelerate.utils import broadcast_object_list
-
-    result = error = None
+    process (``share_main_failure``): the others neither wait forever for a process that failed nor go on as if
+    it had not."""
+    failure, result = None, None
     if state.is_main_process:
         try:
             result = work()
-        except Exception as exc:
-            try:
-                error = pickle.loads(pickle.dumps(exc))
-            except Exception:  # an exception that does not pickle: its message does
-                error = RuntimeError(f"{type(exc).__name__}: {exc}")
-            broadcast_object_list([None, error], from_process=0)
-            raise
-    result, error = broadcast_object_list([result, error], from_process=0)
-    if error is not None:
-        raise error
-    return result
+        except Exception as exc:  # shared with the other processes, then raised here
+            failure = exc
+    return share_main_failure(failure, state.num_processes, result)
+
+
+def process_device(device: torch.device, state: Any) -> torch.device:
+    """``device``, or this process's own device of that kind under a launch: "--device cuda" on 8 processes puts
+    each on its own GPU, not all on cuda:0."""
+    return state.device if state.num_processes > 1 and device.type == state.device.type else device

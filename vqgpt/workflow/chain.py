@@ -18,7 +18,7 @@ from stage1_vq.model import VQModel
 from stage2_prior.train import PriorRunConfig, train_prior
 from vqgpt.ground.checkpoint import export_fingerprint
 from vqgpt.ground.tokens import META_FILE, TokenShardError, read_meta
-from vqgpt.training.run_folder import share_main_failure
+from vqgpt.training.shares import on_main_process
 from vqgpt.workflow.pipeline import VQGPTPipeline
 
 T = TypeVar("T")
@@ -27,14 +27,7 @@ T = TypeVar("T")
 def _on_main_process(work: Callable[[], T]) -> T:
     """``work()`` on the main process only; every process returns its result once it is done (or raises what
     it raised). Under accelerate launch the others would otherwise go on to read a folder not yet written."""
-    state = PartialState()
-    failure, result = None, None
-    if state.is_main_process:
-        try:
-            result = work()
-        except Exception as exc:  # shared with the other processes, then raised here
-            failure = exc
-    return share_main_failure(failure, state.num_processes, result)
+    return on_main_process(PartialState(), work)
 
 
 def train_prior_with_tokenizer(cfg: PriorRunConfig, out: str | Path, tokenizer_dir: str | Path,

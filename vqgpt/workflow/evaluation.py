@@ -35,8 +35,8 @@ from vqgpt.workflow.classifier import MNIST_SOURCE, NUM_DIGITS, load_or_train_mn
 from vqgpt.ground.checkpoint import usable_device
 from vqgpt.ground.data import DataConfig, build_dataset, check_source_package, readable_batches
 from vqgpt.training.config import launched_process_state
-from vqgpt.training.shares import (ONE_PROCESS, gather_in_order, on_main_process, readable_rounds, rounds_total,
-                                  said_once)
+from vqgpt.training.shares import (ONE_PROCESS, gather_in_order, on_main_process, process_device, readable_rounds,
+                                  rounds_total, said_once)
 from vqgpt.ground.fid import (
     PR_MAX_FEATURES,
     PR_NEIGHBORHOOD,
@@ -152,12 +152,6 @@ def _device(device: str | torch.device | None) -> torch.device:
     return usable_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _process_device(device: torch.device, state: Any) -> torch.device:
-    """``device``, or this process's own device of that kind under a launch: "--device cuda" on 8 processes puts
-    each on its own GPU, not all on cuda:0."""
-    return state.device if state.num_processes > 1 and device.type == state.device.type else device
-
-
 # ----------------------------------------------------------------------------------------- tokenizer
 
 
@@ -179,7 +173,7 @@ def eval_tokenizer(tokenizer_dir: str | Path, images: str, fid_weights: str | No
 
     check_source_package(images)  # before the FID network loads (or fails to, offline, with a warning)
     state = state or ONE_PROCESS
-    dev = _process_device(_device(device), state)
+    dev = process_device(_device(device), state)
     with said_once(state):
         extractor = _optional_extractor(fid_weights, dev)
     # summed as they come: the eval split may hold 50k images
@@ -286,7 +280,7 @@ def fid_stats(images: str, out: str | Path, fid_weights: str | None = None, reso
     """
     check_stats_path(out)  # a bad --out is said before the features are computed, not after
     state = state or ONE_PROCESS
-    dev = _process_device(_device(device), state)
+    dev = process_device(_device(device), state)
     extractor = load_feature_extractor(fid_weights, dev)
     stats = reference_stats(extractor, images, resolution, split, num_images, batch_size, keep_features,
                             progress and state.is_main_process, state)
@@ -347,7 +341,7 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
         raise ValueError(f"num_samples must be >= 2 for FID, got {num_samples}")
     reference = str(reference)
     state = launched_process_state("each would draw and score every sample")
-    dev = _process_device(torch.device(device) if device else state.device, state)
+    dev = process_device(torch.device(device) if device else state.device, state)
     main = state.is_main_process
     pipe = VQGPTPipeline.from_pretrained(pipeline_dir).set_decoding(prior_dtype, compile).to(dev)
     # what the draw would refuse (guidance this prior cannot give, a seed out of range): before the reference
@@ -642,7 +636,7 @@ def eval_bits_per_dim(pipeline_dir: str | Path, images: str, split: str = "eval"
     from vqgpt.workflow.pipeline import VQGPTPipeline
 
     state = state or ONE_PROCESS
-    dev = _process_device(_device(device), state)
+    dev = process_device(_device(device), state)
     pipe = VQGPTPipeline.from_pretrained(pipeline_dir).to(dev)
     height, width = pipe.trained_pixels()
     if height != width:

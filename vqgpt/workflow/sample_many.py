@@ -46,6 +46,7 @@ from vqgpt.ground.files import replace_when_whole, write_text_whole
 from vqgpt.ground.images import tensor_to_uint8
 from vqgpt.training.config import launched_process_state
 from vqgpt.training.run_folder import RunFolderError, RunLock, share_failures, share_main_failure
+from vqgpt.training.shares import said_once
 from vqgpt.workflow.pipeline import ClassLabels, VQGPTPipeline, sample_generators, sample_seed
 
 SETTINGS_FILE = "sampling.json"
@@ -350,9 +351,7 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
         if in_the_way:  # found at the rename, after drawing its batch
             raise FileExistsError(f"{folder}: not a file where a sample image is to be written: "
                                   f"{name_listing(in_the_way)}; move it away")
-        with warnings.catch_warnings():
-            if not state.is_main_process:
-                warnings.simplefilter("ignore")  # (said once)
+        with said_once(state):
             record = _check_settings(folder, settings, pngs, npz if out is None else None)
         batches = batch_ranges(num, batch_size)
         todo = [c for c, batch in enumerate(batches) if any(png_name(i) not in done for i in batch)]
