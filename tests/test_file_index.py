@@ -382,6 +382,21 @@ def test_vqgpt_index_builds_reuses_and_rebuilds(tmp_path, capsys):
     assert build_dataset(_cfg(root, index_dir=str(where))).index_file == index_path(root, where)
 
 
+def test_vqgpt_index_warns_of_links_that_point_nowhere(tmp_path, capsys):
+    """A dangling link is listed (fixing it counts as a change) but no image: the counts say so."""
+    root = _folder(tmp_path / "imgs")
+    (root / "cats" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    assert main(["index", str(root), "--index-dir", str(tmp_path / "idx"), "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["total"] == 8 and report["dangling_links"] == ["cats/gone.png"]
+    assert "warning: 1 of the 8 files are links that point nowhere (cats/gone.png)" in captured.err
+    (tmp_path / "deleted.png").write_bytes((root / "cats" / sorted(os.listdir(root / "cats"))[0]).read_bytes())
+    assert main(["index", str(root), "--index-dir", str(tmp_path / "idx"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["dangling_links"] == [] and "warning" not in captured.err
+
+
 def test_vqgpt_index_imports_no_torch(tmp_path):
     """Listing a folder needs no torch (seconds to import): `vqgpt index` answers at once."""
     root = _folder(tmp_path / "imgs")

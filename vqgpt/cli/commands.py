@@ -677,9 +677,14 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise ValueError(f"no image files found in {source}: nothing to index")
     status = "reused" if index.reused else "rebuilt" if existed else "built"
     counts = index.class_counts()
+    dangling = [path for path, size in zip(index.paths, index.sizes.tolist()) if size < 0]  # links to nothing
     document = {"root": str(index.root), "index": str(index.path) if index.path else None, "status": status,
                 "total": len(index), "bytes": int(index.sizes[index.sizes > 0].sum()), "classes": counts,
-                "seconds": round(seconds, 3)}
+                "dangling_links": dangling, "seconds": round(seconds, 3)}
+    if dangling:
+        shown = ", ".join(dangling[:3]) + (", ..." if len(dangling) > 3 else "")
+        print(f"warning: {len(dangling):,} of the {len(index):,} files are links that point nowhere ({shown}); "
+              "they count here but training and evaluation leave them out", file=sys.stderr)
     if args.json:
         _emit_json(args, document)
         return 0
