@@ -98,8 +98,14 @@ def model_config_for(cfg: PriorRunConfig, data: TokenDataset) -> GPTConfig:
             raise ConfigError(f"model.{key}: the config sets {ours}, but the token shards in {cfg.tokens} give "
                               f"{value}{why}; leave model.{key} out to take the shards' value")
     if filled and os.environ.get("RANK", "0") == "0":  # once, not once per process
-        print(f"prior: {', '.join(f'model.{k}={v}' for k, v in filled.items())} from the token shards in {cfg.tokens}",
-              file=sys.stderr)
+        # num_classes=0 with conditional false comes from that setting, not from the shards' labels
+        ignored = "num_classes" in filled and not cfg.conditional and data.num_classes > 1
+        said = [f"model.{k}={v}" for k, v in filled.items() if not (ignored and k == "num_classes")]
+        parts = [f"{', '.join(said)} from the token shards in {cfg.tokens}"] if said else []
+        if ignored:
+            parts.append(f"model.num_classes=0 as conditional is false (the shards' {data.num_classes} classes "
+                         "are not used)")
+        print(f"prior: {'; '.join(parts)}", file=sys.stderr)
     return dataclasses.replace(cfg.model, **filled)
 
 

@@ -41,6 +41,9 @@ def test_prior_fields_left_unset_are_filled_from_the_shards_and_said(tokens, cap
     same = prior_config(tokens, "model.codebook_size=16", "model.grid_size=[2, 3]", "model.num_classes=3")
     assert model_config_for(same, TokenDataset(tokens)) == model and capsys.readouterr().err == ""
     assert model_config_for(prior_config(tokens, "conditional=false"), TokenDataset(tokens)).num_classes == 0
+    said = capsys.readouterr().err  # the 0 is conditional's doing, not the shards' (they hold 3 classes)
+    assert (f"model.codebook_size=16, model.grid_size=[2, 3] from the token shards in {tokens}; "
+            "model.num_classes=0 as conditional is false (the shards' 3 classes are not used)") in said, said
 
 
 @pytest.mark.parametrize("override, message", [
@@ -61,6 +64,18 @@ def test_train_prior_cli_refuses_a_vocabulary_the_shards_do_not_have(tokens, tmp
     assert code == 2
     assert "model.codebook_size: the config sets 1024, but the token shards" in capsys.readouterr().err
     assert not (tmp_path / "run" / "export").exists()
+
+
+def test_train_prior_without_a_tokenizer_says_sample_every_draws_nothing(tokens, tmp_path, capsys):
+    """train.sample_every asks for grids; without --tokenizer none can be decoded, and the user is told."""
+    argv = ["train-prior", "--config", str(ROOT / "configs/prior/tiny.yaml"), "--tokens", str(tokens),
+            "--set", "train.steps=2", "--set", "train.checkpoint_every=0", "--set", "train.batch_size=4"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--set", "train.sample_every=1"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: train.sample_every=1 writes no image grids without --tokenizer" in err, err
+    assert not list((tmp_path / "run").rglob("*.png"))
+    assert main([*argv, "--out", str(tmp_path / "quiet")]) == 0  # the default (0) says nothing
+    assert "sample_every" not in capsys.readouterr().err
 
 
 def test_a_gpt_needs_the_data_fields_set():

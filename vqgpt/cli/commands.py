@@ -287,6 +287,10 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
     # quoted (JSON is YAML): a folder named yes, null, [x] or 'a: b' is a path, not YAML's true / None / list
     cfg = load_config(PriorRunConfig, args.config, [*args.overrides, f"tokens={json.dumps(args.tokens)}"])
     if not args.tokenizer:
+        if cfg.train.sample_every and _first_process():  # asked for grids that cannot be drawn
+            print(f"warning: train.sample_every={cfg.train.sample_every} writes no image grids without --tokenizer "
+                  "(a prior's codes need the tokenizer to become images); give --tokenizer DIR to get them",
+                  file=sys.stderr)
         export_dir = train_prior(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
         from vqgpt.workflow.chain import refresh_run_pipeline
 
