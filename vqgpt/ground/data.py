@@ -56,6 +56,7 @@ from vqgpt.ground.dataset_base import (DataConfig, ImageDataset, ImageTooSmallEr
                                        warn_unicode_twins)
 from vqgpt.ground.file_index import ROOT_CLASS  # noqa: F401  (re-exported: the class of images in a root)
 from vqgpt.ground.file_index import folder_index
+from vqgpt.ground.files import is_within
 from vqgpt.ground.images import IMAGE_EXTENSIONS, open_rgb, pil_to_tensor
 
 BUILTIN_SOURCES = ("builtin:mnist", "builtin:photos", "builtin:textures")
@@ -493,10 +494,10 @@ def folder_overlap(source: str, out: str | Path) -> str | None:
     source = source.strip()
     if not source or source.startswith(("builtin:", "wds:", "hf:")):
         return None
-    src, dst = Path(source).expanduser().resolve(), Path(out).expanduser().resolve()
-    if src == dst:
-        return "is"
-    return "is inside" if src in dst.parents else "holds" if dst in src.parents else None
+    src, dst = Path(source).expanduser(), Path(out).expanduser()
+    if is_within(src, dst):
+        return "is" if is_within(dst, src) else "holds"
+    return "is inside" if is_within(dst, src) else None
 
 
 def check_source_package(source: str) -> None:

@@ -39,6 +39,12 @@ def umask() -> int:
         return mask
 
 
+def is_within(path: str | Path, folder: str | Path) -> bool:
+    """True when ``path`` is ``folder`` or lies under it, links resolved (neither need exist; no ~ expansion)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def check_can_make_file(folder: Path, what: str) -> None:
     """Refuse (a ValueError starting with ``what``) an existing ``folder`` in which no file can be made, by
     making and removing an empty one: ``os.access`` says yes to root almost everywhere, while /proc and

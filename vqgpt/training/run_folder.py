@@ -21,7 +21,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from vqgpt.ground.checkpoint import (MANIFEST_NAME, check_checkpoint, list_checkpoints, name_listing,
                                     read_checkpoint_config, read_checkpoint_inputs, read_export_meta, resolve_resume)
 from vqgpt.ground.config import ConfigError, from_dict, read_yaml, save_config, to_dict
-from vqgpt.ground.files import hold_lock
+from vqgpt.ground.files import hold_lock, is_within
 from vqgpt.training.config import TRACKING_DIR, TrainConfig
 from vqgpt.training.optim import lr_factor
 
@@ -192,12 +192,6 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    """True when ``path`` is ``folder`` or lies under it (paths need not exist)."""
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
 def _exported_inputs(run_dir: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
     """The tokenizer fingerprint that ``run_dir``'s export (or its pipeline's prior) records, as inputs to
     compare; None when there is no such export or ``inputs`` has no fingerprint."""
@@ -289,7 +283,7 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
     for flag, path in (reads or {}).items() if overwrite else ():
         # a tokenizer export copied in as RUN/export (or a pipeline's tokenizer/) is deleted with the run
         doomed = next((name for name in held if not (run_dir / name).is_symlink()  # (a link goes, not its target)
-                       and _inside(Path(path), run_dir / name)), None)
+                       and is_within(Path(path), run_dir / name)), None)
         if doomed is not None:
             where = "is" if Path(path).resolve() == (run_dir / doomed).resolve() else "lies inside"
             raise RunFolderError(f"{flag} {path} {where} {run_dir / doomed}, which --overwrite would delete with the "
@@ -319,7 +313,7 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
         recorded_inputs = _check_inputs(checkpoint, inputs, inputs_from, legacy_inputs)
         # A checkpoint of another run folder continues that run here: only into an empty folder (or with
         # --overwrite), as a fresh start would, else the two runs' metrics, checkpoints and config would mix.
-        if held and not overwrite and not _inside(checkpoint, run_dir):
+        if held and not overwrite and not is_within(checkpoint, run_dir):
             raise RunFolderError(f"--resume {checkpoint}: {run_dir} already holds a run ({name_listing(held)}) and the "
                                  f"checkpoint belongs to another run folder: pass --overwrite to replace the run in "
                                  f"{run_dir}, --resume auto to continue it, or choose another --out")
@@ -405,7 +399,7 @@ def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume:
     is broadcast, so every process raises the same error instead of waiting in a collective.
     """
     run_dir = Path(out)
-    if resume and overwrite and (resume == "auto" or _inside(Path(resume), run_dir)):
+    if resume and overwrite and (resume == "auto" or is_within(Path(resume), run_dir)):
         raise RunFolderError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
                              "--overwrite replaces it (together they take a checkpoint of another run folder only)")
     lock = RunLock(run_dir)
