@@ -397,6 +397,18 @@ def test_vqgpt_index_warns_of_links_that_point_nowhere(tmp_path, capsys):
     assert json.loads(captured.out)["dangling_links"] == [] and "warning" not in captured.err
 
 
+def test_a_folder_named_with_edge_spaces_is_that_folder(tmp_path, capsys):
+    """Sources lose stray edge spaces, but not when the text as given names a path: 'trail ' beside 'trail'
+    is read, indexed and recorded as itself, not as its neighbour."""
+    spaced, plain = _folder(tmp_path / "trail ", n=2), _folder(tmp_path / "trail", n=4)
+    assert main(["index", str(spaced), "--index-dir", str(tmp_path / "idx"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["root"] == str(spaced) and report["total"] == 3
+    assert _cfg(spaced).source == str(spaced) and len(build_dataset(_cfg(spaced), "eval")) == 3
+    assert DataConfig(source=f"  {plain} ", resolution=R).source == str(plain)  # a stray space: stripped
+    assert DataConfig(source=" builtin:mnist", resolution=R).source == "builtin:mnist"
+
+
 def test_vqgpt_index_imports_no_torch(tmp_path):
     """Listing a folder needs no torch (seconds to import): `vqgpt index` answers at once."""
     root = _folder(tmp_path / "imgs")

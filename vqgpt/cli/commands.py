@@ -668,9 +668,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     """Build or refresh a folder's file index; print its counts per class."""
     import time
 
-    from vqgpt.ground.file_index import folder_index, index_path
+    from vqgpt.ground.file_index import clean_source, folder_index, index_path
 
-    source = args.source.strip()
+    source = clean_source(args.source)
     if ":" in source.split("/", 1)[0] and not Path(source).exists():  # builtin:..., wds:..., hf:...
         raise ValueError(f"vqgpt index takes an image folder, not {source!r}: only folder sources use a file index")
     existed = index_path(source, args.index_dir).is_file()

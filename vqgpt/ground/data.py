@@ -55,7 +55,7 @@ from vqgpt.ground.dataset_base import (DataConfig, ImageDataset, ImageTooSmallEr
                                        UnreadableImageWarning, _check_index, image_transform, unicode_twins,
                                        warn_unicode_twins)
 from vqgpt.ground.file_index import ROOT_CLASS  # noqa: F401  (re-exported: the class of images in a root)
-from vqgpt.ground.file_index import folder_index
+from vqgpt.ground.file_index import clean_source, folder_index
 from vqgpt.ground.files import is_within
 from vqgpt.ground.images import IMAGE_EXTENSIONS, open_rgb, pil_to_tensor
 
@@ -491,7 +491,7 @@ def _source_module(source: str):
 def folder_overlap(source: str, out: str | Path) -> str | None:
     """How ``out`` overlaps the image folder ``source``: 'is', 'is inside' or 'holds'; None when apart, or when
     ``source`` names no folder on this machine (builtin:, wds:, and hf:, whose folder holds arrow files only)."""
-    source = source.strip()
+    source = clean_source(source)
     if not source or source.startswith(("builtin:", "wds:", "hf:")):
         return None
     src, dst = Path(source).expanduser(), Path(out).expanduser()
@@ -510,7 +510,7 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
     """Dataset of (image (3,R,R) float32 in [-1,1], label int); ``split`` "train" | "eval" (eval is deterministic)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    source = cfg.source.strip()
+    source = clean_source(cfg.source)
     if source.startswith("builtin:"):
         if source == "builtin:mnist":
             return MnistDataset(cfg, split)
@@ -534,7 +534,7 @@ def source_identity(source: str, index_dir: str = "") -> dict:
     folder's file index, each file's size and time are read afresh); for a built-in set, its name;
     for tar shards, each shard's path, size and time; for a Hugging Face dataset, its folder's files
     or, for a hub id, its splits' fingerprints."""
-    source = source.strip()
+    source = clean_source(source)
     if source.startswith("builtin:"):
         return {"kind": "builtin", "name": source}
     if source.startswith(("wds:", "hf:")):

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from vqgpt.ground.config import opt
-from vqgpt.ground.file_index import ROOT_CLASS
+from vqgpt.ground.file_index import ROOT_CLASS, clean_source
 from vqgpt.ground.images import crop_aspect, open_rgb, pil_to_tensor
 
 @dataclass
@@ -51,9 +51,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.source, str):
-            # every reader strips it (' builtin:mnist' reads MNIST): recorded stripped too, so that a resume
-            # or a pipeline's provenance does not see two sources where there is one
-            self.source = self.source.strip()
+            # every reader strips it (' builtin:mnist' reads MNIST; a folder named with edge spaces is kept):
+            # recorded so too, so that a resume or a pipeline's provenance does not see two sources in one
+            self.source = clean_source(self.source)
         if self.resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {self.resolution}")
         if self.crops_per_epoch < 1:

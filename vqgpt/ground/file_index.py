@@ -49,6 +49,16 @@ RACY_NS = 2_000_000_000  # directory times this close to the scan are not truste
 _SEP = "\0"  # joins names in one byte array; the one character no file name can hold
 
 
+def clean_source(source: str) -> str:
+    """An image source as written, less its edge spaces (' builtin:mnist' is MNIST, a YAML value's stray
+    space no new folder), unless the text as given names something on disk: a folder 'trail ' is not
+    the folder 'trail' beside it."""
+    stripped = source.strip()
+    if stripped != source and os.path.lexists(os.path.expanduser(source)):
+        return source
+    return stripped
+
+
 @dataclass
 class FileIndex:
     """The image files under ``root``, sorted by relative path, and what is needed to tell when it is stale."""
