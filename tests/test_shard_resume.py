@@ -315,3 +315,22 @@ def test_an_out_path_with_percent_signs_or_a_colon(tmp_path, monkeypatch, refere
     monkeypatch.chdir(tmp_path)
     write_shards(str(source), Path("out:1"), per_shard=PER_SHARD, progress=False)
     assert _contents(tmp_path / "out:1") == expected
+
+
+def test_a_set_is_never_written_over_what_it_reads(tmp_path, capsys, reference):
+    """Re-sharding wds:OUT into OUT (say, for another --per-shard) deleted the source with --overwrite and
+    then failed reading it; writing into the image folder, or into '' (the working folder), is refused too."""
+    source, _, expected = reference
+    ref = tmp_path / "ref"
+    for overwrite in ([], ["--overwrite"]):
+        assert main(["shard", f"wds:{ref}", str(ref), "--per-shard", "4", *overwrite]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {ref} holds the shards of the source wds:{ref} (shard-000000.tar, ...)" in err, err
+        assert _contents(ref) == expected  # nothing deleted, nothing added
+    assert main(["shard", f"wds:{ref}/shard-000001.tar", str(tmp_path / "ref2"), "--per-shard", "4"]) == 0
+    for out, where in ((source, "is"), (source / "a", "is inside")):
+        assert main(["shard", str(source), str(out), "--per-shard", "4"]) == 2
+        assert f"--out {out} {where} the image folder {source}" in capsys.readouterr().err
+        assert not list(Path(out).glob("*.tar")) and not (Path(out) / PARTIAL_DIR).exists()
+    assert main(["shard", str(source), "", "--per-shard", "4"]) == 2
+    assert "--out is empty" in capsys.readouterr().err

@@ -27,11 +27,12 @@ from typing import Any, NamedTuple
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vqgpt.ground.data import FolderImageDataset, build_dataset, describe_file_changes, source_identity
+from vqgpt.ground.data import (FolderImageDataset, build_dataset, describe_file_changes, folder_overlap,
+                               source_identity)
 from vqgpt.ground.dataset_base import DataConfig, EncodedImageDataset, ImageDataset, Unreadable
-from vqgpt.ground.files import hold_lock, write_bytes_whole
+from vqgpt.ground.files import hold_lock, is_within, write_bytes_whole
 from vqgpt.ground.images import tensor_to_pil
-from vqgpt.ground.tar_shards import CLASSES_FILE, PREFIX, shard_index
+from vqgpt.ground.tar_shards import CLASSES_FILE, PREFIX, shard_index, shard_paths
 
 SHARD_NAME = "shard-%06d.tar"
 PARTIAL_DIR = ".partial"  # where the shards are written until the last one is closed
@@ -78,6 +79,20 @@ def _sample(dataset: ImageDataset, index: int) -> tuple[bytes, str, int] | Unrea
     return buffer.getvalue(), "png", int(label)
 
 
+def _check_apart(source: str, out: Path) -> None:
+    """Refuse an OUT that holds the shards being read (the new set would replace them, and --overwrite
+    deleted them before reading) or that is, or lies inside, the image folder being read."""
+    if source.startswith(PREFIX):
+        inside = [path for path in shard_paths(source) if is_within(path, out)]
+        if inside:
+            raise ValueError(f"--out {out} holds the shards of the source {source} ({inside[0].name}"
+                             f"{', ...' if len(inside) > 1 else ''}): the new set would replace the shards it "
+                             "reads; write it into another folder")
+    elif (where := folder_overlap(source, out)) in ("is", "is inside"):
+        raise ValueError(f"--out {out} {where} the image folder {source}: write the shards into a folder apart "
+                         "from the images")
+
+
 def write_shards(source: str, out: str | Path, per_shard: int, split: str = "train",
                  resolution: int = DataConfig.resolution, index_dir: str = "", progress: bool = True,
                  overwrite: bool = False) -> ShardReport:
@@ -95,13 +110,16 @@ def write_shards(source: str, out: str | Path, per_shard: int, split: str = "tra
 
     if per_shard < 1:
         raise ValueError(f"--per-shard must be >= 1, got {per_shard}")
+    if not str(out).strip():  # Path('') is the working folder, whose shard-*.tar --overwrite would delete
+        raise ValueError("--out is empty: give the folder for the shards")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the shards")
-    if not overwrite:
-        _refuse_a_finished_set(out)
     # deterministic items: center crops, no flip (a folder's or dataset's bytes are copied as stored anyway)
     cfg = DataConfig(source=source, resolution=resolution, random_crop=False, hflip=False, index_dir=index_dir)
+    _check_apart(cfg.source, out)
+    if not overwrite:
+        _refuse_a_finished_set(out)
     dataset = build_dataset(cfg, split)
     wanted, files = _identity(source, split, per_shard, resolution, index_dir, dataset)
     # Shards are written into OUT/.partial/ and moved into OUT together once the last one is closed:
