@@ -241,13 +241,14 @@ class EncodedImageDataset(ImageDataset):
 
     def encoded(self, index: int) -> tuple[bytes, str] | Unreadable:
         """The stored bytes of item ``index`` and the extension of their format (``vqgpt shard`` copies
-        them as they are), or ``Unreadable`` when Pillow does not recognise them. An image in a format
+        them as they are), or ``Unreadable`` when they cannot be read or Pillow cannot decode them. An image in a format
         that shard readers do not take as an image member (PPM, TGA, ...) comes back as a PNG of the RGB
         image this source decodes from it, so that the shards hold the same pixels."""
         index = _check_index(index, len(self))
-        data = self._bytes(index)
         try:
-            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            data = self._bytes(index)  # (a row without an image, a shard changed since it was indexed: left out)
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()  # decoded in full, as training will: a cut-off file is left out here, not copied
                 ext = FORMAT_EXTENSIONS.get(img.format or "")
             if ext is not None:
                 return data, ext
