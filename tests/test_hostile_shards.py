@@ -4,6 +4,7 @@ else without a word."""
 
 from __future__ import annotations
 
+import io
 import tarfile
 
 import pytest
@@ -127,3 +128,52 @@ def test_a_glob_is_not_expanded_and_the_error_says_what_to_give(tmp_path):
     _whole(tmp_path / "in" / "a.tar")
     with pytest.raises(FileNotFoundError, match=r"not \* or \?: for every .tar in a folder give wds:FOLDER"):
         build_dataset(wds(f"wds:{tmp_path / 'in'}/*.tar"), "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# items that are no whole image, re-sharded
+
+
+def test_resharding_leaves_out_cut_off_images_and_rows_without_one(tmp_path):
+    """vqgpt shard of wds: / hf: items decodes each in full, as training will: a cut-off PNG was copied
+    and counted (encode then skipped it), a row without an image aborted the whole run unnamed."""
+    import datasets
+
+    whole = encode(noise(0))
+    write_tar(tmp_path / "in" / "s.tar", [{"__key__": "a", "png": whole, "cls": 0},
+                                          {"__key__": "b", "png": whole[: len(whole) // 2], "cls": 0},
+                                          {"__key__": "c", "png": b"hello", "cls": 1}])
+    report = write_shards(f"wds:{tmp_path / 'in'}", tmp_path / "out", per_shard=4, progress=False)
+    assert report.count == 1 and len(report.unreadable) == 2, report.unreadable
+    assert [name.rsplit("/", 1)[-1] for name in report.unreadable] == ["b.png", "c.png"], report.unreadable
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
+    rows = {"image": [{"bytes": whole, "path": None}, None, {"bytes": whole, "path": None}], "label": [0, 1, 0]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hf"))
+    report = write_shards(f"hf:{tmp_path / 'hf'}", tmp_path / "out_hf", per_shard=4, progress=False)
+    assert report.count == 2 and report.unreadable == [f"hf:{tmp_path / 'hf'} all[1]"]
+
+
+def test_names_that_are_no_utf8_survive_sharding_and_reading(tmp_path):
+    """A class folder or a tar member named in another encoding (a lone surrogate in Python): vqgpt shard
+    failed writing classes.json after every shard, and wds: failed indexing such a member."""
+    import os
+
+    folder = os.fsencode(tmp_path / "src")
+    for cls in (b"caf\xe9", b"plain"):
+        os.makedirs(os.path.join(folder, cls))
+        for i in range(2):
+            noise(i).save(os.fsdecode(os.path.join(folder, cls, b"x%d.png" % i)))
+    report = write_shards(str(tmp_path / "src"), tmp_path / "out", per_shard=3, progress=False)
+    expected = build_dataset(wds(str(tmp_path / "src")), "eval").classes
+    assert report.count == 4 and expected == ["caf\udce9", "plain"]
+    assert build_dataset(wds(report.pattern), "eval").classes == expected
+    (tmp_path / "in").mkdir()
+    with tarfile.open(tmp_path / "in" / "t.tar", "w", format=tarfile.GNU_FORMAT, errors="surrogateescape") as tar:
+        for name in ("caf\udce9.png", "ok.png"):
+            data = encode(noise(0))
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    dataset = build_dataset(wds(f"wds:{tmp_path / 'in'}"), "eval")
+    assert [dataset.name(i) for i in range(len(dataset))] == ["t/caf\udce9.png", "t/ok.png"]
+    assert dataset[0][0].shape[0] == 3

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -204,8 +203,8 @@ def write_shards(source: str, out: str | Path, per_shard: int, split: str = "tra
                 pass
             raise ValueError(f"no readable image in {source} ({len(unreadable)} left out)")
         # the whole class list, beside the shards: a class without a readable image has no sample to name it
-        (partial / CLASSES_FILE).write_text(json.dumps({"classes": list(dataset.classes)}, ensure_ascii=False) + "\n",
-                                            encoding="utf-8")
+        # (ensure_ascii: a folder name that is no UTF-8, a lone surrogate in Python, is written escaped)
+        (partial / CLASSES_FILE).write_text(json.dumps({"classes": list(dataset.classes)}) + "\n", encoding="utf-8")
         # Recorded as finished before the first shard moves: a run stopped while moving them leaves some in
         # OUT, and the next run moves the rest (the set in OUT is whole only once classes.json, last, is there).
         record.update(finished=True, unreadable=unreadable)

@@ -386,7 +386,7 @@ class TarShardDataset(EncodedImageDataset):
                               stacklevel=3)
             for _key, member, offset, size, label, name in index["samples"]:
                 shard_of.append(k)
-                members.append(member.encode())
+                members.append(member.encode("utf-8", "surrogateescape"))  # (a name not in UTF-8 kept as is)
                 offsets.append(offset)
                 sizes.append(size)
                 values.append(label)
@@ -414,12 +414,15 @@ class TarShardDataset(EncodedImageDataset):
                           f"since it was indexed")
         return data
 
+    def _member(self, index: int) -> str:
+        return self.members[index].decode("utf-8", "surrogateescape")
+
     def _where(self, index: int) -> str:
-        return f"{self.shards[self.shard_of[index]]}/{self.members[index].decode()}"
+        return f"{self.shards[self.shard_of[index]]}/{self._member(index)}"
 
     def name(self, index: int) -> str:
         index = _check_index(index, len(self))
-        return f"{self.shards[self.shard_of[index]].stem}/{self.members[index].decode()}"
+        return f"{self.shards[self.shard_of[index]].stem}/{self._member(index)}"
 
 
 def source_identity(source: str) -> dict[str, Any]:
