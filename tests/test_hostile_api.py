@@ -234,8 +234,13 @@ def test_a_run_folder_or_an_export_given_as_a_pipeline_says_what_to_give(pipe_di
     for part, kind in (("tokenizer", "a tokenizer export"), ("prior", "a prior export")):
         assert main(["sample", "--pipeline", str(pipe_dir / part), "--num", "1", "--class-label", "a",
                      "--out", str(tmp_path / "s.png")]) == 2
-        assert f"it is {kind}: give the tokenizer and prior exports apart (--tokenizer DIR --prior DIR" in \
+        assert f"it is {kind}: give the RUN/pipeline/ that train-prior --tokenizer writes, or join" in \
             capsys.readouterr().err
+    # eval-bpd takes --pipeline only: the advice it gets (join the two) works for it
+    assert main(["eval-bpd", "--pipeline", str(pipe_dir / "prior"), "--images", str(tmp_path)]) == 2
+    assert "VQGPTPipeline.from_parts(TOKENIZER, PRIOR).save_pretrained(DIR)" in capsys.readouterr().err
+    VQGPTPipeline.from_parts(pipe_dir / "tokenizer", pipe_dir / "prior").save_pretrained(tmp_path / "joined")
+    assert VQGPTPipeline.from_pretrained(tmp_path / "joined").classes == VQGPTPipeline.from_pretrained(pipe_dir).classes
     with pytest.raises(FileNotFoundError, match=r"tokenizer/ is missing \(a pipeline folder holds tokenizer/ and "
                                                 r"prior/ exports\)$"):
         VQGPTPipeline.from_pretrained(tmp_path)  # nothing more to say about an unrelated folder

@@ -385,8 +385,10 @@ def _hint(directory: Path) -> str:
     except (OSError, ConfigError):  # no readable config.json: nothing more to say
         return ""
     if kind in kinds:
-        return (f"; it is {kinds[kind]}: give the tokenizer and prior exports apart (--tokenizer DIR --prior DIR, "
-                "VQGPTPipeline.from_parts in Python), or the RUN/pipeline/ that train-prior --tokenizer writes")
+        # (said for every command: only sample and complete take the two exports apart)
+        return (f"; it is {kinds[kind]}: give the RUN/pipeline/ that train-prior --tokenizer writes, or join "
+                "the tokenizer and prior exports into one (VQGPTPipeline.from_parts(TOKENIZER, PRIOR)"
+                ".save_pretrained(DIR)); sample and complete also take them apart (--tokenizer DIR --prior DIR)")
     return ""
 
 
