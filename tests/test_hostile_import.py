@@ -238,6 +238,21 @@ def test_duplicate_class_names_are_refused_before_writing(lg, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_classes_file_that_is_empty_or_missing_is_refused_naming_the_flag(lg, tmp_path, capsys):
+    """An empty --classes file was taken as 'no names' (the pipeline came out without them); a missing one
+    said only 'No such file or directory'."""
+    tmp, _, gpt_sd = lg
+    torch.save({"model": gpt_sd, "args": gpt_args()}, tmp_path / "g.pt")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    base = ["llamagen-gpt", "--checkpoint", str(tmp_path / "g.pt"), "--tokenizer", str(tmp / "tok"),
+            "--out", str(tmp_path / "o")]
+    err = cli_error(capsys, *base, "--classes", str(tmp_path / "empty.txt"))
+    assert f"--classes {tmp_path / 'empty.txt'} holds no class names" in err
+    err = cli_error(capsys, *base, "--classes", str(tmp_path / "gone.txt"))
+    assert f"--classes {tmp_path / 'gone.txt'}: cannot read it (No such file or directory)" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_out_inside_the_tokenizer_folder_is_refused(lg, tmp_path, capsys):
     tmp, _, gpt_sd = lg
     torch.save({"model": gpt_sd, "args": gpt_args()}, tmp_path / "g.pt")

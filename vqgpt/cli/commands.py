@@ -597,7 +597,15 @@ def _import(args: argparse.Namespace) -> Any:
     else:
         names = None
         if args.classes:
-            names = [line.strip() for line in Path(args.classes).read_text().splitlines() if line.strip()]
+            try:
+                names = [line.strip() for line in Path(args.classes).read_text().splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise ValueError(f"--classes {args.classes}: cannot read it ({why}); give a text file with one class "
+                                 "name per line") from None
+            if not names:
+                raise ValueError(f"--classes {args.classes} holds no class names: give one name per line, in class "
+                                 "index order")
         from vqgpt.workflow.importers.llamagen import parse_model_overrides
 
         result = importers.import_llamagen_gpt(args.checkpoint, args.tokenizer, args.out, preset=args.preset,
