@@ -409,6 +409,18 @@ def test_a_folder_named_with_edge_spaces_is_that_folder(tmp_path, capsys):
     assert DataConfig(source=" builtin:mnist", resolution=R).source == "builtin:mnist"
 
 
+def test_vqgpt_index_that_cannot_write_the_index_exits_1(tmp_path, capsys):
+    """Writing the index ahead is what `vqgpt index` is for: a script must see that it failed."""
+    root = _folder(tmp_path / "imgs")
+    (tmp_path / "f").write_text("a file, no folder")
+    for k, json_flag in enumerate(([], ["--json"])):
+        with pytest.warns(UserWarning, match="could not write the file index"):
+            assert main(["index", str(root), "--index-dir", str(tmp_path / "f" / f"sub{k}"), *json_flag]) == 1
+        captured = capsys.readouterr()
+        assert "index: not written (see the warning)" in captured.out if not json_flag else \
+            json.loads(captured.out)["index"] is None
+
+
 def test_vqgpt_index_imports_no_torch(tmp_path):
     """Listing a folder needs no torch (seconds to import): `vqgpt index` answers at once."""
     root = _folder(tmp_path / "imgs")

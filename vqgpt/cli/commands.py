@@ -697,9 +697,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         shown = ", ".join(dangling[:3]) + (", ..." if len(dangling) > 3 else "")
         print(f"warning: {len(dangling):,} of the {len(index):,} files are links that point nowhere ({shown}); "
               "they count here but training and evaluation leave them out", file=sys.stderr)
+    written = 0 if index.path else 1  # building the index ahead is the command's work: a script must see it failed
     if args.json:
         _emit_json(args, document)
-        return 0
+        return written
     width = max(len(name) for name in counts)
     for name, count in counts.items():
         print(f"{name:<{width}}  {count:>10,}")
@@ -707,7 +708,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     size_text = f"{size / 1e9:,.2f} GB" if size >= 1e9 else f"{size / 1e6:,.1f} MB"
     print(f"total: {len(index):,} files in {len(counts):,} classes ({size_text})")
     print(f"index: {index.path or 'not written (see the warning)'} ({status} in {seconds:.2f} s)")
-    return 0
+    return written
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
