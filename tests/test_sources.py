@@ -110,6 +110,11 @@ def test_tar_classes_from_cls_and_json(tmp_path):
                                      for i in range(2)])
     assert build_dataset(wds(f"wds:{tmp_path / 'd'}")).classes == ["0", "1"]
 
+    # a class name keeps its spaces, as a class folder's does (a cls member's final line end goes)
+    write_tar(tmp_path / "f/0.tar", [{"__key__": f"k{i}", "png": encode(flat(i)), "cls": name.encode()}
+                                     for i, name in enumerate(["cat\n", "cat ", " cat", "cat"])])
+    assert build_dataset(wds(f"wds:{tmp_path / 'f'}")).classes == [" cat", "cat", "cat "]
+
     # mixing integer and text classes is an error naming both samples
     write_tar(tmp_path / "e/0.tar", [{"__key__": "k0", "png": encode(flat(0)), "cls": 1},
                                      {"__key__": "k1", "png": encode(flat(1)), "cls": "cat"}])

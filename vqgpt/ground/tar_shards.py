@@ -58,7 +58,8 @@ from vqgpt.ground.images import IMAGE_EXTENSIONS
 
 PREFIX = "wds:"
 IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)  # jpg jpeg png webp bmp gif tif tiff
-INDEX_FORMAT = 2  # bump when the stored fields or the grouping change: older index files are rebuilt
+INDEX_FORMAT = 3  # bump when the stored fields or the grouping change: older index files are rebuilt (3: class
+# names keep their spaces)
 # ``vqgpt shard`` writes the source's class names beside its shards: a class without a readable image
 # has no sample to carry its name, and the classes above the largest one present would be lost
 CLASSES_FILE = "classes.json"
@@ -120,12 +121,12 @@ def _agreeing(listed: list[str], labels: np.ndarray, names: dict[int, str], path
 
 
 def _class_value(text: str) -> int | str:
-    """A class as stored: the text of an integer is that integer, anything else a class name."""
-    text = text.strip()
+    """A class as stored: the text of an integer is that integer, anything else a class name, less a final
+    line end only: 'cat ' and 'cat' are two classes, as two folders so named are."""
     try:
-        return int(text)
+        return int(text.strip())
     except ValueError:
-        return text
+        return text.removesuffix("\n").removesuffix("\r")
 
 
 def _sample_class(cls: bytes | None, meta: bytes | None, where: str) -> tuple[int | str | None, str | None]:
