@@ -228,6 +228,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         step, position = load_resume(accelerator, run.checkpoint, tc.batch_size)
         resumed_at = step
         start_trackers(accelerator, cfg, run_dir, step)
+        run.started()  # (after every check of the setup: --overwrite's old run goes only now)
 
         log = MetricsLog(run_dir, accelerator)
         bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc="tokenizer", dynamic_ncols=True)
@@ -391,6 +392,7 @@ def fit_palette_run(cfg: TokenizerRunConfig, accelerator: Accelerator, run: RunF
                        "sample_usage": float((fit.counts > 0).float().mean())})
             save_grid(side_by_side(snapshot.cpu(), out.reconstruction.cpu()),
                       run_dir / "samples" / f"step-{done:08d}.png", nrow=8)
+        run.started()  # the fit read its data: --overwrite's old run goes before the new checkpoint comes
         save_checkpoint(accelerator, run_dir, done, tc.keep_checkpoints,
                         extra=stream_state(StreamPosition(), accelerator, tc.batch_size), config=to_dict(cfg))
     export_dir = run_dir / "export"

@@ -194,6 +194,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
         step, position = load_resume(accelerator, run.checkpoint, tc.batch_size)
         resumed_at = step
         start_trackers(accelerator, cfg, run_dir, step)
+        run.started()  # (after every check of the setup: --overwrite's old run goes only now)
 
         log = MetricsLog(run_dir, accelerator)
         bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc="prior", dynamic_ncols=True)

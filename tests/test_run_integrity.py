@@ -83,8 +83,33 @@ def test_overwrite_removes_the_old_run_first(run, tokens):
     assert [step for step, _ in list_checkpoints(run)] == [3]
     assert read_steps(run) == [1, 2, 3]
     assert (run / "export/model.safetensors").read_bytes() != old_export
+    assert not (run / ".replaced").exists()  # the replaced run is gone once the new one started
     with pytest.raises(RunFolderError, match="exclude each other"):
         train_prior(prior_config(tokens), run, resume="auto", overwrite=True)
+
+
+def test_overwrite_whose_setup_fails_or_is_stopped_keeps_the_old_run(run, tokens, tmp_path, monkeypatch):
+    """--overwrite deleted the old run before the new one's own checks: a batch larger than the data, a
+    source that does not exist, a tracker that does not start, or a Ctrl-C then cost the old run."""
+    import stage2_prior.train as prior_train
+
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match="larger than the"):
+        train_prior(prior_config(tokens, "train.batch_size=4096"), run, overwrite=True)
+    assert snapshot(run) == before and not (run / ".replaced").exists()
+    with pytest.raises(FileNotFoundError, match="image source not found"):
+        train_tokenizer(load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml",
+                                    [f"data.source={tmp_path / 'typo'}"]), run, overwrite=True)
+    assert snapshot(run) == before
+
+    def no_tracker(*args, **kwargs):  # (wandb without a login, say; a Ctrl-C takes the same way out)
+        raise RuntimeError("the tracker did not start")
+    monkeypatch.setattr(prior_train, "start_trackers", no_tracker)
+    with pytest.raises(RuntimeError, match="the tracker did not start"):
+        train_prior(prior_config(tokens, "train.steps=3"), run, overwrite=True)
+    assert snapshot(run) == before
+    monkeypatch.undo()
+    train_prior(prior_config(tokens), run, resume="auto")  # the old run is whole: it resumes (finished)
 
 
 def test_resume_auto_starts_afresh_only_where_nothing_would_be_lost(tokens, tmp_path):

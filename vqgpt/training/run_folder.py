@@ -42,8 +42,11 @@ RESUMABLE_KEYS = (
 
 # What a run leaves behind before its first checkpoint: `--resume auto` may start such a folder afresh.
 _UNSTARTED_RUN = {"config.yaml", "metrics.jsonl", "samples", "checkpoints", TRACKING_DIR}
+# Where --overwrite moves the run it replaces until the new one has started (then it is deleted; a start
+# that fails before moves it back): a typo in the new run's data source must not cost the old run.
+REPLACED_DIR = ".replaced"
 # Everything a run writes into RUN (and all that --overwrite deletes); anything else there is the user's.
-_RUN_ENTRIES = _UNSTARTED_RUN | {"export", "pipeline"}
+_RUN_ENTRIES = _UNSTARTED_RUN | {"export", "pipeline", REPLACED_DIR}
 
 
 def _not_a_runs(names: list[str]) -> list[str]:
@@ -272,9 +275,10 @@ def _say_schedule_change(config: Any, recorded: dict[str, Any] | None, step: int
 def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bool, steps: int | None = None,
                    inputs: dict[str, Any] | None = None, inputs_from: str = "the inputs",
                    legacy_inputs: dict[str, Any] | None = None,
-                   reads: dict[str, str | Path] | None = None) -> Path | None:
-    """Main process, lock held: check RUN may be used as asked, then write config.yaml; the checkpoint to resume.
-    Every check comes before the first change to RUN."""
+                   reads: dict[str, str | Path] | None = None) -> tuple[Path | None, Path | None]:
+    """Main process, lock held: check RUN may be used as asked, then write config.yaml; (the checkpoint to resume,
+    the REPLACED_DIR that ``overwrite`` moved the old run into, else None). Every check comes before the first
+    change to RUN."""
     held = sorted(p.name for p in run_dir.iterdir() if p.name not in (LOCK_NAME, "config.yaml"))
     others = _not_a_runs(held)
     if overwrite and others:  # it used to delete them with the run
@@ -340,22 +344,60 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
             raise RunFolderError(f"--resume {checkpoint}: {run_dir / 'checkpoints'} also holds later checkpoints "
                                  f"({name_listing(later)}) that the resumed run would mix with its own: remove them, "
                                  f"or resume into another --out")
-    if overwrite:
+    aside = None
+    if overwrite and held:
+        # Moved aside, not deleted: the new run's own checks (its data, losses, trackers) come later, and
+        # one that fails moves the old run back (RunFolder.restore_replaced). A leftover of a start that
+        # was killed meanwhile is the run an --overwrite already replaced: it goes now.
+        aside = run_dir / REPLACED_DIR
+        if REPLACED_DIR in held:
+            _remove(aside)
+            held.remove(REPLACED_DIR)
+        aside.mkdir()
         # Checkpoints first: a crash part-way must not leave old state that --resume auto would pick.
         for name in sorted(held, key=lambda n: n != "checkpoints"):
-            _remove(run_dir / name)
+            os.replace(run_dir / name, aside / name)
+        if (run_dir / "config.yaml").is_file():
+            os.replace(run_dir / "config.yaml", aside / "config.yaml")
     save_config(config, run_dir / "config.yaml")
     if resume:
         truncate_metrics(run_dir / "metrics.jsonl", step)
-    return checkpoint
+    return checkpoint, aside
 
 
 @dataclass
 class RunFolder:
-    """A run folder opened for training: its path and the checkpoint to resume from (None: a fresh start)."""
+    """A run folder opened for training: its path and the checkpoint to resume from (None: a fresh start).
+
+    ``replaced``: where ``--overwrite`` moved the run it replaces (main process; None elsewhere and when
+    there was none). The trainer calls ``started`` once its setup is through (data, losses, trackers),
+    which deletes it; a start that fails or is stopped before gets the old run back (``restore_replaced``)."""
 
     path: Path
     checkpoint: Path | None
+    replaced: Path | None = None
+
+    def started(self) -> None:
+        """The new run is under way: the run it replaces goes for good."""
+        if self.replaced is not None:
+            replaced, self.replaced = self.replaced, None
+            _remove(replaced)
+
+    def restore_replaced(self) -> None:
+        """The new run failed to start: remove what it wrote and move the replaced run back."""
+        if self.replaced is None:
+            return
+        replaced, self.replaced = self.replaced, None
+        try:
+            for entry in self.path.iterdir():
+                if entry.name not in (LOCK_NAME, REPLACED_DIR):
+                    _remove(entry)
+            for entry in replaced.iterdir():
+                os.replace(entry, self.path / entry.name)
+            replaced.rmdir()
+        except OSError as exc:
+            warnings.warn(f"--overwrite: the new run did not start, and the run it was to replace could not be "
+                          f"moved back ({exc}): it is in {replaced}", stacklevel=3)
 
 
 def _unmake(run_dir: Path, made: Path | None) -> None:
@@ -386,7 +428,7 @@ def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume:
                  reads: dict[str, str | Path] | None = None) -> Iterator[RunFolder]:
     """Lock RUN for the run's life and check it may be used as asked before writing anything in it.
 
-    Without ``resume`` RUN must hold no run (``overwrite`` removes what it holds, first); with it the
+    Without ``resume`` RUN must hold no run (``overwrite`` replaces what it holds: ``RunFolder``); with it the
     checkpoint's files are checked (no code runs), its step must not be past ``steps`` (the run's
     length; None: not checked), the ``inputs`` it records (JSON values of what the run trains on,
     which the loop passes to ``save_checkpoint``; ``inputs_from`` names them in errors) must equal
@@ -403,7 +445,7 @@ def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume:
         raise RunFolderError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
                              "--overwrite replaces it (together they take a checkpoint of another run folder only)")
     lock = RunLock(run_dir)
-    checkpoint, failure = None, None
+    checkpoint, replaced, failure = None, None, None
     if accelerator.is_main_process:
         made = next((folder for folder in reversed([run_dir, *run_dir.parents]) if not folder.exists()), None)
         held = False
@@ -413,8 +455,8 @@ def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume:
             run_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
             held = True  # (refused as in use: the folder is the other start's, made or not)
-            checkpoint = _claim_run_dir(run_dir, config, resume, overwrite, steps, inputs, inputs_from,
-                                        legacy_inputs, reads)
+            checkpoint, replaced = _claim_run_dir(run_dir, config, resume, overwrite, steps, inputs, inputs_from,
+                                                  legacy_inputs, reads)
         except Exception as exc:
             if held:
                 _unmake(run_dir, made)  # before the lock goes: no other start holds the folder meanwhile
@@ -424,7 +466,13 @@ def open_run_dir(out: str | Path, config: Any, accelerator: Accelerator, resume:
             lock.release()
             raise
     checkpoint = share_main_failure(failure, accelerator.num_processes, checkpoint)
+    run = RunFolder(run_dir, checkpoint, replaced)
     try:
-        yield RunFolder(run_dir, checkpoint)
+        yield run
+    except BaseException:
+        run.restore_replaced()  # (a no-op once the run has started)
+        raise
+    else:
+        run.started()  # a trainer that never said so has finished
     finally:
         lock.release()
