@@ -109,6 +109,20 @@ def test_encode_refuses_to_resume_after_the_folder_changed(tokenizer_dir, tmp_pa
     assert len(a) == 8 and torch.equal(a, b) and torch.equal(la, lb)
 
 
+def test_encode_overwrite_with_a_bad_source_or_size_keeps_the_shards(tokenizer_dir, tmp_path):
+    """--overwrite cleared the folder before the data and size were checked: a typo emptied it."""
+    source = _folder(tmp_path / "imgs", n=3)
+    out = tmp_path / "codes"
+    _encode(tokenizer_dir, source, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"}
+    with pytest.raises(FileNotFoundError, match="image source not found"):
+        _encode(tokenizer_dir, tmp_path / "typo", out, overwrite=True)
+    with pytest.raises(ValueError, match="not divisible"):
+        encode_dataset(tokenizer_dir, DataConfig(source=str(source), resolution=R + 1), out, device="cpu",
+                       progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before
+
+
 def test_encode_refuses_another_tokenizer_or_option(tokenizer_dir, tmp_path):
     source = _folder(tmp_path / "imgs", n=3)
     out = tmp_path / "codes"

@@ -260,11 +260,10 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
                     f"({'a plain `vqgpt encode`' if started == 1 else f'accelerate launch --num_processes {started}'}"
                     f" with the same flags), or pass --overwrite to encode again")
         state.wait_for_everyone()
-        if overwrite and is_main:
-            clear_token_folder(out)
-
         dataset = build_dataset(dataclasses.replace(data, resolution=load_size), split)
         h, w = model.grid_shape(data.resolution, data.resolution)
+        if overwrite and is_main:  # after the data and the size are found good: a typo must not cost the shards
+            clear_token_folder(out)
         meta = {**wanted, "classes": list(dataset.classes), "num_classes": len(dataset.classes),
                 "skipped_at_scan": [_relative(p, data.source) for p in dataset.skipped]}
         total = len(dataset)
