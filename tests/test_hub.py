@@ -5,6 +5,7 @@ No test reaches the Hub: a cache folder is filled in huggingface_hub's documente
 """
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, constants
+from PIL import Image
 from test_pipeline import tiny_prior, tiny_tokenizer
 
 from stage1_vq.model import VQModel
@@ -142,6 +144,38 @@ def test_cli_flags_take_hub_ids(hub_cache, pipeline, tmp_path, capsys):
                  "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --pipeline someone/absent: ") and "not in the local cache" in err
+
+
+def test_cli_hub_ids_of_a_pipeline_or_its_parts_and_what_a_snapshot_lacks(hub_cache, pipeline, tmp_path, capsys):
+    """A pipeline repository serves --tokenizer / --prior (its tokenizer/, prior/, or owner/name/tokenizer);
+    what a cached snapshot lacks is said of the id (the cache path said 'is not a pipeline folder' and lost
+    the offline hint)."""
+    fill_hub_cache(hub_cache, "someone/pipe", pipeline.tokenizer_dir.parent, COMMIT_A)
+    only_tokenizer = tmp_path / "only-tokenizer"
+    shutil.copytree(pipeline.tokenizer_dir, only_tokenizer / "tokenizer")
+    fill_hub_cache(hub_cache, "someone/half", only_tokenizer, COMMIT_A)
+    image = tmp_path / "in.png"
+    Image.new("RGB", (16, 16), (90, 20, 200)).save(image)
+    reports = []
+    for tokenizer in ("someone/pipe", "someone/pipe/tokenizer", "someone/half"):
+        assert main(["reconstruct", "--tokenizer", tokenizer, "--images", str(image), "--out",
+                     str(tmp_path / tokenizer.replace("/", "_")), "--lpips", "none", "--json"]) == 0
+        reports.append({k: v for k, v in json.loads(capsys.readouterr().out).items() if k in ("psnr", "num_images")})
+    assert reports[0] == reports[1] == reports[2]
+    assert main(["sample", "--tokenizer", "someone/pipe", "--prior", "someone/pipe/prior", "--num", "1",
+                 "--class-label", "a", "--out", str(tmp_path / "parts.png")]) == 0
+    assert main(["sample", "--pipeline", "someone/half", "--num", "1", "--class-label", "a",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--pipeline Hub repository someone/half: its folder prior/ is not in the local cache" in err, err
+    assert "snapshots" not in err
+    assert main(["sample", "--tokenizer", "someone/half", "--prior", "someone/half/prior", "--num", "1",
+                 "--class-label", "a", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--prior Hub repository someone/half: its folder prior/ is not in the local cache" in capsys.readouterr().err
+    # a local path of more parts stays a local path: its error is the missing folder's
+    assert main(["reconstruct", "--tokenizer", "runs/a/export", "--images", str(image), "--out",
+                 str(tmp_path / "r"), "--lpips", "none"]) == 2
+    assert "runs/a/export: no such folder" in capsys.readouterr().err
 
 
 def _fake_hub(monkeypatch, tmp_path) -> dict:

@@ -1076,22 +1076,46 @@ EXPORT_FLAGS = {"tokenizer": "--tokenizer", "prior": "--prior", "pipeline": "--p
 
 
 def _resolve_hub_flags(args: argparse.Namespace) -> None:
-    """Export-folder flags given a Hub id ``owner/name`` -> that snapshot's local folder (download or cache).
+    """Export-folder flags given a Hub id ``owner/name`` (or ``owner/name/FOLDER``, a folder of the repository)
+    -> that snapshot's local folder (download or cache). ``--tokenizer`` / ``--prior`` given a pipeline's
+    repository take its tokenizer/ or prior/. What the snapshot lacks is said of the id, not of the cache path.
 
-    A value that exists on disk, or is no ``owner/name``, is left for the command to check as before.
+    A value that exists on disk, or is no Hub id, is left for the command to check as before.
     """
     for attr, flag in EXPORT_FLAGS.items():
         value = getattr(args, attr, None)
-        if not isinstance(value, str) or value.count("/") != 1 or value.startswith((".", "~")) or Path(value).exists():
+        if not isinstance(value, str) or "/" not in value or value.startswith((".", "~", "/")) or Path(value).exists():
             continue
-        from vqgpt.ground.checkpoint import is_hub_id, resolve_model_dir
+        from vqgpt.ground.checkpoint import hub_part_missing, is_hub_id, resolve_model_dir
 
-        if is_hub_id(value):
-            try:
-                setattr(args, attr, str(resolve_model_dir(value)))
-            except FileNotFoundError as exc:
-                raise FileNotFoundError(f"{flag} {exc}") from None
-            args.hub_ids = {**getattr(args, "hub_ids", {}), attr: value}  # for messages that name the model
+        repo_id, part = _hub_parts(value)
+        if not repo_id or not is_hub_id(repo_id):
+            continue
+        try:
+            folder = resolve_model_dir(repo_id, subfolder=part or None)
+            if attr == "pipeline":
+                missing = next((name for name in ("tokenizer", "prior") if not (folder / name).is_dir()), None)
+                if missing is not None:
+                    raise FileNotFoundError(hub_part_missing(value, None, missing))
+            elif not (folder / "config.json").is_file():
+                if not part and (folder / attr / "config.json").is_file():  # a pipeline's repository
+                    folder = folder / attr
+                else:
+                    raise FileNotFoundError(f"Hub repository {value}: its snapshot ({folder}) holds no config.json, "
+                                            f"so it is no {attr} export; for a pipeline's, give {repo_id}/{attr}")
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{flag} {exc}") from None
+        setattr(args, attr, str(folder))
+        args.hub_ids = {**getattr(args, "hub_ids", {}), attr: value}  # for messages that name the model
+
+
+def _hub_parts(value: str) -> tuple[str, str]:
+    """'owner/name/tokenizer' -> ('owner/name', 'tokenizer') (likewise prior: a pipeline's parts);
+    'owner/name' -> ('owner/name', ''); anything else -> ('', '') (a local path, as 'runs/a/export' is)."""
+    pieces = value.split("/")
+    if len(pieces) == 3 and pieces[2] in ("tokenizer", "prior"):
+        return "/".join(pieces[:2]), pieces[2]
+    return (value, "") if len(pieces) == 2 else ("", "")
 
 
 def _stdout_gone() -> bool:
