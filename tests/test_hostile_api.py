@@ -246,6 +246,22 @@ def test_a_run_folder_or_an_export_given_as_a_pipeline_says_what_to_give(pipe_di
         VQGPTPipeline.from_pretrained(tmp_path)  # nothing more to say about an unrelated folder
 
 
+def test_a_pipeline_or_a_missing_folder_given_as_tokenizer_says_what_it_is(pipe_dir, tmp_path, capsys):
+    """encode said 'config.json is missing' of a folder that does not exist, and every command said only that
+    of a pipeline folder given as --tokenizer (the reverse mistake got a hint)."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    assert main(["encode", "--tokenizer", str(tmp_path / "nope"), "--data", str(images), "--out",
+                 str(tmp_path / "c")]) == 2
+    assert f"{tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+    assert main(["encode", "--tokenizer", str(pipe_dir), "--data", str(images), "--out", str(tmp_path / "c")]) == 2
+    assert f"it is a pipeline folder: give its tokenizer/ ({pipe_dir / 'tokenizer'})" in capsys.readouterr().err
+    assert main(["reconstruct", "--tokenizer", str(pipe_dir), "--images", str(images), "--out",
+                 str(tmp_path / "r")]) == 2
+    assert f"it is a pipeline folder: give its tokenizer/ ({pipe_dir / 'tokenizer'})" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_fid_stats_output_paths_are_checked_first_and_written_whole(tmp_path, monkeypatch, capsys):
     import vqgpt.ground.fid as fid
     import vqgpt.workflow.evaluation as evaluation

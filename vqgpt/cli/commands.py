@@ -249,7 +249,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from stage1_vq.model import EXPORT_KIND, VQModelConfig
-    from vqgpt.ground.checkpoint import read_export_config
+    from vqgpt.ground.checkpoint import read_export_config, resolve_model_dir
     from vqgpt.ground.data import DataConfig
     from vqgpt.workflow.encode import encode_dataset
 
@@ -258,7 +258,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.crop_range is not None and args.augment != "ten-crop":  # (it was dropped without a word)
         raise ValueError(f"--crop-range {args.crop_range} sets the crops of --augment ten-crop; --augment is "
                          f"{'flip' if args.flip else args.augment}")
-    resolution = args.resolution or read_export_config(args.tokenizer, EXPORT_KIND, VQModelConfig).resolution
+    # (the folder checked first: a missing one is said to be missing, not to lack config.json)
+    resolution = args.resolution or read_export_config(resolve_model_dir(args.tokenizer), EXPORT_KIND,
+                                                       VQModelConfig).resolution
     data = DataConfig(source=args.data, resolution=resolution, num_workers=args.num_workers)
     try:
         out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, split=args.split,

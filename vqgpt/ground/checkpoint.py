@@ -145,7 +145,14 @@ def read_export_meta(directory: str | Path, kind: str | None = None) -> dict[str
     directory = Path(directory)
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a vqgpt export: {CONFIG_NAME} is missing")
+        hint = ""
+        if (directory / "tokenizer").is_dir() and (directory / "prior").is_dir():
+            part = {"vq_tokenizer": "tokenizer", "gpt_prior": "prior"}.get(kind or "")
+            hint = (f"; it is a pipeline folder: give its {part}/ ({directory / part})" if part else
+                    f"; it is a pipeline folder: give {directory / 'tokenizer'} or {directory / 'prior'}")
+        elif (directory / "export" / CONFIG_NAME).is_file():
+            hint = f"; it looks like a run folder: its export is {directory / 'export'}"
+        raise FileNotFoundError(f"{directory} is not a vqgpt export: {CONFIG_NAME} is missing{hint}")
     _check_whole(directory)
     try:
         meta = json.loads(path.read_text())
