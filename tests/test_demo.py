@@ -71,6 +71,30 @@ def test_a_demo_folder_holds_one_kind_of_demo_and_sums_its_times(tmp_path):
         demo._claim_demo_folder(out, "vq", True)
 
 
+def test_a_stopped_demo_session_keeps_the_time_it_spent(tmp_path, monkeypatch):
+    """A demo stopped inside a stage recorded nothing of that session: not the stage's time, not the total."""
+    out = tmp_path / "d"
+    now = [1000.0]
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: now[0])
+    with pytest.raises(KeyboardInterrupt):
+        with demo._demo_folder(out, "vq", True) as lap:
+            lap.begin("tokenizer")
+            now[0] += 30  # 30 s into the tokenizer, Ctrl-C
+            raise KeyboardInterrupt
+    record = json.loads((out / demo.DEMO_RECORD).read_text())
+    assert record["sessions"] == 1 and record["seconds"] == {"tokenizer": 30.0, "total": 30.0}
+    # a training run stopped inside the demo says how the demo continues (it takes no --resume)
+    from vqgpt.training import loop
+    with demo._demo_folder(out, "vq", True):
+        assert loop._CONTINUE[-1] == "the same vqgpt demo command continues it"
+    assert loop._CONTINUE[-1] == "continue with --resume auto"
+    (tmp_path / "f").write_text("x")
+    for bad, said in ((tmp_path / "f", "is a file"), (tmp_path / "f" / "sub", "cannot make the folder")):
+        with pytest.raises(ValueError, match=f"--out {bad}(:)? {said}"):
+            with demo._demo_folder(bad, "vq", True):
+                pass
+
+
 def test_a_folder_without_a_demo_record_is_claimed_only_when_its_files_are_this_demos(tmp_path):
     """Before the record, --out could hold the user's own report.md or samples.png (the demo overwrote them),
     or a demo of an earlier version (its quick runs were continued as the full demo's)."""

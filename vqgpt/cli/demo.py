@@ -40,6 +40,7 @@ from vqgpt.ground.checkpoint import name_listing
 from vqgpt.ground.files import write_text_whole
 from vqgpt.workflow.pipeline import VQGPTPipeline
 from vqgpt.training import TrainConfig, cpu_has_fast_bf16
+from vqgpt.training.loop import continue_hint
 from vqgpt.training.run_folder import RunLock
 from vqgpt.workflow.chain import train_prior_with_tokenizer
 
@@ -94,9 +95,24 @@ class _Laps:
         self.earlier: dict[str, float] = dict(earlier.get("seconds", {}))
         self.timings: dict[str, float] = {}
         self.sessions = int(earlier.get("sessions", 0)) + 1
+        self.current: tuple[str, float] | None = None  # the stage begun and not yet lapped, and its start
+
+    def begin(self, name: str) -> float:
+        """Stage ``name`` starts now; returns its start for ``lap``."""
+        self.current = (name, time.perf_counter())
+        return self.current[1]
 
     def __call__(self, name: str, start: float) -> None:
         self.timings[name] = self.earlier.get(name, 0.0) + time.perf_counter() - start
+        self.current = None
+        self.save()
+
+    def stopped(self) -> None:
+        """The session ends inside a stage (Ctrl-C, an error): its time so far counts, as the total's does."""
+        if self.current is not None:
+            name, start = self.current
+            self.timings[name] = self.earlier.get(name, 0.0) + time.perf_counter() - start
+            self.current = None
         self.save()
 
     def _summed(self) -> dict[str, float]:
@@ -116,11 +132,22 @@ class _Laps:
 def _demo_folder(out: Path, tokenizer: str, quick: bool) -> Iterator[_Laps]:
     """``out`` locked for the demo's life (out/.lock: a second demo there is refused before it touches the
     record or a run), then claimed as ``_claim_demo_folder`` says; its stage timer."""
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for the demo")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot make the folder ({exc.strerror or exc})") from None
     lock = RunLock(out)
     lock.acquire()
     try:
-        yield _claim_demo_folder(out, tokenizer, quick)
+        laps = _claim_demo_folder(out, tokenizer, quick)
+        try:
+            with continue_hint("the same vqgpt demo command continues it"):  # (it takes no --resume)
+                yield laps
+        except BaseException:
+            laps.stopped()  # (the time of a stopped session counts: the report sums the sessions)
+            raise
     finally:
         lock.release()
 
@@ -216,7 +243,7 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
     with _demo_folder(out, "vq", quick) as lap:
 
         _say("1/6 training the tokenizer on builtin:mnist (real digits)")
-        t = time.perf_counter()
+        t = lap.begin("tokenizer")
         tok_cfg = _without_slow_bf16(demo_tokenizer_config(quick))
         prior_cfg = _without_slow_bf16(demo_prior_config(quick))
         if prior_cfg.train.mixed_precision == "no":
@@ -225,22 +252,22 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
         lap("tokenizer", t)
 
         _say("2/6 reconstructing held-out digits")
-        t = time.perf_counter()
+        t = lap.begin("reconstruct")
         recon = reconstruct(tokenizer_dir, "builtin:mnist", out / "reconstruction", lpips="none", save_images=False)
         lap("reconstruct", t)
 
         _say("3/6 encoding the training digits into token shards")
-        t = time.perf_counter()
+        t = lap.begin("encode")
         tokens_dir = encode_dataset(tokenizer_dir, tok_cfg.data, out / "tokens")
         lap("encode", t)
 
         _say("4/6 training a class-conditional prior (10% class dropout for guidance)")
-        t = time.perf_counter()
+        t = lap.begin("prior")
         pipeline_dir, pipe = _train_pipeline(prior_cfg, tokens_dir, tokenizer_dir, out)
         lap("prior", t)
 
         _say("5/6 sampling one row per digit")
-        t = time.perf_counter()
+        t = lap.begin("sample")
         cfg_scale = prior_cfg.sample_cfg_scale
         labels = torch.arange(10).repeat_interleave(samples_per_class)
         sampling = SamplingConfig(cfg_scale=cfg_scale)
@@ -259,7 +286,7 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
         lap("sample", t)
 
         _say("6/6 checking the samples with a digit classifier trained on real MNIST")
-        t = time.perf_counter()
+        t = lap.begin("classifier")
         classifier, heldout = load_or_train_mnist_classifier()  # cached under ~/.cache/vqgpt (or $VQGPT_CACHE)
         accuracy = class_accuracy(classifier, images, labels)
         lap("classifier", t)
@@ -373,31 +400,31 @@ def run_pixel_demo(out: str | Path, quick: bool = False, num_samples: int = 32, 
         size, colours = tok_cfg.model.resolution, tok_cfg.model.quantizer.codebook_size
 
         _say(f"1/6 fitting a palette of {colours} colours to the training digits' pixels (k-means)")
-        t = time.perf_counter()
+        t = lap.begin("palette")
         tokenizer_dir = train_tokenizer(tok_cfg, out / "tokenizer_run", resume="auto")
         recon = reconstruct(tokenizer_dir, "builtin:mnist", out / "reconstruction", lpips="none", save_images=False,
                             progress=False)
         lap("palette", t)
 
         _say(f"2/6 encoding the training digits: one token per pixel, {size}x{size} per digit")
-        t = time.perf_counter()
+        t = lap.begin("encode")
         tokens_dir = encode_dataset(tokenizer_dir, tok_cfg.data, out / "tokens")
         lap("encode", t)
 
         _say("3/6 training an unconditional prior over the pixels in raster order")
-        t = time.perf_counter()
+        t = lap.begin("prior")
         pipeline_dir, pipe = _train_pipeline(prior_cfg, tokens_dir, tokenizer_dir, out)
         lap("prior", t)
 
         _say(f"4/6 sampling {num_samples} digits")
-        t = time.perf_counter()
+        t = lap.begin("sample")
         sampling = SamplingConfig()
         samples = pipe.generate(num_samples, sampling=sampling, seed=seed)
         save_grid(samples, out / "samples.png", nrow=8)
         lap("sample", t)
 
         _say("5/6 completing the lower half of held-out digits (4 completions each)")
-        t = time.perf_counter()
+        t = lap.begin("complete")
         heldout = build_dataset(replace(tok_cfg.data, random_crop=False), "eval")
         per_class = len(heldout) // 10
         keep = size // 2
@@ -410,7 +437,7 @@ def run_pixel_demo(out: str | Path, quick: bool = False, num_samples: int = 32, 
         lap("complete", t)
 
         _say("6/6 bits per dim of the prior on the held-out digits")
-        t = time.perf_counter()
+        t = lap.begin("bits_per_dim")
         bpd = eval_bits_per_dim(pipeline_dir, "builtin:mnist", split="eval", progress=False)
         lap("bits_per_dim", t)
 

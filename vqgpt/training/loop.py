@@ -9,8 +9,9 @@ import secrets
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -198,11 +199,26 @@ class GracefulInterrupt:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
+# How an interrupted run is continued, as said after its checkpoint: a caller that resumes its runs itself
+# (vqgpt demo: the same command again) says its own way (``continue_hint``).
+_CONTINUE = ["continue with --resume auto"]
+
+
+@contextmanager
+def continue_hint(text: str) -> Iterator[None]:
+    """Within it, an interrupted run says ``text`` for how to continue it."""
+    _CONTINUE.append(text)
+    try:
+        yield
+    finally:
+        _CONTINUE.pop()
+
+
 def stop_after_interrupt(accelerator: Accelerator, step: int, checkpoint, bar) -> None:
     """Write a checkpoint through ``checkpoint()``, close the run and raise KeyboardInterrupt."""
     checkpoint()
     bar.close()
-    accelerator.print(f"interrupted: checkpoint written at step {step}; continue with --resume auto")
+    accelerator.print(f"interrupted: checkpoint written at step {step}; {_CONTINUE[-1]}")
     finish_run(accelerator)
     raise KeyboardInterrupt
 
