@@ -173,6 +173,10 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         if accelerator.is_main_process and (ignored := cfg.model.ignored_keys()):
             warnings.warn(f"model.architecture={cfg.model.architecture} does not read "
                           f"{', '.join('model.' + key for key in ignored)}: setting them changes nothing", stacklevel=2)
+        if accelerator.is_main_process and (ignored := cfg.model.quantizer.ignored_keys()):
+            warnings.warn(f"model.quantizer.kind={cfg.model.quantizer.kind} does not read "
+                          f"{', '.join('model.quantizer.' + key for key in ignored)}: setting "
+                          f"{'it' if len(ignored) == 1 else 'them'} changes nothing", stacklevel=2)
         if (accelerator.is_main_process and cfg.model.architecture != "pixels" and cfg.loss.gan_weight > 0
                 and cfg.loss.disc_start >= tc.steps):
             warnings.warn(f"loss.disc_start={cfg.loss.disc_start} is not before train.steps={tc.steps}: this run "

@@ -314,6 +314,18 @@ def test_keys_the_architecture_does_not_read_are_named_when_training(tmp_path):
     assert VQModelConfig().ignored_keys() == []
 
 
+def test_another_quantizer_kinds_options_are_named_when_training(tmp_path):
+    """rvq_depth=3 with kind vq trained plain VQ without a word (and the export recorded the depth)."""
+    cfg = load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml",
+                      ["model.quantizer.rvq_depth=3", "model.quantizer.lfq_dim=5", "train.steps=1",
+                       "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=0"])
+    with pytest.warns(UserWarning, match=r"model.quantizer.kind=vq does not read model.quantizer.rvq_depth, "
+                                         r"model.quantizer.lfq_dim: setting them changes nothing"):
+        train_tokenizer(cfg, tmp_path / "run")
+    assert QuantizerConfig(kind="rvq", rvq_depth=3, fsq_levels=[4, 3]).ignored_keys() == ["fsq_levels"]
+    assert QuantizerConfig(kind="fsq", fsq_levels=[4, 3]).ignored_keys() == []
+
+
 def test_an_encode_into_a_folder_another_encode_is_writing_is_refused(tokenizer_dir, tmp_path):
     """encode took no lock: an `encode --overwrite` started beside a running one deleted its shards, and both
     reported success."""

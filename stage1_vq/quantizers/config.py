@@ -131,6 +131,14 @@ class QuantizerConfig:
                              f"leave codebook_size out (or set it to {size})")
         self.codebook_size = size
 
+    def ignored_keys(self) -> list[str]:
+        """The numeric options of other kinds set away from their defaults (rvq_depth with kind vq, ...):
+        each is in range (else refused above), but this kind does not read it."""
+        readers = {"rvq_depth": ("rvq",), "lfq_dim": ("lfq",), "fsq_levels": ("fsq",)}
+        default = type(self)()
+        return [key for key, kinds in readers.items()
+                if self.kind not in kinds and getattr(self, key) != getattr(default, key)]
+
     def _check_vq(self) -> None:
         if self.codebook_size is None:
             self.codebook_size = DEFAULT_VQ_CODEBOOK_SIZE
