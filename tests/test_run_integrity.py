@@ -128,12 +128,19 @@ def test_resume_auto_starts_afresh_only_where_nothing_would_be_lost(tokens, tmp_
         train_prior(prior_config(tokens), fresh, resume="auto")
 
 
-def test_resume_from_an_older_checkpoint_does_not_mix_with_later_ones(run, tokens):
+def test_resume_from_an_older_checkpoint_does_not_mix_with_later_ones(run, tokens, capsys):
     before = snapshot(run)
     older = run / "checkpoints/step-00000002"
     with pytest.raises(RunFolderError, match=r"also holds later checkpoints \(step-00000004\)"):
         train_prior(prior_config(tokens), run, resume=str(older))
     assert snapshot(run) == before
+    # a longer schedule is said only of a resume that goes ahead
+    longer = run.parent / "longer"
+    train_prior(prior_config(tokens, "train.steps=6", "train.checkpoint_every=3"), longer)
+    capsys.readouterr()
+    with pytest.raises(RunFolderError, match=r"also holds later checkpoints"):
+        train_prior(prior_config(tokens, "train.steps=12"), longer, resume=str(longer / "checkpoints/step-00000003"))
+    assert "LR schedule" not in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- a forged checkpoint

@@ -338,12 +338,12 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
             warnings.warn(f"--resume {checkpoint}: neither the checkpoint (written by an earlier vqgpt) nor a "
                           f"config.yaml beside it records the run's config, so the requested one is not compared "
                           f"with it: a model or optimizer setting other than the run's goes unnoticed", stacklevel=3)
-        _say_schedule_change(config, recorded, step)
         later = [path.name for s, path in list_checkpoints(run_dir) if s > step]
         if later and not overwrite:
             raise RunFolderError(f"--resume {checkpoint}: {run_dir / 'checkpoints'} also holds later checkpoints "
                                  f"({name_listing(later)}) that the resumed run would mix with its own: remove them, "
                                  f"or resume into another --out")
+        _say_schedule_change(config, recorded, step)  # (once the resume is sure to go ahead)
     aside = None
     if overwrite and held:
         # Moved aside, not deleted: the new run's own checks (its data, losses, trackers) come later, and
