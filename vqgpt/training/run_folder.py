@@ -359,9 +359,13 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
             os.replace(run_dir / name, aside / name)
         if (run_dir / "config.yaml").is_file():
             os.replace(run_dir / "config.yaml", aside / "config.yaml")
-    save_config(config, run_dir / "config.yaml")
-    if resume:
-        truncate_metrics(run_dir / "metrics.jsonl", step)
+    try:
+        save_config(config, run_dir / "config.yaml")
+        if resume:
+            truncate_metrics(run_dir / "metrics.jsonl", step)
+    except BaseException:  # (a full disk): the old run goes back
+        RunFolder(run_dir, None, aside).restore_replaced()
+        raise
     return checkpoint, aside
 
 
