@@ -503,6 +503,9 @@ def check_class_names(names: list[str] | tuple[str, ...], num_classes: int | Non
     repeated = sorted(name for name, count in counts.items() if count > 1)
     if repeated:
         raise ValueError(f"class names must differ from each other; given more than once: {repeated[:5]}")
+    if names and num_classes == 0:  # (listed and saved, they named classes no label can ask for)
+        raise ValueError(f"{len(names)} class names for an unconditional prior (num_classes=0), which takes no "
+                         "class label: give no names")
     if names and num_classes and len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for a prior of {num_classes} classes: give one name per class "
                          "index")
