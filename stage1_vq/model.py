@@ -277,6 +277,9 @@ class VQModel(nn.Module):
         """Indices (B, h, w * codes_per_position) -> quantized latents z_q (B, D, h, w)."""
         if indices.ndim != 3 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
             raise ValueError(f"expected integer indices (B, h, w), got {indices.dtype} of shape {tuple(indices.shape)}")
+        if not indices.shape[1] or not indices.shape[2]:  # (a convolution's error, deep in torch, said it)
+            raise ValueError(f"the code grid has no cells: indices of shape {tuple(indices.shape)} (B, h, w) need h "
+                             "and w >= 1")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
             raise ValueError(f"indices must lie in [0, {self.codebook_size}), got range "
                              f"[{int(indices.min())}, {int(indices.max())}]")

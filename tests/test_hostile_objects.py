@@ -61,6 +61,18 @@ def test_class_names_are_checked_when_set(pipe_dir, names, message):
     assert pipe.classes == ["a", "b", "c"]
 
 
+def test_an_unconditional_prior_takes_no_class_names(pipe_dir):
+    """Names for a prior of 0 classes were kept and saved, naming classes no label can ask for."""
+    from stage2_prior.model import GPT, GPTConfig
+
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    config = GPTConfig(codebook_size=pipe.prior.config.codebook_size, grid_size=pipe.prior.config.grid_size,
+                       num_classes=0, n_layer=1, n_head=2, dim=32, multiple_of=16)
+    with pytest.raises(ValueError, match=r"2 class names for an unconditional prior \(num_classes=0\)"):
+        VQGPTPipeline(pipe.tokenizer, GPT(config), classes=["cat", "dog"])
+    assert VQGPTPipeline(pipe.tokenizer, GPT(config), classes=[]).classes == []
+
+
 def test_class_names_that_do_not_fit_name_the_file_they_are_read_from(pipe_dir, tmp_path):
     """A prior's config.json edited to hold 2 class names for 3 classes: the error named no file."""
     import json
@@ -136,6 +148,9 @@ def test_a_tokenizer_checks_its_dtype_and_its_images():
             tok.encode(bad)
     with pytest.raises(ValueError, match="expected integer indices"):
         tok.decode(codes.bool())
+    for empty in (codes[:, :0], codes[:, :, :0]):  # a convolution's error from deep in torch said it
+        with pytest.raises(ValueError, match="the code grid has no cells"):
+            tok.decode(empty)
     tok.double()
     for call in (lambda: tok.encode(images), lambda: tok.decode(codes)):
         with pytest.raises(ValueError, match=r"weights are torch.float64, but it encodes and decodes in float32"):
