@@ -49,6 +49,18 @@ class LossConfig:
     disc_norm: str = opt("batch", "PatchGAN norm: 'batch' (taming), 'group' or 'none'")
     codebook_weight: float = opt(1.0, "weight of the quantizer loss")
 
+    def ignored_keys(self) -> list[str]:
+        """Keys set away from their defaults that these settings do not read: a weights file for a perceptual
+        loss that loads none (or none at all), the discriminator's options without a GAN. A user who sets
+        them expects an effect they do not have (a VGG file beside 'lpips-random' trained on random VGG)."""
+        off = []
+        if self.perceptual in ("lpips-random", "none") or self.perceptual_weight == 0:
+            off.append("perceptual_weights_path")
+        if self.gan_weight == 0:
+            off += ["gan_loss", "adaptive_gan_weight", "disc_start", "disc_layers", "disc_channels", "disc_norm"]
+        default = type(self)()
+        return [key for key in off if getattr(self, key) != getattr(default, key)]
+
     def __post_init__(self) -> None:
         choices = {"reconstruction": RECONSTRUCTION_LOSSES, "perceptual": PERCEPTUAL_KINDS,
                    "gan_loss": GAN_LOSSES, "disc_norm": DISC_NORMS}

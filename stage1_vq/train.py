@@ -173,6 +173,12 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
         if accelerator.is_main_process and (ignored := cfg.model.ignored_keys()):
             warnings.warn(f"model.architecture={cfg.model.architecture} does not read "
                           f"{', '.join('model.' + key for key in ignored)}: setting them changes nothing", stacklevel=2)
+        if accelerator.is_main_process and (ignored := cfg.loss.ignored_keys()):
+            why = (f"loss.perceptual={cfg.loss.perceptual}, loss.perceptual_weight={cfg.loss.perceptual_weight:g}, "
+                   f"loss.gan_weight={cfg.loss.gan_weight:g}")
+            warnings.warn(f"{why}: {', '.join('loss.' + key for key in ignored)} "
+                          f"{'is' if len(ignored) == 1 else 'are'} not read, so setting "
+                          f"{'it' if len(ignored) == 1 else 'them'} changes nothing", stacklevel=2)
         if accelerator.is_main_process and (ignored := cfg.model.quantizer.ignored_keys()):
             warnings.warn(f"model.quantizer.kind={cfg.model.quantizer.kind} does not read "
                           f"{', '.join('model.quantizer.' + key for key in ignored)}: setting "

@@ -314,6 +314,25 @@ def test_keys_the_architecture_does_not_read_are_named_when_training(tmp_path):
     assert VQModelConfig().ignored_keys() == []
 
 
+def test_loss_settings_that_are_not_read_are_named_when_training(tmp_path):
+    """A VGG weights file beside perceptual 'lpips-random' (even one that does not exist) trained on the random
+    backbone without a word; so did discriminator options without a GAN."""
+    cfg = load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml",
+                      [f"loss.perceptual_weights_path={tmp_path / 'vgg.pth'}", "loss.gan_weight=0",
+                       "loss.disc_layers=5", "train.steps=1", "train.batch_size=2", "train.sample_every=0",
+                       "train.checkpoint_every=0"])
+    from stage1_vq.losses import LossConfig
+
+    assert cfg.loss.perceptual == "none"  # (the tiny config's)
+    with pytest.warns(UserWarning, match=r"loss.perceptual=none, .*loss.gan_weight=0: loss.perceptual_weights_path, "
+                                         r"loss.disc_start, loss.disc_layers, .* are not read"):
+        train_tokenizer(cfg, tmp_path / "run")
+    assert LossConfig(perceptual="stlpips", perceptual_weights_path="w.pth").ignored_keys() == []
+    assert LossConfig(perceptual="lpips-random", perceptual_weights_path="w.pth").ignored_keys() == [
+        "perceptual_weights_path"]
+    assert LossConfig(perceptual_weight=0, perceptual_weights_path="w.pth").ignored_keys() == ["perceptual_weights_path"]
+
+
 def test_another_quantizer_kinds_options_are_named_when_training(tmp_path):
     """rvq_depth=3 with kind vq trained plain VQ without a word (and the export recorded the depth)."""
     cfg = load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml",
