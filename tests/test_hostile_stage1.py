@@ -330,7 +330,8 @@ def test_loss_settings_that_are_not_read_are_named_when_training(tmp_path):
     assert LossConfig(perceptual="stlpips", perceptual_weights_path="w.pth").ignored_keys() == []
     assert LossConfig(perceptual="lpips-random", perceptual_weights_path="w.pth").ignored_keys() == [
         "perceptual_weights_path"]
-    assert LossConfig(perceptual_weight=0, perceptual_weights_path="w.pth").ignored_keys() == ["perceptual_weights_path"]
+    unread = LossConfig(perceptual_weight=0, perceptual_weights_path="w.pth").ignored_keys()
+    assert unread == ["perceptual_weights_path"]
 
 
 def test_another_quantizer_kinds_options_are_named_when_training(tmp_path):
