@@ -14,6 +14,8 @@ GPT-B/L/XL/XXL checkpoints load by renaming one key (``cls_embedding.embedding_t
 
 from __future__ import annotations
 
+import operator
+
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,10 @@ class GPT(nn.Module):
         if self.conditional:
             if class_labels is None:
                 raise ValueError(needs_class_label(self.num_classes))
+            if not torch.is_tensor(class_labels) or class_labels.dtype.is_floating_point or \
+                    class_labels.dtype == torch.bool:
+                raise ValueError(f"class_labels must be an integer tensor of shape ({batch_size},), got "
+                                 f"{getattr(class_labels, 'dtype', type(class_labels).__name__)}")
             if class_labels.shape != (batch_size,):
                 raise ValueError(f"class_labels must have shape ({batch_size},), got {tuple(class_labels.shape)}")
             if self.training and self.null_class is not None:
@@ -107,9 +113,15 @@ class GPT(nn.Module):
         if tokens.dim() != 2 or not 1 <= tokens.shape[1] <= self.seq_len:
             raise ValueError(f"tokens must be (B, T) with 1 <= T <= {self.seq_len} (grid {self.grid_size}), "
                              f"got {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be integer codes, got {tokens.dtype}")
         B, T = tokens.shape
         # [prefix, tok_0 .. tok_{T-2}]: the last token is only a target
-        x = torch.cat([self.prefix_embedding(class_labels, B), self.tok_embeddings(tokens[:, :-1])], dim=1)  # (B, T, C)
+        try:  # (ranges are not checked ahead: that would wait on the device at every training step)
+            x = torch.cat([self.prefix_embedding(class_labels, B), self.tok_embeddings(tokens[:, :-1])], dim=1)
+        except IndexError:  # (B, T, C)
+            raise ValueError(f"tokens must lie in [0, {self.config.codebook_size})"
+                             + (f" and class_labels in [0, {self.num_classes})" if self.conditional else "")) from None
         x = self.tok_dropout(x)
         rope = self.rope_table(x.device)[:T]
         checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
@@ -128,6 +140,8 @@ class GPT(nn.Module):
         """A static KV cache for ``forward_cached``: 1 + h*w slots (prefix + grid) by default, the token
         embedding's dtype and device unless given; ``zeroed`` for a tensor ``start_pos`` (see KVCache)."""
         c, weight = self.config, self.tok_embeddings.weight
+        if max_len is not None and max_len < 1:  # (0 was taken as unset)
+            raise ValueError(f"max_len must be >= 1 (None: 1 + h*w = {1 + self.seq_len}), got {max_len}")
         return KVCache.allocate(c.n_layer, batch_size, c.n_kv_head or c.n_head, max_len or 1 + self.seq_len,
                                 c.head_dim, dtype or weight.dtype, device or weight.device, zeroed=zeroed)
 
@@ -155,6 +169,13 @@ class GPT(nn.Module):
             if class_labels is not None:
                 raise ValueError("class_labels are only read at start_pos=0 (the prefix slot)")
             return self._forward_static(tokens, start_pos, cache, positions)
+        given = start_pos
+        try:
+            start_pos = -1 if isinstance(start_pos, bool) else operator.index(start_pos)
+        except TypeError:
+            start_pos = -1
+        if start_pos < 0:
+            raise ValueError(f"start_pos must be a slot index >= 0 (or a 1-element long tensor), got {given!r}")
         parts = [self.prefix_embedding(class_labels, cache.batch_size)] if start_pos == 0 else []
         if start_pos > 0 and class_labels is not None:
             raise ValueError("class_labels are only read at start_pos=0 (the prefix slot)")
@@ -168,6 +189,9 @@ class GPT(nn.Module):
             raise ValueError(f"slots {start_pos}..{start_pos + n - 1} exceed the cache length {cache.max_len}")
         table = self.rope_table(x.device)
         if positions is None:
+            if start_pos + n > len(table):  # (raster slots past the grid have no rotation)
+                raise ValueError(f"slots {start_pos}..{start_pos + n - 1} run past the prior's {len(table)} slots "
+                                 f"(prefix + {self.grid_size[0]}x{self.grid_size[1]} grid); give positions for more")
             rope = table[start_pos: start_pos + n]
         else:
             index = 1 + positions[:, 0] * self.grid_size[1] + positions[:, 1]

@@ -89,3 +89,30 @@ def test_a_resume_with_another_spelling_of_the_tokens_folder_is_accepted(tmp_pat
         check_config_unchanged(load_config(PriorRunConfig, config, [f"tokens={spelling}"]), tmp_path / "config.yaml")
     with pytest.raises(ConfigError, match="changes tokens: 'codes' -> 'elsewhere'"):
         check_config_unchanged(load_config(PriorRunConfig, config, ["tokens=elsewhere"]), tmp_path / "config.yaml")
+
+
+def test_bad_tokens_labels_and_cache_positions_are_clear_errors():
+    """GPT.forward and forward_cached ran on bad input (negative slots counted from the end, a 0-slot cache
+    made the default one) or failed deep in torch (IndexError, 'int' has no .shape, a shape mismatch)."""
+    import torch
+
+    prior = tiny_prior(256).eval()  # class-conditional, 3 classes
+    tokens, labels = torch.zeros(1, 4, dtype=torch.long), torch.tensor([0])
+    for args, message in (((torch.full((1, 4), 300), labels), r"tokens must lie in \[0, 256\) and class_labels"),
+                          ((tokens, torch.tensor([5])), r"class_labels in \[0, 3\)"),
+                          ((tokens, 0), "class_labels must be an integer tensor of shape"),
+                          ((tokens.float(), labels), "tokens must be integer codes")):
+        with pytest.raises(ValueError, match=message):
+            prior(*args)
+    cache = prior.new_cache(2)
+    prior.forward_cached(None, 0, torch.tensor([0, 1]), cache=cache)
+    for start in (-3, -1, 1.5):
+        with pytest.raises(ValueError, match=f"start_pos must be a slot index >= 0.*got {start}"):
+            prior.forward_cached(torch.zeros(2, 2, dtype=torch.long), start, cache=cache)
+    assert prior.forward_cached(torch.zeros(2, 1, dtype=torch.long), np.int64(1), cache=cache).shape[:2] == (2, 1)
+    with pytest.raises(ValueError, match="max_len must be >= 1"):
+        prior.new_cache(2, 0)
+    longer = prior.new_cache(2, 4 + prior.seq_len)
+    prior.forward_cached(None, 0, torch.tensor([0, 1]), cache=longer)
+    with pytest.raises(ValueError, match=r"run past the prior's .* slots .*give positions"):
+        prior.forward_cached(torch.zeros(2, prior.seq_len + 2, dtype=torch.long), 1, cache=longer)
