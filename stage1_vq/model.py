@@ -296,7 +296,9 @@ class VQModel(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> code indices (B, H/f, W/f * codes_per_position) int64; changes
-        no state. Residual VQ puts a position's D codes side by side in its row (stage1_vq/quantizers/rvq.py)."""
+        no state. Residual VQ puts a position's D codes side by side in its row (stage1_vq/quantizers/rvq.py).
+        It runs in the module's mode: in train mode (as a training loop leaves it) dropout applies, draws
+        from the global RNG and gives other codes each call; call ``.eval()`` first (the pipeline does)."""
         self._check_weights_float32()
         if not torch.is_tensor(images) or not images.is_floating_point():
             raise ValueError(f"expected float images in [-1, 1], got {getattr(images, 'dtype', type(images).__name__)} "
@@ -311,7 +313,8 @@ class VQModel(nn.Module):
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, h, w * codes_per_position) -> images (B, 3, h*f, w*f), roughly in [-1, 1]."""
+        """Code indices (B, h, w * codes_per_position) -> images (B, 3, h*f, w*f), roughly in [-1, 1]; in the
+        module's mode, as ``encode`` (dropout in train mode)."""
         self._check_weights_float32()
         if not torch.is_tensor(indices):
             raise ValueError(f"expected integer code indices (B, h, w) as a tensor, got {type(indices).__name__}")
