@@ -286,15 +286,30 @@ def guided_labels(model: GPT, labels: torch.Tensor | None, guided: bool) -> torc
     return torch.cat([labels, torch.full_like(labels, model.null_class)])
 
 
+def code_groups(model: torch.nn.Module) -> tuple[int, int] | None:
+    """(D, K) when ``model``'s codes come D per position from D codebooks of K codes each (residual VQ with a
+    codebook per depth, set by the pipeline as ``prior.code_groups``): raster position p then holds a code of
+    depth p % D, numbered (p % D) * K .. (p % D) * K + K - 1; else None."""
+    return getattr(model, "code_groups", None)
+
+
 def next_token(logits: torch.Tensor, guided: bool, scale: float, sampling: SamplingConfig,
                generator: Randomness, position: int | None = None, watch: FiniteWatch | None = None, *,
-               discard: torch.Tensor | None = None, samples: torch.Tensor | None = None) -> torch.Tensor:
+               discard: torch.Tensor | None = None, samples: torch.Tensor | None = None,
+               groups: tuple[int, int] | None = None) -> torch.Tensor:
     """Logits (B or 2B, V) of one position -> tokens (B,); guided rows are [cond; uncond]. ``position``:
     the raster position drawn, named in the error about non-finite logits; ``watch``: the call's check;
-    ``discard``, ``samples``: as for ``sample_logits``."""
+    ``discard``, ``samples``: as for ``sample_logits``; ``groups``: ``code_groups``, whose other depths'
+    codes are never drawn at ``position`` (the tokenizer would decode one with the wrong codebook)."""
     if guided:
         cond, uncond = logits.chunk(2)
         logits = uncond + scale * (cond - uncond)
+    if groups is not None and position is not None:
+        depth, size = groups
+        first = position % depth * size
+        only = torch.full_like(logits, float("-inf"))
+        only[:, first: first + size] = logits[:, first: first + size]
+        logits = only
     return sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator, position, watch,
                          discard=discard, samples=samples)
 

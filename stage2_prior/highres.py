@@ -47,8 +47,8 @@ import torch
 from tqdm.auto import tqdm
 
 from stage2_prior.decode import decode_step
-from stage2_prior.draw import (FiniteWatch, Randomness, SamplingConfig, cfg_scales, check_sampling_args, eval_mode,
-                               guided_labels, inference, next_token, resolve_class_labels)
+from stage2_prior.draw import (FiniteWatch, Randomness, SamplingConfig, cfg_scales, check_sampling_args, code_groups,
+                               eval_mode, guided_labels, inference, next_token, resolve_class_labels)
 from stage2_prior.layers import KVCache, notice_data_edits
 from stage2_prior.model import GPT
 
@@ -201,6 +201,7 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
             entry.cache, entry.origin, entry.filled = big.select(k * batch, (k + 1) * batch), (r0, c0), n
 
     watch = FiniteWatch(device, H * W)
+    groups = code_groups(model)
     with eval_mode(model), tqdm(total=len(todo), disable=not progress, desc="sampling") as bar:
         for i, columns in rows.items():
             r0 = window_origin(i, 0, (H, W), (h, w), stride)[0]
@@ -235,11 +236,12 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
                     b = need.nonzero().flatten()
                     logits = torch.cat([logits[b], logits[b + B]]) if guided else logits[b]
                     canvas[b, i, j] = next_token(logits, guided, scales[i * W + j], sampling,
-                                                 [generator[k] for k in b.tolist()], i * W + j, watch, samples=b)
+                                                 [generator[k] for k in b.tolist()], i * W + j, watch, samples=b,
+                                                 groups=groups)
                     bar.update()
                     continue
                 tok = next_token(logits, guided, scales[i * W + j], sampling, generator, i * W + j, watch,
-                                 discard=known_mask[:, i, j] if any_known else None)
+                                 discard=known_mask[:, i, j] if any_known else None, groups=groups)
                 if any_known:
                     tok = torch.where(known_mask[:, i, j], canvas[:, i, j], tok)
                 canvas[:, i, j] = tok

@@ -12,9 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 from stage2_prior.decode import decode_step
-from stage2_prior.draw import (CFG_SCHEDULES, FiniteWatch, SamplingConfig, cfg_scales, check_sampling_args, eval_mode,
-                               guided_labels, inference, next_token, resolve_class_labels, sample_logits, top_k_filter,
-                               top_p_filter)
+from stage2_prior.draw import (CFG_SCHEDULES, FiniteWatch, SamplingConfig, cfg_scales, check_sampling_args, code_groups,
+                               eval_mode, guided_labels, inference, next_token, resolve_class_labels, sample_logits,
+                               top_k_filter, top_p_filter)
 from stage2_prior.highres import _check_stride, check_grid_size, generate_highres
 from stage2_prior.layers import notice_data_edits
 from stage2_prior.model import GPT
@@ -75,8 +75,9 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
             seq = torch.zeros(batch, T, dtype=torch.long, device=device)  # the token at t is never read for t
             logits = model(seq[:, :1], labels)
         watch = FiniteWatch(device, T)
+        groups = code_groups(model)
         for t in tqdm(range(T), disable=not progress, desc="sampling"):
-            tok = next_token(logits[:, -1], guided, scales[t], sampling, noise, t, watch)  # (B,)
+            tok = next_token(logits[:, -1], guided, scales[t], sampling, noise, t, watch, groups=groups)  # (B,)
             out[:, t] = tok
             if t == T - 1:
                 break

@@ -252,3 +252,27 @@ def test_a_prior_whose_rows_split_a_position_is_refused_when_paired():
         VQGPTPipeline(tok, prior)
     VQGPTPipeline(tok, GPT(GPTConfig(codebook_size=tok.codebook_size, grid_size=[8, 16], num_classes=0, n_layer=1,
                                      n_head=2, dim=32, multiple_of=16)))  # 8 positions of 2 codes: fine
+
+
+def test_the_pipeline_draws_each_position_from_its_depths_codebook():
+    """Depth d owns codes d*K .. d*K + K - 1; the samplers drew from the whole vocabulary at every slot, and a
+    code of another depth decoded silently with the wrong codebook (an untrained prior: about half the slots)."""
+    from stage2_prior import SamplingConfig
+    from stage2_prior.model import GPT, GPTConfig
+    from vqgpt.workflow.pipeline import VQGPTPipeline
+
+    torch.manual_seed(0)
+    for shared in (False, True):
+        tok = tiny_rvq_model(rvq_shared_codebook=shared).eval()
+        prior = GPT(GPTConfig(codebook_size=tok.codebook_size, grid_size=[4, 8], num_classes=0, n_layer=1,
+                              n_head=2, dim=32, multiple_of=16)).eval()
+        pipe = VQGPTPipeline(tok, prior)
+        wide = SamplingConfig(temperature=2.0)
+        for grid in ((4, 8), (4, 12)):  # the trained grid, and a wider one drawn in sliding windows
+            codes = pipe.draw_codes(6, None, grid, wide)
+            depth_of_slot = torch.arange(grid[1]) % 2
+            if shared:  # one codebook: every code fits every depth
+                assert codes.max() < 32 and (codes >= 16).any() and (codes[..., 0::2] >= 16).any()
+            else:
+                assert torch.equal(codes // 32, depth_of_slot.expand_as(codes)), codes
+        pipe.generate(1)  # decodes

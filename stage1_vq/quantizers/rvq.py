@@ -13,7 +13,9 @@ The prior's vocabulary is ``codebook_size``: with one codebook shared by every d
 codes per depth); with one codebook per depth it is D * K, depth d's codes numbered d*K .. d*K + K - 1,
 so each token names its codebook. Decoding sums, per position, the code vectors its D tokens name,
 each looked up in the codebook its value belongs to: every grid of integers in [0, codebook_size)
-decodes, whatever the column it sits in.
+decodes, whatever the column it sits in. A pipeline's samplers therefore draw at column c only codes of
+depth c % D (``stage2_prior.draw.code_groups``): a prior is free to put mass on another depth's codes,
+which would decode as a vector of the wrong scale.
 """
 
 from __future__ import annotations

@@ -45,6 +45,11 @@ class VQGPTPipeline:
         check_compatible(tokenizer, prior)
         self.tokenizer = tokenizer.eval()
         self.prior = prior.eval()
+        # residual VQ with a codebook per depth: the samplers draw each position's code from its depth's codebook
+        quantizer = tokenizer.quantize
+        depth = getattr(quantizer, "depth", 1)
+        separate = depth > 1 and not getattr(quantizer, "shared_codebook", True)
+        prior.code_groups = (depth, quantizer.depth_codebook_size) if separate else None
         self.classes = classes or []  # checked by the property below
         self.tokenizer_dir: Path | None = None
         self.prior_dir: Path | None = None
