@@ -142,10 +142,12 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 @keeps_caller_rng
 def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
                 decode: Decoder | None = None, tokenizer_fingerprint: str | None = None,
-                overwrite: bool = False, tokenizer_dir: str | Path | None = None) -> Path:
+                overwrite: bool = False, tokenizer_dir: str | Path | None = None,
+                code_groups: tuple[int, int] | None = None) -> Path:
     """Train a prior on ``cfg.tokens`` into RUN=``out``; returns RUN/export. ``resume``: None, 'auto' or a
     checkpoint path; ``overwrite``: replace what RUN holds (without it, or ``resume``, a RUN holding a run
-    is an error; it refuses to delete ``cfg.tokens`` or ``tokenizer_dir``, the tokenizer the caller reads)."""
+    is an error; it refuses to delete ``cfg.tokens`` or ``tokenizer_dir``, the tokenizer the caller reads).
+    ``code_groups``: the tokenizer's (``stage2_prior.draw.code_groups``), for the sample grids drawn on the way."""
     tc = cfg.train
     if not cfg.tokens:
         raise ConfigError("tokens: no token shard folder given (use --tokens DIR)")
@@ -184,6 +186,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
             raise ConfigError(f"train.batch_size={tc.batch_size} x {accelerator.num_processes} processes is larger "
                               f"than the {len(data)} grids in {cfg.tokens}")
         model = GPT(model_cfg)
+        model.code_groups = code_groups  # (the sample grids draw each code from its depth's codebook)
         set_grad_checkpointing(model, tc.grad_checkpointing)
         optimizer = make_optimizer(model.parameters(), tc)
         if tc.compile:

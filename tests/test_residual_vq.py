@@ -187,7 +187,7 @@ def test_eval_tokenizer_reports_psnr_by_depth(tmp_path):
     assert len(report["psnr_by_depth"]) == 2 and report["psnr_by_depth"][-1] == report["psnr"]
 
 
-def test_rvq_tokenizer_through_encode_a_prior_and_sampling(tmp_path):
+def test_rvq_tokenizer_through_encode_a_prior_and_sampling(tmp_path, monkeypatch):
     from stage1_vq.train import TokenizerRunConfig, train_tokenizer
     from stage2_prior import GPT, generate
     from stage2_prior.train import PriorRunConfig, train_prior
@@ -236,6 +236,16 @@ def test_rvq_tokenizer_through_encode_a_prior_and_sampling(tmp_path):
     assert pipe.generate(2, class_labels=[0, 1], seed=0).shape == (2, 3, 16, 16)
     image = torch.rand(3, 16, 16) * 2 - 1
     assert pipe.complete(image, 2, keep_rows=2, class_labels=0, seed=0).shape == (2, 3, 16, 16)
+    # trained with its tokenizer, the prior's own sample grids draw each code from its depth's codebook too
+    import stage2_prior.train as prior_train
+    from vqgpt.workflow.chain import train_prior_with_tokenizer
+
+    drawn_with, snapshot = [], prior_train.sample_snapshot
+    monkeypatch.setattr(prior_train, "sample_snapshot",
+                        lambda model, *args, **kwargs: drawn_with.append(model.code_groups) or snapshot(model, *args,
+                                                                                                        **kwargs))
+    train_prior_with_tokenizer(prior_cfg, tmp_path / "prior2", tmp_path / "tok" / "export")
+    assert drawn_with == [(2, 64)]
 
 
 def test_a_prior_whose_rows_split_a_position_is_refused_when_paired():

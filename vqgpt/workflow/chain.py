@@ -19,7 +19,7 @@ from stage2_prior.train import PriorRunConfig, train_prior
 from vqgpt.ground.checkpoint import export_fingerprint
 from vqgpt.ground.tokens import META_FILE, TokenShardError, read_meta
 from vqgpt.training.shares import on_main_process
-from vqgpt.workflow.pipeline import VQGPTPipeline
+from vqgpt.workflow.pipeline import VQGPTPipeline, tokenizer_code_groups
 
 T = TypeVar("T")
 
@@ -44,7 +44,7 @@ def train_prior_with_tokenizer(cfg: PriorRunConfig, out: str | Path, tokenizer_d
                               "this tokenizer, or give the one that made the shards")
     prior_dir = train_prior(cfg, out, resume=resume, decode=tokenizer.decode,
                             tokenizer_fingerprint=export_fingerprint(tokenizer_dir), overwrite=overwrite,
-                            tokenizer_dir=tokenizer_dir)
+                            tokenizer_dir=tokenizer_dir, code_groups=tokenizer_code_groups(tokenizer))
     pipeline_dir = Path(out) / "pipeline" if pipeline_dir is None else Path(pipeline_dir)
     # one process writes it; the others return when it is whole
     return _on_main_process(lambda: VQGPTPipeline.from_parts(tokenizer_dir, prior_dir).save_pretrained(pipeline_dir))

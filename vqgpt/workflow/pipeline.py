@@ -45,11 +45,7 @@ class VQGPTPipeline:
         check_compatible(tokenizer, prior)
         self.tokenizer = tokenizer.eval()
         self.prior = prior.eval()
-        # residual VQ with a codebook per depth: the samplers draw each position's code from its depth's codebook
-        quantizer = tokenizer.quantize
-        depth = getattr(quantizer, "depth", 1)
-        separate = depth > 1 and not getattr(quantizer, "shared_codebook", True)
-        prior.code_groups = (depth, quantizer.depth_codebook_size) if separate else None
+        prior.code_groups = tokenizer_code_groups(tokenizer)  # (the samplers read it: stage2_prior.draw)
         self.classes = classes or []  # checked by the property below
         self.tokenizer_dir: Path | None = None
         self.prior_dir: Path | None = None
@@ -482,6 +478,16 @@ def sample_generators(seed: int | None, indices: Iterable[int]) -> list[torch.Ge
     if not -(2**63) <= int(seed) < 2**64:  # what torch.Generator.manual_seed takes
         raise ValueError(f"seed must be between -2**63 and 2**64 - 1, got {int(seed)}")
     return [torch.Generator(device="cpu").manual_seed(sample_seed(int(seed), i)) for i in indices]
+
+
+def tokenizer_code_groups(tokenizer: VQModel) -> tuple[int, int] | None:
+    """``stage2_prior.draw.code_groups`` of a prior of ``tokenizer``'s codes: (depth D, codes per depth K) for
+    residual VQ with a codebook per depth, whose position p must be drawn from depth p % D's codes; else None."""
+    quantizer = tokenizer.quantize
+    depth = getattr(quantizer, "depth", 1)
+    if depth > 1 and not getattr(quantizer, "shared_codebook", True):
+        return depth, quantizer.depth_codebook_size
+    return None
 
 
 def check_compatible(tokenizer: VQModel, prior: GPT) -> None:
