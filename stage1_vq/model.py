@@ -297,8 +297,9 @@ class VQModel(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> code indices (B, H/f, W/f * codes_per_position) int64 (in eval
         mode it changes no state). Residual VQ puts a position's D codes side by side in its row
-        (stage1_vq/quantizers/rvq.py). It runs in the module's mode: in train mode (as a training loop leaves it) dropout applies, draws
-        from the global RNG and gives other codes each call; call ``.eval()`` first (the pipeline does)."""
+        (stage1_vq/quantizers/rvq.py). It runs in the module's mode: in train mode (as a training loop
+        leaves it) dropout applies, draws from the global RNG and gives other codes each call; call
+        ``.eval()`` first (the pipeline does)."""
         self._check_weights_float32()
         if not torch.is_tensor(images) or not images.is_floating_point():
             raise ValueError(f"expected float images in [-1, 1], got {getattr(images, 'dtype', type(images).__name__)} "
