@@ -146,7 +146,8 @@ def test_cli_flags_take_hub_ids(hub_cache, pipeline, tmp_path, capsys):
     assert err.startswith("error: --pipeline someone/absent: ") and "not in the local cache" in err
 
 
-def test_cli_hub_ids_of_a_pipeline_or_its_parts_and_what_a_snapshot_lacks(hub_cache, pipeline, tmp_path, capsys):
+def test_cli_hub_ids_of_a_pipeline_or_its_parts_and_what_a_snapshot_lacks(hub_cache, pipeline, tmp_path, capsys,
+                                                                         monkeypatch):
     """A pipeline repository serves --tokenizer / --prior (its tokenizer/, prior/, or owner/name/tokenizer);
     what a cached snapshot lacks is said of the id (the cache path said 'is not a pipeline folder' and lost
     the offline hint)."""
@@ -176,6 +177,11 @@ def test_cli_hub_ids_of_a_pipeline_or_its_parts_and_what_a_snapshot_lacks(hub_ca
     assert main(["reconstruct", "--tokenizer", "runs/a/export", "--images", str(image), "--out",
                  str(tmp_path / "r"), "--lpips", "none"]) == 2
     assert "runs/a/export: no such folder" in capsys.readouterr().err
+    (tmp_path / "runs" / "pipe").mkdir(parents=True)  # a local pipeline folder without its tokenizer/
+    monkeypatch.chdir(tmp_path)
+    assert main(["reconstruct", "--tokenizer", "runs/pipe/tokenizer", "--images", str(image), "--out",
+                 str(tmp_path / "r"), "--lpips", "none"]) == 2
+    assert "runs/pipe/tokenizer: no such folder" in capsys.readouterr().err
 
 
 def _fake_hub(monkeypatch, tmp_path) -> dict:

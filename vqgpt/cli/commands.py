@@ -1091,7 +1091,7 @@ def _resolve_hub_flags(args: argparse.Namespace) -> None:
         from vqgpt.ground.checkpoint import hub_part_missing, is_hub_id, resolve_model_dir
 
         repo_id, part = _hub_parts(value)
-        if not repo_id or not is_hub_id(repo_id):
+        if not repo_id or not is_hub_id(repo_id) or (part and Path(repo_id).exists()):  # (a local folder's part)
             continue
         try:
             folder = resolve_model_dir(repo_id, subfolder=part or None)
