@@ -145,6 +145,8 @@ def test_complete_shows_the_original_beside_the_completions(handlers, files):
     assert "first 2 of 4 code rows kept, 1 code column added" in summary
     with pytest.raises(ValueError, match="nothing to sample"):
         handlers.complete(str(files / "image.png"), keep_rows=4, num=1, class_name="a")
+    with pytest.raises(ValueError, match=r"^code rows to keep: the image has 4 code rows, so at most 4; got 100$"):
+        handlers.complete(str(files / "image.png"), keep_rows=100, num=1, class_name="a")
     # an image smaller than the trained size says so, whatever the rows kept
     Image.open(files / "image.png").resize((8, 8)).save(files / "small.png")
     for keep in (1, 2, None):

@@ -221,6 +221,8 @@ class AppHandlers:
         image = self._image(image_path, self.pipe.trained_pixels() if fit else None)
         rows = image.shape[1] // self.pipe.downsample_factor
         keep = None if keep_rows is None else _at_least(keep_rows, 0, "code rows to keep")
+        if keep is not None and keep > rows:  # (the pipeline's message names the CLI's --keep-rows)
+            raise ValueError(f"code rows to keep: the image has {rows} code rows, so at most {rows}; got {keep}")
         label = self._label(class_name)
         sampling = _sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p)
         with self._model(progress, "completing"):
