@@ -110,6 +110,16 @@ def test_overwrite_whose_setup_fails_or_is_stopped_keeps_the_old_run(run, tokens
     assert snapshot(run) == before
     monkeypatch.undo()
     train_prior(prior_config(tokens), run, resume="auto")  # the old run is whole: it resumes (finished)
+    # killed (no way to put it back) between the move aside and the start: the next command says where it is
+    aside = run / ".replaced"
+    aside.mkdir()
+    for entry in [p for p in run.iterdir() if p.name not in (".lock", ".replaced")]:
+        entry.rename(aside / entry.name)
+    for resume in ("auto", None):
+        with pytest.raises(RunFolderError, match=r"\.replaced holds the run that an --overwrite was replacing .* "
+                                                 r"move its contents back"):
+            train_prior(prior_config(tokens), run, resume=resume)
+    assert {str(Path(".replaced") / name) for name in before} == {k for k in snapshot(run) if k != "config.yaml"}
 
 
 def test_resume_auto_starts_afresh_only_where_nothing_would_be_lost(tokens, tmp_path):

@@ -292,6 +292,10 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
             where = "is" if Path(path).resolve() == (run_dir / doomed).resolve() else "lies inside"
             raise RunFolderError(f"{flag} {path} {where} {run_dir / doomed}, which --overwrite would delete with the "
                                  f"run: copy it out of {run_dir} first, or choose another --out")
+    if REPLACED_DIR in held and not overwrite:  # an --overwrite killed before its new run started
+        raise RunFolderError(f"{run_dir / REPLACED_DIR} holds the run that an --overwrite was replacing when it was "
+                             f"stopped, before the new run started: move its contents back into {run_dir} to keep "
+                             f"that run (then --resume auto continues it), or pass --overwrite to start over")
     checkpoint, step = None, 0
     if resume:
         checkpoint = resolve_resume(run_dir, resume)
