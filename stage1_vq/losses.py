@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stage1_vq.discriminator import DISC_NORMS, PatchDiscriminator
-from vqgpt.ground.config import ConfigError, opt
+from vqgpt.ground.config import ConfigError, changed_keys, opt
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 PERCEPTUAL_KINDS = ("lpips-vgg", "lpips-random", "stlpips", "none")
@@ -58,8 +58,7 @@ class LossConfig:
             off.append("perceptual_weights_path")
         if self.gan_weight == 0:
             off += ["gan_loss", "adaptive_gan_weight", "disc_start", "disc_layers", "disc_channels", "disc_norm"]
-        default = type(self)()
-        return [key for key in off if getattr(self, key) != getattr(default, key)]
+        return changed_keys(self, off)
 
     def __post_init__(self) -> None:
         choices = {"reconstruction": RECONSTRUCTION_LOSSES, "perceptual": PERCEPTUAL_KINDS,

@@ -29,7 +29,7 @@ from stage1_vq.quantizers import Quantizer, QuantizerConfig, QuantizerOutput, bu
 from stage1_vq.vit import ViTDecoder, ViTEncoder
 from vqgpt.ground.checkpoint import (load_export, load_export_weights, push_to_hub, resolve_model_dir, save_export,
                                      usable_device)
-from vqgpt.ground.config import ConfigError, check_number, opt
+from vqgpt.ground.config import ConfigError, changed_keys, check_number, opt
 
 EXPORT_KIND = "vq_tokenizer"
 _CONVERT = "(from uint8 0..255: x.float() / 127.5 - 1; from 0..1: x * 2 - 1)"
@@ -93,8 +93,7 @@ class VQModelConfig:
         conv = ["channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout", "norm_groups"]
         vit = ["patch_size", "vit_dim", "vit_depth", "vit_heads", "vit_mlp_ratio"]
         unread = {"conv": vit, "vit": conv, "pixels": conv + vit + ["z_channels"]}[self.architecture]
-        default = VQModelConfig()
-        return [key for key in unread if getattr(self, key) != getattr(default, key)]
+        return changed_keys(self, unread)
 
     def _check_pixels(self) -> None:
         q = self.quantizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from vqgpt.ground.config import ConfigError, check_number, opt
+from vqgpt.ground.config import ConfigError, changed_keys, check_number, opt
 from vqgpt.ground.tokens import MAX_CODEBOOK_SIZE
 
 QUANTIZER_KINDS = ("vq", "fsq", "lfq", "rvq")
@@ -135,9 +135,7 @@ class QuantizerConfig:
         """The numeric options of other kinds set away from their defaults (rvq_depth with kind vq, ...):
         each is in range (else refused above), but this kind does not read it."""
         readers = {"rvq_depth": ("rvq",), "lfq_dim": ("lfq",), "fsq_levels": ("fsq",)}
-        default = type(self)()
-        return [key for key, kinds in readers.items()
-                if self.kind not in kinds and getattr(self, key) != getattr(default, key)]
+        return changed_keys(self, [key for key, kinds in readers.items() if self.kind not in kinds])
 
     def _check_vq(self) -> None:
         if self.codebook_size is None:

@@ -138,6 +138,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
 
 
+def changed_keys(config: Any, keys: list[str]) -> list[str]:
+    """The ``keys`` on which the dataclass ``config`` differs from its class's defaults: the fields a user set
+    (in a file or a --set), as the tokenizer's "setting them changes nothing" warnings name them."""
+    default = type(config)()
+    return [key for key in keys if getattr(config, key) != getattr(default, key)]
+
+
 def missing_keys(cls: type, data: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Dotted names of the fields of ``cls`` (nested sections included) that ``data`` does not set."""
     missing = []
