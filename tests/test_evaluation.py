@@ -48,8 +48,8 @@ EXPECTED_TOKENIZER_KEYS = ("tokenizer", "images", "num_images", "resolution", "g
                            "psnr_by_depth", "ssim", "lpips", "rfid", "codebook_usage", "num_tokens", "perplexity",
                            "bits_per_image", "fid_features")
 EXPECTED_PRIOR_KEYS = ("pipeline", "reference", "num_samples", "num_reference", "resolution", "cfg_scale",
-                       "cfg_schedule", "temperature", "top_k", "top_p", "seed", "prior_dtype", "fid", "sfid",
-                       "inception_score", "inception_score_std", "precision", "recall", "class_accuracy",
+                       "cfg_schedule", "temperature", "top_k", "top_p", "seed", "prior_dtype", "compile", "fid",
+                       "sfid", "inception_score", "inception_score_std", "precision", "recall", "class_accuracy",
                        "classifier_heldout_accuracy", "fid_features")
 EXPECTED_STATS_KEYS = ("path", "source", "split", "resolution", "num_images", "feature_dim", "num_features_kept",
                        "fid_features")

@@ -109,6 +109,24 @@ def test_resume_draws_only_unfinished_batches_and_gives_the_same_set(pipe_dir, t
                     class_labels=torch.arange(NUM) % 3, sampling=CFG, seed=6, batch_size=BATCH, device="cpu")
 
 
+def test_resume_refuses_a_changed_compile_and_takes_a_record_without_it(pipe_dir, tmp_path):
+    """A compiled decode step draws other images than an eager one (bf16 rounds its products elsewhere): a
+    folder begun eager and continued compiled mixed the two under an eager record. A record of an earlier
+    vqgpt (no "compile" key) is continued either way."""
+    _run(pipe_dir, out=tmp_path / "s")
+    settings = tmp_path / "s" / "sampling.json"
+    assert json.loads(settings.read_text())["compile"] is False
+    (tmp_path / "s" / png_name(7)).unlink()
+    compiled = VQGPTPipeline.from_pretrained(pipe_dir).set_decoding(compile=True)
+    with pytest.raises(ValueError, match="other settings.*compile: False then, True now"):
+        sample_many(compiled, NUM, out=tmp_path / "s", class_labels=torch.arange(NUM) % 3, sampling=CFG, seed=5,
+                    batch_size=BATCH, device="cpu", progress=False)
+    old = json.loads(settings.read_text())
+    del old["compile"]
+    settings.write_text(json.dumps(old))
+    assert _run(pipe_dir, out=tmp_path / "s").drawn == 2
+
+
 def test_resume_refuses_samples_of_other_weights(pipe_dir, tmp_path):
     _run(pipe_dir, out=tmp_path / "s")
     (tmp_path / "s" / png_name(7)).unlink()

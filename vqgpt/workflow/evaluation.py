@@ -106,6 +106,7 @@ class PriorReport(_Report):
     top_p: float | None
     seed: int
     prior_dtype: str             # how the prior decoded: float32, bfloat16 or int8 (other draws than float32's)
+    compile: bool                # whether its decode step ran under torch.compile (bf16: other draws than eager)
     fid: float
     sfid: float | None           # spatial FID (ADM's sFID); None when the reference has no spatial stats (mu_s)
     inception_score: float
@@ -419,7 +420,7 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
             num_reference=ref.num_images or None, resolution=height, cfg_scale=sampling.cfg_scale,
             cfg_schedule=sampling.cfg_schedule, temperature=sampling.temperature, top_k=sampling.top_k,
             top_p=sampling.top_p, seed=seed, prior_dtype=sample_many.decoding_dtype(pipe.prior),
-            fid=fid, sfid=sfid, inception_score=inception.mean, inception_score_std=inception.std,
+            compile=pipe.compile_decode, fid=fid, sfid=sfid, inception_score=inception.mean, inception_score_std=inception.std,
             precision=pr.precision if pr else None, recall=pr.recall if pr else None,
             class_accuracy=hits / num_samples if classifier is not None else None,
             classifier_heldout_accuracy=heldout, fid_features=extractor.name)

@@ -126,13 +126,17 @@ def configs_digest(pipe: VQGPTPipeline) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# settings keys that an earlier vqgpt did not record
+_LATER_KEYS = ("compile",)
+
+
 def _settings(num: int, seed: int, batch_size: int, labels: torch.Tensor | None, sampling: SamplingConfig,
-              grid: tuple[int, int], prior_dtype: str, models: str, configs: str) -> dict:
+              grid: tuple[int, int], prior_dtype: str, compile: bool, models: str, configs: str) -> dict:
     label_bytes = b"" if labels is None else labels.cpu().numpy().astype("<i8").tobytes()
     return {"num": num, "seed": seed, "batch_size": batch_size, "grid": list(grid),
             "labels_sha256": hashlib.sha256(label_bytes).hexdigest(), "conditional": labels is not None,
-            "sampling": dataclasses.asdict(sampling), "prior_dtype": prior_dtype, "models": models,
-            "configs": configs}
+            "sampling": dataclasses.asdict(sampling), "prior_dtype": prior_dtype, "compile": compile,
+            "models": models, "configs": configs}
 
 
 def finished_pngs(folder: Path) -> tuple[set[str], set[str]]:
@@ -179,8 +183,9 @@ def _check_settings(folder: Path, settings: dict, pngs: set[str], scratch_of: Pa
                          f"{new_place}") from None
     if not isinstance(old, dict):
         raise ValueError(f"{path} is damaged (not a JSON object): {new_place}")
+    # (a record from before "compile" was recorded: not known, so not compared)
     changed = [f"{key}: {old.get(key)} then, {value} now" for key, value in settings.items()
-               if key not in ("models", "configs") and old.get(key) != value]
+               if key not in ("models", "configs") and old.get(key, value if key in _LATER_KEYS else None) != value]
     if changed:
         raise ValueError(f"{where} holds samples drawn with other settings ({'; '.join(changed)}): resume with the "
                          f"same settings, {or_new_place}")
@@ -338,9 +343,10 @@ def sample_many(pipe: VQGPTPipeline, num: int, out: str | Path | None = None, np
     # what the draw would refuse (guidance this prior cannot give, a seed out of range): before the folder is made
     check_sampling_args(pipe.prior, sampling)
     sample_generators(seed, [])
-    # int8 weights sample other images than the float ones: a resumed folder must keep the same
+    # int8 weights sample other images than the float ones, and a compiled step (bf16: its products round
+    # elsewhere) other images than an eager one: a resumed folder must keep the same
     settings = _settings(num, seed, batch_size, labels, sampling, grid, decoding_dtype(pipe.prior),
-                         weights_digest(pipe.tokenizer, pipe.prior), configs_digest(pipe))
+                         pipe.compile_decode, weights_digest(pipe.tokenizer, pipe.prior), configs_digest(pipe))
     if out is None and not folder.exists() and npz_settings(npz) == settings:  # type: ignore[arg-type]
         # the same command again after it finished: its scratch folder is gone, its npz holds these very samples
         return ManySamples(num=num, drawn=0, skipped=num, processes=processes, folder=None, npz=npz)
