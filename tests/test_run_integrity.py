@@ -88,6 +88,28 @@ def test_overwrite_removes_the_old_run_first(run, tokens):
         train_prior(prior_config(tokens), run, resume="auto", overwrite=True)
 
 
+def test_a_deletion_of_the_replaced_run_cut_short_is_finished_by_the_next_command(run, tokens, monkeypatch):
+    """The replaced run was deleted in place: a kill part-way left a half-deleted .replaced (checkpoints
+    without their files), which the next command called a whole run and advised moving back."""
+    import vqgpt.training.run_folder as run_folder
+
+    removed = []
+    real = run_folder._remove
+    monkeypatch.setattr(run_folder, "_remove", lambda path: removed.append(path.name) or real(path))
+    train_prior(prior_config(tokens, "train.steps=3", "train.checkpoint_every=0", "train.ema_decay=0"), run,
+                overwrite=True)
+    assert removed == [".replaced-removing"]  # renamed in one step, then deleted
+    monkeypatch.undo()
+    # killed part-way through that deletion: what is left goes at the next command, which goes ahead
+    half = run / ".replaced-removing" / "checkpoints" / "step-00000004"
+    half.mkdir(parents=True)
+    (half / "COMPLETE").write_text("")
+    before = {k: v for k, v in snapshot(run).items() if not k.startswith(".replaced-removing")}
+    train_prior(prior_config(tokens, "train.steps=3", "train.checkpoint_every=0", "train.ema_decay=0"), run,
+                resume="auto")
+    assert not (run / ".replaced-removing").exists() and snapshot(run) == before
+
+
 def test_overwrite_whose_setup_fails_or_is_stopped_keeps_the_old_run(run, tokens, tmp_path, monkeypatch):
     """--overwrite deleted the old run before the new one's own checks: a batch larger than the data, a
     source that does not exist, a tracker that does not start, or a Ctrl-C then cost the old run."""

@@ -45,8 +45,11 @@ _UNSTARTED_RUN = {"config.yaml", "metrics.jsonl", "samples", "checkpoints", TRAC
 # Where --overwrite moves the run it replaces until the new one has started (then it is deleted; a start
 # that fails before moves it back): a typo in the new run's data source must not cost the old run.
 REPLACED_DIR = ".replaced"
+# What REPLACED_DIR is renamed to when the new run has started, then deleted: a deletion killed part-way
+# leaves this name, which the next command finishes deleting (a half-deleted .replaced read as a whole run).
+REMOVING_DIR = ".replaced-removing"
 # Everything a run writes into RUN (and all that --overwrite deletes); anything else there is the user's.
-_RUN_ENTRIES = _UNSTARTED_RUN | {"export", "pipeline", REPLACED_DIR}
+_RUN_ENTRIES = _UNSTARTED_RUN | {"export", "pipeline", REPLACED_DIR, REMOVING_DIR}
 
 
 def _not_a_runs(names: list[str]) -> list[str]:
@@ -279,6 +282,8 @@ def _claim_run_dir(run_dir: Path, config: Any, resume: str | None, overwrite: bo
     """Main process, lock held: check RUN may be used as asked, then write config.yaml; (the checkpoint to resume,
     the REPLACED_DIR that ``overwrite`` moved the old run into, else None). Every check comes before the first
     change to RUN."""
+    if (run_dir / REMOVING_DIR).exists():  # the run an earlier --overwrite replaced, its deletion cut short
+        _remove(run_dir / REMOVING_DIR)
     held = sorted(p.name for p in run_dir.iterdir() if p.name not in (LOCK_NAME, "config.yaml"))
     others = _not_a_runs(held)
     if overwrite and others:  # it used to delete them with the run
@@ -389,7 +394,11 @@ class RunFolder:
         """The new run is under way: the run it replaces goes for good."""
         if self.replaced is not None:
             replaced, self.replaced = self.replaced, None
-            _remove(replaced)
+            removing = replaced.with_name(REMOVING_DIR)
+            if removing.exists():
+                _remove(removing)
+            os.replace(replaced, removing)  # (one step: never a half-deleted REPLACED_DIR)
+            _remove(removing)
 
     def restore_replaced(self) -> None:
         """The new run failed to start: remove what it wrote and move the replaced run back."""
