@@ -4,6 +4,7 @@ per process, and the views of --augment flip / ten-crop, drawn one per sample by
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from test_distributed import launch_command, subprocess_env
 from vqgpt.ground.data import DataConfig, build_dataset
 from vqgpt.ground.tokens import META_FILE, TokenDataset, TokenShardError, TokenShardWriter, read_meta
 from vqgpt.training import SeededSamples
+from vqgpt.training.config import launch_command as launch_here
 from vqgpt.workflow.encode import encode_dataset, process_slice
 
 R = 16
@@ -49,8 +51,8 @@ def source(tmp_path_factory):
 
 
 def _encode(tokenizer_dir, source, out, **kwargs):
-    return encode_dataset(tokenizer_dir, DataConfig(source=str(source), resolution=R), out, batch_size=BATCH,
-                          device="cpu", progress=False, **kwargs)
+    kwargs = {"batch_size": BATCH, "progress": False, **kwargs}
+    return encode_dataset(tokenizer_dir, DataConfig(source=str(source), resolution=R), out, device="cpu", **kwargs)
 
 
 def _by_name(out, source) -> dict[str, tuple[np.ndarray, int]]:
@@ -150,10 +152,23 @@ def test_killed_parallel_encode_resumes_each_rank_where_it_stopped(tokenizer_dir
     # another process count is refused, naming the one to use
     _as_rank(monkeypatch, 0, 1)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(TokenShardError, match=r"started on 2 processes and this run has 1; resume it on 2 "
-                                              r"\(accelerate launch --num_processes 2 .*--overwrite"):
+    # (on a machine without GPUs `accelerate launch --num_processes 2` alone starts one process)
+    with pytest.raises(TokenShardError, match=r"started on 2 processes and this run has 1; resume it on 2 \(`"
+                                              + re.escape(launch_here(2)) + " encode` .*--overwrite"):
         _encode(tokenizer_dir, source, out, shard_size=2)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # another batch size would move each process's share: refused, naming the one it was started with
+    _as_rank(monkeypatch, 1, 2)
+    with pytest.raises(TokenShardError, match=r"started with --batch-size 4 \(each of its 2 processes .*resume "
+                                              r"it with --batch-size 4"):
+        _encode(tokenizer_dir, source, out, shard_size=2, batch_size=3)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    legacy = {k: v for k, v in meta.items() if k != "batch_size"}  # meta.json of an earlier vqgpt: the shares tell
+    (out / META_FILE).write_text(json.dumps(legacy))
+    with pytest.raises(TokenShardError, match=r"started with another --batch-size .*the --batch-size it was started "
+                                              r"with \(the default is 64\)"):
+        _encode(tokenizer_dir, source, out, shard_size=2, batch_size=3)
+    (out / META_FILE).write_text(json.dumps(meta))
 
     # the same count resumes: rank 1 from its 9th image, rank 0 has nothing left
     _as_rank(monkeypatch, 1, 2)
@@ -171,6 +186,30 @@ def test_killed_parallel_encode_resumes_each_rank_where_it_stopped(tokenizer_dir
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"}  # (taken by each encode)
     _encode(tokenizer_dir, source, out, shard_size=2)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == stamps
+
+
+def test_an_encode_stopped_before_its_first_shard_starts_over_on_any_process_count(tokenizer_dir, source, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """Nothing was stored, yet a re-run on another process count was refused (and on a machine without GPUs
+    the advised `accelerate launch --num_processes 2` starts one process, so the advice looped)."""
+    out = tmp_path / "two"
+    original = VQModel.encode
+
+    def killed(self, images):
+        raise KeyboardInterrupt
+
+    _as_rank(monkeypatch, 0, 2)
+    monkeypatch.setattr(VQModel, "encode", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _encode(tokenizer_dir, source, out, shard_size=2)
+    monkeypatch.setattr(VQModel, "encode", original)
+    assert read_meta(out)["processes"] == 2 and read_meta(out, "r000")["items_done"] == 0
+    _as_rank(monkeypatch, 0, 1)
+    _encode(tokenizer_dir, source, out, shard_size=2, progress=True)
+    assert "stored no shard yet; starting over on 1" in capsys.readouterr().out
+    meta = read_meta(out)
+    assert meta["complete"] and "processes" not in meta and not list(out.glob("progress-*.json"))
+    _assert_same_rows(out, _encode(tokenizer_dir, source, tmp_path / "one", shard_size=2))
 
 
 # ------------------------------------------------------------------------------------------- views

@@ -122,6 +122,15 @@ def _no_accelerator_device() -> bool:
     return not torch.cuda.is_available()
 
 
+def launch_command(processes: int) -> str:
+    """The command that starts ``processes`` processes of a vqgpt command on this machine: on one without
+    GPUs ``accelerate launch --num_processes N`` alone starts a single process; --multi_gpu with
+    ACCELERATE_USE_CPU=1 starts N of them on the CPU (gloo)."""
+    if _no_accelerator_device():
+        return f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {processes} -m vqgpt"
+    return f"accelerate launch --num_processes {processes} -m vqgpt"
+
+
 def tracker_names(cfg: TrainConfig) -> list[str]:
     """The trackers ``train.log_with`` starts; ConfigError when one's package is not installed."""
     names = list(_LOG_WITH[cfg.log_with])

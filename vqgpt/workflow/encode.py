@@ -45,9 +45,10 @@ from tqdm.auto import tqdm
 from stage1_vq.model import VQModel
 from vqgpt.ground.checkpoint import export_fingerprint
 from vqgpt.ground.data import DataConfig, build_dataset, collate_images, describe_file_changes, source_identity
-from vqgpt.ground.tokens import (DEFAULT_SHARD_SIZE, META_FILE, SOURCE_FILE, TOKEN_FOLDER_PATTERNS, TokenShardError,
-                                 TokenShardWriter, clear_token_folder, merge_parts, read_meta, write_json)
-from vqgpt.training.config import launched_process_state
+from vqgpt.ground.tokens import (DEFAULT_SHARD_SIZE, META_FILE, PROGRESS_PATTERN, SOURCE_FILE, TOKEN_FOLDER_PATTERNS,
+                                 TokenShardError, TokenShardWriter, clear_token_folder, merge_parts, progress_file,
+                                 read_meta, write_json)
+from vqgpt.training.config import launch_command, launched_process_state
 from vqgpt.training.run_folder import LOCK_NAME, RunLock, share_main_failure
 
 AUGMENTS = ("none", "flip", "ten-crop")
@@ -169,6 +170,40 @@ def process_slice(total: int, batch_size: int, processes: int, rank: int) -> tup
     return min(first * batch_size, total), min(last * batch_size, total)
 
 
+def _stored_any(out: Path) -> bool:
+    """Whether the unfinished encode in ``out`` stored any shard (its meta.json or a process's progress file
+    counts a finished one, or a shard file is there)."""
+    if any(out.glob("tokens-*.npy")):
+        return True
+    for path in [out / META_FILE, *out.glob(PROGRESS_PATTERN)]:
+        try:
+            state = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            return True  # unreadable: not known to be empty
+        if not isinstance(state, dict) or state.get("shards") or state.get("count") or state.get("items_done"):
+            return True
+    return False
+
+
+def _check_same_split(out: Path, total: int, batch_size: int, processes: int, recorded: Any) -> None:
+    """Refuse to continue an encode on several processes with another ``batch_size`` than the one its meta.json
+    ``recorded`` (None from an earlier vqgpt: the shares its processes recorded tell): each process's progress
+    is tied to its share, a run of whole batches (``process_slice``) that another batch size moves."""
+    if isinstance(recorded, int):
+        moved = recorded != batch_size
+    else:
+        shares = [(read_meta(out, part_name(rank)), process_slice(total, batch_size, processes, rank))
+                  for rank in range(processes) if (out / progress_file(part_name(rank))).is_file()]
+        moved = any([state.get("start"), state.get("stop")] != list(share) for state, share in shares)
+    if moved:
+        was, again = ((f"--batch-size {recorded}", f"--batch-size {recorded}") if isinstance(recorded, int)
+                      else ("another --batch-size", "the --batch-size it was started with (the default is 64)"))
+        raise TokenShardError(
+            f"cannot continue the token shards in {out}: the unfinished encode was started with {was} (each of "
+            f"its {processes} processes encodes a run of whole batches); resume it with {again}, or pass "
+            f"--overwrite to encode again")
+
+
 def part_name(rank: int) -> str:
     """File-name tag of the shards process ``rank`` writes (``tokens-r000-00000.npy``)."""
     return f"r{rank:03d}"
@@ -236,6 +271,8 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
         }
 
         # Every process reads the folder and comes to the same decision before rank 0 changes anything.
+        restart = False  # an unfinished encode on another process count that stored nothing: started over
+        stored: dict[str, Any] = {}
         if not overwrite and (out / META_FILE).exists():
             try:
                 stored = read_meta(out)
@@ -251,30 +288,40 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
                           f"options ({stored['count']} images); nothing to do")
                 return out
             started = int(stored.get("processes", 1))
-            if started != processes:
+            if started != processes and not _stored_any(out):  # nothing to lose: start over on this many
+                restart = True
+                if progress:
+                    print(f"{out}: the unfinished encode there (started on {started} process"
+                          f"{'' if started == 1 else 'es'}) stored no shard yet; starting over on {processes}")
+            elif started != processes:
                 # each process's progress is tied to its run of batches; another split would mix them up
+                how = "a plain `vqgpt encode`" if started == 1 else f"`{launch_command(started)} encode`"
                 raise TokenShardError(
                     f"cannot continue the token shards in {out}: the unfinished encode was started on "
                     f"{started} process{'' if started == 1 else 'es'} and this run has {processes}; resume it on "
-                    f"{started} "
-                    f"({'a plain `vqgpt encode`' if started == 1 else f'accelerate launch --num_processes {started}'}"
-                    f" with the same flags), or pass --overwrite to encode again")
+                    f"{started} ({how} with the same flags), or pass --overwrite to encode again")
         state.wait_for_everyone()
         dataset = build_dataset(dataclasses.replace(data, resolution=load_size), split)
         h, w = model.grid_shape(data.resolution, data.resolution)
-        if overwrite and is_main:  # after the data and the size are found good: a typo must not cost the shards
-            clear_token_folder(out)
+        total = len(dataset)
+        if processes > 1 and not (overwrite or restart):
+            _check_same_split(out, total, batch_size, processes, stored.get("batch_size"))
+            state.wait_for_everyone()  # every process has read the parts before rank 0 may clear them
+        if (overwrite or restart) and is_main:  # after the data and the size are found good: a typo must not cost
+            clear_token_folder(out)              # the shards
         meta = {**wanted, "classes": list(dataset.classes), "num_classes": len(dataset.classes),
                 "skipped_at_scan": [_relative(p, data.source) for p in dataset.skipped]}
-        total = len(dataset)
         parts = [part_name(r) for r in range(processes)] if processes > 1 else [""]
         if processes > 1:
             meta["processes"] = processes
+        # meta.json of several processes also records the batch size, which sets each one's share (read by
+        # _check_same_split; not in the parts' own meta, which a resume compares key by key)
+        merged_meta = {**meta, "batch_size": batch_size}
         if is_main and not (out / META_FILE).exists():  # (out was made before it was locked)
             if files is not None:
                 write_json(out / SOURCE_FILE, files)
             if processes > 1:  # an unfinished meta.json, so that a re-run checks identity and process count
-                merge_parts(out, parts, (h, w), model.codebook_size, meta, views=len(names))
+                merge_parts(out, parts, (h, w), model.codebook_size, merged_meta, views=len(names))
         state.wait_for_everyone()
 
         start, stop = process_slice(total, batch_size, processes, rank)
@@ -311,7 +358,7 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
         if processes > 1:
             state.wait_for_everyone()
             if is_main:
-                merge_parts(out, parts, (h, w), model.codebook_size, meta, views=len(names))
+                merge_parts(out, parts, (h, w), model.codebook_size, merged_meta, views=len(names))
             state.wait_for_everyone()  # every process returns with the folder finished
             finished = read_meta(out)
         unreadable = finished["unreadable"]
