@@ -345,3 +345,24 @@ def test_exit_codes(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_config_reference", raises(KeyError("a bug")))
     with pytest.raises(KeyError):  # a bug keeps its traceback
         main(["config-reference"])
+
+
+def test_one_process_commands_refuse_a_launch_before_any_work(tmp_path, monkeypatch, capsys):
+    """`vqgpt shard` under accelerate launch: rank 1 found rank 0's lock, blamed 'another vqgpt shard' and the
+    launcher killed rank 0 part-way; import, index and app likewise ran once per process."""
+    images = tmp_path / "images" / "a"
+    images.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(images / "0.png")
+    commands = [["shard", str(tmp_path / "images"), str(tmp_path / "shards"), "--per-shard", "10"],
+                ["index", str(tmp_path / "images")],
+                ["import", "llamagen-vq", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "tok")],
+                ["app", "--pipeline", str(tmp_path / "missing")]]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv in commands:
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.strip() == (f"error: vqgpt {argv[0]} "
+                                                   + {"shard": "writes the shards", "index": "builds the index",
+                                                      "import": "converts a checkpoint", "app": "serves the page"}[argv[0]]
+                                                   + " in one process: run it without accelerate launch")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["a"]  # no index written beside it

@@ -270,10 +270,26 @@ def test_vqgpt_shard_continues_refuses_and_overwrites(tmp_path, monkeypatch, cap
     printed = capsys.readouterr().out
     assert "continuing after shard-000001.tar" in printed and "wrote 11 images (2 classes) into 4 shards" in printed
     assert _contents(out) == expected
+    # the same command again (a script re-run after a stop that came once the set was whole): nothing to do
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(["shard", str(source), str(out), "--per-shard", "3"]) == 0
+    said = capsys.readouterr()
+    assert "already holds the 4 finished shards" in said.err and "nothing to do" in said.err
+    assert "wrote 11 images (2 classes) into 4 shards" in said.out and "shard-{000000..000003}.tar" in said.out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    # other options, or a set that is not the one recorded, are refused naming why
+    assert main(["shard", str(source), str(out), "--per-shard", "4"]) == 2
+    assert "already holds 4 finished shards of another conversion (--per-shard is 3 there but 4 now)" in \
+        capsys.readouterr().err
+    (out / "shard-000003.tar").unlink()
     assert main(["shard", str(source), str(out), "--per-shard", "3"]) == 2
-    assert "already holds 4 shards" in capsys.readouterr().err
+    assert "(its shards are not those its record lists)" in capsys.readouterr().err
     assert main(["shard", str(source), str(out), "--per-shard", "4", "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["classes.json", *(f"shard-00000{i}.tar" for i in range(3))]
+    assert sorted(p.name for p in out.iterdir()) == [".shards.json", "classes.json",
+                                                     *(f"shard-00000{i}.tar" for i in range(3))]
+    (out / ".shards.json").unlink()  # a set of an earlier vqgpt, without the record: refused as before
+    assert main(["shard", str(source), str(out), "--per-shard", "4"]) == 2
+    assert "already holds 3 shards (shard-000000.tar, ...)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("moved_before_the_stop", [0, 2, 4])

@@ -282,8 +282,8 @@ def test_vqgpt_shard_keeps_the_folder_images(tmp_path, capsys):
         members = {m.name: tar.extractfile(m).read() for m in tar}
     assert members["00000001.jpg"] == (folder / "cat/img1.jpg").read_bytes()
     assert json.loads(members["00000001.json"]) == {"label": 0, "class": "cat", "name": "cat/img1.jpg"}
-    assert main(["shard", str(folder), str(tmp_path / "out"), "--per-shard", "2"]) == 2
-    assert "already holds 3 shards" in capsys.readouterr().err
+    assert main(["shard", str(folder), str(tmp_path / "out"), "--per-shard", "3"]) == 2
+    assert "already holds 3 finished shards of another conversion" in capsys.readouterr().err
 
 
 def test_vqgpt_shard_of_a_builtin_gives_its_images(tmp_path):

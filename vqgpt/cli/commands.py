@@ -108,6 +108,13 @@ def _launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _refuse_launch(command: str, work: str) -> None:
+    """A command that runs in one process, under ``accelerate launch`` with several: one clear error before
+    any work, not a lock or port that every process but one fails to take part-way."""
+    if _launched():
+        raise ValueError(f"vqgpt {command} {work} in one process: run it without accelerate launch")
+
+
 def _check_image_file(path_text: str, flag: str) -> Path:
     """Decode one image file with Pillow alone (no torch); a folder, empty or damaged file is one clear error."""
     from PIL import Image
@@ -529,6 +536,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
 def cmd_app(args: argparse.Namespace) -> int:
     from vqgpt.cli.app import launch
 
+    _refuse_launch("app", "serves the page")
     launch(args.pipeline, host=args.host, port=args.port, name=getattr(args, "hub_ids", {}).get("pipeline"))
     return 0
 
@@ -552,6 +560,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    _refuse_launch("import", "converts a checkpoint")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the export")
@@ -680,6 +689,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     from vqgpt.ground.file_index import clean_source, folder_index, index_path
 
+    _refuse_launch("index", "builds the index")
     source = clean_source(args.source)
     if ":" in source.split("/", 1)[0] and not Path(source).exists():  # builtin:..., wds:..., hf:...
         raise ValueError(f"vqgpt index takes an image folder, not {source!r}: only folder sources use a file index")
@@ -716,6 +726,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_shard(args: argparse.Namespace) -> int:
     import importlib.util
 
+    _refuse_launch("shard", "writes the shards")
     if importlib.util.find_spec("webdataset") is None:  # (the shard reader, which checks what it wrote)
         raise ValueError('vqgpt shard needs the webdataset package: pip install "vqgpt[wds]"')
     from vqgpt.ground.shard_writer import write_shards

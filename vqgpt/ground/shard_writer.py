@@ -38,6 +38,9 @@ PARTIAL_DIR = ".partial"  # where the shards are written until the last one is c
 PROGRESS_FILE = "progress.json"  # in .partial: what the run converts, and the shards it has closed whole
 SOURCE_FILES = "source-files.json"  # in .partial: a folder source's files (path, size, time), to name what changed
 LOCK_FILE = ".lock"  # in .partial: held by the run that writes there
+# in OUT beside a finished set: the run's record (what it converted, each shard's bytes and digest), so that
+# the same command run again finds the set finished and does nothing
+SET_RECORD = ".shards.json"
 # Version of what a sample holds (key, members, json fields): a vqgpt that writes other bytes must not
 # continue an older one's shards. Raise it with any change to what a shard holds.
 LAYOUT = 1
@@ -121,16 +124,20 @@ def write_shards(source: str, out: str | Path, per_shard: int, split: str = "tra
         _refuse_a_finished_set(out)
     dataset = build_dataset(cfg, split)
     wanted, files = _identity(source, split, per_shard, resolution, index_dir, dataset)
+    if not overwrite:
+        done = _same_finished_set(out, wanted, source, index_dir)
+        if done is not None:
+            return done
     # Shards are written into OUT/.partial/ and moved into OUT together once the last one is closed:
     # an interrupted run leaves no shard-*.tar that wds:OUT would read as the whole (smaller) set.
     partial = out / PARTIAL_DIR
     lock = _lock(partial)
     try:
         if overwrite:
-            for path in [*out.glob("shard-*.tar"), out / CLASSES_FILE]:
+            for path in [*out.glob("shard-*.tar"), out / CLASSES_FILE, out / SET_RECORD]:
                 path.unlink(missing_ok=True)
         else:
-            _refuse_a_finished_set(out)  # again: a run that held the lock may have finished meanwhile
+            _refuse_a_finished_set(out, wanted)  # again: a run that held the lock may have finished meanwhile
             finished = _finished_record(partial)
             if finished is not None:  # every shard was written; the run stopped while moving them into OUT
                 print(f"{out}: moving the {len(finished['shards']):,} shards of an earlier run, which was stopped "
@@ -240,6 +247,8 @@ def _move_into(out: Path, partial: Path, entries: list[dict[str, Any]]) -> list[
         shards.append(target)
     if (partial / CLASSES_FILE).exists():
         os.replace(partial / CLASSES_FILE, out / CLASSES_FILE)
+    if (partial / PROGRESS_FILE).exists():  # kept beside the set: the same command again finds it finished
+        os.replace(partial / PROGRESS_FILE, out / SET_RECORD)
     _clear(partial)
     try:
         partial.rmdir()
@@ -259,13 +268,47 @@ def _report(out: Path, shards: list[Path], count: int, classes: list[str], unrea
     return ShardReport(pattern, shards, count, classes, unreadable)
 
 
-def _refuse_a_finished_set(out: Path) -> None:
+def _refuse_a_finished_set(out: Path, wanted: dict[str, Any] | None = None) -> None:
+    """Refuse an OUT that holds shards, unless they are an interrupted move's (finished by this run) or, before
+    the source is read (``wanted`` None), a finished set whose record ``_same_finished_set`` compares then."""
     if _finished_record(out / PARTIAL_DIR) is not None:  # a run stopped while moving its shards: finished below
         return
     existing = sorted(out.glob("shard-*.tar")) if out.is_dir() else []
-    if existing:
+    if existing and not (wanted is None and _set_record(out) is not None):
         raise ValueError(f"--out {out} already holds {len(existing)} shards ({existing[0].name}, ...): delete them, "
                          f"choose another folder, or pass --overwrite to write them again")
+
+
+def _set_record(out: Path) -> dict[str, Any] | None:
+    """The record a finished run left beside its shards in OUT; None when there is none or it cannot be read."""
+    try:
+        record = json.loads((out / SET_RECORD).read_text(encoding="utf-8"))
+        return record if isinstance(record, dict) and isinstance(record.get("shards"), list) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _same_finished_set(out: Path, wanted: dict[str, Any], source: str, index_dir: str) -> ShardReport | None:
+    """The report of the finished set in OUT when it is this very conversion, whole (the same command run
+    again: nothing to do); None when OUT holds no finished set; an error naming what differs otherwise."""
+    record = _set_record(out)
+    if record is None or _finished_record(out / PARTIAL_DIR) is not None or not any(out.glob("shard-*.tar")):
+        return None
+    entries = record["shards"]
+    diffs = _differences(record.get("identity") or {}, wanted, out, None)
+    whole = all((out / entry["name"]).is_file() and (out / entry["name"]).stat().st_size == entry["bytes"]
+                for entry in entries)
+    extra = sorted({p.name for p in out.glob("shard-*.tar")} - {entry["name"] for entry in entries})
+    if diffs or not whole or extra or not (out / CLASSES_FILE).is_file():
+        why = "; ".join(diffs) if diffs else "its shards are not those its record lists"
+        raise ValueError(f"--out {out} already holds {len(entries)} finished shards of another conversion ({why}): "
+                         f"delete them, choose another folder, or pass --overwrite to write them again")
+    count = sum(entry["samples"] for entry in entries)
+    print(f"{out}: already holds the {len(entries):,} finished shards of {source} ({count:,} images) with these "
+          f"options; nothing to do", file=sys.stderr)
+    classes = json.loads((out / CLASSES_FILE).read_text(encoding="utf-8"))["classes"]
+    return _report(out, [out / entry["name"] for entry in entries], count, classes, record.get("unreadable", []),
+                   index_dir)
 
 
 def _identity(source: str, split: str, per_shard: int, resolution: int, index_dir: str,
