@@ -57,6 +57,8 @@ def load_lpips(kind: str, device: torch.device) -> torch.nn.Module | None:
             torch.manual_seed(0)
             net = build_perceptual(cfg)
     except Exception as exc:  # offline machines cannot fetch the VGG weights: report, don't crash
+        if kind not in ("vgg", "random"):  # a file the user named: an error, as a missing one is
+            raise ValueError(f"--lpips {kind}: not usable as LPIPS weights ({type(exc).__name__}: {exc})") from None
         # the download's own error, not build_perceptual's advice (it names training's config keys)
         cause = exc.__cause__ if kind == "vgg" and exc.__cause__ is not None else exc
         warnings.warn(f"LPIPS unavailable ({type(cause).__name__}: {cause}); reporting lpips as null. "

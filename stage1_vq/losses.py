@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stage1_vq.discriminator import DISC_NORMS, PatchDiscriminator
+from vqgpt.ground.checkpoint import torch_load_reason
 from vqgpt.ground.config import ConfigError, changed_keys, opt
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
@@ -126,7 +127,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # a text file gave KeyError, random bytes SafetensorError: torch's own words
-        said = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        said = torch_load_reason(str(exc))  # (without its advice to load the file with weights_only=False)
         raise ConfigError(f"{key}: {path} cannot be read as weights ({type(exc).__name__}: {said[:200]}): give "
                           f"torchvision vgg16 weights or an LPIPS-VGG state dict (.pth or .safetensors)") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

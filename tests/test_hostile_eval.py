@@ -259,3 +259,117 @@ def test_one_value_metadata_may_be_a_one_element_array_and_is_named_when_not(tmp
     np.savez(path, mu=np.zeros(2), sigma=np.eye(2), resolution=np.float64(2.5))
     with pytest.raises(ValueError, match=r"s.npz: resolution should be an integer, got 2.5"):
         load_stats(path)
+
+
+# ----------------------------------------------------------------------------------------- damaged or foreign files
+
+
+def test_a_damaged_byte_in_arr_0_is_one_error_naming_the_file(pipe_dir, tmp_path, good, capsys):
+    """zipfile checks a member's CRC at its end: a reference batch with one flipped byte ended in a
+    BadZipFile traceback (exit 1) after every reference image was scored."""
+    path = tmp_path / "ref.npz"
+    np.savez(path, arr_0=good["arr_0"])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    code = main(["eval-prior", "--pipeline", str(pipe_dir), "--reference", str(path), "--num", "4",
+                 "--batch-size", "4", "--fid-weights", "random", "--device", "cpu", "--json"])
+    err = capsys.readouterr().err
+    assert code == 2 and "ref.npz: arr_0 is damaged (BadZipFile" in err and "Traceback" not in err
+    np.savez(path, arr_0=np.zeros((8, 0, 0, 3), np.uint8))  # images of no pixels: a conv error before
+    with pytest.raises(ValueError, match=r"arr_0 must be uint8 images \(N, H, W, 3\) .*\(8, 0, 0, 3\)"):
+        _eval(pipe_dir, path)
+
+
+def test_statistics_that_cannot_be_used_are_refused_before_sampling(pipe_dir, tmp_path, good, no_sampling):
+    """features of the wrong shape failed after all the sampling (the FID thrown away); a negated
+    covariance gave FID -71, reported as a perfect 0.0."""
+    d = good["mu"].shape[0]
+    for shape in ((10, 5), (d,), (10, d, 1)):
+        np.savez(tmp_path / "s.npz", mu=good["mu"], sigma=good["sigma"], features=np.ones(shape, np.float32))
+        with pytest.raises(ValueError, match=rf"s\.npz: features must be rows of the {d}-d features .*got shape"):
+            _eval(pipe_dir, tmp_path / "s.npz")
+    for sigma in (-good["sigma"], good["sigma"] + np.triu(np.ones((d, d)), 1)):
+        np.savez(tmp_path / "s.npz", mu=good["mu"], sigma=sigma)
+        with pytest.raises(ValueError, match=r"s\.npz: sigma is no covariance matrix"):
+            _eval(pipe_dir, tmp_path / "s.npz")
+
+
+def test_a_clearly_negative_frechet_distance_is_an_error_and_round_off_is_zero():
+    a = FeatureStats(np.zeros(3), np.eye(3), 10, "x")
+    assert frechet_distance(a, a) == 0.0
+    negated = FeatureStats(np.zeros(3), -10 * np.eye(3), 10, "x")  # (built in memory: not checked on loading)
+    with pytest.raises(ValueError, match=r"FID came out -?\d.* < 0 .*not positive semi-definite"):
+        frechet_distance(a, negated)
+
+
+def test_an_npz_no_vqgpt_run_wrote_is_never_replaced(pipe_dir, tmp_path, good, capsys):
+    """`sample --npz` and `fid-stats --out` replaced a reference batch given by a mistyped path."""
+    reference = tmp_path / "VIRTUAL_ref.npz"
+    np.savez(reference, arr_0=good["arr_0"])
+    before = reference.read_bytes()
+    assert main(["sample", "--pipeline", str(pipe_dir), "--num", "2", "--class-label", "a",
+                 "--npz", str(reference)]) == 2
+    assert "holds no record of a vqgpt sampling run" in capsys.readouterr().err
+    assert main(["fid-stats", "--images", "builtin:mnist", "--num", "8", "--resolution", "16",
+                 "--out", str(reference), "--fid-weights", "random"]) == 2
+    assert "is no statistics file of vqgpt fid-stats" in capsys.readouterr().err
+    assert reference.read_bytes() == before
+    # vqgpt's own files are replaced as before: a finished sampling npz, a statistics file
+    ours = tmp_path / "ours.npz"
+    assert main(["sample", "--pipeline", str(pipe_dir), "--num", "2", "--class-label", "a", "--npz", str(ours)]) == 0
+    assert main(["sample", "--pipeline", str(pipe_dir), "--num", "3", "--class-label", "a", "--npz", str(ours)]) == 0
+    with np.load(ours) as f:
+        assert f["arr_0"].shape[0] == 3
+    stats = tmp_path / "stats.npz"
+    for _ in range(2):
+        assert main(["fid-stats", "--images", "builtin:mnist", "--num", "8", "--resolution", "16",
+                     "--out", str(stats), "--fid-weights", "random"]) == 0
+
+
+def test_files_that_are_no_npz_or_weights_are_named_without_unsafe_advice(tmp_path, capsys):
+    """A PNG named .npz was 'pickled data: load it with allow_pickle'; a damaged .pth passed on torch's
+    'Re-running torch.load with weights_only set to False will likely succeed'."""
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "fake.png", format="PNG")
+    (tmp_path / "fake.png").rename(tmp_path / "fake.npz")
+    with pytest.raises(ValueError, match=r"fake\.npz: not an \.npz archive") as exc:
+        load_stats(tmp_path / "fake.npz")
+    assert "allow_pickle" not in str(exc.value)
+    (tmp_path / "folder.npz").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"folder\.npz is a folder"):
+        load_stats(tmp_path / "folder.npz")
+    (tmp_path / "broken.pth").write_bytes(b"not weights")
+    with pytest.raises(ValueError, match=r"broken\.pth: not a loadable PyTorch weights file") as exc:
+        FeatureExtractor.inception(tmp_path / "broken.pth")
+    assert "weights_only set to False" not in str(exc.value)
+    with pytest.raises(ValueError, match=r"random:99999999999999999999.*from 0 to 2\*\*63 - 1"):
+        evaluation.load_feature_extractor("random:99999999999999999999")
+
+
+def test_fid_weights_with_the_checked_keys_but_not_the_whole_network_are_one_error(tmp_path):
+    path = tmp_path / "incomplete.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3),
+                "Mixed_7c.branch_pool.conv.weight": torch.zeros(192, 2048, 1, 1),
+                "fc.weight": torch.zeros(1008, 2048)}, path)
+    with pytest.raises(ValueError, match=r"incomplete\.pth: not the whole FID Inception-v3 network"):
+        FeatureExtractor.inception(path)
+
+
+def test_a_damaged_lpips_file_is_an_error_not_a_null_figure(tmp_path):
+    from stage1_vq.evaluate import load_lpips
+
+    (tmp_path / "broken.pth").write_bytes(b"not weights")
+    with pytest.raises(ValueError, match=r"--lpips .*broken\.pth: not usable as LPIPS weights") as exc:
+        load_lpips(str(tmp_path / "broken.pth"), torch.device("cpu"))
+    assert "Unsupported operand" in str(exc.value) and "weights_only` set to `False" not in str(exc.value)
+
+
+def test_eval_tokenizer_out_keeps_the_whole_report_in_metrics_json(tmp_path):
+    """OUT/metrics.json was reconstruct's, written before rFID was computed: no rfid, no fid_features."""
+    tokenizer = tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    report = evaluation.eval_tokenizer(str(tokenizer), "builtin:mnist", fid_weights="random", lpips="none",
+                                       num_images=8, batch_size=4, out=tmp_path / "ev", device="cpu", progress=False)
+    assert report.rfid is not None
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == report.to_dict()

@@ -221,7 +221,8 @@ def test_an_interrupted_shard_run_leaves_no_shard_to_be_read_as_the_whole_set(tm
     monkeypatch.setattr(shard_writer, "_sample", original)
     report = shard_writer.write_shards(str(source), out, per_shard=2, progress=False)  # continues after the two closed shards
     assert report.count == 7 and [p.name for p in report.shards] == [f"shard-00000{i}.tar" for i in range(4)]
-    assert sorted(p.name for p in out.iterdir()) == ["classes.json", *(p.name for p in report.shards)]  # no .partial
+    # no .partial; the finished set's record beside it
+    assert sorted(p.name for p in out.iterdir()) == [".shards.json", "classes.json", *(p.name for p in report.shards)]
     assert len(build_dataset(DataConfig(source=f"wds:{out}", resolution=R, random_crop=False), "train")) == 7
 
 

@@ -603,7 +603,7 @@ def _state_safe_globals() -> list[Any]:
     return allowed
 
 
-def _torch_reason(message: str) -> str:
+def torch_load_reason(message: str) -> str:
     """The specific line of torch's weights_only refusal, without its generic advice."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     specific = [line for line in lines if re.search(r"GLOBAL|Unsupported|unrecognized|Can only", line)]
@@ -626,7 +626,7 @@ def _check_pickle(path: Path, data: bytes | None = None) -> None:
         with torch.serialization.safe_globals(_state_safe_globals()):
             torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # refused globals, damaged zips and truncated pickles fail in many ways
-        raise _refuse(path, f"not a safe PyTorch state file ({_torch_reason(str(exc))})") from None
+        raise _refuse(path, f"not a safe PyTorch state file ({torch_load_reason(str(exc))})") from None
 
 
 # What torch.distributed.checkpoint (FSDP's sharded state) pickles into its `.metadata` file.

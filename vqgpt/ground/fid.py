@@ -31,6 +31,7 @@ import math
 import numbers
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vqgpt.ground.checkpoint import check_file_place
+from vqgpt.ground.checkpoint import check_file_place, torch_load_reason
 from vqgpt.ground.files import replace_when_whole
 
 INCEPTION_NAME = "inception-v3-fid-2015-12-05"
@@ -167,6 +168,12 @@ class FeatureExtractor(nn.Module):
         try:
             network = FeatureExtractorInceptionV3(INCEPTION_NAME, ["2048"], feature_extractor_weights_path=
                                                   None if weights_path is None else str(weights_path))
+        except RuntimeError as exc:  # load_state_dict: a file with the checked keys but not the whole network
+            if weights_path is None:
+                raise
+            reason = torch_load_reason(str(exc))[:300]
+            raise ValueError(f"{weights_path}: not the whole FID Inception-v3 network ({reason}); expected "
+                             f"{' or '.join(INCEPTION_FILES)}") from None
         except OSError as exc:  # URLError is an OSError: no internet
             raise FeatureNetworkUnavailable(
                 f"could not download the FID Inception-v3 weights ({exc}). Offline, pass a local copy of "
@@ -194,8 +201,9 @@ def _check_inception_weights(path: Path) -> None:
         raise FileNotFoundError(f"FID weights file not found: {path} (expected {' or '.join(INCEPTION_FILES)})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a loadable PyTorch weights file ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # (torch's advice to load it with weights_only=False is not given on: code could run)
+        raise ValueError(f"{path}: not a loadable PyTorch weights file ({type(exc).__name__}: "
+                         f"{torch_load_reason(str(exc))})") from None
     needed = ("Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.conv.weight", "fc.weight")
     missing = [k for k in needed if not isinstance(state, dict) or k not in state]
     if missing:
@@ -211,8 +219,9 @@ def load_feature_extractor(spec: str | None = None, device: str | torch.device =
         extractor = FeatureExtractor.inception()
     elif spec == "random" or spec.startswith("random:"):
         seed_text = spec.partition(":")[2] or "0"
-        if not seed_text.isdigit():
-            raise ValueError(f"--fid-weights {spec!r}: expected 'random' or 'random:SEED' with an integer seed")
+        if not seed_text.isdigit() or int(seed_text) >= 2**63:
+            raise ValueError(f"--fid-weights {spec!r}: expected 'random' or 'random:SEED' with an integer seed "
+                             "from 0 to 2**63 - 1")
         extractor = FeatureExtractor.random(int(seed_text))
     else:
         extractor = FeatureExtractor.inception(spec)
@@ -247,7 +256,7 @@ def npz_image_batches(path: str | Path, batch_size: int) -> tuple[int, Iterator[
     except (KeyError, ValueError) as exc:
         archive.close()
         raise ValueError(f"{path}: arr_0 is not a readable array ({exc})") from exc
-    if dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[3] != 3:
+    if dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[3] != 3 or min(shape[1:3]) < 1:
         archive.close()
         raise ValueError(f"{path}: arr_0 must be uint8 images (N, H, W, 3) as the ADM evaluator reads them, got "
                          f"{dtype} {shape}{' in Fortran order' if fortran_order else ''}")
@@ -257,7 +266,11 @@ def npz_image_batches(path: str | Path, batch_size: int) -> tuple[int, Iterator[
         with archive, member:
             for start in range(0, num, batch_size):
                 count = min(batch_size, num - start)
-                data = member.read(count * image_bytes)
+                try:  # (zipfile checks a member's CRC at its end: a damaged byte shows only there)
+                    data = member.read(count * image_bytes)
+                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                    raise ValueError(f"{path}: arr_0 is damaged ({type(exc).__name__}: {exc}): copy the file "
+                                     "again") from None
                 if len(data) != count * image_bytes:
                     raise ValueError(f"{path}: arr_0 ends after {start + len(data) // image_bytes} of {num} images")
                 array = np.frombuffer(data, np.uint8).reshape(count, *shape[1:])
@@ -525,7 +538,19 @@ def check_stats_path(path: str | Path) -> Path:
     if path.suffix != ".npz":
         raise ValueError(f"reference statistics must be saved as .npz, got {path}")
     check_file_place(path)
+    if path.is_file() and not _our_stats_file(path):  # one mistyped path replaced a reference batch
+        raise ValueError(f"{path} already exists and is no statistics file of vqgpt fid-stats (a reference batch, "
+                         "say): it is not replaced; choose another path, or move or delete it")
     return path
+
+
+def _our_stats_file(path: Path) -> bool:
+    """Whether ``path`` is an .npz that ``save_stats`` wrote (mu, sigma and feature_network, no images)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {"mu", "sigma", "feature_network"} <= set(data.files) and "arr_0" not in data.files
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return False
 
 
 def save_stats(stats: FeatureStats, path: str | Path) -> Path:
@@ -558,8 +583,15 @@ class StoredGaussians(NamedTuple):
 
 def _open_npz(path: str | Path) -> tuple[Path, np.lib.npyio.NpzFile]:
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give the .npz file of reference statistics or images")
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics file not found: {path}")
+    if not zipfile.is_zipfile(path):  # (np.load reads anything else as a pickle, and advises allow_pickle)
+        with open(path, "rb") as f:
+            npy = f.read(6) == b"\x93NUMPY"
+        if not npy:
+            raise ValueError(f"{path}: not an .npz archive (numpy's zip of arrays, as np.savez writes it)")
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:
@@ -636,6 +668,11 @@ def _gaussian_pair(data: np.lib.npyio.NpzFile, path: Path, mean_key: str,
     if mean.ndim != 1 or cov.shape != (mean.shape[0], mean.shape[0]):
         raise ValueError(f"{path}: {mean_key} has shape {mean.shape} and {cov_key} {cov.shape}; expected (D,) and "
                          "(D, D)")
+    # a covariance is symmetric with variances >= 0 (a negated one gave a negative FID, reported as 0)
+    scale = float(np.abs(cov).max()) if cov.size else 0.0
+    if cov.size and (not np.allclose(cov, cov.T, rtol=0, atol=1e-6 * scale) or np.diag(cov).min() < -1e-9 * scale):
+        raise ValueError(f"{path}: {cov_key} is no covariance matrix (it must be symmetric, with variances >= 0 on "
+                         "its diagonal)")
     return mean, cov
 
 
@@ -658,6 +695,9 @@ def load_stats(path: str | Path) -> FeatureStats:
         features = None
         if "features" in data.files:  # only precision/recall read them: FID is whole without
             features = _real_array(data, path, "features")
+            if features.ndim != 2 or features.shape[1] != mu.shape[0]:  # (before sampling, not after it)
+                raise ValueError(f"{path}: features must be rows of the {mu.shape[0]}-d features that mu and sigma "
+                                 f"summarise, (N, {mu.shape[0]}); got shape {features.shape}")
             if np.isfinite(features).all():
                 features = np.asarray(features, np.float32)
             else:
@@ -709,7 +749,14 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, name: str = "FID") -> flo
     if not math.isfinite(distance):
         raise ValueError(f"{name} came out {distance} from finite statistics ({a.source or 'first set'} vs "
                          f"{b.source or 'second set'}): the covariances are numerically unusable")
-    return max(0.0, distance)  # tiny negatives are round-off of an exact 0
+    # round-off makes an exact 0 a tiny negative; a clearly negative one is no distance (a covariance that is
+    # not positive semi-definite), which max(0, .) reported as a perfect 0
+    tolerance = 1e-4 * max(1.0, float(np.trace(a.sigma) + np.trace(b.sigma)))
+    if distance < -tolerance:
+        raise ValueError(f"{name} came out {distance:.4g} < 0 ({a.source or 'first set'} vs "
+                         f"{b.source or 'second set'}): a covariance is not positive semi-definite; recompute the "
+                         "statistics")
+    return max(0.0, distance)
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> InceptionScore:

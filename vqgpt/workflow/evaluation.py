@@ -20,6 +20,7 @@ reference in the ADM evaluator's layout (``arr_0`` images, ``mu`` / ``sigma``, `
 
 from __future__ import annotations
 
+import json
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -34,6 +35,7 @@ from stage2_prior.draw import SamplingConfig, check_sampling_args
 from vqgpt.workflow.classifier import MNIST_SOURCE, NUM_DIGITS, load_or_train_mnist_classifier, predict
 from vqgpt.ground.checkpoint import usable_device
 from vqgpt.ground.data import DataConfig, build_dataset, check_source_package, readable_batches
+from vqgpt.ground.files import write_text_whole
 from vqgpt.training.config import launched_process_state
 from vqgpt.training.shares import (ONE_PROCESS, gather_in_order, on_main_process, process_device, readable_rounds,
                                   rounds_total, said_once)
@@ -206,7 +208,10 @@ def eval_tokenizer(tokenizer_dir: str | Path, images: str, fid_weights: str | No
     if set(metrics) != set(TOKENIZER_KEYS):  # reconstruct() changed its keys: keep the JSON schema honest
         extra, missing = sorted(set(metrics) - set(TOKENIZER_KEYS)), sorted(set(TOKENIZER_KEYS) - set(metrics))
         raise RuntimeError(f"reconstruct() metrics do not match TOKENIZER_KEYS: extra {extra}, missing {missing}")
-    return TokenizerReport(**{k: metrics[k] for k in TOKENIZER_KEYS})
+    report = TokenizerReport(**{k: metrics[k] for k in TOKENIZER_KEYS})
+    if out is not None and state.is_main_process:  # reconstruct wrote OUT/metrics.json before rFID was known
+        write_text_whole(Path(out) / "metrics.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
 
 
 def _rfid(real: FeatureAccumulator, fake: FeatureAccumulator, network: str) -> float | None:

@@ -204,8 +204,13 @@ def _check_settings(folder: Path, settings: dict, pngs: set[str], scratch_of: Pa
 
 
 def check_npz_path(npz: Path) -> None:
-    """Refuse, before any sampling, an ``npz`` that cannot be written (its missing folders are made later)."""
+    """Refuse, before any sampling, an ``npz`` that cannot be written (its missing folders are made later), or
+    one that a sampling run did not write (a reference batch: one mistyped path replaced it)."""
     check_file_place(npz, "--npz ")
+    if npz.is_file() and npz_settings(npz) is None:
+        raise ValueError(f"--npz {npz} already exists and holds no record of a vqgpt sampling run (an ADM "
+                         "reference batch, say, or an npz of an earlier vqgpt): it is not replaced; choose another "
+                         "--npz, or move or delete it")
 
 
 def _write_png(array: np.ndarray, path: Path) -> None:
