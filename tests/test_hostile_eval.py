@@ -373,3 +373,10 @@ def test_eval_tokenizer_out_keeps_the_whole_report_in_metrics_json(tmp_path):
                                        num_images=8, batch_size=4, out=tmp_path / "ev", device="cpu", progress=False)
     assert report.rfid is not None
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == report.to_dict()
+
+
+def test_a_reference_batch_of_another_shape_is_warned(pipe_dir, tmp_path, good):
+    images = np.concatenate([good["arr_0"], good["arr_0"][:, :, :8]], axis=2)  # wider than tall
+    np.savez(tmp_path / "wide.npz", arr_0=images)
+    with pytest.warns(UserWarning, match=rf"the reference images are {images.shape[1]}x{images.shape[2]} pixels"):
+        _eval(pipe_dir, tmp_path / "wide.npz")

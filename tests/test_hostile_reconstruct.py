@@ -293,3 +293,15 @@ def test_reconstruct_command_says_it_wrote_sources_json_and_names_one_image_file
     assert code == 0
     assert f"{tmp_path / 'one'}/grid.png, images/, sources.json" in capsys.readouterr().out
     assert _sources(tmp_path / "one") == {"names": ["scan.data"], "unreadable": []}
+
+
+def test_a_resolution_over_pils_pixel_limit_is_refused_before_any_work(tokenizer_dir, tmp_path, capsys):
+    """`reconstruct --resolution 100000` grew to ~24 GB and was killed for memory, with no word."""
+    for argv in (["reconstruct", "--tokenizer", str(tokenizer_dir), "--images", "builtin:mnist", "--resolution",
+                  "100000", "--out", str(tmp_path / "out")],
+                 ["fid-stats", "--images", "builtin:mnist", "--resolution", "100000", "--out",
+                  str(tmp_path / "s.npz"), "--fid-weights", "random"]):
+        assert main(argv) == 2
+        assert "resolution 100000 gives 10,000,000,000-pixel images, more than PIL.Image.MAX_IMAGE_PIXELS" in \
+            capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

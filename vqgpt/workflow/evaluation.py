@@ -547,6 +547,9 @@ def _image_batch_stats(extractor: FeatureExtractor, path: str, resolution: int, 
         pass
     size = sizes[-1] if sizes else None
     image_size = int(size[0]) if size is not None and size[0] == size[1] else 0
+    if size is not None and not image_size:  # (a square one of another size is said by the caller)
+        warnings.warn(f"{path}: the reference images are {size[0]}x{size[1]} pixels, the samples {resolution}x"
+                      f"{resolution}: the FID then also measures the difference in shape", stacklevel=3)
     if summed.count >= 2:
         ref = summed.stats(extractor.name, source=path, resolution=image_size)
     else:  # the file's mu/sigma (checked above) with no images to speak of: how many they summed is unknown
