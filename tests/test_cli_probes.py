@@ -357,12 +357,12 @@ def test_one_process_commands_refuse_a_launch_before_any_work(tmp_path, monkeypa
                 ["index", str(tmp_path / "images")],
                 ["import", "llamagen-vq", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "tok")],
                 ["app", "--pipeline", str(tmp_path / "missing")]]
+    work = {"shard": "writes the shards", "index": "builds the index", "import": "converts a checkpoint",
+            "app": "serves the page"}
     monkeypatch.setenv("WORLD_SIZE", "2")
     for argv in commands:
         assert main(argv) == 2, argv
-        assert capsys.readouterr().err.strip() == (f"error: vqgpt {argv[0]} "
-                                                   + {"shard": "writes the shards", "index": "builds the index",
-                                                      "import": "converts a checkpoint", "app": "serves the page"}[argv[0]]
-                                                   + " in one process: run it without accelerate launch")
+        assert capsys.readouterr().err.strip() == (f"error: vqgpt {argv[0]} {work[argv[0]]} in one process: run it "
+                                                   "without accelerate launch")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["a"]  # no index written beside it

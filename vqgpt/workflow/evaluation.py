@@ -425,7 +425,8 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
             num_reference=ref.num_images or None, resolution=height, cfg_scale=sampling.cfg_scale,
             cfg_schedule=sampling.cfg_schedule, temperature=sampling.temperature, top_k=sampling.top_k,
             top_p=sampling.top_p, seed=seed, prior_dtype=sample_many.decoding_dtype(pipe.prior),
-            compile=pipe.compile_decode, fid=fid, sfid=sfid, inception_score=inception.mean, inception_score_std=inception.std,
+            compile=pipe.compile_decode, fid=fid, sfid=sfid, inception_score=inception.mean,
+            inception_score_std=inception.std,
             precision=pr.precision if pr else None, recall=pr.recall if pr else None,
             class_accuracy=hits / num_samples if classifier is not None else None,
             classifier_heldout_accuracy=heldout, fid_features=extractor.name)
