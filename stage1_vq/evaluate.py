@@ -209,8 +209,9 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
                 resolution: int | None = None, batch_size: int = 32, lpips: str = "vgg",
                 save_images: bool = True, device: str | None = None, progress: bool = True,
                 on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-                rows: BatchRows | None = None, state: Any = None) -> dict:
+                rows: BatchRows | None = None, state: Any = None, data_options: dict[str, Any] | None = None) -> dict:
     """Reconstruct the evaluation images of ``images``; write PNGs + grid + metrics.json; return the metrics.
+    ``data_options``: further DataConfig fields of the source (an hf: source's hf_image_column, ...).
 
     ``num_images``: the first that many readable images (an undecodable file is left out and not
     counted). The reconstructions of an earlier run into ``out`` (those it recorded in out/.reconstruct.json)
@@ -239,7 +240,8 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
     model = VQModel.from_pretrained(tokenizer_dir).to(device).eval()
     resolution = resolution or model.config.resolution
     grid_shape = model.grid_shape(resolution, resolution)  # a size it cannot encode: refused before --out is touched
-    dataset = build_dataset(DataConfig(source=images, resolution=resolution, random_crop=False, hflip=False), "eval")
+    dataset = build_dataset(DataConfig(source=images, resolution=resolution, random_crop=False, hflip=False,
+                                       **(data_options or {})), "eval")
     # --num counts readable images; ``used``/``left_out``: which dataset item each image is, and the items skipped
     used: list[int] = []
     left_out: list[int] = []

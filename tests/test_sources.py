@@ -340,33 +340,92 @@ def hf_folder(tmp_path):
 
 
 def test_hf_folder_with_image_and_classlabel_columns(hf_folder):
-    ds = build_dataset(wds(f"hf:{hf_folder}"))
+    with pytest.warns(UserWarning, match=r"has 2 image columns \(photo, mask\): reading 'photo', the first; set "
+                                         r"data.hf_image_column \(--hf-image-column\) to read another"):
+        ds = build_dataset(wds(f"hf:{hf_folder}"))
     assert ds.image_column == "photo" and ds.label_column == "kind"
     assert ds.classes == ["bird", "cat", "dog"] and ds.labels.tolist() == [0, 1, 2, 0, 1, 2]
     assert [ident(ds[i][0]) for i in range(6)] == list(range(6)) and [ds[i][1] for i in range(6)] == ds.labels.tolist()
-    held_out = build_dataset(wds(f"hf:{hf_folder}"), "eval")
+    held_out = build_dataset(wds(f"hf:{hf_folder}", hf_image_column="photo"), "eval")  # (chosen: no warning)
     assert held_out.split_name == "validation" and [ident(held_out[i][0]) for i in range(2)] == [10, 11]
     identity = source_identity(f"hf:{hf_folder}")
     assert identity["kind"] == "hf" and "train/state.json" in [f[0] for f in identity["files"]]
 
 
+@pytest.mark.filterwarnings("ignore:.*has 2 image columns")
 def test_hf_column_overrides_and_errors(hf_folder):
     ds = build_dataset(wds(f"hf:{hf_folder}", hf_image_column="mask", hf_label_column="species"))
     assert [ident(ds[i][0]) for i in range(3)] == [20, 21, 22]
     assert ds.classes == ["lynx", "pug", "wren"] and ds.labels.tolist() == [2, 0, 1, 2, 0, 1]
     assert build_dataset(wds(f"hf:{hf_folder}", hf_label_column="none")).classes == ["default"]
-    with pytest.raises(ValueError, match=r"data.hf_image_column='picture': .* has no such column .*photo, mask"):
+    with pytest.raises(ValueError, match=r"data.hf_image_column='picture' \(--hf-image-column\): .* has no such "
+                                         r"column .*photo, mask"):
         build_dataset(wds(f"hf:{hf_folder}", hf_image_column="picture"))
-    with pytest.raises(ValueError, match=r"data.hf_label_column='breed': .* no such column"):
+    with pytest.raises(ValueError, match=r"data.hf_label_column='breed' \(--hf-label-column\): .* no such column"):
         build_dataset(wds(f"hf:{hf_folder}", hf_label_column="breed"))
     with pytest.raises(ValueError, match=r"the column 'species' .* not images"):
         build_dataset(wds(f"hf:{hf_folder}", hf_image_column="species"))
-    with pytest.raises(ValueError, match=r"data.hf_split='test': .* \(its splits: train, validation\)"):
+    with pytest.raises(ValueError, match=r"data.hf_split='test' \(--hf-split\): .* \(its splits: train, validation\)"):
         build_dataset(wds(f"hf:{hf_folder}", hf_split="test"))
     with pytest.raises(FileNotFoundError, match="no dataset folder"):
         build_dataset(wds(f"hf:{hf_folder}-missing"))
     with pytest.raises(FileNotFoundError, match="hub dataset 'nobody/nothing' could not be loaded"):
         build_dataset(wds("hf:nobody/nothing"))  # HF_HUB_OFFLINE=1: nothing is downloaded
+
+
+def test_commands_without_a_config_take_the_hf_options_as_flags(hf_folder, tmp_path, capsys):
+    """encode, reconstruct, eval-tokenizer, eval-bpd, fid-stats and shard read an hf: source with its default
+    columns only: encode silently read the first image column (a mask) of a tokenizer trained on the photos,
+    and a dataset whose split is not named train could not be read, while the error said to set
+    data.hf_split, which none of them takes."""
+    from stage1_vq import QuantizerConfig, VQModel, VQModelConfig
+    from vqgpt.cli.commands import main
+    from vqgpt.ground.tokens import TokenDataset
+
+    torch.manual_seed(0)
+    tokenizer = VQModel(VQModelConfig(channels=8, channel_mult=[1, 1], num_res_blocks=1, attn_resolutions=[],
+                                      resolution=16, z_channels=4, norm_groups=4,
+                                      quantizer=QuantizerConfig(codebook_size=16))).eval()
+    tok = tokenizer.save_pretrained(tmp_path / "tok")
+    source = f"hf:{hf_folder}"
+    codes = {}
+    for column in ("photo", "mask"):
+        out = tmp_path / f"codes-{column}"
+        assert main(["encode", "--tokenizer", str(tok), "--data", source, "--out", str(out), "--hf-image-column",
+                     column, "--hf-label-column", "species"]) == 0
+        codes[column] = TokenDataset(out).load_all()
+        assert json.loads((out / "meta.json").read_text())["classes"] == ["lynx", "pug", "wren"]
+    assert not torch.equal(codes["photo"][0], codes["mask"][0])  # (the mask images are other colours)
+    # another column into the same folder is another encode: refused, naming the flag
+    capsys.readouterr()
+    assert main(["encode", "--tokenizer", str(tok), "--data", source, "--out", str(tmp_path / "codes-photo"),
+                 "--hf-image-column", "mask", "--hf-label-column", "species"]) == 2
+    assert "--hf-image-column is 'photo' there but 'mask' now" in capsys.readouterr().err
+    # the split and label flags reach reconstruct / shard, and their errors name the flag
+    assert main(["reconstruct", "--tokenizer", str(tok), "--images", source, "--out", str(tmp_path / "rec"),
+                 "--lpips", "none", "--hf-split", "training", "--hf-image-column", "photo"]) == 2
+    assert "data.hf_split='training' (--hf-split):" in capsys.readouterr().err
+    assert main(["shard", source, str(tmp_path / "shards"), "--per-shard", "4", "--hf-image-column", "mask",
+                 "--hf-label-column", "none"]) == 0
+    shards = build_dataset(wds(f"wds:{tmp_path / 'shards'}"))
+    assert shards.classes == ["default"] and [ident(shards[i][0]) for i in range(6)] == [20 + i for i in range(6)]
+
+
+def test_an_hf_label_of_minus_one_says_how_to_read_without_classes_and_cls_is_a_label_column(tmp_path):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
+    datasets.Dataset.from_dict({"image": [flat(1), flat(2)], "label": [-1, -1]},
+                               features=features).save_to_disk(str(tmp_path / "unlabelled"))
+    with pytest.raises(ValueError, match=r"negative class -1 .*; to read .* without classes set "
+                                         r"data.hf_label_column \(--hf-label-column\) to 'none'"):
+        build_dataset(wds(f"hf:{tmp_path / 'unlabelled'}"))
+    assert build_dataset(wds(f"hf:{tmp_path / 'unlabelled'}", hf_label_column="none")).classes == ["default"]
+    features = datasets.Features({"jpg": datasets.Image(), "cls": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"jpg": [flat(1), flat(2), flat(3)], "cls": [0, 2, 1]},
+                               features=features).save_to_disk(str(tmp_path / "wds-style"))
+    ds = build_dataset(wds(f"hf:{tmp_path / 'wds-style'}"))  # it was read as one class, without a word
+    assert ds.label_column == "cls" and ds.labels.tolist() == [0, 2, 1]
 
 
 def test_hf_unreadable_row_is_skipped_and_named(tmp_path):

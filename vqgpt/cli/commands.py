@@ -108,6 +108,23 @@ def _launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _add_hf_flags(p: argparse.ArgumentParser) -> None:
+    """The data.hf_* options of an hf: image source, for the commands that read one but take no config."""
+    g = p.add_argument_group("hf: sources (a Hugging Face dataset)")
+    g.add_argument("--hf-image-column", default="", help="the image column (data.hf_image_column; default: the first "
+                   "column of Image type, else one named image or img)")
+    g.add_argument("--hf-label-column", default="", help="the class column (data.hf_label_column; default: the first "
+                   "ClassLabel column, else one named label, labels or cls, else one class; none: one class)")
+    g.add_argument("--hf-split", default="train", help="the train split (data.hf_split; the eval split is "
+                   "validation, else test, else this one)")
+
+
+def _hf_options(args: argparse.Namespace) -> dict[str, str]:
+    """The DataConfig fields that ``_add_hf_flags`` set."""
+    return {"hf_image_column": args.hf_image_column, "hf_label_column": args.hf_label_column,
+            "hf_split": args.hf_split}
+
+
 def _refuse_launch(command: str, work: str) -> None:
     """A command that runs in one process, under ``accelerate launch`` with several: one clear error before
     any work, not a lock or port that every process but one fails to take part-way."""
@@ -230,7 +247,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     state = launched_process_state("each would reconstruct every image")
     with _image_source(args.images, "--images") as source:
         metrics = reconstruct(args.tokenizer, source, args.out, num_images=args.num, resolution=args.resolution,
-                              batch_size=args.batch_size, lpips=args.lpips, progress=not args.json, state=state)
+                              batch_size=args.batch_size, lpips=args.lpips, progress=not args.json, state=state,
+                              data_options=_hf_options(args))
     if not _first_process():  # every process holds the metrics; the first wrote the summary and says so
         return 0
     if source != args.images:  # one image file: the user's path
@@ -268,7 +286,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     # (the folder checked first: a missing one is said to be missing, not to lack config.json)
     resolution = args.resolution or read_export_config(resolve_model_dir(args.tokenizer), EXPORT_KIND,
                                                        VQModelConfig).resolution
-    data = DataConfig(source=args.data, resolution=resolution, num_workers=args.num_workers)
+    data = DataConfig(source=args.data, resolution=resolution, num_workers=args.num_workers, **_hf_options(args))
     try:
         out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, split=args.split,
                              overwrite=args.overwrite, augment="flip" if args.flip else args.augment,
@@ -645,7 +663,7 @@ def cmd_eval_tokenizer(args: argparse.Namespace) -> int:
     state = launched_process_state("each would reconstruct and score every image")
     report = eval_tokenizer(args.tokenizer, args.images, fid_weights=args.fid_weights, lpips=args.lpips,
                             num_images=args.num, batch_size=args.batch_size, out=args.out, device=args.device,
-                            progress=not args.json, state=state)
+                            progress=not args.json, state=state, data_options=_hf_options(args))
     _print_report(report, args)
     return 0
 
@@ -667,7 +685,8 @@ def cmd_eval_bpd(args: argparse.Namespace) -> int:
 
     state = launched_process_state("each would score every image")  # the processes split the images
     report = eval_bits_per_dim(args.pipeline, args.images, split=args.split, num_images=args.num,
-                               batch_size=args.batch_size, device=args.device, progress=not args.json, state=state)
+                               batch_size=args.batch_size, device=args.device, progress=not args.json, state=state,
+                               data_options=_hf_options(args))
     _print_report(report, args)
     return 0
 
@@ -678,7 +697,8 @@ def cmd_fid_stats(args: argparse.Namespace) -> int:
 
     report = fid_stats(args.images, args.out, fid_weights=args.fid_weights, resolution=args.resolution,
                        split=args.split, num_images=args.num, batch_size=args.batch_size, device=args.device,
-                       state=launched_process_state("each would extract the features of every image"))
+                       state=launched_process_state("each would extract the features of every image"),
+                       data_options=_hf_options(args))
     _print_report(report, args)
     return 0
 
@@ -732,7 +752,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
     from vqgpt.ground.shard_writer import write_shards
 
     report = write_shards(args.source, args.out, args.per_shard, split=args.split, resolution=args.resolution,
-                          index_dir=args.index_dir, overwrite=args.overwrite)
+                          index_dir=args.index_dir, overwrite=args.overwrite, data_options=_hf_options(args))
     if report.unreadable:
         print(f"left out {len(report.unreadable)} items that are no image: {', '.join(report.unreadable[:5])}"
               f"{' ...' if len(report.unreadable) > 5 else ''}", file=sys.stderr)
@@ -778,7 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the metrics as one JSON object on stdout (everything else goes to stderr)")
     p.set_defaults(func=cmd_reconstruct)
-
+    _add_hf_flags(p)
     p = sub.add_parser("encode", help="encode a dataset into token shards for stage 2")
     p.add_argument("--tokenizer", required=True, help="tokenizer export folder, or a Hub id owner/name")
     p.add_argument("--data", required=True, help="image folder, wds:SHARDS, hf:DATASET or builtin:mnist|photos|textures")
@@ -803,7 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "continues an unfinished encode of the same images, tokenizer and options, on as many "
                         "processes as it was started with, and refuses any other)")
     p.set_defaults(func=cmd_encode)
-
+    _add_hf_flags(p)
     p = sub.add_parser("train-prior", help="stage 2: train a GPT prior on token shards; RUN/export/ is the prior")
     _add_config_args(p)
     p.add_argument("--tokens", required=True, help="token shard folder from `vqgpt encode`")
@@ -845,7 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_torch_device, default=None, help=device_help)
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_eval_tokenizer)
-
+    _add_hf_flags(p)
     p = sub.add_parser("eval-prior", help="FID, sFID, IS, precision, recall of samples (+ class accuracy on MNIST); "
                                           "under accelerate launch every process samples")
     p.add_argument("--pipeline", required=True, help="pipeline folder (tokenizer/ + prior/) or a Hub id owner/name")
@@ -874,7 +894,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_torch_device, default=None, help=device_help)
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_eval_bpd)
-
+    _add_hf_flags(p)
     p = sub.add_parser("fid-stats", help="reference statistics (mu, sigma, features) of an image source, once")
     p.add_argument("--images", required=True, help="image folder, wds:SHARDS, hf:DATASET or builtin:mnist|photos|textures")
     p.add_argument("--out", required=True, help="output .npz")
@@ -887,7 +907,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per forward pass")
     p.add_argument("--device", type=_torch_device, default=None, help=device_help)
     p.set_defaults(func=cmd_fid_stats)
-
+    _add_hf_flags(p)
     p = sub.add_parser("index", help="build (or refresh) an image folder's file index ahead of training; "
                                      "prints the files per class")
     p.add_argument("source", metavar="SRC", help="image folder (class = sub-folder name)")
@@ -950,7 +970,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "from scratch (without it, a re-run continues an interrupted run of the same source and "
                         "options, and refuses any other)")
     p.set_defaults(func=cmd_shard)
-
+    _add_hf_flags(p)
     p = sub.add_parser("config-reference", help="print every config key with its type, default and meaning")
     p.set_defaults(func=cmd_config_reference)
 

@@ -45,7 +45,7 @@ class DataConfig:
     hf_image_column: str = opt("", "hf: source: the image column (empty: the first column of Image type, else one "
                                 "named image or img)")
     hf_label_column: str = opt("", "hf: source: the class column (empty: the first ClassLabel column, else one named "
-                                "label or labels, else one class; none: one class)")
+                                "label, labels or cls, else one class; none: one class)")
     hf_split: str = opt("train", "hf: source: the split to train on; the eval split is validation, else test, else "
                         "this one (center crops, no flip)")
 

@@ -6,8 +6,10 @@ is cached). A path that starts with ``/``, ``.`` or ``~`` is always a folder.
 
 Columns: ``data.hf_image_column`` (empty: the first column of ``Image`` type, else a column named
 ``image`` or ``img``; raw ``binary`` columns are read too) and ``data.hf_label_column`` (empty: the
-first ``ClassLabel`` column, else one named ``label`` or ``labels``, else one class; ``none``:
-one class). Class names come from the ``ClassLabel`` names; an integer column's values are their
+first ``ClassLabel`` column, else one named ``label``, ``labels`` or ``cls``, else one class; ``none``:
+one class). Commands that take no config (encode, reconstruct, eval-tokenizer, eval-bpd, fid-stats,
+shard) take them as ``--hf-image-column``, ``--hf-label-column`` and ``--hf-split``. Class names come from
+the ``ClassLabel`` names; an integer column's values are their
 own class index, a text column's values are numbered in sorted order.
 
 Splits: the train split is ``data.hf_split`` (default ``train``); the eval split is
@@ -23,6 +25,7 @@ so ranks, workers and resume behave exactly as for a folder.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +35,28 @@ from vqgpt.ground.dataset_base import DataConfig, EncodedImageDataset, _check_in
 
 PREFIX = "hf:"
 IMAGE_COLUMN_NAMES = ("image", "img")
-LABEL_COLUMN_NAMES = ("label", "labels")
+LABEL_COLUMN_NAMES = ("label", "labels", "cls")  # (cls: a webdataset-style dataset's class)
 EVAL_SPLITS = ("validation", "test")
 NO_LABELS = "none"
+
+
+# The data.hf_* options and their defaults; the CLI flag of each (commands that read an image source but take no
+# config: encode, reconstruct, eval-tokenizer, eval-bpd, fid-stats, shard).
+HF_OPTIONS = {"hf_image_column": "", "hf_label_column": "", "hf_split": "train"}
+
+
+def _named(key: str, *value: str) -> str:
+    """How a message names an hf option (and the ``value`` given): its config key and its flag."""
+    return f"data.{key}{''.join(f'={v!r}' for v in value)} (--{key.replace('_', '-')})"
+
+
+def hf_choices(cfg: DataConfig) -> dict[str, str]:
+    """The hf options of an hf: source that differ from their defaults (none for other sources): with the
+    source, they decide which images and classes it gives, so token and tar shards record them (a record
+    without them was made with the defaults)."""
+    if not cfg.source.startswith(PREFIX):
+        return {}
+    return {key: getattr(cfg, key) for key, default in HF_OPTIONS.items() if getattr(cfg, key) != default}
 
 
 def _target(source: str) -> tuple[str, Path | None]:
@@ -70,7 +92,8 @@ def _choose_split(source: str, loaded: Any, train_split: str, split: str) -> tup
         return loaded, "all"
     names = list(loaded.keys())
     if train_split not in names:
-        raise ValueError(f"data.hf_split={train_split!r}: {source} has no such split (its splits: {', '.join(names)})")
+        raise ValueError(f"{_named('hf_split', train_split)}: {source} has no such split (its splits: "
+                         f"{', '.join(names)})")
     chosen = train_split
     if split == "eval":
         chosen = next((name for name in EVAL_SPLITS if name in names), train_split)
@@ -83,18 +106,21 @@ def _image_column(ds: Any, wanted: str, where: str) -> str:
     features = ds.features
     if wanted:
         if wanted not in features:
-            raise ValueError(f"data.hf_image_column={wanted!r}: {where} has no such column (its columns: "
+            raise ValueError(f"{_named('hf_image_column', wanted)}: {where} has no such column (its columns: "
                              f"{', '.join(features)})")
         column = wanted
     else:
-        column = next((name for name, f in features.items() if isinstance(f, datasets.Image)), None) \
-            or next((name for name in IMAGE_COLUMN_NAMES if name in features), None)
+        typed = [name for name, f in features.items() if isinstance(f, datasets.Image)]
+        column = (typed[0] if typed else None) or next((name for name in IMAGE_COLUMN_NAMES if name in features), None)
+        if len(typed) > 1:  # (a mask column before the photos was read without a word)
+            warnings.warn(f"{where} has {len(typed)} image columns ({', '.join(typed)}): reading {column!r}, the "
+                          f"first; set {_named('hf_image_column')} to read another", stacklevel=2)
         if column is None:
             raise ValueError(f"{where} has no column of Image type and none named {' or '.join(IMAGE_COLUMN_NAMES)} "
-                             f"(its columns: {', '.join(features)}): set data.hf_image_column")
+                             f"(its columns: {', '.join(features)}): set {_named('hf_image_column')}")
     feature = features[column]
     if not (isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary")):
-        raise ValueError(f"data.hf_image_column: the column {column!r} of {where} holds {feature}, not images "
+        raise ValueError(f"{_named('hf_image_column')}: the column {column!r} of {where} holds {feature}, not images "
                          f"(an Image or binary column)")
     return column
 
@@ -107,19 +133,31 @@ def _label_column(ds: Any, wanted: str, where: str) -> str | None:
         return None
     if wanted:
         if wanted not in features:
-            raise ValueError(f"data.hf_label_column={wanted!r}: {where} has no such column (its columns: "
+            raise ValueError(f"{_named('hf_label_column', wanted)}: {where} has no such column (its columns: "
                              f"{', '.join(features)}; '{NO_LABELS}' for one class)")
         return wanted
-    return next((name for name, f in features.items() if isinstance(f, datasets.ClassLabel)), None) \
-        or next((name for name in LABEL_COLUMN_NAMES if name in features), None)
+    typed = [name for name, f in features.items() if isinstance(f, datasets.ClassLabel)]
+    if len(typed) > 1:
+        warnings.warn(f"{where} has {len(typed)} ClassLabel columns ({', '.join(typed)}): reading {typed[0]!r}, the "
+                      f"first; set {_named('hf_label_column')} to read another ('{NO_LABELS}': one class)",
+                      stacklevel=2)
+    return (typed[0] if typed else None) or next((name for name in LABEL_COLUMN_NAMES if name in features), None)
 
 
 def _labels(ds: Any, column: str | None, where: str) -> tuple[list[str], np.ndarray]:
     """Class names and one label per row from ``column`` (None: one class)."""
-    import datasets
-
     if column is None:
         return class_table([None] * len(ds), lambda i: f"{where}[{i}]")
+    try:
+        return _column_labels(ds, column, where)
+    except ValueError as exc:  # (a test split labelled -1, HF's "no label", had no way out)
+        raise ValueError(f"{exc}; to read {where} without classes set {_named('hf_label_column')} to "
+                         f"'{NO_LABELS}'") from None
+
+
+def _column_labels(ds: Any, column: str, where: str) -> tuple[list[str], np.ndarray]:
+    import datasets
+
     feature = ds.features[column]
     values = list(ds.select_columns([column])[column])
     if isinstance(feature, datasets.ClassLabel):
@@ -128,7 +166,7 @@ def _labels(ds: Any, column: str | None, where: str) -> tuple[list[str], np.ndar
         return (list(feature.names) + classes[len(feature.names):]), labels
     kind = getattr(feature, "dtype", "")
     if not (kind.startswith(("int", "uint")) or kind in ("string", "large_string")):
-        raise ValueError(f"data.hf_label_column: the column {column!r} of {where} holds {feature}, not classes "
+        raise ValueError(f"{_named('hf_label_column')}: the column {column!r} of {where} holds {feature}, not classes "
                          f"(a ClassLabel, integer or text column; '{NO_LABELS}' for one class)")
     return class_table(values, lambda i: f"{where}[{i}] column {column!r}")
 

@@ -30,6 +30,7 @@ from vqgpt.ground.data import (FolderImageDataset, build_dataset, describe_file_
                                source_identity)
 from vqgpt.ground.dataset_base import DataConfig, EncodedImageDataset, ImageDataset, Unreadable
 from vqgpt.ground.files import hold_lock, is_within, write_bytes_whole
+from vqgpt.ground.hf_source import HF_OPTIONS, hf_choices
 from vqgpt.ground.images import tensor_to_pil
 from vqgpt.ground.tar_shards import CLASSES_FILE, PREFIX, shard_index, shard_paths
 
@@ -97,7 +98,7 @@ def _check_apart(source: str, out: Path) -> None:
 
 def write_shards(source: str, out: str | Path, per_shard: int, split: str = "train",
                  resolution: int = DataConfig.resolution, index_dir: str = "", progress: bool = True,
-                 overwrite: bool = False) -> ShardReport:
+                 overwrite: bool = False, data_options: dict[str, Any] | None = None) -> ShardReport:
     """Write every item of ``source``'s ``split`` into ``OUT/shard-000000.tar``, ... (``per_shard``
     samples each): key = item index, the image under its format's extension (a folder's file, a
     dataset row's or a shard member's bytes unchanged; a built-in's images as PNG at ``resolution``,
@@ -118,12 +119,14 @@ def write_shards(source: str, out: str | Path, per_shard: int, split: str = "tra
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the shards")
     # deterministic items: center crops, no flip (a folder's or dataset's bytes are copied as stored anyway)
-    cfg = DataConfig(source=source, resolution=resolution, random_crop=False, hflip=False, index_dir=index_dir)
+    cfg = DataConfig(source=source, resolution=resolution, random_crop=False, hflip=False, index_dir=index_dir,
+                     **(data_options or {}))
     _check_apart(cfg.source, out)
     if not overwrite:
         _refuse_a_finished_set(out)
     dataset = build_dataset(cfg, split)
     wanted, files = _identity(source, split, per_shard, resolution, index_dir, dataset)
+    wanted.update(hf_choices(cfg))  # (which columns and split of an hf: source: other shards)
     if not overwrite:
         done = _same_finished_set(out, wanted, source, index_dir)
         if done is not None:
@@ -398,6 +401,10 @@ def _differences(stored: dict[str, Any], wanted: dict[str, Any], partial: Path,
                       ("resolution", "--resolution")):
         if stored.get(key) != wanted[key] and not (key == "resolution" and stored.get("source") != wanted["source"]):
             diffs.append(f"{name} is {stored.get(key)!r} there but {wanted[key]!r} now")
+    for key, default in HF_OPTIONS.items():  # (absent: the default)
+        if stored.get(key, default) != wanted.get(key, default):
+            diffs.append(f"--{key.replace('_', '-')} is {stored.get(key, default)!r} there but "
+                         f"{wanted.get(key, default)!r} now")
     if stored.get("source") == wanted["source"] and stored.get("source_identity") != wanted["source_identity"]:
         change = ""
         if files is not None and (partial / SOURCE_FILES).is_file():

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from stage1_vq.model import VQModel
 from vqgpt.ground.checkpoint import export_fingerprint
 from vqgpt.ground.data import DataConfig, build_dataset, collate_images, describe_file_changes, source_identity
+from vqgpt.ground.hf_source import HF_OPTIONS, hf_choices
 from vqgpt.ground.tokens import (DEFAULT_SHARD_SIZE, META_FILE, PROGRESS_PATTERN, SOURCE_FILE, TOKEN_FOLDER_PATTERNS,
                                  TokenShardError, TokenShardWriter, clear_token_folder, merge_parts, progress_file,
                                  read_meta, write_json)
@@ -105,6 +106,10 @@ def _identity_differences(out: Path, stored: dict[str, Any], wanted: dict[str, A
         if key in ("tokenizer_fingerprint", "source_identity") or stored.get(key) == wanted.get(key):
             continue
         diffs.append(f"{key} is {stored.get(key)!r} there but {wanted.get(key)!r} now")
+    for key, default in HF_OPTIONS.items():  # (absent: the default)
+        if stored.get(key, default) != wanted.get(key, default):
+            diffs.append(f"--{key.replace('_', '-')} is {stored.get(key, default)!r} there but "
+                         f"{wanted.get(key, default)!r} now")
     old, new = stored["source_identity"], wanted["source_identity"]
     if old != new and stored.get("source") == wanted["source"]:  # another source is reported above
         change = ""
@@ -268,6 +273,7 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
             **({"crop_range": crop_range} if augment == "ten-crop" else {}),
             "view_names": names,
             "source_identity": identity,
+            **hf_choices(data),  # (an hf: source's columns and split; none at their defaults, as before they were)
         }
 
         # Every process reads the folder and comes to the same decision before rank 0 changes anything.

@@ -161,7 +161,7 @@ def _device(device: str | torch.device | None) -> torch.device:
 def eval_tokenizer(tokenizer_dir: str | Path, images: str, fid_weights: str | None = None, lpips: str = "vgg",
                    num_images: int | None = None, resolution: int | None = None, batch_size: int = 32,
                    out: str | Path | None = None, device: str | None = None, progress: bool = True,
-                   state: Any = None) -> TokenizerReport:
+                   state: Any = None, data_options: dict[str, Any] | None = None) -> TokenizerReport:
     """PSNR / SSIM / LPIPS / rFID / codebook usage and perplexity over the eval split of ``images``.
 
     ``out``: also keep the reconstructions, grid and metrics.json there (else they are discarded).
@@ -198,7 +198,8 @@ def eval_tokenizer(tokenizer_dir: str | Path, images: str, fid_weights: str | No
     with tempfile.TemporaryDirectory(prefix="vqgpt-eval-") as scratch:
         metrics = reconstruct(tokenizer_dir, images, out if out is not None else scratch, num_images=num_images,
                               resolution=resolution, batch_size=batch_size, lpips=lpips, save_images=out is not None,
-                              device=str(dev), progress=progress, rows=features, state=state)
+                              device=str(dev), progress=progress, rows=features, state=state,
+                              data_options=data_options)
     rfid = None
     if extractor is not None:
         with said_once(state):  # every process computes the same figure
@@ -237,7 +238,8 @@ def _optional_extractor(fid_weights: str | None, device: torch.device) -> Featur
 
 def reference_stats(extractor: FeatureExtractor, source: str, resolution: int, split: str = "train",
                     num_images: int | None = None, batch_size: int = 64, keep_features: int = PR_MAX_FEATURES,
-                    progress: bool = True, state: Any = None) -> FeatureStats:
+                    progress: bool = True, state: Any = None,
+                    data_options: dict[str, Any] | None = None) -> FeatureStats:
     """Feature statistics of the images of ``source`` (deterministic crops, no flips) at ``resolution``.
 
     Summed a batch at a time (an ImageNet-train reference of 1.28M images would need ~50 GB as one
@@ -247,7 +249,8 @@ def reference_stats(extractor: FeatureExtractor, source: str, resolution: int, s
     batch as one process sums them, on every process: the same statistics, bit for bit, on each.
     None, or one process: this process does every batch.
     """
-    dataset = build_dataset(DataConfig(source=source, resolution=resolution, random_crop=False, hflip=False), split)
+    dataset = build_dataset(DataConfig(source=source, resolution=resolution, random_crop=False, hflip=False,
+                                       **(data_options or {})), split)
     wanted = len(dataset) if num_images is None else min(num_images, len(dataset))
     desc = f"reference features ({source})"
     if state is None or state.num_processes == 1:
@@ -277,7 +280,7 @@ def reference_stats(extractor: FeatureExtractor, source: str, resolution: int, s
 def fid_stats(images: str, out: str | Path, fid_weights: str | None = None, resolution: int = 32,
               split: str = "train", num_images: int | None = None, batch_size: int = 64,
               keep_features: int = PR_MAX_FEATURES, device: str | None = None, progress: bool = True,
-              state: Any = None) -> StatsReport:
+              state: Any = None, data_options: dict[str, Any] | None = None) -> StatsReport:
     """Compute reference statistics of ``images`` once and save them as ``.npz`` (mu, sigma, features) for eval-prior.
 
     ``state`` of the processes of a launch (as for ``eval_tokenizer``; ``vqgpt fid-stats`` passes it): each
@@ -289,7 +292,7 @@ def fid_stats(images: str, out: str | Path, fid_weights: str | None = None, reso
     dev = process_device(_device(device), state)
     extractor = load_feature_extractor(fid_weights, dev)
     stats = reference_stats(extractor, images, resolution, split, num_images, batch_size, keep_features,
-                            progress and state.is_main_process, state)
+                            progress and state.is_main_process, state, data_options)
     path = on_main_process(state, lambda: save_stats(stats, out))
     kept = 0 if stats.features is None else int(stats.features.shape[0])
     return StatsReport(str(path), images, split, resolution, stats.num_images, int(stats.mu.shape[0]), kept, extractor.name)
@@ -634,7 +637,7 @@ BITS_PER_DIM_KEYS = tuple(f.name for f in fields(BitsPerDimReport))
 @torch.inference_mode()
 def eval_bits_per_dim(pipeline_dir: str | Path, images: str, split: str = "eval", num_images: int | None = None,
                       batch_size: int = 64, device: str | None = None, progress: bool = True,
-                      state: Any = None) -> BitsPerDimReport:
+                      state: Any = None, data_options: dict[str, Any] | None = None) -> BitsPerDimReport:
     """Held-out NLL of the codes of ``images`` (``split``, center crops at the prior's trained size) under the
     pipeline's prior, in nats and bits per token and in bits per dim (see ``BitsPerDimReport``).
 
@@ -652,7 +655,8 @@ def eval_bits_per_dim(pipeline_dir: str | Path, images: str, split: str = "eval"
     if height != width:
         raise ValueError(f"the prior was trained on {height}x{width} images, but image sources give square crops")
     grid = tuple(pipe.prior.config.grid_size)
-    dataset = build_dataset(DataConfig(source=images, resolution=height, random_crop=False, hflip=False), split)
+    dataset = build_dataset(DataConfig(source=images, resolution=height, random_crop=False, hflip=False,
+                                       **(data_options or {})), split)
     class_of = None
     if pipe.prior.conditional and pipe.classes:  # the source's class names -> the prior's, by exact name:
         # a folder '0' or 'index:1' is not scored as the class a typed label '0' or 'index:1' would pick
