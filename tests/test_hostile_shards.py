@@ -177,3 +177,42 @@ def test_names_that_are_no_utf8_survive_sharding_and_reading(tmp_path):
     dataset = build_dataset(wds(f"wds:{tmp_path / 'in'}"), "eval")
     assert [dataset.name(i) for i in range(len(dataset))] == ["t/caf\udce9.png", "t/ok.png"]
     assert dataset[0][0].shape[0] == 3
+
+
+def _tar(path, members: list[tuple[str, bytes]], mode: str = "w") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, mode) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_sample_whose_members_are_apart_or_twice_is_refused_naming_it(tmp_path):
+    """`tar cf x.tar *.jpg *.cls` (or a folder in directory order) put each image apart from its class:
+    every image lost its class, with a warning about samples 'without an image'; a key twice in a row
+    took the first image with the last class, and the second image was dropped."""
+    images = {i: encode(noise(i)) for i in range(3)}
+    _tar(tmp_path / "apart" / "s.tar", [*((f"{i:03d}.png", images[i]) for i in range(3)),
+                                        *((f"{i:03d}.cls", str(i % 2).encode()) for i in range(3))])
+    with pytest.raises(ValueError, match=r"s\.tar: the members of the sample '000' are not together \(other "
+                                         r"samples' members come between them\).*tar --sort=name"):
+        build_dataset(wds(f"wds:{tmp_path / 'apart'}"))
+    _tar(tmp_path / "twice" / "s.tar", [("dup.png", images[0]), ("dup.cls", b"1"), ("dup.png", images[1]),
+                                        ("dup.cls", b"2")])
+    with pytest.raises(ValueError, match=r"s\.tar: the sample 'dup' holds two 'png' members \(dup\.png\)"):
+        build_dataset(wds(f"wds:{tmp_path / 'twice'}"))
+    # grouped as webdataset writes them, the same members read as 3 samples with their classes
+    _tar(tmp_path / "grouped" / "s.tar", [m for i in range(3) for m in ((f"{i:03d}.png", images[i]),
+                                                                         (f"{i:03d}.cls", str(i % 2).encode()))])
+    assert build_dataset(wds(f"wds:{tmp_path / 'grouped'}")).labels.tolist() == [0, 1, 0]
+
+
+def test_a_shard_folder_with_compressed_or_upper_case_tars_leaves_none_out(tmp_path):
+    """wds:FOLDER read only *.tar: b.tar.gz and D.TAR beside a.tar were left out without a word."""
+    _tar(tmp_path / "f" / "a.tar", [("x.png", encode(noise(1)))])
+    _tar(tmp_path / "f" / "D.TAR", [("z.png", encode(noise(2)))])
+    assert len(build_dataset(wds(f"wds:{tmp_path / 'f'}"))) == 2
+    _tar(tmp_path / "f" / "b.tar.gz", [("y.png", encode(noise(3)))], mode="w:gz")
+    with pytest.raises(ValueError, match=r"holds compressed tar files \(b\.tar\.gz\), .*decompress them to \.tar"):
+        build_dataset(wds(f"wds:{tmp_path / 'f'}"))

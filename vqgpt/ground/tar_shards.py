@@ -58,8 +58,9 @@ from vqgpt.ground.images import IMAGE_EXTENSIONS
 
 PREFIX = "wds:"
 IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)  # jpg jpeg png webp bmp gif tif tiff
-INDEX_FORMAT = 3  # bump when the stored fields or the grouping change: older index files are rebuilt (3: class
-# names keep their spaces)
+_COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tzst")
+INDEX_FORMAT = 4  # bump when the stored fields or the grouping change: older index files are rebuilt (3: class
+# names keep their spaces; 4: a sample's members apart, or one twice, are refused)
 # ``vqgpt shard`` writes the source's class names beside its shards: a class without a readable image
 # has no sample to carry its name, and the classes above the largest one present would be lost
 CLASSES_FILE = "classes.json"
@@ -75,8 +76,14 @@ def shard_paths(source: str) -> list[Path]:
     if folder.is_file():  # likewise one shard whose path holds braces
         return [folder]
     if folder.is_dir():  # before brace expansion: a folder named run{a,b} is that folder
-        shards = sorted(p for p in folder.iterdir() if p.suffix == ".tar" and not p.name.startswith(".")
-                        and p.is_file())
+        files = [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()]
+        shards = sorted(p for p in files if p.suffix.lower() == ".tar")  # (.TAR too)
+        # compressed shards were left out without a word beside plain ones
+        packed = sorted(p.name for p in files if p.name.lower().endswith(_COMPRESSED_TARS))
+        if packed:
+            raise ValueError(f"data.source {source}: the folder {folder} holds compressed tar files "
+                             f"({', '.join(packed[:3])}{', ...' if len(packed) > 3 else ''}), which cannot be read at "
+                             f"an offset: decompress them to .tar")
         if not shards:
             raise ValueError(f"data.source {source}: the folder {folder} holds no .tar files")
         return shards
@@ -273,6 +280,23 @@ def _tarfile_members(shard: Path) -> list[tuple[str, int, int]]:
     return members
 
 
+def _refuse_split_samples(shard: Path, samples: list[tuple[str, dict[str, Any]]]) -> None:
+    """Refuse a key that comes back where one of its runs has no image: its members were written apart (a
+    tar of a folder in directory order, or `tar cf x.tar *.jpg *.cls`), and each image would lose its class
+    to a sample without an image. A whole sample (image and all) under a key seen before is a sample of its
+    own, as webdataset reads it."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for key, entry in samples:
+        runs.setdefault(key, []).append(entry)
+    split = next((key for key, entries in runs.items() if len(entries) > 1
+                  and any("image" not in entry for entry in entries)), None)
+    if split is not None:
+        raise ValueError(f"shard {shard}: the members of the sample {split!r} are not together (other samples' "
+                         f"members come between them): a sample is a run of consecutive members with one key, as "
+                         f"webdataset reads them; write the tar with its members in name order (tar --sort=name, "
+                         f"or `vqgpt shard`)")
+
+
 def scan_shard(shard: Path) -> dict[str, Any]:
     """Index one shard by reading its member headers (and its small cls / json members)."""
     stat = shard.stat()
@@ -284,6 +308,7 @@ def scan_shard(shard: Path) -> dict[str, Any]:
         members = _tarfile_members(shard)
     # A sample is a run of consecutive members with one key (webdataset's grouping): a key that comes
     # back after another key's members starts another sample, it does not add to the first one.
+    # A member twice in one sample is refused, as webdataset refuses it (the first image took the last class).
     samples: list[tuple[str, dict[str, Any]]] = []
     with open(shard, "rb") as f:
         for name, offset, size in members:
@@ -294,6 +319,11 @@ def scan_shard(shard: Path) -> dict[str, Any]:
                 samples.append((base, {}))
             entry = samples[-1][1]
             ext = ext.lower()
+            if ext in entry.get("image_exts", ()) if ext in IMAGE_KEYS else ext in ("cls", "json") and ext in entry:
+                raise ValueError(f"shard {shard}: the sample {base!r} holds two {ext!r} members ({name}); "
+                                 f"webdataset refuses such a shard too: write it again with one member per name")
+            if ext in IMAGE_KEYS:
+                entry.setdefault("image_exts", set()).add(ext)
             if ext in IMAGE_KEYS and "image" not in entry:
                 entry["image"] = (name, offset, size)
             elif ext in ("cls", "json"):
@@ -302,6 +332,7 @@ def scan_shard(shard: Path) -> dict[str, Any]:
                 if len(entry[ext]) != size:
                     raise TruncatedShard(f"shard {shard} is truncated: its member {name!r} holds {len(entry[ext])} "
                                          f"of {size} bytes; copy or write it again")
+    _refuse_split_samples(shard, samples)
     rows, without_image = [], []
     for key, entry in samples:
         if "image" not in entry:
