@@ -397,6 +397,18 @@ def test_vqgpt_index_warns_of_links_that_point_nowhere(tmp_path, capsys):
     assert json.loads(captured.out)["dangling_links"] == [] and "warning" not in captured.err
 
 
+def test_vqgpt_index_warns_of_classes_that_print_alike(tmp_path, capsys):
+    """'café' written in NFC and in NFD (macOS) printed as two identical lines; building the dataset warned,
+    the command people check their counts with did not."""
+    root = tmp_path / "imgs"
+    _image(root / "caf\u00e9" / "0.png", 1)
+    _image(root / "cafe\u0301" / "1.png", 2)
+    _settle(root)
+    assert main(["index", str(root), "--index-dir", str(tmp_path / "idx")]) == 0
+    assert "warning: the classes 'cafe\\u0301' and 'caf\\xe9' are the same letters in two Unicode forms" in \
+        capsys.readouterr().err
+
+
 def test_a_folder_named_with_edge_spaces_is_that_folder(tmp_path, capsys):
     """Sources lose stray edge spaces, but not when the text as given names a path: 'trail ' beside 'trail'
     is read, indexed and recorded as itself, not as its neighbour."""

@@ -707,7 +707,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     """Build or refresh a folder's file index; print its counts per class."""
     import time
 
-    from vqgpt.ground.file_index import clean_source, folder_index, index_path
+    from vqgpt.ground.file_index import clean_source, folder_index, index_path, unicode_twins
 
     _refuse_launch("index", "builds the index")
     source = clean_source(args.source)
@@ -725,6 +725,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     document = {"root": str(index.root), "index": str(index.path) if index.path else None, "status": status,
                 "total": len(index), "bytes": int(index.sizes[index.sizes > 0].sum()), "classes": counts,
                 "dangling_links": dangling, "seconds": round(seconds, 3)}
+    twins = unicode_twins(list(counts))  # (printed below as two lines that look the same)
+    if twins:
+        shown = "; ".join(f"{ascii(a)} and {ascii(b)}" for a, b in twins[:3])
+        print(f"warning: the classes {shown} are the same letters in two Unicode forms (NFC / NFD), so they are "
+              "separate classes that print alike: rename one to merge them", file=sys.stderr)
     if dangling:
         shown = ", ".join(dangling[:3]) + (", ..." if len(dangling) > 3 else "")
         print(f"warning: {len(dangling):,} of the {len(index):,} files are links that point nowhere ({shown}); "

@@ -9,7 +9,6 @@ The sources themselves live in ``data`` (folders, built-ins, and the dispatch on
 from __future__ import annotations
 
 import io
-import unicodedata
 import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -21,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from vqgpt.ground.config import opt
-from vqgpt.ground.file_index import ROOT_CLASS, clean_source
+from vqgpt.ground.file_index import ROOT_CLASS, clean_source, unicode_twins
 from vqgpt.ground.images import crop_aspect, open_rgb, pil_to_tensor
 
 @dataclass
@@ -148,20 +147,6 @@ SPARSE_CLASSES_FROM = 100_000  # up to this many classes, gaps are allowed (a su
 SPARSE_FACTOR = 10  # above it, at most this many classes per class present
 INTEGER_CLASSES = ("integer classes are indices 0..N-1 into N classes; renumber them, or store them as class names "
                    "(text classes are numbered in sorted order)")
-
-
-def unicode_twins(names: list[str]) -> list[tuple[str, str]]:
-    """Pairs of class names that are the same letters in two Unicode forms (NFC and NFD: macOS writes a
-    folder 'café' as 'cafe' + a combining accent, so folders copied from two systems can hold both)."""
-    first: dict[str, str] = {}
-    twins = []
-    for name in names:
-        key = unicodedata.normalize("NFC", name)
-        if key in first:
-            twins.append((first[key], name))
-        else:
-            first[key] = name
-    return twins
 
 
 def warn_unicode_twins(twins: list[tuple[str, str]], where: str) -> None:

@@ -28,6 +28,7 @@ import os
 import stat
 import tempfile
 import time
+import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -291,3 +292,17 @@ def folder_index(root: str | Path, index_dir: str | Path | None = None, refresh:
         warnings.warn(f"could not write the file index {path} ({exc}); set data.index_dir (or $VQGPT_CACHE) "
                       f"to a writable folder, or every start scans {root_path} again", stacklevel=2)
     return index
+
+
+def unicode_twins(names: list[str]) -> list[tuple[str, str]]:
+    """Pairs of class names that are the same letters in two Unicode forms (NFC and NFD: macOS writes a
+    folder 'café' as 'cafe' + a combining accent, so folders copied from two systems can hold both)."""
+    first: dict[str, str] = {}
+    twins = []
+    for name in names:
+        key = unicodedata.normalize("NFC", name)
+        if key in first:
+            twins.append((first[key], name))
+        else:
+            first[key] = name
+    return twins
