@@ -275,7 +275,7 @@ def test_vqgpt_shard_continues_refuses_and_overwrites(tmp_path, monkeypatch, cap
     assert main(["shard", str(source), str(out), "--per-shard", "3"]) == 0
     said = capsys.readouterr()
     assert "already holds the 4 finished shards" in said.err and "nothing to do" in said.err
-    assert "wrote 11 images (2 classes) into 4 shards" in said.out and "shard-{000000..000003}.tar" in said.out
+    assert "already written: 11 images (2 classes) into 4 shards" in said.out and "shard-{000000..000003}" in said.out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     # other options, or a set that is not the one recorded, are refused naming why
     assert main(["shard", str(source), str(out), "--per-shard", "4"]) == 2

@@ -761,8 +761,9 @@ def cmd_shard(args: argparse.Namespace) -> int:
     if report.unreadable:
         print(f"left out {len(report.unreadable)} items that are no image: {', '.join(report.unreadable[:5])}"
               f"{' ...' if len(report.unreadable) > 5 else ''}", file=sys.stderr)
-    print(f"wrote {report.count} images ({len(report.classes)} classes) into {len(report.shards)} shards in {args.out}\n"
-          f"train on them with: --set \"data.source={report.pattern}\"")
+    done = "wrote" if report.written else "already written:"
+    print(f"{done} {report.count} images ({len(report.classes)} classes) into {len(report.shards)} shards in "
+          f"{args.out}\ntrain on them with: --set \"data.source={report.pattern}\"")
     return 0
 
 

@@ -54,6 +54,7 @@ class ShardReport(NamedTuple):
     count: int  # samples written
     classes: list[str]
     unreadable: list[str]  # items left out: their bytes are no image Pillow recognises
+    written: bool = True  # False: OUT already held this very set, finished (the same command run again)
 
 
 def _sample(dataset: ImageDataset, index: int) -> tuple[bytes, str, int] | Unreadable:
@@ -311,7 +312,7 @@ def _same_finished_set(out: Path, wanted: dict[str, Any], source: str, index_dir
           f"options; nothing to do", file=sys.stderr)
     classes = json.loads((out / CLASSES_FILE).read_text(encoding="utf-8"))["classes"]
     return _report(out, [out / entry["name"] for entry in entries], count, classes, record.get("unreadable", []),
-                   index_dir)
+                   index_dir)._replace(written=False)
 
 
 def _identity(source: str, split: str, per_shard: int, resolution: int, index_dir: str,
