@@ -55,11 +55,12 @@ def apply_rope(x: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(xf * cos, swapped, sin).type_as(x)
 
 
-# Weights prepared for few-row products: id(weight) -> (weakref to it, its (address, version), the copy).
-# The copy is (kind, tensor, scales): "blocked" for stage2_prior.blocked's kernel (with unit scales),
-# "onednn" for oneDNN's packed product. Kept beside the module, not on it (a packed tensor is opaque: no
-# deepcopy, no pickling); an entry goes when its weight does.
-_PACKED: dict[int, tuple[weakref.ref, tuple[int, int], tuple[str, torch.Tensor, torch.Tensor | None]]] = {}
+# Weights prepared for few-row products: id(weight) -> (weakref to it, its (address, version), the copy, the
+# weight's content_fingerprint when the copy was made). The copy is (kind, tensor, scales): "blocked" for
+# stage2_prior.blocked's kernel (with unit scales), "onednn" for oneDNN's packed product. Kept beside the
+# module, not on it (a packed tensor is opaque: no deepcopy, no pickling); an entry goes when its weight does.
+_PACKED: dict[int, tuple[weakref.ref, tuple[int, int], tuple[str, torch.Tensor, torch.Tensor | None],
+                         torch.Tensor]] = {}
 _PACK_ROWS_HINT = 8  # the row count oneDNN tunes its layout for; measured as good from 1 to 64 rows
 _packing_works = True  # prepared copies are switched on (set_weight_packing)
 _onednn_works = torch.backends.mkldnn.is_available()  # this build can pack for oneDNN
@@ -110,14 +111,15 @@ def _packed_weight(weight: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tenso
         return None
     if entry is None or entry[0]() is not weight:
         weakref.finalize(weight, _PACKED.pop, id(weight), None)
-    _PACKED[id(weight)] = (weakref.ref(weight), key, prepared)
+    _PACKED[id(weight)] = (weakref.ref(weight), key, prepared, content_fingerprint(weight))
     return prepared
 
 
-# An edit through ``.data`` (``p.data.mul_(0)``, a hand-written EMA) changes a weight without bumping its
-# version counter, which the prepared copies above and the frozen compiled step (stage2_prior.decode)
-# go by: they would go on with the old values. notice_data_edits fingerprints every CPU weight once per
-# sampling call and bumps the version of those whose content changed.
+# An edit through ``.data`` (``p.data.mul_(0)``, a hand-written EMA, taming's LitEma.copy_to) changes a
+# weight without bumping its version counter, which the prepared copies above and the frozen compiled step
+# (stage2_prior.decode) go by: they would go on with the old values. notice_data_edits fingerprints every
+# CPU weight once per sampling call (and GPT.forward without gradients, on few rows) and bumps the version
+# of those whose content changed since its copy was made or since the last call.
 _FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[weakref.ref, torch.Tensor]]]" = \
     weakref.WeakKeyDictionary()
 _PROBES: dict[tuple[int, torch.dtype], torch.Tensor] = {}
@@ -145,7 +147,13 @@ def notice_data_edits(model: nn.Module) -> None:
             continue  # CUDA graphs read the weights where they lie: an in-place edit is seen there
         now = content_fingerprint(tensor)
         before = seen.get(id(tensor))
-        if before is not None and before[0]() is tensor and not torch.equal(before[1], now):
+        changed = before is not None and before[0]() is tensor and not torch.equal(before[1], now)
+        # a copy made before this model's first sampling call (a forward without gradients): its own record
+        packed = _PACKED.get(id(tensor))
+        if (packed is not None and packed[0]() is tensor and packed[1] == (tensor.data_ptr(), tensor._version)
+                and not torch.equal(packed[3], now)):
+            changed = True
+        if changed:
             torch.autograd.graph.increment_version(tensor)
         seen[id(tensor)] = (weakref.ref(tensor), now)
 

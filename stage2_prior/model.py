@@ -24,7 +24,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from stage2_prior.config import PRESETS, GPTConfig  # noqa: F401 - PRESETS stays importable from here
-from stage2_prior.layers import KVCache, Linear, RMSNorm, TransformerBlock, rope_multipliers, rope_table_2d
+from stage2_prior.layers import (KVCache, Linear, RMSNorm, TransformerBlock, notice_data_edits, rope_multipliers,
+                                  rope_table_2d)
 from vqgpt.ground.checkpoint import (load_export, load_export_weights, push_to_hub, resolve_model_dir, save_export,
                                      usable_device)
 from vqgpt.ground.config import ConfigError
@@ -116,6 +117,9 @@ class GPT(nn.Module):
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise ValueError(f"tokens must be integer codes, got {tokens.dtype}")
         B, T = tokens.shape
+        if not torch.is_grad_enabled() and tokens.device.type == "cpu" and B * T <= Linear.max_packed_rows:
+            notice_data_edits(self)  # (few rows run on prepared copies of the weights, which an edit through .data
+            #                          leaves as they were)
         # [prefix, tok_0 .. tok_{T-2}]: the last token is only a target
         try:  # (ranges are not checked ahead: that would wait on the device at every training step)
             x = torch.cat([self.prefix_embedding(class_labels, B), self.tok_embeddings(tokens[:, :-1])], dim=1)

@@ -322,6 +322,29 @@ def test_weights_edited_through_data_are_the_weights_sampled_with(pipe_dir, tmp_
     assert torch.equal(completed, fresh.complete(before[0], 1, keep_rows=2, class_labels=1, seed=0))
 
 
+def test_an_edit_through_data_after_a_forward_without_gradients_is_noticed(pipe_dir):
+    """The copies were checked against a fingerprint taken at the previous sampling call only: made by a
+    forward without gradients (a validation loss) and then swapped through .data (an EMA's copy_to), the
+    weights went on being sampled from the old copies, on every later call; a forward itself too."""
+    import copy
+
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    other = copy.deepcopy(pipe.prior)
+    torch.manual_seed(1)
+    for p in other.parameters():
+        if p.dim() == 2:
+            p.data.copy_(torch.randn_like(p))
+    tokens, labels = torch.zeros(2, 5, dtype=torch.long), torch.tensor([0, 1])
+    with torch.no_grad():
+        pipe.prior(tokens, labels)  # few rows: the prepared copies are made here
+        for p, q in zip(pipe.prior.parameters(), other.parameters()):
+            p.data.copy_(q.data)
+        assert torch.equal(pipe.prior(tokens, labels), other(tokens, labels))
+    swapped = VQGPTPipeline(pipe.tokenizer, other, classes=pipe.classes)
+    for _ in range(2):
+        assert torch.equal(pipe.generate(2, class_labels=1, seed=0), swapped.generate(2, class_labels=1, seed=0))
+
+
 def test_save_pretrained_after_an_edit_through_data_writes_the_edited_weights(pipe_dir, tmp_path):
     pipe = VQGPTPipeline.from_pretrained(pipe_dir)
     pipe.prior.tok_embeddings.weight.data.mul_(0.0)  # no sampling in between to notice it
