@@ -248,6 +248,9 @@ class GPT(nn.Module):
         if other:  # as the pipeline's save: a cast for decoding would become the export's weights unnoticed
             raise ValueError(f"this prior's weights are {', '.join(other)} (cast for decoding?), and an export holds "
                              "float32 ones: save it before casting, or call .float() first to save the rounded values")
+        groups = getattr(self, "code_groups", None)  # (residual VQ with a codebook per depth: draw.code_groups)
+        if groups is not None:
+            extra = {**(extra or {}), "code_groups": [int(g) for g in groups]}
         return save_export(directory, EXPORT_KIND, self.config, self, extra)
 
     @classmethod
@@ -256,7 +259,7 @@ class GPT(nn.Module):
         """Load an export (a folder, or a Hub id ``owner/name`` at ``revision``); every key must match."""
         device = usable_device(device)
         directory = resolve_model_dir(name_or_path, revision=revision, subfolder=subfolder)
-        config, state, _ = load_export(directory, EXPORT_KIND, GPTConfig)
+        config, state, extra = load_export(directory, EXPORT_KIND, GPTConfig)
         try:
             config.require_data_fields()
         except ConfigError as exc:  # a hand-edited null: name the file
@@ -264,6 +267,13 @@ class GPT(nn.Module):
         with torch.random.fork_rng(devices=[]):  # the random init is overwritten: the caller's RNG stays as it was
             model = cls(config)
         load_export_weights(model, state, directory)
+        groups = extra.get("code_groups") if isinstance(extra, dict) else None
+        if groups is not None:  # a bare prior samples each position from its own depth's codes, as a pipeline does
+            if not (isinstance(groups, list) and len(groups) == 2 and all(type(g) is int and g >= 1 for g in groups)
+                    and groups[0] * groups[1] == config.codebook_size):
+                raise ConfigError(f"{Path(directory) / 'config.json'}: extra.code_groups must be [depth, codes per "
+                                  f"depth] with depth x codes = codebook_size {config.codebook_size}, got {groups!r}")
+            model.code_groups = tuple(groups)
         return model.to(device).eval()
 
     def push_to_hub(self, repo_id: str, *, extra: dict[str, Any] | None = None, private: bool | None = None,

@@ -265,6 +265,8 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
             state = full_state_dict(final)
             final = GPT(model_cfg)
             final.load_state_dict(state)
+        if code_groups is not None:  # recorded in the export: the bare prior samples as a pipeline does
+            final.code_groups = code_groups
         if is_main:
             # an unconditional prior names no class (the shards' classes are not its)
             final.save_pretrained(export_dir, extra={"tokenizer_fingerprint": data.meta.get("tokenizer_fingerprint"),

@@ -246,6 +246,7 @@ def test_rvq_tokenizer_through_encode_a_prior_and_sampling(tmp_path, monkeypatch
                                                                                                         **kwargs))
     train_prior_with_tokenizer(prior_cfg, tmp_path / "prior2", tmp_path / "tok" / "export")
     assert drawn_with == [(2, 64)]
+    assert GPT.from_pretrained(tmp_path / "prior2" / "export").code_groups == (2, 64)  # the run's export too
 
 
 def test_a_prior_whose_rows_split_a_position_is_refused_when_paired():
@@ -286,3 +287,31 @@ def test_the_pipeline_draws_each_position_from_its_depths_codebook():
             else:
                 assert torch.equal(codes // 32, depth_of_slot.expand_as(codes)), codes
         pipe.generate(1)  # decodes
+
+
+def test_a_bare_prior_of_a_per_depth_tokenizer_keeps_its_code_groups(tmp_path):
+    """The per-depth rule lived on the pipeline only: GPT.from_pretrained of the pipeline's prior/ (or of a
+    run's export) and stage2_prior.generate drew about half the slots from another depth's codebook."""
+    from stage2_prior import SamplingConfig, generate
+    from stage2_prior.model import GPT, GPTConfig
+    from vqgpt.ground.config import ConfigError
+    from vqgpt.workflow.pipeline import VQGPTPipeline
+
+    torch.manual_seed(0)
+    tok = tiny_rvq_model().eval()
+    prior = GPT(GPTConfig(codebook_size=tok.codebook_size, grid_size=[4, 8], num_classes=0, n_layer=1, n_head=2,
+                          dim=32, multiple_of=16)).eval()
+    VQGPTPipeline(tok, prior).save_pretrained(tmp_path / "pipe")
+    bare = GPT.from_pretrained(tmp_path / "pipe" / "prior")
+    assert bare.code_groups == (2, 32)
+    codes = generate(bare, 6, sampling=SamplingConfig(temperature=2.0), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(codes // 32, (torch.arange(8) % 2).expand_as(codes))
+    config = json.loads((tmp_path / "pipe" / "prior" / "config.json").read_text())
+    config["extra"]["code_groups"] = [3, 32]  # not the vocabulary
+    (tmp_path / "pipe" / "prior" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"extra.code_groups must be \[depth, codes per depth\]"):
+        GPT.from_pretrained(tmp_path / "pipe" / "prior")
+    one = tiny_rvq_model(rvq_shared_codebook=True).eval()  # one codebook for every depth: no groups
+    VQGPTPipeline(one, GPT(GPTConfig(codebook_size=one.codebook_size, grid_size=[4, 8], num_classes=0, n_layer=1,
+                                     n_head=2, dim=32, multiple_of=16))).save_pretrained(tmp_path / "shared")
+    assert getattr(GPT.from_pretrained(tmp_path / "shared" / "prior"), "code_groups", None) is None
