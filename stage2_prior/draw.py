@@ -219,6 +219,20 @@ def cfg_scales(cfg_scale: float, schedule: str, num_positions: int) -> list[floa
     raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
 
 
+def check_num_samples(num_samples: Any) -> int:
+    """``num_samples`` as an int >= 1 (a NumPy or 0-d tensor integer too), else a ValueError: 2.0, True or "2"
+    failed deep inside torch."""
+    if isinstance(num_samples, bool):
+        raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}")
+    try:
+        count = operator.index(num_samples)
+    except TypeError:
+        raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}") from None
+    if count < 1:
+        raise ValueError(f"num_samples must be >= 1, got {count}")
+    return count
+
+
 def check_sampling_args(model: GPT, sampling: SamplingConfig) -> bool:
     """Whether this model can follow ``sampling``; returns whether guidance (a doubled, null-class batch) is needed.
 

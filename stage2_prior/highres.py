@@ -47,8 +47,9 @@ import torch
 from tqdm.auto import tqdm
 
 from stage2_prior.decode import decode_step
-from stage2_prior.draw import (FiniteWatch, Randomness, SamplingConfig, cfg_scales, check_sampling_args, code_groups,
-                               eval_mode, guided_labels, inference, next_token, resolve_class_labels)
+from stage2_prior.draw import (FiniteWatch, Randomness, SamplingConfig, cfg_scales, check_num_samples,
+                               check_sampling_args, code_groups, eval_mode, guided_labels, inference, next_token,
+                               resolve_class_labels)
 from stage2_prior.layers import KVCache, notice_data_edits
 from stage2_prior.model import GPT
 
@@ -256,8 +257,7 @@ def generate_highres(model: GPT, num_samples: int, height: int, width: int,
                      window_stride: int | Sequence[int] = 1, max_window_caches: int | None = None,
                      generator: Randomness = None, progress: bool = False, compile: bool = False) -> torch.Tensor:
     """Sample (num_samples, height, width) code grids with sliding windows of the training grid size."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    num_samples = check_num_samples(num_samples)
     device = model.tok_embeddings.weight.device
     empty = torch.zeros(num_samples, height, width, dtype=torch.long, device=device)
     return complete(model, empty, keep_rows=0, class_labels=class_labels, sampling=sampling, use_cache=use_cache,

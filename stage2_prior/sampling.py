@@ -12,9 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 from stage2_prior.decode import decode_step
-from stage2_prior.draw import (CFG_SCHEDULES, FiniteWatch, SamplingConfig, cfg_scales, check_sampling_args, code_groups,
-                               eval_mode, guided_labels, inference, next_token, resolve_class_labels, sample_logits,
-                               top_k_filter, top_p_filter)
+from stage2_prior.draw import (CFG_SCHEDULES, FiniteWatch, SamplingConfig, cfg_scales, check_num_samples,
+                               check_sampling_args, code_groups, eval_mode, guided_labels, inference, next_token,
+                               resolve_class_labels, sample_logits, top_k_filter, top_p_filter)
 from stage2_prior.highres import _check_stride, check_grid_size, generate_highres
 from stage2_prior.layers import notice_data_edits
 from stage2_prior.model import GPT
@@ -40,6 +40,7 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
     ``compile``: run the one-token step under torch.compile (``stage2_prior.decode``; CUDA graphs on
     a GPU); the first call compiles (seconds to a minute), later calls with the same batch reuse it."""
     sampling = sampling or SamplingConfig()
+    num_samples = check_num_samples(num_samples)
     if compile and not use_cache:
         raise ValueError("compile=True compiles the KV-cache decode step: it needs use_cache=True")
     if generators is not None:
@@ -56,8 +57,6 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
         return generate_highres(model, num_samples, height, width, class_labels=class_labels, sampling=sampling,
                                 use_cache=use_cache, window_stride=window_stride, generator=noise,
                                 progress=progress, compile=compile)
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     guided = check_sampling_args(model, sampling)
     device = model.tok_embeddings.weight.device
     labels = guided_labels(model, resolve_class_labels(model, class_labels, num_samples, device), guided)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from stage1_vq.model import VQModel
 from stage2_prior.model import GPT
+from stage2_prior.sampling import generate
 from vqgpt.ground import checkpoint
 from vqgpt.ground.config import ConfigError
 from test_pipeline import tiny_prior, tiny_tokenizer
@@ -123,6 +124,10 @@ def test_sizes_and_counts_must_be_whole_numbers(pipe_dir):
     for count in (2.5, 2.0, np.float64(2.0), True, "2"):
         with pytest.raises(ValueError, match="num_samples must be a whole number"):
             pipe.generate(count, class_labels="a")
+        for grid in (None, (4, 6)):  # one level down too (raw TypeErrors of torch before), sliding windows too
+            with pytest.raises(ValueError, match="num_samples must be a whole number"):
+                generate(pipe.prior, count, class_labels=0, grid_size=grid)
+    assert generate(pipe.prior, np.int64(2), class_labels=0).shape[0] == 2
     with pytest.raises(ValueError, match="height must be a whole number"):
         pipe.generate(1, class_labels="a", height=16.0)
     image = pipe.generate(1, class_labels="a", seed=0)[0]
