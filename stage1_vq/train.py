@@ -52,6 +52,7 @@ from vqgpt.training import (
     make_optimizer,
     open_run_dir,
     optimizer_step,
+    step_with_earlier_micro_batches,
     set_grad_checkpointing,
     set_lr,
     start_trackers,
@@ -291,7 +292,9 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                     unreadable += int(lost)
                     if empty:
                         with accelerator.accumulate(*([model, disc] if use_gan else [model])):
-                            for optimizer in [opt_g, opt_d] if use_gan else [opt_g]:
+                            for optimizer, net in [(opt_g, model), (opt_d, disc)] if use_gan else [(opt_g, model)]:
+                                if accelerator.sync_gradients:  # the step, with its earlier micro-batches'
+                                    step_with_earlier_micro_batches(accelerator, optimizer, net, tc)
                                 optimizer.zero_grad(set_to_none=True)  # acts on the syncing micro-batch only
                         continue
                     # The discriminator's forwards in train mode (the generator's GAN term, then its own step
@@ -324,8 +327,11 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                                 finite = optimizer_step(accelerator, d_loss, opt_d, disc, tc)
                             elif gan_on:
                                 # a dropped generator update drops the discriminator's too, as optimizer_step
-                                # does for the generator: on the syncing micro-batch this clears the gradients
-                                # its earlier micro-batches accumulated, which would else join the next step's
+                                # does for the generator: on the syncing micro-batch the step is made from its
+                                # earlier micro-batches' gradients, which are then cleared (else they would
+                                # join the next step's)
+                                if accelerator.sync_gradients:
+                                    step_with_earlier_micro_batches(accelerator, opt_d, disc, tc)
                                 opt_d.zero_grad(set_to_none=True)
                     if finite:
                         metrics.add(loss=g.total, rec_loss=g.reconstruction, perceptual=g.perceptual, gan=g.gan,

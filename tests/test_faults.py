@@ -354,3 +354,53 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
     second = {int(x): float(x) for batch in straight[6:] for x in batch}
     common = first.keys() & second.keys()
     assert common and all(first[i] != second[i] for i in common)
+
+
+def test_a_dropped_last_micro_batch_leaves_the_step_to_the_earlier_ones(tokens, tmp_path, monkeypatch):
+    """on_nonfinite=skip under grad_accum drops the bad micro-batch and the step goes on with the others; when
+    the bad one was the step's last (the one that applies it), the earlier ones' gradients were cleared and
+    no step was made, while the log showed the step's loss. Its step must equal one whose last micro-batch
+    added nothing (a loss of 0)."""
+    cfg = prior_config(tokens, "train.steps=2", "train.grad_accum=2", "train.on_nonfinite=skip",
+                       "train.ema_decay=0", "train.checkpoint_every=0", "train.warmup_steps=0")
+    real = prior_train.next_token_loss
+    monkeypatch.setattr(prior_train, "next_token_loss", nan_at(real, 1, 0))  # step 1's last micro-batch
+    dropped = GPT.from_pretrained(train_prior(cfg, tmp_path / "nan"))
+    calls = [0]
+
+    def zero_at_1(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs) * (0.0 if calls[0] == 2 else 1.0)
+
+    monkeypatch.setattr(prior_train, "next_token_loss", zero_at_1)
+    zeroed = GPT.from_pretrained(train_prior(cfg, tmp_path / "zero"))
+    assert [r["skipped"] for r in read_metrics(tmp_path / "nan")] == [1, 1]
+    for (name, a), b in zip(dropped.state_dict().items(), zeroed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_last_micro_batch_left_empty_by_an_unreadable_image_leaves_the_step_to_the_earlier_ones(tmp_path):
+    """A tokenizer micro-batch whose images all failed to decode is dropped; when it was the step's last, the
+    earlier micro-batches' gradients were cleared and no step was made (the log showed a loss)."""
+    import numpy as np
+    from PIL import Image
+
+    from stage1_vq.model import VQModel
+    from vqgpt.ground.config import load_config as load
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / "a.png")
+    (images / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 10)
+    sets = [f"data.source={images}", f"data.index_dir={tmp_path / 'idx'}", "train.steps=1", "train.batch_size=1",
+            "train.grad_accum=2", "loss.gan_weight=0", "model.quantizer.kmeans_init=false", "model.quantizer.ema=false",
+            "model.quantizer.restart_threshold=0", "train.warmup_steps=0", "train.log_every=1", "train.seed=0",
+            "train.checkpoint_every=0", "train.ema_decay=0"]
+    first = {}
+    for lr in ("1e-3", "1e-30"):
+        cfg = load(TokenizerRunConfig, ROOT / "configs/tokenizer/tiny.yaml", [*sets, f"train.lr={lr}"])
+        with pytest.warns(UserWarning, match="b.png"):
+            first[lr] = VQModel.from_pretrained(train_tokenizer(cfg, tmp_path / f"run-{lr}")).state_dict()
+    order = json.loads((tmp_path / "run-1e-3" / "metrics.jsonl").read_text().splitlines()[0])
+    assert order["unreadable"] == 1
+    assert any(not torch.equal(first["1e-3"][k], first["1e-30"][k]) for k in first["1e-3"])  # a step was made

@@ -51,6 +51,7 @@ from vqgpt.training.optim import (
     optimizer_step,
     set_grad_checkpointing,
     set_lr,
+    step_with_earlier_micro_batches,
 )
 from vqgpt.training.replicas import check_replicas, finish_run, full_state_dict, make_ema, unwrap
 from vqgpt.training.run_folder import (
@@ -82,6 +83,7 @@ __all__ = [
     "dropped_update", "finish_run", "full_state_dict", "grid_path", "is_log_step", "last_grid", "load_resume",
     "log_images", "lr_factor", "keeps_caller_rng", "make_accelerator",
     "make_dataloader", "make_ema", "make_optimizer", "nonfinite_message", "open_run_dir", "optimizer_step",
-    "set_grad_checkpointing", "set_lr", "start_trackers", "stop_after_interrupt", "stream_position_from", "stream_state",
+    "set_grad_checkpointing", "set_lr", "start_trackers", "step_with_earlier_micro_batches", "stop_after_interrupt",
+    "stream_position_from", "stream_state",
     "tracker_names", "truncate_metrics", "unwrap",
 ]

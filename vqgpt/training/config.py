@@ -66,7 +66,8 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep (0 = all)")
     on_nonfinite: str = opt("stop", "stop | skip: what a NaN/inf loss or gradient norm does "
                                     "(stop keeps the last good checkpoint; skip drops that step's update; "
-                                    "under grad_accum, that micro-batch's, and the step goes on with the others)")
+                                    "under grad_accum, that micro-batch's, and the step goes on with the others; "
+                                    "under FSDP a dropped last micro-batch drops the step)")
     compile: bool = opt(False, "torch.compile the model")
     optimizer_impl: str = opt("auto", "AdamW kernel: auto (fused where torch has it for the device, else foreach) | "
                                       "fused | foreach | for-loop (torch's per-parameter loop)")

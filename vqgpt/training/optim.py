@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 
 from vqgpt.ground.checkpoint import resolve_resume
 from vqgpt.ground.config import ConfigError
@@ -98,8 +98,30 @@ def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, optimizer: torc
             finite = clip_gradients(accelerator, model.parameters(), cfg, optimizer)
         if finite:
             optimizer.step()
+    elif accelerator.sync_gradients:
+        step_with_earlier_micro_batches(accelerator, optimizer, model, cfg)
     optimizer.zero_grad(set_to_none=True)
     return finite
+
+
+def step_with_earlier_micro_batches(accelerator: Accelerator, optimizer: torch.optim.Optimizer,
+                                    model: torch.nn.Module, cfg: TrainConfig) -> bool:
+    """The step's last micro-batch (the syncing one) was dropped: step with the gradients its earlier
+    micro-batches accumulated, if any, as a dropped earlier micro-batch leaves the step to the others; the
+    caller then zeroes them. Their gradients were never synchronised (DDP syncs in the last backward, which
+    did not run): averaged over the processes here. Under FSDP (sharded gradients) the step is dropped.
+    Whether it stepped; every process decides alike (the same micro-batches were dropped on all)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params or accelerator.distributed_type == DistributedType.FSDP:
+        return False
+    if accelerator.num_processes > 1:
+        for p in params:
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(accelerator.num_processes)
+    if not clip_gradients(accelerator, params, cfg, optimizer):
+        return False
+    optimizer.step()
+    return True
 
 
 def dropped_update(accelerator: Accelerator, cfg: TrainConfig, what: str, step: int, run_dir: str | Path) -> int:
