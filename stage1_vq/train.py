@@ -53,6 +53,7 @@ from vqgpt.training import (
     open_run_dir,
     optimizer_step,
     step_with_earlier_micro_batches,
+    warn_long_warmup,
     set_grad_checkpointing,
     set_lr,
     start_trackers,
@@ -191,6 +192,8 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                           f"would); set loss.gan_weight=0 to train without a discriminator", stacklevel=2)
         if cfg.model.architecture == "pixels":
             return fit_palette_run(cfg, accelerator, run)
+        if accelerator.is_main_process:
+            warn_long_warmup(tc)
         run_dir = run.path
         is_main = accelerator.is_main_process
 

@@ -57,6 +57,7 @@ from vqgpt.training import (
     start_trackers,
     stream_state,
     unwrap,
+    warn_long_warmup,
 )
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # (B, h, w) codes -> (B, 3, H, W) images in [-1, 1]
@@ -189,6 +190,8 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
         model.code_groups = code_groups  # (the sample grids draw each code from its depth's codebook)
         set_grad_checkpointing(model, tc.grad_checkpointing)
         optimizer = make_optimizer(model.parameters(), tc)
+        if accelerator.is_main_process:
+            warn_long_warmup(tc)
         if tc.compile:
             model = torch.compile(model)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

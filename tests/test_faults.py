@@ -404,3 +404,12 @@ def test_a_last_micro_batch_left_empty_by_an_unreadable_image_leaves_the_step_to
     order = json.loads((tmp_path / "run-1e-3" / "metrics.jsonl").read_text().splitlines()[0])
     assert order["unreadable"] == 1
     assert any(not torch.equal(first["1e-3"][k], first["1e-30"][k]) for k in first["1e-3"])  # a step was made
+
+
+def test_a_warmup_as_long_as_the_run_is_warned(tokens, tmp_path):
+    """train.warmup_steps (default 100) >= train.steps trained the whole run at a few percent of train.lr,
+    without a word."""
+    cfg = prior_config(tokens, "train.steps=3", "train.warmup_steps=100", "train.checkpoint_every=0")
+    with pytest.warns(UserWarning, match=r"train.warmup_steps=100 is not below train.steps=3: the whole run warms "
+                                         r"up, its last step at 3% of train.lr"):
+        train_prior(cfg, tmp_path / "run")

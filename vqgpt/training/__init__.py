@@ -52,6 +52,7 @@ from vqgpt.training.optim import (
     set_grad_checkpointing,
     set_lr,
     step_with_earlier_micro_batches,
+    warn_long_warmup,
 )
 from vqgpt.training.replicas import check_replicas, finish_run, full_state_dict, make_ema, unwrap
 from vqgpt.training.run_folder import (
@@ -85,5 +86,5 @@ __all__ = [
     "make_dataloader", "make_ema", "make_optimizer", "nonfinite_message", "open_run_dir", "optimizer_step",
     "set_grad_checkpointing", "set_lr", "start_trackers", "step_with_earlier_micro_batches", "stop_after_interrupt",
     "stream_position_from", "stream_state",
-    "tracker_names", "truncate_metrics", "unwrap",
+    "tracker_names", "truncate_metrics", "unwrap", "warn_long_warmup",
 ]

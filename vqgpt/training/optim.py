@@ -4,6 +4,7 @@ non-finite loss does."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,15 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return 1.0
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warn_long_warmup(cfg: TrainConfig) -> None:
+    """Warn when ``warmup_steps`` is not below ``steps``: the whole run warms up (the default of 100 with a
+    short run), so it never reaches train.lr, and the cosine and min_lr_ratio never apply."""
+    if cfg.warmup_steps >= cfg.steps:
+        warnings.warn(f"train.warmup_steps={cfg.warmup_steps} is not below train.steps={cfg.steps}: the whole run "
+                      f"warms up, its last step at {lr_factor(cfg.steps - 1, cfg):.0%} of train.lr; set "
+                      "train.warmup_steps below train.steps for the schedule to reach it", stacklevel=3)
 
 
 def make_optimizer(params, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
