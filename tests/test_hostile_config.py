@@ -350,3 +350,16 @@ def test_a_seed_out_of_range_names_train_seed(value):
     """accelerate's set_seed refused it as "Seed must be between 0 and 2**32 - 1", naming no key."""
     with pytest.raises(ConfigError, match=rf"train.seed: must be in \[0, 2\*\*32 - 1\] .*got {value}"):
         load_config(PriorRunConfig, ROOT / "configs/prior/tiny.yaml", [f"train.seed={value}"])
+
+
+def test_mixed_precision_no_as_documented_is_read_as_no(tmp_path):
+    """`mixed_precision: no` (the documented value, accelerate's word) is YAML's false: it was refused with
+    'expected a string, got False'."""
+    from stage2_prior.train import PriorRunConfig
+
+    cfg = load_config(PriorRunConfig, ROOT / "configs/prior/tiny.yaml", ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    (tmp_path / "c.yaml").write_text("train:\n  mixed_precision: no\n")
+    assert load_config(PriorRunConfig, tmp_path / "c.yaml").train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"train.lr_schedule: expected a string, got False"):
+        load_config(PriorRunConfig, ROOT / "configs/prior/tiny.yaml", ["train.lr_schedule=no"])

@@ -67,6 +67,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# text keys whose documented values include "no" (accelerate's word for fp32), which YAML reads as false
+_NO_WORD = ("mixed_precision",)
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it converted (lists -> tuples etc.)."""
     origin = typing.get_origin(tp)
@@ -132,6 +136,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         # YAML reads a bare 2024 or 2024-01-01 (a folder's name, say) as a number or a date: take its text.
         if (isinstance(value, int) and not isinstance(value, bool)) or type(value) is datetime.date:
             return str(value)
+        if value is False and key.rsplit(".", 1)[-1] in _NO_WORD:  # YAML reads a bare `no` as false
+            return "no"
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r} (quote it to give it as text)")
         return value
