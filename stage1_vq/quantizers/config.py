@@ -37,7 +37,9 @@ class QuantizerConfig:
     ema_decay: float = opt(0.99, "vq: decay of the EMA codebook and of the per-code usage counts")
     restart_threshold: float = opt(0.0, "vq: re-seed a code from current encoder outputs when its EMA hit count "
                                         "per step (summed over ranks) falls below this; 0 = off")
-    kmeans_init: bool = opt(False, "vq: initialise the codebook by k-means on the first training batch")
+    kmeans_init: bool = opt(False, "vq: initialise the codebook by k-means on the first training batch "
+                                      "(under grad_accum, its first micro-batch: give it at least codebook_size "
+                                      "latents)")
     kmeans_iters: int = opt(10, "vq: Lloyd iterations of the k-means init")
     rotation_trick: bool = opt(False, "vq: pass gradients with the rotation trick (Fifty et al. 2024) "
                                       "instead of the straight-through estimator")
@@ -46,7 +48,8 @@ class QuantizerConfig:
                              "codes in use at large codebook_size. Not with ema, kmeans_init or restart_threshold")
     entropy_weight: float = opt(0.0, "vq: weight of LlamaGen's entropy penalty (its entropy_loss_ratio): mean "
                                      "per-sample entropy of softmax(-||z - c||^2 / entropy_temperature) minus the "
-                                     "entropy of its batch mean (over all ranks), so that usage spreads; 0 = off. "
+                                     "entropy of its batch mean (over all ranks; per micro-batch under grad_accum), so "
+                                     "that usage spreads; 0 = off. "
                                      "Costs a (tokens x codebook_size) matrix per step")
     entropy_temperature: float = opt(0.01, "vq: temperature of the entropy penalty's softmax, a squared distance: "
                                            "0.01 (LlamaGen's) suits l2-normalised codes; for unnormalised ones "
@@ -67,7 +70,8 @@ class QuantizerConfig:
     lfq_sample_entropy_weight: float = opt(0.1, "lfq: weight of the mean per-sample entropy (minimised: each "
                                                 "latent commits to one code)")
     lfq_codebook_entropy_weight: float = opt(0.4, "lfq: weight of the codebook entropy, the entropy of the "
-                                                  "batch-mean code distribution over all ranks (maximised: "
+                                                  "batch-mean code distribution over all ranks (per micro-batch "
+                                                  "under grad_accum; maximised: "
                                                   "codes used evenly); computed exactly at every lfq_dim. Above "
                                                   "the sample weight so that it outweighs the pull of each "
                                                   "latent back into its own code (MAGVIT-2: 0.1)")
