@@ -24,6 +24,7 @@ so ranks, workers and resume behave exactly as for a folder.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -40,14 +41,19 @@ EVAL_SPLITS = ("validation", "test")
 NO_LABELS = "none"
 
 
-# The data.hf_* options and their defaults; the CLI flag of each (commands that read an image source but take no
-# config: encode, reconstruct, eval-tokenizer, eval-bpd, fid-stats, shard).
-HF_OPTIONS = {"hf_image_column": "", "hf_label_column": "", "hf_split": "train"}
+# The data.hf_* options and their defaults (DataConfig's); each is also a CLI flag, --hf-image-column, ..., of
+# the commands that read an image source but take no config (encode, reconstruct, eval-tokenizer, eval-bpd,
+# fid-stats, shard).
+HF_OPTIONS = {f.name: f.default for f in dataclasses.fields(DataConfig) if f.name.startswith("hf_")}
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def _named(key: str, *value: str) -> str:
     """How a message names an hf option (and the ``value`` given): its config key and its flag."""
-    return f"data.{key}{''.join(f'={v!r}' for v in value)} (--{key.replace('_', '-')})"
+    return f"data.{key}{''.join(f'={v!r}' for v in value)} ({_flag(key)})"
 
 
 def hf_choices(cfg: DataConfig) -> dict[str, str]:
@@ -57,6 +63,13 @@ def hf_choices(cfg: DataConfig) -> dict[str, str]:
     if not cfg.source.startswith(PREFIX):
         return {}
     return {key: getattr(cfg, key) for key, default in HF_OPTIONS.items() if getattr(cfg, key) != default}
+
+
+def hf_choice_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The ``hf_choices`` a record (token or tar shards) holds that differ from this run's, in words (a key
+    absent from either is its default)."""
+    return [f"{_flag(key)} is {stored.get(key, default)!r} there but {wanted.get(key, default)!r} now"
+            for key, default in HF_OPTIONS.items() if stored.get(key, default) != wanted.get(key, default)]
 
 
 def _target(source: str) -> tuple[str, Path | None]:

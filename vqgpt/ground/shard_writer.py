@@ -30,7 +30,7 @@ from vqgpt.ground.data import (FolderImageDataset, build_dataset, describe_file_
                                source_identity)
 from vqgpt.ground.dataset_base import DataConfig, EncodedImageDataset, ImageDataset, Unreadable
 from vqgpt.ground.files import hold_lock, is_within, write_bytes_whole
-from vqgpt.ground.hf_source import HF_OPTIONS, hf_choices
+from vqgpt.ground.hf_source import hf_choice_differences, hf_choices
 from vqgpt.ground.images import tensor_to_pil
 from vqgpt.ground.tar_shards import CLASSES_FILE, PREFIX, shard_index, shard_paths
 
@@ -402,10 +402,7 @@ def _differences(stored: dict[str, Any], wanted: dict[str, Any], partial: Path,
                       ("resolution", "--resolution")):
         if stored.get(key) != wanted[key] and not (key == "resolution" and stored.get("source") != wanted["source"]):
             diffs.append(f"{name} is {stored.get(key)!r} there but {wanted[key]!r} now")
-    for key, default in HF_OPTIONS.items():  # (absent: the default)
-        if stored.get(key, default) != wanted.get(key, default):
-            diffs.append(f"--{key.replace('_', '-')} is {stored.get(key, default)!r} there but "
-                         f"{wanted.get(key, default)!r} now")
+    diffs += hf_choice_differences(stored, wanted)
     if stored.get("source") == wanted["source"] and stored.get("source_identity") != wanted["source_identity"]:
         change = ""
         if files is not None and (partial / SOURCE_FILES).is_file():

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from stage1_vq.model import VQModel
 from vqgpt.ground.checkpoint import export_fingerprint
 from vqgpt.ground.data import DataConfig, build_dataset, collate_images, describe_file_changes, source_identity
-from vqgpt.ground.hf_source import HF_OPTIONS, hf_choices
+from vqgpt.ground.hf_source import hf_choice_differences, hf_choices
 from vqgpt.ground.tokens import (DEFAULT_SHARD_SIZE, META_FILE, PROGRESS_PATTERN, SOURCE_FILE, TOKEN_FOLDER_PATTERNS,
                                  TokenShardError, TokenShardWriter, clear_token_folder, merge_parts, progress_file,
                                  read_meta, write_json)
@@ -106,10 +106,7 @@ def _identity_differences(out: Path, stored: dict[str, Any], wanted: dict[str, A
         if key in ("tokenizer_fingerprint", "source_identity") or stored.get(key) == wanted.get(key):
             continue
         diffs.append(f"{key} is {stored.get(key)!r} there but {wanted.get(key)!r} now")
-    for key, default in HF_OPTIONS.items():  # (absent: the default)
-        if stored.get(key, default) != wanted.get(key, default):
-            diffs.append(f"--{key.replace('_', '-')} is {stored.get(key, default)!r} there but "
-                         f"{wanted.get(key, default)!r} now")
+    diffs += hf_choice_differences(stored, wanted)
     old, new = stored["source_identity"], wanted["source_identity"]
     if old != new and stored.get("source") == wanted["source"]:  # another source is reported above
         change = ""
