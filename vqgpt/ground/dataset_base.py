@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 
 from vqgpt.ground.config import opt
 from vqgpt.ground.file_index import ROOT_CLASS, clean_source, unicode_twins
-from vqgpt.ground.images import crop_aspect, open_rgb, pil_to_tensor
+from vqgpt.ground.images import check_pixel_limit, crop_aspect, open_rgb, pil_to_tensor
 
 @dataclass
 class DataConfig:
@@ -55,11 +55,7 @@ class DataConfig:
             self.source = clean_source(self.source)
         if self.resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {self.resolution}")
-        limit = Image.MAX_IMAGE_PIXELS  # (a reconstruct at 100000 px was killed for memory, with no word)
-        if limit is not None and self.resolution**2 > limit:
-            raise ValueError(f"resolution {self.resolution} gives {self.resolution**2:,}-pixel images, more than "
-                             f"PIL.Image.MAX_IMAGE_PIXELS = {limit:,} (the largest image PIL reads without calling it "
-                             "a decompression bomb): choose a smaller resolution")
+        check_pixel_limit(self.resolution, self.resolution, f"resolution {self.resolution}", "gives")
         if self.crops_per_epoch < 1:
             raise ValueError(f"crops_per_epoch must be >= 1, got {self.crops_per_epoch}")
         if self.num_workers < 0:

@@ -26,6 +26,7 @@ from stage2_prior.sampling import generate
 from vqgpt.ground.checkpoint import (copy_export, export_stamp, hub_part_missing, push_to_hub, read_export_meta,
                                      resolve_model_dir, usable_device)
 from vqgpt.ground.config import ConfigError
+from vqgpt.ground.images import check_pixel_limit
 from vqgpt.workflow.encode import tokenizer_fingerprint
 
 INDEX_PREFIX = "index:"  # "index:2" is always class index 2, whatever the class names are
@@ -233,7 +234,7 @@ class VQGPTPipeline:
             if value // f < trained:
                 raise ValueError(f"{name}={value} is smaller than the prior's trained size {trained * f} "
                                  f"({trained} codes x {f} pixels)")
-        _check_canvas(height, width, f"height={height}, width={width}")
+        check_pixel_limit(height, width, f"height={height}, width={width}")
         return self.tokenizer.grid_shape(height, width)
 
     def class_index(self, label: int | str) -> int:
@@ -350,7 +351,7 @@ class VQGPTPipeline:
             raise ValueError(f"nothing to sample: keep fewer than all {h} code rows of the image, or add code "
                              "columns / rows")
         H, W = h + extend_down, w + extend_right * self.codes_per_position
-        _check_canvas(*self.tokenizer.image_shape(H, W), f"extend_right={extend_right}, extend_down={extend_down}")
+        check_pixel_limit(*self.tokenizer.image_shape(H, W), f"extend_right={extend_right}, extend_down={extend_down}")
         canvas = torch.full((num_samples, H, W), -1, dtype=torch.long, device=self.device)
         canvas[:, :h, :w] = codes
         known = torch.zeros(H, W, dtype=torch.bool, device=self.device)
@@ -437,20 +438,6 @@ def _whole(name: str, value: object) -> int:
     if not _integral(value):
         raise ValueError(f"{name} must be a whole number (int), got {value!r}")
     return int(value)  # type: ignore[call-overload]
-
-
-def _check_canvas(height: int, width: int, given: str) -> None:
-    """Refuse an output image over PIL's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``, its guard against
-    decompression bombs, which would refuse to read it back), before any code is drawn: a canvas of
-    10**9 columns used to fail in an allocation after loading, or be killed for memory. Raising PIL's
-    limit (None: no limit) raises this one."""
-    from PIL import Image
-
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and height * width > limit:
-        raise ValueError(f"{given} give {height}x{width}-pixel images ({height * width:,} pixels), more than "
-                         f"PIL.Image.MAX_IMAGE_PIXELS = {limit:,}, the largest image PIL reads without calling it "
-                         f"a decompression bomb: choose a smaller size (or raise that limit first)")
 
 
 def _check_count(num_samples: int) -> None:
