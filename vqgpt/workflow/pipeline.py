@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from stage1_vq.model import VQModel
-from stage2_prior.draw import SamplingConfig, eval_mode, inference, resolve_class_labels
+from stage2_prior.draw import SamplingConfig, check_num_samples, eval_mode, inference, resolve_class_labels
 from stage2_prior.highres import complete
 from stage2_prior.layers import content_fingerprint
 from stage2_prior.model import GPT
@@ -290,7 +290,7 @@ class VQGPTPipeline:
 
         ``progress`` shows a tqdm bar over the codes drawn.
         """
-        _check_count(num_samples)
+        check_num_samples(num_samples)
         grid = self.grid_for_pixels(height, width)
         labels = self.labels_tensor(class_labels, num_samples)
         generators = sample_generators(seed, range(num_samples))
@@ -329,7 +329,7 @@ class VQGPTPipeline:
         position: its D codes for residual VQ), and every other
         cell is sampled in raster order with sliding windows where the canvas exceeds the trained grid.
         """
-        _check_count(num_samples)
+        check_num_samples(num_samples)
         image = _checked_image(image)
         keep_rows = None if keep_rows is None else _whole("keep_rows", keep_rows)
         extend_right, extend_down = _whole("extend_right", extend_right), _whole("extend_down", extend_down)
@@ -438,12 +438,6 @@ def _whole(name: str, value: object) -> int:
     if not _integral(value):
         raise ValueError(f"{name} must be a whole number (int), got {value!r}")
     return int(value)  # type: ignore[call-overload]
-
-
-def _check_count(num_samples: int) -> None:
-    num_samples = _whole("num_samples", num_samples)
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
 
 
 def sample_seed(seed: int, index: int) -> int:
