@@ -394,9 +394,7 @@ class RunFolder:
         """The new run is under way: the run it replaces goes for good."""
         if self.replaced is not None:
             replaced, self.replaced = self.replaced, None
-            removing = replaced.with_name(REMOVING_DIR)
-            if removing.exists():
-                _remove(removing)
+            removing = replaced.with_name(REMOVING_DIR)  # (a leftover one went when the folder was claimed)
             os.replace(replaced, removing)  # (one step: never a half-deleted REPLACED_DIR)
             _remove(removing)
 
