@@ -48,14 +48,17 @@ def test_a_demo_folder_holds_one_kind_of_demo_and_sums_its_times(tmp_path):
     And a demo run again reported only the last run's seconds as the time its stages took."""
     out = tmp_path / "d"
     laps = demo._claim_demo_folder(out, "vq", True)
-    laps("tokenizer", time.perf_counter() - 100)  # a stage of 100 s, then the run is stopped
+    laps.begin("tokenizer", time.perf_counter() - 100)  # a stage of 100 s, then the run is stopped
+    laps.end()
     for kind, quick, said in [("vq", False, "a --quick vq demo, and this is a full vq demo"),
                               ("pixels", True, "a --quick vq demo, and this is a --quick pixels demo")]:
         with pytest.raises(ValueError, match=rf"{out} holds {said}: .*give another --out"):
             demo._claim_demo_folder(out, kind, quick)
     again = demo._claim_demo_folder(out, "vq", True)
-    again("tokenizer", time.perf_counter() - 5)  # the rest of it
-    again("prior", time.perf_counter() - 7)
+    again.begin("tokenizer", time.perf_counter() - 5)  # the rest of it
+    again.end()
+    again.begin("prior", time.perf_counter() - 7)
+    again.end()
     seconds = again.seconds()
     assert 105 <= seconds["tokenizer"] < 110 and 7 <= seconds["prior"] < 10
     assert again.sessions == 2
@@ -147,7 +150,8 @@ def test_a_second_demo_into_a_running_demos_folder_is_refused_before_it_touches_
 
     out = tmp_path / "d"
     with demo._demo_folder(out, "vq", True) as laps:  # the first demo, running
-        laps("tokenizer", time.perf_counter() - 3)
+        laps.begin("tokenizer", time.perf_counter() - 3)
+        laps.end()
         record = (out / demo.DEMO_RECORD).read_text()
         with pytest.raises(RunFolderError, match=rf"{out} is in use by pid {os.getpid()}"):
             demo.run_demo(out, quick=True)

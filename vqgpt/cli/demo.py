@@ -85,7 +85,7 @@ DEMO_RECORD = ".vqgpt-demo.json"  # in a demo's --out: which demo it holds, and 
 
 
 class _Laps:
-    """Seconds per demo stage (``lap(name, start)``) and, in ``seconds()``, the total, summed over the
+    """Seconds per demo stage (``begin(name)`` ... ``end()``) and, in ``seconds()``, the total, summed over the
     sessions of one demo folder: a demo stopped and run again reports the time its stages took in all,
     not only the rest done by the last session. Kept in ``out``'s demo record after each stage."""
 
@@ -95,20 +95,15 @@ class _Laps:
         self.earlier: dict[str, float] = dict(earlier.get("seconds", {}))
         self.timings: dict[str, float] = {}
         self.sessions = int(earlier.get("sessions", 0)) + 1
-        self.current: tuple[str, float] | None = None  # the stage begun and not yet lapped, and its start
+        self.current: tuple[str, float] | None = None  # the stage begun and not yet ended, and its start
 
-    def begin(self, name: str) -> float:
-        """Stage ``name`` starts now; returns its start for ``lap``."""
-        self.current = (name, time.perf_counter())
-        return self.current[1]
+    def begin(self, name: str, start: float | None = None) -> None:
+        """Stage ``name`` starts now (or at ``start``, a ``time.perf_counter()`` reading)."""
+        self.current = (name, time.perf_counter() if start is None else start)
 
-    def __call__(self, name: str, start: float) -> None:
-        self.timings[name] = self.earlier.get(name, 0.0) + time.perf_counter() - start
-        self.current = None
-        self.save()
-
-    def stopped(self) -> None:
-        """The session ends inside a stage (Ctrl-C, an error): its time so far counts, as the total's does."""
+    def end(self) -> None:
+        """The stage begun ends (done, or the session stopped inside it: its time so far counts, as the
+        total's does); the record is saved."""
         if self.current is not None:
             name, start = self.current
             self.timings[name] = self.earlier.get(name, 0.0) + time.perf_counter() - start
@@ -146,7 +141,7 @@ def _demo_folder(out: Path, tokenizer: str, quick: bool) -> Iterator[_Laps]:
             with continue_hint("the same vqgpt demo command continues it"):  # (it takes no --resume)
                 yield laps
         except BaseException:
-            laps.stopped()  # (the time of a stopped session counts: the report sums the sessions)
+            laps.end()  # (the time of a stopped session counts: the report sums the sessions)
             raise
     finally:
         lock.release()
@@ -243,31 +238,31 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
     with _demo_folder(out, "vq", quick) as lap:
 
         _say("1/6 training the tokenizer on builtin:mnist (real digits)")
-        t = lap.begin("tokenizer")
+        lap.begin("tokenizer")
         tok_cfg = _without_slow_bf16(demo_tokenizer_config(quick))
         prior_cfg = _without_slow_bf16(demo_prior_config(quick))
         if prior_cfg.train.mixed_precision == "no":
             _say("this CPU has no fast bf16 units: training in float32")
         tokenizer_dir = train_tokenizer(tok_cfg, out / "tokenizer_run", resume="auto")
-        lap("tokenizer", t)
+        lap.end()
 
         _say("2/6 reconstructing held-out digits")
-        t = lap.begin("reconstruct")
+        lap.begin("reconstruct")
         recon = reconstruct(tokenizer_dir, "builtin:mnist", out / "reconstruction", lpips="none", save_images=False)
-        lap("reconstruct", t)
+        lap.end()
 
         _say("3/6 encoding the training digits into token shards")
-        t = lap.begin("encode")
+        lap.begin("encode")
         tokens_dir = encode_dataset(tokenizer_dir, tok_cfg.data, out / "tokens")
-        lap("encode", t)
+        lap.end()
 
         _say("4/6 training a class-conditional prior (10% class dropout for guidance)")
-        t = lap.begin("prior")
+        lap.begin("prior")
         pipeline_dir, pipe = _train_pipeline(prior_cfg, tokens_dir, tokenizer_dir, out)
-        lap("prior", t)
+        lap.end()
 
         _say("5/6 sampling one row per digit")
-        t = lap.begin("sample")
+        lap.begin("sample")
         cfg_scale = prior_cfg.sample_cfg_scale
         labels = torch.arange(10).repeat_interleave(samples_per_class)
         sampling = SamplingConfig(cfg_scale=cfg_scale)
@@ -283,13 +278,13 @@ def run_demo(out: str | Path, quick: bool = False, samples_per_class: int = 50, 
             highres_path = save_grid(wide, out / "samples_wide.png", nrow=1)
         except NotImplementedError:
             pass
-        lap("sample", t)
+        lap.end()
 
         _say("6/6 checking the samples with a digit classifier trained on real MNIST")
-        t = lap.begin("classifier")
+        lap.begin("classifier")
         classifier, heldout = load_or_train_mnist_classifier()  # cached under ~/.cache/vqgpt (or $VQGPT_CACHE)
         accuracy = class_accuracy(classifier, images, labels)
-        lap("classifier", t)
+        lap.end()
 
         metrics = {
             "reconstruction": {k: recon[k] for k in ("psnr", "ssim", "codebook_usage", "perplexity", "grid",
@@ -400,31 +395,31 @@ def run_pixel_demo(out: str | Path, quick: bool = False, num_samples: int = 32, 
         size, colours = tok_cfg.model.resolution, tok_cfg.model.quantizer.codebook_size
 
         _say(f"1/6 fitting a palette of {colours} colours to the training digits' pixels (k-means)")
-        t = lap.begin("palette")
+        lap.begin("palette")
         tokenizer_dir = train_tokenizer(tok_cfg, out / "tokenizer_run", resume="auto")
         recon = reconstruct(tokenizer_dir, "builtin:mnist", out / "reconstruction", lpips="none", save_images=False,
                             progress=False)
-        lap("palette", t)
+        lap.end()
 
         _say(f"2/6 encoding the training digits: one token per pixel, {size}x{size} per digit")
-        t = lap.begin("encode")
+        lap.begin("encode")
         tokens_dir = encode_dataset(tokenizer_dir, tok_cfg.data, out / "tokens")
-        lap("encode", t)
+        lap.end()
 
         _say("3/6 training an unconditional prior over the pixels in raster order")
-        t = lap.begin("prior")
+        lap.begin("prior")
         pipeline_dir, pipe = _train_pipeline(prior_cfg, tokens_dir, tokenizer_dir, out)
-        lap("prior", t)
+        lap.end()
 
         _say(f"4/6 sampling {num_samples} digits")
-        t = lap.begin("sample")
+        lap.begin("sample")
         sampling = SamplingConfig()
         samples = pipe.generate(num_samples, sampling=sampling, seed=seed)
         save_grid(samples, out / "samples.png", nrow=8)
-        lap("sample", t)
+        lap.end()
 
         _say("5/6 completing the lower half of held-out digits (4 completions each)")
-        t = lap.begin("complete")
+        lap.begin("complete")
         heldout = build_dataset(replace(tok_cfg.data, random_crop=False), "eval")
         per_class = len(heldout) // 10
         keep = size // 2
@@ -434,12 +429,12 @@ def run_pixel_demo(out: str | Path, quick: bool = False, num_samples: int = 32, 
             completions = pipe.complete(image, 4, keep_rows=keep, sampling=sampling, seed=seed + digit)
             rows.append(torch.cat([_occluded_rows(image, keep)[None], completions.cpu(), image[None]]))
         save_grid(torch.cat(rows), out / "completions.png", nrow=6)
-        lap("complete", t)
+        lap.end()
 
         _say("6/6 bits per dim of the prior on the held-out digits")
-        t = lap.begin("bits_per_dim")
+        lap.begin("bits_per_dim")
         bpd = eval_bits_per_dim(pipeline_dir, "builtin:mnist", split="eval", progress=False)
-        lap("bits_per_dim", t)
+        lap.end()
 
         metrics = {
             "tokenizer": {"palette_colours": colours, "resolution": size, "tokens_per_image": size * size,
