@@ -188,10 +188,12 @@ def test_an_output_name_over_the_file_systems_limit_is_one_line(pipes, tmp_path,
 def test_a_token_folder_is_a_path_whatever_its_name(tmp_path, monkeypatch, name):
     """--tokens went into the config as an unquoted YAML override: a folder named yes was the boolean true."""
     import stage2_prior.train as prior_train
+    import vqgpt.workflow.chain as chain  # imported before the patch: it would keep the fake train_prior for good
 
     seen = []
-    monkeypatch.setattr(prior_train, "train_prior", lambda cfg, *a, **k: seen.append(cfg.tokens) or tmp_path)
-    monkeypatch.setattr("vqgpt.workflow.chain.refresh_run_pipeline", lambda *a: None)
+    for module in (prior_train, chain):
+        monkeypatch.setattr(module, "train_prior", lambda cfg, *a, **k: seen.append(cfg.tokens) or tmp_path)
+    monkeypatch.setattr(chain, "refresh_run_pipeline", lambda *a: None)
     monkeypatch.chdir(tmp_path)  # a folder named as it is in the current one
     assert main(["train-prior", "--config", str(ROOT / "configs/prior/tiny.yaml"), "--tokens", name,
                  "--out", str(tmp_path / "run")]) == 0
