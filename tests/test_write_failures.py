@@ -99,6 +99,37 @@ def test_an_export_that_cannot_be_written_keeps_the_earlier_one(tmp_path):
     VQModel.from_pretrained(tmp_path / "tok")
 
 
+@pytest.mark.parametrize("file", ["model.safetensors", "config.json"])
+def test_an_export_interrupted_while_written_keeps_the_earlier_one_and_leaves_no_temporary_file(
+        tmp_path, monkeypatch, file):
+    """A Ctrl-C (or SIGTERM turned into one) while an export's file was written left its partial .tmp beside
+    the export: only an error (a full disk) cleaned up."""
+    import vqgpt.ground.checkpoint as checkpoint
+
+    torch.manual_seed(0)
+    VQModel(tiny_tokenizer().config).save_pretrained(tmp_path / "tok")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()}
+
+    def interrupted(tmp: Path) -> None:
+        tmp.write_bytes(b"part")
+        raise KeyboardInterrupt
+
+    real = checkpoint._write_export_files
+
+    def write_files(directory, write_weights, write_config):
+        if file == "model.safetensors":
+            real(directory, interrupted, write_config)
+        else:
+            real(directory, write_weights, interrupted)
+
+    monkeypatch.setattr(checkpoint, "_write_export_files", write_files)
+    torch.manual_seed(1)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()} == before
+    VQModel.from_pretrained(tmp_path / "tok")
+
+
 def test_write_errors_of_each_library_name_the_file(tmp_path):
     class SafetensorError(Exception):  # safetensors' class name; its text quotes the OS error
         pass

@@ -92,18 +92,20 @@ def save_export(directory: str | Path, kind: str, config: Any, model: torch.nn.M
 def _write_export_files(directory: Path, write_weights: Callable[[Path], object],
                         write_config: Callable[[Path], object]) -> None:
     """Write an export's two files as ``.tmp`` siblings, then put them in place: the weights, then
-    ``config.json``. A failed write (a full disk, say) leaves the export as it was, without the partial
-    files, and is raised as ``write_error`` says. Between the two renames a kill leaves new weights beside
-    an older config; the ``config.json.tmp`` left behind tells ``read_export_meta`` so (``_check_whole``)."""
+    ``config.json``. A failed or interrupted write (a full disk, a Ctrl-C) leaves the export as it was, without
+    the partial files, and a failure is raised as ``write_error`` says. Between the two renames a kill leaves new
+    weights beside an older config; the ``config.json.tmp`` left behind tells ``read_export_meta`` so (``_check_whole``)."""
     weights_tmp, config_tmp = (directory / (name + ".tmp") for name in (WEIGHTS_NAME, CONFIG_NAME))
     writing = weights_tmp
     try:
         write_weights(weights_tmp)
         writing = config_tmp
         write_config(config_tmp)
-    except Exception as exc:
+    except BaseException as exc:  # a Ctrl-C too: no partial .tmp file is left beside the export
         for tmp in {weights_tmp, writing}:
             tmp.unlink(missing_ok=True)
+        if not isinstance(exc, Exception):
+            raise
         failure = write_error(exc, directory / writing.name.removesuffix(".tmp"))
         if failure is None or failure is exc:
             raise
