@@ -15,6 +15,7 @@ import itertools
 import weakref
 from typing import Iterator
 
+import psutil
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
@@ -285,6 +286,27 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that ``device`` can still give: the host's available memory for the CPU, the GPU's free memory
+    plus what torch's caching allocator holds unused for CUDA; None where that cannot be told."""
+    if device.type == "cpu":
+        return psutil.virtual_memory().available
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return None
+
+
+def check_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """A MemoryError naming ``what`` when ``nbytes`` exceed what ``device`` has free. Without it the CPU
+    allocator hands out untouched pages it cannot back (the kernel kills the process once sampling writes
+    them), and a GPU fails mid-batch with torch's generic message."""
+    free = free_memory(device)
+    if free is not None and nbytes > free:
+        raise MemoryError(f"{what} needs {nbytes / 2**30:,.1f} GiB, and {device} has {free / 2**30:,.1f} GiB free: "
+                          "draw fewer samples per call (guidance doubles the rows)")
+
+
 class KVCache:
     """Preallocated keys and values of every layer, each (B, n_kv_head, max_len, head_dim).
 
@@ -302,6 +324,8 @@ class KVCache:
     def allocate(cls, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, zeroed: bool = False) -> "KVCache":
         shape = (batch_size, n_kv_head, max_len, head_dim)
+        check_fits(2 * n_layer * batch_size * n_kv_head * max_len * head_dim * dtype.itemsize, torch.device(device),
+                   f"a KV cache of {batch_size:,} rows x {max_len:,} positions ({n_layer} layers, {dtype})")
         new = torch.zeros if zeroed else torch.empty
         return cls([new(shape, dtype=dtype, device=device) for _ in range(n_layer)],
                    [new(shape, dtype=dtype, device=device) for _ in range(n_layer)])

@@ -63,7 +63,6 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
     T = h * w
     scales = cfg_scales(sampling.cfg_scale, sampling.cfg_schedule, T)
     batch = 2 * num_samples if guided else num_samples
-    out = torch.empty(num_samples, T, dtype=torch.long, device=device)
     notice_data_edits(model)  # before the prepared copies or a compiled step are used
     with eval_mode(model):
         step = decode_step(model) if compile else None
@@ -73,6 +72,7 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
         else:
             seq = torch.zeros(batch, T, dtype=torch.long, device=device)  # the token at t is never read for t
             logits = model(seq[:, :1], labels)
+        out = torch.empty(num_samples, T, dtype=torch.long, device=device)  # after the cache, which checks the memory
         watch = FiniteWatch(device, T)
         groups = code_groups(model)
         for t in tqdm(range(T), disable=not progress, desc="sampling"):

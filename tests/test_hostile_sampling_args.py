@@ -12,7 +12,7 @@ import torch
 import vqgpt.workflow.evaluation as evaluation
 import vqgpt.workflow.sample_many as sample_many_module
 from prior_helpers import tiny_gpt
-from stage2_prior import generate
+from stage2_prior import SamplingConfig, generate
 from stage2_prior.highres import complete
 from test_pipeline import tiny_prior, tiny_tokenizer
 from vqgpt.cli.commands import main
@@ -227,3 +227,22 @@ def test_a_second_interrupt_says_the_checkpoint_may_be_missing(monkeypatch, caps
 
     assert _run(argparse.Namespace(func=stopped, json=False)) == 130
     assert "stopped at once by a second interrupt" in _error(capsys)
+
+
+def test_a_kv_cache_larger_than_free_memory_is_a_memory_error_before_anything_is_allocated(monkeypatch):
+    """generate(model, 10**7) allocated its untouched cache lazily, and the kernel killed the process once
+    sampling wrote it: the cache's size is now checked against the free memory first, guidance's doubled
+    rows included, and the error says how much it needs."""
+    import stage2_prior.layers as layers
+
+    model = tiny_gpt()
+    with pytest.raises(MemoryError, match=r"KV cache of 1,000,000,000 rows .* needs [\d,.]+ GiB, and cpu has "):
+        generate(tiny_gpt(num_classes=0), 10**9)  # far beyond any host
+    per_row = 2 * model.config.n_layer * (1 + 12) * model.config.dim * 4  # keys and values, float32
+    available = type("Memory", (), {"available": 40 * per_row})
+    monkeypatch.setattr(layers.psutil, "virtual_memory", lambda: available)
+    assert generate(model, 40, class_labels=0).shape == (40, 3, 4)  # exactly fits
+    with pytest.raises(MemoryError, match="KV cache of 41 rows"):
+        generate(model, 41, class_labels=0)
+    with pytest.raises(MemoryError, match="KV cache of 42 rows"):  # guidance: a null-class row per sample
+        generate(model, 21, class_labels=0, sampling=SamplingConfig(cfg_scale=2.0))
