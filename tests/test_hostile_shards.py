@@ -5,6 +5,7 @@ else without a word."""
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 
 import pytest
@@ -70,6 +71,18 @@ def test_shards_vqgpt_shard_writes_still_read(tmp_path):
     _whole(tmp_path / "in" / "a.tar", 5)
     report = write_shards(f"wds:{tmp_path / 'in'}", tmp_path / "out", per_shard=2, progress=False)
     assert len(build_dataset(wds(report.pattern), "train")) == report.count == 5
+
+
+def test_a_shard_index_follows_the_umask_as_a_folder_index_does(tmp_path):
+    """The shard indexes of a group-shared cache came out 0600: the group's other users could not read them."""
+    _whole(tmp_path / "in" / "a.tar")
+    old = os.umask(0o002)
+    try:
+        build_dataset(wds(f"wds:{tmp_path / 'in'}"), "train")
+    finally:
+        os.umask(old)
+    [index] = (tmp_path / "cache").rglob("*.json")
+    assert index.stat().st_mode & 0o777 == 0o664
 
 
 # ---------------------------------------------------------------------------------------------

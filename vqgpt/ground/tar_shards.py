@@ -54,6 +54,7 @@ from webdataset.tariterators import base_plus_ext
 
 from vqgpt.ground.dataset_base import DataConfig, EncodedImageDataset, _check_index, class_table
 from vqgpt.ground.file_index import index_path
+from vqgpt.ground.files import umask
 from vqgpt.ground.images import IMAGE_EXTENSIONS
 
 PREFIX = "wds:"
@@ -356,12 +357,15 @@ def _read_index(path: Path, stat: os.stat_result) -> dict[str, Any] | None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file: ranks indexing at once never see half a file."""
+    """Write ``text`` to ``path`` through a temporary file: ranks indexing at once never see half a file. The
+    file takes the umask's mode, as a folder's index does (mkstemp's 0600 kept a group-shared cache's shard
+    indexes private, and every other user of the group indexed each shard again on every start)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
