@@ -106,7 +106,22 @@ def make_shards(folder: Path, jpegs: list[bytes], classes: int) -> str:
     return f"wds:{folder}"
 
 
+def make_hf(folder: Path, jpegs: list[bytes], classes: int) -> str:
+    """A Hugging Face dataset of the same files (an Image and a ClassLabel column), saved to disk."""
+    import datasets
+
+    per_class = -(-len(jpegs) // classes)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(
+        names=[f"class{c:04d}" for c in range(classes)])})
+    rows = {"image": [{"bytes": data, "path": None} for data in jpegs],
+            "label": [i // per_class for i in range(len(jpegs))]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(folder))
+    return f"hf:{folder}"
+
+
 SOURCES = [Source("folder", make_folder), Source("tar", make_shards)]
+if importlib.util.find_spec("datasets") is not None:  # the hf extra
+    SOURCES.append(Source("hf", make_hf))
 
 
 def start_up(source: str, index_dir: Path) -> tuple[float, int]:
@@ -200,7 +215,7 @@ def main() -> None:
                 second, _ = start_up(source, index_dir)
                 reused = _reused(source, index_dir)
                 print(f"{source_kind.name:<8} {count:>8,} {written:>8.2f} {first:>8.2f} {first / count * 1e6:>8.1f} "
-                      f"{second:>9.3f} {second / count * 1e6:>8.1f}  {'index reused' if reused else 'SCANNED AGAIN'}")
+                      f"{second:>9.3f} {second / count * 1e6:>8.1f}  {_reuse_word(reused)}")
                 if n == min(sizes):
                     loader_sources.append((source_kind.name, source, str(index_dir)))
             big = work / f"{source_kind.name}-imagenet-size"
@@ -233,10 +248,18 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _reused(source: str, index_dir: Path) -> bool:
-    """Whether a start now reads the index (rather than scanning): the second start's case."""
+def _reuse_word(reused: bool | None) -> str:
+    return "(no index: the dataset's own Arrow files)" if reused is None else "index reused" if reused else \
+        "SCANNED AGAIN"
+
+
+def _reused(source: str, index_dir: Path) -> bool | None:
+    """Whether a start now reads the index (rather than scanning): the second start's case; None for a
+    Hugging Face dataset, which keeps no index of ours."""
     from vqgpt.ground.file_index import folder_index
 
+    if source.startswith("hf:"):
+        return None
     if source.startswith("wds:"):
         from vqgpt.ground.tar_shards import shard_index_is_fresh, shard_paths
 

@@ -172,7 +172,9 @@ def _column_labels(ds: Any, column: str, where: str) -> tuple[list[str], np.ndar
     import datasets
 
     feature = ds.features[column]
-    values = list(ds.select_columns([column])[column])
+    # through Arrow in one call: reading the column as Python values went row by row through the dataset's
+    # formatting (7.6 of 7.9 s at 200,000 rows, on every start of every process)
+    values = ds.with_format("arrow")[column].to_pylist()
     if isinstance(feature, datasets.ClassLabel):
         names = dict(enumerate(feature.names))
         classes, labels = class_table(values, lambda i: f"{where}[{i}] column {column!r}", names)
