@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
 from vqgpt.ground.checkpoint import read_trainer_state
-from vqgpt.ground.data import drop_unreadable
+from vqgpt.ground.data import drop_unreadable, freeze_before_workers
 from vqgpt.training.config import TrainConfig
 
 
@@ -76,6 +76,7 @@ def batch_stream(accelerator: Accelerator, dataloader, position: StreamPosition)
         if hasattr(dataloader.dataset, "set_epoch"):
             dataloader.dataset.set_epoch(position.epoch)
         loader = accelerator.skip_first_batches(dataloader, position.batch) if position.batch else dataloader
+        freeze_before_workers(dataloader.num_workers)  # this epoch's workers are forked below
         yielded = False
         for batch in loader:
             yielded = True

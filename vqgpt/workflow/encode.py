@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 from stage1_vq.model import VQModel
 from vqgpt.ground.checkpoint import export_fingerprint
-from vqgpt.ground.data import DataConfig, build_dataset, collate_images, describe_file_changes, source_identity
+from vqgpt.ground.data import (DataConfig, build_dataset, collate_images, describe_file_changes, freeze_before_workers,
+                              source_identity)
 from vqgpt.ground.hf_source import hf_choice_differences, hf_choices
 from vqgpt.ground.tokens import (DEFAULT_SHARD_SIZE, META_FILE, PROGRESS_PATTERN, SOURCE_FILE, TOKEN_FOLDER_PATTERNS,
                                  TokenShardError, TokenShardWriter, clear_token_folder, merge_parts, progress_file,
@@ -340,6 +341,7 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
         aligned = first - first % batch_size if first < stop else stop
         loader = DataLoader(Subset(dataset, range(aligned, stop)), batch_size=batch_size, shuffle=False,
                             num_workers=data.num_workers, collate_fn=collate_images)
+        freeze_before_workers(data.num_workers)
         bar = tqdm(total=stop - start, initial=first - start, unit="img", disable=not progress,
                    desc="encode" if processes == 1 else f"encode (rank 0 of {processes})")
         position = aligned
