@@ -363,3 +363,20 @@ def test_mixed_precision_no_as_documented_is_read_as_no(tmp_path):
     assert load_config(PriorRunConfig, tmp_path / "c.yaml").train.mixed_precision == "no"
     with pytest.raises(ConfigError, match=r"train.lr_schedule: expected a string, got False"):
         load_config(PriorRunConfig, ROOT / "configs/prior/tiny.yaml", ["train.lr_schedule=no"])
+
+
+@pytest.mark.parametrize("text", ["0123", "010", "0x1F", "12:30", "1_000", "1.50", ".5", "2024-1-1", "2024-01-01",
+                                  "2024", "1.5", "+7"])
+def test_a_text_key_written_like_a_number_keeps_its_text(text, tmp_path):
+    """YAML 1.1 reads 0123 as the octal 83, 0x1F as 31, 12:30 as 750 and 1_000 as 1000, and a text key took
+    the number's digits: a folder named 0123 became '83', and a run trained on a folder named 83 if there
+    was one. A numeric key still takes the number YAML reads."""
+    cfg = load_config(TokenizerRunConfig, TOKENIZER, [f"data.source={text}", f"train.project_name={text}"])
+    assert (cfg.data.source, cfg.train.project_name) == (text, text)
+    (tmp_path / "c.yaml").write_text(f"data: {{source: {text}, hf_image_column: {text}}}\n")
+    assert (load_config(TokenizerRunConfig, tmp_path / "c.yaml").data.hf_image_column) == text
+    cfg = load_config(TokenizerRunConfig, TOKENIZER, ["train.steps=1_000", "train.lr=1.50", "model.resolution=0x20",
+                                                      "train.seed=017"])
+    assert (cfg.train.steps, cfg.train.lr, cfg.model.resolution, cfg.train.seed) == (1000, 1.5, 32, 15)
+    assert type(cfg.data.source) is str  # a plain str, so that the run's config.yaml can be written
+

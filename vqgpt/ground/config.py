@@ -16,7 +16,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar, Union
+from typing import Any, Callable, Mapping, TypeVar, Union
 
 import yaml
 
@@ -71,12 +71,55 @@ def _type_name(tp: Any) -> str:
 _NO_WORD = ("mixed_precision",)
 
 
+class NumberText(str):
+    """A YAML number or date written otherwise than Python prints its value (``0123``, ``0x1F``, ``1_000``,
+    ``12:30``, ``1.50``, ``2024-1-1``): the text as written, for a text key (a folder named 0123 was read
+    as YAML 1.1's octal 83, and the run trained on a folder named 83 if there was one), with ``number``,
+    the value YAML read, for a numeric key."""
+
+    number: Any
+
+    def __new__(cls, text: str, number: Any) -> "NumberText":
+        made = super().__new__(cls, text)
+        made.number = number
+        return made
+
+
+class _TextKeepingLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a number or date not written as Python prints it is a ``NumberText``."""
+
+
+def _keeping_text(construct: Callable[[yaml.SafeLoader, yaml.Node], Any]) -> Callable[..., Any]:
+    def construct_keeping_text(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        value = construct(loader, node)
+        return value if str(value) == node.value else NumberText(node.value, value)
+    return construct_keeping_text
+
+
+for _tag, _construct in (("int", yaml.SafeLoader.construct_yaml_int), ("float", yaml.SafeLoader.construct_yaml_float),
+                         ("timestamp", yaml.SafeLoader.construct_yaml_timestamp)):
+    _TextKeepingLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keeping_text(_construct))
+
+
+def _numbers(value: Any) -> Any:
+    """``value`` with every ``NumberText`` in it replaced by its number."""
+    if isinstance(value, NumberText):
+        return value.number
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_numbers(v) for v in value)
+    return value
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it converted (lists -> tuples etc.)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, NumberText) and tp is not str and origin not in (Union, types.UnionType):
+        value = value.number  # what YAML read, for anything but text (a union tries each of its types)
     if tp is Any:
-        return value
+        return _numbers(value)
     if origin is Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
@@ -113,7 +156,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        return _numbers(dict(value))
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -133,14 +176,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
-        # YAML reads a bare 2024 or 2024-01-01 (a folder's name, say) as a number or a date: take its text.
-        if (isinstance(value, int) and not isinstance(value, bool)) or type(value) is datetime.date:
+        # YAML reads a bare 2024, 1.5 or 2024-01-01 (a folder's name, say) as a number or a date: take its text,
+        # which is what Python prints for it (any other text came as a NumberText: _TextKeepingLoader).
+        if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
             return str(value)
         if value is False and key.rsplit(".", 1)[-1] in _NO_WORD:  # YAML reads a bare `no` as false
             return "no"
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r} (quote it to give it as text)")
-        return value
+        return str(value)
     raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
 
 
@@ -237,7 +281,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not raw.strip():
         return key.split("."), ""
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_TextKeepingLoader)
     except yaml.YAMLError:
         return key.split("."), raw
     text = raw.strip()
@@ -284,7 +328,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
                           "save the config as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
-    loader = yaml.SafeLoader(text)
+    loader = _TextKeepingLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
