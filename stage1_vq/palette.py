@@ -37,13 +37,13 @@ class PaletteConfig:
 
     def __post_init__(self) -> None:
         if self.sample_pixels < 1:
-            raise ValueError(f"palette.sample_pixels must be >= 1, got {self.sample_pixels}")
+            raise ValueError(f"sample_pixels must be >= 1, got {self.sample_pixels}")
         if self.pixels_per_image < 0:
-            raise ValueError(f"palette.pixels_per_image must be >= 0 (0 = every pixel), got {self.pixels_per_image}")
+            raise ValueError(f"pixels_per_image must be >= 0 (0 = every pixel), got {self.pixels_per_image}")
         if self.iterations < 0:
-            raise ValueError(f"palette.iterations must be >= 0, got {self.iterations}")
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         if self.init not in PALETTE_INITS:
-            raise ValueError(f"palette.init must be one of {list(PALETTE_INITS)}, got {self.init!r}")
+            raise ValueError(f"init must be one of {list(PALETTE_INITS)}, got {self.init!r}")
 
 
 # ----------------------------------------------------------------------------- the quantizer

@@ -380,3 +380,9 @@ def test_a_text_key_written_like_a_number_keeps_its_text(text, tmp_path):
     assert (cfg.train.steps, cfg.train.lr, cfg.model.resolution, cfg.train.seed) == (1000, 1.5, 32, 15)
     assert type(cfg.data.source) is str  # a plain str, so that the run's config.yaml can be written
 
+
+@pytest.mark.parametrize("key, value, message", [("iterations", -1, "iterations must be >= 0, got -1"),
+                                                 ("sample_pixels", 0, "sample_pixels must be >= 1, got 0")])
+def test_a_palette_option_out_of_range_names_its_key_once(key, value, message):
+    with pytest.raises(ConfigError, match=rf"^--set palette.{key}={value}: palette: {message}$"):
+        load_config(TokenizerRunConfig, TOKENIZER, [f"palette.{key}={value}"])  # was 'palette: palette.iterations'
