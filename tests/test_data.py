@@ -330,8 +330,6 @@ def test_a_very_long_image_in_a_folder_is_cut_before_it_is_resized(tmp_path, mon
 def test_a_picture_fitted_to_a_non_square_size_covers_it(tmp_path):
     """open_fitted (the app's and `vqgpt complete`'s fit) resized the shorter side to the target's shorter
     side, so a square picture fitted to 16 x 32 came back 16 x 16 with grey bars beside it."""
-    from torchvision.transforms.v2 import functional as TF
-
     from vqgpt.ground.images import open_fitted
 
     Image.new("RGB", (100, 100), (250, 20, 20)).save(tmp_path / "square.png")
@@ -340,13 +338,22 @@ def test_a_picture_fitted_to_a_non_square_size_covers_it(tmp_path):
         fitted = open_fitted(tmp_path / "square.png", height, width)
         assert fitted.shape == (3, height, width)
         assert torch.allclose(fitted, red.expand_as(fitted), atol=1e-5), (height, width)
-    # a square target: the shorter side resized, as before, bit for bit
+
+
+def test_a_picture_fitted_to_a_square_is_the_one_the_datasets_read(tmp_path):
+    """open_fitted (`vqgpt complete`, the app) resized with torchvision's bilinear on floats, the datasets
+    (`reconstruct`, `encode`, training) with Pillow's bicubic: one file gave two pictures, and `complete`
+    encoded 8-14 of 64 codes otherwise than the codes its prior was trained on."""
+    from vqgpt.ground.data import eval_images
+    from vqgpt.ground.images import open_fitted
+
     rng = np.random.default_rng(1)
-    photo = rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)
-    Image.fromarray(photo).save(tmp_path / "photo.png")
-    before = TF.center_crop(TF.resize(torch.from_numpy(photo).permute(2, 0, 1).float() / 127.5 - 1, 16,
-                                      antialias=True), [16, 16])
-    assert torch.equal(open_fitted(tmp_path / "photo.png", 16, 16), before)
+    for i, (h, w) in enumerate([(40, 70), (56, 40), (16, 16), (300, 33), (17, 100)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"p{i}.png")
+    dataset = eval_images(str(tmp_path), 16)
+    for i in range(len(dataset)):
+        image, _ = dataset[i]
+        assert torch.equal(open_fitted(dataset.files[i], 16, 16), image), dataset.files[i]
 
 
 def test_high_bit_depth_grey_converts_in_bounded_memory_to_the_same_values(monkeypatch):
@@ -386,6 +393,7 @@ def test_high_bit_depth_grey_converts_in_bounded_memory_to_the_same_values(monke
 def test_a_large_picture_fitted_to_a_square_is_shrunk_by_the_exact_whole_factor(tmp_path):
     """The pre-shrink of a picture over FIT_SHRINK_PIXELS took its factor from a float (185 for 5952 px
     fitted to 16, where min(size) // 32 is 186), so square targets no longer fitted as before."""
+    from torchvision.transforms import v2
     from torchvision.transforms.v2 import functional as TF
 
     from vqgpt.ground.images import FIT_SHRINK_PIXELS, open_fitted, pil_to_tensor
@@ -396,7 +404,9 @@ def test_a_large_picture_fitted_to_a_square_is_shrunk_by_the_exact_whole_factor(
     across, down = np.broadcast_to(ramp, (side, side)), np.broadcast_to(ramp[:, None], (side, side))
     picture = Image.fromarray(np.stack([across, down, np.full((side, side), 90, np.uint8)], -1))
     picture.save(tmp_path / "big.png", compress_level=1)
-    expected = TF.center_crop(TF.resize(pil_to_tensor(picture.reduce(186)), 16, antialias=True), [16, 16])
+    shrunk = picture.reduce(186)
+    resized = v2.Resize(16, interpolation=v2.InterpolationMode.BICUBIC)(shrunk)
+    expected = TF.center_crop(pil_to_tensor(resized), [16, 16])
     assert torch.equal(open_fitted(tmp_path / "big.png", 16, 16), expected)
 
 

@@ -160,8 +160,8 @@ def crop_aspect(img: Image.Image, ratio: float = MAX_ASPECT) -> Image.Image:
 
 
 def open_fitted(path: str | Path, height: int, width: int) -> torch.Tensor:
-    """An image file fitted to ``height`` x ``width`` -> (3, height, width) in [-1, 1]: resized (antialiased)
-    to the smallest size that covers the target, then the middle cropped; for a square target that is the
+    """An image file fitted to ``height`` x ``width`` -> (3, height, width) in [-1, 1]: resized (Pillow's
+    bicubic) to the smallest size that covers the target, then the middle cropped; for a square target that is the
     shorter side resized. (A non-square target was given its shorter side only and the rest padded with
     grey.) Memory is bounded by the target rather than the file: a large JPEG is decoded at a reduced
     scale, a very long picture cut to ``MAX_ASPECT`` first, a very large one shrunk in 8-bit first."""
@@ -181,13 +181,15 @@ def open_fitted(path: str | Path, height: int, width: int) -> torch.Tensor:
     if picture.size[0] * picture.size[1] > FIT_SHRINK_PIXELS and factor >= 2:
         picture = picture.reduce(factor)
         cover = max(height / picture.size[1], width / picture.size[0])
-    image = pil_to_tensor(picture)
-    if height == width:
-        image = TF.resize(image, height, antialias=True)
+    # Pillow's bicubic, in 8 bits, as the datasets fit a picture (dataset_base.image_transform): for a square
+    # target these are the very pixels `reconstruct` and `encode` read from the file, so its codes are the
+    # ones the prior was trained on (torchvision's bilinear on floats moved up to a quarter of the codes)
+    w, h = picture.size
+    if height == width:  # the shorter side to the target, the longer one as torchvision's Resize sizes it
+        size = (height, int(height * w / h)) if h <= w else (int(height * h / w), height)
     else:
-        size = [max(height, round(picture.size[1] * cover)), max(width, round(picture.size[0] * cover))]
-        image = TF.resize(image, size, antialias=True)
-    return TF.center_crop(image, [height, width])
+        size = (max(height, round(h * cover)), max(width, round(w * cover)))
+    return TF.center_crop(pil_to_tensor(picture.resize(size[::-1], Image.BICUBIC)), [height, width])
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
