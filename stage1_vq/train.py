@@ -365,7 +365,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
                                     psnr=f"{record.get('psnr', float('nan')):.2f}",
                                     usage=f"{record.get('usage', float('nan')):.0%}")
-                after_step(accelerator, tc, step, bar, interrupt, checkpoint, snapshot_grid)
+                after_step(accelerator, tc, step, bar, interrupt, checkpoint, snapshot_grid, run_dir)
         bar.close()
         quantizer.set_step_updates("every_forward")
         checkpoint()

@@ -257,7 +257,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
                     means = metrics.mean(accelerator)
                     log.write({"step": step, "lr": lr, **means, "tokens_per_s": tok_s, "skipped": skipped})
                     bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", tok_s=f"{tok_s:,.0f}")
-                after_step(accelerator, tc, step, bar, interrupt, checkpoint, snapshot)
+                after_step(accelerator, tc, step, bar, interrupt, checkpoint, snapshot, run_dir)
         bar.close()
         checkpoint()
         last_grid(run_dir, step, resumed_at, tc, snapshot)

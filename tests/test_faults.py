@@ -261,6 +261,26 @@ def test_sigterm_writes_a_checkpoint_and_resume_auto_completes(tokens, tmp_path)
     assert GPT.from_pretrained(run / "export").config.num_classes == 4
 
 
+def test_an_interrupt_in_the_last_step_finishes_the_run_and_one_before_says_the_export_is_the_earlier_one(
+        tokens, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the last step wrote its checkpoint and stopped without the export, every step trained;
+    and a finished run resumed for more steps and interrupted kept its earlier export in RUN/export/ while
+    its config.yaml named the new step count, without a word."""
+    import vqgpt.training.loop as loop
+
+    monkeypatch.setattr(loop.GracefulInterrupt, "any_process", lambda self, accelerator: True)  # Ctrl-C every step
+    try:
+        export = train_prior(prior_config(tokens, "train.steps=1"), tmp_path / "run")
+    except KeyboardInterrupt:  # (not let through: it would end the whole test session)
+        pytest.fail("interrupted in its last step, the run stopped without its export")
+    assert GPT.from_pretrained(export).config.num_classes == 4 and read_metrics(tmp_path / "run")[-1]["step"] == 1
+    with pytest.raises(KeyboardInterrupt):
+        train_prior(prior_config(tokens, "train.steps=3"), tmp_path / "run", resume="auto")
+    said = capsys.readouterr().out
+    assert "interrupted: checkpoint written at step 2" in said
+    assert f"{export} still holds the model this run exported when it last finished" in said
+
+
 # ----------------------------------------------------------------------------- non-finite losses
 
 

@@ -214,11 +214,14 @@ def continue_hint(text: str) -> Iterator[None]:
         _CONTINUE.pop()
 
 
-def stop_after_interrupt(accelerator: Accelerator, step: int, checkpoint, bar) -> None:
+def stop_after_interrupt(accelerator: Accelerator, step: int, checkpoint, bar, run_dir: Path) -> None:
     """Write a checkpoint through ``checkpoint()``, close the run and raise KeyboardInterrupt."""
     checkpoint()
     bar.close()
     accelerator.print(f"interrupted: checkpoint written at step {step}; {_CONTINUE[-1]}")
+    if (run_dir / "export").is_dir():  # a finished run resumed for more steps: its export is the earlier model
+        accelerator.print(f"{run_dir / 'export'} still holds the model this run exported when it last finished; "
+                          "it is replaced when the run finishes")
     finish_run(accelerator)
     raise KeyboardInterrupt
 
@@ -247,14 +250,15 @@ def is_log_step(step: int, cfg: TrainConfig) -> bool:
 
 
 def after_step(accelerator: Accelerator, cfg: TrainConfig, step: int, bar, interrupt: GracefulInterrupt,
-               checkpoint: Callable[[], None], snapshot: Callable[[], None]) -> None:
+               checkpoint: Callable[[], None], snapshot: Callable[[], None], run_dir: Path) -> None:
     """The tail of every optimizer step, ``step`` being the steps done: advance the progress bar, write a
     sample grid every ``sample_every`` and a checkpoint every ``checkpoint_every`` steps (the final ones
-    are written after the loop), and stop every process at this step when any was interrupted."""
+    are written after the loop), and stop every process at this step when any was interrupted, unless it
+    was the last step: the run then finishes, exporting its model, as it would a moment later."""
     bar.update(1)
     if cfg.sample_every and step % cfg.sample_every == 0:
         snapshot()
     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
         checkpoint()
-    if interrupt.any_process(accelerator):
-        stop_after_interrupt(accelerator, step, checkpoint, bar)
+    if step < cfg.steps and interrupt.any_process(accelerator):
+        stop_after_interrupt(accelerator, step, checkpoint, bar, run_dir)
