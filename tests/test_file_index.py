@@ -196,7 +196,8 @@ def test_index_is_written_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(file_index.np, "savez_compressed", dies)
     with pytest.raises(OSError, match="disk full"):
         file_index.save_index(file_index.scan_folder(root), path)
-    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    left = sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".lock"))  # (the scanners' lock)
+    assert path.read_bytes() == before and left == [path.name]
 
 
 def test_index_dir_key_and_an_unwritable_cache(tmp_path, monkeypatch):
@@ -605,3 +606,29 @@ def test_a_folder_dataset_keeps_its_files_in_arrays_that_forked_loader_workers_s
     assert [ds.files[i].is_file() for i in range(len(ds))] == [True] * len(ds)
     image, label = ds[0]
     assert type(label) is int and label == ds.classes.index(listed[0].split("/")[0])
+
+
+def test_processes_starting_at_once_on_a_folder_scan_it_once(tmp_path, monkeypatch):
+    """Every rank of a run walked the folder itself when no fresh index existed (a million files on one file
+    server, N times at once): the first now scans, and the others wait for its index."""
+    import threading
+
+    root = _folder(tmp_path / "imgs")
+    scans = []
+    real_scan = file_index.scan_folder
+
+    def slow_scan(r):
+        scans.append(r)
+        time.sleep(0.5)  # the others arrive while it scans
+        return real_scan(r)
+
+    monkeypatch.setattr(file_index, "scan_folder", slow_scan)
+    found = []
+    starts = [threading.Thread(target=lambda: found.append(file_index.folder_index(root, tmp_path / "idx")))
+              for _ in range(3)]
+    for start in starts:
+        start.start()
+    for start in starts:
+        start.join()
+    assert len(scans) == 1 and len(found) == 3
+    assert [len(index) for index in found] == [7, 7, 7] and sum(index.reused for index in found) == 2

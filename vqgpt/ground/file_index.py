@@ -18,7 +18,9 @@ to now, which differs from the stored time.
 Where: ``$VQGPT_CACHE/index/``, else ``$XDG_CACHE_HOME/vqgpt/index/``, else ``~/.cache/vqgpt/index/``,
 or the folder given as ``data.index_dir``; the file is named by a hash of the resolved root.
 It is written to a temporary file and renamed, so that processes building it at once never read
-half a file; a missing, damaged or older-format index is rebuilt.
+half a file; a missing, damaged or older-format index is rebuilt. Processes that start at once on a
+folder without a fresh index (the ranks of a run) take turns through a lock file beside it: the first
+scans, the others read its index.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import time
 import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -277,21 +281,54 @@ def folder_index(root: str | Path, index_dir: str | Path | None = None, refresh:
         raise ValueError(f"image source is not a folder: {root} (give the folder that holds the images)")
     path = index_path(root_path, index_dir)
     if not refresh:
-        index = load_index(path, root_path)
-        if index is None:  # not on disk: an index this process could not write there, when still fresh
-            index = _UNSAVED.get(path)
-        if index is not None and is_fresh(index):
+        index = _stored_fresh(path, root_path)
+        if index is not None:
             return index
-    index = scan_folder(root_path)
-    try:
-        save_index(index, path)
-        index.path = path
-        _UNSAVED.pop(path, None)
-    except OSError as exc:
-        _UNSAVED[path] = index  # this process's next use of the folder neither scans nor warns again
-        warnings.warn(f"could not write the file index {path} ({exc}); set data.index_dir (or $VQGPT_CACHE) "
-                      f"to a writable folder, or every start scans {root_path} again", stacklevel=2)
+    with _one_scanner(path):
+        if not refresh:  # another process (a rank of the same run) may have scanned it while this one waited
+            index = _stored_fresh(path, root_path)
+            if index is not None:
+                return index
+        index = scan_folder(root_path)
+        try:
+            save_index(index, path)
+            index.path = path
+            _UNSAVED.pop(path, None)
+        except OSError as exc:
+            _UNSAVED[path] = index  # this process's next use of the folder neither scans nor warns again
+            warnings.warn(f"could not write the file index {path} ({exc}); set data.index_dir (or $VQGPT_CACHE) "
+                          f"to a writable folder, or every start scans {root_path} again", stacklevel=2)
     return index
+
+
+def _stored_fresh(path: Path, root: Path) -> FileIndex | None:
+    """The index stored at ``path`` (or kept by this process, where it could not be written), when fresh."""
+    index = load_index(path, root)
+    if index is None:  # not on disk: an index this process could not write there, when still fresh
+        index = _UNSAVED.get(path)
+    return index if index is not None and is_fresh(index) else None
+
+
+@contextmanager
+def _one_scanner(path: Path) -> Iterator[None]:
+    """Held while the folder of index ``path`` is scanned: the processes that start at once on a folder
+    without a fresh index (the ranks of a run, each walking a million files on the same file server)
+    wait for the first one's index instead of each scanning. An OS lock (flock) on a ``.lock`` file beside
+    the index, dropped when the process ends however it ends; without flock (Windows) or where the cache
+    folder cannot take the file, each process scans, as it did before."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def unicode_twins(names: list[str]) -> list[tuple[str, str]]:
