@@ -84,6 +84,8 @@ class FakeRank:
 
 def _as_rank(monkeypatch, rank: int, processes: int) -> None:
     monkeypatch.setattr(encode_module, "_process_state", lambda: FakeRank(rank, processes))
+    # what rank 0 works out and broadcasts (the source's identity), each rank here works out itself
+    monkeypatch.setattr(encode_module, "on_main_process", lambda state, work: work())
 
 
 # ------------------------------------------------------------------------------------- many processes
@@ -97,16 +99,34 @@ def test_slices_are_contiguous_runs_of_whole_batches():
         assert all(start % BATCH == 0 for start, _ in slices)  # every batch [kB, (k+1)B) stays whole
 
 
+# `vqgpt encode` that notes, in the folder $IDENTIFIED, each process that lists the source's files and stats them
+_COUNTING_ENCODE = """
+import os, sys
+import vqgpt.workflow.encode as encode
+real = encode.source_identity
+def noted(*args, **kwargs):
+    open(os.path.join(os.environ["IDENTIFIED"], os.environ.get("RANK", "0")), "w").close()
+    return real(*args, **kwargs)
+encode.source_identity = noted
+from vqgpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_two_processes_encode_exactly_what_one_process_does(tokenizer_dir, source, tmp_path):
     one = _encode(tokenizer_dir, source, tmp_path / "one", augment="flip")
     two = tmp_path / "two"
-    cmd = [*launch_command(2), "-m", "vqgpt", "encode", "--tokenizer", str(tokenizer_dir), "--data", str(source),
-           "--out", str(two), "--augment", "flip", "--batch-size", str(BATCH)]
-    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
+    (tmp_path / "encode.py").write_text(_COUNTING_ENCODE)
+    (tmp_path / "identified").mkdir()
+    cmd = [*launch_command(2), str(tmp_path / "encode.py"), "encode", "--tokenizer", str(tokenizer_dir), "--data",
+           str(source), "--out", str(two), "--augment", "flip", "--batch-size", str(BATCH)]
+    done = subprocess.run(cmd, env={**subprocess_env(), "IDENTIFIED": str(tmp_path / "identified")},
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("token shards written to") == 1  # said once, by rank 0
+    # one process stats the images (each did: a million stats per process at every start); the other gets its digest
+    assert sorted(p.name for p in (tmp_path / "identified").iterdir()) == ["0"]
     meta = read_meta(two)
     # each rank wrote its own files; rank 0 listed rank 0's, then rank 1's: a run of 1 and of 2 batches
     assert meta["processes"] == 2 and meta["complete"] and meta["views"] == 2

@@ -52,6 +52,7 @@ from vqgpt.ground.tokens import (DEFAULT_SHARD_SIZE, META_FILE, PROGRESS_PATTERN
                                  read_meta, write_json)
 from vqgpt.training.config import launch_command, launched_process_state
 from vqgpt.training.run_folder import LOCK_NAME, RunLock, share_main_failure
+from vqgpt.training.shares import on_main_process
 
 AUGMENTS = ("none", "flip", "ten-crop")
 # LlamaGen's extract_codes_c2i default: the ten crops are taken from a center crop 1.1x the resolution
@@ -207,6 +208,23 @@ def _check_same_split(out: Path, total: int, batch_size: int, processes: int, re
             f"--overwrite to encode again")
 
 
+def _identity_of(data: DataConfig, state: PartialState) -> tuple[dict[str, Any], list[list[Any]] | None]:
+    """(``source_identity`` of the images with a digest of its file list in place of the list, the list) on
+    the first process; the others get the identity alone, and None. The list stats every image of a folder:
+    done by every process, that was N times a million stats against one file server, at each start."""
+    kept: dict[str, Any] = {}
+
+    def identify() -> dict[str, Any]:
+        identity = source_identity(data.source, data.index_dir)
+        files = kept["files"] = identity.pop("files", None)
+        if files is not None:  # meta.json keeps a digest; the list itself goes to source-files.json
+            identity["num_files"] = len(files)
+            identity["digest"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+        return identity
+
+    return on_main_process(state, identify), kept.get("files")
+
+
 def part_name(rank: int) -> str:
     """File-name tag of the shards process ``rank`` writes (``tokens-r000-00000.npy``)."""
     return f"r{rank:03d}"
@@ -255,11 +273,7 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
             failure = exc
     share_main_failure(failure, processes)
     try:
-        identity = source_identity(data.source, data.index_dir)
-        files = identity.pop("files", None)
-        if files is not None:  # meta.json keeps a digest; the list itself goes to source-files.json
-            identity["num_files"] = len(files)
-            identity["digest"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+        identity, files = _identity_of(data, state)
         wanted = {
             "tokenizer_fingerprint": export_fingerprint(tokenizer_dir),
             "source": identity.get("root", data.source),
@@ -326,6 +340,7 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
                 write_json(out / SOURCE_FILE, files)
             if processes > 1:  # an unfinished meta.json, so that a re-run checks identity and process count
                 merge_parts(out, parts, (h, w), model.codebook_size, merged_meta, views=len(names))
+        files = None  # not kept through the encode: 240 MB of Python objects at a million files
         state.wait_for_everyone()
 
         start, stop = process_slice(total, batch_size, processes, rank)
