@@ -4,8 +4,10 @@ per process, and the views of --augment flip / ten-crop, drawn one per sample by
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -327,3 +329,28 @@ def test_single_view_shards_of_an_older_vqgpt_still_load_and_resume(tokenizer_di
     (out / META_FILE).write_text(json.dumps({**meta, "format_version": 1, "flip_augmented": True, "complete": False}))
     with pytest.raises(TokenShardError, match=r"augment is 'flip \(as extra rows, older vqgpt\)' there but 'flip'"):
         _encode(tokenizer_dir, source, out, augment="flip")
+
+
+def test_a_finished_encode_run_again_says_which_left_out_images_can_be_read_now(tokenizer_dir, tmp_path):
+    """An image left out as unreadable (no read permission) and mended by a chmod, which changes neither its size
+    nor its time: the same encode again said 'nothing to do', and the image was never encoded."""
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    for i in range(3):
+        picture = np.random.default_rng(i).integers(0, 255, (R, R, 3), dtype=np.uint8)
+        Image.fromarray(picture).save(root / "a" / f"{i}.png")
+    good = (root / "a" / "2.png").read_bytes()
+    (root / "a" / "2.png").write_bytes(b"\0" * len(good))  # unreadable, at the size the mended file will have
+    stamp = (root / "a" / "2.png").stat()
+    with pytest.warns(UserWarning, match="unreadable image"):
+        out = _encode(tokenizer_dir, root, tmp_path / "codes")
+    assert read_meta(out)["unreadable"] == ["a/2.png"] and read_meta(out)["count"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _encode(tokenizer_dir, root, out)  # still unreadable: nothing to say
+    (root / "a" / "2.png").write_bytes(good)
+    os.utime(root / "a" / "2.png", ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # as a chmod leaves it
+    with pytest.warns(UserWarning, match=r"1 image that the encode in .*codes left out as unreadable can be read now "
+                                         r"\(a/2.png\); pass --overwrite"):
+        _encode(tokenizer_dir, root, out)
+    assert read_meta(_encode(tokenizer_dir, root, out, overwrite=True))["count"] == 3

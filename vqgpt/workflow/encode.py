@@ -33,6 +33,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from vqgpt.ground.checkpoint import export_fingerprint
 from vqgpt.ground.data import (DataConfig, build_dataset, collate_images, describe_file_changes, freeze_before_workers,
                               source_identity)
 from vqgpt.ground.hf_source import hf_choice_differences, hf_choices
+from vqgpt.ground.images import open_rgb
 from vqgpt.ground.tokens import (DEFAULT_SHARD_SIZE, META_FILE, PROGRESS_PATTERN, SOURCE_FILE, TOKEN_FOLDER_PATTERNS,
                                  TokenShardError, TokenShardWriter, clear_token_folder, merge_parts, progress_file,
                                  read_meta, write_json)
@@ -304,6 +306,8 @@ def encode_dataset(tokenizer_dir: str | Path, data: DataConfig, out: str | Path,
                 if progress:
                     print(f"{out}: already holds the finished encode of {data.source} by this tokenizer with these "
                           f"options ({stored['count']} images); nothing to do")
+                if is_main:
+                    _say_readable_now(out, data.source, stored.get("unreadable", []))
                 return out
             started = int(stored.get("processes", 1))
             if started != processes and not _stored_any(out):  # nothing to lose: start over on this many
@@ -421,6 +425,26 @@ def _no_image_encoded(out: Path, source: str, split: str, total: int, unreadable
                          f"images (a name ending .png or .jpg is no proof: the file may hold text or be truncated)")
     raise ValueError(f"{source} has no images in its {split} split ({total} items): nothing was encoded into {out}; "
                      f"check --data and --split")
+
+
+def _say_readable_now(out: Path, source: str, unreadable: list[str], checked: int = 100) -> None:
+    """Warn when files of a folder that the finished encode in ``out`` left out can be read now (a file's
+    permissions mended: a chmod changes neither its size nor its time, so the source's identity stays the
+    same and nothing else would tell); the first ``checked`` of them are opened."""
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        return
+    now = []
+    for name in unreadable[:checked]:
+        try:
+            open_rgb(root / name)
+            now.append(name)
+        except Exception:  # still unreadable (or gone): as recorded
+            pass
+    if now:
+        shown = ", ".join(now[:3]) + (", ..." if len(now) > 3 else "")
+        warnings.warn(f"{_plural(len(now), 'image')} that the encode in {out} left out as unreadable can be read "
+                      f"now ({shown}); pass --overwrite to encode again with them", stacklevel=3)
 
 
 def _relative(path: str, source: str) -> str:
