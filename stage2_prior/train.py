@@ -22,9 +22,9 @@ from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from stage2_prior.draw import MAX_CFG_SCALE, SamplingConfig
-from stage2_prior.model import GPT, GPTConfig
+from stage2_prior.model import EXPORT_KIND, GPT, GPTConfig
 from stage2_prior.sampling import generate
-from vqgpt.ground.checkpoint import read_trainer_state, save_checkpoint
+from vqgpt.ground.checkpoint import read_export_meta, read_trainer_state, save_checkpoint
 from vqgpt.ground.config import ConfigError, check_number, opt, to_dict
 from vqgpt.ground.images import save_grid
 from vqgpt.ground.tokens import TokenDataset, TokenShardError, check_tokenizer_match
@@ -141,6 +141,19 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @keeps_caller_rng
+def _recorded_code_groups(checkpoint: Path, export_dir: Path) -> tuple[int, int] | None:
+    """The ``code_groups`` a run recorded: in its checkpoint, else (a checkpoint of an earlier vqgpt) in the
+    export its last finish wrote. A resume without --tokenizer knows them only so: it exported the prior
+    without them, and a bare ``GPT.from_pretrained`` + ``generate`` drew codes from other depths' codebooks."""
+    groups = read_trainer_state(checkpoint).get("code_groups")
+    if groups is None and (export_dir / "config.json").is_file():
+        try:
+            groups = read_export_meta(export_dir, EXPORT_KIND).get("extra", {}).get("code_groups")
+        except (OSError, ValueError):
+            groups = None
+    return None if groups is None else (int(groups[0]), int(groups[1]))
+
+
 def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
                 decode: Decoder | None = None, tokenizer_fingerprint: str | None = None,
                 overwrite: bool = False, tokenizer_dir: str | Path | None = None,
@@ -186,6 +199,8 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
         if len(loader) < accelerator.num_processes:
             raise ConfigError(f"train.batch_size={tc.batch_size} x {accelerator.num_processes} processes is larger "
                               f"than the {len(data)} grids in {cfg.tokens}")
+        if code_groups is None and run.checkpoint is not None:  # a resume without the tokenizer: as recorded
+            code_groups = _recorded_code_groups(run.checkpoint, run_dir / "export")
         model = GPT(model_cfg)
         model.code_groups = code_groups  # (the sample grids draw each code from its depth's codebook)
         set_grad_checkpointing(model, tc.grad_checkpointing)
@@ -218,7 +233,8 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
         def checkpoint() -> None:
             check_replicas(accelerator, {"model": unwrap(accelerator, model), "ema": ema.module if ema else None})
             save_checkpoint(accelerator, run_dir, step, tc.keep_checkpoints,
-                            extra={**stream_state(position, accelerator, tc.batch_size), "skipped": skipped},
+                            extra={**stream_state(position, accelerator, tc.batch_size), "skipped": skipped,
+                                   **({"code_groups": list(code_groups)} if code_groups is not None else {})},
                             inputs=shards, config=to_dict(cfg))
 
         def snapshot() -> None:

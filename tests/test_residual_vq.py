@@ -247,6 +247,12 @@ def test_rvq_tokenizer_through_encode_a_prior_and_sampling(tmp_path, monkeypatch
     train_prior_with_tokenizer(prior_cfg, tmp_path / "prior2", tmp_path / "tok" / "export")
     assert drawn_with == [(2, 64)]
     assert GPT.from_pretrained(tmp_path / "prior2" / "export").code_groups == (2, 64)  # the run's export too
+    # resumed for more steps without the tokenizer (as the README allows), the run keeps them from its checkpoint:
+    # its new export had none, and a bare prior drew half its codes from the other depth's codebook
+    longer = load_config(PriorRunConfig, ROOT / "configs/prior/tiny.yaml", [*common, f"tokens={tokens}",
+                                                                          "train.steps=5"])
+    train_prior(longer, tmp_path / "prior2", resume="auto")
+    assert getattr(GPT.from_pretrained(tmp_path / "prior2" / "export"), "code_groups", None) == (2, 64)
 
 
 def test_a_prior_whose_rows_split_a_position_is_refused_when_paired():
