@@ -122,6 +122,11 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
     h, w = model.grid_size
     if H < h or W < w:
         raise ValueError(f"canvas {H}x{W} is smaller than the prior's grid {h}x{w}")
+    groups = code_groups(model)
+    if groups is not None and W % groups[0]:  # position p holds depth p % D: each row must hold whole positions
+        raise ValueError(f"canvas width {W} is not a multiple of the {groups[0]} codes per position of this prior's "
+                         f"tokenizer (code_groups {tuple(groups)}): a row would end inside a position, and the codes "
+                         f"of the next row would come from the wrong depths")
     if (known_mask is None) == (keep_rows is None):
         raise ValueError("pass exactly one of known_mask and keep_rows")
     device = model.tok_embeddings.weight.device

@@ -298,7 +298,7 @@ def test_the_pipeline_draws_each_position_from_its_depths_codebook():
 def test_a_bare_prior_of_a_per_depth_tokenizer_keeps_its_code_groups(tmp_path):
     """The per-depth rule lived on the pipeline only: GPT.from_pretrained of the pipeline's prior/ (or of a
     run's export) and stage2_prior.generate drew about half the slots from another depth's codebook."""
-    from stage2_prior import SamplingConfig, generate
+    from stage2_prior import SamplingConfig, complete, generate
     from stage2_prior.model import GPT, GPTConfig
     from vqgpt.ground.config import ConfigError
     from vqgpt.workflow.pipeline import VQGPTPipeline
@@ -312,6 +312,12 @@ def test_a_bare_prior_of_a_per_depth_tokenizer_keeps_its_code_groups(tmp_path):
     assert bare.code_groups == (2, 32)
     codes = generate(bare, 6, sampling=SamplingConfig(temperature=2.0), generator=torch.Generator().manual_seed(0))
     assert torch.equal(codes // 32, (torch.arange(8) % 2).expand_as(codes))
+    # a canvas whose rows end inside a position: each row after the first would draw from the wrong depths
+    with pytest.raises(ValueError, match=r"canvas width 9 is not a multiple of the 2 codes per position"):
+        generate(bare, 1, grid_size=(4, 9))
+    with pytest.raises(ValueError, match=r"canvas width 11 is not a multiple"):
+        complete(bare, torch.zeros(1, 4, 11, dtype=torch.long), keep_rows=1)
+    assert generate(bare, 1, grid_size=(5, 10)).shape == (1, 5, 10)
     config = json.loads((tmp_path / "pipe" / "prior" / "config.json").read_text())
     config["extra"]["code_groups"] = [3, 32]  # not the vocabulary
     (tmp_path / "pipe" / "prior" / "config.json").write_text(json.dumps(config))
