@@ -327,3 +327,34 @@ def test_a_bare_prior_of_a_per_depth_tokenizer_keeps_its_code_groups(tmp_path):
     VQGPTPipeline(one, GPT(GPTConfig(codebook_size=one.codebook_size, grid_size=[4, 8], num_classes=0, n_layer=1,
                                      n_head=2, dim=32, multiple_of=16))).save_pretrained(tmp_path / "shared")
     assert getattr(GPT.from_pretrained(tmp_path / "shared" / "prior"), "code_groups", None) is None
+
+
+def test_bits_per_dim_scores_each_position_among_its_own_depths_codes(tmp_path):
+    """eval-bpd scored a per-depth residual-VQ prior's codes over the whole vocabulary (D x K), where every
+    sampler draws position p from depth p % D's K codes alone: the NLL counted mass on codes that can never
+    stand there, and the uniform baseline was log2(D K) bits a token."""
+    from stage2_prior.model import GPT, GPTConfig
+    from test_quantizer_kinds import write_images
+    from vqgpt.workflow.evaluation import eval_bits_per_dim
+    from vqgpt.workflow.pipeline import VQGPTPipeline
+
+    torch.manual_seed(0)
+    tok = tiny_rvq_model().eval()  # 2 depths of 32 codes; 16 px -> 8 x 8 positions, 8 x 16 codes
+    prior = GPT(GPTConfig(codebook_size=tok.codebook_size, grid_size=[8, 16], num_classes=0, n_layer=1, n_head=2,
+                          dim=32, multiple_of=16)).eval()
+    torch.nn.init.normal_(prior.output.weight, std=0.5)  # logits that depend on the codes
+    VQGPTPipeline(tok, prior).save_pretrained(tmp_path / "pipe")
+    write_images(tmp_path / "images", n=6)
+    report = eval_bits_per_dim(tmp_path / "pipe", str(tmp_path / "images"), progress=False)
+
+    from vqgpt.ground.data import eval_images
+    images = torch.stack([eval_images(str(tmp_path / "images"), 16)[i][0] for i in range(6)])
+    codes = tok.encode(images).flatten(1)  # (6, 128)
+    with torch.no_grad():
+        logits = prior(codes, None)  # (6, 128, 64)
+    own = torch.arange(64) // 32 == (torch.arange(128) % 2)[:, None]  # (128, 64): depth p % 2's codes
+    nats = torch.nn.functional.cross_entropy(logits.masked_fill(~own, float("-inf")).flatten(0, 1), codes.flatten())
+    whole = torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes.flatten())
+    assert report.num_images == 6 and report.nll_per_token == pytest.approx(float(nats), rel=1e-5)
+    assert float(whole) > float(nats) + 0.05  # scored over every code, the same codes looked less likely
+    assert report.uniform_bits_per_dim == pytest.approx(5 * 128 / (3 * 16 * 16))  # log2(32) bits a code

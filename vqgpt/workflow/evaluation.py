@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from stage2_prior.draw import SamplingConfig, check_sampling_args
+from stage2_prior.draw import SamplingConfig, check_sampling_args, code_groups
 from vqgpt.workflow.classifier import MNIST_SOURCE, NUM_DIGITS, load_or_train_mnist_classifier, predict
 from vqgpt.ground.checkpoint import usable_device
 from vqgpt.ground.data import DataConfig, build_dataset, check_source_package, readable_batches
@@ -628,7 +628,7 @@ class BitsPerDimReport(_Report):
     bits_per_token: float
     bits_per_pixel: float         # bits of an image's codes / (H x W): bits_per_token for pixel tokens
     bits_per_dim: float           # bits of an image's codes / (3 x H x W)
-    uniform_bits_per_dim: float   # a prior that spreads its mass evenly: log2(codebook_size) per token
+    uniform_bits_per_dim: float   # a prior that spreads its mass evenly: log2(codes a position may hold) per token
 
 
 BITS_PER_DIM_KEYS = tuple(f.name for f in fields(BitsPerDimReport))
@@ -672,6 +672,14 @@ def eval_bits_per_dim(pipeline_dir: str | Path, images: str, split: str = "eval"
             raise ValueError(f"{images}: its classes {dataset.classes[:10]} are not this class-conditional prior's: "
                              f"{exc}") from None
     wanted = len(dataset) if num_images is None else min(num_images, len(dataset))
+    # residual VQ with a codebook per depth: position p holds one of depth p % D's K codes, and the samplers
+    # draw it from those alone (stage2_prior.draw.code_groups); scored over the whole vocabulary, the NLL
+    # counted the mass the prior puts on codes that can never stand there (about 1 bit per token here)
+    groups = code_groups(pipe.prior)
+    if groups is not None:
+        depth, per_depth = groups
+        positions = torch.arange(grid[0] * grid[1], device=dev)
+        foreign = torch.arange(pipe.prior.config.codebook_size, device=dev) // per_depth != positions[:, None] % depth
     total_nats, tokens, count = 0.0, 0, 0
     # unreadable files replaced by the next ones; under accelerate launch each process scores its share of the
     # batches, and every batch's NLL sum is added in batch order, as one process adds them: the same figures
@@ -683,6 +691,8 @@ def eval_bits_per_dim(pipeline_dir: str | Path, images: str, split: str = "eval"
             codes = pipe.tokenizer.encode(round_.images.to(dev)).flatten(1)  # (B, h*w)
             labels = class_of[round_.labels].to(dev) if class_of is not None else None
             logits = pipe.prior(codes, labels)  # (B, T, V)
+            if groups is not None:
+                logits = logits.masked_fill(foreign, float("-inf"))  # (T, V): another depth's codes
             nats = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), codes.flatten(),
                                                      reduction="sum").reshape(1)
             numel = torch.tensor([codes.numel()])
@@ -702,4 +712,5 @@ def eval_bits_per_dim(pipeline_dir: str | Path, images: str, split: str = "eval"
         nll_per_token=total_nats / tokens, bits_per_token=bits_per_token,
         bits_per_pixel=bits_per_token * per_image_tokens / (height * width),
         bits_per_dim=bits_per_token * per_image_tokens / dims,
-        uniform_bits_per_dim=float(np.log2(pipe.prior.config.codebook_size)) * per_image_tokens / dims)
+        uniform_bits_per_dim=float(np.log2(pipe.prior.config.codebook_size if groups is None else groups[1]))
+        * per_image_tokens / dims)
