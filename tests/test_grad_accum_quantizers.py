@@ -4,6 +4,7 @@ once per optimizer step over all its micro-batches (``set_step_updates`` / ``fin
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -169,7 +170,11 @@ def test_tokenizer_with_grad_accum_trains_like_the_whole_batch(tmp_path):
         load_file(str(tmp_path / "accum/export/model.safetensors"))
     assert set(whole) == set(accum)
     for key in whole:
-        torch.testing.assert_close(accum[key], whole[key], rtol=0, atol=1e-5, msg=key)
+        # (an attention key bias adds q.b to each of a query's scores alike, which its softmax ignores: its
+        # gradient is rounding noise, which AdamW's normalised step turns into steps of about the lr, so the
+        # two runs' rounding leaves it apart by a little more on some CPUs: 1.3e-5 on an Intel Xeon)
+        atol = 1e-4 if re.search(r"\.attn\.\d+\.k\.bias$", key) else 1e-5
+        torch.testing.assert_close(accum[key], whole[key], rtol=0, atol=atol, msg=key)
     rows_whole, rows_accum = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "accum")
     assert [r["step"] for r in rows_accum] == [1, 2, 3]
     for a, b in zip(rows_whole, rows_accum, strict=True):
