@@ -345,6 +345,15 @@ def test_another_quantizer_kinds_options_are_named_when_training(tmp_path):
         train_tokenizer(cfg, tmp_path / "run")
     assert QuantizerConfig(kind="rvq", rvq_depth=3, fsq_levels=[4, 3]).ignored_keys() == ["fsq_levels"]
     assert QuantizerConfig(kind="fsq", fsq_levels=[4, 3]).ignored_keys() == []
+    # the loss and learned-codebook options of the other kinds too (each was taken without a word)
+    assert QuantizerConfig(kind="fsq", beta=1.0, ema_decay=0.5, kmeans_iters=3).ignored_keys() == [
+        "beta", "ema_decay", "kmeans_iters"]
+    assert QuantizerConfig(kind="lfq", beta=1.0, ema_decay=0.5, entropy_temperature=0.3).ignored_keys() == [
+        "ema_decay", "entropy_temperature"]  # (beta: lfq's commitment loss reads it)
+    assert QuantizerConfig(kind="vq", lfq_temperature=0.01, lfq_sample_entropy_weight=0.2,
+                           lfq_codebook_entropy_weight=1.0).ignored_keys() == [
+        "lfq_temperature", "lfq_sample_entropy_weight", "lfq_codebook_entropy_weight"]
+    assert QuantizerConfig(kind="rvq", ema_decay=0.5, kmeans_iters=3, entropy_temperature=0.3).ignored_keys() == []
 
 
 def test_an_encode_into_a_folder_another_encode_is_writing_is_refused(tokenizer_dir, tmp_path):

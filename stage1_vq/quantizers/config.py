@@ -138,7 +138,10 @@ class QuantizerConfig:
     def ignored_keys(self) -> list[str]:
         """The numeric options of other kinds set away from their defaults (rvq_depth with kind vq, ...):
         each is in range (else refused above), but this kind does not read it."""
-        readers = {"rvq_depth": ("rvq",), "lfq_dim": ("lfq",), "fsq_levels": ("fsq",)}
+        readers = {"rvq_depth": ("rvq",), "lfq_dim": ("lfq",), "fsq_levels": ("fsq",), "beta": ("vq", "rvq", "lfq"),
+                   "ema_decay": LEARNED_KINDS, "kmeans_iters": LEARNED_KINDS, "entropy_temperature": LEARNED_KINDS,
+                   "lfq_temperature": ("lfq",), "lfq_sample_entropy_weight": ("lfq",),
+                   "lfq_codebook_entropy_weight": ("lfq",)}
         return changed_keys(self, [key for key, kinds in readers.items() if self.kind not in kinds])
 
     def _check_vq(self) -> None:
