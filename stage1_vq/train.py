@@ -8,6 +8,7 @@ k-means instead (``fit_palette_run``), into the same run folder files.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from stage1_vq.losses import LossConfig, build_discriminator, build_perceptual, 
 from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.palette import PaletteConfig, fit_palette
 from vqgpt.ground.checkpoint import read_trainer_state, save_checkpoint
-from vqgpt.ground.config import ConfigError, opt, to_dict
+from vqgpt.ground.config import ConfigError, changed_keys, opt, to_dict
 from vqgpt.ground.data import DataConfig, Unreadable, build_dataset, folder_overlap
 from vqgpt.ground.images import save_grid, side_by_side
 from vqgpt.ground.metrics import psnr
@@ -180,6 +181,11 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
                    f"loss.gan_weight={cfg.loss.gan_weight:g}")
             warnings.warn(f"{why}: {', '.join('loss.' + key for key in ignored)} "
                           f"{'is' if len(ignored) == 1 else 'are'} not read, so setting "
+                          f"{'it' if len(ignored) == 1 else 'them'} changes nothing", stacklevel=2)
+        ignored = _unread_by_a_palette(cfg) if cfg.model.architecture == "pixels" else []
+        if accelerator.is_main_process and ignored:
+            warnings.warn(f"model.architecture=pixels fits a palette by k-means, nothing by gradients: "
+                          f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not read, so setting "
                           f"{'it' if len(ignored) == 1 else 'them'} changes nothing", stacklevel=2)
         if accelerator.is_main_process and (ignored := cfg.model.quantizer.ignored_keys()):
             warnings.warn(f"model.quantizer.kind={cfg.model.quantizer.kind} does not read "
@@ -378,6 +384,23 @@ def train_tokenizer(cfg: TokenizerRunConfig, out: str | Path, resume: str | None
             accelerator.print(f"tokenizer exported to {export_dir}")
         finish_run(accelerator)
         return export_dir
+
+
+# what a pixel tokenizer's palette fit reads of train (the rest is gradient training's) and of the quantizer
+_PALETTE_READS = {"train": ("batch_size", "seed", "keep_checkpoints", "mixed_precision", "cpu", "log_with",
+                            "project_name"),
+                  "quantizer": ("kind", "codebook_size")}
+
+
+def _unread_by_a_palette(cfg: TokenizerRunConfig) -> list[str]:
+    """The loss, train and quantizer keys set away from their defaults that a palette fit does not read."""
+    sections = {"loss": cfg.loss, "train": cfg.train, "model.quantizer": cfg.model.quantizer}
+    unread = []
+    for name, section in sections.items():
+        reads = _PALETTE_READS.get(name.rsplit(".", 1)[-1], ())
+        keys = [f.name for f in dataclasses.fields(section) if f.name not in reads]
+        unread += [f"{name}.{key}" for key in changed_keys(section, keys)]
+    return unread
 
 
 def fit_palette_run(cfg: TokenizerRunConfig, accelerator: Accelerator, run: RunFolder) -> Path:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy
@@ -124,6 +125,24 @@ def test_pixels_refuse_learning_options(key, value, named):
         VQModelConfig(architecture="pixels", quantizer=QuantizerConfig(codebook_size=16, **{key: value}))
     with pytest.raises(ValueError, match="quantizer.kind must be 'vq'"):
         VQModelConfig(architecture="pixels", quantizer=QuantizerConfig(kind="fsq"))
+
+
+def test_the_gradient_training_keys_a_palette_fit_does_not_read_are_named(tmp_path):
+    """loss.*, the quantizer's learning options and train.lr/steps/... were taken without a word by a pixel
+    tokenizer, whose palette is fitted by k-means."""
+    from stage1_vq.train import train_tokenizer
+
+    small = ["model.resolution=8", "data.resolution=8", "model.quantizer.codebook_size=4", "palette.sample_pixels=500",
+             "palette.iterations=1"]
+    cfg = load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/pixels_digits.yaml",
+                      [*small, "model.quantizer.beta=0.9", "loss.gan_weight=0.5", "train.lr=0.5", "train.steps=50"])
+    with pytest.warns(UserWarning, match=r"model.architecture=pixels fits a palette by k-means, nothing by gradients: "
+                                         r"loss.gan_weight, train.steps, train.lr, model.quantizer.beta are not read"):
+        train_tokenizer(cfg, tmp_path / "set")
+    with warnings.catch_warnings():  # the shipped config and what a fit reads (seed, batch size): nothing to say
+        warnings.filterwarnings("error", message=".*fits a palette")
+        train_tokenizer(load_config(TokenizerRunConfig, ROOT / "configs/tokenizer/pixels_digits.yaml",
+                                    [*small, "train.seed=3", "train.batch_size=16"]), tmp_path / "plain")
 
 
 def test_pixel_demo_configs_equal_the_yaml_files():
