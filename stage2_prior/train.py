@@ -140,7 +140,6 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
 
 
-@keeps_caller_rng
 def _recorded_code_groups(checkpoint: Path, export_dir: Path) -> tuple[int, int] | None:
     """The ``code_groups`` a run recorded: in its checkpoint, else (a checkpoint of an earlier vqgpt) in the
     export its last finish wrote. A resume without --tokenizer knows them only so: it exported the prior
@@ -154,6 +153,7 @@ def _recorded_code_groups(checkpoint: Path, export_dir: Path) -> tuple[int, int]
     return None if groups is None else (int(groups[0]), int(groups[1]))
 
 
+@keeps_caller_rng
 def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
                 decode: Decoder | None = None, tokenizer_fingerprint: str | None = None,
                 overwrite: bool = False, tokenizer_dir: str | Path | None = None,
