@@ -94,7 +94,8 @@ def _write_export_files(directory: Path, write_weights: Callable[[Path], object]
     """Write an export's two files as ``.tmp`` siblings, then put them in place: the weights, then
     ``config.json``. A failed or interrupted write (a full disk, a Ctrl-C) leaves the export as it was, without
     the partial files, and a failure is raised as ``write_error`` says. Between the two renames a kill leaves new
-    weights beside an older config; the ``config.json.tmp`` left behind tells ``read_export_meta`` so (``_check_whole``)."""
+    weights beside an older config; the ``config.json.tmp`` left behind tells ``read_export_meta`` so
+    (``_check_whole``)."""
     weights_tmp, config_tmp = (directory / (name + ".tmp") for name in (WEIGHTS_NAME, CONFIG_NAME))
     writing = weights_tmp
     try:
