@@ -393,12 +393,15 @@ _PALETTE_READS = {"train": ("batch_size", "seed", "keep_checkpoints", "mixed_pre
 
 
 def _unread_by_a_palette(cfg: TokenizerRunConfig) -> list[str]:
-    """The loss, train and quantizer keys set away from their defaults that a palette fit does not read."""
+    """The loss, train and quantizer keys set away from their defaults that a palette fit does not read (less the
+    quantizer keys its kind does not read either, which ``QuantizerConfig.ignored_keys`` names already)."""
     sections = {"loss": cfg.loss, "train": cfg.train, "model.quantizer": cfg.model.quantizer}
+    said = set(cfg.model.quantizer.ignored_keys())  # (named by the quantizer kind's own warning)
     unread = []
     for name, section in sections.items():
         reads = _PALETTE_READS.get(name.rsplit(".", 1)[-1], ())
-        keys = [f.name for f in dataclasses.fields(section) if f.name not in reads]
+        keys = [f.name for f in dataclasses.fields(section)
+                if f.name not in reads and not (section is cfg.model.quantizer and f.name in said)]
         unread += [f"{name}.{key}" for key in changed_keys(section, keys)]
     return unread
 
