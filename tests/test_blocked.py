@@ -67,6 +67,9 @@ def test_the_fp32_loop_where_the_cpu_has_no_dot_products(dtype, check):
     that the kernel passes before use, and an int8 kernel so built keeps its rows unrounded."""
     source = blocked._product_source(dtype)
     assert source.count(check) == 1
+    if dtype == torch.bfloat16:  # and no tiles either (AMX: a CPU without AVX512-BF16 has none)
+        assert source.count(_TILES_RUN) == 1
+        source = source.replace(_TILES_RUN, "&& false)")
     fp32_loop = blocked._build(source.replace(check, "if (false)"), blocked._product_argtypes(dtype),
                                lambda candidate: blocked._product_correct(candidate, dtype))
     assert fp32_loop is not None
@@ -75,6 +78,51 @@ def test_the_fp32_loop_where_the_cpu_has_no_dot_products(dtype, check):
         out = torch.empty(1, 8)
         fp32_loop(torch.tensor([[1.0, 1e-6]]), weight, torch.ones(8, dtype=torch.bfloat16), out, 1, 8, 2)
         assert torch.all(out == torch.tensor(1.0) + torch.tensor(1e-6))
+
+
+_TILES_RUN = "&& amx_runs())"  # the bf16 kernel's run-time check for AMX tiles
+
+
+def _cpu_has_amx() -> bool:
+    """Whether this CPU reports AMX-BF16 tiles (Linux's /proc/cpuinfo flags), asked apart from the kernel."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags and "amx_tile" in flags
+
+
+def test_bf16_rows_take_the_tiles_where_the_cpu_has_amx():
+    """On a CPU with AMX-BF16 (the current development and CI machine; an earlier one had none), 2 or more
+    bf16 rows of a shape with N a multiple of 16 and K of 32 go through the tiles, 16 rows at a time; one
+    row, and other shapes, take the dot-product loops. Built with the tile call replaced by a marker, the
+    marker shows which calls went there; the kernel itself gives the float product for 1-40 rows over
+    K = 768 (24 chunks, the four tiles' turns) and K = 96 (three: a rest), as the dot-product build does
+    to fp32 rounding."""
+    call = "tile_products(rows + m0 * K, weight, scales, out + m0 * N, std::min<int64_t>(16, M - m0), N, K);"
+    source = blocked._product_source(torch.bfloat16)
+    assert source.count(call) == 1 and source.count(_TILES_RUN) == 1
+    marked = blocked._build(source.replace(call, "std::fill(out + m0 * N, out + std::min<int64_t>(M, m0 + 16) * N, "
+                                                 "7.0f);"), blocked._product_argtypes(torch.bfloat16), lambda _: True)
+    dots = blocked._build(source.replace(_TILES_RUN, "&& false)"), blocked._product_argtypes(torch.bfloat16),
+                          lambda candidate: blocked._product_correct(candidate, torch.bfloat16))
+    assert marked is not None and dots is not None
+    amx = _cpu_has_amx()
+    gen = torch.Generator().manual_seed(5)
+    for (n, k), rows in itertools.product([(48, 768), (48, 96), (40, 96), (48, 100)], [1, 2, 8, 16, 17, 40]):
+        weight = torch.randn(n, k, generator=gen).bfloat16()
+        scales = torch.rand(n, generator=gen).add(0.01).to(torch.bfloat16)
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        out = torch.empty(rows, n)
+        marked(x, blocked.block(weight), scales, out, rows, n, k)
+        assert bool((out == 7).all()) == (amx and rows >= 2 and n % 16 == 0 and k % 32 == 0), (n, k, rows)
+        got = blocked.product(x, blocked.block(weight), scales)
+        want = (x.double() @ weight.double().t()) * scales.double()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        dotted = torch.empty(rows, n)
+        dots(x, blocked.block(weight), scales, dotted, rows, n, k)
+        torch.testing.assert_close(got, dotted, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_int8_rows_rounded_to_16_bits_where_the_cpu_has_vnni():
