@@ -483,12 +483,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     pipe = _load_pipeline(args)
     label = _class_label(pipe, args)
+    _check_grid_size(pipe, args)
     if torch.cuda.is_available():
         pipe.to("cuda")
     images = pipe.generate(args.num, class_labels=label, height=args.height, width=args.width,
                            sampling=_sampling(args), seed=args.seed)
     _save_outputs(images.cpu(), args, nrow=min(8, args.num))
     return 0
+
+
+def _check_grid_size(pipe, args: argparse.Namespace) -> None:
+    """Refuse, before sampling, a grid picture (``sample --out F.png``) of more pixels than PIL reads back without
+    calling it a decompression bomb: --num 100000 drew all its samples in one batch and held them in memory, to
+    write a picture no viewer opens. Many samples go to a folder, one file each."""
+    from PIL import Image
+
+    from vqgpt.ground.images import grid_pixels
+
+    limit = Image.MAX_IMAGE_PIXELS
+    height, width = pipe.tokenizer.image_shape(*pipe.grid_for_pixels(args.height, args.width))
+    grid_h, grid_w = grid_pixels(args.num, height, width, nrow=min(8, args.num))
+    if limit is not None and grid_h * grid_w > limit:
+        raise ValueError(f"--num {args.num} images of {height}x{width} in one grid (--out {args.out}) make a "
+                         f"{grid_h}x{grid_w}-pixel picture ({grid_h * grid_w:,} pixels), more than "
+                         f"PIL.Image.MAX_IMAGE_PIXELS = {limit:,}, the largest PIL reads without calling it a "
+                         f"decompression bomb: give --out FOLDER/ (one PNG per sample, drawn batch by batch) "
+                         f"or --npz F.npz, or a smaller --num")
 
 
 def _sample_many(args: argparse.Namespace) -> int:

@@ -221,6 +221,13 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> Image.I
     return Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
+def grid_pixels(count: int, height: int, width: int, nrow: int = 8, padding: int = 2) -> tuple[int, int]:
+    """Pixel size (H, W) of ``image_grid``'s picture of ``count`` images of height x width, ``nrow`` a row."""
+    columns = max(1, min(nrow, count))
+    rows = -(-count // columns)
+    return rows * (height + padding) + padding, columns * (width + padding) + padding
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8,
               row_labels: Sequence[str] | None = None) -> Path:
     """Save a grid PNG of (B, 3, H, W) images in [-1, 1], optionally labelling each row on the left."""
