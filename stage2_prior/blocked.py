@@ -365,7 +365,7 @@ static void pair_tiles(const uint16_t* w0, const uint16_t* x, const int64_t M, c
         const uint16_t* p0 = w0 + chunk * 32 * 8;
         const uint16_t* p1 = w1 + chunk * 32 * 8;
         for (int r = 0; r < 16; ++r) {
-            if (r % 4 == 0) {  // 64 bytes of each block every 2 rows: fetch them 8 KB ahead into L2
+            if (r % 4 == 0) {  // each block's next 4 rows (128 bytes, 2 lines), fetched 8 KB ahead into L2
                 _mm_prefetch(reinterpret_cast<const char*>(p0 + r * 16 + AHEAD * 8), _MM_HINT_T1);
                 _mm_prefetch(reinterpret_cast<const char*>(p0 + r * 16 + 32 + AHEAD * 8), _MM_HINT_T1);
                 _mm_prefetch(reinterpret_cast<const char*>(p1 + r * 16 + AHEAD * 8), _MM_HINT_T1);
