@@ -84,7 +84,6 @@ def test_batch_size_with_one_grid_is_refused_not_ignored(pipes, tmp_path, capsys
     assert not (tmp_path / "g.png").exists()
 
 
-
 def test_a_grid_larger_than_pil_reads_back_is_refused_before_sampling(pipes, tmp_path, capsys, monkeypatch):
     """--num 100000 --out g.png drew every sample in one batch, held them all, and wrote a picture over
     PIL's decompression-bomb limit; now refused before drawing, pointing at the folder and npz modes. Here
@@ -95,7 +94,8 @@ def test_a_grid_larger_than_pil_reads_back_is_refused_before_sampling(pipes, tmp
 
     pipe = VQGPTPipeline.from_pretrained(pipes / "cond")
     height, width = pipe.trained_pixels()
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", grid_pixels(8, height, width)[0] * grid_pixels(8, height, width)[1])
+    one_row = grid_pixels(8, height, width)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", one_row[0] * one_row[1])
     drawn = []
     real = VQGPTPipeline.generate
     monkeypatch.setattr(VQGPTPipeline, "generate", lambda self, n, **kw: drawn.append(n) or real(self, n, **kw))
@@ -106,7 +106,8 @@ def test_a_grid_larger_than_pil_reads_back_is_refused_before_sampling(pipes, tmp
     assert drawn == [] and not (tmp_path / "g.png").exists()
     assert main(["sample", "--pipeline", str(pipes / "cond"), "--num", "8", "--class-label", "a", "--out",
                  str(tmp_path / "g.png")]) == 0
-    assert drawn == [8] and Image.open(tmp_path / "g.png").size == grid_pixels(8, height, width)[::-1]
+    assert drawn == [8] and Image.open(tmp_path / "g.png").size == one_row[::-1]
+
 
 def test_a_bare_npz_name_is_told_it_needs_a_name(pipes, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

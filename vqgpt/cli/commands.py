@@ -496,19 +496,13 @@ def _check_grid_size(pipe, args: argparse.Namespace) -> None:
     """Refuse, before sampling, a grid picture (``sample --out F.png``) of more pixels than PIL reads back without
     calling it a decompression bomb: --num 100000 drew all its samples in one batch and held them in memory, to
     write a picture no viewer opens. Many samples go to a folder, one file each."""
-    from PIL import Image
+    from vqgpt.ground.images import check_pixel_limit, grid_pixels
 
-    from vqgpt.ground.images import grid_pixels
-
-    limit = Image.MAX_IMAGE_PIXELS
     height, width = pipe.tokenizer.image_shape(*pipe.grid_for_pixels(args.height, args.width))
-    grid_h, grid_w = grid_pixels(args.num, height, width, nrow=min(8, args.num))
-    if limit is not None and grid_h * grid_w > limit:
-        raise ValueError(f"--num {args.num} images of {height}x{width} in one grid (--out {args.out}) make a "
-                         f"{grid_h}x{grid_w}-pixel picture ({grid_h * grid_w:,} pixels), more than "
-                         f"PIL.Image.MAX_IMAGE_PIXELS = {limit:,}, the largest PIL reads without calling it a "
-                         f"decompression bomb: give --out FOLDER/ (one PNG per sample, drawn batch by batch) "
-                         f"or --npz F.npz, or a smaller --num")
+    check_pixel_limit(*grid_pixels(args.num, height, width, nrow=min(8, args.num)),
+                      f"--num {args.num} images of {height}x{width} in one grid (--out {args.out})", verb="make a",
+                      what="picture", advice="give --out FOLDER/ (one PNG per sample, drawn batch by batch) or "
+                                             "--npz F.npz, or a smaller --num")
 
 
 def _sample_many(args: argparse.Namespace) -> int:

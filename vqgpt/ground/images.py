@@ -93,16 +93,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def check_pixel_limit(height: int, width: int, given: str, verb: str = "give") -> None:
+def check_pixel_limit(height: int, width: int, given: str, verb: str = "give", what: str = "images",
+                      advice: str = "choose a smaller size (or raise that limit first)") -> None:
     """Refuse images over PIL's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``, its guard against decompression
     bombs, which would refuse to read them back) before any work: ``given`` names what asked for them (a
     canvas of 10**9 columns failed in an allocation after loading, a reconstruct at 100000 px was killed
-    for memory). Raising PIL's limit (None: no limit) raises this one."""
+    for memory), ``what`` what they are, ``advice`` what to do instead. Raising PIL's limit (None: no limit)
+    raises this one."""
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and height * width > limit:
-        raise ValueError(f"{given} {verb} {height}x{width}-pixel images ({height * width:,} pixels), more than "
+        raise ValueError(f"{given} {verb} {height}x{width}-pixel {what} ({height * width:,} pixels), more than "
                          f"PIL.Image.MAX_IMAGE_PIXELS = {limit:,}, the largest image PIL reads without calling it "
-                         f"a decompression bomb: choose a smaller size (or raise that limit first)")
+                         f"a decompression bomb: {advice}")
 
 
 def open_image(path: str | Path) -> Image.Image:
