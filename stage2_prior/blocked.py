@@ -351,16 +351,21 @@ struct alignas(64) TileConfig {  // ldtilecfg's 64 bytes, palette 1
     uint8_t rows[16];
 };
 
-// rows (M <= 16, K) times blocks 2p and 2p + 1 (w0: block 2p; 16 channels), K a multiple of 32; buf: 2 KB
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
-static void pair_tiles(const uint16_t* w0, const uint16_t* x, const int64_t M, const int64_t K,
-                       const __m512 scale, float* out, const int64_t N, uint16_t* buf) {
-    const uint16_t* w1 = w0 + K * 8;
-    // word j of a B-tile row: channel j / 2 (0-7 from block 2p's 32 bytes, words 0-15 of the pair loaded;
-    // 8-15 from block 2p + 1's, words 16-31), input j % 2 of the row's pair (words 0-7 input k, 8-15 k + 1)
+// word j of a B-tile row: channel j / 2 (0-7 from block 2p's 32 bytes, words 0-15 of the pair loaded;
+// 8-15 from block 2p + 1's, words 16-31), input j % 2 of the row's pair (words 0-7 input k, 8-15 k + 1)
+__attribute__((target("avx512bw,avx512f")))
+static inline __m512i pair_lanes_order() {
     alignas(64) uint16_t words[32];
     for (int j = 0; j < 32; ++j) words[j] = uint16_t((j / 16) * 16 + (j % 2) * 8 + (j / 2) % 8);
-    const __m512i order = _mm512_load_si512(words);
+    return _mm512_load_si512(words);
+}
+
+// rows (M <= 16, K) times blocks 2p and 2p + 1 (w0: block 2p; 16 channels), K a multiple of 32; buf: 2 KB;
+// order: pair_lanes_order()
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
+static void pair_tiles(const uint16_t* w0, const uint16_t* x, const int64_t M, const int64_t K,
+                       const __m512 scale, float* out, const int64_t N, uint16_t* buf, const __m512i order) {
+    const uint16_t* w1 = w0 + K * 8;
     const auto lay_out = [&](const int64_t chunk, uint16_t* b) {
         const uint16_t* p0 = w0 + chunk * 32 * 8;
         const uint16_t* p1 = w1 + chunk * 32 * 8;
@@ -415,10 +420,11 @@ static void tile_products(const uint16_t* x, const uint16_t* weight, const uint1
         for (int t = 6; t < 8; ++t) { config.rows[t] = 16; config.colsb[t] = 64; }  // B: 16 pairs of inputs
         _tile_loadconfig(&config);
         alignas(64) uint16_t buf[1024];
+        const __m512i order = pair_lanes_order();  // once per thread, not per pair of blocks
         for (int64_t p = begin; p < end; ++p) {
             const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + p * 16))), 16));
-            pair_tiles(weight + p * 16 * K, x, M, K, scale, out + p * 16, N, buf);
+            pair_tiles(weight + p * 16 * K, x, M, K, scale, out + p * 16, N, buf, order);
         }
         _tile_release();
     });
