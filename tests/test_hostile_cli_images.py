@@ -146,6 +146,34 @@ def test_canvases_over_pils_pixel_limit_are_refused_before_drawing(pipe_dir, tmp
     assert pipe.generate(1, class_labels=0, height=8 * f, width=8 * f).shape == (1, 3, 8 * f, 8 * f)
 
 
+def test_a_completion_grid_larger_than_pil_reads_back_is_refused_before_drawing(pipe_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+    """complete --num N writes the input and N completions in one grid, all drawn in one batch: --num 100000
+    drew them all and wrote a picture PIL refuses to read back. Refused before drawing, as sample's grid is;
+    with the limit lowered to one row of 8 images, the input and 7 completions fit and 8 do not. An extension
+    past the limit on its own is named by its flags."""
+    from vqgpt.ground.images import grid_pixels
+
+    pipe = VQGPTPipeline.from_pretrained(pipe_dir)
+    height, width = pipe.trained_pixels()
+    one_row = grid_pixels(8, height, width)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", one_row[0] * one_row[1])
+    drawn = []
+    real = VQGPTPipeline.complete
+    monkeypatch.setattr(VQGPTPipeline, "complete", lambda self, image, n, **kw: drawn.append(n) or real(self, image, n,
+                                                                                                        **kw))
+    photo = _photo(tmp_path / "photo.png")
+    assert _complete(pipe_dir, photo, tmp_path / "g.png", "--num", 8) == 2
+    err = capsys.readouterr().err
+    assert "--num 8 completions of" in err and "more than PIL.Image.MAX_IMAGE_PIXELS" in err
+    assert "a smaller --num" in err
+    assert drawn == [] and not (tmp_path / "g.png").exists()
+    assert _complete(pipe_dir, photo, tmp_path / "g.png", "--num", 7) == 0
+    assert drawn == [7] and Image.open(tmp_path / "g.png").size == one_row[::-1]
+    assert _complete(pipe_dir, photo, tmp_path / "wide.png", "--extend-right", 10**6) == 2
+    assert "--extend-right 1000000 --extend-down 0 give" in capsys.readouterr().err and drawn == [7]
+
+
 def test_running_out_of_memory_is_one_line_not_a_traceback(pipe_dir, tmp_path, monkeypatch, capsys):
     def starved(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "

@@ -483,7 +483,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     pipe = _load_pipeline(args)
     label = _class_label(pipe, args)
-    _check_grid_size(pipe, args)
+    height, width = pipe.tokenizer.image_shape(*pipe.grid_for_pixels(args.height, args.width))
+    _check_grid_size(args.num, height, width, f"--num {args.num} images of {height}x{width} in one grid (--out "
+                     f"{args.out})", advice="give --out FOLDER/ (one PNG per sample, drawn batch by batch) or "
+                                            "--npz F.npz, or a smaller --num")
     if torch.cuda.is_available():
         pipe.to("cuda")
     images = pipe.generate(args.num, class_labels=label, height=args.height, width=args.width,
@@ -492,17 +495,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_grid_size(pipe, args: argparse.Namespace) -> None:
-    """Refuse, before sampling, a grid picture (``sample --out F.png``) of more pixels than PIL reads back without
-    calling it a decompression bomb: --num 100000 drew all its samples in one batch and held them in memory, to
-    write a picture no viewer opens. Many samples go to a folder, one file each."""
+def _check_grid_size(count: int, height: int, width: int, given: str, advice: str) -> None:
+    """Refuse, before drawing, a grid picture of ``count`` images of ``height`` x ``width`` (nrow 8, as the
+    command writes it) with more pixels than PIL reads back without calling it a decompression bomb:
+    `sample --num 100000 --out g.png` (and `complete --num ...`) drew every image in one batch and held them
+    all in memory, to write a picture no viewer opens."""
     from vqgpt.ground.images import check_pixel_limit, grid_pixels
 
-    height, width = pipe.tokenizer.image_shape(*pipe.grid_for_pixels(args.height, args.width))
-    check_pixel_limit(*grid_pixels(args.num, height, width, nrow=min(8, args.num)),
-                      f"--num {args.num} images of {height}x{width} in one grid (--out {args.out})", verb="make a",
-                      what="picture", advice="give --out FOLDER/ (one PNG per sample, drawn batch by batch) or "
-                                             "--npz F.npz, or a smaller --num")
+    check_pixel_limit(*grid_pixels(count, height, width, nrow=min(8, count)), given, verb="make a",
+                      what="picture", advice=advice)
 
 
 def _sample_many(args: argparse.Namespace) -> int:
@@ -547,10 +548,19 @@ def cmd_complete(args: argparse.Namespace) -> int:
     _check_image_file(args.image, "--image")
     import torch
 
-    from vqgpt.ground.images import open_fitted
+    from vqgpt.ground.images import check_pixel_limit, open_fitted
 
     pipe = _load_pipeline(args)
     label = _class_label(pipe, args)
+    rows, columns = pipe.prior.config.grid_size
+    height, width = pipe.tokenizer.image_shape(rows + args.extend_down,
+                                               columns + args.extend_right * pipe.codes_per_position)
+    # before drawing: one completion (as pipe.complete checks it, with the flags' names), then the grid of the
+    # input and the --num completions
+    check_pixel_limit(height, width, f"--extend-right {args.extend_right} --extend-down {args.extend_down}")
+    _check_grid_size(args.num + 1, height, width, f"--num {args.num} completions of {height}x{width} beside the "
+                     f"input in one grid (--out {args.out})", advice="give a smaller --num (each call draws its "
+                     "--num completions in one batch)")
     if torch.cuda.is_available():  # as sample does (it ran on the CPU beside a GPU)
         pipe.to("cuda")
     # The image is fitted to the prior's trained size: resized to cover it, then center-cropped.
