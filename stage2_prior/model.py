@@ -40,6 +40,17 @@ def needs_class_label(num_classes: int) -> str:
     return f"this prior is class-conditional ({num_classes} classes): give a class label"
 
 
+def checked_code_groups(groups: Any, codebook_size: int, where: str, advice: str = "") -> tuple[int, int]:
+    """Recorded ``code_groups`` (``stage2_prior.draw.code_groups``) as a tuple, or a ConfigError naming
+    ``where`` (the file and key that held them) unless they are [depth, codes per depth] that multiply to
+    ``codebook_size``; ``advice``: what to do then, after the reason."""
+    if not (isinstance(groups, (list, tuple)) and len(groups) == 2 and all(type(g) is int and g >= 1 for g in groups)
+            and groups[0] * groups[1] == codebook_size):
+        raise ConfigError(f"{where} must be [depth, codes per depth] with depth x codes = codebook_size "
+                          f"{codebook_size}, got {groups!r}{advice}")
+    return groups[0], groups[1]
+
+
 class GPT(nn.Module):
     """Autoregressive prior over (h, w) code grids flattened row-major, with a class/start prefix."""
 
@@ -269,11 +280,8 @@ class GPT(nn.Module):
         load_export_weights(model, state, directory)
         groups = extra.get("code_groups") if isinstance(extra, dict) else None
         if groups is not None:  # a bare prior samples each position from its own depth's codes, as a pipeline does
-            if not (isinstance(groups, list) and len(groups) == 2 and all(type(g) is int and g >= 1 for g in groups)
-                    and groups[0] * groups[1] == config.codebook_size):
-                raise ConfigError(f"{Path(directory) / 'config.json'}: extra.code_groups must be [depth, codes per "
-                                  f"depth] with depth x codes = codebook_size {config.codebook_size}, got {groups!r}")
-            model.code_groups = tuple(groups)
+            model.code_groups = checked_code_groups(groups, config.codebook_size,
+                                                    f"{Path(directory) / 'config.json'}: extra.code_groups")
         return model.to(device).eval()
 
     def push_to_hub(self, repo_id: str, *, extra: dict[str, Any] | None = None, private: bool | None = None,

@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from stage2_prior.draw import MAX_CFG_SCALE, SamplingConfig
-from stage2_prior.model import EXPORT_KIND, GPT, GPTConfig
+from stage2_prior.model import EXPORT_KIND, GPT, GPTConfig, checked_code_groups
 from stage2_prior.sampling import generate
 from vqgpt.ground.checkpoint import read_export_meta, read_trainer_state, save_checkpoint
 from vqgpt.ground.config import ConfigError, check_number, opt, to_dict
@@ -140,17 +140,33 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
 
 
-def _recorded_code_groups(checkpoint: Path, export_dir: Path) -> tuple[int, int] | None:
+def _recorded_code_groups(checkpoint: Path, export_dir: Path, codebook_size: int) -> tuple[int, int] | None:
     """The ``code_groups`` a run recorded: in its checkpoint, else (a checkpoint of an earlier vqgpt) in the
     export its last finish wrote. A resume without --tokenizer knows them only so: it exported the prior
-    without them, and a bare ``GPT.from_pretrained`` + ``generate`` drew codes from other depths' codebooks."""
-    groups = read_trainer_state(checkpoint).get("code_groups")
-    if groups is None and (export_dir / "config.json").is_file():
-        try:
-            groups = read_export_meta(export_dir, EXPORT_KIND).get("extra", {}).get("code_groups")
-        except (OSError, ValueError):
-            groups = None
-    return None if groups is None else (int(groups[0]), int(groups[1]))
+    without them, and a bare ``GPT.from_pretrained`` + ``generate`` drew codes from other depths' codebooks.
+    Checked as ``GPT.from_pretrained`` checks an export's: a value that does not fit the codebook is refused,
+    naming where it was read (it was taken as it was, and an unreadable export as none, without a word).
+    Checkpoints record the key even without groups (null), so only an earlier vqgpt's are looked up in the
+    export."""
+    advice = ": pass --tokenizer with the run's tokenizer, whose code groups are then used"
+    state = read_trainer_state(checkpoint)
+    if "code_groups" in state:  # (null: none; a checkpoint before the key recorded only groups it had)
+        groups = state["code_groups"]
+        return None if groups is None else checked_code_groups(groups, codebook_size, f"{checkpoint}: code_groups",
+                                                                 advice)
+    config = export_dir / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        extra = read_export_meta(export_dir, EXPORT_KIND).get("extra", {})
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"the checkpoint {checkpoint} records no code groups, and the run's last export "
+                      f"{export_dir} cannot be read for them ({exc}): a tokenizer with a codebook per depth "
+                      "(residual VQ) needs them; pass --tokenizer to take them from it", stacklevel=3)
+        return None
+    groups = extra.get("code_groups") if isinstance(extra, dict) else None
+    return None if groups is None else checked_code_groups(groups, codebook_size, f"{config}: extra.code_groups",
+                                                             advice)
 
 
 @keeps_caller_rng
@@ -200,7 +216,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
             raise ConfigError(f"train.batch_size={tc.batch_size} x {accelerator.num_processes} processes is larger "
                               f"than the {len(data)} grids in {cfg.tokens}")
         if code_groups is None and run.checkpoint is not None:  # a resume without the tokenizer: as recorded
-            code_groups = _recorded_code_groups(run.checkpoint, run_dir / "export")
+            code_groups = _recorded_code_groups(run.checkpoint, run_dir / "export", model_cfg.codebook_size)
         model = GPT(model_cfg)
         model.code_groups = code_groups  # (the sample grids draw each code from its depth's codebook)
         set_grad_checkpointing(model, tc.grad_checkpointing)
@@ -234,7 +250,7 @@ def train_prior(cfg: PriorRunConfig, out: str | Path, resume: str | None = None,
             check_replicas(accelerator, {"model": unwrap(accelerator, model), "ema": ema.module if ema else None})
             save_checkpoint(accelerator, run_dir, step, tc.keep_checkpoints,
                             extra={**stream_state(position, accelerator, tc.batch_size), "skipped": skipped,
-                                   **({"code_groups": list(code_groups)} if code_groups is not None else {})},
+                                   "code_groups": None if code_groups is None else list(code_groups)},
                             inputs=shards, config=to_dict(cfg))
 
         def snapshot() -> None:

@@ -329,6 +329,46 @@ def test_a_bare_prior_of_a_per_depth_tokenizer_keeps_its_code_groups(tmp_path):
     assert getattr(GPT.from_pretrained(tmp_path / "shared" / "prior"), "code_groups", None) is None
 
 
+def test_a_resume_checks_the_code_groups_it_recorded(tmp_path):
+    """A prior resumed without --tokenizer takes its code groups from its checkpoint, or (an earlier vqgpt's
+    checkpoint) from the run's last export. Both were taken as they were: groups that do not fit the codebook
+    went into the sample grids and the new export, and an unreadable export counted as none, without a word.
+    Checkpoints now record the key even when the run has no groups (null), so such a run never reads the
+    export for them."""
+    import warnings
+
+    from stage2_prior.model import GPT, GPTConfig
+    from stage2_prior.train import _recorded_code_groups
+    from vqgpt.ground.config import ConfigError
+
+    prior = GPT(GPTConfig(codebook_size=128, grid_size=[4, 8], num_classes=0, n_layer=1, n_head=2, dim=32,
+                          multiple_of=16))
+    prior.code_groups = (2, 64)
+    export, checkpoint = tmp_path / "export", tmp_path / "checkpoint"
+    prior.save_pretrained(export)
+    checkpoint.mkdir()
+    config = json.loads((export / "config.json").read_text())
+
+    def recorded(state: dict, groups=(2, 64)):
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 3, **state}))
+        (export / "config.json").write_text("{" if groups == "broken" else
+                                            json.dumps({**config, "extra": {"code_groups": groups}}))
+        return _recorded_code_groups(checkpoint, export, 128)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert recorded({"code_groups": [2, 64]}) == (2, 64)
+        assert recorded({"code_groups": None}, groups="broken") is None  # recorded as none: no export read
+        assert recorded({}) == (2, 64)  # an earlier vqgpt's checkpoint: from the export
+    with pytest.raises(ConfigError, match=r"checkpoint: code_groups must be \[depth, codes per depth\] with depth "
+                                          r"x codes = codebook_size 128, got \[3, 64\]: pass --tokenizer"):
+        recorded({"code_groups": [3, 64]})
+    with pytest.raises(ConfigError, match=r"config.json: extra.code_groups must be .* got \[2, 'x'\]"):
+        recorded({}, groups=[2, "x"])
+    with pytest.warns(UserWarning, match=r"records no code groups, and the run's last export .* cannot be read"):
+        assert recorded({}, groups="broken") is None
+
+
 def test_bits_per_dim_scores_each_position_among_its_own_depths_codes(tmp_path):
     """eval-bpd scored a per-depth residual-VQ prior's codes over the whole vocabulary (D x K), where every
     sampler draws position p from depth p % D's K codes alone: the NLL counted mass on codes that can never
