@@ -13,7 +13,8 @@ given shape over 256 tokens (16x16 grid), batch 8, next-token cross-entropy. Fig
 of rounds of timed steps after warm-up steps, as images/s or tokens/s, and the share of the matmul
 peak (1024^3 fp32 / bf16 matmul GFLOP/s on a CPU, 8192^3 on a GPU, measured in the same run) reached by the model FLOPs.
 
-Levers: AdamW for-loop (what torch picks for CPU tensors by default) vs foreach vs fused;
+Levers: AdamW for-loop (what torch picks for CPU tensors by default) vs foreach vs fused; on a CPU, the
+tokenizer's GroupNorm + SiLU as one kernel (``stage1_vq.norm_silu``) vs the two torch ops, channels-last;
 torch.compile of the model (graph breaks listed with torch._dynamo.explain); for the tokenizer, the
 conv layout ``stage1_vq.modules.conv_memory_format`` chooses for the dtype (channels-last, or NCHW for bf16
 on a CPU with bf16 units) vs the other one, forced with ``stage1_vq.modules.CONV_MEMORY_FORMAT``;
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 import stage1_vq.modules as conv_modules
+import stage1_vq.norm_silu as fused_norms
 from stage1_vq.losses import LossConfig, generator_loss
 from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.quantizers import QuantizerConfig
@@ -98,9 +100,11 @@ def median_rate(step: Callable[[], None], items: int, warmup: int, steps: int, r
 
 
 def tokenizer_step(accelerator: Accelerator, impl: str, bf16: bool, layout: torch.memory_format | None,
-                   compiled: bool, batch: int) -> tuple[Callable[[], None], torch.nn.Module]:
+                   compiled: bool, batch: int, fused_norm: bool = True) -> tuple[Callable[[], None], torch.nn.Module]:
     """One tokenizer training step with the given levers on the accelerator's device, the convs in ``layout``
-    (None: the layout ``conv_memory_format`` chooses); returns (step, eager model)."""
+    (None: the layout ``conv_memory_format`` chooses), the residual blocks' norm and SiLU by the fused kernel
+    where it applies (``stage1_vq.norm_silu``) or, ``fused_norm`` False, as two torch ops; returns (step,
+    eager model)."""
     torch.manual_seed(0)
     device = accelerator.device
     model = VQModel(VQModelConfig(**TOKENIZER_ARCH, quantizer=QUANTIZER)).train().to(device)
@@ -112,6 +116,9 @@ def tokenizer_step(accelerator: Accelerator, impl: str, bf16: bool, layout: torc
 
     def step() -> None:
         previous, conv_modules.CONV_MEMORY_FORMAT = conv_modules.CONV_MEMORY_FORMAT, layout
+        usable = fused_norms._usable
+        if not fused_norm:
+            fused_norms._usable = lambda norm, x: False
         try:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = run(x)
@@ -120,6 +127,7 @@ def tokenizer_step(accelerator: Accelerator, impl: str, bf16: bool, layout: torc
             optimizer_step(accelerator, g.total, opt, model, tc)
         finally:
             conv_modules.CONV_MEMORY_FORMAT = previous
+            fused_norms._usable = usable
     return step, model
 
 
@@ -286,6 +294,10 @@ def main(argv: list[str] | None = None) -> None:
             step, _ = tokenizer_step(accelerator, "fused", bf16, other, False, b)
             record("tokenizer", dtype, f"AdamW fused, {LAYOUT_NAMES[other]} (forced){tag}",
                    median_rate(step, b, w, s, r, device), tok_flops)
+            if on_cpu:  # the fused norm + SiLU kernel's share: channels-last with the two torch ops instead
+                step, _ = tokenizer_step(accelerator, "fused", bf16, torch.channels_last, False, b, fused_norm=False)
+                record("tokenizer", dtype, f"AdamW fused, channels-last, unfused norm{tag}",
+                       median_rate(step, b, w, s, r, device), tok_flops)
             # Compiling the 13M tokenizer takes minutes on two cores: not in --quick.
             if not args.no_compile and not args.quick and not (bf16 and slow_bf16):
                 step, _ = tokenizer_step(accelerator, "fused", bf16, None, True, b)

@@ -97,6 +97,8 @@ from __future__ import annotations
 
 import torch
 
+from vqgpt.ground.native import build_kernel
+
 BLOCK = 8  # output channels per block: one AVX2 vector of fp32
 
 # per weight dtype: the C type of a weight and how 8 of them widen to 8 fp32
@@ -585,13 +587,7 @@ _BUILT: dict[torch.dtype, object] = {}  # weight dtype -> the kernel, or None wh
 def _build(source: str, argtypes: list[str], check) -> object:
     """``source`` built by inductor's C++ toolchain (cached on disk) as a callable, kept only if
     ``check(kernel)`` is true; None where it cannot be built or the check fails."""
-    try:
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-        candidate = CppPythonBindingsCodeCache.load_pybinding(argtypes, source)
-        return candidate if check(candidate) else None
-    except Exception:  # noqa: BLE001 - any failure to build means: use the library path
-        return None
+    return build_kernel(source, argtypes, check)
 
 
 def rounded_rows(x: torch.Tensor) -> torch.Tensor:

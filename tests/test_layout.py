@@ -1,6 +1,7 @@
-"""The conv encoder's and decoder's memory layout is chosen per device and dtype (stage1_vq.modules.conv_memory_format:
-NCHW for bf16 on a CPU with bf16 units, channels-last otherwise), the same in training and in decoding from
-indices whatever the quantizer hands over, and it does not change the outputs beyond rounding."""
+"""The conv encoder's and decoder's memory layout is chosen per device and dtype
+(stage1_vq.modules.conv_memory_format: NCHW for bf16 on a CPU with bf16 units where the fused norm kernel does
+not build, channels-last otherwise), the same in training and in decoding from indices whatever the quantizer
+hands over, and it does not change the outputs beyond rounding."""
 
 import pytest
 import torch
@@ -32,16 +33,18 @@ def input_layouts(model: VQModel, run, bf16: bool) -> list[str]:
             else "contiguous" if x.is_contiguous() else "other" for x in seen]
 
 
-@pytest.mark.parametrize(("bf16", "fast_bf16", "expected"), [
-    (False, True, "channels_last"), (False, False, "channels_last"),
-    (True, True, "contiguous"),  # bf16 units: NCHW
-    (True, False, "channels_last"),  # bf16 emulated: channels-last
+@pytest.mark.parametrize(("bf16", "fast_bf16", "fused", "expected"), [
+    (False, True, True, "channels_last"), (False, False, True, "channels_last"),
+    (True, True, True, "channels_last"),  # bf16 units and the fused norm kernel: channels-last
+    (True, True, False, "contiguous"),  # bf16 units, no fused norm: NCHW
+    (True, False, True, "channels_last"), (True, False, False, "channels_last"),  # bf16 emulated: channels-last
 ])
 @pytest.mark.parametrize("kind", ["vq", "fsq"])
-def test_conv_layout_is_chosen_per_dtype_not_inherited(kind, bf16, fast_bf16, expected, monkeypatch):
+def test_conv_layout_is_chosen_per_dtype_not_inherited(kind, bf16, fast_bf16, fused, expected, monkeypatch):
     # Training passes the quantizer's permuted view, decoding from indices a fresh NCHW tensor, encoding
     # the caller's images: each conv stack gets the layout chosen for the dtype and the CPU.
     monkeypatch.setattr(modules, "_fast_bf16_cpu", lambda: fast_bf16)
+    monkeypatch.setattr(modules, "_fused_bf16_norm", lambda: fused)
     model = tiny_model(kind)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     codes = model.encode(images)
@@ -53,6 +56,7 @@ def test_conv_layout_is_chosen_per_dtype_not_inherited(kind, bf16, fast_bf16, ex
 
 def test_bf16_tensors_choose_like_bf16_autocast(monkeypatch):
     monkeypatch.setattr(modules, "_fast_bf16_cpu", lambda: True)
+    monkeypatch.setattr(modules, "_fused_bf16_norm", lambda: False)
     assert modules.conv_memory_format(torch.zeros(1, 2, 3, 3, dtype=torch.bfloat16)) == torch.contiguous_format
     assert modules.conv_memory_format(torch.zeros(1, 2, 3, 3)) == torch.channels_last
 
