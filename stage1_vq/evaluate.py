@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from stage1_vq.model import VQModel
 from vqgpt.ground.data import DataConfig, build_dataset, folder_overlap
-from vqgpt.ground.files import write_text_whole
+from vqgpt.ground.files import write_json_whole, write_text_whole
 from vqgpt.ground.images import save_grid, save_image, side_by_side
 from vqgpt.ground.metrics import bits_per_image, code_histogram, codebook_stats, psnr, ssim
 from vqgpt.training.run_folder import RunFolderError, RunLock
@@ -335,6 +335,6 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
             save_grid(side_by_side(torch.cat(originals)[:16], torch.cat(recons)[:16]), dest / "grid.png", nrow=8)
             sources = {"names": [dataset.name(i) for i in used], "unreadable": [dataset.name(i) for i in left_out]}
             write_text_whole(dest / SOURCES_NAME, json.dumps(sources, indent=2) + "\n")
-            write_text_whole(dest / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            write_json_whole(dest / "metrics.json", metrics)
             _write_record(dest, count if save_images else 0)
         return metrics

@@ -64,6 +64,16 @@ def test_a_new_named_path_is_trained_and_written(tmp_path, fake_training):
     assert fake_training == [(5, 0)]
 
 
+def test_a_new_named_path_that_cannot_be_written_is_refused_before_training(tmp_path, fake_training):
+    """--classifier notes.txt/x.safetensors trained the classifier, then failed with only "[Errno 17] File
+    exists: 'notes.txt'" (found by a hostile probe)."""
+    (tmp_path / "notes.txt").write_text("mine")
+    for path in (tmp_path / "notes.txt" / "x.safetensors", tmp_path / "notes.txt" / "deeper" / "x.safetensors"):
+        with pytest.raises(ValueError, match=r"notes.txt is a file, not a folder, so no classifier can be written"):
+            load_or_train_mnist_classifier(path)
+    assert fake_training == [] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_a_damaged_default_cache_is_retrained(tmp_path, monkeypatch, fake_training):
     monkeypatch.setenv("VQGPT_CACHE", str(tmp_path / "cache"))
     cache = clf.default_classifier_path()

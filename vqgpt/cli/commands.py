@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from vqgpt.ground.files import check_can_make_file, write_text_whole
+from vqgpt.ground.files import check_can_make_file, finite_or_null, write_json_whole, write_text_whole
 
 # stage2_prior.draw.CFG_SCHEDULES, spelled out so that parsing flags imports no torch (a test keeps them equal)
 CFG_SCHEDULE_CHOICES = ("constant", "linear")
@@ -253,7 +253,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         return 0
     if source != args.images:  # one image file: the user's path
         metrics["images"] = args.images
-        write_text_whole(Path(args.out) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_json_whole(Path(args.out) / "metrics.json", metrics)
         # and its own name, not the temporary link's (which may have gained a .png)
         sources = {"names": [Path(args.images).name], "unreadable": []}
         write_text_whole(Path(args.out) / SOURCES_NAME, json.dumps(sources, indent=2) + "\n")
@@ -1065,23 +1065,11 @@ def _run_json(args: argparse.Namespace) -> int:
     document = getattr(args, "json_document", None)
     if document is not None:
         unusable: list[str] = []
-        document = _finite_or_null(document, "", unusable)
+        document = finite_or_null(document, "", unusable)
         if unusable:  # JSON has no NaN or Infinity: a figure that is not a number is null, as an absent one is
             warnings.warn(f"not finite, printed as null: {', '.join(unusable)}", stacklevel=1)
         print(json.dumps(document, allow_nan=False), flush=True)
     return code
-
-
-def _finite_or_null(value: Any, key: str, unusable: list[str]) -> Any:
-    """``value`` with each NaN / inf float (nested in dicts and lists too) made None; their keys go to ``unusable``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        unusable.append(f"{key} ({value})")
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v, f"{key}.{k}" if key else str(k), unusable) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v, f"{key}[{i}]", unusable) for i, v in enumerate(value)]
-    return value
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001

@@ -14,6 +14,8 @@ which the CLI prints as one line (exit 2 for a full disk, a size limit, a read-o
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import re
 import socket
@@ -112,6 +114,26 @@ def replace_when_whole(path: str | Path, write: Callable[[Path], Any], tmp: Path
 def write_text_whole(path: str | Path, text: str) -> Path:
     """``replace_when_whole`` for a text file (a metrics.json, a report): never left cut off."""
     return replace_when_whole(path, lambda tmp: tmp.write_text(text))
+
+
+def finite_or_null(value: Any, key: str = "", unusable: list[str] | None = None) -> Any:
+    """``value`` with each NaN / inf float (nested in dicts and lists too) made None, as strict JSON needs (it has
+    no NaN or Infinity); their keys, with the value, go to ``unusable`` when given."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if unusable is not None:
+            unusable.append(f"{key} ({value})")
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v, f"{key}.{k}" if key else str(k), unusable) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v, f"{key}[{i}]", unusable) for i, v in enumerate(value)]
+    return value
+
+
+def write_json_whole(path: str | Path, document: Any) -> Path:
+    """``write_text_whole`` of ``document`` as indented strict JSON: a figure that is NaN or infinite is null, as
+    the commands' --json output prints it (json.dumps wrote NaN, which jq, JavaScript and strict parsers refuse)."""
+    return write_text_whole(path, json.dumps(finite_or_null(document), indent=2, allow_nan=False) + "\n")
 
 
 def write_bytes_whole(path: str | Path, write: Callable[[BinaryIO], Any], tmp: Path | None = None,

@@ -20,7 +20,6 @@ reference in the ADM evaluator's layout (``arr_0`` images, ``mu`` / ``sigma``, `
 
 from __future__ import annotations
 
-import json
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -35,7 +34,7 @@ from stage2_prior.draw import SamplingConfig, check_sampling_args, code_groups
 from vqgpt.workflow.classifier import MNIST_SOURCE, NUM_DIGITS, load_or_train_mnist_classifier, predict
 from vqgpt.ground.checkpoint import usable_device
 from vqgpt.ground.data import DataConfig, build_dataset, check_source_package, readable_batches
-from vqgpt.ground.files import write_text_whole
+from vqgpt.ground.files import write_json_whole
 from vqgpt.training.config import launched_process_state
 from vqgpt.training.shares import (ONE_PROCESS, gather_in_order, on_main_process, process_device, readable_rounds,
                                   rounds_total, said_once)
@@ -148,6 +147,7 @@ class ClassAccuracyReport(_Report):
 TOKENIZER_KEYS = tuple(f.name for f in fields(TokenizerReport))
 PRIOR_KEYS = tuple(f.name for f in fields(PriorReport))
 STATS_KEYS = tuple(f.name for f in fields(StatsReport))
+INCEPTION_SPLITS = 10  # the Inception Score's groups of samples, as the field (and torch-fidelity) takes it
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -211,7 +211,7 @@ def eval_tokenizer(tokenizer_dir: str | Path, images: str, fid_weights: str | No
         raise RuntimeError(f"reconstruct() metrics do not match TOKENIZER_KEYS: extra {extra}, missing {missing}")
     report = TokenizerReport(**{k: metrics[k] for k in TOKENIZER_KEYS})
     if out is not None and state.is_main_process:  # reconstruct wrote OUT/metrics.json before rFID was known
-        write_text_whole(Path(out) / "metrics.json", json.dumps(report.to_dict(), indent=2) + "\n")
+        write_json_whole(Path(out) / "metrics.json", report.to_dict())
     return report
 
 
@@ -219,7 +219,14 @@ def _rfid(real: FeatureAccumulator, fake: FeatureAccumulator, network: str) -> f
     if real.count < 2:
         warnings.warn("rFID needs at least 2 images; reporting rfid as null", stacklevel=3)
         return None
-    return frechet_distance(real.stats(network), fake.stats(network), name="rFID")
+    real_stats, fake_stats = real.stats(network), fake.stats(network)
+    for stats, which in ((real_stats, "images'"), (fake_stats, "reconstructions'")):
+        if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
+            # (a tokenizer whose outputs hold NaN or inf: its PSNR and SSIM are null too; it ended the evaluation)
+            warnings.warn(f"rFID: the {which} features are not finite (NaN or inf in the images the feature "
+                          "network read); reporting rfid as null", stacklevel=3)
+            return None
+    return frechet_distance(real_stats, fake_stats, name="rFID")
 
 
 def _optional_extractor(fid_weights: str | None, device: torch.device) -> FeatureExtractor | None:
@@ -372,12 +379,16 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
     if digits is not None:
         classifier, heldout = load_or_train_mnist_classifier(classifier_path, progress=progress and main)
         classifier = classifier.to(dev)
+    elif classifier_path is not None and main:  # (it was dropped without a word)
+        warnings.warn(f"classifier {classifier_path} is not used: the class accuracy is scored only for a prior of "
+                      f"digit classes against {MNIST_SOURCE}", stacklevel=2)
 
     labels = torch.arange(num_samples) % num_classes if num_classes else None
     grid = pipe.grid_for_pixels(None, None)
     # precision/recall see at most PR_MAX_FEATURES samples (seed 0), all of them against an ADM reference batch:
     # those rows are kept; of the rest only sums (FID, sFID, IS, class accuracy) stay
-    summed = FeatureAccumulator(num_samples, None if image_batch else PR_MAX_FEATURES, inception_splits=10)
+    summed = FeatureAccumulator(num_samples, None if image_batch else PR_MAX_FEATURES,
+                                inception_splits=INCEPTION_SPLITS)
     hits = 0
 
     def score(batch: range) -> dict[str, torch.Tensor]:
@@ -415,6 +426,11 @@ def eval_prior(pipeline_dir: str | Path, reference: str, num_samples: int = 50_0
         else:
             sfid = frechet_distance(ref.spatial(), samples.spatial(), name="sFID")
         inception = summed.inception_score()
+        if num_samples < 2 * INCEPTION_SPLITS:
+            warnings.warn(f"the Inception Score averages over {INCEPTION_SPLITS} groups of the samples; with "
+                          f"{num_samples} samples some group holds fewer than 2, and a group of one scores 1.0 "
+                          f"whatever the model: draw at least {2 * INCEPTION_SPLITS} (the field uses 50,000)",
+                          stacklevel=2)
         pr = None
         if ref.features is None or min(len(ref.features), num_samples) <= PR_NEIGHBORHOOD:
             warnings.warn(f"precision/recall need more than {PR_NEIGHBORHOOD} reference features or images (in "
