@@ -235,6 +235,11 @@ def reconstruct(tokenizer_dir: str | Path, images: str, out: str | Path, num_ima
         raise ValueError(f"--num must be >= 1, got {num_images}")
     out = Path(out)
     check_out_apart(images, out)
+    model_dir = Path(tokenizer_dir).expanduser()
+    if model_dir.is_dir() and out.expanduser().is_dir() and out.expanduser().resolve() == model_dir.resolve():
+        # (it wrote images/, grid.png, metrics.json and its lock among the model's files; encode refuses such an out)
+        raise ValueError(f"--out {out} is the tokenizer's own folder: the reconstructions, grid and metrics would be "
+                         "written among the model's files; choose another --out")
     state = state or ONE_PROCESS
     device = process_device(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), state)
     model = VQModel.from_pretrained(tokenizer_dir).to(device).eval()

@@ -129,6 +129,20 @@ def test_reconstruct_refuses_an_out_that_overlaps_the_image_folder(tokenizer_dir
     assert not (loose / "recon").exists()
 
 
+def test_reconstruct_refuses_the_tokenizers_own_folder_as_out(tokenizer_dir, tmp_path, capsys):
+    """--out TOK with --tokenizer TOK wrote images/, grid.png, metrics.json and a lock among the model's files
+    (found by a hostile probe); refused before anything is written, by eval-tokenizer too."""
+    source = tmp_path / "held_out"
+    _images(source, 3)
+    before = _contents(tokenizer_dir)
+    with pytest.raises(ValueError, match=r"--out .* is the tokenizer's own folder"):
+        _run(tokenizer_dir, source, tokenizer_dir)
+    assert main(["eval-tokenizer", "--tokenizer", str(tokenizer_dir), "--images", str(source), "--out",
+                 str(tokenizer_dir) + "/", "--lpips", "none", "--fid-weights", "random"]) == 2
+    assert "is the tokenizer's own folder" in capsys.readouterr().err
+    assert _contents(tokenizer_dir) == before
+
+
 def test_one_image_file_given_with_its_own_folder_as_out_is_refused(tokenizer_dir, tmp_path, capsys):
     folder = tmp_path / "ffhq"
     before = _images(folder, 3)
