@@ -8,7 +8,10 @@ Position (i, j) is predicted from the h x w window whose top-left cell is (r0, c
     r0 = clamp(ceil((i - h + 1) / sr) * sr, 0, H - h)
     c0 = clamp(floor((j - w // 2 + sc // 2) / sc) * sc, 0, W - w)
 
-with window strides (sr, sc) = ``window_stride`` (default (1, 1)). With stride 1 the target sits
+with window strides (sr, sc) = ``window_stride`` (default (1, D): one latent position of D codes, D = 1
+unless the prior's tokenizer puts several codes per position, ``draw.code_groups``; a column stride that
+is not a multiple of D is refused, since a window starting inside a position shows the prior codes at
+columns of other depths than it was trained on). With stride 1 the target sits
 in the window's last row (every row above it inside the window is visible; rows below are not
 sampled yet, so looking at them would be useless) and in its middle column w // 2 (taming's
 placement), clamped at the canvas borders. A stride s > 1 lets the window stand still for s rows
@@ -84,11 +87,21 @@ def _int_pair(value: object) -> tuple[int, int] | None:
         return None
 
 
-def _check_stride(window_stride: int | Sequence[int], h: int, w: int) -> tuple[int, int]:
+def _check_stride(window_stride: int | Sequence[int] | None, h: int, w: int,
+                  groups: tuple[int, int] | None = None) -> tuple[int, int]:
+    """``window_stride`` as (rows, columns); None: (1, D), one position of the ``code_groups`` (D, K)."""
+    depth = groups[0] if groups is not None else 1
+    if window_stride is None:
+        return 1, depth
     stride = _int_pair(window_stride)
     if stride is None or not (1 <= stride[0] <= h and 1 <= stride[1] <= w):
         raise ValueError(f"window_stride must be an integer or (rows, columns) of integers in 1..{h} (rows) and "
                          f"1..{w} (columns), got {window_stride!r}")
+    if stride[1] % depth:
+        raise ValueError(f"window_stride {window_stride!r}: this prior's tokenizer puts {depth} codes side by side "
+                         f"per position (code_groups {tuple(groups)}), so windows move a multiple of {depth} columns "
+                         f"(the default (1, {depth}) moves one position): a window starting inside a position shows "
+                         "the prior codes at columns of other depths than it was trained on")
     return stride
 
 
@@ -103,8 +116,9 @@ def check_grid_size(grid_size: int | Sequence[int]) -> tuple[int, int]:
 @inference
 def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None = None, keep_rows: int | None = None,
              class_labels: int | Sequence[int] | torch.Tensor | None = None, sampling: SamplingConfig | None = None,
-             use_cache: bool = True, window_stride: int | Sequence[int] = 1, max_window_caches: int | None = None,
-             generator: Randomness = None, progress: bool = False, compile: bool = False) -> torch.Tensor:
+             use_cache: bool = True, window_stride: int | Sequence[int] | None = None,
+             max_window_caches: int | None = None, generator: Randomness = None, progress: bool = False,
+             compile: bool = False) -> torch.Tensor:
     """Sample the unknown cells of tokens (B, H, W) in raster order -> (B, H, W); known cells are kept.
 
     Known cells: ``known_mask`` (B, H, W) or (H, W) bool, or the top ``keep_rows`` rows. Values at
@@ -144,7 +158,7 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
     known_values = tokens[known_mask]
     if known_values.numel() and (known_values.min() < 0 or known_values.max() >= model.config.codebook_size):
         raise ValueError(f"known tokens must be in [0, {model.config.codebook_size})")
-    stride = _check_stride(window_stride, h, w)
+    stride = _check_stride(window_stride, h, w, groups)
     if max_window_caches is not None and max_window_caches < 0:
         raise ValueError(f"max_window_caches must be >= 0 or None, got {max_window_caches}")
     sampling = sampling or SamplingConfig()
@@ -259,7 +273,7 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
 def generate_highres(model: GPT, num_samples: int, height: int, width: int,
                      class_labels: int | Sequence[int] | torch.Tensor | None = None,
                      sampling: SamplingConfig | None = None, use_cache: bool = True,
-                     window_stride: int | Sequence[int] = 1, max_window_caches: int | None = None,
+                     window_stride: int | Sequence[int] | None = None, max_window_caches: int | None = None,
                      generator: Randomness = None, progress: bool = False, compile: bool = False) -> torch.Tensor:
     """Sample (num_samples, height, width) code grids with sliding windows of the training grid size."""
     num_samples = check_num_samples(num_samples)

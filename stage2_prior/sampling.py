@@ -28,11 +28,12 @@ __all__ = ["CFG_SCHEDULES", "SamplingConfig", "cfg_scales", "check_sampling_args
 def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | torch.Tensor | None = None,
              grid_size: Sequence[int] | None = None, sampling: SamplingConfig | None = None, use_cache: bool = True,
              generator: torch.Generator | None = None, progress: bool = False,
-             window_stride: int | Sequence[int] = 1,
+             window_stride: int | Sequence[int] | None = None,
              generators: Sequence[torch.Generator] | None = None, compile: bool = False) -> torch.Tensor:
     """Sample code grids -> LongTensor (num_samples, h, w); a grid larger than the trained one is sampled
     with sliding windows (``stage2_prior.highres.generate_highres``, moving ``window_stride`` (rows, columns)
-    at a time: a residual-VQ tokenizer's D codes per position want (1, D)). ``sampling``: default SamplingConfig().
+    at a time; None: (1, D), one position of a tokenizer with D codes per position, ``code_groups``, as the
+    pipeline draws). ``sampling``: default SamplingConfig().
 
     ``generators``: one per sample, instead of ``generator``: sample b's noise then comes from
     ``generators[b]`` alone, so its tokens do not depend on the other samples of the batch.
@@ -51,7 +52,7 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
                              f"for num_samples={num_samples}")
     noise = generator if generators is None else list(generators)
     h, w = model.grid_size
-    window_stride = _check_stride(window_stride, h, w)  # on the trained grid too: a bad value is said at once
+    window_stride = _check_stride(window_stride, h, w, code_groups(model))  # on the trained grid too: said at once
     if grid_size is not None and check_grid_size(grid_size) != (h, w):
         height, width = check_grid_size(grid_size)
         return generate_highres(model, num_samples, height, width, class_labels=class_labels, sampling=sampling,

@@ -329,6 +329,29 @@ def test_a_bare_prior_of_a_per_depth_tokenizer_keeps_its_code_groups(tmp_path):
     assert getattr(GPT.from_pretrained(tmp_path / "shared" / "prior"), "code_groups", None) is None
 
 
+def test_a_bare_prior_draws_a_larger_canvas_as_the_pipeline_does(tmp_path):
+    """A bare prior's sliding windows moved one column at a time by default, so half of them started inside a
+    position: the codes came from the right depths, but not as the pipeline draws them (its windows move a
+    whole position), and the prior saw columns of other depths than it was trained on (found by a hostile
+    probe). The default is now one position; a column stride that splits positions is refused."""
+    from stage2_prior import generate
+    from stage2_prior.model import GPT, GPTConfig
+    from vqgpt.workflow.pipeline import VQGPTPipeline
+
+    torch.manual_seed(0)
+    tok = tiny_rvq_model().eval()
+    prior = GPT(GPTConfig(codebook_size=tok.codebook_size, grid_size=[4, 8], num_classes=0, n_layer=1, n_head=2,
+                          dim=32, multiple_of=16)).eval()
+    torch.nn.init.normal_(prior.output.weight, std=0.5)  # (a fresh prior's head is zero: every draw uniform)
+    VQGPTPipeline(tok, prior).save_pretrained(tmp_path / "pipe")
+    pipe, bare = VQGPTPipeline.from_pretrained(tmp_path / "pipe"), GPT.from_pretrained(tmp_path / "pipe" / "prior")
+    drawn = pipe.draw_codes(2, None, (4, 12), None, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(generate(bare, 2, grid_size=(4, 12), generator=torch.Generator().manual_seed(0)), drawn)
+    with pytest.raises(ValueError, match=r"window_stride \(1, 1\): this prior's tokenizer puts 2 codes side by side"):
+        generate(bare, 1, grid_size=(4, 12), window_stride=(1, 1))
+    assert generate(bare, 1, grid_size=(4, 12), window_stride=(1, 4)).shape == (1, 4, 12)
+
+
 def test_a_resume_checks_the_code_groups_it_recorded(tmp_path):
     """A prior resumed without --tokenizer takes its code groups from its checkpoint, or (an earlier vqgpt's
     checkpoint) from the run's last export. Both were taken as they were: groups that do not fit the codebook
