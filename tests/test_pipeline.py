@@ -236,3 +236,32 @@ def test_every_process_gets_the_pipeline_once_it_is_written(tmp_path, pipe_dir):
         said = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
         assert said == [f"rank {rank}: made 256", f"rank {rank}: refreshed True ['a', 'b', 'c']",
                         f"rank {rank}: refused ConfigError True"], said
+
+
+def test_save_pretrained_writes_only_folders_that_load(tmp_path):
+    """From a probe of the Python API: class names changed in place (pipe.classes.append) or a prior swapped in
+    (pipe.prior = ...) were saved without a check, and the folder was then refused by from_pretrained; a pair
+    made with from_parts(check_fingerprint=False) copied the prior's export naming the other tokenizer, which
+    from_pretrained refused too. Now the first two are refused when saving, the third is stamped anew."""
+    tok = tiny_tokenizer()
+    VQGPTPipeline(tok, tiny_prior(tok.codebook_size), classes=["a", "b", "c"]).save_pretrained(tmp_path / "pipe")
+    pipe = VQGPTPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.classes.append("d")
+    with pytest.raises(ValueError, match=r"pipe.classes no longer fit the prior: 4 class names for a prior of 3"):
+        pipe.save_pretrained(tmp_path / "bad")
+    pipe.classes = ["a", "b", "c"]
+    pipe.prior = tiny_prior(tok.codebook_size, num_classes=5)
+    with pytest.raises(ValueError, match=r"3 class names for a prior of 5 classes"):
+        pipe.save_pretrained(tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    # a tokenizer with another decoder (the same codes), paired on purpose without the fingerprint check
+    tuned = VQModel.from_pretrained(tmp_path / "pipe" / "tokenizer")
+    with torch.no_grad():
+        tuned.decoder.conv_out.weight.mul_(1.01)
+    tuned.save_pretrained(tmp_path / "tuned")
+    paired = VQGPTPipeline.from_parts(tmp_path / "tuned", tmp_path / "pipe" / "prior", check_fingerprint=False)
+    paired.save_pretrained(tmp_path / "paired")
+    again = VQGPTPipeline.from_pretrained(tmp_path / "paired")
+    assert again.classes == ["a", "b", "c"]
+    torch.testing.assert_close(again.generate(2, class_labels=[0, 1], seed=0),
+                               paired.generate(2, class_labels=[0, 1], seed=0))

@@ -134,6 +134,14 @@ class VQGPTPipeline:
             raise ValueError(f"the prior holds {', '.join(rounded)} weights (set_decoding), rounded from its float32 "
                              "ones: save the pipeline before set_decoding, or load it again to save the float32 "
                              "weights")
+        # What the constructor checks, again: a prior swapped in (pipe.prior = ...) or class names changed in
+        # place (pipe.classes.append(...)) since were written, and the folder then refused to load.
+        check_compatible(self.tokenizer, self.prior)
+        try:
+            check_class_names(self.classes, self.prior.config.num_classes)
+        except ValueError as exc:
+            raise ValueError(f"pipe.classes no longer fit the prior: {exc}; set pipe.classes to one name per class "
+                             "(or [] for none) before saving") from None
         directory = Path(directory)
         tok_dst, prior_dst = directory / "tokenizer", directory / "prior"
         tok_loaded, prior_loaded = self._as_loaded
@@ -151,8 +159,10 @@ class VQGPTPipeline:
         extra = self._prior_extra
         # The prior's export is copied only while it still describes this pipeline: its weights, its class
         # names and the tokenizer (fingerprint) it names are those of now. Else it is written anew.
+        # (a pair made with from_parts(check_fingerprint=False) names another tokenizer: it is stamped anew)
         if (tok_copied and prior_unchanged and prior_loaded is not None
-                and _weights_state(self.prior) == prior_loaded and extra.get("classes", []) == list(self.classes)):
+                and _weights_state(self.prior) == prior_loaded and extra.get("classes", []) == list(self.classes)
+                and extra.get("tokenizer_fingerprint") in (None, tokenizer_fingerprint(tok_dst))):
             if self.prior_dir.resolve() != prior_dst.resolve():
                 copy_export(self.prior_dir, prior_dst)
         else:
