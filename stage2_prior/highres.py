@@ -105,6 +105,16 @@ def _check_stride(window_stride: int | Sequence[int] | None, h: int, w: int,
     return stride
 
 
+def _check_codes(tokens: torch.Tensor) -> None:
+    """Code grids (B, H, W) of integers, at least one grid: else a ValueError saying which."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+        raise ValueError(f"tokens must be (B, H, W), got shape {tuple(getattr(tokens, 'shape', ()))}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be integer codes, got {tokens.dtype}")  # 3.7 was read as code 3
+    if tokens.shape[0] == 0:  # (failed in a reduction inside torch)
+        raise ValueError("tokens hold no grids (B = 0): give at least one")
+
+
 def check_grid_size(grid_size: int | Sequence[int]) -> tuple[int, int]:
     """A requested code grid (rows, columns), or one integer for a square one -> (int, int), each >= 1."""
     size = _int_pair(grid_size)
@@ -128,10 +138,7 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
     compiled decode step (``stage2_prior.decode``); chunks (prefills) stay eager. On a GPU the step's
     caches here belong to the windows, so it runs compiled without a CUDA graph.
     """
-    if tokens.dim() != 3:
-        raise ValueError(f"tokens must be (B, H, W), got shape {tuple(tokens.shape)}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(f"tokens must be integer codes, got {tokens.dtype}")  # 3.7 was read as code 3
+    _check_codes(tokens)
     B, H, W = tokens.shape
     h, w = model.grid_size
     if H < h or W < w:
@@ -145,6 +152,10 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
         raise ValueError("pass exactly one of known_mask and keep_rows")
     device = model.tok_embeddings.weight.device
     if keep_rows is not None:
+        rows = _int_pair(keep_rows)
+        if rows is None:  # (2.5 failed as a slice index)
+            raise ValueError(f"keep_rows must be an integer, got {keep_rows!r}")
+        keep_rows = rows[0]
         if not 0 <= keep_rows <= H:
             raise ValueError(f"keep_rows must be in [0, {H}], got {keep_rows}")
         known_mask = torch.zeros(H, W, dtype=torch.bool)
@@ -277,6 +288,7 @@ def generate_highres(model: GPT, num_samples: int, height: int, width: int,
                      generator: Randomness = None, progress: bool = False, compile: bool = False) -> torch.Tensor:
     """Sample (num_samples, height, width) code grids with sliding windows of the training grid size."""
     num_samples = check_num_samples(num_samples)
+    height, width = check_grid_size((height, width))  # (5.5 failed inside torch.zeros)
     device = model.tok_embeddings.weight.device
     empty = torch.zeros(num_samples, height, width, dtype=torch.long, device=device)
     return complete(model, empty, keep_rows=0, class_labels=class_labels, sampling=sampling, use_cache=use_cache,
@@ -288,6 +300,8 @@ def extend(model: GPT, tokens: torch.Tensor, height: int, width: int, **options:
     """Grow grids tokens (B, h', w') to the right/down to (B, height, width); the originals stay top-left.
 
     ``options``: ``complete``'s keyword arguments (class_labels, sampling, generator, ...)."""
+    _check_codes(tokens)  # (float codes were cut to integers here, which complete refuses)
+    height, width = check_grid_size((height, width))
     B, h0, w0 = tokens.shape
     if height < h0 or width < w0:
         raise ValueError(f"cannot extend a {h0}x{w0} grid to a smaller {height}x{width}")

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from stage2_prior import SamplingConfig
 from stage2_prior.model import GPT
@@ -116,3 +117,51 @@ def test_bad_tokens_labels_and_cache_positions_are_clear_errors():
     prior.forward_cached(None, 0, torch.tensor([0, 1]), cache=longer)
     with pytest.raises(ValueError, match=r"run past the prior's .* slots .*give positions"):
         prior.forward_cached(torch.zeros(2, prior.seq_len + 2, dtype=torch.long), 1, cache=longer)
+
+
+def test_grid_arguments_of_extend_complete_and_labels_are_checked():
+    """From a probe of the Python API: extend cut float codes to integers (complete refuses them), and took
+    2-D tokens or a height of 5.5 to errors inside torch; complete of no grids or keep_rows=2.5 failed inside
+    torch; True in a list of int labels was read as class 1 (in a list of names it was refused)."""
+    from stage2_prior.highres import complete, extend, generate_highres
+    from test_pipeline import tiny_prior, tiny_tokenizer
+    from vqgpt.workflow.pipeline import VQGPTPipeline
+
+    tok = tiny_tokenizer()
+    prior = tiny_prior(tok.codebook_size)
+    codes = torch.zeros(1, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="tokens must be integer codes, got torch.float32"):
+        extend(prior, torch.full((1, 4, 4), 3.7), 4, 6, class_labels=0)
+    with pytest.raises(ValueError, match=r"tokens must be \(B, H, W\), got shape \(4, 4\)"):
+        extend(prior, codes[0], 4, 6, class_labels=0)
+    with pytest.raises(ValueError, match="grid_size must be"):
+        extend(prior, codes, 5.5, 6, class_labels=0)
+    with pytest.raises(ValueError, match="grid_size must be"):
+        generate_highres(prior, 1, 5.5, 6, class_labels=0)
+    with pytest.raises(ValueError, match=r"tokens hold no grids \(B = 0\)"):
+        complete(prior, codes[:0], keep_rows=2, class_labels=0)
+    with pytest.raises(ValueError, match="keep_rows must be an integer, got 2.5"):
+        complete(prior, codes, keep_rows=2.5, class_labels=0)
+    assert extend(prior, codes, 4, 6, class_labels=0).shape == (1, 4, 6)
+    assert complete(prior, codes, keep_rows=torch.tensor(2), class_labels=0).shape == (1, 4, 4)
+    pipe = VQGPTPipeline(tok, prior, classes=["a", "b", "c"])
+    with pytest.raises(ValueError, match="a class label is an int index or a str name, got True"):
+        pipe.labels_tensor([True, 1, 2], 3)
+    assert pipe.labels_tensor([0, 1, 2], 3).tolist() == [0, 1, 2]
+
+
+def test_an_export_extra_that_would_not_load_back_is_refused(tmp_path):
+    """GPT.save_pretrained(extra="abc") wrote an export that from_pretrained refused ('the extra section is not
+    an object'), replacing a good one; an object json cannot write left an empty folder (from a probe)."""
+    from test_pipeline import tiny_tokenizer
+
+    prior = tiny_prior(tiny_tokenizer().codebook_size)
+    for bad, said in (("abc", "extra must be a dict of JSON values, got str"),
+                      (["a"], "extra must be a dict of JSON values, got list"),
+                      ({"foo": object()}, "extra must hold JSON values"),
+                      ({"x": float("nan")}, "extra must hold JSON values")):
+        with pytest.raises(ValueError, match=said):
+            prior.save_pretrained(tmp_path / "e", extra=bad)
+        assert not (tmp_path / "e").exists()
+    prior.save_pretrained(tmp_path / "e", extra={"note": "fine", "n": [1, 2.5, None]})
+    assert GPT.from_pretrained(tmp_path / "e").config == prior.config

@@ -62,6 +62,12 @@ def save_export(directory: str | Path, kind: str, config: Any, model: torch.nn.M
                 extra: dict[str, Any] | None = None) -> Path:
     """Write ``config.json`` ({kind, config, extra}) and ``model.safetensors`` into ``directory``."""
     directory = Path(directory)
+    if extra is not None and not isinstance(extra, dict):  # (written, it made an export that does not load)
+        raise ValueError(f"extra must be a dict of JSON values, got {type(extra).__name__} {extra!r}")
+    try:  # before anything is written: an object json cannot write left an empty folder
+        json.dumps(extra or {}, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"extra must hold JSON values (str, numbers, bools, None, lists, dicts): {exc}") from None
     # Unwrapped so that keys carry no 'module.' / '_orig_mod.' prefix.
     state = {k: v.detach().contiguous().cpu() for k, v in _bare_module(model).state_dict().items()}
     broken = nonfinite_tensors(state)
