@@ -311,7 +311,9 @@ def test_a_residual_tokenizers_larger_canvas_moves_its_windows_by_whole_position
         return tensor_to_uint8(tok.decode(codes).clamp(-1, 1)).permute(0, 2, 3, 1).numpy()
 
     assert np.array_equal(drawn, by_stride((1, 2)))
-    assert not np.array_equal(drawn, by_stride((1, 1)))  # the two strides do draw different images
+    assert np.array_equal(drawn, by_stride(None))  # a bare prior's default moves one position too
+    with pytest.raises(ValueError, match=r"window_stride \(1, 1\): this prior's tokenizer puts 2 codes side by side"):
+        by_stride((1, 1))  # windows that start inside a position are refused
 
 
 def test_a_run_starting_while_the_npz_scratch_folder_is_removed(pipe_dir, tmp_path, monkeypatch):
