@@ -160,14 +160,15 @@ class VQGPTPipeline:
         # The prior's export is copied only while it still describes this pipeline: its weights, its class
         # names and the tokenizer (fingerprint) it names are those of now. Else it is written anew.
         # (a pair made with from_parts(check_fingerprint=False) names another tokenizer: it is stamped anew)
+        fingerprint = tokenizer_fingerprint(tok_dst)  # (a hash of its weights file: read once)
         if (tok_copied and prior_unchanged and prior_loaded is not None
                 and _weights_state(self.prior) == prior_loaded and extra.get("classes", []) == list(self.classes)
-                and extra.get("tokenizer_fingerprint") in (None, tokenizer_fingerprint(tok_dst))):
+                and extra.get("tokenizer_fingerprint") in (None, fingerprint)):
             if self.prior_dir.resolve() != prior_dst.resolve():
                 copy_export(self.prior_dir, prior_dst)
         else:
             self.prior.save_pretrained(prior_dst, extra={**extra, "classes": self.classes,
-                                                         "tokenizer_fingerprint": tokenizer_fingerprint(tok_dst)})
+                                                         "tokenizer_fingerprint": fingerprint})
         return directory
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
