@@ -271,6 +271,11 @@ def resolve_class_labels(model: GPT, class_labels: int | Sequence[int] | torch.T
         return None
     if class_labels is None:
         raise ValueError(needs_class_label(model.num_classes))
+    if isinstance(class_labels, (list, tuple)):  # True among ints became class 1 (a bool tensor is refused below)
+        flags = [x for x in class_labels
+                 if isinstance(x, bool) or str(getattr(x, "dtype", "")) in ("bool", "torch.bool")]  # (numpy, torch)
+        if flags:
+            raise ValueError(f"a class label is an int index or a str name, got {flags[0]!r}")
     try:
         labels = torch.as_tensor(class_labels)
     except (TypeError, ValueError, RuntimeError) as exc:  # 2**70, text, ragged lists: torch's own words

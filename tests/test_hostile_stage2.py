@@ -123,6 +123,7 @@ def test_grid_arguments_of_extend_complete_and_labels_are_checked():
     """From a probe of the Python API: extend cut float codes to integers (complete refuses them), and took
     2-D tokens or a height of 5.5 to errors inside torch; complete of no grids or keep_rows=2.5 failed inside
     torch; True in a list of int labels was read as class 1 (in a list of names it was refused)."""
+    from stage2_prior import generate
     from stage2_prior.highres import complete, extend, generate_highres
     from test_pipeline import tiny_prior, tiny_tokenizer
     from vqgpt.workflow.pipeline import VQGPTPipeline
@@ -148,6 +149,8 @@ def test_grid_arguments_of_extend_complete_and_labels_are_checked():
     with pytest.raises(ValueError, match="a class label is an int index or a str name, got True"):
         pipe.labels_tensor([True, 1, 2], 3)
     assert pipe.labels_tensor([0, 1, 2], 3).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="a class label is an int index or a str name, got True"):
+        generate(prior, 2, class_labels=[True, 1])  # the prior's own check, which the pipeline's goes through
 
 
 def test_an_export_extra_that_would_not_load_back_is_refused(tmp_path):

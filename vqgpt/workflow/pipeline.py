@@ -379,10 +379,6 @@ class VQGPTPipeline:
 
         Names become indices here; range and shape are checked by ``resolve_class_labels``.
         """
-        if isinstance(class_labels, (list, tuple)):  # True among ints was read as class 1 (among names refused)
-            flags = [x for x in class_labels if isinstance(x, (bool, np.bool_))]
-            if flags:
-                raise ValueError(f"a class label is an int index or a str name, got {flags[0]!r}")
         if isinstance(class_labels, np.ndarray) and class_labels.dtype.kind in "US":  # numpy names
             class_labels = [str(x) for x in class_labels.reshape(-1)] if class_labels.ndim else str(class_labels)
         if isinstance(class_labels, str) or (isinstance(class_labels, (list, tuple))
