@@ -156,6 +156,9 @@ class DecodeStep:
 
     def __call__(self, tokens: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         """Logits (B, 1, V) of slot ``pos`` (> 0), feeding tokens (B, 1) there; writes that slot of ``cache``."""
+        if pos < 1:
+            raise ValueError(f"a decode step writes a slot after the prefix (pos >= 1), got {pos}")
+        cache.check_write(pos, 1)
         position = self._position(pos, tokens.device)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been read
@@ -168,6 +171,7 @@ class DecodeStep:
             self._versions = versions
             with torch._inductor.config.patch(_FROZEN_CPU), attached_copies_in_use():
                 logits = self._compiled(self.model, tokens, position, cache.keys, cache.values)
+        cache.filled = pos + 1
         # A CUDA graph's output is overwritten by the next replay: hand out a copy.
         return logits.clone() if self.cuda_graphs else logits
 

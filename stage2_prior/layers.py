@@ -313,12 +313,25 @@ class KVCache:
     Slots are written before they are read (attention reads slots < start_pos + n only), so the
     storage is left uninitialised, unless ``zeroed``: the fixed-shape step of a compiled decoder
     attends over every slot behind a mask, and a masked slot must still hold finite numbers
-    (0 * NaN is NaN).
+    (0 * NaN is NaN). ``filled`` counts the slots written so far (a write at start_pos leaves
+    start_pos + n of them: later ones are stale), so that a write past them, which would attend
+    over slots never written, is refused; None where that is not known (a cache made from bare
+    tensors), and then nothing is checked.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
-        self.keys, self.values = keys, values
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], filled: int | None = None):
+        self.keys, self.values, self.filled = keys, values, filled
         self.batch_size, _, self.max_len, _ = keys[0].shape
+
+    def check_write(self, start_pos: int, n: int) -> None:
+        """A ValueError unless slots [start_pos, start_pos + n) can be written next: within the cache, and
+        not past the slots written so far."""
+        if start_pos + n > self.max_len:
+            raise ValueError(f"slots {start_pos}..{start_pos + n - 1} exceed the cache length {self.max_len}")
+        if self.filled is not None and start_pos > self.filled:
+            raise ValueError(f"start_pos {start_pos} is past the {self.filled} slot(s) written to this cache so far: "
+                             f"slots {self.filled}..{start_pos - 1} would be attended over unwritten (feed them "
+                             f"first, from start_pos {self.filled})")
 
     @classmethod
     def allocate(cls, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
@@ -328,11 +341,12 @@ class KVCache:
                    f"a KV cache of {batch_size:,} rows x {max_len:,} positions ({n_layer} layers, {dtype})")
         new = torch.zeros if zeroed else torch.empty
         return cls([new(shape, dtype=dtype, device=device) for _ in range(n_layer)],
-                   [new(shape, dtype=dtype, device=device) for _ in range(n_layer)])
+                   [new(shape, dtype=dtype, device=device) for _ in range(n_layer)], filled=0)
 
     def select(self, start: int, stop: int) -> "KVCache":
-        """The cache of batch rows [start, stop), sharing storage with this one."""
-        return KVCache([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values])
+        """The cache of batch rows [start, stop), sharing storage with this one (and its ``filled`` as it is now:
+        each then counts its own writes)."""
+        return KVCache([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values], self.filled)
 
 
 class Attention(nn.Module):

@@ -169,7 +169,8 @@ class GPT(nn.Module):
         token s. With start_pos == 0 the prefix (from class_labels) is prepended to ``tokens`` (B, n)
         (which may be None: prefix only). ``cache`` comes from ``new_cache`` and holds the slots before
         start_pos. ``positions`` (n, 2) gives each token's (row, col) for RoPE, default its own raster
-        cell; sliding windows pass window-relative cells.
+        cell; sliding windows pass window-relative cells. A start_pos past ``cache.filled`` (the slots
+        written so far) is refused.
 
         ``start_pos`` as a 1-element long tensor (> 0, on the model's device) is the fixed-shape form
         a compiled decode step uses (``stage2_prior.decode``): every shape is the same at every slot and
@@ -191,17 +192,22 @@ class GPT(nn.Module):
             start_pos = -1
         if start_pos < 0:
             raise ValueError(f"start_pos must be a slot index >= 0 (or a 1-element long tensor), got {given!r}")
-        parts = [self.prefix_embedding(class_labels, cache.batch_size)] if start_pos == 0 else []
         if start_pos > 0 and class_labels is not None:
             raise ValueError("class_labels are only read at start_pos=0 (the prefix slot)")
-        if tokens is not None and tokens.shape[1] > 0:
-            parts.append(self.tok_embeddings(tokens))
-        if not parts:
+        if tokens is not None and (tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool):
+            raise ValueError(f"tokens must be integer codes (B, n), got {tokens.dtype} {tuple(tokens.shape)}")
+        n = (start_pos == 0) + (0 if tokens is None else tokens.shape[1])
+        if n == 0:
             raise ValueError("forward_cached: no tokens given for start_pos > 0")
+        cache.check_write(start_pos, n)
+        try:  # (as in forward: ranges are not checked ahead, which would wait on the device at every decode step)
+            parts = [self.prefix_embedding(class_labels, cache.batch_size)] if start_pos == 0 else []
+            if tokens is not None and tokens.shape[1] > 0:
+                parts.append(self.tok_embeddings(tokens))
+        except IndexError:
+            raise ValueError(f"tokens must lie in [0, {self.config.codebook_size})"
+                             + (f" and class_labels in [0, {self.num_classes})" if self.conditional else "")) from None
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, n, dim)
-        n = x.shape[1]
-        if start_pos + n > cache.max_len:
-            raise ValueError(f"slots {start_pos}..{start_pos + n - 1} exceed the cache length {cache.max_len}")
         table = self.rope_table(x.device)
         if positions is None:
             if start_pos + n > len(table):  # (raster slots past the grid have no rotation)
@@ -216,7 +222,9 @@ class GPT(nn.Module):
         attn_mask = None
         if n > 1 and start_pos > 0:  # a chunk after cached slots: query i sees slots <= start_pos + i
             attn_mask = torch.ones(n, start_pos + n, dtype=torch.bool, device=x.device).tril(start_pos)
-        return self._cached_layers(x, rope, cache, start_pos, attn_mask, last_only)
+        logits = self._cached_layers(x, rope, cache, start_pos, attn_mask, last_only)
+        cache.filled = start_pos + n
+        return logits
 
     def _forward_static(self, tokens: torch.Tensor | None, start_pos: torch.Tensor, cache: KVCache,
                         positions: torch.Tensor | None) -> torch.Tensor:

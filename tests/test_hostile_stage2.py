@@ -119,6 +119,48 @@ def test_bad_tokens_labels_and_cache_positions_are_clear_errors():
         prior.forward_cached(torch.zeros(2, prior.seq_len + 2, dtype=torch.long), 1, cache=longer)
 
 
+def test_a_cached_forward_past_the_written_slots_is_refused():
+    """forward_cached at a start_pos beyond the slots written so far attended over uninitialised cache memory
+    (garbage logits, no error); out-of-range tokens there failed with torch's bare IndexError. The compiled
+    decode step checks the same, and both count the slots they write."""
+    from stage2_prior.decode import decode_step
+
+    prior = tiny_prior(256).eval()
+    one = torch.zeros(2, 1, dtype=torch.long)
+    cache = prior.new_cache(2)
+    assert cache.filled == 0
+    with pytest.raises(ValueError, match=r"start_pos 3 is past the 0 slot\(s\) written .*slots 0..2"):
+        prior.forward_cached(one, 3, cache=cache)
+    prior.forward_cached(torch.zeros(2, 2, dtype=torch.long), 0, torch.tensor([0, 1]), cache=cache)
+    assert cache.filled == 3
+    prior.forward_cached(one, 3, cache=cache)  # the next slot
+    prior.forward_cached(one, 1, cache=cache)  # rewinding: slots after the rewritten one are stale
+    assert cache.filled == 2
+    with pytest.raises(ValueError, match=r"start_pos 3 is past the 2 slot\(s\) written"):
+        prior.forward_cached(one, 3, cache=cache)
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 256\) and class_labels in \[0, 3\)"):
+        prior.forward_cached(torch.full((2, 1), 256), 2, cache=cache)
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 256\)"):
+        prior.forward_cached(torch.full((2, 1), -1), 2, cache=cache)
+    with pytest.raises(ValueError, match="tokens must lie in"):
+        prior.forward_cached(None, 0, torch.tensor([0, 7]), cache=cache)
+    with pytest.raises(ValueError, match="tokens must be integer codes"):
+        prior.forward_cached(one.float(), 2, cache=cache)
+    assert cache.filled == 2  # refused calls count nothing
+    assert cache.select(0, 1).filled == 2
+    step = decode_step(prior)
+    compiled = step.new_cache(2, 1 + prior.seq_len)
+    with pytest.raises(ValueError, match=r"start_pos 2 is past the 0 slot\(s\) written"):
+        step(one, 2, compiled)
+    with pytest.raises(ValueError, match=r"pos >= 1"):
+        step(one, 0, compiled)
+    prior.forward_cached(None, 0, torch.tensor([0, 1]), cache=compiled)
+    step(one, 1, compiled)
+    assert compiled.filled == 2
+    with pytest.raises(ValueError, match="exceed the cache length"):
+        step(one, 1 + prior.seq_len, compiled)
+
+
 def test_grid_arguments_of_extend_complete_and_labels_are_checked():
     """From a probe of the Python API: extend cut float codes to integers (complete refuses them), and took
     2-D tokens or a height of 5.5 to errors inside torch; complete of no grids or keep_rows=2.5 failed inside
