@@ -27,67 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from vqgpt.ground.native import build_kernel
+from vqgpt.ground.native import VEC_HEADER, build_kernel, passes
 
-_HEADER = r"""
-#include <torch/csrc/inductor/cpp_prefix.h>
-#if !INDUCTOR_USE_VECTOR_TYPES()
-#error "the fused norm needs at::vec"
-#endif
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t V = Vec::size();
-
-// two vectors of fp32 (2 V values) from / to the kernel's own buffers (padded to a multiple of 2 V channels)
-static inline void load2(const float* p, Vec& a, Vec& b) { a = Vec::loadu(p); b = Vec::loadu(p + V); }
-static inline void store2(float* p, const Vec& a, const Vec& b) { a.store(p); b.store(p + V); }
-
-// the same from / to the map, m <= 2 V of its values (the last channels of a pixel when C is not a multiple of
-// 2 V: the lanes past them read as 0 and are not written)
-static inline void load2(const float* p, Vec& a, Vec& b, const int64_t m) {
-    if (m == 2 * V) return load2(p, a, b);
-    a = Vec::loadu(p, std::min<int64_t>(m, V));
-    b = m > V ? Vec::loadu(p + V, m - V) : Vec(0.0f);
-}
-static inline void store2(float* p, const Vec& a, const Vec& b, const int64_t m) {
-    if (m == 2 * V) return store2(p, a, b);
-    a.store(p, std::min<int64_t>(m, V));
-    if (m > V) b.store(p + V, m - V);
-}
-using BVec = at::vec::Vectorized<at::BFloat16>;  // 2 V values
-static inline void load2(const uint16_t* p, Vec& a, Vec& b, const int64_t m) {
-    const auto* q = reinterpret_cast<const at::BFloat16*>(p);
-    std::tie(a, b) = at::vec::convert_bfloat16_float(m == 2 * V ? BVec::loadu(q) : BVec::loadu(q, m));
-}
-static inline void store2(uint16_t* p, const Vec& a, const Vec& b, const int64_t m) {
-    const BVec packed = at::vec::convert_float_bfloat16(a, b);
-    if (m == 2 * V) packed.store(reinterpret_cast<at::BFloat16*>(p));
-    else packed.store(reinterpret_cast<at::BFloat16*>(p), m);
-}
-#if defined(CPU_CAPABILITY_AVX512)
-// 1 / (1 + exp(-t)) in a dozen AVX-512 instructions: exp as 2^n * e^r, |r| <= ln2 / 2, e^r by its Taylor
-// polynomial to r^6 (relative error below 2e-7), and the reciprocal by rcp14 and one Newton step (2^-28).
-// at::vec's exp_u20 cost 3x the rest of the forward pass (and more with its division).
-static inline Vec sigmoid(const Vec& t) {
-    const __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), t), _mm512_set1_ps(-87.0f)),
-                                   _mm512_set1_ps(87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 e = _mm512_set1_ps(1.0f / 720);
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 120));
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 24));
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 6));
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f));
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f));
-    const __m512 d = _mm512_add_ps(_mm512_scalef_ps(e, n), _mm512_set1_ps(1.0f));  // 1 + exp(-t)
-    const __m512 q = _mm512_rcp14_ps(d);
-    return Vec(_mm512_mul_ps(q, _mm512_fnmadd_ps(d, q, _mm512_set1_ps(2.0f))));
-}
-#else
-static inline Vec sigmoid(const Vec& t) { return Vec(1.0f) / (Vec(1.0f) + t.neg().exp_u20()); }
-#endif
-
+_HEADER = VEC_HEADER + r"""
 // per channel c: group g = c / (C / G) gets value[g]
 static inline void per_channel(const float* value, int64_t C, int64_t G, float* out) {
     const int64_t per = C / G;
@@ -292,13 +234,8 @@ def kernels(dtype: torch.dtype) -> tuple | None:
             if forward is not None and backward is not None:
                 built = (forward, backward, step)
         _BUILT[dtype] = built
-        if built is not None:
-            try:
-                good = _matches_unfused(dtype, step)
-            except Exception:  # noqa: BLE001 - a kernel that fails its check is not used
-                good = False
-            if not good:
-                _BUILT[dtype] = None
+        if built is not None and not passes(lambda: _matches_unfused(dtype, step)):
+            _BUILT[dtype] = None
     return _BUILT[dtype]
 
 
