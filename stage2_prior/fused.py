@@ -299,19 +299,21 @@ class _RopeQKV(torch.autograd.Function):
         B, n, _ = qkv.shape
         q, k, v = (qkv.new_empty(B, n, heads, D) for heads in (H, K, K))
         forward(qkv, table, q, k, v, B, n, H, K, D, qkv.stride(0), qkv.stride(1))
-        ctx.save_for_backward(qkv, table)  # (qkv only for a double backward: a reference, not a copy)
+        ctx.save_for_backward(table)
         ctx.dims = B, n, H, K, D
         return q, k, v
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        qkv, table = ctx.saved_tensors
+        (table,) = ctx.saved_tensors
         B, n, H, K, D = ctx.dims
-        if torch.is_grad_enabled():  # create_graph: a backward of its own gradient, by the torch ops
-            return _differentiable_backward(lambda x: _rope_reference(x, table, H, K, D), (qkv,), (dq, dk, dv)) \
-                + (None,) * 4
         ref = next(g for g in (dq, dk, dv) if g is not None)
         grads = [ref.new_zeros(B, n, heads, D) if g is None else g for g, heads in ((dq, H), (dk, K), (dv, K))]
+        if torch.is_grad_enabled():  # create_graph: the (linear) backward by torch ops, a graph of the gradients
+            g = torch.cat(grads[:2], dim=2).float()
+            swapped = (g * table[:, None, 1]).unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+            rotated = (g * table[:, None, 0] + swapped).to(ref.dtype).flatten(2)
+            return torch.cat([rotated, grads[2].flatten(2)], dim=-1), None, None, None, None
         grads = [g if g.stride(-1) == 1 else g.contiguous() for g in grads]
         _, backward = kernels("rope", grads[0].dtype)
         dqkv = ref.new_empty(B, n, (H + 2 * K) * D)
@@ -330,16 +332,10 @@ def rope_qkv(qkv: torch.Tensor, table: torch.Tensor, H: int, K: int, D: int, rot
     return _rope_reference(qkv, table, H, K, D, rotate)
 
 
-def _rope_reference(qkv: torch.Tensor, table: torch.Tensor, H: int, K: int, D: int, rotate=None):
-    """``rope_qkv`` by torch ops: ``rotate(x, table)`` (default: the rotation in the kernel's terms)."""
+def _rope_reference(qkv: torch.Tensor, table: torch.Tensor, H: int, K: int, D: int, rotate) -> tuple[torch.Tensor, ...]:
+    """``rope_qkv`` by torch ops: q and k rotated by ``rotate(x, table)``, v a view."""
     B, n, _ = qkv.shape
-    qk = qkv[..., : (H + K) * D].view(B, n, H + K, D)
-    if rotate is not None:
-        qk = rotate(qk, table)
-    else:
-        xf = qk.float()
-        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-        qk = (xf * table[:, None, 0] + swapped * table[:, None, 1]).to(qkv.dtype)
+    qk = rotate(qkv[..., : (H + K) * D].view(B, n, H + K, D), table)
     return qk[:, :, :H], qk[:, :, H:], qkv[..., (H + K) * D:].view(B, n, K, D)
 
 

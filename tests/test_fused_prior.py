@@ -256,8 +256,8 @@ def test_a_double_backward_gets_the_torch_ops_second_derivatives():
     qkv = torch.randn(2, n, (H + 2 * K) * D, generator=gen)
     x, weight = torch.randn(2, 3, 16, generator=gen), torch.rand(16, generator=gen) + 0.5
     a, b = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
-    cases = [(lambda t: fused._RopeQKV.apply(t, table, H, K, D), lambda t: fused._rope_reference(t, table, H, K, D),
-              [qkv]),
+    cases = [(lambda t: fused._RopeQKV.apply(t, table, H, K, D),
+              lambda t: fused._rope_reference(t, table, H, K, D, apply_rope), [qkv]),
              (lambda t, w: fused._RMSNorm.apply(t, w, 1e-5, torch.float32), lambda t, w: F.rms_norm(t, (16,), w, 1e-5),
               [x, weight]),
              (fused._SwiGLU.apply, lambda a, b: F.silu(a) * b, [a, b])]
