@@ -15,7 +15,7 @@ peak (1024^3 fp32 / bf16 matmul GFLOP/s on a CPU, 8192^3 on a GPU, measured in t
 
 Levers: AdamW for-loop (what torch picks for CPU tensors by default) vs foreach vs fused; on a CPU, the
 tokenizer's GroupNorm + SiLU as one kernel (``stage1_vq.norm_silu``) vs the two torch ops, channels-last, and
-the prior's RoPE, RMSNorm and SwiGLU by ``stage2_prior.fused``'s kernels vs the torch ops;
+the prior's RoPE, RMSNorm, SwiGLU and bf16 attention backward by ``stage2_prior.fused``'s kernels vs the torch ops;
 torch.compile of the model (graph breaks listed with torch._dynamo.explain); for the tokenizer, the
 conv layout ``stage1_vq.modules.conv_memory_format`` chooses for the dtype (channels-last, or NCHW for bf16
 on a CPU with bf16 units) vs the other one, forced with ``stage1_vq.modules.CONV_MEMORY_FORMAT``;
@@ -151,9 +151,9 @@ def prior_config(shape: dict | str) -> GPTConfig:
 
 def prior_step(accelerator: Accelerator, shape: dict | str, impl: str, bf16: bool, compiled: bool,
                batch: int, fused_ops: bool = True) -> tuple[Callable[[], None], GPT, GPTConfig]:
-    """One prior training step with the given levers on the accelerator's device, RoPE, RMSNorm and SwiGLU by
-    the kernels of ``stage2_prior.fused`` where they apply or, ``fused_ops`` False, by the torch ops; returns
-    (step, eager model, config)."""
+    """One prior training step with the given levers on the accelerator's device, RoPE, RMSNorm, SwiGLU and bf16
+    attention's backward by the kernels of ``stage2_prior.fused`` where they apply or, ``fused_ops`` False, by the
+    torch ops; returns (step, eager model, config)."""
     torch.manual_seed(0)
     device = accelerator.device
     cfg = prior_config(shape)
@@ -328,9 +328,10 @@ def main(argv: list[str] | None = None) -> None:
                 step, _, _ = prior_step(accelerator, shape, impl, bf16, False, b)
                 record("prior", dtype, f"AdamW {impl}{tag}", median_rate(step, b * cfg.seq_len, w, s, r, device),
                        prior_flops)
-            if on_cpu:  # the share of stage2_prior.fused's kernels: RoPE, RMSNorm and SwiGLU as torch ops instead
+            if on_cpu:  # the share of stage2_prior.fused's kernels: RoPE, RMSNorm, SwiGLU and (bf16) attention's
+                #         backward by torch's ops instead
                 step, _, _ = prior_step(accelerator, shape, "fused", bf16, False, b, fused_ops=False)
-                record("prior", dtype, f"AdamW fused, unfused RoPE/RMSNorm/SwiGLU{tag}",
+                record("prior", dtype, f"AdamW fused, unfused RoPE/RMSNorm/SwiGLU, torch attention{tag}",
                        median_rate(step, b * cfg.seq_len, w, s, r, device), prior_flops)
             if not args.no_compile and not (bf16 and slow_bf16):
                 step, _, _ = prior_step(accelerator, shape, "fused", bf16, True, b)
