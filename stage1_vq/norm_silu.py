@@ -25,9 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from vqgpt.ground.native import VEC_HEADER, build_kernel, passes
+from vqgpt.ground.native import VEC_HEADER, build_kernel, differentiable_backward, passes
 
 _HEADER = VEC_HEADER + r"""
 // per channel c: group g = c / (C / G) gets value[g]
@@ -249,13 +248,15 @@ class _NormSiLU(torch.autograd.Function):
         forward(x, *_as_fp32(weight, bias), y, mean, rstd, n, h * w, c, groups, eps)
         # the parameters themselves, not fp32 copies: autograd's check of in-place changes sees them
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.groups = groups
+        ctx.groups, ctx.eps = groups, eps
         return y
 
     @staticmethod
-    @once_differentiable  # the kernel's gradient is no graph: a double backward is an error, not a wrong number
     def backward(ctx, dy: torch.Tensor):
         x, weight, bias, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph (a double backward): the two ops' gradient, as a graph
+            return differentiable_backward(lambda x, w, b: F.silu(F.group_norm(x, ctx.groups, w, b, ctx.eps)),
+                                           (x, weight, bias), (dy,)) + (None, None)
         _, backward, _ = kernels(x.dtype)
         n, c, h, w = x.shape
         dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vqgpt.ground.native import VEC_HEADER, build_kernel, passes
+from vqgpt.ground.native import VEC_HEADER, build_kernel, differentiable_backward, passes
 
 _C_TYPE = {torch.float32: "float", torch.bfloat16: "uint16_t"}
 
@@ -339,18 +339,6 @@ def _rope_reference(qkv: torch.Tensor, table: torch.Tensor, H: int, K: int, D: i
     return qk[:, :, :H], qk[:, :, H:], qkv[..., (H + K) * D:].view(B, n, K, D)
 
 
-def _differentiable_backward(reference, inputs: tuple[torch.Tensor, ...], grads: tuple) -> tuple:
-    """The gradients of ``reference(*inputs)`` (torch ops) for ``grads``, as a graph (for a double backward)."""
-    with torch.enable_grad():
-        outputs = reference(*inputs)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
-    wanted = [t for t in inputs if t.requires_grad]
-    found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
-                                     allow_unused=True))
-    return tuple(next(found) if t.requires_grad else None for t in inputs)
-
-
 # ---------------------------------------------------------------------------------------------------- RMSNorm
 
 
@@ -370,7 +358,7 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a backward of its own gradient, by the torch ops
-            return _differentiable_backward(
+            return differentiable_backward(
                 lambda x, w: F.rms_norm(x, x.shape[-1:], w, ctx.eps).to(ctx.out), (x, weight), (dy,)) + (None, None)
         dtype = torch.bfloat16 if dy.dtype == torch.bfloat16 else torch.float32
         _, backward = kernels("norm", dtype)
@@ -411,7 +399,7 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, dh: torch.Tensor):
         a, b = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a backward of its own gradient, by the torch ops
-            return _differentiable_backward(lambda a, b: F.silu(a) * b, (a, b), (dh,))
+            return differentiable_backward(lambda a, b: F.silu(a) * b, (a, b), (dh,))
         _, backward = kernels("glu", a.dtype)
         dh = dh.to(a.dtype).contiguous()
         da, db = torch.empty_like(a), torch.empty_like(b)
@@ -458,7 +446,7 @@ class _CausalAttention(torch.autograd.Function):
     def backward(ctx, dout: torch.Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: torch's attention (whose flash backward has no backward either)
-            return _differentiable_backward(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            return differentiable_backward(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                                             (q, k, v), (dout,))
         B, H, T, D = q.shape
         N, scale = B * H, D ** -0.5

@@ -131,14 +131,26 @@ def test_first_use_under_inference_mode_or_no_grad(mode, monkeypatch):
 
 def test_what_the_kernel_cannot_do_is_refused_or_left_to_the_two_ops():
     """From a probe of the kernel: a double backward dropped every second-order term through it without a word
-    (now an error); torch.func's transforms failed on it (now the two ops run); a bf16 weight changed in place
-    between forward and backward went unnoticed (its fp32 copy was saved; now the weight itself)."""
+    (then an error where the incoming gradient required grad, and still dropped where it did not; now the backward
+    runs the two ops when asked for a graph, so a gradient penalty gets their second derivatives); torch.func's
+    transforms failed on it (now the two ops run); a bf16 weight changed in place between forward and backward
+    went unnoticed (its fp32 copy was saved; now the weight itself)."""
     norm = torch.nn.GroupNorm(8, 32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.normal_()
     x = torch.randn(4, 32, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
     conv = torch.nn.Conv2d(32, 32, 1).to(memory_format=torch.channels_last)  # (a gradient penalty's shape)
-    (grad,) = torch.autograd.grad(norm_silu.norm_silu(norm, conv(x)).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
-        grad.pow(2).sum().backward()
+    penalties = []
+    for fn in (lambda t: norm_silu.norm_silu(norm, t), lambda t: F.silu(norm(t))):
+        for outer in (lambda y: y.pow(2).sum(), lambda y: y.sum()):  # (the incoming gradient with and without a graph)
+            x.grad, norm.weight.grad = None, None
+            (grad,) = torch.autograd.grad(outer(fn(conv(x))), x, create_graph=True)
+            grad.pow(2).sum().backward()
+            penalties.append((x.grad.clone(), norm.weight.grad.clone()))
+    for got, want in zip(penalties[:2], penalties[2:]):
+        assert want[0].abs().max() > 0
+        for g, w in zip(got, want):  # (the kernel's first-order values differ from the two ops' in the last bits)
+            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
     want = torch.func.grad(lambda t: F.silu(norm(t)).sum())(x.detach())
     torch.testing.assert_close(torch.func.grad(lambda t: norm_silu.norm_silu(norm, t).sum())(x.detach()), want)
     stacked = x.detach().unsqueeze(1).expand(4, 2, 32, 5, 5)

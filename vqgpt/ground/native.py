@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 # The start of a kernel over fp32 / bf16 tensors with at::vec: Vec (V fp32 lanes), load2 / store2 of 2 V values
 # (float or bf16 storage, optionally the first m of them), and sigmoid.
 VEC_HEADER = r"""
@@ -93,3 +95,17 @@ def passes(check: Callable[[], bool]) -> bool:
         return bool(check())
     except Exception:  # noqa: BLE001 - a kernel that fails its check is not used
         return False
+
+
+def differentiable_backward(reference, inputs: tuple[torch.Tensor, ...], grads: tuple) -> tuple:
+    """The gradients of ``reference(*inputs)`` (torch ops) for ``grads``, as a graph: what a kernel's autograd function
+    hands back from a backward asked to build one (``create_graph=True``, for a double backward), so that second
+    derivatives come out as the torch ops give them instead of being dropped."""
+    with torch.enable_grad():
+        outputs = reference(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+    wanted = [t for t in inputs if t.requires_grad]
+    found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                     allow_unused=True))
+    return tuple(next(found) if t.requires_grad else None for t in inputs)
