@@ -215,8 +215,7 @@ extern "C" void kernel(const float* S, const float* lse, const float* dP, const 
         uint16_t* p = P + row * T;
         uint16_t* ds = dS + row * T;
         const Vec l(lse[row]), d(delta[row]), k(scale);
-        int64_t c = 0;
-        for (; c < seen; c += 2 * V) {
+        for (int64_t c = 0; c < seen; c += 2 * V) {
             const int64_t m = std::min<int64_t>(2 * V, seen - c);
             Vec s0, s1, g0, g1;
             load2(s + c, s0, s1, m);
