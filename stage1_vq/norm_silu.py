@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqgpt.ground.native import VEC_HEADER, build_kernel, differentiable_backward, passes
+from vqgpt.ground.native import (VEC_HEADER, build_kernel, close_to_float64, differentiable_backward, functorch_wrapped,
+                                 passes)
 
 _HEADER = VEC_HEADER + r"""
 // per channel c: group g = c / (C / G) gets value[g]
@@ -276,7 +277,7 @@ def _usable(norm: nn.GroupNorm, x: torch.Tensor) -> bool:
     float32 or bfloat16, at least as many samples as threads, outside a torch.compile trace (inductor fuses
     the unfused ops itself) and torch.func's transforms (the kernel's function defines none of their rules),
     and with the kernels built."""
-    if torch.compiler.is_compiling() or _functorch_wrapped(x):  # (in this order: dynamo cannot trace the second)
+    if torch.compiler.is_compiling() or functorch_wrapped(x):  # (in this order: dynamo cannot trace the second)
         return False
     if not (x.device.type == "cpu" and x.dim() == 4 and x.dtype in _MAP_C_TYPE and norm.affine
             and x.shape[1] == norm.num_channels and x.shape[0] >= torch.get_num_threads()):
@@ -284,12 +285,6 @@ def _usable(norm: nn.GroupNorm, x: torch.Tensor) -> bool:
     if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
         return False
     return kernels(x.dtype) is not None
-
-
-def _functorch_wrapped(x: torch.Tensor) -> bool:
-    """Whether x is a tensor of a torch.func transform (grad, vmap, ...)."""
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check(x)) if check is not None else False
 
 
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -322,5 +317,4 @@ def _matches_unfused(dtype: torch.dtype, step: int) -> bool:
             y = _NormSiLU.apply(a, w, b, 4, 1e-6) if fused else F.silu(F.group_norm(a, 4, w, b, 1e-6))
             y.backward(dy if fused else dy.double())
             results.append([y.double(), a.grad.double(), w.grad.double(), b.grad.double()])
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    return all(torch.allclose(g, w, rtol=tol, atol=tol * max(1.0, w.abs().max().item())) for g, w in zip(*results))
+    return close_to_float64(*results, dtype)

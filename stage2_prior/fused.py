@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vqgpt.ground.native import VEC_HEADER, build_kernel, differentiable_backward, passes
+from vqgpt.ground.native import (VEC_HEADER, build_kernel, close_to_float64, differentiable_backward, functorch_wrapped,
+                                 passes)
 
 _C_TYPE = {torch.float32: "float", torch.bfloat16: "uint16_t"}
 
@@ -275,15 +276,10 @@ def kernels(op: str, dtype: torch.dtype) -> tuple | None:
     return _BUILT[key]
 
 
-def _functorch_wrapped(x: torch.Tensor) -> bool:
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check(x)) if check is not None else False
-
-
 def _training_cpu(x: torch.Tensor) -> bool:
     """Whether a kernel may take x: switched on, autograd recording a CPU float32 / bfloat16 tensor, outside a
     torch.compile trace and torch.func's transforms (checked in this order: dynamo cannot trace the last)."""
-    if not _enabled or torch.compiler.is_compiling() or not torch.is_grad_enabled() or _functorch_wrapped(x):
+    if not _enabled or torch.compiler.is_compiling() or not torch.is_grad_enabled() or functorch_wrapped(x):
         return False
     return x.device.type == "cpu" and x.dtype in _C_TYPE
 
@@ -488,12 +484,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 # ---------------------------------------------------------------------------------------------------- first-use checks
 
 
-def _close(got: list[torch.Tensor], want: list[torch.Tensor], dtype: torch.dtype) -> bool:
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    return all(torch.allclose(g.double(), w, rtol=tol, atol=tol * max(1.0, w.abs().max().item()))
-               for g, w in zip(got, want))
-
-
 def _check_rope(dtype: torch.dtype) -> bool:
     """The kernels against the rotation in float64 on 2 x 3 rows of 3 q, 1 k and 1 v head of 6 values, from a view
     with padded rows (strides the kernel must follow), with a gradient for every output."""
@@ -512,7 +502,7 @@ def _check_rope(dtype: torch.dtype) -> bool:
         qk = xs * table[:, None, 0].double() + swapped * table[:, None, 1].double()
         want = [qk[:, :, :H], qk[:, :, H:], x64[..., (H + K) * D:].view(2, n, K, D)]
         torch.autograd.backward(want, [g.double() for g in grads])
-    return _close([*out, x.grad], [*want, x64.grad], dtype)
+    return close_to_float64([*out, x.grad], [*want, x64.grad], dtype)
 
 
 def _check_norm(dtype: torch.dtype) -> bool:
@@ -529,7 +519,7 @@ def _check_norm(dtype: torch.dtype) -> bool:
         x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
         want = F.rms_norm(x64, (C,), w64, 1e-5)
         want.backward(dy.to(dtype).double())
-    return _close([y, x.grad, weight.grad], [want, x64.grad, w64.grad], dtype)
+    return close_to_float64([y, x.grad, weight.grad], [want, x64.grad, w64.grad], dtype)
 
 
 def _check_glu(dtype: torch.dtype) -> bool:
@@ -543,7 +533,7 @@ def _check_glu(dtype: torch.dtype) -> bool:
         a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
         want = F.silu(a64) * b64
         want.backward(g.to(dtype).double())
-    return _close([h, a.grad, b.grad], [want, a64.grad, b64.grad], dtype)
+    return close_to_float64([h, a.grad, b.grad], [want, a64.grad, b64.grad], dtype)
 
 
 def _check_attention() -> bool:
@@ -558,7 +548,7 @@ def _check_attention() -> bool:
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
         want = F.scaled_dot_product_attention(q64, k64, v64, is_causal=True)
         want.backward(dout.to(torch.bfloat16).double())
-    return _close([out, q.grad, k.grad, v.grad], [want, q64.grad, k64.grad, v64.grad], torch.bfloat16)
+    return close_to_float64([out, q.grad, k.grad, v.grad], [want, q64.grad, k64.grad, v64.grad], torch.bfloat16)
 
 
 _CHECKS = {"rope": _check_rope, "norm": _check_norm, "glu": _check_glu}

@@ -109,3 +109,18 @@ def differentiable_backward(reference, inputs: tuple[torch.Tensor, ...], grads: 
     found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
                                      allow_unused=True))
     return tuple(next(found) if t.requires_grad else None for t in inputs)
+
+
+def functorch_wrapped(x: torch.Tensor) -> bool:
+    """Whether x is a tensor of a torch.func transform (grad, vmap, ...), whose rules a kernel's autograd function
+    does not define: the torch ops run there."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check(x)) if check is not None else False
+
+
+def close_to_float64(got: list[torch.Tensor], want: list[torch.Tensor], dtype: torch.dtype) -> bool:
+    """A first-use check's comparison: each of ``got`` (a kernel's outputs and gradients, in ``dtype``) equals its
+    float64 reference in ``want`` within the dtype's rounding (relative to the reference's largest value)."""
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    return all(torch.allclose(g.double(), w, rtol=tol, atol=tol * max(1.0, w.abs().max().item()))
+               for g, w in zip(got, want))
