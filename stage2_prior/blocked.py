@@ -584,12 +584,6 @@ def _product_source(dtype: torch.dtype) -> str:
 _BUILT: dict[torch.dtype, object] = {}  # weight dtype -> the kernel, or None where it did not build
 
 
-def _build(source: str, argtypes: list[str], check) -> object:
-    """``source`` built by inductor's C++ toolchain (cached on disk) as a callable, kept only if
-    ``check(kernel)`` is true; None where it cannot be built or the check fails."""
-    return build_kernel(source, argtypes, check)
-
-
 def rounded_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows (M, K) as the int8 kernel multiplies them where the CPU has AVX512-VNNI (see ``int8_rounds_rows``):
     each row rounded to 16-bit integers on its own scale, max |x| / 32767, in the kernel's fp32 arithmetic;
@@ -649,7 +643,7 @@ def kernel(dtype: torch.dtype):
     if dtype not in _BUILT:
         fn = None
         if dtype in _WIDEN:
-            fn = _build(_product_source(dtype), _product_argtypes(dtype),
+            fn = build_kernel(_product_source(dtype), _product_argtypes(dtype),
                         lambda candidate: _product_correct(candidate, dtype))
         _BUILT[dtype] = fn
     return _BUILT[dtype]
@@ -1066,7 +1060,7 @@ def attention_kernel(dtype: torch.dtype = torch.float32):
             source = _PYBINDING_HEADER + _attention_body(dtype, 'extern "C"')
             argtypes = ([f"const {c_type}*"] + ["const int64_t"] * 2 + [f"{c_type}*"] * 2 + [f"const {c_type}*"] * 2
                         + ["const int64_t"] * 4 + [f"{c_type}*"] + ["const int64_t"] * 9 + ["const float", "const int64_t"])
-            fn = _build(source, argtypes, lambda candidate: _attention_correct(
+            fn = build_kernel(source, argtypes, lambda candidate: _attention_correct(
                 lambda q, k, v, length: _run_attention(candidate, q, k, v, length), dtype))
         _ATTENTION[dtype] = fn
     return _ATTENTION[dtype]

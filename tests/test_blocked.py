@@ -7,6 +7,7 @@ import torch
 
 from stage2_prior import blocked, layers
 from stage2_prior.layers import Linear
+from vqgpt.ground.native import build_kernel
 
 DTYPES = [torch.float32, torch.bfloat16, torch.int8]
 
@@ -70,7 +71,7 @@ def test_the_fp32_loop_where_the_cpu_has_no_dot_products(dtype, check):
     if dtype == torch.bfloat16:  # and no tiles either (AMX: a CPU without AVX512-BF16 has none)
         assert source.count(_TILES_RUN) == 1
         source = source.replace(_TILES_RUN, "&& false)")
-    fp32_loop = blocked._build(source.replace(check, "if (false)"), blocked._product_argtypes(dtype),
+    fp32_loop = build_kernel(source.replace(check, "if (false)"), blocked._product_argtypes(dtype),
                                lambda candidate: blocked._product_correct(candidate, dtype))
     assert fp32_loop is not None
     if dtype == torch.int8:
@@ -103,9 +104,9 @@ def test_bf16_rows_take_the_tiles_where_the_cpu_has_amx():
     call = "tile_products(rows + m0 * K, weight, scales, out + m0 * N, std::min<int64_t>(16, M - m0), N, K);"
     source = blocked._product_source(torch.bfloat16)
     assert source.count(call) == 1 and source.count(_TILES_RUN) == 1
-    marked = blocked._build(source.replace(call, "std::fill(out + m0 * N, out + std::min<int64_t>(M, m0 + 16) * N, "
+    marked = build_kernel(source.replace(call, "std::fill(out + m0 * N, out + std::min<int64_t>(M, m0 + 16) * N, "
                                                  "7.0f);"), blocked._product_argtypes(torch.bfloat16), lambda _: True)
-    dots = blocked._build(source.replace(_TILES_RUN, "&& false)"), blocked._product_argtypes(torch.bfloat16),
+    dots = build_kernel(source.replace(_TILES_RUN, "&& false)"), blocked._product_argtypes(torch.bfloat16),
                           lambda candidate: blocked._product_correct(candidate, torch.bfloat16))
     assert marked is not None and dots is not None
     amx = _cpu_has_amx()
