@@ -716,17 +716,18 @@ def usable_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def check_file_place(path: Path, label: str = "") -> None:
+def check_file_place(path: Path, label: str = "", what: str = "") -> None:
     """Refuse, before long work, a file ``path`` that could not be written: a folder there, or a nearest
     existing ancestor that is a file or not writable (missing folders are made when writing). ``label``
-    names the option in the message (e.g. ``"--npz "``)."""
+    names the option in the message (e.g. ``"--npz "``), ``what`` the kind of file (e.g. ``"classifier"``)."""
     if path.is_dir():
         raise ValueError(f"{label}{path} is a folder, not a file: give a file path ending in {path.suffix or '.npz'}")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise ValueError(f"{label}{path}: {parent} is a file, not a folder")
+        raise ValueError(f"{label}{path}: {parent} is a file, not a folder"
+                         + (f", so no {what} can be written there; give another path" if what else ""))
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{label}{path}: no permission to write in {parent}")
     check_can_make_file(parent, f"{label}{path}")

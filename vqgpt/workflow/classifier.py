@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from vqgpt.ground.files import check_can_make_file, replace_when_whole, umask
+from vqgpt.ground.checkpoint import check_file_place
+from vqgpt.ground.files import replace_when_whole, umask
 
 MNIST_SOURCE = "builtin:mnist"
 INPUT_SIZE = 32
@@ -181,19 +182,6 @@ def load_classifier(path: str | Path) -> TrainedClassifier:
     return TrainedClassifier(model.eval(), float(meta.get("heldout_accuracy", "nan")))
 
 
-def _check_new_classifier_place(path: Path) -> None:
-    """Refuse, before training, a named classifier path that cannot be written: under a file (it trained for
-    half a minute and then said only "[Errno 17] File exists: 'make.py'"), or in a folder where no file can be
-    made."""
-    folder = path.parent
-    while not folder.is_dir() and not folder.is_file() and folder != folder.parent:  # the folders save would make
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ValueError(f"classifier {path}: {folder} is a file, not a folder, so no classifier can be written "
-                         "there; give another path")
-    check_can_make_file(folder, f"classifier {path}")
-
-
 def load_or_train_mnist_classifier(path: str | Path | None = None, steps: int = DEFAULT_STEPS, seed: int = 0,
                                    progress: bool = False) -> TrainedClassifier:
     """The classifier at ``path`` if steps/seed/recipe match; else train one and write it there.
@@ -206,8 +194,8 @@ def load_or_train_mnist_classifier(path: str | Path | None = None, steps: int = 
     path = Path(path) if named else default_classifier_path()
     if named and path.exists():
         _check_named_classifier(path)
-    elif named:
-        _check_new_classifier_place(path)
+    elif named:  # before training: a path under a file trained for half a minute, then said "File exists"
+        check_file_place(path, "classifier ", what="classifier")
     if path.is_file():
         try:
             meta = _read_metadata(path)
