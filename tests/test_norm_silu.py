@@ -57,6 +57,7 @@ def test_values_and_gradients_equal_the_two_ops(shape, groups):
 
 
 def test_the_kernel_is_taken_for_channels_last_maps_only(monkeypatch):
+    assert norm_silu.kernels(torch.float32) is not None  # built (and checked) before apply is watched
     taken = []
     real = norm_silu._NormSiLU.apply
     monkeypatch.setattr(norm_silu._NormSiLU, "apply", lambda *args: taken.append(args[0].shape) or real(*args))
@@ -94,6 +95,7 @@ def test_a_channels_last_training_step_equals_the_unfused_one(monkeypatch):
     twin = copy.deepcopy(model)  # (a step changes the quantizer's state: each path steps its own copy)
     images = torch.rand(4, 3, 16, 16) * 2 - 1
     monkeypatch.setattr(modules, "CONV_MEMORY_FORMAT", torch.channels_last)
+    assert norm_silu.kernels(torch.float32) is not None  # built (and checked) before apply is watched
     taken = []
     real = norm_silu._NormSiLU.apply
     monkeypatch.setattr(norm_silu._NormSiLU, "apply", lambda *args: taken.append(1) or real(*args))
