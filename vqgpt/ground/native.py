@@ -4,6 +4,10 @@ Both stages carry a few hand-written CPU kernels (stage2_prior.blocked's product
 stage2_prior.fused's RoPE, RMSNorm and SwiGLU, stage1_vq.norm_silu's fused norm). Each is C++ source
 with an ``extern "C" void kernel(...)``, built once per source (inductor caches the library on disk)
 into a Python callable that takes tensors for pointer arguments and Python numbers for the rest.
+
+Also here, what those kernels share: the at::vec header, the first-use check (``passes``,
+``close_to_float64``), and for the autograd functions around them the torch.func test and the torch-ops
+backward of a double backward (``functorch_wrapped``, ``differentiable_backward``).
 """
 
 from __future__ import annotations
