@@ -22,7 +22,11 @@ L2. On the CPU above, an L1 prefetch 64 inputs ahead took fp32 at 8 rows from 13
 (at 1 row it slowed the stream, 9.9 to 12.3 ms). On a later development CPU (AMD EPYC, 2 cores,
 AVX-512 with bf16 dot products), interleaved in one process: fp32 at 8 rows 14.3 ms with that L1
 prefetch, 10.6 with the L2 one (8 KB ahead; 4 and 16 KB were within 5%), 20.6 with none (bf16 8.6 to
-8.1 ms, int8 7.8 either way); at 1 row no prefetch stayed the fastest.
+8.1 ms, int8 7.8 either way); at 1 row no prefetch stayed the fastest. On the Intel development CPU (with
+AMX, below) the L2 prefetch paid at every row count, so there it runs from 1 row (checked at run time,
+``prefetch_few_rows``): the GPT-B products at 1 row bf16 9.7 -> 7.6 ms, int8 3.3 -> 2.8, fp32 18.5 -> 15.8,
+at 2 rows fp32 18.8 -> 12.5 (medians of 15-30 interleaved rounds); compiled GPT-B sampling at batch 1, bf16
+75-77 -> 83-98 tokens/s and int8 102-143 -> 160-220 (3 alternating pairs of processes).
 
 Numerics: fp32 activations, weights widened exactly to fp32, fp32 accumulation, then the per-channel
 scale (int8; ones for float weights), a bf16 value and so exact in fp32 (int8 weights on a CPU with
@@ -158,16 +162,24 @@ constexpr int64_t AHEAD = 8192 / (8 * sizeof(weight_t));  // the prefetch distan
 // 8 weights -> 8 fp32
 static inline __m256 widen(const weight_t* p) { return WIDEN; }
 
+// Whether the loops below fetch the weights ahead (PF) at 1-3 rows too: on the Intel development CPU that
+// read the GPT-B products faster at every row count (1 row: 9.7 -> 7.6 ms bf16, 3.3 -> 2.8 int8, 18.5 ->
+// 15.8 fp32; 2 rows fp32 18.8 -> 12.5), while on the AMD one 1 row was fastest without. From 4 rows: always.
+static bool prefetch_few_rows() {
+    static const bool yes = __builtin_cpu_is("intel");
+    return yes;
+}
+
 // MB rows of x times one block (K, 8) of weights, U steps of k in flight per row (FMA latency)
-template <int MB, int U>
+template <int MB, int U, bool PF = (MB >= 4)>
 static inline void block_rows(const weight_t* wb, const float* x, int64_t K, __m256 scale, float* out, int64_t N) {
     __m256 acc[MB][U];
     for (int m = 0; m < MB; ++m)
         for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + U <= K; k += U) {
-        // from 4 rows on, fetch the weights 8 KB ahead into L2 (measured faster there, slower at 1 row)
-        if (MB >= 4) _mm_prefetch(reinterpret_cast<const char*>(wb + (k + AHEAD) * 8), _MM_HINT_T1);
+        // fetch the weights 8 KB ahead into L2 (see prefetch_few_rows)
+        if (PF) _mm_prefetch(reinterpret_cast<const char*>(wb + (k + AHEAD) * 8), _MM_HINT_T1);
         for (int u = 0; u < U; ++u) {
             const __m256 w = widen(wb + (k + u) * 8);
             for (int m = 0; m < MB; ++m)
@@ -198,10 +210,14 @@ static void products(const X* x, const weight_t* weight, const uint16_t* scales,
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
             const X* xm = x + m0 * K;
             float* om = out + m0 * N + b * 8;
+            const bool ahead = prefetch_few_rows();
             switch (M - m0 < 8 ? M - m0 : 8) {
-                case 1: block_rows<1, 4>(wb, xm, K, scale, om, N); break;
-                case 2: block_rows<2, 2>(wb, xm, K, scale, om, N); break;
-                case 3: block_rows<3, 2>(wb, xm, K, scale, om, N); break;
+                case 1: ahead ? block_rows<1, 4, true>(wb, xm, K, scale, om, N)
+                              : block_rows<1, 4, false>(wb, xm, K, scale, om, N); break;
+                case 2: ahead ? block_rows<2, 2, true>(wb, xm, K, scale, om, N)
+                              : block_rows<2, 2, false>(wb, xm, K, scale, om, N); break;
+                case 3: ahead ? block_rows<3, 2, true>(wb, xm, K, scale, om, N)
+                              : block_rows<3, 2, false>(wb, xm, K, scale, om, N); break;
                 case 4: block_rows<4, 2>(wb, xm, K, scale, om, N); break;
                 case 5: block_rows<5, 1>(wb, xm, K, scale, om, N); break;
                 case 6: block_rows<6, 1>(wb, xm, K, scale, om, N); break;
@@ -281,7 +297,7 @@ static void block_rows_wide(const weight_t* wb, const uint16_t* x, int64_t K, __
 // block_rows for bf16 rows: inputs k and k + 1 in one instruction. One 32-byte load holds weights k and
 // k + 1 of the block's 8 channels, vpermw interleaves them per channel, each row's bf16 pair is
 // broadcast. Products of bf16 values are exact in fp32; the sums are fp32.
-template <int MB, int U>
+template <int MB, int U, bool PF = (MB >= 4)>
 __attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))
 static void block_rows(const weight_t* wb, const uint16_t* x, int64_t K, __m256 scale, float* out, int64_t N) {
     if constexpr (MB >= 5) return block_rows_wide<MB>(wb, x, K, scale, out, N);
@@ -291,7 +307,7 @@ static void block_rows(const weight_t* wb, const uint16_t* x, int64_t K, __m256 
         for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 2 * U <= K; k += 2 * U) {
-        if (MB >= 4) _mm_prefetch(reinterpret_cast<const char*>(wb + (k + AHEAD) * 8), _MM_HINT_T1);
+        if (PF) _mm_prefetch(reinterpret_cast<const char*>(wb + (k + AHEAD) * 8), _MM_HINT_T1);
         for (int u = 0; u < U; ++u) {
             const __m256i w = _mm256_permutexvar_epi16(
                 order, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + (k + 2 * u) * 8)));
@@ -461,7 +477,7 @@ _INT8_DOT_SOURCE = _WIDE_LANES + r"""
 constexpr int64_t CHUNK = 512;
 
 // block_rows for int16 rows; the caller multiplies each output row by its row's step
-template <int MB, int U>
+template <int MB, int U, bool PF = (MB >= 4)>
 __attribute__((target("avx512vnni,avx512bw,avx512f,avx512vl")))
 static void block_rows(const weight_t* wb, const int16_t* x, int64_t K, __m256 scale, float* out, int64_t N) {
     const __m512i order = four_inputs_order();
@@ -475,7 +491,7 @@ static void block_rows(const weight_t* wb, const int16_t* x, int64_t K, __m256 s
         for (int m = 0; m < MB; ++m)
             for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_si512();
         for (; k + 4 * U <= end; k += 4 * U) {
-            if (MB >= 4) _mm_prefetch(reinterpret_cast<const char*>(wb + (k + AHEAD) * 8), _MM_HINT_T1);
+            if (PF) _mm_prefetch(reinterpret_cast<const char*>(wb + (k + AHEAD) * 8), _MM_HINT_T1);
             for (int u = 0; u < U; ++u) {
                 const __m512i w = _mm512_permutexvar_epi16(order, _mm512_cvtepi8_epi16(
                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + (k + 4 * u) * 8))));
