@@ -1,5 +1,6 @@
-"""The prior's elementwise ops of a training step as CPU kernels: RoPE on q and k (with the split of wqkv's output),
-RMSNorm, and SwiGLU's ``silu(a) * b``, each forward and backward; and the backward of bf16 causal attention.
+"""The prior's elementwise ops as CPU kernels: RoPE on q and k (with the split of wqkv's output), RMSNorm, and SwiGLU's
+``silu(a) * b``, each forward and backward (for training) or forward alone (for eager inference and decoding); and
+the backward of bf16 causal attention.
 
 In an eager training step of the prior on a CPU these ops cost about a third of the time (benchmarks/train_speed.py,
 6 x 512 GPT, bf16 autocast, 2 threads): torch runs each as several passes over the activations. RoPE read q and k
@@ -15,9 +16,15 @@ each way, with fp32 arithmetic and one rounding to the output's dtype:
 - ``causal_attention`` (bf16): the forward is torch's CPU flash attention; the backward is five batched products
   (the scores and dP in fp32) around one kernel, instead of torch's flash backward (see there).
 
-They run where autograd records a CPU step of float32 or bfloat16 tensors (attention: bfloat16, no dropout): not
-under torch.compile (inductor fuses these ops itself), torch.func's transforms, or for inference (decoding has its
-own kernels in ``stage2_prior.blocked``). Built on first use by inductor's C++ toolchain (``vqgpt.ground.native``),
+They run on float32 or bfloat16 CPU tensors in eager mode: not under torch.compile (inductor fuses these ops
+itself) or torch.func's transforms. Where autograd records the step they run as autograd functions with their
+backward; elsewhere (inference, decoding) their forward is called as it is. The attention runs only where autograd
+records (its forward is torch's). Eager decoding of GPT-B at batch 8 spent about 7 ms of a 26 ms bf16 step in some
+200 small torch ops, a quarter of them RMSNorm's (a bf16 model's norm upcasts, normalises, rounds, and multiplies:
+about 65 us a call at 8 rows); a bf16 model's norm has a forward kernel of its own for that (``_norm_bf16``: it
+rounds where the module's torch ops round). With the forwards, eager GPT-B sampling at batch 8 went from 274-339 to
+377-408 tokens/s in bf16 and from 356-415 to 415-466 with int8 weights (fp32 200-221 -> 195-239; 3 alternating pairs
+of processes on the Intel development CPU). Built on first use by inductor's C++ toolchain (``vqgpt.ground.native``),
 checked once against the torch ops in float64, and otherwise not used. ``set_enabled(False)`` switches them off (the
 benchmark's "unfused" rows). A backward asked to build a graph (``create_graph=True``, for a double backward) runs
 the torch ops instead, so second derivatives come out as the torch ops give them.
@@ -101,21 +108,29 @@ extern "C" void kernel(const T* dq, const T* dk, const T* dv, const float* table
 }
 """
 
+# 1 / sqrt(mean(x^2) + eps) of a row of C values (fp32 or bf16), in fp32
+_ROW_RSTD = r"""
+template <typename X>
+static inline float row_rstd(const X* xr, const int64_t C, const float eps) {
+    Vec acc0(0.0f), acc1(0.0f);
+    for (int64_t c = 0; c < C; c += 2 * V) {
+        Vec u, v;
+        load2(xr + c, u, v, std::min<int64_t>(2 * V, C - c));
+        acc0 = at::vec::fmadd(u, u, acc0);
+        acc1 = at::vec::fmadd(v, v, acc1);
+    }
+    return 1.0f / std::sqrt(at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc0 + acc1) / C + eps);
+}
+"""
+
 # RMSNorm of fp32 rows (R, C): rstd = 1 / sqrt(mean(x^2) + eps), y = x * rstd * w in Y_T.
-_NORM_FORWARD = VEC_HEADER + _SCALAR + r"""
+_NORM_FORWARD = VEC_HEADER + _SCALAR + _ROW_RSTD + r"""
 extern "C" void kernel(const float* x, const float* w, Y_T* y, float* rstd, const int64_t R, const int64_t C,
                        const float eps) {
     #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
         const float* xr = x + r * C;
-        Vec acc0(0.0f), acc1(0.0f);
-        for (int64_t c = 0; c < C; c += 2 * V) {
-            Vec u, v;
-            load2(xr + c, u, v, std::min<int64_t>(2 * V, C - c));
-            acc0 = at::vec::fmadd(u, u, acc0);
-            acc1 = at::vec::fmadd(v, v, acc1);
-        }
-        const float scale = 1.0f / std::sqrt(at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc0 + acc1) / C + eps);
+        const float scale = row_rstd(xr, C, eps);
         rstd[r] = scale;
         for (int64_t c = 0; c < C; c += 2 * V) {
             const int64_t m = std::min<int64_t>(2 * V, C - c);
@@ -123,6 +138,33 @@ extern "C" void kernel(const float* x, const float* w, Y_T* y, float* rstd, cons
             load2(xr + c, u, v, m);
             load2(w + c, wu, wv, m);
             store2(y + r * C + c, u * Vec(scale) * wu, v * Vec(scale) * wv, m);
+        }
+    }
+}
+"""
+
+# The RMSNorm of a bf16 model (bf16 rows and weight), forward only (inference), rounded as LlamaGen's module rounds
+# it: the rows normalised in fp32 and rounded to bf16, then times the weight, rounded again.
+_NORM_BF16_FORWARD = VEC_HEADER + _SCALAR + _ROW_RSTD + r"""
+static inline void round2(Vec& a, Vec& b) {  // to the nearest bf16 (even), as fp32
+    std::tie(a, b) = at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(a, b));
+}
+
+extern "C" void kernel(const uint16_t* x, const uint16_t* w, uint16_t* y, const int64_t R, const int64_t C,
+                       const float eps) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+        const uint16_t* xr = x + r * C;
+        const Vec scale(row_rstd(xr, C, eps));
+        for (int64_t c = 0; c < C; c += 2 * V) {
+            const int64_t m = std::min<int64_t>(2 * V, C - c);
+            Vec u, v, wu, wv;
+            load2(xr + c, u, v, m);
+            load2(w + c, wu, wv, m);
+            u = u * scale;
+            v = v * scale;
+            round2(u, v);
+            store2(y + r * C + c, u * wu, v * wv, m);
         }
     }
 }
@@ -276,12 +318,18 @@ def kernels(op: str, dtype: torch.dtype) -> tuple | None:
     return _BUILT[key]
 
 
-def _training_cpu(x: torch.Tensor) -> bool:
-    """Whether a kernel may take x: switched on, autograd recording a CPU float32 / bfloat16 tensor, outside a
-    torch.compile trace and torch.func's transforms (checked in this order: dynamo cannot trace the last)."""
-    if not _enabled or torch.compiler.is_compiling() or not torch.is_grad_enabled() or functorch_wrapped(x):
+def _eager_cpu(x: torch.Tensor) -> bool:
+    """Whether a kernel may take x: switched on, a CPU float32 / bfloat16 tensor, outside a torch.compile trace and
+    torch.func's transforms (checked in this order: dynamo cannot trace the last)."""
+    if not _enabled or torch.compiler.is_compiling() or functorch_wrapped(x):
         return False
     return x.device.type == "cpu" and x.dtype in _C_TYPE
+
+
+def _recording(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on ``tensors``: then the kernels run as an autograd function (with their
+    backward); else (inference, a decode step) their forward is called as it is, without that function's cost."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------------- RoPE
@@ -290,13 +338,9 @@ def _training_cpu(x: torch.Tensor) -> bool:
 class _RopeQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, table: torch.Tensor, H: int, K: int, D: int):
-        forward, _ = kernels("rope", qkv.dtype)
-        B, n, _ = qkv.shape
-        q, k, v = (qkv.new_empty(B, n, heads, D) for heads in (H, K, K))
-        forward(qkv, table, q, k, v, B, n, H, K, D, qkv.stride(0), qkv.stride(1))
         ctx.save_for_backward(table)
-        ctx.dims = B, n, H, K, D
-        return q, k, v
+        ctx.dims = qkv.shape[0], qkv.shape[1], H, K, D
+        return _rope_forward(qkv, table, H, K, D)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
@@ -316,14 +360,22 @@ class _RopeQKV(torch.autograd.Function):
         return dqkv, None, None, None, None
 
 
+def _rope_forward(qkv: torch.Tensor, table: torch.Tensor, H: int, K: int, D: int) -> tuple[torch.Tensor, ...]:
+    forward, _ = kernels("rope", qkv.dtype)
+    B, n, _ = qkv.shape
+    q, k, v = (qkv.new_empty(B, n, heads, D) for heads in (H, K, K))
+    forward(qkv, table, q, k, v, B, n, H, K, D, qkv.stride(0), qkv.stride(1))
+    return q, k, v
+
+
 def rope_qkv(qkv: torch.Tensor, table: torch.Tensor, H: int, K: int, D: int, rotate) -> tuple[torch.Tensor, ...]:
     """wqkv's output (B, n, (H + 2K) D) -> q (B, n, H, D), k (B, n, K, D) rotated by the multipliers ``table`` (n, 2, D)
     of their slots, and v (B, n, K, D): by the kernel where it applies, else by ``rotate`` (``layers.apply_rope``)."""
     B, n, _ = qkv.shape
-    if (_training_cpu(qkv) and qkv.stride(-1) == 1 and D % 2 == 0 and table.dtype == torch.float32
+    if (_eager_cpu(qkv) and qkv.stride(-1) == 1 and D % 2 == 0 and table.dtype == torch.float32
             and table.shape == (n, 2, D) and table.is_contiguous() and not table.requires_grad
             and kernels("rope", qkv.dtype) is not None):
-        return _RopeQKV.apply(qkv, table, H, K, D)
+        return _RopeQKV.apply(qkv, table, H, K, D) if _recording(qkv) else _rope_forward(qkv, table, H, K, D)
     return _rope_reference(qkv, table, H, K, D, rotate)
 
 
@@ -340,11 +392,7 @@ def _rope_reference(qkv: torch.Tensor, table: torch.Tensor, H: int, K: int, D: i
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
-        forward, _ = kernels("norm", out_dtype)
-        C = x.shape[-1]
-        y = x.new_empty(x.shape, dtype=out_dtype)
-        rstd = x.new_empty(x.numel() // C)
-        forward(x, weight.detach(), y, rstd, rstd.numel(), C, eps)
+        y, rstd = _norm_forward(x, weight, eps, out_dtype)
         ctx.save_for_backward(x, weight, rstd)  # the parameter itself: autograd's check of in-place changes sees it
         ctx.eps, ctx.out = eps, out_dtype
         return y
@@ -365,17 +413,48 @@ class _RMSNorm(torch.autograd.Function):
         return dx, parts.sum(0), None, None
 
 
+def _norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
+    """(y, rstd) of the fp32 kernel."""
+    forward, _ = kernels("norm", out_dtype)
+    C = x.shape[-1]
+    y = x.new_empty(x.shape, dtype=out_dtype)
+    rstd = x.new_empty(x.numel() // C)
+    forward(x, weight.detach(), y, rstd, rstd.numel(), C, eps)
+    return y, rstd
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """LlamaGen's RMSNorm of an fp32 x with an fp32 weight by the kernel (bf16 out under CPU bf16 autocast); None where
-    the kernel does not apply (the caller runs the torch ops)."""
-    if not (_training_cpu(x) and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.is_contiguous()
-            and weight.shape == x.shape[-1:] and weight.device.type == "cpu"):
+    """LlamaGen's RMSNorm by a kernel: of an fp32 x with an fp32 weight (bf16 out under CPU bf16 autocast), and, for
+    inference, of a bf16 x with a bf16 weight (a bf16 model); None where no kernel applies (the caller runs the
+    torch ops)."""
+    if not (_eager_cpu(x) and x.dtype == weight.dtype and x.is_contiguous() and weight.shape == x.shape[-1:]
+            and weight.device.type == "cpu"):
         return None
+    if x.dtype == torch.bfloat16:
+        if _recording(x, weight) or _norm_bf16() is None:
+            return None
+        y = torch.empty_like(x)
+        _norm_bf16()(x, weight.contiguous(), y, x.numel() // x.shape[-1], x.shape[-1], eps)
+        return y
     out = torch.bfloat16 if (torch.is_autocast_enabled("cpu")
                              and torch.get_autocast_dtype("cpu") == torch.bfloat16) else torch.float32
     if kernels("norm", out) is None:
         return None
-    return _RMSNorm.apply(x, weight, eps, out)
+    return _RMSNorm.apply(x, weight, eps, out) if _recording(x, weight) else _norm_forward(x, weight, eps, out)[0]
+
+
+def _norm_bf16():
+    """The bf16 model's RMSNorm kernel (inference), built and checked on the first call; None where not."""
+    key = ("norm", "bf16 weight")
+    if key not in _BUILT:
+        _BUILT[key] = None
+        forward = build_kernel(_NORM_BF16_FORWARD, ["const uint16_t*", "const uint16_t*", "uint16_t*", "const int64_t",
+                                                    "const int64_t", "const float"])
+        if forward is not None:
+            _BUILT[key] = (forward,)
+            if not passes(_check_norm_bf16):
+                _BUILT[key] = None
+    return _BUILT[key] and _BUILT[key][0]
 
 
 # ---------------------------------------------------------------------------------------------------- SwiGLU
@@ -384,11 +463,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor):
-        forward, _ = kernels("glu", a.dtype)
-        h = torch.empty_like(a)
-        forward(a, b, h, a.numel())
         ctx.save_for_backward(a, b)
-        return h
+        return _glu_forward(a, b)
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
@@ -402,11 +478,18 @@ class _SwiGLU(torch.autograd.Function):
         return da, db
 
 
+def _glu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    forward, _ = kernels("glu", a.dtype)
+    h = torch.empty_like(a)
+    forward(a, b, h, a.numel())
+    return h
+
+
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``silu(a) * b`` by the kernel where it applies, else by the torch ops."""
-    if (_training_cpu(a) and b.dtype == a.dtype and a.shape == b.shape and a.is_contiguous() and b.is_contiguous()
+    if (_eager_cpu(a) and b.dtype == a.dtype and a.shape == b.shape and a.is_contiguous() and b.is_contiguous()
             and b.device.type == "cpu" and kernels("glu", a.dtype) is not None):
-        return _SwiGLU.apply(a, b)
+        return _SwiGLU.apply(a, b) if _recording(a, b) else _glu_forward(a, b)
     return F.silu(a) * b
 
 
@@ -475,8 +558,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     scores and dP = dO V^T in fp32 (so it is no further from float64 than the flash backward), with the softmax's
     rows from the forward's logsumexp and one kernel between them (P, and dS = P (dP - rowsum(dO O))); the scores
     are held for a few (T, T) slices at a time (``_SCORES_BYTES``)."""
-    if not (_training_cpu(q) and q.dtype == torch.bfloat16 and k.dtype == v.dtype == q.dtype and q.dim() == 4
-            and q.shape == k.shape == v.shape and q.shape[2] > 1 and _attention_kernel() is not None):
+    if not (_eager_cpu(q) and _recording(q, k, v) and q.dtype == torch.bfloat16 and k.dtype == v.dtype == q.dtype
+            and q.dim() == 4 and q.shape == k.shape == v.shape and q.shape[2] > 1 and _attention_kernel() is not None):
         return None
     return _CausalAttention.apply(q, k, v)
 
@@ -520,6 +603,19 @@ def _check_norm(dtype: torch.dtype) -> bool:
         want = F.rms_norm(x64, (C,), w64, 1e-5)
         want.backward(dy.to(dtype).double())
     return close_to_float64([y, x.grad, weight.grad], [want, x64.grad, w64.grad], dtype)
+
+
+def _check_norm_bf16() -> bool:
+    """The bf16 model's norm kernel against the module's torch ops in float64 (their bf16 roundings included) on 5 rows
+    of 2 V + 3 values (a masked tail)."""
+    gen = torch.Generator().manual_seed(0)
+    C = 35
+    x = (torch.randn(5, C, generator=gen) * 3 + 1).to(torch.bfloat16)
+    weight = (torch.rand(C, generator=gen) + 0.5).to(torch.bfloat16)
+    y = torch.empty_like(x)
+    _BUILT[("norm", "bf16 weight")][0](x, weight, y, 5, C, 1e-5)
+    want = F.rms_norm(x.double(), (C,), None, 1e-5).to(torch.bfloat16).double() * weight.double()
+    return close_to_float64([y], [want], torch.bfloat16)
 
 
 def _check_glu(dtype: torch.dtype) -> bool:

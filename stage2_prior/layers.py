@@ -281,7 +281,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fused.rms_norm(x, self.weight, self.eps)  # (a training step on a CPU)
+        y = fused.rms_norm(x, self.weight, self.eps)  # (eager on a CPU)
         if y is not None:
             return y
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:

@@ -1,6 +1,6 @@
-"""The prior's training-step kernels (stage2_prior.fused: RoPE with the split of wqkv's output, RMSNorm, SwiGLU):
-the values and gradients of the torch ops, where they are taken and where not, and a prior training step
-through them equal to the unfused one."""
+"""The prior's eager CPU kernels (stage2_prior.fused: RoPE with the split of wqkv's output, RMSNorm, SwiGLU, the
+bf16 attention's backward): the values and gradients of the torch ops, where they are taken and where not, a prior
+training step through them equal to the unfused one, and eager decoding through their forwards."""
 
 import pytest
 import torch
@@ -281,3 +281,69 @@ def test_a_weight_changed_in_place_after_the_forward_is_an_error():
         weight.mul_(2)  # changed after the forward saved it: autograd's version check, as for the torch ops
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_the_bf16_models_norm_rounds_as_its_torch_ops():
+    """A bf16 model's RMSNorm (inference): the kernel rounds where the module's torch ops round (x * rstd to bf16,
+    then times the weight), so at most the last bit differs, where rstd itself differs in its last bits."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 200, generator=gen) * 3 + 1).to(torch.bfloat16)
+    weight = (torch.rand(200, generator=gen) + 0.5).to(torch.bfloat16)
+    with torch.no_grad():
+        got = fused.rms_norm(x, weight, 1e-5)
+        assert got is not None and got.dtype == torch.bfloat16
+        want = F.rms_norm(x.float(), (200,), None, 1e-5).type_as(x) * weight
+    assert (got == want).float().mean() > 0.99
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
+    assert fused.rms_norm(x.requires_grad_(), weight, 1e-5) is None  # recorded by autograd: the torch ops
+
+
+def _greedy_logits(prior: GPT, steps: int = 6) -> torch.Tensor:
+    """The logits of a cached greedy decode of a few tokens (batch 3), stacked."""
+    cache = prior.new_cache(3)
+    logits = prior.forward_cached(None, 0, torch.tensor([0, 1, 2]), cache=cache)[:, -1]
+    out = [logits]
+    for pos in range(1, steps):
+        logits = prior.forward_cached(logits.argmax(-1, keepdim=True), pos, cache=cache)[:, -1]
+        out.append(logits)
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eager_decoding_takes_the_kernels_forwards_and_gives_the_unfused_logits(dtype, monkeypatch):
+    prior = _prior(n_kv_head=2).eval()
+    with torch.no_grad():
+        for p in prior.parameters():  # (a fresh prior's head is zero: its logits would all agree)
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    reference = _greedy_logits(prior) if dtype == torch.bfloat16 else None
+    prior.to(dtype)
+    calls: dict[str, int] = {}
+    for op in ("rope", "glu", "norm"):  # built (and checked, which calls the forwards) before the counting
+        assert fused.kernels(op, dtype) is not None
+    norm_bf16 = fused._norm_bf16()
+
+    def counted(name, fn):
+        def call(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args)
+        return call
+
+    for name in ("_rope_forward", "_glu_forward", "_norm_forward"):
+        monkeypatch.setattr(fused, name, counted(name, getattr(fused, name)))
+    monkeypatch.setattr(fused, "_norm_bf16", lambda: counted("bf16 norm", norm_bf16))
+    with torch.no_grad():
+        fused_logits = _greedy_logits(prior)
+        counts, calls = calls, {}
+        previous = fused.set_enabled(False)
+        try:
+            plain = _greedy_logits(prior)
+        finally:
+            fused.set_enabled(previous)
+    norm = "bf16 norm" if dtype == torch.bfloat16 else "_norm_forward"
+    # 6 steps x 2 layers: RoPE and SwiGLU once a layer, the norm twice a layer and once at the end
+    assert counts == {"_rope_forward": 12, "_glu_forward": 12, norm: 30} and calls == {}
+    if dtype == torch.float32:
+        torch.testing.assert_close(fused_logits, plain, rtol=1e-5, atol=1e-5)
+    else:  # bf16: no further from the fp32 model than the torch ops' bf16 rounding is
+        ours, torchs = ((logits - reference).abs().max().item() for logits in (fused_logits, plain))
+        assert ours <= 1.5 * torchs + 1e-3, (ours, torchs)
