@@ -28,6 +28,15 @@ AMX, below) the L2 prefetch paid at every row count, so there it runs from 1 row
 at 2 rows fp32 18.8 -> 12.5 (medians of 15-30 interleaved rounds); compiled GPT-B sampling at batch 1, bf16
 75-77 -> 83-98 tokens/s and int8 102-143 -> 160-220 (3 alternating pairs of processes).
 
+fp32 weights on a CPU with AVX-512 (checked at run time), from 5 rows and where N is a multiple of 16, take
+512-bit FMAs over a pair of blocks (16 channels: weight k of both blocks in one register), 16 rows at a time:
+the 256-bit loop needs one FMA per row for 8 weights, and from a few rows on that rate, not the reads, set its
+pace (on the Intel CPU the GPT-B products read 17.5 GB/s at 8 rows against 27.5 at 2). Interleaved in one
+process there: 8 rows 18.7-21.1 -> 17.2-19.0 ms, 16 rows (guidance at batch 8) 33.4-46.6 -> 20.1-26.7 ms;
+eager GPT-B sampling with guidance at batch 8, 3 alternating pairs of processes: 135-195 -> 262-280 tokens/s
+(without guidance the same within the host's swings). Each sum is one fp32 FMA chain over k, as in the
+256-bit loop at 5-8 rows: bit for bit the same there.
+
 Numerics: fp32 activations, weights widened exactly to fp32, fp32 accumulation, then the per-channel
 scale (int8; ones for float weights), a bf16 value and so exact in fp32 (int8 weights on a CPU with
 AVX512-VNNI: rows rounded to 16 bits, below). bf16 weights take bf16 rows
@@ -121,6 +130,7 @@ _KERNEL_HEADER = r"""
 #include <immintrin.h>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if !(defined(__AVX2__) && defined(__FMA__))
 #error "the blocked kernel needs AVX2 and FMA"
@@ -198,11 +208,66 @@ static inline void block_rows(const weight_t* wb, const float* x, int64_t K, __m
 }
 
 DOT_PRODUCTS
+// fp32 weights from 5 rows on a CPU with AVX-512 (checked at run time): a pair of blocks (16 channels) per
+// 512-bit FMA, weight k of block 2p in the low half and of block 2p + 1 in the high half, times input k of a
+// row broadcast. The 256-bit loop above needs one FMA per row for 8 weights, and at 8 rows that rate, not the
+// reads, set its pace (GPT-B's products read 17.5 GB/s at 8 rows against 27.5 at 2). Each sum is one fp32
+// FMA chain over k, as in block_rows<MB, 1>: bit for bit the same for 5-8 rows; a rest of 1-4 rows after 8
+// is summed in one chain where the 256-bit loop splits it in 2 or 4 (the same to fp32 rounding).
+static bool pairs_run() {
+    static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+    return yes;
+}
+
+template <int MB>
+__attribute__((target("avx512f,avx512dq")))
+static void pair_rows(const float* w0, const float* x, const int64_t K, const __m512 scale, float* out,
+                      const int64_t N) {
+    const float* w1 = w0 + K * 8;
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + (k + AHEAD) * 8), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(w1 + (k + AHEAD) * 8), _MM_HINT_T1);
+        const __m512 w = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(w0 + k * 8)),
+                                            _mm256_loadu_ps(w1 + k * 8), 1);
+        for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[m * K + k]), acc[m]);
+    }
+    for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out + m * N, _mm512_mul_ps(acc[m], scale));
+}
+
+// pair_rows<rows> for 1 <= rows <= MB
+template <int MB>
+__attribute__((target("avx512f,avx512dq")))
+static void pair_rows_upto(const int64_t rows, const float* w0, const float* x, const int64_t K, const __m512 scale,
+                           float* out, const int64_t N) {
+    if constexpr (MB > 1)
+        if (rows < MB) return pair_rows_upto<MB - 1>(rows, w0, x, K, scale, out, N);
+    pair_rows<MB>(w0, x, K, scale, out, N);
+}
+
+// 16 rows at a time (16 sums and the weights fit the 32 registers): the weights are read once per 16 rows
+template <typename X>
+__attribute__((target("avx512f,avx512dq")))
+static void pair_products(const X* x, const float* weight, const uint16_t* scales, float* out, const int64_t M,
+                          const int64_t N, const int64_t K) {
+    for_each_block(N / 16, [&](const int64_t p) {
+        const float* w0 = weight + p * 2 * K * 8;
+        const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + p * 16))), 16));
+        for (int64_t m0 = 0; m0 < M; m0 += 16)
+            pair_rows_upto<16>(std::min<int64_t>(16, M - m0), w0, x + m0 * K, K, scale, out + m0 * N + p * 16, N);
+    });
+}
+
 // out (M, N) = x (M, K) @ weight^T * scales over blocks of 8 channels; block_rows for x's row type
 // (int16 rows: each output row then times its row's step, ``steps``)
 template <typename X>
 static void products(const X* x, const weight_t* weight, const uint16_t* scales, float* out, const int64_t M,
                      const int64_t N, const int64_t K, const float* steps = nullptr) {
+    if constexpr (std::is_same<weight_t, float>::value && std::is_same<X, float>::value) {
+        if (M >= 5 && N % 16 == 0 && pairs_run()) return pair_products(x, weight, scales, out, M, N, K);
+    }
     for_each_block(N / 8, [&](const int64_t b) {
         const weight_t* wb = weight + b * K * 8;
         const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * 8));

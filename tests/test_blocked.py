@@ -84,14 +84,18 @@ def test_the_fp32_loop_where_the_cpu_has_no_dot_products(dtype, check):
 _TILES_RUN = "&& amx_runs())"  # the bf16 kernel's run-time check for AMX tiles
 
 
-def _cpu_has_amx() -> bool:
-    """Whether this CPU reports AMX-BF16 tiles (Linux's /proc/cpuinfo flags), asked apart from the kernel."""
+def _cpu_flags() -> list[str]:
+    """This CPU's feature flags as Linux's /proc/cpuinfo reports them (none where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as info:
-            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
     except OSError:
-        return False
-    return "amx_bf16" in flags and "amx_tile" in flags
+        return []
+
+
+def _cpu_has_amx() -> bool:
+    """Whether this CPU reports AMX-BF16 tiles, asked apart from the kernel."""
+    return "amx_bf16" in _cpu_flags() and "amx_tile" in _cpu_flags()
 
 
 def test_bf16_rows_take_the_tiles_where_the_cpu_has_amx():
@@ -124,6 +128,44 @@ def test_bf16_rows_take_the_tiles_where_the_cpu_has_amx():
         dotted = torch.empty(rows, n)
         dots(x, blocked.block(weight), scales, dotted, rows, n, k)
         torch.testing.assert_close(got, dotted, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+_PAIRS_RUN = "&& pairs_run())"  # the fp32 kernel's run-time check for its 512-bit loop over pairs of blocks
+
+
+def test_fp32_rows_take_the_pairs_of_blocks_where_the_cpu_has_avx512():
+    """On a CPU with AVX-512 (the development and CI machines), 5 or more fp32 rows of a shape with N a multiple of
+    16 go through the 512-bit loop over pairs of blocks; fewer rows, and other shapes, take the 256-bit loop. Built
+    with the pair call replaced by a marker, the marker shows which calls went there; the kernel gives the 256-bit
+    build's product bit for bit where each 8 rows or fewer have 5 or more (the same FMA chain per channel), for 5-20
+    rows (8 at a time and a rest), an odd K and N a multiple of 16 but not of 32."""
+    call = "return pair_products(x, weight, scales, out, M, N, K);"
+    source = blocked._product_source(torch.float32)
+    assert source.count(call) == 1 and source.count(_PAIRS_RUN) == 1
+    marked = build_kernel(source.replace(call, "{ std::fill(out, out + M * N, 7.0f); return; }"),
+                          blocked._product_argtypes(torch.float32), lambda _: True)
+    narrow = build_kernel(source.replace(_PAIRS_RUN, "&& false)"), blocked._product_argtypes(torch.float32),
+                          lambda candidate: blocked._product_correct(candidate, torch.float32))
+    assert marked is not None and narrow is not None
+    avx512 = "avx512f" in _cpu_flags() and "avx512dq" in _cpu_flags()
+    assert avx512  # the development and CI CPUs have it: the path the test covers
+    gen = torch.Generator().manual_seed(6)
+    for (n, k), rows in itertools.product([(48, 768), (48, 97), (40, 96)], [1, 4, 5, 8, 9, 13, 20]):
+        weight = torch.randn(n, k, generator=gen)
+        scales = torch.rand(n, generator=gen).add(0.01).to(torch.bfloat16)
+        x = torch.randn(rows, k, generator=gen)
+        out = torch.empty(rows, n)
+        marked(x, blocked.block(weight), scales, out, rows, n, k)
+        assert bool((out == 7).all()) == (rows >= 5 and n % 16 == 0), (n, k, rows)
+        got = blocked.product(x, blocked.block(weight), scales)
+        plain = torch.empty(rows, n)
+        narrow(x, blocked.block(weight), scales, plain, rows, n, k)
+        want = (x.double() @ weight.double().t()) * scales.double()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        if rows % 8 == 0 or rows % 8 >= 5:  # (a rest of 1-4 rows: the 256-bit loop splits their sums in 2 or 4)
+            assert torch.equal(got, plain), (n, k, rows)
+        else:
+            torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_int8_rows_rounded_to_16_bits_where_the_cpu_has_vnni():
