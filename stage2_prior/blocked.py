@@ -247,17 +247,19 @@ static void pair_rows_upto(const int64_t rows, const float* w0, const float* x, 
 }
 
 // 16 rows at a time (16 sums and the weights fit the 32 registers): the weights are read once per 16 rows
-template <typename X>
 __attribute__((target("avx512f,avx512dq")))
-static void pair_products(const X* x, const float* weight, const uint16_t* scales, float* out, const int64_t M,
+static void pair_of_blocks(const int64_t p, const float* x, const float* weight, const uint16_t* scales, float* out,
+                           const int64_t M, const int64_t N, const int64_t K) {
+    const float* w0 = weight + p * 2 * K * 8;
+    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + p * 16))), 16));
+    for (int64_t m0 = 0; m0 < M; m0 += 16)
+        pair_rows_upto<16>(std::min<int64_t>(16, M - m0), w0, x + m0 * K, K, scale, out + m0 * N + p * 16, N);
+}
+
+static void pair_products(const float* x, const float* weight, const uint16_t* scales, float* out, const int64_t M,
                           const int64_t N, const int64_t K) {
-    for_each_block(N / 16, [&](const int64_t p) {
-        const float* w0 = weight + p * 2 * K * 8;
-        const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + p * 16))), 16));
-        for (int64_t m0 = 0; m0 < M; m0 += 16)
-            pair_rows_upto<16>(std::min<int64_t>(16, M - m0), w0, x + m0 * K, K, scale, out + m0 * N + p * 16, N);
-    });
+    for_each_block(N / 16, [&](const int64_t p) { pair_of_blocks(p, x, weight, scales, out, M, N, K); });
 }
 
 // out (M, N) = x (M, K) @ weight^T * scales over blocks of 8 channels; block_rows for x's row type
@@ -443,28 +445,33 @@ static inline __m512i pair_lanes_order() {
     return _mm512_load_si512(words);
 }
 
+// chunk of 32 inputs of blocks w0 and w1 -> the B tile's layout in b (1 KB)
+__attribute__((target("avx512f,avx512bw")))
+static inline void lay_out_tile(const uint16_t* w0, const uint16_t* w1, const int64_t chunk, uint16_t* b,
+                                const __m512i order) {
+    const uint16_t* p0 = w0 + chunk * 32 * 8;
+    const uint16_t* p1 = w1 + chunk * 32 * 8;
+    for (int r = 0; r < 16; ++r) {
+        if (r % 4 == 0) {  // each block's next 4 rows (128 bytes, 2 lines), fetched 8 KB ahead into L2
+            _mm_prefetch(reinterpret_cast<const char*>(p0 + r * 16 + AHEAD * 8), _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(p0 + r * 16 + 32 + AHEAD * 8), _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(p1 + r * 16 + AHEAD * 8), _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(p1 + r * 16 + 32 + AHEAD * 8), _MM_HINT_T1);
+        }
+        const __m512i both = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + r * 16))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1 + r * 16)), 1);
+        _mm512_store_si512(b + r * 32, _mm512_permutexvar_epi16(order, both));
+    }
+}
+
 // rows (M <= 16, K) times blocks 2p and 2p + 1 (w0: block 2p; 16 channels), K a multiple of 32; buf: 2 KB;
-// order: pair_lanes_order()
+// order: pair_lanes_order(). (AVX-512 and AMX code stays out of lambdas: a lambda does not take the target of the
+// function it is in, and the kernel's build for a CPU without AVX-512 failed on it.)
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
 static void pair_tiles(const uint16_t* w0, const uint16_t* x, const int64_t M, const int64_t K,
                        const __m512 scale, float* out, const int64_t N, uint16_t* buf, const __m512i order) {
     const uint16_t* w1 = w0 + K * 8;
-    const auto lay_out = [&](const int64_t chunk, uint16_t* b) {
-        const uint16_t* p0 = w0 + chunk * 32 * 8;
-        const uint16_t* p1 = w1 + chunk * 32 * 8;
-        for (int r = 0; r < 16; ++r) {
-            if (r % 4 == 0) {  // each block's next 4 rows (128 bytes, 2 lines), fetched 8 KB ahead into L2
-                _mm_prefetch(reinterpret_cast<const char*>(p0 + r * 16 + AHEAD * 8), _MM_HINT_T1);
-                _mm_prefetch(reinterpret_cast<const char*>(p0 + r * 16 + 32 + AHEAD * 8), _MM_HINT_T1);
-                _mm_prefetch(reinterpret_cast<const char*>(p1 + r * 16 + AHEAD * 8), _MM_HINT_T1);
-                _mm_prefetch(reinterpret_cast<const char*>(p1 + r * 16 + 32 + AHEAD * 8), _MM_HINT_T1);
-            }
-            const __m512i both = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + r * 16))),
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1 + r * 16)), 1);
-            _mm512_store_si512(b + r * 32, _mm512_permutexvar_epi16(order, both));
-        }
-    };
     // tiles: 0-3 C (the sums), 4-5 A (rows), 6-7 B (weights), two of each of A and B in turn
     const int64_t chunks = K / 32, stride = K * 2;
     uint16_t* b0 = buf;
@@ -472,13 +479,18 @@ static void pair_tiles(const uint16_t* w0, const uint16_t* x, const int64_t M, c
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     int64_t c = 0;
     for (; c + 4 <= chunks; c += 4) {
-        lay_out(c, b0); _tile_loadd(6, b0, 64); _tile_loadd(4, x + c * 32, stride); _tile_dpbf16ps(0, 4, 6);
-        lay_out(c + 1, b1); _tile_loadd(7, b1, 64); _tile_loadd(5, x + (c + 1) * 32, stride); _tile_dpbf16ps(1, 5, 7);
-        lay_out(c + 2, b0); _tile_loadd(6, b0, 64); _tile_loadd(4, x + (c + 2) * 32, stride); _tile_dpbf16ps(2, 4, 6);
-        lay_out(c + 3, b1); _tile_loadd(7, b1, 64); _tile_loadd(5, x + (c + 3) * 32, stride); _tile_dpbf16ps(3, 5, 7);
+        lay_out_tile(w0, w1, c, b0, order);
+        _tile_loadd(6, b0, 64); _tile_loadd(4, x + c * 32, stride); _tile_dpbf16ps(0, 4, 6);
+        lay_out_tile(w0, w1, c + 1, b1, order);
+        _tile_loadd(7, b1, 64); _tile_loadd(5, x + (c + 1) * 32, stride); _tile_dpbf16ps(1, 5, 7);
+        lay_out_tile(w0, w1, c + 2, b0, order);
+        _tile_loadd(6, b0, 64); _tile_loadd(4, x + (c + 2) * 32, stride); _tile_dpbf16ps(2, 4, 6);
+        lay_out_tile(w0, w1, c + 3, b1, order);
+        _tile_loadd(7, b1, 64); _tile_loadd(5, x + (c + 3) * 32, stride); _tile_dpbf16ps(3, 5, 7);
     }
     for (; c < chunks; ++c) {
-        lay_out(c, b0); _tile_loadd(6, b0, 64); _tile_loadd(4, x + c * 32, stride); _tile_dpbf16ps(0, 4, 6);
+        lay_out_tile(w0, w1, c, b0, order);
+        _tile_loadd(6, b0, 64); _tile_loadd(4, x + c * 32, stride); _tile_dpbf16ps(0, 4, 6);
     }
     alignas(64) float sums[4][16 * 16];
     _tile_stored(0, sums[0], 64); _tile_stored(1, sums[1], 64);
@@ -491,25 +503,31 @@ static void pair_tiles(const uint16_t* w0, const uint16_t* x, const int64_t M, c
     }
 }
 
-// out (M <= 16, N) = rows @ weight^T * scales, N a multiple of 16 and K of 32; each thread configures its
-// tiles for its share of the block pairs and lets them go after
+// out (M <= 16, N) = rows @ weight^T * scales, N a multiple of 16 and K of 32, over the block pairs
+// [begin, end) (one thread's share): it configures its tiles for them and lets them go after
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
+static void tile_range(const uint16_t* x, const uint16_t* weight, const uint16_t* scales, float* out,
+                       const int64_t M, const int64_t N, const int64_t K, const int64_t begin, const int64_t end) {
+    TileConfig config{};
+    config.palette = 1;
+    for (int t = 0; t < 6; ++t) { config.rows[t] = uint8_t(M); config.colsb[t] = 64; }  // C, A: M rows
+    for (int t = 6; t < 8; ++t) { config.rows[t] = 16; config.colsb[t] = 64; }  // B: 16 pairs of inputs
+    _tile_loadconfig(&config);
+    alignas(64) uint16_t buf[1024];
+    const __m512i order = pair_lanes_order();  // once per thread, not per pair of blocks
+    for (int64_t p = begin; p < end; ++p) {
+        const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + p * 16))), 16));
+        pair_tiles(weight + p * 16 * K, x, M, K, scale, out + p * 16, N, buf, order);
+    }
+    _tile_release();
+}
+
+// the same over all block pairs, a share per thread
 static void tile_products(const uint16_t* x, const uint16_t* weight, const uint16_t* scales, float* out,
                           const int64_t M, const int64_t N, const int64_t K) {
     for_each_range(N / 16, [&](const int64_t begin, const int64_t end) {
-        TileConfig config{};
-        config.palette = 1;
-        for (int t = 0; t < 6; ++t) { config.rows[t] = uint8_t(M); config.colsb[t] = 64; }  // C, A: M rows
-        for (int t = 6; t < 8; ++t) { config.rows[t] = 16; config.colsb[t] = 64; }  // B: 16 pairs of inputs
-        _tile_loadconfig(&config);
-        alignas(64) uint16_t buf[1024];
-        const __m512i order = pair_lanes_order();  // once per thread, not per pair of blocks
-        for (int64_t p = begin; p < end; ++p) {
-            const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + p * 16))), 16));
-            pair_tiles(weight + p * 16 * K, x, M, K, scale, out + p * 16, N, buf, order);
-        }
-        _tile_release();
+        tile_range(x, weight, scales, out, M, N, K, begin, end);
     });
 }
 #endif

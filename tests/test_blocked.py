@@ -1,9 +1,15 @@
 """The blocked few-row kernel (stage2_prior.blocked) and the layers that take it."""
 
 import itertools
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
 
 import pytest
 import torch
+from torch.utils.cpp_extension import include_paths
 
 from stage2_prior import blocked, layers
 from stage2_prior.layers import Linear
@@ -331,3 +337,22 @@ def test_decode_attention_gives_sdpa_over_the_written_slots():
     assert not blocked.attention_usable(q, kv, kv)  # the kernel has no gradient: SDPA
     with torch.no_grad():
         assert blocked.attention_usable(q, kv, kv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_product_kernels_build_for_a_cpu_without_avx512(dtype):
+    """The kernels are built for the CPU they run on; on one with AVX2 alone (the first development CPU) the
+    AVX-512 and AMX loops must still compile, behind their run-time checks. Code of another target inside a lambda
+    does not (a lambda does not take its function's target attribute): the bf16 kernel's tiles once failed so, and
+    where a kernel does not build its dtype falls back to the library's products."""
+    compiler = shutil.which("g++")
+    assert compiler is not None  # inductor's CPU toolchain, which the kernels are built with
+    includes = [*include_paths(), sysconfig.get_paths()["include"]]
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.cpp")
+        with open(source, "w") as f:
+            f.write(blocked._product_source(dtype))
+        done = subprocess.run([compiler, "-std=c++17", "-O1", "-c", "-fPIC", "-fopenmp", "-mavx2", "-mfma",
+                               *(f"-I{path}" for path in includes), source, "-o", os.path.join(folder, "kernel.o")],
+                              capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
