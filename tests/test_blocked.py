@@ -1,11 +1,9 @@
 """The blocked few-row kernel (stage2_prior.blocked) and the layers that take it."""
 
 import itertools
-import os
 import shutil
 import subprocess
 import sysconfig
-import tempfile
 
 import pytest
 import torch
@@ -144,7 +142,8 @@ def test_fp32_rows_take_the_pairs_of_blocks_where_the_cpu_has_avx512():
     16 go through the 512-bit loop over pairs of blocks; fewer rows, and other shapes, take the 256-bit loop. Built
     with the pair call replaced by a marker, the marker shows which calls went there; the kernel gives the 256-bit
     build's product bit for bit where each 8 rows or fewer have 5 or more (the same FMA chain per channel), for 5-20
-    rows (8 at a time and a rest), an odd K and N a multiple of 16 but not of 32."""
+    rows (16 at a time in the pairs, 8 in the 256-bit loop, and a rest), an odd K and N a multiple of 16 but not
+    of 32."""
     call = "return pair_products(x, weight, scales, out, M, N, K);"
     source = blocked._product_source(torch.float32)
     assert source.count(call) == 1 and source.count(_PAIRS_RUN) == 1
@@ -340,7 +339,7 @@ def test_decode_attention_gives_sdpa_over_the_written_slots():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_the_product_kernels_build_for_a_cpu_without_avx512(dtype):
+def test_the_product_kernels_build_for_a_cpu_without_avx512(dtype, tmp_path):
     """The kernels are built for the CPU they run on; on one with AVX2 alone (the first development CPU) the
     AVX-512 and AMX loops must still compile, behind their run-time checks. Code of another target inside a lambda
     does not (a lambda does not take its function's target attribute): the bf16 kernel's tiles once failed so, and
@@ -348,11 +347,9 @@ def test_the_product_kernels_build_for_a_cpu_without_avx512(dtype):
     compiler = shutil.which("g++")
     assert compiler is not None  # inductor's CPU toolchain, which the kernels are built with
     includes = [*include_paths(), sysconfig.get_paths()["include"]]
-    with tempfile.TemporaryDirectory() as folder:
-        source = os.path.join(folder, "kernel.cpp")
-        with open(source, "w") as f:
-            f.write(blocked._product_source(dtype))
-        done = subprocess.run([compiler, "-std=c++17", "-O1", "-c", "-fPIC", "-fopenmp", "-mavx2", "-mfma",
-                               *(f"-I{path}" for path in includes), source, "-o", os.path.join(folder, "kernel.o")],
-                              capture_output=True, text=True)
+    source = tmp_path / "kernel.cpp"
+    source.write_text(blocked._product_source(dtype))
+    done = subprocess.run([compiler, "-std=c++17", "-O1", "-c", "-fPIC", "-fopenmp", "-mavx2", "-mfma",
+                           *(f"-I{path}" for path in includes), str(source), "-o", str(tmp_path / "kernel.o")],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
