@@ -270,6 +270,7 @@ static void products(const X* x, const weight_t* weight, const uint16_t* scales,
     if constexpr (std::is_same<weight_t, float>::value && std::is_same<X, float>::value) {
         if (M >= 5 && N % 16 == 0 && pairs_run()) return pair_products(x, weight, scales, out, M, N, K);
     }
+    const bool ahead = prefetch_few_rows();
     for_each_block(N / 8, [&](const int64_t b) {
         const weight_t* wb = weight + b * K * 8;
         const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * 8));
@@ -277,7 +278,6 @@ static void products(const X* x, const weight_t* weight, const uint16_t* scales,
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
             const X* xm = x + m0 * K;
             float* om = out + m0 * N + b * 8;
-            const bool ahead = prefetch_few_rows();
             switch (M - m0 < 8 ? M - m0 : 8) {
                 case 1: ahead ? block_rows<1, 4, true>(wb, xm, K, scale, om, N)
                               : block_rows<1, 4, false>(wb, xm, K, scale, om, N); break;

@@ -318,6 +318,16 @@ def kernels(op: str, dtype: torch.dtype) -> tuple | None:
     return _BUILT[key]
 
 
+def _one_kernel(key: tuple, source: str, argtypes: list[str], check) -> object | None:
+    """A kernel of its own (not a forward / backward pair), kept in ``_BUILT`` under ``key``: built on the first call
+    and kept if ``check()`` (which may ask for it again) holds; None where not."""
+    if key not in _BUILT:
+        _BUILT[key] = build_kernel(source, argtypes)
+        if _BUILT[key] is not None and not passes(check):
+            _BUILT[key] = None
+    return _BUILT[key]
+
+
 def _eager_cpu(x: torch.Tensor) -> bool:
     """Whether a kernel may take x: switched on, a CPU float32 / bfloat16 tensor, outside a torch.compile trace and
     torch.func's transforms (checked in this order: dynamo cannot trace the last)."""
@@ -432,10 +442,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
             and weight.device.type == "cpu"):
         return None
     if x.dtype == torch.bfloat16:
-        if _recording(x, weight) or _norm_bf16() is None:
+        kernel = None if _recording(x, weight) else _norm_bf16()
+        if kernel is None:
             return None
         y = torch.empty_like(x)
-        _norm_bf16()(x, weight.contiguous(), y, x.numel() // x.shape[-1], x.shape[-1], eps)
+        kernel(x, weight.contiguous(), y, x.numel() // x.shape[-1], x.shape[-1], eps)
         return y
     out = torch.bfloat16 if (torch.is_autocast_enabled("cpu")
                              and torch.get_autocast_dtype("cpu") == torch.bfloat16) else torch.float32
@@ -446,16 +457,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 def _norm_bf16():
     """The bf16 model's RMSNorm kernel (inference), built and checked on the first call; None where not."""
-    key = ("norm", "bf16 weight")
-    if key not in _BUILT:
-        _BUILT[key] = None
-        forward = build_kernel(_NORM_BF16_FORWARD, ["const uint16_t*", "const uint16_t*", "uint16_t*", "const int64_t",
-                                                    "const int64_t", "const float"])
-        if forward is not None:
-            _BUILT[key] = (forward,)
-            if not passes(_check_norm_bf16):
-                _BUILT[key] = None
-    return _BUILT[key] and _BUILT[key][0]
+    return _one_kernel(("norm", "bf16 weight"), _NORM_BF16_FORWARD, ["const uint16_t*", "const uint16_t*", "uint16_t*",
+                                                                     "const int64_t", "const int64_t", "const float"],
+                       _check_norm_bf16)
 
 
 # ---------------------------------------------------------------------------------------------------- SwiGLU
@@ -502,14 +506,8 @@ _SCORES_BYTES = 64 << 20  # fp32 scores held at once by the attention's backward
 
 def _attention_kernel():
     """The attention backward's elementwise kernel (bf16), built and checked on the first call; None where not."""
-    key = ("attn", torch.bfloat16)
-    if key not in _BUILT:
-        _BUILT[key] = build_kernel(_ATTN_BACKWARD, ["const float*", "const float*", "const float*", "const float*",
-                                                     "uint16_t*", "uint16_t*", "const int64_t", "const int64_t",
-                                                     "const float"])
-        if _BUILT[key] is not None and not passes(_check_attention):
-            _BUILT[key] = None
-    return _BUILT[key]
+    argtypes = ["const float*"] * 4 + ["uint16_t*", "uint16_t*", "const int64_t", "const int64_t", "const float"]
+    return _one_kernel(("attn", torch.bfloat16), _ATTN_BACKWARD, argtypes, _check_attention)
 
 
 class _CausalAttention(torch.autograd.Function):
@@ -615,7 +613,7 @@ def _check_norm_bf16() -> bool:
     x = (torch.randn(5, C, generator=gen) * 3 + 1).to(torch.bfloat16)
     weight = (torch.rand(C, generator=gen) + 0.5).to(torch.bfloat16)
     y = torch.empty_like(x)
-    _BUILT[("norm", "bf16 weight")][0](x, weight, y, 5, C, 1e-5)
+    _norm_bf16()(x, weight, y, 5, C, 1e-5)
     with torch.autocast("cpu", enabled=False):
         want = F.rms_norm(x.double(), (C,), None, 1e-5).to(torch.bfloat16).double() * weight.double()
     return close_to_float64([y], [want], torch.bfloat16)

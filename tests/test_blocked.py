@@ -99,7 +99,8 @@ def _cpu_flags() -> list[str]:
 
 def _cpu_has_amx() -> bool:
     """Whether this CPU reports AMX-BF16 tiles, asked apart from the kernel."""
-    return "amx_bf16" in _cpu_flags() and "amx_tile" in _cpu_flags()
+    flags = _cpu_flags()
+    return "amx_bf16" in flags and "amx_tile" in flags
 
 
 def test_bf16_rows_take_the_tiles_where_the_cpu_has_amx():
@@ -152,8 +153,8 @@ def test_fp32_rows_take_the_pairs_of_blocks_where_the_cpu_has_avx512():
     narrow = build_kernel(source.replace(_PAIRS_RUN, "&& false)"), blocked._product_argtypes(torch.float32),
                           lambda candidate: blocked._product_correct(candidate, torch.float32))
     assert marked is not None and narrow is not None
-    avx512 = "avx512f" in _cpu_flags() and "avx512dq" in _cpu_flags()
-    assert avx512  # the development and CI CPUs have it: the path the test covers
+    flags = _cpu_flags()
+    assert "avx512f" in flags and "avx512dq" in flags  # the development and CI CPUs have it: the path it covers
     gen = torch.Generator().manual_seed(6)
     for (n, k), rows in itertools.product([(48, 768), (48, 97), (40, 96)], [1, 4, 5, 8, 9, 13, 20]):
         weight = torch.randn(n, k, generator=gen)
