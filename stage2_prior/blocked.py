@@ -55,12 +55,16 @@ On a later development CPU (Intel Xeon with AMX, 2 cores, about 20 GB/s read) th
 were bound by their instruction rate from a few rows on: over a 512 x 768 weight in cache they read
 16 GB/s at 4 rows, 12.5 at 8 and 6.7 at 16 (100 GFLOP/s), the tiles 33, 33 and 29; streaming 40
 weights of 2304 x 768 from memory, 8 rows went from 9.6 to 15.5 GB/s and 16 rows from 4.8 to 14.2
-(interleaved in one process). One row keeps the dot-product loop (41 against 31 GB/s in cache). A pair
-of blocks (16 channels) goes through the tiles 32 inputs at a time, laid out in a 1 KB buffer as the B
-tile takes them (one 512-bit permutation per 2 inputs): the stored layout is the one above, so the C++
-op and the compiled step take the tiles without a change of their own. Numerics: exact products of bf16
-values summed in fp32, as the dot products do, in another order (four tiles in turn over the chunks of
-32 inputs, added at the end): the two agree to fp32 rounding.
+(interleaved in one process). A pair of blocks (16 channels) goes through the tiles 32 inputs at a time.
+Such weights are stored as the B tile takes them (``block``: the tile layout, where ``tiles_run()``), so
+the tile loads read them in place; one row goes through a 512-bit ``vdpbf16ps`` loop over the same layout
+(16 channels x 2 inputs a load, no permutation). Until they were, the weights kept the blocks above and
+each call laid every 32 inputs out in a 1 KB buffer for its tile; laid out once instead, GPT-B's 61
+products went at 1 row from 7.3 to 5.5 ms (the 1-row loop then permuted each load), 2 rows 6.2 -> 5.5,
+8 rows 6.2 -> 5.3, 16 rows 6.7 -> 5.6 (medians of 12 interleaved rounds in one process). The layout is a
+CPU's: a weight is laid out where it is used, not saved. Numerics: exact products of bf16
+values summed in fp32, as the dot products do, in another order (four tiles, or four sums of the 1-row
+loop, in turn over the chunks of 32 inputs, added at the end): the two agree to fp32 rounding.
 
 int8 weights on a CPU with AVX512-VNNI (checked at run time) take integer dot products instead: the
 kernel rounds each row once per call to 16-bit integers on the row's own scale (max |x| / 32767;
@@ -328,9 +332,50 @@ static inline __m256 channel_sums(const __m512 lanes) {
 }
 """
 
+# Whether bf16 weights multiply in AMX tiles here: AMX-BF16 and AMX-TILE (CPUID), Linux lending the process the
+# tile registers, and AVX512-BF16 for the one-row loop. Part of the bf16 kernel, and built alone as the probe
+# behind ``tiles_run``, which decides the layout ``block`` gives: the same check in both.
+_TILES_CHECK = r"""
+#if __has_include(<amxbf16intrin.h>) && __has_include(<amxtileintrin.h>)
+#define VQGPT_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static bool amx_runs() {
+    static const bool yes = [] {
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1))
+            return false;  // no AMX-BF16 or no AMX-TILE
+        // Linux lends the tile registers to a process that asks (ARCH_REQ_XCOMP_PERM, XTILEDATA)
+        return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    }();
+    return yes;
+}
+
+struct alignas(64) TileConfig {  // ldtilecfg's 64 bytes, palette 1
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+#else
+#define VQGPT_AMX 0
+#endif
+
+static bool tiles_run() {
+#if VQGPT_AMX
+    return amx_runs() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl")
+           && __builtin_cpu_supports("avx512bw");
+#else
+    return false;
+#endif
+}
+"""
+
 # bf16 weights only: rows as bf16; on a CPU with AVX512-BF16 (checked at run time) pairs of inputs go through
 # one dot-product instruction, elsewhere the rows are widened once and take the loop above.
 _BF16_DOT_SOURCE = _WIDE_LANES + r"""
+#define VQGPT_TILES TILES_LAYOUT  // 1 where ``tiles_run()``: bf16 weights of the tiles' shapes come in the tile layout
 // From 5 rows: 4 inputs per 512-bit instruction. A 64-byte load holds weights k..k + 3 of the block's 8
 // channels, in the lanes of four_inputs_order; each row's four bf16 inputs are broadcast as one 64-bit
 // value. At the end the two lanes of each channel are added. Twice the products per instruction
@@ -403,94 +448,53 @@ static bool dot_products_run() {
                             && __builtin_cpu_supports("avx512bw");
     return yes;
 }
-""" + r"""
-// AMX (a CPU with AMX-BF16 tiles, where the OS lends them to the process; checked at run time), for 2 to
-// 16 rows at a time: the dot-product loops above are bound by their instruction rate from a few rows on
-// (at 8 rows 100 GFLOP/s on 2 cores of the AMX CPU, less than the weights' reads need), while one
-// tdpbf16ps multiplies up to 16 rows by 32 inputs of 16 channels. A pair of blocks (16 channels) goes
-// through the tiles 32 inputs at a time: each 32 inputs are laid out in a 1 KB buffer as the B tile
-// wants them (row r: the inputs 2r, 2r + 1 of each of the 16 channels side by side; one 512-bit
-// permutation of the two blocks' 32 bytes each), the A tile is the rows' own 32 inputs, read in place
-// (stride K), and the products add into a C tile of rows x 16 fp32 sums. Four C tiles take turns over
-// the chunks (one tdpbf16ps waits on the one before into the same tile) and are added at the end.
-#if __has_include(<amxbf16intrin.h>) && __has_include(<amxtileintrin.h>)
-#define VQGPT_AMX 1
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+""" + _TILES_CHECK + r"""
+// The tile layout (``block`` where ``tiles_run()``, for N a multiple of 16 and K of 32): pair of blocks p
+// (channels 16p..16p + 15) holds its K inputs in chunks of 32, each chunk 16 rows of 64 bytes, row r the
+// inputs 2r, 2r + 1 of the 16 channels side by side: a B tile as tdpbf16ps takes it, loaded in place, and
+// for one row what one 512-bit vdpbf16ps takes (16 channels x 2 inputs). The weights were laid out in the
+// blocks of the other loops once, and each call permuted every 32 inputs into a 1 KB buffer for its tile
+// (16 permutations, stores and a tile load from the buffer a KB); the module docstring has the timings.
+#if VQGPT_TILES
+#if !VQGPT_AMX
+#error "the tile layout needs a CPU and compiler with AMX-BF16"
+#endif
+constexpr int64_t TILE_AHEAD = 4096;  // the prefetch distance in bf16 weights (8 KB), over a pair's chunks
 
-static bool amx_runs() {
-    static const bool yes = [] {
-        unsigned a = 0, b = 0, c = 0, d = 0;
-        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1))
-            return false;  // no AMX-BF16 or no AMX-TILE
-        // Linux lends the tile registers to a process that asks (ARCH_REQ_XCOMP_PERM, XTILEDATA)
-        return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-    }();
-    return yes;
-}
-
-struct alignas(64) TileConfig {  // ldtilecfg's 64 bytes, palette 1
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
-// word j of a B-tile row: channel j / 2 (0-7 from block 2p's 32 bytes, words 0-15 of the pair loaded;
-// 8-15 from block 2p + 1's, words 16-31), input j % 2 of the row's pair (words 0-7 input k, 8-15 k + 1)
-__attribute__((target("avx512bw,avx512f")))
-static inline __m512i pair_lanes_order() {
-    alignas(64) uint16_t words[32];
-    for (int j = 0; j < 32; ++j) words[j] = uint16_t((j / 16) * 16 + (j % 2) * 8 + (j / 2) % 8);
-    return _mm512_load_si512(words);
-}
-
-// chunk of 32 inputs of blocks w0 and w1 -> the B tile's layout in b (1 KB)
-__attribute__((target("avx512f,avx512bw")))
-static inline void lay_out_tile(const uint16_t* w0, const uint16_t* w1, const int64_t chunk, uint16_t* b,
-                                const __m512i order) {
-    const uint16_t* p0 = w0 + chunk * 32 * 8;
-    const uint16_t* p1 = w1 + chunk * 32 * 8;
-    for (int r = 0; r < 16; ++r) {
-        if (r % 4 == 0) {  // each block's next 4 rows (128 bytes, 2 lines), fetched 8 KB ahead into L2
-            _mm_prefetch(reinterpret_cast<const char*>(p0 + r * 16 + AHEAD * 8), _MM_HINT_T1);
-            _mm_prefetch(reinterpret_cast<const char*>(p0 + r * 16 + 32 + AHEAD * 8), _MM_HINT_T1);
-            _mm_prefetch(reinterpret_cast<const char*>(p1 + r * 16 + AHEAD * 8), _MM_HINT_T1);
-            _mm_prefetch(reinterpret_cast<const char*>(p1 + r * 16 + 32 + AHEAD * 8), _MM_HINT_T1);
-        }
-        const __m512i both = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + r * 16))),
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1 + r * 16)), 1);
-        _mm512_store_si512(b + r * 32, _mm512_permutexvar_epi16(order, both));
-    }
-}
-
-// rows (M <= 16, K) times blocks 2p and 2p + 1 (w0: block 2p; 16 channels), K a multiple of 32; buf: 2 KB;
-// order: pair_lanes_order(). (AVX-512 and AMX code stays out of lambdas: a lambda does not take the target of the
-// function it is in, and the kernel's build for a CPU without AVX-512 failed on it.)
+// 2 to 16 rows at a time: one tdpbf16ps multiplies up to 16 rows by 32 inputs of 16 channels, while the
+// dot-product loops above are bound by their instruction rate from a few rows on (at 8 rows 100 GFLOP/s on
+// 2 cores of the AMX CPU, less than the weights' reads need). The A tile is the rows' own 32 inputs, read
+// in place (stride K), and the products add into a C tile of rows x 16 fp32 sums. Four C tiles take turns
+// over the chunks (one tdpbf16ps waits on the one before into the same tile) and are added at the end.
+// (AVX-512 and AMX code stays out of lambdas: a lambda does not take the target of the function it is in,
+// and the kernel's build for a CPU without AVX-512 failed on it.)
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
-static void pair_tiles(const uint16_t* w0, const uint16_t* x, const int64_t M, const int64_t K,
-                       const __m512 scale, float* out, const int64_t N, uint16_t* buf, const __m512i order) {
-    const uint16_t* w1 = w0 + K * 8;
+static inline void fetch_chunk(const uint16_t* wp, const int64_t c) {
+    for (int line = 0; line < 16; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(wp + c * 512 + TILE_AHEAD + line * 32), _MM_HINT_T1);
+}
+
+// rows (M <= 16, K) times the pair of blocks at wp (16 channels, tile layout)
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
+static void pair_tiles(const uint16_t* wp, const uint16_t* x, const int64_t M, const int64_t K,
+                       const __m512 scale, float* out, const int64_t N) {
     // tiles: 0-3 C (the sums), 4-5 A (rows), 6-7 B (weights), two of each of A and B in turn
     const int64_t chunks = K / 32, stride = K * 2;
-    uint16_t* b0 = buf;
-    uint16_t* b1 = buf + 512;
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     int64_t c = 0;
     for (; c + 4 <= chunks; c += 4) {
-        lay_out_tile(w0, w1, c, b0, order);
-        _tile_loadd(6, b0, 64); _tile_loadd(4, x + c * 32, stride); _tile_dpbf16ps(0, 4, 6);
-        lay_out_tile(w0, w1, c + 1, b1, order);
-        _tile_loadd(7, b1, 64); _tile_loadd(5, x + (c + 1) * 32, stride); _tile_dpbf16ps(1, 5, 7);
-        lay_out_tile(w0, w1, c + 2, b0, order);
-        _tile_loadd(6, b0, 64); _tile_loadd(4, x + (c + 2) * 32, stride); _tile_dpbf16ps(2, 4, 6);
-        lay_out_tile(w0, w1, c + 3, b1, order);
-        _tile_loadd(7, b1, 64); _tile_loadd(5, x + (c + 3) * 32, stride); _tile_dpbf16ps(3, 5, 7);
+        fetch_chunk(wp, c);
+        _tile_loadd(6, wp + c * 512, 64); _tile_loadd(4, x + c * 32, stride); _tile_dpbf16ps(0, 4, 6);
+        fetch_chunk(wp, c + 1);
+        _tile_loadd(7, wp + (c + 1) * 512, 64); _tile_loadd(5, x + (c + 1) * 32, stride); _tile_dpbf16ps(1, 5, 7);
+        fetch_chunk(wp, c + 2);
+        _tile_loadd(6, wp + (c + 2) * 512, 64); _tile_loadd(4, x + (c + 2) * 32, stride); _tile_dpbf16ps(2, 4, 6);
+        fetch_chunk(wp, c + 3);
+        _tile_loadd(7, wp + (c + 3) * 512, 64); _tile_loadd(5, x + (c + 3) * 32, stride); _tile_dpbf16ps(3, 5, 7);
     }
     for (; c < chunks; ++c) {
-        lay_out_tile(w0, w1, c, b0, order);
-        _tile_loadd(6, b0, 64); _tile_loadd(4, x + c * 32, stride); _tile_dpbf16ps(0, 4, 6);
+        fetch_chunk(wp, c);
+        _tile_loadd(6, wp + c * 512, 64); _tile_loadd(4, x + c * 32, stride); _tile_dpbf16ps(0, 4, 6);
     }
     alignas(64) float sums[4][16 * 16];
     _tile_stored(0, sums[0], 64); _tile_stored(1, sums[1], 64);
@@ -503,8 +507,15 @@ static void pair_tiles(const uint16_t* w0, const uint16_t* x, const int64_t M, c
     }
 }
 
-// out (M <= 16, N) = rows @ weight^T * scales, N a multiple of 16 and K of 32, over the block pairs
-// [begin, end) (one thread's share): it configures its tiles for them and lets them go after
+// pair p's 16 scales (bf16 bits) as fp32
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512 pair_scales(const uint16_t* scales, const int64_t p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + p * 16))), 16));
+}
+
+// out (M <= 16, N) = rows @ weight^T * scales, over the block pairs [begin, end) (one thread's share): it
+// configures its tiles for them and lets them go after
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
 static void tile_range(const uint16_t* x, const uint16_t* weight, const uint16_t* scales, float* out,
                        const int64_t M, const int64_t N, const int64_t K, const int64_t begin, const int64_t end) {
@@ -513,13 +524,8 @@ static void tile_range(const uint16_t* x, const uint16_t* weight, const uint16_t
     for (int t = 0; t < 6; ++t) { config.rows[t] = uint8_t(M); config.colsb[t] = 64; }  // C, A: M rows
     for (int t = 6; t < 8; ++t) { config.rows[t] = 16; config.colsb[t] = 64; }  // B: 16 pairs of inputs
     _tile_loadconfig(&config);
-    alignas(64) uint16_t buf[1024];
-    const __m512i order = pair_lanes_order();  // once per thread, not per pair of blocks
-    for (int64_t p = begin; p < end; ++p) {
-        const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + p * 16))), 16));
-        pair_tiles(weight + p * 16 * K, x, M, K, scale, out + p * 16, N, buf, order);
-    }
+    for (int64_t p = begin; p < end; ++p)
+        pair_tiles(weight + p * 16 * K, x, M, K, pair_scales(scales, p), out + p * 16, N);
     _tile_release();
 }
 
@@ -530,12 +536,47 @@ static void tile_products(const uint16_t* x, const uint16_t* weight, const uint1
         tile_range(x, weight, scales, out, M, N, K, begin, end);
     });
 }
+
+// one row times the pair of blocks at wp (tile layout): a 64-byte load is inputs k, k + 1 of the 16 channels,
+// one vdpbf16ps with the row's pair broadcast; four sums in turn (the instruction's latency), added at the end
+__attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))
+static void pair_row(const uint16_t* wp, const uint16_t* x, const int64_t K, const __m512 scale, float* out) {
+    __m512 acc[4];
+    for (int u = 0; u < 4; ++u) acc[u] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {  // (K is a multiple of 32)
+        const uint16_t* w = wp + k * 16;
+        _mm_prefetch(reinterpret_cast<const char*>(w + TILE_AHEAD), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(w + TILE_AHEAD + 32), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(w + TILE_AHEAD + 64), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(w + TILE_AHEAD + 96), _MM_HINT_T1);
+        for (int u = 0; u < 4; ++u) {
+            int32_t pair;
+            std::memcpy(&pair, x + k + 2 * u, 4);
+            acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(w + u * 32),
+                                      (__m512bh)_mm512_set1_epi32(pair));
+        }
+    }
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_storeu_ps(out, _mm512_mul_ps(sum, scale));
+}
+
+__attribute__((target("avx512bf16,avx512vl,avx512bw,avx512f")))
+static void pair_of_blocks_row(const int64_t p, const uint16_t* x, const uint16_t* weight, const uint16_t* scales,
+                               float* out, const int64_t K) {
+    pair_row(weight + p * 16 * K, x, K, pair_scales(scales, p), out + p * 16);
+}
+
+static void row_products(const uint16_t* x, const uint16_t* weight, const uint16_t* scales, float* out,
+                         const int64_t N, const int64_t K) {
+    for_each_block(N / 16, [&](const int64_t p) { pair_of_blocks_row(p, x, weight, scales, out, K); });
+}
 #endif
 
 """
 
-_BF16_PREPARE_ROWS = """#ifdef VQGPT_AMX
-    if (M >= 2 && N % 16 == 0 && K % 32 == 0 && amx_runs()) {  // 16 rows at a time (each reads the weights)
+_BF16_PREPARE_ROWS = """#if VQGPT_TILES
+    if (N % 16 == 0 && K % 32 == 0) {  // the tile layout (``block``): 16 rows at a time through the tiles
+        if (M == 1) return row_products(rows, weight, scales, out, N, K);
         for (int64_t m0 = 0; m0 < M; m0 += 16)
             tile_products(rows + m0 * K, weight, scales, out + m0 * N, std::min<int64_t>(16, M - m0), N, K);
         return;
@@ -672,7 +713,7 @@ def _product_body(dtype: torch.dtype, linkage: str) -> str:
     return (_SOURCE.replace("WEIGHT_T", c_type).replace("ROW_T", _row_c_type(dtype))
             .replace("WIDEN", widen).replace("DOT_PRODUCTS", _DOT_SOURCE.get(dtype, ""))
             .replace("PREPARE_ROWS", _PREPARE_ROWS.get(dtype, "const float* x = rows;"))
-            .replace("LINKAGE", linkage))
+            .replace("TILES_LAYOUT", str(int(dtype == torch.bfloat16 and tiles_run()))).replace("LINKAGE", linkage))
 
 
 def _product_source(dtype: torch.dtype) -> str:
@@ -702,10 +743,11 @@ def _rows_multiplied(x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
     return [x.to(_ROW_DTYPE[dtype])]
 
 
-def _product_correct(candidate, dtype: torch.dtype) -> bool:
+def _product_correct(candidate, dtype: torch.dtype, tiles: bool = True) -> bool:
     """The product kernel for 1-11 rows (each register blocking, and a rest after 8) and a k tail; and for
     1-17 rows of a shape bf16's tile path takes (N a multiple of 16, K of 32: 5 chunks of 32 inputs, one
-    after the four tiles' turns; 17 rows, 16 and 1 more)."""
+    after the four tiles' turns; 17 rows, 16 and 1 more). ``tiles``: as for ``block``, the layout the
+    candidate takes."""
     gen = torch.Generator().manual_seed(0)
     good = True
     for (n, k), row_counts in (((24, 21), range(1, 12)), ((48, 160), range(1, 18))):
@@ -715,7 +757,7 @@ def _product_correct(candidate, dtype: torch.dtype) -> bool:
         wants = [(rows.double() @ weight.double().t()) * scales.double() for rows in _rows_multiplied(x, dtype)]
         for rows in row_counts:
             out = torch.empty(rows, n)
-            candidate(x[:rows], block(weight), scales, out, rows, n, k)
+            candidate(x[:rows], block(weight, tiles), scales, out, rows, n, k)
             # (int8 on VNNI: int32 sums past 2^24 are rounded when they become fp32, by up to 32 x the step)
             good = good and any(torch.allclose(out.double(), want[:rows], rtol=1e-4,
                                                atol=max(1e-3, 1e-5 * want.abs().max().item())) for want in wants)
@@ -748,10 +790,35 @@ def kernel(dtype: torch.dtype):
     return _BUILT[dtype]
 
 
-def block(weight: torch.Tensor) -> torch.Tensor:
-    """A weight (N, K) -> the kernel's layout (N / 8, K, 8); N must be a multiple of 8."""
+def block(weight: torch.Tensor, tiles: bool = True) -> torch.Tensor:
+    """A weight (N, K) -> the kernel's layout, a (N / 8, K, 8) tensor; N must be a multiple of 8. Blocks of 8
+    channels, k-major (block b: channels 8b..8b + 7), except for bf16 weights with N a multiple of 16 and K of
+    32 where ``tiles_run()``: there the tile layout (pairs of blocks in chunks of 32 inputs, each input pair of
+    the 16 channels side by side; see the kernel). ``tiles=False``: the blocks whatever the CPU (for a build
+    of the kernel without the tiles)."""
     n, k = weight.shape
+    if tiles and weight.dtype == torch.bfloat16 and n % 16 == 0 and k % 32 == 0 and tiles_run():
+        # [pair p, chunk c, row r, channel j, input i] = weight[16p + j, 32c + 2r + i]
+        laid = weight.reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4)
+        return laid.contiguous().view(n // BLOCK, k, BLOCK)
     return weight.reshape(n // BLOCK, BLOCK, k).transpose(1, 2).contiguous()
+
+
+_TILES: list[bool] = []  # tiles_run()'s answer, once asked
+
+
+def tiles_run() -> bool:
+    """Whether bf16 products go through AMX tiles on this CPU (AMX-BF16 lent to the process, and AVX512-BF16),
+    and so whether ``block`` gives bf16 weights the tile layout: asked once per process of a small build of
+    the kernel's own check; False where that does not build."""
+    if not _TILES:
+        probe = build_kernel(_PYBINDING_HEADER + _TILES_CHECK + 'extern "C" void kernel(float* out) '
+                             "{ out[0] = tiles_run() ? 1.f : 0.f; }", ["float*"])
+        answer = torch.zeros(1)
+        if probe is not None:
+            probe(answer)
+        _TILES.append(bool(answer[0] == 1))
+    return _TILES[0]
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

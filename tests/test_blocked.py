@@ -73,10 +73,10 @@ def test_the_fp32_loop_where_the_cpu_has_no_dot_products(dtype, check):
     source = blocked._product_source(dtype)
     assert source.count(check) == 1
     if dtype == torch.bfloat16:  # and no tiles either (AMX: a CPU without AVX512-BF16 has none)
-        assert source.count(_TILES_RUN) == 1
-        source = source.replace(_TILES_RUN, "&& false)")
+        assert source.count(_TILES_ON) == 1
+        source = source.replace(_TILES_ON, _TILES_OFF)
     fp32_loop = build_kernel(source.replace(check, "if (false)"), blocked._product_argtypes(dtype),
-                               lambda candidate: blocked._product_correct(candidate, dtype))
+                             lambda candidate: blocked._product_correct(candidate, dtype, tiles=False))
     assert fp32_loop is not None
     if dtype == torch.int8:
         weight = blocked.block(torch.ones(8, 2, dtype=torch.int8))
@@ -85,7 +85,8 @@ def test_the_fp32_loop_where_the_cpu_has_no_dot_products(dtype, check):
         assert torch.all(out == torch.tensor(1.0) + torch.tensor(1e-6))
 
 
-_TILES_RUN = "&& amx_runs())"  # the bf16 kernel's run-time check for AMX tiles
+# the bf16 kernel's choice of the tiles (and their layout), made where ``blocked.tiles_run()``, and its other value
+_TILES_ON, _TILES_OFF = "#define VQGPT_TILES 1 ", "#define VQGPT_TILES 0 "
 
 
 def _cpu_flags() -> list[str]:
@@ -98,40 +99,51 @@ def _cpu_flags() -> list[str]:
 
 
 def _cpu_has_amx() -> bool:
-    """Whether this CPU reports AMX-BF16 tiles, asked apart from the kernel."""
+    """Whether this CPU reports AMX-BF16 tiles (and AVX512-BF16, for one row), asked apart from the kernel."""
     flags = _cpu_flags()
-    return "amx_bf16" in flags and "amx_tile" in flags
+    return all(flag in flags for flag in ("amx_bf16", "amx_tile", "avx512_bf16"))
 
 
 def test_bf16_rows_take_the_tiles_where_the_cpu_has_amx():
-    """On a CPU with AMX-BF16 (the current development and CI machine; an earlier one had none), 2 or more
-    bf16 rows of a shape with N a multiple of 16 and K of 32 go through the tiles, 16 rows at a time; one
-    row, and other shapes, take the dot-product loops. Built with the tile call replaced by a marker, the
-    marker shows which calls went there; the kernel itself gives the float product for 1-40 rows over
-    K = 768 (24 chunks, the four tiles' turns) and K = 96 (three: a rest), as the dot-product build does
-    to fp32 rounding."""
-    call = "tile_products(rows + m0 * K, weight, scales, out + m0 * N, std::min<int64_t>(16, M - m0), N, K);"
-    source = blocked._product_source(torch.bfloat16)
-    assert source.count(call) == 1 and source.count(_TILES_RUN) == 1
-    marked = build_kernel(source.replace(call, "std::fill(out + m0 * N, out + std::min<int64_t>(M, m0 + 16) * N, "
-                                                 "7.0f);"), blocked._product_argtypes(torch.bfloat16), lambda _: True)
-    dots = build_kernel(source.replace(_TILES_RUN, "&& false)"), blocked._product_argtypes(torch.bfloat16),
-                          lambda candidate: blocked._product_correct(candidate, torch.bfloat16))
-    assert marked is not None and dots is not None
+    """On a CPU with AMX-BF16 (the current development and CI machine; an earlier one had none), bf16 weights with
+    N a multiple of 16 and K of 32 are laid out for the tiles (``block``): 2 or more rows go through the tiles, 16
+    at a time, one row through a 512-bit loop over the same layout; other shapes keep the blocks and the
+    dot-product loops. Built with those two calls replaced by markers, the markers show which calls went where;
+    the kernel itself gives the float product for 1-40 rows over K = 768 (24 chunks, the four tiles' turns) and
+    K = 96 (three: a rest), as a build without the tiles (the dot products over the blocks) does, to fp32
+    rounding."""
     amx = _cpu_has_amx()
+    assert blocked.tiles_run() == amx and amx  # the development and CI CPUs have it: the path the test covers
+    source = blocked._product_source(torch.bfloat16)
+    tiles = "tile_products(rows + m0 * K, weight, scales, out + m0 * N, std::min<int64_t>(16, M - m0), N, K);"
+    row = "return row_products(rows, weight, scales, out, N, K);"
+    assert source.count(tiles) == source.count(row) == source.count(_TILES_ON) == 1
+    marked = build_kernel(source.replace(tiles, "std::fill(out + m0 * N, out + std::min<int64_t>(M, m0 + 16) * N, "
+                                                "7.0f);").replace(row, "{ std::fill(out, out + N, 5.0f); return; }"),
+                          blocked._product_argtypes(torch.bfloat16), lambda _: True)
+    dots = build_kernel(source.replace(_TILES_ON, _TILES_OFF), blocked._product_argtypes(torch.bfloat16),
+                        lambda candidate: blocked._product_correct(candidate, torch.bfloat16, tiles=False))
+    assert marked is not None and dots is not None
     gen = torch.Generator().manual_seed(5)
     for (n, k), rows in itertools.product([(48, 768), (48, 96), (40, 96), (48, 100)], [1, 2, 8, 16, 17, 40]):
         weight = torch.randn(n, k, generator=gen).bfloat16()
         scales = torch.rand(n, generator=gen).add(0.01).to(torch.bfloat16)
         x = torch.randn(rows, k, generator=gen).bfloat16()
+        laid = blocked.block(weight)
+        tiled = n % 16 == 0 and k % 32 == 0
+        if tiled:  # [pair p, chunk c, row r, channel j, input i] = weight[16p + j, 32c + 2r + i]
+            assert torch.equal(laid.view(n // 16, k // 32, 16, 16, 2)[2, 1, 5, 9, 1], weight[16 * 2 + 9, 32 + 10 + 1])
+        else:
+            assert torch.equal(laid, blocked.block(weight, tiles=False))
         out = torch.empty(rows, n)
-        marked(x, blocked.block(weight), scales, out, rows, n, k)
-        assert bool((out == 7).all()) == (amx and rows >= 2 and n % 16 == 0 and k % 32 == 0), (n, k, rows)
-        got = blocked.product(x, blocked.block(weight), scales)
+        marked(x, laid, scales, out, rows, n, k)
+        assert bool((out == 7).all()) == (tiled and rows >= 2), (n, k, rows)
+        assert bool((out == 5).all()) == (tiled and rows == 1), (n, k, rows)
+        got = blocked.product(x, laid, scales)
         want = (x.double() @ weight.double().t()) * scales.double()
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
         dotted = torch.empty(rows, n)
-        dots(x, blocked.block(weight), scales, dotted, rows, n, k)
+        dots(x, blocked.block(weight, tiles=False), scales, dotted, rows, n, k)
         torch.testing.assert_close(got, dotted, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
