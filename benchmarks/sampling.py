@@ -2,7 +2,8 @@
 
 Reference shape (docs/architecture.md, "Tests and benchmarks"): GPT-B width (12 layers, 768, 12 heads), 1024 codes,
 a 16x16 grid. The bound a figure is printed against is the slower of two, both measured in the same run,
-again before each group of rows (``== weights ...``, which prints them), as a shared host's speed drifts:
+again before each group of rows (``== weights ...``, which prints them) and after each row's timing (which prints
+the bandwidth it is compared at), as a shared host's speed drifts:
 - reads: a decode step reads every weight once plus the KV cache written so far (on average over a
   run, half of the T positions' keys and values, for every layer and every row of the model batch),
   at the read bandwidth measured by summing a large tensor;
@@ -29,7 +30,7 @@ every row that way);
 weight-only int8 (``--prior-dtype int8``: int8 linear weights with per-channel scales, the rest fp32);
 with ``--compile``, the same sampler with its one-token step under torch.compile
 (``generate(..., compile=True)``; compile time is excluded, printed apart), with ``--cfg`` also with
-guidance, timed against twice the batch without it (the goal: guidance costs no more than that).
+guidance, timed against twice the batch without it, in turns (the goal: guidance costs no more than that).
 
 On a GPU (``--device cuda``) the same rows run there (bandwidth and matmul rate measured on it, every
 timing synchronised), without the CPU-only plain-products row; ``--preset`` picks another shape
@@ -109,11 +110,21 @@ class Bound:
         self.config, self.read_params, self.weight_bytes, self.cache_bytes = config, read_params, weight_bytes, cache_bytes
         self.bandwidth, self.flops = bandwidth, flops
 
+    def remeasured(self, device: str, megabytes: int, name: str) -> "Bound":
+        """This bound at the ceilings measured now (``name``: the weights' dtype, as ``ceilings`` keys them):
+        each row is compared with the ceilings of the seconds just before it, not only of its group's start."""
+        bandwidth, flops, _ = ceilings(device, megabytes)
+        return Bound(self.config, self.read_params, self.weight_bytes, self.cache_bytes, bandwidth, flops[name])
+
     def steps(self, model_batch: int) -> tuple[float, str]:
         """(bound in steps/s, which one binds) at this model batch (twice the samples with guidance)."""
         reads = (self.weight_bytes + kv_cache_bytes(self.config, model_batch, self.cache_bytes)) / self.bandwidth
         compute = 2 * self.read_params * model_batch / self.flops
         return (1 / reads, "reads") if reads >= compute else (1 / compute, "compute")
+
+    def now(self) -> str:
+        """What a row prints of its own ceilings (the bandwidth: the reads bind a decode step here)."""
+        return f", at {self.bandwidth / 1e9:.1f} GB/s"
 
     def describe(self, model_batch: int) -> str:
         steps, kind = self.steps(model_batch)
@@ -162,27 +173,38 @@ def sampling_timer(prior: GPT, repeats: int, device: str | torch.device, compile
     included, is printed apart)."""
     seconds: dict[tuple[int, bool], float] = {}
 
+    def once(batch: int, cfg: bool, repeats: int = 1) -> float:
+        """The best time of ``repeats`` calls, measured now (``run`` keeps its first answer)."""
+        labels = torch.arange(batch) % 10
+        sampling = SamplingConfig(cfg_scale=4.0 if cfg else 1.0)
+        return timed(lambda: generate(prior, batch, class_labels=labels, sampling=sampling, compile=compiled),
+                     repeats, device)
+
     def run(batch: int, cfg: bool) -> float:
         if (batch, cfg) not in seconds:
-            labels = torch.arange(batch) % 10
-            sampling = SamplingConfig(cfg_scale=4.0 if cfg else 1.0)
             if warm_up:
-                t0 = time.perf_counter()
-                generate(prior, batch, class_labels=labels, sampling=sampling, compile=compiled)
+                first = once(batch, cfg)
                 if compiled:
                     print(f"  (first call at batch {batch}{' with CFG' if cfg else ''}, compile included: "
-                          f"{time.perf_counter() - t0:.1f} s)")
-            seconds[batch, cfg] = timed(lambda: generate(prior, batch, class_labels=labels, sampling=sampling,
-                                                         compile=compiled), repeats, device)
+                          f"{first:.1f} s)")
+            seconds[batch, cfg] = once(batch, cfg, repeats)
         return seconds[batch, cfg]
 
+    run.once = once
     return run
 
 
-def print_cfg_ratio(run, batch: int) -> None:
-    """Guidance at ``batch`` against twice the batch without it (``run``: a ``sampling_timer``)."""
-    ratio = run(batch, True) / run(2 * batch, False)
-    print(f"CFG at batch {batch}: time / time of batch {2 * batch} without CFG = {ratio:.2f} (target <= 1)")
+def print_cfg_ratio(run, batch: int, pairs: int = 3) -> None:
+    """Guidance at ``batch`` against twice the batch without it (``run``: a ``sampling_timer``): ``pairs`` calls
+    of each in turns, the best of each, so that both are timed in the same minutes of a shared host (timed
+    minutes apart, as the rows are, the ratio swung by up to 1.2 with the host's speed)."""
+    run(batch, True), run(2 * batch, False)  # (each compiled and warmed up, if it was not already)
+    guided, doubled = float("inf"), float("inf")
+    for _ in range(pairs):
+        guided = min(guided, run.once(batch, True))
+        doubled = min(doubled, run.once(2 * batch, False))
+    print(f"CFG at batch {batch}: time / time of batch {2 * batch} without CFG = {guided / doubled:.2f} (target <= 1; "
+          f"{pairs} calls of each in turns, best of each)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -259,12 +281,14 @@ def main(argv: list[str] | None = None) -> None:
         for batch in batches:
             for cfg in (False, True):
                 steps = tokens / run(batch, cfg)
+                row_bound = bound.remeasured(device, megabytes, name)  # (after a compile)
                 model_batch = batch * (1 + cfg)
                 ceiling = matmul_ceiling(model, model_batch)
-                limit, kind = bound.steps(model_batch)
+                limit, kind = row_bound.steps(model_batch)
                 print(f"cached  batch {batch:3d} cfg {'on ' if cfg else 'off'} (model batch {model_batch:3d}): "
                       f"{steps:7.1f} steps/s = {steps * batch:8.1f} tokens/s   {steps / limit:6.1%} of bound "
-                      f"({limit:.1f}, {kind})   (matmuls alone: {ceiling:6.1f} steps/s = {ceiling / limit:6.1%} of "
+                      f"({limit:.1f}, {kind}{row_bound.now()})   (matmuls alone: {ceiling:6.1f} steps/s = "
+                      f"{ceiling / limit:6.1%} of "
                       f"bound; sampler reaches {steps / ceiling:6.1%} of it)")
         for batch in batches[:1] if args.quick else batches:
             print_cfg_ratio(run, batch)
@@ -319,11 +343,12 @@ def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats
         for batch in batches:
             for cfg in (False, True) if guided else (False,):
                 steps = tokens / run(batch, cfg)
+                row_bound = bound.remeasured(device, megabytes, name)  # (after a compile)
                 model_batch = batch * (1 + cfg)
-                limit, kind = bound.steps(model_batch)
+                limit, kind = row_bound.steps(model_batch)
                 line = (f"cached  batch {batch:3d} cfg {'on ' if cfg else 'off'} (model batch {model_batch:3d}): "
                         f"{steps:7.1f} steps/s = {steps * batch:8.1f} tokens/s   {steps / limit:6.1%} of bound "
-                        f"({limit:.1f}, {kind})")
+                        f"({limit:.1f}, {kind}{row_bound.now()})")
                 if not args.decode_only:
                     ceiling = matmul_ceiling(prior, model_batch)
                     line += f"   (matmuls alone: {ceiling:6.1f} steps/s = {ceiling / limit:6.1%} of bound)"
