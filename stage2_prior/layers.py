@@ -384,6 +384,11 @@ class Attention(nn.Module):
                 # a compiled decode step: write this slot and attend over slots [0, start_pos] in one op
                 y = blocked.compiled_attention_update(q, k, v, k_cache, v_cache, start_pos)
                 return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, H * D)))
+            if (not static and n == 1 and not self.training and not torch.compiler.is_compiling()
+                    and k.dtype == v.dtype == k_cache.dtype and blocked.attention_usable(q, k_cache, v_cache)):
+                # an eager decode step: the kernel writes this slot and attends over slots [0, start_pos]
+                y = blocked.attend_and_write(q, k, v, k_cache, v_cache, start_pos)
+                return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, H * D)))
             if static:
                 # Fixed shapes for a compiled step: write slots start_pos + [0, n) in place and attend
                 # over the whole cache; attn_mask hides the slots not written yet.

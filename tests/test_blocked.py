@@ -7,6 +7,7 @@ import sysconfig
 
 import pytest
 import torch
+from prior_helpers import tiny_gpt
 from torch.utils.cpp_extension import include_paths
 
 from stage2_prior import blocked, layers
@@ -216,6 +217,35 @@ def test_int8_rows_rounded_to_16_bits_where_the_cpu_has_vnni():
     got = blocked.product(x, blocked.block(weight), torch.ones(8, dtype=torch.bfloat16))
     assert torch.isnan(got[0]).all() and torch.isposinf(got[1]).all()
     torch.testing.assert_close(got[2], x[2] @ weight.float().t(), rtol=1e-5, atol=1e-4)  # unrounded
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_an_eager_decode_step_writes_its_slot_in_the_attention_kernel(dtype, monkeypatch):
+    """In an eager cached decode (one token a step, float32 or bfloat16 caches) each layer's attention kernel also
+    writes the step's keys and values to their slot (``attend_and_write``), in place of two slice writes of the
+    caches around it: once per layer and step, the prefix slot too; the logits are the uncached forward's, and the
+    caches hold what a chunked forward writes (two tokens a call take SDPA and the slice writes)."""
+    model = tiny_gpt(grid_size=[3, 4], n_layer=2, n_kv_head=2).to(dtype)
+    assert blocked.attention_kernel(dtype) is not None
+    calls = []
+    real = blocked.attend_and_write
+    monkeypatch.setattr(blocked, "attend_and_write", lambda *args: calls.append(args[-1]) or real(*args))
+    tokens = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2])
+    with torch.inference_mode():
+        cache = model.new_cache(2)
+        steps = [model.forward_cached(None, 0, labels, cache=cache)]
+        steps += [model.forward_cached(tokens[:, pos - 1: pos], pos, cache=cache) for pos in range(1, 6)]
+        assert calls == [pos for pos in range(6) for _ in range(2)]
+        full = model(tokens, labels)  # (2, 5 + 1 slots: the prefix's prediction, then each token's)
+        chunked = model.new_cache(2)
+        model.forward_cached(tokens[:, :1], 0, labels, cache=chunked)
+        for pos in (2, 4):
+            model.forward_cached(tokens[:, pos - 1: pos + 1], pos, cache=chunked)
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    torch.testing.assert_close(torch.cat(steps, 1)[:, :5].float(), full[:, :5].float(), **tolerance)
+    for written, want in zip([*cache.keys, *cache.values], [*chunked.keys, *chunked.values]):
+        torch.testing.assert_close(written[:, :, :6].float(), want[:, :, :6].float(), **tolerance)
 
 
 def test_cpp_attention_op_writes_the_slot_then_attends_and_names_bad_inputs():
