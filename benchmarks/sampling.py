@@ -2,11 +2,13 @@
 
 Reference shape (docs/architecture.md, "Tests and benchmarks"): GPT-B width (12 layers, 768, 12 heads), 1024 codes,
 a 16x16 grid. The bound a figure is printed against is the slower of two, both measured in the same run,
-again before each group of rows (``== weights ...``, which prints them) and after each row's timing (which prints
-the bandwidth it is compared at), as a shared host's speed drifts:
+again after each row's timing (the row prints the bandwidth it is compared at), as a shared host's speed
+drifts; each group of rows (``== weights ...``) also prints those of a 512 MB tensor (256 with --quick):
 - reads: a decode step reads every weight once plus the KV cache written so far (on average over a
   run, half of the T positions' keys and values, for every layer and every row of the model batch),
-  at the read bandwidth measured by summing a large tensor;
+  at the read bandwidth measured by summing a tensor of that many bytes: on a CPU whose last-level
+  cache keeps part of them from step to step (the Intel development CPU's 300 MB L3 holds bf16 GPT-B's
+  171 MB), a larger tensor's rate is the memory's, which the step beats, and shares came out past 100%;
 - compute: 2 x (non-embedding parameters) x (model batch) FLOPs per step at the 1024^3 (GPU: 8192^3) matmul rate
   of the weights' dtype, measured here: fp32 for float32 weights, the faster of fp32 and bf16 for
   bfloat16 weights (the same on a CPU without bf16 units; about 2.3x fp32 on one with AVX512-BF16, and
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 
 import torch
@@ -106,15 +109,20 @@ class Bound:
     ``cache_bytes`` per element; see the module docstring."""
 
     def __init__(self, config: GPTConfig, read_params: int, weight_bytes: float, cache_bytes: int,
-                 bandwidth: float, flops: float) -> None:
+                 bandwidth: float, flops: float, measured_over: float | None = None) -> None:
         self.config, self.read_params, self.weight_bytes, self.cache_bytes = config, read_params, weight_bytes, cache_bytes
         self.bandwidth, self.flops = bandwidth, flops
+        self.measured_over = measured_over  # bytes of the tensor the bandwidth was measured over, if not the group's
 
-    def remeasured(self, device: str, megabytes: int, name: str) -> "Bound":
-        """This bound at the ceilings measured now (``name``: the weights' dtype, as ``ceilings`` keys them):
-        each row is compared with the ceilings of the seconds just before it, not only of its group's start."""
+    def remeasured(self, device: str, name: str, model_batch: int) -> "Bound":
+        """This bound at the ceilings measured now (``name``: the weights' dtype, as ``ceilings`` keys them), the
+        bandwidth over a tensor of the bytes a step reads at ``model_batch`` (see the module docstring): each row
+        is compared with the ceilings of the seconds beside it, not only of its group's start."""
+        step_bytes = self.weight_bytes + kv_cache_bytes(self.config, model_batch, self.cache_bytes)
+        megabytes = max(1, math.ceil(step_bytes / 2**20))
         bandwidth, flops, _ = ceilings(device, megabytes)
-        return Bound(self.config, self.read_params, self.weight_bytes, self.cache_bytes, bandwidth, flops[name])
+        return Bound(self.config, self.read_params, self.weight_bytes, self.cache_bytes, bandwidth, flops[name],
+                     measured_over=megabytes * 2**20)
 
     def steps(self, model_batch: int) -> tuple[float, str]:
         """(bound in steps/s, which one binds) at this model batch (twice the samples with guidance)."""
@@ -124,7 +132,7 @@ class Bound:
 
     def now(self) -> str:
         """What a row prints of its own ceilings (the bandwidth: the reads bind a decode step here)."""
-        return f", at {self.bandwidth / 1e9:.1f} GB/s"
+        return f", at {self.bandwidth / 1e9:.1f} GB/s over {self.measured_over / 1e6:.0f} MB"
 
     def describe(self, model_batch: int) -> str:
         steps, kind = self.steps(model_batch)
@@ -281,8 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         for batch in batches:
             for cfg in (False, True):
                 steps = tokens / run(batch, cfg)
-                row_bound = bound.remeasured(device, megabytes, name)  # (after a compile)
                 model_batch = batch * (1 + cfg)
+                row_bound = bound.remeasured(device, name, model_batch)  # (after a compile)
                 ceiling = matmul_ceiling(model, model_batch)
                 limit, kind = row_bound.steps(model_batch)
                 print(f"cached  batch {batch:3d} cfg {'on ' if cfg else 'off'} (model batch {model_batch:3d}): "
@@ -343,8 +351,8 @@ def extra_rows(model: GPT, args: argparse.Namespace, batches: list[int], repeats
         for batch in batches:
             for cfg in (False, True) if guided else (False,):
                 steps = tokens / run(batch, cfg)
-                row_bound = bound.remeasured(device, megabytes, name)  # (after a compile)
                 model_batch = batch * (1 + cfg)
+                row_bound = bound.remeasured(device, name, model_batch)  # (after a compile)
                 limit, kind = row_bound.steps(model_batch)
                 line = (f"cached  batch {batch:3d} cfg {'on ' if cfg else 'off'} (model batch {model_batch:3d}): "
                         f"{steps:7.1f} steps/s = {steps * batch:8.1f} tokens/s   {steps / limit:6.1%} of bound "
