@@ -988,6 +988,91 @@ TORCH_LIBRARY(vqgpt_native, m) {
 _NATIVE: list = []  # [the op, or None where it did not build or check]
 
 
+# 8 fp32 -> 8 bf16 at p, rounded to nearest even, NaN to 0xffff: as torch's vectorised .to() rounds (AVX2)
+_STORE_BF16 = r"""
+static inline void store8(uint16_t* p, const __m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0xffff), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+"""
+
+# -- bf16 products rounded to bf16 inside the kernel, for eager callers ----------------------------------------
+# An eager bf16 Linear handed the kernel's fp32 output to torch's .to(): at GPT-B batch 8 a conversion of 14-19
+# us per product (61 a step), for a few microseconds of rounding. This build rounds in the kernel instead, into
+# the bf16 output the caller allocates; the sums go to a per-thread fp32 buffer first.
+_ROUNDED_WRAPPER = r"""
+extern "C" void kernel(const uint16_t* rows, const uint16_t* weight, const uint16_t* scales, uint16_t* out,
+                       const int64_t M, const int64_t N, const int64_t K) {
+    thread_local std::vector<float> sums;
+    sums.resize(M * N);
+    fp32_kernel(rows, weight, scales, sums.data(), M, N, K);
+    const int64_t n = M * N;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) store8(out + i, _mm256_loadu_ps(sums.data() + i));
+    for (; i < n; ++i) {  // (N is a multiple of 8: none left in practice)
+        alignas(32) float rest[8] = {sums[i]};
+        alignas(32) uint16_t rounded[8];
+        store8(rounded, _mm256_load_ps(rest));
+        out[i] = rounded[0];
+    }
+}
+"""
+
+_ROUNDED: list = []  # rounded_kernel()'s answer, once built
+
+
+def rounded_kernel():
+    """The bf16-weight product kernel ``kernel(x, weight, scales, out, M, N, K)`` with a bf16 ``out``: the fp32
+    product rounded as torch's ``.to(torch.bfloat16)`` rounds it, bit for bit (checked at first use); None where
+    it or the bf16 kernel does not build."""
+    if not _ROUNDED:
+        fn = None
+        if kernel(torch.bfloat16) is not None:
+            body = _product_body(torch.bfloat16, "static")
+            assert body.count("static void kernel(") == 1
+            source = _PYBINDING_HEADER + body.replace("static void kernel(", "static void fp32_kernel(") \
+                + _STORE_BF16 + _ROUNDED_WRAPPER
+            argtypes = _product_argtypes(torch.bfloat16)
+            fn = build_kernel(source, argtypes[:3] + ["uint16_t*"] + argtypes[4:], _rounded_correct)
+        _ROUNDED.append(fn)
+    return _ROUNDED[0]
+
+
+def _rounded_correct(candidate) -> bool:
+    """A rounded kernel against the bf16 kernel's fp32 product rounded by torch, bit for bit, over the row counts
+    and shapes ``_product_correct`` takes (the blocks, and the tile layout where the tiles run); a NaN stays NaN."""
+    gen = torch.Generator().manual_seed(1)
+    for (n, k), row_counts in (((24, 21), range(1, 12)), ((48, 160), range(1, 18))):
+        weight = torch.randn(n, k, generator=gen).bfloat16()
+        laid = block(weight)
+        scales = torch.rand(n, generator=gen).add(0.5).to(torch.bfloat16)
+        x = torch.randn(max(row_counts), k, generator=gen).bfloat16()
+        x[-1, 3] = float("nan")
+        for rows in row_counts:
+            want = torch.empty(rows, n)
+            kernel(torch.bfloat16)(x[:rows], laid, scales, want, rows, n, k)
+            want = want.bfloat16()
+            got = torch.empty(rows, n, dtype=torch.bfloat16)
+            candidate(x[:rows], laid, scales, got, rows, n, k)
+            nan = want.isnan()
+            if not (torch.equal(nan, got.isnan()) and torch.equal(got[~nan], want[~nan])):
+                return False
+    return True
+
+
+def rounded_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``product`` for bf16 rows and weights with the output in bf16, rounded in the kernel (``rounded_kernel``,
+    which must have built): the values of ``product(x, weight, scales).to(torch.bfloat16)``."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], scales.shape[0], dtype=torch.bfloat16)
+    _ROUNDED[0](x, weight, scales, out, x.shape[0], scales.shape[0], x.shape[1])
+    return out
+
+
 def native_linear():
     """``torch.ops.vqgpt_native.blocked_linear.default``: ``product`` as a C++ op (x in the rows' dtype of the
     weight, see ``product``), built on the first call with torch's C++ extension builder (about 25 s on
@@ -1087,16 +1172,9 @@ typedef KV_T kv_t;
 // 8 cache elements -> 8 fp32
 static inline __m256 load8(const kv_t* p) { return LOAD_KV; }
 
-// 8 fp32 -> 8 floats at p, or 8 bf16 rounded to nearest even, NaN to 0xffff: as torch's vectorised .to() rounds
+// 8 fp32 -> 8 floats at p, or 8 bf16 rounded to nearest even (store8 of _STORE_BF16)
 static inline void store8(float* p, const __m256 x) { _mm256_storeu_ps(p, x); }
-static inline void store8(uint16_t* p, const __m256 x) {
-    const __m256i u = _mm256_castps_si256(x);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0xffff), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
+""" + _STORE_BF16 + r"""
 
 // fetch the cache lines of n bytes from p into L1, or L2
 template <bool L1>

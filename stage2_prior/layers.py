@@ -219,7 +219,9 @@ def _few_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     prepared = _packed_weight(weight)
     if prepared is not None:
         kind, copy, scales = prepared
-        if kind == "blocked":
+        if kind == "blocked" and x.dtype == torch.bfloat16 and blocked.rounded_kernel() is not None:
+            out = blocked.rounded_product(flat, copy, scales)  # (rounded in the kernel, not by a torch call)
+        elif kind == "blocked":
             out = blocked.product(flat, copy, scales).to(x.dtype)
         else:
             out = torch.ops.mkldnn._linear_pointwise(flat, copy, None, "none", [], "")

@@ -148,6 +148,33 @@ def test_bf16_rows_take_the_tiles_where_the_cpu_has_amx():
         torch.testing.assert_close(got, dotted, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+def test_eager_bf16_products_round_in_the_kernel_as_torch_rounds(monkeypatch):
+    """An eager bf16 ``Linear`` of a few rows takes its bf16 output from ``rounded_kernel``, which rounds the product
+    inside the kernel instead of through a torch ``.to()`` call: bit for bit the fp32 product rounded by torch, for
+    the blocks and the tile layout (N a multiple of 16, K of 32), 1-17 rows; a NaN stays a NaN."""
+    assert blocked.rounded_kernel() is not None  # x86 with AVX2 and FMA, as the development and CI machines
+    gen = torch.Generator().manual_seed(7)
+    for (n, k), rows in itertools.product([(48, 768), (40, 96), (48, 100)], [1, 2, 8, 17]):
+        weight = torch.randn(n, k, generator=gen).bfloat16()
+        scales = torch.rand(n, generator=gen).add(0.01).to(torch.bfloat16)
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        x[0, 1] = float("nan") if rows == 17 else x[0, 1]
+        laid = blocked.block(weight)
+        got, want = blocked.rounded_product(x, laid, scales), blocked.product(x, laid, scales).bfloat16()
+        nan = want.isnan()
+        assert got.dtype == torch.bfloat16 and torch.equal(got.isnan(), nan) and nan.any() == (rows == 17)
+        assert torch.equal(got[~nan], want[~nan]), (n, k, rows)
+    layer = Linear(96, 48, bias=False).to(torch.bfloat16)
+    x = torch.randn(2, 3, 96, generator=gen).bfloat16()
+    calls = []
+    real = blocked.rounded_product
+    monkeypatch.setattr(blocked, "rounded_product", lambda *args: calls.append(1) or real(*args))
+    with torch.no_grad():
+        got = layer(x)
+    want = blocked.product(x.reshape(6, 96), blocked.block(layer.weight.detach()), torch.ones(48, dtype=torch.bfloat16))
+    assert calls == [1] and torch.equal(got, want.bfloat16().reshape(2, 3, 48))
+
+
 _PAIRS_RUN = "&& pairs_run())"  # the fp32 kernel's run-time check for its 512-bit loop over pairs of blocks
 
 
