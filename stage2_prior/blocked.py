@@ -743,14 +743,17 @@ def _rows_multiplied(x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
     return [x.to(_ROW_DTYPE[dtype])]
 
 
+# (N, K) and row counts of the first-use checks: 1-11 rows (each register blocking, and a rest after 8) with a k tail;
+# 1-17 rows of a shape bf16's tile path takes (N a multiple of 16, K of 32: 5 chunks of 32 inputs; 16 rows and 1 more)
+_CHECKED_SHAPES = (((24, 21), range(1, 12)), ((48, 160), range(1, 18)))
+
+
 def _product_correct(candidate, dtype: torch.dtype, tiles: bool = True) -> bool:
-    """The product kernel for 1-11 rows (each register blocking, and a rest after 8) and a k tail; and for
-    1-17 rows of a shape bf16's tile path takes (N a multiple of 16, K of 32: 5 chunks of 32 inputs, one
-    after the four tiles' turns; 17 rows, 16 and 1 more). ``tiles``: as for ``block``, the layout the
+    """The product kernel over ``_CHECKED_SHAPES`` against float64. ``tiles``: as for ``block``, the layout the
     candidate takes."""
     gen = torch.Generator().manual_seed(0)
     good = True
-    for (n, k), row_counts in (((24, 21), range(1, 12)), ((48, 160), range(1, 18))):
+    for (n, k), row_counts in _CHECKED_SHAPES:
         weight = torch.randint(-127, 128, (n, k), generator=gen).to(dtype)
         scales = torch.rand(n, generator=gen).add(0.5).to(torch.bfloat16)
         x = torch.randn(max(row_counts), k, generator=gen).to(_ROW_DTYPE[dtype])
@@ -1010,15 +1013,7 @@ extern "C" void kernel(const uint16_t* rows, const uint16_t* weight, const uint1
     thread_local std::vector<float> sums;
     sums.resize(M * N);
     fp32_kernel(rows, weight, scales, sums.data(), M, N, K);
-    const int64_t n = M * N;
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) store8(out + i, _mm256_loadu_ps(sums.data() + i));
-    for (; i < n; ++i) {  // (N is a multiple of 8: none left in practice)
-        alignas(32) float rest[8] = {sums[i]};
-        alignas(32) uint16_t rounded[8];
-        store8(rounded, _mm256_load_ps(rest));
-        out[i] = rounded[0];
-    }
+    for (int64_t i = 0; i < M * N; i += 8) store8(out + i, _mm256_loadu_ps(sums.data() + i));  // (N % 8 == 0)
 }
 """
 
@@ -1046,7 +1041,7 @@ def _rounded_correct(candidate) -> bool:
     """A rounded kernel against the bf16 kernel's fp32 product rounded by torch, bit for bit, over the row counts
     and shapes ``_product_correct`` takes (the blocks, and the tile layout where the tiles run); a NaN stays NaN."""
     gen = torch.Generator().manual_seed(1)
-    for (n, k), row_counts in (((24, 21), range(1, 12)), ((48, 160), range(1, 18))):
+    for (n, k), row_counts in _CHECKED_SHAPES:
         weight = torch.randn(n, k, generator=gen).bfloat16()
         laid = block(weight)
         scales = torch.rand(n, generator=gen).add(0.5).to(torch.bfloat16)
@@ -1371,15 +1366,16 @@ def decode_attention_update(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     handed that op fresh copies of the written caches, every layer and step: at GPT-B width and batch
     8 the copies took more time than the attention (the compiled step gained nothing from the kernel).
     Declared as mutating the caches, they go in as they are."""
-    pos = int(start_pos.item())
-    return _run_attention(attention_kernel(k_cache.dtype), q, k_cache, v_cache, pos + 1, new=(k, v))
+    return attend_and_write(q, k, v, k_cache, v_cache, int(start_pos.item()))
 
 
 def attend_and_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      start_pos: int) -> torch.Tensor:
-    """An eager decode step's attention: ``decode_attention_update`` with an int start_pos, the kernel called
-    directly. Writing the slot with the attention (instead of two slice writes of the caches and two views of
-    their written slots around ``decode_attention``) saves four torch calls a layer."""
+    """An eager decode step's attention: this step's keys and values k, v (B, KH, 1, D) written to slot
+    ``start_pos`` (an int) of the caches by the attention kernel, then its attention over slots [0, start_pos]
+    (``decode_attention_update`` is this as an op). Writing the slot with the attention (instead of two slice
+    writes of the caches and two views of their written slots around ``decode_attention``) saves four torch calls
+    a layer."""
     return _run_attention(attention_kernel(k_cache.dtype), q, k_cache, v_cache, start_pos + 1, new=(k, v))
 
 

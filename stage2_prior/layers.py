@@ -366,6 +366,11 @@ class Attention(nn.Module):
         self.attn_dropout = config.attn_dropout
         self.resid_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
+    def _project(self, y: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs (B, H, n, D) -> wo's output (B, n, dim), after the residual dropout."""
+        B, H, n, D = y.shape
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, H * D)))
+
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None,
                 start_pos: int | torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         B, n, _ = x.shape
@@ -385,12 +390,12 @@ class Attention(nn.Module):
                     and blocked.attention_usable(q, k_cache, v_cache)):
                 # a compiled decode step: write this slot and attend over slots [0, start_pos] in one op
                 y = blocked.compiled_attention_update(q, k, v, k_cache, v_cache, start_pos)
-                return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, H * D)))
+                return self._project(y)
             if (not static and n == 1 and not self.training and not torch.compiler.is_compiling()
                     and k.dtype == v.dtype == k_cache.dtype and blocked.attention_usable(q, k_cache, v_cache)):
                 # an eager decode step: the kernel writes this slot and attends over slots [0, start_pos]
                 y = blocked.attend_and_write(q, k, v, k_cache, v_cache, start_pos)
-                return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, H * D)))
+                return self._project(y)
             if static:
                 # Fixed shapes for a compiled step: write slots start_pos + [0, n) in place and attend
                 # over the whole cache; attn_mask hides the slots not written yet.
@@ -405,19 +410,19 @@ class Attention(nn.Module):
         if cache is not None and n == 1 and not self.training and blocked.attention_usable(q, k, v):
             # one query over the cache (a decode step): slots [0, start_pos], keys and values read once
             y = blocked.decode_attention(q, k, v, (int(start_pos) if static else start_pos) + 1)
-            return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, H * D)))
+            return self._project(y)
         if K != H:
             k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
         if cache is None and (self.attn_dropout == 0 or not self.training):
             y = fused.causal_attention(q, k, v)  # (a bf16 training step on a CPU: its backward done faster)
             if y is not None:
-                return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, H * D)))
+                return self._project(y)
         # Causal: plain is_causal when the queries start the sequence; a mask when a chunk follows a
         # cache (always on the static path); nothing for a single query (it may see every cached slot).
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=not static and attn_mask is None and start_pos == 0 and n > 1,
             dropout_p=self.attn_dropout if self.training else 0.0)  # (B, H, n, D)
-        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, H * D)))
+        return self._project(y)
 
 
 class FeedForward(nn.Module):
