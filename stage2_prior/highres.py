@@ -50,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stage2_prior.decode import decode_step
+from stage2_prior.eager_step import eager_step
 from stage2_prior.draw import (FiniteWatch, Randomness, SamplingConfig, cfg_scales, check_num_samples,
                                check_sampling_args, code_groups, eval_mode, guided_labels, inference, next_token,
                                resolve_class_labels)
@@ -178,7 +179,7 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
     guided = check_sampling_args(model, sampling)
     labels = guided_labels(model, resolve_class_labels(model, class_labels, B, device), guided)
     notice_data_edits(model)  # before the prepared copies or a compiled step are used
-    step = decode_step(model) if compile else None
+    step = decode_step(model) if compile else None  # (the eager step is made inside eval_mode, below)
     scales = cfg_scales(sampling.cfg_scale, sampling.cfg_schedule, H * W)
     batch = 2 * B if guided else B
     canvas = torch.where(known_mask, tokens, 0)  # (B, H, W)
@@ -193,7 +194,7 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
     scratch = _WindowCache()  # shared by window columns beyond the capacity
 
     def new_cache(batch_size: int) -> KVCache:
-        return model.new_cache(batch_size, 1 + h * w, zeroed=step is not None)
+        return model.new_cache(batch_size, 1 + h * w, zeroed=compile)
 
     def window_cache(r0: int, c0: int) -> _WindowCache:
         entry = pool.get(c0)
@@ -234,6 +235,8 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
     watch = FiniteWatch(device, H * W)
     groups = code_groups(model)
     with eval_mode(model), tqdm(total=len(todo), disable=not progress, desc="sampling") as bar:
+        if step is None and use_cache:
+            step = eager_step(model)
         for i, columns in rows.items():
             r0 = window_origin(i, 0, (H, W), (h, w), stride)[0]
             origins = [window_origin(i, j, (H, W), (h, w), stride)[1] for j in columns]

@@ -153,7 +153,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
-                setattr(module, child_name, Int8Linear.from_linear(child).to(child.weight.device))
+                setattr(module, child_name, Int8Linear.from_linear(child).to(child.weight.device).train(child.training))
     return model
 
 

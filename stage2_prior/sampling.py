@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stage2_prior.decode import decode_step
+from stage2_prior.eager_step import eager_step
 from stage2_prior.draw import (CFG_SCHEDULES, FiniteWatch, SamplingConfig, cfg_scales, check_num_samples,
                                check_sampling_args, code_groups, eval_mode, guided_labels, inference, next_token,
                                resolve_class_labels, sample_logits, top_k_filter, top_p_filter)
@@ -66,7 +67,7 @@ def generate(model: GPT, num_samples: int, class_labels: int | Sequence[int] | t
     batch = 2 * num_samples if guided else num_samples
     notice_data_edits(model)  # before the prepared copies or a compiled step are used
     with eval_mode(model):
-        step = decode_step(model) if compile else None
+        step = decode_step(model) if compile else eager_step(model) if use_cache else None
         if use_cache:
             cache = step.new_cache(batch, 1 + T) if step is not None else model.new_cache(batch, 1 + T)
             logits = model.forward_cached(None, 0, labels, cache=cache)  # (batch, 1, V) predicts token 0
