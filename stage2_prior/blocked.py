@@ -836,6 +836,23 @@ def product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torc
     return out
 
 
+def bound_product(weight: torch.Tensor, scales: torch.Tensor, rounded: bool = False):
+    """``product`` (``rounded``: ``rounded_product``, whose kernel must have built) of this blocked weight as a call
+    ``run(x) -> out`` that does nothing but allocate the output and call the kernel: for a caller that hands it
+    contiguous rows of the kernel's row dtype (bf16 for bf16 weights, else fp32), as ``stage2_prior.eager_step``
+    does (``product``'s conversions and checks cost about as much as the kernel on a small weight)."""
+    fn = _ROUNDED[0] if rounded else kernel(weight.dtype)
+    weight, scales = weight.contiguous(), scales.contiguous()
+    N, out_dtype = scales.shape[0], torch.bfloat16 if rounded else torch.float32
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], N, dtype=out_dtype)
+        fn(x, weight, scales, out, x.shape[0], N, x.shape[1])
+        return out
+
+    return run
+
+
 @torch.library.custom_op("vqgpt::blocked_linear", mutates_args=())
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``product`` as an op that a compiled graph calls as is."""
@@ -1335,6 +1352,23 @@ def _run_attention(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length
        v_new.stride(1), out, batch, heads, k.shape[1], length - 1, dim, k.stride(0), k.stride(1), v.stride(0),
        v.stride(1), dim ** -0.5, int(new is not None))
     return out
+
+
+def bound_attention(dtype: torch.dtype, batch: int, heads: int, kv_heads: int, dim: int, cache_strides: tuple):
+    """``attend_and_write`` for an eager decode step's fixed shapes, as a call ``run(q, k, v, k_cache, v_cache, pos)``
+    with everything but the position worked out once: q (B, 1, H, D), k and v (B, 1, KH, D) contiguous (as the
+    RoPE kernel writes them), caches of ``dtype`` whose strides are ``cache_strides`` (B, KH, slots, D: the last
+    two D and 1, see ``attention_usable``). Returns (B, H, 1, D)."""
+    fn, scale = attention_kernel(dtype), dim ** -0.5
+    ks0, ks1, vs0, vs1 = cache_strides
+
+    def run(q, k, v, k_cache, v_cache, pos: int) -> torch.Tensor:
+        out = q.new_empty(batch, heads, 1, dim)
+        fn(q, heads * dim, dim, k_cache, v_cache, k, v, kv_heads * dim, dim, kv_heads * dim, dim, out, batch, heads,
+           kv_heads, pos, dim, ks0, ks1, vs0, vs1, scale, 1)
+        return out
+
+    return run
 
 
 def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

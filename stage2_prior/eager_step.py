@@ -42,13 +42,13 @@ def _product(module: nn.Module, dtype: torch.dtype) -> Product | None:
         if prepared is not None and prepared[0] == "blocked":
             _, copy, scales = prepared
             if dtype == torch.bfloat16 and blocked.rounded_kernel() is not None:
-                return functools.partial(blocked.rounded_product, weight=copy, scales=scales)
+                return blocked.bound_product(copy, scales, rounded=True)
             if dtype == torch.float32:
-                return functools.partial(blocked.product, weight=copy, scales=scales)
+                return blocked.bound_product(copy, scales)
         return functools.partial(_few_row_product, weight=module.weight)
     if type(module) is Int8Linear and dtype == torch.float32 and module.weight_blocked is not None:
         scales = module.scales if module.scales.dtype == torch.bfloat16 else module.scales.to(torch.bfloat16)
-        return functools.partial(blocked.product, weight=module.weight_blocked, scales=scales)
+        return blocked.bound_product(module.weight_blocked, scales)
     if type(module) is Int8Linear:
         return module.forward
     return None
@@ -80,26 +80,42 @@ class EagerStep:
         attention = model.layers[0].attention
         self.heads = attention.n_head, attention.n_kv_head, attention.head_dim
         self.eps = model.config.norm_eps
+        self._attend: dict[tuple, Callable] = {}
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return self.model.new_cache(batch_size, max_len)
 
-    def _usable(self, tokens: torch.Tensor, cache: KVCache) -> bool:
+    def _attention(self, tokens: torch.Tensor, cache: KVCache):
+        """The attention call for this batch and cache (``blocked.bound_attention``), or None where the kernel does
+        take the cache (another dtype, device or shape, slots that are not contiguous rows, layers laid out apart):
+        forward_cached then takes the step, and says what is wrong with a cache it cannot take."""
+        H, K, D = self.heads
         k, v = cache.keys[0], cache.values[0]
-        return (tokens.shape[0] <= Linear.max_packed_rows and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cpu") and k.dtype == v.dtype == self.dtype
-                and k.device.type == "cpu" and k.stride(3) == v.stride(3) == 1
-                and k.stride(2) == v.stride(2) == self.heads[2])
+        if not (k.dtype == v.dtype == self.dtype and k.device.type == "cpu" and len(cache.keys) == len(self.layers)
+                and k.dim() == 4 and k.shape[0] == tokens.shape[0] and k.shape[1] == K and k.shape[3] == D):
+            return None
+        shape, strides = k.shape, k.stride() + v.stride()
+        if (strides[2:4] != (D, 1) or strides[6:] != (D, 1)
+                or any(a.shape != shape or b.shape != shape or a.stride() + b.stride() != strides
+                       or a.dtype != k.dtype or b.dtype != k.dtype for a, b in zip(cache.keys, cache.values))):
+            return None
+        key = tokens.shape[0], strides
+        if key not in self._attend:
+            self._attend[key] = blocked.bound_attention(self.dtype, tokens.shape[0], H, K, D,
+                                                        (strides[0], strides[1], strides[4], strides[5]))
+        return self._attend[key]
 
     def __call__(self, tokens: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         """Logits (B, 1, V) of slot ``pos`` (> 0), feeding tokens (B, 1) there; writes that slot of ``cache``."""
         model = self.model
         if pos < 1:
             raise ValueError(f"a decode step writes a slot after the prefix (pos >= 1), got {pos}")
-        if tokens.dim() != 2 or tokens.shape[1] != 1 or not self._usable(tokens, cache):
+        attend = None
+        if (tokens.dim() == 2 and tokens.shape[1] == 1 and tokens.shape[0] <= Linear.max_packed_rows
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+            attend = self._attention(tokens, cache)
+        if attend is None:  # (a batch other than the cache's among them)
             return model.forward_cached(tokens, pos, cache=cache)
-        if tokens.shape[0] != cache.batch_size:
-            raise ValueError(f"batch {tokens.shape[0]} does not match the cache batch {cache.batch_size}")
         cache.check_write(pos, 1)
         table = model.rope_table(tokens.device)
         if pos >= len(table):
@@ -112,8 +128,7 @@ class EagerStep:
         B, (H, K, D), eps, norm = x.shape[0], self.heads, self.eps, self.norm
         for (norm1, wqkv, wo, norm2, w1, w3, w2), k_cache, v_cache in zip(self.layers, cache.keys, cache.values):
             q, k, v = self.rope(wqkv(norm(x, norm1, eps)).view(B, 1, -1), rope, H, K, D)  # (B, 1, heads, D)
-            y = blocked.attend_and_write(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), k_cache, v_cache,
-                                         pos)  # (B, H, 1, D)
+            y = attend(q, k, v, k_cache, v_cache, pos)  # (B, H, 1, D); k and v written to slot pos
             x = x + wo(y.view(B, H * D))
             h = norm(x, norm2, eps)
             x = x + w2(self.glu(w1(h), w3(h)))

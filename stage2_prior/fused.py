@@ -466,20 +466,33 @@ def decode_kernels(dtype: torch.dtype) -> tuple | None:
     """For a decode step that calls the kernels itself (``stage2_prior.eager_step``): (norm, rope, glu), the inference
     forwards of the activations' ``dtype`` (float32 or bfloat16) as plain calls without the checks of ``rms_norm``,
     ``rope_qkv`` and ``swiglu``, which give the same values from them: ``norm(x (rows, C), weight, eps)``,
-    ``rope(qkv, table, H, K, D) -> (q, k, v)`` and ``glu(a, b)``. None where the kernels are switched off or one of them
-    is missing."""
-    if not _enabled or dtype not in _C_TYPE or any(kernels(op, dtype) is None for op in ("rope", "glu", "norm")):
+    ``rope(qkv, table, H, K, D) -> (q, k, v)`` and ``glu(a, b)``, for contiguous x, qkv, a, b and weight. None where the
+    kernels are switched off or one of them is missing. Each call makes a norm of its own (with a scratch buffer):
+    one per caller and thread."""
+    if not _enabled or dtype not in _C_TYPE or kernels("rope", dtype) is None or kernels("glu", dtype) is None:
         return None
     if dtype == torch.float32:
-        return (lambda x, weight, eps: _norm_forward(x, weight, eps, dtype)[0]), _rope_forward, _glu_forward
-    kernel = _norm_bf16()
-    if kernel is None:
-        return None
+        if kernels("norm", dtype) is None:
+            return None
+        forward, _ = kernels("norm", dtype)
+        unread: dict[int, torch.Tensor] = {}  # the rstd the fp32 kernel also writes, per row count: one buffer
 
-    def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        y = torch.empty_like(x)
-        kernel(x, weight, y, x.numel() // x.shape[-1], x.shape[-1], eps)
-        return y
+        def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+            rows = x.numel() // x.shape[-1]
+            if rows not in unread:
+                unread[rows] = torch.empty(rows)
+            y = torch.empty_like(x)
+            forward(x, weight, y, unread[rows], rows, x.shape[-1], eps)
+            return y
+    else:
+        kernel = _norm_bf16()
+        if kernel is None:
+            return None
+
+        def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+            y = torch.empty_like(x)
+            kernel(x, weight, y, x.numel() // x.shape[-1], x.shape[-1], eps)
+            return y
 
     return norm, _rope_forward, _glu_forward
 

@@ -6,6 +6,7 @@ import torch
 from prior_helpers import seeded, tiny_gpt
 from stage2_prior import GPT, SamplingConfig, complete, generate
 from stage2_prior import eager_step as eager
+from stage2_prior import fused
 from stage2_prior import sampling
 from stage2_prior.layers import Linear
 from stage2_prior.quantize import set_prior_dtype
@@ -74,8 +75,9 @@ def test_samplers_decode_through_the_eager_step_with_the_same_tokens(kind, monke
 
 
 def test_the_eager_step_is_not_made_where_the_modules_would_differ():
-    """A forward hook (on a module or global), QK-norm, a subclassed layer or a model in training mode: no eager
-    step (the samplers then call the modules); the hook sees every step of a sampling call."""
+    """A forward hook (on a module or global), QK-norm, a subclassed layer, a model in training mode or the fused
+    kernels switched off: no eager step (the samplers then call the modules); the hook sees every step of a
+    sampling call."""
     model = _prior("float32")
     seen = []
     handle = model.layers[1].feed_forward.w2.register_forward_hook(lambda *a: seen.append(1))
@@ -101,6 +103,11 @@ def test_the_eager_step_is_not_made_where_the_modules_would_differ():
     wrapped.layers[0].attention.wo = Scaled(old.in_features, old.out_features, bias=False)
     assert eager.eager_step(wrapped) is None
     assert eager.eager_step(_prior("float32").train()) is None
+    previous = fused.set_enabled(False)  # the fused kernels switched off: the modules' torch ops
+    try:
+        assert eager.eager_step(model) is None
+    finally:
+        fused.set_enabled(previous)
 
 
 def test_a_step_outside_inference_takes_the_modules_and_bad_inputs_are_refused(monkeypatch):
