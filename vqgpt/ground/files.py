@@ -21,6 +21,7 @@ import re
 import socket
 import stat
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -172,7 +173,9 @@ def hold_lock(path: Path, busy: Callable[[str], Exception], no_flock: str) -> in
         path.parent.mkdir(parents=True, exist_ok=True)
         warnings.warn(no_flock, stacklevel=3)
         return None
-    for _ in range(20):
+    for attempt in range(20):
+        if attempt:  # a race lost to holders that finish as fast as this one tries (a loaded machine): a pause
+            time.sleep(0.001 * attempt)  # that grows (0.19 s in all), so that one of them is through meanwhile
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
