@@ -13,7 +13,9 @@ given shape over 256 tokens (16x16 grid), batch 8, next-token cross-entropy. Fig
 of rounds of timed steps after warm-up steps, as images/s or tokens/s, and the share of the matmul
 peak (1024^3 fp32 / bf16 matmul GFLOP/s on a CPU, 8192^3 on a GPU, measured in the same run) reached by the model FLOPs.
 
-Levers: AdamW for-loop (what torch picks for CPU tensors by default) vs foreach vs fused; on a CPU, the
+Levers: AdamW for-loop (what torch picks for CPU tensors by default) vs foreach vs fused; for fp32,
+``train.matmul_precision`` medium (the products and convolutions with bf16 operands and fp32 sums on a CPU with
+bf16 units, TF32 on a GPU); on a CPU, the
 tokenizer's GroupNorm + SiLU as one kernel (``stage1_vq.norm_silu``) vs the two torch ops, channels-last, and
 the prior's RoPE, RMSNorm, SwiGLU and bf16 attention backward by ``stage2_prior.fused``'s kernels vs the torch ops;
 torch.compile of the model (graph breaks listed with torch._dynamo.explain); for the tokenizer, the
@@ -46,7 +48,7 @@ from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.quantizers import QuantizerConfig
 from stage2_prior.model import GPT, GPTConfig, count_parameters
 from vqgpt.training import TrainConfig
-from vqgpt.training.config import cpu_has_fast_bf16
+from vqgpt.training.config import apply_matmul_precision, cpu_has_fast_bf16, float32_precision, set_float32_precision
 from vqgpt.training.optim import make_optimizer, optimizer_step
 from vqgpt.cli.commands import int_at_least
 
@@ -99,6 +101,19 @@ def median_rate(step: Callable[[], None], items: int, warmup: int, steps: int, r
         sync(device)
         rates.append(items * steps / (time.perf_counter() - t))
     return statistics.median(rates)
+
+
+def under_precision(step: Callable[[], None], precision: str, device: torch.device) -> Callable[[], None]:
+    """``step`` run under ``train.matmul_precision`` ``precision`` (as a run would set it), torch's settings put
+    back after each call."""
+    def run() -> None:
+        before = float32_precision()
+        apply_matmul_precision(precision, device)
+        try:
+            step()
+        finally:
+            set_float32_precision(*before)
+    return run
 
 
 def tokenizer_step(accelerator: Accelerator, impl: str, bf16: bool, layout: torch.memory_format | None,
@@ -301,6 +316,10 @@ def main(argv: list[str] | None = None) -> None:
             step, _ = tokenizer_step(accelerator, "fused", bf16, other, False, b)
             record("tokenizer", dtype, f"AdamW fused, {LAYOUT_NAMES[other]} (forced){tag}",
                    median_rate(step, b, w, s, r, device), tok_flops)
+            if dtype == "fp32":  # float32 products and convolutions with bf16 operands (TF32 on a GPU)
+                step, _ = tokenizer_step(accelerator, "fused", bf16, None, False, b)
+                record("tokenizer", dtype, f"AdamW fused, matmul_precision medium{tag}",
+                       median_rate(under_precision(step, "medium", device), b, w, s, r, device), tok_flops)
             if on_cpu:  # the fused norm + SiLU kernel's share: channels-last with the two torch ops instead
                 step, _ = tokenizer_step(accelerator, "fused", bf16, torch.channels_last, False, b, fused_norm=False)
                 record("tokenizer", dtype, f"AdamW fused, channels-last, unfused norm{tag}",
@@ -327,6 +346,11 @@ def main(argv: list[str] | None = None) -> None:
             for impl in ("for-loop", "foreach", "fused"):
                 step, _, _ = prior_step(accelerator, shape, impl, bf16, False, b)
                 record("prior", dtype, f"AdamW {impl}{tag}", median_rate(step, b * cfg.seq_len, w, s, r, device),
+                       prior_flops)
+            if dtype == "fp32":
+                step, _, _ = prior_step(accelerator, shape, "fused", bf16, False, b)
+                record("prior", dtype, f"AdamW fused, matmul_precision medium{tag}",
+                       median_rate(under_precision(step, "medium", device), b * cfg.seq_len, w, s, r, device),
                        prior_flops)
             if on_cpu:  # the share of stage2_prior.fused's kernels: RoPE, RMSNorm, SwiGLU and (bf16) attention's
                 #         backward by torch's ops instead

@@ -182,9 +182,10 @@ def test_train_speed_benchmark_takes_a_device_a_preset_and_a_published_peak(caps
     table = [line for line in out.splitlines() if line.startswith(("| tokenizer | fp32 |", "| prior | fp32 |"))]
     # tokenizer: AdamW for-loop and fused, then fused NCHW (the other layout), then channels-last with the norm and
     # SiLU as two ops (on a CPU); prior: for-loop, foreach, fused, then fused with RoPE/RMSNorm/SwiGLU as torch ops
-    assert len(table) == 8 and all(line.count("|") == 8 and line.endswith("% |") for line in table)
+    assert len(table) == 10 and all(line.count("|") == 8 and line.endswith("% |") for line in table)
     assert sum("channels-last, unfused norm" in line for line in table) == 1
     assert sum("unfused RoPE/RMSNorm/SwiGLU" in line for line in table) == 1
+    assert sum("fp32 | AdamW fused, matmul_precision medium" in line for line in table) == 2  # (both stages)
     assert any(line.startswith("| stage |") and line.endswith("MFU (published peak) |") for line in out.splitlines())
 
 
@@ -197,7 +198,7 @@ def test_train_speed_benchmark_runs_only_the_stages_asked(capsys, monkeypatch):
          "--dtypes", "fp32", "--no-compile", "--threads", "1"])
     out = capsys.readouterr().out
     assert "tokenizer" not in out and "prior: 2 layers x 32" in out
-    assert sum(line.startswith("| prior | fp32 |") for line in out.splitlines()) == 4
+    assert sum(line.startswith("| prior | fp32 |") for line in out.splitlines()) == 5
 
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

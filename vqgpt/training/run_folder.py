@@ -35,7 +35,8 @@ LOCK_NAME = ".lock"
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.on_nonfinite", "train.num_workers", "train.batch_size", "train.grad_accum", "train.grad_checkpointing",
-    "train.compile", "train.cpu", "train.mixed_precision", "train.optimizer_impl", "train.log_with",
+    "train.compile", "train.cpu", "train.mixed_precision", "train.matmul_precision", "train.optimizer_impl",
+    "train.log_with",
     "train.project_name", "data.num_workers",
     "data.index_dir", "sample_cfg_scale", "sample_temperature",
 )
