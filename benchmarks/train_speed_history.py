@@ -1,6 +1,7 @@
 """Training-step throughput of the project as it is against an earlier commit, with each side's defaults.
 
     python benchmarks/train_speed_history.py --before 9ecdec0 [--threads 2] [--rounds 3] [--dtypes fp32,bf16]
+        [--matmul-precision medium]
 
 ``benchmarks/train_speed.py`` measures the levers one by one inside today's code; this script answers
 "how much faster is a default training step than it was": it checks the earlier commit out into a
@@ -53,8 +54,12 @@ from vqgpt.training.optim import make_optimizer, optimizer_step
 
 threads, dtypes, warmup, steps = int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
 arch, quantizer, shape = (json.loads(a) for a in sys.argv[5:8])
+precision = sys.argv[8]
 torch.set_num_threads(threads)
 accelerator = Accelerator(cpu=True)
+if precision != "highest":  # (only asked of the side that has train.matmul_precision)
+    from vqgpt.training.config import apply_matmul_precision
+    apply_matmul_precision(precision, torch.device("cpu"))
 
 def rate(step, items):
     for _ in range(warmup):
@@ -105,12 +110,13 @@ print(json.dumps(out))
 '''
 
 
-def run_side(path: Path, args: argparse.Namespace) -> dict[str, float]:
-    """One round of every case in a fresh interpreter with ``path``'s packages first on the path."""
+def run_side(path: Path, args: argparse.Namespace, precision: str = "highest") -> dict[str, float]:
+    """One round of every case in a fresh interpreter with ``path``'s packages first on the path, under
+    ``train.matmul_precision`` ``precision``."""
     env = dict(os.environ, PYTHONPATH=str(path), OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run([sys.executable, "-c", STEP, str(args.threads), args.dtypes, str(args.warmup),
                            str(args.steps), json.dumps(TOKENIZER_ARCH), json.dumps(QUANTIZER_ARGS),
-                           json.dumps(PRIOR_SHAPE)],
+                           json.dumps(PRIOR_SHAPE), precision],
                           env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: the step failed in {path}:\n{proc.stderr[-3000:]}")
@@ -129,6 +135,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int_at_least(0), default=2)
     parser.add_argument("--steps", type=int_at_least(1), default=5)
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--matmul-precision", default="highest", choices=("highest", "high", "medium"),
+                        help="train.matmul_precision of the after side (the before side keeps float32 products: "
+                        "the setting is newer than the default --before)")
     args = parser.parse_args()
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in ("fp32", "bf16") for d in dtypes):  # (else any other name measured fp32)
@@ -143,12 +152,14 @@ def main() -> None:
             for r in range(args.rounds):
                 for side, path in (("before", before), ("after", ROOT)) if r % 2 == 0 else \
                         (("after", ROOT), ("before", before)):
-                    results[side].append(run_side(path, args))
+                    results[side].append(run_side(path, args, args.matmul_precision if side == "after" else "highest"))
                     print(f"round {r + 1}/{args.rounds} {side}: " +
                           ", ".join(f"{k} {v:.1f}" for k, v in results[side][-1].items()), flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
-    print(f"\n{args.threads} threads, before = {args.before}, median of {args.rounds} rounds\n")
+    print(f"\n{args.threads} threads, before = {args.before}, median of {args.rounds} rounds"
+          + (f", after with train.matmul_precision {args.matmul_precision}" if args.matmul_precision != "highest"
+             else "") + "\n")
     print("| step | before | after | after / before |\n|---|---|---|---|")
     for case in results["after"][0]:
         b = statistics.median(r[case] for r in results["before"])
