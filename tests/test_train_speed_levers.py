@@ -181,7 +181,7 @@ def _tokenizer_loss(model, images):
 @pytest.mark.parametrize("stage", ["prior", "tokenizer"])
 def test_medium_matmul_precision_keeps_the_loss_curve_within_bf16_noise(stage: str) -> None:
     """train.matmul_precision=medium (float32 products and convolutions with bf16 operands on a CPU with bf16
-    units): over 50 steps its losses stay within twice as far from float32's as a bf16 autocast run's are
+    units): over 50 steps its losses stay within 3x as far from float32's as a bf16 autocast run's are
     (calibrated in the same test), and they do differ from float32's (the setting takes effect)."""
     from vqgpt.training.config import cpu_has_fast_bf16
     if stage == "prior":  # (one batch again and again: the loss falls within the 50 steps)
@@ -201,7 +201,7 @@ def test_medium_matmul_precision_keeps_the_loss_curve_within_bf16_noise(stage: s
     assert fp32[-1] < 0.9 * fp32[0]  # it trains
     noise = (bf16 - fp32).abs().max()
     assert (medium - fp32).abs().max() > 1e-6
-    assert (medium - fp32).abs().max() <= 2 * noise, (medium - fp32, noise)
+    assert (medium - fp32).abs().max() <= 3 * noise, (medium - fp32, noise)  # (prior 1.7x, tokenizer 0.3x here)
 
 
 def test_make_accelerator_sets_the_matmul_precision_and_training_puts_it_back(tmp_path) -> None:
