@@ -591,7 +591,18 @@ _BF16_PREPARE_ROWS = """#if VQGPT_TILES
     const float* x = widened.data();"""
 
 
-_INT8_DOT_SOURCE = _WIDE_LANES + r"""
+# Whether int8 weights take the int16 dot products here (AVX512-VNNI, -BW, -VL). Part of the int8 kernel, and built
+# alone as the probe behind ``int8_ordered``, which decides the layout ``block`` gives int8 weights: the same check.
+_VNNI_CHECK = r"""
+static bool int16_products_run() {
+    static const bool yes = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")
+                            && __builtin_cpu_supports("avx512vl");
+    return yes;
+}
+"""
+
+_INT8_DOT_SOURCE = _WIDE_LANES + _VNNI_CHECK + r"""
+#define VQGPT_ORDERED ORDERED_LAYOUT  // 1 where ``int8_ordered()``: int8 weights come in four_inputs_order
 // int8 weights on a CPU with AVX512-VNNI (checked at run time): each row is rounded once per call to
 // 16-bit integers on its own scale (x = step * q, |q| <= 32767, step = max |x| / 32767), and one
 // vpdpwssd multiplies 4 inputs of the block's 8 channels (int16 x int16, pairs summed into int32 lanes),
@@ -599,6 +610,21 @@ _INT8_DOT_SOURCE = _WIDE_LANES + r"""
 // and put in the lanes of four_inputs_order. The int32 sums are exact; every 512 inputs (at most 128
 // instructions of |2 * 128 * 32767| per lane, well inside int32) they move to fp32 lanes.
 constexpr int64_t CHUNK = 512;
+
+// weights k..k + 3 of the block's 8 channels (32 bytes at p) as int16 in the lanes of four_inputs_order. Where
+// ``block`` laid them out in that order already (VQGPT_ORDERED, on the CPUs that take this loop) they are only
+// widened: the permutation cost a second port-5 instruction per 32 bytes, which bound the one-row loop once the
+// weights sat in the L3.
+__attribute__((target("avx512bw,avx512f")))
+static inline __m512i four_inputs(const __m512i order, const weight_t* p) {
+    const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#if VQGPT_ORDERED
+    (void)order;
+    return wide;
+#else
+    return _mm512_permutexvar_epi16(order, wide);
+#endif
+}
 
 // block_rows for int16 rows; the caller multiplies each output row by its row's step
 template <int MB, int U, bool PF = (MB >= 4)>
@@ -617,8 +643,7 @@ static void block_rows(const weight_t* wb, const int16_t* x, int64_t K, __m256 s
         for (; k + 4 * U <= end; k += 4 * U) {
             if (PF) _mm_prefetch(reinterpret_cast<const char*>(wb + (k + AHEAD) * 8), _MM_HINT_T1);
             for (int u = 0; u < U; ++u) {
-                const __m512i w = _mm512_permutexvar_epi16(order, _mm512_cvtepi8_epi16(
-                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + (k + 4 * u) * 8))));
+                const __m512i w = four_inputs(order, wb + (k + 4 * u) * 8);
                 for (int m = 0; m < MB; ++m) {
                     int64_t four;
                     std::memcpy(&four, x + m * K + k + 4 * u, 8);
@@ -627,8 +652,7 @@ static void block_rows(const weight_t* wb, const int16_t* x, int64_t K, __m256 s
             }
         }
         for (; k < end; k += 4) {  // groups of 4 left after the unrolled ones
-            const __m512i w = _mm512_permutexvar_epi16(order, _mm512_cvtepi8_epi16(
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + k * 8))));
+            const __m512i w = four_inputs(order, wb + k * 8);
             for (int m = 0; m < MB; ++m) {
                 int64_t four;
                 std::memcpy(&four, x + m * K + k, 8);
@@ -646,11 +670,6 @@ static void block_rows(const weight_t* wb, const int16_t* x, int64_t K, __m256 s
     }
 }
 
-static bool int16_products_run() {
-    static const bool yes = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")
-                            && __builtin_cpu_supports("avx512vl");
-    return yes;
-}
 
 // rows (M, K) -> q (M, K) int16 and steps (M,) with rows ~ steps * q; false where a row is not finite.
 // Vectorised: with a scalar loop (nearbyint) a call over one block of 8 channels took 16.6 us at 8 rows
@@ -688,6 +707,17 @@ _INT8_PREPARE_ROWS = """if (int16_products_run()) {
         if (round_rows(rows, M, K, q.data(), steps.data()))
             return products(q.data(), weight, scales, out, M, N, K, steps.data());
     }
+#if VQGPT_ORDERED
+    // rows with inf or NaN: the fp32 loop, over a copy of the weights in the plain block layout
+    std::vector<weight_t> plain(N * K);
+    const int64_t groups = K / 4;
+    for (int64_t b = 0; b < N / 8; ++b)
+        for (int64_t i = 0; i < K * 8; ++i) {
+            const int64_t g = i / 32, j = i % 32;  // a full group of 4 inputs: byte j holds channel j / 4, input j % 4
+            plain[b * K * 8 + (g < groups ? g * 32 + (j % 4) * 8 + j / 4 : i)] = weight[b * K * 8 + i];
+        }
+    weight = plain.data();
+#endif
     const float* x = rows;"""
 
 
@@ -713,7 +743,8 @@ def _product_body(dtype: torch.dtype, linkage: str) -> str:
     return (_SOURCE.replace("WEIGHT_T", c_type).replace("ROW_T", _row_c_type(dtype))
             .replace("WIDEN", widen).replace("DOT_PRODUCTS", _DOT_SOURCE.get(dtype, ""))
             .replace("PREPARE_ROWS", _PREPARE_ROWS.get(dtype, "const float* x = rows;"))
-            .replace("TILES_LAYOUT", str(int(dtype == torch.bfloat16 and tiles_run()))).replace("LINKAGE", linkage))
+            .replace("TILES_LAYOUT", str(int(dtype == torch.bfloat16 and tiles_run())))
+            .replace("ORDERED_LAYOUT", str(int(dtype == torch.int8 and int8_ordered()))).replace("LINKAGE", linkage))
 
 
 def _product_source(dtype: torch.dtype) -> str:
@@ -797,14 +828,45 @@ def block(weight: torch.Tensor, tiles: bool = True) -> torch.Tensor:
     """A weight (N, K) -> the kernel's layout, a (N / 8, K, 8) tensor; N must be a multiple of 8. Blocks of 8
     channels, k-major (block b: channels 8b..8b + 7), except for bf16 weights with N a multiple of 16 and K of
     32 where ``tiles_run()``: there the tile layout (pairs of blocks in chunks of 32 inputs, each input pair of
-    the 16 channels side by side; see the kernel). ``tiles=False``: the blocks whatever the CPU (for a build
-    of the kernel without the tiles)."""
+    the 16 channels side by side; see the kernel), and int8 weights where ``int8_ordered()``: there each full
+    group of 4 inputs of a block holds its 8 channels' 4 inputs side by side (channel-major: the order of the
+    int16 dot products). ``tiles=False``: the plain blocks whatever the CPU (for a build of the kernel without
+    the tiles or that order)."""
     n, k = weight.shape
     if tiles and weight.dtype == torch.bfloat16 and n % 16 == 0 and k % 32 == 0 and tiles_run():
         # [pair p, chunk c, row r, channel j, input i] = weight[16p + j, 32c + 2r + i]
         laid = weight.reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4)
         return laid.contiguous().view(n // BLOCK, k, BLOCK)
-    return weight.reshape(n // BLOCK, BLOCK, k).transpose(1, 2).contiguous()
+    blocks = weight.reshape(n // BLOCK, BLOCK, k).transpose(1, 2).contiguous()
+    if tiles and weight.dtype == torch.int8 and k >= 4 and int8_ordered():
+        # each full group of 4 inputs: [channel j, input i] instead of [input i, channel j] (four_inputs_order)
+        full = k - k % 4
+        groups = blocks[:, :full].reshape(n // BLOCK, full // 4, 4, BLOCK).transpose(2, 3)
+        blocks[:, :full] = groups.reshape(n // BLOCK, full, BLOCK)
+    return blocks
+
+
+_ORDERED: list[bool] = []  # int8_ordered()'s answer, once asked
+
+
+def int8_ordered() -> bool:
+    """Whether int8 weights take the int16 dot products on this CPU (AVX512-VNNI), and so whether ``block`` lays
+    each of their groups of 4 inputs out in the order those products read (channel-major, see ``four_inputs``):
+    asked once per process of a small build of the kernel's own check; False where that does not build."""
+    if not _ORDERED:
+        _ORDERED.append(_probe(_VNNI_CHECK, "int16_products_run"))
+    return _ORDERED[0]
+
+
+def _probe(check: str, function: str) -> bool:
+    """The answer of the C++ ``function()`` that ``check`` defines, from a small build of it; False where it does not
+    build. (A kernel's own check asked alone: the layout ``block`` gives and the kernel then agree.)"""
+    probe = build_kernel(_PYBINDING_HEADER + check + 'extern "C" void kernel(float* out) '
+                         f"{{ out[0] = {function}() ? 1.f : 0.f; }}", ["float*"])
+    answer = torch.zeros(1)
+    if probe is not None:
+        probe(answer)
+    return bool(answer[0] == 1)
 
 
 _TILES: list[bool] = []  # tiles_run()'s answer, once asked
@@ -815,12 +877,7 @@ def tiles_run() -> bool:
     and so whether ``block`` gives bf16 weights the tile layout: asked once per process of a small build of
     the kernel's own check; False where that does not build."""
     if not _TILES:
-        probe = build_kernel(_PYBINDING_HEADER + _TILES_CHECK + 'extern "C" void kernel(float* out) '
-                             "{ out[0] = tiles_run() ? 1.f : 0.f; }", ["float*"])
-        answer = torch.zeros(1)
-        if probe is not None:
-            probe(answer)
-        _TILES.append(bool(answer[0] == 1))
+        _TILES.append(_probe(_TILES_CHECK, "tiles_run"))
     return _TILES[0]
 
 

@@ -86,7 +86,7 @@ class EagerStep:
         return self.model.new_cache(batch_size, max_len)
 
     def _attention(self, tokens: torch.Tensor, cache: KVCache):
-        """The attention call for this batch and cache (``blocked.bound_attention``), or None where the kernel does
+        """The attention call for this batch and cache (``blocked.bound_attention``), or None where the kernel does not
         take the cache (another dtype, device or shape, slots that are not contiguous rows, layers laid out apart):
         forward_cached then takes the step, and says what is wrong with a cache it cannot take."""
         H, K, D = self.heads

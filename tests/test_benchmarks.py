@@ -180,8 +180,9 @@ def test_train_speed_benchmark_takes_a_device_a_preset_and_a_published_peak(caps
     out = capsys.readouterr().out
     assert "published peak 1.0 TFLOP/s" in out and "prior: 2 layers x 32" in out
     table = [line for line in out.splitlines() if line.startswith(("| tokenizer | fp32 |", "| prior | fp32 |"))]
-    # tokenizer: AdamW for-loop and fused, then fused NCHW (the other layout), then channels-last with the norm and
-    # SiLU as two ops (on a CPU); prior: for-loop, foreach, fused, then fused with RoPE/RMSNorm/SwiGLU as torch ops
+    # tokenizer: AdamW for-loop and fused, then fused NCHW (the other layout), fused under matmul_precision medium,
+    # then channels-last with the norm and SiLU as two ops (on a CPU); prior: for-loop, foreach, fused, fused under
+    # matmul_precision medium, then fused with RoPE/RMSNorm/SwiGLU as torch ops
     assert len(table) == 10 and all(line.count("|") == 8 and line.endswith("% |") for line in table)
     assert sum("channels-last, unfused norm" in line for line in table) == 1
     assert sum("unfused RoPE/RMSNorm/SwiGLU" in line for line in table) == 1

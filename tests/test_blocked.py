@@ -28,8 +28,9 @@ def test_blocked_kernel_gives_the_float_product_for_every_row_count(dtype):
     weight = (torch.randint(-127, 128, (40, 37), generator=gen) if dtype == torch.int8
               else torch.randn(40, 37, generator=gen)).to(dtype)
     scales = torch.rand(40, generator=gen).add(0.01).to(torch.bfloat16)
-    packed = blocked.block(weight)
-    assert packed.shape == (5, 37, 8) and torch.equal(packed[1, :, 3], weight[11])
+    packed = blocked.block(weight)  # (int8 on VNNI: each group of 4 inputs channel-major, see the test below)
+    plain = blocked.block(weight, tiles=False)
+    assert packed.shape == plain.shape == (5, 37, 8) and torch.equal(plain[1, :, 3], weight[11])
     for rows in [*range(1, 9), 11, 17]:
         x = torch.randn(rows, 37, generator=gen)
         exact = x.bfloat16() if dtype == torch.bfloat16 else x  # the rows the kernel multiplies
@@ -76,14 +77,37 @@ def test_the_fp32_loop_where_the_cpu_has_no_dot_products(dtype, check):
     if dtype == torch.bfloat16:  # and no tiles either (AMX: a CPU without AVX512-BF16 has none)
         assert source.count(_TILES_ON) == 1
         source = source.replace(_TILES_ON, _TILES_OFF)
+    # (int8 weights keep the order the dot products read, where they run: the fp32 loop reads a plain copy)
     fp32_loop = build_kernel(source.replace(check, "if (false)"), blocked._product_argtypes(dtype),
-                             lambda candidate: blocked._product_correct(candidate, dtype, tiles=False))
+                             lambda candidate: blocked._product_correct(candidate, dtype,
+                                                                        tiles=dtype == torch.int8))
     assert fp32_loop is not None
     if dtype == torch.int8:
         weight = blocked.block(torch.ones(8, 2, dtype=torch.int8))
         out = torch.empty(1, 8)
         fp32_loop(torch.tensor([[1.0, 1e-6]]), weight, torch.ones(8, dtype=torch.bfloat16), out, 1, 8, 2)
         assert torch.all(out == torch.tensor(1.0) + torch.tensor(1e-6))
+
+
+def test_int8_weights_come_in_the_order_the_vnni_loop_reads():
+    """Where the int8 kernel takes the int16 dot products (AVX512-VNNI), ``block`` lays each full group of 4 inputs
+    of a block out channel-major (channel j's inputs 4g..4g + 3 side by side), the order ``vpdpwssd`` reads, so
+    that the loop only widens its loads; the inputs after the last full group keep the plain layout. The kernel
+    is built for that layout, and its fp32 loop (rows with inf or NaN) reads a plain copy of it."""
+    assert blocked.int8_ordered() == torch.cpu._is_vnni_supported()
+    assert blocked.int8_ordered()  # the development and CI CPUs: the layout the tests cover
+    source = blocked._product_source(torch.int8)
+    assert source.count("#define VQGPT_ORDERED 1 ") == 1
+    assert blocked._product_source(torch.bfloat16).count("VQGPT_ORDERED") == 0
+    weight = torch.randint(-127, 128, (16, 37), generator=torch.Generator().manual_seed(5), dtype=torch.int8)
+    laid = blocked.block(weight)
+    for b, g, j, i in [(0, 0, 0, 0), (1, 3, 5, 2), (1, 8, 7, 3), (0, 4, 2, 1)]:
+        assert laid[b].flatten()[g * 32 + j * 4 + i] == weight[8 * b + j, 4 * g + i]
+    assert torch.equal(laid[:, 36], blocked.block(weight, tiles=False)[:, 36])  # the tail input: plain
+    x = torch.randn(2, 37)
+    x[1, 3] = float("inf")  # the fp32 loop for the call: row 0 unrounded there
+    got = blocked.product(x, laid, torch.ones(16, dtype=torch.bfloat16))
+    torch.testing.assert_close(got[0], x[0] @ weight.float().t(), rtol=1e-5, atol=1e-4)
 
 
 # the bf16 kernel's choice of the tiles (and their layout), made where ``blocked.tiles_run()``, and its other value
