@@ -48,7 +48,7 @@ from stage1_vq.model import VQModel, VQModelConfig
 from stage1_vq.quantizers import QuantizerConfig
 from stage2_prior.model import GPT, GPTConfig, count_parameters
 from vqgpt.training import TrainConfig
-from vqgpt.training.config import apply_matmul_precision, cpu_has_fast_bf16, float32_precision, set_float32_precision
+from vqgpt.training.config import cpu_has_fast_bf16, matmul_precision_applied
 from vqgpt.training.optim import make_optimizer, optimizer_step
 from vqgpt.cli.commands import int_at_least
 
@@ -107,12 +107,8 @@ def under_precision(step: Callable[[], None], precision: str, device: torch.devi
     """``step`` run under ``train.matmul_precision`` ``precision`` (as a run would set it), torch's settings put
     back after each call."""
     def run() -> None:
-        before = float32_precision()
-        apply_matmul_precision(precision, device)
-        try:
+        with matmul_precision_applied(precision, device):
             step()
-        finally:
-            set_float32_precision(*before)
     return run
 
 

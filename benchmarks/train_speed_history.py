@@ -36,6 +36,7 @@ from pathlib import Path
 # the same tokenizer and prior on both sides as in train_speed.py
 from train_speed import PRIOR_SHAPE, QUANTIZER_ARGS, TOKENIZER_ARCH
 from vqgpt.cli.commands import int_at_least
+from vqgpt.training.config import MATMUL_PRECISIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,7 +136,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int_at_least(0), default=2)
     parser.add_argument("--steps", type=int_at_least(1), default=5)
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
-    parser.add_argument("--matmul-precision", default="highest", choices=("highest", "high", "medium"),
+    parser.add_argument("--matmul-precision", default="highest", choices=MATMUL_PRECISIONS,
                         help="train.matmul_precision of the after side (the before side keeps float32 products: "
                         "the setting is newer than the default --before)")
     args = parser.parse_args()

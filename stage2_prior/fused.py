@@ -472,9 +472,10 @@ def decode_kernels(dtype: torch.dtype) -> tuple | None:
     if not _enabled or dtype not in _C_TYPE or kernels("rope", dtype) is None or kernels("glu", dtype) is None:
         return None
     if dtype == torch.float32:
-        if kernels("norm", dtype) is None:
+        pair = kernels("norm", dtype)
+        if pair is None:
             return None
-        forward, _ = kernels("norm", dtype)
+        forward = pair[0]
         unread: dict[int, torch.Tensor] = {}  # the rstd the fp32 kernel also writes, per row count: one buffer
 
         def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -179,7 +179,6 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
     guided = check_sampling_args(model, sampling)
     labels = guided_labels(model, resolve_class_labels(model, class_labels, B, device), guided)
     notice_data_edits(model)  # before the prepared copies or a compiled step are used
-    step = decode_step(model) if compile else None  # (the eager step is made inside eval_mode, below)
     scales = cfg_scales(sampling.cfg_scale, sampling.cfg_schedule, H * W)
     batch = 2 * B if guided else B
     canvas = torch.where(known_mask, tokens, 0)  # (B, H, W)
@@ -235,8 +234,7 @@ def complete(model: GPT, tokens: torch.Tensor, known_mask: torch.Tensor | None =
     watch = FiniteWatch(device, H * W)
     groups = code_groups(model)
     with eval_mode(model), tqdm(total=len(todo), disable=not progress, desc="sampling") as bar:
-        if step is None and use_cache:
-            step = eager_step(model)
+        step = decode_step(model) if compile else eager_step(model) if use_cache else None
         for i, columns in rows.items():
             r0 = window_origin(i, 0, (H, W), (h, w), stride)[0]
             origins = [window_origin(i, j, (H, W), (h, w), stride)[1] for j in columns]

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from stage2_prior.model import GPT, GPTConfig
 from vqgpt.ground.config import ConfigError
 from vqgpt.training import TrainConfig
+from vqgpt.training.config import matmul_precision_applied
 from vqgpt.training.optim import make_optimizer, optimizer_step
 
 
@@ -152,10 +153,7 @@ def test_compiled_tokenizer_step_has_the_eager_losses() -> None:
 def _precision_curve(make_model, step_loss, inputs, precision: str, bf16: bool) -> torch.Tensor:
     """Losses of real training steps (AdamW, clipping) of a fresh seeded model under ``train.matmul_precision``
     ``precision`` (and bf16 autocast where ``bf16``); torch's settings are put back after."""
-    from vqgpt.training.config import apply_matmul_precision, float32_precision, set_float32_precision
-    before = float32_precision()
-    apply_matmul_precision(precision, torch.device("cpu"))
-    try:
+    with matmul_precision_applied(precision, torch.device("cpu")):
         accelerator, model, tc = Accelerator(cpu=True), make_model(), TrainConfig(lr=3e-3, grad_clip=1.0)
         optimizer = accelerator.prepare(make_optimizer([p for p in model.parameters() if p.requires_grad], tc))
         losses = []
@@ -165,8 +163,6 @@ def _precision_curve(make_model, step_loss, inputs, precision: str, bf16: bool) 
             assert optimizer_step(accelerator, loss, optimizer, model, tc)
             losses.append(loss.item())
         return torch.tensor(losses)
-    finally:
-        set_float32_precision(*before)
 
 
 def _prior_loss(model, batch):
@@ -192,9 +188,8 @@ def test_medium_matmul_precision_keeps_the_loss_curve_within_bf16_noise(stage: s
     fp32 = _precision_curve(make, loss, inputs, "highest", False)
     if not cpu_has_fast_bf16():  # (no bf16 units: medium warns and keeps float32; CI's CPU has AMX)
         with pytest.warns(UserWarning, match="gains nothing here"):
-            from vqgpt.training.config import apply_matmul_precision
-            apply_matmul_precision("medium", torch.device("cpu"))
-        torch.set_float32_matmul_precision("highest")
+            with matmul_precision_applied("medium", torch.device("cpu")):
+                pass
         return
     medium = _precision_curve(make, loss, inputs, "medium", False)
     bf16 = _precision_curve(make, loss, inputs, "highest", True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -10,7 +11,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ParamSpec, TypeVar
+from typing import Callable, Iterator, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -275,6 +276,18 @@ def apply_matmul_precision(precision: str, device: torch.device) -> None:
         warnings.warn("train.matmul_precision=medium runs float32 products in bf16 on CPUs with bf16 units (AMX, "
                       "AVX512-BF16); this one has none, so it gains nothing here: set train.matmul_precision=highest",
                       stacklevel=3)
+
+
+@contextlib.contextmanager
+def matmul_precision_applied(precision: str, device: torch.device) -> Iterator[None]:
+    """``apply_matmul_precision`` for the duration of the block, torch's settings as they were after it (a step
+    timed or checked under the setting, outside a run)."""
+    before = float32_precision()
+    apply_matmul_precision(precision, device)
+    try:
+        yield
+    finally:
+        set_float32_precision(*before)
 
 
 @functools.lru_cache(maxsize=None)
